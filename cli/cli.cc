@@ -1,0 +1,310 @@
+#include "cli/cli.h"
+
+#include <unistd.h>
+
+#include <filesystem>
+#include <memory>
+#include <thread>
+
+#include <grpcpp/grpcpp.h>
+#include <nlohmann/json.hpp>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/status/status.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
+#include "common/digest.h"
+#include "common/grpc_util.h"
+#include "common/installable.h"
+#include "common/source_archive.h"
+#include "kiln/v1/builds.grpc.pb.h"
+
+namespace kiln {
+namespace fs = std::filesystem;
+namespace {
+
+using kiln::v1::BuildService;
+using kiln::v1::JobEvent;
+
+void Err(const std::string& text) { std::fprintf(stderr, "%s\n", text.c_str()); }
+
+int ExitCodeFor(const absl::Status& status) {
+  switch (status.code()) {
+    case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kNotFound:
+    case absl::StatusCode::kUnimplemented:
+    case absl::StatusCode::kResourceExhausted:
+    case absl::StatusCode::kFailedPrecondition:
+    case absl::StatusCode::kPermissionDenied:
+      return kExitUsage;
+    default:
+      return kExitUnavailable;
+  }
+}
+
+std::string Submitter() {
+  const char* user = std::getenv("USER");
+  char host[256] = {0};
+  gethostname(host, sizeof host - 1);
+  return absl::StrCat(user ? user : "unknown", "@", host);
+}
+
+const char* StateName(kiln::v1::JobState state) {
+  switch (state) {
+    case kiln::v1::JOB_STATE_QUEUED: return "queued";
+    case kiln::v1::JOB_STATE_ASSIGNED: return "assigned";
+    case kiln::v1::JOB_STATE_RUNNING: return "running";
+    case kiln::v1::JOB_STATE_SUCCEEDED: return "succeeded";
+    case kiln::v1::JOB_STATE_FAILED: return "failed";
+    case kiln::v1::JOB_STATE_CANCELLED: return "cancelled";
+    default: return "unknown";
+  }
+}
+
+struct Submitted {
+  std::string installable;
+  std::string job_id;
+  absl::Status error;  // Set when the submission itself failed.
+};
+
+absl::StatusOr<std::string> Submit(BuildService::Stub& stub, const CliOptions& options,
+                                   const std::string& text) {
+  absl::StatusOr<Installable> installable = ParseInstallable(text);
+  if (!installable.ok()) return installable.status();
+  std::error_code ec;
+  const fs::path dir = fs::canonical(installable->flake_dir, ec);
+  if (ec || !fs::is_directory(dir)) {
+    return absl::NotFoundError(absl::StrCat("'", installable->flake_dir, "' is not a directory"));
+  }
+  if (!fs::exists(dir / "flake.nix")) {
+    return absl::NotFoundError(absl::StrCat("path '", dir.string(), "' does not contain a 'flake.nix'"));
+  }
+  absl::StatusOr<std::string> archive = PackDirectory(dir.string());
+  if (!archive.ok()) return archive.status();
+
+  kiln::v1::SubmitBuildRequest request;
+  auto* spec = request.add_targets()->mutable_spec();
+  spec->mutable_source()->mutable_archive()->set_hash(Sha256Hex(*archive));
+  spec->mutable_source()->mutable_archive()->set_size_bytes(static_cast<int64_t>(archive->size()));
+  spec->set_attr(installable->attr);
+  spec->mutable_requirements()->set_system(options.system);
+  spec->set_display_name(text);
+  spec->set_priority(kiln::v1::PRIORITY_INTERACTIVE);
+  request.set_source_archive(*std::move(archive));
+  request.set_submitter(Submitter());
+
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  kiln::v1::SubmitBuildResponse response;
+  grpc::Status status = stub.SubmitBuild(&context, request, &response);
+  if (!status.ok()) return FromGrpcStatus(status);
+  return response.job_ids(0);
+}
+
+// Streams one job's events to stderr until its terminal event; resumes after
+// a broken stream (e.g. a coordinator restart) from the last event seen.
+absl::StatusOr<JobEvent::Finished> Watch(BuildService::Stub& stub, const CliOptions& options,
+                                         const std::string& installable, const std::string& job_id,
+                                         absl::flat_hash_set<std::string>& shown_errors) {
+  uint64_t next_sequence = 0;
+  const absl::Time give_up = absl::Now() + absl::Seconds(options.watch_retry_seconds);
+  absl::Duration backoff = absl::Milliseconds(200);
+  for (;;) {
+    grpc::ClientContext context;
+    kiln::v1::WatchJobRequest request;
+    request.set_job_id(job_id);
+    request.set_from_sequence(next_sequence);
+    auto reader = stub.WatchJob(&context, request);
+    JobEvent event;
+    while (reader->Read(&event)) {
+      next_sequence = event.sequence() + 1;
+      backoff = absl::Milliseconds(200);
+      switch (event.kind_case()) {
+        case JobEvent::kQueued:
+          if (!options.quiet) {
+            Err(event.queued().reason().empty()
+                    ? absl::StrFormat("kiln: %s: queued as job %s", installable, job_id)
+                    : absl::StrFormat("kiln: job %s: queued again (%s)", job_id, event.queued().reason()));
+          }
+          break;
+        case JobEvent::kAssigned:
+          if (!options.quiet) {
+            Err(absl::StrFormat("kiln: job %s: building on %s (attempt %d)", job_id, event.assigned().worker(),
+                                event.assigned().attempt()));
+          }
+          break;
+        case JobEvent::kStarted:
+          break;
+        case JobEvent::kLog:
+          if (options.quiet) break;
+          if (event.log().dropped_lines() > 0) {
+            Err(absl::StrFormat("kiln: job %s: %d log lines skipped (output too fast)", job_id,
+                                event.log().dropped_lines()));
+          }
+          for (const auto& line : event.log().lines()) {
+            if (line.derivation().empty() && absl::StartsWith(line.text(), "error:")) {
+              shown_errors.insert(line.text());
+            }
+            Err(line.derivation().empty() ? line.text() : absl::StrCat(line.derivation(), "> ", line.text()));
+          }
+          break;
+        case JobEvent::kFinished:
+          context.TryCancel();
+          return event.finished();
+        case JobEvent::KIND_NOT_SET:
+          break;
+      }
+    }
+    grpc::Status status = reader->Finish();
+    const absl::Status s = FromGrpcStatus(status);
+    if (!s.ok() && s.code() != absl::StatusCode::kUnavailable && s.code() != absl::StatusCode::kCancelled) {
+      return s;
+    }
+    if (absl::Now() >= give_up) {
+      return absl::UnavailableError(absl::StrCat("lost the coordinator while watching job ", job_id, ": ",
+                                                 s.ok() ? "stream ended" : s.message()));
+    }
+    if (!options.quiet) Err(absl::StrFormat("kiln: job %s: reconnecting to the coordinator…", job_id));
+    absl::SleepFor(backoff);
+    backoff = std::min(backoff * 2, absl::Seconds(5));
+  }
+}
+
+}  // namespace
+
+int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& installables) {
+  if (installables.empty()) {
+    Err("error: 'kiln build' needs at least one installable (PATH#ATTR)");
+    return kExitUsage;
+  }
+  auto stub = BuildService::NewStub(MakeChannel(options.coordinator));
+
+  // Submit everything first, so the farm builds the targets in parallel.
+  std::vector<Submitted> jobs;
+  int exit_code = kExitOk;
+  for (const auto& text : installables) {
+    Submitted s{.installable = text, .job_id = "", .error = absl::OkStatus()};
+    absl::StatusOr<std::string> id = Submit(*stub, options, text);
+    if (id.ok()) {
+      s.job_id = *id;
+    } else {
+      s.error = id.status();
+      Err(absl::StrCat("error: ", text, ": ", id.status().message()));
+      exit_code = std::max(exit_code, ExitCodeFor(id.status()));
+    }
+    jobs.push_back(std::move(s));
+  }
+
+  nlohmann::json json_out = nlohmann::json::array();
+  for (const auto& job : jobs) {
+    nlohmann::json entry = {{"installable", job.installable}};
+    if (!job.error.ok()) {
+      entry["status"] = "rejected";
+      entry["error"] = std::string(job.error.message());
+      json_out.push_back(entry);
+      continue;
+    }
+    entry["jobId"] = job.job_id;
+    absl::flat_hash_set<std::string> shown_errors;
+    absl::StatusOr<JobEvent::Finished> finished = Watch(*stub, options, job.installable, job.job_id, shown_errors);
+    if (!finished.ok()) {
+      Err(absl::StrCat("error: ", job.installable, ": ", finished.status().message()));
+      exit_code = std::max(exit_code, ExitCodeFor(finished.status()));
+      entry["status"] = "unknown";
+      entry["error"] = std::string(finished.status().message());
+      json_out.push_back(entry);
+      continue;
+    }
+    const auto& result = finished->result();
+    entry["status"] = StateName(finished->state());
+    entry["worker"] = finished->worker();
+    entry["durationSeconds"] = absl::ToDoubleSeconds(FromProtoDuration(result.build_duration()));
+    if (finished->state() == kiln::v1::JOB_STATE_SUCCEEDED) {
+      entry["drvPath"] = result.drv_path();
+      entry["outputs"] = nlohmann::json::object();
+      for (const auto& [name, path] : result.outputs()) {
+        entry["outputs"][name] = path;
+        if (!options.json) std::printf("%s\n", path.c_str());
+      }
+    } else {
+      entry["error"] = result.error_message();
+      // Nix's error lines were already shown live; print only what is new.
+      std::vector<std::string> unseen;
+      for (absl::string_view line : absl::StrSplit(result.error_message(), '\n')) {
+        if (!line.empty() && !shown_errors.contains(line)) unseen.emplace_back(line);
+      }
+      if (result.error_message().empty()) {
+        Err(absl::StrCat("error: ", job.installable, ": ", StateName(finished->state())));
+      } else if (!unseen.empty()) {
+        Err(absl::StrJoin(unseen, "\n"));
+      }
+      exit_code = std::max(exit_code, kExitBuildFailed);
+    }
+    json_out.push_back(entry);
+  }
+  if (options.json) std::printf("%s\n", json_out.dump().c_str());
+  std::fflush(stdout);
+  return exit_code;
+}
+
+int RunStatusCommand(const CliOptions& options, const std::string& job_id) {
+  auto stub = BuildService::NewStub(MakeChannel(options.coordinator));
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  kiln::v1::GetJobRequest request;
+  request.set_job_id(job_id);
+  kiln::v1::Job job;
+  absl::Status s = FromGrpcStatus(stub->GetJob(&context, request, &job));
+  if (!s.ok()) {
+    Err(absl::StrCat("error: ", s.message()));
+    return ExitCodeFor(s);
+  }
+  nlohmann::json out = {{"jobId", job.job_id()},
+                        {"buildsetId", job.buildset_id()},
+                        {"installable", job.spec().display_name()},
+                        {"status", StateName(job.state())},
+                        {"attempt", job.attempt()},
+                        {"worker", job.worker()}};
+  if (!job.waiting_reason().empty()) out["waitingReason"] = job.waiting_reason();
+  if (job.state() == kiln::v1::JOB_STATE_SUCCEEDED) {
+    out["drvPath"] = job.result().drv_path();
+    out["outputs"] = nlohmann::json::object();
+    for (const auto& [name, path] : job.result().outputs()) out["outputs"][name] = path;
+  } else if (!job.result().error_message().empty()) {
+    out["error"] = job.result().error_message();
+  }
+  if (options.json) {
+    std::printf("%s\n", out.dump().c_str());
+  } else {
+    std::printf("job %s (%s): %s", job.job_id().c_str(), job.spec().display_name().c_str(), StateName(job.state()));
+    if (!job.worker().empty()) std::printf(" on %s", job.worker().c_str());
+    if (!job.waiting_reason().empty()) std::printf(" — waiting: %s", job.waiting_reason().c_str());
+    std::printf("\n");
+    for (const auto& [name, path] : job.result().outputs()) std::printf("  %s: %s\n", name.c_str(), path.c_str());
+    if (!job.result().error_message().empty()) std::printf("%s\n", job.result().error_message().c_str());
+  }
+  return kExitOk;
+}
+
+int RunCancelCommand(const CliOptions& options, const std::string& job_id) {
+  auto stub = BuildService::NewStub(MakeChannel(options.coordinator));
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  kiln::v1::CancelJobRequest request;
+  request.set_job_id(job_id);
+  kiln::v1::CancelJobResponse response;
+  absl::Status s = FromGrpcStatus(stub->CancelJob(&context, request, &response));
+  if (!s.ok()) {
+    Err(absl::StrCat("error: ", s.message()));
+    return ExitCodeFor(s);
+  }
+  std::printf("job %s: %s\n", job_id.c_str(), StateName(response.state()));
+  return kExitOk;
+}
+
+}  // namespace kiln

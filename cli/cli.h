@@ -1,0 +1,40 @@
+// The `kiln` command line: the commands as library functions, so main() only
+// parses flags and tests link the same code.
+//
+// Exit codes (stable, for CI):
+//   0  every build succeeded
+//   1  a build failed or was cancelled (Nix's error is printed)
+//   2  bad usage or input refused by the coordinator
+//   3  the coordinator could not be reached or failed
+#pragma once
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+namespace kiln {
+
+inline constexpr int kExitOk = 0;
+inline constexpr int kExitBuildFailed = 1;
+inline constexpr int kExitUsage = 2;
+inline constexpr int kExitUnavailable = 3;
+
+struct CliOptions {
+  std::string coordinator;  // host:port
+  bool json = false;
+  std::string system = "x86_64-linux";
+  bool quiet = false;       // No build log, only the result.
+  int watch_retry_seconds = 120;
+};
+
+// `kiln build INSTALLABLE...`: uploads each flake, submits, streams the logs,
+// prints the output paths (or a JSON array like `nix build --json`).
+int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& installables);
+
+// `kiln status JOB`.
+int RunStatusCommand(const CliOptions& options, const std::string& job_id);
+
+// `kiln cancel JOB`.
+int RunCancelCommand(const CliOptions& options, const std::string& job_id);
+
+}  // namespace kiln

@@ -1,0 +1,55 @@
+// kiln: the command line. Parses flags and dispatches to cli/cli.h.
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "common/cli_args.h"
+#include "cli/cli.h"
+
+ABSL_FLAG(std::string, coordinator, "", "Coordinator address (default: $KILN_COORDINATOR or 127.0.0.1:7600)");
+ABSL_FLAG(bool, json, false, "Print machine-readable JSON on stdout");
+ABSL_FLAG(std::string, system, "x86_64-linux", "System to build for");
+ABSL_FLAG(bool, quiet, false, "Do not show build logs");
+
+namespace {
+constexpr char kUsage[] =
+    "Kiln: build Nix flakes on a build farm.\n"
+    "  kiln [--coordinator=ADDR] build PATH#ATTR... [--json] [--quiet] [--system=SYSTEM]\n"
+    "  kiln [--coordinator=ADDR] status JOB [--json]\n"
+    "  kiln [--coordinator=ADDR] cancel JOB\n"
+    "Exit codes: 0 success, 1 build failed, 2 bad usage or input, 3 coordinator unreachable.";
+}
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(kUsage);
+  kiln::DashedFlagArgs dashed(argc, argv);
+  std::vector<char*> positional = absl::ParseCommandLine(dashed.argc(), dashed.argv());
+  std::vector<std::string> args(positional.begin() + 1, positional.end());
+
+  kiln::CliOptions options;
+  options.coordinator = absl::GetFlag(FLAGS_coordinator);
+  if (options.coordinator.empty()) {
+    const char* env = std::getenv("KILN_COORDINATOR");
+    options.coordinator = env && *env ? env : "127.0.0.1:7600";
+  }
+  options.json = absl::GetFlag(FLAGS_json);
+  options.system = absl::GetFlag(FLAGS_system);
+  options.quiet = absl::GetFlag(FLAGS_quiet);
+
+  if (args.empty()) {
+    std::fprintf(stderr, "%s\n", kUsage);
+    return kiln::kExitUsage;
+  }
+  const std::string command = args[0];
+  args.erase(args.begin());
+  if (command == "build") return kiln::RunBuildCommand(options, args);
+  if ((command == "status" || command == "cancel") && args.size() == 1) {
+    return command == "status" ? kiln::RunStatusCommand(options, args[0]) : kiln::RunCancelCommand(options, args[0]);
+  }
+  std::fprintf(stderr, "error: unknown command or wrong arguments: '%s'\n%s\n", command.c_str(), kUsage);
+  return kiln::kExitUsage;
+}

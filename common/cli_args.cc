@@ -1,0 +1,22 @@
+#include "common/cli_args.h"
+
+namespace kiln {
+
+DashedFlagArgs::DashedFlagArgs(int argc, char** argv) {
+  bool rest_positional = false;
+  for (int i = 0; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (arg == "--") rest_positional = true;
+    if (!rest_positional && i > 0 && arg.size() > 2 && arg[0] == '-' && arg[1] == '-') {
+      const size_t end = arg.find('=');
+      for (size_t j = 2; j < arg.size() && j < end; ++j) {
+        if (arg[j] == '-') arg[j] = '_';
+      }
+    }
+    storage_.push_back(std::move(arg));
+  }
+  for (auto& s : storage_) pointers_.push_back(s.data());
+  pointers_.push_back(nullptr);
+}
+
+}  // namespace kiln

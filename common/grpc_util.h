@@ -1,0 +1,32 @@
+// Conversions at the gRPC edge: absl::Status <-> grpc::Status, absl::Time <->
+// protobuf Timestamp/Duration, and the channel settings both ends share.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include <google/protobuf/duration.pb.h>
+#include <google/protobuf/timestamp.pb.h>
+#include <grpcpp/grpcpp.h>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+
+namespace kiln {
+
+// Largest message either side accepts. Assignments carry a source archive
+// inline, so this is above the default 4 MiB.
+inline constexpr int kMaxGrpcMessageBytes = 80 << 20;
+
+grpc::Status ToGrpcStatus(const absl::Status& status);
+absl::Status FromGrpcStatus(const grpc::Status& status);
+
+google::protobuf::Timestamp ToProtoTime(absl::Time t);
+absl::Time FromProtoTime(const google::protobuf::Timestamp& t);
+google::protobuf::Duration ToProtoDuration(absl::Duration d);
+absl::Duration FromProtoDuration(const google::protobuf::Duration& d);
+
+// A plaintext channel with Kiln's message limits and keepalive settings.
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address);
+
+}  // namespace kiln

@@ -1,0 +1,69 @@
+// Reading what `nix build` prints.
+//
+// NixLogParser turns the stderr of `nix --log-format internal-json` into the
+// lines a person wants to see: build output tagged with its derivation, the
+// "building '…'" announcements, and Nix's own messages (errors and warnings),
+// with terminal colours removed. Lines that are not internal-json pass through
+// unchanged, so the parser also copes with plain output.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace kiln {
+
+struct NixLogEvent {
+  enum class Kind {
+    kBuildOutput,  // A line the builder printed.
+    kActivity,     // Nix starting something worth showing ("building '…'").
+    kMessage,      // A Nix message (error, warning, info).
+  };
+  Kind kind = Kind::kMessage;
+  std::string derivation;  // Short name ("hello"), for build output.
+  std::string text;
+  int level = 3;  // Nix verbosity: 0 error, 1 warn, 2 notice, 3 info, …
+};
+
+class NixLogParser {
+ public:
+  // Messages and activities above this level are dropped (3 = info, what
+  // `nix build` shows by default).
+  explicit NixLogParser(int max_level = 3) : max_level_(max_level) {}
+
+  // Parses one stderr line. Returns nothing for lines that carry no text a
+  // person should see (progress counters, activity stops, chatty levels).
+  std::optional<NixLogEvent> ParseLine(absl::string_view line);
+
+  // Error-level messages seen so far, colours stripped, in order.
+  const std::vector<std::string>& errors() const { return errors_; }
+
+ private:
+  int max_level_;
+  absl::flat_hash_map<uint64_t, std::string> activity_derivation_;
+  std::vector<std::string> errors_;
+};
+
+// Removes ANSI escape sequences (colours, cursor movement).
+std::string StripAnsi(absl::string_view text);
+
+// "/nix/store/<hash>-hello-1.0.drv" -> "hello-1.0". Other input is returned
+// as it is.
+std::string DerivationShortName(absl::string_view drv_path);
+
+// One element of `nix build --json` output.
+struct NixBuiltPath {
+  std::string drv_path;
+  std::map<std::string, std::string> outputs;  // Output name -> store path.
+};
+
+// Parses the stdout of `nix build --json`.
+absl::StatusOr<std::vector<NixBuiltPath>> ParseNixBuildJson(absl::string_view json);
+
+}  // namespace kiln

@@ -1,0 +1,399 @@
+#include "common/subprocess.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <utility>
+
+#include "absl/cleanup/cleanup.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+extern char** environ;
+
+namespace kiln {
+namespace {
+
+absl::Status ErrnoStatus(absl::string_view what) {
+  return absl::InternalError(absl::StrCat(what, ": ", std::strerror(errno)));
+}
+
+void CloseFd(int& fd) {
+  if (fd >= 0) ::close(fd);
+  fd = -1;
+}
+
+ExitInfo DecodeWaitStatus(int status) {
+  ExitInfo info;
+  if (WIFEXITED(status)) {
+    info.exit_code = WEXITSTATUS(status);
+  } else if (WIFSIGNALED(status)) {
+    info.signal = WTERMSIG(status);
+  }
+  return info;
+}
+
+// Builds the environment: the parent's, with `extra` entries replacing
+// variables of the same name.
+std::vector<std::string> BuildEnv(const std::vector<std::string>& extra) {
+  std::map<std::string, std::string> vars;
+  for (char** e = environ; e && *e; ++e) {
+    absl::string_view kv(*e);
+    auto eq = kv.find('=');
+    if (eq == absl::string_view::npos) continue;
+    vars[std::string(kv.substr(0, eq))] = std::string(kv);
+  }
+  for (const auto& kv : extra) {
+    auto eq = kv.find('=');
+    vars[kv.substr(0, eq)] = kv;
+  }
+  std::vector<std::string> out;
+  out.reserve(vars.size());
+  for (auto& [_, kv] : vars) out.push_back(std::move(kv));
+  return out;
+}
+
+std::vector<char*> CStrings(std::vector<std::string>& strings) {
+  std::vector<char*> out;
+  out.reserve(strings.size() + 1);
+  for (auto& s : strings) out.push_back(s.data());
+  out.push_back(nullptr);
+  return out;
+}
+
+struct Spawned {
+  pid_t pid = -1;
+  int stdin_fd = -1;
+  int stdout_fd = -1;
+  int stderr_fd = -1;
+};
+
+// Spawns `spec` as the leader of a new process group, with pipes for its
+// standard streams. No shell is involved: argv goes to execvp as it is.
+absl::StatusOr<Spawned> SpawnWithPipes(const ProcessSpec& spec, bool want_stdin) {
+  if (spec.argv.empty()) return absl::InvalidArgumentError("empty argv");
+  int in[2] = {-1, -1}, out[2] = {-1, -1}, err[2] = {-1, -1};
+  auto close_all = absl::MakeCleanup([&] {
+    for (int* p : {in, out, err}) {
+      CloseFd(p[0]);
+      CloseFd(p[1]);
+    }
+  });
+  if (want_stdin && ::pipe2(in, O_CLOEXEC) != 0) return ErrnoStatus("pipe");
+  if (::pipe2(out, O_CLOEXEC) != 0 || ::pipe2(err, O_CLOEXEC) != 0) {
+    return ErrnoStatus("pipe");
+  }
+
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  auto destroy_actions =
+      absl::MakeCleanup([&] { posix_spawn_file_actions_destroy(&actions); });
+  if (want_stdin) {
+    posix_spawn_file_actions_adddup2(&actions, in[0], STDIN_FILENO);
+  } else {
+    posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
+  }
+  posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
+  posix_spawn_file_actions_adddup2(&actions, err[1], STDERR_FILENO);
+  if (!spec.cwd.empty()) {
+    posix_spawn_file_actions_addchdir_np(&actions, spec.cwd.c_str());
+  }
+
+  posix_spawnattr_t attr;
+  posix_spawnattr_init(&attr);
+  auto destroy_attr = absl::MakeCleanup([&] { posix_spawnattr_destroy(&attr); });
+  // Own process group, and default signal handling, so a kill reaches the tree.
+  sigset_t all, none;
+  sigfillset(&all);
+  sigemptyset(&none);
+  posix_spawnattr_setsigdefault(&attr, &all);
+  posix_spawnattr_setsigmask(&attr, &none);
+  posix_spawnattr_setpgroup(&attr, 0);
+  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGDEF |
+                                      POSIX_SPAWN_SETSIGMASK);
+
+  std::vector<std::string> argv = spec.argv;
+  std::vector<std::string> env = BuildEnv(spec.extra_env);
+  auto c_argv = CStrings(argv);
+  auto c_env = CStrings(env);
+  pid_t pid = -1;
+  int rc = ::posix_spawnp(&pid, c_argv[0], &actions, &attr, c_argv.data(), c_env.data());
+  if (rc != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cannot run '", spec.argv[0], "': ", std::strerror(rc)));
+  }
+  Spawned s;
+  s.pid = pid;
+  s.stdin_fd = std::exchange(in[1], -1);
+  s.stdout_fd = std::exchange(out[0], -1);
+  s.stderr_fd = std::exchange(err[0], -1);
+  return s;
+}
+
+void SetNonBlocking(int fd) {
+  if (fd >= 0) ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
+}
+
+}  // namespace
+
+std::string ExitInfo::ToString() const {
+  if (signal != 0) return absl::StrCat("killed by signal ", signal);
+  return absl::StrCat("exit code ", exit_code);
+}
+
+absl::StatusOr<CommandResult> RunCommand(const ProcessSpec& spec,
+                                         absl::string_view stdin_data,
+                                         absl::Duration timeout, size_t max_output) {
+  absl::StatusOr<Spawned> spawned = SpawnWithPipes(spec, /*want_stdin=*/true);
+  if (!spawned.ok()) return spawned.status();
+  Spawned s = *spawned;
+  SetNonBlocking(s.stdin_fd);
+  SetNonBlocking(s.stdout_fd);
+  SetNonBlocking(s.stderr_fd);
+  if (stdin_data.empty()) CloseFd(s.stdin_fd);
+
+  CommandResult result;
+  size_t written = 0;
+  const absl::Time deadline = absl::Now() + timeout;
+  bool timed_out = false;
+  char buf[64 << 10];
+  while (s.stdout_fd >= 0 || s.stderr_fd >= 0) {
+    pollfd fds[3];
+    int n = 0;
+    int idx_in = -1, idx_out = -1, idx_err = -1;
+    if (s.stdin_fd >= 0) { idx_in = n; fds[n++] = {s.stdin_fd, POLLOUT, 0}; }
+    if (s.stdout_fd >= 0) { idx_out = n; fds[n++] = {s.stdout_fd, POLLIN, 0}; }
+    if (s.stderr_fd >= 0) { idx_err = n; fds[n++] = {s.stderr_fd, POLLIN, 0}; }
+    absl::Duration left = deadline - absl::Now();
+    if (left <= absl::ZeroDuration()) {
+      timed_out = true;
+      ::kill(-s.pid, SIGKILL);
+      break;
+    }
+    int ms = static_cast<int>(absl::ToInt64Milliseconds(left)) + 1;
+    int rc = ::poll(fds, n, ms);
+    if (rc < 0 && errno != EINTR) break;
+    if (rc <= 0) continue;
+    if (idx_in >= 0 && fds[idx_in].revents) {
+      ssize_t w = ::write(s.stdin_fd, stdin_data.data() + written, stdin_data.size() - written);
+      if (w > 0) written += static_cast<size_t>(w);
+      if (w < 0 && errno != EAGAIN) written = stdin_data.size();
+      if (written >= stdin_data.size()) CloseFd(s.stdin_fd);
+    }
+    auto drain = [&](int idx, int& fd, std::string& sink) {
+      if (idx < 0 || !fds[idx].revents) return;
+      ssize_t r = ::read(fd, buf, sizeof buf);
+      if (r > 0) {
+        size_t room = max_output > sink.size() ? max_output - sink.size() : 0;
+        sink.append(buf, std::min(room, static_cast<size_t>(r)));
+      } else if (r == 0 || (errno != EAGAIN && errno != EINTR)) {
+        CloseFd(fd);
+      }
+    };
+    drain(idx_out, s.stdout_fd, result.stdout_data);
+    drain(idx_err, s.stderr_fd, result.stderr_data);
+  }
+  CloseFd(s.stdin_fd);
+  CloseFd(s.stdout_fd);
+  CloseFd(s.stderr_fd);
+  int status = 0;
+  while (::waitpid(s.pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  result.exit = DecodeWaitStatus(status);
+  if (timed_out) {
+    return absl::DeadlineExceededError(absl::StrCat(
+        "'", spec.argv[0], "' did not finish within ", absl::FormatDuration(timeout)));
+  }
+  return result;
+}
+
+// ---------------------------------------------------------------------------
+
+struct ProcessSupervisor::Child {
+  pid_t pid = -1;
+  int stdout_fd = -1;
+  int stderr_fd = -1;
+  std::string stdout_data;
+  std::string line_buf;
+  bool exited = false;
+  ExitInfo exit;
+  absl::Time kill_at = absl::InfiniteFuture();  // Guarded by the supervisor's mu_.
+  LineCallback on_line;
+  ExitCallback on_exit;
+};
+
+ProcessSupervisor::ProcessSupervisor() {
+  if (::pipe2(wake_fds_, O_CLOEXEC | O_NONBLOCK) != 0) std::abort();
+  thread_ = std::thread([this] { Loop(); });
+}
+
+ProcessSupervisor::~ProcessSupervisor() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+    for (auto& [_, child] : children_) ::kill(-child->pid, SIGKILL);
+  }
+  Wake();
+  thread_.join();
+  ::close(wake_fds_[0]);
+  ::close(wake_fds_[1]);
+}
+
+void ProcessSupervisor::Wake() {
+  char c = 1;
+  (void)!::write(wake_fds_[1], &c, 1);
+}
+
+absl::StatusOr<ProcessSupervisor::ProcessId> ProcessSupervisor::Spawn(
+    const ProcessSpec& spec, LineCallback on_line, ExitCallback on_exit) {
+  absl::StatusOr<Spawned> spawned = SpawnWithPipes(spec, /*want_stdin=*/false);
+  if (!spawned.ok()) return spawned.status();
+  auto child = std::make_shared<Child>();
+  child->pid = spawned->pid;
+  child->stdout_fd = spawned->stdout_fd;
+  child->stderr_fd = spawned->stderr_fd;
+  SetNonBlocking(child->stdout_fd);
+  SetNonBlocking(child->stderr_fd);
+  child->on_line = std::move(on_line);
+  child->on_exit = std::move(on_exit);
+  ProcessId id;
+  {
+    absl::MutexLock lock(&mu_);
+    id = next_id_++;
+    children_[id] = child;
+  }
+  Wake();
+  return id;
+}
+
+void ProcessSupervisor::Kill(ProcessId id) {
+  absl::MutexLock lock(&mu_);
+  auto it = children_.find(id);
+  if (it != children_.end() && !it->second->exited) ::kill(-it->second->pid, SIGKILL);
+}
+
+void ProcessSupervisor::Terminate(ProcessId id, absl::Duration grace) {
+  absl::MutexLock lock(&mu_);
+  auto it = children_.find(id);
+  if (it == children_.end() || it->second->exited) return;
+  ::kill(-it->second->pid, SIGTERM);
+  it->second->kill_at = absl::Now() + grace;
+}
+
+size_t ProcessSupervisor::Running() const {
+  absl::MutexLock lock(&mu_);
+  return children_.size();
+}
+
+void ProcessSupervisor::Loop() {
+  char buf[64 << 10];
+  for (;;) {
+    // Snapshot the children; only this thread reads their fds and buffers.
+    std::vector<std::pair<ProcessId, std::shared_ptr<Child>>> live;
+    bool stopping;
+    {
+      absl::MutexLock lock(&mu_);
+      stopping = stopping_;
+      live.assign(children_.begin(), children_.end());
+    }
+    if (stopping && live.empty()) return;
+    {
+      // Escalate terminations whose grace period ran out.
+      absl::MutexLock lock(&mu_);
+      const absl::Time now = absl::Now();
+      for (auto& [_, c] : live) {
+        if (!c->exited && c->kill_at <= now) {
+          ::kill(-c->pid, SIGKILL);
+          c->kill_at = absl::InfiniteFuture();
+        }
+      }
+    }
+
+    std::vector<pollfd> fds;
+    std::vector<std::pair<Child*, bool>> owners;  // (child, is_stderr)
+    fds.push_back({wake_fds_[0], POLLIN, 0});
+    owners.push_back({nullptr, false});
+    for (auto& [_, c] : live) {
+      if (c->stdout_fd >= 0) { fds.push_back({c->stdout_fd, POLLIN, 0}); owners.push_back({c.get(), false}); }
+      if (c->stderr_fd >= 0) { fds.push_back({c->stderr_fd, POLLIN, 0}); owners.push_back({c.get(), true}); }
+    }
+    // The timeout bounds how late an exit is noticed when a grandchild still
+    // holds the pipes open.
+    int rc = ::poll(fds.data(), fds.size(), 100);
+    if (rc < 0 && errno != EINTR) continue;
+    if (fds[0].revents) {
+      while (::read(wake_fds_[0], buf, sizeof buf) > 0) {
+      }
+    }
+    for (size_t i = 1; i < fds.size(); ++i) {
+      if (!fds[i].revents) continue;
+      Child* c = owners[i].first;
+      bool is_stderr = owners[i].second;
+      int& fd = is_stderr ? c->stderr_fd : c->stdout_fd;
+      ssize_t r = ::read(fd, buf, sizeof buf);
+      if (r > 0) {
+        if (!is_stderr) {
+          size_t room = kMaxStdout > c->stdout_data.size() ? kMaxStdout - c->stdout_data.size() : 0;
+          c->stdout_data.append(buf, std::min(room, static_cast<size_t>(r)));
+          continue;
+        }
+        absl::string_view chunk(buf, static_cast<size_t>(r));
+        while (!chunk.empty()) {
+          auto nl = chunk.find('\n');
+          if (nl == absl::string_view::npos) {
+            c->line_buf.append(chunk.data(), chunk.size());
+            if (c->line_buf.size() >= kMaxLineBytes) {
+              c->on_line(c->line_buf);
+              c->line_buf.clear();
+            }
+            break;
+          }
+          c->line_buf.append(chunk.data(), nl);
+          if (c->line_buf.size() > kMaxLineBytes) c->line_buf.resize(kMaxLineBytes);
+          c->on_line(c->line_buf);
+          c->line_buf.clear();
+          chunk.remove_prefix(nl + 1);
+        }
+      } else if (r == 0 || (errno != EAGAIN && errno != EINTR)) {
+        if (is_stderr && !c->line_buf.empty()) {
+          c->on_line(c->line_buf);
+          c->line_buf.clear();
+        }
+        CloseFd(fd);
+      }
+    }
+    // Reap: once the leader exited, nothing of the build may outlive it.
+    for (auto& [id, c] : live) {
+      if (!c->exited) {
+        // Peek without reaping: while the leader is a zombie its group id
+        // cannot be reused, so killing the group hits only the build's tree.
+        siginfo_t info{};
+        if (::waitid(P_PID, static_cast<id_t>(c->pid), &info, WEXITED | WNOHANG | WNOWAIT) == 0 &&
+            info.si_pid == c->pid) {
+          ::kill(-c->pid, SIGKILL);
+          int status = 0;
+          while (::waitpid(c->pid, &status, 0) < 0 && errno == EINTR) {
+          }
+          c->exited = true;
+          c->exit = DecodeWaitStatus(status);
+        }
+      }
+      if (c->exited && c->stdout_fd < 0 && c->stderr_fd < 0) {
+        {
+          absl::MutexLock lock(&mu_);
+          children_.erase(id);
+        }
+        std::move(c->on_exit)(c->exit, std::move(c->stdout_data));
+      }
+    }
+  }
+}
+
+}  // namespace kiln

@@ -1,0 +1,562 @@
+#include "coordinator/build_coordinator.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "common/digest.h"
+#include "common/grpc_util.h"
+#include "common/installable.h"
+#include "common/log.h"
+
+namespace kiln {
+
+using kiln::state::v1::JobRecord;
+using kiln::v1::BuildResult;
+using kiln::v1::JobEvent;
+using kiln::v1::JobState;
+
+namespace {
+
+constexpr absl::string_view kComponent = "coordinator";
+
+absl::Status ValidateSubdir(absl::string_view subdir) {
+  if (absl::StartsWith(subdir, "/")) {
+    return absl::InvalidArgumentError(absl::StrCat("flake_subdir '", subdir, "' must be relative"));
+  }
+  for (absl::string_view part : absl::StrSplit(subdir, '/')) {
+    if (part == "..") return absl::InvalidArgumentError(absl::StrCat("flake_subdir '", subdir, "' leaves the source tree"));
+  }
+  return absl::OkStatus();
+}
+
+absl::string_view ResultLabel(JobState state) {
+  switch (state) {
+    case kiln::v1::JOB_STATE_SUCCEEDED: return "succeeded";
+    case kiln::v1::JOB_STATE_CANCELLED: return "cancelled";
+    default: return "failed";
+  }
+}
+
+}  // namespace
+
+BuildCoordinator::BuildCoordinator(StateStore* store, CoordinatorMetrics* metrics, const Clock* clock,
+                                   BuildCoordinatorOptions options)
+    : store_(store), metrics_(metrics), clock_(clock), options_(std::move(options)) {}
+
+bool BuildCoordinator::IsTerminal(JobState state) {
+  return state == kiln::v1::JOB_STATE_SUCCEEDED || state == kiln::v1::JOB_STATE_FAILED ||
+         state == kiln::v1::JOB_STATE_CANCELLED;
+}
+
+JobRequirements BuildCoordinator::RequirementsOf(const kiln::v1::JobSpec& spec) {
+  JobRequirements req;
+  req.system = spec.requirements().system();
+  req.required_features.insert(spec.requirements().required_features().begin(),
+                               spec.requirements().required_features().end());
+  req.pinned_labels.insert(spec.requirements().pinned_labels().begin(),
+                           spec.requirements().pinned_labels().end());
+  return req;
+}
+
+absl::Status BuildCoordinator::Recover() {
+  absl::StatusOr<StoredCounters> counters = store_->LoadCounters();
+  if (!counters.ok()) return counters.status();
+  next_job_seq_ = counters->next_job_seq;
+  next_buildset_seq_ = counters->next_buildset_seq;
+  absl::StatusOr<std::vector<JobRecord>> records = store_->LoadJobs();
+  if (!records.ok()) return records.status();
+  size_t queued = 0, requeued = 0;
+  for (JobRecord& record : *records) {
+    std::string id = record.job_id();
+    JobEntry& job = jobs_[id];
+    job.record = std::move(record);
+    job.queued_at = clock_->Now();
+    const JobState state = job.record.state();
+    if (IsTerminal(state)) {
+      JobEvent event;
+      auto* finished = event.mutable_finished();
+      finished->set_state(state);
+      *finished->mutable_result() = job.record.result();
+      finished->set_worker(job.record.worker());
+      Emit(job, std::move(event));
+    } else if (state == kiln::v1::JOB_STATE_QUEUED) {
+      scheduler_.Enqueue(id, RequirementsOf(job.record.spec()));
+      JobEvent event;
+      event.mutable_queued()->set_attempt(job.record.attempt());
+      Emit(job, std::move(event));
+      ++queued;
+    } else {
+      // It was on a worker whose stream died with the old process.
+      Requeue(job, "coordinator_restart", "the coordinator restarted while it ran");
+      ++requeued;
+    }
+  }
+  LogInfo(kComponent, "recovered ", jobs_.size(), " jobs (", queued, " queued, ", requeued,
+          " requeued after restart)");
+  UpdateGauges();
+  return absl::OkStatus();
+}
+
+absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
+    const kiln::v1::SubmitBuildRequest& request) {
+  auto reject = [&](absl::Status status) {
+    metrics_->submissions_rejected.Increment();
+    return status;
+  };
+  if (request.targets().empty()) return reject(absl::InvalidArgumentError("no build targets"));
+  if (static_cast<size_t>(request.targets_size()) > options_.max_targets) {
+    return reject(absl::InvalidArgumentError(absl::StrCat(
+        request.targets_size(), " targets in one submission; the limit is ", options_.max_targets)));
+  }
+  if (request.source_archive().size() > options_.max_source_bytes) {
+    return reject(absl::InvalidArgumentError(absl::StrCat(
+        "source archive is ", request.source_archive().size() >> 20, " MiB; the limit is ",
+        options_.max_source_bytes >> 20, " MiB")));
+  }
+  const std::string digest = request.source_archive().empty() ? "" : Sha256Hex(request.source_archive());
+  for (const auto& target : request.targets()) {
+    const auto& spec = target.spec();
+    if (spec.source().has_tree_root()) {
+      return reject(absl::UnimplementedError("tree sources are not supported by this coordinator yet; send an archive"));
+    }
+    if (spec.source().archive().hash() != digest || digest.empty()) {
+      return reject(absl::InvalidArgumentError(
+          "target's source archive digest does not match the uploaded archive"));
+    }
+    if (absl::Status s = ValidateSubdir(spec.source().flake_subdir()); !s.ok()) return reject(s);
+    if (absl::Status s = ValidateAttrPath(spec.attr()); !s.ok()) return reject(s);
+    if (spec.requirements().system().empty()) {
+      return reject(absl::InvalidArgumentError("target has no system (e.g. x86_64-linux)"));
+    }
+    if (spec.has_push()) {
+      return reject(absl::UnimplementedError("image push targets are not supported by this coordinator yet"));
+    }
+  }
+
+  // Build every record, store them in one batch, and only then make them live.
+  const absl::Time now = clock_->Now();
+  const std::string buildset_id = absl::StrCat("b", next_buildset_seq_);
+  std::vector<JobRecord> records;
+  records.reserve(request.targets_size());
+  for (int i = 0; i < request.targets_size(); ++i) {
+    JobRecord r;
+    r.set_job_id(absl::StrCat(next_job_seq_ + static_cast<uint64_t>(i)));
+    r.set_buildset_id(buildset_id);
+    *r.mutable_spec() = request.targets(i).spec();
+    r.mutable_spec()->mutable_source()->mutable_archive()->set_size_bytes(
+        static_cast<int64_t>(request.source_archive().size()));
+    if (r.spec().priority() == kiln::v1::PRIORITY_UNSPECIFIED) {
+      r.mutable_spec()->set_priority(kiln::v1::PRIORITY_CI);
+    }
+    r.set_state(kiln::v1::JOB_STATE_QUEUED);
+    *r.mutable_submitted_at() = ToProtoTime(now);
+    r.set_submitter(request.submitter());
+    records.push_back(std::move(r));
+  }
+  StateWrite write;
+  for (const auto& r : records) write.jobs.push_back(&r);
+  write.blobs.emplace_back(digest, request.source_archive());
+  write.next_job_seq = next_job_seq_ + records.size();
+  write.next_buildset_seq = next_buildset_seq_ + 1;
+  if (absl::Status s = store_->Commit(write); !s.ok()) {
+    metrics_->state_write_errors.Increment();
+    LogError(kComponent, "cannot store submission: ", s.ToString());
+    return reject(absl::UnavailableError(absl::StrCat("the coordinator could not store the build: ", s.message())));
+  }
+  next_job_seq_ = write.next_job_seq;
+  next_buildset_seq_ = write.next_buildset_seq;
+
+  kiln::v1::SubmitBuildResponse response;
+  response.set_buildset_id(buildset_id);
+  for (auto& r : records) {
+    const std::string id = r.job_id();
+    response.add_job_ids(id);
+    JobEntry& job = jobs_[id];
+    job.record = std::move(r);
+    job.queued_at = now;
+    scheduler_.Enqueue(id, RequirementsOf(job.record.spec()));
+    JobEvent event;
+    event.mutable_queued()->set_attempt(0);
+    Emit(job, std::move(event));
+    metrics_->jobs_submitted.Increment();
+  }
+  LogInfo(kComponent, "buildset ", buildset_id, ": accepted ", records.size(), " job(s) from '",
+          request.submitter(), "'");
+  Dispatch();
+  return response;
+}
+
+absl::Status BuildCoordinator::Watch(const std::string& job_id, uint64_t from_sequence,
+                                     std::shared_ptr<JobWatcher> watcher) {
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job ", job_id));
+  JobEntry& job = it->second;
+  for (const JobEvent& event : job.history) {
+    if (event.sequence() >= from_sequence) watcher->OnEvent(event);
+  }
+  if (IsTerminal(job.record.state())) {
+    watcher->Close(absl::OkStatus());
+  } else {
+    job.watchers.push_back(std::move(watcher));
+  }
+  return absl::OkStatus();
+}
+
+void BuildCoordinator::Unwatch(const std::string& job_id, const JobWatcher* watcher) {
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end()) return;
+  auto& w = it->second.watchers;
+  w.erase(std::remove_if(w.begin(), w.end(), [&](const auto& p) { return p.get() == watcher; }), w.end());
+}
+
+absl::StatusOr<JobState> BuildCoordinator::Cancel(const std::string& job_id) {
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job ", job_id));
+  JobEntry& job = it->second;
+  const JobState state = job.record.state();
+  if (IsTerminal(state)) return state;
+  if (state == kiln::v1::JOB_STATE_QUEUED) {
+    scheduler_.Dequeue(job_id);
+  } else {
+    // The slot stays taken until the worker confirms the build is gone.
+    auto s = session_by_name_.find(job.record.worker());
+    if (s != session_by_name_.end()) {
+      kiln::v1::CoordinatorMessage message;
+      message.mutable_cancel()->set_job_id(job_id);
+      message.mutable_cancel()->set_attempt(job.record.attempt());
+      message.mutable_cancel()->set_reason("cancelled by request");
+      sessions_[s->second].session->Send(std::move(message));
+    }
+  }
+  BuildResult result;
+  result.set_code(kiln::v1::RESULT_CODE_CANCELLED);
+  result.set_error_message("cancelled by request");
+  Finish(job, kiln::v1::JOB_STATE_CANCELLED, std::move(result));
+  UpdateGauges();
+  return kiln::v1::JOB_STATE_CANCELLED;
+}
+
+absl::StatusOr<kiln::v1::Job> BuildCoordinator::GetJob(const std::string& job_id) const {
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job ", job_id));
+  const JobRecord& r = it->second.record;
+  kiln::v1::Job job;
+  job.set_job_id(r.job_id());
+  job.set_buildset_id(r.buildset_id());
+  *job.mutable_spec() = r.spec();
+  job.set_state(r.state());
+  job.set_attempt(r.attempt());
+  job.set_worker(r.worker());
+  *job.mutable_result() = r.result();
+  *job.mutable_submitted_at() = r.submitted_at();
+  *job.mutable_finished_at() = r.finished_at();
+  job.set_waiting_reason(scheduler_.WaitingReason(job_id));
+  return job;
+}
+
+void BuildCoordinator::OnWorkerMessage(const std::shared_ptr<WorkerSession>& session,
+                                       const kiln::v1::WorkerMessage& message) {
+  auto [it, inserted] = sessions_.try_emplace(session.get());
+  WorkerEntry& worker = it->second;
+  if (inserted) worker.session = session;
+  if (worker.name.empty() && !message.has_register_()) {
+    session->Close(absl::FailedPreconditionError("the first message on a worker stream must be Register"));
+    sessions_.erase(it);
+    return;
+  }
+  switch (message.kind_case()) {
+    case kiln::v1::WorkerMessage::kRegister:
+      if (!worker.name.empty()) {
+        session->Close(absl::FailedPreconditionError("worker registered twice on one stream"));
+        OnWorkerGone(session.get());
+        return;
+      }
+      HandleRegister(worker, message.register_());
+      break;
+    case kiln::v1::WorkerMessage::kHeartbeat:
+      break;  // Liveness comes from the stream today; leases use heartbeats.
+    case kiln::v1::WorkerMessage::kStarted: {
+      JobEntry* job = FindAttempt(worker, message.started().job_id(), message.started().attempt());
+      if (job == nullptr || job->record.state() != kiln::v1::JOB_STATE_ASSIGNED) break;
+      job->record.set_state(kiln::v1::JOB_STATE_RUNNING);
+      *job->record.mutable_started_at() = ToProtoTime(clock_->Now());
+      Persist({&job->record});
+      JobEvent event;
+      event.mutable_started()->set_worker(worker.name);
+      Emit(*job, std::move(event));
+      break;
+    }
+    case kiln::v1::WorkerMessage::kLog: {
+      JobEntry* job = FindAttempt(worker, message.log().job_id(), message.log().attempt());
+      if (job == nullptr || message.log().lines().empty()) break;
+      JobEvent event;
+      *event.mutable_log()->mutable_lines() = message.log().lines();
+      Emit(*job, std::move(event));
+      break;
+    }
+    case kiln::v1::WorkerMessage::kFinished:
+      HandleFinished(worker, message.finished());
+      break;
+    case kiln::v1::WorkerMessage::KIND_NOT_SET:
+      break;
+  }
+  Dispatch();
+  UpdateGauges();
+}
+
+void BuildCoordinator::HandleRegister(WorkerEntry& worker, const kiln::v1::Register& reg) {
+  absl::Status invalid;
+  if (reg.name().empty() || reg.name().size() > 128) {
+    invalid = absl::InvalidArgumentError("worker name must have 1 to 128 characters");
+  } else if (reg.systems().empty()) {
+    invalid = absl::InvalidArgumentError("worker offers no system");
+  } else if (reg.max_jobs() < 1 || reg.max_jobs() > options_.max_worker_jobs) {
+    invalid = absl::InvalidArgumentError(absl::StrCat("max_jobs must be 1 to ", options_.max_worker_jobs));
+  }
+  if (!invalid.ok()) {
+    worker.session->Close(invalid);
+    OnWorkerGone(worker.session.get());
+    return;
+  }
+  // A reconnect can arrive before the old stream is noticed as dead.
+  if (auto old = session_by_name_.find(reg.name()); old != session_by_name_.end()) {
+    const WorkerSession* old_session = old->second;
+    sessions_[old_session].session->Close(absl::AbortedError("replaced by a newer connection of the same worker"));
+    OnWorkerGone(old_session);
+  }
+  worker.name = reg.name();
+  session_by_name_[worker.name] = worker.session.get();
+  WorkerCapabilities caps;
+  caps.systems.insert(reg.systems().begin(), reg.systems().end());
+  caps.supported_features.insert(reg.supported_features().begin(), reg.supported_features().end());
+  caps.mandatory_features.insert(reg.mandatory_features().begin(), reg.mandatory_features().end());
+  caps.labels.insert(reg.labels().begin(), reg.labels().end());
+  caps.max_jobs = static_cast<int>(reg.max_jobs());
+  scheduler_.AddWorker(worker.name, std::move(caps));
+
+  kiln::v1::CoordinatorMessage reply;
+  reply.mutable_registered()->set_worker_id(worker.name);
+  *reply.mutable_registered()->mutable_heartbeat_interval() = ToProtoDuration(options_.heartbeat_interval);
+  worker.session->Send(std::move(reply));
+  // Builds from a previous connection were requeued when it broke: stop them.
+  for (const auto& running : reg.running()) {
+    kiln::v1::CoordinatorMessage cancel;
+    cancel.mutable_cancel()->set_job_id(running.job_id());
+    cancel.mutable_cancel()->set_attempt(running.attempt());
+    cancel.mutable_cancel()->set_reason("the job was requeued while the worker was away");
+    worker.session->Send(std::move(cancel));
+  }
+  LogInfo(kComponent, "worker ", worker.name, " registered: ", reg.max_jobs(), " slot(s), systems ",
+          absl::StrJoin(reg.systems(), ","));
+}
+
+BuildCoordinator::JobEntry* BuildCoordinator::FindAttempt(const WorkerEntry& worker,
+                                                          const std::string& job_id, uint32_t attempt) {
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end()) return nullptr;
+  JobEntry& job = it->second;
+  // Fencing: only the current attempt on the worker it was given to counts.
+  if (job.record.worker() != worker.name || job.record.attempt() != attempt ||
+      IsTerminal(job.record.state())) {
+    return nullptr;
+  }
+  return &job;
+}
+
+void BuildCoordinator::HandleFinished(WorkerEntry& worker, const kiln::v1::JobFinished& finished) {
+  auto it = jobs_.find(finished.job_id());
+  if (it == jobs_.end()) return;
+  JobEntry& job = it->second;
+  if (job.record.worker() != worker.name || job.record.attempt() != finished.attempt()) {
+    LogDebug(kComponent, "ignoring stale result of job ", finished.job_id(), " attempt ", finished.attempt(),
+             " from ", worker.name);
+    return;
+  }
+  scheduler_.Release(finished.job_id(), worker.name);
+  if (IsTerminal(job.record.state())) return;  // Cancelled meanwhile.
+
+  const BuildResult& result = finished.result();
+  if (job.record.has_started_at()) {
+    metrics_->build_duration.Observe(
+        absl::ToDoubleSeconds(clock_->Now() - FromProtoTime(job.record.started_at())));
+  }
+  switch (result.code()) {
+    case kiln::v1::RESULT_CODE_SUCCEEDED:
+      Finish(job, kiln::v1::JOB_STATE_SUCCEEDED, result);
+      break;
+    case kiln::v1::RESULT_CODE_CANCELLED:
+      Finish(job, kiln::v1::JOB_STATE_CANCELLED, result);
+      break;
+    case kiln::v1::RESULT_CODE_INFRA_ERROR:
+      Requeue(job, "infra_error", absl::StrCat("worker ", worker.name, " could not run it: ", result.error_message()));
+      break;
+    default:
+      Finish(job, kiln::v1::JOB_STATE_FAILED, result);
+      break;
+  }
+}
+
+void BuildCoordinator::OnWorkerGone(const WorkerSession* session) {
+  auto it = sessions_.find(session);
+  if (it == sessions_.end()) return;
+  const std::string name = it->second.name;
+  sessions_.erase(it);
+  if (name.empty()) return;
+  auto by_name = session_by_name_.find(name);
+  if (by_name == session_by_name_.end() || by_name->second != session) return;
+  session_by_name_.erase(by_name);
+  const std::vector<std::string> lost = scheduler_.RemoveWorker(name);
+  LogInfo(kComponent, "worker ", name, " disconnected; requeueing ", lost.size(), " job(s)");
+  for (const std::string& id : lost) {
+    auto job = jobs_.find(id);
+    if (job != jobs_.end() && !IsTerminal(job->second.record.state())) {
+      Requeue(job->second, "worker_lost", absl::StrCat("worker ", name, " disconnected"));
+    }
+  }
+  Dispatch();
+  UpdateGauges();
+}
+
+void BuildCoordinator::CloseAll() {
+  for (auto& [_, job] : jobs_) {
+    for (auto& w : job.watchers) w->Close(absl::UnavailableError("the coordinator is shutting down"));
+    job.watchers.clear();
+  }
+  for (auto& [_, worker] : sessions_) {
+    worker.session->Close(absl::UnavailableError("the coordinator is shutting down"));
+  }
+}
+
+void BuildCoordinator::Dispatch() {
+  std::vector<Assignment> assignments = scheduler_.Assign();
+  if (assignments.empty()) return;
+  const absl::Time now = clock_->Now();
+  std::vector<const JobRecord*> changed;
+  for (const Assignment& a : assignments) {
+    JobEntry& job = jobs_.at(a.job);
+    job.record.set_state(kiln::v1::JOB_STATE_ASSIGNED);
+    job.record.set_attempt(job.record.attempt() + 1);
+    job.record.set_worker(a.worker);
+    changed.push_back(&job.record);
+    metrics_->queue_wait.Observe(absl::ToDoubleSeconds(now - job.queued_at));
+  }
+  // One batch for all of this round's assignments, before any is announced.
+  Persist(changed);
+  for (const Assignment& a : assignments) {
+    JobEntry& job = jobs_.at(a.job);
+    kiln::v1::CoordinatorMessage message;
+    auto* assign = message.mutable_assign();
+    assign->set_job_id(a.job);
+    assign->set_attempt(job.record.attempt());
+    *assign->mutable_spec() = job.record.spec();
+    absl::StatusOr<std::string> archive = store_->GetBlob(job.record.spec().source().archive().hash());
+    if (!archive.ok()) {
+      LogError(kComponent, "job ", a.job, ": source archive unavailable: ", archive.status().ToString());
+      scheduler_.Release(a.job, a.worker);
+      BuildResult result;
+      result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
+      result.set_error_message(absl::StrCat("the coordinator lost the job's source: ", archive.status().message()));
+      Finish(job, kiln::v1::JOB_STATE_FAILED, std::move(result));
+      continue;
+    }
+    assign->set_source_archive(*std::move(archive));
+    JobEvent event;
+    event.mutable_assigned()->set_worker(a.worker);
+    event.mutable_assigned()->set_attempt(job.record.attempt());
+    Emit(job, std::move(event));
+    // A full or closed stream means the worker is going away; OnWorkerGone
+    // will requeue the job.
+    sessions_[session_by_name_.at(a.worker)].session->Send(std::move(message));
+  }
+}
+
+void BuildCoordinator::Requeue(JobEntry& job, absl::string_view reason_label, const std::string& reason) {
+  const std::string id = job.record.job_id();
+  if (job.record.attempt() >= options_.max_attempts) {
+    BuildResult result;
+    result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
+    result.set_error_message(absl::StrCat("gave up after ", job.record.attempt(), " attempts; last: ", reason));
+    Finish(job, kiln::v1::JOB_STATE_FAILED, std::move(result));
+    return;
+  }
+  job.record.set_state(kiln::v1::JOB_STATE_QUEUED);
+  job.record.set_requeue_reason(reason);
+  job.record.clear_started_at();
+  Persist({&job.record});
+  job.queued_at = clock_->Now();
+  scheduler_.Enqueue(id, RequirementsOf(job.record.spec()), /*front=*/true);
+  metrics_->Requeues(reason_label).Increment();
+  JobEvent event;
+  event.mutable_queued()->set_attempt(job.record.attempt());
+  event.mutable_queued()->set_reason(reason);
+  Emit(job, std::move(event));
+}
+
+void BuildCoordinator::Finish(JobEntry& job, JobState state, BuildResult result) {
+  job.record.set_state(state);
+  *job.record.mutable_result() = std::move(result);
+  *job.record.mutable_finished_at() = ToProtoTime(clock_->Now());
+  Persist({&job.record});
+  metrics_->JobsFinished(ResultLabel(state)).Increment();
+  JobEvent event;
+  auto* finished = event.mutable_finished();
+  finished->set_state(state);
+  *finished->mutable_result() = job.record.result();
+  finished->set_worker(job.record.worker());
+  *finished->mutable_queue_time() =
+      ToProtoDuration(FromProtoTime(job.record.finished_at()) - FromProtoTime(job.record.submitted_at()));
+  Emit(job, std::move(event));
+  for (auto& w : job.watchers) w->Close(absl::OkStatus());
+  job.watchers.clear();
+  LogInfo(kComponent, "job ", job.record.job_id(), " (", job.record.spec().display_name(), ") ",
+          ResultLabel(state), job.record.worker().empty() ? "" : " on ", job.record.worker());
+
+  // Keep full logs only for the most recently finished jobs.
+  finished_with_logs_.push_back(job.record.job_id());
+  if (finished_with_logs_.size() > options_.finished_jobs_with_logs) {
+    auto old = jobs_.find(finished_with_logs_.front());
+    finished_with_logs_.pop_front();
+    if (old != jobs_.end()) {
+      auto& h = old->second.history;
+      h.erase(std::remove_if(h.begin(), h.end(), [](const JobEvent& e) { return e.has_log(); }), h.end());
+      old->second.log_bytes = 0;
+    }
+  }
+}
+
+void BuildCoordinator::Emit(JobEntry& job, JobEvent event) {
+  event.set_job_id(job.record.job_id());
+  event.set_sequence(job.next_sequence++);
+  *event.mutable_time() = ToProtoTime(clock_->Now());
+  for (auto& w : job.watchers) w->OnEvent(event);
+  if (event.has_log()) {
+    const size_t bytes = event.ByteSizeLong();
+    if (job.log_bytes + bytes > options_.log_bytes_per_job) return;  // Live watchers only.
+    job.log_bytes += bytes;
+  }
+  job.history.push_back(std::move(event));
+}
+
+void BuildCoordinator::Persist(const std::vector<const JobRecord*>& records) {
+  StateWrite write;
+  write.jobs = records;
+  if (absl::Status s = store_->Commit(write); !s.ok()) {
+    // The in-memory state stays authoritative while the process lives; a
+    // restart would see the last stored state. Loud, and counted.
+    metrics_->state_write_errors.Increment();
+    LogError(kComponent, "state write failed: ", s.ToString());
+  }
+}
+
+void BuildCoordinator::UpdateGauges() {
+  metrics_->jobs_queued.Set(static_cast<double>(scheduler_.queued()));
+  metrics_->jobs_running.Set(static_cast<double>(scheduler_.running()));
+  metrics_->workers_connected.Set(static_cast<double>(session_by_name_.size()));
+  metrics_->worker_slots.Set(static_cast<double>(scheduler_.total_slots()));
+}
+
+}  // namespace kiln

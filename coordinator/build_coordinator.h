@@ -1,0 +1,139 @@
+// BuildCoordinator: the coordinator's state machine.
+//
+// It owns the job table, the connected workers and the Scheduler, persists
+// every job state change through the StateStore before announcing it, and
+// relays events to watchers. It talks to streams only through two small
+// interfaces (WorkerSession, JobWatcher) whose methods never block, so it can
+// be driven by gRPC reactors in production and by plain objects in tests.
+//
+// Threading: not thread-safe. Every method runs on one thread — in the
+// daemon, the coordinator's SerialExecutor (strand); gRPC reactions post to
+// it and return.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "common/clock.h"
+#include "coordinator/coordinator_metrics.h"
+#include "coordinator/scheduler.h"
+#include "coordinator/state_store.h"
+#include "kiln/state/v1/records.pb.h"
+#include "kiln/v1/builds.pb.h"
+#include "kiln/v1/workers.pb.h"
+
+namespace kiln {
+
+// The coordinator's end of one worker's stream.
+class WorkerSession {
+ public:
+  virtual ~WorkerSession() = default;
+  // Queues a message for the worker; false when the stream is closing or its
+  // queue is full (the stream is then closed and the worker reconnects).
+  virtual bool Send(kiln::v1::CoordinatorMessage message) = 0;
+  // Ends the stream with `status`. Idempotent.
+  virtual void Close(absl::Status status) = 0;
+};
+
+// Someone watching one job's events.
+class JobWatcher {
+ public:
+  virtual ~JobWatcher() = default;
+  // Never blocks. A slow watcher may drop log events (it says how many); it
+  // never drops the others.
+  virtual void OnEvent(const kiln::v1::JobEvent& event) = 0;
+  // No more events: after the terminal one, or on shutdown.
+  virtual void Close(absl::Status status) = 0;
+};
+
+struct BuildCoordinatorOptions {
+  uint32_t max_attempts = 3;            // Before a requeued job fails.
+  size_t max_source_bytes = 64 << 20;   // Compressed source archive.
+  size_t max_targets = 1000;            // Per submission.
+  uint32_t max_worker_jobs = 1024;      // Sanity bound on a worker's slots.
+  size_t log_bytes_per_job = 8 << 20;   // Kept in memory for late watchers.
+  size_t finished_jobs_with_logs = 256; // Older finished jobs keep no log.
+  absl::Duration heartbeat_interval = absl::Seconds(10);
+};
+
+class BuildCoordinator {
+ public:
+  BuildCoordinator(StateStore* store, CoordinatorMetrics* metrics, const Clock* clock,
+                   BuildCoordinatorOptions options);
+
+  // Loads the stored jobs: finished ones keep their result, queued ones are
+  // queued again, ones that were assigned are requeued (their worker will
+  // have lost the stream). Call once, before anything else.
+  absl::Status Recover();
+
+  // Validates and durably stores a buildset. All targets or none.
+  absl::StatusOr<kiln::v1::SubmitBuildResponse> Submit(const kiln::v1::SubmitBuildRequest& request);
+
+  // Replays the job's events from `from_sequence`, then streams new ones.
+  absl::Status Watch(const std::string& job_id, uint64_t from_sequence,
+                     std::shared_ptr<JobWatcher> watcher);
+  void Unwatch(const std::string& job_id, const JobWatcher* watcher);
+
+  absl::StatusOr<kiln::v1::JobState> Cancel(const std::string& job_id);
+  absl::StatusOr<kiln::v1::Job> GetJob(const std::string& job_id) const;
+
+  // A message from a worker's stream; the first one must be Register.
+  void OnWorkerMessage(const std::shared_ptr<WorkerSession>& session,
+                       const kiln::v1::WorkerMessage& message);
+  // The stream ended. Idempotent.
+  void OnWorkerGone(const WorkerSession* session);
+
+  // Closes every watcher and worker stream (shutdown).
+  void CloseAll();
+
+  const Scheduler& scheduler() const { return scheduler_; }
+
+ private:
+  struct JobEntry {
+    kiln::state::v1::JobRecord record;
+    std::deque<kiln::v1::JobEvent> history;
+    size_t log_bytes = 0;
+    uint64_t next_sequence = 1;
+    absl::Time queued_at;
+    std::vector<std::shared_ptr<JobWatcher>> watchers;
+  };
+  struct WorkerEntry {
+    std::shared_ptr<WorkerSession> session;
+    std::string name;  // Empty until registered.
+  };
+
+  void HandleRegister(WorkerEntry& worker, const kiln::v1::Register& reg);
+  JobEntry* FindAttempt(const WorkerEntry& worker, const std::string& job_id, uint32_t attempt);
+  void HandleFinished(WorkerEntry& worker, const kiln::v1::JobFinished& finished);
+
+  void Dispatch();
+  void Requeue(JobEntry& job, absl::string_view reason_label, const std::string& reason);
+  void Finish(JobEntry& job, kiln::v1::JobState state, kiln::v1::BuildResult result);
+  void Emit(JobEntry& job, kiln::v1::JobEvent event);
+  void Persist(const std::vector<const kiln::state::v1::JobRecord*>& records);
+  void UpdateGauges();
+  static JobRequirements RequirementsOf(const kiln::v1::JobSpec& spec);
+  static bool IsTerminal(kiln::v1::JobState state);
+
+  StateStore* const store_;
+  CoordinatorMetrics* const metrics_;
+  const Clock* const clock_;
+  const BuildCoordinatorOptions options_;
+
+  Scheduler scheduler_;
+  absl::flat_hash_map<std::string, JobEntry> jobs_;
+  absl::flat_hash_map<const WorkerSession*, WorkerEntry> sessions_;
+  absl::flat_hash_map<std::string, const WorkerSession*> session_by_name_;
+  std::deque<std::string> finished_with_logs_;
+  uint64_t next_job_seq_ = 1;
+  uint64_t next_buildset_seq_ = 1;
+};
+
+}  // namespace kiln

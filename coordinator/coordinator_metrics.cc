@@ -1,0 +1,66 @@
+#include "coordinator/coordinator_metrics.h"
+
+#include <string>
+
+namespace kiln {
+namespace {
+
+prometheus::Gauge& MakeGauge(prometheus::Registry& r, const std::string& name, const std::string& help) {
+  return prometheus::BuildGauge().Name(name).Help(help).Register(r).Add({});
+}
+prometheus::Counter& MakeCounter(prometheus::Registry& r, const std::string& name, const std::string& help) {
+  return prometheus::BuildCounter().Name(name).Help(help).Register(r).Add({});
+}
+
+// Build and wait times run from seconds to hours.
+const prometheus::Histogram::BucketBoundaries& DurationBuckets() {
+  static const auto* b = new prometheus::Histogram::BucketBoundaries{
+      0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200};
+  return *b;
+}
+
+}  // namespace
+
+CoordinatorMetrics::CoordinatorMetrics(std::shared_ptr<prometheus::Registry> registry)
+    : jobs_queued(MakeGauge(*registry, "kiln_jobs_queued", "Jobs waiting for a worker.")),
+      jobs_running(MakeGauge(*registry, "kiln_jobs_running", "Jobs assigned to a worker and not finished.")),
+      workers_connected(MakeGauge(*registry, "kiln_workers_connected", "Workers with an open stream.")),
+      worker_slots(MakeGauge(*registry, "kiln_worker_slots", "Build slots offered by connected workers.")),
+      jobs_submitted(MakeCounter(*registry, "kiln_jobs_submitted_total", "Jobs accepted.")),
+      submissions_rejected(MakeCounter(*registry, "kiln_submissions_rejected_total",
+                                       "Build submissions refused (invalid input or storage error).")),
+      state_write_errors(MakeCounter(*registry, "kiln_state_write_errors_total",
+                                     "Failed writes to the coordinator's state store.")),
+      build_duration(prometheus::BuildHistogram()
+                         .Name("kiln_build_duration_seconds")
+                         .Help("Time from a job's start on a worker to its result.")
+                         .Register(*registry)
+                         .Add({}, DurationBuckets())),
+      queue_wait(prometheus::BuildHistogram()
+                     .Name("kiln_job_queue_wait_seconds")
+                     .Help("Time from submission (or requeue) to assignment.")
+                     .Register(*registry)
+                     .Add({}, DurationBuckets())),
+      registry_(std::move(registry)),
+      finished_family_(prometheus::BuildCounter()
+                           .Name("kiln_jobs_finished_total")
+                           .Help("Jobs that reached a final state, by result.")
+                           .Register(*registry_)),
+      requeue_family_(prometheus::BuildCounter()
+                          .Name("kiln_job_requeues_total")
+                          .Help("Jobs put back in the queue, by reason.")
+                          .Register(*registry_)) {
+  // Pre-create every label value so the series exist from the first scrape.
+  for (auto r : {"succeeded", "failed", "cancelled"}) JobsFinished(r);
+  for (auto r : {"worker_lost", "infra_error", "coordinator_restart"}) Requeues(r);
+}
+
+prometheus::Counter& CoordinatorMetrics::JobsFinished(absl::string_view result) {
+  return finished_family_.Add({{"result", std::string(result)}});
+}
+
+prometheus::Counter& CoordinatorMetrics::Requeues(absl::string_view reason) {
+  return requeue_family_.Add({{"reason", std::string(reason)}});
+}
+
+}  // namespace kiln

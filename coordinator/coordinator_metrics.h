@@ -1,0 +1,45 @@
+// The coordinator's Prometheus metrics. Names follow Prometheus conventions
+// (base units, `_total` counters); labels have small fixed value sets, never
+// a job id or anything a user typed.
+#pragma once
+
+#include <memory>
+
+#include <prometheus/counter.h>
+#include <prometheus/family.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+
+#include "absl/strings/string_view.h"
+
+namespace kiln {
+
+class CoordinatorMetrics {
+ public:
+  explicit CoordinatorMetrics(std::shared_ptr<prometheus::Registry> registry);
+
+  const std::shared_ptr<prometheus::Registry>& registry() const { return registry_; }
+
+  prometheus::Gauge& jobs_queued;
+  prometheus::Gauge& jobs_running;
+  prometheus::Gauge& workers_connected;
+  prometheus::Gauge& worker_slots;
+  prometheus::Counter& jobs_submitted;
+  prometheus::Counter& submissions_rejected;
+  prometheus::Counter& state_write_errors;
+  prometheus::Histogram& build_duration;
+  prometheus::Histogram& queue_wait;
+
+  // result: succeeded, failed, cancelled.
+  prometheus::Counter& JobsFinished(absl::string_view result);
+  // reason: worker_lost, infra_error, coordinator_restart.
+  prometheus::Counter& Requeues(absl::string_view reason);
+
+ private:
+  std::shared_ptr<prometheus::Registry> registry_;
+  prometheus::Family<prometheus::Counter>& finished_family_;
+  prometheus::Family<prometheus::Counter>& requeue_family_;
+};
+
+}  // namespace kiln

@@ -1,0 +1,87 @@
+#include "coordinator/coordinator_server.h"
+
+#include <filesystem>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+#include "common/clock.h"
+#include "common/grpc_util.h"
+#include "common/log.h"
+#include "common/net.h"
+
+namespace kiln {
+
+absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(const CoordinatorOptions& options) {
+  if (options.state_dir.empty()) return absl::InvalidArgumentError("--state-dir is required");
+  absl::StatusOr<HostPort> listen = ParseHostPort(options.listen);
+  if (!listen.ok()) return listen.status();
+  std::error_code ec;
+  std::filesystem::create_directories(options.state_dir, ec);
+  if (ec) return absl::InternalError(absl::StrCat("cannot create ", options.state_dir, ": ", ec.message()));
+
+  auto server = std::unique_ptr<CoordinatorServer>(new CoordinatorServer());
+  auto store = RocksDbStateStore::Open((std::filesystem::path(options.state_dir) / "rocksdb").string(),
+                                       options.sync_writes);
+  if (!store.ok()) return store.status();
+  server->store_ = *std::move(store);
+
+  auto registry = std::make_shared<prometheus::Registry>();
+  server->coordinator_metrics_ = std::make_unique<CoordinatorMetrics>(registry);
+  server->strand_ = std::make_unique<SerialExecutor>("coordinator");
+  server->core_ = std::make_unique<BuildCoordinator>(server->store_.get(), server->coordinator_metrics_.get(),
+                                                     RealClock::Get(), options.core);
+  if (absl::Status s = server->core_->Recover(); !s.ok()) return s;
+
+  auto metrics = MetricsHttpServer::Start(options.metrics_listen, registry);
+  if (!metrics.ok()) return metrics.status();
+  server->metrics_ = *std::move(metrics);
+
+  server->build_service_ = std::make_unique<BuildServiceImpl>(server->core_.get(), server->strand_.get());
+  server->worker_service_ = std::make_unique<WorkerServiceImpl>(server->core_.get(), server->strand_.get());
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &port);
+  builder.SetMaxReceiveMessageSize(kMaxGrpcMessageBytes);
+  builder.SetMaxSendMessageSize(kMaxGrpcMessageBytes);
+  // Accept the clients' keepalive pings (see MakeChannel).
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 20000);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  builder.RegisterService(server->build_service_.get());
+  builder.RegisterService(server->worker_service_.get());
+  server->server_ = builder.BuildAndStart();
+  if (!server->server_ || port == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));
+  }
+  server->grpc_address_ = absl::StrCat(listen->host, ":", port);
+
+  if (!options.ready_file.empty()) {
+    nlohmann::json ready = {{"grpc", server->grpc_address_}, {"metrics", server->metrics_->address()}};
+    if (absl::Status s = WriteFileAtomically(options.ready_file, ready.dump() + "\n"); !s.ok()) return s;
+  }
+  LogInfo("coordinator", "serving gRPC on ", server->grpc_address_, ", metrics on http://",
+          server->metrics_->address(), "/metrics, state in ", options.state_dir);
+  return server;
+}
+
+CoordinatorServer::~CoordinatorServer() { Shutdown(); }
+
+void CoordinatorServer::Shutdown() {
+  if (shut_down_) return;
+  shut_down_ = true;
+  if (server_) {
+    // End the long-lived streams first, or Shutdown would wait for them.
+    absl::Notification closed;
+    strand_->Post([this, &closed] {
+      core_->CloseAll();
+      closed.Notify();
+    });
+    closed.WaitForNotification();
+    server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    server_->Wait();
+  }
+  strand_.reset();  // Runs what the last reactions posted.
+}
+
+}  // namespace kiln

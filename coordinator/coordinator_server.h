@@ -1,0 +1,58 @@
+// CoordinatorServer: the composition root. Opens the state store, recovers
+// jobs, and serves gRPC and /metrics. main() only parses flags and calls it.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/status/statusor.h"
+#include "common/metrics_http.h"
+#include "common/serial_executor.h"
+#include "coordinator/build_coordinator.h"
+#include "coordinator/coordinator_metrics.h"
+#include "coordinator/grpc_services.h"
+#include "coordinator/rocksdb_state_store.h"
+
+namespace kiln {
+
+struct CoordinatorOptions {
+  std::string listen = "127.0.0.1:7600";
+  std::string metrics_listen = "127.0.0.1:9600";
+  std::string state_dir;
+  // When set, written once serving: {"grpc":"host:port","metrics":"host:port"}.
+  std::string ready_file;
+  bool sync_writes = false;
+  BuildCoordinatorOptions core;
+};
+
+class CoordinatorServer {
+ public:
+  static absl::StatusOr<std::unique_ptr<CoordinatorServer>> Start(const CoordinatorOptions& options);
+  ~CoordinatorServer();
+
+  // Stops accepting calls, ends streams, drains the strand. Idempotent.
+  void Shutdown();
+
+  const std::string& grpc_address() const { return grpc_address_; }
+  const std::string& metrics_address() const { return metrics_->address(); }
+
+ private:
+  CoordinatorServer() = default;
+
+  // Declaration order is teardown order, reversed: the server goes first so
+  // no reaction posts to a dead strand.
+  std::unique_ptr<RocksDbStateStore> store_;
+  std::unique_ptr<CoordinatorMetrics> coordinator_metrics_;
+  std::unique_ptr<MetricsHttpServer> metrics_;
+  std::unique_ptr<SerialExecutor> strand_;
+  std::unique_ptr<BuildCoordinator> core_;
+  std::unique_ptr<BuildServiceImpl> build_service_;
+  std::unique_ptr<WorkerServiceImpl> worker_service_;
+  std::unique_ptr<grpc::Server> server_;
+  std::string grpc_address_;
+  bool shut_down_ = false;
+};
+
+}  // namespace kiln

@@ -1,0 +1,183 @@
+#include "coordinator/grpc_services.h"
+
+#include <string>
+#include <utility>
+
+#include "common/grpc_util.h"
+#include "common/outbound_queue.h"
+
+namespace kiln {
+namespace {
+
+using kiln::v1::CoordinatorMessage;
+using kiln::v1::JobEvent;
+using kiln::v1::WorkerMessage;
+
+// Events a watcher may lag behind by before log lines are dropped for it.
+constexpr size_t kWatchQueueCapacity = 2048;
+// Messages to a worker are few (assignments, cancels); a full queue means the
+// worker stopped reading.
+constexpr size_t kWorkerQueueCapacity = 4096;
+
+// Runs `fn` on the strand, then finishes the unary reactor with its status.
+template <typename Fn>
+grpc::ServerUnaryReactor* UnaryOnStrand(grpc::CallbackServerContext* context, SerialExecutor* strand, Fn fn) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  strand->Post([reactor, fn = std::move(fn)]() mutable { reactor->Finish(ToGrpcStatus(fn())); });
+  return reactor;
+}
+
+// The JobWatcher half of a WatchJob call; outlives the reactor if the
+// coordinator still holds it.
+class WatchSink final : public JobWatcher {
+ public:
+  explicit WatchSink(grpc::ServerWriteReactor<JobEvent>* reactor)
+      : queue_(kWatchQueueCapacity,
+               {.start_write = [reactor](const JobEvent* e) { reactor->StartWrite(e); },
+                .finish = [reactor](grpc::Status s) { reactor->Finish(std::move(s)); }}) {}
+
+  // Called on the strand only.
+  void OnEvent(const JobEvent& event) override {
+    if (!event.has_log()) {
+      queue_.Push(event, /*force=*/true);
+      return;
+    }
+    JobEvent copy = event;
+    copy.mutable_log()->set_dropped_lines(dropped_);
+    if (queue_.Push(std::move(copy)) == OutboundQueue<JobEvent>::PushResult::kFull) {
+      dropped_ += static_cast<uint64_t>(event.log().lines_size());
+    } else {
+      dropped_ = 0;
+    }
+  }
+  void Close(absl::Status status) override { queue_.Finish(ToGrpcStatus(status)); }
+
+  OutboundQueue<JobEvent>& queue() { return queue_; }
+
+ private:
+  OutboundQueue<JobEvent> queue_;
+  uint64_t dropped_ = 0;
+};
+
+class WatchReactor final : public grpc::ServerWriteReactor<JobEvent> {
+ public:
+  WatchReactor(BuildCoordinator* core, SerialExecutor* strand, const kiln::v1::WatchJobRequest& request)
+      : core_(core), strand_(strand), job_id_(request.job_id()), sink_(std::make_shared<WatchSink>(this)) {
+    strand_->Post([core, sink = sink_, id = job_id_, from = request.from_sequence()] {
+      if (absl::Status s = core->Watch(id, from, sink); !s.ok()) sink->Close(s);
+    });
+  }
+  void OnWriteDone(bool ok) override { sink_->queue().OnWriteDone(ok); }
+  void OnCancel() override { sink_->Close(absl::CancelledError("watch cancelled")); }
+  void OnDone() override {
+    strand_->Post([core = core_, sink = sink_, id = job_id_] { core->Unwatch(id, sink.get()); });
+    delete this;
+  }
+
+ private:
+  BuildCoordinator* const core_;
+  SerialExecutor* const strand_;
+  const std::string job_id_;
+  std::shared_ptr<WatchSink> sink_;
+};
+
+// The WorkerSession half of a worker's stream.
+class WorkerStreamSession final : public WorkerSession {
+ public:
+  explicit WorkerStreamSession(grpc::ServerBidiReactor<WorkerMessage, CoordinatorMessage>* reactor)
+      : queue_(kWorkerQueueCapacity,
+               {.start_write = [reactor](const CoordinatorMessage* m) { reactor->StartWrite(m); },
+                .finish = [reactor](grpc::Status s) { reactor->Finish(std::move(s)); }}) {}
+
+  bool Send(CoordinatorMessage message) override {
+    auto result = queue_.Push(std::move(message));
+    if (result == OutboundQueue<CoordinatorMessage>::PushResult::kFull) {
+      queue_.Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "worker is not reading its stream"));
+    }
+    return result == OutboundQueue<CoordinatorMessage>::PushResult::kQueued;
+  }
+  void Close(absl::Status status) override { queue_.Finish(ToGrpcStatus(status)); }
+
+  OutboundQueue<CoordinatorMessage>& queue() { return queue_; }
+
+ private:
+  OutboundQueue<CoordinatorMessage> queue_;
+};
+
+class WorkerStreamReactor final : public grpc::ServerBidiReactor<WorkerMessage, CoordinatorMessage> {
+ public:
+  WorkerStreamReactor(BuildCoordinator* core, SerialExecutor* strand)
+      : core_(core), strand_(strand), session_(std::make_shared<WorkerStreamSession>(this)) {
+    StartRead(&incoming_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      // The worker closed its side or the stream broke.
+      session_->Close(absl::OkStatus());
+      strand_->Post([core = core_, s = session_] { core->OnWorkerGone(s.get()); });
+      return;
+    }
+    strand_->Post([core = core_, s = session_, m = std::move(incoming_)] { core->OnWorkerMessage(s, m); });
+    incoming_.Clear();
+    StartRead(&incoming_);
+  }
+  void OnWriteDone(bool ok) override { session_->queue().OnWriteDone(ok); }
+  void OnCancel() override { session_->Close(absl::CancelledError("stream cancelled")); }
+  void OnDone() override {
+    strand_->Post([core = core_, s = session_] { core->OnWorkerGone(s.get()); });
+    delete this;
+  }
+
+ private:
+  BuildCoordinator* const core_;
+  SerialExecutor* const strand_;
+  std::shared_ptr<WorkerStreamSession> session_;
+  WorkerMessage incoming_;
+};
+
+}  // namespace
+
+grpc::ServerUnaryReactor* BuildServiceImpl::SubmitBuild(grpc::CallbackServerContext* context,
+                                                        const kiln::v1::SubmitBuildRequest* request,
+                                                        kiln::v1::SubmitBuildResponse* response) {
+  return UnaryOnStrand(context, strand_, [core = core_, request, response]() -> absl::Status {
+    auto r = core->Submit(*request);
+    if (!r.ok()) return r.status();
+    *response = *std::move(r);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerWriteReactor<JobEvent>* BuildServiceImpl::WatchJob(grpc::CallbackServerContext* context,
+                                                               const kiln::v1::WatchJobRequest* request) {
+  return new WatchReactor(core_, strand_, *request);
+}
+
+grpc::ServerUnaryReactor* BuildServiceImpl::CancelJob(grpc::CallbackServerContext* context,
+                                                      const kiln::v1::CancelJobRequest* request,
+                                                      kiln::v1::CancelJobResponse* response) {
+  return UnaryOnStrand(context, strand_, [core = core_, request, response]() -> absl::Status {
+    auto r = core->Cancel(request->job_id());
+    if (!r.ok()) return r.status();
+    response->set_state(*r);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* BuildServiceImpl::GetJob(grpc::CallbackServerContext* context,
+                                                   const kiln::v1::GetJobRequest* request, kiln::v1::Job* response) {
+  return UnaryOnStrand(context, strand_, [core = core_, request, response]() -> absl::Status {
+    auto r = core->GetJob(request->job_id());
+    if (!r.ok()) return r.status();
+    *response = *std::move(r);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerBidiReactor<WorkerMessage, CoordinatorMessage>* WorkerServiceImpl::Connect(
+    grpc::CallbackServerContext* context) {
+  return new WorkerStreamReactor(core_, strand_);
+}
+
+}  // namespace kiln

@@ -1,0 +1,49 @@
+// The coordinator's gRPC services (callback API). Each reaction does only
+// what cannot block — copy the message, post to the strand, arm the next
+// read — and every write goes through an OutboundQueue, so a slow client or
+// worker never stalls the strand.
+#pragma once
+
+#include <memory>
+
+#include "common/serial_executor.h"
+#include "coordinator/build_coordinator.h"
+#include "kiln/v1/builds.grpc.pb.h"
+#include "kiln/v1/workers.grpc.pb.h"
+
+namespace kiln {
+
+class BuildServiceImpl final : public kiln::v1::BuildService::CallbackService {
+ public:
+  // `core` and `strand` must outlive the server.
+  BuildServiceImpl(BuildCoordinator* core, SerialExecutor* strand) : core_(core), strand_(strand) {}
+
+  grpc::ServerUnaryReactor* SubmitBuild(grpc::CallbackServerContext* context,
+                                        const kiln::v1::SubmitBuildRequest* request,
+                                        kiln::v1::SubmitBuildResponse* response) override;
+  grpc::ServerWriteReactor<kiln::v1::JobEvent>* WatchJob(grpc::CallbackServerContext* context,
+                                                         const kiln::v1::WatchJobRequest* request) override;
+  grpc::ServerUnaryReactor* CancelJob(grpc::CallbackServerContext* context,
+                                      const kiln::v1::CancelJobRequest* request,
+                                      kiln::v1::CancelJobResponse* response) override;
+  grpc::ServerUnaryReactor* GetJob(grpc::CallbackServerContext* context,
+                                   const kiln::v1::GetJobRequest* request, kiln::v1::Job* response) override;
+
+ private:
+  BuildCoordinator* const core_;
+  SerialExecutor* const strand_;
+};
+
+class WorkerServiceImpl final : public kiln::v1::WorkerService::CallbackService {
+ public:
+  WorkerServiceImpl(BuildCoordinator* core, SerialExecutor* strand) : core_(core), strand_(strand) {}
+
+  grpc::ServerBidiReactor<kiln::v1::WorkerMessage, kiln::v1::CoordinatorMessage>* Connect(
+      grpc::CallbackServerContext* context) override;
+
+ private:
+  BuildCoordinator* const core_;
+  SerialExecutor* const strand_;
+};
+
+}  // namespace kiln

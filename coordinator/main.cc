@@ -1,0 +1,58 @@
+// kiln-coordinator: parses flags and runs CoordinatorServer until SIGINT/SIGTERM.
+#include <csignal>
+#include <cstdio>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "common/cli_args.h"
+#include "common/log.h"
+#include "coordinator/coordinator_server.h"
+
+ABSL_FLAG(std::string, listen, "127.0.0.1:7600", "gRPC address (host:port; port 0 picks a free one)");
+ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9600", "Prometheus /metrics address");
+ABSL_FLAG(std::string, state_dir, "", "Directory for the coordinator's RocksDB state (required)");
+ABSL_FLAG(std::string, ready_file, "", "Write the bound addresses here as JSON once serving");
+ABSL_FLAG(bool, sync_writes, false, "fsync every state change (survives power loss, slower)");
+ABSL_FLAG(uint32_t, max_attempts, 3, "Attempts before a job that keeps losing its worker fails");
+ABSL_FLAG(std::string, log_level, "info", "debug, info, warning or error");
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "Kiln coordinator: accepts Nix builds, schedules them on workers, keeps state in RocksDB.\n"
+      "  kiln-coordinator --listen=127.0.0.1:7600 --metrics-listen=127.0.0.1:9600 --state-dir=DIR");
+  kiln::DashedFlagArgs dashed(argc, argv);
+  absl::ParseCommandLine(dashed.argc(), dashed.argv());
+  kiln::LogLevel level;
+  if (!kiln::ParseLogLevel(absl::GetFlag(FLAGS_log_level), &level)) {
+    std::fprintf(stderr, "kiln-coordinator: bad --log-level\n");
+    return 2;
+  }
+  kiln::SetMinLogLevel(level);
+
+  // Signals are taken synchronously below; block them before any thread starts.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  std::signal(SIGPIPE, SIG_IGN);
+
+  kiln::CoordinatorOptions options;
+  options.listen = absl::GetFlag(FLAGS_listen);
+  options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  options.state_dir = absl::GetFlag(FLAGS_state_dir);
+  options.ready_file = absl::GetFlag(FLAGS_ready_file);
+  options.sync_writes = absl::GetFlag(FLAGS_sync_writes);
+  options.core.max_attempts = absl::GetFlag(FLAGS_max_attempts);
+  auto server = kiln::CoordinatorServer::Start(options);
+  if (!server.ok()) {
+    std::fprintf(stderr, "kiln-coordinator: %s\n", server.status().ToString().c_str());
+    return 1;
+  }
+  int sig = 0;
+  sigwait(&signals, &sig);
+  kiln::LogInfo("coordinator", "signal ", sig, ": shutting down");
+  (*server)->Shutdown();
+  return 0;
+}

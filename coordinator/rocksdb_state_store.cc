@@ -1,0 +1,124 @@
+#include "coordinator/rocksdb_state_store.h"
+
+#include <rocksdb/options.h>
+#include <rocksdb/write_batch.h>
+
+#include "absl/status/status.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace kiln {
+namespace {
+
+constexpr char kNextJobSeq[] = "meta/next_job_seq";
+constexpr char kNextBuildsetSeq[] = "meta/next_buildset_seq";
+enum Family { kDefault = 0, kJobs = 1, kBlobs = 2 };
+
+absl::Status FromRocks(const rocksdb::Status& s, absl::string_view what) {
+  if (s.ok()) return absl::OkStatus();
+  const std::string msg = absl::StrCat(what, ": ", s.ToString());
+  if (s.IsNotFound()) return absl::NotFoundError(msg);
+  if (s.IsCorruption()) return absl::DataLossError(msg);
+  if (s.IsBusy() || s.IsTryAgain() || s.IsTimedOut()) return absl::UnavailableError(msg);
+  return absl::InternalError(msg);
+}
+
+}  // namespace
+
+std::string RocksDbStateStore::JobKey(const std::string& job_id) {
+  uint64_t n = 0;
+  if (absl::SimpleAtoi(job_id, &n)) return absl::StrFormat("%020d", n);
+  return job_id;  // Not numeric: sorts after every numeric id.
+}
+
+absl::StatusOr<std::unique_ptr<RocksDbStateStore>> RocksDbStateStore::Open(const std::string& dir,
+                                                                           bool sync) {
+  rocksdb::DBOptions db_options;
+  db_options.create_if_missing = true;
+  db_options.create_missing_column_families = true;
+  db_options.max_background_jobs = 2;
+  db_options.keep_log_file_num = 5;
+
+  rocksdb::ColumnFamilyOptions jobs_options;
+  jobs_options.OptimizeForPointLookup(64);
+  rocksdb::ColumnFamilyOptions blob_options;
+  blob_options.enable_blob_files = true;
+  blob_options.min_blob_size = 4096;
+  blob_options.enable_blob_garbage_collection = true;
+
+  std::vector<rocksdb::ColumnFamilyDescriptor> families = {
+      {rocksdb::kDefaultColumnFamilyName, rocksdb::ColumnFamilyOptions()},
+      {"jobs", jobs_options},
+      {"blobs", blob_options},
+  };
+  auto store = std::unique_ptr<RocksDbStateStore>(new RocksDbStateStore());
+  store->sync_ = sync;
+  rocksdb::DB* db = nullptr;
+  rocksdb::Status s = rocksdb::DB::Open(db_options, dir, families, &store->handles_, &db);
+  if (!s.ok()) return FromRocks(s, absl::StrCat("cannot open state in ", dir));
+  store->db_.reset(db);
+  return store;
+}
+
+RocksDbStateStore::~RocksDbStateStore() {
+  if (!db_) return;
+  for (auto* h : handles_) db_->DestroyColumnFamilyHandle(h);
+  db_->Close();
+}
+
+absl::Status RocksDbStateStore::Commit(const StateWrite& write) {
+  rocksdb::WriteBatch batch;
+  std::string value;
+  for (const auto* job : write.jobs) {
+    value.clear();
+    if (!job->SerializeToString(&value)) return absl::InternalError("cannot serialise job record");
+    batch.Put(handles_[kJobs], JobKey(job->job_id()), value);
+  }
+  for (const auto& [digest, bytes] : write.blobs) batch.Put(handles_[kBlobs], digest, bytes);
+  if (write.next_job_seq != 0) {
+    batch.Put(handles_[kDefault], kNextJobSeq, absl::StrCat(write.next_job_seq));
+  }
+  if (write.next_buildset_seq != 0) {
+    batch.Put(handles_[kDefault], kNextBuildsetSeq, absl::StrCat(write.next_buildset_seq));
+  }
+  rocksdb::WriteOptions options;
+  options.sync = sync_;
+  return FromRocks(db_->Write(options, &batch), "state write");
+}
+
+absl::StatusOr<std::string> RocksDbStateStore::GetBlob(const std::string& sha256_hex) {
+  std::string value;
+  rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), handles_[kBlobs], sha256_hex, &value);
+  if (!s.ok()) return FromRocks(s, absl::StrCat("source blob ", sha256_hex));
+  return value;
+}
+
+absl::StatusOr<std::vector<kiln::state::v1::JobRecord>> RocksDbStateStore::LoadJobs() {
+  std::vector<kiln::state::v1::JobRecord> out;
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), handles_[kJobs]));
+  for (it->SeekToFirst(); it->Valid(); it->Next()) {
+    kiln::state::v1::JobRecord record;
+    if (!record.ParseFromArray(it->value().data(), static_cast<int>(it->value().size()))) {
+      return absl::DataLossError(absl::StrCat("unreadable job record under key ", it->key().ToString()));
+    }
+    out.push_back(std::move(record));
+  }
+  if (!it->status().ok()) return FromRocks(it->status(), "reading jobs");
+  return out;
+}
+
+absl::StatusOr<StoredCounters> RocksDbStateStore::LoadCounters() {
+  StoredCounters counters;
+  for (auto [key, field] : {std::pair{kNextJobSeq, &counters.next_job_seq},
+                            std::pair{kNextBuildsetSeq, &counters.next_buildset_seq}}) {
+    std::string value;
+    rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), handles_[kDefault], key, &value);
+    if (s.IsNotFound()) continue;
+    if (!s.ok()) return FromRocks(s, key);
+    if (!absl::SimpleAtoi(value, field)) return absl::DataLossError(absl::StrCat("bad counter ", key));
+  }
+  return counters;
+}
+
+}  // namespace kiln

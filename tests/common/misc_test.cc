@@ -1,0 +1,111 @@
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <vector>
+
+#include "absl/synchronization/notification.h"
+#include "common/cli_args.h"
+#include "common/digest.h"
+#include "common/net.h"
+#include "common/outbound_queue.h"
+#include "common/serial_executor.h"
+
+namespace kiln {
+namespace {
+
+TEST(DigestTest, KnownVector) {
+  EXPECT_EQ(Sha256Hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  EXPECT_TRUE(IsSha256Hex(Sha256Hex("")));
+  EXPECT_FALSE(IsSha256Hex("ABC"));
+}
+
+TEST(NetTest, ParsesAddresses) {
+  auto a = ParseHostPort("127.0.0.1:7600");
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(a->host, "127.0.0.1");
+  EXPECT_EQ(a->port, 7600);
+  auto v6 = ParseHostPort("[::1]:0");
+  ASSERT_TRUE(v6.ok());
+  EXPECT_EQ(v6->host, "::1");
+  EXPECT_FALSE(ParseHostPort("nohost").ok());
+  EXPECT_FALSE(ParseHostPort("h:99999").ok());
+  EXPECT_TRUE(IsLoopbackHost("127.0.0.1"));
+  EXPECT_TRUE(IsLoopbackHost("::1"));
+  EXPECT_FALSE(IsLoopbackHost("10.0.0.1"));
+}
+
+TEST(DashedFlagArgsTest, RewritesNamesNotValues) {
+  char a0[] = "kiln-worker", a1[] = "--work-dir=/tmp/a-b", a2[] = "--max-jobs", a3[] = "2", a4[] = "--",
+       a5[] = "--keep-me";
+  char* argv[] = {a0, a1, a2, a3, a4, a5, nullptr};
+  DashedFlagArgs args(6, argv);
+  ASSERT_EQ(args.argc(), 6);
+  EXPECT_STREQ(args.argv()[1], "--work_dir=/tmp/a-b");
+  EXPECT_STREQ(args.argv()[2], "--max_jobs");
+  EXPECT_STREQ(args.argv()[5], "--keep-me");
+}
+
+TEST(SerialExecutorTest, RunsInOrderOnItsThread) {
+  std::vector<int> seen;
+  {
+    SerialExecutor ex("test");
+    for (int i = 0; i < 100; ++i) ex.Post([&seen, i, &ex] {
+      EXPECT_TRUE(ex.IsCurrent());
+      seen.push_back(i);
+    });
+  }  // Destructor drains.
+  ASSERT_EQ(seen.size(), 100u);
+  for (int i = 0; i < 100; ++i) EXPECT_EQ(seen[i], i);
+}
+
+// A fake stream: records writes; the test completes them by hand.
+struct FakeStream {
+  std::vector<int> started;
+  int finishes = 0;
+  grpc::Status status;
+};
+
+TEST(OutboundQueueTest, OneWriteInFlightBoundedAndFinishAfterDrain) {
+  FakeStream s;
+  OutboundQueue<int> q(2, {.start_write = [&](const int* m) { s.started.push_back(*m); },
+                           .finish = [&](grpc::Status st) {
+                             ++s.finishes;
+                             s.status = st;
+                           }});
+  using R = OutboundQueue<int>::PushResult;
+  EXPECT_EQ(q.Push(1), R::kQueued);
+  EXPECT_EQ(q.Push(2), R::kQueued);
+  EXPECT_EQ(q.Push(3), R::kFull);
+  EXPECT_EQ(q.Push(4, /*force=*/true), R::kQueued);
+  EXPECT_EQ(s.started, std::vector<int>{1});  // Only one in flight.
+  q.Finish(grpc::Status(grpc::StatusCode::ABORTED, "bye"));
+  EXPECT_EQ(q.Push(5), R::kClosed);
+  EXPECT_EQ(s.finishes, 0);  // Waits for the queued writes.
+  q.OnWriteDone(true);
+  q.OnWriteDone(true);
+  EXPECT_EQ(s.started, (std::vector<int>{1, 2, 4}));
+  EXPECT_EQ(s.finishes, 0);
+  q.OnWriteDone(true);
+  EXPECT_EQ(s.finishes, 1);
+  EXPECT_EQ(s.status.error_code(), grpc::StatusCode::ABORTED);
+  q.Finish(grpc::Status::OK);
+  EXPECT_EQ(s.finishes, 1);  // Exactly once.
+}
+
+TEST(OutboundQueueTest, BrokenStreamFinishesWithoutMoreWrites) {
+  FakeStream s;
+  OutboundQueue<int> q(8, {.start_write = [&](const int* m) { s.started.push_back(*m); },
+                           .finish = [&](grpc::Status st) {
+                             ++s.finishes;
+                             s.status = st;
+                           }});
+  q.Push(1);
+  q.Push(2);
+  q.OnWriteDone(false);
+  EXPECT_EQ(s.started, std::vector<int>{1});
+  EXPECT_EQ(s.finishes, 1);
+  EXPECT_EQ(s.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+}
+
+}  // namespace
+}  // namespace kiln

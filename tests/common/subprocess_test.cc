@@ -1,0 +1,94 @@
+#include "common/subprocess.h"
+
+#include <gtest/gtest.h>
+
+#include <vector>
+
+#include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
+
+namespace kiln {
+namespace {
+
+TEST(RunCommandTest, CapturesOutputAndExitCode) {
+  auto r = RunCommand({.argv = {"/bin/sh", "-c", "cat; echo err >&2; exit 4"}, .extra_env = {}, .cwd = ""}, "input");
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->stdout_data, "input");
+  EXPECT_EQ(r->stderr_data, "err\n");
+  EXPECT_EQ(r->exit.exit_code, 4);
+}
+
+TEST(RunCommandTest, NoShellInterpretsArguments) {
+  auto r = RunCommand({.argv = {"/bin/echo", "$(id); `id`"}, .extra_env = {}, .cwd = ""});
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->stdout_data, "$(id); `id`\n");
+}
+
+TEST(RunCommandTest, TimeoutKillsTheProcessGroup) {
+  auto r = RunCommand({.argv = {"/bin/sh", "-c", "sleep 30 & sleep 30"}, .extra_env = {}, .cwd = ""}, "",
+                      absl::Milliseconds(200));
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kDeadlineExceeded);
+}
+
+TEST(RunCommandTest, MissingProgramIsAnError) {
+  EXPECT_FALSE(RunCommand({.argv = {"/nonexistent/program"}, .extra_env = {}, .cwd = ""}).ok());
+}
+
+TEST(ProcessSupervisorTest, StreamsLinesAndReportsExit) {
+  ProcessSupervisor supervisor;
+  std::vector<std::string> lines;  // Written on the supervisor thread only.
+  absl::Notification done;
+  ExitInfo exit;
+  std::string out;
+  auto id = supervisor.Spawn({.argv = {"/bin/sh", "-c", "echo one >&2; printf 'two\\nthree' >&2; echo result; exit 2"},
+                              .extra_env = {"KILN_TEST=1"},
+                              .cwd = "/"},
+                             [&](absl::string_view l) { lines.emplace_back(l); },
+                             [&](ExitInfo e, std::string o) {
+                               exit = e;
+                               out = std::move(o);
+                               done.Notify();
+                             });
+  ASSERT_TRUE(id.ok());
+  ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(30)));
+  EXPECT_EQ(lines, (std::vector<std::string>{"one", "two", "three"}));
+  EXPECT_EQ(out, "result\n");
+  EXPECT_EQ(exit.exit_code, 2);
+}
+
+TEST(ProcessSupervisorTest, KillEndsTheWholeTree) {
+  ProcessSupervisor supervisor;
+  absl::Notification done;
+  ExitInfo exit;
+  // The grandchild holds stderr open; only a group kill lets the exit through.
+  auto id = supervisor.Spawn({.argv = {"/bin/sh", "-c", "sleep 60 & sleep 60"}, .extra_env = {}, .cwd = ""},
+                             [](absl::string_view) {},
+                             [&](ExitInfo e, std::string) {
+                               exit = e;
+                               done.Notify();
+                             });
+  ASSERT_TRUE(id.ok());
+  supervisor.Kill(*id);
+  ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(30)));
+  EXPECT_EQ(exit.signal, 9);
+  EXPECT_EQ(supervisor.Running(), 0u);
+}
+
+TEST(ProcessSupervisorTest, LeftoverChildrenDoNotHoldTheResult) {
+  ProcessSupervisor supervisor;
+  absl::Notification done;
+  ExitInfo exit;
+  // The leader exits at once; its background child would keep the pipe open.
+  auto id = supervisor.Spawn({.argv = {"/bin/sh", "-c", "sleep 60 & exit 0"}, .extra_env = {}, .cwd = ""},
+                             [](absl::string_view) {},
+                             [&](ExitInfo e, std::string) {
+                               exit = e;
+                               done.Notify();
+                             });
+  ASSERT_TRUE(id.ok());
+  ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(30)));
+  EXPECT_EQ(exit.exit_code, 0);
+}
+
+}  // namespace
+}  // namespace kiln

@@ -1,0 +1,220 @@
+// End to end: real kiln-coordinator and kiln-worker processes on 127.0.0.1,
+// real `nix build`, driven through the real `kiln` CLI.
+#include <filesystem>
+#include <regex>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
+#include "absl/strings/strip.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
+#include "tests/support/local_farm.h"
+
+namespace kiln {
+namespace {
+namespace fs = std::filesystem;
+using testing::LocalFarm;
+using testing::ReadFileOrDie;
+using testing::WriteFileOrDie;
+
+// Each test builds something no earlier run has built, so Nix really builds.
+std::string Nonce() { return absl::StrCat(absl::ToUnixNanos(absl::Now())); }
+
+std::string TrivialFlake(const std::string& name, const std::string& script) {
+  return absl::StrReplaceAll(R"({
+  outputs = { self }: {
+    packages.x86_64-linux.default = derivation {
+      name = "NAME"; system = "x86_64-linux"; builder = "/bin/sh";
+      args = [ "-c" "SCRIPT" ];
+    };
+  };
+})",
+                             {{"NAME", name}, {"SCRIPT", script}});
+}
+
+class BuildE2eTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    farm_ = new LocalFarm(/*workers=*/2, /*max_jobs_per_worker=*/2);
+    absl::Status s = farm_->Start();
+    ASSERT_TRUE(s.ok()) << s;
+  }
+  static void TearDownTestSuite() {
+    delete farm_;
+    farm_ = nullptr;
+  }
+  static LocalFarm* farm_;
+  testing::TempDir work_;
+};
+LocalFarm* BuildE2eTest::farm_ = nullptr;
+
+TEST_F(BuildE2eTest, BuildsExampleFlakeAndPrintsTheOutputPath) {
+  // The greeter example, with a fresh marker so this run really builds it.
+  const std::string nonce = Nonce();
+  std::string flake = ReadFileOrDie(testing::SourcePath("examples/services/greeter/flake.nix"));
+  flake = absl::StrReplaceAll(flake, {{"writing greeter", "writing greeter " + nonce}});
+  WriteFileOrDie(work_.Sub("greeter/flake.nix"), flake);
+
+  auto r = farm_->Kiln({"build", work_.Sub("greeter")});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->exit.exit_code, 0) << r->stderr_data;
+  // The build log streamed back, tagged with the derivation like nix -L.
+  EXPECT_TRUE(absl::StrContains(r->stderr_data, "greeter> writing greeter " + nonce)) << r->stderr_data;
+  const std::string path(absl::StripTrailingAsciiWhitespace(r->stdout_data));
+  ASSERT_TRUE(absl::StartsWith(path, "/nix/store/")) << r->stdout_data;
+  EXPECT_EQ(ReadFileOrDie(path), "#!/bin/sh\necho \"hello from greeter\"\n");
+  auto run = RunCommand({.argv = {path}, .extra_env = {}, .cwd = ""});
+  ASSERT_TRUE(run.ok());
+  EXPECT_EQ(run->stdout_data, "hello from greeter\n");
+}
+
+TEST_F(BuildE2eTest, JsonOutputMatchesNixBuildJsonShape) {
+  auto r = farm_->Kiln({"build", testing::SourcePath("examples/services/hello-api") + "#oci-image", "--json"});
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->exit.exit_code, 0) << r->stderr_data;
+  nlohmann::json j = nlohmann::json::parse(r->stdout_data);
+  ASSERT_TRUE(j.is_array());
+  ASSERT_EQ(j.size(), 1u);
+  EXPECT_EQ(j[0]["status"], "succeeded");
+  EXPECT_TRUE(absl::EndsWith(j[0]["drvPath"].get<std::string>(), "-hello-api-image.tar.gz.drv"));
+  const std::string image = j[0]["outputs"]["out"];
+  EXPECT_TRUE(absl::StartsWith(j[0]["worker"].get<std::string>(), "worker-"));
+  // The output is a docker-archive like buildLayeredImage's: manifest, config, layers.
+  auto listing = RunCommand({.argv = {"tar", "-tzf", image}, .extra_env = {}, .cwd = ""});
+  ASSERT_TRUE(listing.ok());
+  EXPECT_TRUE(absl::StrContains(listing->stdout_data, "./manifest.json"));
+  auto manifest_text = RunCommand({.argv = {"tar", "-xzOf", image, "./manifest.json"}, .extra_env = {}, .cwd = ""});
+  ASSERT_TRUE(manifest_text.ok());
+  nlohmann::json manifest = nlohmann::json::parse(manifest_text->stdout_data);
+  ASSERT_EQ(manifest[0]["Layers"].size(), 2u);
+  EXPECT_TRUE(absl::StrContains(listing->stdout_data, manifest[0]["Config"].get<std::string>()));
+}
+
+TEST_F(BuildE2eTest, FailingBuildExitsNonZeroWithNixsMessage) {
+  WriteFileOrDie(work_.Sub("bad/flake.nix"),
+                 TrivialFlake("doomed", absl::StrCat("echo about to fail ", Nonce(), "; exit 7")));
+  auto r = farm_->Kiln({"build", work_.Sub("bad")});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->exit.exit_code, 1);
+  EXPECT_TRUE(absl::StrContains(r->stderr_data, "doomed> about to fail")) << r->stderr_data;
+  EXPECT_TRUE(std::regex_search(r->stderr_data, std::regex("error: builder for '/nix/store/[a-z0-9]+-doomed.drv' "
+                                                           "failed with exit code 7")))
+      << r->stderr_data;
+  EXPECT_TRUE(r->stdout_data.empty());
+
+  auto json = farm_->Kiln({"build", work_.Sub("bad"), "--json"});
+  ASSERT_TRUE(json.ok());
+  EXPECT_EQ(json->exit.exit_code, 1);
+  nlohmann::json j = nlohmann::json::parse(json->stdout_data);
+  EXPECT_EQ(j[0]["status"], "failed");
+  EXPECT_TRUE(absl::StrContains(j[0]["error"].get<std::string>(), "failed with exit code 7"));
+}
+
+TEST_F(BuildE2eTest, EvaluationErrorsComeBackFromNix) {
+  WriteFileOrDie(work_.Sub("eval/flake.nix"), "{ outputs = { self }: { packages.x86_64-linux.default = throw \"kiln-eval-boom\"; }; }");
+  auto r = farm_->Kiln({"build", work_.Sub("eval")});
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->exit.exit_code, 1);
+  EXPECT_TRUE(absl::StrContains(r->stderr_data, "kiln-eval-boom")) << r->stderr_data;
+
+  auto missing = farm_->Kiln({"build", work_.Sub("eval") + "#nope"});
+  ASSERT_TRUE(missing.ok());
+  EXPECT_EQ(missing->exit.exit_code, 1);
+  EXPECT_TRUE(absl::StrContains(missing->stderr_data, "does not provide attribute 'packages.x86_64-linux.nope'"))
+      << missing->stderr_data;
+}
+
+TEST_F(BuildE2eTest, BadInputIsRefusedBeforeAnythingIsSubmitted) {
+  auto no_flake = farm_->Kiln({"build", work_.path()});
+  ASSERT_TRUE(no_flake.ok());
+  EXPECT_EQ(no_flake->exit.exit_code, 2);
+  EXPECT_TRUE(absl::StrContains(no_flake->stderr_data, "does not contain a 'flake.nix'")) << no_flake->stderr_data;
+  auto injection = farm_->Kiln({"build", testing::SourcePath("examples/services/greeter") + "#--option"});
+  ASSERT_TRUE(injection.ok());
+  EXPECT_EQ(injection->exit.exit_code, 2);
+  EXPECT_TRUE(absl::StrContains(injection->stderr_data, "invalid attribute path")) << injection->stderr_data;
+  auto remote = farm_->Kiln({"build", "github:nixos/nixpkgs#hello"});
+  ASSERT_TRUE(remote.ok());
+  EXPECT_EQ(remote->exit.exit_code, 2);
+}
+
+TEST_F(BuildE2eTest, CancelKillsTheWholeBuildTree) {
+  const std::string marker = absl::StrCat("kiln-cancel-marker-", Nonce());
+  // The builder starts a background sleeper: only a process-group kill ends it.
+  WriteFileOrDie(work_.Sub("slow/flake.nix"),
+                 TrivialFlake("slow", absl::StrCat("/bin/sh -c '/bin/sleep 300; : ", marker, "' & echo started; wait")));
+  ProcessSupervisor supervisor;
+  absl::Notification done;
+  ExitInfo exit;
+  std::string job_line;
+  auto spawned = supervisor.Spawn(farm_->KilnSpec({"build", work_.Sub("slow")}),
+                                  [&](absl::string_view line) {
+                                    if (absl::StrContains(line, "queued as job")) job_line = std::string(line);
+                                  },
+                                  [&](ExitInfo e, std::string) {
+                                    exit = e;
+                                    done.Notify();
+                                  });
+  ASSERT_TRUE(spawned.ok());
+  // Wait (bounded) until the sleeper runs.
+  bool running = false;
+  for (int i = 0; i < 600 && !running; ++i) {
+    auto p = RunCommand({.argv = {"pgrep", "-f", marker}, .extra_env = {}, .cwd = ""});
+    running = p.ok() && p->exit.Success();
+    if (!running) absl::SleepFor(absl::Milliseconds(50));
+  }
+  ASSERT_TRUE(running) << "the build never started";
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(job_line, m, std::regex("queued as job (\\d+)"))) << job_line;
+  auto cancel = farm_->Kiln({"cancel", m[1].str()});
+  ASSERT_TRUE(cancel.ok());
+  EXPECT_EQ(cancel->exit.exit_code, 0) << cancel->stderr_data;
+  ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(60)));
+  EXPECT_EQ(exit.exit_code, 1);
+  bool gone = false;
+  for (int i = 0; i < 200 && !gone; ++i) {
+    auto p = RunCommand({.argv = {"pgrep", "-f", marker}, .extra_env = {}, .cwd = ""});
+    gone = p.ok() && !p->exit.Success();
+    if (!gone) absl::SleepFor(absl::Milliseconds(50));
+  }
+  EXPECT_TRUE(gone) << "the build's background process survived the cancel";
+  auto status = farm_->Kiln({"status", m[1].str(), "--json"});
+  ASSERT_TRUE(status.ok());
+  EXPECT_EQ(nlohmann::json::parse(status->stdout_data)["status"], "cancelled");
+}
+
+TEST_F(BuildE2eTest, MetricsOfBothDaemonsPassPromtool) {
+  // At least one finished build, so histograms have samples.
+  auto r = farm_->Kiln({"build", testing::SourcePath("examples/services/assets")});
+  ASSERT_TRUE(r.ok());
+  ASSERT_EQ(r->exit.exit_code, 0) << r->stderr_data;
+
+  std::vector<std::string> endpoints = {farm_->coordinator_metrics()};
+  endpoints.insert(endpoints.end(), farm_->worker_metrics().begin(), farm_->worker_metrics().end());
+  for (const auto& address : endpoints) {
+    auto text = testing::ScrapeMetrics(address);
+    ASSERT_TRUE(text.ok()) << text.status();
+    auto check = RunCommand({.argv = {"promtool", "check", "metrics"}, .extra_env = {}, .cwd = ""}, *text);
+    ASSERT_TRUE(check.ok());
+    EXPECT_EQ(check->exit.exit_code, 0) << address << ":\n" << check->stdout_data << check->stderr_data;
+  }
+  auto coordinator = testing::ScrapeMetrics(farm_->coordinator_metrics());
+  ASSERT_TRUE(coordinator.ok());
+  for (const char* name : {"kiln_jobs_queued ", "kiln_workers_connected 2", "kiln_jobs_finished_total{result=\"succeeded\"}",
+                           "kiln_build_duration_seconds_bucket", "kiln_job_queue_wait_seconds_count"}) {
+    EXPECT_TRUE(absl::StrContains(*coordinator, name)) << name;
+  }
+  auto worker = testing::ScrapeMetrics(farm_->worker_metrics()[0]);
+  ASSERT_TRUE(worker.ok());
+  for (const char* name : {"kiln_worker_builds_running ", "kiln_worker_coordinator_connected 1",
+                           "kiln_worker_build_duration_seconds_bucket"}) {
+    EXPECT_TRUE(absl::StrContains(*worker, name)) << name;
+  }
+}
+
+}  // namespace
+}  // namespace kiln

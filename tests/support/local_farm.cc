@@ -1,0 +1,159 @@
+#include "tests/support/local_farm.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+
+extern char** environ;
+
+namespace kiln::testing {
+namespace fs = std::filesystem;
+
+std::string BinPath(const std::string& name) {
+  const char* dir = std::getenv("KILN_BIN_DIR");
+  return std::string(dir ? dir : "build/bin") + "/" + name;
+}
+
+std::vector<std::string> NixTestEnv() {
+  return {"NIX_CONFIG=substituters =\nexperimental-features = nix-command flakes\nsandbox = false"};
+}
+
+absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const std::vector<std::string>& argv,
+                                                      const std::string& log_path,
+                                                      const std::vector<std::string>& extra_env) {
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
+  posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+  posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO);
+  std::vector<std::string> env;
+  for (char** e = environ; *e; ++e) env.emplace_back(*e);
+  env.insert(env.end(), extra_env.begin(), extra_env.end());
+  std::vector<char*> c_argv, c_env;
+  std::vector<std::string> args = argv;
+  for (auto& a : args) c_argv.push_back(a.data());
+  c_argv.push_back(nullptr);
+  for (auto& e : env) c_env.push_back(e.data());
+  c_env.push_back(nullptr);
+  auto daemon = std::make_unique<Daemon>();
+  int rc = posix_spawn(&daemon->pid_, c_argv[0], &actions, nullptr, c_argv.data(), c_env.data());
+  posix_spawn_file_actions_destroy(&actions);
+  if (rc != 0) return absl::InternalError(absl::StrCat("cannot start ", argv[0]));
+  return daemon;
+}
+
+Daemon::~Daemon() {
+  if (pid_ > 0 && !reaped_) {
+    Kill(SIGTERM);
+    if (!WaitExit(10000)) {
+      Kill(SIGKILL);
+      WaitExit(10000);
+    }
+  }
+}
+
+void Daemon::Kill(int signal) {
+  if (pid_ > 0 && !reaped_) ::kill(pid_, signal);
+}
+
+bool Daemon::WaitExit(int timeout_ms) {
+  for (int waited = 0; waited <= timeout_ms; waited += 10) {
+    int status;
+    if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+      reaped_ = true;
+      return true;
+    }
+    ::usleep(10000);
+  }
+  return false;
+}
+
+namespace {
+
+// Polls for a daemon's ready file (bounded): it appears once the daemon serves.
+absl::StatusOr<nlohmann::json> WaitForReadyFile(const std::string& path, const std::string& log) {
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  while (absl::Now() < deadline) {
+    if (fs::exists(path)) {
+      std::ifstream in(path);
+      nlohmann::json j = nlohmann::json::parse(in, nullptr, false);
+      if (!j.is_discarded()) return j;
+    }
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  std::ifstream in(log);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return absl::DeadlineExceededError(absl::StrCat("no ready file ", path, "; log:\n", text));
+}
+
+}  // namespace
+
+LocalFarm::LocalFarm(int workers, int max_jobs_per_worker) : workers_(workers), max_jobs_(max_jobs_per_worker) {}
+
+LocalFarm::~LocalFarm() {
+  worker_daemons_.clear();
+  coordinator_.reset();
+}
+
+absl::Status LocalFarm::Start() {
+  auto coordinator = Daemon::Start({BinPath("kiln-coordinator"), "--listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0",
+                                    "--state-dir=" + dir_.Sub("coordinator"),
+                                    "--ready-file=" + dir_.Sub("coordinator.ready")},
+                                   LogOf("coordinator"), {});
+  if (!coordinator.ok()) return coordinator.status();
+  coordinator_ = *std::move(coordinator);
+  auto ready = WaitForReadyFile(dir_.Sub("coordinator.ready"), LogOf("coordinator"));
+  if (!ready.ok()) return ready.status();
+  coordinator_address_ = (*ready)["grpc"];
+  coordinator_metrics_ = (*ready)["metrics"];
+
+  for (int i = 0; i < workers_; ++i) {
+    const std::string name = absl::StrCat("worker-", i + 1);
+    auto worker = Daemon::Start(
+        {BinPath("kiln-worker"), "--coordinator=" + coordinator_address_, "--name=" + name,
+         "--work-dir=" + dir_.Sub(name), absl::StrCat("--max-jobs=", max_jobs_), "--metrics-listen=127.0.0.1:0",
+         "--nix-option=substituters=", "--ready-file=" + dir_.Sub(name + ".ready")},
+        LogOf(name), NixTestEnv());
+    if (!worker.ok()) return worker.status();
+    worker_daemons_.push_back(*std::move(worker));
+  }
+  for (int i = 0; i < workers_; ++i) {
+    const std::string name = absl::StrCat("worker-", i + 1);
+    auto wr = WaitForReadyFile(dir_.Sub(name + ".ready"), LogOf(name));
+    if (!wr.ok()) return wr.status();
+    worker_metrics_.push_back((*wr)["metrics"]);
+  }
+  return absl::OkStatus();
+}
+
+ProcessSpec LocalFarm::KilnSpec(const std::vector<std::string>& args) const {
+  ProcessSpec spec;
+  spec.argv = {BinPath("kiln"), "--coordinator=" + coordinator_address_};
+  spec.argv.insert(spec.argv.end(), args.begin(), args.end());
+  return spec;
+}
+
+absl::StatusOr<CommandResult> LocalFarm::Kiln(const std::vector<std::string>& args, absl::Duration timeout) const {
+  return RunCommand(KilnSpec(args), "", timeout);
+}
+
+absl::StatusOr<std::string> ScrapeMetrics(const std::string& address) {
+  auto r = RunCommand({.argv = {"curl", "-sSf", absl::StrCat("http://", address, "/metrics")}, .extra_env = {}, .cwd = ""},
+                      "", absl::Seconds(30));
+  if (!r.ok()) return r.status();
+  if (!r->exit.Success()) return absl::UnavailableError(absl::StrCat("curl failed: ", r->stderr_data));
+  return r->stdout_data;
+}
+
+}  // namespace kiln::testing

@@ -1,0 +1,75 @@
+// LocalFarm: a real coordinator and N real workers, started as processes from
+// the built binaries, on 127.0.0.1 with ports picked by the kernel (port 0,
+// read back from --ready-file). Nix runs offline (no substituters).
+#pragma once
+
+#include <sys/types.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/subprocess.h"
+#include "tests/support/test_util.h"
+
+namespace kiln::testing {
+
+// A daemon process with its output in a log file; killed on destruction.
+class Daemon {
+ public:
+  static absl::StatusOr<std::unique_ptr<Daemon>> Start(const std::vector<std::string>& argv,
+                                                       const std::string& log_path,
+                                                       const std::vector<std::string>& extra_env);
+  ~Daemon();
+  void Kill(int signal);
+  // Waits (bounded) for the process to exit; true if it did.
+  bool WaitExit(int timeout_ms);
+  pid_t pid() const { return pid_; }
+
+ private:
+  pid_t pid_ = -1;
+  bool reaped_ = false;
+};
+
+// Environment for Nix in tests: offline, flakes on.
+std::vector<std::string> NixTestEnv();
+
+class LocalFarm {
+ public:
+  explicit LocalFarm(int workers, int max_jobs_per_worker = 2);
+  ~LocalFarm();
+
+  // Starts everything and waits (bounded) until each daemon wrote its ready
+  // file. Jobs submitted before a worker registers simply queue.
+  absl::Status Start();
+
+  const std::string& coordinator_address() const { return coordinator_address_; }
+  const std::string& coordinator_metrics() const { return coordinator_metrics_; }
+  const std::vector<std::string>& worker_metrics() const { return worker_metrics_; }
+  std::string LogOf(const std::string& daemon) const { return dir_.Sub(daemon + ".log"); }
+  const TempDir& dir() const { return dir_; }
+
+  // Runs `kiln --coordinator=… ARGS`.
+  absl::StatusOr<CommandResult> Kiln(const std::vector<std::string>& args,
+                                     absl::Duration timeout = absl::Minutes(3)) const;
+  ProcessSpec KilnSpec(const std::vector<std::string>& args) const;
+
+ private:
+  int workers_;
+  int max_jobs_;
+  TempDir dir_;
+  std::unique_ptr<Daemon> coordinator_;
+  std::vector<std::unique_ptr<Daemon>> worker_daemons_;
+  std::string coordinator_address_;
+  std::string coordinator_metrics_;
+  std::vector<std::string> worker_metrics_;
+};
+
+// Path of a built binary (KILN_BIN_DIR, set by CTest).
+std::string BinPath(const std::string& name);
+
+// GET http://ADDRESS/metrics with curl.
+absl::StatusOr<std::string> ScrapeMetrics(const std::string& address);
+
+}  // namespace kiln::testing

@@ -1,0 +1,60 @@
+#include "tests/support/test_util.h"
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include <gtest/gtest.h>
+
+namespace kiln::testing {
+namespace fs = std::filesystem;
+
+TempDir::TempDir() {
+  const char* base = std::getenv("TMPDIR");
+  std::string tmpl = std::string(base && *base ? base : "/tmp") + "/kiln-test-XXXXXX";
+  char* made = ::mkdtemp(tmpl.data());
+  if (made == nullptr) std::abort();
+  path_ = made;
+}
+
+TempDir::~TempDir() {
+  std::error_code ec;
+  fs::remove_all(path_, ec);
+}
+
+std::string ReadFileOrDie(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    ADD_FAILURE() << "cannot read " << path;
+    return "";
+  }
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+void WriteFileOrDie(const std::string& path, const std::string& contents) {
+  fs::create_directories(fs::path(path).parent_path());
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out << contents;
+  if (!out) std::abort();
+}
+
+std::string SourcePath(const std::string& relative) {
+  const char* root = std::getenv("KILN_SOURCE_DIR");
+  return std::string(root ? root : ".") + "/" + relative;
+}
+
+void ExpectMatchesGolden(const std::string& actual, const std::string& relative) {
+  const std::string path = SourcePath(relative);
+  const char* update = std::getenv("KILN_UPDATE_GOLDEN");
+  if (update && std::string(update) == "1") {
+    WriteFileOrDie(path, actual);
+    return;
+  }
+  EXPECT_EQ(actual, ReadFileOrDie(path)) << "golden file " << relative
+                                         << " differs; rerun with KILN_UPDATE_GOLDEN=1 if the change is intended";
+}
+
+}  // namespace kiln::testing

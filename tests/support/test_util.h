@@ -1,0 +1,40 @@
+// Helpers shared by Kiln's tests (no tests in here).
+#pragma once
+
+#include <string>
+
+#include <gmock/gmock.h>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace kiln::testing {
+
+// A fresh directory under $TMPDIR, removed with its contents on destruction.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::string& path() const { return path_; }
+  std::string Sub(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+std::string ReadFileOrDie(const std::string& path);
+void WriteFileOrDie(const std::string& path, const std::string& contents);
+
+// Path of a file under the source tree (KILN_SOURCE_DIR, set by CTest).
+std::string SourcePath(const std::string& relative);
+
+// Compares `actual` with the golden file at `relative` (under the source
+// tree); with KILN_UPDATE_GOLDEN=1 in the environment, rewrites it instead.
+void ExpectMatchesGolden(const std::string& actual, const std::string& relative);
+
+MATCHER_P(StatusIs, code, "") { return arg.code() == code; }
+MATCHER_P(StatusOrIs, code, "") { return arg.status().code() == code; }
+
+}  // namespace kiln::testing

@@ -1,0 +1,127 @@
+// kiln-worker: parses flags, detects what the local Nix builds, and runs a
+// WorkerAgent until SIGINT/SIGTERM.
+#include <unistd.h>
+
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "common/cli_args.h"
+#include "absl/strings/str_split.h"
+#include "common/log.h"
+#include "common/metrics_http.h"
+#include "common/net.h"
+#include "worker/nix_build_executor.h"
+#include "worker/nix_system_info.h"
+#include "worker/worker_agent.h"
+
+ABSL_FLAG(std::string, coordinator, "127.0.0.1:7600", "Coordinator gRPC address");
+ABSL_FLAG(std::string, name, "", "Worker name (default: the host name)");
+ABSL_FLAG(std::string, work_dir, "", "Directory for unpacked sources (required)");
+ABSL_FLAG(int, max_jobs, 1, "Builds run at once");
+ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9601", "Prometheus /metrics address (port 0: any free)");
+ABSL_FLAG(std::vector<std::string>, systems, {}, "Systems built (default: what the local Nix reports)");
+ABSL_FLAG(std::vector<std::string>, features, {}, "Supported features (default: the local Nix's system-features)");
+ABSL_FLAG(std::vector<std::string>, mandatory_features, {}, "Features a job must ask for to run here");
+ABSL_FLAG(std::vector<std::string>, labels, {}, "Labels as key=value, e.g. pool=orbstack,region=fr-par");
+ABSL_FLAG(std::vector<std::string>, nix_option, {},
+          "Nix settings for every build as name=value (e.g. substituters= for offline builds)");
+ABSL_FLAG(std::string, nix, "nix", "The nix binary");
+ABSL_FLAG(std::string, ready_file, "", "Write the bound metrics address here as JSON once started");
+ABSL_FLAG(std::string, log_level, "info", "debug, info, warning or error");
+
+namespace {
+
+std::vector<std::pair<std::string, std::string>> SplitPairs(const std::vector<std::string>& items) {
+  std::vector<std::pair<std::string, std::string>> out;
+  for (const auto& item : items) {
+    std::pair<std::string, std::string> kv = absl::StrSplit(item, absl::MaxSplits('=', 1));
+    out.push_back(std::move(kv));
+  }
+  return out;
+}
+
+int Fail(const std::string& message) {
+  std::fprintf(stderr, "kiln-worker: %s\n", message.c_str());
+  return 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "Kiln worker: runs Nix builds for a coordinator.\n"
+      "  kiln-worker --coordinator=127.0.0.1:7600 --name=NAME --work-dir=DIR --max-jobs=N --metrics-listen=ADDR");
+  kiln::DashedFlagArgs dashed(argc, argv);
+  absl::ParseCommandLine(dashed.argc(), dashed.argv());
+  kiln::LogLevel level;
+  if (!kiln::ParseLogLevel(absl::GetFlag(FLAGS_log_level), &level)) return Fail("bad --log-level");
+  kiln::SetMinLogLevel(level);
+
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  std::signal(SIGPIPE, SIG_IGN);
+
+  kiln::WorkerOptions options;
+  options.coordinator = absl::GetFlag(FLAGS_coordinator);
+  options.name = absl::GetFlag(FLAGS_name);
+  if (options.name.empty()) {
+    char host[256] = {0};
+    gethostname(host, sizeof host - 1);
+    options.name = host;
+  }
+  options.work_dir = absl::GetFlag(FLAGS_work_dir);
+  if (options.work_dir.empty()) return Fail("--work-dir is required");
+  std::error_code ec;
+  std::filesystem::create_directories(options.work_dir, ec);
+  if (ec) return Fail("cannot create --work-dir: " + ec.message());
+  options.work_dir = std::filesystem::absolute(options.work_dir).string();
+  options.max_jobs = absl::GetFlag(FLAGS_max_jobs);
+  if (options.max_jobs < 1) return Fail("--max-jobs must be at least 1");
+  options.systems = absl::GetFlag(FLAGS_systems);
+  options.supported_features = absl::GetFlag(FLAGS_features);
+  options.mandatory_features = absl::GetFlag(FLAGS_mandatory_features);
+  for (auto& [k, v] : SplitPairs(absl::GetFlag(FLAGS_labels))) options.labels[k] = v;
+  if (options.systems.empty() || options.supported_features.empty()) {
+    auto info = kiln::QueryNixSystemInfo(absl::GetFlag(FLAGS_nix));
+    if (!info.ok()) return Fail(std::string(info.status().message()));
+    if (options.systems.empty()) options.systems = info->systems;
+    if (options.supported_features.empty()) options.supported_features = info->features;
+  }
+
+  kiln::NixOptions nix;
+  nix.nix_binary = absl::GetFlag(FLAGS_nix);
+  nix.options = SplitPairs(absl::GetFlag(FLAGS_nix_option));
+
+  auto registry = std::make_shared<prometheus::Registry>();
+  kiln::WorkerMetrics metrics(registry);
+  auto metrics_server = kiln::MetricsHttpServer::Start(absl::GetFlag(FLAGS_metrics_listen), registry);
+  if (!metrics_server.ok()) return Fail(std::string(metrics_server.status().message()));
+  if (!absl::GetFlag(FLAGS_ready_file).empty()) {
+    nlohmann::json ready = {{"metrics", (*metrics_server)->address()}, {"name", options.name}};
+    if (auto s = kiln::WriteFileAtomically(absl::GetFlag(FLAGS_ready_file), ready.dump() + "\n"); !s.ok()) {
+      return Fail(std::string(s.message()));
+    }
+  }
+
+  // The executor outlives the agent: the agent's Stop() waits for the builds
+  // it cancels to report back through it.
+  kiln::NixBuildExecutor executor(nix);
+  kiln::WorkerAgent agent(options, &executor, &metrics);
+  kiln::LogInfo("worker", options.name, ": ", options.max_jobs, " slot(s), metrics on http://",
+                (*metrics_server)->address(), "/metrics, coordinator ", options.coordinator);
+  agent.Start();
+  int sig = 0;
+  sigwait(&signals, &sig);
+  kiln::LogInfo("worker", "signal ", sig, ": shutting down");
+  agent.Stop();
+  return 0;
+}

@@ -1,0 +1,417 @@
+#include "worker/worker_agent.h"
+
+#include <filesystem>
+#include <system_error>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+#include "common/grpc_util.h"
+#include "common/log.h"
+#include "common/outbound_queue.h"
+#include "common/source_archive.h"
+
+namespace kiln {
+namespace fs = std::filesystem;
+
+using kiln::v1::CoordinatorMessage;
+using kiln::v1::WorkerMessage;
+
+namespace {
+constexpr absl::string_view kComponent = "worker";
+// Log batches beyond this many queued messages are dropped (and counted)
+// rather than let a chatty build grow memory without bound.
+constexpr size_t kStreamQueueCapacity = 4096;
+constexpr size_t kMaxLinesPerBatch = 512;
+}  // namespace
+
+// One connection to the coordinator. Owned by a shared_ptr that it holds on
+// itself until OnDone, so gRPC never calls into a destroyed reactor.
+class WorkerAgent::Stream final : public grpc::ClientBidiReactor<WorkerMessage, CoordinatorMessage> {
+ public:
+  static std::shared_ptr<Stream> Create(WorkerAgent* agent) {
+    auto s = std::shared_ptr<Stream>(new Stream(agent));
+    s->self_ = s;
+    return s;
+  }
+
+  void Begin(WorkerMessage first) {
+    agent_->stub_->async()->Connect(&context_, this);
+    // Writes come from the agent's strand, outside reactions: hold the call
+    // open until the queue is finished.
+    AddHold();
+    queue_.Push(std::move(first), /*force=*/true);
+    StartRead(&incoming_);
+    StartCall();
+  }
+
+  OutboundQueue<WorkerMessage>::PushResult Send(WorkerMessage message, bool droppable) {
+    return queue_.Push(std::move(message), /*force=*/!droppable);
+  }
+
+  void Cancel() { context_.TryCancel(); }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      queue_.Finish(grpc::Status::OK);
+      return;
+    }
+    agent_->strand_->Post([agent = agent_, m = std::move(incoming_)]() mutable { agent->HandleMessage(std::move(m)); });
+    incoming_.Clear();
+    StartRead(&incoming_);
+  }
+  void OnWriteDone(bool ok) override { queue_.OnWriteDone(ok); }
+  void OnDone(const grpc::Status& status) override {
+    auto keep_alive = std::move(self_);
+    agent_->OnStreamDone(status);
+  }
+
+ private:
+  explicit Stream(WorkerAgent* agent)
+      : agent_(agent),
+        queue_(kStreamQueueCapacity, {.start_write = [this](const WorkerMessage* m) { StartWrite(m); },
+                                      .finish =
+                                          [this](grpc::Status) {
+                                            StartWritesDone();
+                                            RemoveHold();
+                                          }}) {}
+
+  WorkerAgent* const agent_;
+  grpc::ClientContext context_;
+  OutboundQueue<WorkerMessage> queue_;
+  CoordinatorMessage incoming_;
+  std::shared_ptr<Stream> self_;
+};
+
+WorkerAgent::WorkerAgent(WorkerOptions options, BuildExecutor* executor, WorkerMetrics* metrics)
+    : options_(std::move(options)),
+      executor_(executor),
+      metrics_(metrics),
+      stub_(kiln::v1::WorkerService::NewStub(MakeChannel(options_.coordinator))),
+      strand_(std::make_unique<SerialExecutor>("worker")) {
+  metrics_->slots.Set(options_.max_jobs);
+}
+
+WorkerAgent::~WorkerAgent() { Stop(); }
+
+void WorkerAgent::Start() { loop_ = std::thread([this] { RunLoop(); }); }
+
+void WorkerAgent::Stop() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (stopping_) return;
+    stopping_ = true;
+  }
+  if (loop_.joinable()) loop_.join();
+  // The loop cancelled every build; wait (bounded) for their results, whose
+  // callbacks post to the strand, before the strand goes away.
+  {
+    absl::MutexLock lock(&mu_);
+    mu_.AwaitWithTimeout(absl::Condition(
+                             +[](WorkerAgent* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(a->mu_) { return a->jobs_.empty(); },
+                             this),
+                         absl::Seconds(30));
+  }
+  strand_.reset();
+}
+
+WorkerMessage WorkerAgent::MakeRegister() {
+  WorkerMessage message;
+  auto* reg = message.mutable_register_();
+  reg->set_name(options_.name);
+  for (const auto& s : options_.systems) reg->add_systems(s);
+  for (const auto& f : options_.supported_features) reg->add_supported_features(f);
+  for (const auto& f : options_.mandatory_features) reg->add_mandatory_features(f);
+  reg->set_max_jobs(static_cast<uint32_t>(options_.max_jobs));
+  reg->set_speed_factor(1.0);
+  for (const auto& [k, v] : options_.labels) (*reg->mutable_labels())[k] = v;
+  reg->set_version("0.1.0");
+  absl::MutexLock lock(&mu_);
+  for (const auto& [id, job] : jobs_) {
+    auto* running = reg->add_running();
+    running->set_job_id(id);
+    running->set_attempt(job.attempt);
+  }
+  return message;
+}
+
+void WorkerAgent::RunLoop() {
+  absl::Duration backoff = options_.min_backoff;
+  bool first = true;
+  for (;;) {
+    if (!first) metrics_->reconnects.Increment();
+    first = false;
+    auto stream = Stream::Create(this);
+    {
+      absl::MutexLock lock(&mu_);
+      if (stopping_) break;
+      stream_ = stream;
+      stream_done_ = false;
+    }
+    stream->Begin(MakeRegister());
+
+    absl::Time next_heartbeat = absl::Now();
+    bool was_registered = false;
+    for (;;) {
+      bool done, stopping, registered;
+      absl::Duration heartbeat_interval;
+      {
+        absl::MutexLock lock(&mu_);
+        mu_.AwaitWithTimeout(absl::Condition(
+                                 +[](WorkerAgent* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(a->mu_) {
+                                   return a->stream_done_ || a->stopping_;
+                                 },
+                                 this),
+                             options_.log_flush_interval);
+        done = stream_done_;
+        stopping = stopping_;
+        registered = registered_;
+        heartbeat_interval = heartbeat_interval_;
+      }
+      if (done) break;
+      if (stopping) {
+        stream->Cancel();
+        continue;  // Wait for OnDone.
+      }
+      was_registered |= registered;
+      strand_->Post([this] { FlushLogs(); });
+      if (registered && absl::Now() >= next_heartbeat) {
+        next_heartbeat = absl::Now() + heartbeat_interval;
+        strand_->Post([this] { SendHeartbeat(); });
+      }
+    }
+    bool stopping;
+    {
+      absl::MutexLock lock(&mu_);
+      stream_.reset();
+      registered_ = false;
+      stopping = stopping_;
+    }
+    metrics_->coordinator_connected.Set(0);
+    strand_->Post([this] { CancelAllBuilds("lost the coordinator"); });
+    if (stopping) break;
+
+    if (was_registered) backoff = options_.min_backoff;
+    // Full jitter: spreads a fleet's reconnects after a coordinator restart.
+    const absl::Duration wait = absl::Milliseconds(
+        absl::Uniform<double>(bitgen_, absl::ToDoubleMilliseconds(backoff) / 2, absl::ToDoubleMilliseconds(backoff)));
+    LogInfo(kComponent, "not connected to ", options_.coordinator, "; retrying in ", absl::FormatDuration(wait));
+    backoff = std::min(options_.max_backoff, backoff * 2);
+    absl::MutexLock lock(&mu_);
+    mu_.AwaitWithTimeout(absl::Condition(&stopping_), wait);
+    if (stopping_) break;
+  }
+}
+
+void WorkerAgent::OnStreamDone(const grpc::Status& status) {
+  if (!status.ok()) {
+    LogWarning(kComponent, "stream to the coordinator ended: ", status.error_message(), " (code ",
+               static_cast<int>(status.error_code()), ")");
+  }
+  absl::MutexLock lock(&mu_);
+  stream_done_ = true;
+}
+
+bool WorkerAgent::Send(WorkerMessage message, bool droppable) {
+  std::shared_ptr<Stream> stream;
+  {
+    absl::MutexLock lock(&mu_);
+    stream = stream_;
+  }
+  if (!stream) return false;
+  return stream->Send(std::move(message), droppable) == OutboundQueue<WorkerMessage>::PushResult::kQueued;
+}
+
+void WorkerAgent::HandleMessage(CoordinatorMessage message) {
+  switch (message.kind_case()) {
+    case CoordinatorMessage::kRegistered: {
+      {
+        absl::MutexLock lock(&mu_);
+        registered_ = true;
+        absl::Duration d = FromProtoDuration(message.registered().heartbeat_interval());
+        if (d > absl::ZeroDuration()) heartbeat_interval_ = d;
+      }
+      metrics_->coordinator_connected.Set(1);
+      LogInfo(kComponent, "registered with ", options_.coordinator, " as ", options_.name);
+      break;
+    }
+    case CoordinatorMessage::kAssign:
+      StartJob(message.assign());
+      break;
+    case CoordinatorMessage::kCancel:
+      LogInfo(kComponent, "job ", message.cancel().job_id(), ": cancel (", message.cancel().reason(), ")");
+      CancelBuild(message.cancel().job_id(), message.cancel().attempt());
+      break;
+    case CoordinatorMessage::KIND_NOT_SET:
+      break;
+  }
+}
+
+void WorkerAgent::StartJob(const kiln::v1::Assignment& assignment) {
+  const std::string job_id = assignment.job_id();
+  const uint32_t attempt = assignment.attempt();
+  const fs::path dir = fs::path(options_.work_dir) / "builds" / absl::StrCat(job_id, "-", attempt);
+  {
+    absl::MutexLock lock(&mu_);
+    if (stopping_ || jobs_.contains(job_id)) return;
+    RunningJob& job = jobs_[job_id];
+    job.attempt = attempt;
+    job.dir = dir.string();
+    job.started = absl::Now();
+  }
+  metrics_->builds_running.Increment();
+  LogInfo(kComponent, "job ", job_id, " attempt ", attempt, ": ", assignment.spec().display_name());
+
+  auto fail = [&](kiln::v1::ResultCode code, std::string message) {
+    kiln::v1::BuildResult result;
+    result.set_code(code);
+    result.set_error_message(std::move(message));
+    FinishJob(job_id, attempt, std::move(result));
+  };
+  std::error_code ec;
+  fs::remove_all(dir, ec);
+  fs::create_directories(dir / "src", ec);
+  if (ec) return fail(kiln::v1::RESULT_CODE_INFRA_ERROR, absl::StrCat("cannot create ", dir.string(), ": ", ec.message()));
+  if (absl::Status s = UnpackArchive(assignment.source_archive(), (dir / "src").string()); !s.ok()) {
+    return fail(kiln::v1::RESULT_CODE_INFRA_ERROR, absl::StrCat("cannot unpack the source: ", s.message()));
+  }
+  const fs::path flake_dir = (dir / "src" / assignment.spec().source().flake_subdir()).lexically_normal();
+  if (!fs::exists(flake_dir / "flake.nix")) {
+    return fail(kiln::v1::RESULT_CODE_BUILD_FAILED,
+                absl::StrCat("error: no flake.nix in '", assignment.spec().source().flake_subdir(), "'"));
+  }
+
+  WorkerMessage started;
+  started.mutable_started()->set_job_id(job_id);
+  started.mutable_started()->set_attempt(attempt);
+  Send(std::move(started), /*droppable=*/false);
+
+  BuildRequest request;
+  request.flake_dir = flake_dir.string();
+  request.attr = assignment.spec().attr();
+  request.spec = assignment.spec();
+  auto on_line = [this, job_id, attempt](kiln::v1::LogLine line) {
+    bool flush_now = false;
+    {
+      absl::MutexLock lock(&mu_);
+      auto it = jobs_.find(job_id);
+      if (it == jobs_.end() || it->second.attempt != attempt) return;
+      it->second.pending_lines.push_back(std::move(line));
+      flush_now = it->second.pending_lines.size() == kMaxLinesPerBatch;
+    }
+    if (flush_now) strand_->Post([this] { FlushLogs(); });
+  };
+  auto on_done = [this, job_id, attempt](kiln::v1::BuildResult result) {
+    strand_->Post([this, job_id, attempt, result = std::move(result)]() mutable {
+      FinishJob(job_id, attempt, std::move(result));
+    });
+  };
+  absl::StatusOr<BuildExecutor::BuildId> id = executor_->Start(request, std::move(on_line), std::move(on_done));
+  if (!id.ok()) return fail(kiln::v1::RESULT_CODE_INFRA_ERROR, absl::StrCat("cannot start nix: ", id.status().message()));
+  bool cancel_now = false;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = jobs_.find(job_id);
+    if (it != jobs_.end()) {
+      it->second.build_id = *id;
+      it->second.build_started = true;
+      cancel_now = it->second.cancelled;
+    }
+  }
+  if (cancel_now) executor_->Cancel(*id);
+}
+
+void WorkerAgent::FinishJob(const std::string& job_id, uint32_t attempt, kiln::v1::BuildResult result) {
+  FlushLogs();  // Lines before the result.
+  RunningJob job;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = jobs_.find(job_id);
+    if (it == jobs_.end() || it->second.attempt != attempt) return;
+    job = std::move(it->second);
+    jobs_.erase(it);
+  }
+  metrics_->builds_running.Decrement();
+  metrics_->build_duration.Observe(absl::ToDoubleSeconds(absl::Now() - job.started));
+  absl::string_view label = "failed";
+  switch (result.code()) {
+    case kiln::v1::RESULT_CODE_SUCCEEDED: label = "succeeded"; break;
+    case kiln::v1::RESULT_CODE_CANCELLED: label = "cancelled"; break;
+    case kiln::v1::RESULT_CODE_INFRA_ERROR: label = "infra_error"; break;
+    default: break;
+  }
+  metrics_->BuildsFinished(label).Increment();
+  LogInfo(kComponent, "job ", job_id, " attempt ", attempt, ": ", label);
+
+  WorkerMessage finished;
+  finished.mutable_finished()->set_job_id(job_id);
+  finished.mutable_finished()->set_attempt(attempt);
+  *finished.mutable_finished()->mutable_result() = std::move(result);
+  Send(std::move(finished), /*droppable=*/false);
+  // Nix copied the source into its store; the unpacked tree is not needed.
+  std::error_code ec;
+  fs::remove_all(job.dir, ec);
+}
+
+void WorkerAgent::FlushLogs() {
+  std::vector<WorkerMessage> batches;
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto& [id, job] : jobs_) {
+      if (job.pending_lines.empty()) continue;
+      WorkerMessage m;
+      m.mutable_log()->set_job_id(id);
+      m.mutable_log()->set_attempt(job.attempt);
+      for (auto& line : job.pending_lines) *m.mutable_log()->add_lines() = std::move(line);
+      job.pending_lines.clear();
+      batches.push_back(std::move(m));
+    }
+  }
+  for (auto& m : batches) {
+    const size_t lines = static_cast<size_t>(m.log().lines_size());
+    if (!Send(std::move(m), /*droppable=*/true)) metrics_->log_lines_dropped.Increment(static_cast<double>(lines));
+  }
+}
+
+void WorkerAgent::CancelBuild(const std::string& job_id, uint32_t attempt) {
+  BuildExecutor::BuildId id = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = jobs_.find(job_id);
+    if (it == jobs_.end() || it->second.attempt != attempt) return;
+    it->second.cancelled = true;
+    if (!it->second.build_started) return;  // StartJob cancels once started.
+    id = it->second.build_id;
+  }
+  executor_->Cancel(id);
+}
+
+void WorkerAgent::CancelAllBuilds(const std::string& reason) {
+  std::vector<std::pair<std::string, uint32_t>> running;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [id, job] : jobs_) running.emplace_back(id, job.attempt);
+  }
+  if (!running.empty()) LogWarning(kComponent, "cancelling ", running.size(), " build(s): ", reason);
+  for (const auto& [id, attempt] : running) CancelBuild(id, attempt);
+}
+
+void WorkerAgent::SendHeartbeat() {
+  WorkerMessage message;
+  auto* hb = message.mutable_heartbeat();
+  double load[1] = {0};
+  if (getloadavg(load, 1) == 1) hb->set_load_average(load[0]);
+  std::error_code ec;
+  auto space = fs::space(options_.work_dir, ec);
+  if (!ec) hb->set_store_free_bytes(static_cast<int64_t>(space.available));
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [id, job] : jobs_) {
+      auto* r = hb->add_running();
+      r->set_job_id(id);
+      r->set_attempt(job.attempt);
+    }
+  }
+  Send(std::move(message), /*droppable=*/true);
+}
+
+}  // namespace kiln

@@ -1,0 +1,108 @@
+// WorkerAgent: a worker's connection to the coordinator and its running jobs.
+//
+// It keeps one bidirectional stream open (reconnecting with exponential
+// backoff and jitter), registers, heartbeats, runs each assignment through
+// the BuildExecutor, and sends log lines (batched, at most every 100 ms) and
+// results back.
+//
+// Threads: a connection loop (connect, wait, back off, heartbeat and flush
+// ticks), the agent's strand (everything that touches disk or sends on the
+// stream: assignments, cancels, results, log flushes — one thread, so
+// messages leave in order), and the executor's own thread for build output.
+//
+// While the stream is down, running builds are cancelled: the coordinator
+// requeues them elsewhere, and a build must not run twice at once.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/random/random.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "common/serial_executor.h"
+#include "kiln/v1/workers.grpc.pb.h"
+#include "worker/build_executor.h"
+#include "worker/worker_metrics.h"
+
+namespace kiln {
+
+struct WorkerOptions {
+  std::string coordinator = "127.0.0.1:7600";
+  std::string name;
+  std::string work_dir;
+  int max_jobs = 1;
+  std::vector<std::string> systems;
+  std::vector<std::string> supported_features;
+  std::vector<std::string> mandatory_features;
+  std::map<std::string, std::string> labels;
+  absl::Duration min_backoff = absl::Milliseconds(200);
+  absl::Duration max_backoff = absl::Seconds(10);
+  absl::Duration log_flush_interval = absl::Milliseconds(100);
+};
+
+class WorkerAgent {
+ public:
+  // `executor` and `metrics` must outlive the agent.
+  WorkerAgent(WorkerOptions options, BuildExecutor* executor, WorkerMetrics* metrics);
+  ~WorkerAgent();
+
+  WorkerAgent(const WorkerAgent&) = delete;
+  WorkerAgent& operator=(const WorkerAgent&) = delete;
+
+  // Starts the connection loop.
+  void Start();
+  // Cancels running builds, closes the stream and joins. Idempotent.
+  void Stop() ABSL_LOCKS_EXCLUDED(mu_);
+
+ private:
+  class Stream;
+  struct RunningJob {
+    uint32_t attempt = 0;
+    BuildExecutor::BuildId build_id = 0;
+    bool build_started = false;
+    bool cancelled = false;
+    std::vector<kiln::v1::LogLine> pending_lines;
+    std::string dir;
+    absl::Time started;
+  };
+
+  void RunLoop();
+  void OnStreamDone(const grpc::Status& status) ABSL_LOCKS_EXCLUDED(mu_);
+
+  // On the strand.
+  void HandleMessage(kiln::v1::CoordinatorMessage message);
+  void StartJob(const kiln::v1::Assignment& assignment);
+  void FinishJob(const std::string& job_id, uint32_t attempt, kiln::v1::BuildResult result);
+  void FlushLogs();
+  void CancelAllBuilds(const std::string& reason);
+  void CancelBuild(const std::string& job_id, uint32_t attempt);
+  void SendHeartbeat();
+  bool Send(kiln::v1::WorkerMessage message, bool droppable);
+
+  kiln::v1::WorkerMessage MakeRegister() ABSL_LOCKS_EXCLUDED(mu_);
+
+  const WorkerOptions options_;
+  BuildExecutor* const executor_;
+  WorkerMetrics* const metrics_;
+  std::unique_ptr<kiln::v1::WorkerService::Stub> stub_;
+  absl::BitGen bitgen_;  // Backoff jitter; used by the loop thread only.
+
+  absl::Mutex mu_;
+  std::shared_ptr<Stream> stream_ ABSL_GUARDED_BY(mu_);
+  bool stream_done_ ABSL_GUARDED_BY(mu_) = false;
+  bool registered_ ABSL_GUARDED_BY(mu_) = false;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Duration heartbeat_interval_ ABSL_GUARDED_BY(mu_) = absl::Seconds(10);
+  absl::flat_hash_map<std::string, RunningJob> jobs_ ABSL_GUARDED_BY(mu_);
+
+  std::unique_ptr<SerialExecutor> strand_;
+  std::thread loop_;
+};
+
+}  // namespace kiln

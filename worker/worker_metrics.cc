@@ -1,0 +1,51 @@
+#include "worker/worker_metrics.h"
+
+#include <string>
+
+namespace kiln {
+
+WorkerMetrics::WorkerMetrics(std::shared_ptr<prometheus::Registry> registry)
+    : builds_running(prometheus::BuildGauge()
+                         .Name("kiln_worker_builds_running")
+                         .Help("Builds this worker is running.")
+                         .Register(*registry)
+                         .Add({})),
+      slots(prometheus::BuildGauge()
+                .Name("kiln_worker_slots")
+                .Help("Builds this worker runs at once at most (--max-jobs).")
+                .Register(*registry)
+                .Add({})),
+      coordinator_connected(prometheus::BuildGauge()
+                                .Name("kiln_worker_coordinator_connected")
+                                .Help("1 while registered with the coordinator, else 0.")
+                                .Register(*registry)
+                                .Add({})),
+      reconnects(prometheus::BuildCounter()
+                     .Name("kiln_worker_reconnects_total")
+                     .Help("Streams to the coordinator opened after the first.")
+                     .Register(*registry)
+                     .Add({})),
+      log_lines_dropped(prometheus::BuildCounter()
+                            .Name("kiln_worker_log_lines_dropped_total")
+                            .Help("Build log lines not sent because the stream was full or down.")
+                            .Register(*registry)
+                            .Add({})),
+      build_duration(prometheus::BuildHistogram()
+                         .Name("kiln_worker_build_duration_seconds")
+                         .Help("Wall time of nix build runs on this worker.")
+                         .Register(*registry)
+                         .Add({}, prometheus::Histogram::BucketBoundaries{0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+                                                                          120, 300, 600, 1800, 3600, 7200})),
+      registry_(std::move(registry)),
+      finished_family_(prometheus::BuildCounter()
+                           .Name("kiln_worker_builds_finished_total")
+                           .Help("Builds finished on this worker, by result.")
+                           .Register(*registry_)) {
+  for (auto r : {"succeeded", "failed", "cancelled", "infra_error"}) BuildsFinished(r);
+}
+
+prometheus::Counter& WorkerMetrics::BuildsFinished(absl::string_view result) {
+  return finished_family_.Add({{"result", std::string(result)}});
+}
+
+}  // namespace kiln
