@@ -324,9 +324,12 @@ void ProcessSupervisor::Loop() {
       if (c->stdout_fd >= 0) { fds.push_back({c->stdout_fd, POLLIN, 0}); owners.push_back({c.get(), false}); }
       if (c->stderr_fd >= 0) { fds.push_back({c->stderr_fd, POLLIN, 0}); owners.push_back({c.get(), true}); }
     }
-    // The timeout bounds how late an exit is noticed when a grandchild still
-    // holds the pipes open.
-    int rc = ::poll(fds.data(), fds.size(), 100);
+    // A child whose streams closed is about to exit: look again soon. The
+    // 100 ms otherwise bounds how late an exit is noticed when a grandchild
+    // still holds the pipes open.
+    bool exiting = false;
+    for (auto& [_, c] : live) exiting |= !c->exited && c->stdout_fd < 0 && c->stderr_fd < 0;
+    int rc = ::poll(fds.data(), fds.size(), exiting ? 1 : 100);
     if (rc < 0 && errno != EINTR) continue;
     if (fds[0].revents) {
       while (::read(wake_fds_[0], buf, sizeof buf) > 0) {
