@@ -4,6 +4,7 @@
 
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <thread>
 
 #include <grpcpp/grpcpp.h>
@@ -52,6 +53,19 @@ std::string Submitter() {
   char host[256] = {0};
   gethostname(host, sizeof host - 1);
   return absl::StrCat(user ? user : "unknown", "@", host);
+}
+
+// One channel and stub for the whole (short-lived) process, never destroyed:
+// main() leaves through _Exit, so gRPC's teardown — which would only add time
+// to every command — never runs.
+BuildService::Stub& Coordinator(const CliOptions& options) {
+  static BuildService::Stub* stub = [&] {
+    std::shared_ptr<grpc::Channel> channel = MakeChannel(options.coordinator);
+    // Start connecting now, while the caller packs its sources.
+    channel->GetState(/*try_to_connect=*/true);
+    return BuildService::NewStub(channel).release();
+  }();
+  return *stub;
 }
 
 const char* StateName(kiln::v1::JobState state) {
@@ -121,6 +135,7 @@ absl::StatusOr<JobEvent::Finished> Watch(BuildService::Stub& stub, const CliOpti
     request.set_from_sequence(next_sequence);
     auto reader = stub.WatchJob(&context, request);
     JobEvent event;
+    std::optional<JobEvent::Finished> finished;
     while (reader->Read(&event)) {
       next_sequence = event.sequence() + 1;
       backoff = absl::Milliseconds(200);
@@ -154,13 +169,15 @@ absl::StatusOr<JobEvent::Finished> Watch(BuildService::Stub& stub, const CliOpti
           }
           break;
         case JobEvent::kFinished:
-          context.TryCancel();
-          return event.finished();
+          // The coordinator ends the stream right after this event.
+          finished = event.finished();
+          break;
         case JobEvent::KIND_NOT_SET:
           break;
       }
     }
     grpc::Status status = reader->Finish();
+    if (finished) return *finished;
     const absl::Status s = FromGrpcStatus(status);
     if (!s.ok() && s.code() != absl::StatusCode::kUnavailable && s.code() != absl::StatusCode::kCancelled) {
       return s;
@@ -182,14 +199,14 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& i
     Err("error: 'kiln build' needs at least one installable (PATH#ATTR)");
     return kExitUsage;
   }
-  auto stub = BuildService::NewStub(MakeChannel(options.coordinator));
+  BuildService::Stub& stub = Coordinator(options);
 
   // Submit everything first, so the farm builds the targets in parallel.
   std::vector<Submitted> jobs;
   int exit_code = kExitOk;
   for (const auto& text : installables) {
     Submitted s{.installable = text, .job_id = "", .error = absl::OkStatus()};
-    absl::StatusOr<std::string> id = Submit(*stub, options, text);
+    absl::StatusOr<std::string> id = Submit(stub, options, text);
     if (id.ok()) {
       s.job_id = *id;
     } else {
@@ -211,7 +228,7 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& i
     }
     entry["jobId"] = job.job_id;
     absl::flat_hash_set<std::string> shown_errors;
-    absl::StatusOr<JobEvent::Finished> finished = Watch(*stub, options, job.installable, job.job_id, shown_errors);
+    absl::StatusOr<JobEvent::Finished> finished = Watch(stub, options, job.installable, job.job_id, shown_errors);
     if (!finished.ok()) {
       Err(absl::StrCat("error: ", job.installable, ": ", finished.status().message()));
       exit_code = std::max(exit_code, ExitCodeFor(finished.status()));
@@ -253,13 +270,13 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& i
 }
 
 int RunStatusCommand(const CliOptions& options, const std::string& job_id) {
-  auto stub = BuildService::NewStub(MakeChannel(options.coordinator));
+  BuildService::Stub& stub = Coordinator(options);
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
   kiln::v1::GetJobRequest request;
   request.set_job_id(job_id);
   kiln::v1::Job job;
-  absl::Status s = FromGrpcStatus(stub->GetJob(&context, request, &job));
+  absl::Status s = FromGrpcStatus(stub.GetJob(&context, request, &job));
   if (!s.ok()) {
     Err(absl::StrCat("error: ", s.message()));
     return ExitCodeFor(s);
@@ -292,13 +309,13 @@ int RunStatusCommand(const CliOptions& options, const std::string& job_id) {
 }
 
 int RunCancelCommand(const CliOptions& options, const std::string& job_id) {
-  auto stub = BuildService::NewStub(MakeChannel(options.coordinator));
+  BuildService::Stub& stub = Coordinator(options);
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
   kiln::v1::CancelJobRequest request;
   request.set_job_id(job_id);
   kiln::v1::CancelJobResponse response;
-  absl::Status s = FromGrpcStatus(stub->CancelJob(&context, request, &response));
+  absl::Status s = FromGrpcStatus(stub.CancelJob(&context, request, &response));
   if (!s.ok()) {
     Err(absl::StrCat("error: ", s.message()));
     return ExitCodeFor(s);

@@ -46,10 +46,17 @@ int main(int argc, char** argv) {
   }
   const std::string command = args[0];
   args.erase(args.begin());
-  if (command == "build") return kiln::RunBuildCommand(options, args);
-  if ((command == "status" || command == "cancel") && args.size() == 1) {
-    return command == "status" ? kiln::RunStatusCommand(options, args[0]) : kiln::RunCancelCommand(options, args[0]);
+  int code = kiln::kExitUsage;
+  if (command == "build") {
+    code = kiln::RunBuildCommand(options, args);
+  } else if ((command == "status" || command == "cancel") && args.size() == 1) {
+    code = command == "status" ? kiln::RunStatusCommand(options, args[0]) : kiln::RunCancelCommand(options, args[0]);
+  } else {
+    std::fprintf(stderr, "error: unknown command or wrong arguments: '%s'\n%s\n", command.c_str(), kUsage);
   }
-  std::fprintf(stderr, "error: unknown command or wrong arguments: '%s'\n%s\n", command.c_str(), kUsage);
-  return kiln::kExitUsage;
+  // Everything the user sees is written; skip static destructors (gRPC's
+  // shutdown) that only delay the exit of every command.
+  std::fflush(stdout);
+  std::fflush(stderr);
+  std::_Exit(code);
 }
