@@ -106,8 +106,10 @@ LocalFarm::~LocalFarm() {
   coordinator_.reset();
 }
 
-absl::Status LocalFarm::Start() {
-  auto coordinator = Daemon::Start({BinPath("kiln-coordinator"), "--listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0",
+absl::Status LocalFarm::StartCoordinator(const std::string& listen) {
+  std::error_code ec;
+  fs::remove(dir_.Sub("coordinator.ready"), ec);
+  auto coordinator = Daemon::Start({BinPath("kiln-coordinator"), "--listen=" + listen, "--metrics-listen=127.0.0.1:0",
                                     "--state-dir=" + dir_.Sub("coordinator"),
                                     "--ready-file=" + dir_.Sub("coordinator.ready")},
                                    LogOf("coordinator"), {});
@@ -117,25 +119,38 @@ absl::Status LocalFarm::Start() {
   if (!ready.ok()) return ready.status();
   coordinator_address_ = (*ready)["grpc"];
   coordinator_metrics_ = (*ready)["metrics"];
+  return absl::OkStatus();
+}
 
+absl::Status LocalFarm::Start() {
+  if (absl::Status s = StartCoordinator("127.0.0.1:0"); !s.ok()) return s;
   for (int i = 0; i < workers_; ++i) {
-    const std::string name = absl::StrCat("worker-", i + 1);
-    auto worker = Daemon::Start(
-        {BinPath("kiln-worker"), "--coordinator=" + coordinator_address_, "--name=" + name,
-         "--work-dir=" + dir_.Sub(name), absl::StrCat("--max-jobs=", max_jobs_), "--metrics-listen=127.0.0.1:0",
-         "--nix-option=substituters=", "--ready-file=" + dir_.Sub(name + ".ready")},
-        LogOf(name), NixTestEnv());
-    if (!worker.ok()) return worker.status();
-    worker_daemons_.push_back(*std::move(worker));
-  }
-  for (int i = 0; i < workers_; ++i) {
-    const std::string name = absl::StrCat("worker-", i + 1);
-    auto wr = WaitForReadyFile(dir_.Sub(name + ".ready"), LogOf(name));
-    if (!wr.ok()) return wr.status();
-    worker_metrics_.push_back((*wr)["metrics"]);
+    if (absl::Status s = AddWorker(); !s.ok()) return s;
   }
   return absl::OkStatus();
 }
+
+absl::Status LocalFarm::AddWorker() {
+  const std::string name = absl::StrCat("worker-", worker_daemons_.size() + 1);
+  auto worker = Daemon::Start(
+      {BinPath("kiln-worker"), "--coordinator=" + coordinator_address_, "--name=" + name,
+       "--work-dir=" + dir_.Sub(name), absl::StrCat("--max-jobs=", max_jobs_), "--metrics-listen=127.0.0.1:0",
+       "--nix-option=substituters=", "--ready-file=" + dir_.Sub(name + ".ready")},
+      LogOf(name), NixTestEnv());
+  if (!worker.ok()) return worker.status();
+  worker_daemons_.push_back(*std::move(worker));
+  auto ready = WaitForReadyFile(dir_.Sub(name + ".ready"), LogOf(name));
+  if (!ready.ok()) return ready.status();
+  worker_metrics_.push_back((*ready)["metrics"]);
+  return absl::OkStatus();
+}
+
+void LocalFarm::KillCoordinator(int signal) {
+  coordinator_->Kill(signal);
+  coordinator_->WaitExit(30000);
+}
+
+absl::Status LocalFarm::RestartCoordinator() { return StartCoordinator(coordinator_address_); }
 
 ProcessSpec LocalFarm::KilnSpec(const std::vector<std::string>& args) const {
   ProcessSpec spec;

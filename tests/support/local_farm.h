@@ -50,12 +50,21 @@ class LocalFarm {
   std::string LogOf(const std::string& daemon) const { return dir_.Sub(daemon + ".log"); }
   const TempDir& dir() const { return dir_; }
 
+  // Starts one more worker and waits for its ready file.
+  absl::Status AddWorker();
+  // Sends `signal` to the coordinator and waits for it to exit.
+  void KillCoordinator(int signal);
+  // Starts the coordinator again on the same address and state directory.
+  absl::Status RestartCoordinator();
+
   // Runs `kiln --coordinator=… ARGS`.
   absl::StatusOr<CommandResult> Kiln(const std::vector<std::string>& args,
                                      absl::Duration timeout = absl::Minutes(3)) const;
   ProcessSpec KilnSpec(const std::vector<std::string>& args) const;
 
  private:
+  absl::Status StartCoordinator(const std::string& listen);
+
   int workers_;
   int max_jobs_;
   TempDir dir_;
