@@ -68,6 +68,19 @@ BuildService::Stub& Coordinator(const CliOptions& options) {
   return *stub;
 }
 
+// Runs one unary call with a deadline; `call` issues it on the context.
+template <typename Call>
+absl::Status UnaryCall(Call call) {
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  return FromGrpcStatus(call(context));
+}
+
+int ReportError(const absl::Status& status) {
+  Err(absl::StrCat("error: ", status.message()));
+  return ExitCodeFor(status);
+}
+
 const char* StateName(kiln::v1::JobState state) {
   switch (state) {
     case kiln::v1::JOB_STATE_QUEUED: return "queued";
@@ -270,17 +283,11 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& i
 }
 
 int RunStatusCommand(const CliOptions& options, const std::string& job_id) {
-  BuildService::Stub& stub = Coordinator(options);
-  grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
   kiln::v1::GetJobRequest request;
   request.set_job_id(job_id);
   kiln::v1::Job job;
-  absl::Status s = FromGrpcStatus(stub.GetJob(&context, request, &job));
-  if (!s.ok()) {
-    Err(absl::StrCat("error: ", s.message()));
-    return ExitCodeFor(s);
-  }
+  absl::Status s = UnaryCall([&](grpc::ClientContext& c) { return Coordinator(options).GetJob(&c, request, &job); });
+  if (!s.ok()) return ReportError(s);
   nlohmann::json out = {{"jobId", job.job_id()},
                         {"buildsetId", job.buildset_id()},
                         {"installable", job.spec().display_name()},
@@ -309,17 +316,12 @@ int RunStatusCommand(const CliOptions& options, const std::string& job_id) {
 }
 
 int RunCancelCommand(const CliOptions& options, const std::string& job_id) {
-  BuildService::Stub& stub = Coordinator(options);
-  grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
   kiln::v1::CancelJobRequest request;
   request.set_job_id(job_id);
   kiln::v1::CancelJobResponse response;
-  absl::Status s = FromGrpcStatus(stub.CancelJob(&context, request, &response));
-  if (!s.ok()) {
-    Err(absl::StrCat("error: ", s.message()));
-    return ExitCodeFor(s);
-  }
+  absl::Status s =
+      UnaryCall([&](grpc::ClientContext& c) { return Coordinator(options).CancelJob(&c, request, &response); });
+  if (!s.ok()) return ReportError(s);
   std::printf("job %s: %s\n", job_id.c_str(), StateName(response.state()));
   return kExitOk;
 }

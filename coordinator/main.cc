@@ -1,11 +1,11 @@
 // kiln-coordinator: parses flags and runs CoordinatorServer until SIGINT/SIGTERM.
-#include <csignal>
 #include <cstdio>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "common/cli_args.h"
+#include "common/daemon.h"
 #include "common/log.h"
 #include "coordinator/coordinator_server.h"
 
@@ -23,20 +23,11 @@ int main(int argc, char** argv) {
       "  kiln-coordinator --listen=127.0.0.1:7600 --metrics-listen=127.0.0.1:9600 --state-dir=DIR");
   kiln::DashedFlagArgs dashed(argc, argv);
   absl::ParseCommandLine(dashed.argc(), dashed.argv());
-  kiln::LogLevel level;
-  if (!kiln::ParseLogLevel(absl::GetFlag(FLAGS_log_level), &level)) {
-    std::fprintf(stderr, "kiln-coordinator: bad --log-level\n");
+  const sigset_t signals = kiln::BlockTerminationSignals();
+  if (absl::Status s = kiln::ApplyLogLevel(absl::GetFlag(FLAGS_log_level)); !s.ok()) {
+    std::fprintf(stderr, "kiln-coordinator: %s\n", std::string(s.message()).c_str());
     return 2;
   }
-  kiln::SetMinLogLevel(level);
-
-  // Signals are taken synchronously below; block them before any thread starts.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGINT);
-  sigaddset(&signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
-  std::signal(SIGPIPE, SIG_IGN);
 
   kiln::CoordinatorOptions options;
   options.listen = absl::GetFlag(FLAGS_listen);
@@ -50,8 +41,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "kiln-coordinator: %s\n", server.status().ToString().c_str());
     return 1;
   }
-  int sig = 0;
-  sigwait(&signals, &sig);
+  const int sig = kiln::AwaitTerminationSignal(signals);
   kiln::LogInfo("coordinator", "signal ", sig, ": shutting down");
   (*server)->Shutdown();
   return 0;

@@ -2,7 +2,6 @@
 // WorkerAgent until SIGINT/SIGTERM.
 #include <unistd.h>
 
-#include <csignal>
 #include <cstdio>
 #include <filesystem>
 
@@ -12,6 +11,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "common/cli_args.h"
+#include "common/daemon.h"
 #include "absl/strings/str_split.h"
 #include "common/log.h"
 #include "common/metrics_http.h"
@@ -59,16 +59,8 @@ int main(int argc, char** argv) {
       "  kiln-worker --coordinator=127.0.0.1:7600 --name=NAME --work-dir=DIR --max-jobs=N --metrics-listen=ADDR");
   kiln::DashedFlagArgs dashed(argc, argv);
   absl::ParseCommandLine(dashed.argc(), dashed.argv());
-  kiln::LogLevel level;
-  if (!kiln::ParseLogLevel(absl::GetFlag(FLAGS_log_level), &level)) return Fail("bad --log-level");
-  kiln::SetMinLogLevel(level);
-
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGINT);
-  sigaddset(&signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
-  std::signal(SIGPIPE, SIG_IGN);
+  const sigset_t signals = kiln::BlockTerminationSignals();
+  if (absl::Status s = kiln::ApplyLogLevel(absl::GetFlag(FLAGS_log_level)); !s.ok()) return Fail(std::string(s.message()));
 
   kiln::WorkerOptions options;
   options.coordinator = absl::GetFlag(FLAGS_coordinator);
@@ -119,8 +111,7 @@ int main(int argc, char** argv) {
   kiln::LogInfo("worker", options.name, ": ", options.max_jobs, " slot(s), metrics on http://",
                 (*metrics_server)->address(), "/metrics, coordinator ", options.coordinator);
   agent.Start();
-  int sig = 0;
-  sigwait(&signals, &sig);
+  const int sig = kiln::AwaitTerminationSignal(signals);
   kiln::LogInfo("worker", "signal ", sig, ": shutting down");
   agent.Stop();
   return 0;
