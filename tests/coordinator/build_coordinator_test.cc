@@ -1,0 +1,288 @@
+// BuildCoordinator driven step by step, without sockets: fake worker sessions
+// and watchers record what the coordinator sends; the state store is the real
+// RocksDB one in a temporary directory; time is a FakeClock.
+#include "coordinator/build_coordinator.h"
+
+#include <gtest/gtest.h>
+
+#include "common/digest.h"
+#include "coordinator/rocksdb_state_store.h"
+#include "tests/support/fake_clock.h"
+#include "tests/support/test_util.h"
+
+namespace kiln {
+namespace {
+
+using kiln::v1::CoordinatorMessage;
+using kiln::v1::JobEvent;
+using kiln::v1::WorkerMessage;
+
+// Records what the coordinator sends to one worker.
+class FakeWorkerSession final : public WorkerSession {
+ public:
+  bool Send(CoordinatorMessage message) override {
+    if (closed) return false;
+    sent.push_back(std::move(message));
+    return true;
+  }
+  void Close(absl::Status status) override {
+    closed = true;
+    close_status = status;
+  }
+  std::vector<CoordinatorMessage> Assignments() const {
+    std::vector<CoordinatorMessage> out;
+    for (const auto& m : sent) {
+      if (m.has_assign()) out.push_back(m);
+    }
+    return out;
+  }
+  std::vector<CoordinatorMessage> sent;
+  bool closed = false;
+  absl::Status close_status;
+};
+
+class FakeWatcher final : public JobWatcher {
+ public:
+  void OnEvent(const JobEvent& event) override { events.push_back(event); }
+  void Close(absl::Status status) override {
+    closed = true;
+    close_status = status;
+  }
+  std::vector<JobEvent> events;
+  bool closed = false;
+  absl::Status close_status;
+};
+
+class BuildCoordinatorTest : public ::testing::Test {
+ protected:
+  void SetUp() override { Open(); }
+
+  void Open() {
+    core_.reset();
+    store_.reset();
+    auto store = RocksDbStateStore::Open(dir_.path(), false);
+    ASSERT_TRUE(store.ok());
+    store_ = *std::move(store);
+    core_ = std::make_unique<BuildCoordinator>(store_.get(), &metrics_, &clock_, options_);
+    ASSERT_TRUE(core_->Recover().ok());
+  }
+
+  kiln::v1::SubmitBuildRequest Request(int targets = 1, const std::string& system = "x86_64-linux") {
+    kiln::v1::SubmitBuildRequest request;
+    request.set_source_archive("not really a tar, the coordinator only hashes it");
+    for (int i = 0; i < targets; ++i) {
+      auto* spec = request.add_targets()->mutable_spec();
+      spec->mutable_source()->mutable_archive()->set_hash(Sha256Hex(request.source_archive()));
+      spec->set_attr("default");
+      spec->mutable_requirements()->set_system(system);
+      spec->set_display_name(absl::StrCat("target-", i));
+    }
+    request.set_submitter("test");
+    return request;
+  }
+
+  std::string SubmitOne() {
+    auto response = core_->Submit(Request());
+    EXPECT_TRUE(response.ok()) << response.status();
+    return response->job_ids(0);
+  }
+
+  std::shared_ptr<FakeWorkerSession> Connect(const std::string& name, int slots) {
+    auto session = std::make_shared<FakeWorkerSession>();
+    WorkerMessage reg;
+    reg.mutable_register_()->set_name(name);
+    reg.mutable_register_()->add_systems("x86_64-linux");
+    reg.mutable_register_()->set_max_jobs(slots);
+    core_->OnWorkerMessage(session, reg);
+    return session;
+  }
+
+  void Report(const std::shared_ptr<FakeWorkerSession>& session, const CoordinatorMessage& assignment,
+              kiln::v1::ResultCode code) {
+    WorkerMessage finished;
+    finished.mutable_finished()->set_job_id(assignment.assign().job_id());
+    finished.mutable_finished()->set_attempt(assignment.assign().attempt());
+    finished.mutable_finished()->mutable_result()->set_code(code);
+    finished.mutable_finished()->mutable_result()->mutable_outputs()->insert({"out", "/nix/store/x-out"});
+    core_->OnWorkerMessage(session, finished);
+  }
+
+  kiln::v1::JobState State(const std::string& id) { return core_->GetJob(id)->state(); }
+
+  testing::TempDir dir_;
+  testing::FakeClock clock_;
+  CoordinatorMetrics metrics_{std::make_shared<prometheus::Registry>()};
+  BuildCoordinatorOptions options_;
+  std::unique_ptr<RocksDbStateStore> store_;
+  std::unique_ptr<BuildCoordinator> core_;
+};
+
+TEST_F(BuildCoordinatorTest, AssignsToARegisteredWorkerWithTheSourceAndReportsTheResult) {
+  const std::string id = SubmitOne();
+  EXPECT_EQ(State(id), kiln::v1::JOB_STATE_QUEUED);
+  EXPECT_EQ(core_->GetJob(id)->waiting_reason(), "no worker is connected");
+
+  auto watcher = std::make_shared<FakeWatcher>();
+  ASSERT_TRUE(core_->Watch(id, 0, watcher).ok());
+  ASSERT_EQ(watcher->events.size(), 1u);  // Replayed: queued.
+  EXPECT_TRUE(watcher->events[0].has_queued());
+
+  auto w = Connect("w1", 1);
+  ASSERT_TRUE(w->sent[0].has_registered());
+  auto assignments = w->Assignments();
+  ASSERT_EQ(assignments.size(), 1u);
+  EXPECT_EQ(assignments[0].assign().attempt(), 1u);
+  EXPECT_EQ(assignments[0].assign().source_archive(), "not really a tar, the coordinator only hashes it");
+  EXPECT_EQ(State(id), kiln::v1::JOB_STATE_ASSIGNED);
+
+  WorkerMessage started;
+  started.mutable_started()->set_job_id(id);
+  started.mutable_started()->set_attempt(1);
+  core_->OnWorkerMessage(w, started);
+  EXPECT_EQ(State(id), kiln::v1::JOB_STATE_RUNNING);
+  clock_.Advance(absl::Seconds(5));
+  Report(w, assignments[0], kiln::v1::RESULT_CODE_SUCCEEDED);
+
+  EXPECT_EQ(State(id), kiln::v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(core_->GetJob(id)->result().outputs().at("out"), "/nix/store/x-out");
+  ASSERT_TRUE(watcher->closed);
+  EXPECT_TRUE(watcher->events.back().has_finished());
+  // Sequence numbers increase by one: a resuming watcher loses nothing.
+  for (size_t i = 0; i < watcher->events.size(); ++i) EXPECT_EQ(watcher->events[i].sequence(), i + 1);
+}
+
+TEST_F(BuildCoordinatorTest, RefusesBadSubmissionsWithoutStoringAnything) {
+  auto bad_digest = Request();
+  bad_digest.mutable_targets(0)->mutable_spec()->mutable_source()->mutable_archive()->set_hash(std::string(64, 'a'));
+  EXPECT_EQ(core_->Submit(bad_digest).status().code(), absl::StatusCode::kInvalidArgument);
+  auto bad_attr = Request();
+  bad_attr.mutable_targets(0)->mutable_spec()->set_attr("--option");
+  EXPECT_EQ(core_->Submit(bad_attr).status().code(), absl::StatusCode::kInvalidArgument);
+  auto escape = Request();
+  escape.mutable_targets(0)->mutable_spec()->mutable_source()->set_flake_subdir("../outside");
+  EXPECT_EQ(core_->Submit(escape).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(core_->Submit(kiln::v1::SubmitBuildRequest()).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(store_->LoadJobs()->empty());
+  // A good one after the bad ones gets the first id.
+  EXPECT_EQ(SubmitOne(), "1");
+}
+
+TEST_F(BuildCoordinatorTest, BuildsetTargetsShareOneBuildsetAndSpreadOverSlots) {
+  auto response = core_->Submit(Request(3));
+  ASSERT_TRUE(response.ok());
+  ASSERT_EQ(response->job_ids_size(), 3);
+  auto a = Connect("a", 1);
+  auto b = Connect("b", 1);
+  EXPECT_EQ(a->Assignments().size(), 1u);
+  EXPECT_EQ(b->Assignments().size(), 1u);
+  EXPECT_EQ(core_->GetJob(response->job_ids(2))->waiting_reason(), "all 2 capable workers are busy");
+  Report(a, a->Assignments()[0], kiln::v1::RESULT_CODE_SUCCEEDED);
+  EXPECT_EQ(a->Assignments().size(), 2u);  // The freed slot takes the third.
+}
+
+TEST_F(BuildCoordinatorTest, LostWorkerRequeuesItsJobAndStaleResultsAreFenced) {
+  const std::string id = SubmitOne();
+  auto w1 = Connect("w1", 1);
+  const CoordinatorMessage first = w1->Assignments().at(0);
+  core_->OnWorkerGone(w1.get());
+  EXPECT_EQ(State(id), kiln::v1::JOB_STATE_QUEUED);
+
+  auto w2 = Connect("w2", 1);
+  ASSERT_EQ(w2->Assignments().size(), 1u);
+  EXPECT_EQ(w2->Assignments()[0].assign().attempt(), 2u);
+  // The first attempt's late report (through a new stream of w1) is ignored.
+  auto w1_again = Connect("w1", 1);
+  Report(w1_again, first, kiln::v1::RESULT_CODE_BUILD_FAILED);
+  EXPECT_EQ(State(id), kiln::v1::JOB_STATE_ASSIGNED);
+  Report(w2, w2->Assignments()[0], kiln::v1::RESULT_CODE_SUCCEEDED);
+  EXPECT_EQ(State(id), kiln::v1::JOB_STATE_SUCCEEDED);
+}
+
+TEST_F(BuildCoordinatorTest, InfraErrorsRetryUpToTheBoundThenFail) {
+  const std::string id = SubmitOne();
+  auto w = Connect("w", 1);
+  for (uint32_t attempt = 1; attempt <= options_.max_attempts; ++attempt) {
+    auto assignments = w->Assignments();
+    ASSERT_EQ(assignments.size(), attempt);
+    EXPECT_EQ(assignments.back().assign().attempt(), attempt);
+    Report(w, assignments.back(), kiln::v1::RESULT_CODE_INFRA_ERROR);
+  }
+  EXPECT_EQ(State(id), kiln::v1::JOB_STATE_FAILED);
+  EXPECT_NE(core_->GetJob(id)->result().error_message().find("gave up after 3 attempts"), std::string::npos);
+  // A build failure is the user's, not retried.
+  const std::string other = SubmitOne();
+  Report(w, w->Assignments().back(), kiln::v1::RESULT_CODE_BUILD_FAILED);
+  EXPECT_EQ(State(other), kiln::v1::JOB_STATE_FAILED);
+  EXPECT_EQ(w->Assignments().size(), options_.max_attempts + 1);
+}
+
+TEST_F(BuildCoordinatorTest, CancelQueuedAndRunningJobs) {
+  const std::string queued = SubmitOne();
+  EXPECT_EQ(*core_->Cancel(queued), kiln::v1::JOB_STATE_CANCELLED);
+  auto w = Connect("w", 1);
+  EXPECT_TRUE(w->Assignments().empty());  // Nothing left to run.
+
+  const std::string running = SubmitOne();
+  ASSERT_EQ(w->Assignments().size(), 1u);
+  EXPECT_EQ(*core_->Cancel(running), kiln::v1::JOB_STATE_CANCELLED);
+  EXPECT_TRUE(w->sent.back().has_cancel());
+  EXPECT_EQ(w->sent.back().cancel().job_id(), running);
+  // The slot frees only when the worker confirms; then the next job goes.
+  const std::string next = SubmitOne();
+  EXPECT_EQ(w->Assignments().size(), 1u);
+  Report(w, w->Assignments()[0], kiln::v1::RESULT_CODE_CANCELLED);
+  EXPECT_EQ(State(running), kiln::v1::JOB_STATE_CANCELLED);
+  ASSERT_EQ(w->Assignments().size(), 2u);
+  EXPECT_EQ(w->Assignments()[1].assign().job_id(), next);
+  EXPECT_EQ(core_->Cancel("nope").status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(BuildCoordinatorTest, RecoveryKeepsResultsAndRequeuesWhatWasRunning) {
+  const std::string done = SubmitOne();
+  auto w = Connect("w", 1);
+  Report(w, w->Assignments()[0], kiln::v1::RESULT_CODE_SUCCEEDED);
+  const std::string running = SubmitOne();
+  ASSERT_EQ(w->Assignments().size(), 2u);
+  const std::string queued = SubmitOne();
+
+  Open();  // A new coordinator on the same state, as after a crash.
+  EXPECT_EQ(State(done), kiln::v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(core_->GetJob(done)->result().outputs().at("out"), "/nix/store/x-out");
+  EXPECT_EQ(State(running), kiln::v1::JOB_STATE_QUEUED);
+  EXPECT_EQ(State(queued), kiln::v1::JOB_STATE_QUEUED);
+  // Ids continue; nothing is reused.
+  EXPECT_EQ(SubmitOne(), "4");
+  auto w2 = Connect("w2", 4);
+  auto assignments = w2->Assignments();
+  ASSERT_EQ(assignments.size(), 3u);
+  // The job that had been running keeps its place at the front, as attempt 2.
+  EXPECT_EQ(assignments[0].assign().job_id(), running);
+  EXPECT_EQ(assignments[0].assign().attempt(), 2u);
+}
+
+TEST_F(BuildCoordinatorTest, WorkerProtocolViolationsCloseTheStream) {
+  auto session = std::make_shared<FakeWorkerSession>();
+  WorkerMessage heartbeat;
+  heartbeat.mutable_heartbeat();
+  core_->OnWorkerMessage(session, heartbeat);
+  EXPECT_TRUE(session->closed);
+  EXPECT_EQ(session->close_status.code(), absl::StatusCode::kFailedPrecondition);
+
+  auto no_slots = std::make_shared<FakeWorkerSession>();
+  WorkerMessage reg;
+  reg.mutable_register_()->set_name("w");
+  reg.mutable_register_()->add_systems("x86_64-linux");
+  reg.mutable_register_()->set_max_jobs(0);
+  core_->OnWorkerMessage(no_slots, reg);
+  EXPECT_TRUE(no_slots->closed);
+  EXPECT_EQ(no_slots->close_status.code(), absl::StatusCode::kInvalidArgument);
+
+  // A second stream with the same name replaces the first.
+  auto first = Connect("same", 1);
+  auto second = Connect("same", 1);
+  EXPECT_TRUE(first->closed);
+  EXPECT_FALSE(second->closed);
+}
+
+}  // namespace
+}  // namespace kiln
