@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "common/check.h"
 #include "common/digest.h"
 #include "common/grpc_util.h"
 #include "common/installable.h"
@@ -229,7 +230,7 @@ absl::StatusOr<JobState> BuildCoordinator::Cancel(const std::string& job_id) {
       message.mutable_cancel()->set_job_id(job_id);
       message.mutable_cancel()->set_attempt(job.record.attempt());
       message.mutable_cancel()->set_reason("cancelled by request");
-      sessions_[s->second].session->Send(std::move(message));
+      SessionOf(s->second).Send(std::move(message));
     }
   }
   BuildResult result;
@@ -325,7 +326,7 @@ void BuildCoordinator::HandleRegister(WorkerEntry& worker, const kiln::v1::Regis
   // A reconnect can arrive before the old stream is noticed as dead.
   if (auto old = session_by_name_.find(reg.name()); old != session_by_name_.end()) {
     const WorkerSession* old_session = old->second;
-    sessions_[old_session].session->Close(absl::AbortedError("replaced by a newer connection of the same worker"));
+    SessionOf(old_session).Close(absl::AbortedError("replaced by a newer connection of the same worker"));
     OnWorkerGone(old_session);
   }
   worker.name = reg.name();
@@ -352,6 +353,12 @@ void BuildCoordinator::HandleRegister(WorkerEntry& worker, const kiln::v1::Regis
   }
   LogInfo(kComponent, "worker ", worker.name, " registered: ", reg.max_jobs(), " slot(s), systems ",
           absl::StrJoin(reg.systems(), ","));
+}
+
+WorkerSession& BuildCoordinator::SessionOf(const WorkerSession* session) {
+  auto it = sessions_.find(session);
+  KILN_CHECK(it != sessions_.end());
+  return *it->second.session;
 }
 
 BuildCoordinator::JobEntry* BuildCoordinator::FindAttempt(const WorkerEntry& worker,
@@ -470,7 +477,9 @@ void BuildCoordinator::Dispatch() {
     Emit(job, std::move(event));
     // A full or closed stream means the worker is going away; OnWorkerGone
     // will requeue the job.
-    sessions_[session_by_name_.at(a.worker)].session->Send(std::move(message));
+    auto by_name = session_by_name_.find(a.worker);
+    KILN_CHECK(by_name != session_by_name_.end());  // The scheduler knows only registered workers.
+    SessionOf(by_name->second).Send(std::move(message));
   }
 }
 

@@ -109,6 +109,11 @@ class BuildCoordinator {
     std::string name;  // Empty until registered.
   };
 
+  // The session of a registered worker (an invariant: every name in
+  // session_by_name_ has an entry in sessions_). Never inserts, so callers'
+  // references into sessions_ stay valid.
+  WorkerSession& SessionOf(const WorkerSession* session);
+
   void HandleRegister(WorkerEntry& worker, const kiln::v1::Register& reg);
   JobEntry* FindAttempt(const WorkerEntry& worker, const std::string& job_id, uint32_t attempt);
   void HandleFinished(WorkerEntry& worker, const kiln::v1::JobFinished& finished);
