@@ -129,6 +129,11 @@ absl::StatusOr<std::string> Submit(BuildService::Stub& stub, const CliOptions& o
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
   kiln::v1::SubmitBuildResponse response;
   grpc::Status status = stub.SubmitBuild(&context, request, &response);
+  if (status.error_code() == grpc::StatusCode::UNAVAILABLE) {
+    return absl::UnavailableError(absl::StrCat("cannot reach the Kiln coordinator at ", options.coordinator,
+                                               " (set it with --coordinator or KILN_COORDINATOR): ",
+                                               status.error_message()));
+  }
   if (!status.ok()) return FromGrpcStatus(status);
   return response.job_ids(0);
 }

@@ -142,6 +142,19 @@ TEST_F(BuildE2eTest, BadInputIsRefusedBeforeAnythingIsSubmitted) {
   EXPECT_EQ(remote->exit.exit_code, 2);
 }
 
+TEST_F(BuildE2eTest, UnreachableCoordinatorIsExitCodeThreeAndNamesTheAddress) {
+  // Port 1 on loopback: nothing listens there.
+  auto r = RunCommand({.argv = {testing::BinPath("kiln"), "--coordinator=127.0.0.1:1", "build",
+                                testing::SourcePath("examples/services/greeter"), "--json"},
+                       .extra_env = {},
+                       .cwd = ""});
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->exit.exit_code, 3);
+  EXPECT_TRUE(absl::StrContains(r->stderr_data, "cannot reach the Kiln coordinator at 127.0.0.1:1")) << r->stderr_data;
+  nlohmann::json j = nlohmann::json::parse(r->stdout_data);
+  EXPECT_EQ(j[0]["status"], "rejected");
+}
+
 TEST_F(BuildE2eTest, CancelKillsTheWholeBuildTree) {
   const std::string marker = absl::StrCat("kiln-cancel-marker-", Nonce());
   // The builder starts a background sleeper: only a process-group kill ends it.
