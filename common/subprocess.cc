@@ -279,12 +279,13 @@ void ProcessSupervisor::Kill(ProcessId id) {
   if (it != children_.end() && !it->second->exited) ::kill(-it->second->pid, SIGKILL);
 }
 
-void ProcessSupervisor::Terminate(ProcessId id, absl::Duration grace) {
+bool ProcessSupervisor::Terminate(ProcessId id, absl::Duration grace) {
   absl::MutexLock lock(&mu_);
   auto it = children_.find(id);
-  if (it == children_.end() || it->second->exited) return;
+  if (it == children_.end() || it->second->exited) return false;
   ::kill(-it->second->pid, SIGTERM);
   it->second->kill_at = absl::Now() + grace;
+  return true;
 }
 
 size_t ProcessSupervisor::Running() const {

@@ -83,7 +83,8 @@ class ProcessSupervisor {
   // Sends SIGTERM to the child's process group, then SIGKILL if it has not
   // exited after `grace`. Programs that start their own sessions (Nix runs
   // each builder under setsid) need the chance to stop those themselves.
-  void Terminate(ProcessId id, absl::Duration grace) ABSL_LOCKS_EXCLUDED(mu_);
+  // False when the child had already exited (or the id is unknown).
+  bool Terminate(ProcessId id, absl::Duration grace) ABSL_LOCKS_EXCLUDED(mu_);
 
   size_t Running() const ABSL_LOCKS_EXCLUDED(mu_);
 

@@ -112,13 +112,12 @@ absl::StatusOr<BuildExecutor::BuildId> NixBuildExecutor::Start(const BuildReques
 }
 
 void NixBuildExecutor::Cancel(BuildId id) {
-  {
-    absl::MutexLock lock(&mu_);
-    cancelled_.insert(id);
-  }
   // Nix runs each builder in a session of its own: SIGTERM lets Nix kill
-  // them; SIGKILL follows if it does not exit in time.
-  supervisor_.Terminate(id, kCancelGrace);
+  // them; SIGKILL follows if it does not exit in time. Only a build that was
+  // still running is reported as cancelled (and its mark is removed by its
+  // exit callback, which takes mu_ after this returns).
+  absl::MutexLock lock(&mu_);
+  if (supervisor_.Terminate(id, kCancelGrace)) cancelled_.insert(id);
 }
 
 }  // namespace kiln

@@ -74,6 +74,29 @@ TEST(ProcessSupervisorTest, KillEndsTheWholeTree) {
   EXPECT_EQ(supervisor.Running(), 0u);
 }
 
+TEST(ProcessSupervisorTest, TerminateEscalatesAndReportsWhetherTheChildWasLive) {
+  ProcessSupervisor supervisor;
+  absl::Notification ready, done;
+  ExitInfo exit;
+  // Ignores SIGTERM: only the SIGKILL after the grace period ends it.
+  auto id = supervisor.Spawn({.argv = {"/bin/sh", "-c", "trap '' TERM; echo ready >&2; while :; do /bin/sleep 1; done"},
+                              .extra_env = {},
+                              .cwd = ""},
+                             [&](absl::string_view line) {
+                               if (line == "ready") ready.Notify();
+                             },
+                             [&](ExitInfo e, std::string) {
+                               exit = e;
+                               done.Notify();
+                             });
+  ASSERT_TRUE(id.ok());
+  ASSERT_TRUE(ready.WaitForNotificationWithTimeout(absl::Seconds(30)));  // The trap is set.
+  EXPECT_TRUE(supervisor.Terminate(*id, absl::Milliseconds(300)));
+  ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(30)));
+  EXPECT_EQ(exit.signal, 9);
+  EXPECT_FALSE(supervisor.Terminate(*id, absl::Milliseconds(300)));  // Gone now.
+}
+
 TEST(ProcessSupervisorTest, LeftoverChildrenDoNotHoldTheResult) {
   ProcessSupervisor supervisor;
   absl::Notification done;
