@@ -10,7 +10,6 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
 #include "absl/strings/strip.h"
-#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "tests/support/local_farm.h"
 
@@ -160,19 +159,8 @@ TEST_F(BuildE2eTest, CancelKillsTheWholeBuildTree) {
   // The builder starts a background sleeper: only a process-group kill ends it.
   WriteFileOrDie(work_.Sub("slow/flake.nix"),
                  TrivialFlake("slow", absl::StrCat("/bin/sh -c '/bin/sleep 300; : ", marker, "' & echo started; wait")));
-  ProcessSupervisor supervisor;
-  absl::Notification done;
-  ExitInfo exit;
-  std::string job_line;
-  auto spawned = supervisor.Spawn(farm_->KilnSpec({"build", work_.Sub("slow")}),
-                                  [&](absl::string_view line) {
-                                    if (absl::StrContains(line, "queued as job")) job_line = std::string(line);
-                                  },
-                                  [&](ExitInfo e, std::string) {
-                                    exit = e;
-                                    done.Notify();
-                                  });
-  ASSERT_TRUE(spawned.ok());
+  testing::BackgroundBuild build(*farm_, {work_.Sub("slow")});
+  ASSERT_TRUE(build.spawn_status().ok()) << build.spawn_status();
   // Wait (bounded) until the sleeper runs.
   bool running = false;
   for (int i = 0; i < 600 && !running; ++i) {
@@ -181,13 +169,13 @@ TEST_F(BuildE2eTest, CancelKillsTheWholeBuildTree) {
     if (!running) absl::SleepFor(absl::Milliseconds(50));
   }
   ASSERT_TRUE(running) << "the build never started";
-  std::smatch m;
-  ASSERT_TRUE(std::regex_search(job_line, m, std::regex("queued as job (\\d+)"))) << job_line;
-  auto cancel = farm_->Kiln({"cancel", m[1].str()});
+  const std::string id = build.WaitForJobId(absl::Seconds(30));
+  ASSERT_FALSE(id.empty());
+  auto cancel = farm_->Kiln({"cancel", id});
   ASSERT_TRUE(cancel.ok());
   EXPECT_EQ(cancel->exit.exit_code, 0) << cancel->stderr_data;
-  ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(60)));
-  EXPECT_EQ(exit.exit_code, 1);
+  ASSERT_TRUE(build.WaitDone(absl::Seconds(60)));
+  EXPECT_EQ(build.exit().exit_code, 1);
   bool gone = false;
   for (int i = 0; i < 200 && !gone; ++i) {
     auto p = RunCommand({.argv = {"pgrep", "-f", marker}, .extra_env = {}, .cwd = ""});
@@ -195,7 +183,7 @@ TEST_F(BuildE2eTest, CancelKillsTheWholeBuildTree) {
     if (!gone) absl::SleepFor(absl::Milliseconds(50));
   }
   EXPECT_TRUE(gone) << "the build's background process survived the cancel";
-  auto status = farm_->Kiln({"status", m[1].str(), "--json"});
+  auto status = farm_->Kiln({"status", id, "--json"});
   ASSERT_TRUE(status.ok());
   EXPECT_EQ(nlohmann::json::parse(status->stdout_data)["status"], "cancelled");
 }

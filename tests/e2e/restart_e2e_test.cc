@@ -2,7 +2,6 @@
 // restart on the same address and state directory the queued job is still
 // there, the CLI's watch resumes, and the job builds once a worker joins.
 #include <csignal>
-#include <regex>
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
@@ -10,8 +9,6 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
-#include "absl/synchronization/mutex.h"
-#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "tests/support/local_farm.h"
 
@@ -33,35 +30,9 @@ TEST(RestartE2eTest, QueuedJobSurvivesCoordinatorKillAndRestart) {
 })"));
 
   // No worker yet: the job waits in the queue while the CLI watches.
-  ProcessSupervisor supervisor;
-  absl::Mutex mu;
-  std::string job_id;
-  absl::Notification done;
-  ExitInfo exit;
-  std::string out;
-  auto cli = supervisor.Spawn(farm.KilnSpec({"build", work.Sub("svc")}),
-                              [&](absl::string_view line) {
-                                std::string l(line);
-                                std::smatch sm;
-                                if (std::regex_search(l, sm, std::regex("queued as job (\\d+)"))) {
-                                  absl::MutexLock lock(&mu);
-                                  job_id = sm[1];
-                                }
-                              },
-                              [&](ExitInfo e, std::string o) {
-                                exit = e;
-                                out = std::move(o);
-                                done.Notify();
-                              });
-  ASSERT_TRUE(cli.ok());
-  std::string id;
-  for (int i = 0; i < 600 && id.empty(); ++i) {
-    {
-      absl::MutexLock lock(&mu);
-      id = job_id;
-    }
-    if (id.empty()) absl::SleepFor(absl::Milliseconds(20));
-  }
+  testing::BackgroundBuild cli(farm, {work.Sub("svc")});
+  ASSERT_TRUE(cli.spawn_status().ok()) << cli.spawn_status();
+  const std::string id = cli.WaitForJobId(absl::Seconds(30));
   ASSERT_FALSE(id.empty()) << "the job was never accepted";
 
   farm.KillCoordinator(SIGKILL);
@@ -75,10 +46,10 @@ TEST(RestartE2eTest, QueuedJobSurvivesCoordinatorKillAndRestart) {
   EXPECT_EQ(j["waitingReason"], "no worker is connected");
 
   ASSERT_TRUE(farm.AddWorker().ok());
-  ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(120))) << "the CLI never finished";
-  EXPECT_EQ(exit.exit_code, 0);
-  const std::string path(absl::StripTrailingAsciiWhitespace(out));
-  ASSERT_TRUE(absl::StartsWith(path, "/nix/store/")) << out;
+  ASSERT_TRUE(cli.WaitDone(absl::Seconds(120))) << "the CLI never finished";
+  EXPECT_EQ(cli.exit().exit_code, 0);
+  const std::string path(absl::StripTrailingAsciiWhitespace(cli.stdout_data()));
+  ASSERT_TRUE(absl::StartsWith(path, "/nix/store/")) << cli.stdout_data();
   EXPECT_EQ(testing::ReadFileOrDie(path), marker + "\n");
 }
 

@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <regex>
 
 #include <nlohmann/json.hpp>
 
@@ -162,6 +163,38 @@ ProcessSpec LocalFarm::KilnSpec(const std::vector<std::string>& args) const {
 absl::StatusOr<CommandResult> LocalFarm::Kiln(const std::vector<std::string>& args, absl::Duration timeout) const {
   return RunCommand(KilnSpec(args), "", timeout);
 }
+
+BackgroundBuild::BackgroundBuild(const LocalFarm& farm, const std::vector<std::string>& build_args) {
+  std::vector<std::string> args = {"build"};
+  args.insert(args.end(), build_args.begin(), build_args.end());
+  auto id = supervisor_.Spawn(
+      farm.KilnSpec(args),
+      [this](absl::string_view line) {
+        static const std::regex kQueued("queued as job (\\d+)");
+        std::string text(line);
+        std::smatch m;
+        if (std::regex_search(text, m, kQueued)) {
+          absl::MutexLock lock(&mu_);
+          if (job_id_.empty()) job_id_ = m[1];
+        }
+      },
+      [this](ExitInfo exit, std::string out) {
+        exit_ = exit;
+        stdout_ = std::move(out);
+        done_.Notify();
+      });
+  spawn_status_ = id.status();
+}
+
+std::string BackgroundBuild::WaitForJobId(absl::Duration timeout) {
+  absl::MutexLock lock(&mu_);
+  mu_.AwaitWithTimeout(absl::Condition(
+                           +[](std::string* id) { return !id->empty(); }, &job_id_),
+                       timeout);
+  return job_id_;
+}
+
+bool BackgroundBuild::WaitDone(absl::Duration timeout) { return done_.WaitForNotificationWithTimeout(timeout); }
 
 absl::StatusOr<std::string> ScrapeMetrics(const std::string& address) {
   auto r = RunCommand({.argv = {"curl", "-sSf", absl::StrCat("http://", address, "/metrics")}, .extra_env = {}, .cwd = ""},

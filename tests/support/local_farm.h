@@ -10,6 +10,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "common/subprocess.h"
 #include "tests/support/test_util.h"
 
@@ -73,6 +75,31 @@ class LocalFarm {
   std::string coordinator_address_;
   std::string coordinator_metrics_;
   std::vector<std::string> worker_metrics_;
+};
+
+// `kiln build ARGS…` running in the background against a farm: the job id
+// it announces ("queued as job N") and how it ended. Thread-safe.
+class BackgroundBuild {
+ public:
+  BackgroundBuild(const LocalFarm& farm, const std::vector<std::string>& build_args);
+  // Destroying it kills the CLI if it still runs.
+
+  absl::Status spawn_status() const { return spawn_status_; }
+  // Waits (bounded) for the job id; empty if none came in time.
+  std::string WaitForJobId(absl::Duration timeout);
+  // Waits (bounded) for the CLI to exit; then exit() and stdout_data() are set.
+  bool WaitDone(absl::Duration timeout);
+  const ExitInfo& exit() const { return exit_; }
+  const std::string& stdout_data() const { return stdout_; }
+
+ private:
+  absl::Mutex mu_;
+  std::string job_id_ ABSL_GUARDED_BY(mu_);
+  absl::Notification done_;
+  ExitInfo exit_;        // Written before done_ is notified.
+  std::string stdout_;   // Likewise.
+  absl::Status spawn_status_;
+  ProcessSupervisor supervisor_;  // Last: its thread stops before the rest goes.
 };
 
 // Path of a built binary (KILN_BIN_DIR, set by CTest).
