@@ -68,12 +68,23 @@ BuildService::Stub& Coordinator(const CliOptions& options) {
   return *stub;
 }
 
+// A call's status as the user should read it: an unreachable coordinator is
+// named, with how to point the CLI at another one.
+absl::Status FromCoordinator(const grpc::Status& status, const CliOptions& options) {
+  if (status.error_code() == grpc::StatusCode::UNAVAILABLE) {
+    return absl::UnavailableError(absl::StrCat("cannot reach the Kiln coordinator at ", options.coordinator,
+                                               " (set it with --coordinator or KILN_COORDINATOR): ",
+                                               status.error_message()));
+  }
+  return FromGrpcStatus(status);
+}
+
 // Runs one unary call with a deadline; `call` issues it on the context.
 template <typename Call>
-absl::Status UnaryCall(Call call) {
+absl::Status UnaryCall(const CliOptions& options, Call call) {
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
-  return FromGrpcStatus(call(context));
+  return FromCoordinator(call(context), options);
 }
 
 int ReportError(const absl::Status& status) {
@@ -129,12 +140,7 @@ absl::StatusOr<std::string> Submit(BuildService::Stub& stub, const CliOptions& o
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
   kiln::v1::SubmitBuildResponse response;
   grpc::Status status = stub.SubmitBuild(&context, request, &response);
-  if (status.error_code() == grpc::StatusCode::UNAVAILABLE) {
-    return absl::UnavailableError(absl::StrCat("cannot reach the Kiln coordinator at ", options.coordinator,
-                                               " (set it with --coordinator or KILN_COORDINATOR): ",
-                                               status.error_message()));
-  }
-  if (!status.ok()) return FromGrpcStatus(status);
+  if (!status.ok()) return FromCoordinator(status, options);
   return response.job_ids(0);
 }
 
@@ -291,7 +297,8 @@ int RunStatusCommand(const CliOptions& options, const std::string& job_id) {
   kiln::v1::GetJobRequest request;
   request.set_job_id(job_id);
   kiln::v1::Job job;
-  absl::Status s = UnaryCall([&](grpc::ClientContext& c) { return Coordinator(options).GetJob(&c, request, &job); });
+  absl::Status s =
+      UnaryCall(options, [&](grpc::ClientContext& c) { return Coordinator(options).GetJob(&c, request, &job); });
   if (!s.ok()) return ReportError(s);
   nlohmann::json out = {{"jobId", job.job_id()},
                         {"buildsetId", job.buildset_id()},
@@ -325,7 +332,7 @@ int RunCancelCommand(const CliOptions& options, const std::string& job_id) {
   request.set_job_id(job_id);
   kiln::v1::CancelJobResponse response;
   absl::Status s =
-      UnaryCall([&](grpc::ClientContext& c) { return Coordinator(options).CancelJob(&c, request, &response); });
+      UnaryCall(options, [&](grpc::ClientContext& c) { return Coordinator(options).CancelJob(&c, request, &response); });
   if (!s.ok()) return ReportError(s);
   std::printf("job %s: %s\n", job_id.c_str(), StateName(response.state()));
   return kExitOk;

@@ -152,6 +152,14 @@ TEST_F(BuildE2eTest, UnreachableCoordinatorIsExitCodeThreeAndNamesTheAddress) {
   EXPECT_TRUE(absl::StrContains(r->stderr_data, "cannot reach the Kiln coordinator at 127.0.0.1:1")) << r->stderr_data;
   nlohmann::json j = nlohmann::json::parse(r->stdout_data);
   EXPECT_EQ(j[0]["status"], "rejected");
+  for (const char* command : {"status", "cancel"}) {
+    auto other = RunCommand(
+        {.argv = {testing::BinPath("kiln"), "--coordinator=127.0.0.1:1", command, "1"}, .extra_env = {}, .cwd = ""});
+    ASSERT_TRUE(other.ok());
+    EXPECT_EQ(other->exit.exit_code, 3) << command;
+    EXPECT_TRUE(absl::StrContains(other->stderr_data, "cannot reach the Kiln coordinator at 127.0.0.1:1"))
+        << command << ": " << other->stderr_data;
+  }
 }
 
 TEST_F(BuildE2eTest, CancelKillsTheWholeBuildTree) {
