@@ -3,12 +3,12 @@
 # flake through a warm local farm (coordinator + 1 worker on 127.0.0.1) vs
 # `nix build` of the same flake locally, in the same run. Every iteration uses
 # a fresh flake (a unique marker), so both really evaluate and build.
-#   BENCH_ITERATIONS=N (default 15)
+#   BENCH_ITERATIONS=N (default 30)
 source "$(dirname "$0")/../scripts/lib.sh"
 ensure_deps >&2
 build_kiln >&2
 
-iterations=${BENCH_ITERATIONS:-15}
+iterations=${BENCH_ITERATIONS:-30}
 work=$(mktemp -d)
 trap 'stop_farm "$work/farm"; rm -rf "$work"' EXIT
 start_farm "$work/farm" 127.0.0.1:0 127.0.0.1:0 1 0 >&2

@@ -19,10 +19,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
-#include "common/digest.h"
 #include "common/grpc_util.h"
 #include "common/installable.h"
-#include "common/source_archive.h"
+#include "common/source_tree.h"
 #include "kiln/v1/builds.grpc.pb.h"
 
 namespace kiln {
@@ -122,18 +121,22 @@ absl::StatusOr<std::string> Submit(BuildService::Stub& stub, const CliOptions& o
   if (!fs::exists(dir / "flake.nix")) {
     return absl::NotFoundError(absl::StrCat("path '", dir.string(), "' does not contain a 'flake.nix'"));
   }
-  absl::StatusOr<std::string> archive = PackDirectory(dir.string());
-  if (!archive.ok()) return archive.status();
+  absl::StatusOr<SourceTree> tree = BuildSourceTree(dir.string());
+  if (!tree.ok()) return tree.status();
 
   kiln::v1::SubmitBuildRequest request;
   auto* spec = request.add_targets()->mutable_spec();
-  spec->mutable_source()->mutable_archive()->set_hash(Sha256Hex(*archive));
-  spec->mutable_source()->mutable_archive()->set_size_bytes(static_cast<int64_t>(archive->size()));
+  *spec->mutable_source()->mutable_tree_root() = tree->root;
   spec->set_attr(installable->attr);
   spec->mutable_requirements()->set_system(options.system);
   spec->set_display_name(text);
   spec->set_priority(kiln::v1::PRIORITY_INTERACTIVE);
-  request.set_source_archive(*std::move(archive));
+  for (auto& [hash, data] : tree->blobs) {
+    kiln::v1::Blob* blob = request.add_blobs();
+    blob->mutable_digest()->set_hash(hash);
+    blob->mutable_digest()->set_size_bytes(static_cast<int64_t>(data.size()));
+    blob->set_data(std::move(data));
+  }
   request.set_submitter(Submitter());
 
   grpc::ClientContext context;

@@ -14,7 +14,7 @@
 
 namespace kiln {
 
-// Largest message either side accepts. Assignments carry a source archive
+// Largest message either side accepts. Assignments carry a source tree
 // inline, so this is above the default 4 MiB.
 inline constexpr int kMaxGrpcMessageBytes = 80 << 20;
 

@@ -8,7 +8,9 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "common/check.h"
-#include "common/digest.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/container/node_hash_map.h"
+#include "common/source_tree.h"
 #include "common/grpc_util.h"
 #include "common/installable.h"
 #include "common/log.h"
@@ -113,20 +115,46 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
     return reject(absl::InvalidArgumentError(absl::StrCat(
         request.targets_size(), " targets in one submission; the limit is ", options_.max_targets)));
   }
-  if (request.source_archive().size() > options_.max_source_bytes) {
-    return reject(absl::InvalidArgumentError(absl::StrCat(
-        "source archive is ", request.source_archive().size() >> 20, " MiB; the limit is ",
-        options_.max_source_bytes >> 20, " MiB")));
+  if (!request.source_archive().empty()) {
+    return reject(absl::InvalidArgumentError(
+        "source archives are no longer accepted; upgrade the kiln CLI (it sends source trees)"));
   }
-  const std::string digest = request.source_archive().empty() ? "" : Sha256Hex(request.source_archive());
+  // Index the uploaded blobs, each checked against its digest.
+  uint64_t uploaded = 0;
+  absl::flat_hash_map<std::string, const std::string*> uploads;
+  for (const auto& blob : request.blobs()) {
+    uploaded += blob.data().size();
+    if (uploaded > options_.max_source_bytes) {
+      return reject(absl::ResourceExhaustedError(absl::StrCat("the submission's source is larger than ",
+                                                              options_.max_source_bytes >> 20, " MiB")));
+    }
+    if (absl::Status s = VerifyBlob(blob.digest(), blob.data()); !s.ok()) {
+      return reject(absl::InvalidArgumentError(absl::StrCat("uploaded source blob: ", s.message())));
+    }
+    uploads.try_emplace(blob.digest().hash(), &blob.data());
+  }
+  const BlobLookup lookup = [&uploads](const std::string& hash) -> const std::string* {
+    auto it = uploads.find(hash);
+    return it == uploads.end() ? nullptr : it->second;
+  };
+  const SourceTreeLimits limits{.max_total_bytes = options_.max_source_bytes};
+  StateWrite write;
+  absl::flat_hash_set<std::string> stored;
   for (const auto& target : request.targets()) {
     const auto& spec = target.spec();
-    if (spec.source().has_tree_root()) {
-      return reject(absl::UnimplementedError("tree sources are not supported by this coordinator yet; send an archive"));
-    }
-    if (spec.source().archive().hash() != digest || digest.empty()) {
+    if (spec.source().has_archive()) {
       return reject(absl::InvalidArgumentError(
-          "target's source archive digest does not match the uploaded archive"));
+          "source archives are no longer accepted; upgrade the kiln CLI (it sends source trees)"));
+    }
+    if (!spec.source().has_tree_root()) return reject(absl::InvalidArgumentError("target has no source tree"));
+    // Every blob the tree needs must be here; the tree itself must be sound.
+    absl::StatusOr<std::vector<std::string>> needed = ListTreeBlobs(spec.source().tree_root(), lookup, limits);
+    if (!needed.ok()) {
+      return reject(absl::Status(needed.status().code(),
+                                 absl::StrCat(spec.display_name(), ": ", needed.status().message())));
+    }
+    for (const std::string& hash : *needed) {
+      if (stored.insert(hash).second) write.blobs.emplace_back(hash, *uploads.at(hash));
     }
     if (absl::Status s = ValidateSubdir(spec.source().flake_subdir()); !s.ok()) return reject(s);
     if (absl::Status s = ValidateAttrPath(spec.attr()); !s.ok()) return reject(s);
@@ -148,8 +176,6 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
     r.set_job_id(absl::StrCat(next_job_seq_ + static_cast<uint64_t>(i)));
     r.set_buildset_id(buildset_id);
     *r.mutable_spec() = request.targets(i).spec();
-    r.mutable_spec()->mutable_source()->mutable_archive()->set_size_bytes(
-        static_cast<int64_t>(request.source_archive().size()));
     if (r.spec().priority() == kiln::v1::PRIORITY_UNSPECIFIED) {
       r.mutable_spec()->set_priority(kiln::v1::PRIORITY_CI);
     }
@@ -158,9 +184,7 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
     r.set_submitter(request.submitter());
     records.push_back(std::move(r));
   }
-  StateWrite write;
   for (const auto& r : records) write.jobs.push_back(&r);
-  write.blobs.emplace_back(digest, request.source_archive());
   write.next_job_seq = next_job_seq_ + records.size();
   write.next_buildset_seq = next_buildset_seq_ + 1;
   if (absl::Status s = store_->Commit(write); !s.ok()) {
@@ -460,17 +484,15 @@ void BuildCoordinator::Dispatch() {
     assign->set_job_id(a.job);
     assign->set_attempt(job.record.attempt());
     *assign->mutable_spec() = job.record.spec();
-    absl::StatusOr<std::string> archive = store_->GetBlob(job.record.spec().source().archive().hash());
-    if (!archive.ok()) {
-      LogError(kComponent, "job ", a.job, ": source archive unavailable: ", archive.status().ToString());
+    if (absl::Status s = AttachSource(job.record.spec(), *assign); !s.ok()) {
+      LogError(kComponent, "job ", a.job, ": source unavailable: ", s.ToString());
       scheduler_.Release(a.job, a.worker);
       BuildResult result;
       result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
-      result.set_error_message(absl::StrCat("the coordinator lost the job's source: ", archive.status().message()));
+      result.set_error_message(absl::StrCat("the coordinator lost the job's source: ", s.message()));
       Finish(job, kiln::v1::JOB_STATE_FAILED, std::move(result));
       continue;
     }
-    assign->set_source_archive(*std::move(archive));
     JobEvent event;
     event.mutable_assigned()->set_worker(a.worker);
     event.mutable_assigned()->set_attempt(job.record.attempt());
@@ -481,6 +503,33 @@ void BuildCoordinator::Dispatch() {
     KILN_CHECK(by_name != session_by_name_.end());  // The scheduler knows only registered workers.
     SessionOf(by_name->second).Send(std::move(message));
   }
+}
+
+absl::Status BuildCoordinator::AttachSource(const kiln::v1::JobSpec& spec, kiln::v1::Assignment& assign) {
+  // node_hash_map: the lookup hands out pointers that must survive inserts.
+  absl::node_hash_map<std::string, std::string> fetched;
+  absl::Status read_error;
+  const BlobLookup lookup = [&](const std::string& hash) -> const std::string* {
+    if (auto it = fetched.find(hash); it != fetched.end()) return &it->second;
+    absl::StatusOr<std::string> blob = store_->GetBlob(hash);
+    if (!blob.ok()) {
+      if (!absl::IsNotFound(blob.status())) read_error = blob.status();
+      return nullptr;
+    }
+    return &fetched.emplace(hash, *std::move(blob)).first->second;
+  };
+  absl::StatusOr<std::vector<std::string>> hashes =
+      ListTreeBlobs(spec.source().tree_root(), lookup, {.max_total_bytes = options_.max_source_bytes});
+  if (!read_error.ok()) return read_error;
+  if (!hashes.ok()) return hashes.status();
+  for (const std::string& hash : *hashes) {
+    std::string& data = fetched.at(hash);
+    kiln::v1::Blob* blob = assign.add_blobs();
+    blob->mutable_digest()->set_hash(hash);
+    blob->mutable_digest()->set_size_bytes(static_cast<int64_t>(data.size()));
+    blob->set_data(std::move(data));
+  }
+  return absl::OkStatus();
 }
 
 void BuildCoordinator::Requeue(JobEntry& job, absl::string_view reason_label, const std::string& reason) {

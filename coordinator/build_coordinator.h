@@ -55,7 +55,7 @@ class JobWatcher {
 
 struct BuildCoordinatorOptions {
   uint32_t max_attempts = 3;            // Before a requeued job fails.
-  size_t max_source_bytes = 64 << 20;   // Compressed source archive.
+  size_t max_source_bytes = 64 << 20;   // All blobs of one submission's source trees.
   size_t max_targets = 1000;            // Per submission.
   uint32_t max_worker_jobs = 1024;      // Sanity bound on a worker's slots.
   size_t log_bytes_per_job = 8 << 20;   // Kept in memory for late watchers.
@@ -119,6 +119,8 @@ class BuildCoordinator {
   void HandleFinished(WorkerEntry& worker, const kiln::v1::JobFinished& finished);
 
   void Dispatch();
+  // Puts every blob of the job's source tree into the assignment.
+  absl::Status AttachSource(const kiln::v1::JobSpec& spec, kiln::v1::Assignment& assign);
   void Requeue(JobEntry& job, absl::string_view reason_label, const std::string& reason);
   void Finish(JobEntry& job, kiln::v1::JobState state, kiln::v1::BuildResult result);
   void Emit(JobEntry& job, kiln::v1::JobEvent event);

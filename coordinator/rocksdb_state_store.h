@@ -3,7 +3,7 @@
 // Layout (column families):
 //   default  "meta/next_job_seq", "meta/next_buildset_seq" -> decimal text
 //   jobs     20-digit zero-padded job id -> JobRecord (protobuf)
-//   blobs    sha256 hex -> archive bytes (RocksDB blob files keep large
+//   blobs    sha256 hex -> blob bytes (RocksDB blob files keep large
 //            values out of the LSM tree)
 // The write-ahead log is on; `sync` makes every commit wait for fsync
 // (survives power loss, not only a process crash).

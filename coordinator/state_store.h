@@ -1,5 +1,5 @@
 // StateStore: where the coordinator keeps what must survive a crash — job
-// records, the source archives queued jobs need, and id counters.
+// records, the source-tree blobs queued jobs need, and id counters.
 //
 // Every Commit is atomic: after a crash either all of it is there or none.
 // Implementations: RocksDbStateStore (production); tests may use the same
@@ -21,7 +21,7 @@ namespace kiln {
 
 struct StateWrite {
   std::vector<const kiln::state::v1::JobRecord*> jobs;
-  // (sha256 hex, bytes) of source archives.
+  // (sha256 hex, bytes) of source-tree blobs.
   std::vector<std::pair<std::string, std::string>> blobs;
   // Next job / buildset sequence numbers to hand out, when they changed.
   uint64_t next_job_seq = 0;

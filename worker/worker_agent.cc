@@ -8,7 +8,7 @@
 #include "common/grpc_util.h"
 #include "common/log.h"
 #include "common/outbound_queue.h"
-#include "common/source_archive.h"
+#include "common/source_tree.h"
 
 namespace kiln {
 namespace fs = std::filesystem;
@@ -271,8 +271,17 @@ void WorkerAgent::StartJob(const kiln::v1::Assignment& assignment) {
   fs::remove_all(dir, ec);
   fs::create_directories(dir / "src", ec);
   if (ec) return fail(kiln::v1::RESULT_CODE_INFRA_ERROR, absl::StrCat("cannot create ", dir.string(), ": ", ec.message()));
-  if (absl::Status s = UnpackArchive(assignment.source_archive(), (dir / "src").string()); !s.ok()) {
-    return fail(kiln::v1::RESULT_CODE_INFRA_ERROR, absl::StrCat("cannot unpack the source: ", s.message()));
+  absl::flat_hash_map<std::string, const std::string*> blobs;
+  for (const auto& blob : assignment.blobs()) blobs.try_emplace(blob.digest().hash(), &blob.data());
+  const BlobLookup lookup = [&blobs](const std::string& hash) -> const std::string* {
+    auto it = blobs.find(hash);
+    return it == blobs.end() ? nullptr : it->second;
+  };
+  // The coordinator enforces the size limit; the message size bounds it here.
+  if (absl::Status s = MaterializeTree(assignment.spec().source().tree_root(), lookup, (dir / "src").string(),
+                                       {.max_total_bytes = kMaxGrpcMessageBytes});
+      !s.ok()) {
+    return fail(kiln::v1::RESULT_CODE_INFRA_ERROR, absl::StrCat("cannot check out the source: ", s.message()));
   }
   const fs::path flake_dir = (dir / "src" / assignment.spec().source().flake_subdir()).lexically_normal();
   if (!fs::exists(flake_dir / "flake.nix")) {

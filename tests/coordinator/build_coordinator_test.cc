@@ -5,7 +5,7 @@
 
 #include <gtest/gtest.h>
 
-#include "common/digest.h"
+#include "common/source_tree.h"
 #include "coordinator/rocksdb_state_store.h"
 #include "tests/support/fake_clock.h"
 #include "tests/support/test_util.h"
@@ -16,6 +16,7 @@ namespace {
 using kiln::v1::CoordinatorMessage;
 using kiln::v1::JobEvent;
 using kiln::v1::WorkerMessage;
+using testing::StatusIs;
 
 // Records what the coordinator sends to one worker.
 class FakeWorkerSession final : public WorkerSession {
@@ -67,12 +68,24 @@ class BuildCoordinatorTest : public ::testing::Test {
     ASSERT_TRUE(core_->Recover().ok());
   }
 
+  static constexpr char kFlake[] = "{ outputs = _: {}; }";
+
+  // A one-file source tree, uploaded with the request.
   kiln::v1::SubmitBuildRequest Request(int targets = 1, const std::string& system = "x86_64-linux") {
     kiln::v1::SubmitBuildRequest request;
-    request.set_source_archive("not really a tar, the coordinator only hashes it");
+    kiln::v1::Directory root;
+    auto* file = root.add_files();
+    file->set_name("flake.nix");
+    *file->mutable_digest() = DigestOf(kFlake);
+    const std::string root_blob = SerializeDirectory(root);
+    for (const std::string& data : {std::string(kFlake), root_blob}) {
+      auto* blob = request.add_blobs();
+      *blob->mutable_digest() = DigestOf(data);
+      blob->set_data(data);
+    }
     for (int i = 0; i < targets; ++i) {
       auto* spec = request.add_targets()->mutable_spec();
-      spec->mutable_source()->mutable_archive()->set_hash(Sha256Hex(request.source_archive()));
+      *spec->mutable_source()->mutable_tree_root() = DigestOf(root_blob);
       spec->set_attr("default");
       spec->mutable_requirements()->set_system(system);
       spec->set_display_name(absl::StrCat("target-", i));
@@ -132,7 +145,11 @@ TEST_F(BuildCoordinatorTest, AssignsToARegisteredWorkerWithTheSourceAndReportsTh
   auto assignments = w->Assignments();
   ASSERT_EQ(assignments.size(), 1u);
   EXPECT_EQ(assignments[0].assign().attempt(), 1u);
-  EXPECT_EQ(assignments[0].assign().source_archive(), "not really a tar, the coordinator only hashes it");
+  // The whole tree travels with the assignment.
+  ASSERT_EQ(assignments[0].assign().blobs_size(), 2);
+  std::vector<std::string> sent;
+  for (const auto& blob : assignments[0].assign().blobs()) sent.push_back(blob.data());
+  EXPECT_THAT(sent, ::testing::Contains(kFlake));
   EXPECT_EQ(State(id), kiln::v1::JOB_STATE_ASSIGNED);
 
   WorkerMessage started;
@@ -152,9 +169,19 @@ TEST_F(BuildCoordinatorTest, AssignsToARegisteredWorkerWithTheSourceAndReportsTh
 }
 
 TEST_F(BuildCoordinatorTest, RefusesBadSubmissionsWithoutStoringAnything) {
-  auto bad_digest = Request();
-  bad_digest.mutable_targets(0)->mutable_spec()->mutable_source()->mutable_archive()->set_hash(std::string(64, 'a'));
-  EXPECT_EQ(core_->Submit(bad_digest).status().code(), absl::StatusCode::kInvalidArgument);
+  auto wrong_blob = Request();
+  wrong_blob.mutable_blobs(0)->set_data("not what the digest says");
+  EXPECT_THAT(core_->Submit(wrong_blob).status(), StatusIs(absl::StatusCode::kInvalidArgument, "does not match"));
+  auto missing = Request();
+  missing.mutable_blobs()->DeleteSubrange(0, 1);
+  EXPECT_THAT(core_->Submit(missing).status(), StatusIs(absl::StatusCode::kNotFound, "flake.nix"));
+  auto archive = Request();
+  archive.mutable_targets(0)->mutable_spec()->mutable_source()->mutable_archive()->set_hash(std::string(64, 'a'));
+  EXPECT_THAT(core_->Submit(archive).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument, "source archives are no longer accepted"));
+  auto too_big = Request();
+  too_big.mutable_blobs(0)->set_data(std::string(options_.max_source_bytes + 1, 'x'));
+  EXPECT_THAT(core_->Submit(too_big).status(), StatusIs(absl::StatusCode::kResourceExhausted, "larger than"));
   auto bad_attr = Request();
   bad_attr.mutable_targets(0)->mutable_spec()->set_attr("--option");
   EXPECT_EQ(core_->Submit(bad_attr).status().code(), absl::StatusCode::kInvalidArgument);

@@ -70,7 +70,7 @@ TEST(RocksDbStateStoreTest, FreshStoreHasDefaultCounters) {
 TEST(RocksDbStateStoreTest, RecordFormatMatchesGolden) {
   EXPECT_EQ(RocksDbStateStore::JobKey("42"), "00000000000000000042");
   JobRecord r = Record("42", kiln::v1::JOB_STATE_QUEUED);
-  r.mutable_spec()->mutable_source()->mutable_archive()->set_hash(std::string(64, 'a'));
+  r.mutable_spec()->mutable_source()->mutable_tree_root()->set_hash(std::string(64, 'a'));
   r.mutable_spec()->mutable_requirements()->set_system("x86_64-linux");
   r.set_attempt(1);
   std::string text;

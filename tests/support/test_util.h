@@ -5,6 +5,8 @@
 
 #include <gmock/gmock.h>
 
+#include "absl/strings/match.h"
+
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 
@@ -36,5 +38,9 @@ void ExpectMatchesGolden(const std::string& actual, const std::string& relative)
 
 MATCHER_P(StatusIs, code, "") { return arg.code() == code; }
 MATCHER_P(StatusOrIs, code, "") { return arg.status().code() == code; }
+// A status with `code` whose message contains `text`.
+MATCHER_P2(StatusIs, code, text, "") {
+  return arg.code() == code && absl::StrContains(arg.message(), std::string(text));
+}
 
 }  // namespace kiln::testing

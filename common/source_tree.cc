@@ -1,0 +1,336 @@
+#include "common/source_tree.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <utility>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "common/digest.h"
+
+namespace kiln {
+namespace fs = std::filesystem;
+using kiln::v1::Digest;
+using kiln::v1::Directory;
+
+namespace {
+
+std::string SizeText(uint64_t bytes) {
+  return bytes >= (1u << 20) ? absl::StrCat(bytes >> 20, " MiB") : absl::StrCat(bytes, " bytes");
+}
+
+absl::Status TooLarge(const SourceTreeLimits& limits) {
+  return absl::ResourceExhaustedError(absl::StrCat("source tree is larger than ", SizeText(limits.max_total_bytes),
+                                                   "; build from a smaller flake directory"));
+}
+
+absl::Status ValidateName(absl::string_view name, absl::string_view where) {
+  if (name.empty() || name == "." || name == ".." || name.find('/') != absl::string_view::npos ||
+      name.find('\0') != absl::string_view::npos) {
+    return absl::InvalidArgumentError(absl::StrCat("source tree entry '", name, "' in '", where,
+                                                   "' is not a plain file name"));
+  }
+  return absl::OkStatus();
+}
+
+// A link stays inside the tree when, read from its directory (`depth` levels
+// below the root), its target never climbs above the root. This is lexical:
+// materialisation never writes through a link, so it only guards what a
+// build might read through one.
+absl::Status ValidateLinkTarget(absl::string_view path, absl::string_view target, size_t depth) {
+  if (target.empty() || target[0] == '/') {
+    return absl::InvalidArgumentError(absl::StrCat("source tree symlink '", path, "' -> '", target,
+                                                   "' is absolute or empty; links must stay inside the tree"));
+  }
+  int64_t level = static_cast<int64_t>(depth);
+  for (absl::string_view part : absl::StrSplit(target, '/', absl::SkipEmpty())) {
+    if (part == ".") continue;
+    level += part == ".." ? -1 : 1;
+    if (level < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("source tree symlink '", path, "' -> '", target, "' points outside the tree"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Directory> ParseDirectory(const Digest& digest, const BlobLookup& lookup, absl::string_view where) {
+  const std::string* data = lookup(digest.hash());
+  if (data == nullptr) {
+    return absl::NotFoundError(absl::StrCat("source tree directory '", where, "' (", digest.hash(), ") is missing"));
+  }
+  if (absl::Status s = VerifyBlob(digest, *data); !s.ok()) return s;
+  Directory dir;
+  if (!dir.ParseFromString(*data)) {
+    return absl::InvalidArgumentError(absl::StrCat("source tree directory '", where, "' does not parse"));
+  }
+  return dir;
+}
+
+// Checks one directory's entries: valid names, sorted and unique across the
+// three lists (one encoding per tree), safe links.
+absl::Status ValidateDirectory(const Directory& dir, const std::string& where, size_t depth,
+                               const SourceTreeLimits& limits) {
+  const size_t entries = dir.files_size() + dir.directories_size() + dir.symlinks_size();
+  if (entries > limits.max_entries_per_directory) {
+    return absl::ResourceExhaustedError(absl::StrCat("source directory '", where, "' has ", entries,
+                                                     " entries; the limit is ", limits.max_entries_per_directory));
+  }
+  std::vector<absl::string_view> names;
+  names.reserve(entries);
+  auto check_sorted = [&](const auto& list) -> absl::Status {
+    for (int i = 0; i < list.size(); ++i) {
+      if (absl::Status s = ValidateName(list[i].name(), where); !s.ok()) return s;
+      if (i > 0 && !(list[i - 1].name() < list[i].name())) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("source directory '", where, "' is not sorted or repeats '", list[i].name(), "'"));
+      }
+      names.push_back(list[i].name());
+    }
+    return absl::OkStatus();
+  };
+  if (absl::Status s = check_sorted(dir.files()); !s.ok()) return s;
+  if (absl::Status s = check_sorted(dir.directories()); !s.ok()) return s;
+  if (absl::Status s = check_sorted(dir.symlinks()); !s.ok()) return s;
+  std::sort(names.begin(), names.end());
+  if (std::adjacent_find(names.begin(), names.end()) != names.end()) {
+    return absl::InvalidArgumentError(absl::StrCat("source directory '", where, "' names an entry twice"));
+  }
+  for (const auto& link : dir.symlinks()) {
+    const std::string path = where.empty() ? link.name() : absl::StrCat(where, "/", link.name());
+    if (absl::Status s = ValidateLinkTarget(path, link.target(), depth); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+// Depth-first walk over a tree, checking each directory before its entries
+// are visited. `on_dir` sees every directory (relative path, message);
+// returning an error stops the walk.
+template <typename OnDir>
+absl::Status Walk(const Digest& root, const BlobLookup& lookup, const SourceTreeLimits& limits, OnDir on_dir) {
+  struct Pending {
+    Digest digest;
+    std::string path;
+    size_t depth;
+  };
+  std::vector<Pending> stack{{root, "", 0}};
+  uint64_t entries = 0, bytes = 0;
+  while (!stack.empty()) {
+    Pending p = std::move(stack.back());
+    stack.pop_back();
+    if (p.depth > limits.max_depth) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("source tree is deeper than ", limits.max_depth, " directories at '", p.path, "'"));
+    }
+    absl::StatusOr<Directory> dir = ParseDirectory(p.digest, lookup, p.path);
+    if (!dir.ok()) return dir.status();
+    if (absl::Status s = ValidateDirectory(*dir, p.path, p.depth, limits); !s.ok()) return s;
+    entries += dir->files_size() + dir->directories_size() + dir->symlinks_size();
+    bytes += static_cast<uint64_t>(p.digest.size_bytes());
+    for (const auto& f : dir->files()) bytes += static_cast<uint64_t>(std::max<int64_t>(0, f.digest().size_bytes()));
+    if (entries > limits.max_entries) {
+      return absl::ResourceExhaustedError(absl::StrCat("source tree has more than ", limits.max_entries, " entries"));
+    }
+    if (bytes > limits.max_total_bytes) {
+      return TooLarge(limits);
+    }
+    if (absl::Status s = on_dir(p.path, *dir); !s.ok()) return s;
+    for (int i = dir->directories_size() - 1; i >= 0; --i) {
+      const auto& child = dir->directories(i);
+      stack.push_back({child.digest(), p.path.empty() ? child.name() : absl::StrCat(p.path, "/", child.name()),
+                       p.depth + 1});
+    }
+  }
+  return absl::OkStatus();
+}
+
+Digest MakeDigest(std::string hash, size_t size) {
+  Digest d;
+  d.set_hash(std::move(hash));
+  d.set_size_bytes(static_cast<int64_t>(size));
+  return d;
+}
+
+absl::Status ReadWholeFile(const fs::path& path, std::string& out) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path.string()));
+  out.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  if (in.bad()) return absl::DataLossError(absl::StrCat("cannot read ", path.string()));
+  return absl::OkStatus();
+}
+
+struct Builder {
+  const SourceTreeLimits& limits;
+  SourceTree tree;
+  uint64_t entries = 0;
+  uint64_t bytes = 0;
+
+  absl::Status Add(std::string data, Digest* digest_out) {
+    bytes += data.size();
+    if (bytes > limits.max_total_bytes) {
+      return TooLarge(limits);
+    }
+    *digest_out = DigestOf(data);
+    tree.blobs.try_emplace(digest_out->hash(), std::move(data));
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<Digest> AddDirectory(const fs::path& dir, size_t depth) {
+    if (depth > limits.max_depth) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("source tree is deeper than ", limits.max_depth, " directories at ", dir.string()));
+    }
+    std::vector<std::string> names;
+    std::error_code ec;
+    for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+      std::string name = it->path().filename().string();
+      if (name == ".git") continue;
+      names.push_back(std::move(name));
+    }
+    if (ec) return absl::NotFoundError(absl::StrCat("cannot read ", dir.string(), ": ", ec.message()));
+    std::sort(names.begin(), names.end());
+    entries += names.size();
+    if (entries > limits.max_entries || names.size() > limits.max_entries_per_directory) {
+      return absl::ResourceExhaustedError(absl::StrCat("more than ", limits.max_entries, " entries under ",
+                                                       dir.string(), " (or ", limits.max_entries_per_directory,
+                                                       " in one directory)"));
+    }
+    Directory message;
+    std::string data;
+    for (const std::string& name : names) {
+      const fs::path full = dir / name;
+      struct stat st;
+      if (::lstat(full.c_str(), &st) != 0) return absl::NotFoundError(absl::StrCat("cannot stat ", full.string()));
+      if (S_ISDIR(st.st_mode)) {
+        absl::StatusOr<Digest> child = AddDirectory(full, depth + 1);
+        if (!child.ok()) return child.status();
+        auto* node = message.add_directories();
+        node->set_name(name);
+        *node->mutable_digest() = *std::move(child);
+      } else if (S_ISLNK(st.st_mode)) {
+        auto* node = message.add_symlinks();
+        node->set_name(name);
+        node->set_target(fs::read_symlink(full, ec).string());
+        if (ec) return absl::NotFoundError(absl::StrCat("cannot read link ", full.string()));
+      } else if (S_ISREG(st.st_mode)) {
+        if (absl::Status s = ReadWholeFile(full, data); !s.ok()) return s;
+        auto* node = message.add_files();
+        node->set_name(name);
+        node->set_is_executable((st.st_mode & 0111) != 0);
+        if (absl::Status s = Add(std::move(data), node->mutable_digest()); !s.ok()) return s;
+      }  // Sockets, fifos, devices: not source.
+    }
+    Digest digest;
+    if (absl::Status s = Add(SerializeDirectory(message), &digest); !s.ok()) return s;
+    return digest;
+  }
+};
+
+absl::Status WriteFile(const fs::path& path, absl::string_view data, bool executable) {
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, executable ? 0755 : 0644);
+  if (fd < 0) return absl::InternalError(absl::StrCat("cannot create ", path.string(), ": ", std::strerror(errno)));
+  size_t done = 0;
+  while (done < data.size()) {
+    ssize_t n = ::write(fd, data.data() + done, data.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      ::close(fd);
+      return absl::InternalError(absl::StrCat("cannot write ", path.string(), ": ", std::strerror(errno)));
+    }
+    done += static_cast<size_t>(n);
+  }
+  if (::close(fd) != 0) return absl::InternalError(absl::StrCat("cannot write ", path.string()));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+Digest DigestOf(absl::string_view data) { return MakeDigest(Sha256Hex(data), data.size()); }
+
+absl::Status VerifyBlob(const Digest& digest, absl::string_view data) {
+  if (static_cast<uint64_t>(digest.size_bytes()) != data.size() || Sha256Hex(data) != digest.hash()) {
+    return absl::InvalidArgumentError(absl::StrCat("blob does not match its digest ", digest.hash(), "/",
+                                                   digest.size_bytes(), " (got ", Sha256Hex(data), "/", data.size(),
+                                                   ")"));
+  }
+  return absl::OkStatus();
+}
+
+std::string SerializeDirectory(const Directory& directory) {
+  std::string out;
+  directory.SerializeToString(&out);
+  return out;
+}
+
+absl::StatusOr<SourceTree> BuildSourceTree(const std::string& dir, const SourceTreeLimits& limits) {
+  if (!fs::is_directory(dir)) return absl::NotFoundError(absl::StrCat("not a directory: ", dir));
+  Builder builder{.limits = limits, .tree = {}};
+  absl::StatusOr<Digest> root = builder.AddDirectory(dir, 0);
+  if (!root.ok()) return root.status();
+  builder.tree.root = *std::move(root);
+  return std::move(builder.tree);
+}
+
+absl::StatusOr<std::vector<std::string>> ListTreeBlobs(const Digest& root, const BlobLookup& lookup,
+                                                       const SourceTreeLimits& limits) {
+  std::vector<std::string> out;
+  absl::flat_hash_set<std::string> seen;
+  auto note = [&](const Digest& d) {
+    if (seen.insert(d.hash()).second) out.push_back(d.hash());
+  };
+  note(root);
+  absl::Status s = Walk(root, lookup, limits, [&](const std::string& path, const Directory& dir) -> absl::Status {
+    for (const auto& child : dir.directories()) note(child.digest());
+    for (const auto& file : dir.files()) {
+      if (lookup(file.digest().hash()) == nullptr) {
+        return absl::NotFoundError(absl::StrCat("source file '", path.empty() ? "" : path + "/", file.name(), "' (",
+                                                file.digest().hash(), ") is missing"));
+      }
+      note(file.digest());
+    }
+    return absl::OkStatus();
+  });
+  if (!s.ok()) return s;
+  return out;
+}
+
+absl::Status MaterializeTree(const Digest& root, const BlobLookup& lookup, const std::string& dest,
+                             const SourceTreeLimits& limits) {
+  return Walk(root, lookup, limits, [&](const std::string& path, const Directory& dir) -> absl::Status {
+    const fs::path here = path.empty() ? fs::path(dest) : fs::path(dest) / path;
+    std::error_code ec;
+    for (const auto& child : dir.directories()) {
+      // The walk visits children after their parent, so each is new here.
+      if (!fs::create_directory(here / child.name(), ec) || ec) {
+        return absl::InternalError(absl::StrCat("cannot create ", (here / child.name()).string()));
+      }
+    }
+    for (const auto& file : dir.files()) {
+      const std::string* data = lookup(file.digest().hash());
+      if (data == nullptr) {
+        return absl::NotFoundError(absl::StrCat("source file '", path, path.empty() ? "" : "/", file.name(),
+                                                "' is missing"));
+      }
+      if (absl::Status s = VerifyBlob(file.digest(), *data); !s.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat("source file '", path, path.empty() ? "" : "/", file.name(),
+                                                       "': ", s.message()));
+      }
+      if (absl::Status s = WriteFile(here / file.name(), *data, file.is_executable()); !s.ok()) return s;
+    }
+    for (const auto& link : dir.symlinks()) {
+      fs::create_symlink(link.target(), here / link.name(), ec);
+      if (ec) return absl::InternalError(absl::StrCat("cannot create link ", (here / link.name()).string()));
+    }
+    return absl::OkStatus();
+  });
+}
+
+}  // namespace kiln
