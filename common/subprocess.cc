@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/syscall.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -220,6 +221,9 @@ struct ProcessSupervisor::Child {
   pid_t pid = -1;
   int stdout_fd = -1;
   int stderr_fd = -1;
+  // Readable once the leader exits, so its exit is seen at once rather than
+  // at the next poll timeout. -1 where the kernel has no pidfd_open (< 5.3).
+  int pid_fd = -1;
   std::string stdout_data;
   std::string line_buf;
   bool exited = false;
@@ -259,6 +263,9 @@ absl::StatusOr<ProcessSupervisor::ProcessId> ProcessSupervisor::Spawn(
   child->pid = spawned->pid;
   child->stdout_fd = spawned->stdout_fd;
   child->stderr_fd = spawned->stderr_fd;
+#ifdef SYS_pidfd_open
+  child->pid_fd = static_cast<int>(::syscall(SYS_pidfd_open, spawned->pid, 0));
+#endif
   SetNonBlocking(child->stdout_fd);
   SetNonBlocking(child->stderr_fd);
   child->on_line = std::move(on_line);
@@ -325,11 +332,19 @@ void ProcessSupervisor::Loop() {
       if (c->stdout_fd >= 0) { fds.push_back({c->stdout_fd, POLLIN, 0}); owners.push_back({c.get(), false}); }
       if (c->stderr_fd >= 0) { fds.push_back({c->stderr_fd, POLLIN, 0}); owners.push_back({c.get(), true}); }
     }
-    // A child whose streams closed is about to exit: look again soon. The
-    // 100 ms otherwise bounds how late an exit is noticed when a grandchild
-    // still holds the pipes open.
+    // Without a pidfd, a child whose streams closed is about to exit: look
+    // again soon. The 100 ms otherwise bounds how late an exit is noticed
+    // when a grandchild still holds the pipes open.
     bool exiting = false;
-    for (auto& [_, c] : live) exiting |= !c->exited && c->stdout_fd < 0 && c->stderr_fd < 0;
+    for (auto& [_, c] : live) {
+      if (c->exited) continue;
+      if (c->pid_fd >= 0) {
+        fds.push_back({c->pid_fd, POLLIN, 0});
+        owners.push_back({nullptr, false});
+      } else {
+        exiting |= c->stdout_fd < 0 && c->stderr_fd < 0;
+      }
+    }
     int rc = ::poll(fds.data(), fds.size(), exiting ? 1 : 100);
     if (rc < 0 && errno != EINTR) continue;
     if (fds[0].revents) {
@@ -339,6 +354,7 @@ void ProcessSupervisor::Loop() {
     for (size_t i = 1; i < fds.size(); ++i) {
       if (!fds[i].revents) continue;
       Child* c = owners[i].first;
+      if (c == nullptr) continue;  // A pidfd: the reaping below handles it.
       bool is_stderr = owners[i].second;
       int& fd = is_stderr ? c->stderr_fd : c->stdout_fd;
       ssize_t r = ::read(fd, buf, sizeof buf);
@@ -387,6 +403,7 @@ void ProcessSupervisor::Loop() {
           }
           c->exited = true;
           c->exit = DecodeWaitStatus(status);
+          CloseFd(c->pid_fd);
         }
       }
       if (c->exited && c->stdout_fd < 0 && c->stderr_fd < 0) {
