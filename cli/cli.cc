@@ -130,7 +130,10 @@ absl::StatusOr<std::string> Submit(BuildService::Stub& stub, const CliOptions& o
   spec->set_attr(installable->attr);
   spec->mutable_requirements()->set_system(options.system);
   spec->set_display_name(text);
-  spec->set_priority(kiln::v1::PRIORITY_INTERACTIVE);
+  int priority = kiln::v1::PRIORITY_INTERACTIVE;
+  ParsePriority(options.priority, &priority);
+  spec->set_priority(static_cast<kiln::v1::Priority>(priority));
+  spec->set_locality_key(LocalityKey(dir.string(), installable->attr));
   for (auto& [hash, data] : tree->blobs) {
     kiln::v1::Blob* blob = request.add_blobs();
     blob->mutable_digest()->set_hash(hash);
@@ -220,6 +223,32 @@ absl::StatusOr<JobEvent::Finished> Watch(BuildService::Stub& stub, const CliOpti
 }
 
 }  // namespace
+
+bool ParsePriority(const std::string& name, int* wire_value) {
+  if (name == "interactive") {
+    *wire_value = kiln::v1::PRIORITY_INTERACTIVE;
+  } else if (name == "ci") {
+    *wire_value = kiln::v1::PRIORITY_CI;
+  } else if (name == "batch") {
+    *wire_value = kiln::v1::PRIORITY_BATCH;
+  } else {
+    return false;
+  }
+  return true;
+}
+
+std::string LocalityKey(const std::string& flake_dir, const std::string& attr) {
+  const fs::path dir(flake_dir);
+  std::error_code ec;
+  for (fs::path p = dir; !p.empty(); p = p.parent_path()) {
+    if (fs::exists(p / ".git", ec)) {
+      const std::string rel = dir.lexically_relative(p).string();
+      return absl::StrCat(rel == "." ? "" : rel, "#", attr);
+    }
+    if (p == p.root_path()) break;
+  }
+  return absl::StrCat(flake_dir, "#", attr);
+}
 
 int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& installables) {
   if (installables.empty()) {

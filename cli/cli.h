@@ -24,12 +24,21 @@ struct CliOptions {
   bool json = false;
   std::string system = "x86_64-linux";
   bool quiet = false;       // No build log, only the result.
+  std::string priority = "interactive";  // interactive, ci or batch.
   int watch_retry_seconds = 120;
 };
 
 // `kiln build INSTALLABLE...`: uploads each flake, submits, streams the logs,
 // prints the output paths (or a JSON array like `nix build --json`).
 int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& installables);
+
+// The wire priority for a class name; false for an unknown name.
+bool ParsePriority(const std::string& name, int* wire_value);
+
+// A name for the flake at `flake_dir` (absolute) and `attr` that survives
+// edits: its path below the enclosing git repository's root, else its
+// absolute path ("services/api#oci-image").
+std::string LocalityKey(const std::string& flake_dir, const std::string& attr);
 
 // `kiln status JOB`.
 int RunStatusCommand(const CliOptions& options, const std::string& job_id);

@@ -14,11 +14,13 @@ ABSL_FLAG(std::string, coordinator, "", "Coordinator address (default: $KILN_COO
 ABSL_FLAG(bool, json, false, "Print machine-readable JSON on stdout");
 ABSL_FLAG(std::string, system, "x86_64-linux", "System to build for");
 ABSL_FLAG(bool, quiet, false, "Do not show build logs");
+ABSL_FLAG(std::string, priority, "interactive", "Priority class of the builds: interactive, ci or batch");
 
 namespace {
 constexpr char kUsage[] =
     "Kiln: build Nix flakes on a build farm.\n"
     "  kiln [--coordinator=ADDR] build PATH#ATTR... [--json] [--quiet] [--system=SYSTEM]\n"
+    "                                  [--priority=interactive|ci|batch]\n"
     "  kiln [--coordinator=ADDR] status JOB [--json]\n"
     "  kiln [--coordinator=ADDR] cancel JOB\n"
     "Exit codes: 0 success, 1 build failed, 2 bad usage or input, 3 coordinator unreachable.";
@@ -39,6 +41,11 @@ int main(int argc, char** argv) {
   options.json = absl::GetFlag(FLAGS_json);
   options.system = absl::GetFlag(FLAGS_system);
   options.quiet = absl::GetFlag(FLAGS_quiet);
+  options.priority = absl::GetFlag(FLAGS_priority);
+  if (int unused; !kiln::ParsePriority(options.priority, &unused)) {
+    std::fprintf(stderr, "error: unknown priority '%s' (interactive, ci or batch)\n", options.priority.c_str());
+    return kiln::kExitUsage;
+  }
 
   if (args.empty()) {
     std::fprintf(stderr, "%s\n", kUsage);

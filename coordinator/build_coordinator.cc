@@ -48,7 +48,7 @@ absl::string_view ResultLabel(JobState state) {
 
 BuildCoordinator::BuildCoordinator(StateStore* store, CoordinatorMetrics* metrics, const Clock* clock,
                                    BuildCoordinatorOptions options)
-    : store_(store), metrics_(metrics), clock_(clock), options_(std::move(options)) {}
+    : store_(store), metrics_(metrics), clock_(clock), options_(std::move(options)), started_(clock_->Now()) {}
 
 bool BuildCoordinator::IsTerminal(JobState state) {
   return state == kiln::v1::JOB_STATE_SUCCEEDED || state == kiln::v1::JOB_STATE_FAILED ||
@@ -63,6 +63,22 @@ JobRequirements BuildCoordinator::RequirementsOf(const kiln::v1::JobSpec& spec) 
   req.pinned_labels.insert(spec.requirements().pinned_labels().begin(),
                            spec.requirements().pinned_labels().end());
   return req;
+}
+
+JobPlacement BuildCoordinator::PlacementOf(const JobRecord& record) {
+  JobPlacement placement;
+  switch (record.spec().priority()) {
+    case kiln::v1::PRIORITY_INTERACTIVE: placement.priority_class = 0; break;
+    case kiln::v1::PRIORITY_BATCH: placement.priority_class = 2; break;
+    default: placement.priority_class = 1; break;
+  }
+  placement.buildset = record.buildset_id();
+  const auto& spec = record.spec();
+  placement.locality_key = !spec.locality_key().empty()
+                               ? spec.locality_key()
+                               : absl::StrCat(spec.source().tree_root().hash(), "/", spec.source().flake_subdir(),
+                                              "#", spec.attr());
+  return placement;
 }
 
 absl::Status BuildCoordinator::Recover() {
@@ -87,7 +103,7 @@ absl::Status BuildCoordinator::Recover() {
       finished->set_worker(job.record.worker());
       Emit(job, std::move(event));
     } else if (state == kiln::v1::JOB_STATE_QUEUED) {
-      scheduler_.Enqueue(id, RequirementsOf(job.record.spec()));
+      scheduler_.Enqueue(id, RequirementsOf(job.record.spec()), PlacementOf(job.record));
       JobEvent event;
       event.mutable_queued()->set_attempt(job.record.attempt());
       Emit(job, std::move(event));
@@ -161,6 +177,13 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
     if (spec.requirements().system().empty()) {
       return reject(absl::InvalidArgumentError("target has no system (e.g. x86_64-linux)"));
     }
+    // Once workers have had time to reconnect after a start, refuse what
+    // none of them could ever build rather than queue it forever.
+    if (clock_->Now() - started_ >= options_.capability_grace && scheduler_.has_known_workers()) {
+      if (std::string unmet = scheduler_.UnmetByKnownWorkers(RequirementsOf(spec)); !unmet.empty()) {
+        return reject(absl::FailedPreconditionError(absl::StrCat(spec.display_name(), ": ", unmet)));
+      }
+    }
     if (spec.has_push()) {
       return reject(absl::UnimplementedError("image push targets are not supported by this coordinator yet"));
     }
@@ -203,7 +226,7 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
     JobEntry& job = jobs_[id];
     job.record = std::move(r);
     job.queued_at = now;
-    scheduler_.Enqueue(id, RequirementsOf(job.record.spec()));
+    scheduler_.Enqueue(id, RequirementsOf(job.record.spec()), PlacementOf(job.record));
     JobEvent event;
     event.mutable_queued()->set_attempt(0);
     Emit(job, std::move(event));
@@ -361,6 +384,7 @@ void BuildCoordinator::HandleRegister(WorkerEntry& worker, const kiln::v1::Regis
   caps.mandatory_features.insert(reg.mandatory_features().begin(), reg.mandatory_features().end());
   caps.labels.insert(reg.labels().begin(), reg.labels().end());
   caps.max_jobs = static_cast<int>(reg.max_jobs());
+  caps.speed_factor = reg.speed_factor() > 0 ? reg.speed_factor() : 1.0;
   scheduler_.AddWorker(worker.name, std::move(caps));
 
   kiln::v1::CoordinatorMessage reply;
@@ -546,7 +570,7 @@ void BuildCoordinator::Requeue(JobEntry& job, absl::string_view reason_label, co
   job.record.clear_started_at();
   Persist({&job.record});
   job.queued_at = clock_->Now();
-  scheduler_.Enqueue(id, RequirementsOf(job.record.spec()), /*front=*/true);
+  scheduler_.Enqueue(id, RequirementsOf(job.record.spec()), PlacementOf(job.record), /*front=*/true);
   metrics_->Requeues(reason_label).Increment();
   JobEvent event;
   event.mutable_queued()->set_attempt(job.record.attempt());

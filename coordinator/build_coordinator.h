@@ -61,6 +61,9 @@ struct BuildCoordinatorOptions {
   size_t log_bytes_per_job = 8 << 20;   // Kept in memory for late watchers.
   size_t finished_jobs_with_logs = 256; // Older finished jobs keep no log.
   absl::Duration heartbeat_interval = absl::Seconds(10);
+  // After a start, how long workers have to reconnect before a job that no
+  // known worker could take is refused at submission.
+  absl::Duration capability_grace = absl::Seconds(60);
 };
 
 class BuildCoordinator {
@@ -127,12 +130,14 @@ class BuildCoordinator {
   void Persist(const std::vector<const kiln::state::v1::JobRecord*>& records);
   void UpdateGauges();
   static JobRequirements RequirementsOf(const kiln::v1::JobSpec& spec);
+  static JobPlacement PlacementOf(const kiln::state::v1::JobRecord& record);
   static bool IsTerminal(kiln::v1::JobState state);
 
   StateStore* const store_;
   CoordinatorMetrics* const metrics_;
   const Clock* const clock_;
   const BuildCoordinatorOptions options_;
+  const absl::Time started_;
 
   Scheduler scheduler_;
   absl::flat_hash_map<std::string, JobEntry> jobs_;

@@ -4,6 +4,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/time/time.h"
 #include "common/cli_args.h"
 #include "common/daemon.h"
 #include "common/log.h"
@@ -15,6 +16,8 @@ ABSL_FLAG(std::string, state_dir, "", "Directory for the coordinator's RocksDB s
 ABSL_FLAG(std::string, ready_file, "", "Write the bound addresses here as JSON once serving");
 ABSL_FLAG(bool, sync_writes, false, "fsync every state change (survives power loss, slower)");
 ABSL_FLAG(uint32_t, max_attempts, 3, "Attempts before a job that keeps losing its worker fails");
+ABSL_FLAG(absl::Duration, capability_grace, absl::Seconds(60),
+          "After a start, how long workers have to reconnect before a job no known worker could build is refused");
 ABSL_FLAG(std::string, log_level, "info", "debug, info, warning or error");
 
 int main(int argc, char** argv) {
@@ -36,6 +39,7 @@ int main(int argc, char** argv) {
   options.ready_file = absl::GetFlag(FLAGS_ready_file);
   options.sync_writes = absl::GetFlag(FLAGS_sync_writes);
   options.core.max_attempts = absl::GetFlag(FLAGS_max_attempts);
+  options.core.capability_grace = absl::GetFlag(FLAGS_capability_grace);
   auto server = kiln::CoordinatorServer::Start(options);
   if (!server.ok()) {
     std::fprintf(stderr, "kiln-coordinator: %s\n", server.status().ToString().c_str());

@@ -1,6 +1,7 @@
 #include "coordinator/scheduler.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -22,8 +23,76 @@ bool WorkerMatches(const WorkerCapabilities& caps, const JobRequirements& req) {
   return true;
 }
 
+namespace {
+
+uint64_t Fnv1a(absl::string_view text, uint64_t h = 1469598103934665603ull) {
+  for (unsigned char c : text) {
+    h ^= c;
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+
+// splitmix64's finaliser: spreads FNV's weak low bits over the whole word.
+uint64_t Mix(uint64_t x) {
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ull;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebull;
+  x ^= x >> 31;
+  return x;
+}
+
+std::string RequirementKey(const JobRequirements& r) {
+  std::string key = r.system;
+  for (const auto& f : r.required_features) absl::StrAppend(&key, "\x1f" "f", f);
+  for (const auto& [k, v] : r.pinned_labels) absl::StrAppend(&key, "\x1f" "l", k, "=", v);
+  return key;
+}
+
+std::string Unmet(const JobRequirements& req, const std::vector<const WorkerCapabilities*>& workers,
+                  absl::string_view who) {
+  bool system_ok = false;
+  for (const auto* w : workers) system_ok |= w->systems.contains(req.system);
+  if (!system_ok) return absl::StrCat("no ", who, " offers system ", req.system);
+  for (const auto& f : req.required_features) {
+    bool any = false;
+    for (const auto* w : workers) any |= w->supported_features.contains(f) || w->mandatory_features.contains(f);
+    if (!any) return absl::StrCat("no ", who, " offers feature ", f);
+  }
+  for (const auto& [k, v] : req.pinned_labels) {
+    bool any = false;
+    for (const auto* w : workers) {
+      auto it = w->labels.find(k);
+      any |= it != w->labels.end() && it->second == v;
+    }
+    if (!any) return absl::StrCat("no ", who, " has label ", k, "=", v);
+  }
+  for (const auto* w : workers) {
+    if (WorkerMatches(*w, req)) return "";
+  }
+  return absl::StrCat("no ", who, " matches the job's system, features, labels and mandatory features together");
+}
+
+}  // namespace
+
+std::string UnmetRequirement(const JobRequirements& req, const std::vector<const WorkerCapabilities*>& workers) {
+  return Unmet(req, workers, "worker");
+}
+
+double RendezvousScore(const std::string& key, const std::string& worker, double weight) {
+  const uint64_t h = Mix(Fnv1a(worker, Fnv1a("\x1f", Fnv1a(key))));
+  // A uniform draw in (0, 1) from the top 53 bits; -w/ln(u) makes a worker's
+  // chance of holding the top score proportional to its weight.
+  const double u = (static_cast<double>(h >> 11) + 0.5) / 9007199254740992.0;
+  return (weight > 0 ? weight : 1.0) / -std::log(u);
+}
+
 void Scheduler::AddWorker(const std::string& worker, WorkerCapabilities caps) {
+  if (caps.speed_factor <= 0) caps.speed_factor = 1.0;
+  known_[worker] = caps;
   workers_[worker].caps = std::move(caps);
+  matching_cache_.clear();
 }
 
 std::vector<std::string> Scheduler::RemoveWorker(const std::string& worker) {
@@ -32,22 +101,42 @@ std::vector<std::string> Scheduler::RemoveWorker(const std::string& worker) {
   std::vector<std::string> jobs = std::move(it->second.jobs);
   for (const auto& j : jobs) running_.erase(j);
   workers_.erase(it);
+  matching_cache_.clear();
   return jobs;
 }
 
-void Scheduler::Enqueue(const std::string& job, JobRequirements req, bool front) {
-  if (queued_index_.contains(job)) return;
-  auto pos = front ? queue_.begin() : queue_.end();
-  auto it = queue_.insert(pos, QueuedJob{job, std::move(req)});
-  queued_index_[job] = it;
+bool Scheduler::SetDraining(const std::string& worker, bool draining) {
+  auto it = workers_.find(worker);
+  if (it == workers_.end()) return false;
+  it->second.draining = draining;
+  return true;
+}
+
+void Scheduler::Enqueue(const std::string& job, JobRequirements req, JobPlacement placement, bool front) {
+  if (queued_.contains(job) || running_.contains(job)) return;
+  placement.priority_class = std::clamp(placement.priority_class, 0, kPriorityClasses - 1);
+  QueuedJob q{.req = std::move(req), .placement = std::move(placement), .req_key = "", .seq = next_seq_++};
+  q.req_key = RequirementKey(q.req);
+  PriorityClass& cls = classes_[q.placement.priority_class];
+  auto [bs, fresh] = cls.by_buildset.try_emplace(q.placement.buildset);
+  // A buildset that becomes active takes its turn after those already waiting.
+  if (fresh || bs->second.empty()) {
+    if (std::find(cls.rotation.begin(), cls.rotation.end(), q.placement.buildset) == cls.rotation.end()) {
+      cls.rotation.push_back(q.placement.buildset);
+    }
+  }
+  Entry entry{job, q.seq};
+  if (front) {
+    bs->second.push_front(std::move(entry));
+  } else {
+    bs->second.push_back(std::move(entry));
+  }
+  queued_.emplace(job, std::move(q));
 }
 
 bool Scheduler::Dequeue(const std::string& job) {
-  auto it = queued_index_.find(job);
-  if (it == queued_index_.end()) return false;
-  queue_.erase(it->second);
-  queued_index_.erase(it);
-  return true;
+  // The queue entry goes stale and is dropped when the scan reaches it.
+  return queued_.erase(job) > 0;
 }
 
 bool Scheduler::Release(const std::string& job, const std::string& worker) {
@@ -59,60 +148,128 @@ bool Scheduler::Release(const std::string& job, const std::string& worker) {
   return true;
 }
 
-std::vector<Assignment> Scheduler::Assign() {
-  std::vector<Assignment> out;
-  size_t free = 0;
-  for (const auto& [_, w] : workers_) {
-    free += static_cast<size_t>(std::max(0, w.caps.max_jobs - static_cast<int>(w.jobs.size())));
+const std::vector<std::string>& Scheduler::Matching(const QueuedJob& q) {
+  auto [it, fresh] = matching_cache_.try_emplace(q.req_key);
+  if (fresh) {
+    for (const auto& [name, w] : workers_) {
+      if (WorkerMatches(w.caps, q.req)) it->second.push_back(name);
+    }
   }
-  for (auto it = queue_.begin(); it != queue_.end() && free > 0;) {
-    WorkerState* best = nullptr;
-    const std::string* best_name = nullptr;
-    double best_load = 0;
-    for (auto& [name, w] : workers_) {
-      const int used = static_cast<int>(w.jobs.size());
-      if (used >= w.caps.max_jobs || !WorkerMatches(w.caps, it->req)) continue;
-      const double load = static_cast<double>(used) / w.caps.max_jobs;
-      if (best == nullptr || load < best_load) {
-        best = &w;
-        best_name = &name;
+  return it->second;
+}
+
+bool Scheduler::Place(const std::string& job, const QueuedJob& q, std::vector<Assignment>& out) {
+  const std::vector<std::string>& names = Matching(q);
+  std::pair<const std::string, WorkerState>* chosen = nullptr;
+  if (!q.placement.locality_key.empty()) {
+    double best = -1;
+    std::pair<const std::string, WorkerState>* preferred = nullptr;
+    for (const std::string& name : names) {
+      auto& entry = *workers_.find(name);
+      if (entry.second.draining) continue;
+      const double score = RendezvousScore(q.placement.locality_key, name, entry.second.caps.speed_factor);
+      if (score > best) {
+        best = score;
+        preferred = &entry;
+      }
+    }
+    if (preferred != nullptr && preferred->second.free() > 0) chosen = preferred;
+  }
+  if (chosen == nullptr) {
+    // Least loaded by fraction of slots in use; then the faster; then by name.
+    double best_load = 2;
+    for (const std::string& name : names) {
+      auto& entry = *workers_.find(name);
+      const WorkerState& w = entry.second;
+      if (w.free() == 0) continue;
+      const double load = static_cast<double>(w.jobs.size()) / w.caps.max_jobs;
+      if (chosen == nullptr || load < best_load ||
+          (load == best_load && w.caps.speed_factor > chosen->second.caps.speed_factor)) {
+        chosen = &entry;
         best_load = load;
       }
     }
-    if (best == nullptr) {
-      ++it;
-      continue;
+  }
+  if (chosen == nullptr) return false;
+  chosen->second.jobs.push_back(job);
+  running_[job] = chosen->first;
+  out.push_back(Assignment{job, chosen->first});
+  return true;
+}
+
+std::vector<Assignment> Scheduler::Assign() {
+  std::vector<Assignment> out;
+  int free = 0;
+  for (const auto& [_, w] : workers_) free += w.free();
+  if (free == 0 || queued_.empty()) return out;
+  // Requirement keys that found no free worker this round: later jobs with
+  // the same key are skipped without another search.
+  absl::flat_hash_set<std::string> blocked;
+  for (PriorityClass& cls : classes_) {
+    std::list<std::string> stalled;  // Placed nothing this round; keep their turn.
+    while (free > 0 && !cls.rotation.empty()) {
+      const std::string buildset = std::move(cls.rotation.front());
+      cls.rotation.pop_front();
+      std::deque<Entry>& entries = cls.by_buildset[buildset];
+      bool placed = false;
+      for (size_t i = 0; i < entries.size();) {
+        auto q = queued_.find(entries[i].job);
+        if (q == queued_.end() || q->second.seq != entries[i].seq) {
+          entries.erase(entries.begin() + static_cast<std::ptrdiff_t>(i));  // Cancelled or requeued since.
+          continue;
+        }
+        if (!blocked.contains(q->second.req_key)) {
+          if (Place(entries[i].job, q->second, out)) {
+            queued_.erase(q);
+            entries.erase(entries.begin() + static_cast<std::ptrdiff_t>(i));
+            placed = true;
+            --free;
+            break;
+          }
+          blocked.insert(q->second.req_key);
+        }
+        ++i;
+      }
+      if (entries.empty()) {
+        cls.by_buildset.erase(buildset);
+      } else if (placed) {
+        cls.rotation.push_back(buildset);
+      } else {
+        stalled.push_back(buildset);
+      }
     }
-    best->jobs.push_back(it->job);
-    running_[it->job] = *best_name;
-    out.push_back(Assignment{it->job, *best_name});
-    queued_index_.erase(it->job);
-    it = queue_.erase(it);
-    --free;
+    cls.rotation.splice(cls.rotation.begin(), stalled);
   }
   return out;
 }
 
 std::string Scheduler::WaitingReason(const std::string& job) const {
-  auto q = queued_index_.find(job);
-  if (q == queued_index_.end()) return "";
-  const JobRequirements& req = q->second->req;
+  auto q = queued_.find(job);
+  if (q == queued_.end()) return "";
+  const JobRequirements& req = q->second.req;
   if (workers_.empty()) return "no worker is connected";
-  size_t capable = 0;
-  for (const auto& [_, w] : workers_) capable += WorkerMatches(w.caps, req) ? 1 : 0;
-  if (capable > 0) return absl::StrCat("all ", capable, " capable workers are busy");
-  // Name the first property no connected worker offers.
-  bool system_ok = false;
-  for (const auto& [_, w] : workers_) system_ok |= w.caps.systems.contains(req.system);
-  if (!system_ok) return absl::StrCat("no connected worker offers system ", req.system);
-  for (const auto& f : req.required_features) {
-    bool any = false;
-    for (const auto& [_, w] : workers_) {
-      any |= w.caps.supported_features.contains(f) || w.caps.mandatory_features.contains(f);
-    }
-    if (!any) return absl::StrCat("no connected worker offers feature ", f);
+  size_t capable = 0, draining = 0;
+  std::vector<const WorkerCapabilities*> connected;
+  for (const auto& [_, w] : workers_) {
+    connected.push_back(&w.caps);
+    if (!WorkerMatches(w.caps, req)) continue;
+    ++capable;
+    draining += w.draining ? 1 : 0;
   }
-  return "no connected worker matches the job's features and labels";
+  if (capable > 0 && draining == capable) return absl::StrCat("all ", capable, " capable workers are draining");
+  if (capable > 0) {
+    return draining > 0 ? absl::StrCat("all ", capable, " capable workers are busy or draining (", draining,
+                                       " draining)")
+                        : absl::StrCat("all ", capable, " capable workers are busy");
+  }
+  return Unmet(req, connected, "connected worker");
+}
+
+std::string Scheduler::UnmetByKnownWorkers(const JobRequirements& req) const {
+  std::vector<const WorkerCapabilities*> known;
+  for (const auto& [_, caps] : known_) known.push_back(&caps);
+  if (known.empty()) return "no worker has registered yet";
+  return Unmet(req, known, "worker");
 }
 
 std::string Scheduler::WorkerOf(const std::string& job) const {

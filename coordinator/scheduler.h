@@ -5,16 +5,31 @@
 // worker joined, job released), decisions come out (Assign()). That makes
 // every rule testable step by step without sockets.
 //
-// Policy today: first come, first served over one queue; a job goes to the
-// least-loaded worker that matches it (ties by name, so decisions are
-// deterministic). Matching follows Nix's rule: the worker builds the job's
-// system, supports every required feature, and every mandatory feature of the
-// worker is among the required ones.
-//
+// Policy (docs/ARCHITECTURE.md, "Scheduling"):
+// - Matching follows Nix's rule: the worker builds the job's system, supports
+//   every required feature, every mandatory feature of the worker is among the
+//   required ones, and every label the job pins has that value on the worker.
+// - Priority classes are strict: a queued job of a more urgent class is
+//   placed before any job of a less urgent one.
+// - Within a class, buildsets share slots round-robin (deficit round-robin
+//   with a quantum of one job): each active buildset places one job per turn,
+//   so a 500-target buildset delays a newly arrived single job by at most one
+//   placement per other active buildset. Within a buildset, jobs go in order;
+//   a job no free worker can take does not hold back later jobs that others
+//   can.
+// - Placement: among matching workers that are not draining, the job's
+//   preferred worker is the winner of weighted rendezvous hashing over its
+//   locality key (so rebuilds of a flake land where its store is warm, and
+//   only ~1/N of keys move when a worker joins or leaves; faster workers win
+//   proportionally more keys). When the preferred worker is full, the job
+//   goes to the least-loaded matching worker with a free slot.
 // Not thread-safe: one owner (the coordinator's strand) calls it.
 #pragma once
 
+#include <algorithm>
+#include <array>
 #include <cstdint>
+#include <deque>
 #include <list>
 #include <map>
 #include <set>
@@ -32,6 +47,7 @@ struct WorkerCapabilities {
   std::set<std::string> mandatory_features;
   std::map<std::string, std::string> labels;
   int max_jobs = 1;
+  double speed_factor = 1.0;  // Relative speed; weights locality.
 };
 
 struct JobRequirements {
@@ -40,6 +56,15 @@ struct JobRequirements {
   std::map<std::string, std::string> pinned_labels;
 };
 
+// Where a job sits in the queue and where it would rather run.
+struct JobPlacement {
+  int priority_class = 1;  // 0 is the most urgent; see kPriorityClasses.
+  std::string buildset;    // Fair sharing is between buildsets.
+  std::string locality_key;  // Same key, same preferred worker.
+};
+
+inline constexpr int kPriorityClasses = 3;
+
 struct Assignment {
   std::string job;
   std::string worker;
@@ -47,6 +72,14 @@ struct Assignment {
 
 // True when a worker with `caps` may build a job that needs `req`.
 bool WorkerMatches(const WorkerCapabilities& caps, const JobRequirements& req);
+
+// Why none of `workers` could ever take a job that needs `req`, naming the
+// first unmet property ("no worker offers system aarch64-linux"); empty when
+// one of them matches.
+std::string UnmetRequirement(const JobRequirements& req, const std::vector<const WorkerCapabilities*>& workers);
+
+// The weighted rendezvous score of `worker` for `key`: the highest wins.
+double RendezvousScore(const std::string& key, const std::string& worker, double weight);
 
 class Scheduler {
  public:
@@ -57,10 +90,14 @@ class Scheduler {
   // fails them), in assignment order.
   std::vector<std::string> RemoveWorker(const std::string& worker);
 
-  // Queues a job, at the back (or the front, for a job that was running and
-  // lost its worker, so it keeps its place). Re-queueing a queued job is a
-  // no-op.
-  void Enqueue(const std::string& job, JobRequirements req, bool front = false);
+  // Stops (or resumes) new assignments to a worker; its running jobs go on.
+  // False for an unknown worker.
+  bool SetDraining(const std::string& worker, bool draining);
+
+  // Queues a job at the back of its buildset (or the front, for a job that
+  // was running and lost its worker, so it keeps its place). Re-queueing a
+  // queued job is a no-op.
+  void Enqueue(const std::string& job, JobRequirements req, JobPlacement placement = {}, bool front = false);
 
   // Removes a queued job. False if it was not queued.
   bool Dequeue(const std::string& job);
@@ -76,10 +113,15 @@ class Scheduler {
   // "all 2 capable workers are busy"). Empty for jobs that are not queued.
   std::string WaitingReason(const std::string& job) const;
 
+  // Why no worker that ever registered (connected or not) could take a job
+  // that needs `req`; empty when one could.
+  std::string UnmetByKnownWorkers(const JobRequirements& req) const;
+
   // Worker running `job`, or empty.
   std::string WorkerOf(const std::string& job) const;
 
-  size_t queued() const { return queue_.size(); }
+  bool has_known_workers() const { return !known_.empty(); }
+  size_t queued() const { return queued_.size(); }
   size_t running() const { return running_.size(); }
   size_t workers() const { return workers_.size(); }
   size_t total_slots() const;
@@ -89,16 +131,43 @@ class Scheduler {
   struct WorkerState {
     WorkerCapabilities caps;
     std::vector<std::string> jobs;  // Running here, in assignment order.
+    bool draining = false;
+    int free() const { return draining ? 0 : std::max(0, caps.max_jobs - static_cast<int>(jobs.size())); }
   };
   struct QueuedJob {
-    std::string job;
     JobRequirements req;
+    JobPlacement placement;
+    std::string req_key;  // Jobs with equal keys match the same workers.
+    uint64_t seq = 0;     // Tells a live queue entry from a stale one.
+  };
+  struct Entry {
+    std::string job;
+    uint64_t seq;
+  };
+  struct PriorityClass {
+    absl::flat_hash_map<std::string, std::deque<Entry>> by_buildset;
+    std::list<std::string> rotation;  // Buildsets with queued jobs, in turn order.
   };
 
+  // Tries to place `job`; true and the assignment appended when it found a
+  // worker with a free slot.
+  bool Place(const std::string& job, const QueuedJob& q, std::vector<Assignment>& out);
+  // Names of the workers matching `q`, cached per requirement key until the
+  // set of workers changes.
+  const std::vector<std::string>& Matching(const QueuedJob& q);
+  // Next live job of `buildset` in `cls` that is not blocked, or nullptr.
+  // Drops stale entries on the way.
+  const Entry* NextPlaceable(PriorityClass& cls, const std::string& buildset,
+                             const absl::flat_hash_set<std::string>& blocked);
+  void RemoveEntry(PriorityClass& cls, const std::string& buildset, const Entry* entry);
+
   std::map<std::string, WorkerState> workers_;  // Ordered: deterministic ties.
-  std::list<QueuedJob> queue_;
-  absl::flat_hash_map<std::string, std::list<QueuedJob>::iterator> queued_index_;
+  std::map<std::string, WorkerCapabilities> known_;  // Every worker ever registered.
+  std::array<PriorityClass, kPriorityClasses> classes_;
+  absl::flat_hash_map<std::string, QueuedJob> queued_;
   absl::flat_hash_map<std::string, std::string> running_;  // job -> worker
+  absl::flat_hash_map<std::string, std::vector<std::string>> matching_cache_;
+  uint64_t next_seq_ = 1;
 };
 
 }  // namespace kiln

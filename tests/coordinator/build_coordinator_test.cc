@@ -194,6 +194,20 @@ TEST_F(BuildCoordinatorTest, RefusesBadSubmissionsWithoutStoringAnything) {
   EXPECT_EQ(SubmitOne(), "1");
 }
 
+TEST_F(BuildCoordinatorTest, RefusesWhatNoKnownWorkerCouldBuildOnceTheGraceWindowIsOver) {
+  auto w = Connect("w1", 1);
+  // Within the grace window after a start, workers may still be coming back.
+  auto early = core_->Submit(Request(1, "aarch64-linux"));
+  ASSERT_TRUE(early.ok()) << early.status();
+  clock_.Advance(options_.capability_grace);
+  EXPECT_THAT(core_->Submit(Request(1, "aarch64-linux")).status(),
+              StatusIs(absl::StatusCode::kFailedPrecondition, "target-0: no worker offers system aarch64-linux"));
+  // A worker that disconnected still counts: it may come back.
+  core_->OnWorkerGone(w.get());
+  EXPECT_TRUE(core_->Submit(Request()).ok());
+  EXPECT_EQ(core_->GetJob(early->job_ids(0))->waiting_reason(), "no worker is connected");
+}
+
 TEST_F(BuildCoordinatorTest, BuildsetTargetsShareOneBuildsetAndSpreadOverSlots) {
   auto response = core_->Submit(Request(3));
   ASSERT_TRUE(response.ok());

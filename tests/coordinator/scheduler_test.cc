@@ -1,6 +1,9 @@
 #include "coordinator/scheduler.h"
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
+
+#include "absl/strings/str_cat.h"
 
 namespace kiln {
 namespace {
@@ -84,7 +87,7 @@ TEST(SchedulerTest, RemovedWorkerReturnsItsJobsAndStaleReleasesAreIgnored) {
   EXPECT_FALSE(s.Release("1", "a"));
   // A requeued job goes to the front.
   s.Enqueue("3", Req());
-  s.Enqueue("1", Req(), /*front=*/true);
+  s.Enqueue("1", Req(), {}, /*front=*/true);
   s.AddWorker("b", Caps(1));
   auto out = s.Assign();
   ASSERT_EQ(out.size(), 1u);
@@ -101,6 +104,169 @@ TEST(SchedulerTest, DequeueAndDuplicateEnqueue) {
   EXPECT_TRUE(s.Dequeue("1"));
   EXPECT_FALSE(s.Dequeue("1"));
   EXPECT_EQ(s.WaitingReason("1"), "");
+}
+
+JobPlacement In(std::string buildset, int priority_class = 1, std::string locality = "") {
+  return JobPlacement{.priority_class = priority_class, .buildset = std::move(buildset),
+                      .locality_key = std::move(locality)};
+}
+
+TEST(SchedulerTest, MoreUrgentClassesGoFirst) {
+  Scheduler s;
+  s.AddWorker("a", Caps(1));
+  s.Enqueue("batch", Req(), In("b1", 2));
+  s.Enqueue("ci", Req(), In("b2", 1));
+  s.Enqueue("interactive", Req(), In("b3", 0));
+  std::vector<std::string> order;
+  for (int i = 0; i < 3; ++i) {
+    auto out = s.Assign();
+    ASSERT_EQ(out.size(), 1u);
+    order.push_back(out[0].job);
+    s.Release(out[0].job, "a");
+  }
+  EXPECT_EQ(order, (std::vector<std::string>{"interactive", "ci", "batch"}));
+}
+
+TEST(SchedulerTest, ABigBuildsetDelaysASingleJobOfTheSameClassByAtMostOneSlot) {
+  Scheduler s;
+  s.AddWorker("a", Caps(2));
+  for (int i = 0; i < 500; ++i) s.Enqueue(absl::StrCat("ci-", i), Req(), In("monorepo"));
+  ASSERT_EQ(s.Assign().size(), 2u);  // The buildset fills the farm.
+  s.Enqueue("dev", Req(), In("laptop"));
+  // Slots free up one at a time; the single job must get the first or the
+  // second of them.
+  int slots_until_dev = 0;
+  std::string running[2] = {"ci-0", "ci-1"};
+  for (int turn = 0; turn < 2; ++turn) {
+    ASSERT_TRUE(s.Release(running[turn % 2], "a"));
+    auto out = s.Assign();
+    ASSERT_EQ(out.size(), 1u);
+    ++slots_until_dev;
+    if (out[0].job == "dev") break;
+    running[turn % 2] = out[0].job;
+  }
+  EXPECT_EQ(s.WorkerOf("dev"), "a");
+  EXPECT_LE(slots_until_dev, 2);
+  // Round-robin between active buildsets: with three sharing one worker,
+  // each gets every third slot.
+  Scheduler rr;
+  rr.AddWorker("w", Caps(1));
+  for (int i = 0; i < 6; ++i) {
+    for (const char* b : {"x", "y", "z"}) rr.Enqueue(absl::StrCat(b, i), Req(), In(b));
+  }
+  std::string sequence;
+  for (int i = 0; i < 9; ++i) {
+    auto out = rr.Assign();
+    ASSERT_EQ(out.size(), 1u);
+    sequence += out[0].job.substr(0, 1);
+    rr.Release(out[0].job, "w");
+  }
+  EXPECT_EQ(sequence, "xyzxyzxyz");
+}
+
+TEST(SchedulerTest, LocalityKeepsAKeyOnOneWorkerAndFallsBackWhenItIsFull) {
+  Scheduler s;
+  for (const char* w : {"a", "b", "c"}) s.AddWorker(w, Caps(4));
+  // Same key, same worker, every time.
+  std::string first;
+  for (int i = 0; i < 3; ++i) {
+    s.Enqueue(absl::StrCat("j", i), Req(), In("bs", 1, "services/api#image"));
+    auto out = s.Assign();
+    ASSERT_EQ(out.size(), 1u);
+    if (first.empty()) first = out[0].worker;
+    EXPECT_EQ(out[0].worker, first);
+  }
+  // Its worker has one slot left; the next two go there, then elsewhere.
+  s.Enqueue("j3", Req(), In("bs", 1, "services/api#image"));
+  s.Enqueue("j4", Req(), In("bs", 1, "services/api#image"));
+  auto out = s.Assign();
+  ASSERT_EQ(out.size(), 2u);
+  EXPECT_EQ(out[0].worker, first);
+  EXPECT_NE(out[1].worker, first);
+  // A draining worker is not preferred and takes nothing new.
+  ASSERT_TRUE(s.SetDraining(out[1].worker, true));
+  s.Enqueue("j5", Req(), In("bs", 1, "services/api#image"));
+  out = s.Assign();
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_NE(out[0].worker, first);
+}
+
+TEST(SchedulerTest, RendezvousSpreadsKeysByWeightAndMovesFewWhenAWorkerJoins) {
+  auto owner = [](const std::string& key, const std::map<std::string, double>& workers) {
+    std::string best;
+    double best_score = -1;
+    for (const auto& [w, weight] : workers) {
+      double score = RendezvousScore(key, w, weight);
+      if (score > best_score) {
+        best_score = score;
+        best = w;
+      }
+    }
+    return best;
+  };
+  std::map<std::string, double> workers = {{"fast", 3.0}, {"slow", 1.0}};
+  int fast = 0;
+  for (int i = 0; i < 4000; ++i) fast += owner(absl::StrCat("key", i), workers) == "fast" ? 1 : 0;
+  EXPECT_NEAR(fast / 4000.0, 0.75, 0.03);
+
+  std::map<std::string, double> three = {{"a", 1}, {"b", 1}, {"c", 1}};
+  std::map<std::string, double> four = three;
+  four["d"] = 1;
+  int moved = 0;
+  for (int i = 0; i < 4000; ++i) {
+    const std::string key = absl::StrCat("flake", i);
+    const std::string before = owner(key, three), after = owner(key, four);
+    if (before != after) {
+      ++moved;
+      EXPECT_EQ(after, "d") << key;  // Keys only move to the newcomer.
+    }
+  }
+  EXPECT_NEAR(moved / 4000.0, 0.25, 0.03);
+}
+
+TEST(SchedulerTest, DrainingWorkersTakeNothingNewAndSaySo) {
+  Scheduler s;
+  s.AddWorker("a", Caps(2));
+  s.Enqueue("1", Req());
+  ASSERT_EQ(s.Assign().size(), 1u);
+  ASSERT_TRUE(s.SetDraining("a", true));
+  EXPECT_FALSE(s.SetDraining("nobody", true));
+  s.Enqueue("2", Req());
+  EXPECT_TRUE(s.Assign().empty());
+  EXPECT_EQ(s.WaitingReason("2"), "all 1 capable workers are draining");
+  EXPECT_TRUE(s.Release("1", "a"));  // Running jobs finish normally.
+  ASSERT_TRUE(s.SetDraining("a", false));
+  EXPECT_EQ(s.Assign().size(), 1u);
+}
+
+TEST(SchedulerTest, NamesWhatNoKnownWorkerOffers) {
+  Scheduler s;
+  EXPECT_FALSE(s.has_known_workers());
+  auto labelled = Caps(1, {"big-parallel"}, {"nixos-test"});
+  labelled.labels = {{"pool", "orbstack"}};
+  s.AddWorker("a", labelled);
+  s.RemoveWorker("a");  // Known even while disconnected.
+  EXPECT_TRUE(s.has_known_workers());
+  EXPECT_EQ(s.UnmetByKnownWorkers(Req({}, "aarch64-linux")), "no worker offers system aarch64-linux");
+  EXPECT_EQ(s.UnmetByKnownWorkers(Req({"kvm", "nixos-test"})), "no worker offers feature kvm");
+  auto pinned = Req({"nixos-test"});
+  pinned.pinned_labels = {{"pool", "eu-host"}};
+  EXPECT_EQ(s.UnmetByKnownWorkers(pinned), "no worker has label pool=eu-host");
+  EXPECT_THAT(s.UnmetByKnownWorkers(Req()), ::testing::HasSubstr("mandatory features"));
+  EXPECT_EQ(s.UnmetByKnownWorkers(Req({"nixos-test", "big-parallel"})), "");
+}
+
+TEST(SchedulerTest, CancelledJobsLeaveNoTraceInTheRotation) {
+  Scheduler s;
+  s.AddWorker("a", Caps(1));
+  s.Enqueue("1", Req(), In("b"));
+  s.Enqueue("2", Req(), In("b"));
+  EXPECT_TRUE(s.Dequeue("1"));
+  s.Enqueue("1", Req(), In("b"));  // Re-queued after a cancel: now behind "2".
+  auto out = s.Assign();
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0].job, "2");
+  EXPECT_EQ(s.queued(), 1u);
 }
 
 }  // namespace
