@@ -130,9 +130,7 @@ absl::StatusOr<std::string> Submit(BuildService::Stub& stub, const CliOptions& o
   spec->set_attr(installable->attr);
   spec->mutable_requirements()->set_system(options.system);
   spec->set_display_name(text);
-  int priority = kiln::v1::PRIORITY_INTERACTIVE;
-  ParsePriority(options.priority, &priority);
-  spec->set_priority(static_cast<kiln::v1::Priority>(priority));
+  spec->set_priority(static_cast<kiln::v1::Priority>(options.priority));
   spec->set_locality_key(LocalityKey(dir.string(), installable->attr));
   for (auto& [hash, data] : tree->blobs) {
     kiln::v1::Blob* blob = request.add_blobs();

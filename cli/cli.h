@@ -24,7 +24,7 @@ struct CliOptions {
   bool json = false;
   std::string system = "x86_64-linux";
   bool quiet = false;       // No build log, only the result.
-  std::string priority = "interactive";  // interactive, ci or batch.
+  int priority = 1;         // Wire value of kiln.v1.Priority; see ParsePriority.
   int watch_retry_seconds = 120;
 };
 

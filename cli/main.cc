@@ -41,9 +41,8 @@ int main(int argc, char** argv) {
   options.json = absl::GetFlag(FLAGS_json);
   options.system = absl::GetFlag(FLAGS_system);
   options.quiet = absl::GetFlag(FLAGS_quiet);
-  options.priority = absl::GetFlag(FLAGS_priority);
-  if (int unused; !kiln::ParsePriority(options.priority, &unused)) {
-    std::fprintf(stderr, "error: unknown priority '%s' (interactive, ci or batch)\n", options.priority.c_str());
+  if (const std::string priority = absl::GetFlag(FLAGS_priority); !kiln::ParsePriority(priority, &options.priority)) {
+    std::fprintf(stderr, "error: unknown priority '%s' (interactive, ci or batch)\n", priority.c_str());
     return kiln::kExitUsage;
   }
 

@@ -155,7 +155,7 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
   };
   const SourceTreeLimits limits{.max_total_bytes = options_.max_source_bytes};
   StateWrite write;
-  absl::flat_hash_set<std::string> stored;
+  absl::flat_hash_set<std::string> stored, checked_roots;
   for (const auto& target : request.targets()) {
     const auto& spec = target.spec();
     if (spec.source().has_archive()) {
@@ -164,13 +164,16 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
     }
     if (!spec.source().has_tree_root()) return reject(absl::InvalidArgumentError("target has no source tree"));
     // Every blob the tree needs must be here; the tree itself must be sound.
-    absl::StatusOr<std::vector<std::string>> needed = ListTreeBlobs(spec.source().tree_root(), lookup, limits);
-    if (!needed.ok()) {
-      return reject(absl::Status(needed.status().code(),
-                                 absl::StrCat(spec.display_name(), ": ", needed.status().message())));
-    }
-    for (const std::string& hash : *needed) {
-      if (stored.insert(hash).second) write.blobs.emplace_back(hash, *uploads.at(hash));
+    // Targets of one buildset usually share a tree: check each tree once.
+    if (checked_roots.insert(spec.source().tree_root().hash()).second) {
+      absl::StatusOr<std::vector<std::string>> needed = ListTreeBlobs(spec.source().tree_root(), lookup, limits);
+      if (!needed.ok()) {
+        return reject(absl::Status(needed.status().code(),
+                                   absl::StrCat(spec.display_name(), ": ", needed.status().message())));
+      }
+      for (const std::string& hash : *needed) {
+        if (stored.insert(hash).second) write.blobs.emplace_back(hash, *uploads.at(hash));
+      }
     }
     if (absl::Status s = ValidateSubdir(spec.source().flake_subdir()); !s.ok()) return reject(s);
     if (absl::Status s = ValidateAttrPath(spec.attr()); !s.ok()) return reject(s);

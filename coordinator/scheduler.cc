@@ -118,13 +118,10 @@ void Scheduler::Enqueue(const std::string& job, JobRequirements req, JobPlacemen
   QueuedJob q{.req = std::move(req), .placement = std::move(placement), .req_key = "", .seq = next_seq_++};
   q.req_key = RequirementKey(q.req);
   PriorityClass& cls = classes_[q.placement.priority_class];
+  // A buildset is in the rotation exactly while it has a queue here; one that
+  // becomes active takes its turn after those already waiting.
   auto [bs, fresh] = cls.by_buildset.try_emplace(q.placement.buildset);
-  // A buildset that becomes active takes its turn after those already waiting.
-  if (fresh || bs->second.empty()) {
-    if (std::find(cls.rotation.begin(), cls.rotation.end(), q.placement.buildset) == cls.rotation.end()) {
-      cls.rotation.push_back(q.placement.buildset);
-    }
-  }
+  if (fresh) cls.rotation.push_back(q.placement.buildset);
   Entry entry{job, q.seq};
   if (front) {
     bs->second.push_front(std::move(entry));
