@@ -153,7 +153,7 @@ absl::StatusOr<std::string> Submit(BuildService::Stub& stub, const CliOptions& o
 absl::StatusOr<JobEvent::Finished> Watch(BuildService::Stub& stub, const CliOptions& options,
                                          const std::string& installable, const std::string& job_id,
                                          absl::flat_hash_set<std::string>& shown_errors) {
-  uint64_t next_sequence = 0;
+  uint64_t next_sequence = 0, incarnation = 0;
   const absl::Time give_up = absl::Now() + absl::Seconds(options.watch_retry_seconds);
   absl::Duration backoff = absl::Milliseconds(200);
   for (;;) {
@@ -161,11 +161,13 @@ absl::StatusOr<JobEvent::Finished> Watch(BuildService::Stub& stub, const CliOpti
     kiln::v1::WatchJobRequest request;
     request.set_job_id(job_id);
     request.set_from_sequence(next_sequence);
+    request.set_incarnation(incarnation);
     auto reader = stub.WatchJob(&context, request);
     JobEvent event;
     std::optional<JobEvent::Finished> finished;
     while (reader->Read(&event)) {
       next_sequence = event.sequence() + 1;
+      incarnation = event.incarnation();
       backoff = absl::Milliseconds(200);
       switch (event.kind_case()) {
         case JobEvent::kQueued:

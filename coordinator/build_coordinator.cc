@@ -8,6 +8,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "common/check.h"
+#include "absl/cleanup/cleanup.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/container/node_hash_map.h"
 #include "common/source_tree.h"
@@ -48,7 +49,14 @@ absl::string_view ResultLabel(JobState state) {
 
 BuildCoordinator::BuildCoordinator(StateStore* store, CoordinatorMetrics* metrics, const Clock* clock,
                                    BuildCoordinatorOptions options)
-    : store_(store), metrics_(metrics), clock_(clock), options_(std::move(options)), started_(clock_->Now()) {}
+    : store_(store),
+      metrics_(metrics),
+      clock_(clock),
+      options_(std::move(options)),
+      started_(clock_->Now()),
+      // Distinct per start: the start time in nanoseconds (never 0, which
+      // a watcher that saw no event sends).
+      incarnation_(static_cast<uint64_t>(absl::ToUnixNanos(absl::Now()))) {}
 
 bool BuildCoordinator::IsTerminal(JobState state) {
   return state == kiln::v1::JOB_STATE_SUCCEEDED || state == kiln::v1::JOB_STATE_FAILED ||
@@ -88,7 +96,7 @@ absl::Status BuildCoordinator::Recover() {
   next_buildset_seq_ = counters->next_buildset_seq;
   absl::StatusOr<std::vector<JobRecord>> records = store_->LoadJobs();
   if (!records.ok()) return records.status();
-  size_t queued = 0, requeued = 0;
+  size_t queued = 0, held = 0;
   for (JobRecord& record : *records) {
     std::string id = record.job_id();
     JobEntry& job = jobs_[id];
@@ -109,13 +117,19 @@ absl::Status BuildCoordinator::Recover() {
       Emit(job, std::move(event));
       ++queued;
     } else {
-      // It was on a worker whose stream died with the old process.
-      Requeue(job, "coordinator_restart", "the coordinator restarted while it ran");
-      ++requeued;
+      // It was on a worker whose stream died with the old process: hold it
+      // for that worker's return, for one lease.
+      scheduler_.Reattach(id, job.record.worker());
+      lease_until_.try_emplace(job.record.worker(), clock_->Now() + options_.lease);
+      JobEvent event;
+      event.mutable_assigned()->set_worker(job.record.worker());
+      event.mutable_assigned()->set_attempt(job.record.attempt());
+      Emit(job, std::move(event));
+      ++held;
     }
   }
-  LogInfo(kComponent, "recovered ", jobs_.size(), " jobs (", queued, " queued, ", requeued,
-          " requeued after restart)");
+  LogInfo(kComponent, "recovered ", jobs_.size(), " jobs (", queued, " queued, ", held,
+          " held for their workers to reconnect)");
   UpdateGauges();
   return absl::OkStatus();
 }
@@ -241,10 +255,11 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
   return response;
 }
 
-absl::Status BuildCoordinator::Watch(const std::string& job_id, uint64_t from_sequence,
+absl::Status BuildCoordinator::Watch(const std::string& job_id, uint64_t from_sequence, uint64_t incarnation,
                                      std::shared_ptr<JobWatcher> watcher) {
   auto it = jobs_.find(job_id);
   if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job ", job_id));
+  if (incarnation != incarnation_) from_sequence = 0;  // Sequences restarted with this process.
   JobEntry& job = it->second;
   for (const JobEvent& event : job.history) {
     if (event.sequence() >= from_sequence) watcher->OnEvent(event);
@@ -314,6 +329,7 @@ void BuildCoordinator::OnWorkerMessage(const std::shared_ptr<WorkerSession>& ses
   auto [it, inserted] = sessions_.try_emplace(session.get());
   WorkerEntry& worker = it->second;
   if (inserted) worker.session = session;
+  worker.last_seen = clock_->Now();
   if (worker.name.empty() && !message.has_register_()) {
     session->Close(absl::FailedPreconditionError("the first message on a worker stream must be Register"));
     sessions_.erase(it);
@@ -329,7 +345,7 @@ void BuildCoordinator::OnWorkerMessage(const std::shared_ptr<WorkerSession>& ses
       HandleRegister(worker, message.register_());
       break;
     case kiln::v1::WorkerMessage::kHeartbeat:
-      break;  // Liveness comes from the stream today; leases use heartbeats.
+      break;  // Renews the lease (last_seen, above).
     case kiln::v1::WorkerMessage::kStarted: {
       JobEntry* job = FindAttempt(worker, message.started().job_id(), message.started().attempt());
       if (job == nullptr || job->record.state() != kiln::v1::JOB_STATE_ASSIGNED) break;
@@ -381,6 +397,7 @@ void BuildCoordinator::HandleRegister(WorkerEntry& worker, const kiln::v1::Regis
   }
   worker.name = reg.name();
   session_by_name_[worker.name] = worker.session.get();
+  lease_until_.erase(worker.name);
   WorkerCapabilities caps;
   caps.systems.insert(reg.systems().begin(), reg.systems().end());
   caps.supported_features.insert(reg.supported_features().begin(), reg.supported_features().end());
@@ -393,17 +410,76 @@ void BuildCoordinator::HandleRegister(WorkerEntry& worker, const kiln::v1::Regis
   kiln::v1::CoordinatorMessage reply;
   reply.mutable_registered()->set_worker_id(worker.name);
   *reply.mutable_registered()->mutable_heartbeat_interval() = ToProtoDuration(options_.heartbeat_interval);
+  *reply.mutable_registered()->mutable_lease() = ToProtoDuration(options_.lease);
   worker.session->Send(std::move(reply));
-  // Builds from a previous connection were requeued when it broke: stop them.
-  for (const auto& running : reg.running()) {
-    kiln::v1::CoordinatorMessage cancel;
-    cancel.mutable_cancel()->set_job_id(running.job_id());
-    cancel.mutable_cancel()->set_attempt(running.attempt());
-    cancel.mutable_cancel()->set_reason("the job was requeued while the worker was away");
-    worker.session->Send(std::move(cancel));
-  }
+  Reconcile(worker, reg);
   LogInfo(kComponent, "worker ", worker.name, " registered: ", reg.max_jobs(), " slot(s), systems ",
           absl::StrJoin(reg.systems(), ","));
+}
+
+void BuildCoordinator::Reconcile(WorkerEntry& worker, const kiln::v1::Register& reg) {
+  absl::flat_hash_map<std::string, uint32_t> reported;
+  for (const auto& r : reg.running()) reported[r.job_id()] = r.attempt();
+  size_t kept = 0;
+  for (const std::string& id : scheduler_.JobsOf(worker.name)) {
+    JobEntry& job = jobs_.at(id);
+    auto it = reported.find(id);
+    if (it != reported.end() && it->second == job.record.attempt()) {
+      reported.erase(it);  // Still running there (or its result is on the way): keep it.
+      ++kept;
+      continue;
+    }
+    scheduler_.Release(id, worker.name);
+    Requeue(job, "worker_lost", absl::StrCat("worker ", worker.name, " came back without it"));
+  }
+  if (kept > 0) LogInfo(kComponent, "worker ", worker.name, " re-attached ", kept, " job(s)");
+  // Anything else it has is not its to run any more (requeued, finished or
+  // cancelled meanwhile): stop it.
+  for (const auto& [id, attempt] : reported) {
+    kiln::v1::CoordinatorMessage cancel;
+    cancel.mutable_cancel()->set_job_id(id);
+    cancel.mutable_cancel()->set_attempt(attempt);
+    cancel.mutable_cancel()->set_reason("the job is no longer this worker's attempt");
+    worker.session->Send(std::move(cancel));
+  }
+}
+
+void BuildCoordinator::ExpireLease(const std::string& worker, const std::string& why) {
+  lease_until_.erase(worker);
+  const std::vector<std::string> lost = scheduler_.RemoveWorker(worker);
+  LogInfo(kComponent, "worker ", worker, ": ", why, "; requeueing ", lost.size(), " job(s)");
+  for (const std::string& id : lost) {
+    auto job = jobs_.find(id);
+    if (job != jobs_.end() && !IsTerminal(job->second.record.state())) {
+      Requeue(job->second, "lease_expired", absl::StrCat("worker ", worker, " ", why));
+    }
+  }
+}
+
+void BuildCoordinator::Tick() {
+  const absl::Time now = clock_->Now();
+  // A stream that stays open but carries nothing (a dead peer behind a
+  // half-open connection) ends here; its lease then runs from last_seen.
+  std::vector<const WorkerSession*> silent;
+  for (const auto& [session, worker] : sessions_) {
+    if (!worker.name.empty() && now - worker.last_seen >= options_.lease) silent.push_back(session);
+  }
+  for (const WorkerSession* session : silent) {
+    SessionOf(session).Close(absl::DeadlineExceededError("no message from the worker within the lease"));
+    OnWorkerGone(session);
+  }
+  std::vector<std::string> expired;
+  for (const auto& [name, until] : lease_until_) {
+    if (now >= until) expired.push_back(name);
+  }
+  std::sort(expired.begin(), expired.end());
+  for (const std::string& name : expired) {
+    ExpireLease(name, absl::StrCat("did not come back within the lease (", absl::FormatDuration(options_.lease), ")"));
+  }
+  if (!silent.empty() || !expired.empty()) {
+    Dispatch();
+    UpdateGauges();
+  }
 }
 
 WorkerSession& BuildCoordinator::SessionOf(const WorkerSession* session) {
@@ -426,6 +502,11 @@ BuildCoordinator::JobEntry* BuildCoordinator::FindAttempt(const WorkerEntry& wor
 }
 
 void BuildCoordinator::HandleFinished(WorkerEntry& worker, const kiln::v1::JobFinished& finished) {
+  // Stored below or ignored as stale: either way the worker may forget it.
+  kiln::v1::CoordinatorMessage ack;
+  ack.mutable_result_ack()->set_job_id(finished.job_id());
+  ack.mutable_result_ack()->set_attempt(finished.attempt());
+  auto send_ack = absl::MakeCleanup([&] { worker.session->Send(std::move(ack)); });
   auto it = jobs_.find(finished.job_id());
   if (it == jobs_.end()) return;
   JobEntry& job = it->second;
@@ -462,19 +543,19 @@ void BuildCoordinator::OnWorkerGone(const WorkerSession* session) {
   auto it = sessions_.find(session);
   if (it == sessions_.end()) return;
   const std::string name = it->second.name;
+  const absl::Time last_seen = it->second.last_seen;
   sessions_.erase(it);
   if (name.empty()) return;
   auto by_name = session_by_name_.find(name);
   if (by_name == session_by_name_.end() || by_name->second != session) return;
   session_by_name_.erase(by_name);
-  const std::vector<std::string> lost = scheduler_.RemoveWorker(name);
-  LogInfo(kComponent, "worker ", name, " disconnected; requeueing ", lost.size(), " job(s)");
-  for (const std::string& id : lost) {
-    auto job = jobs_.find(id);
-    if (job != jobs_.end() && !IsTerminal(job->second.record.state())) {
-      Requeue(job->second, "worker_lost", absl::StrCat("worker ", name, " disconnected"));
-    }
-  }
+  // Hold its jobs: a worker that comes back within the lease keeps them.
+  scheduler_.SetOnline(name, false);
+  const absl::Time until = last_seen + options_.lease;
+  lease_until_[name] = until;
+  LogInfo(kComponent, "worker ", name, " disconnected; holding its ", scheduler_.JobsOf(name).size(),
+          " job(s) until ", absl::FormatTime(until));
+  Tick();  // A zero lease, or a silent worker, expires at once.
   Dispatch();
   UpdateGauges();
 }
@@ -616,6 +697,7 @@ void BuildCoordinator::Finish(JobEntry& job, JobState state, BuildResult result)
 void BuildCoordinator::Emit(JobEntry& job, JobEvent event) {
   event.set_job_id(job.record.job_id());
   event.set_sequence(job.next_sequence++);
+  event.set_incarnation(incarnation_);
   *event.mutable_time() = ToProtoTime(clock_->Now());
   for (auto& w : job.watchers) w->OnEvent(event);
   if (event.has_log()) {
@@ -640,7 +722,7 @@ void BuildCoordinator::Persist(const std::vector<const JobRecord*>& records) {
 void BuildCoordinator::UpdateGauges() {
   metrics_->jobs_queued.Set(static_cast<double>(scheduler_.queued()));
   metrics_->jobs_running.Set(static_cast<double>(scheduler_.running()));
-  metrics_->workers_connected.Set(static_cast<double>(session_by_name_.size()));
+  metrics_->workers_connected.Set(static_cast<double>(scheduler_.online_workers()));
   metrics_->worker_slots.Set(static_cast<double>(scheduler_.total_slots()));
 }
 

@@ -64,6 +64,9 @@ struct BuildCoordinatorOptions {
   // After a start, how long workers have to reconnect before a job that no
   // known worker could take is refused at submission.
   absl::Duration capability_grace = absl::Seconds(60);
+  // How long a worker's jobs are held after its stream breaks or it falls
+  // silent (no message for this long), before they are requeued.
+  absl::Duration lease = absl::Seconds(60);
 };
 
 class BuildCoordinator {
@@ -72,15 +75,17 @@ class BuildCoordinator {
                    BuildCoordinatorOptions options);
 
   // Loads the stored jobs: finished ones keep their result, queued ones are
-  // queued again, ones that were assigned are requeued (their worker will
-  // have lost the stream). Call once, before anything else.
+  // queued again, ones that were assigned or running are held for their
+  // worker for one lease (it re-attaches them when it reconnects), then
+  // requeued. Call once, before anything else.
   absl::Status Recover();
 
   // Validates and durably stores a buildset. All targets or none.
   absl::StatusOr<kiln::v1::SubmitBuildResponse> Submit(const kiln::v1::SubmitBuildRequest& request);
 
-  // Replays the job's events from `from_sequence`, then streams new ones.
-  absl::Status Watch(const std::string& job_id, uint64_t from_sequence,
+  // Replays the job's events from `from_sequence` (from the start when
+  // `incarnation` is not this coordinator's), then streams new ones.
+  absl::Status Watch(const std::string& job_id, uint64_t from_sequence, uint64_t incarnation,
                      std::shared_ptr<JobWatcher> watcher);
   void Unwatch(const std::string& job_id, const JobWatcher* watcher);
 
@@ -90,8 +95,12 @@ class BuildCoordinator {
   // A message from a worker's stream; the first one must be Register.
   void OnWorkerMessage(const std::shared_ptr<WorkerSession>& session,
                        const kiln::v1::WorkerMessage& message);
-  // The stream ended. Idempotent.
+  // The stream ended. Idempotent. The worker's jobs are held for its lease.
   void OnWorkerGone(const WorkerSession* session);
+
+  // Periodic: closes the streams of workers silent past the lease and
+  // requeues the jobs of workers whose lease ran out.
+  void Tick();
 
   // Closes every watcher and worker stream (shutdown).
   void CloseAll();
@@ -110,6 +119,7 @@ class BuildCoordinator {
   struct WorkerEntry {
     std::shared_ptr<WorkerSession> session;
     std::string name;  // Empty until registered.
+    absl::Time last_seen;
   };
 
   // The session of a registered worker (an invariant: every name in
@@ -118,6 +128,10 @@ class BuildCoordinator {
   WorkerSession& SessionOf(const WorkerSession* session);
 
   void HandleRegister(WorkerEntry& worker, const kiln::v1::Register& reg);
+  // Keeps the held jobs the returning worker still has, requeues the others
+  // and cancels what it has that is no longer its to run.
+  void Reconcile(WorkerEntry& worker, const kiln::v1::Register& reg);
+  void ExpireLease(const std::string& worker, const std::string& why);
   JobEntry* FindAttempt(const WorkerEntry& worker, const std::string& job_id, uint32_t attempt);
   void HandleFinished(WorkerEntry& worker, const kiln::v1::JobFinished& finished);
 
@@ -138,11 +152,14 @@ class BuildCoordinator {
   const Clock* const clock_;
   const BuildCoordinatorOptions options_;
   const absl::Time started_;
+  const uint64_t incarnation_;
 
   Scheduler scheduler_;
   absl::flat_hash_map<std::string, JobEntry> jobs_;
   absl::flat_hash_map<const WorkerSession*, WorkerEntry> sessions_;
   absl::flat_hash_map<std::string, const WorkerSession*> session_by_name_;
+  // Workers whose stream is gone but whose jobs are held, until when.
+  absl::flat_hash_map<std::string, absl::Time> lease_until_;
   std::deque<std::string> finished_with_logs_;
   uint64_t next_job_seq_ = 1;
   uint64_t next_buildset_seq_ = 1;

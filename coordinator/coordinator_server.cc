@@ -56,6 +56,12 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   }
   server->grpc_address_ = absl::StrCat(listen->host, ":", port);
 
+  server->ticker_ = std::thread([s = server.get()] {
+    while (!s->stop_ticker_.WaitForNotificationWithTimeout(absl::Seconds(1))) {
+      s->strand_->Post([core = s->core_.get()] { core->Tick(); });
+    }
+  });
+
   if (!options.ready_file.empty()) {
     nlohmann::json ready = {{"grpc", server->grpc_address_}, {"metrics", server->metrics_->address()}};
     if (absl::Status s = WriteFileAtomically(options.ready_file, ready.dump() + "\n"); !s.ok()) return s;
@@ -80,6 +86,10 @@ void CoordinatorServer::Shutdown() {
     closed.WaitForNotification();
     server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
     server_->Wait();
+  }
+  if (ticker_.joinable()) {
+    stop_ticker_.Notify();
+    ticker_.join();
   }
   strand_.reset();  // Runs what the last reactions posted.
 }

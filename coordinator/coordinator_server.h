@@ -3,11 +3,13 @@
 #pragma once
 
 #include <memory>
+#include <thread>
 #include <string>
 
 #include <grpcpp/grpcpp.h>
 
 #include "absl/status/statusor.h"
+#include "absl/synchronization/notification.h"
 #include "common/metrics_http.h"
 #include "common/serial_executor.h"
 #include "coordinator/build_coordinator.h"
@@ -53,6 +55,9 @@ class CoordinatorServer {
   std::unique_ptr<grpc::Server> server_;
   std::string grpc_address_;
   bool shut_down_ = false;
+  // Drives BuildCoordinator::Tick (leases) once a second, on the strand.
+  absl::Notification stop_ticker_;
+  std::thread ticker_;
 };
 
 }  // namespace kiln

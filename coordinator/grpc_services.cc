@@ -63,8 +63,9 @@ class WatchReactor final : public grpc::ServerWriteReactor<JobEvent> {
  public:
   WatchReactor(BuildCoordinator* core, SerialExecutor* strand, const kiln::v1::WatchJobRequest& request)
       : core_(core), strand_(strand), job_id_(request.job_id()), sink_(std::make_shared<WatchSink>(this)) {
-    strand_->Post([core, sink = sink_, id = job_id_, from = request.from_sequence()] {
-      if (absl::Status s = core->Watch(id, from, sink); !s.ok()) sink->Close(s);
+    strand_->Post([core, sink = sink_, id = job_id_, from = request.from_sequence(),
+                   incarnation = request.incarnation()] {
+      if (absl::Status s = core->Watch(id, from, incarnation, sink); !s.ok()) sink->Close(s);
     });
   }
   void OnWriteDone(bool ok) override { sink_->queue().OnWriteDone(ok); }

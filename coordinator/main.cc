@@ -18,6 +18,8 @@ ABSL_FLAG(bool, sync_writes, false, "fsync every state change (survives power lo
 ABSL_FLAG(uint32_t, max_attempts, 3, "Attempts before a job that keeps losing its worker fails");
 ABSL_FLAG(absl::Duration, capability_grace, absl::Seconds(60),
           "After a start, how long workers have to reconnect before a job no known worker could build is refused");
+ABSL_FLAG(absl::Duration, lease, absl::Seconds(60),
+          "How long a disconnected or silent worker's jobs are held for it before they are requeued");
 ABSL_FLAG(std::string, log_level, "info", "debug, info, warning or error");
 
 int main(int argc, char** argv) {
@@ -40,6 +42,7 @@ int main(int argc, char** argv) {
   options.sync_writes = absl::GetFlag(FLAGS_sync_writes);
   options.core.max_attempts = absl::GetFlag(FLAGS_max_attempts);
   options.core.capability_grace = absl::GetFlag(FLAGS_capability_grace);
+  options.core.lease = absl::GetFlag(FLAGS_lease);
   auto server = kiln::CoordinatorServer::Start(options);
   if (!server.ok()) {
     std::fprintf(stderr, "kiln-coordinator: %s\n", server.status().ToString().c_str());

@@ -91,8 +91,41 @@ double RendezvousScore(const std::string& key, const std::string& worker, double
 void Scheduler::AddWorker(const std::string& worker, WorkerCapabilities caps) {
   if (caps.speed_factor <= 0) caps.speed_factor = 1.0;
   known_[worker] = caps;
-  workers_[worker].caps = std::move(caps);
+  WorkerState& w = workers_[worker];
+  w.caps = std::move(caps);
+  w.online = true;
   matching_cache_.clear();
+}
+
+bool Scheduler::SetOnline(const std::string& worker, bool online) {
+  auto it = workers_.find(worker);
+  if (it == workers_.end()) return false;
+  it->second.online = online;
+  return true;
+}
+
+void Scheduler::Reattach(const std::string& job, const std::string& worker) {
+  if (running_.contains(job)) return;
+  queued_.erase(job);
+  auto [it, fresh] = workers_.try_emplace(worker);
+  if (fresh) {
+    it->second.caps.max_jobs = 0;
+    it->second.online = false;
+    matching_cache_.clear();
+  }
+  it->second.jobs.push_back(job);
+  running_[job] = worker;
+}
+
+std::vector<std::string> Scheduler::JobsOf(const std::string& worker) const {
+  auto it = workers_.find(worker);
+  return it == workers_.end() ? std::vector<std::string>{} : it->second.jobs;
+}
+
+size_t Scheduler::online_workers() const {
+  size_t n = 0;
+  for (const auto& [_, w] : workers_) n += w.online ? 1 : 0;
+  return n;
 }
 
 std::vector<std::string> Scheduler::RemoveWorker(const std::string& worker) {
@@ -163,7 +196,7 @@ bool Scheduler::Place(const std::string& job, const QueuedJob& q, std::vector<As
     std::pair<const std::string, WorkerState>* preferred = nullptr;
     for (const std::string& name : names) {
       auto& entry = *workers_.find(name);
-      if (entry.second.draining) continue;
+      if (entry.second.draining || !entry.second.online) continue;
       const double score = RendezvousScore(q.placement.locality_key, name, entry.second.caps.speed_factor);
       if (score > best) {
         best = score;
@@ -244,15 +277,16 @@ std::string Scheduler::WaitingReason(const std::string& job) const {
   auto q = queued_.find(job);
   if (q == queued_.end()) return "";
   const JobRequirements& req = q->second.req;
-  if (workers_.empty()) return "no worker is connected";
   size_t capable = 0, draining = 0;
   std::vector<const WorkerCapabilities*> connected;
   for (const auto& [_, w] : workers_) {
+    if (!w.online) continue;
     connected.push_back(&w.caps);
     if (!WorkerMatches(w.caps, req)) continue;
     ++capable;
     draining += w.draining ? 1 : 0;
   }
+  if (connected.empty()) return "no worker is connected";
   if (capable > 0 && draining == capable) return absl::StrCat("all ", capable, " capable workers are draining");
   if (capable > 0) {
     return draining > 0 ? absl::StrCat("all ", capable, " capable workers are busy or draining (", draining,

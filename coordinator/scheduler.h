@@ -83,8 +83,19 @@ double RendezvousScore(const std::string& key, const std::string& worker, double
 
 class Scheduler {
  public:
-  // Adds or replaces a worker. Replacing keeps the jobs it runs.
+  // Adds or replaces a worker, online. Replacing keeps the jobs it runs.
   void AddWorker(const std::string& worker, WorkerCapabilities caps);
+
+  // Marks a worker offline (its stream broke; it holds its jobs under a
+  // lease, takes nothing new) or online again. False for an unknown worker.
+  bool SetOnline(const std::string& worker, bool online);
+
+  // Records that `job` runs on `worker` (after a coordinator restart, before
+  // the worker is back): an unknown worker is added offline, with no slots.
+  void Reattach(const std::string& job, const std::string& worker);
+
+  // Jobs running on `worker`, in assignment order.
+  std::vector<std::string> JobsOf(const std::string& worker) const;
 
   // Removes a worker; returns the jobs it was running (the caller requeues or
   // fails them), in assignment order.
@@ -124,6 +135,7 @@ class Scheduler {
   size_t queued() const { return queued_.size(); }
   size_t running() const { return running_.size(); }
   size_t workers() const { return workers_.size(); }
+  size_t online_workers() const;
   size_t total_slots() const;
   size_t used_slots() const { return running_.size(); }
 
@@ -132,7 +144,10 @@ class Scheduler {
     WorkerCapabilities caps;
     std::vector<std::string> jobs;  // Running here, in assignment order.
     bool draining = false;
-    int free() const { return draining ? 0 : std::max(0, caps.max_jobs - static_cast<int>(jobs.size())); }
+    bool online = true;
+    int free() const {
+      return draining || !online ? 0 : std::max(0, caps.max_jobs - static_cast<int>(jobs.size()));
+    }
   };
   struct QueuedJob {
     JobRequirements req;

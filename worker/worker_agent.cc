@@ -131,15 +131,36 @@ WorkerMessage WorkerAgent::MakeRegister() {
     running->set_job_id(id);
     running->set_attempt(job.attempt);
   }
+  for (const auto& [id, result] : unacked_) {
+    auto* running = reg->add_running();
+    running->set_job_id(id);
+    running->set_attempt(result.attempt);
+  }
   return message;
 }
 
 void WorkerAgent::RunLoop() {
   absl::Duration backoff = options_.min_backoff;
   bool first = true;
+  absl::Time away_since = absl::InfiniteFuture();  // When the last registered stream ended.
   for (;;) {
     if (!first) metrics_->reconnects.Increment();
     first = false;
+    {
+      // Away longer than the lease: the coordinator has requeued our jobs.
+      absl::Duration lease;
+      {
+        absl::MutexLock lock(&mu_);
+        lease = lease_;
+      }
+      if (absl::Now() - away_since > lease) {
+        away_since = absl::InfiniteFuture();
+        strand_->Post([this, lease] {
+          CancelAllBuilds(absl::StrCat("the coordinator was unreachable for longer than its lease (",
+                                       absl::FormatDuration(lease), ") and has requeued them"));
+        });
+      }
+    }
     auto stream = Stream::Create(this);
     {
       absl::MutexLock lock(&mu_);
@@ -187,8 +208,11 @@ void WorkerAgent::RunLoop() {
       stopping = stopping_;
     }
     metrics_->coordinator_connected.Set(0);
-    strand_->Post([this] { CancelAllBuilds("lost the coordinator"); });
-    if (stopping) break;
+    if (stopping) {
+      strand_->Post([this] { CancelAllBuilds("the worker is stopping"); });
+      break;
+    }
+    if (was_registered) away_since = absl::Now();
 
     if (was_registered) backoff = options_.min_backoff;
     // Full jitter: spreads a fleet's reconnects after a coordinator restart.
@@ -229,9 +253,17 @@ void WorkerAgent::HandleMessage(CoordinatorMessage message) {
         registered_ = true;
         absl::Duration d = FromProtoDuration(message.registered().heartbeat_interval());
         if (d > absl::ZeroDuration()) heartbeat_interval_ = d;
+        if (message.registered().has_lease()) lease_ = FromProtoDuration(message.registered().lease());
       }
       metrics_->coordinator_connected.Set(1);
       LogInfo(kComponent, "registered with ", options_.coordinator, " as ", options_.name);
+      ResendUnacked();
+      break;
+    }
+    case CoordinatorMessage::kResultAck: {
+      absl::MutexLock lock(&mu_);
+      auto it = unacked_.find(message.result_ack().job_id());
+      if (it != unacked_.end() && it->second.attempt == message.result_ack().attempt()) unacked_.erase(it);
       break;
     }
     case CoordinatorMessage::kAssign:
@@ -239,6 +271,12 @@ void WorkerAgent::HandleMessage(CoordinatorMessage message) {
       break;
     case CoordinatorMessage::kCancel:
       LogInfo(kComponent, "job ", message.cancel().job_id(), ": cancel (", message.cancel().reason(), ")");
+      {
+        // A result the coordinator no longer wants is dropped.
+        absl::MutexLock lock(&mu_);
+        auto it = unacked_.find(message.cancel().job_id());
+        if (it != unacked_.end() && it->second.attempt == message.cancel().attempt()) unacked_.erase(it);
+      }
       CancelBuild(message.cancel().job_id(), message.cancel().attempt());
       break;
     case CoordinatorMessage::KIND_NOT_SET:
@@ -355,6 +393,11 @@ void WorkerAgent::FinishJob(const std::string& job_id, uint32_t attempt, kiln::v
   finished.mutable_finished()->set_job_id(job_id);
   finished.mutable_finished()->set_attempt(attempt);
   *finished.mutable_finished()->mutable_result() = std::move(result);
+  {
+    // Kept until acknowledged: a stream can break with the result in flight.
+    absl::MutexLock lock(&mu_);
+    unacked_[job_id] = UnackedResult{.attempt = attempt, .message = finished};
+  }
   Send(std::move(finished), /*droppable=*/false);
   // Nix copied the source into its store; the unpacked tree is not needed.
   std::error_code ec;
@@ -402,6 +445,15 @@ void WorkerAgent::CancelAllBuilds(const std::string& reason) {
   }
   if (!running.empty()) LogWarning(kComponent, "cancelling ", running.size(), " build(s): ", reason);
   for (const auto& [id, attempt] : running) CancelBuild(id, attempt);
+}
+
+void WorkerAgent::ResendUnacked() {
+  std::vector<WorkerMessage> results;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [_, r] : unacked_) results.push_back(r.message);
+  }
+  for (auto& m : results) Send(std::move(m), /*droppable=*/false);
 }
 
 void WorkerAgent::SendHeartbeat() {

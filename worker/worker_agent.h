@@ -58,6 +58,8 @@ class WorkerAgent {
   // Starts the connection loop.
   void Start();
   // Cancels running builds, closes the stream and joins. Idempotent.
+  // (A broken stream alone does not cancel builds: the coordinator holds
+  // them for its lease, and they are re-attached on reconnect.)
   void Stop() ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
@@ -83,6 +85,7 @@ class WorkerAgent {
   void CancelAllBuilds(const std::string& reason);
   void CancelBuild(const std::string& job_id, uint32_t attempt);
   void SendHeartbeat();
+  void ResendUnacked();
   bool Send(kiln::v1::WorkerMessage message, bool droppable);
 
   kiln::v1::WorkerMessage MakeRegister() ABSL_LOCKS_EXCLUDED(mu_);
@@ -100,6 +103,14 @@ class WorkerAgent {
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   absl::Duration heartbeat_interval_ ABSL_GUARDED_BY(mu_) = absl::Seconds(10);
   absl::flat_hash_map<std::string, RunningJob> jobs_ ABSL_GUARDED_BY(mu_);
+  // The coordinator's lease: how long it holds our jobs while we are away.
+  absl::Duration lease_ ABSL_GUARDED_BY(mu_) = absl::Seconds(60);
+  // Results not yet acknowledged, by job: resent after every reconnect.
+  struct UnackedResult {
+    uint32_t attempt = 0;
+    kiln::v1::WorkerMessage message;
+  };
+  absl::flat_hash_map<std::string, UnackedResult> unacked_ ABSL_GUARDED_BY(mu_);
 
   std::unique_ptr<SerialExecutor> strand_;
   std::thread loop_;

@@ -30,6 +30,14 @@ class FakeWorkerSession final : public WorkerSession {
     closed = true;
     close_status = status;
   }
+  // Messages of one kind, e.g. Sent(&CoordinatorMessage::has_cancel).
+  std::vector<CoordinatorMessage> Sent(bool (CoordinatorMessage::*has)() const) const {
+    std::vector<CoordinatorMessage> out;
+    for (const auto& m : sent) {
+      if ((m.*has)()) out.push_back(m);
+    }
+    return out;
+  }
   std::vector<CoordinatorMessage> Assignments() const {
     std::vector<CoordinatorMessage> out;
     for (const auto& m : sent) {
@@ -100,14 +108,28 @@ class BuildCoordinatorTest : public ::testing::Test {
     return response->job_ids(0);
   }
 
-  std::shared_ptr<FakeWorkerSession> Connect(const std::string& name, int slots) {
+  // Registers a worker; `held` lists the (job, attempt) it still has from an
+  // earlier connection.
+  std::shared_ptr<FakeWorkerSession> Connect(const std::string& name, int slots,
+                                             std::vector<std::pair<std::string, uint32_t>> held = {}) {
     auto session = std::make_shared<FakeWorkerSession>();
     WorkerMessage reg;
     reg.mutable_register_()->set_name(name);
     reg.mutable_register_()->add_systems("x86_64-linux");
     reg.mutable_register_()->set_max_jobs(slots);
+    for (const auto& [job, attempt] : held) {
+      auto* r = reg.mutable_register_()->add_running();
+      r->set_job_id(job);
+      r->set_attempt(attempt);
+    }
     core_->OnWorkerMessage(session, reg);
     return session;
+  }
+
+  void Heartbeat(const std::shared_ptr<FakeWorkerSession>& session) {
+    WorkerMessage heartbeat;
+    heartbeat.mutable_heartbeat();
+    core_->OnWorkerMessage(session, heartbeat);
   }
 
   void Report(const std::shared_ptr<FakeWorkerSession>& session, const CoordinatorMessage& assignment,
@@ -136,7 +158,7 @@ TEST_F(BuildCoordinatorTest, AssignsToARegisteredWorkerWithTheSourceAndReportsTh
   EXPECT_EQ(core_->GetJob(id)->waiting_reason(), "no worker is connected");
 
   auto watcher = std::make_shared<FakeWatcher>();
-  ASSERT_TRUE(core_->Watch(id, 0, watcher).ok());
+  ASSERT_TRUE(core_->Watch(id, 0, 0, watcher).ok());
   ASSERT_EQ(watcher->events.size(), 1u);  // Replayed: queued.
   EXPECT_TRUE(watcher->events[0].has_queued());
 
@@ -221,22 +243,72 @@ TEST_F(BuildCoordinatorTest, BuildsetTargetsShareOneBuildsetAndSpreadOverSlots) 
   EXPECT_EQ(a->Assignments().size(), 2u);  // The freed slot takes the third.
 }
 
-TEST_F(BuildCoordinatorTest, LostWorkerRequeuesItsJobAndStaleResultsAreFenced) {
+TEST_F(BuildCoordinatorTest, AWorkerAwayPastItsLeaseLosesItsJobAndStaleResultsAreFenced) {
   const std::string id = SubmitOne();
   auto w1 = Connect("w1", 1);
   const CoordinatorMessage first = w1->Assignments().at(0);
   core_->OnWorkerGone(w1.get());
-  EXPECT_EQ(State(id), kiln::v1::JOB_STATE_QUEUED);
-
+  // Held for the lease: a short network blip must not throw the build away.
+  clock_.Advance(options_.lease - absl::Seconds(1));
+  core_->Tick();
+  EXPECT_EQ(State(id), kiln::v1::JOB_STATE_ASSIGNED);
   auto w2 = Connect("w2", 1);
+  EXPECT_TRUE(w2->Assignments().empty());
+  clock_.Advance(absl::Seconds(1));
+  core_->Tick();
   ASSERT_EQ(w2->Assignments().size(), 1u);
   EXPECT_EQ(w2->Assignments()[0].assign().attempt(), 2u);
-  // The first attempt's late report (through a new stream of w1) is ignored.
-  auto w1_again = Connect("w1", 1);
+
+  // w1 comes back still holding attempt 1: it is told to stop, and its late
+  // report is acknowledged but ignored.
+  auto w1_again = Connect("w1", 1, {{id, 1}});
+  ASSERT_EQ(w1_again->Sent(&CoordinatorMessage::has_cancel).size(), 1u);
+  EXPECT_EQ(w1_again->Sent(&CoordinatorMessage::has_cancel)[0].cancel().attempt(), 1u);
   Report(w1_again, first, kiln::v1::RESULT_CODE_BUILD_FAILED);
+  EXPECT_EQ(w1_again->Sent(&CoordinatorMessage::has_result_ack).size(), 1u);
   EXPECT_EQ(State(id), kiln::v1::JOB_STATE_ASSIGNED);
   Report(w2, w2->Assignments()[0], kiln::v1::RESULT_CODE_SUCCEEDED);
   EXPECT_EQ(State(id), kiln::v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(w2->Sent(&CoordinatorMessage::has_result_ack).size(), 1u);
+}
+
+TEST_F(BuildCoordinatorTest, AWorkerBackWithinItsLeaseKeepsTheJobsItStillHas) {
+  auto response = core_->Submit(Request(2));
+  ASSERT_TRUE(response.ok());
+  const std::string kept = response->job_ids(0), lost = response->job_ids(1);
+  auto w = Connect("w", 2);
+  ASSERT_EQ(w->Assignments().size(), 2u);
+  core_->OnWorkerGone(w.get());
+  clock_.Advance(options_.lease / 2);
+  core_->Tick();
+  EXPECT_EQ(core_->GetJob(kept)->waiting_reason(), "");
+  // Back with only one of the two: that one stays, the other runs again.
+  auto back = Connect("w", 2, {{kept, 1}});
+  EXPECT_TRUE(back->Sent(&CoordinatorMessage::has_cancel).empty());
+  ASSERT_EQ(back->Assignments().size(), 1u);
+  EXPECT_EQ(back->Assignments()[0].assign().job_id(), lost);
+  EXPECT_EQ(back->Assignments()[0].assign().attempt(), 2u);
+  Report(back, w->Assignments()[0], kiln::v1::RESULT_CODE_SUCCEEDED);  // Attempt 1 of `kept`.
+  EXPECT_EQ(State(kept), kiln::v1::JOB_STATE_SUCCEEDED);
+  // Nothing expires later for a worker that came back (and keeps talking).
+  clock_.Advance(options_.lease - absl::Seconds(1));
+  core_->Tick();
+  EXPECT_EQ(State(lost), kiln::v1::JOB_STATE_ASSIGNED);
+}
+
+TEST_F(BuildCoordinatorTest, ASilentWorkerIsCutOffAfterTheLease) {
+  const std::string id = SubmitOne();
+  auto w = Connect("w", 1);
+  clock_.Advance(options_.lease / 2);
+  Heartbeat(w);  // Renews the lease.
+  clock_.Advance(options_.lease / 2);
+  core_->Tick();
+  EXPECT_FALSE(w->closed);
+  clock_.Advance(options_.lease / 2);
+  core_->Tick();
+  EXPECT_TRUE(w->closed);
+  EXPECT_EQ(w->close_status.code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(State(id), kiln::v1::JOB_STATE_QUEUED);
 }
 
 TEST_F(BuildCoordinatorTest, InfraErrorsRetryUpToTheBoundThenFail) {
@@ -278,7 +350,7 @@ TEST_F(BuildCoordinatorTest, CancelQueuedAndRunningJobs) {
   EXPECT_EQ(core_->Cancel("nope").status().code(), absl::StatusCode::kNotFound);
 }
 
-TEST_F(BuildCoordinatorTest, RecoveryKeepsResultsAndRequeuesWhatWasRunning) {
+TEST_F(BuildCoordinatorTest, RecoveryKeepsResultsAndHoldsWhatWasRunningForOneLease) {
   const std::string done = SubmitOne();
   auto w = Connect("w", 1);
   Report(w, w->Assignments()[0], kiln::v1::RESULT_CODE_SUCCEEDED);
@@ -289,16 +361,52 @@ TEST_F(BuildCoordinatorTest, RecoveryKeepsResultsAndRequeuesWhatWasRunning) {
   Open();  // A new coordinator on the same state, as after a crash.
   EXPECT_EQ(State(done), kiln::v1::JOB_STATE_SUCCEEDED);
   EXPECT_EQ(core_->GetJob(done)->result().outputs().at("out"), "/nix/store/x-out");
-  EXPECT_EQ(State(running), kiln::v1::JOB_STATE_QUEUED);
+  EXPECT_EQ(State(running), kiln::v1::JOB_STATE_ASSIGNED);  // Held for w.
   EXPECT_EQ(State(queued), kiln::v1::JOB_STATE_QUEUED);
   // Ids continue; nothing is reused.
   EXPECT_EQ(SubmitOne(), "4");
   auto w2 = Connect("w2", 4);
+  ASSERT_EQ(w2->Assignments().size(), 2u);
+  // w does not come back: after the lease its job runs elsewhere, as attempt 2.
+  clock_.Advance(options_.lease);
+  Heartbeat(w2);
+  core_->Tick();
   auto assignments = w2->Assignments();
   ASSERT_EQ(assignments.size(), 3u);
-  // The job that had been running keeps its place at the front, as attempt 2.
-  EXPECT_EQ(assignments[0].assign().job_id(), running);
-  EXPECT_EQ(assignments[0].assign().attempt(), 2u);
+  EXPECT_EQ(assignments[2].assign().job_id(), running);
+  EXPECT_EQ(assignments[2].assign().attempt(), 2u);
+}
+
+TEST_F(BuildCoordinatorTest, AWatcherFromBeforeARestartIsReplayedEverything) {
+  const std::string id = SubmitOne();
+  auto before = std::make_shared<FakeWatcher>();
+  ASSERT_TRUE(core_->Watch(id, 0, 0, before).ok());
+  ASSERT_FALSE(before->events.empty());
+  const uint64_t old_incarnation = before->events.back().incarnation();
+  const uint64_t resume_from = before->events.back().sequence() + 1;
+  // Same process: resuming skips what was seen.
+  auto same = std::make_shared<FakeWatcher>();
+  ASSERT_TRUE(core_->Watch(id, resume_from, old_incarnation, same).ok());
+  EXPECT_TRUE(same->events.empty());
+
+  Open();
+  auto after = std::make_shared<FakeWatcher>();
+  ASSERT_TRUE(core_->Watch(id, resume_from, old_incarnation, after).ok());
+  ASSERT_FALSE(after->events.empty());
+  EXPECT_NE(after->events[0].incarnation(), old_incarnation);
+  EXPECT_TRUE(after->events[0].has_queued());
+}
+
+TEST_F(BuildCoordinatorTest, AfterARestartAReturningWorkerReattachesItsJob) {
+  const std::string id = SubmitOne();
+  auto w = Connect("w", 1);
+  ASSERT_EQ(w->Assignments().size(), 1u);
+  Open();
+  auto back = Connect("w", 1, {{id, 1}});
+  EXPECT_TRUE(back->Assignments().empty());  // Nothing new: its slot is in use.
+  Report(back, w->Assignments()[0], kiln::v1::RESULT_CODE_SUCCEEDED);
+  EXPECT_EQ(State(id), kiln::v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(core_->GetJob(id)->result().outputs().at("out"), "/nix/store/x-out");
 }
 
 TEST_F(BuildCoordinatorTest, WorkerProtocolViolationsCloseTheStream) {

@@ -110,10 +110,11 @@ LocalFarm::~LocalFarm() {
 absl::Status LocalFarm::StartCoordinator(const std::string& listen) {
   std::error_code ec;
   fs::remove(dir_.Sub("coordinator.ready"), ec);
-  auto coordinator = Daemon::Start({BinPath("kiln-coordinator"), "--listen=" + listen, "--metrics-listen=127.0.0.1:0",
-                                    "--state-dir=" + dir_.Sub("coordinator"),
-                                    "--ready-file=" + dir_.Sub("coordinator.ready")},
-                                   LogOf("coordinator"), {});
+  std::vector<std::string> argv = {BinPath("kiln-coordinator"), "--listen=" + listen,
+                                   "--metrics-listen=127.0.0.1:0", "--state-dir=" + dir_.Sub("coordinator"),
+                                   "--ready-file=" + dir_.Sub("coordinator.ready")};
+  argv.insert(argv.end(), coordinator_flags_.begin(), coordinator_flags_.end());
+  auto coordinator = Daemon::Start(argv, LogOf("coordinator"), {});
   if (!coordinator.ok()) return coordinator.status();
   coordinator_ = *std::move(coordinator);
   auto ready = WaitForReadyFile(dir_.Sub("coordinator.ready"), LogOf("coordinator"));
@@ -149,6 +150,11 @@ absl::Status LocalFarm::AddWorker() {
 void LocalFarm::KillCoordinator(int signal) {
   coordinator_->Kill(signal);
   coordinator_->WaitExit(30000);
+}
+
+void LocalFarm::KillWorker(size_t index, int signal) {
+  worker_daemons_.at(index)->Kill(signal);
+  worker_daemons_.at(index)->WaitExit(30000);
 }
 
 absl::Status LocalFarm::RestartCoordinator() { return StartCoordinator(coordinator_address_); }

@@ -52,8 +52,13 @@ class LocalFarm {
   std::string LogOf(const std::string& daemon) const { return dir_.Sub(daemon + ".log"); }
   const TempDir& dir() const { return dir_; }
 
+  // Extra coordinator flags (e.g. "--lease=3s"), for this and later starts.
+  void SetCoordinatorFlags(std::vector<std::string> flags) { coordinator_flags_ = std::move(flags); }
+
   // Starts one more worker and waits for its ready file.
   absl::Status AddWorker();
+  // Sends `signal` to worker `index` (0-based) and waits for it to exit.
+  void KillWorker(size_t index, int signal);
   // Sends `signal` to the coordinator and waits for it to exit.
   void KillCoordinator(int signal);
   // Starts the coordinator again on the same address and state directory.
@@ -69,6 +74,7 @@ class LocalFarm {
 
   int workers_;
   int max_jobs_;
+  std::vector<std::string> coordinator_flags_;
   TempDir dir_;
   std::unique_ptr<Daemon> coordinator_;
   std::vector<std::unique_ptr<Daemon>> worker_daemons_;

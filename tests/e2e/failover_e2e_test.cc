@@ -1,0 +1,144 @@
+// A buildset of real Nix jobs on three real workers survives losing a worker
+// (kill -9: its jobs come back after the lease and run elsewhere) and losing
+// the coordinator (kill -9 and restart: the workers keep building, re-attach
+// their jobs, and no job runs twice). Every job ends exactly once, with the
+// output it should have.
+#include <csignal>
+
+#include <set>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "tests/support/local_farm.h"
+
+namespace kiln {
+namespace {
+
+constexpr int kJobs = 12;
+
+// A flake with jobs job1…jobN, each taking `seconds` and writing its marker.
+std::vector<std::string> WriteSlowFlake(const testing::TempDir& work, const std::string& marker, int seconds) {
+  std::string attrs;
+  for (int i = 1; i <= kJobs; ++i) {
+    absl::StrAppend(&attrs, "    packages.x86_64-linux.job", i, " = derivation {\n", "      name = \"slow-", i,
+                    "\"; system = \"x86_64-linux\"; builder = \"/bin/sh\";\n", "      args = [ \"-c\" \"/bin/sleep ",
+                    seconds, "; echo ", marker, "-", i, " > $out\" ];\n    };\n");
+  }
+  testing::WriteFileOrDie(work.Sub("svc/flake.nix"), absl::StrCat("{\n  outputs = { self }: {\n", attrs, "  };\n}\n"));
+  std::vector<std::string> args = {"--json", "--quiet"};
+  for (int i = 1; i <= kJobs; ++i) args.push_back(absl::StrCat(work.Sub("svc"), "#job", i));
+  return args;
+}
+
+// Sum of a metric's samples in a scrape (0 when absent).
+double MetricSum(const std::string& scrape, const std::string& name) {
+  double sum = 0;
+  for (absl::string_view line : absl::StrSplit(scrape, '\n')) {
+    if (!absl::StartsWith(line, name) || line.size() <= name.size()) continue;
+    if (line[name.size()] != ' ' && line[name.size()] != '{') continue;
+    double v = 0;
+    if (absl::SimpleAtod(line.substr(line.rfind(' ') + 1), &v)) sum += v;
+  }
+  return sum;
+}
+
+// Waits (bounded) until worker `index` runs at least one build.
+bool WaitForBuilding(const testing::LocalFarm& farm, size_t index) {
+  for (int i = 0; i < 600; ++i) {
+    auto scrape = testing::ScrapeMetrics(farm.worker_metrics()[index]);
+    if (scrape.ok() && MetricSum(*scrape, "kiln_worker_builds_running") >= 1) return true;
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  return false;
+}
+
+// Waits (bounded) until the coordinator has accepted `jobs` jobs.
+bool WaitForSubmitted(const testing::LocalFarm& farm, int jobs) {
+  for (int i = 0; i < 600; ++i) {
+    auto scrape = testing::ScrapeMetrics(farm.coordinator_metrics());
+    if (scrape.ok() && MetricSum(*scrape, "kiln_jobs_submitted_total") >= jobs) return true;
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  return false;
+}
+
+// Checks the CLI's JSON: every job once, succeeded, with its own output.
+void ExpectEveryJobOnce(const testing::BackgroundBuild& cli, const std::string& marker) {
+  ASSERT_EQ(cli.exit().exit_code, 0) << cli.stdout_data();
+  nlohmann::json results = nlohmann::json::parse(cli.stdout_data());
+  ASSERT_EQ(results.size(), static_cast<size_t>(kJobs));
+  std::set<std::string> ids;
+  for (int i = 0; i < kJobs; ++i) {
+    const auto& r = results[i];
+    EXPECT_EQ(r["status"], "succeeded") << r.dump();
+    ids.insert(r["jobId"].get<std::string>());
+    const std::string out = r["outputs"]["out"];
+    EXPECT_EQ(testing::ReadFileOrDie(out), absl::StrCat(marker, "-", i + 1, "\n")) << r.dump();
+  }
+  EXPECT_EQ(ids.size(), static_cast<size_t>(kJobs));
+}
+
+nlohmann::json Status(const testing::LocalFarm& farm, const std::string& id) {
+  auto status = farm.Kiln({"status", id, "--json"});
+  if (!status.ok() || status->exit.exit_code != 0) return nlohmann::json::object();
+  return nlohmann::json::parse(status->stdout_data);
+}
+
+TEST(FailoverE2eTest, JobsOfAKilledWorkerRunElsewhereAfterTheLease) {
+  testing::LocalFarm farm(/*workers=*/3);
+  farm.SetCoordinatorFlags({"--lease=2s"});
+  ASSERT_TRUE(farm.Start().ok());
+  testing::TempDir work;
+  const std::string marker = absl::StrCat("worker-kill-", absl::ToUnixNanos(absl::Now()));
+  testing::BackgroundBuild cli(farm, WriteSlowFlake(work, marker, 2));
+  ASSERT_TRUE(cli.spawn_status().ok());
+  ASSERT_TRUE(WaitForBuilding(farm, 0)) << "worker-1 never started a build";
+
+  farm.KillWorker(0, SIGKILL);
+  ASSERT_TRUE(cli.WaitDone(absl::Seconds(240))) << "the buildset never finished";
+  ExpectEveryJobOnce(cli, marker);
+
+  // What ran on worker-1 ran again elsewhere, as a second attempt.
+  nlohmann::json results = nlohmann::json::parse(cli.stdout_data());
+  int second_attempts = 0;
+  for (const auto& r : results) {
+    nlohmann::json s = Status(farm, r["jobId"]);
+    EXPECT_NE(s["worker"], "worker-1") << s.dump();
+    second_attempts += s["attempt"] == 2 ? 1 : 0;
+  }
+  EXPECT_GE(second_attempts, 1);
+  auto scrape = testing::ScrapeMetrics(farm.coordinator_metrics());
+  ASSERT_TRUE(scrape.ok());
+  EXPECT_GE(MetricSum(*scrape, "kiln_job_requeues_total"), 1);
+}
+
+TEST(FailoverE2eTest, WorkersKeepBuildingThroughACoordinatorKillAndReattach) {
+  testing::LocalFarm farm(/*workers=*/3);
+  ASSERT_TRUE(farm.Start().ok());
+  testing::TempDir work;
+  const std::string marker = absl::StrCat("coordinator-kill-", absl::ToUnixNanos(absl::Now()));
+  testing::BackgroundBuild cli(farm, WriteSlowFlake(work, marker, 2));
+  ASSERT_TRUE(cli.spawn_status().ok());
+  ASSERT_TRUE(WaitForSubmitted(farm, kJobs)) << "the CLI never submitted every job";
+  ASSERT_TRUE(WaitForBuilding(farm, 0)) << "worker-1 never started a build";
+
+  farm.KillCoordinator(SIGKILL);
+  ASSERT_TRUE(farm.RestartCoordinator().ok());
+  ASSERT_TRUE(cli.WaitDone(absl::Seconds(240))) << "the buildset never finished";
+  ExpectEveryJobOnce(cli, marker);
+  // The builds running at the kill were re-attached, not run again: every
+  // job finished on its first attempt.
+  nlohmann::json results = nlohmann::json::parse(cli.stdout_data());
+  for (const auto& r : results) {
+    nlohmann::json s = Status(farm, r["jobId"]);
+    EXPECT_EQ(s["attempt"], 1) << s.dump();
+  }
+}
+
+}  // namespace
+}  // namespace kiln
