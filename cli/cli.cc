@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <optional>
 #include <thread>
@@ -23,6 +24,7 @@
 #include "common/installable.h"
 #include "common/source_tree.h"
 #include "kiln/v1/builds.grpc.pb.h"
+#include "kiln/v1/farm.grpc.pb.h"
 
 namespace kiln {
 namespace fs = std::filesystem;
@@ -57,13 +59,23 @@ std::string Submitter() {
 // One channel and stub for the whole (short-lived) process, never destroyed:
 // main() leaves through _Exit, so gRPC's teardown — which would only add time
 // to every command — never runs.
-BuildService::Stub& Coordinator(const CliOptions& options) {
-  static BuildService::Stub* stub = [&] {
-    std::shared_ptr<grpc::Channel> channel = MakeChannel(options.coordinator);
-    // Start connecting now, while the caller packs its sources.
-    channel->GetState(/*try_to_connect=*/true);
-    return BuildService::NewStub(channel).release();
+std::shared_ptr<grpc::Channel> Channel(const CliOptions& options) {
+  static auto* channel = [&] {
+    auto* c = new std::shared_ptr<grpc::Channel>(MakeChannel(options.coordinator));
+    // Start connecting now, while the caller hashes its sources.
+    (*c)->GetState(/*try_to_connect=*/true);
+    return c;
   }();
+  return *channel;
+}
+
+BuildService::Stub& Coordinator(const CliOptions& options) {
+  static BuildService::Stub* stub = BuildService::NewStub(Channel(options)).release();
+  return *stub;
+}
+
+kiln::v1::FarmService::Stub& Farm(const CliOptions& options) {
+  static kiln::v1::FarmService::Stub* stub = kiln::v1::FarmService::NewStub(Channel(options)).release();
   return *stub;
 }
 
@@ -325,13 +337,11 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& i
   return exit_code;
 }
 
-int RunStatusCommand(const CliOptions& options, const std::string& job_id) {
-  kiln::v1::GetJobRequest request;
-  request.set_job_id(job_id);
-  kiln::v1::Job job;
-  absl::Status s =
-      UnaryCall(options, [&](grpc::ClientContext& c) { return Coordinator(options).GetJob(&c, request, &job); });
-  if (!s.ok()) return ReportError(s);
+namespace {
+
+bool IsBuildsetId(const std::string& id) { return absl::StartsWith(id, "b"); }
+
+nlohmann::json JobJson(const kiln::v1::Job& job) {
   nlohmann::json out = {{"jobId", job.job_id()},
                         {"buildsetId", job.buildset_id()},
                         {"installable", job.spec().display_name()},
@@ -346,27 +356,165 @@ int RunStatusCommand(const CliOptions& options, const std::string& job_id) {
   } else if (!job.result().error_message().empty()) {
     out["error"] = job.result().error_message();
   }
+  return out;
+}
+
+// One line: "job 4 (./svc#a): running on worker-2".
+std::string JobLine(const kiln::v1::Job& job) {
+  std::string line = absl::StrFormat("job %s (%s): %s", job.job_id(), job.spec().display_name(), StateName(job.state()));
+  if (!job.worker().empty()) absl::StrAppend(&line, " on ", job.worker());
+  if (!job.waiting_reason().empty()) absl::StrAppend(&line, " — waiting: ", job.waiting_reason());
+  return line;
+}
+
+int PrintBuildset(const CliOptions& options, const kiln::v1::Buildset& buildset) {
+  std::map<std::string, int> counts;
+  nlohmann::json jobs = nlohmann::json::array();
+  for (const auto& job : buildset.jobs()) {
+    ++counts[StateName(job.state())];
+    jobs.push_back(JobJson(job));
+  }
   if (options.json) {
+    nlohmann::json out = {{"buildsetId", buildset.buildset_id()}, {"jobs", jobs}, {"counts", counts}};
     std::printf("%s\n", out.dump().c_str());
+    return kExitOk;
+  }
+  std::vector<std::string> parts;
+  for (const auto& [state, n] : counts) parts.push_back(absl::StrCat(n, " ", state));
+  std::printf("buildset %s: %d job(s) — %s\n", buildset.buildset_id().c_str(), buildset.jobs_size(),
+              absl::StrJoin(parts, ", ").c_str());
+  for (const auto& job : buildset.jobs()) std::printf("  %s\n", JobLine(job).c_str());
+  return kExitOk;
+}
+
+const char* WorkerStateName(kiln::v1::WorkerState state) {
+  switch (state) {
+    case kiln::v1::WORKER_STATE_CONNECTED: return "connected";
+    case kiln::v1::WORKER_STATE_DRAINING: return "draining";
+    case kiln::v1::WORKER_STATE_DISCONNECTED: return "disconnected";
+    default: return "unknown";
+  }
+}
+
+nlohmann::json WorkerJson(const kiln::v1::WorkerInfo& w) {
+  nlohmann::json out = {{"name", w.name()},
+                        {"state", WorkerStateName(w.state())},
+                        {"maxJobs", w.max_jobs()},
+                        {"runningJobs", std::vector<std::string>(w.running_jobs().begin(), w.running_jobs().end())},
+                        {"systems", std::vector<std::string>(w.systems().begin(), w.systems().end())},
+                        {"supportedFeatures",
+                         std::vector<std::string>(w.supported_features().begin(), w.supported_features().end())},
+                        {"mandatoryFeatures",
+                         std::vector<std::string>(w.mandatory_features().begin(), w.mandatory_features().end())},
+                        {"labels", std::map<std::string, std::string>(w.labels().begin(), w.labels().end())},
+                        {"speedFactor", w.speed_factor()}};
+  if (w.has_lease_until()) out["leaseUntil"] = absl::FormatTime(absl::RFC3339_sec, FromProtoTime(w.lease_until()), absl::UTCTimeZone());
+  return out;
+}
+
+}  // namespace
+
+int RunStatusCommand(const CliOptions& options, const std::string& id) {
+  if (IsBuildsetId(id)) {
+    kiln::v1::GetBuildsetRequest request;
+    request.set_buildset_id(id);
+    kiln::v1::Buildset buildset;
+    absl::Status s = UnaryCall(
+        options, [&](grpc::ClientContext& c) { return Coordinator(options).GetBuildset(&c, request, &buildset); });
+    if (!s.ok()) return ReportError(s);
+    return PrintBuildset(options, buildset);
+  }
+  kiln::v1::GetJobRequest request;
+  request.set_job_id(id);
+  kiln::v1::Job job;
+  absl::Status s =
+      UnaryCall(options, [&](grpc::ClientContext& c) { return Coordinator(options).GetJob(&c, request, &job); });
+  if (!s.ok()) return ReportError(s);
+  if (options.json) {
+    std::printf("%s\n", JobJson(job).dump().c_str());
   } else {
-    std::printf("job %s (%s): %s", job.job_id().c_str(), job.spec().display_name().c_str(), StateName(job.state()));
-    if (!job.worker().empty()) std::printf(" on %s", job.worker().c_str());
-    if (!job.waiting_reason().empty()) std::printf(" — waiting: %s", job.waiting_reason().c_str());
-    std::printf("\n");
+    std::printf("%s\n", JobLine(job).c_str());
     for (const auto& [name, path] : job.result().outputs()) std::printf("  %s: %s\n", name.c_str(), path.c_str());
     if (!job.result().error_message().empty()) std::printf("%s\n", job.result().error_message().c_str());
   }
   return kExitOk;
 }
 
-int RunCancelCommand(const CliOptions& options, const std::string& job_id) {
+int RunCancelCommand(const CliOptions& options, const std::string& id) {
+  if (IsBuildsetId(id)) {
+    kiln::v1::CancelBuildsetRequest request;
+    request.set_buildset_id(id);
+    kiln::v1::Buildset buildset;
+    absl::Status s = UnaryCall(
+        options, [&](grpc::ClientContext& c) { return Coordinator(options).CancelBuildset(&c, request, &buildset); });
+    if (!s.ok()) return ReportError(s);
+    return PrintBuildset(options, buildset);
+  }
   kiln::v1::CancelJobRequest request;
-  request.set_job_id(job_id);
+  request.set_job_id(id);
   kiln::v1::CancelJobResponse response;
   absl::Status s =
       UnaryCall(options, [&](grpc::ClientContext& c) { return Coordinator(options).CancelJob(&c, request, &response); });
   if (!s.ok()) return ReportError(s);
-  std::printf("job %s: %s\n", job_id.c_str(), StateName(response.state()));
+  std::printf("job %s: %s\n", id.c_str(), StateName(response.state()));
+  return kExitOk;
+}
+
+int RunWorkersCommand(const CliOptions& options, const std::vector<std::string>& args) {
+  if (!args.empty()) {
+    if (args.size() != 2 || (args[0] != "drain" && args[0] != "undrain")) {
+      Err("error: usage: kiln workers [drain|undrain NAME]");
+      return kExitUsage;
+    }
+    kiln::v1::DrainWorkerRequest request;
+    request.set_name(args[1]);
+    request.set_undo(args[0] == "undrain");
+    kiln::v1::DrainWorkerResponse response;
+    absl::Status s =
+        UnaryCall(options, [&](grpc::ClientContext& c) { return Farm(options).DrainWorker(&c, request, &response); });
+    if (!s.ok()) return ReportError(s);
+    if (options.json) {
+      std::printf("%s\n", WorkerJson(response.worker()).dump().c_str());
+    } else {
+      std::printf("worker %s: %s, %d job(s) running\n", response.worker().name().c_str(),
+                  WorkerStateName(response.worker().state()), response.worker().running_jobs_size());
+    }
+    return kExitOk;
+  }
+  kiln::v1::ListWorkersRequest request;
+  kiln::v1::ListWorkersResponse response;
+  absl::Status s =
+      UnaryCall(options, [&](grpc::ClientContext& c) { return Farm(options).ListWorkers(&c, request, &response); });
+  if (!s.ok()) return ReportError(s);
+  if (options.json) {
+    nlohmann::json out = nlohmann::json::array();
+    for (const auto& w : response.workers()) out.push_back(WorkerJson(w));
+    std::printf("%s\n", out.dump().c_str());
+    return kExitOk;
+  }
+  std::vector<std::vector<std::string>> rows = {{"NAME", "STATE", "JOBS", "SYSTEMS", "FEATURES", "LABELS"}};
+  for (const auto& w : response.workers()) {
+    std::vector<std::string> features(w.supported_features().begin(), w.supported_features().end());
+    for (const auto& f : w.mandatory_features()) features.push_back(absl::StrCat(f, "(mandatory)"));
+    std::vector<std::string> labels;
+    for (const auto& [k, v] : std::map<std::string, std::string>(w.labels().begin(), w.labels().end())) {
+      labels.push_back(absl::StrCat(k, "=", v));
+    }
+    rows.push_back({w.name(), WorkerStateName(w.state()), absl::StrCat(w.running_jobs_size(), "/", w.max_jobs()),
+                    absl::StrJoin(w.systems(), ","), features.empty() ? "-" : absl::StrJoin(features, ","),
+                    labels.empty() ? "-" : absl::StrJoin(labels, ",")});
+  }
+  std::vector<size_t> width(rows[0].size(), 0);
+  for (const auto& row : rows) {
+    for (size_t i = 0; i < row.size(); ++i) width[i] = std::max(width[i], row[i].size());
+  }
+  for (const auto& row : rows) {
+    std::string line;
+    for (size_t i = 0; i < row.size(); ++i) {
+      absl::StrAppend(&line, row[i], i + 1 < row.size() ? std::string(width[i] - row[i].size() + 2, ' ') : "");
+    }
+    std::printf("%s\n", line.c_str());
+  }
   return kExitOk;
 }
 

@@ -40,10 +40,13 @@ bool ParsePriority(const std::string& name, int* wire_value);
 // absolute path ("services/api#oci-image").
 std::string LocalityKey(const std::string& flake_dir, const std::string& attr);
 
-// `kiln status JOB`.
-int RunStatusCommand(const CliOptions& options, const std::string& job_id);
+// `kiln status ID`: a job, or every job of a buildset (ids "b…").
+int RunStatusCommand(const CliOptions& options, const std::string& id);
 
-// `kiln cancel JOB`.
-int RunCancelCommand(const CliOptions& options, const std::string& job_id);
+// `kiln cancel ID`: a job, or every unfinished job of a buildset.
+int RunCancelCommand(const CliOptions& options, const std::string& id);
+
+// `kiln workers`, `kiln workers drain NAME`, `kiln workers undrain NAME`.
+int RunWorkersCommand(const CliOptions& options, const std::vector<std::string>& args);
 
 }  // namespace kiln

@@ -21,8 +21,10 @@ constexpr char kUsage[] =
     "Kiln: build Nix flakes on a build farm.\n"
     "  kiln [--coordinator=ADDR] build PATH#ATTR... [--json] [--quiet] [--system=SYSTEM]\n"
     "                                  [--priority=interactive|ci|batch]\n"
-    "  kiln [--coordinator=ADDR] status JOB [--json]\n"
-    "  kiln [--coordinator=ADDR] cancel JOB\n"
+    "  kiln [--coordinator=ADDR] status JOB|BUILDSET [--json]\n"
+    "  kiln [--coordinator=ADDR] cancel JOB|BUILDSET [--json]\n"
+    "  kiln [--coordinator=ADDR] workers [--json]\n"
+    "  kiln [--coordinator=ADDR] workers drain|undrain NAME\n"
     "Exit codes: 0 success, 1 build failed, 2 bad usage or input, 3 coordinator unreachable.";
 }
 
@@ -55,6 +57,8 @@ int main(int argc, char** argv) {
   int code = kiln::kExitUsage;
   if (command == "build") {
     code = kiln::RunBuildCommand(options, args);
+  } else if (command == "workers") {
+    code = kiln::RunWorkersCommand(options, args);
   } else if ((command == "status" || command == "cancel") && args.size() == 1) {
     code = command == "status" ? kiln::RunStatusCommand(options, args[0]) : kiln::RunCancelCommand(options, args[0]);
   } else {

@@ -99,6 +99,7 @@ absl::Status BuildCoordinator::Recover() {
   size_t queued = 0, held = 0;
   for (JobRecord& record : *records) {
     std::string id = record.job_id();
+    buildsets_[record.buildset_id()].push_back(id);
     JobEntry& job = jobs_[id];
     job.record = std::move(record);
     job.queued_at = clock_->Now();
@@ -240,6 +241,7 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
   for (auto& r : records) {
     const std::string id = r.job_id();
     response.add_job_ids(id);
+    buildsets_[buildset_id].push_back(id);
     JobEntry& job = jobs_[id];
     job.record = std::move(r);
     job.queued_at = now;
@@ -324,6 +326,66 @@ absl::StatusOr<kiln::v1::Job> BuildCoordinator::GetJob(const std::string& job_id
   return job;
 }
 
+absl::StatusOr<kiln::v1::Buildset> BuildCoordinator::GetBuildset(const std::string& buildset_id) const {
+  auto it = buildsets_.find(buildset_id);
+  if (it == buildsets_.end()) return absl::NotFoundError(absl::StrCat("no buildset ", buildset_id));
+  kiln::v1::Buildset out;
+  out.set_buildset_id(buildset_id);
+  for (const std::string& id : it->second) *out.add_jobs() = *GetJob(id);
+  return out;
+}
+
+absl::StatusOr<kiln::v1::Buildset> BuildCoordinator::CancelBuildset(const std::string& buildset_id) {
+  auto it = buildsets_.find(buildset_id);
+  if (it == buildsets_.end()) return absl::NotFoundError(absl::StrCat("no buildset ", buildset_id));
+  for (const std::string& id : it->second) {
+    if (absl::StatusOr<JobState> s = Cancel(id); !s.ok()) return s.status();
+  }
+  return GetBuildset(buildset_id);
+}
+
+kiln::v1::ListWorkersResponse BuildCoordinator::ListWorkers() const {
+  kiln::v1::ListWorkersResponse out;
+  for (const Scheduler::WorkerView& w : scheduler_.Workers()) {
+    kiln::v1::WorkerInfo* info = out.add_workers();
+    info->set_name(w.name);
+    info->set_state(!w.online   ? kiln::v1::WORKER_STATE_DISCONNECTED
+                    : w.draining ? kiln::v1::WORKER_STATE_DRAINING
+                                 : kiln::v1::WORKER_STATE_CONNECTED);
+    for (const auto& x : w.caps.systems) info->add_systems(x);
+    for (const auto& x : w.caps.supported_features) info->add_supported_features(x);
+    for (const auto& x : w.caps.mandatory_features) info->add_mandatory_features(x);
+    info->mutable_labels()->insert(w.caps.labels.begin(), w.caps.labels.end());
+    info->set_max_jobs(static_cast<uint32_t>(std::max(0, w.caps.max_jobs)));
+    info->set_speed_factor(w.caps.speed_factor);
+    for (const auto& j : w.jobs) info->add_running_jobs(j);
+    if (auto s = session_by_name_.find(w.name); s != session_by_name_.end()) {
+      *info->mutable_last_seen() = ToProtoTime(sessions_.at(s->second).last_seen);
+    }
+    if (auto l = lease_until_.find(w.name); l != lease_until_.end()) {
+      *info->mutable_lease_until() = ToProtoTime(l->second);
+    }
+  }
+  return out;
+}
+
+absl::StatusOr<kiln::v1::WorkerInfo> BuildCoordinator::DrainWorker(const std::string& name, bool undo) {
+  if (!scheduler_.SetDraining(name, !undo)) return absl::NotFoundError(absl::StrCat("no worker named '", name, "'"));
+  if (undo) {
+    drained_.erase(name);
+  } else {
+    drained_.insert(name);
+  }
+  LogInfo(kComponent, "worker ", name, undo ? ": drain lifted" : ": draining (no new jobs)");
+  Dispatch();
+  UpdateGauges();
+  kiln::v1::ListWorkersResponse all = ListWorkers();
+  for (kiln::v1::WorkerInfo& info : *all.mutable_workers()) {
+    if (info.name() == name) return std::move(info);
+  }
+  return absl::NotFoundError(absl::StrCat("no worker named '", name, "'"));
+}
+
 void BuildCoordinator::OnWorkerMessage(const std::shared_ptr<WorkerSession>& session,
                                        const kiln::v1::WorkerMessage& message) {
   auto [it, inserted] = sessions_.try_emplace(session.get());
@@ -406,6 +468,7 @@ void BuildCoordinator::HandleRegister(WorkerEntry& worker, const kiln::v1::Regis
   caps.max_jobs = static_cast<int>(reg.max_jobs());
   caps.speed_factor = reg.speed_factor() > 0 ? reg.speed_factor() : 1.0;
   scheduler_.AddWorker(worker.name, std::move(caps));
+  if (drained_.contains(worker.name)) scheduler_.SetDraining(worker.name, true);
 
   kiln::v1::CoordinatorMessage reply;
   reply.mutable_registered()->set_worker_id(worker.name);

@@ -26,7 +26,9 @@
 #include "coordinator/scheduler.h"
 #include "coordinator/state_store.h"
 #include "kiln/state/v1/records.pb.h"
+#include "absl/container/flat_hash_set.h"
 #include "kiln/v1/builds.pb.h"
+#include "kiln/v1/farm.pb.h"
 #include "kiln/v1/workers.pb.h"
 
 namespace kiln {
@@ -91,6 +93,13 @@ class BuildCoordinator {
 
   absl::StatusOr<kiln::v1::JobState> Cancel(const std::string& job_id);
   absl::StatusOr<kiln::v1::Job> GetJob(const std::string& job_id) const;
+  absl::StatusOr<kiln::v1::Buildset> GetBuildset(const std::string& buildset_id) const;
+  absl::StatusOr<kiln::v1::Buildset> CancelBuildset(const std::string& buildset_id);
+
+  // Operators' view of the workers, and drain (kept across a worker's
+  // reconnects, not across a coordinator restart).
+  kiln::v1::ListWorkersResponse ListWorkers() const;
+  absl::StatusOr<kiln::v1::WorkerInfo> DrainWorker(const std::string& name, bool undo);
 
   // A message from a worker's stream; the first one must be Register.
   void OnWorkerMessage(const std::shared_ptr<WorkerSession>& session,
@@ -160,6 +169,9 @@ class BuildCoordinator {
   absl::flat_hash_map<std::string, const WorkerSession*> session_by_name_;
   // Workers whose stream is gone but whose jobs are held, until when.
   absl::flat_hash_map<std::string, absl::Time> lease_until_;
+  absl::flat_hash_set<std::string> drained_;
+  // Job ids of each buildset, in submission order.
+  absl::flat_hash_map<std::string, std::vector<std::string>> buildsets_;
   std::deque<std::string> finished_with_logs_;
   uint64_t next_job_seq_ = 1;
   uint64_t next_buildset_seq_ = 1;

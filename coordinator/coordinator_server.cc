@@ -40,6 +40,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
 
   server->build_service_ = std::make_unique<BuildServiceImpl>(server->core_.get(), server->strand_.get());
   server->worker_service_ = std::make_unique<WorkerServiceImpl>(server->core_.get(), server->strand_.get());
+  server->farm_service_ = std::make_unique<FarmServiceImpl>(server->core_.get(), server->strand_.get());
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &port);
@@ -50,6 +51,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
   builder.RegisterService(server->build_service_.get());
   builder.RegisterService(server->worker_service_.get());
+  builder.RegisterService(server->farm_service_.get());
   server->server_ = builder.BuildAndStart();
   if (!server->server_ || port == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));

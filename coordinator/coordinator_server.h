@@ -52,6 +52,7 @@ class CoordinatorServer {
   std::unique_ptr<BuildCoordinator> core_;
   std::unique_ptr<BuildServiceImpl> build_service_;
   std::unique_ptr<WorkerServiceImpl> worker_service_;
+  std::unique_ptr<FarmServiceImpl> farm_service_;
   std::unique_ptr<grpc::Server> server_;
   std::string grpc_address_;
   bool shut_down_ = false;

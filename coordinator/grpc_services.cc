@@ -176,6 +176,48 @@ grpc::ServerUnaryReactor* BuildServiceImpl::GetJob(grpc::CallbackServerContext* 
   });
 }
 
+grpc::ServerUnaryReactor* BuildServiceImpl::GetBuildset(grpc::CallbackServerContext* context,
+                                                        const kiln::v1::GetBuildsetRequest* request,
+                                                        kiln::v1::Buildset* response) {
+  return UnaryOnStrand(context, strand_, [core = core_, request, response]() -> absl::Status {
+    auto r = core->GetBuildset(request->buildset_id());
+    if (!r.ok()) return r.status();
+    *response = *std::move(r);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* BuildServiceImpl::CancelBuildset(grpc::CallbackServerContext* context,
+                                                           const kiln::v1::CancelBuildsetRequest* request,
+                                                           kiln::v1::Buildset* response) {
+  return UnaryOnStrand(context, strand_, [core = core_, request, response]() -> absl::Status {
+    auto r = core->CancelBuildset(request->buildset_id());
+    if (!r.ok()) return r.status();
+    *response = *std::move(r);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* FarmServiceImpl::ListWorkers(grpc::CallbackServerContext* context,
+                                                       const kiln::v1::ListWorkersRequest* request,
+                                                       kiln::v1::ListWorkersResponse* response) {
+  return UnaryOnStrand(context, strand_, [core = core_, response]() -> absl::Status {
+    *response = core->ListWorkers();
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* FarmServiceImpl::DrainWorker(grpc::CallbackServerContext* context,
+                                                       const kiln::v1::DrainWorkerRequest* request,
+                                                       kiln::v1::DrainWorkerResponse* response) {
+  return UnaryOnStrand(context, strand_, [core = core_, request, response]() -> absl::Status {
+    auto r = core->DrainWorker(request->name(), request->undo());
+    if (!r.ok()) return r.status();
+    *response->mutable_worker() = *std::move(r);
+    return absl::OkStatus();
+  });
+}
+
 grpc::ServerBidiReactor<WorkerMessage, CoordinatorMessage>* WorkerServiceImpl::Connect(
     grpc::CallbackServerContext* context) {
   return new WorkerStreamReactor(core_, strand_);

@@ -9,6 +9,7 @@
 #include "common/serial_executor.h"
 #include "coordinator/build_coordinator.h"
 #include "kiln/v1/builds.grpc.pb.h"
+#include "kiln/v1/farm.grpc.pb.h"
 #include "kiln/v1/workers.grpc.pb.h"
 
 namespace kiln {
@@ -28,6 +29,12 @@ class BuildServiceImpl final : public kiln::v1::BuildService::CallbackService {
                                       kiln::v1::CancelJobResponse* response) override;
   grpc::ServerUnaryReactor* GetJob(grpc::CallbackServerContext* context,
                                    const kiln::v1::GetJobRequest* request, kiln::v1::Job* response) override;
+  grpc::ServerUnaryReactor* GetBuildset(grpc::CallbackServerContext* context,
+                                        const kiln::v1::GetBuildsetRequest* request,
+                                        kiln::v1::Buildset* response) override;
+  grpc::ServerUnaryReactor* CancelBuildset(grpc::CallbackServerContext* context,
+                                           const kiln::v1::CancelBuildsetRequest* request,
+                                           kiln::v1::Buildset* response) override;
 
  private:
   BuildCoordinator* const core_;
@@ -40,6 +47,22 @@ class WorkerServiceImpl final : public kiln::v1::WorkerService::CallbackService 
 
   grpc::ServerBidiReactor<kiln::v1::WorkerMessage, kiln::v1::CoordinatorMessage>* Connect(
       grpc::CallbackServerContext* context) override;
+
+ private:
+  BuildCoordinator* const core_;
+  SerialExecutor* const strand_;
+};
+
+class FarmServiceImpl final : public kiln::v1::FarmService::CallbackService {
+ public:
+  FarmServiceImpl(BuildCoordinator* core, SerialExecutor* strand) : core_(core), strand_(strand) {}
+
+  grpc::ServerUnaryReactor* ListWorkers(grpc::CallbackServerContext* context,
+                                        const kiln::v1::ListWorkersRequest* request,
+                                        kiln::v1::ListWorkersResponse* response) override;
+  grpc::ServerUnaryReactor* DrainWorker(grpc::CallbackServerContext* context,
+                                        const kiln::v1::DrainWorkerRequest* request,
+                                        kiln::v1::DrainWorkerResponse* response) override;
 
  private:
   BuildCoordinator* const core_;

@@ -122,6 +122,15 @@ std::vector<std::string> Scheduler::JobsOf(const std::string& worker) const {
   return it == workers_.end() ? std::vector<std::string>{} : it->second.jobs;
 }
 
+std::vector<Scheduler::WorkerView> Scheduler::Workers() const {
+  std::vector<WorkerView> out;
+  out.reserve(workers_.size());
+  for (const auto& [name, w] : workers_) {
+    out.push_back(WorkerView{.name = name, .caps = w.caps, .jobs = w.jobs, .draining = w.draining, .online = w.online});
+  }
+  return out;
+}
+
 size_t Scheduler::online_workers() const {
   size_t n = 0;
   for (const auto& [_, w] : workers_) n += w.online ? 1 : 0;

@@ -97,6 +97,16 @@ class Scheduler {
   // Jobs running on `worker`, in assignment order.
   std::vector<std::string> JobsOf(const std::string& worker) const;
 
+  // What the scheduler knows of each worker, by name (for operators).
+  struct WorkerView {
+    std::string name;
+    WorkerCapabilities caps;
+    std::vector<std::string> jobs;
+    bool draining = false;
+    bool online = false;
+  };
+  std::vector<WorkerView> Workers() const;
+
   // Removes a worker; returns the jobs it was running (the caller requeues or
   // fails them), in assignment order.
   std::vector<std::string> RemoveWorker(const std::string& worker);

@@ -397,6 +397,51 @@ TEST_F(BuildCoordinatorTest, AWatcherFromBeforeARestartIsReplayedEverything) {
   EXPECT_TRUE(after->events[0].has_queued());
 }
 
+TEST_F(BuildCoordinatorTest, BuildsetsCanBeReadAndCancelledWhole) {
+  auto response = core_->Submit(Request(3));
+  ASSERT_TRUE(response.ok());
+  auto w = Connect("w", 1);
+  Report(w, w->Assignments()[0], kiln::v1::RESULT_CODE_SUCCEEDED);
+  auto buildset = core_->GetBuildset(response->buildset_id());
+  ASSERT_TRUE(buildset.ok());
+  ASSERT_EQ(buildset->jobs_size(), 3);
+  EXPECT_EQ(buildset->jobs(0).state(), kiln::v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(buildset->jobs(1).state(), kiln::v1::JOB_STATE_ASSIGNED);
+  EXPECT_EQ(buildset->jobs(2).state(), kiln::v1::JOB_STATE_QUEUED);
+  auto cancelled = core_->CancelBuildset(response->buildset_id());
+  ASSERT_TRUE(cancelled.ok());
+  EXPECT_EQ(cancelled->jobs(0).state(), kiln::v1::JOB_STATE_SUCCEEDED);  // Finished work stays.
+  EXPECT_EQ(cancelled->jobs(1).state(), kiln::v1::JOB_STATE_CANCELLED);
+  EXPECT_EQ(cancelled->jobs(2).state(), kiln::v1::JOB_STATE_CANCELLED);
+  EXPECT_EQ(w->Sent(&CoordinatorMessage::has_cancel).size(), 1u);
+  EXPECT_THAT(core_->GetBuildset("b99").status(), StatusIs(absl::StatusCode::kNotFound, "no buildset b99"));
+  // Kept across a restart.
+  Open();
+  EXPECT_EQ(core_->GetBuildset(response->buildset_id())->jobs_size(), 3);
+}
+
+TEST_F(BuildCoordinatorTest, ADrainedWorkerTakesNothingNewEvenAfterReconnecting) {
+  auto w = Connect("w", 2);
+  const std::string first = SubmitOne();
+  ASSERT_EQ(w->Assignments().size(), 1u);
+  auto info = core_->DrainWorker("w", /*undo=*/false);
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->state(), kiln::v1::WORKER_STATE_DRAINING);
+  EXPECT_EQ(info->running_jobs_size(), 1);
+  const std::string second = SubmitOne();
+  EXPECT_EQ(w->Assignments().size(), 1u);
+  EXPECT_EQ(core_->GetJob(second)->waiting_reason(), "all 1 capable workers are draining");
+  Report(w, w->Assignments()[0], kiln::v1::RESULT_CODE_SUCCEEDED);  // Running work finishes.
+  EXPECT_EQ(State(first), kiln::v1::JOB_STATE_SUCCEEDED);
+  core_->OnWorkerGone(w.get());
+  auto back = Connect("w", 2);
+  EXPECT_TRUE(back->Assignments().empty());
+  EXPECT_EQ(core_->ListWorkers().workers(0).state(), kiln::v1::WORKER_STATE_DRAINING);
+  ASSERT_TRUE(core_->DrainWorker("w", /*undo=*/true).ok());
+  EXPECT_EQ(back->Assignments().size(), 1u);
+  EXPECT_THAT(core_->DrainWorker("nobody", false).status(), StatusIs(absl::StatusCode::kNotFound, "nobody"));
+}
+
 TEST_F(BuildCoordinatorTest, AfterARestartAReturningWorkerReattachesItsJob) {
   const std::string id = SubmitOne();
   auto w = Connect("w", 1);

@@ -7,9 +7,11 @@
 
 #include <set>
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -138,6 +140,55 @@ TEST(FailoverE2eTest, WorkersKeepBuildingThroughACoordinatorKillAndReattach) {
     nlohmann::json s = Status(farm, r["jobId"]);
     EXPECT_EQ(s["attempt"], 1) << s.dump();
   }
+}
+
+TEST(FailoverE2eTest, ADrainedWorkerTakesNothingNew) {
+  testing::LocalFarm farm(/*workers=*/2);
+  ASSERT_TRUE(farm.Start().ok());
+  auto drain = farm.Kiln({"workers", "drain", "worker-1"});
+  ASSERT_TRUE(drain.ok());
+  ASSERT_EQ(drain->exit.exit_code, 0) << drain->stderr_data;
+  EXPECT_THAT(drain->stdout_data, ::testing::HasSubstr("worker worker-1: draining"));
+
+  testing::TempDir work;
+  const std::string marker = absl::StrCat("drain-", absl::ToUnixNanos(absl::Now()));
+  std::vector<std::string> args = WriteSlowFlake(work, marker, 0);
+  args.insert(args.begin(), "build");
+  auto build = farm.Kiln(args);
+  ASSERT_TRUE(build.ok());
+  ASSERT_EQ(build->exit.exit_code, 0) << build->stderr_data;
+  nlohmann::json results = nlohmann::json::parse(build->stdout_data);
+  ASSERT_EQ(results.size(), static_cast<size_t>(kJobs));
+  for (const auto& r : results) EXPECT_EQ(r["worker"], "worker-2") << r.dump();
+
+  auto workers = farm.Kiln({"workers", "--json"});
+  ASSERT_TRUE(workers.ok());
+  ASSERT_EQ(workers->exit.exit_code, 0) << workers->stderr_data;
+  nlohmann::json list = nlohmann::json::parse(workers->stdout_data);
+  ASSERT_EQ(list.size(), 2u);
+  EXPECT_EQ(list[0]["name"], "worker-1");
+  EXPECT_EQ(list[0]["state"], "draining");
+  EXPECT_EQ(list[1]["state"], "connected");
+  EXPECT_EQ(list[1]["maxJobs"], 2);
+  auto table = farm.Kiln({"workers"});
+  ASSERT_TRUE(table.ok());
+  EXPECT_THAT(table->stdout_data, ::testing::HasSubstr("NAME"));
+  EXPECT_THAT(table->stdout_data, ::testing::HasSubstr("draining"));
+
+  // The whole submission's state in one call, by buildset.
+  const std::string buildset = Status(farm, results[0]["jobId"])["buildsetId"];
+  auto status = farm.Kiln({"status", buildset, "--json"});
+  ASSERT_TRUE(status.ok());
+  ASSERT_EQ(status->exit.exit_code, 0) << status->stderr_data;
+  nlohmann::json bs = nlohmann::json::parse(status->stdout_data);
+  EXPECT_EQ(bs["buildsetId"], buildset);
+  EXPECT_GE(bs["jobs"].size(), 1u);
+  EXPECT_EQ(bs["counts"]["succeeded"], bs["jobs"].size());
+
+  auto unknown = farm.Kiln({"workers", "drain", "nobody"});
+  ASSERT_TRUE(unknown.ok());
+  EXPECT_EQ(unknown->exit.exit_code, 2);
+  EXPECT_THAT(unknown->stderr_data, ::testing::HasSubstr("no worker named 'nobody'"));
 }
 
 }  // namespace
