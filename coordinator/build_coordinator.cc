@@ -634,8 +634,11 @@ void BuildCoordinator::CloseAll() {
 }
 
 void BuildCoordinator::Dispatch() {
+  const absl::Time round_start = absl::Now();
   std::vector<Assignment> assignments = scheduler_.Assign();
   if (assignments.empty()) return;
+  auto observe = absl::MakeCleanup(
+      [&] { metrics_->dispatch_duration.Observe(absl::ToDoubleSeconds(absl::Now() - round_start)); });
   const absl::Time now = clock_->Now();
   std::vector<const JobRecord*> changed;
   for (const Assignment& a : assignments) {
@@ -783,10 +786,29 @@ void BuildCoordinator::Persist(const std::vector<const JobRecord*>& records) {
 }
 
 void BuildCoordinator::UpdateGauges() {
-  metrics_->jobs_queued.Set(static_cast<double>(scheduler_.queued()));
+  static constexpr const char* kPriorityNames[kPriorityClasses] = {"interactive", "ci", "batch"};
+  // Every series set before is set again (to 0 when empty), so none goes stale.
+  absl::flat_hash_map<std::pair<int, std::string>, int64_t> queued;
+  for (const auto& key : queued_series_) queued[key] = 0;
+  for (const std::string& system : scheduler_.KnownSystems()) {
+    for (int cls = 0; cls < kPriorityClasses; ++cls) queued[{cls, system}] = 0;
+  }
+  for (const auto& [key, n] : scheduler_.queued_by_class_system()) {
+    const bool offered = scheduler_.SomeWorkerOffersSystem(key.second);
+    queued[{key.first, offered ? key.second : "other"}] += n;
+  }
+  for (const auto& [key, n] : queued) {
+    queued_series_.insert(key);
+    metrics_->JobsQueued(kPriorityNames[key.first], key.second).Set(static_cast<double>(n));
+  }
   metrics_->jobs_running.Set(static_cast<double>(scheduler_.running()));
-  metrics_->workers_connected.Set(static_cast<double>(scheduler_.online_workers()));
-  metrics_->worker_slots.Set(static_cast<double>(scheduler_.total_slots()));
+  size_t by_state[3] = {0, 0, 0};  // connected, draining, disconnected
+  for (const Scheduler::WorkerView& w : scheduler_.Workers()) ++by_state[!w.online ? 2 : w.draining ? 1 : 0];
+  metrics_->Workers("connected").Set(static_cast<double>(by_state[0]));
+  metrics_->Workers("draining").Set(static_cast<double>(by_state[1]));
+  metrics_->Workers("disconnected").Set(static_cast<double>(by_state[2]));
+  metrics_->slots.Set(static_cast<double>(scheduler_.total_slots()));
+  metrics_->slots_used.Set(static_cast<double>(scheduler_.used_slots()));
 }
 
 }  // namespace kiln

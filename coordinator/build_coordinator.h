@@ -170,6 +170,8 @@ class BuildCoordinator {
   // Workers whose stream is gone but whose jobs are held, until when.
   absl::flat_hash_map<std::string, absl::Time> lease_until_;
   absl::flat_hash_set<std::string> drained_;
+  // (priority class, system label) of every kiln_jobs_queued series set.
+  absl::flat_hash_set<std::pair<int, std::string>> queued_series_;
   // Job ids of each buildset, in submission order.
   absl::flat_hash_map<std::string, std::vector<std::string>> buildsets_;
   std::deque<std::string> finished_with_logs_;

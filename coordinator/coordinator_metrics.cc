@@ -22,10 +22,16 @@ const prometheus::Histogram::BucketBoundaries& DurationBuckets() {
 }  // namespace
 
 CoordinatorMetrics::CoordinatorMetrics(std::shared_ptr<prometheus::Registry> registry)
-    : jobs_queued(MakeGauge(*registry, "kiln_jobs_queued", "Jobs waiting for a worker.")),
-      jobs_running(MakeGauge(*registry, "kiln_jobs_running", "Jobs assigned to a worker and not finished.")),
-      workers_connected(MakeGauge(*registry, "kiln_workers_connected", "Workers with an open stream.")),
-      worker_slots(MakeGauge(*registry, "kiln_worker_slots", "Build slots offered by connected workers.")),
+    : jobs_running(MakeGauge(*registry, "kiln_jobs_running", "Jobs assigned to a worker and not finished.")),
+      slots(MakeGauge(*registry, "kiln_farm_slots", "Build slots offered by connected workers.")),
+      slots_used(MakeGauge(*registry, "kiln_farm_slots_used", "Build slots of connected workers in use.")),
+      dispatch_duration(prometheus::BuildHistogram()
+                            .Name("kiln_dispatch_duration_seconds")
+                            .Help("Time of one scheduling round: decide, store, send the assignments.")
+                            .Register(*registry)
+                            .Add({}, prometheus::Histogram::BucketBoundaries{0.00001, 0.00005, 0.0001, 0.00025,
+                                                                              0.0005, 0.001, 0.0025, 0.005, 0.01,
+                                                                              0.05, 0.1, 0.5, 1})),
       jobs_submitted(MakeCounter(*registry, "kiln_jobs_submitted_total", "Jobs accepted.")),
       submissions_rejected(MakeCounter(*registry, "kiln_submissions_rejected_total",
                                        "Build submissions refused (invalid input or storage error).")),
@@ -49,10 +55,27 @@ CoordinatorMetrics::CoordinatorMetrics(std::shared_ptr<prometheus::Registry> reg
       requeue_family_(prometheus::BuildCounter()
                           .Name("kiln_job_requeues_total")
                           .Help("Jobs put back in the queue, by reason.")
+                          .Register(*registry_)),
+      queued_family_(prometheus::BuildGauge()
+                         .Name("kiln_jobs_queued")
+                         .Help("Jobs waiting for a worker, by priority class and system.")
+                         .Register(*registry_)),
+      workers_family_(prometheus::BuildGauge()
+                          .Name("kiln_workers")
+                          .Help("Workers known to the coordinator, by state.")
                           .Register(*registry_)) {
   // Pre-create every label value so the series exist from the first scrape.
   for (auto r : {"succeeded", "failed", "cancelled"}) JobsFinished(r);
-  for (auto r : {"worker_lost", "infra_error", "coordinator_restart"}) Requeues(r);
+  for (auto r : {"worker_lost", "lease_expired", "infra_error"}) Requeues(r);
+  for (auto s : {"connected", "draining", "disconnected"}) Workers(s);
+}
+
+prometheus::Gauge& CoordinatorMetrics::JobsQueued(absl::string_view priority, absl::string_view system) {
+  return queued_family_.Add({{"priority", std::string(priority)}, {"system", std::string(system)}});
+}
+
+prometheus::Gauge& CoordinatorMetrics::Workers(absl::string_view state) {
+  return workers_family_.Add({{"state", std::string(state)}});
 }
 
 prometheus::Counter& CoordinatorMetrics::JobsFinished(absl::string_view result) {

@@ -21,10 +21,10 @@ class CoordinatorMetrics {
 
   const std::shared_ptr<prometheus::Registry>& registry() const { return registry_; }
 
-  prometheus::Gauge& jobs_queued;
   prometheus::Gauge& jobs_running;
-  prometheus::Gauge& workers_connected;
-  prometheus::Gauge& worker_slots;
+  prometheus::Gauge& slots;
+  prometheus::Gauge& slots_used;
+  prometheus::Histogram& dispatch_duration;
   prometheus::Counter& jobs_submitted;
   prometheus::Counter& submissions_rejected;
   prometheus::Counter& state_write_errors;
@@ -33,13 +33,20 @@ class CoordinatorMetrics {
 
   // result: succeeded, failed, cancelled.
   prometheus::Counter& JobsFinished(absl::string_view result);
-  // reason: worker_lost, infra_error, coordinator_restart.
+  // reason: worker_lost, lease_expired, infra_error.
   prometheus::Counter& Requeues(absl::string_view reason);
+  // priority: interactive, ci, batch; system: a system some worker offers,
+  // or "other" (the label never carries arbitrary user input).
+  prometheus::Gauge& JobsQueued(absl::string_view priority, absl::string_view system);
+  // state: connected, draining, disconnected.
+  prometheus::Gauge& Workers(absl::string_view state);
 
  private:
   std::shared_ptr<prometheus::Registry> registry_;
   prometheus::Family<prometheus::Counter>& finished_family_;
   prometheus::Family<prometheus::Counter>& requeue_family_;
+  prometheus::Family<prometheus::Gauge>& queued_family_;
+  prometheus::Family<prometheus::Gauge>& workers_family_;
 };
 
 }  // namespace kiln

@@ -106,7 +106,7 @@ bool Scheduler::SetOnline(const std::string& worker, bool online) {
 
 void Scheduler::Reattach(const std::string& job, const std::string& worker) {
   if (running_.contains(job)) return;
-  queued_.erase(job);
+  EraseQueued(job);
   auto [it, fresh] = workers_.try_emplace(worker);
   if (fresh) {
     it->second.caps.max_jobs = 0;
@@ -120,6 +120,21 @@ void Scheduler::Reattach(const std::string& job, const std::string& worker) {
 std::vector<std::string> Scheduler::JobsOf(const std::string& worker) const {
   auto it = workers_.find(worker);
   return it == workers_.end() ? std::vector<std::string>{} : it->second.jobs;
+}
+
+bool Scheduler::EraseQueued(const std::string& job) {
+  auto it = queued_.find(job);
+  if (it == queued_.end()) return false;
+  auto count = queued_by_class_system_.find({it->second.placement.priority_class, it->second.req.system});
+  if (--count->second == 0) queued_by_class_system_.erase(count);
+  queued_.erase(it);
+  return true;
+}
+
+size_t Scheduler::used_slots() const {
+  size_t n = 0;
+  for (const auto& [_, w] : workers_) n += w.online ? w.jobs.size() : 0;
+  return n;
 }
 
 std::vector<Scheduler::WorkerView> Scheduler::Workers() const {
@@ -170,12 +185,13 @@ void Scheduler::Enqueue(const std::string& job, JobRequirements req, JobPlacemen
   } else {
     bs->second.push_back(std::move(entry));
   }
+  ++queued_by_class_system_[{q.placement.priority_class, q.req.system}];
   queued_.emplace(job, std::move(q));
 }
 
 bool Scheduler::Dequeue(const std::string& job) {
   // The queue entry goes stale and is dropped when the scan reaches it.
-  return queued_.erase(job) > 0;
+  return EraseQueued(job);
 }
 
 bool Scheduler::Release(const std::string& job, const std::string& worker) {
@@ -259,7 +275,7 @@ std::vector<Assignment> Scheduler::Assign() {
         }
         if (!blocked.contains(q->second.req_key)) {
           if (Place(entries[i].job, q->second, out)) {
-            queued_.erase(q);
+            EraseQueued(entries[i].job);
             entries.erase(entries.begin() + static_cast<std::ptrdiff_t>(i));
             placed = true;
             --free;
@@ -303,6 +319,19 @@ std::string Scheduler::WaitingReason(const std::string& job) const {
                         : absl::StrCat("all ", capable, " capable workers are busy");
   }
   return Unmet(req, connected, "connected worker");
+}
+
+std::set<std::string> Scheduler::KnownSystems() const {
+  std::set<std::string> out;
+  for (const auto& [_, caps] : known_) out.insert(caps.systems.begin(), caps.systems.end());
+  return out;
+}
+
+bool Scheduler::SomeWorkerOffersSystem(const std::string& system) const {
+  for (const auto& [_, caps] : known_) {
+    if (caps.systems.contains(system)) return true;
+  }
+  return false;
 }
 
 std::string Scheduler::UnmetByKnownWorkers(const JobRequirements& req) const {

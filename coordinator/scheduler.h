@@ -142,12 +142,21 @@ class Scheduler {
   std::string WorkerOf(const std::string& job) const;
 
   bool has_known_workers() const { return !known_.empty(); }
+  // True when a worker that ever registered builds `system`.
+  bool SomeWorkerOffersSystem(const std::string& system) const;
+  // Every system some worker that ever registered builds.
+  std::set<std::string> KnownSystems() const;
   size_t queued() const { return queued_.size(); }
   size_t running() const { return running_.size(); }
   size_t workers() const { return workers_.size(); }
   size_t online_workers() const;
   size_t total_slots() const;
-  size_t used_slots() const { return running_.size(); }
+  // Slots in use on online workers.
+  size_t used_slots() const;
+  // Queued jobs by (priority class, system); only non-zero counts.
+  const std::map<std::pair<int, std::string>, int64_t>& queued_by_class_system() const {
+    return queued_by_class_system_;
+  }
 
  private:
   struct WorkerState {
@@ -180,11 +189,8 @@ class Scheduler {
   // Names of the workers matching `q`, cached per requirement key until the
   // set of workers changes.
   const std::vector<std::string>& Matching(const QueuedJob& q);
-  // Next live job of `buildset` in `cls` that is not blocked, or nullptr.
-  // Drops stale entries on the way.
-  const Entry* NextPlaceable(PriorityClass& cls, const std::string& buildset,
-                             const absl::flat_hash_set<std::string>& blocked);
-  void RemoveEntry(PriorityClass& cls, const std::string& buildset, const Entry* entry);
+  // Removes a job from queued_ (its queue entry goes stale); false if absent.
+  bool EraseQueued(const std::string& job);
 
   std::map<std::string, WorkerState> workers_;  // Ordered: deterministic ties.
   std::map<std::string, WorkerCapabilities> known_;  // Every worker ever registered.
@@ -192,6 +198,7 @@ class Scheduler {
   absl::flat_hash_map<std::string, QueuedJob> queued_;
   absl::flat_hash_map<std::string, std::string> running_;  // job -> worker
   absl::flat_hash_map<std::string, std::vector<std::string>> matching_cache_;
+  std::map<std::pair<int, std::string>, int64_t> queued_by_class_system_;
   uint64_t next_seq_ = 1;
 };
 

@@ -213,8 +213,12 @@ TEST_F(BuildE2eTest, MetricsOfBothDaemonsPassPromtool) {
   }
   auto coordinator = testing::ScrapeMetrics(farm_->coordinator_metrics());
   ASSERT_TRUE(coordinator.ok());
-  for (const char* name : {"kiln_jobs_queued ", "kiln_workers_connected 2", "kiln_jobs_finished_total{result=\"succeeded\"}",
-                           "kiln_build_duration_seconds_bucket", "kiln_job_queue_wait_seconds_count"}) {
+  for (const char* name :
+       {"kiln_jobs_queued{priority=\"interactive\",system=\"x86_64-linux\"} ", "kiln_workers{state=\"connected\"} 2",
+        "kiln_workers{state=\"draining\"} 0", "kiln_farm_slots 4", "kiln_farm_slots_used ",
+        "kiln_jobs_finished_total{result=\"succeeded\"}", "kiln_build_duration_seconds_bucket",
+        "kiln_job_queue_wait_seconds_count", "kiln_dispatch_duration_seconds_count",
+        "kiln_job_requeues_total{reason=\"lease_expired\"}"}) {
     EXPECT_TRUE(absl::StrContains(*coordinator, name)) << name;
   }
   auto worker = testing::ScrapeMetrics(farm_->worker_metrics()[0]);
