@@ -408,6 +408,10 @@ nlohmann::json WorkerJson(const kiln::v1::WorkerInfo& w) {
                          std::vector<std::string>(w.mandatory_features().begin(), w.mandatory_features().end())},
                         {"labels", std::map<std::string, std::string>(w.labels().begin(), w.labels().end())},
                         {"speedFactor", w.speed_factor()}};
+  out["loadAverage"] = w.load_average();
+  out["memoryUsedFraction"] = w.memory_used_fraction();
+  out["storeFreeBytes"] = w.store_free_bytes();
+  if (!w.over_limit().empty()) out["overLimit"] = w.over_limit();
   if (w.has_lease_until()) out["leaseUntil"] = absl::FormatTime(absl::RFC3339_sec, FromProtoTime(w.lease_until()), absl::UTCTimeZone());
   return out;
 }
@@ -492,7 +496,8 @@ int RunWorkersCommand(const CliOptions& options, const std::vector<std::string>&
     std::printf("%s\n", out.dump().c_str());
     return kExitOk;
   }
-  std::vector<std::vector<std::string>> rows = {{"NAME", "STATE", "JOBS", "SYSTEMS", "FEATURES", "LABELS"}};
+  std::vector<std::vector<std::string>> rows = {
+      {"NAME", "STATE", "JOBS", "LOAD", "STORE FREE", "SYSTEMS", "FEATURES", "LABELS"}};
   for (const auto& w : response.workers()) {
     std::vector<std::string> features(w.supported_features().begin(), w.supported_features().end());
     for (const auto& f : w.mandatory_features()) features.push_back(absl::StrCat(f, "(mandatory)"));
@@ -500,7 +505,12 @@ int RunWorkersCommand(const CliOptions& options, const std::vector<std::string>&
     for (const auto& [k, v] : std::map<std::string, std::string>(w.labels().begin(), w.labels().end())) {
       labels.push_back(absl::StrCat(k, "=", v));
     }
-    rows.push_back({w.name(), WorkerStateName(w.state()), absl::StrCat(w.running_jobs_size(), "/", w.max_jobs()),
+    const std::string state = w.over_limit().empty() || w.state() != kiln::v1::WORKER_STATE_CONNECTED
+                                  ? WorkerStateName(w.state())
+                                  : absl::StrCat("over limit: ", w.over_limit());
+    rows.push_back({w.name(), state, absl::StrCat(w.running_jobs_size(), "/", w.max_jobs()),
+                    absl::StrFormat("%.2f", w.load_average()),
+                    absl::StrFormat("%.1f GiB", static_cast<double>(w.store_free_bytes()) / (1 << 30)),
                     absl::StrJoin(w.systems(), ","), features.empty() ? "-" : absl::StrJoin(features, ","),
                     labels.empty() ? "-" : absl::StrJoin(labels, ",")});
   }

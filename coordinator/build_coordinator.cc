@@ -5,6 +5,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "common/check.h"
@@ -365,6 +366,13 @@ kiln::v1::ListWorkersResponse BuildCoordinator::ListWorkers() const {
     if (auto l = lease_until_.find(w.name); l != lease_until_.end()) {
       *info->mutable_lease_until() = ToProtoTime(l->second);
     }
+    if (auto s = session_by_name_.find(w.name); s != session_by_name_.end()) {
+      const kiln::v1::Heartbeat& hb = sessions_.at(s->second).last_heartbeat;
+      info->set_load_average(hb.load_average());
+      info->set_memory_used_fraction(hb.memory_used_fraction());
+      info->set_store_free_bytes(hb.store_free_bytes());
+    }
+    info->set_over_limit(w.over_limit);
   }
   return out;
 }
@@ -407,7 +415,8 @@ void BuildCoordinator::OnWorkerMessage(const std::shared_ptr<WorkerSession>& ses
       HandleRegister(worker, message.register_());
       break;
     case kiln::v1::WorkerMessage::kHeartbeat:
-      break;  // Renews the lease (last_seen, above).
+      HandleHeartbeat(worker, message.heartbeat());  // It also renewed the lease (last_seen, above).
+      break;
     case kiln::v1::WorkerMessage::kStarted: {
       JobEntry* job = FindAttempt(worker, message.started().job_id(), message.started().attempt());
       if (job == nullptr || job->record.state() != kiln::v1::JOB_STATE_ASSIGNED) break;
@@ -469,6 +478,7 @@ void BuildCoordinator::HandleRegister(WorkerEntry& worker, const kiln::v1::Regis
   caps.speed_factor = reg.speed_factor() > 0 ? reg.speed_factor() : 1.0;
   scheduler_.AddWorker(worker.name, std::move(caps));
   if (drained_.contains(worker.name)) scheduler_.SetDraining(worker.name, true);
+  if (reg.has_initial_load()) HandleHeartbeat(worker, reg.initial_load());
 
   kiln::v1::CoordinatorMessage reply;
   reply.mutable_registered()->set_worker_id(worker.name);
@@ -478,6 +488,35 @@ void BuildCoordinator::HandleRegister(WorkerEntry& worker, const kiln::v1::Regis
   Reconcile(worker, reg);
   LogInfo(kComponent, "worker ", worker.name, " registered: ", reg.max_jobs(), " slot(s), systems ",
           absl::StrJoin(reg.systems(), ","));
+}
+
+void BuildCoordinator::HandleHeartbeat(WorkerEntry& worker, const kiln::v1::Heartbeat& heartbeat) {
+  worker.last_heartbeat = heartbeat;
+  worker.last_heartbeat.clear_running();
+  std::string over;
+  const auto gib = [](int64_t bytes) { return absl::StrFormat("%.1f GiB", static_cast<double>(bytes) / (1 << 30)); };
+  const int slots = std::max(1, static_cast<int>(scheduler_.CapabilitiesOf(worker.name).max_jobs));
+  if (options_.min_store_free_bytes > 0 && heartbeat.store_free_bytes() > 0 &&
+      heartbeat.store_free_bytes() < options_.min_store_free_bytes) {
+    over = absl::StrCat(gib(heartbeat.store_free_bytes()), " free on its Nix store, below ",
+                        gib(options_.min_store_free_bytes));
+  } else if (options_.max_memory_used_fraction > 0 &&
+             heartbeat.memory_used_fraction() > options_.max_memory_used_fraction) {
+    over = absl::StrFormat("memory %.0f%% used, above %.0f%%", heartbeat.memory_used_fraction() * 100,
+                           options_.max_memory_used_fraction * 100);
+  } else if (options_.max_load_per_slot > 0 && heartbeat.load_average() / slots > options_.max_load_per_slot) {
+    over = absl::StrFormat("load %.1f on %d slot(s), above %.1f per slot", heartbeat.load_average(), slots,
+                           options_.max_load_per_slot);
+  }
+  const std::string before = scheduler_.OverLimitOf(worker.name);
+  if (over != before) {
+    if (over.empty()) {
+      LogInfo(kComponent, "worker ", worker.name, " is back under its limits");
+    } else {
+      LogWarning(kComponent, "worker ", worker.name, " takes no new jobs: ", over);
+    }
+    scheduler_.SetOverLimit(worker.name, over);
+  }
 }
 
 void BuildCoordinator::Reconcile(WorkerEntry& worker, const kiln::v1::Register& reg) {

@@ -69,6 +69,11 @@ struct BuildCoordinatorOptions {
   // How long a worker's jobs are held after its stream breaks or it falls
   // silent (no message for this long), before they are requeued.
   absl::Duration lease = absl::Seconds(60);
+  // Admission: a worker past one of these (from its heartbeats) takes no
+  // new job until it is back under. 0 disables a limit.
+  int64_t min_store_free_bytes = int64_t{1} << 30;
+  double max_memory_used_fraction = 0.95;
+  double max_load_per_slot = 0;  // Load average divided by the worker's slots.
 };
 
 class BuildCoordinator {
@@ -129,6 +134,7 @@ class BuildCoordinator {
     std::shared_ptr<WorkerSession> session;
     std::string name;  // Empty until registered.
     absl::Time last_seen;
+    kiln::v1::Heartbeat last_heartbeat;
   };
 
   // The session of a registered worker (an invariant: every name in
@@ -141,6 +147,8 @@ class BuildCoordinator {
   // and cancels what it has that is no longer its to run.
   void Reconcile(WorkerEntry& worker, const kiln::v1::Register& reg);
   void ExpireLease(const std::string& worker, const std::string& why);
+  // Applies the admission limits to a worker's heartbeat.
+  void HandleHeartbeat(WorkerEntry& worker, const kiln::v1::Heartbeat& heartbeat);
   JobEntry* FindAttempt(const WorkerEntry& worker, const std::string& job_id, uint32_t attempt);
   void HandleFinished(WorkerEntry& worker, const kiln::v1::JobFinished& finished);
 

@@ -20,6 +20,12 @@ ABSL_FLAG(absl::Duration, capability_grace, absl::Seconds(60),
           "After a start, how long workers have to reconnect before a job no known worker could build is refused");
 ABSL_FLAG(absl::Duration, lease, absl::Seconds(60),
           "How long a disconnected or silent worker's jobs are held for it before they are requeued");
+ABSL_FLAG(int64_t, worker_min_store_free_mb, 1024,
+          "A worker with less free space on its Nix store's disk takes no new job (0: no limit)");
+ABSL_FLAG(double, worker_max_memory_fraction, 0.95,
+          "A worker using more of its memory takes no new job (0: no limit)");
+ABSL_FLAG(double, worker_max_load_per_slot, 0,
+          "A worker whose load average per build slot is higher takes no new job (0: no limit)");
 ABSL_FLAG(std::string, log_level, "info", "debug, info, warning or error");
 
 int main(int argc, char** argv) {
@@ -43,6 +49,9 @@ int main(int argc, char** argv) {
   options.core.max_attempts = absl::GetFlag(FLAGS_max_attempts);
   options.core.capability_grace = absl::GetFlag(FLAGS_capability_grace);
   options.core.lease = absl::GetFlag(FLAGS_lease);
+  options.core.min_store_free_bytes = absl::GetFlag(FLAGS_worker_min_store_free_mb) << 20;
+  options.core.max_memory_used_fraction = absl::GetFlag(FLAGS_worker_max_memory_fraction);
+  options.core.max_load_per_slot = absl::GetFlag(FLAGS_worker_max_load_per_slot);
   auto server = kiln::CoordinatorServer::Start(options);
   if (!server.ok()) {
     std::fprintf(stderr, "kiln-coordinator: %s\n", server.status().ToString().c_str());

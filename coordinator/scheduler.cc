@@ -104,6 +104,23 @@ bool Scheduler::SetOnline(const std::string& worker, bool online) {
   return true;
 }
 
+WorkerCapabilities Scheduler::CapabilitiesOf(const std::string& worker) const {
+  auto it = workers_.find(worker);
+  return it == workers_.end() ? WorkerCapabilities{} : it->second.caps;
+}
+
+std::string Scheduler::OverLimitOf(const std::string& worker) const {
+  auto it = workers_.find(worker);
+  return it == workers_.end() ? "" : it->second.over_limit;
+}
+
+bool Scheduler::SetOverLimit(const std::string& worker, std::string reason) {
+  auto it = workers_.find(worker);
+  if (it == workers_.end()) return false;
+  it->second.over_limit = std::move(reason);
+  return true;
+}
+
 void Scheduler::Reattach(const std::string& job, const std::string& worker) {
   if (running_.contains(job)) return;
   EraseQueued(job);
@@ -141,7 +158,12 @@ std::vector<Scheduler::WorkerView> Scheduler::Workers() const {
   std::vector<WorkerView> out;
   out.reserve(workers_.size());
   for (const auto& [name, w] : workers_) {
-    out.push_back(WorkerView{.name = name, .caps = w.caps, .jobs = w.jobs, .draining = w.draining, .online = w.online});
+    out.push_back(WorkerView{.name = name,
+                             .caps = w.caps,
+                             .jobs = w.jobs,
+                             .draining = w.draining,
+                             .online = w.online,
+                             .over_limit = w.over_limit});
   }
   return out;
 }
@@ -303,20 +325,31 @@ std::string Scheduler::WaitingReason(const std::string& job) const {
   if (q == queued_.end()) return "";
   const JobRequirements& req = q->second.req;
   size_t capable = 0, draining = 0;
+  std::vector<std::string> limits;  // "name: reason" of capable workers over a limit.
   std::vector<const WorkerCapabilities*> connected;
-  for (const auto& [_, w] : workers_) {
+  for (const auto& [name, w] : workers_) {
     if (!w.online) continue;
     connected.push_back(&w.caps);
     if (!WorkerMatches(w.caps, req)) continue;
     ++capable;
-    draining += w.draining ? 1 : 0;
+    if (w.draining) {
+      ++draining;
+    } else if (!w.over_limit.empty()) {
+      limits.push_back(absl::StrCat(name, ": ", w.over_limit));
+    }
   }
   if (connected.empty()) return "no worker is connected";
   if (capable > 0 && draining == capable) return absl::StrCat("all ", capable, " capable workers are draining");
+  if (capable > 0 && limits.size() == capable) {
+    return absl::StrCat("all ", capable, " capable workers are over their limits (", absl::StrJoin(limits, "; "), ")");
+  }
   if (capable > 0) {
-    return draining > 0 ? absl::StrCat("all ", capable, " capable workers are busy or draining (", draining,
-                                       " draining)")
-                        : absl::StrCat("all ", capable, " capable workers are busy");
+    if (draining == 0 && limits.empty()) return absl::StrCat("all ", capable, " capable workers are busy");
+    std::vector<std::string> details;
+    if (draining > 0) details.push_back(absl::StrCat(draining, " draining"));
+    details.insert(details.end(), limits.begin(), limits.end());
+    return absl::StrCat("all ", capable, " capable workers are busy, draining or over their limits (",
+                        absl::StrJoin(details, "; "), ")");
   }
   return Unmet(req, connected, "connected worker");
 }

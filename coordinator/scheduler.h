@@ -94,6 +94,11 @@ class Scheduler {
   // the worker is back): an unknown worker is added offline, with no slots.
   void Reattach(const std::string& job, const std::string& worker);
 
+  // The capabilities of a worker (default ones for an unknown name), and
+  // the limit it is over ("" when none).
+  WorkerCapabilities CapabilitiesOf(const std::string& worker) const;
+  std::string OverLimitOf(const std::string& worker) const;
+
   // Jobs running on `worker`, in assignment order.
   std::vector<std::string> JobsOf(const std::string& worker) const;
 
@@ -104,6 +109,7 @@ class Scheduler {
     std::vector<std::string> jobs;
     bool draining = false;
     bool online = false;
+    std::string over_limit;
   };
   std::vector<WorkerView> Workers() const;
 
@@ -114,6 +120,10 @@ class Scheduler {
   // Stops (or resumes) new assignments to a worker; its running jobs go on.
   // False for an unknown worker.
   bool SetDraining(const std::string& worker, bool draining);
+
+  // Marks a worker over one of its limits (`reason`, e.g. "0.4 GiB free on
+  // its Nix store, below 1 GiB"), so it takes nothing new; "" lifts it.
+  bool SetOverLimit(const std::string& worker, std::string reason);
 
   // Queues a job at the back of its buildset (or the front, for a job that
   // was running and lost its worker, so it keeps its place). Re-queueing a
@@ -164,8 +174,10 @@ class Scheduler {
     std::vector<std::string> jobs;  // Running here, in assignment order.
     bool draining = false;
     bool online = true;
+    std::string over_limit;  // Why it takes nothing new (load, memory, disk); empty: fine.
     int free() const {
-      return draining || !online ? 0 : std::max(0, caps.max_jobs - static_cast<int>(jobs.size()));
+      return draining || !online || !over_limit.empty() ? 0
+                                                         : std::max(0, caps.max_jobs - static_cast<int>(jobs.size()));
     }
   };
   struct QueuedJob {

@@ -1,6 +1,8 @@
 #include "worker/worker_agent.h"
 
 #include <filesystem>
+#include <fstream>
+#include <optional>
 #include <system_error>
 
 #include "absl/strings/str_cat.h"
@@ -22,6 +24,21 @@ constexpr absl::string_view kComponent = "worker";
 // rather than let a chatty build grow memory without bound.
 constexpr size_t kStreamQueueCapacity = 4096;
 constexpr size_t kMaxLinesPerBatch = 512;
+// 1 - MemAvailable/MemTotal from /proc/meminfo; nullopt where it is absent.
+std::optional<double> MemoryUsedFraction() {
+  std::ifstream in("/proc/meminfo");
+  std::string key;
+  double value = 0, total = 0, available = -1;
+  std::string unit;
+  while (in >> key >> value) {
+    std::getline(in, unit);
+    if (key == "MemTotal:") total = value;
+    if (key == "MemAvailable:") available = value;
+  }
+  if (total <= 0 || available < 0) return std::nullopt;
+  return 1.0 - available / total;
+}
+
 }  // namespace
 
 // One connection to the coordinator. Owned by a shared_ptr that it holds on
@@ -125,6 +142,7 @@ WorkerMessage WorkerAgent::MakeRegister() {
   reg->set_speed_factor(1.0);
   for (const auto& [k, v] : options_.labels) (*reg->mutable_labels())[k] = v;
   reg->set_version("0.1.0");
+  FillLoad(*reg->mutable_initial_load());
   absl::MutexLock lock(&mu_);
   for (const auto& [id, job] : jobs_) {
     auto* running = reg->add_running();
@@ -458,21 +476,25 @@ void WorkerAgent::ResendUnacked() {
 
 void WorkerAgent::SendHeartbeat() {
   WorkerMessage message;
-  auto* hb = message.mutable_heartbeat();
+  FillLoad(*message.mutable_heartbeat());
+  Send(std::move(message), /*droppable=*/true);
+}
+
+void WorkerAgent::FillLoad(kiln::v1::Heartbeat& heartbeat) {
+  auto* hb = &heartbeat;
   double load[1] = {0};
   if (getloadavg(load, 1) == 1) hb->set_load_average(load[0]);
+  // Free space where the builds' outputs land: the Nix store's file system.
   std::error_code ec;
-  auto space = fs::space(options_.work_dir, ec);
+  auto space = fs::space(fs::exists("/nix/store", ec) ? "/nix/store" : options_.work_dir, ec);
   if (!ec) hb->set_store_free_bytes(static_cast<int64_t>(space.available));
-  {
-    absl::MutexLock lock(&mu_);
-    for (const auto& [id, job] : jobs_) {
-      auto* r = hb->add_running();
-      r->set_job_id(id);
-      r->set_attempt(job.attempt);
-    }
+  if (std::optional<double> used = MemoryUsedFraction()) hb->set_memory_used_fraction(*used);
+  absl::MutexLock lock(&mu_);
+  for (const auto& [id, job] : jobs_) {
+    auto* r = hb->add_running();
+    r->set_job_id(id);
+    r->set_attempt(job.attempt);
   }
-  Send(std::move(message), /*droppable=*/true);
 }
 
 }  // namespace kiln

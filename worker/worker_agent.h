@@ -85,6 +85,8 @@ class WorkerAgent {
   void CancelAllBuilds(const std::string& reason);
   void CancelBuild(const std::string& job_id, uint32_t attempt);
   void SendHeartbeat();
+  // Load, memory, Nix store free space and running jobs, as reported.
+  void FillLoad(kiln::v1::Heartbeat& heartbeat) ABSL_LOCKS_EXCLUDED(mu_);
   void ResendUnacked();
   bool Send(kiln::v1::WorkerMessage message, bool droppable);
 

@@ -442,6 +442,30 @@ TEST_F(BuildCoordinatorTest, ADrainedWorkerTakesNothingNewEvenAfterReconnecting)
   EXPECT_THAT(core_->DrainWorker("nobody", false).status(), StatusIs(absl::StatusCode::kNotFound, "nobody"));
 }
 
+TEST_F(BuildCoordinatorTest, HeartbeatsOverALimitStopNewAssignmentsUntilTheWorkerRecovers) {
+  auto w = Connect("w", 2);
+  WorkerMessage low_disk;
+  low_disk.mutable_heartbeat()->set_store_free_bytes(int64_t{200} << 20);
+  low_disk.mutable_heartbeat()->set_memory_used_fraction(0.5);
+  core_->OnWorkerMessage(w, low_disk);
+  const std::string id = SubmitOne();
+  EXPECT_TRUE(w->Assignments().empty());
+  EXPECT_EQ(core_->GetJob(id)->waiting_reason(),
+            "all 1 capable workers are over their limits (w: 0.2 GiB free on its Nix store, below 1.0 GiB)");
+  EXPECT_EQ(core_->ListWorkers().workers(0).over_limit(), "0.2 GiB free on its Nix store, below 1.0 GiB");
+  WorkerMessage full_memory;
+  full_memory.mutable_heartbeat()->set_store_free_bytes(int64_t{50} << 30);
+  full_memory.mutable_heartbeat()->set_memory_used_fraction(0.99);
+  core_->OnWorkerMessage(w, full_memory);
+  EXPECT_THAT(core_->GetJob(id)->waiting_reason(), ::testing::HasSubstr("memory 99% used, above 95%"));
+  WorkerMessage fine;
+  fine.mutable_heartbeat()->set_store_free_bytes(int64_t{50} << 30);
+  fine.mutable_heartbeat()->set_memory_used_fraction(0.5);
+  core_->OnWorkerMessage(w, fine);
+  EXPECT_EQ(w->Assignments().size(), 1u);
+  EXPECT_EQ(core_->ListWorkers().workers(0).store_free_bytes(), int64_t{50} << 30);
+}
+
 TEST_F(BuildCoordinatorTest, AfterARestartAReturningWorkerReattachesItsJob) {
   const std::string id = SubmitOne();
   auto w = Connect("w", 1);

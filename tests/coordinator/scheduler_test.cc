@@ -239,6 +239,29 @@ TEST(SchedulerTest, DrainingWorkersTakeNothingNewAndSaySo) {
   EXPECT_EQ(s.Assign().size(), 1u);
 }
 
+TEST(SchedulerTest, WorkersOverALimitTakeNothingNewAndTheReasonIsNamed) {
+  Scheduler s;
+  s.AddWorker("a", Caps(1));
+  s.AddWorker("b", Caps(1));
+  ASSERT_TRUE(s.SetOverLimit("a", "0.4 GiB free on its Nix store, below 1.0 GiB"));
+  s.Enqueue("1", Req());
+  s.Enqueue("2", Req());
+  auto out = s.Assign();
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0].worker, "b");
+  EXPECT_EQ(s.WaitingReason("2"),
+            "all 2 capable workers are busy, draining or over their limits (a: 0.4 GiB free on its Nix store, "
+            "below 1.0 GiB)");
+  ASSERT_TRUE(s.SetOverLimit("b", "memory 97% used, above 95%"));
+  EXPECT_EQ(s.WaitingReason("2"),
+            "all 2 capable workers are over their limits (a: 0.4 GiB free on its Nix store, below 1.0 GiB; "
+            "b: memory 97% used, above 95%)");
+  ASSERT_TRUE(s.SetOverLimit("a", ""));
+  out = s.Assign();
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0].worker, "a");
+}
+
 TEST(SchedulerTest, NamesWhatNoKnownWorkerOffers) {
   Scheduler s;
   EXPECT_FALSE(s.has_known_workers());

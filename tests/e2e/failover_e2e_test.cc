@@ -170,6 +170,7 @@ TEST(FailoverE2eTest, ADrainedWorkerTakesNothingNew) {
   EXPECT_EQ(list[0]["state"], "draining");
   EXPECT_EQ(list[1]["state"], "connected");
   EXPECT_EQ(list[1]["maxJobs"], 2);
+  EXPECT_GT(list[1]["storeFreeBytes"].get<int64_t>(), 0);  // From its heartbeats.
   auto table = farm.Kiln({"workers"});
   ASSERT_TRUE(table.ok());
   EXPECT_THAT(table->stdout_data, ::testing::HasSubstr("NAME"));
@@ -189,6 +190,31 @@ TEST(FailoverE2eTest, ADrainedWorkerTakesNothingNew) {
   ASSERT_TRUE(unknown.ok());
   EXPECT_EQ(unknown->exit.exit_code, 2);
   EXPECT_THAT(unknown->stderr_data, ::testing::HasSubstr("no worker named 'nobody'"));
+}
+
+TEST(FailoverE2eTest, AWorkerShortOfDiskTakesNoJobAndStatusSaysWhy) {
+  testing::LocalFarm farm(/*workers=*/1);
+  // More free space than any disk has: the worker is always over the limit.
+  farm.SetCoordinatorFlags({"--worker-min-store-free-mb=1000000000000"});
+  ASSERT_TRUE(farm.Start().ok());
+  testing::TempDir work;
+  std::vector<std::string> args = WriteSlowFlake(work, "disk", 0);
+  testing::BackgroundBuild cli(farm, {args[2]});  // Not --quiet: it announces the job id.
+  const std::string id = cli.WaitForJobId(absl::Seconds(30));
+  ASSERT_FALSE(id.empty());
+  std::string reason;
+  for (int i = 0; i < 200 && !absl::StrContains(reason, "free on its Nix store"); ++i) {
+    absl::SleepFor(absl::Milliseconds(50));
+    nlohmann::json s = Status(farm, id);
+    reason = s.value("waitingReason", "");
+  }
+  EXPECT_THAT(reason, ::testing::HasSubstr("all 1 capable workers are over their limits (worker-1: "));
+  EXPECT_THAT(reason, ::testing::HasSubstr("free on its Nix store, below"));
+  auto cancel = farm.Kiln({"cancel", id});
+  ASSERT_TRUE(cancel.ok());
+  EXPECT_EQ(cancel->exit.exit_code, 0) << cancel->stderr_data;
+  ASSERT_TRUE(cli.WaitDone(absl::Seconds(60)));
+  EXPECT_EQ(cli.exit().exit_code, 1);  // Cancelled.
 }
 
 }  // namespace
