@@ -143,6 +143,8 @@ absl::StatusOr<std::string> Submit(BuildService::Stub& stub, const CliOptions& o
   spec->mutable_requirements()->set_system(options.system);
   spec->set_display_name(text);
   spec->set_priority(static_cast<kiln::v1::Priority>(options.priority));
+  if (options.timeout_seconds > 0) spec->mutable_timeout()->set_seconds(options.timeout_seconds);
+  if (options.max_silent_time_seconds > 0) spec->mutable_max_silent_time()->set_seconds(options.max_silent_time_seconds);
   spec->set_locality_key(LocalityKey(dir.string(), installable->attr));
   for (auto& [hash, data] : tree->blobs) {
     kiln::v1::Blob* blob = request.add_blobs();

@@ -8,6 +8,7 @@
 //   3  the coordinator could not be reached or failed
 #pragma once
 
+#include <cstdint>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -25,6 +26,8 @@ struct CliOptions {
   std::string system = "x86_64-linux";
   bool quiet = false;       // No build log, only the result.
   int priority = 1;         // Wire value of kiln.v1.Priority; see ParsePriority.
+  int64_t timeout_seconds = 0;          // Whole job; 0: the coordinator's default.
+  int64_t max_silent_time_seconds = 0;  // Without log output; 0: no limit.
   int watch_retry_seconds = 120;
 };
 

@@ -7,6 +7,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/time/time.h"
 #include "common/cli_args.h"
 #include "cli/cli.h"
 
@@ -14,13 +15,17 @@ ABSL_FLAG(std::string, coordinator, "", "Coordinator address (default: $KILN_COO
 ABSL_FLAG(bool, json, false, "Print machine-readable JSON on stdout");
 ABSL_FLAG(std::string, system, "x86_64-linux", "System to build for");
 ABSL_FLAG(bool, quiet, false, "Do not show build logs");
+ABSL_FLAG(absl::Duration, timeout, absl::ZeroDuration(),
+          "Fail a build that runs longer than this, e.g. 30m (default: the coordinator's)");
+ABSL_FLAG(absl::Duration, max_silent_time, absl::ZeroDuration(),
+          "Fail a build that prints nothing for this long, e.g. 10m (default: no limit)");
 ABSL_FLAG(std::string, priority, "interactive", "Priority class of the builds: interactive, ci or batch");
 
 namespace {
 constexpr char kUsage[] =
     "Kiln: build Nix flakes on a build farm.\n"
     "  kiln [--coordinator=ADDR] build PATH#ATTR... [--json] [--quiet] [--system=SYSTEM]\n"
-    "                                  [--priority=interactive|ci|batch]\n"
+    "                                  [--priority=interactive|ci|batch] [--timeout=30m] [--max-silent-time=10m]\n"
     "  kiln [--coordinator=ADDR] status JOB|BUILDSET [--json]\n"
     "  kiln [--coordinator=ADDR] cancel JOB|BUILDSET [--json]\n"
     "  kiln [--coordinator=ADDR] workers [--json]\n"
@@ -43,6 +48,8 @@ int main(int argc, char** argv) {
   options.json = absl::GetFlag(FLAGS_json);
   options.system = absl::GetFlag(FLAGS_system);
   options.quiet = absl::GetFlag(FLAGS_quiet);
+  options.timeout_seconds = absl::ToInt64Seconds(absl::GetFlag(FLAGS_timeout));
+  options.max_silent_time_seconds = absl::ToInt64Seconds(absl::GetFlag(FLAGS_max_silent_time));
   if (const std::string priority = absl::GetFlag(FLAGS_priority); !kiln::ParsePriority(priority, &options.priority)) {
     std::fprintf(stderr, "error: unknown priority '%s' (interactive, ci or batch)\n", priority.c_str());
     return kiln::kExitUsage;

@@ -221,6 +221,9 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
     if (r.spec().priority() == kiln::v1::PRIORITY_UNSPECIFIED) {
       r.mutable_spec()->set_priority(kiln::v1::PRIORITY_CI);
     }
+    if (!r.spec().has_timeout() && options_.default_timeout > absl::ZeroDuration()) {
+      *r.mutable_spec()->mutable_timeout() = ToProtoDuration(options_.default_timeout);
+    }
     r.set_state(kiln::v1::JOB_STATE_QUEUED);
     *r.mutable_submitted_at() = ToProtoTime(now);
     r.set_submitter(request.submitter());

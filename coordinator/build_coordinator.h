@@ -74,6 +74,8 @@ struct BuildCoordinatorOptions {
   int64_t min_store_free_bytes = int64_t{1} << 30;
   double max_memory_used_fraction = 0.95;
   double max_load_per_slot = 0;  // Load average divided by the worker's slots.
+  // Timeout of a job that sets none; 0: none.
+  absl::Duration default_timeout = absl::ZeroDuration();
 };
 
 class BuildCoordinator {

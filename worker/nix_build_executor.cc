@@ -4,6 +4,7 @@
 #include <memory>
 #include <optional>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
@@ -94,10 +95,13 @@ absl::StatusOr<BuildExecutor::BuildId> NixBuildExecutor::Start(const BuildReques
         for (const auto& [name, path] : built->front().outputs) (*result.mutable_outputs())[name] = path;
       }
     } else {
-      result.set_code(kiln::v1::RESULT_CODE_BUILD_FAILED);
       const auto& errors = progress->parser.errors();
       std::string message = errors.empty() ? absl::StrJoin(progress->tail, "\n") : absl::StrJoin(errors, "\n");
       if (message.empty()) message = absl::StrCat("nix build failed (", exit.ToString(), ")");
+      // Nix enforces --timeout and --max-silent-time per derivation and says
+      // "timed out after N seconds [of silence]".
+      result.set_code(absl::StrContains(message, "timed out after") ? kiln::v1::RESULT_CODE_TIMED_OUT
+                                                                      : kiln::v1::RESULT_CODE_BUILD_FAILED);
       result.set_error_message(std::move(message));
     }
     std::move(on_done)(std::move(result));

@@ -24,6 +24,7 @@ constexpr absl::string_view kComponent = "worker";
 // rather than let a chatty build grow memory without bound.
 constexpr size_t kStreamQueueCapacity = 4096;
 constexpr size_t kMaxLinesPerBatch = 512;
+constexpr absl::Duration kDeadlineGrace = absl::Seconds(5);
 // 1 - MemAvailable/MemTotal from /proc/meminfo; nullopt where it is absent.
 std::optional<double> MemoryUsedFraction() {
   std::ifstream in("/proc/meminfo");
@@ -212,7 +213,10 @@ void WorkerAgent::RunLoop() {
         continue;  // Wait for OnDone.
       }
       was_registered |= registered;
-      strand_->Post([this] { FlushLogs(); });
+      strand_->Post([this] {
+        FlushLogs();
+        CheckDeadlines();
+      });
       if (registered && absl::Now() >= next_heartbeat) {
         next_heartbeat = absl::Now() + heartbeat_interval;
         strand_->Post([this] { SendHeartbeat(); });
@@ -313,6 +317,12 @@ void WorkerAgent::StartJob(const kiln::v1::Assignment& assignment) {
     job.attempt = attempt;
     job.dir = dir.string();
     job.started = absl::Now();
+    if (assignment.spec().has_timeout() && assignment.spec().timeout().seconds() > 0) {
+      job.timeout = FromProtoDuration(assignment.spec().timeout());
+      // A little later than Nix's per-derivation timeout, whose message is
+      // more precise when one derivation is the culprit.
+      job.deadline = job.started + job.timeout + kDeadlineGrace;
+    }
   }
   metrics_->builds_running.Increment();
   LogInfo(kComponent, "job ", job_id, " attempt ", attempt, ": ", assignment.spec().display_name());
@@ -395,6 +405,10 @@ void WorkerAgent::FinishJob(const std::string& job_id, uint32_t attempt, kiln::v
     job = std::move(it->second);
     jobs_.erase(it);
   }
+  if (job.timed_out) {
+    result.set_code(kiln::v1::RESULT_CODE_TIMED_OUT);
+    result.set_error_message(absl::StrCat("the job ran longer than its timeout of ", absl::FormatDuration(job.timeout)));
+  }
   metrics_->builds_running.Decrement();
   metrics_->build_duration.Observe(absl::ToDoubleSeconds(absl::Now() - job.started));
   absl::string_view label = "failed";
@@ -402,6 +416,7 @@ void WorkerAgent::FinishJob(const std::string& job_id, uint32_t attempt, kiln::v
     case kiln::v1::RESULT_CODE_SUCCEEDED: label = "succeeded"; break;
     case kiln::v1::RESULT_CODE_CANCELLED: label = "cancelled"; break;
     case kiln::v1::RESULT_CODE_INFRA_ERROR: label = "infra_error"; break;
+    case kiln::v1::RESULT_CODE_TIMED_OUT: label = "timed_out"; break;
     default: break;
   }
   metrics_->BuildsFinished(label).Increment();
@@ -453,6 +468,23 @@ void WorkerAgent::CancelBuild(const std::string& job_id, uint32_t attempt) {
     id = it->second.build_id;
   }
   executor_->Cancel(id);
+}
+
+void WorkerAgent::CheckDeadlines() {
+  std::vector<std::pair<std::string, uint32_t>> late;
+  {
+    absl::MutexLock lock(&mu_);
+    const absl::Time now = absl::Now();
+    for (auto& [id, job] : jobs_) {
+      if (job.timed_out || now < job.deadline) continue;
+      job.timed_out = true;
+      late.emplace_back(id, job.attempt);
+    }
+  }
+  for (const auto& [id, attempt] : late) {
+    LogWarning(kComponent, "job ", id, " attempt ", attempt, ": timed out; stopping it");
+    CancelBuild(id, attempt);
+  }
 }
 
 void WorkerAgent::CancelAllBuilds(const std::string& reason) {

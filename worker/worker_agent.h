@@ -69,6 +69,11 @@ class WorkerAgent {
     BuildExecutor::BuildId build_id = 0;
     bool build_started = false;
     bool cancelled = false;
+    // The whole job's deadline (its timeout), checked every tick; Nix's own
+    // --timeout covers one derivation at a time.
+    absl::Time deadline = absl::InfiniteFuture();
+    absl::Duration timeout;
+    bool timed_out = false;
     std::vector<kiln::v1::LogLine> pending_lines;
     std::string dir;
     absl::Time started;
@@ -82,6 +87,7 @@ class WorkerAgent {
   void StartJob(const kiln::v1::Assignment& assignment);
   void FinishJob(const std::string& job_id, uint32_t attempt, kiln::v1::BuildResult result);
   void FlushLogs();
+  void CheckDeadlines();
   void CancelAllBuilds(const std::string& reason);
   void CancelBuild(const std::string& job_id, uint32_t attempt);
   void SendHeartbeat();

@@ -41,7 +41,7 @@ WorkerMetrics::WorkerMetrics(std::shared_ptr<prometheus::Registry> registry)
                            .Name("kiln_worker_builds_finished_total")
                            .Help("Builds finished on this worker, by result.")
                            .Register(*registry_)) {
-  for (auto r : {"succeeded", "failed", "cancelled", "infra_error"}) BuildsFinished(r);
+  for (auto r : {"succeeded", "failed", "cancelled", "infra_error", "timed_out"}) BuildsFinished(r);
 }
 
 prometheus::Counter& WorkerMetrics::BuildsFinished(absl::string_view result) {

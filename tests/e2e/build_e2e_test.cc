@@ -3,6 +3,7 @@
 #include <filesystem>
 #include <regex>
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
@@ -111,6 +112,27 @@ TEST_F(BuildE2eTest, FailingBuildExitsNonZeroWithNixsMessage) {
   nlohmann::json j = nlohmann::json::parse(json->stdout_data);
   EXPECT_EQ(j[0]["status"], "failed");
   EXPECT_TRUE(absl::StrContains(j[0]["error"].get<std::string>(), "failed with exit code 7"));
+}
+
+TEST_F(BuildE2eTest, TimeoutsStopTheBuildAndSaySo) {
+  WriteFileOrDie(work_.Sub("slow/flake.nix"),
+                 TrivialFlake("sleepy", absl::StrCat("echo started ", Nonce(), "; /bin/sleep 60")));
+  const absl::Time start = absl::Now();
+  auto r = farm_->Kiln({"build", work_.Sub("slow"), "--json", "--quiet", "--timeout=1s"});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->exit.exit_code, 1);
+  nlohmann::json j = nlohmann::json::parse(r->stdout_data);
+  EXPECT_EQ(j[0]["status"], "failed");
+  EXPECT_THAT(j[0]["error"].get<std::string>(), ::testing::HasSubstr("timed out after 1 seconds")) << j.dump();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(50));  // Not the builder's 60 s: it was stopped.
+
+  WriteFileOrDie(work_.Sub("quiet/flake.nix"),
+                 TrivialFlake("quiet", absl::StrCat("echo started ", Nonce(), "; /bin/sleep 60")));
+  auto silent = farm_->Kiln({"build", work_.Sub("quiet"), "--json", "--quiet", "--max-silent-time=1s"});
+  ASSERT_TRUE(silent.ok());
+  EXPECT_EQ(silent->exit.exit_code, 1);
+  nlohmann::json k = nlohmann::json::parse(silent->stdout_data);
+  EXPECT_THAT(k[0]["error"].get<std::string>(), ::testing::HasSubstr("of silence")) << k.dump();
 }
 
 TEST_F(BuildE2eTest, EvaluationErrorsComeBackFromNix) {
