@@ -186,9 +186,13 @@ absl::StatusOr<JobEvent::Finished> Watch(BuildService::Stub& stub, const CliOpti
       switch (event.kind_case()) {
         case JobEvent::kQueued:
           if (!options.quiet) {
-            Err(event.queued().reason().empty()
-                    ? absl::StrFormat("kiln: %s: queued as job %s", installable, job_id)
-                    : absl::StrFormat("kiln: job %s: queued again (%s)", job_id, event.queued().reason()));
+            if (event.queued().reason().empty()) {
+              Err(absl::StrFormat("kiln: %s: queued as job %s", installable, job_id));
+            } else if (event.queued().attempt() == 0) {
+              Err(absl::StrFormat("kiln: %s: queued as job %s (%s)", installable, job_id, event.queued().reason()));
+            } else {
+              Err(absl::StrFormat("kiln: job %s: queued again (%s)", job_id, event.queued().reason()));
+            }
           }
           break;
         case JobEvent::kAssigned:

@@ -1,6 +1,7 @@
 #include "coordinator/build_coordinator.h"
 
 #include <algorithm>
+#include <map>
 #include <utility>
 
 #include "absl/strings/match.h"
@@ -90,6 +91,41 @@ JobPlacement BuildCoordinator::PlacementOf(const JobRecord& record) {
   return placement;
 }
 
+std::string BuildCoordinator::DedupKey(const kiln::v1::JobSpec& spec) {
+  std::vector<std::string> features(spec.requirements().required_features().begin(),
+                                    spec.requirements().required_features().end());
+  std::sort(features.begin(), features.end());
+  std::map<std::string, std::string> labels(spec.requirements().pinned_labels().begin(),
+                                            spec.requirements().pinned_labels().end());
+  std::string key = absl::StrCat(spec.source().tree_root().hash(), "\x1f", spec.source().flake_subdir(), "\x1f",
+                                 spec.attr(), "\x1f", spec.requirements().system(), "\x1f",
+                                 absl::StrJoin(features, ","), "\x1f");
+  for (const auto& [k, v] : labels) absl::StrAppend(&key, k, "=", v, ",");
+  if (spec.has_push()) {
+    absl::StrAppend(&key, "\x1f", spec.push().repository(), "\x1f", absl::StrJoin(spec.push().tags(), ","), "\x1f",
+                    static_cast<int>(spec.push().manifest_format()));
+  }
+  return key;
+}
+
+void BuildCoordinator::Admit(JobEntry& job) {
+  const std::string id = job.record.job_id();
+  JobEvent event;
+  event.mutable_queued()->set_attempt(job.record.attempt());
+  auto [it, fresh] = in_flight_.try_emplace(DedupKey(job.record.spec()), id);
+  if (!fresh && it->second != id) {
+    JobEntry& leader = jobs_.at(it->second);
+    job.leader = it->second;
+    leader.followers.push_back(id);
+    event.mutable_queued()->set_reason(
+        absl::StrCat("identical to job ", job.leader, ", already in flight: it will share that job's result"));
+    Emit(job, std::move(event));
+    return;
+  }
+  scheduler_.Enqueue(id, RequirementsOf(job.record.spec()), PlacementOf(job.record));
+  Emit(job, std::move(event));
+}
+
 absl::Status BuildCoordinator::Recover() {
   absl::StatusOr<StoredCounters> counters = store_->LoadCounters();
   if (!counters.ok()) return counters.status();
@@ -113,15 +149,13 @@ absl::Status BuildCoordinator::Recover() {
       finished->set_worker(job.record.worker());
       Emit(job, std::move(event));
     } else if (state == kiln::v1::JOB_STATE_QUEUED) {
-      scheduler_.Enqueue(id, RequirementsOf(job.record.spec()), PlacementOf(job.record));
-      JobEvent event;
-      event.mutable_queued()->set_attempt(job.record.attempt());
-      Emit(job, std::move(event));
+      Admit(job);
       ++queued;
     } else {
       // It was on a worker whose stream died with the old process: hold it
       // for that worker's return, for one lease.
       scheduler_.Reattach(id, job.record.worker());
+      in_flight_.try_emplace(DedupKey(job.record.spec()), id);
       lease_until_.try_emplace(job.record.worker(), clock_->Now() + options_.lease);
       JobEvent event;
       event.mutable_assigned()->set_worker(job.record.worker());
@@ -249,10 +283,7 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
     JobEntry& job = jobs_[id];
     job.record = std::move(r);
     job.queued_at = now;
-    scheduler_.Enqueue(id, RequirementsOf(job.record.spec()), PlacementOf(job.record));
-    JobEvent event;
-    event.mutable_queued()->set_attempt(0);
-    Emit(job, std::move(event));
+    Admit(job);
     metrics_->jobs_submitted.Increment();
   }
   LogInfo(kComponent, "buildset ", buildset_id, ": accepted ", records.size(), " job(s) from '",
@@ -316,6 +347,7 @@ absl::StatusOr<kiln::v1::Job> BuildCoordinator::GetJob(const std::string& job_id
   auto it = jobs_.find(job_id);
   if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job ", job_id));
   const JobRecord& r = it->second.record;
+  const std::string& leader = it->second.leader;
   kiln::v1::Job job;
   job.set_job_id(r.job_id());
   job.set_buildset_id(r.buildset_id());
@@ -326,7 +358,9 @@ absl::StatusOr<kiln::v1::Job> BuildCoordinator::GetJob(const std::string& job_id
   *job.mutable_result() = r.result();
   *job.mutable_submitted_at() = r.submitted_at();
   *job.mutable_finished_at() = r.finished_at();
-  job.set_waiting_reason(scheduler_.WaitingReason(job_id));
+  job.set_waiting_reason(leader.empty() ? scheduler_.WaitingReason(job_id)
+                                        : absl::StrCat("identical to job ", leader,
+                                                       ", already in flight: it will share that job's result"));
   return job;
 }
 
@@ -771,6 +805,39 @@ void BuildCoordinator::Requeue(JobEntry& job, absl::string_view reason_label, co
 }
 
 void BuildCoordinator::Finish(JobEntry& job, JobState state, BuildResult result) {
+  const std::string id = job.record.job_id();
+  if (!job.leader.empty()) {
+    // A follower ends on its own only when cancelled: it stops following.
+    auto& others = jobs_.at(job.leader).followers;
+    others.erase(std::remove(others.begin(), others.end(), id), others.end());
+    job.leader.clear();
+  } else if (auto f = in_flight_.find(DedupKey(job.record.spec())); f != in_flight_.end() && f->second == id) {
+    in_flight_.erase(f);
+  }
+  std::vector<std::string> followers = std::move(job.followers);
+  job.followers.clear();
+  FinishOne(job, state, std::move(result));
+  if (followers.empty()) return;
+  const JobRecord& done = jobs_.at(id).record;
+  if (state == kiln::v1::JOB_STATE_CANCELLED) {
+    // Someone else still wants this build: the first follower leads now.
+    for (const std::string& f : followers) {
+      JobEntry& next = jobs_.at(f);
+      next.leader.clear();
+      Admit(next);
+    }
+    return;
+  }
+  for (const std::string& f : followers) {
+    JobEntry& follower = jobs_.at(f);
+    follower.leader.clear();
+    follower.record.set_worker(done.worker());
+    follower.record.set_attempt(done.attempt());
+    FinishOne(follower, state, done.result());
+  }
+}
+
+void BuildCoordinator::FinishOne(JobEntry& job, JobState state, BuildResult result) {
   job.record.set_state(state);
   *job.record.mutable_result() = std::move(result);
   *job.record.mutable_finished_at() = ToProtoTime(clock_->Now());

@@ -131,6 +131,10 @@ class BuildCoordinator {
     uint64_t next_sequence = 1;
     absl::Time queued_at;
     std::vector<std::shared_ptr<JobWatcher>> watchers;
+    // Deduplication: a job identical to one in flight does not run; it
+    // follows that job (its leader) and ends with the leader's result.
+    std::string leader;
+    std::vector<std::string> followers;
   };
   struct WorkerEntry {
     std::shared_ptr<WorkerSession> session;
@@ -154,11 +158,20 @@ class BuildCoordinator {
   JobEntry* FindAttempt(const WorkerEntry& worker, const std::string& job_id, uint32_t attempt);
   void HandleFinished(WorkerEntry& worker, const kiln::v1::JobFinished& finished);
 
+  // Queues a job that is not running: it follows an identical job in
+  // flight, or it leads and goes into the scheduler.
+  void Admit(JobEntry& job);
+  // Same source tree and flake, attribute, system, features and push target.
+  static std::string DedupKey(const kiln::v1::JobSpec& spec);
+
   void Dispatch();
   // Puts every blob of the job's source tree into the assignment.
   absl::Status AttachSource(const kiln::v1::JobSpec& spec, kiln::v1::Assignment& assign);
   void Requeue(JobEntry& job, absl::string_view reason_label, const std::string& reason);
+  // Ends a job and its followers (or, if it was cancelled, hands its
+  // followers the lead).
   void Finish(JobEntry& job, kiln::v1::JobState state, kiln::v1::BuildResult result);
+  void FinishOne(JobEntry& job, kiln::v1::JobState state, kiln::v1::BuildResult result);
   void Emit(JobEntry& job, kiln::v1::JobEvent event);
   void Persist(const std::vector<const kiln::state::v1::JobRecord*>& records);
   void UpdateGauges();
@@ -180,6 +193,8 @@ class BuildCoordinator {
   // Workers whose stream is gone but whose jobs are held, until when.
   absl::flat_hash_map<std::string, absl::Time> lease_until_;
   absl::flat_hash_set<std::string> drained_;
+  // DedupKey -> the job in flight for it (queued or running).
+  absl::flat_hash_map<std::string, std::string> in_flight_;
   // (priority class, system label) of every kiln_jobs_queued series set.
   absl::flat_hash_set<std::pair<int, std::string>> queued_series_;
   // Job ids of each buildset, in submission order.

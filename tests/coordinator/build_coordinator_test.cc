@@ -94,7 +94,9 @@ class BuildCoordinatorTest : public ::testing::Test {
     for (int i = 0; i < targets; ++i) {
       auto* spec = request.add_targets()->mutable_spec();
       *spec->mutable_source()->mutable_tree_root() = DigestOf(root_blob);
-      spec->set_attr("default");
+      // A new attribute every time: identical jobs in flight are deduplicated
+      // (tests of that submit one request twice).
+      spec->set_attr(absl::StrCat("pkg", next_attr_++));
       spec->mutable_requirements()->set_system(system);
       spec->set_display_name(absl::StrCat("target-", i));
     }
@@ -145,6 +147,7 @@ class BuildCoordinatorTest : public ::testing::Test {
   kiln::v1::JobState State(const std::string& id) { return core_->GetJob(id)->state(); }
 
   testing::TempDir dir_;
+  int next_attr_ = 0;
   testing::FakeClock clock_;
   CoordinatorMetrics metrics_{std::make_shared<prometheus::Registry>()};
   BuildCoordinatorOptions options_;
@@ -464,6 +467,52 @@ TEST_F(BuildCoordinatorTest, HeartbeatsOverALimitStopNewAssignmentsUntilTheWorke
   core_->OnWorkerMessage(w, fine);
   EXPECT_EQ(w->Assignments().size(), 1u);
   EXPECT_EQ(core_->ListWorkers().workers(0).store_free_bytes(), int64_t{50} << 30);
+}
+
+TEST_F(BuildCoordinatorTest, IdenticalJobsInFlightRunOnceAndShareTheResult) {
+  const auto request = Request();
+  const std::string leader = core_->Submit(request)->job_ids(0);
+  const std::string follower = core_->Submit(request)->job_ids(0);  // Same tree, attribute, system.
+  auto different = core_->Submit(Request());
+  ASSERT_TRUE(different.ok());
+  EXPECT_EQ(core_->GetJob(follower)->waiting_reason(),
+            absl::StrCat("identical to job ", leader, ", already in flight: it will share that job's result"));
+  auto watcher = std::make_shared<FakeWatcher>();
+  ASSERT_TRUE(core_->Watch(follower, 0, 0, watcher).ok());
+
+  auto w = Connect("w", 4);
+  auto assignments = w->Assignments();
+  ASSERT_EQ(assignments.size(), 2u);  // The leader and the different one; not the follower.
+  EXPECT_EQ(assignments[0].assign().job_id(), leader);
+  EXPECT_EQ(assignments[1].assign().job_id(), different->job_ids(0));
+  Report(w, assignments[0], kiln::v1::RESULT_CODE_SUCCEEDED);
+  EXPECT_EQ(State(follower), kiln::v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(core_->GetJob(follower)->result().outputs().at("out"), "/nix/store/x-out");
+  EXPECT_EQ(core_->GetJob(follower)->worker(), "w");
+  ASSERT_FALSE(watcher->events.empty());
+  EXPECT_TRUE(watcher->events.back().has_finished());
+  EXPECT_TRUE(watcher->closed);
+  // Once the leader is done, an identical submission runs again.
+  const std::string again = core_->Submit(request)->job_ids(0);
+  EXPECT_EQ(w->Assignments().back().assign().job_id(), again);
+}
+
+TEST_F(BuildCoordinatorTest, CancellingADeduplicatedJobLeavesTheOtherToRun) {
+  const auto request = Request();
+  const std::string leader = core_->Submit(request)->job_ids(0);
+  const std::string follower = core_->Submit(request)->job_ids(0);
+  const std::string third = core_->Submit(request)->job_ids(0);
+  EXPECT_EQ(*core_->Cancel(leader), kiln::v1::JOB_STATE_CANCELLED);
+  // The first follower leads now; the third follows it.
+  EXPECT_EQ(core_->GetJob(follower)->waiting_reason(), "no worker is connected");
+  EXPECT_THAT(core_->GetJob(third)->waiting_reason(), ::testing::HasSubstr("identical to job " + follower));
+  EXPECT_EQ(*core_->Cancel(third), kiln::v1::JOB_STATE_CANCELLED);  // A follower leaves alone.
+  auto w = Connect("w", 2);
+  ASSERT_EQ(w->Assignments().size(), 1u);
+  EXPECT_EQ(w->Assignments()[0].assign().job_id(), follower);
+  Report(w, w->Assignments()[0], kiln::v1::RESULT_CODE_SUCCEEDED);
+  EXPECT_EQ(State(follower), kiln::v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(State(third), kiln::v1::JOB_STATE_CANCELLED);
 }
 
 TEST_F(BuildCoordinatorTest, AfterARestartAReturningWorkerReattachesItsJob) {
