@@ -615,10 +615,8 @@ void BuildCoordinator::Tick() {
   for (const std::string& name : expired) {
     ExpireLease(name, absl::StrCat("did not come back within the lease (", absl::FormatDuration(options_.lease), ")"));
   }
-  if (!silent.empty() || !expired.empty()) {
-    Dispatch();
-    UpdateGauges();
-  }
+  if (!silent.empty() || !expired.empty()) Dispatch();
+  if (!silent.empty() || !expired.empty() || gauges_dirty_) UpdateGauges(/*force=*/true);
 }
 
 WorkerSession& BuildCoordinator::SessionOf(const WorkerSession* session) {
@@ -756,29 +754,45 @@ void BuildCoordinator::Dispatch() {
 }
 
 absl::Status BuildCoordinator::AttachSource(const kiln::v1::JobSpec& spec, kiln::v1::Assignment& assign) {
-  // node_hash_map: the lookup hands out pointers that must survive inserts.
-  absl::node_hash_map<std::string, std::string> fetched;
-  absl::Status read_error;
-  const BlobLookup lookup = [&](const std::string& hash) -> const std::string* {
-    if (auto it = fetched.find(hash); it != fetched.end()) return &it->second;
-    absl::StatusOr<std::string> blob = store_->GetBlob(hash);
-    if (!blob.ok()) {
-      if (!absl::IsNotFound(blob.status())) read_error = blob.status();
-      return nullptr;
+  const std::string& root = spec.source().tree_root().hash();
+  auto cached = tree_blobs_.find(root);
+  if (cached == tree_blobs_.end()) {
+    // node_hash_map: the lookup hands out pointers that must survive inserts.
+    absl::node_hash_map<std::string, std::string> fetched;
+    absl::Status read_error;
+    const BlobLookup lookup = [&](const std::string& hash) -> const std::string* {
+      if (auto it = fetched.find(hash); it != fetched.end()) return &it->second;
+      absl::StatusOr<std::string> blob = store_->GetBlob(hash);
+      if (!blob.ok()) {
+        if (!absl::IsNotFound(blob.status())) read_error = blob.status();
+        return nullptr;
+      }
+      return &fetched.emplace(hash, *std::move(blob)).first->second;
+    };
+    absl::StatusOr<std::vector<std::string>> hashes =
+        ListTreeBlobs(spec.source().tree_root(), lookup, {.max_total_bytes = options_.max_source_bytes});
+    if (!read_error.ok()) return read_error;
+    if (!hashes.ok()) return hashes.status();
+    auto blobs = std::make_shared<std::vector<kiln::v1::Blob>>();
+    size_t bytes = 0;
+    for (const std::string& hash : *hashes) {
+      std::string& data = fetched.at(hash);
+      kiln::v1::Blob& blob = blobs->emplace_back();
+      blob.mutable_digest()->set_hash(hash);
+      blob.mutable_digest()->set_size_bytes(static_cast<int64_t>(data.size()));
+      bytes += data.size();
+      blob.set_data(std::move(data));
     }
-    return &fetched.emplace(hash, *std::move(blob)).first->second;
-  };
-  absl::StatusOr<std::vector<std::string>> hashes =
-      ListTreeBlobs(spec.source().tree_root(), lookup, {.max_total_bytes = options_.max_source_bytes});
-  if (!read_error.ok()) return read_error;
-  if (!hashes.ok()) return hashes.status();
-  for (const std::string& hash : *hashes) {
-    std::string& data = fetched.at(hash);
-    kiln::v1::Blob* blob = assign.add_blobs();
-    blob->mutable_digest()->set_hash(hash);
-    blob->mutable_digest()->set_size_bytes(static_cast<int64_t>(data.size()));
-    blob->set_data(std::move(data));
+    // The jobs of a buildset share a tree: keep the recent trees' blobs
+    // rather than read and walk them again for every assignment. Bounded.
+    if (tree_blobs_.size() >= kCachedTrees || tree_blob_bytes_ + bytes > kCachedTreeBytes) {
+      tree_blobs_.clear();
+      tree_blob_bytes_ = 0;
+    }
+    tree_blob_bytes_ += bytes;
+    cached = tree_blobs_.emplace(root, std::move(blobs)).first;
   }
+  for (const kiln::v1::Blob& blob : *cached->second) *assign.add_blobs() = blob;
   return absl::OkStatus();
 }
 
@@ -894,7 +908,16 @@ void BuildCoordinator::Persist(const std::vector<const JobRecord*>& records) {
   }
 }
 
-void BuildCoordinator::UpdateGauges() {
+void BuildCoordinator::UpdateGauges(bool force) {
+  // Gauges are scraped every few seconds; refreshing them after every
+  // message would cost O(workers) per message under load.
+  const absl::Time now = absl::Now();
+  if (!force && now - gauges_updated_ < absl::Milliseconds(100)) {
+    gauges_dirty_ = true;
+    return;
+  }
+  gauges_updated_ = now;
+  gauges_dirty_ = false;
   static constexpr const char* kPriorityNames[kPriorityClasses] = {"interactive", "ci", "batch"};
   // Every series set before is set again (to 0 when empty), so none goes stale.
   absl::flat_hash_map<std::pair<int, std::string>, int64_t> queued;

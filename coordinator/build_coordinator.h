@@ -174,7 +174,8 @@ class BuildCoordinator {
   void FinishOne(JobEntry& job, kiln::v1::JobState state, kiln::v1::BuildResult result);
   void Emit(JobEntry& job, kiln::v1::JobEvent event);
   void Persist(const std::vector<const kiln::state::v1::JobRecord*>& records);
-  void UpdateGauges();
+  // Refreshes the gauges, at most every 100 ms unless forced (Tick flushes).
+  void UpdateGauges(bool force = false);
   static JobRequirements RequirementsOf(const kiln::v1::JobSpec& spec);
   static JobPlacement PlacementOf(const kiln::state::v1::JobRecord& record);
   static bool IsTerminal(kiln::v1::JobState state);
@@ -184,6 +185,8 @@ class BuildCoordinator {
   const Clock* const clock_;
   const BuildCoordinatorOptions options_;
   const absl::Time started_;
+  absl::Time gauges_updated_ = absl::InfinitePast();
+  bool gauges_dirty_ = false;
   const uint64_t incarnation_;
 
   Scheduler scheduler_;
@@ -193,6 +196,11 @@ class BuildCoordinator {
   // Workers whose stream is gone but whose jobs are held, until when.
   absl::flat_hash_map<std::string, absl::Time> lease_until_;
   absl::flat_hash_set<std::string> drained_;
+  // Blobs of recently assigned source trees, by root hash (see AttachSource).
+  static constexpr size_t kCachedTrees = 64;
+  static constexpr size_t kCachedTreeBytes = size_t{256} << 20;
+  absl::flat_hash_map<std::string, std::shared_ptr<const std::vector<kiln::v1::Blob>>> tree_blobs_;
+  size_t tree_blob_bytes_ = 0;
   // DedupKey -> the job in flight for it (queued or running).
   absl::flat_hash_map<std::string, std::string> in_flight_;
   // (priority class, system label) of every kiln_jobs_queued series set.

@@ -4,6 +4,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/cli_args.h"
 #include "common/daemon.h"
@@ -36,6 +37,9 @@ int main(int argc, char** argv) {
       "  kiln-coordinator --listen=127.0.0.1:7600 --metrics-listen=127.0.0.1:9600 --state-dir=DIR");
   kiln::DashedFlagArgs dashed(argc, argv);
   absl::ParseCommandLine(dashed.argc(), dashed.argv());
+  // Debian's Abseil checks every Mutex acquisition for lock-order cycles
+  // (a debug aid: a few % of CPU under load). The tests keep it on.
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   const sigset_t signals = kiln::BlockTerminationSignals();
   if (absl::Status s = kiln::ApplyLogLevel(absl::GetFlag(FLAGS_log_level)); !s.ok()) {
     std::fprintf(stderr, "kiln-coordinator: %s\n", std::string(s.message()).c_str());

@@ -80,27 +80,42 @@ std::string UnmetRequirement(const JobRequirements& req, const std::vector<const
   return Unmet(req, workers, "worker");
 }
 
-double RendezvousScore(const std::string& key, const std::string& worker, double weight) {
-  const uint64_t h = Mix(Fnv1a(worker, Fnv1a("\x1f", Fnv1a(key))));
-  // A uniform draw in (0, 1) from the top 53 bits; -w/ln(u) makes a worker's
-  // chance of holding the top score proportional to its weight.
-  const double u = (static_cast<double>(h >> 11) + 0.5) / 9007199254740992.0;
-  return (weight > 0 ? weight : 1.0) / -std::log(u);
+HashRing::HashRing(const std::vector<std::pair<std::string, double>>& members) : members_(members.size()) {
+  for (uint32_t i = 0; i < members.size(); ++i) {
+    const double weight = members[i].second > 0 ? members[i].second : 1.0;
+    const int points = std::max(1, static_cast<int>(std::lround(weight * kPointsPerWeight)));
+    const uint64_t base = Fnv1a(members[i].first);
+    for (int p = 0; p < points; ++p) points_.emplace_back(Mix(base ^ Mix(static_cast<uint64_t>(p) + 1)), i);
+  }
+  std::sort(points_.begin(), points_.end());
+}
+
+uint64_t HashRing::KeyPoint(absl::string_view key) { return Mix(Fnv1a(key)); }
+
+uint32_t HashRing::Owner(absl::string_view key) const {
+  uint32_t owner = 0;
+  Walk(key, [&](uint32_t m) {
+    owner = m;
+    return true;
+  });
+  return owner;
 }
 
 void Scheduler::AddWorker(const std::string& worker, WorkerCapabilities caps) {
   if (caps.speed_factor <= 0) caps.speed_factor = 1.0;
   known_[worker] = caps;
   WorkerState& w = workers_[worker];
-  w.caps = std::move(caps);
-  w.online = true;
+  Update(w, [&] {
+    w.caps = std::move(caps);
+    w.online = true;
+  });
   matching_cache_.clear();
 }
 
 bool Scheduler::SetOnline(const std::string& worker, bool online) {
   auto it = workers_.find(worker);
   if (it == workers_.end()) return false;
-  it->second.online = online;
+  Update(it->second, [&] { it->second.online = online; });
   return true;
 }
 
@@ -117,7 +132,7 @@ std::string Scheduler::OverLimitOf(const std::string& worker) const {
 bool Scheduler::SetOverLimit(const std::string& worker, std::string reason) {
   auto it = workers_.find(worker);
   if (it == workers_.end()) return false;
-  it->second.over_limit = std::move(reason);
+  Update(it->second, [&] { it->second.over_limit = std::move(reason); });
   return true;
 }
 
@@ -130,7 +145,7 @@ void Scheduler::Reattach(const std::string& job, const std::string& worker) {
     it->second.online = false;
     matching_cache_.clear();
   }
-  it->second.jobs.push_back(job);
+  Update(it->second, [&] { it->second.jobs.push_back(job); });
   running_[job] = worker;
 }
 
@@ -168,6 +183,12 @@ std::vector<Scheduler::WorkerView> Scheduler::Workers() const {
   return out;
 }
 
+int64_t Scheduler::CountFreeSlots() const {
+  int64_t n = 0;
+  for (const auto& [_, w] : workers_) n += w.free();
+  return n;
+}
+
 size_t Scheduler::online_workers() const {
   size_t n = 0;
   for (const auto& [_, w] : workers_) n += w.online ? 1 : 0;
@@ -177,6 +198,7 @@ size_t Scheduler::online_workers() const {
 std::vector<std::string> Scheduler::RemoveWorker(const std::string& worker) {
   auto it = workers_.find(worker);
   if (it == workers_.end()) return {};
+  free_slots_ -= it->second.free();
   std::vector<std::string> jobs = std::move(it->second.jobs);
   for (const auto& j : jobs) running_.erase(j);
   workers_.erase(it);
@@ -187,7 +209,7 @@ std::vector<std::string> Scheduler::RemoveWorker(const std::string& worker) {
 bool Scheduler::SetDraining(const std::string& worker, bool draining) {
   auto it = workers_.find(worker);
   if (it == workers_.end()) return false;
-  it->second.draining = draining;
+  Update(it->second, [&] { it->second.draining = draining; });
   return true;
 }
 
@@ -220,55 +242,68 @@ bool Scheduler::Release(const std::string& job, const std::string& worker) {
   auto it = running_.find(job);
   if (it == running_.end() || it->second != worker) return false;
   running_.erase(it);
-  auto& jobs = workers_[worker].jobs;
-  jobs.erase(std::remove(jobs.begin(), jobs.end(), job), jobs.end());
+  WorkerState& w = workers_[worker];
+  Update(w, [&] { w.jobs.erase(std::remove(w.jobs.begin(), w.jobs.end(), job), w.jobs.end()); });
   return true;
 }
 
-const std::vector<std::string>& Scheduler::Matching(const QueuedJob& q) {
+const Scheduler::MatchSet& Scheduler::Matching(const QueuedJob& q) {
   auto [it, fresh] = matching_cache_.try_emplace(q.req_key);
   if (fresh) {
-    for (const auto& [name, w] : workers_) {
-      if (WorkerMatches(w.caps, q.req)) it->second.push_back(name);
+    std::vector<std::pair<std::string, double>> members;
+    for (auto& entry : workers_) {
+      if (!WorkerMatches(entry.second.caps, q.req)) continue;
+      it->second.workers.push_back(&entry);
+      members.emplace_back(entry.first, entry.second.caps.speed_factor);
     }
+    it->second.ring = HashRing(members);
   }
   return it->second;
 }
 
 bool Scheduler::Place(const std::string& job, const QueuedJob& q, std::vector<Assignment>& out) {
-  const std::vector<std::string>& names = Matching(q);
-  std::pair<const std::string, WorkerState>* chosen = nullptr;
-  if (!q.placement.locality_key.empty()) {
-    double best = -1;
-    std::pair<const std::string, WorkerState>* preferred = nullptr;
-    for (const std::string& name : names) {
-      auto& entry = *workers_.find(name);
-      if (entry.second.draining || !entry.second.online) continue;
-      const double score = RendezvousScore(q.placement.locality_key, name, entry.second.caps.speed_factor);
-      if (score > best) {
-        best = score;
-        preferred = &entry;
-      }
+  // Fallback candidates sampled along the ring when the preferred worker is
+  // full: enough for a near-even spread, few enough to stay O(1) per job.
+  constexpr int kFallbackSample = 8;
+  const MatchSet& m = Matching(q);
+  WorkerNode* chosen = nullptr;
+  const auto load = [](const WorkerNode* n) {
+    return static_cast<double>(n->second.jobs.size()) / std::max(1, n->second.caps.max_jobs);
+  };
+  // Less loaded; then faster; then by name (deterministic).
+  const auto better = [&](const WorkerNode* a, const WorkerNode* b) {
+    if (b == nullptr) return true;
+    if (load(a) != load(b)) return load(a) < load(b);
+    if (a->second.caps.speed_factor != b->second.caps.speed_factor) {
+      return a->second.caps.speed_factor > b->second.caps.speed_factor;
     }
-    if (preferred != nullptr && preferred->second.free() > 0) chosen = preferred;
+    return a->first < b->first;
+  };
+  if (!q.placement.locality_key.empty()) {
+    bool preferred_seen = false;
+    int sampled = 0;
+    m.ring.Walk(q.placement.locality_key, [&](uint32_t i) {
+      WorkerNode* node = m.workers[i];
+      if (!node->second.online || node->second.draining) return false;  // Not a candidate at all.
+      if (!preferred_seen) {
+        preferred_seen = true;
+        if (node->second.free() > 0) {
+          chosen = node;
+          return true;
+        }
+        return false;
+      }
+      if (node->second.free() > 0 && better(node, chosen)) chosen = node;
+      return ++sampled >= kFallbackSample;
+    });
   }
   if (chosen == nullptr) {
-    // Least loaded by fraction of slots in use; then the faster; then by name.
-    double best_load = 2;
-    for (const std::string& name : names) {
-      auto& entry = *workers_.find(name);
-      const WorkerState& w = entry.second;
-      if (w.free() == 0) continue;
-      const double load = static_cast<double>(w.jobs.size()) / w.caps.max_jobs;
-      if (chosen == nullptr || load < best_load ||
-          (load == best_load && w.caps.speed_factor > chosen->second.caps.speed_factor)) {
-        chosen = &entry;
-        best_load = load;
-      }
+    for (WorkerNode* node : m.workers) {
+      if (node->second.free() > 0 && better(node, chosen)) chosen = node;
     }
   }
   if (chosen == nullptr) return false;
-  chosen->second.jobs.push_back(job);
+  Update(chosen->second, [&] { chosen->second.jobs.push_back(job); });
   running_[job] = chosen->first;
   out.push_back(Assignment{job, chosen->first});
   return true;
@@ -276,9 +311,8 @@ bool Scheduler::Place(const std::string& job, const QueuedJob& q, std::vector<As
 
 std::vector<Assignment> Scheduler::Assign() {
   std::vector<Assignment> out;
-  int free = 0;
-  for (const auto& [_, w] : workers_) free += w.free();
-  if (free == 0 || queued_.empty()) return out;
+  int64_t free = free_slots_;
+  if (free <= 0 || queued_.empty()) return out;
   // Requirement keys that found no free worker this round: later jobs with
   // the same key are skipped without another search.
   absl::flat_hash_set<std::string> blocked;
@@ -289,7 +323,11 @@ std::vector<Assignment> Scheduler::Assign() {
       cls.rotation.pop_front();
       std::deque<Entry>& entries = cls.by_buildset[buildset];
       bool placed = false;
-      for (size_t i = 0; i < entries.size();) {
+      // Look past at most this many jobs that cannot be placed now: a long
+      // queue of them must not make every round O(queue).
+      constexpr size_t kMaxSkipped = 64;
+      size_t skipped = 0;
+      for (size_t i = 0; i < entries.size() && skipped <= kMaxSkipped;) {
         auto q = queued_.find(entries[i].job);
         if (q == queued_.end() || q->second.seq != entries[i].seq) {
           entries.erase(entries.begin() + static_cast<std::ptrdiff_t>(i));  // Cancelled or requeued since.
@@ -306,6 +344,7 @@ std::vector<Assignment> Scheduler::Assign() {
           blocked.insert(q->second.req_key);
         }
         ++i;
+        ++skipped;
       }
       if (entries.empty()) {
         cls.by_buildset.erase(buildset);

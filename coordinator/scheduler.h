@@ -17,12 +17,14 @@
 //   placement per other active buildset. Within a buildset, jobs go in order;
 //   a job no free worker can take does not hold back later jobs that others
 //   can.
-// - Placement: among matching workers that are not draining, the job's
-//   preferred worker is the winner of weighted rendezvous hashing over its
-//   locality key (so rebuilds of a flake land where its store is warm, and
-//   only ~1/N of keys move when a worker joins or leaves; faster workers win
-//   proportionally more keys). When the preferred worker is full, the job
-//   goes to the least-loaded matching worker with a free slot.
+// - Placement: the matching workers form a consistent-hash ring (points per
+//   worker in proportion to its speed factor). A job's preferred worker is
+//   the first usable one at or after its locality key's point, so rebuilds
+//   of a flake land where its store is warm and only ~1/N of keys move when
+//   a worker joins or leaves; lookups cost O(log ring), not O(workers). When
+//   the preferred worker is full, the job goes to the least-loaded of the
+//   next few workers on the ring with a free slot (power of k choices), and
+//   only if all of those are full to the least-loaded of all.
 // Not thread-safe: one owner (the coordinator's strand) calls it.
 #pragma once
 
@@ -38,6 +40,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
+#include "absl/strings/string_view.h"
 
 namespace kiln {
 
@@ -78,8 +81,35 @@ bool WorkerMatches(const WorkerCapabilities& caps, const JobRequirements& req);
 // one of them matches.
 std::string UnmetRequirement(const JobRequirements& req, const std::vector<const WorkerCapabilities*>& workers);
 
-// The weighted rendezvous score of `worker` for `key`: the highest wins.
-double RendezvousScore(const std::string& key, const std::string& worker, double weight);
+// A weighted consistent-hash ring over members 0..n-1.
+class HashRing {
+ public:
+  static constexpr int kPointsPerWeight = 64;
+  // `weights[i]` > 0 gives member i that many times kPointsPerWeight points.
+  explicit HashRing(const std::vector<std::pair<std::string, double>>& members = {});
+  // Calls `visit(member)` for distinct members in ring order from `key`'s
+  // point, until it returns true or every member was visited.
+  template <typename Visit>
+  void Walk(absl::string_view key, Visit visit) const {
+    if (points_.empty()) return;
+    std::vector<uint32_t> seen;
+    auto it = std::lower_bound(points_.begin(), points_.end(), std::make_pair(KeyPoint(key), uint32_t{0}));
+    for (size_t n = 0; n < points_.size() && seen.size() < members_; ++n, ++it) {
+      if (it == points_.end()) it = points_.begin();
+      const uint32_t m = it->second;
+      if (std::find(seen.begin(), seen.end(), m) != seen.end()) continue;
+      seen.push_back(m);
+      if (visit(m)) return;
+    }
+  }
+  // The first member from `key`'s point.
+  uint32_t Owner(absl::string_view key) const;
+  static uint64_t KeyPoint(absl::string_view key);
+
+ private:
+  std::vector<std::pair<uint64_t, uint32_t>> points_;
+  size_t members_ = 0;
+};
 
 class Scheduler {
  public:
@@ -159,6 +189,9 @@ class Scheduler {
   size_t queued() const { return queued_.size(); }
   size_t running() const { return running_.size(); }
   size_t workers() const { return workers_.size(); }
+  // Free slots as kept incrementally, and counted afresh (they must agree).
+  int64_t free_slots() const { return free_slots_; }
+  int64_t CountFreeSlots() const;
   size_t online_workers() const;
   size_t total_slots() const;
   // Slots in use on online workers.
@@ -173,7 +206,7 @@ class Scheduler {
     WorkerCapabilities caps;
     std::vector<std::string> jobs;  // Running here, in assignment order.
     bool draining = false;
-    bool online = true;
+    bool online = false;     // AddWorker brings it online; a fresh state has no free slot.
     std::string over_limit;  // Why it takes nothing new (load, memory, disk); empty: fine.
     int free() const {
       return draining || !online || !over_limit.empty() ? 0
@@ -198,20 +231,33 @@ class Scheduler {
   // Tries to place `job`; true and the assignment appended when it found a
   // worker with a free slot.
   bool Place(const std::string& job, const QueuedJob& q, std::vector<Assignment>& out);
-  // Names of the workers matching `q`, cached per requirement key until the
-  // set of workers changes.
-  const std::vector<std::string>& Matching(const QueuedJob& q);
+  using WorkerNode = std::pair<const std::string, WorkerState>;  // A node of workers_: stable address.
+  // The workers matching a requirement key, by name, and their ring.
+  struct MatchSet {
+    std::vector<WorkerNode*> workers;
+    HashRing ring;
+  };
+  // Cached per requirement key until the set of workers changes.
+  const MatchSet& Matching(const QueuedJob& q);
   // Removes a job from queued_ (its queue entry goes stale); false if absent.
   bool EraseQueued(const std::string& job);
+  // Applies `change` to a worker, keeping free_slots_ right.
+  template <typename Change>
+  void Update(WorkerState& w, Change change) {
+    free_slots_ -= w.free();
+    change();
+    free_slots_ += w.free();
+  }
 
   std::map<std::string, WorkerState> workers_;  // Ordered: deterministic ties.
   std::map<std::string, WorkerCapabilities> known_;  // Every worker ever registered.
   std::array<PriorityClass, kPriorityClasses> classes_;
   absl::flat_hash_map<std::string, QueuedJob> queued_;
   absl::flat_hash_map<std::string, std::string> running_;  // job -> worker
-  absl::flat_hash_map<std::string, std::vector<std::string>> matching_cache_;
+  absl::flat_hash_map<std::string, MatchSet> matching_cache_;
   std::map<std::pair<int, std::string>, int64_t> queued_by_class_system_;
   uint64_t next_seq_ = 1;
+  int64_t free_slots_ = 0;  // Sum of free() over workers_: Assign needs it in O(1).
 };
 
 }  // namespace kiln

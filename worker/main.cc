@@ -10,6 +10,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/synchronization/mutex.h"
 #include "common/cli_args.h"
 #include "common/daemon.h"
 #include "absl/strings/str_split.h"
@@ -59,6 +60,9 @@ int main(int argc, char** argv) {
       "  kiln-worker --coordinator=127.0.0.1:7600 --name=NAME --work-dir=DIR --max-jobs=N --metrics-listen=ADDR");
   kiln::DashedFlagArgs dashed(argc, argv);
   absl::ParseCommandLine(dashed.argc(), dashed.argv());
+  // Debian's Abseil checks every Mutex acquisition for lock-order cycles
+  // (a debug aid: a few % of CPU under load). The tests keep it on.
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   const sigset_t signals = kiln::BlockTerminationSignals();
   if (absl::Status s = kiln::ApplyLogLevel(absl::GetFlag(FLAGS_log_level)); !s.ok()) return Fail(std::string(s.message()));
 

@@ -3,6 +3,9 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <random>
+#include <set>
+
 #include "absl/strings/str_cat.h"
 
 namespace kiln {
@@ -191,37 +194,50 @@ TEST(SchedulerTest, LocalityKeepsAKeyOnOneWorkerAndFallsBackWhenItIsFull) {
   EXPECT_NE(out[0].worker, first);
 }
 
-TEST(SchedulerTest, RendezvousSpreadsKeysByWeightAndMovesFewWhenAWorkerJoins) {
-  auto owner = [](const std::string& key, const std::map<std::string, double>& workers) {
-    std::string best;
-    double best_score = -1;
-    for (const auto& [w, weight] : workers) {
-      double score = RendezvousScore(key, w, weight);
-      if (score > best_score) {
-        best_score = score;
-        best = w;
-      }
-    }
-    return best;
-  };
-  std::map<std::string, double> workers = {{"fast", 3.0}, {"slow", 1.0}};
+TEST(HashRingTest, SpreadsKeysByWeightAndMovesFewWhenAMemberJoins) {
+  HashRing weighted({{"fast", 3.0}, {"slow", 1.0}});
   int fast = 0;
-  for (int i = 0; i < 4000; ++i) fast += owner(absl::StrCat("key", i), workers) == "fast" ? 1 : 0;
-  EXPECT_NEAR(fast / 4000.0, 0.75, 0.03);
+  for (int i = 0; i < 4000; ++i) fast += weighted.Owner(absl::StrCat("key", i)) == 0 ? 1 : 0;
+  EXPECT_NEAR(fast / 4000.0, 0.75, 0.05);
 
-  std::map<std::string, double> three = {{"a", 1}, {"b", 1}, {"c", 1}};
-  std::map<std::string, double> four = three;
-  four["d"] = 1;
+  HashRing three({{"a", 1}, {"b", 1}, {"c", 1}});
+  HashRing four({{"a", 1}, {"b", 1}, {"c", 1}, {"d", 1}});
   int moved = 0;
   for (int i = 0; i < 4000; ++i) {
     const std::string key = absl::StrCat("flake", i);
-    const std::string before = owner(key, three), after = owner(key, four);
+    const uint32_t before = three.Owner(key), after = four.Owner(key);
     if (before != after) {
       ++moved;
-      EXPECT_EQ(after, "d") << key;  // Keys only move to the newcomer.
+      EXPECT_EQ(after, 3u) << key;  // Keys only move to the newcomer.
     }
   }
-  EXPECT_NEAR(moved / 4000.0, 0.25, 0.03);
+  EXPECT_NEAR(moved / 4000.0, 0.25, 0.05);
+  // A walk visits every member once, starting at the owner.
+  std::vector<uint32_t> order;
+  four.Walk("flake7", [&](uint32_t m) {
+    order.push_back(m);
+    return false;
+  });
+  ASSERT_EQ(order.size(), 4u);
+  EXPECT_EQ(order[0], four.Owner("flake7"));
+  std::sort(order.begin(), order.end());
+  EXPECT_EQ(order, (std::vector<uint32_t>{0, 1, 2, 3}));
+}
+
+TEST(SchedulerTest, AFullPreferredWorkerSendsTheJobToTheLeastLoadedOfTheNextOnTheRing) {
+  Scheduler s;
+  for (int i = 0; i < 20; ++i) s.AddWorker(absl::StrCat("w", i), Caps(2));
+  // Find a key's preferred worker, fill it, and load every other worker but
+  // one by one job: the spill-over must avoid the loaded ones where it can.
+  s.Enqueue("probe", Req(), In("bs", 1, "key"));
+  const std::string preferred = s.Assign().at(0).worker;
+  s.Enqueue("probe2", Req(), In("bs", 1, "key"));
+  ASSERT_EQ(s.Assign().at(0).worker, preferred);
+  s.Enqueue("spill", Req(), In("bs", 1, "key"));
+  auto out = s.Assign();
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_NE(out[0].worker, preferred);
+  EXPECT_EQ(s.JobsOf(out[0].worker).size(), 1u);  // It was idle.
 }
 
 TEST(SchedulerTest, DrainingWorkersTakeNothingNewAndSaySo) {
@@ -277,6 +293,43 @@ TEST(SchedulerTest, NamesWhatNoKnownWorkerOffers) {
   EXPECT_EQ(s.UnmetByKnownWorkers(pinned), "no worker has label pool=eu-host");
   EXPECT_THAT(s.UnmetByKnownWorkers(Req()), ::testing::HasSubstr("mandatory features"));
   EXPECT_EQ(s.UnmetByKnownWorkers(Req({"nixos-test", "big-parallel"})), "");
+}
+
+// The free-slot count is kept incrementally for speed; a seeded random walk
+// over every kind of event checks it never drifts from a recount, and that
+// no job is lost or placed twice.
+TEST(SchedulerTest, FreeSlotBookkeepingSurvivesARandomWalkOfEvents) {
+  Scheduler s;
+  std::mt19937 rng(42);
+  std::set<std::string> running;
+  int next_job = 0;
+  for (int step = 0; step < 20000; ++step) {
+    const std::string w = absl::StrCat("w", rng() % 6);
+    switch (rng() % 9) {
+      case 0: s.AddWorker(w, Caps(1 + static_cast<int>(rng() % 3))); break;
+      case 1:
+        for (const auto& j : s.RemoveWorker(w)) running.erase(j);
+        break;
+      case 2: s.SetOnline(w, rng() % 2 == 0); break;
+      case 3: s.SetDraining(w, rng() % 3 == 0); break;
+      case 4: s.SetOverLimit(w, rng() % 3 == 0 ? "disk" : ""); break;
+      case 5:
+      case 6: s.Enqueue(absl::StrCat("j", next_job++), Req(), In(absl::StrCat("b", rng() % 3), 1, w)); break;
+      case 7:
+        for (const auto& a : s.Assign()) EXPECT_TRUE(running.insert(a.job).second) << a.job << " placed twice";
+        break;
+      case 8:
+        if (!running.empty()) {
+          auto it = running.begin();
+          std::advance(it, rng() % running.size());
+          EXPECT_TRUE(s.Release(*it, s.WorkerOf(*it)));
+          running.erase(it);
+        }
+        break;
+    }
+    ASSERT_EQ(s.free_slots(), s.CountFreeSlots()) << "after step " << step;
+    ASSERT_EQ(s.running(), running.size());
+  }
 }
 
 TEST(SchedulerTest, CancelledJobsLeaveNoTraceInTheRotation) {

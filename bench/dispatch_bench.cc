@@ -1,0 +1,275 @@
+// Load generator for bench/run dispatch: drives a real kiln-coordinator over
+// loopback gRPC with simulated workers whose builds finish at once (a fake
+// executor: the scheduler, the state store and the RPC layer are what is
+// measured, not Nix).
+//
+// Modes:
+//   throughput  N workers; M jobs submitted in batches as fast as accepted;
+//               ends when every result is acknowledged. Prints jobs_per_s.
+//   latency     N workers; jobs submitted one per request at --rate jobs/s;
+//               prints submit-to-assignment latency percentiles.
+//   fill        no workers; submits M jobs and exits (queued-job memory).
+// Every loop is bounded by --jobs and --max_time.
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "common/grpc_util.h"
+#include "common/outbound_queue.h"
+#include "common/source_tree.h"
+#include "kiln/v1/builds.grpc.pb.h"
+#include "kiln/v1/workers.grpc.pb.h"
+
+ABSL_FLAG(std::string, coordinator, "127.0.0.1:7600", "Coordinator address");
+ABSL_FLAG(std::string, mode, "throughput", "throughput, latency or fill");
+ABSL_FLAG(int, workers, 1000, "Simulated workers");
+ABSL_FLAG(int, slots, 4, "Build slots per worker");
+ABSL_FLAG(int, jobs, 100000, "Jobs to submit");
+ABSL_FLAG(int, batch, 1000, "Targets per SubmitBuild (throughput and fill)");
+ABSL_FLAG(double, rate, 1000, "Jobs per second (latency mode)");
+ABSL_FLAG(int, channels, 8, "gRPC connections the workers share");
+ABSL_FLAG(absl::Duration, max_time, absl::Seconds(120), "Give up after this long");
+
+namespace kiln {
+namespace {
+
+using kiln::v1::CoordinatorMessage;
+using kiln::v1::WorkerMessage;
+
+int64_t NowNanos() { return absl::GetCurrentTimeNanos(); }
+
+// Per job id (ids are 1, 2, 3, … on a fresh coordinator): when it was
+// submitted and when a worker got it, in ns; 0 = not yet.
+struct Timeline {
+  explicit Timeline(size_t n) : submitted(n + 1), assigned(n + 1) {}
+  std::vector<std::atomic<int64_t>> submitted;
+  std::vector<std::atomic<int64_t>> assigned;
+  void Mark(std::vector<std::atomic<int64_t>>& v, const std::string& id, int64_t t) {
+    uint64_t i = 0;
+    if (absl::SimpleAtoi(id, &i) && i < v.size()) v[i].store(t, std::memory_order_relaxed);
+  }
+};
+
+class FakeWorker final : public grpc::ClientBidiReactor<WorkerMessage, CoordinatorMessage> {
+ public:
+  FakeWorker(kiln::v1::WorkerService::Stub* stub, std::string name, int slots, Timeline* timeline,
+             std::atomic<int64_t>* acked, std::atomic<int>* registered)
+      : timeline_(timeline),
+        acked_(acked),
+        registered_(registered),
+        queue_(1 << 20, {.start_write = [this](const WorkerMessage* m) { StartWrite(m); },
+                         .finish =
+                             [this](grpc::Status) {
+                               StartWritesDone();
+                               RemoveHold();
+                             }}) {
+    WorkerMessage reg;
+    reg.mutable_register_()->set_name(std::move(name));
+    reg.mutable_register_()->add_systems("x86_64-linux");
+    reg.mutable_register_()->set_max_jobs(static_cast<uint32_t>(slots));
+    stub->async()->Connect(&context_, this);
+    AddHold();
+    queue_.Push(std::move(reg), /*force=*/true);
+    StartRead(&incoming_);
+    StartCall();
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      queue_.Finish(grpc::Status::OK);
+      return;
+    }
+    switch (incoming_.kind_case()) {
+      case CoordinatorMessage::kRegistered:
+        registered_->fetch_add(1);
+        break;
+      case CoordinatorMessage::kAssign: {
+        // The fake executor: the build succeeds at once.
+        const auto& a = incoming_.assign();
+        timeline_->Mark(timeline_->assigned, a.job_id(), NowNanos());
+        WorkerMessage done;
+        done.mutable_finished()->set_job_id(a.job_id());
+        done.mutable_finished()->set_attempt(a.attempt());
+        done.mutable_finished()->mutable_result()->set_code(kiln::v1::RESULT_CODE_SUCCEEDED);
+        (*done.mutable_finished()->mutable_result()->mutable_outputs())["out"] = "/nix/store/fake-out";
+        queue_.Push(std::move(done), /*force=*/true);
+        break;
+      }
+      case CoordinatorMessage::kResultAck:
+        acked_->fetch_add(1, std::memory_order_relaxed);
+        break;
+      default:
+        break;
+    }
+    incoming_.Clear();
+    StartRead(&incoming_);
+  }
+  void OnWriteDone(bool ok) override { queue_.OnWriteDone(ok); }
+  void OnDone(const grpc::Status&) override { done_.Notify(); }
+
+  void Stop() {
+    context_.TryCancel();
+    done_.WaitForNotification();
+  }
+
+ private:
+  Timeline* const timeline_;
+  std::atomic<int64_t>* const acked_;
+  std::atomic<int>* const registered_;
+  grpc::ClientContext context_;
+  CoordinatorMessage incoming_;
+  OutboundQueue<WorkerMessage> queue_;
+  absl::Notification done_;
+};
+
+// A one-file flake tree, shared by every job (jobs differ by attribute).
+struct Source {
+  kiln::v1::Digest root;
+  std::vector<kiln::v1::Blob> blobs;
+};
+
+Source MakeSource() {
+  const std::string flake = "{ outputs = _: { }; }\n";
+  kiln::v1::Directory dir;
+  auto* f = dir.add_files();
+  f->set_name("flake.nix");
+  *f->mutable_digest() = DigestOf(flake);
+  const std::string dir_blob = SerializeDirectory(dir);
+  Source s;
+  s.root = DigestOf(dir_blob);
+  for (const std::string& data : {flake, dir_blob}) {
+    kiln::v1::Blob b;
+    *b.mutable_digest() = DigestOf(data);
+    b.set_data(data);
+    s.blobs.push_back(std::move(b));
+  }
+  return s;
+}
+
+kiln::v1::SubmitBuildRequest MakeRequest(const Source& source, int first, int count) {
+  kiln::v1::SubmitBuildRequest request;
+  request.set_submitter("bench");
+  for (const auto& b : source.blobs) *request.add_blobs() = b;
+  for (int i = first; i < first + count; ++i) {
+    auto* spec = request.add_targets()->mutable_spec();
+    *spec->mutable_source()->mutable_tree_root() = source.root;
+    spec->set_attr(absl::StrCat("pkg", i));  // Distinct: nothing is deduplicated.
+    spec->mutable_requirements()->set_system("x86_64-linux");
+    spec->set_priority(kiln::v1::PRIORITY_CI);
+  }
+  return request;
+}
+
+int64_t Percentile(std::vector<int64_t> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  size_t i = static_cast<size_t>(p * static_cast<double>(v.size() - 1) + 0.5);
+  return v[std::min(i, v.size() - 1)];
+}
+
+int Run() {
+  const std::string mode = absl::GetFlag(FLAGS_mode);
+  const int jobs = absl::GetFlag(FLAGS_jobs);
+  const int workers = mode == "fill" ? 0 : absl::GetFlag(FLAGS_workers);
+  const absl::Time give_up = absl::Now() + absl::GetFlag(FLAGS_max_time);
+  const std::string address = absl::GetFlag(FLAGS_coordinator);
+
+  auto build_stub = kiln::v1::BuildService::NewStub(MakeChannel(address));
+  std::vector<std::unique_ptr<kiln::v1::WorkerService::Stub>> worker_stubs;
+  for (int c = 0; c < absl::GetFlag(FLAGS_channels); ++c) {
+    // A distinct argument per channel: separate connections, not one shared.
+    grpc::ChannelArguments args;
+    args.SetInt("kiln.bench.channel", c);
+    args.SetMaxReceiveMessageSize(kMaxGrpcMessageBytes);
+    worker_stubs.push_back(kiln::v1::WorkerService::NewStub(
+        grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args)));
+  }
+
+  Timeline timeline(static_cast<size_t>(jobs));
+  std::atomic<int64_t> acked{0};
+  std::atomic<int> registered{0};
+  std::vector<std::unique_ptr<FakeWorker>> fleet;
+  for (int w = 0; w < workers; ++w) {
+    fleet.push_back(std::make_unique<FakeWorker>(worker_stubs[w % worker_stubs.size()].get(),
+                                                 absl::StrCat("bench-", w), absl::GetFlag(FLAGS_slots), &timeline,
+                                                 &acked, &registered));
+  }
+  while (registered.load() < workers && absl::Now() < give_up) absl::SleepFor(absl::Milliseconds(5));
+  if (registered.load() < workers) {
+    std::fprintf(stderr, "only %d of %d workers registered\n", registered.load(), workers);
+    return 1;
+  }
+
+  const Source source = MakeSource();
+  const int64_t start = NowNanos();
+  int submitted = 0;
+  const int batch = mode == "latency" ? 1 : std::max(1, absl::GetFlag(FLAGS_batch));
+  const double rate = absl::GetFlag(FLAGS_rate);
+  while (submitted < jobs && absl::Now() < give_up) {
+    const int count = std::min(batch, jobs - submitted);
+    kiln::v1::SubmitBuildRequest request = MakeRequest(source, submitted, count);
+    kiln::v1::SubmitBuildResponse response;
+    grpc::ClientContext context;
+    const int64_t t = NowNanos();
+    grpc::Status status = build_stub->SubmitBuild(&context, request, &response);
+    if (!status.ok()) {
+      std::fprintf(stderr, "SubmitBuild: %s\n", status.error_message().c_str());
+      return 1;
+    }
+    for (const auto& id : response.job_ids()) timeline.Mark(timeline.submitted, id, t);
+    submitted += count;
+    if (mode == "latency") {
+      const int64_t next = start + static_cast<int64_t>(1e9 * submitted / rate);
+      const int64_t wait = next - NowNanos();
+      if (wait > 0) absl::SleepFor(absl::Nanoseconds(wait));
+    }
+  }
+  const int64_t submit_end = NowNanos();
+  if (mode != "fill") {
+    while (acked.load() < submitted && absl::Now() < give_up) absl::SleepFor(absl::Microseconds(200));
+  }
+  const int64_t end = NowNanos();
+  const double seconds = static_cast<double>(end - start) / 1e9;
+
+  std::printf("jobs=%d\n", submitted);
+  std::printf("workers=%d\n", workers);
+  std::printf("submit_seconds=%.3f\n", static_cast<double>(submit_end - start) / 1e9);
+  if (mode != "fill") {
+    std::printf("completed=%lld\n", static_cast<long long>(acked.load()));
+    std::printf("seconds=%.3f\n", seconds);
+    std::printf("jobs_per_s=%.0f\n", static_cast<double>(acked.load()) / seconds);
+    std::vector<int64_t> latency;
+    for (size_t i = 1; i < timeline.submitted.size(); ++i) {
+      const int64_t s = timeline.submitted[i].load(), a = timeline.assigned[i].load();
+      if (s > 0 && a > 0) latency.push_back(std::max<int64_t>(0, a - s));
+    }
+    std::printf("assign_latency_p50_us=%.0f\n", static_cast<double>(Percentile(latency, 0.5)) / 1e3);
+    std::printf("assign_latency_p99_us=%.0f\n", static_cast<double>(Percentile(latency, 0.99)) / 1e3);
+    std::printf("assign_latency_max_us=%.0f\n", static_cast<double>(Percentile(latency, 1.0)) / 1e3);
+  }
+  std::fflush(stdout);
+  for (auto& w : fleet) w->Stop();
+  return acked.load() < submitted && mode != "fill" ? 1 : 0;
+}
+
+}  // namespace
+}  // namespace kiln
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  return kiln::Run();
+}
