@@ -126,7 +126,7 @@ class BuildCoordinator {
  private:
   struct JobEntry {
     kiln::state::v1::JobRecord record;
-    std::deque<kiln::v1::JobEvent> history;
+    std::vector<kiln::v1::JobEvent> history;  // A vector: a deque costs a 512-byte block per job.
     size_t log_bytes = 0;
     uint64_t next_sequence = 1;
     absl::Time queued_at;
