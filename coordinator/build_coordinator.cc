@@ -112,8 +112,11 @@ void BuildCoordinator::Admit(JobEntry& job) {
   const std::string id = job.record.job_id();
   JobEvent event;
   event.mutable_queued()->set_attempt(job.record.attempt());
-  auto [it, fresh] = in_flight_.try_emplace(DedupKey(job.record.spec()), id);
-  if (!fresh && it->second != id) {
+  // In flight by hash of the key (a million keys would cost ~100 MB as
+  // strings); a hit is confirmed against the leader's own key.
+  const std::string key = DedupKey(job.record.spec());
+  auto [it, fresh] = in_flight_.try_emplace(absl::Hash<std::string>{}(key), id);
+  if (!fresh && it->second != id && DedupKey(jobs_.at(it->second).record.spec()) == key) {
     JobEntry& leader = jobs_.at(it->second);
     job.leader = it->second;
     leader.followers.push_back(id);
@@ -155,7 +158,7 @@ absl::Status BuildCoordinator::Recover() {
       // It was on a worker whose stream died with the old process: hold it
       // for that worker's return, for one lease.
       scheduler_.Reattach(id, job.record.worker());
-      in_flight_.try_emplace(DedupKey(job.record.spec()), id);
+      in_flight_.try_emplace(absl::Hash<std::string>{}(DedupKey(job.record.spec())), id);
       lease_until_.try_emplace(job.record.worker(), clock_->Now() + options_.lease);
       JobEvent event;
       event.mutable_assigned()->set_worker(job.record.worker());
@@ -825,7 +828,8 @@ void BuildCoordinator::Finish(JobEntry& job, JobState state, BuildResult result)
     auto& others = jobs_.at(job.leader).followers;
     others.erase(std::remove(others.begin(), others.end(), id), others.end());
     job.leader.clear();
-  } else if (auto f = in_flight_.find(DedupKey(job.record.spec())); f != in_flight_.end() && f->second == id) {
+  } else if (auto f = in_flight_.find(absl::Hash<std::string>{}(DedupKey(job.record.spec())));
+             f != in_flight_.end() && f->second == id) {
     in_flight_.erase(f);
   }
   std::vector<std::string> followers = std::move(job.followers);

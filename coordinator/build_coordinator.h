@@ -201,8 +201,8 @@ class BuildCoordinator {
   static constexpr size_t kCachedTreeBytes = size_t{256} << 20;
   absl::flat_hash_map<std::string, std::shared_ptr<const std::vector<kiln::v1::Blob>>> tree_blobs_;
   size_t tree_blob_bytes_ = 0;
-  // DedupKey -> the job in flight for it (queued or running).
-  absl::flat_hash_map<std::string, std::string> in_flight_;
+  // Hash of DedupKey -> the job in flight for it (queued or running).
+  absl::flat_hash_map<uint64_t, std::string> in_flight_;
   // (priority class, system label) of every kiln_jobs_queued series set.
   absl::flat_hash_set<std::pair<int, std::string>> queued_series_;
   // Job ids of each buildset, in submission order.

@@ -157,9 +157,11 @@ std::vector<std::string> Scheduler::JobsOf(const std::string& worker) const {
 bool Scheduler::EraseQueued(const std::string& job) {
   auto it = queued_.find(job);
   if (it == queued_.end()) return false;
-  auto count = queued_by_class_system_.find({it->second.placement.priority_class, it->second.req.system});
+  RequirementSet* reqs = it->second.reqs;
+  auto count = queued_by_class_system_.find({it->second.priority_class, reqs->req.system});
   if (--count->second == 0) queued_by_class_system_.erase(count);
   queued_.erase(it);
+  if (--reqs->jobs == 0) requirement_sets_.erase(reqs->key);
   return true;
 }
 
@@ -215,21 +217,32 @@ bool Scheduler::SetDraining(const std::string& worker, bool draining) {
 
 void Scheduler::Enqueue(const std::string& job, JobRequirements req, JobPlacement placement, bool front) {
   if (queued_.contains(job) || running_.contains(job)) return;
-  placement.priority_class = std::clamp(placement.priority_class, 0, kPriorityClasses - 1);
-  QueuedJob q{.req = std::move(req), .placement = std::move(placement), .req_key = "", .seq = next_seq_++};
-  q.req_key = RequirementKey(q.req);
-  PriorityClass& cls = classes_[q.placement.priority_class];
+  const int cls_index = std::clamp(placement.priority_class, 0, kPriorityClasses - 1);
+  std::string key = RequirementKey(req);
+  auto [set, new_set] = requirement_sets_.try_emplace(key);
+  if (new_set) {
+    set->second.req = std::move(req);
+    set->second.key = std::move(key);
+  }
+  ++set->second.jobs;
+  QueuedJob q{.reqs = &set->second,
+              .buildset = placement.buildset,
+              .locality_point = HashRing::KeyPoint(placement.locality_key),
+              .seq = next_seq_++,
+              .priority_class = static_cast<int8_t>(cls_index),
+              .has_locality = !placement.locality_key.empty()};
+  PriorityClass& cls = classes_[cls_index];
   // A buildset is in the rotation exactly while it has a queue here; one that
   // becomes active takes its turn after those already waiting.
-  auto [bs, fresh] = cls.by_buildset.try_emplace(q.placement.buildset);
-  if (fresh) cls.rotation.push_back(q.placement.buildset);
+  auto [bs, fresh] = cls.by_buildset.try_emplace(placement.buildset);
+  if (fresh) cls.rotation.push_back(placement.buildset);
   Entry entry{job, q.seq};
   if (front) {
     bs->second.push_front(std::move(entry));
   } else {
     bs->second.push_back(std::move(entry));
   }
-  ++queued_by_class_system_[{q.placement.priority_class, q.req.system}];
+  ++queued_by_class_system_[{cls_index, set->second.req.system}];
   queued_.emplace(job, std::move(q));
 }
 
@@ -248,11 +261,11 @@ bool Scheduler::Release(const std::string& job, const std::string& worker) {
 }
 
 const Scheduler::MatchSet& Scheduler::Matching(const QueuedJob& q) {
-  auto [it, fresh] = matching_cache_.try_emplace(q.req_key);
+  auto [it, fresh] = matching_cache_.try_emplace(q.reqs->key);
   if (fresh) {
     std::vector<std::pair<std::string, double>> members;
     for (auto& entry : workers_) {
-      if (!WorkerMatches(entry.second.caps, q.req)) continue;
+      if (!WorkerMatches(entry.second.caps, q.reqs->req)) continue;
       it->second.workers.push_back(&entry);
       members.emplace_back(entry.first, entry.second.caps.speed_factor);
     }
@@ -279,10 +292,10 @@ bool Scheduler::Place(const std::string& job, const QueuedJob& q, std::vector<As
     }
     return a->first < b->first;
   };
-  if (!q.placement.locality_key.empty()) {
+  if (q.has_locality) {
     bool preferred_seen = false;
     int sampled = 0;
-    m.ring.Walk(q.placement.locality_key, [&](uint32_t i) {
+    m.ring.WalkFrom(q.locality_point, [&](uint32_t i) {
       WorkerNode* node = m.workers[i];
       if (!node->second.online || node->second.draining) return false;  // Not a candidate at all.
       if (!preferred_seen) {
@@ -315,7 +328,7 @@ std::vector<Assignment> Scheduler::Assign() {
   if (free <= 0 || queued_.empty()) return out;
   // Requirement keys that found no free worker this round: later jobs with
   // the same key are skipped without another search.
-  absl::flat_hash_set<std::string> blocked;
+  absl::flat_hash_set<const RequirementSet*> blocked;
   for (PriorityClass& cls : classes_) {
     std::list<std::string> stalled;  // Placed nothing this round; keep their turn.
     while (free > 0 && !cls.rotation.empty()) {
@@ -333,7 +346,7 @@ std::vector<Assignment> Scheduler::Assign() {
           entries.erase(entries.begin() + static_cast<std::ptrdiff_t>(i));  // Cancelled or requeued since.
           continue;
         }
-        if (!blocked.contains(q->second.req_key)) {
+        if (!blocked.contains(q->second.reqs)) {
           if (Place(entries[i].job, q->second, out)) {
             EraseQueued(entries[i].job);
             entries.erase(entries.begin() + static_cast<std::ptrdiff_t>(i));
@@ -341,7 +354,7 @@ std::vector<Assignment> Scheduler::Assign() {
             --free;
             break;
           }
-          blocked.insert(q->second.req_key);
+          blocked.insert(q->second.reqs);
         }
         ++i;
         ++skipped;
@@ -362,7 +375,7 @@ std::vector<Assignment> Scheduler::Assign() {
 std::string Scheduler::WaitingReason(const std::string& job) const {
   auto q = queued_.find(job);
   if (q == queued_.end()) return "";
-  const JobRequirements& req = q->second.req;
+  const JobRequirements& req = q->second.reqs->req;
   size_t capable = 0, draining = 0;
   std::vector<std::string> limits;  // "name: reason" of capable workers over a limit.
   std::vector<const WorkerCapabilities*> connected;

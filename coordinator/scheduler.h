@@ -40,6 +40,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
+#include "absl/container/node_hash_map.h"
 #include "absl/strings/string_view.h"
 
 namespace kiln {
@@ -91,9 +92,13 @@ class HashRing {
   // point, until it returns true or every member was visited.
   template <typename Visit>
   void Walk(absl::string_view key, Visit visit) const {
+    WalkFrom(KeyPoint(key), std::move(visit));
+  }
+  template <typename Visit>
+  void WalkFrom(uint64_t point, Visit visit) const {
     if (points_.empty()) return;
     std::vector<uint32_t> seen;
-    auto it = std::lower_bound(points_.begin(), points_.end(), std::make_pair(KeyPoint(key), uint32_t{0}));
+    auto it = std::lower_bound(points_.begin(), points_.end(), std::make_pair(point, uint32_t{0}));
     for (size_t n = 0; n < points_.size() && seen.size() < members_; ++n, ++it) {
       if (it == points_.end()) it = points_.begin();
       const uint32_t m = it->second;
@@ -213,11 +218,21 @@ class Scheduler {
                                                          : std::max(0, caps.max_jobs - static_cast<int>(jobs.size()));
     }
   };
-  struct QueuedJob {
+  // A requirement set shared by the queued jobs that have it (many jobs,
+  // few distinct sets): a queued job holds a pointer, not a copy.
+  struct RequirementSet {
     JobRequirements req;
-    JobPlacement placement;
-    std::string req_key;  // Jobs with equal keys match the same workers.
-    uint64_t seq = 0;     // Tells a live queue entry from a stale one.
+    std::string key;  // Jobs with equal keys match the same workers.
+    size_t jobs = 0;
+  };
+  // Kept small: a farm may hold a million of these.
+  struct QueuedJob {
+    RequirementSet* reqs = nullptr;
+    std::string buildset;
+    uint64_t locality_point = 0;  // HashRing::KeyPoint of the locality key.
+    uint64_t seq = 0;             // Tells a live queue entry from a stale one.
+    int8_t priority_class = 1;
+    bool has_locality = false;
   };
   struct Entry {
     std::string job;
@@ -255,6 +270,7 @@ class Scheduler {
   absl::flat_hash_map<std::string, QueuedJob> queued_;
   absl::flat_hash_map<std::string, std::string> running_;  // job -> worker
   absl::flat_hash_map<std::string, MatchSet> matching_cache_;
+  absl::node_hash_map<std::string, RequirementSet> requirement_sets_;  // Stable addresses.
   std::map<std::pair<int, std::string>, int64_t> queued_by_class_system_;
   uint64_t next_seq_ = 1;
   int64_t free_slots_ = 0;  // Sum of free() over workers_: Assign needs it in O(1).
