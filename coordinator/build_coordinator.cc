@@ -134,10 +134,15 @@ absl::Status BuildCoordinator::Recover() {
   if (!counters.ok()) return counters.status();
   next_job_seq_ = counters->next_job_seq;
   next_buildset_seq_ = counters->next_buildset_seq;
-  absl::StatusOr<std::vector<JobRecord>> records = store_->LoadJobs();
-  if (!records.ok()) return records.status();
   size_t queued = 0, held = 0;
-  for (JobRecord& record : *records) {
+  // Sized once (ids are dense: the counter bounds the number of jobs):
+  // growing maps of a million entries step by step costs rehashing and page
+  // faults on every doubling.
+  const size_t expected = static_cast<size_t>(next_job_seq_ - 1);
+  jobs_.reserve(expected);
+  in_flight_.reserve(expected);
+  scheduler_.Reserve(expected);
+  absl::Status loaded = store_->ForEachJob([&](JobRecord&& record) {
     std::string id = record.job_id();
     buildsets_[record.buildset_id()].push_back(id);
     JobEntry& job = jobs_[id];
@@ -166,7 +171,8 @@ absl::Status BuildCoordinator::Recover() {
       Emit(job, std::move(event));
       ++held;
     }
-  }
+  });
+  if (!loaded.ok()) return loaded;
   LogInfo(kComponent, "recovered ", jobs_.size(), " jobs (", queued, " queued, ", held,
           " held for their workers to reconnect)");
   UpdateGauges();

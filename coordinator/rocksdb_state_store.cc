@@ -94,18 +94,17 @@ absl::StatusOr<std::string> RocksDbStateStore::GetBlob(const std::string& sha256
   return value;
 }
 
-absl::StatusOr<std::vector<kiln::state::v1::JobRecord>> RocksDbStateStore::LoadJobs() {
-  std::vector<kiln::state::v1::JobRecord> out;
+absl::Status RocksDbStateStore::ForEachJob(absl::FunctionRef<void(kiln::state::v1::JobRecord&&)> fn) {
   std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), handles_[kJobs]));
   for (it->SeekToFirst(); it->Valid(); it->Next()) {
     kiln::state::v1::JobRecord record;
     if (!record.ParseFromArray(it->value().data(), static_cast<int>(it->value().size()))) {
       return absl::DataLossError(absl::StrCat("unreadable job record under key ", it->key().ToString()));
     }
-    out.push_back(std::move(record));
+    fn(std::move(record));
   }
   if (!it->status().ok()) return FromRocks(it->status(), "reading jobs");
-  return out;
+  return absl::OkStatus();
 }
 
 absl::StatusOr<StoredCounters> RocksDbStateStore::LoadCounters() {

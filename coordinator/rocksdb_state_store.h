@@ -27,7 +27,7 @@ class RocksDbStateStore final : public StateStore {
 
   absl::Status Commit(const StateWrite& write) override;
   absl::StatusOr<std::string> GetBlob(const std::string& sha256_hex) override;
-  absl::StatusOr<std::vector<kiln::state::v1::JobRecord>> LoadJobs() override;
+  absl::Status ForEachJob(absl::FunctionRef<void(kiln::state::v1::JobRecord&&)> fn) override;
   absl::StatusOr<StoredCounters> LoadCounters() override;
 
   // The key a job id is stored under (exposed for the golden-format test).

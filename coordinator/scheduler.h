@@ -165,6 +165,9 @@ class Scheduler {
   // queued job is a no-op.
   void Enqueue(const std::string& job, JobRequirements req, JobPlacement placement = {}, bool front = false);
 
+  // Makes room for `jobs` queued jobs (before a recovery).
+  void Reserve(size_t jobs) { queued_.reserve(jobs); }
+
   // Removes a queued job. False if it was not queued.
   bool Dequeue(const std::string& job);
 

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "kiln/state/v1/records.pb.h"
 
@@ -46,8 +47,17 @@ class StateStore {
   // NotFound when no blob has that digest.
   virtual absl::StatusOr<std::string> GetBlob(const std::string& sha256_hex) = 0;
 
+  // Calls `fn` with every job record, in job-id order, one at a time (a
+  // million records need not be held twice).
+  virtual absl::Status ForEachJob(absl::FunctionRef<void(kiln::state::v1::JobRecord&&)> fn) = 0;
+
   // Every job record, in job-id order.
-  virtual absl::StatusOr<std::vector<kiln::state::v1::JobRecord>> LoadJobs() = 0;
+  absl::StatusOr<std::vector<kiln::state::v1::JobRecord>> LoadJobs() {
+    std::vector<kiln::state::v1::JobRecord> out;
+    absl::Status s = ForEachJob([&](kiln::state::v1::JobRecord&& r) { out.push_back(std::move(r)); });
+    if (!s.ok()) return s;
+    return out;
+  }
 
   virtual absl::StatusOr<StoredCounters> LoadCounters() = 0;
 };
