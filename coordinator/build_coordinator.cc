@@ -367,7 +367,7 @@ absl::StatusOr<kiln::v1::Job> BuildCoordinator::GetJob(const std::string& job_id
   *job.mutable_result() = r.result();
   *job.mutable_submitted_at() = r.submitted_at();
   *job.mutable_finished_at() = r.finished_at();
-  job.set_waiting_reason(leader.empty() ? scheduler_.WaitingReason(job_id)
+  job.set_waiting_reason(leader.empty() ? scheduler_.WaitingReason(job_id, clock_->Now())
                                         : absl::StrCat("identical to job ", leader,
                                                        ", already in flight: it will share that job's result"));
   return job;
@@ -624,7 +624,8 @@ void BuildCoordinator::Tick() {
   for (const std::string& name : expired) {
     ExpireLease(name, absl::StrCat("did not come back within the lease (", absl::FormatDuration(options_.lease), ")"));
   }
-  if (!silent.empty() || !expired.empty()) Dispatch();
+  // Also places jobs whose retry back-off ended (cheap when no slot is free).
+  Dispatch();
   if (!silent.empty() || !expired.empty() || gauges_dirty_) UpdateGauges(/*force=*/true);
 }
 
@@ -677,7 +678,8 @@ void BuildCoordinator::HandleFinished(WorkerEntry& worker, const kiln::v1::JobFi
       Finish(job, kiln::v1::JOB_STATE_CANCELLED, result);
       break;
     case kiln::v1::RESULT_CODE_INFRA_ERROR:
-      Requeue(job, "infra_error", absl::StrCat("worker ", worker.name, " could not run it: ", result.error_message()));
+      Requeue(job, "infra_error", absl::StrCat("worker ", worker.name, " could not run it: ", result.error_message()),
+              /*backoff=*/true);
       break;
     default:
       Finish(job, kiln::v1::JOB_STATE_FAILED, result);
@@ -718,7 +720,7 @@ void BuildCoordinator::CloseAll() {
 
 void BuildCoordinator::Dispatch() {
   const absl::Time round_start = absl::Now();
-  std::vector<Assignment> assignments = scheduler_.Assign();
+  std::vector<Assignment> assignments = scheduler_.Assign(clock_->Now());
   if (assignments.empty()) return;
   auto observe = absl::MakeCleanup(
       [&] { metrics_->dispatch_duration.Observe(absl::ToDoubleSeconds(absl::Now() - round_start)); });
@@ -805,7 +807,8 @@ absl::Status BuildCoordinator::AttachSource(const kiln::v1::JobSpec& spec, kiln:
   return absl::OkStatus();
 }
 
-void BuildCoordinator::Requeue(JobEntry& job, absl::string_view reason_label, const std::string& reason) {
+void BuildCoordinator::Requeue(JobEntry& job, absl::string_view reason_label, const std::string& reason,
+                               bool backoff) {
   const std::string id = job.record.job_id();
   if (job.record.attempt() >= options_.max_attempts) {
     BuildResult result;
@@ -819,7 +822,13 @@ void BuildCoordinator::Requeue(JobEntry& job, absl::string_view reason_label, co
   job.record.clear_started_at();
   Persist({&job.record});
   job.queued_at = clock_->Now();
-  scheduler_.Enqueue(id, RequirementsOf(job.record.spec()), PlacementOf(job.record), /*front=*/true);
+  JobPlacement placement = PlacementOf(job.record);
+  if (backoff && options_.retry_backoff > absl::ZeroDuration()) {
+    const int doublings = static_cast<int>(std::min<uint32_t>(job.record.attempt(), 7)) - 1;
+    placement.not_before =
+        clock_->Now() + std::min(options_.retry_backoff * (1 << std::max(0, doublings)), absl::Minutes(5));
+  }
+  scheduler_.Enqueue(id, RequirementsOf(job.record.spec()), std::move(placement), /*front=*/true);
   metrics_->Requeues(reason_label).Increment();
   JobEvent event;
   event.mutable_queued()->set_attempt(job.record.attempt());

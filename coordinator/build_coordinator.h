@@ -74,6 +74,9 @@ struct BuildCoordinatorOptions {
   int64_t min_store_free_bytes = int64_t{1} << 30;
   double max_memory_used_fraction = 0.95;
   double max_load_per_slot = 0;  // Load average divided by the worker's slots.
+  // A job requeued after an infrastructure error waits this long, doubled
+  // for each further attempt (capped at 5 minutes), before it runs again.
+  absl::Duration retry_backoff = absl::Seconds(5);
   // Timeout of a job that sets none; 0: none.
   absl::Duration default_timeout = absl::ZeroDuration();
 };
@@ -167,7 +170,9 @@ class BuildCoordinator {
   void Dispatch();
   // Puts every blob of the job's source tree into the assignment.
   absl::Status AttachSource(const kiln::v1::JobSpec& spec, kiln::v1::Assignment& assign);
-  void Requeue(JobEntry& job, absl::string_view reason_label, const std::string& reason);
+  // Back to the front of the queue; `backoff` (infrastructure errors)
+  // delays its next placement by retry_backoff * 2^(attempt-1).
+  void Requeue(JobEntry& job, absl::string_view reason_label, const std::string& reason, bool backoff = false);
   // Ends a job and its followers (or, if it was cancelled, hands its
   // followers the lead).
   void Finish(JobEntry& job, kiln::v1::JobState state, kiln::v1::BuildResult result);

@@ -229,6 +229,7 @@ void Scheduler::Enqueue(const std::string& job, JobRequirements req, JobPlacemen
               .buildset = placement.buildset,
               .locality_point = HashRing::KeyPoint(placement.locality_key),
               .seq = next_seq_++,
+              .not_before_ns = placement.not_before == absl::InfinitePast() ? 0 : absl::ToUnixNanos(placement.not_before),
               .priority_class = static_cast<int8_t>(cls_index),
               .has_locality = !placement.locality_key.empty()};
   PriorityClass& cls = classes_[cls_index];
@@ -322,7 +323,8 @@ bool Scheduler::Place(const std::string& job, const QueuedJob& q, std::vector<As
   return true;
 }
 
-std::vector<Assignment> Scheduler::Assign() {
+std::vector<Assignment> Scheduler::Assign(absl::Time now) {
+  const int64_t now_ns = now == absl::InfiniteFuture() ? INT64_MAX : absl::ToUnixNanos(now);
   std::vector<Assignment> out;
   int64_t free = free_slots_;
   if (free <= 0 || queued_.empty()) return out;
@@ -346,7 +348,9 @@ std::vector<Assignment> Scheduler::Assign() {
           entries.erase(entries.begin() + static_cast<std::ptrdiff_t>(i));  // Cancelled or requeued since.
           continue;
         }
-        if (!blocked.contains(q->second.reqs)) {
+        if (q->second.not_before_ns > now_ns) {
+          // Backing off: not placeable yet, and says nothing about its workers.
+        } else if (!blocked.contains(q->second.reqs)) {
           if (Place(entries[i].job, q->second, out)) {
             EraseQueued(entries[i].job);
             entries.erase(entries.begin() + static_cast<std::ptrdiff_t>(i));
@@ -372,9 +376,14 @@ std::vector<Assignment> Scheduler::Assign() {
   return out;
 }
 
-std::string Scheduler::WaitingReason(const std::string& job) const {
+std::string Scheduler::WaitingReason(const std::string& job, absl::Time now) const {
   auto q = queued_.find(job);
   if (q == queued_.end()) return "";
+  if (q->second.not_before_ns > 0 && absl::FromUnixNanos(q->second.not_before_ns) > now) {
+    return absl::StrCat("retry back-off until ",
+                        absl::FormatTime("%Y-%m-%dT%H:%M:%SZ", absl::FromUnixNanos(q->second.not_before_ns),
+                                         absl::UTCTimeZone()));
+  }
   const JobRequirements& req = q->second.reqs->req;
   size_t capable = 0, draining = 0;
   std::vector<std::string> limits;  // "name: reason" of capable workers over a limit.

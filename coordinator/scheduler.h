@@ -42,6 +42,7 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/container/node_hash_map.h"
 #include "absl/strings/string_view.h"
+#include "absl/time/time.h"
 
 namespace kiln {
 
@@ -65,6 +66,8 @@ struct JobPlacement {
   int priority_class = 1;  // 0 is the most urgent; see kPriorityClasses.
   std::string buildset;    // Fair sharing is between buildsets.
   std::string locality_key;  // Same key, same preferred worker.
+  // Not placed before this time (a retry's back-off); InfinitePast: at once.
+  absl::Time not_before = absl::InfinitePast();
 };
 
 inline constexpr int kPriorityClasses = 3;
@@ -176,11 +179,12 @@ class Scheduler {
   bool Release(const std::string& job, const std::string& worker);
 
   // Assigns as many queued jobs as free matching slots allow, in queue order.
-  std::vector<Assignment> Assign();
+  // `now` only matters to jobs with a back-off (JobPlacement::not_before).
+  std::vector<Assignment> Assign(absl::Time now = absl::InfiniteFuture());
 
   // Why `job` is still queued, for people ("no worker offers system …",
   // "all 2 capable workers are busy"). Empty for jobs that are not queued.
-  std::string WaitingReason(const std::string& job) const;
+  std::string WaitingReason(const std::string& job, absl::Time now = absl::InfinitePast()) const;
 
   // Why no worker that ever registered (connected or not) could take a job
   // that needs `req`; empty when one could.
@@ -234,6 +238,7 @@ class Scheduler {
     std::string buildset;
     uint64_t locality_point = 0;  // HashRing::KeyPoint of the locality key.
     uint64_t seq = 0;             // Tells a live queue entry from a stale one.
+    int64_t not_before_ns = 0;    // Back-off end, Unix ns; 0: none.
     int8_t priority_class = 1;
     bool has_locality = false;
   };

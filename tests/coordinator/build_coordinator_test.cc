@@ -318,6 +318,19 @@ TEST_F(BuildCoordinatorTest, InfraErrorsRetryUpToTheBoundThenFail) {
   const std::string id = SubmitOne();
   auto w = Connect("w", 1);
   for (uint32_t attempt = 1; attempt <= options_.max_attempts; ++attempt) {
+    if (attempt > 1) {
+      // Each retry waits retry_backoff * 2^(attempt-2) and says so meanwhile.
+      const absl::Duration backoff = options_.retry_backoff * (1 << (attempt - 2));
+      EXPECT_EQ(w->Assignments().size(), attempt - 1);
+      EXPECT_THAT(core_->GetJob(id)->waiting_reason(), ::testing::HasSubstr("retry back-off until "));
+      clock_.Advance(backoff - absl::Seconds(1));
+      Heartbeat(w);
+      core_->Tick();
+      EXPECT_EQ(w->Assignments().size(), attempt - 1);
+      clock_.Advance(absl::Seconds(1));
+      Heartbeat(w);
+      core_->Tick();
+    }
     auto assignments = w->Assignments();
     ASSERT_EQ(assignments.size(), attempt);
     EXPECT_EQ(assignments.back().assign().attempt(), attempt);

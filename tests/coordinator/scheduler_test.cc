@@ -278,6 +278,25 @@ TEST(SchedulerTest, WorkersOverALimitTakeNothingNewAndTheReasonIsNamed) {
   EXPECT_EQ(out[0].worker, "a");
 }
 
+TEST(SchedulerTest, AJobBackingOffWaitsAndLetsOthersPass) {
+  Scheduler s;
+  s.AddWorker("a", Caps(1));
+  const absl::Time now = absl::FromUnixSeconds(1700000000);
+  JobPlacement retry = In("b1");
+  retry.not_before = now + absl::Seconds(10);
+  s.Enqueue("retry", Req(), retry, /*front=*/true);
+  s.Enqueue("fresh", Req(), In("b1"));
+  EXPECT_EQ(s.WaitingReason("retry", now), "retry back-off until 2023-11-14T22:13:30Z");
+  auto out = s.Assign(now);
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0].job, "fresh");  // The back-off does not block the queue.
+  s.Release("fresh", "a");
+  EXPECT_TRUE(s.Assign(now + absl::Seconds(9)).empty());
+  out = s.Assign(now + absl::Seconds(10));
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0].job, "retry");
+}
+
 TEST(SchedulerTest, NamesWhatNoKnownWorkerOffers) {
   Scheduler s;
   EXPECT_FALSE(s.has_known_workers());
