@@ -137,16 +137,21 @@ class WorkerStreamReactor final : public grpc::ServerBidiReactor<WorkerMessage, 
   WorkerMessage incoming_;
 };
 
+// The value of `result` into `*out`, or its error.
+template <typename T>
+absl::Status Into(absl::StatusOr<T> result, T* out) {
+  if (!result.ok()) return result.status();
+  *out = *std::move(result);
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 grpc::ServerUnaryReactor* BuildServiceImpl::SubmitBuild(grpc::CallbackServerContext* context,
                                                         const kiln::v1::SubmitBuildRequest* request,
                                                         kiln::v1::SubmitBuildResponse* response) {
-  return UnaryOnStrand(context, strand_, [core = core_, request, response]() -> absl::Status {
-    auto r = core->Submit(*request);
-    if (!r.ok()) return r.status();
-    *response = *std::move(r);
-    return absl::OkStatus();
+  return UnaryOnStrand(context, strand_, [core = core_, request, response] {
+    return Into(core->Submit(*request), response);
   });
 }
 
@@ -168,33 +173,24 @@ grpc::ServerUnaryReactor* BuildServiceImpl::CancelJob(grpc::CallbackServerContex
 
 grpc::ServerUnaryReactor* BuildServiceImpl::GetJob(grpc::CallbackServerContext* context,
                                                    const kiln::v1::GetJobRequest* request, kiln::v1::Job* response) {
-  return UnaryOnStrand(context, strand_, [core = core_, request, response]() -> absl::Status {
-    auto r = core->GetJob(request->job_id());
-    if (!r.ok()) return r.status();
-    *response = *std::move(r);
-    return absl::OkStatus();
+  return UnaryOnStrand(context, strand_, [core = core_, request, response] {
+    return Into(core->GetJob(request->job_id()), response);
   });
 }
 
 grpc::ServerUnaryReactor* BuildServiceImpl::GetBuildset(grpc::CallbackServerContext* context,
                                                         const kiln::v1::GetBuildsetRequest* request,
                                                         kiln::v1::Buildset* response) {
-  return UnaryOnStrand(context, strand_, [core = core_, request, response]() -> absl::Status {
-    auto r = core->GetBuildset(request->buildset_id());
-    if (!r.ok()) return r.status();
-    *response = *std::move(r);
-    return absl::OkStatus();
+  return UnaryOnStrand(context, strand_, [core = core_, request, response] {
+    return Into(core->GetBuildset(request->buildset_id()), response);
   });
 }
 
 grpc::ServerUnaryReactor* BuildServiceImpl::CancelBuildset(grpc::CallbackServerContext* context,
                                                            const kiln::v1::CancelBuildsetRequest* request,
                                                            kiln::v1::Buildset* response) {
-  return UnaryOnStrand(context, strand_, [core = core_, request, response]() -> absl::Status {
-    auto r = core->CancelBuildset(request->buildset_id());
-    if (!r.ok()) return r.status();
-    *response = *std::move(r);
-    return absl::OkStatus();
+  return UnaryOnStrand(context, strand_, [core = core_, request, response] {
+    return Into(core->CancelBuildset(request->buildset_id()), response);
   });
 }
 
@@ -210,11 +206,8 @@ grpc::ServerUnaryReactor* FarmServiceImpl::ListWorkers(grpc::CallbackServerConte
 grpc::ServerUnaryReactor* FarmServiceImpl::DrainWorker(grpc::CallbackServerContext* context,
                                                        const kiln::v1::DrainWorkerRequest* request,
                                                        kiln::v1::DrainWorkerResponse* response) {
-  return UnaryOnStrand(context, strand_, [core = core_, request, response]() -> absl::Status {
-    auto r = core->DrainWorker(request->name(), request->undo());
-    if (!r.ok()) return r.status();
-    *response->mutable_worker() = *std::move(r);
-    return absl::OkStatus();
+  return UnaryOnStrand(context, strand_, [core = core_, request, response] {
+    return Into(core->DrainWorker(request->name(), request->undo()), response->mutable_worker());
   });
 }
 

@@ -145,7 +145,8 @@ void Scheduler::Reattach(const std::string& job, const std::string& worker) {
     it->second.online = false;
     matching_cache_.clear();
   }
-  Update(it->second, [&] { it->second.jobs.push_back(job); });
+  WorkerState& w = it->second;
+  Update(w, [&] { w.jobs.push_back(job); });
   running_[job] = worker;
 }
 
