@@ -142,7 +142,7 @@ absl::StatusOr<std::string> Submit(BuildService::Stub& stub, const CliOptions& o
   spec->set_attr(installable->attr);
   spec->mutable_requirements()->set_system(options.system);
   spec->set_display_name(text);
-  spec->set_priority(static_cast<kiln::v1::Priority>(options.priority));
+  spec->set_priority_class(options.priority);
   if (options.timeout_seconds > 0) spec->mutable_timeout()->set_seconds(options.timeout_seconds);
   if (options.max_silent_time_seconds > 0) spec->mutable_max_silent_time()->set_seconds(options.max_silent_time_seconds);
   spec->set_locality_key(LocalityKey(dir.string(), installable->attr));
@@ -241,19 +241,6 @@ absl::StatusOr<JobEvent::Finished> Watch(BuildService::Stub& stub, const CliOpti
 }
 
 }  // namespace
-
-bool ParsePriority(const std::string& name, int* wire_value) {
-  if (name == "interactive") {
-    *wire_value = kiln::v1::PRIORITY_INTERACTIVE;
-  } else if (name == "ci") {
-    *wire_value = kiln::v1::PRIORITY_CI;
-  } else if (name == "batch") {
-    *wire_value = kiln::v1::PRIORITY_BATCH;
-  } else {
-    return false;
-  }
-  return true;
-}
 
 std::string LocalityKey(const std::string& flake_dir, const std::string& attr) {
   const fs::path dir(flake_dir);

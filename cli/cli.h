@@ -25,7 +25,7 @@ struct CliOptions {
   bool json = false;
   std::string system = "x86_64-linux";
   bool quiet = false;       // No build log, only the result.
-  int priority = 1;         // Wire value of kiln.v1.Priority; see ParsePriority.
+  std::string priority = "interactive";  // A class name the coordinator knows.
   int64_t timeout_seconds = 0;          // Whole job; 0: the coordinator's default.
   int64_t max_silent_time_seconds = 0;  // Without log output; 0: no limit.
   int watch_retry_seconds = 120;
@@ -34,9 +34,6 @@ struct CliOptions {
 // `kiln build INSTALLABLE...`: uploads each flake, submits, streams the logs,
 // prints the output paths (or a JSON array like `nix build --json`).
 int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& installables);
-
-// The wire priority for a class name; false for an unknown name.
-bool ParsePriority(const std::string& name, int* wire_value);
 
 // A name for the flake at `flake_dir` (absolute) and `attr` that survives
 // edits: its path below the enclosing git repository's root, else its

@@ -75,6 +75,13 @@ JobRequirements BuildCoordinator::RequirementsOf(const kiln::v1::JobSpec& spec) 
   return req;
 }
 
+kiln::v1::Priority BuildCoordinator::PriorityOf(const std::string& name) const {
+  for (size_t i = 0; i < options_.priority_names.size() && i < kPriorityClasses; ++i) {
+    if (options_.priority_names[i] == name) return static_cast<kiln::v1::Priority>(i + 1);
+  }
+  return kiln::v1::PRIORITY_UNSPECIFIED;
+}
+
 JobPlacement BuildCoordinator::PlacementOf(const JobRecord& record) {
   JobPlacement placement;
   switch (record.spec().priority()) {
@@ -239,6 +246,11 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
     if (spec.requirements().system().empty()) {
       return reject(absl::InvalidArgumentError("target has no system (e.g. x86_64-linux)"));
     }
+    if (!spec.priority_class().empty() && PriorityOf(spec.priority_class()) == kiln::v1::PRIORITY_UNSPECIFIED) {
+      return reject(absl::InvalidArgumentError(absl::StrCat("unknown priority class '", spec.priority_class(),
+                                                            "'; this coordinator has: ",
+                                                            absl::StrJoin(options_.priority_names, ", "))));
+    }
     // Once workers have had time to reconnect after a start, refuse what
     // none of them could ever build rather than queue it forever.
     if (clock_->Now() - started_ >= options_.capability_grace && scheduler_.has_known_workers()) {
@@ -261,6 +273,9 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
     r.set_job_id(absl::StrCat(next_job_seq_ + static_cast<uint64_t>(i)));
     r.set_buildset_id(buildset_id);
     *r.mutable_spec() = request.targets(i).spec();
+    if (!r.spec().priority_class().empty()) {
+      r.mutable_spec()->set_priority(PriorityOf(r.spec().priority_class()));
+    }
     if (r.spec().priority() == kiln::v1::PRIORITY_UNSPECIFIED) {
       r.mutable_spec()->set_priority(kiln::v1::PRIORITY_CI);
     }
@@ -937,7 +952,6 @@ void BuildCoordinator::UpdateGauges(bool force) {
   }
   gauges_updated_ = now;
   gauges_dirty_ = false;
-  static constexpr const char* kPriorityNames[kPriorityClasses] = {"interactive", "ci", "batch"};
   // Every series set before is set again (to 0 when empty), so none goes stale.
   absl::flat_hash_map<std::pair<int, std::string>, int64_t> queued;
   for (const auto& key : queued_series_) queued[key] = 0;
@@ -950,7 +964,7 @@ void BuildCoordinator::UpdateGauges(bool force) {
   }
   for (const auto& [key, n] : queued) {
     queued_series_.insert(key);
-    metrics_->JobsQueued(kPriorityNames[key.first], key.second).Set(static_cast<double>(n));
+    metrics_->JobsQueued(options_.priority_names[key.first], key.second).Set(static_cast<double>(n));
   }
   metrics_->jobs_running.Set(static_cast<double>(scheduler_.running()));
   size_t by_state[3] = {0, 0, 0};  // connected, draining, disconnected

@@ -77,6 +77,8 @@ struct BuildCoordinatorOptions {
   // A job requeued after an infrastructure error waits this long, doubled
   // for each further attempt (capped at 5 minutes), before it runs again.
   absl::Duration retry_backoff = absl::Seconds(5);
+  // Names of the priority classes, most urgent first (wire values 1, 2, 3).
+  std::vector<std::string> priority_names = {"interactive", "ci", "batch"};
   // Timeout of a job that sets none; 0: none.
   absl::Duration default_timeout = absl::ZeroDuration();
 };
@@ -183,6 +185,8 @@ class BuildCoordinator {
   void UpdateGauges(bool force = false);
   static JobRequirements RequirementsOf(const kiln::v1::JobSpec& spec);
   static JobPlacement PlacementOf(const kiln::state::v1::JobRecord& record);
+  // The wire priority of a class name; UNSPECIFIED for an unknown one.
+  kiln::v1::Priority PriorityOf(const std::string& name) const;
   static bool IsTerminal(kiln::v1::JobState state);
 
   StateStore* const store_;

@@ -27,6 +27,8 @@ ABSL_FLAG(double, worker_max_memory_fraction, 0.95,
           "A worker using more of its memory takes no new job (0: no limit)");
 ABSL_FLAG(double, worker_max_load_per_slot, 0,
           "A worker whose load average per build slot is higher takes no new job (0: no limit)");
+ABSL_FLAG(std::vector<std::string>, priority_names, std::vector<std::string>({"interactive", "ci", "batch"}),
+          "Names of the three priority classes, most urgent first (what kiln build --priority takes)");
 ABSL_FLAG(absl::Duration, retry_backoff, absl::Seconds(5),
           "Wait before retrying a job after an infrastructure error (doubled per attempt, at most 5 min)");
 ABSL_FLAG(absl::Duration, default_timeout, absl::ZeroDuration(),
@@ -59,6 +61,11 @@ int main(int argc, char** argv) {
   options.core.lease = absl::GetFlag(FLAGS_lease);
   options.core.default_timeout = absl::GetFlag(FLAGS_default_timeout);
   options.core.retry_backoff = absl::GetFlag(FLAGS_retry_backoff);
+  options.core.priority_names = absl::GetFlag(FLAGS_priority_names);
+  if (options.core.priority_names.size() != 3) {
+    std::fprintf(stderr, "kiln-coordinator: --priority-names wants three names, most urgent first\n");
+    return 2;
+  }
   options.core.min_store_free_bytes = absl::GetFlag(FLAGS_worker_min_store_free_mb) << 20;
   options.core.max_memory_used_fraction = absl::GetFlag(FLAGS_worker_max_memory_fraction);
   options.core.max_load_per_slot = absl::GetFlag(FLAGS_worker_max_load_per_slot);

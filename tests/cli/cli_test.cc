@@ -4,7 +4,6 @@
 
 #include <gtest/gtest.h>
 
-#include "kiln/v1/types.pb.h"
 #include "tests/support/test_util.h"
 
 namespace kiln {
@@ -25,17 +24,6 @@ TEST(LocalityKeyTest, NamesTheFlakeByItsPathInTheRepository) {
   // Outside a repository: the absolute path.
   testing::TempDir loose;
   EXPECT_EQ(LocalityKey(loose.path(), "x"), loose.path() + "#x");
-}
-
-TEST(ParsePriorityTest, KnowsTheThreeClasses) {
-  int value = 0;
-  EXPECT_TRUE(ParsePriority("ci", &value));
-  EXPECT_EQ(value, kiln::v1::PRIORITY_CI);
-  EXPECT_TRUE(ParsePriority("interactive", &value));
-  EXPECT_EQ(value, kiln::v1::PRIORITY_INTERACTIVE);
-  EXPECT_TRUE(ParsePriority("batch", &value));
-  EXPECT_EQ(value, kiln::v1::PRIORITY_BATCH);
-  EXPECT_FALSE(ParsePriority("urgent", &value));
 }
 
 }  // namespace

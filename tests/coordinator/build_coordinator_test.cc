@@ -528,6 +528,27 @@ TEST_F(BuildCoordinatorTest, CancellingADeduplicatedJobLeavesTheOtherToRun) {
   EXPECT_EQ(State(third), kiln::v1::JOB_STATE_CANCELLED);
 }
 
+TEST_F(BuildCoordinatorTest, PriorityClassesGoByTheOperatorsNames) {
+  auto named = Request();
+  named.mutable_targets(0)->mutable_spec()->set_priority_class("batch");
+  auto accepted = core_->Submit(named);
+  ASSERT_TRUE(accepted.ok()) << accepted.status();
+  EXPECT_EQ(core_->GetJob(accepted->job_ids(0))->spec().priority(), kiln::v1::PRIORITY_BATCH);
+  auto unknown = Request();
+  unknown.mutable_targets(0)->mutable_spec()->set_priority_class("urgent");
+  EXPECT_THAT(core_->Submit(unknown).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       "unknown priority class 'urgent'; this coordinator has: interactive, ci, batch"));
+
+  options_.priority_names = {"now", "soon", "whenever"};
+  Open();
+  auto renamed = Request();
+  renamed.mutable_targets(0)->mutable_spec()->set_priority_class("now");
+  accepted = core_->Submit(renamed);
+  ASSERT_TRUE(accepted.ok()) << accepted.status();
+  EXPECT_EQ(core_->GetJob(accepted->job_ids(0))->spec().priority(), kiln::v1::PRIORITY_INTERACTIVE);
+}
+
 TEST_F(BuildCoordinatorTest, AfterARestartAReturningWorkerReattachesItsJob) {
   const std::string id = SubmitOne();
   auto w = Connect("w", 1);

@@ -161,6 +161,11 @@ TEST_F(BuildE2eTest, BadInputIsRefusedBeforeAnythingIsSubmitted) {
   auto remote = farm_->Kiln({"build", "github:nixos/nixpkgs#hello"});
   ASSERT_TRUE(remote.ok());
   EXPECT_EQ(remote->exit.exit_code, 2);
+  auto priority = farm_->Kiln({"build", testing::SourcePath("examples/services/greeter"), "--priority=urgent"});
+  ASSERT_TRUE(priority.ok());
+  EXPECT_EQ(priority->exit.exit_code, 2);
+  EXPECT_THAT(priority->stderr_data, ::testing::HasSubstr("unknown priority class 'urgent'; this coordinator has: "
+                                                          "interactive, ci, batch"));
 }
 
 TEST_F(BuildE2eTest, UnreachableCoordinatorIsExitCodeThreeAndNamesTheAddress) {
