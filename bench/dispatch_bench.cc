@@ -115,6 +115,7 @@ class FakeWorker final : public grpc::ClientBidiReactor<WorkerMessage, Coordinat
       default:
         break;
     }
+    if (!incoming_.acks().empty()) acked_->fetch_add(incoming_.acks_size(), std::memory_order_relaxed);
     incoming_.Clear();
     StartRead(&incoming_);
   }

@@ -503,7 +503,15 @@ void BuildCoordinator::OnWorkerMessage(const std::shared_ptr<WorkerSession>& ses
     case kiln::v1::WorkerMessage::KIND_NOT_SET:
       break;
   }
-  Dispatch();
+  Dispatch();  // Assignments carry their worker's pending acknowledgements.
+  if (auto still = sessions_.find(session.get()); still != sessions_.end() && !still->second.pending_acks.empty()) {
+    if (!defer_) {
+      FlushAcks();
+    } else if (!acks_flush_scheduled_) {
+      acks_flush_scheduled_ = true;
+      defer_([this] { FlushAcks(); });
+    }
+  }
   UpdateGauges();
 }
 
@@ -549,6 +557,21 @@ void BuildCoordinator::HandleRegister(WorkerEntry& worker, const kiln::v1::Regis
   Reconcile(worker, reg);
   LogInfo(kComponent, "worker ", worker.name, " registered: ", reg.max_jobs(), " slot(s), systems ",
           absl::StrJoin(reg.systems(), ","));
+}
+
+void BuildCoordinator::FlushAcks() {
+  acks_flush_scheduled_ = false;
+  for (auto& [_, worker] : sessions_) {
+    if (worker.pending_acks.empty()) continue;
+    kiln::v1::CoordinatorMessage acks;
+    TakeAcks(worker, acks);
+    worker.session->Send(std::move(acks));
+  }
+}
+
+void BuildCoordinator::TakeAcks(WorkerEntry& worker, kiln::v1::CoordinatorMessage& message) {
+  for (auto& ack : worker.pending_acks) *message.add_acks() = std::move(ack);
+  worker.pending_acks.clear();
 }
 
 void BuildCoordinator::HandleHeartbeat(WorkerEntry& worker, const kiln::v1::Heartbeat& heartbeat) {
@@ -665,10 +688,10 @@ BuildCoordinator::JobEntry* BuildCoordinator::FindAttempt(const WorkerEntry& wor
 
 void BuildCoordinator::HandleFinished(WorkerEntry& worker, const kiln::v1::JobFinished& finished) {
   // Stored below or ignored as stale: either way the worker may forget it.
-  kiln::v1::CoordinatorMessage ack;
-  ack.mutable_result_ack()->set_job_id(finished.job_id());
-  ack.mutable_result_ack()->set_attempt(finished.attempt());
-  auto send_ack = absl::MakeCleanup([&] { worker.session->Send(std::move(ack)); });
+  // The acknowledgement goes with the next message to the worker.
+  kiln::v1::ResultAck& ack = worker.pending_acks.emplace_back();
+  ack.set_job_id(finished.job_id());
+  ack.set_attempt(finished.attempt());
   auto it = jobs_.find(finished.job_id());
   if (it == jobs_.end()) return;
   JobEntry& job = it->second;
@@ -775,7 +798,9 @@ void BuildCoordinator::Dispatch() {
     // will requeue the job.
     auto by_name = session_by_name_.find(a.worker);
     KILN_CHECK(by_name != session_by_name_.end());  // The scheduler knows only registered workers.
-    SessionOf(by_name->second).Send(std::move(message));
+    WorkerEntry& target = sessions_.at(by_name->second);
+    TakeAcks(target, message);
+    target.session->Send(std::move(message));
   }
 }
 

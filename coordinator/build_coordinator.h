@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/functional/any_invocable.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -119,6 +120,11 @@ class BuildCoordinator {
   // The stream ended. Idempotent. The worker's jobs are held for its lease.
   void OnWorkerGone(const WorkerSession* session);
 
+  // How to run work after the current batch of events (the strand's Post):
+  // acknowledgements then go out once per worker per batch, on an
+  // assignment when there is one. Unset (tests): they go after each message.
+  void set_defer(absl::AnyInvocable<void(absl::AnyInvocable<void() &&>)> defer) { defer_ = std::move(defer); }
+
   // Periodic: closes the streams of workers silent past the lease and
   // requeues the jobs of workers whose lease ran out.
   void Tick();
@@ -146,6 +152,8 @@ class BuildCoordinator {
     std::string name;  // Empty until registered.
     absl::Time last_seen;
     kiln::v1::Heartbeat last_heartbeat;
+    // Results stored but not yet acknowledged to the worker (see TakeAcks).
+    std::vector<kiln::v1::ResultAck> pending_acks;
   };
 
   // The session of a registered worker (an invariant: every name in
@@ -162,6 +170,10 @@ class BuildCoordinator {
   void HandleHeartbeat(WorkerEntry& worker, const kiln::v1::Heartbeat& heartbeat);
   JobEntry* FindAttempt(const WorkerEntry& worker, const std::string& job_id, uint32_t attempt);
   void HandleFinished(WorkerEntry& worker, const kiln::v1::JobFinished& finished);
+  // Moves a worker's pending acknowledgements into `message`.
+  static void TakeAcks(WorkerEntry& worker, kiln::v1::CoordinatorMessage& message);
+  // Sends every worker's pending acknowledgements that rode on nothing.
+  void FlushAcks();
 
   // Queues a job that is not running: it follows an identical job in
   // flight, or it leads and goes into the scheduler.
@@ -194,6 +206,8 @@ class BuildCoordinator {
   const Clock* const clock_;
   const BuildCoordinatorOptions options_;
   const absl::Time started_;
+  absl::AnyInvocable<void(absl::AnyInvocable<void() &&>)> defer_;
+  bool acks_flush_scheduled_ = false;
   absl::Time gauges_updated_ = absl::InfinitePast();
   bool gauges_dirty_ = false;
   const uint64_t incarnation_;

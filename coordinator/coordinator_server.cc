@@ -33,6 +33,8 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   server->core_ = std::make_unique<BuildCoordinator>(server->store_.get(), server->coordinator_metrics_.get(),
                                                      RealClock::Get(), options.core);
   if (absl::Status s = server->core_->Recover(); !s.ok()) return s;
+  server->core_->set_defer(
+      [strand = server->strand_.get()](absl::AnyInvocable<void() &&> fn) { strand->Post(std::move(fn)); });
 
   auto metrics = MetricsHttpServer::Start(options.metrics_listen, registry);
   if (!metrics.ok()) return metrics.status();

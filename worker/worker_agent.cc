@@ -268,6 +268,13 @@ bool WorkerAgent::Send(WorkerMessage message, bool droppable) {
 }
 
 void WorkerAgent::HandleMessage(CoordinatorMessage message) {
+  if (!message.acks().empty()) {
+    absl::MutexLock lock(&mu_);
+    for (const auto& ack : message.acks()) {
+      auto it = unacked_.find(ack.job_id());
+      if (it != unacked_.end() && it->second.attempt == ack.attempt()) unacked_.erase(it);
+    }
+  }
   switch (message.kind_case()) {
     case CoordinatorMessage::kRegistered: {
       {

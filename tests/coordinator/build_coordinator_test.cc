@@ -38,6 +38,12 @@ class FakeWorkerSession final : public WorkerSession {
     }
     return out;
   }
+  // Results acknowledged to this worker (acks ride on other messages).
+  int Acks() const {
+    int n = 0;
+    for (const auto& m : sent) n += m.acks_size();
+    return n;
+  }
   std::vector<CoordinatorMessage> Assignments() const {
     std::vector<CoordinatorMessage> out;
     for (const auto& m : sent) {
@@ -268,11 +274,11 @@ TEST_F(BuildCoordinatorTest, AWorkerAwayPastItsLeaseLosesItsJobAndStaleResultsAr
   ASSERT_EQ(w1_again->Sent(&CoordinatorMessage::has_cancel).size(), 1u);
   EXPECT_EQ(w1_again->Sent(&CoordinatorMessage::has_cancel)[0].cancel().attempt(), 1u);
   Report(w1_again, first, kiln::v1::RESULT_CODE_BUILD_FAILED);
-  EXPECT_EQ(w1_again->Sent(&CoordinatorMessage::has_result_ack).size(), 1u);
+  EXPECT_EQ(w1_again->Acks(), 1);
   EXPECT_EQ(State(id), kiln::v1::JOB_STATE_ASSIGNED);
   Report(w2, w2->Assignments()[0], kiln::v1::RESULT_CODE_SUCCEEDED);
   EXPECT_EQ(State(id), kiln::v1::JOB_STATE_SUCCEEDED);
-  EXPECT_EQ(w2->Sent(&CoordinatorMessage::has_result_ack).size(), 1u);
+  EXPECT_EQ(w2->Acks(), 1);
 }
 
 TEST_F(BuildCoordinatorTest, AWorkerBackWithinItsLeaseKeepsTheJobsItStillHas) {
@@ -547,6 +553,26 @@ TEST_F(BuildCoordinatorTest, PriorityClassesGoByTheOperatorsNames) {
   accepted = core_->Submit(renamed);
   ASSERT_TRUE(accepted.ok()) << accepted.status();
   EXPECT_EQ(core_->GetJob(accepted->job_ids(0))->spec().priority(), kiln::v1::PRIORITY_INTERACTIVE);
+}
+
+TEST_F(BuildCoordinatorTest, AResultsAcknowledgementRidesOnTheWorkersNextJob) {
+  const std::string first = SubmitOne();
+  const std::string second = SubmitOne();
+  auto w = Connect("w", 1);
+  Report(w, w->Assignments()[0], kiln::v1::RESULT_CODE_SUCCEEDED);
+  // One message: the next assignment, carrying the acknowledgement.
+  ASSERT_EQ(w->Assignments().size(), 2u);
+  const CoordinatorMessage next = w->Assignments()[1];
+  EXPECT_EQ(next.assign().job_id(), second);
+  ASSERT_EQ(next.acks_size(), 1);
+  EXPECT_EQ(next.acks(0).job_id(), first);
+  EXPECT_EQ(next.acks(0).attempt(), 1u);
+  // With nothing left to run, it goes alone.
+  const size_t before = w->sent.size();
+  Report(w, w->Assignments()[1], kiln::v1::RESULT_CODE_SUCCEEDED);
+  ASSERT_EQ(w->sent.size(), before + 1);
+  EXPECT_EQ(w->sent.back().kind_case(), CoordinatorMessage::KIND_NOT_SET);
+  EXPECT_EQ(w->sent.back().acks(0).job_id(), second);
 }
 
 TEST_F(BuildCoordinatorTest, AfterARestartAReturningWorkerReattachesItsJob) {
