@@ -268,13 +268,7 @@ bool WorkerAgent::Send(WorkerMessage message, bool droppable) {
 }
 
 void WorkerAgent::HandleMessage(CoordinatorMessage message) {
-  if (!message.acks().empty()) {
-    absl::MutexLock lock(&mu_);
-    for (const auto& ack : message.acks()) {
-      auto it = unacked_.find(ack.job_id());
-      if (it != unacked_.end() && it->second.attempt == ack.attempt()) unacked_.erase(it);
-    }
-  }
+  for (const auto& ack : message.acks()) ForgetResult(ack.job_id(), ack.attempt());
   switch (message.kind_case()) {
     case CoordinatorMessage::kRegistered: {
       {
@@ -289,23 +283,15 @@ void WorkerAgent::HandleMessage(CoordinatorMessage message) {
       ResendUnacked();
       break;
     }
-    case CoordinatorMessage::kResultAck: {
-      absl::MutexLock lock(&mu_);
-      auto it = unacked_.find(message.result_ack().job_id());
-      if (it != unacked_.end() && it->second.attempt == message.result_ack().attempt()) unacked_.erase(it);
+    case CoordinatorMessage::kResultAck:
+      ForgetResult(message.result_ack().job_id(), message.result_ack().attempt());
       break;
-    }
     case CoordinatorMessage::kAssign:
       StartJob(message.assign());
       break;
     case CoordinatorMessage::kCancel:
       LogInfo(kComponent, "job ", message.cancel().job_id(), ": cancel (", message.cancel().reason(), ")");
-      {
-        // A result the coordinator no longer wants is dropped.
-        absl::MutexLock lock(&mu_);
-        auto it = unacked_.find(message.cancel().job_id());
-        if (it != unacked_.end() && it->second.attempt == message.cancel().attempt()) unacked_.erase(it);
-      }
+      ForgetResult(message.cancel().job_id(), message.cancel().attempt());  // Not wanted any more.
       CancelBuild(message.cancel().job_id(), message.cancel().attempt());
       break;
     case CoordinatorMessage::KIND_NOT_SET:
@@ -502,6 +488,12 @@ void WorkerAgent::CancelAllBuilds(const std::string& reason) {
   }
   if (!running.empty()) LogWarning(kComponent, "cancelling ", running.size(), " build(s): ", reason);
   for (const auto& [id, attempt] : running) CancelBuild(id, attempt);
+}
+
+void WorkerAgent::ForgetResult(const std::string& job_id, uint32_t attempt) {
+  absl::MutexLock lock(&mu_);
+  auto it = unacked_.find(job_id);
+  if (it != unacked_.end() && it->second.attempt == attempt) unacked_.erase(it);
 }
 
 void WorkerAgent::ResendUnacked() {

@@ -94,6 +94,8 @@ class WorkerAgent {
   // Load, memory, Nix store free space and running jobs, as reported.
   void FillLoad(kiln::v1::Heartbeat& heartbeat) ABSL_LOCKS_EXCLUDED(mu_);
   void ResendUnacked();
+  // Drops a kept result: acknowledged, or no longer this worker's attempt.
+  void ForgetResult(const std::string& job_id, uint32_t attempt) ABSL_LOCKS_EXCLUDED(mu_);
   bool Send(kiln::v1::WorkerMessage message, bool droppable);
 
   kiln::v1::WorkerMessage MakeRegister() ABSL_LOCKS_EXCLUDED(mu_);
