@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <map>
+#include <set>
 #include <utility>
 
 #include "absl/strings/match.h"
@@ -98,6 +99,14 @@ JobPlacement BuildCoordinator::PlacementOf(const JobRecord& record) {
   return placement;
 }
 
+uint64_t BuildCoordinator::DedupHash(const kiln::v1::JobSpec& spec) {
+  return absl::Hash<std::string>{}(DedupKey(spec));
+}
+
+std::string BuildCoordinator::FollowingReason(const std::string& leader) {
+  return absl::StrCat("identical to job ", leader, ", already in flight: it will share that job's result");
+}
+
 std::string BuildCoordinator::DedupKey(const kiln::v1::JobSpec& spec) {
   std::vector<std::string> features(spec.requirements().required_features().begin(),
                                     spec.requirements().required_features().end());
@@ -127,8 +136,7 @@ void BuildCoordinator::Admit(JobEntry& job) {
     JobEntry& leader = jobs_.at(it->second);
     job.leader = it->second;
     leader.followers.push_back(id);
-    event.mutable_queued()->set_reason(
-        absl::StrCat("identical to job ", job.leader, ", already in flight: it will share that job's result"));
+    event.mutable_queued()->set_reason(FollowingReason(job.leader));
     Emit(job, std::move(event));
     return;
   }
@@ -170,7 +178,7 @@ absl::Status BuildCoordinator::Recover() {
       // It was on a worker whose stream died with the old process: hold it
       // for that worker's return, for one lease.
       scheduler_.Reattach(id, job.record.worker());
-      in_flight_.try_emplace(absl::Hash<std::string>{}(DedupKey(job.record.spec())), id);
+      in_flight_.try_emplace(DedupHash(job.record.spec()), id);
       lease_until_.try_emplace(job.record.worker(), clock_->Now() + options_.lease);
       JobEvent event;
       event.mutable_assigned()->set_worker(job.record.worker());
@@ -382,9 +390,7 @@ absl::StatusOr<kiln::v1::Job> BuildCoordinator::GetJob(const std::string& job_id
   *job.mutable_result() = r.result();
   *job.mutable_submitted_at() = r.submitted_at();
   *job.mutable_finished_at() = r.finished_at();
-  job.set_waiting_reason(leader.empty() ? scheduler_.WaitingReason(job_id, clock_->Now())
-                                        : absl::StrCat("identical to job ", leader,
-                                                       ", already in flight: it will share that job's result"));
+  job.set_waiting_reason(leader.empty() ? scheduler_.WaitingReason(job_id, clock_->Now()) : FollowingReason(leader));
   return job;
 }
 
@@ -422,16 +428,14 @@ kiln::v1::ListWorkersResponse BuildCoordinator::ListWorkers() const {
     info->set_speed_factor(w.caps.speed_factor);
     for (const auto& j : w.jobs) info->add_running_jobs(j);
     if (auto s = session_by_name_.find(w.name); s != session_by_name_.end()) {
-      *info->mutable_last_seen() = ToProtoTime(sessions_.at(s->second).last_seen);
+      const WorkerEntry& entry = sessions_.at(s->second);
+      *info->mutable_last_seen() = ToProtoTime(entry.last_seen);
+      info->set_load_average(entry.last_heartbeat.load_average());
+      info->set_memory_used_fraction(entry.last_heartbeat.memory_used_fraction());
+      info->set_store_free_bytes(entry.last_heartbeat.store_free_bytes());
     }
     if (auto l = lease_until_.find(w.name); l != lease_until_.end()) {
       *info->mutable_lease_until() = ToProtoTime(l->second);
-    }
-    if (auto s = session_by_name_.find(w.name); s != session_by_name_.end()) {
-      const kiln::v1::Heartbeat& hb = sessions_.at(s->second).last_heartbeat;
-      info->set_load_average(hb.load_average());
-      info->set_memory_used_fraction(hb.memory_used_fraction());
-      info->set_store_free_bytes(hb.store_free_bytes());
     }
     info->set_over_limit(w.over_limit);
   }
@@ -741,8 +745,7 @@ void BuildCoordinator::OnWorkerGone(const WorkerSession* session) {
   lease_until_[name] = until;
   LogInfo(kComponent, "worker ", name, " disconnected; holding its ", scheduler_.JobsOf(name).size(),
           " job(s) until ", absl::FormatTime(until));
-  Tick();  // A zero lease, or a silent worker, expires at once.
-  Dispatch();
+  Tick();  // Expires a zero lease at once; also dispatches.
   UpdateGauges();
 }
 
@@ -883,8 +886,7 @@ void BuildCoordinator::Finish(JobEntry& job, JobState state, BuildResult result)
     auto& others = jobs_.at(job.leader).followers;
     others.erase(std::remove(others.begin(), others.end(), id), others.end());
     job.leader.clear();
-  } else if (auto f = in_flight_.find(absl::Hash<std::string>{}(DedupKey(job.record.spec())));
-             f != in_flight_.end() && f->second == id) {
+  } else if (auto f = in_flight_.find(DedupHash(job.record.spec())); f != in_flight_.end() && f->second == id) {
     in_flight_.erase(f);
   }
   std::vector<std::string> followers = std::move(job.followers);
@@ -980,12 +982,12 @@ void BuildCoordinator::UpdateGauges(bool force) {
   // Every series set before is set again (to 0 when empty), so none goes stale.
   absl::flat_hash_map<std::pair<int, std::string>, int64_t> queued;
   for (const auto& key : queued_series_) queued[key] = 0;
-  for (const std::string& system : scheduler_.KnownSystems()) {
+  const std::set<std::string> systems = scheduler_.KnownSystems();
+  for (const std::string& system : systems) {
     for (int cls = 0; cls < kPriorityClasses; ++cls) queued[{cls, system}] = 0;
   }
   for (const auto& [key, n] : scheduler_.queued_by_class_system()) {
-    const bool offered = scheduler_.SomeWorkerOffersSystem(key.second);
-    queued[{key.first, offered ? key.second : "other"}] += n;
+    queued[{key.first, systems.contains(key.second) ? key.second : "other"}] += n;
   }
   for (const auto& [key, n] : queued) {
     queued_series_.insert(key);

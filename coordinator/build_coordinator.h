@@ -180,6 +180,9 @@ class BuildCoordinator {
   void Admit(JobEntry& job);
   // Same source tree and flake, attribute, system, features and push target.
   static std::string DedupKey(const kiln::v1::JobSpec& spec);
+  static uint64_t DedupHash(const kiln::v1::JobSpec& spec);  // The in_flight_ key.
+  // A follower's waiting reason.
+  static std::string FollowingReason(const std::string& leader);
 
   void Dispatch();
   // Puts every blob of the job's source tree into the assignment.

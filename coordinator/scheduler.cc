@@ -76,10 +76,6 @@ std::string Unmet(const JobRequirements& req, const std::vector<const WorkerCapa
 
 }  // namespace
 
-std::string UnmetRequirement(const JobRequirements& req, const std::vector<const WorkerCapabilities*>& workers) {
-  return Unmet(req, workers, "worker");
-}
-
 HashRing::HashRing(const std::vector<std::pair<std::string, double>>& members) : members_(members.size()) {
   for (uint32_t i = 0; i < members.size(); ++i) {
     const double weight = members[i].second > 0 ? members[i].second : 1.0;
@@ -192,12 +188,6 @@ int64_t Scheduler::CountFreeSlots() const {
   return n;
 }
 
-size_t Scheduler::online_workers() const {
-  size_t n = 0;
-  for (const auto& [_, w] : workers_) n += w.online ? 1 : 0;
-  return n;
-}
-
 std::vector<std::string> Scheduler::RemoveWorker(const std::string& worker) {
   auto it = workers_.find(worker);
   if (it == workers_.end()) return {};
@@ -230,7 +220,8 @@ void Scheduler::Enqueue(const std::string& job, JobRequirements req, JobPlacemen
               .buildset = placement.buildset,
               .locality_point = HashRing::KeyPoint(placement.locality_key),
               .seq = next_seq_++,
-              .not_before_ns = placement.not_before == absl::InfinitePast() ? 0 : absl::ToUnixNanos(placement.not_before),
+              .not_before_ns =
+                  placement.not_before == absl::InfinitePast() ? 0 : absl::ToUnixNanos(placement.not_before),
               .priority_class = static_cast<int8_t>(cls_index),
               .has_locality = !placement.locality_key.empty()};
   PriorityClass& cls = classes_[cls_index];
@@ -327,14 +318,13 @@ bool Scheduler::Place(const std::string& job, const QueuedJob& q, std::vector<As
 std::vector<Assignment> Scheduler::Assign(absl::Time now) {
   const int64_t now_ns = now == absl::InfiniteFuture() ? INT64_MAX : absl::ToUnixNanos(now);
   std::vector<Assignment> out;
-  int64_t free = free_slots_;
-  if (free <= 0 || queued_.empty()) return out;
+  if (free_slots_ <= 0 || queued_.empty()) return out;
   // Requirement keys that found no free worker this round: later jobs with
   // the same key are skipped without another search.
   absl::flat_hash_set<const RequirementSet*> blocked;
   for (PriorityClass& cls : classes_) {
     std::list<std::string> stalled;  // Placed nothing this round; keep their turn.
-    while (free > 0 && !cls.rotation.empty()) {
+    while (free_slots_ > 0 && !cls.rotation.empty()) {
       const std::string buildset = std::move(cls.rotation.front());
       cls.rotation.pop_front();
       std::deque<Entry>& entries = cls.by_buildset[buildset];
@@ -356,7 +346,6 @@ std::vector<Assignment> Scheduler::Assign(absl::Time now) {
             EraseQueued(entries[i].job);
             entries.erase(entries.begin() + static_cast<std::ptrdiff_t>(i));
             placed = true;
-            --free;
             break;
           }
           blocked.insert(q->second.reqs);
@@ -420,13 +409,6 @@ std::set<std::string> Scheduler::KnownSystems() const {
   std::set<std::string> out;
   for (const auto& [_, caps] : known_) out.insert(caps.systems.begin(), caps.systems.end());
   return out;
-}
-
-bool Scheduler::SomeWorkerOffersSystem(const std::string& system) const {
-  for (const auto& [_, caps] : known_) {
-    if (caps.systems.contains(system)) return true;
-  }
-  return false;
 }
 
 std::string Scheduler::UnmetByKnownWorkers(const JobRequirements& req) const {

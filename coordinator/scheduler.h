@@ -80,11 +80,6 @@ struct Assignment {
 // True when a worker with `caps` may build a job that needs `req`.
 bool WorkerMatches(const WorkerCapabilities& caps, const JobRequirements& req);
 
-// Why none of `workers` could ever take a job that needs `req`, naming the
-// first unmet property ("no worker offers system aarch64-linux"); empty when
-// one of them matches.
-std::string UnmetRequirement(const JobRequirements& req, const std::vector<const WorkerCapabilities*>& workers);
-
 // A weighted consistent-hash ring over members 0..n-1.
 class HashRing {
  public:
@@ -194,8 +189,6 @@ class Scheduler {
   std::string WorkerOf(const std::string& job) const;
 
   bool has_known_workers() const { return !known_.empty(); }
-  // True when a worker that ever registered builds `system`.
-  bool SomeWorkerOffersSystem(const std::string& system) const;
   // Every system some worker that ever registered builds.
   std::set<std::string> KnownSystems() const;
   size_t queued() const { return queued_.size(); }
@@ -204,7 +197,6 @@ class Scheduler {
   // Free slots as kept incrementally, and counted afresh (they must agree).
   int64_t free_slots() const { return free_slots_; }
   int64_t CountFreeSlots() const;
-  size_t online_workers() const;
   size_t total_slots() const;
   // Slots in use on online workers.
   size_t used_slots() const;
