@@ -144,7 +144,9 @@ absl::StatusOr<std::string> Submit(BuildService::Stub& stub, const CliOptions& o
   spec->set_display_name(text);
   spec->set_priority_class(options.priority);
   if (options.timeout_seconds > 0) spec->mutable_timeout()->set_seconds(options.timeout_seconds);
-  if (options.max_silent_time_seconds > 0) spec->mutable_max_silent_time()->set_seconds(options.max_silent_time_seconds);
+  if (options.max_silent_time_seconds > 0) {
+    spec->mutable_max_silent_time()->set_seconds(options.max_silent_time_seconds);
+  }
   spec->set_locality_key(LocalityKey(dir.string(), installable->attr));
   for (auto& [hash, data] : tree->blobs) {
     kiln::v1::Blob* blob = request.add_blobs();
@@ -354,7 +356,8 @@ nlohmann::json JobJson(const kiln::v1::Job& job) {
 
 // One line: "job 4 (./svc#a): running on worker-2".
 std::string JobLine(const kiln::v1::Job& job) {
-  std::string line = absl::StrFormat("job %s (%s): %s", job.job_id(), job.spec().display_name(), StateName(job.state()));
+  std::string line =
+      absl::StrFormat("job %s (%s): %s", job.job_id(), job.spec().display_name(), StateName(job.state()));
   if (!job.worker().empty()) absl::StrAppend(&line, " on ", job.worker());
   if (!job.waiting_reason().empty()) absl::StrAppend(&line, " — waiting: ", job.waiting_reason());
   return line;
@@ -405,7 +408,9 @@ nlohmann::json WorkerJson(const kiln::v1::WorkerInfo& w) {
   out["memoryUsedFraction"] = w.memory_used_fraction();
   out["storeFreeBytes"] = w.store_free_bytes();
   if (!w.over_limit().empty()) out["overLimit"] = w.over_limit();
-  if (w.has_lease_until()) out["leaseUntil"] = absl::FormatTime(absl::RFC3339_sec, FromProtoTime(w.lease_until()), absl::UTCTimeZone());
+  if (w.has_lease_until()) {
+    out["leaseUntil"] = absl::FormatTime(absl::RFC3339_sec, FromProtoTime(w.lease_until()), absl::UTCTimeZone());
+  }
   return out;
 }
 

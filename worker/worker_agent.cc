@@ -400,7 +400,8 @@ void WorkerAgent::FinishJob(const std::string& job_id, uint32_t attempt, kiln::v
   }
   if (job.timed_out) {
     result.set_code(kiln::v1::RESULT_CODE_TIMED_OUT);
-    result.set_error_message(absl::StrCat("the job ran longer than its timeout of ", absl::FormatDuration(job.timeout)));
+    result.set_error_message(
+        absl::StrCat("the job ran longer than its timeout of ", absl::FormatDuration(job.timeout)));
   }
   metrics_->builds_running.Decrement();
   metrics_->build_duration.Observe(absl::ToDoubleSeconds(absl::Now() - job.started));
@@ -508,24 +509,25 @@ void WorkerAgent::ResendUnacked() {
 void WorkerAgent::SendHeartbeat() {
   WorkerMessage message;
   FillLoad(*message.mutable_heartbeat());
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [id, job] : jobs_) {
+      auto* r = message.mutable_heartbeat()->add_running();
+      r->set_job_id(id);
+      r->set_attempt(job.attempt);
+    }
+  }
   Send(std::move(message), /*droppable=*/true);
 }
 
 void WorkerAgent::FillLoad(kiln::v1::Heartbeat& heartbeat) {
-  auto* hb = &heartbeat;
   double load[1] = {0};
-  if (getloadavg(load, 1) == 1) hb->set_load_average(load[0]);
+  if (getloadavg(load, 1) == 1) heartbeat.set_load_average(load[0]);
   // Free space where the builds' outputs land: the Nix store's file system.
   std::error_code ec;
   auto space = fs::space(fs::exists("/nix/store", ec) ? "/nix/store" : options_.work_dir, ec);
-  if (!ec) hb->set_store_free_bytes(static_cast<int64_t>(space.available));
-  if (std::optional<double> used = MemoryUsedFraction()) hb->set_memory_used_fraction(*used);
-  absl::MutexLock lock(&mu_);
-  for (const auto& [id, job] : jobs_) {
-    auto* r = hb->add_running();
-    r->set_job_id(id);
-    r->set_attempt(job.attempt);
-  }
+  if (!ec) heartbeat.set_store_free_bytes(static_cast<int64_t>(space.available));
+  if (std::optional<double> used = MemoryUsedFraction()) heartbeat.set_memory_used_fraction(*used);
 }
 
 }  // namespace kiln

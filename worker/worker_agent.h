@@ -91,8 +91,9 @@ class WorkerAgent {
   void CancelAllBuilds(const std::string& reason);
   void CancelBuild(const std::string& job_id, uint32_t attempt);
   void SendHeartbeat();
-  // Load, memory, Nix store free space and running jobs, as reported.
-  void FillLoad(kiln::v1::Heartbeat& heartbeat) ABSL_LOCKS_EXCLUDED(mu_);
+  // Load, memory in use and the Nix store's free space (at registration and
+  // in heartbeats, which also list the running jobs).
+  void FillLoad(kiln::v1::Heartbeat& heartbeat);
   void ResendUnacked();
   // Drops a kept result: acknowledged, or no longer this worker's attempt.
   void ForgetResult(const std::string& job_id, uint32_t attempt) ABSL_LOCKS_EXCLUDED(mu_);
