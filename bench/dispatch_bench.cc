@@ -64,13 +64,20 @@ struct Timeline {
   }
 };
 
+// What the simulated workers saw, summed over all of them.
+struct Counters {
+  std::atomic<int64_t> acked{0};
+  std::atomic<int> registered{0};
+  std::atomic<int64_t> assign_messages{0};  // Messages carrying assignments.
+  std::atomic<int64_t> assignments{0};
+};
+
 class FakeWorker final : public grpc::ClientBidiReactor<WorkerMessage, CoordinatorMessage> {
  public:
   FakeWorker(kiln::v1::WorkerService::Stub* stub, std::string name, int slots, Timeline* timeline,
-             std::atomic<int64_t>* acked, std::atomic<int>* registered)
+             Counters* counters)
       : timeline_(timeline),
-        acked_(acked),
-        registered_(registered),
+        counters_(counters),
         queue_(1 << 20, {.start_write = [this](const WorkerMessage* m) { StartWrite(m); },
                          .finish =
                              [this](grpc::Status) {
@@ -95,32 +102,39 @@ class FakeWorker final : public grpc::ClientBidiReactor<WorkerMessage, Coordinat
     }
     switch (incoming_.kind_case()) {
       case CoordinatorMessage::kRegistered:
-        registered_->fetch_add(1);
+        counters_->registered.fetch_add(1);
         break;
       case CoordinatorMessage::kAssign: {
-        // The fake executor: the build succeeds at once.
-        const auto& a = incoming_.assign();
-        timeline_->Mark(timeline_->assigned, a.job_id(), NowNanos());
+        // The fake executor: every build succeeds at once; the results of
+        // one message's assignments go back in one message.
         WorkerMessage done;
-        done.mutable_finished()->set_job_id(a.job_id());
-        done.mutable_finished()->set_attempt(a.attempt());
-        done.mutable_finished()->mutable_result()->set_code(kiln::v1::RESULT_CODE_SUCCEEDED);
-        (*done.mutable_finished()->mutable_result()->mutable_outputs())["out"] = "/nix/store/fake-out";
+        Finish(incoming_.assign(), *done.mutable_finished());
+        for (const auto& a : incoming_.assignments()) Finish(a, *done.add_results());
         queue_.Push(std::move(done), /*force=*/true);
+        counters_->assign_messages.fetch_add(1, std::memory_order_relaxed);
+        counters_->assignments.fetch_add(1 + incoming_.assignments_size(), std::memory_order_relaxed);
         break;
       }
       case CoordinatorMessage::kResultAck:
-        acked_->fetch_add(1, std::memory_order_relaxed);
+        counters_->acked.fetch_add(1, std::memory_order_relaxed);
         break;
       default:
         break;
     }
-    if (!incoming_.acks().empty()) acked_->fetch_add(incoming_.acks_size(), std::memory_order_relaxed);
+    if (!incoming_.acks().empty()) counters_->acked.fetch_add(incoming_.acks_size(), std::memory_order_relaxed);
     incoming_.Clear();
     StartRead(&incoming_);
   }
   void OnWriteDone(bool ok) override { queue_.OnWriteDone(ok); }
   void OnDone(const grpc::Status&) override { done_.Notify(); }
+
+  void Finish(const kiln::v1::Assignment& a, kiln::v1::JobFinished& out) {
+    timeline_->Mark(timeline_->assigned, a.job_id(), NowNanos());
+    out.set_job_id(a.job_id());
+    out.set_attempt(a.attempt());
+    out.mutable_result()->set_code(kiln::v1::RESULT_CODE_SUCCEEDED);
+    (*out.mutable_result()->mutable_outputs())["out"] = "/nix/store/fake-out";
+  }
 
   void Stop() {
     context_.TryCancel();
@@ -129,8 +143,7 @@ class FakeWorker final : public grpc::ClientBidiReactor<WorkerMessage, Coordinat
 
  private:
   Timeline* const timeline_;
-  std::atomic<int64_t>* const acked_;
-  std::atomic<int>* const registered_;
+  Counters* const counters_;
   grpc::ClientContext context_;
   CoordinatorMessage incoming_;
   OutboundQueue<WorkerMessage> queue_;
@@ -201,13 +214,14 @@ int Run() {
   }
 
   Timeline timeline(static_cast<size_t>(jobs));
-  std::atomic<int64_t> acked{0};
-  std::atomic<int> registered{0};
+  Counters counters;
+  std::atomic<int64_t>& acked = counters.acked;
+  std::atomic<int>& registered = counters.registered;
   std::vector<std::unique_ptr<FakeWorker>> fleet;
   for (int w = 0; w < workers; ++w) {
     fleet.push_back(std::make_unique<FakeWorker>(worker_stubs[w % worker_stubs.size()].get(),
                                                  absl::StrCat("bench-", w), absl::GetFlag(FLAGS_slots), &timeline,
-                                                 &acked, &registered));
+                                                 &counters));
   }
   while (registered.load() < workers && absl::Now() < give_up) absl::SleepFor(absl::Milliseconds(5));
   if (registered.load() < workers) {
@@ -253,6 +267,9 @@ int Run() {
     std::printf("completed=%lld\n", static_cast<long long>(acked.load()));
     std::printf("seconds=%.3f\n", seconds);
     std::printf("jobs_per_s=%.0f\n", static_cast<double>(acked.load()) / seconds);
+    std::printf("assignments_per_message=%.2f\n",
+                static_cast<double>(counters.assignments.load()) /
+                    static_cast<double>(std::max<int64_t>(1, counters.assign_messages.load())));
     std::vector<int64_t> latency;
     for (size_t i = 1; i < timeline.submitted.size(); ++i) {
       const int64_t s = timeline.submitted[i].load(), a = timeline.assigned[i].load();
@@ -272,5 +289,7 @@ int Run() {
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
+  // As in the daemons: no lock-order checking on every Mutex acquisition.
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   return kiln::Run();
 }

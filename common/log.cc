@@ -16,6 +16,8 @@ constexpr const char* kNames[] = {"DEBUG", "INFO ", "WARN ", "ERROR"};
 
 void SetMinLogLevel(LogLevel level) { min_level = static_cast<int>(level); }
 
+bool LogEnabled(LogLevel level) { return static_cast<int>(level) >= min_level.load(std::memory_order_relaxed); }
+
 bool ParseLogLevel(absl::string_view text, LogLevel* level) {
   if (text == "debug") *level = LogLevel::kDebug;
   else if (text == "info") *level = LogLevel::kInfo;

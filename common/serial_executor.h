@@ -26,6 +26,11 @@ class SerialExecutor {
   // Thread-safe. Closures posted after shutdown began are dropped.
   void Post(absl::AnyInvocable<void() &&> fn) ABSL_LOCKS_EXCLUDED(mu_);
 
+  // `fn` runs on the executor after each batch of closures (those posted
+  // while the previous batch ran): where a user gathers work across a
+  // batch, e.g. one storage write for many events. Set it before posting.
+  void SetAfterBatch(absl::AnyInvocable<void()> fn) ABSL_LOCKS_EXCLUDED(mu_);
+
   // True when called from a closure running on this executor.
   bool IsCurrent() const;
 
@@ -39,6 +44,8 @@ class SerialExecutor {
   mutable absl::Mutex mu_;
   std::deque<absl::AnyInvocable<void() &&>> queue_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  // Called by the executor's thread only; set before any closure is posted.
+  absl::AnyInvocable<void()> after_batch_ ABSL_GUARDED_BY(mu_);
   std::thread thread_;
 };
 

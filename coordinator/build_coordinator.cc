@@ -320,12 +320,13 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
   }
   LogInfo(kComponent, "buildset ", buildset_id, ": accepted ", records.size(), " job(s) from '",
           request.submitter(), "'");
-  Dispatch();
+  EndOfCall();
   return response;
 }
 
 absl::Status BuildCoordinator::Watch(const std::string& job_id, uint64_t from_sequence, uint64_t incarnation,
                                      std::shared_ptr<JobWatcher> watcher) {
+  Flush();  // The replay below shows only stored states.
   auto it = jobs_.find(job_id);
   if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job ", job_id));
   if (incarnation != incarnation_) from_sequence = 0;  // Sequences restarted with this process.
@@ -364,7 +365,7 @@ absl::StatusOr<JobState> BuildCoordinator::Cancel(const std::string& job_id) {
       message.mutable_cancel()->set_job_id(job_id);
       message.mutable_cancel()->set_attempt(job.record.attempt());
       message.mutable_cancel()->set_reason("cancelled by request");
-      SessionOf(s->second).Send(std::move(message));
+      OutboxSend(sessions_.at(s->second), std::move(message));
     }
   }
   BuildResult result;
@@ -372,6 +373,7 @@ absl::StatusOr<JobState> BuildCoordinator::Cancel(const std::string& job_id) {
   result.set_error_message("cancelled by request");
   Finish(job, kiln::v1::JOB_STATE_CANCELLED, std::move(result));
   UpdateGauges();
+  EndOfCall();
   return kiln::v1::JOB_STATE_CANCELLED;
 }
 
@@ -450,8 +452,8 @@ absl::StatusOr<kiln::v1::WorkerInfo> BuildCoordinator::DrainWorker(const std::st
     drained_.insert(name);
   }
   LogInfo(kComponent, "worker ", name, undo ? ": drain lifted" : ": draining (no new jobs)");
-  Dispatch();
   UpdateGauges();
+  EndOfCall();
   kiln::v1::ListWorkersResponse all = ListWorkers();
   for (kiln::v1::WorkerInfo& info : *all.mutable_workers()) {
     if (info.name() == name) return std::move(info);
@@ -474,7 +476,8 @@ void BuildCoordinator::OnWorkerMessage(const std::shared_ptr<WorkerSession>& ses
     case kiln::v1::WorkerMessage::kRegister:
       if (!worker.name.empty()) {
         session->Close(absl::FailedPreconditionError("worker registered twice on one stream"));
-        OnWorkerGone(session.get());
+        WorkerGone(session.get());
+        EndOfCall();
         return;
       }
       HandleRegister(worker, message.register_());
@@ -487,7 +490,7 @@ void BuildCoordinator::OnWorkerMessage(const std::shared_ptr<WorkerSession>& ses
       if (job == nullptr || job->record.state() != kiln::v1::JOB_STATE_ASSIGNED) break;
       job->record.set_state(kiln::v1::JOB_STATE_RUNNING);
       *job->record.mutable_started_at() = ToProtoTime(clock_->Now());
-      Persist({&job->record});
+      Persist(job->record);
       JobEvent event;
       event.mutable_started()->set_worker(worker.name);
       Emit(*job, std::move(event));
@@ -507,16 +510,15 @@ void BuildCoordinator::OnWorkerMessage(const std::shared_ptr<WorkerSession>& ses
     case kiln::v1::WorkerMessage::KIND_NOT_SET:
       break;
   }
-  Dispatch();  // Assignments carry their worker's pending acknowledgements.
-  if (auto still = sessions_.find(session.get()); still != sessions_.end() && !still->second.pending_acks.empty()) {
-    if (!defer_) {
-      FlushAcks();
-    } else if (!acks_flush_scheduled_) {
-      acks_flush_scheduled_ = true;
-      defer_([this] { FlushAcks(); });
+  if (!message.results().empty()) {
+    // `worker` is still valid: only Register (above) can drop the entry.
+    auto still = sessions_.find(session.get());
+    if (still != sessions_.end() && !still->second.name.empty()) {
+      for (const auto& finished : message.results()) HandleFinished(still->second, finished);
     }
   }
   UpdateGauges();
+  EndOfCall();
 }
 
 void BuildCoordinator::HandleRegister(WorkerEntry& worker, const kiln::v1::Register& reg) {
@@ -530,14 +532,14 @@ void BuildCoordinator::HandleRegister(WorkerEntry& worker, const kiln::v1::Regis
   }
   if (!invalid.ok()) {
     worker.session->Close(invalid);
-    OnWorkerGone(worker.session.get());
+    WorkerGone(worker.session.get());
     return;
   }
   // A reconnect can arrive before the old stream is noticed as dead.
   if (auto old = session_by_name_.find(reg.name()); old != session_by_name_.end()) {
     const WorkerSession* old_session = old->second;
     SessionOf(old_session).Close(absl::AbortedError("replaced by a newer connection of the same worker"));
-    OnWorkerGone(old_session);
+    WorkerGone(old_session);
   }
   worker.name = reg.name();
   session_by_name_[worker.name] = worker.session.get();
@@ -557,25 +559,78 @@ void BuildCoordinator::HandleRegister(WorkerEntry& worker, const kiln::v1::Regis
   reply.mutable_registered()->set_worker_id(worker.name);
   *reply.mutable_registered()->mutable_heartbeat_interval() = ToProtoDuration(options_.heartbeat_interval);
   *reply.mutable_registered()->mutable_lease() = ToProtoDuration(options_.lease);
-  worker.session->Send(std::move(reply));
+  OutboxSend(worker, std::move(reply));
   Reconcile(worker, reg);
   LogInfo(kComponent, "worker ", worker.name, " registered: ", reg.max_jobs(), " slot(s), systems ",
           absl::StrJoin(reg.systems(), ","));
 }
 
-void BuildCoordinator::FlushAcks() {
-  acks_flush_scheduled_ = false;
-  for (auto& [_, worker] : sessions_) {
-    if (worker.pending_acks.empty()) continue;
-    kiln::v1::CoordinatorMessage acks;
-    TakeAcks(worker, acks);
-    worker.session->Send(std::move(acks));
-  }
+void BuildCoordinator::OutboxSend(WorkerEntry& worker, kiln::v1::CoordinatorMessage message) {
+  if (worker.outbox.empty()) workers_with_outbox_.push_back(worker.session.get());
+  worker.outbox.push_back(std::move(message));
 }
 
-void BuildCoordinator::TakeAcks(WorkerEntry& worker, kiln::v1::CoordinatorMessage& message) {
-  for (auto& ack : worker.pending_acks) *message.add_acks() = std::move(ack);
-  worker.pending_acks.clear();
+void BuildCoordinator::OutboxAssign(WorkerEntry& worker, kiln::v1::Assignment assignment) {
+  // The first assignment of a message goes in `assign`, so a message with
+  // one is what older workers expect; more join it in `assignments`.
+  if (!worker.outbox.empty()) {
+    kiln::v1::CoordinatorMessage& last = worker.outbox.back();
+    if (last.kind_case() == kiln::v1::CoordinatorMessage::kAssign) {
+      *last.add_assignments() = std::move(assignment);
+      return;
+    }
+    if (last.kind_case() == kiln::v1::CoordinatorMessage::KIND_NOT_SET) {
+      *last.mutable_assign() = std::move(assignment);
+      return;
+    }
+  }
+  kiln::v1::CoordinatorMessage message;
+  *message.mutable_assign() = std::move(assignment);
+  OutboxSend(worker, std::move(message));
+}
+
+void BuildCoordinator::OutboxAck(WorkerEntry& worker, const std::string& job_id, uint32_t attempt) {
+  // Acknowledgements ride on whatever goes to the worker next.
+  if (worker.outbox.empty()) OutboxSend(worker, kiln::v1::CoordinatorMessage());
+  kiln::v1::ResultAck* ack = worker.outbox.back().add_acks();
+  ack->set_job_id(job_id);
+  ack->set_attempt(attempt);
+}
+
+void BuildCoordinator::Flush() {
+  if (flushing_) return;
+  flushing_ = true;
+  Dispatch();  // Every slot freed since the last flush, in one round.
+  if (!pending_write_.empty()) {
+    if (absl::Status s = store_->Commit(pending_write_); !s.ok()) {
+      // The in-memory state stays authoritative while the process lives; a
+      // restart would see the last stored state. Loud, and counted.
+      metrics_->state_write_errors.Increment();
+      LogError(kComponent, "state write failed: ", s.ToString());
+    }
+    pending_write_.jobs.clear();
+  }
+  // Stored: now the world may hear of it.
+  std::vector<PendingWatcherCall> calls;
+  calls.swap(pending_watcher_calls_);
+  for (PendingWatcherCall& call : calls) {
+    if (call.event.has_value()) {
+      call.watcher->OnEvent(*call.event);
+    } else {
+      call.watcher->Close(call.status);
+    }
+  }
+  std::vector<const WorkerSession*> targets;
+  targets.swap(workers_with_outbox_);
+  for (const WorkerSession* session : targets) {
+    auto it = sessions_.find(session);
+    if (it == sessions_.end()) continue;  // Gone meanwhile.
+    // A full or closed stream means the worker is going away; WorkerGone
+    // then holds or requeues its jobs.
+    for (auto& message : it->second.outbox) it->second.session->Send(std::move(message));
+    it->second.outbox.clear();
+  }
+  flushing_ = false;
 }
 
 void BuildCoordinator::HandleHeartbeat(WorkerEntry& worker, const kiln::v1::Heartbeat& heartbeat) {
@@ -630,7 +685,7 @@ void BuildCoordinator::Reconcile(WorkerEntry& worker, const kiln::v1::Register& 
     cancel.mutable_cancel()->set_job_id(id);
     cancel.mutable_cancel()->set_attempt(attempt);
     cancel.mutable_cancel()->set_reason("the job is no longer this worker's attempt");
-    worker.session->Send(std::move(cancel));
+    OutboxSend(worker, std::move(cancel));
   }
 }
 
@@ -647,6 +702,11 @@ void BuildCoordinator::ExpireLease(const std::string& worker, const std::string&
 }
 
 void BuildCoordinator::Tick() {
+  CheckLeases();
+  EndOfCall();
+}
+
+void BuildCoordinator::CheckLeases() {
   const absl::Time now = clock_->Now();
   // A stream that stays open but carries nothing (a dead peer behind a
   // half-open connection) ends here; its lease then runs from last_seen.
@@ -656,7 +716,7 @@ void BuildCoordinator::Tick() {
   }
   for (const WorkerSession* session : silent) {
     SessionOf(session).Close(absl::DeadlineExceededError("no message from the worker within the lease"));
-    OnWorkerGone(session);
+    WorkerGone(session);
   }
   std::vector<std::string> expired;
   for (const auto& [name, until] : lease_until_) {
@@ -666,8 +726,7 @@ void BuildCoordinator::Tick() {
   for (const std::string& name : expired) {
     ExpireLease(name, absl::StrCat("did not come back within the lease (", absl::FormatDuration(options_.lease), ")"));
   }
-  // Also places jobs whose retry back-off ended (cheap when no slot is free).
-  Dispatch();
+  // Flush (by the caller) also places jobs whose retry back-off ended.
   if (!silent.empty() || !expired.empty() || gauges_dirty_) UpdateGauges(/*force=*/true);
 }
 
@@ -693,9 +752,7 @@ BuildCoordinator::JobEntry* BuildCoordinator::FindAttempt(const WorkerEntry& wor
 void BuildCoordinator::HandleFinished(WorkerEntry& worker, const kiln::v1::JobFinished& finished) {
   // Stored below or ignored as stale: either way the worker may forget it.
   // The acknowledgement goes with the next message to the worker.
-  kiln::v1::ResultAck& ack = worker.pending_acks.emplace_back();
-  ack.set_job_id(finished.job_id());
-  ack.set_attempt(finished.attempt());
+  OutboxAck(worker, finished.job_id(), finished.attempt());
   auto it = jobs_.find(finished.job_id());
   if (it == jobs_.end()) return;
   JobEntry& job = it->second;
@@ -730,6 +787,11 @@ void BuildCoordinator::HandleFinished(WorkerEntry& worker, const kiln::v1::JobFi
 }
 
 void BuildCoordinator::OnWorkerGone(const WorkerSession* session) {
+  WorkerGone(session);
+  EndOfCall();
+}
+
+void BuildCoordinator::WorkerGone(const WorkerSession* session) {
   auto it = sessions_.find(session);
   if (it == sessions_.end()) return;
   const std::string name = it->second.name;
@@ -745,11 +807,12 @@ void BuildCoordinator::OnWorkerGone(const WorkerSession* session) {
   lease_until_[name] = until;
   LogInfo(kComponent, "worker ", name, " disconnected; holding its ", scheduler_.JobsOf(name).size(),
           " job(s) until ", absl::FormatTime(until));
-  Tick();  // Expires a zero lease at once; also dispatches.
+  CheckLeases();  // Expires a zero lease at once.
   UpdateGauges();
 }
 
 void BuildCoordinator::CloseAll() {
+  Flush();
   for (auto& [_, job] : jobs_) {
     for (auto& w : job.watchers) w->Close(absl::UnavailableError("the coordinator is shutting down"));
     job.watchers.clear();
@@ -775,8 +838,7 @@ void BuildCoordinator::Dispatch() {
     changed.push_back(&job.record);
     metrics_->queue_wait.Observe(absl::ToDoubleSeconds(now - job.queued_at));
   }
-  // One batch for all of this round's assignments, before any is announced.
-  Persist(changed);
+  for (const JobRecord* r : changed) Persist(*r);  // Announced after the flush's write.
   for (const Assignment& a : assignments) {
     JobEntry& job = jobs_.at(a.job);
     kiln::v1::CoordinatorMessage message;
@@ -797,13 +859,9 @@ void BuildCoordinator::Dispatch() {
     event.mutable_assigned()->set_worker(a.worker);
     event.mutable_assigned()->set_attempt(job.record.attempt());
     Emit(job, std::move(event));
-    // A full or closed stream means the worker is going away; OnWorkerGone
-    // will requeue the job.
     auto by_name = session_by_name_.find(a.worker);
     KILN_CHECK(by_name != session_by_name_.end());  // The scheduler knows only registered workers.
-    WorkerEntry& target = sessions_.at(by_name->second);
-    TakeAcks(target, message);
-    target.session->Send(std::move(message));
+    OutboxAssign(sessions_.at(by_name->second), std::move(*message.mutable_assign()));
   }
 }
 
@@ -863,7 +921,7 @@ void BuildCoordinator::Requeue(JobEntry& job, absl::string_view reason_label, co
   job.record.set_state(kiln::v1::JOB_STATE_QUEUED);
   job.record.set_requeue_reason(reason);
   job.record.clear_started_at();
-  Persist({&job.record});
+  Persist(job.record);
   job.queued_at = clock_->Now();
   JobPlacement placement = PlacementOf(job.record);
   if (backoff && options_.retry_backoff > absl::ZeroDuration()) {
@@ -916,7 +974,7 @@ void BuildCoordinator::FinishOne(JobEntry& job, JobState state, BuildResult resu
   job.record.set_state(state);
   *job.record.mutable_result() = std::move(result);
   *job.record.mutable_finished_at() = ToProtoTime(clock_->Now());
-  Persist({&job.record});
+  Persist(job.record);
   metrics_->JobsFinished(ResultLabel(state)).Increment();
   JobEvent event;
   auto* finished = event.mutable_finished();
@@ -926,7 +984,7 @@ void BuildCoordinator::FinishOne(JobEntry& job, JobState state, BuildResult resu
   *finished->mutable_queue_time() =
       ToProtoDuration(FromProtoTime(job.record.finished_at()) - FromProtoTime(job.record.submitted_at()));
   Emit(job, std::move(event));
-  for (auto& w : job.watchers) w->Close(absl::OkStatus());
+  for (auto& w : job.watchers) pending_watcher_calls_.push_back({std::move(w), std::nullopt, absl::OkStatus()});
   job.watchers.clear();
   LogInfo(kComponent, "job ", job.record.job_id(), " (", job.record.spec().display_name(), ") ",
           ResultLabel(state), job.record.worker().empty() ? "" : " on ", job.record.worker());
@@ -949,24 +1007,14 @@ void BuildCoordinator::Emit(JobEntry& job, JobEvent event) {
   event.set_sequence(job.next_sequence++);
   event.set_incarnation(incarnation_);
   *event.mutable_time() = ToProtoTime(clock_->Now());
-  for (auto& w : job.watchers) w->OnEvent(event);
+  // Live watchers hear of it once the state it reports is stored (Flush).
+  for (auto& w : job.watchers) pending_watcher_calls_.push_back({w, event, absl::OkStatus()});
   if (event.has_log()) {
     const size_t bytes = event.ByteSizeLong();
     if (job.log_bytes + bytes > options_.log_bytes_per_job) return;  // Live watchers only.
     job.log_bytes += bytes;
   }
   job.history.push_back(std::move(event));
-}
-
-void BuildCoordinator::Persist(const std::vector<const JobRecord*>& records) {
-  StateWrite write;
-  write.jobs = records;
-  if (absl::Status s = store_->Commit(write); !s.ok()) {
-    // The in-memory state stays authoritative while the process lives; a
-    // restart would see the last stored state. Loud, and counted.
-    metrics_->state_write_errors.Increment();
-    LogError(kComponent, "state write failed: ", s.ToString());
-  }
 }
 
 void BuildCoordinator::UpdateGauges(bool force) {

@@ -14,10 +14,12 @@
 #include <cstdint>
 #include <deque>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/node_hash_map.h"
 #include "absl/functional/any_invocable.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -120,10 +122,16 @@ class BuildCoordinator {
   // The stream ended. Idempotent. The worker's jobs are held for its lease.
   void OnWorkerGone(const WorkerSession* session);
 
-  // How to run work after the current batch of events (the strand's Post):
-  // acknowledgements then go out once per worker per batch, on an
-  // assignment when there is one. Unset (tests): they go after each message.
-  void set_defer(absl::AnyInvocable<void(absl::AnyInvocable<void() &&>)> defer) { defer_ = std::move(defer); }
+  // Group commit. Unbatched (the default, for tests), every call above
+  // ends with Flush(). Batched (the daemon), state changes, events and
+  // messages to workers gather until the strand's batch of calls ends and
+  // it calls Flush(): one RocksDB write and one message per worker for all
+  // of them, and one scheduling round for every slot the batch freed.
+  void set_batched(bool batched) { batched_ = batched; }
+  // Places what can be placed, stores every pending state change in one
+  // atomic write, then releases the events and worker messages that wait
+  // for it. Cheap when nothing is pending.
+  void Flush();
 
   // Periodic: closes the streams of workers silent past the lease and
   // requeues the jobs of workers whose lease ran out.
@@ -152,8 +160,15 @@ class BuildCoordinator {
     std::string name;  // Empty until registered.
     absl::Time last_seen;
     kiln::v1::Heartbeat last_heartbeat;
-    // Results stored but not yet acknowledged to the worker (see TakeAcks).
-    std::vector<kiln::v1::ResultAck> pending_acks;
+    // Messages waiting for the next Flush, in order. Assignments and result
+    // acknowledgements join the last one when they can (see Outbox*).
+    std::vector<kiln::v1::CoordinatorMessage> outbox;
+  };
+  // Something for a watcher, released after the state write it reports.
+  struct PendingWatcherCall {
+    std::shared_ptr<JobWatcher> watcher;
+    std::optional<kiln::v1::JobEvent> event;  // Unset: Close(status).
+    absl::Status status;
   };
 
   // The session of a registered worker (an invariant: every name in
@@ -161,6 +176,9 @@ class BuildCoordinator {
   // references into sessions_ stay valid.
   WorkerSession& SessionOf(const WorkerSession* session);
 
+  // OnWorkerGone and Tick without the flush, for use inside other calls.
+  void WorkerGone(const WorkerSession* session);
+  void CheckLeases();
   void HandleRegister(WorkerEntry& worker, const kiln::v1::Register& reg);
   // Keeps the held jobs the returning worker still has, requeues the others
   // and cancels what it has that is no longer its to run.
@@ -170,10 +188,14 @@ class BuildCoordinator {
   void HandleHeartbeat(WorkerEntry& worker, const kiln::v1::Heartbeat& heartbeat);
   JobEntry* FindAttempt(const WorkerEntry& worker, const std::string& job_id, uint32_t attempt);
   void HandleFinished(WorkerEntry& worker, const kiln::v1::JobFinished& finished);
-  // Moves a worker's pending acknowledgements into `message`.
-  static void TakeAcks(WorkerEntry& worker, kiln::v1::CoordinatorMessage& message);
-  // Sends every worker's pending acknowledgements that rode on nothing.
-  void FlushAcks();
+  // Queues messages for a worker until the next Flush.
+  void OutboxSend(WorkerEntry& worker, kiln::v1::CoordinatorMessage message);
+  void OutboxAssign(WorkerEntry& worker, kiln::v1::Assignment assignment);
+  void OutboxAck(WorkerEntry& worker, const std::string& job_id, uint32_t attempt);
+  // Flushes unless batched (the end of every public entry point).
+  void EndOfCall() {
+    if (!batched_) Flush();
+  }
 
   // Queues a job that is not running: it follows an identical job in
   // flight, or it leads and goes into the scheduler.
@@ -195,7 +217,8 @@ class BuildCoordinator {
   void Finish(JobEntry& job, kiln::v1::JobState state, kiln::v1::BuildResult result);
   void FinishOne(JobEntry& job, kiln::v1::JobState state, kiln::v1::BuildResult result);
   void Emit(JobEntry& job, kiln::v1::JobEvent event);
-  void Persist(const std::vector<const kiln::state::v1::JobRecord*>& records);
+  // Adds the record's current state to the pending write (see Flush).
+  void Persist(const kiln::state::v1::JobRecord& record) { pending_write_.jobs.push_back(&record); }
   // Refreshes the gauges, at most every 100 ms unless forced (Tick flushes).
   void UpdateGauges(bool force = false);
   static JobRequirements RequirementsOf(const kiln::v1::JobSpec& spec);
@@ -209,14 +232,18 @@ class BuildCoordinator {
   const Clock* const clock_;
   const BuildCoordinatorOptions options_;
   const absl::Time started_;
-  absl::AnyInvocable<void(absl::AnyInvocable<void() &&>)> defer_;
-  bool acks_flush_scheduled_ = false;
+  bool batched_ = false;
+  bool flushing_ = false;
+  StateWrite pending_write_;  // Points into jobs_ (a node map: stable).
+  std::vector<PendingWatcherCall> pending_watcher_calls_;
+  std::vector<const WorkerSession*> workers_with_outbox_;
   absl::Time gauges_updated_ = absl::InfinitePast();
   bool gauges_dirty_ = false;
   const uint64_t incarnation_;
 
   Scheduler scheduler_;
-  absl::flat_hash_map<std::string, JobEntry> jobs_;
+  // A node map: records stay put while a pending write points at them.
+  absl::node_hash_map<std::string, JobEntry> jobs_;
   absl::flat_hash_map<const WorkerSession*, WorkerEntry> sessions_;
   absl::flat_hash_map<std::string, const WorkerSession*> session_by_name_;
   // Workers whose stream is gone but whose jobs are held, until when.

@@ -29,12 +29,14 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
 
   auto registry = std::make_shared<prometheus::Registry>();
   server->coordinator_metrics_ = std::make_unique<CoordinatorMetrics>(registry);
-  server->strand_ = std::make_unique<SerialExecutor>("coordinator");
+  server->strand_ = std::make_unique<SerialExecutor>("kiln-strand");
   server->core_ = std::make_unique<BuildCoordinator>(server->store_.get(), server->coordinator_metrics_.get(),
                                                      RealClock::Get(), options.core);
   if (absl::Status s = server->core_->Recover(); !s.ok()) return s;
-  server->core_->set_defer(
-      [strand = server->strand_.get()](absl::AnyInvocable<void() &&> fn) { strand->Post(std::move(fn)); });
+  // Group commit: one state write, one scheduling round and one message per
+  // worker for each batch of events the strand runs.
+  server->core_->set_batched(true);
+  server->strand_->SetAfterBatch([core = server->core_.get()] { core->Flush(); });
 
   auto metrics = MetricsHttpServer::Start(options.metrics_listen, registry);
   if (!metrics.ok()) return metrics.status();

@@ -19,11 +19,17 @@ constexpr size_t kWatchQueueCapacity = 2048;
 // worker stopped reading.
 constexpr size_t kWorkerQueueCapacity = 4096;
 
-// Runs `fn` on the strand, then finishes the unary reactor with its status.
+// Runs `fn` on the strand, then finishes the unary reactor with its status
+// once what `fn` changed is stored (the core batches its writes).
 template <typename Fn>
-grpc::ServerUnaryReactor* UnaryOnStrand(grpc::CallbackServerContext* context, SerialExecutor* strand, Fn fn) {
+grpc::ServerUnaryReactor* UnaryOnStrand(grpc::CallbackServerContext* context, BuildCoordinator* core,
+                                        SerialExecutor* strand, Fn fn) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  strand->Post([reactor, fn = std::move(fn)]() mutable { reactor->Finish(ToGrpcStatus(fn())); });
+  strand->Post([reactor, core, fn = std::move(fn)]() mutable {
+    absl::Status status = fn();
+    core->Flush();
+    reactor->Finish(ToGrpcStatus(status));
+  });
   return reactor;
 }
 
@@ -150,7 +156,7 @@ absl::Status Into(absl::StatusOr<T> result, T* out) {
 grpc::ServerUnaryReactor* BuildServiceImpl::SubmitBuild(grpc::CallbackServerContext* context,
                                                         const kiln::v1::SubmitBuildRequest* request,
                                                         kiln::v1::SubmitBuildResponse* response) {
-  return UnaryOnStrand(context, strand_, [core = core_, request, response] {
+  return UnaryOnStrand(context, core_, strand_, [core = core_, request, response] {
     return Into(core->Submit(*request), response);
   });
 }
@@ -163,7 +169,7 @@ grpc::ServerWriteReactor<JobEvent>* BuildServiceImpl::WatchJob(grpc::CallbackSer
 grpc::ServerUnaryReactor* BuildServiceImpl::CancelJob(grpc::CallbackServerContext* context,
                                                       const kiln::v1::CancelJobRequest* request,
                                                       kiln::v1::CancelJobResponse* response) {
-  return UnaryOnStrand(context, strand_, [core = core_, request, response]() -> absl::Status {
+  return UnaryOnStrand(context, core_, strand_, [core = core_, request, response]() -> absl::Status {
     auto r = core->Cancel(request->job_id());
     if (!r.ok()) return r.status();
     response->set_state(*r);
@@ -173,7 +179,7 @@ grpc::ServerUnaryReactor* BuildServiceImpl::CancelJob(grpc::CallbackServerContex
 
 grpc::ServerUnaryReactor* BuildServiceImpl::GetJob(grpc::CallbackServerContext* context,
                                                    const kiln::v1::GetJobRequest* request, kiln::v1::Job* response) {
-  return UnaryOnStrand(context, strand_, [core = core_, request, response] {
+  return UnaryOnStrand(context, core_, strand_, [core = core_, request, response] {
     return Into(core->GetJob(request->job_id()), response);
   });
 }
@@ -181,7 +187,7 @@ grpc::ServerUnaryReactor* BuildServiceImpl::GetJob(grpc::CallbackServerContext* 
 grpc::ServerUnaryReactor* BuildServiceImpl::GetBuildset(grpc::CallbackServerContext* context,
                                                         const kiln::v1::GetBuildsetRequest* request,
                                                         kiln::v1::Buildset* response) {
-  return UnaryOnStrand(context, strand_, [core = core_, request, response] {
+  return UnaryOnStrand(context, core_, strand_, [core = core_, request, response] {
     return Into(core->GetBuildset(request->buildset_id()), response);
   });
 }
@@ -189,7 +195,7 @@ grpc::ServerUnaryReactor* BuildServiceImpl::GetBuildset(grpc::CallbackServerCont
 grpc::ServerUnaryReactor* BuildServiceImpl::CancelBuildset(grpc::CallbackServerContext* context,
                                                            const kiln::v1::CancelBuildsetRequest* request,
                                                            kiln::v1::Buildset* response) {
-  return UnaryOnStrand(context, strand_, [core = core_, request, response] {
+  return UnaryOnStrand(context, core_, strand_, [core = core_, request, response] {
     return Into(core->CancelBuildset(request->buildset_id()), response);
   });
 }
@@ -197,7 +203,7 @@ grpc::ServerUnaryReactor* BuildServiceImpl::CancelBuildset(grpc::CallbackServerC
 grpc::ServerUnaryReactor* FarmServiceImpl::ListWorkers(grpc::CallbackServerContext* context,
                                                        const kiln::v1::ListWorkersRequest* request,
                                                        kiln::v1::ListWorkersResponse* response) {
-  return UnaryOnStrand(context, strand_, [core = core_, response]() -> absl::Status {
+  return UnaryOnStrand(context, core_, strand_, [core = core_, response]() -> absl::Status {
     *response = core->ListWorkers();
     return absl::OkStatus();
   });
@@ -206,7 +212,7 @@ grpc::ServerUnaryReactor* FarmServiceImpl::ListWorkers(grpc::CallbackServerConte
 grpc::ServerUnaryReactor* FarmServiceImpl::DrainWorker(grpc::CallbackServerContext* context,
                                                        const kiln::v1::DrainWorkerRequest* request,
                                                        kiln::v1::DrainWorkerResponse* response) {
-  return UnaryOnStrand(context, strand_, [core = core_, request, response] {
+  return UnaryOnStrand(context, core_, strand_, [core = core_, request, response] {
     return Into(core->DrainWorker(request->name(), request->undo()), response->mutable_worker());
   });
 }

@@ -297,6 +297,7 @@ void WorkerAgent::HandleMessage(CoordinatorMessage message) {
     case CoordinatorMessage::KIND_NOT_SET:
       break;
   }
+  for (const auto& assignment : message.assignments()) StartJob(assignment);
 }
 
 void WorkerAgent::StartJob(const kiln::v1::Assignment& assignment) {

@@ -44,10 +44,14 @@ class FakeWorkerSession final : public WorkerSession {
     for (const auto& m : sent) n += m.acks_size();
     return n;
   }
+  // One message per assignment (a message may carry several).
   std::vector<CoordinatorMessage> Assignments() const {
     std::vector<CoordinatorMessage> out;
     for (const auto& m : sent) {
-      if (m.has_assign()) out.push_back(m);
+      if (!m.has_assign()) continue;
+      out.push_back(m);  // With what rides on it (acknowledgements).
+      out.back().clear_assignments();
+      for (const auto& more : m.assignments()) out.emplace_back().mutable_assign()->CopyFrom(more);
     }
     return out;
   }
@@ -609,6 +613,55 @@ TEST_F(BuildCoordinatorTest, WorkerProtocolViolationsCloseTheStream) {
   auto second = Connect("same", 1);
   EXPECT_TRUE(first->closed);
   EXPECT_FALSE(second->closed);
+}
+
+TEST_F(BuildCoordinatorTest, BatchedCallsShareOneWriteAndAreAnnouncedOnlyAfterIt) {
+  core_->set_batched(true);
+  auto response = core_->Submit(Request(4));
+  ASSERT_TRUE(response.ok()) << response.status();
+  auto watcher = std::make_shared<FakeWatcher>();
+  ASSERT_TRUE(core_->Watch(response->job_ids(0), 0, 0, watcher).ok());
+  auto w = Connect("w", 4);
+  // Nothing leaves before the flush: not the registration reply, not an
+  // assignment, not an event.
+  EXPECT_TRUE(w->sent.empty());
+  const size_t events_before = watcher->events.size();
+  core_->Flush();
+  ASSERT_EQ(w->sent.size(), 2u);
+  EXPECT_TRUE(w->sent[0].has_registered());
+  // The four assignments of one round travel in one message.
+  EXPECT_TRUE(w->sent[1].has_assign());
+  EXPECT_EQ(w->sent[1].assignments_size(), 3);
+  ASSERT_EQ(w->Assignments().size(), 4u);
+  EXPECT_GT(watcher->events.size(), events_before);
+  EXPECT_EQ(watcher->events.back().kind_case(), JobEvent::kAssigned);
+  auto stored = store_->LoadJobs();
+  ASSERT_TRUE(stored.ok());
+  for (const auto& r : *stored) EXPECT_EQ(r.state(), kiln::v1::JOB_STATE_ASSIGNED) << r.job_id();
+
+  // Four results in one message: stored in one write, acknowledged together.
+  WorkerMessage finished;
+  for (const auto& a : w->Assignments()) {
+    kiln::v1::JobFinished* f = finished.has_finished() ? finished.add_results() : finished.mutable_finished();
+    f->set_job_id(a.assign().job_id());
+    f->set_attempt(a.assign().attempt());
+    f->mutable_result()->set_code(kiln::v1::RESULT_CODE_SUCCEEDED);
+  }
+  core_->OnWorkerMessage(w, finished);
+  const size_t events_now = watcher->events.size();
+  EXPECT_FALSE(watcher->closed);
+  stored = store_->LoadJobs();
+  ASSERT_TRUE(stored.ok());
+  for (const auto& r : *stored) EXPECT_EQ(r.state(), kiln::v1::JOB_STATE_ASSIGNED) << "stored before the flush";
+  EXPECT_EQ(w->Acks(), 0);
+  core_->Flush();
+  EXPECT_EQ(w->Acks(), 4);
+  EXPECT_EQ(watcher->events.size(), events_now + 1);
+  EXPECT_EQ(watcher->events.back().kind_case(), JobEvent::kFinished);
+  EXPECT_TRUE(watcher->closed);
+  stored = store_->LoadJobs();
+  ASSERT_TRUE(stored.ok());
+  for (const auto& r : *stored) EXPECT_EQ(r.state(), kiln::v1::JOB_STATE_SUCCEEDED) << r.job_id();
 }
 
 }  // namespace
