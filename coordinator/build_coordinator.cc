@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "absl/strings/match.h"
+#include "google/protobuf/io/coded_stream.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -45,6 +46,33 @@ absl::string_view ResultLabel(JobState state) {
     case kiln::v1::JOB_STATE_SUCCEEDED: return "succeeded";
     case kiln::v1::JOB_STATE_CANCELLED: return "cancelled";
     default: return "failed";
+  }
+}
+
+// A job's event history is one string: per event, its serialized size as a
+// varint, then the serialized JobEvent.
+void AppendStoredEvent(std::string& history, const JobEvent& event) {
+  const size_t size = event.ByteSizeLong();
+  uint8_t prefix[5];  // A varint of 32 bits takes at most 5 bytes.
+  uint8_t* end = google::protobuf::io::CodedOutputStream::WriteVarint32ToArray(static_cast<uint32_t>(size), prefix);
+  history.append(reinterpret_cast<const char*>(prefix), static_cast<size_t>(end - prefix));
+  history.resize(history.size() + size);
+  event.SerializeWithCachedSizesToArray(reinterpret_cast<uint8_t*>(history.data()) + (history.size() - size));
+}
+
+template <typename Fn>
+void ForEachStoredEvent(const std::string& history, Fn fn) {
+  google::protobuf::io::CodedInputStream in(reinterpret_cast<const uint8_t*>(history.data()),
+                                            static_cast<int>(history.size()));
+  JobEvent event;
+  uint32_t size = 0;
+  while (in.ReadVarint32(&size)) {
+    const auto limit = in.PushLimit(static_cast<int>(size));
+    event.Clear();
+    // Written by AppendStoredEvent in this process.
+    KILN_CHECK(event.ParseFromCodedStream(&in) && in.ConsumedEntireMessage());
+    in.PopLimit(limit);
+    fn(event);
   }
 }
 
@@ -124,15 +152,16 @@ std::string BuildCoordinator::DedupKey(const kiln::v1::JobSpec& spec) {
   return key;
 }
 
-void BuildCoordinator::Admit(JobEntry& job) {
-  const std::string id = job.record.job_id();
+void BuildCoordinator::Admit(JobEntry& job, const JobRecord& record) {
+  const std::string& id = record.job_id();
   JobEvent event;
-  event.mutable_queued()->set_attempt(job.record.attempt());
+  event.mutable_queued()->set_attempt(record.attempt());
   // In flight by hash of the key (a million keys would cost ~100 MB as
   // strings); a hit is confirmed against the leader's own key.
-  const std::string key = DedupKey(job.record.spec());
+  const std::string key = DedupKey(record.spec());
   auto [it, fresh] = in_flight_.try_emplace(absl::Hash<std::string>{}(key), id);
-  if (!fresh && it->second != id && DedupKey(jobs_.at(it->second).record.spec()) == key) {
+  JobRecord scratch;
+  if (!fresh && it->second != id && DedupKey(View(jobs_.at(it->second), scratch).spec()) == key) {
     JobEntry& leader = jobs_.at(it->second);
     job.leader = it->second;
     leader.followers.push_back(id);
@@ -140,7 +169,7 @@ void BuildCoordinator::Admit(JobEntry& job) {
     Emit(job, std::move(event));
     return;
   }
-  scheduler_.Enqueue(id, RequirementsOf(job.record.spec()), PlacementOf(job.record));
+  scheduler_.Enqueue(id, RequirementsOf(record.spec()), PlacementOf(record));
   Emit(job, std::move(event));
 }
 
@@ -157,35 +186,42 @@ absl::Status BuildCoordinator::Recover() {
   jobs_.reserve(expected);
   in_flight_.reserve(expected);
   scheduler_.Reserve(expected);
-  absl::Status loaded = store_->ForEachJob([&](JobRecord&& record) {
-    std::string id = record.job_id();
+  // One record parsed at a time into the same message (no allocation once
+  // warm); the entry keeps the serialized form.
+  JobRecord record;
+  absl::Status loaded = store_->ForEachPackedJob([&](absl::string_view bytes) {
+    if (!record.ParseFromArray(bytes.data(), static_cast<int>(bytes.size()))) {
+      return absl::DataLossError("unreadable job record");
+    }
+    const std::string& id = record.job_id();
     buildsets_[record.buildset_id()].push_back(id);
     JobEntry& job = jobs_[id];
-    job.record = std::move(record);
+    job.packed.assign(bytes.data(), bytes.size());
     job.queued_at = clock_->Now();
-    const JobState state = job.record.state();
+    const JobState state = record.state();
     if (IsTerminal(state)) {
       JobEvent event;
       auto* finished = event.mutable_finished();
       finished->set_state(state);
-      *finished->mutable_result() = job.record.result();
-      finished->set_worker(job.record.worker());
+      *finished->mutable_result() = record.result();
+      finished->set_worker(record.worker());
       Emit(job, std::move(event));
     } else if (state == kiln::v1::JOB_STATE_QUEUED) {
-      Admit(job);
+      Admit(job, record);
       ++queued;
     } else {
       // It was on a worker whose stream died with the old process: hold it
       // for that worker's return, for one lease.
-      scheduler_.Reattach(id, job.record.worker());
-      in_flight_.try_emplace(DedupHash(job.record.spec()), id);
-      lease_until_.try_emplace(job.record.worker(), clock_->Now() + options_.lease);
+      scheduler_.Reattach(id, record.worker());
+      in_flight_.try_emplace(DedupHash(record.spec()), id);
+      lease_until_.try_emplace(record.worker(), clock_->Now() + options_.lease);
       JobEvent event;
-      event.mutable_assigned()->set_worker(job.record.worker());
-      event.mutable_assigned()->set_attempt(job.record.attempt());
+      event.mutable_assigned()->set_worker(record.worker());
+      event.mutable_assigned()->set_attempt(record.attempt());
       Emit(job, std::move(event));
       ++held;
     }
+    return absl::OkStatus();
   });
   if (!loaded.ok()) return loaded;
   LogInfo(kComponent, "recovered ", jobs_.size(), " jobs (", queued, " queued, ", held,
@@ -274,10 +310,11 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
   // Build every record, store them in one batch, and only then make them live.
   const absl::Time now = clock_->Now();
   const std::string buildset_id = absl::StrCat("b", next_buildset_seq_);
-  std::vector<JobRecord> records;
+  std::vector<std::pair<std::unique_ptr<JobRecord>, std::string>> records;  // Parsed, serialized.
   records.reserve(request.targets_size());
   for (int i = 0; i < request.targets_size(); ++i) {
-    JobRecord r;
+    auto owned = std::make_unique<JobRecord>();
+    JobRecord& r = *owned;
     r.set_job_id(absl::StrCat(next_job_seq_ + static_cast<uint64_t>(i)));
     r.set_buildset_id(buildset_id);
     *r.mutable_spec() = request.targets(i).spec();
@@ -293,9 +330,10 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
     r.set_state(kiln::v1::JOB_STATE_QUEUED);
     *r.mutable_submitted_at() = ToProtoTime(now);
     r.set_submitter(request.submitter());
-    records.push_back(std::move(r));
+    std::string bytes = r.SerializeAsString();
+    records.emplace_back(std::move(owned), std::move(bytes));
   }
-  for (const auto& r : records) write.jobs.push_back(&r);
+  for (const auto& [r, bytes] : records) write.packed_jobs.emplace_back(&r->job_id(), &bytes);
   write.next_job_seq = next_job_seq_ + records.size();
   write.next_buildset_seq = next_buildset_seq_ + 1;
   if (absl::Status s = store_->Commit(write); !s.ok()) {
@@ -308,14 +346,17 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
 
   kiln::v1::SubmitBuildResponse response;
   response.set_buildset_id(buildset_id);
-  for (auto& r : records) {
-    const std::string id = r.job_id();
+  for (auto& [r, bytes] : records) {
+    const std::string id = r->job_id();
     response.add_job_ids(id);
     buildsets_[buildset_id].push_back(id);
     JobEntry& job = jobs_[id];
-    job.record = std::move(r);
+    job.parsed = std::move(r);
+    job.packed = std::move(bytes);
+    job.touched = true;
+    touched_.push_back(&job);
     job.queued_at = now;
-    Admit(job);
+    Admit(job, *job.parsed);
     metrics_->jobs_submitted.Increment();
   }
   LogInfo(kComponent, "buildset ", buildset_id, ": accepted ", records.size(), " job(s) from '",
@@ -331,10 +372,13 @@ absl::Status BuildCoordinator::Watch(const std::string& job_id, uint64_t from_se
   if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job ", job_id));
   if (incarnation != incarnation_) from_sequence = 0;  // Sequences restarted with this process.
   JobEntry& job = it->second;
-  for (const JobEvent& event : job.history) {
-    if (event.sequence() >= from_sequence) watcher->OnEvent(event);
-  }
-  if (IsTerminal(job.record.state())) {
+  ForEachStoredEvent(job.history, [&](JobEvent& event) {
+    if (event.sequence() < from_sequence) return;
+    event.set_job_id(job_id);
+    event.set_incarnation(incarnation_);
+    watcher->OnEvent(event);
+  });
+  if (IsTerminal(Rec(job).state())) {
     watcher->Close(absl::OkStatus());
   } else {
     job.watchers.push_back(std::move(watcher));
@@ -353,17 +397,17 @@ absl::StatusOr<JobState> BuildCoordinator::Cancel(const std::string& job_id) {
   auto it = jobs_.find(job_id);
   if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job ", job_id));
   JobEntry& job = it->second;
-  const JobState state = job.record.state();
+  const JobState state = Rec(job).state();
   if (IsTerminal(state)) return state;
   if (state == kiln::v1::JOB_STATE_QUEUED) {
     scheduler_.Dequeue(job_id);
   } else {
     // The slot stays taken until the worker confirms the build is gone.
-    auto s = session_by_name_.find(job.record.worker());
+    auto s = session_by_name_.find(Rec(job).worker());
     if (s != session_by_name_.end()) {
       kiln::v1::CoordinatorMessage message;
       message.mutable_cancel()->set_job_id(job_id);
-      message.mutable_cancel()->set_attempt(job.record.attempt());
+      message.mutable_cancel()->set_attempt(Rec(job).attempt());
       message.mutable_cancel()->set_reason("cancelled by request");
       OutboxSend(sessions_.at(s->second), std::move(message));
     }
@@ -380,7 +424,8 @@ absl::StatusOr<JobState> BuildCoordinator::Cancel(const std::string& job_id) {
 absl::StatusOr<kiln::v1::Job> BuildCoordinator::GetJob(const std::string& job_id) const {
   auto it = jobs_.find(job_id);
   if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job ", job_id));
-  const JobRecord& r = it->second.record;
+  JobRecord scratch;
+  const JobRecord& r = View(it->second, scratch);
   const std::string& leader = it->second.leader;
   kiln::v1::Job job;
   job.set_job_id(r.job_id());
@@ -487,10 +532,10 @@ void BuildCoordinator::OnWorkerMessage(const std::shared_ptr<WorkerSession>& ses
       break;
     case kiln::v1::WorkerMessage::kStarted: {
       JobEntry* job = FindAttempt(worker, message.started().job_id(), message.started().attempt());
-      if (job == nullptr || job->record.state() != kiln::v1::JOB_STATE_ASSIGNED) break;
-      job->record.set_state(kiln::v1::JOB_STATE_RUNNING);
-      *job->record.mutable_started_at() = ToProtoTime(clock_->Now());
-      Persist(job->record);
+      if (job == nullptr || Rec(*job).state() != kiln::v1::JOB_STATE_ASSIGNED) break;
+      Rec(*job).set_state(kiln::v1::JOB_STATE_RUNNING);
+      *Rec(*job).mutable_started_at() = ToProtoTime(clock_->Now());
+      Persist(*job);
       JobEvent event;
       event.mutable_started()->set_worker(worker.name);
       Emit(*job, std::move(event));
@@ -601,15 +646,30 @@ void BuildCoordinator::Flush() {
   if (flushing_) return;
   flushing_ = true;
   Dispatch();  // Every slot freed since the last flush, in one round.
-  if (!pending_write_.empty()) {
-    if (absl::Status s = store_->Commit(pending_write_); !s.ok()) {
+  if (!pending_jobs_.empty()) {
+    StateWrite write;
+    write.packed_jobs.reserve(pending_jobs_.size());
+    for (JobEntry* job : pending_jobs_) {
+      job->dirty = false;
+      job->parsed->SerializeToString(&job->packed);
+      write.packed_jobs.emplace_back(&job->parsed->job_id(), &job->packed);
+    }
+    pending_jobs_.clear();
+    if (absl::Status s = store_->Commit(write); !s.ok()) {
       // The in-memory state stays authoritative while the process lives; a
       // restart would see the last stored state. Loud, and counted.
       metrics_->state_write_errors.Increment();
       LogError(kComponent, "state write failed: ", s.ToString());
     }
-    pending_write_.jobs.clear();
   }
+  // Queued and finished jobs keep only their serialized record: most jobs
+  // are in one of those states, and a parsed record costs ~5 times more.
+  for (JobEntry* job : touched_) {
+    job->touched = false;
+    const JobState state = job->parsed->state();
+    if (state == kiln::v1::JOB_STATE_QUEUED || IsTerminal(state)) job->parsed.reset();
+  }
+  touched_.clear();
   // Stored: now the world may hear of it.
   std::vector<PendingWatcherCall> calls;
   calls.swap(pending_watcher_calls_);
@@ -669,7 +729,7 @@ void BuildCoordinator::Reconcile(WorkerEntry& worker, const kiln::v1::Register& 
   for (const std::string& id : scheduler_.JobsOf(worker.name)) {
     JobEntry& job = jobs_.at(id);
     auto it = reported.find(id);
-    if (it != reported.end() && it->second == job.record.attempt()) {
+    if (it != reported.end() && it->second == Rec(job).attempt()) {
       reported.erase(it);  // Still running there (or its result is on the way): keep it.
       ++kept;
       continue;
@@ -695,7 +755,7 @@ void BuildCoordinator::ExpireLease(const std::string& worker, const std::string&
   LogInfo(kComponent, "worker ", worker, ": ", why, "; requeueing ", lost.size(), " job(s)");
   for (const std::string& id : lost) {
     auto job = jobs_.find(id);
-    if (job != jobs_.end() && !IsTerminal(job->second.record.state())) {
+    if (job != jobs_.end() && !IsTerminal(Rec(job->second).state())) {
       Requeue(job->second, "lease_expired", absl::StrCat("worker ", worker, " ", why));
     }
   }
@@ -742,8 +802,8 @@ BuildCoordinator::JobEntry* BuildCoordinator::FindAttempt(const WorkerEntry& wor
   if (it == jobs_.end()) return nullptr;
   JobEntry& job = it->second;
   // Fencing: only the current attempt on the worker it was given to counts.
-  if (job.record.worker() != worker.name || job.record.attempt() != attempt ||
-      IsTerminal(job.record.state())) {
+  if (Rec(job).worker() != worker.name || Rec(job).attempt() != attempt ||
+      IsTerminal(Rec(job).state())) {
     return nullptr;
   }
   return &job;
@@ -756,18 +816,18 @@ void BuildCoordinator::HandleFinished(WorkerEntry& worker, const kiln::v1::JobFi
   auto it = jobs_.find(finished.job_id());
   if (it == jobs_.end()) return;
   JobEntry& job = it->second;
-  if (job.record.worker() != worker.name || job.record.attempt() != finished.attempt()) {
+  if (Rec(job).worker() != worker.name || Rec(job).attempt() != finished.attempt()) {
     LogDebug(kComponent, "ignoring stale result of job ", finished.job_id(), " attempt ", finished.attempt(),
              " from ", worker.name);
     return;
   }
   scheduler_.Release(finished.job_id(), worker.name);
-  if (IsTerminal(job.record.state())) return;  // Cancelled meanwhile.
+  if (IsTerminal(Rec(job).state())) return;  // Cancelled meanwhile.
 
   const BuildResult& result = finished.result();
-  if (job.record.has_started_at()) {
+  if (Rec(job).has_started_at()) {
     metrics_->build_duration.Observe(
-        absl::ToDoubleSeconds(clock_->Now() - FromProtoTime(job.record.started_at())));
+        absl::ToDoubleSeconds(clock_->Now() - FromProtoTime(Rec(job).started_at())));
   }
   switch (result.code()) {
     case kiln::v1::RESULT_CODE_SUCCEEDED:
@@ -829,24 +889,23 @@ void BuildCoordinator::Dispatch() {
   auto observe = absl::MakeCleanup(
       [&] { metrics_->dispatch_duration.Observe(absl::ToDoubleSeconds(absl::Now() - round_start)); });
   const absl::Time now = clock_->Now();
-  std::vector<const JobRecord*> changed;
   for (const Assignment& a : assignments) {
     JobEntry& job = jobs_.at(a.job);
-    job.record.set_state(kiln::v1::JOB_STATE_ASSIGNED);
-    job.record.set_attempt(job.record.attempt() + 1);
-    job.record.set_worker(a.worker);
-    changed.push_back(&job.record);
+    JobRecord& r = Rec(job);
+    r.set_state(kiln::v1::JOB_STATE_ASSIGNED);
+    r.set_attempt(r.attempt() + 1);
+    r.set_worker(a.worker);
+    Persist(job);  // Announced after the flush's write.
     metrics_->queue_wait.Observe(absl::ToDoubleSeconds(now - job.queued_at));
   }
-  for (const JobRecord* r : changed) Persist(*r);  // Announced after the flush's write.
   for (const Assignment& a : assignments) {
     JobEntry& job = jobs_.at(a.job);
     kiln::v1::CoordinatorMessage message;
     auto* assign = message.mutable_assign();
     assign->set_job_id(a.job);
-    assign->set_attempt(job.record.attempt());
-    *assign->mutable_spec() = job.record.spec();
-    if (absl::Status s = AttachSource(job.record.spec(), *assign); !s.ok()) {
+    assign->set_attempt(Rec(job).attempt());
+    *assign->mutable_spec() = Rec(job).spec();
+    if (absl::Status s = AttachSource(Rec(job).spec(), *assign); !s.ok()) {
       LogError(kComponent, "job ", a.job, ": source unavailable: ", s.ToString());
       scheduler_.Release(a.job, a.worker);
       BuildResult result;
@@ -857,7 +916,7 @@ void BuildCoordinator::Dispatch() {
     }
     JobEvent event;
     event.mutable_assigned()->set_worker(a.worker);
-    event.mutable_assigned()->set_attempt(job.record.attempt());
+    event.mutable_assigned()->set_attempt(Rec(job).attempt());
     Emit(job, std::move(event));
     auto by_name = session_by_name_.find(a.worker);
     KILN_CHECK(by_name != session_by_name_.end());  // The scheduler knows only registered workers.
@@ -910,111 +969,148 @@ absl::Status BuildCoordinator::AttachSource(const kiln::v1::JobSpec& spec, kiln:
 
 void BuildCoordinator::Requeue(JobEntry& job, absl::string_view reason_label, const std::string& reason,
                                bool backoff) {
-  const std::string id = job.record.job_id();
-  if (job.record.attempt() >= options_.max_attempts) {
+  const std::string id = Rec(job).job_id();
+  if (Rec(job).attempt() >= options_.max_attempts) {
     BuildResult result;
     result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
-    result.set_error_message(absl::StrCat("gave up after ", job.record.attempt(), " attempts; last: ", reason));
+    result.set_error_message(absl::StrCat("gave up after ", Rec(job).attempt(), " attempts; last: ", reason));
     Finish(job, kiln::v1::JOB_STATE_FAILED, std::move(result));
     return;
   }
-  job.record.set_state(kiln::v1::JOB_STATE_QUEUED);
-  job.record.set_requeue_reason(reason);
-  job.record.clear_started_at();
-  Persist(job.record);
+  Rec(job).set_state(kiln::v1::JOB_STATE_QUEUED);
+  Rec(job).set_requeue_reason(reason);
+  Rec(job).clear_started_at();
+  Persist(job);
   job.queued_at = clock_->Now();
-  JobPlacement placement = PlacementOf(job.record);
+  JobPlacement placement = PlacementOf(Rec(job));
   if (backoff && options_.retry_backoff > absl::ZeroDuration()) {
-    const int doublings = static_cast<int>(std::min<uint32_t>(job.record.attempt(), 7)) - 1;
+    const int doublings = static_cast<int>(std::min<uint32_t>(Rec(job).attempt(), 7)) - 1;
     placement.not_before =
         clock_->Now() + std::min(options_.retry_backoff * (1 << std::max(0, doublings)), absl::Minutes(5));
   }
-  scheduler_.Enqueue(id, RequirementsOf(job.record.spec()), std::move(placement), /*front=*/true);
+  scheduler_.Enqueue(id, RequirementsOf(Rec(job).spec()), std::move(placement), /*front=*/true);
   metrics_->Requeues(reason_label).Increment();
   JobEvent event;
-  event.mutable_queued()->set_attempt(job.record.attempt());
+  event.mutable_queued()->set_attempt(Rec(job).attempt());
   event.mutable_queued()->set_reason(reason);
   Emit(job, std::move(event));
 }
 
 void BuildCoordinator::Finish(JobEntry& job, JobState state, BuildResult result) {
-  const std::string id = job.record.job_id();
+  const std::string id = Rec(job).job_id();
   if (!job.leader.empty()) {
     // A follower ends on its own only when cancelled: it stops following.
     auto& others = jobs_.at(job.leader).followers;
     others.erase(std::remove(others.begin(), others.end(), id), others.end());
     job.leader.clear();
-  } else if (auto f = in_flight_.find(DedupHash(job.record.spec())); f != in_flight_.end() && f->second == id) {
+  } else if (auto f = in_flight_.find(DedupHash(Rec(job).spec())); f != in_flight_.end() && f->second == id) {
     in_flight_.erase(f);
   }
   std::vector<std::string> followers = std::move(job.followers);
   job.followers.clear();
   FinishOne(job, state, std::move(result));
   if (followers.empty()) return;
-  const JobRecord& done = jobs_.at(id).record;
+  const JobRecord& done = Rec(jobs_.at(id));
   if (state == kiln::v1::JOB_STATE_CANCELLED) {
     // Someone else still wants this build: the first follower leads now.
     for (const std::string& f : followers) {
       JobEntry& next = jobs_.at(f);
       next.leader.clear();
-      Admit(next);
+      Admit(next, Rec(next));
     }
     return;
   }
   for (const std::string& f : followers) {
     JobEntry& follower = jobs_.at(f);
     follower.leader.clear();
-    follower.record.set_worker(done.worker());
-    follower.record.set_attempt(done.attempt());
+    Rec(follower).set_worker(done.worker());
+    Rec(follower).set_attempt(done.attempt());
     FinishOne(follower, state, done.result());
   }
 }
 
 void BuildCoordinator::FinishOne(JobEntry& job, JobState state, BuildResult result) {
-  job.record.set_state(state);
-  *job.record.mutable_result() = std::move(result);
-  *job.record.mutable_finished_at() = ToProtoTime(clock_->Now());
-  Persist(job.record);
+  Rec(job).set_state(state);
+  *Rec(job).mutable_result() = std::move(result);
+  *Rec(job).mutable_finished_at() = ToProtoTime(clock_->Now());
+  Persist(job);
   metrics_->JobsFinished(ResultLabel(state)).Increment();
   JobEvent event;
   auto* finished = event.mutable_finished();
   finished->set_state(state);
-  *finished->mutable_result() = job.record.result();
-  finished->set_worker(job.record.worker());
+  *finished->mutable_result() = Rec(job).result();
+  finished->set_worker(Rec(job).worker());
   *finished->mutable_queue_time() =
-      ToProtoDuration(FromProtoTime(job.record.finished_at()) - FromProtoTime(job.record.submitted_at()));
+      ToProtoDuration(FromProtoTime(Rec(job).finished_at()) - FromProtoTime(Rec(job).submitted_at()));
   Emit(job, std::move(event));
   for (auto& w : job.watchers) pending_watcher_calls_.push_back({std::move(w), std::nullopt, absl::OkStatus()});
   job.watchers.clear();
-  LogInfo(kComponent, "job ", job.record.job_id(), " (", job.record.spec().display_name(), ") ",
-          ResultLabel(state), job.record.worker().empty() ? "" : " on ", job.record.worker());
+  LogInfo(kComponent, "job ", Rec(job).job_id(), " (", Rec(job).spec().display_name(), ") ",
+          ResultLabel(state), Rec(job).worker().empty() ? "" : " on ", Rec(job).worker());
 
   // Keep full logs only for the most recently finished jobs.
-  finished_with_logs_.push_back(job.record.job_id());
+  finished_with_logs_.push_back(Rec(job).job_id());
   if (finished_with_logs_.size() > options_.finished_jobs_with_logs) {
     auto old = jobs_.find(finished_with_logs_.front());
     finished_with_logs_.pop_front();
-    if (old != jobs_.end()) {
-      auto& h = old->second.history;
-      h.erase(std::remove_if(h.begin(), h.end(), [](const JobEvent& e) { return e.has_log(); }), h.end());
+    if (old != jobs_.end() && old->second.log_bytes > 0) {
+      std::string kept;
+      ForEachStoredEvent(old->second.history, [&](JobEvent& e) {
+        if (!e.has_log()) AppendStoredEvent(kept, e);
+      });
+      old->second.history = std::move(kept);
       old->second.log_bytes = 0;
     }
   }
 }
 
 void BuildCoordinator::Emit(JobEntry& job, JobEvent event) {
-  event.set_job_id(job.record.job_id());
   event.set_sequence(job.next_sequence++);
-  event.set_incarnation(incarnation_);
   *event.mutable_time() = ToProtoTime(clock_->Now());
-  // Live watchers hear of it once the state it reports is stored (Flush).
-  for (auto& w : job.watchers) pending_watcher_calls_.push_back({w, event, absl::OkStatus()});
-  if (event.has_log()) {
-    const size_t bytes = event.ByteSizeLong();
-    if (job.log_bytes + bytes > options_.log_bytes_per_job) return;  // Live watchers only.
-    job.log_bytes += bytes;
+  if (!job.watchers.empty()) {
+    // Live watchers hear of it once the state it reports is stored (Flush).
+    JobEvent live = event;
+    live.set_job_id(Rec(job).job_id());
+    live.set_incarnation(incarnation_);
+    for (auto& w : job.watchers) pending_watcher_calls_.push_back({w, live, absl::OkStatus()});
   }
-  job.history.push_back(std::move(event));
+  const size_t before = job.history.size();
+  AppendStoredEvent(job.history, event);
+  if (event.has_log()) {
+    const size_t bytes = job.history.size() - before;
+    if (job.log_bytes + bytes > options_.log_bytes_per_job) {
+      job.history.resize(before);  // Live watchers only.
+      return;
+    }
+    job.log_bytes += static_cast<uint32_t>(bytes);
+  }
+}
+
+JobRecord& BuildCoordinator::Rec(JobEntry& job) {
+  if (!job.parsed) {
+    job.parsed = std::make_unique<JobRecord>();
+    // The bytes were produced by this process or read back from the store
+    // (which parsed them once at recovery): they parse.
+    KILN_CHECK(job.parsed->ParseFromString(job.packed));
+  }
+  if (!job.touched) {
+    job.touched = true;
+    touched_.push_back(&job);
+  }
+  return *job.parsed;
+}
+
+const JobRecord& BuildCoordinator::View(const JobEntry& job, JobRecord& scratch) {
+  if (job.parsed) return *job.parsed;
+  KILN_CHECK(scratch.ParseFromString(job.packed));
+  return scratch;
+}
+
+void BuildCoordinator::Persist(JobEntry& job) {
+  KILN_CHECK(job.parsed != nullptr);  // Changed through Rec().
+  if (job.dirty) return;
+  job.dirty = true;
+  pending_jobs_.push_back(&job);
 }
 
 void BuildCoordinator::UpdateGauges(bool force) {

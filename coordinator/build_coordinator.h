@@ -143,11 +143,19 @@ class BuildCoordinator {
   const Scheduler& scheduler() const { return scheduler_; }
 
  private:
+  // A job in memory. A million queued jobs must fit in about a GiB, so the
+  // record is kept serialized (~150 bytes) and parsed (~770 bytes) only
+  // while the job is being worked on: see Rec() and Flush().
   struct JobEntry {
-    kiln::state::v1::JobRecord record;
-    std::vector<kiln::v1::JobEvent> history;  // A vector: a deque costs a 512-byte block per job.
-    size_t log_bytes = 0;
-    uint64_t next_sequence = 1;
+    std::string packed;  // The serialized record, as last stored.
+    std::unique_ptr<kiln::state::v1::JobRecord> parsed;
+    bool dirty = false;    // In pending_jobs_: changed since the last write.
+    bool touched = false;  // In touched_: parsed since the last flush.
+    // The events so far, each a length-prefixed serialized JobEvent without
+    // job_id and incarnation (added on replay): ~30 bytes, not ~160.
+    std::string history;
+    uint32_t log_bytes = 0;
+    uint32_t next_sequence = 1;
     absl::Time queued_at;
     std::vector<std::shared_ptr<JobWatcher>> watchers;
     // Deduplication: a job identical to one in flight does not run; it
@@ -199,7 +207,7 @@ class BuildCoordinator {
 
   // Queues a job that is not running: it follows an identical job in
   // flight, or it leads and goes into the scheduler.
-  void Admit(JobEntry& job);
+  void Admit(JobEntry& job, const kiln::state::v1::JobRecord& record);
   // Same source tree and flake, attribute, system, features and push target.
   static std::string DedupKey(const kiln::v1::JobSpec& spec);
   static uint64_t DedupHash(const kiln::v1::JobSpec& spec);  // The in_flight_ key.
@@ -217,8 +225,13 @@ class BuildCoordinator {
   void Finish(JobEntry& job, kiln::v1::JobState state, kiln::v1::BuildResult result);
   void FinishOne(JobEntry& job, kiln::v1::JobState state, kiln::v1::BuildResult result);
   void Emit(JobEntry& job, kiln::v1::JobEvent event);
-  // Adds the record's current state to the pending write (see Flush).
-  void Persist(const kiln::state::v1::JobRecord& record) { pending_write_.jobs.push_back(&record); }
+  // The job's record, parsed on first use (until the next Flush, which
+  // keeps only the serialized form of queued and finished jobs).
+  kiln::state::v1::JobRecord& Rec(JobEntry& job);
+  // Read-only: the parsed record if there is one, else parsed into `scratch`.
+  static const kiln::state::v1::JobRecord& View(const JobEntry& job, kiln::state::v1::JobRecord& scratch);
+  // Marks the job's record for the pending write (see Flush).
+  void Persist(JobEntry& job);
   // Refreshes the gauges, at most every 100 ms unless forced (Tick flushes).
   void UpdateGauges(bool force = false);
   static JobRequirements RequirementsOf(const kiln::v1::JobSpec& spec);
@@ -234,7 +247,9 @@ class BuildCoordinator {
   const absl::Time started_;
   bool batched_ = false;
   bool flushing_ = false;
-  StateWrite pending_write_;  // Points into jobs_ (a node map: stable).
+  // Entries point into jobs_ (a node map: stable).
+  std::vector<JobEntry*> pending_jobs_;
+  std::vector<JobEntry*> touched_;
   std::vector<PendingWatcherCall> pending_watcher_calls_;
   std::vector<const WorkerSession*> workers_with_outbox_;
   absl::Time gauges_updated_ = absl::InfinitePast();

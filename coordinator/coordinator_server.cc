@@ -30,6 +30,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   auto registry = std::make_shared<prometheus::Registry>();
   server->coordinator_metrics_ = std::make_unique<CoordinatorMetrics>(registry);
   server->strand_ = std::make_unique<SerialExecutor>("kiln-strand");
+  server->sender_ = std::make_unique<SerialExecutor>("kiln-sender");
   server->core_ = std::make_unique<BuildCoordinator>(server->store_.get(), server->coordinator_metrics_.get(),
                                                      RealClock::Get(), options.core);
   if (absl::Status s = server->core_->Recover(); !s.ok()) return s;
@@ -43,7 +44,8 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   server->metrics_ = *std::move(metrics);
 
   server->build_service_ = std::make_unique<BuildServiceImpl>(server->core_.get(), server->strand_.get());
-  server->worker_service_ = std::make_unique<WorkerServiceImpl>(server->core_.get(), server->strand_.get());
+  server->worker_service_ = std::make_unique<WorkerServiceImpl>(server->core_.get(), server->strand_.get(),
+                                                            server->sender_.get());
   server->farm_service_ = std::make_unique<FarmServiceImpl>(server->core_.get(), server->strand_.get());
   grpc::ServerBuilder builder;
   int port = 0;
@@ -98,6 +100,7 @@ void CoordinatorServer::Shutdown() {
     ticker_.join();
   }
   strand_.reset();  // Runs what the last reactions posted.
+  sender_.reset();
 }
 
 }  // namespace kiln

@@ -49,6 +49,7 @@ class CoordinatorServer {
   std::unique_ptr<CoordinatorMetrics> coordinator_metrics_;
   std::unique_ptr<MetricsHttpServer> metrics_;
   std::unique_ptr<SerialExecutor> strand_;
+  std::unique_ptr<SerialExecutor> sender_;  // Starts writes to workers.
   std::unique_ptr<BuildCoordinator> core_;
   std::unique_ptr<BuildServiceImpl> build_service_;
   std::unique_ptr<WorkerServiceImpl> worker_service_;

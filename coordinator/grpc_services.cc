@@ -89,32 +89,41 @@ class WatchReactor final : public grpc::ServerWriteReactor<JobEvent> {
 };
 
 // The WorkerSession half of a worker's stream.
-class WorkerStreamSession final : public WorkerSession {
+class WorkerStreamSession final : public WorkerSession, public std::enable_shared_from_this<WorkerStreamSession> {
  public:
-  explicit WorkerStreamSession(grpc::ServerBidiReactor<WorkerMessage, CoordinatorMessage>* reactor)
-      : queue_(kWorkerQueueCapacity,
+  WorkerStreamSession(grpc::ServerBidiReactor<WorkerMessage, CoordinatorMessage>* reactor, SerialExecutor* sender)
+      : sender_(sender),
+        queue_(kWorkerQueueCapacity,
                {.start_write = [reactor](const CoordinatorMessage* m) { reactor->StartWrite(m); },
                 .finish = [reactor](grpc::Status s) { reactor->Finish(std::move(s)); }}) {}
 
+  // Hands the message to the sender thread: starting a gRPC write runs the
+  // transport's write path on the calling thread (serialisation, often the
+  // socket write too), which would otherwise be the strand's. Order is kept:
+  // one sender thread, in posting order.
   bool Send(CoordinatorMessage message) override {
-    auto result = queue_.Push(std::move(message));
-    if (result == OutboundQueue<CoordinatorMessage>::PushResult::kFull) {
-      queue_.Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "worker is not reading its stream"));
-    }
-    return result == OutboundQueue<CoordinatorMessage>::PushResult::kQueued;
+    sender_->Post([self = shared_from_this(), m = std::move(message)]() mutable {
+      auto result = self->queue_.Push(std::move(m));
+      if (result == OutboundQueue<CoordinatorMessage>::PushResult::kFull) {
+        self->queue_.Finish(
+            grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "worker is not reading its stream"));
+      }
+    });
+    return true;
   }
   void Close(absl::Status status) override { queue_.Finish(ToGrpcStatus(status)); }
 
   OutboundQueue<CoordinatorMessage>& queue() { return queue_; }
 
  private:
+  SerialExecutor* const sender_;
   OutboundQueue<CoordinatorMessage> queue_;
 };
 
 class WorkerStreamReactor final : public grpc::ServerBidiReactor<WorkerMessage, CoordinatorMessage> {
  public:
-  WorkerStreamReactor(BuildCoordinator* core, SerialExecutor* strand)
-      : core_(core), strand_(strand), session_(std::make_shared<WorkerStreamSession>(this)) {
+  WorkerStreamReactor(BuildCoordinator* core, SerialExecutor* strand, SerialExecutor* sender)
+      : core_(core), strand_(strand), session_(std::make_shared<WorkerStreamSession>(this, sender)) {
     StartRead(&incoming_);
   }
 
@@ -219,7 +228,7 @@ grpc::ServerUnaryReactor* FarmServiceImpl::DrainWorker(grpc::CallbackServerConte
 
 grpc::ServerBidiReactor<WorkerMessage, CoordinatorMessage>* WorkerServiceImpl::Connect(
     grpc::CallbackServerContext* context) {
-  return new WorkerStreamReactor(core_, strand_);
+  return new WorkerStreamReactor(core_, strand_, sender_);
 }
 
 }  // namespace kiln

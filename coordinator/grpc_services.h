@@ -43,7 +43,9 @@ class BuildServiceImpl final : public kiln::v1::BuildService::CallbackService {
 
 class WorkerServiceImpl final : public kiln::v1::WorkerService::CallbackService {
  public:
-  WorkerServiceImpl(BuildCoordinator* core, SerialExecutor* strand) : core_(core), strand_(strand) {}
+  // `sender` starts the writes to workers (see WorkerStreamSession::Send).
+  WorkerServiceImpl(BuildCoordinator* core, SerialExecutor* strand, SerialExecutor* sender)
+      : core_(core), strand_(strand), sender_(sender) {}
 
   grpc::ServerBidiReactor<kiln::v1::WorkerMessage, kiln::v1::CoordinatorMessage>* Connect(
       grpc::CallbackServerContext* context) override;
@@ -51,6 +53,7 @@ class WorkerServiceImpl final : public kiln::v1::WorkerService::CallbackService 
  private:
   BuildCoordinator* const core_;
   SerialExecutor* const strand_;
+  SerialExecutor* const sender_;
 };
 
 class FarmServiceImpl final : public kiln::v1::FarmService::CallbackService {

@@ -75,6 +75,7 @@ absl::Status RocksDbStateStore::Commit(const StateWrite& write) {
     if (!job->SerializeToString(&value)) return absl::InternalError("cannot serialise job record");
     batch.Put(handles_[kJobs], JobKey(job->job_id()), value);
   }
+  for (const auto& [id, bytes] : write.packed_jobs) batch.Put(handles_[kJobs], JobKey(*id), *bytes);
   for (const auto& [digest, bytes] : write.blobs) batch.Put(handles_[kBlobs], digest, bytes);
   if (write.next_job_seq != 0) {
     batch.Put(handles_[kDefault], kNextJobSeq, absl::StrCat(write.next_job_seq));
@@ -94,14 +95,12 @@ absl::StatusOr<std::string> RocksDbStateStore::GetBlob(const std::string& sha256
   return value;
 }
 
-absl::Status RocksDbStateStore::ForEachJob(absl::FunctionRef<void(kiln::state::v1::JobRecord&&)> fn) {
+absl::Status RocksDbStateStore::ForEachPackedJob(absl::FunctionRef<absl::Status(absl::string_view)> fn) {
   std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), handles_[kJobs]));
   for (it->SeekToFirst(); it->Valid(); it->Next()) {
-    kiln::state::v1::JobRecord record;
-    if (!record.ParseFromArray(it->value().data(), static_cast<int>(it->value().size()))) {
-      return absl::DataLossError(absl::StrCat("unreadable job record under key ", it->key().ToString()));
+    if (absl::Status s = fn(absl::string_view(it->value().data(), it->value().size())); !s.ok()) {
+      return absl::Status(s.code(), absl::StrCat(s.message(), " under key ", it->key().ToString()));
     }
-    fn(std::move(record));
   }
   if (!it->status().ok()) return FromRocks(it->status(), "reading jobs");
   return absl::OkStatus();

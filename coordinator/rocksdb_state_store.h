@@ -27,7 +27,7 @@ class RocksDbStateStore final : public StateStore {
 
   absl::Status Commit(const StateWrite& write) override;
   absl::StatusOr<std::string> GetBlob(const std::string& sha256_hex) override;
-  absl::Status ForEachJob(absl::FunctionRef<void(kiln::state::v1::JobRecord&&)> fn) override;
+  absl::Status ForEachPackedJob(absl::FunctionRef<absl::Status(absl::string_view)> fn) override;
   absl::StatusOr<StoredCounters> LoadCounters() override;
 
   // The key a job id is stored under (exposed for the golden-format test).

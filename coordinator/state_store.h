@@ -15,6 +15,7 @@
 
 #include "absl/status/status.h"
 #include "absl/functional/function_ref.h"
+#include "absl/strings/string_view.h"
 #include "absl/status/statusor.h"
 #include "kiln/state/v1/records.pb.h"
 
@@ -22,6 +23,8 @@ namespace kiln {
 
 struct StateWrite {
   std::vector<const kiln::state::v1::JobRecord*> jobs;
+  // Records already serialized: (job id, serialized JobRecord).
+  std::vector<std::pair<const std::string*, const std::string*>> packed_jobs;
   // (sha256 hex, bytes) of source-tree blobs.
   std::vector<std::pair<std::string, std::string>> blobs;
   // Next job / buildset sequence numbers to hand out, when they changed.
@@ -29,7 +32,7 @@ struct StateWrite {
   uint64_t next_buildset_seq = 0;
 
   bool empty() const {
-    return jobs.empty() && blobs.empty() && next_job_seq == 0 && next_buildset_seq == 0;
+    return jobs.empty() && packed_jobs.empty() && blobs.empty() && next_job_seq == 0 && next_buildset_seq == 0;
   }
 };
 
@@ -47,9 +50,21 @@ class StateStore {
   // NotFound when no blob has that digest.
   virtual absl::StatusOr<std::string> GetBlob(const std::string& sha256_hex) = 0;
 
-  // Calls `fn` with every job record, in job-id order, one at a time (a
-  // million records need not be held twice).
-  virtual absl::Status ForEachJob(absl::FunctionRef<void(kiln::state::v1::JobRecord&&)> fn) = 0;
+  // Calls `fn` with every serialized job record, in job-id order, one at a
+  // time (a million records need not be held twice); stops at its first error.
+  virtual absl::Status ForEachPackedJob(absl::FunctionRef<absl::Status(absl::string_view)> fn) = 0;
+
+  // The same, parsed.
+  absl::Status ForEachJob(absl::FunctionRef<void(kiln::state::v1::JobRecord&&)> fn) {
+    return ForEachPackedJob([&](absl::string_view bytes) {
+      kiln::state::v1::JobRecord record;
+      if (!record.ParseFromArray(bytes.data(), static_cast<int>(bytes.size()))) {
+        return absl::DataLossError("unreadable job record");
+      }
+      fn(std::move(record));
+      return absl::OkStatus();
+    });
+  }
 
   // Every job record, in job-id order.
   absl::StatusOr<std::vector<kiln::state::v1::JobRecord>> LoadJobs() {
