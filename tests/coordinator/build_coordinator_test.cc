@@ -664,5 +664,61 @@ TEST_F(BuildCoordinatorTest, BatchedCallsShareOneWriteAndAreAnnouncedOnlyAfterIt
   for (const auto& r : *stored) EXPECT_EQ(r.state(), kiln::v1::JOB_STATE_SUCCEEDED) << r.job_id();
 }
 
+TEST_F(BuildCoordinatorTest, LateWatchersReplayLogsOfRecentJobsOnlyAndWithinTheCap) {
+  options_.finished_jobs_with_logs = 1;
+  options_.log_bytes_per_job = 400;
+  Open();
+  const std::string first = SubmitOne();
+  const std::string second = SubmitOne();
+  auto w = Connect("w", 2);
+  const auto assignments = w->Assignments();
+  ASSERT_EQ(assignments.size(), 2u);
+  auto live = std::make_shared<FakeWatcher>();
+  ASSERT_TRUE(core_->Watch(first, 0, 0, live).ok());
+  // Twenty log messages of ~40 bytes: more than the 400-byte cap.
+  for (const auto& a : assignments) {
+    for (int i = 0; i < 20; ++i) {
+      WorkerMessage log;
+      log.mutable_log()->set_job_id(a.assign().job_id());
+      log.mutable_log()->set_attempt(a.assign().attempt());
+      log.mutable_log()->add_lines()->set_text(absl::StrCat("line ", i, " of job ", a.assign().job_id()));
+      core_->OnWorkerMessage(w, log);
+    }
+  }
+  const auto logs = [](const std::vector<JobEvent>& events) {
+    int n = 0;
+    for (const auto& e : events) n += e.has_log() ? 1 : 0;
+    return n;
+  };
+  const auto replay = [&](const std::string& id) {
+    auto late = std::make_shared<FakeWatcher>();
+    EXPECT_TRUE(core_->Watch(id, 0, 0, late).ok());
+    return late->events;
+  };
+  EXPECT_EQ(logs(live->events), 20);  // Live watchers get every line.
+  std::vector<JobEvent> replayed = replay(first);
+  const int kept = logs(replayed);
+  EXPECT_GT(kept, 0);
+  EXPECT_LT(kept, 20);  // A late one gets what fits in the cap.
+  for (const auto& e : replayed) {
+    EXPECT_EQ(e.job_id(), first);
+    EXPECT_NE(e.incarnation(), 0u);
+  }
+
+  Report(w, assignments[0], kiln::v1::RESULT_CODE_SUCCEEDED);
+  EXPECT_EQ(logs(replay(assignments[0].assign().job_id())), kept);  // Still the most recent finished job.
+  Report(w, assignments[1], kiln::v1::RESULT_CODE_SUCCEEDED);
+  // Only the most recent finished job keeps its log; the other keeps every
+  // other event, in order.
+  replayed = replay(assignments[0].assign().job_id());
+  EXPECT_EQ(logs(replayed), 0);
+  ASSERT_FALSE(replayed.empty());
+  EXPECT_TRUE(replayed.front().has_queued());
+  EXPECT_TRUE(replayed.back().has_finished());
+  for (size_t i = 1; i < replayed.size(); ++i) EXPECT_GT(replayed[i].sequence(), replayed[i - 1].sequence());
+  EXPECT_EQ(logs(replay(assignments[1].assign().job_id())), kept);
+  EXPECT_EQ(second, assignments[1].assign().job_id());
+}
+
 }  // namespace
 }  // namespace kiln
