@@ -92,6 +92,7 @@ echo "workers=$workers"
 echo "jobs=$jobs"
 echo "completed=$(field completed "$work/throughput.out")"
 echo "throughput_seconds=$(field seconds "$work/throughput.out")"
+echo "assignments_per_message=$(field assignments_per_message "$work/throughput.out")"
 echo "coordinator_cpu_seconds_per_1000_jobs=$(awk -v d=$((c1 - c0)) -v t="$ticks" -v n="$jobs" 'BEGIN {printf "%.3f", d / t / n * 1000}')"
 if [[ -n $glibc_rate ]]; then
   echo "glibc_malloc_jobs_per_s=$glibc_rate"
