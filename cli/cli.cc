@@ -20,6 +20,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
+#include "common/cas_client.h"
 #include "common/grpc_util.h"
 #include "common/installable.h"
 #include "common/source_tree.h"
@@ -72,6 +73,26 @@ std::shared_ptr<grpc::Channel> Channel(const CliOptions& options) {
 BuildService::Stub& Coordinator(const CliOptions& options) {
   static BuildService::Stub* stub = BuildService::NewStub(Channel(options)).release();
   return *stub;
+}
+
+kiln::v1::CasService::Stub& Cas(const CliOptions& options) {
+  static kiln::v1::CasService::Stub* stub = kiln::v1::CasService::NewStub(Channel(options)).release();
+  return *stub;
+}
+
+// Where the CLI remembers file digests between runs (see DigestCache):
+// $KILN_CACHE_DIR, else $XDG_CACHE_HOME/kiln, else ~/.cache/kiln.
+std::string DigestCachePath() {
+  if (const char* dir = std::getenv("KILN_CACHE_DIR"); dir != nullptr && *dir != '\0') {
+    return (fs::path(dir) / "digests-v1").string();
+  }
+  if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg != nullptr && *xdg != '\0') {
+    return (fs::path(xdg) / "kiln" / "digests-v1").string();
+  }
+  if (const char* home = std::getenv("HOME"); home != nullptr && *home != '\0') {
+    return (fs::path(home) / ".cache" / "kiln" / "digests-v1").string();
+  }
+  return "";
 }
 
 kiln::v1::FarmService::Stub& Farm(const CliOptions& options) {
@@ -133,8 +154,32 @@ absl::StatusOr<std::string> Submit(BuildService::Stub& stub, const CliOptions& o
   if (!fs::exists(dir / "flake.nix")) {
     return absl::NotFoundError(absl::StrCat("path '", dir.string(), "' does not contain a 'flake.nix'"));
   }
-  absl::StatusOr<SourceTree> tree = BuildSourceTree(dir.string());
+  // Nix's view of the flake: inside a git work tree, the tracked files only.
+  absl::StatusOr<std::optional<absl::flat_hash_set<std::string>>> tracked = GitTrackedFiles(dir.string());
+  if (!tracked.ok()) return tracked.status();
+  const std::string cache_path = DigestCachePath();
+  std::optional<DigestCache> cache;
+  if (!cache_path.empty()) cache.emplace(cache_path);
+  SourceTreeLimits limits;
+  limits.max_total_bytes = uint64_t{4} << 30;  // The coordinator applies its own limit.
+  absl::StatusOr<SourceTree> tree =
+      BuildSourceTree(dir.string(), limits,
+                      {.keep_file_data = false,
+                       .digest_cache = cache ? &*cache : nullptr,
+                       .only = tracked->has_value() ? &**tracked : nullptr});
   if (!tree.ok()) return tree.status();
+  if (cache) cache->Save().IgnoreError();  // A cache: failing to keep it costs only time.
+  // Only what the coordinator lacks crosses the wire.
+  UploadStats uploaded;
+  if (absl::Status s = UploadTree(Cas(options), *tree, &uploaded); !s.ok()) {
+    if (absl::IsUnavailable(s)) return FromCoordinator(grpc::Status(grpc::StatusCode::UNAVAILABLE, ""), options);
+    return s;
+  }
+  if (!options.quiet && uploaded.blobs_sent > 0) {
+    Err(absl::StrFormat("kiln: %s: uploaded %d blob(s), %s", text, uploaded.blobs_sent,
+                        uploaded.bytes_sent >= (1 << 20) ? absl::StrFormat("%.1f MiB", uploaded.bytes_sent / 1048576.0)
+                                                         : absl::StrCat(uploaded.bytes_sent, " bytes")));
+  }
 
   kiln::v1::SubmitBuildRequest request;
   auto* spec = request.add_targets()->mutable_spec();
@@ -148,12 +193,6 @@ absl::StatusOr<std::string> Submit(BuildService::Stub& stub, const CliOptions& o
     spec->mutable_max_silent_time()->set_seconds(options.max_silent_time_seconds);
   }
   spec->set_locality_key(LocalityKey(dir.string(), installable->attr));
-  for (auto& [hash, data] : tree->blobs) {
-    kiln::v1::Blob* blob = request.add_blobs();
-    blob->mutable_digest()->set_hash(hash);
-    blob->mutable_digest()->set_size_bytes(static_cast<int64_t>(data.size()));
-    blob->set_data(std::move(data));
-  }
   request.set_submitter(Submitter());
 
   grpc::ClientContext context;

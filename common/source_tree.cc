@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -13,8 +14,10 @@
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "common/digest.h"
+#include "common/subprocess.h"
 
 namespace kiln {
 namespace fs = std::filesystem;
@@ -78,7 +81,7 @@ absl::StatusOr<Directory> ParseDirectory(const Digest& digest, const BlobLookup&
 // Checks one directory's entries: valid names, sorted and unique across the
 // three lists (one encoding per tree), safe links.
 absl::Status ValidateDirectory(const Directory& dir, const std::string& where, size_t depth,
-                               const SourceTreeLimits& limits) {
+                               const SourceTreeLimits& limits, bool check_links = true) {
   const size_t entries = dir.files_size() + dir.directories_size() + dir.symlinks_size();
   if (entries > limits.max_entries_per_directory) {
     return absl::ResourceExhaustedError(absl::StrCat("source directory '", where, "' has ", entries,
@@ -105,6 +108,7 @@ absl::Status ValidateDirectory(const Directory& dir, const std::string& where, s
     return absl::InvalidArgumentError(absl::StrCat("source directory '", where, "' names an entry twice"));
   }
   for (const auto& link : dir.symlinks()) {
+    if (!check_links) break;
     const std::string path = where.empty() ? link.name() : absl::StrCat(where, "/", link.name());
     if (absl::Status s = ValidateLinkTarget(path, link.target(), depth); !s.ok()) return s;
   }
@@ -167,23 +171,79 @@ absl::Status ReadWholeFile(const fs::path& path, std::string& out) {
   return absl::OkStatus();
 }
 
+// Hashes a file by streaming it (no whole copy in memory).
+absl::StatusOr<Digest> HashFile(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path.string()));
+  Sha256 hasher;
+  std::string buffer(1 << 20, '\0');
+  uint64_t size = 0;
+  while (in) {
+    in.read(buffer.data(), static_cast<std::streamsize>(buffer.size()));
+    const std::streamsize n = in.gcount();
+    if (n <= 0) break;
+    hasher.Update(absl::string_view(buffer.data(), static_cast<size_t>(n)));
+    size += static_cast<uint64_t>(n);
+  }
+  if (in.bad()) return absl::DataLossError(absl::StrCat("cannot read ", path.string()));
+  return MakeDigest(hasher.FinishHex(), size);
+}
+
 struct Builder {
   const SourceTreeLimits& limits;
+  const BuildSourceTreeOptions& options;
   SourceTree tree;
+  absl::flat_hash_set<std::string> only_dirs;  // Directories with listed paths below them.
   uint64_t entries = 0;
   uint64_t bytes = 0;
 
+  absl::Status Count(uint64_t n) {
+    bytes += n;
+    if (bytes > limits.max_total_bytes) return TooLarge(limits);
+    return absl::OkStatus();
+  }
+
   absl::Status Add(std::string data, Digest* digest_out) {
-    bytes += data.size();
-    if (bytes > limits.max_total_bytes) {
-      return TooLarge(limits);
-    }
+    if (absl::Status s = Count(data.size()); !s.ok()) return s;
     *digest_out = DigestOf(data);
     tree.blobs.try_emplace(digest_out->hash(), std::move(data));
     return absl::OkStatus();
   }
 
-  absl::StatusOr<Digest> AddDirectory(const fs::path& dir, size_t depth) {
+  absl::Status AddFile(const fs::path& full, const struct stat& st, Digest* digest_out) {
+    if (options.keep_file_data) {
+      std::string data;
+      if (absl::Status s = ReadWholeFile(full, data); !s.ok()) return s;
+      return Add(std::move(data), digest_out);
+    }
+#ifdef __APPLE__
+    const struct timespec& mtime = st.st_mtimespec;
+#else
+    const struct timespec& mtime = st.st_mtim;
+#endif
+    const int64_t mtime_ns = static_cast<int64_t>(mtime.tv_sec) * 1000000000 + mtime.tv_nsec;
+    const Digest* cached = options.digest_cache == nullptr
+                               ? nullptr
+                               : options.digest_cache->Lookup(full.string(), static_cast<uint64_t>(st.st_size),
+                                                              mtime_ns, static_cast<uint64_t>(st.st_ino));
+    if (cached != nullptr) {
+      *digest_out = *cached;
+    } else {
+      absl::StatusOr<Digest> digest = HashFile(full);
+      if (!digest.ok()) return digest.status();
+      *digest_out = *std::move(digest);
+      if (options.digest_cache != nullptr) {
+        options.digest_cache->Store(full.string(), static_cast<uint64_t>(st.st_size), mtime_ns,
+                                    static_cast<uint64_t>(st.st_ino), *digest_out);
+      }
+    }
+    if (absl::Status s = Count(static_cast<uint64_t>(digest_out->size_bytes())); !s.ok()) return s;
+    tree.file_paths.try_emplace(digest_out->hash(), full.string());
+    return absl::OkStatus();
+  }
+
+  // `all`: everything below is included (no `only` filtering).
+  absl::StatusOr<Digest> AddDirectory(const fs::path& dir, const std::string& rel, size_t depth, bool all) {
     if (depth > limits.max_depth) {
       return absl::ResourceExhaustedError(
           absl::StrCat("source tree is deeper than ", limits.max_depth, " directories at ", dir.string()));
@@ -197,36 +257,44 @@ struct Builder {
     }
     if (ec) return absl::NotFoundError(absl::StrCat("cannot read ", dir.string(), ": ", ec.message()));
     std::sort(names.begin(), names.end());
-    entries += names.size();
-    if (entries > limits.max_entries || names.size() > limits.max_entries_per_directory) {
-      return absl::ResourceExhaustedError(absl::StrCat("more than ", limits.max_entries, " entries under ",
-                                                       dir.string(), " (or ", limits.max_entries_per_directory,
-                                                       " in one directory)"));
-    }
     Directory message;
-    std::string data;
+    size_t kept = 0;
     for (const std::string& name : names) {
       const fs::path full = dir / name;
+      const std::string child_rel = rel.empty() ? name : absl::StrCat(rel, "/", name);
+      const bool listed = all || options.only == nullptr || options.only->contains(child_rel);
       struct stat st;
       if (::lstat(full.c_str(), &st) != 0) return absl::NotFoundError(absl::StrCat("cannot stat ", full.string()));
       if (S_ISDIR(st.st_mode)) {
-        absl::StatusOr<Digest> child = AddDirectory(full, depth + 1);
+        if (!listed && !only_dirs.contains(child_rel)) continue;  // Nothing tracked below.
+        absl::StatusOr<Digest> child = AddDirectory(full, child_rel, depth + 1, listed);
         if (!child.ok()) return child.status();
         auto* node = message.add_directories();
         node->set_name(name);
         *node->mutable_digest() = *std::move(child);
+      } else if (!listed) {
+        continue;  // Not tracked.
       } else if (S_ISLNK(st.st_mode)) {
         auto* node = message.add_symlinks();
         node->set_name(name);
         node->set_target(fs::read_symlink(full, ec).string());
         if (ec) return absl::NotFoundError(absl::StrCat("cannot read link ", full.string()));
       } else if (S_ISREG(st.st_mode)) {
-        if (absl::Status s = ReadWholeFile(full, data); !s.ok()) return s;
         auto* node = message.add_files();
         node->set_name(name);
         node->set_is_executable((st.st_mode & 0111) != 0);
-        if (absl::Status s = Add(std::move(data), node->mutable_digest()); !s.ok()) return s;
-      }  // Sockets, fifos, devices: not source.
+        if (absl::Status s = AddFile(full, st, node->mutable_digest()); !s.ok()) return s;
+        ++tree.file_count;
+      } else {
+        continue;  // Sockets, fifos, devices: not source.
+      }
+      ++kept;
+    }
+    entries += kept;
+    if (entries > limits.max_entries || kept > limits.max_entries_per_directory) {
+      return absl::ResourceExhaustedError(absl::StrCat("more than ", limits.max_entries, " entries under ",
+                                                       dir.string(), " (or ", limits.max_entries_per_directory,
+                                                       " in one directory)"));
     }
     Digest digest;
     if (absl::Status s = Add(SerializeDirectory(message), &digest); !s.ok()) return s;
@@ -270,13 +338,100 @@ std::string SerializeDirectory(const Directory& directory) {
   return out;
 }
 
-absl::StatusOr<SourceTree> BuildSourceTree(const std::string& dir, const SourceTreeLimits& limits) {
+absl::StatusOr<SourceTree> BuildSourceTree(const std::string& dir, const SourceTreeLimits& limits,
+                                           const BuildSourceTreeOptions& options) {
   if (!fs::is_directory(dir)) return absl::NotFoundError(absl::StrCat("not a directory: ", dir));
-  Builder builder{.limits = limits, .tree = {}};
-  absl::StatusOr<Digest> root = builder.AddDirectory(dir, 0);
+  Builder builder{.limits = limits, .options = options, .tree = {}};
+  if (options.only != nullptr) {
+    for (const std::string& path : *options.only) {
+      for (size_t slash = path.find('/'); slash != std::string::npos; slash = path.find('/', slash + 1)) {
+        builder.only_dirs.insert(path.substr(0, slash));
+      }
+    }
+  }
+  absl::StatusOr<Digest> root = builder.AddDirectory(dir, "", 0, /*all=*/false);
   if (!root.ok()) return root.status();
   builder.tree.root = *std::move(root);
+  builder.tree.total_bytes = builder.bytes;
   return std::move(builder.tree);
+}
+
+DigestCache::DigestCache(std::string file) : file_(std::move(file)) {
+  std::ifstream in(file_);
+  std::string line;
+  // One entry per line: hash size mtime_ns inode path (the path last: it may
+  // hold spaces).
+  while (std::getline(in, line)) {
+    std::vector<absl::string_view> parts = absl::StrSplit(line, absl::MaxSplits(' ', 4));
+    Entry e;
+    if (parts.size() != 5 || !IsSha256Hex(parts[0]) || !absl::SimpleAtoi(parts[1], &e.size) ||
+        !absl::SimpleAtoi(parts[2], &e.mtime_ns) || !absl::SimpleAtoi(parts[3], &e.inode)) {
+      continue;
+    }
+    e.digest = MakeDigest(std::string(parts[0]), e.size);
+    entries_[std::string(parts[4])] = std::move(e);
+  }
+}
+
+const Digest* DigestCache::Lookup(const std::string& path, uint64_t size, int64_t mtime_ns, uint64_t inode) const {
+  auto it = entries_.find(path);
+  if (it == entries_.end() || it->second.size != size || it->second.mtime_ns != mtime_ns ||
+      it->second.inode != inode) {
+    return nullptr;
+  }
+  ++hits_;
+  return &it->second.digest;
+}
+
+void DigestCache::Store(const std::string& path, uint64_t size, int64_t mtime_ns, uint64_t inode,
+                        const Digest& digest) {
+  const int64_t now_ns = static_cast<int64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch())
+          .count());
+  if (mtime_ns > now_ns - 2'000'000'000) return;
+  if (path.find('\n') != std::string::npos) return;
+  entries_[path] = Entry{size, mtime_ns, inode, digest};
+  dirty_ = true;
+}
+
+absl::Status DigestCache::Save() {
+  if (!dirty_) return absl::OkStatus();
+  std::error_code ec;
+  fs::create_directories(fs::path(file_).parent_path(), ec);
+  const std::string tmp = absl::StrCat(file_, ".tmp.", ::getpid());
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    for (const auto& [path, e] : entries_) {
+      out << e.digest.hash() << ' ' << e.size << ' ' << e.mtime_ns << ' ' << e.inode << ' ' << path << '\n';
+    }
+    if (!out) return absl::InternalError(absl::StrCat("cannot write ", tmp));
+  }
+  fs::rename(tmp, file_, ec);
+  if (ec) return absl::InternalError(absl::StrCat("cannot write ", file_, ": ", ec.message()));
+  dirty_ = false;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::optional<absl::flat_hash_set<std::string>>> GitTrackedFiles(const std::string& dir) {
+  std::error_code ec;
+  bool in_repo = false;
+  for (fs::path p = fs::absolute(dir, ec); !p.empty(); p = p.parent_path()) {
+    if (fs::exists(p / ".git", ec)) {
+      in_repo = true;
+      break;
+    }
+    if (p == p.root_path()) break;
+  }
+  if (!in_repo) return std::nullopt;
+  absl::StatusOr<CommandResult> run =
+      RunCommand({.argv = {"git", "-c", "core.quotepath=off", "ls-files", "-z", "--cached"}, .cwd = dir}, "",
+                 absl::Seconds(60));
+  if (!run.ok() || !run->exit.Success()) return std::nullopt;  // No git: the whole directory, as for a path.
+  absl::flat_hash_set<std::string> files;
+  for (absl::string_view path : absl::StrSplit(run->stdout_data, '\0', absl::SkipEmpty())) {
+    files.insert(std::string(path));
+  }
+  return files;
 }
 
 absl::StatusOr<std::vector<std::string>> ListTreeBlobs(const Digest& root, const BlobLookup& lookup,
@@ -300,6 +455,61 @@ absl::StatusOr<std::vector<std::string>> ListTreeBlobs(const Digest& root, const
   });
   if (!s.ok()) return s;
   return out;
+}
+
+absl::StatusOr<std::vector<std::pair<std::string, std::string>>> CollectTreeDirectories(
+    const Digest& root, const BlobLookup& lookup, const SourceTreeLimits& limits) {
+  std::vector<std::pair<std::string, std::string>> out;
+  absl::flat_hash_set<std::string> seen;
+  const auto add = [&](const Digest& d) {
+    if (!seen.insert(d.hash()).second) return;
+    const std::string* data = lookup(d.hash());
+    if (data != nullptr) out.emplace_back(d.hash(), *data);  // Walk checked it exists.
+  };
+  add(root);
+  absl::Status s = Walk(root, lookup, limits, [&](const std::string&, const Directory& dir) {
+    for (const auto& child : dir.directories()) add(child.digest());
+    return absl::OkStatus();
+  });
+  if (!s.ok()) return s;
+  return out;
+}
+
+int32_t LinkEscape(absl::string_view target) {
+  if (target.empty() || target[0] == '/') return TreeSummary::kEscapesTree;
+  int64_t level = 0, lowest = 0;
+  for (absl::string_view part : absl::StrSplit(target, '/', absl::SkipEmpty())) {
+    if (part == ".") continue;
+    level += part == ".." ? -1 : 1;
+    lowest = std::min(lowest, level);
+  }
+  return static_cast<int32_t>(std::min<int64_t>(-lowest, TreeSummary::kEscapesTree));
+}
+
+absl::StatusOr<Directory> ParseCanonicalDirectory(absl::string_view data, const SourceTreeLimits& limits) {
+  Directory dir;
+  if (!dir.ParseFromArray(data.data(), static_cast<int>(data.size()))) {
+    return absl::InvalidArgumentError("directory blob does not parse");
+  }
+  if (SerializeDirectory(dir) != data) {
+    return absl::InvalidArgumentError("directory blob is not in canonical form");
+  }
+  if (absl::Status s = ValidateDirectory(dir, "", 0, limits, /*check_links=*/false); !s.ok()) return s;
+  return dir;
+}
+
+absl::Status CheckTreeSummary(const TreeSummary& summary, const SourceTreeLimits& limits) {
+  if (summary.link_escape > 0) {
+    return absl::InvalidArgumentError("a symlink in the source tree points outside it (or is absolute)");
+  }
+  if (summary.depth > limits.max_depth) {
+    return absl::ResourceExhaustedError(absl::StrCat("source tree is deeper than ", limits.max_depth, " directories"));
+  }
+  if (summary.entries > limits.max_entries) {
+    return absl::ResourceExhaustedError(absl::StrCat("source tree has more than ", limits.max_entries, " entries"));
+  }
+  if (summary.bytes > limits.max_total_bytes) return TooLarge(limits);
+  return absl::OkStatus();
 }
 
 absl::Status MaterializeTree(const Digest& root, const BlobLookup& lookup, const std::string& dest,

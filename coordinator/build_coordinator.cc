@@ -79,8 +79,9 @@ void ForEachStoredEvent(const std::string& history, Fn fn) {
 }  // namespace
 
 BuildCoordinator::BuildCoordinator(StateStore* store, CoordinatorMetrics* metrics, const Clock* clock,
-                                   BuildCoordinatorOptions options)
+                                   BuildCoordinatorOptions options, CasStore* cas)
     : store_(store),
+      cas_(cas),
       metrics_(metrics),
       clock_(clock),
       options_(std::move(options)),
@@ -275,7 +276,26 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
     if (!spec.source().has_tree_root()) return reject(absl::InvalidArgumentError("target has no source tree"));
     // Every blob the tree needs must be here; the tree itself must be sound.
     // Targets of one buildset usually share a tree: check each tree once.
-    if (checked_roots.insert(spec.source().tree_root().hash()).second) {
+    const kiln::v1::Digest& root = spec.source().tree_root();
+    if (!uploads.contains(root.hash()) && checked_roots.insert(root.hash()).second) {
+      // Uploaded to the CAS beforehand: a stored directory stands for its
+      // whole tree, and its summary says whether the tree is acceptable.
+      absl::StatusOr<kiln::state::v1::BlobMeta> meta =
+          cas_ != nullptr ? cas_->Meta(root.hash()) : absl::NotFoundError("no CAS");
+      if (!meta.ok() || !meta->is_directory() || meta->size_bytes() != root.size_bytes()) {
+        return reject(absl::NotFoundError(absl::StrCat(spec.display_name(), ": source tree ", root.hash(),
+                                                       " is neither uploaded nor sent with the submission")));
+      }
+      TreeSummary summary{.bytes = static_cast<uint64_t>(meta->tree_bytes()),
+                          .entries = static_cast<uint64_t>(meta->tree_entries()),
+                          .depth = meta->tree_depth(),
+                          .link_escape = meta->link_escape()};
+      SourceTreeLimits tree_limits;
+      tree_limits.max_total_bytes = options_.max_tree_bytes;
+      if (absl::Status s = CheckTreeSummary(summary, tree_limits); !s.ok()) {
+        return reject(absl::Status(s.code(), absl::StrCat(spec.display_name(), ": ", s.message())));
+      }
+    } else if (checked_roots.insert(root.hash()).second) {
       absl::StatusOr<std::vector<std::string>> needed = ListTreeBlobs(spec.source().tree_root(), lookup, limits);
       if (!needed.ok()) {
         return reject(absl::Status(needed.status().code(),
@@ -933,15 +953,36 @@ absl::Status BuildCoordinator::AttachSource(const kiln::v1::JobSpec& spec, kiln:
     absl::Status read_error;
     const BlobLookup lookup = [&](const std::string& hash) -> const std::string* {
       if (auto it = fetched.find(hash); it != fetched.end()) return &it->second;
-      absl::StatusOr<std::string> blob = store_->GetBlob(hash);
+      absl::StatusOr<std::string> blob = cas_ != nullptr ? cas_->ReadAll(hash) : store_->GetBlob(hash);
       if (!blob.ok()) {
         if (!absl::IsNotFound(blob.status())) read_error = blob.status();
         return nullptr;
       }
       return &fetched.emplace(hash, *std::move(blob)).first->second;
     };
-    absl::StatusOr<std::vector<std::string>> hashes =
-        ListTreeBlobs(spec.source().tree_root(), lookup, {.max_total_bytes = options_.max_source_bytes});
+    // A large uploaded tree: its directories only; the worker fetches the
+    // files its cache lacks from the CAS.
+    absl::StatusOr<kiln::state::v1::BlobMeta> meta =
+        cas_ != nullptr ? cas_->Meta(root) : absl::NotFoundError("no CAS");
+    const bool directories_only =
+        meta.ok() && meta->is_directory() && static_cast<uint64_t>(meta->tree_bytes()) > options_.inline_source_bytes;
+    absl::StatusOr<std::vector<std::string>> hashes;
+    if (directories_only) {
+      SourceTreeLimits limits;
+      limits.max_total_bytes = options_.max_tree_bytes;
+      absl::StatusOr<std::vector<std::pair<std::string, std::string>>> dirs =
+          CollectTreeDirectories(spec.source().tree_root(), lookup, limits);
+      if (dirs.ok()) {
+        hashes.emplace();
+        for (const auto& [hash, _] : *dirs) hashes->push_back(hash);
+      } else {
+        hashes = dirs.status();
+      }
+    } else {
+      hashes = ListTreeBlobs(spec.source().tree_root(), lookup,
+                             {.max_total_bytes = std::max<uint64_t>(options_.max_source_bytes,
+                                                                    options_.inline_source_bytes)});
+    }
     if (!read_error.ok()) return read_error;
     if (!hashes.ok()) return hashes.status();
     auto blobs = std::make_shared<std::vector<kiln::v1::Blob>>();

@@ -25,6 +25,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "common/clock.h"
+#include "coordinator/cas_store.h"
 #include "coordinator/coordinator_metrics.h"
 #include "coordinator/scheduler.h"
 #include "coordinator/state_store.h"
@@ -60,7 +61,12 @@ class JobWatcher {
 
 struct BuildCoordinatorOptions {
   uint32_t max_attempts = 3;            // Before a requeued job fails.
-  size_t max_source_bytes = 64 << 20;   // All blobs of one submission's source trees.
+  size_t max_source_bytes = 64 << 20;   // All blobs sent inline with one submission.
+  // A source tree uploaded to the CAS beforehand (any size up to this).
+  uint64_t max_tree_bytes = uint64_t{4} << 30;
+  // Trees up to this size travel inline with each assignment; a larger one
+  // sends its directories only and the worker fetches the files it lacks.
+  uint64_t inline_source_bytes = 1 << 20;
   size_t max_targets = 1000;            // Per submission.
   uint32_t max_worker_jobs = 1024;      // Sanity bound on a worker's slots.
   size_t log_bytes_per_job = 8 << 20;   // Kept in memory for late watchers.
@@ -88,8 +94,10 @@ struct BuildCoordinatorOptions {
 
 class BuildCoordinator {
  public:
+  // `cas` (may be null: no uploaded trees) holds trees uploaded before a
+  // submission; it must outlive the coordinator.
   BuildCoordinator(StateStore* store, CoordinatorMetrics* metrics, const Clock* clock,
-                   BuildCoordinatorOptions options);
+                   BuildCoordinatorOptions options, CasStore* cas = nullptr);
 
   // Loads the stored jobs: finished ones keep their result, queued ones are
   // queued again, ones that were assigned or running are held for their
@@ -241,6 +249,7 @@ class BuildCoordinator {
   static bool IsTerminal(kiln::v1::JobState state);
 
   StateStore* const store_;
+  CasStore* const cas_;
   CoordinatorMetrics* const metrics_;
   const Clock* const clock_;
   const BuildCoordinatorOptions options_;

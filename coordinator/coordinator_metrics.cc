@@ -47,6 +47,13 @@ CoordinatorMetrics::CoordinatorMetrics(std::shared_ptr<prometheus::Registry> reg
                      .Help("Time from submission (or requeue) to assignment.")
                      .Register(*registry)
                      .Add({}, DurationBuckets())),
+      cas_uploaded_bytes(MakeCounter(*registry, "kiln_cas_uploaded_bytes_total", "Blob bytes stored by uploads.")),
+      cas_uploaded_blobs(MakeCounter(*registry, "kiln_cas_uploaded_blobs_total", "Blobs stored by uploads.")),
+      cas_skipped_bytes(MakeCounter(*registry, "kiln_cas_skipped_bytes_total",
+                                    "Blob bytes clients asked about and did not send: already stored.")),
+      cas_downloaded_bytes(MakeCounter(*registry, "kiln_cas_downloaded_bytes_total", "Blob bytes sent to readers.")),
+      cas_rejected_blobs(MakeCounter(*registry, "kiln_cas_rejected_blobs_total",
+                                     "Uploaded blobs refused (wrong digest, missing children, limits).")),
       registry_(std::move(registry)),
       finished_family_(prometheus::BuildCounter()
                            .Name("kiln_jobs_finished_total")

@@ -30,6 +30,13 @@ class CoordinatorMetrics {
   prometheus::Counter& state_write_errors;
   prometheus::Histogram& build_duration;
   prometheus::Histogram& queue_wait;
+  // Content-addressed store: what clients and workers sent and fetched, and
+  // what they did not need to send because it was stored already.
+  prometheus::Counter& cas_uploaded_bytes;
+  prometheus::Counter& cas_uploaded_blobs;
+  prometheus::Counter& cas_skipped_bytes;
+  prometheus::Counter& cas_downloaded_bytes;
+  prometheus::Counter& cas_rejected_blobs;
 
   // result: succeeded, failed, cancelled.
   prometheus::Counter& JobsFinished(absl::string_view result);

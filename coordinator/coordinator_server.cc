@@ -32,7 +32,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   server->strand_ = std::make_unique<SerialExecutor>("kiln-strand");
   server->sender_ = std::make_unique<SerialExecutor>("kiln-sender");
   server->core_ = std::make_unique<BuildCoordinator>(server->store_.get(), server->coordinator_metrics_.get(),
-                                                     RealClock::Get(), options.core);
+                                                     RealClock::Get(), options.core, server->store_->cas());
   if (absl::Status s = server->core_->Recover(); !s.ok()) return s;
   // Group commit: one state write, one scheduling round and one message per
   // worker for each batch of events the strand runs.
@@ -47,6 +47,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   server->worker_service_ = std::make_unique<WorkerServiceImpl>(server->core_.get(), server->strand_.get(),
                                                             server->sender_.get());
   server->farm_service_ = std::make_unique<FarmServiceImpl>(server->core_.get(), server->strand_.get());
+  server->cas_service_ = std::make_unique<CasServiceImpl>(server->store_->cas(), server->coordinator_metrics_.get());
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &port);
@@ -58,6 +59,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   builder.RegisterService(server->build_service_.get());
   builder.RegisterService(server->worker_service_.get());
   builder.RegisterService(server->farm_service_.get());
+  builder.RegisterService(server->cas_service_.get());
   server->server_ = builder.BuildAndStart();
   if (!server->server_ || port == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));

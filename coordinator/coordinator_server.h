@@ -13,7 +13,9 @@
 #include "common/metrics_http.h"
 #include "common/serial_executor.h"
 #include "coordinator/build_coordinator.h"
+#include "coordinator/cas_service.h"
 #include "coordinator/coordinator_metrics.h"
+#include "coordinator/cas_service.h"
 #include "coordinator/grpc_services.h"
 #include "coordinator/rocksdb_state_store.h"
 
@@ -53,6 +55,7 @@ class CoordinatorServer {
   std::unique_ptr<BuildCoordinator> core_;
   std::unique_ptr<BuildServiceImpl> build_service_;
   std::unique_ptr<WorkerServiceImpl> worker_service_;
+  std::unique_ptr<CasServiceImpl> cas_service_;
   std::unique_ptr<FarmServiceImpl> farm_service_;
   std::unique_ptr<grpc::Server> server_;
   std::string grpc_address_;

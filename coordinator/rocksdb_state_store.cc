@@ -13,7 +13,7 @@ namespace {
 
 constexpr char kNextJobSeq[] = "meta/next_job_seq";
 constexpr char kNextBuildsetSeq[] = "meta/next_buildset_seq";
-enum Family { kDefault = 0, kJobs = 1, kBlobs = 2 };
+enum Family { kDefault = 0, kJobs = 1, kBlobs = 2, kBlobMeta = 3 };
 
 absl::Status FromRocks(const rocksdb::Status& s, absl::string_view what) {
   if (s.ok()) return absl::OkStatus();
@@ -32,8 +32,8 @@ std::string RocksDbStateStore::JobKey(const std::string& job_id) {
   return job_id;  // Not numeric: sorts after every numeric id.
 }
 
-absl::StatusOr<std::unique_ptr<RocksDbStateStore>> RocksDbStateStore::Open(const std::string& dir,
-                                                                           bool sync) {
+absl::StatusOr<std::unique_ptr<RocksDbStateStore>> RocksDbStateStore::Open(const std::string& dir, bool sync,
+                                                                           uint64_t max_blob_bytes) {
   rocksdb::DBOptions db_options;
   db_options.create_if_missing = true;
   db_options.create_missing_column_families = true;
@@ -51,6 +51,7 @@ absl::StatusOr<std::unique_ptr<RocksDbStateStore>> RocksDbStateStore::Open(const
       {rocksdb::kDefaultColumnFamilyName, rocksdb::ColumnFamilyOptions()},
       {"jobs", jobs_options},
       {"blobs", blob_options},
+      {"blob_meta", rocksdb::ColumnFamilyOptions()},
   };
   auto store = std::unique_ptr<RocksDbStateStore>(new RocksDbStateStore());
   store->sync_ = sync;
@@ -58,10 +59,12 @@ absl::StatusOr<std::unique_ptr<RocksDbStateStore>> RocksDbStateStore::Open(const
   rocksdb::Status s = rocksdb::DB::Open(db_options, dir, families, &store->handles_, &db);
   if (!s.ok()) return FromRocks(s, absl::StrCat("cannot open state in ", dir));
   store->db_.reset(db);
+  store->cas_ = std::make_unique<CasStore>(db, store->handles_[kBlobs], store->handles_[kBlobMeta], max_blob_bytes);
   return store;
 }
 
 RocksDbStateStore::~RocksDbStateStore() {
+  cas_.reset();
   if (!db_) return;
   for (auto* h : handles_) db_->DestroyColumnFamilyHandle(h);
   db_->Close();

@@ -4,7 +4,8 @@
 //   default  "meta/next_job_seq", "meta/next_buildset_seq" -> decimal text
 //   jobs     20-digit zero-padded job id -> JobRecord (protobuf)
 //   blobs    sha256 hex -> blob bytes (RocksDB blob files keep large
-//            values out of the LSM tree)
+//            values out of the LSM tree); chunks of large blobs (CasStore)
+//   blob_meta sha256 hex -> BlobMeta (CasStore)
 // The write-ahead log is on; `sync` makes every commit wait for fsync
 // (survives power loss, not only a process crash).
 #pragma once
@@ -15,20 +16,24 @@
 
 #include <rocksdb/db.h>
 
+#include "coordinator/cas_store.h"
 #include "coordinator/state_store.h"
 
 namespace kiln {
 
 class RocksDbStateStore final : public StateStore {
  public:
-  static absl::StatusOr<std::unique_ptr<RocksDbStateStore>> Open(const std::string& dir,
-                                                                 bool sync);
+  static absl::StatusOr<std::unique_ptr<RocksDbStateStore>> Open(const std::string& dir, bool sync,
+                                                                 uint64_t max_blob_bytes = uint64_t{4} << 30);
   ~RocksDbStateStore() override;
 
   absl::Status Commit(const StateWrite& write) override;
   absl::StatusOr<std::string> GetBlob(const std::string& sha256_hex) override;
   absl::Status ForEachPackedJob(absl::FunctionRef<absl::Status(absl::string_view)> fn) override;
   absl::StatusOr<StoredCounters> LoadCounters() override;
+
+  // The content-addressed blob store in the same database.
+  CasStore* cas() { return cas_.get(); }
 
   // The key a job id is stored under (exposed for the golden-format test).
   static std::string JobKey(const std::string& job_id);
@@ -37,8 +42,9 @@ class RocksDbStateStore final : public StateStore {
   RocksDbStateStore() = default;
 
   std::unique_ptr<rocksdb::DB> db_;
-  std::vector<rocksdb::ColumnFamilyHandle*> handles_;  // default, jobs, blobs
+  std::vector<rocksdb::ColumnFamilyHandle*> handles_;  // default, jobs, blobs, blob_meta
   bool sync_ = false;
+  std::unique_ptr<CasStore> cas_;
 };
 
 }  // namespace kiln

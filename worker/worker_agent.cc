@@ -5,10 +5,13 @@
 #include <optional>
 #include <system_error>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "common/grpc_util.h"
+#include "common/cas_client.h"
 #include "common/log.h"
+#include "common/net.h"
 #include "common/outbound_queue.h"
 #include "common/source_tree.h"
 
@@ -104,7 +107,9 @@ WorkerAgent::WorkerAgent(WorkerOptions options, BuildExecutor* executor, WorkerM
     : options_(std::move(options)),
       executor_(executor),
       metrics_(metrics),
-      stub_(kiln::v1::WorkerService::NewStub(MakeChannel(options_.coordinator))),
+      channel_(MakeChannel(options_.coordinator)),
+      stub_(kiln::v1::WorkerService::NewStub(channel_)),
+      cas_(kiln::v1::CasService::NewStub(channel_)),
       strand_(std::make_unique<SerialExecutor>("worker")) {
   metrics_->slots.Set(options_.max_jobs);
 }
@@ -300,6 +305,69 @@ void WorkerAgent::HandleMessage(CoordinatorMessage message) {
   for (const auto& assignment : message.assignments()) StartJob(assignment);
 }
 
+absl::Status WorkerAgent::CheckOut(const kiln::v1::Assignment& assignment, const std::string& dest) {
+  absl::flat_hash_map<std::string, const std::string*> inline_blobs;
+  for (const auto& blob : assignment.blobs()) inline_blobs.try_emplace(blob.digest().hash(), &blob.data());
+  const fs::path cache = fs::path(options_.work_dir) / "cas";
+  const auto cached_path = [&](const std::string& hash) { return cache / hash.substr(0, 2) / hash; };
+  const auto inline_lookup = [&inline_blobs](const std::string& hash) -> const std::string* {
+    auto it = inline_blobs.find(hash);
+    return it == inline_blobs.end() ? nullptr : it->second;
+  };
+  // The coordinator checked the tree's limits; these only bound the walk.
+  SourceTreeLimits limits;
+  limits.max_total_bytes = uint64_t{1} << 40;
+  limits.max_entries = uint64_t{1} << 24;
+  const kiln::v1::Digest& root = assignment.spec().source().tree_root();
+  absl::StatusOr<std::vector<std::pair<std::string, std::string>>> dirs =
+      CollectTreeDirectories(root, inline_lookup, limits);
+  if (!dirs.ok()) return dirs.status();
+  std::vector<kiln::v1::Digest> missing;
+  absl::flat_hash_set<std::string> wanted;
+  for (const auto& [hash, data] : *dirs) {
+    kiln::v1::Directory dir;
+    if (!dir.ParseFromString(data)) return absl::DataLossError("a source directory does not parse");
+    for (const auto& file : dir.files()) {
+      const std::string& h = file.digest().hash();
+      if (inline_blobs.contains(h) || !wanted.insert(h).second) continue;
+      std::error_code ec;
+      const auto size = fs::file_size(cached_path(h), ec);
+      if (!ec && size == static_cast<uintmax_t>(file.digest().size_bytes())) continue;
+      missing.push_back(file.digest());
+    }
+  }
+  if (!missing.empty()) {
+    uint64_t bytes = 0;
+    absl::Status fetched = FetchBlobs(*cas_, missing, [&](const kiln::v1::Digest& d, std::string&& data) {
+      // Verified by FetchBlobs; written under a temporary name and renamed,
+      // so the cache never holds a partial blob.
+      const fs::path path = cached_path(d.hash());
+      std::error_code ec;
+      fs::create_directories(path.parent_path(), ec);
+      if (absl::Status s = WriteFileAtomically(path.string(), data); !s.ok()) return s;
+      bytes += data.size();
+      return absl::OkStatus();
+    });
+    if (!fetched.ok()) return fetched;
+    LogInfo(kComponent, "job ", assignment.job_id(), ": fetched ", missing.size(), " source blob(s), ", bytes,
+            " bytes");
+  }
+  // MaterializeTree asks for one blob at a time and is done with it before
+  // the next: a file read from the cache needs only one buffer.
+  std::string buffer;
+  absl::flat_hash_map<std::string, const std::string*> dir_blobs;
+  for (const auto& [hash, data] : *dirs) dir_blobs.emplace(hash, &data);
+  const BlobLookup lookup = [&](const std::string& hash) -> const std::string* {
+    if (const std::string* data = inline_lookup(hash)) return data;
+    if (auto it = dir_blobs.find(hash); it != dir_blobs.end()) return it->second;
+    std::ifstream in(cached_path(hash), std::ios::binary);
+    if (!in) return nullptr;
+    buffer.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    return &buffer;
+  };
+  return MaterializeTree(root, lookup, dest, limits);
+}
+
 void WorkerAgent::StartJob(const kiln::v1::Assignment& assignment) {
   const std::string job_id = assignment.job_id();
   const uint32_t attempt = assignment.attempt();
@@ -331,16 +399,7 @@ void WorkerAgent::StartJob(const kiln::v1::Assignment& assignment) {
   fs::remove_all(dir, ec);
   fs::create_directories(dir / "src", ec);
   if (ec) return fail(kiln::v1::RESULT_CODE_INFRA_ERROR, absl::StrCat("cannot create ", dir.string(), ": ", ec.message()));
-  absl::flat_hash_map<std::string, const std::string*> blobs;
-  for (const auto& blob : assignment.blobs()) blobs.try_emplace(blob.digest().hash(), &blob.data());
-  const BlobLookup lookup = [&blobs](const std::string& hash) -> const std::string* {
-    auto it = blobs.find(hash);
-    return it == blobs.end() ? nullptr : it->second;
-  };
-  // The coordinator enforces the size limit; the message size bounds it here.
-  if (absl::Status s = MaterializeTree(assignment.spec().source().tree_root(), lookup, (dir / "src").string(),
-                                       {.max_total_bytes = kMaxGrpcMessageBytes});
-      !s.ok()) {
+  if (absl::Status s = CheckOut(assignment, (dir / "src").string()); !s.ok()) {
     return fail(kiln::v1::RESULT_CODE_INFRA_ERROR, absl::StrCat("cannot check out the source: ", s.message()));
   }
   const fs::path flake_dir = (dir / "src" / assignment.spec().source().flake_subdir()).lexically_normal();

@@ -26,6 +26,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/serial_executor.h"
+#include "kiln/v1/cas.grpc.pb.h"
 #include "kiln/v1/workers.grpc.pb.h"
 #include "worker/build_executor.h"
 #include "worker/worker_metrics.h"
@@ -98,13 +99,19 @@ class WorkerAgent {
   // Drops a kept result: acknowledged, or no longer this worker's attempt.
   void ForgetResult(const std::string& job_id, uint32_t attempt) ABSL_LOCKS_EXCLUDED(mu_);
   bool Send(kiln::v1::WorkerMessage message, bool droppable);
+  // Checks the job's source tree out into `dest`: blobs sent with the
+  // assignment, else from the local blob cache (work-dir/cas), else fetched
+  // from the coordinator's CAS into that cache first.
+  absl::Status CheckOut(const kiln::v1::Assignment& assignment, const std::string& dest);
 
   kiln::v1::WorkerMessage MakeRegister() ABSL_LOCKS_EXCLUDED(mu_);
 
   const WorkerOptions options_;
   BuildExecutor* const executor_;
   WorkerMetrics* const metrics_;
+  std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<kiln::v1::WorkerService::Stub> stub_;
+  std::unique_ptr<kiln::v1::CasService::Stub> cas_;
   absl::BitGen bitgen_;  // Backoff jitter; used by the loop thread only.
 
   absl::Mutex mu_;

@@ -1,0 +1,254 @@
+#include "coordinator/cas_store.h"
+
+#include <algorithm>
+#include <utility>
+
+#include <rocksdb/write_batch.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
+
+namespace kiln {
+namespace {
+
+using kiln::state::v1::BlobMeta;
+using kiln::v1::Digest;
+
+absl::Status FromRocks(const rocksdb::Status& s, absl::string_view what) {
+  if (s.ok()) return absl::OkStatus();
+  const std::string msg = absl::StrCat(what, ": ", s.ToString());
+  if (s.IsNotFound()) return absl::NotFoundError(msg);
+  if (s.IsCorruption()) return absl::DataLossError(msg);
+  return absl::InternalError(msg);
+}
+
+std::string ChunkKey(const std::string& prefix, uint32_t index) { return absl::StrFormat("%s%08d", prefix, index); }
+
+std::string Short(const std::string& hash) { return hash.substr(0, 12); }
+
+}  // namespace
+
+CasStore::CasStore(rocksdb::DB* db, rocksdb::ColumnFamilyHandle* blobs, rocksdb::ColumnFamilyHandle* meta,
+                   uint64_t max_blob_bytes)
+    : db_(db), blobs_(blobs), meta_(meta), max_blob_bytes_(max_blob_bytes) {}
+
+absl::StatusOr<BlobMeta> CasStore::Meta(const std::string& hash) const {
+  std::string value;
+  rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), meta_, hash, &value);
+  if (s.ok()) {
+    BlobMeta meta;
+    if (!meta.ParseFromString(value)) return absl::DataLossError(absl::StrCat("unreadable meta of blob ", hash));
+    return meta;
+  }
+  if (!s.IsNotFound()) return FromRocks(s, "blob meta");
+  // A blob stored by an inline submission, before blobs had meta.
+  std::string bytes;
+  s = db_->Get(rocksdb::ReadOptions(), blobs_, hash, &bytes);
+  if (!s.ok()) return FromRocks(s, absl::StrCat("blob ", hash));
+  BlobMeta meta;
+  meta.set_size_bytes(static_cast<int64_t>(bytes.size()));
+  return meta;
+}
+
+bool CasStore::HasFile(const Digest& digest) const {
+  absl::StatusOr<BlobMeta> meta = Meta(digest.hash());
+  return meta.ok() && meta->size_bytes() == digest.size_bytes();
+}
+
+bool CasStore::HasDirectory(const Digest& digest) const {
+  absl::StatusOr<BlobMeta> meta = Meta(digest.hash());
+  return meta.ok() && meta->is_directory() && meta->size_bytes() == digest.size_bytes();
+}
+
+absl::Status CasStore::Read(const std::string& hash, absl::FunctionRef<absl::Status(absl::string_view)> fn) const {
+  absl::StatusOr<BlobMeta> meta = Meta(hash);
+  if (!meta.ok()) return meta.status();
+  std::string value;
+  if (meta->chunk_prefix().empty()) {
+    if (absl::Status s = FromRocks(db_->Get(rocksdb::ReadOptions(), blobs_, hash, &value), absl::StrCat("blob ", hash));
+        !s.ok()) {
+      return s;
+    }
+    return fn(value);
+  }
+  for (uint32_t i = 0; i < meta->chunks(); ++i) {
+    rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), blobs_, ChunkKey(meta->chunk_prefix(), i), &value);
+    if (!s.ok()) return FromRocks(s, absl::StrCat("chunk ", i, " of blob ", hash));
+    if (absl::Status st = fn(value); !st.ok()) return st;
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> CasStore::ReadAll(const std::string& hash) const {
+  std::string out;
+  absl::Status s = Read(hash, [&](absl::string_view chunk) {
+    out.append(chunk.data(), chunk.size());
+    return absl::OkStatus();
+  });
+  if (!s.ok()) return s;
+  return out;
+}
+
+absl::StatusOr<std::unique_ptr<CasStore::Upload>> CasStore::StartUpload(const Digest& digest, bool is_directory) {
+  if (!IsSha256Hex(digest.hash())) {
+    return absl::InvalidArgumentError(absl::StrCat("'", digest.hash(), "' is not a SHA-256 digest in hex"));
+  }
+  if (digest.size_bytes() < 0 || static_cast<uint64_t>(digest.size_bytes()) > max_blob_bytes_) {
+    return absl::ResourceExhaustedError(absl::StrCat("blob ", Short(digest.hash()), " of ", digest.size_bytes(),
+                                                     " bytes is over the limit of ", max_blob_bytes_, " bytes"));
+  }
+  if (is_directory && static_cast<uint64_t>(digest.size_bytes()) >= kChunkBytes) {
+    return absl::ResourceExhaustedError(absl::StrCat("directory blob ", Short(digest.hash()), " is over 1 MiB"));
+  }
+  return std::unique_ptr<Upload>(new Upload(this, digest, is_directory));
+}
+
+CasStore::Upload::Upload(CasStore* store, Digest digest, bool is_directory)
+    : store_(store), digest_(std::move(digest)), is_directory_(is_directory) {}
+
+CasStore::Upload::~Upload() {
+  if (!finished_) Discard();
+}
+
+absl::Status CasStore::Upload::Append(absl::string_view data) {
+  if (finished_) return absl::FailedPreconditionError("blob already finished");
+  received_ += data.size();
+  if (received_ > static_cast<uint64_t>(digest_.size_bytes())) {
+    return absl::InvalidArgumentError(absl::StrCat("blob ", Short(digest_.hash()), " is longer than its digest's ",
+                                                   digest_.size_bytes(), " bytes"));
+  }
+  hasher_.Update(data);
+  buffer_.append(data.data(), data.size());
+  if (buffer_.size() >= kChunkBytes) return FlushChunk();
+  return absl::OkStatus();
+}
+
+absl::Status CasStore::Upload::FlushChunk() {
+  // Chunks go under a prefix of this upload only: an upload that fails its
+  // digest check removes exactly what it wrote, whatever else runs.
+  if (chunk_prefix_.empty()) {
+    chunk_prefix_ = absl::StrCat(digest_.hash(), "/", store_->next_upload_.fetch_add(1), "-",
+                                 absl::ToUnixNanos(absl::Now()), "/");
+  }
+  while (buffer_.size() >= kChunkBytes || (!buffer_.empty() && received_ == static_cast<uint64_t>(digest_.size_bytes()))) {
+    const size_t n = std::min(buffer_.size(), kChunkBytes);
+    rocksdb::Status s = store_->db_->Put(rocksdb::WriteOptions(), store_->blobs_,
+                                         ChunkKey(chunk_prefix_, chunks_written_), rocksdb::Slice(buffer_.data(), n));
+    if (!s.ok()) return FromRocks(s, "blob chunk write");
+    ++chunks_written_;
+    buffer_.erase(0, n);
+  }
+  return absl::OkStatus();
+}
+
+void CasStore::Upload::Discard() {
+  finished_ = true;
+  if (chunks_written_ == 0) return;
+  rocksdb::WriteBatch batch;
+  for (uint32_t i = 0; i < chunks_written_; ++i) batch.Delete(store_->blobs_, ChunkKey(chunk_prefix_, i));
+  store_->db_->Write(rocksdb::WriteOptions(), &batch).PermitUncheckedError();
+}
+
+absl::Status CasStore::Upload::Finish() {
+  if (finished_) return absl::FailedPreconditionError("blob already finished");
+  if (received_ != static_cast<uint64_t>(digest_.size_bytes())) {
+    Discard();
+    return absl::InvalidArgumentError(absl::StrCat("blob ", Short(digest_.hash()), " ended after ", received_,
+                                                   " of ", digest_.size_bytes(), " bytes"));
+  }
+  const std::string got = hasher_.FinishHex();
+  if (got != digest_.hash()) {
+    Discard();
+    return absl::InvalidArgumentError(absl::StrCat("blob does not match its digest ", digest_.hash(), " (got ", got,
+                                                   "); nothing was stored"));
+  }
+  BlobMeta meta;
+  meta.set_size_bytes(digest_.size_bytes());
+  meta.set_is_directory(is_directory_);
+  meta.set_stored_unix(absl::ToUnixSeconds(absl::Now()));
+  if (is_directory_) {
+    absl::StatusOr<TreeSummary> summary = store_->SummariseDirectory(digest_, buffer_);
+    if (!summary.ok()) {
+      Discard();
+      return summary.status();
+    }
+    meta.set_tree_bytes(static_cast<int64_t>(summary->bytes));
+    meta.set_tree_entries(static_cast<int64_t>(summary->entries));
+    meta.set_tree_depth(summary->depth);
+    meta.set_link_escape(summary->link_escape);
+  }
+  // Already there (as a directory, if this is one): keep the stored copy.
+  absl::StatusOr<BlobMeta> existing = store_->Meta(digest_.hash());
+  if (existing.ok() && (existing->is_directory() || !is_directory_)) {
+    already_present_ = true;
+    Discard();
+    return absl::OkStatus();
+  }
+  rocksdb::WriteBatch batch;
+  if (chunks_written_ == 0) {
+    batch.Put(store_->blobs_, digest_.hash(), buffer_);  // Small: one value under the hash.
+  } else {
+    if (absl::Status s = FlushChunk(); !s.ok()) {
+      Discard();
+      return s;
+    }
+    meta.set_chunk_prefix(chunk_prefix_);
+    meta.set_chunks(chunks_written_);
+  }
+  batch.Put(store_->meta_, digest_.hash(), meta.SerializeAsString());
+  rocksdb::Status s = store_->db_->Write(rocksdb::WriteOptions(), &batch);
+  if (!s.ok()) {
+    Discard();
+    return FromRocks(s, "blob write");
+  }
+  finished_ = true;
+  buffer_.clear();
+  return absl::OkStatus();
+}
+
+absl::Status CasStore::Put(const Digest& digest, absl::string_view data, bool is_directory) {
+  absl::StatusOr<std::unique_ptr<Upload>> upload = StartUpload(digest, is_directory);
+  if (!upload.ok()) return upload.status();
+  for (size_t at = 0; at < data.size(); at += kChunkBytes) {
+    if (absl::Status s = (*upload)->Append(data.substr(at, kChunkBytes)); !s.ok()) return s;
+  }
+  return (*upload)->Finish();
+}
+
+absl::StatusOr<TreeSummary> CasStore::SummariseDirectory(const Digest& digest, absl::string_view data) const {
+  // Per-directory checks only; limits of the whole tree are the submitter's.
+  SourceTreeLimits per_directory;
+  per_directory.max_entries_per_directory = 100000;
+  absl::StatusOr<kiln::v1::Directory> dir = ParseCanonicalDirectory(data, per_directory);
+  if (!dir.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("directory ", Short(digest.hash()), ": ", dir.status().message()));
+  }
+  TreeSummary sum;
+  sum.bytes = data.size();
+  sum.entries = static_cast<uint64_t>(dir->files_size() + dir->directories_size() + dir->symlinks_size());
+  for (const auto& file : dir->files()) {
+    if (!HasFile(file.digest())) {
+      return absl::FailedPreconditionError(absl::StrCat("directory ", Short(digest.hash()), " names file '",
+                                                        file.name(), "' (", Short(file.digest().hash()),
+                                                        "), which is not stored: upload files before directories"));
+    }
+    sum.bytes += static_cast<uint64_t>(file.digest().size_bytes());
+  }
+  for (const auto& child : dir->directories()) {
+    absl::StatusOr<BlobMeta> meta = Meta(child.digest().hash());
+    if (!meta.ok() || !meta->is_directory() || meta->size_bytes() != child.digest().size_bytes()) {
+      return absl::FailedPreconditionError(absl::StrCat("directory ", Short(digest.hash()), " names directory '",
+                                                        child.name(), "' (", Short(child.digest().hash()),
+                                                        "), which is not stored: upload children first"));
+    }
+    sum.bytes += static_cast<uint64_t>(meta->tree_bytes());
+    sum.entries += static_cast<uint64_t>(meta->tree_entries());
+    sum.depth = std::max(sum.depth, meta->tree_depth() + 1);
+    sum.link_escape = std::max(sum.link_escape, std::max(0, meta->link_escape() - 1));
+  }
+  for (const auto& link : dir->symlinks()) sum.link_escape = std::max(sum.link_escape, LinkEscape(link.target()));
+  return sum;
+}
+
+}  // namespace kiln

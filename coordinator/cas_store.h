@@ -1,0 +1,100 @@
+// CasStore: the coordinator's content-addressed blob store, in the same
+// RocksDB as its state (column families `blobs` and `blob_meta`).
+//
+// A blob becomes visible when its BlobMeta is written, after its bytes and
+// after its digest was checked. A directory is accepted only when every blob
+// it names is present (child directories as directories), so a stored
+// directory stands for its whole tree; its meta carries the tree's summary
+// (size, entries, depth, how far its links reach), so a submission checks a
+// tree of any size with one lookup.
+//
+// Why RocksDB and not files: one store, one backup, one atomic write for a
+// blob and its meta; blob files (enable_blob_files) keep large values out of
+// the LSM tree, and values over 1 MiB are split into chunks so no blob is
+// ever held whole in memory.
+//
+// Thread-safe (RocksDB is); uploads of different blobs run in parallel.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include <rocksdb/db.h>
+
+#include "absl/functional/function_ref.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "common/digest.h"
+#include "common/source_tree.h"
+#include "kiln/state/v1/records.pb.h"
+#include "kiln/v1/types.pb.h"
+
+namespace kiln {
+
+class CasStore {
+ public:
+  static constexpr size_t kChunkBytes = size_t{1} << 20;
+
+  CasStore(rocksdb::DB* db, rocksdb::ColumnFamilyHandle* blobs, rocksdb::ColumnFamilyHandle* meta,
+           uint64_t max_blob_bytes);
+
+  // NotFound when absent. Blobs stored before the CAS existed (inline
+  // submissions) have no meta: they are reported as plain blobs.
+  absl::StatusOr<kiln::state::v1::BlobMeta> Meta(const std::string& hash) const;
+  bool HasFile(const kiln::v1::Digest& digest) const;
+  bool HasDirectory(const kiln::v1::Digest& digest) const;
+
+  // Calls `fn` with the blob's bytes, chunk by chunk, in order.
+  absl::Status Read(const std::string& hash, absl::FunctionRef<absl::Status(absl::string_view)> fn) const;
+  // The whole blob (directories and small files).
+  absl::StatusOr<std::string> ReadAll(const std::string& hash) const;
+
+  // One blob being uploaded: Append its bytes in order, then Finish, which
+  // checks the digest (and, for a directory, its children) and makes it
+  // visible. Destroying an unfinished upload removes what it wrote.
+  class Upload {
+   public:
+    ~Upload();
+    absl::Status Append(absl::string_view data);
+    // OK also when the blob was already present (nothing is written twice).
+    absl::Status Finish();
+    bool already_present() const { return already_present_; }
+
+   private:
+    friend class CasStore;
+    Upload(CasStore* store, kiln::v1::Digest digest, bool is_directory);
+    absl::Status FlushChunk();
+    void Discard();
+
+    CasStore* const store_;
+    const kiln::v1::Digest digest_;
+    const bool is_directory_;
+    Sha256 hasher_;
+    std::string buffer_;  // Bytes not yet written (at most a chunk).
+    uint64_t received_ = 0;
+    std::string chunk_prefix_;
+    uint32_t chunks_written_ = 0;
+    bool finished_ = false;
+    bool already_present_ = false;
+  };
+  // Fails at once for a digest that is not a SHA-256 or a blob over the limit.
+  absl::StatusOr<std::unique_ptr<Upload>> StartUpload(const kiln::v1::Digest& digest, bool is_directory);
+
+  // Stores a whole blob (verifying it), e.g. from an inline submission.
+  absl::Status Put(const kiln::v1::Digest& digest, absl::string_view data, bool is_directory);
+
+ private:
+  // The summary of a directory whose children are all present; an error
+  // names the first missing or mismatched child.
+  absl::StatusOr<TreeSummary> SummariseDirectory(const kiln::v1::Digest& digest, absl::string_view data) const;
+
+  rocksdb::DB* const db_;
+  rocksdb::ColumnFamilyHandle* const blobs_;
+  rocksdb::ColumnFamilyHandle* const meta_;
+  const uint64_t max_blob_bytes_;
+  std::atomic<uint64_t> next_upload_{1};
+};
+
+}  // namespace kiln
