@@ -2,10 +2,12 @@
 
 #include <sys/stat.h>
 
+#include <chrono>
 #include <filesystem>
 
 #include <gtest/gtest.h>
 
+#include "common/subprocess.h"
 #include "tests/support/test_util.h"
 
 namespace kiln {
@@ -175,6 +177,85 @@ TEST(SourceTreeTest, EnforcesLimits) {
               StatusIs(absl::StatusCode::kResourceExhausted, "larger than"));
   EXPECT_THAT(ListTreeBlobs(tree->root, LookupIn(tree->blobs), {.max_entries = 3}).status(),
               StatusIs(absl::StatusCode::kResourceExhausted, "more than 3 entries"));
+}
+
+// Runs git in `dir` (the tests need a real git, as the CLI does).
+void Git(const std::string& dir, std::vector<std::string> args) {
+  args.insert(args.begin(), {"git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"});
+  absl::StatusOr<CommandResult> r = RunCommand({.argv = args, .cwd = dir});
+  ASSERT_TRUE(r.ok() && r->exit.Success()) << (r.ok() ? r->stderr_data : r.status().ToString());
+}
+
+TEST(SourceTreeTest, InsideAGitWorkTreeOnlyTrackedFilesCountWithTheirWorkingContents) {
+  TempDir repo;
+  WriteFileOrDie(repo.Sub("svc/flake.nix"), "{ outputs = _: {}; }\n");
+  WriteFileOrDie(repo.Sub("svc/src/main.go"), "package main\n");
+  WriteFileOrDie(repo.Sub("svc/run.sh"), "#!/bin/sh\n");
+  ::chmod(repo.Sub("svc/run.sh").c_str(), 0755);
+  Git(repo.path(), {"init", "-q"});
+  Git(repo.path(), {"add", "svc/flake.nix", "svc/src/main.go", "svc/run.sh"});
+  Git(repo.path(), {"commit", "-qm", "init"});
+  WriteFileOrDie(repo.Sub("svc/src/main.go"), "package main // edited, not committed\n");
+  WriteFileOrDie(repo.Sub("svc/result.log"), "untracked\n");
+  WriteFileOrDie(repo.Sub("svc/tmp/scratch"), "untracked too\n");
+
+  absl::StatusOr<std::optional<absl::flat_hash_set<std::string>>> tracked = GitTrackedFiles(repo.Sub("svc"));
+  ASSERT_TRUE(tracked.ok() && tracked->has_value());
+  EXPECT_EQ(**tracked, (absl::flat_hash_set<std::string>{"flake.nix", "src/main.go", "run.sh"}));
+  absl::StatusOr<SourceTree> tree = BuildSourceTree(repo.Sub("svc"), {}, {.only = &**tracked});
+  ASSERT_TRUE(tree.ok()) << tree.status();
+  TempDir out;
+  ASSERT_TRUE(MaterializeTree(tree->root, LookupIn(tree->blobs), out.path()).ok());
+  EXPECT_EQ(ReadFileOrDie(out.Sub("src/main.go")), "package main // edited, not committed\n");
+  EXPECT_FALSE(fs::exists(out.Sub("result.log")));
+  EXPECT_FALSE(fs::exists(out.Sub("tmp")));
+  struct stat st;
+  ASSERT_EQ(::stat(out.Sub("run.sh").c_str(), &st), 0);
+  EXPECT_NE(st.st_mode & 0100, 0u);
+
+  // Outside a work tree: the whole directory.
+  TempDir plain;
+  WriteFileOrDie(plain.Sub("flake.nix"), "{ }\n");
+  tracked = GitTrackedFiles(plain.path());
+  ASSERT_TRUE(tracked.ok());
+  EXPECT_FALSE(tracked->has_value());
+}
+
+TEST(SourceTreeTest, TheDigestCacheSparesReadingUnchangedFilesAndNoticesChanges) {
+  TempDir src, cache_dir;
+  for (int i = 0; i < 50; ++i) WriteFileOrDie(src.Sub(absl::StrCat("d", i % 5, "/f", i)), absl::StrCat("file ", i));
+  // Files written just now are not remembered (their mtime could still
+  // hide a change); age them.
+  const auto old = fs::file_time_type::clock::now() - std::chrono::minutes(5);
+  for (const auto& e : fs::recursive_directory_iterator(src.path())) {
+    if (e.is_regular_file()) fs::last_write_time(e.path(), old);
+  }
+  const std::string cache_file = cache_dir.Sub("digests");
+  Digest first_root;
+  {
+    DigestCache cache(cache_file);
+    auto tree = BuildSourceTree(src.path(), {}, {.keep_file_data = false, .digest_cache = &cache});
+    ASSERT_TRUE(tree.ok());
+    EXPECT_EQ(cache.hits(), 0u);
+    EXPECT_EQ(tree->file_paths.size(), 50u);
+    ASSERT_TRUE(cache.Save().ok());
+    first_root = tree->root;
+  }
+  {
+    DigestCache cache(cache_file);
+    auto tree = BuildSourceTree(src.path(), {}, {.keep_file_data = false, .digest_cache = &cache});
+    ASSERT_TRUE(tree.ok());
+    EXPECT_EQ(cache.hits(), 50u);
+    EXPECT_EQ(tree->root.hash(), first_root.hash());
+  }
+  // A changed file (new size and mtime) is hashed again.
+  WriteFileOrDie(src.Sub("d3/f3"), "changed content");
+  DigestCache cache(cache_file);
+  auto tree = BuildSourceTree(src.path(), {}, {.keep_file_data = false, .digest_cache = &cache});
+  ASSERT_TRUE(tree.ok());
+  EXPECT_EQ(cache.hits(), 49u);
+  EXPECT_NE(tree->root.hash(), first_root.hash());
+  EXPECT_TRUE(tree->file_paths.contains(DigestOf("changed content").hash()));
 }
 
 }  // namespace

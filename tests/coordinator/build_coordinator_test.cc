@@ -82,7 +82,7 @@ class BuildCoordinatorTest : public ::testing::Test {
     auto store = RocksDbStateStore::Open(dir_.path(), false);
     ASSERT_TRUE(store.ok());
     store_ = *std::move(store);
-    core_ = std::make_unique<BuildCoordinator>(store_.get(), &metrics_, &clock_, options_);
+    core_ = std::make_unique<BuildCoordinator>(store_.get(), &metrics_, &clock_, options_, store_->cas());
     ASSERT_TRUE(core_->Recover().ok());
   }
 
@@ -718,6 +718,44 @@ TEST_F(BuildCoordinatorTest, LateWatchersReplayLogsOfRecentJobsOnlyAndWithinTheC
   for (size_t i = 1; i < replayed.size(); ++i) EXPECT_GT(replayed[i].sequence(), replayed[i - 1].sequence());
   EXPECT_EQ(logs(replay(assignments[1].assign().job_id())), kept);
   EXPECT_EQ(second, assignments[1].assign().job_id());
+}
+
+TEST_F(BuildCoordinatorTest, ATreeUploadedToTheCasIsSubmittedByItsRootAlone) {
+  options_.inline_source_bytes = 0;  // Assignments carry directories only.
+  Open();
+  // The request's tree, uploaded to the CAS instead of sent inline.
+  kiln::v1::SubmitBuildRequest request = Request();
+  const kiln::v1::Digest root = request.targets(0).spec().source().tree_root();
+  auto missing = request;
+  missing.clear_blobs();
+  EXPECT_THAT(core_->Submit(missing).status(),
+              StatusIs(absl::StatusCode::kNotFound, "is neither uploaded nor sent with the submission"));
+  for (const auto& blob : request.blobs()) {
+    const bool is_dir = blob.digest().hash() == root.hash();
+    if (!is_dir) ASSERT_TRUE(store_->cas()->Put(blob.digest(), blob.data(), false).ok());
+  }
+  for (const auto& blob : request.blobs()) {
+    if (blob.digest().hash() == root.hash()) ASSERT_TRUE(store_->cas()->Put(blob.digest(), blob.data(), true).ok());
+  }
+  auto accepted = core_->Submit(missing);
+  ASSERT_TRUE(accepted.ok()) << accepted.status();
+  auto w = Connect("w", 1);
+  ASSERT_EQ(w->Assignments().size(), 1u);
+  // Only the root directory travels; the worker fetches flake.nix itself.
+  const kiln::v1::Assignment assign = w->Assignments()[0].assign();
+  ASSERT_EQ(assign.blobs_size(), 1);
+  EXPECT_EQ(assign.blobs(0).digest().hash(), root.hash());
+
+  // A tree whose link leaves it is refused at submission, by its summary.
+  kiln::v1::Directory escaping;
+  auto* link = escaping.add_symlinks();
+  link->set_name("secrets");
+  link->set_target("../../etc");
+  const std::string blob = SerializeDirectory(escaping);
+  ASSERT_TRUE(store_->cas()->Put(DigestOf(blob), blob, true).ok());
+  auto bad = missing;
+  *bad.mutable_targets(0)->mutable_spec()->mutable_source()->mutable_tree_root() = DigestOf(blob);
+  EXPECT_THAT(core_->Submit(bad).status(), StatusIs(absl::StatusCode::kInvalidArgument, "points outside"));
 }
 
 }  // namespace
