@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <optional>
@@ -21,6 +22,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "common/cas_client.h"
+#include "common/digest.h"
 #include "common/grpc_util.h"
 #include "common/installable.h"
 #include "common/source_tree.h"
@@ -136,6 +138,10 @@ const char* StateName(kiln::v1::JobState state) {
   }
 }
 
+// A tree up to this size that the coordinator lacks travels inline with the
+// submission (one call) instead of being uploaded first (two or more).
+constexpr uint64_t kInlineTreeBytes = 64 << 10;
+
 struct Submitted {
   std::string installable;
   std::string job_id;
@@ -169,16 +175,24 @@ absl::StatusOr<std::string> Submit(BuildService::Stub& stub, const CliOptions& o
                        .only = tracked->has_value() ? &**tracked : nullptr});
   if (!tree.ok()) return tree.status();
   if (cache) cache->Save().IgnoreError();  // A cache: failing to keep it costs only time.
-  // Only what the coordinator lacks crosses the wire.
+  // Only what the coordinator lacks crosses the wire. A small tree it lacks
+  // goes inline with the submission: cheaper than more round trips.
   UploadStats uploaded;
-  if (absl::Status s = UploadTree(Cas(options), *tree, &uploaded); !s.ok()) {
-    if (absl::IsUnavailable(s)) return FromCoordinator(grpc::Status(grpc::StatusCode::UNAVAILABLE, ""), options);
-    return s;
+  bool send_inline = false;
+  absl::Status upload_status;
+  if (tree->total_bytes <= kInlineTreeBytes) {
+    absl::StatusOr<bool> has = HasDirectory(Cas(options), tree->root);
+    upload_status = has.status();
+    send_inline = has.ok() && !*has;
+  } else {
+    upload_status = UploadTree(Cas(options), *tree, &uploaded);
   }
-  if (!options.quiet && uploaded.blobs_sent > 0) {
-    Err(absl::StrFormat("kiln: %s: uploaded %d blob(s), %s", text, uploaded.blobs_sent,
-                        uploaded.bytes_sent >= (1 << 20) ? absl::StrFormat("%.1f MiB", uploaded.bytes_sent / 1048576.0)
-                                                         : absl::StrCat(uploaded.bytes_sent, " bytes")));
+  if (!upload_status.ok()) {
+    if (absl::IsUnavailable(upload_status)) {
+      return FromCoordinator(grpc::Status(grpc::StatusCode::UNAVAILABLE, std::string(upload_status.message())),
+                             options);
+    }
+    return upload_status;
   }
 
   kiln::v1::SubmitBuildRequest request;
@@ -193,8 +207,36 @@ absl::StatusOr<std::string> Submit(BuildService::Stub& stub, const CliOptions& o
     spec->mutable_max_silent_time()->set_seconds(options.max_silent_time_seconds);
   }
   spec->set_locality_key(LocalityKey(dir.string(), installable->attr));
+  if (send_inline) {
+    for (const auto& [hash, data] : tree->blobs) {
+      kiln::v1::Blob* blob = request.add_blobs();
+      blob->mutable_digest()->set_hash(hash);
+      blob->mutable_digest()->set_size_bytes(static_cast<int64_t>(data.size()));
+      blob->set_data(data);
+    }
+    for (const auto& [hash, path] : tree->file_paths) {
+      std::ifstream in(path, std::ios::binary);
+      std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+      if (!in.good() && !in.eof()) data.clear();
+      if (Sha256Hex(data) != hash) {
+        return absl::AbortedError(absl::StrCat(path, " changed while it was being sent; run the command again"));
+      }
+      kiln::v1::Blob* blob = request.add_blobs();
+      blob->mutable_digest()->set_hash(hash);
+      blob->mutable_digest()->set_size_bytes(static_cast<int64_t>(data.size()));
+      blob->set_data(std::move(data));
+      ++uploaded.blobs_sent;
+      uploaded.bytes_sent += blob->data().size();
+    }
+    uploaded.blobs_sent += tree->blobs.size();
+    for (const auto& [hash, data] : tree->blobs) uploaded.bytes_sent += data.size();
+  }
   request.set_submitter(Submitter());
-
+  if (!options.quiet && uploaded.blobs_sent > 0) {
+    Err(absl::StrFormat("kiln: %s: uploaded %d blob(s), %s", text, uploaded.blobs_sent,
+                        uploaded.bytes_sent >= (1 << 20) ? absl::StrFormat("%.1f MiB", uploaded.bytes_sent / 1048576.0)
+                                                         : absl::StrCat(uploaded.bytes_sent, " bytes")));
+  }
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
   kiln::v1::SubmitBuildResponse response;

@@ -157,6 +157,13 @@ absl::Status UploadTree(kiln::v1::CasService::Stub& stub, const SourceTree& tree
   return absl::OkStatus();
 }
 
+absl::StatusOr<bool> HasDirectory(kiln::v1::CasService::Stub& stub, const Digest& root) {
+  UploadStats stats;
+  std::vector<Digest> missing_files, missing_dirs;
+  if (absl::Status s = FindMissing(stub, {}, {root}, missing_files, missing_dirs, &stats); !s.ok()) return s;
+  return missing_dirs.empty();
+}
+
 absl::Status FetchBlobs(kiln::v1::CasService::Stub& stub, const std::vector<Digest>& digests,
                         absl::FunctionRef<absl::Status(const Digest&, std::string&&)> on_blob,
                         absl::Duration timeout) {

@@ -28,6 +28,9 @@ struct UploadStats {
 absl::Status UploadTree(kiln::v1::CasService::Stub& stub, const SourceTree& tree, UploadStats* stats,
                         absl::Duration timeout = absl::Minutes(30));
 
+// Whether the coordinator holds the whole tree under `root` (one call).
+absl::StatusOr<bool> HasDirectory(kiln::v1::CasService::Stub& stub, const kiln::v1::Digest& root);
+
 // Fetches `digests` and calls `on_blob` with each blob's complete bytes once
 // they match its digest; a mismatch is an error (DataLoss) and nothing of
 // that blob is handed over.

@@ -267,6 +267,8 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
   const SourceTreeLimits limits{.max_total_bytes = options_.max_source_bytes};
   StateWrite write;
   absl::flat_hash_set<std::string> stored, checked_roots;
+  // Trees sent inline, checked: (root, every blob hash), for the CAS.
+  std::vector<std::pair<kiln::v1::Digest, std::vector<std::string>>> inline_trees;
   for (const auto& target : request.targets()) {
     const auto& spec = target.spec();
     if (spec.source().has_archive()) {
@@ -301,8 +303,12 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
         return reject(absl::Status(needed.status().code(),
                                    absl::StrCat(spec.display_name(), ": ", needed.status().message())));
       }
-      for (const std::string& hash : *needed) {
-        if (stored.insert(hash).second) write.blobs.emplace_back(hash, *uploads.at(hash));
+      if (cas_ != nullptr) {
+        inline_trees.push_back({root, *std::move(needed)});
+      } else {
+        for (const std::string& hash : *needed) {
+          if (stored.insert(hash).second) write.blobs.emplace_back(hash, *uploads.at(hash));
+        }
       }
     }
     if (absl::Status s = ValidateSubdir(spec.source().flake_subdir()); !s.ok()) return reject(s);
@@ -324,6 +330,34 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
     }
     if (spec.has_push()) {
       return reject(absl::UnimplementedError("image push targets are not supported by this coordinator yet"));
+    }
+  }
+
+  // Inline trees go into the CAS like uploaded ones (files, then directories
+  // children first), so the next submission of the same tree need not send
+  // it. Content-addressed: stored before the jobs, harmless if they fail.
+  for (const auto& [root, hashes] : inline_trees) {
+    absl::StatusOr<std::vector<std::pair<std::string, std::string>>> dirs =
+        CollectTreeDirectories(root, lookup, limits);
+    if (!dirs.ok()) return reject(dirs.status());
+    absl::flat_hash_set<std::string> dir_hashes;
+    for (const auto& [hash, _] : *dirs) dir_hashes.insert(hash);
+    absl::Status s;
+    const auto put = [&](const std::string& data, bool is_directory) {
+      bool stored = false;
+      s = cas_->Put(DigestOf(data), data, is_directory, &stored);
+      if (stored) {
+        metrics_->cas_uploaded_blobs.Increment();
+        metrics_->cas_uploaded_bytes.Increment(static_cast<double>(data.size()));
+      }
+    };
+    for (const std::string& hash : hashes) {
+      if (s.ok() && !dir_hashes.contains(hash)) put(*uploads.at(hash), false);
+    }
+    for (auto it = dirs->rbegin(); s.ok() && it != dirs->rend(); ++it) put(it->second, true);
+    if (!s.ok()) {
+      metrics_->state_write_errors.Increment();
+      return reject(absl::UnavailableError(absl::StrCat("the coordinator could not store the source: ", s.message())));
     }
   }
 

@@ -207,13 +207,15 @@ absl::Status CasStore::Upload::Finish() {
   return absl::OkStatus();
 }
 
-absl::Status CasStore::Put(const Digest& digest, absl::string_view data, bool is_directory) {
+absl::Status CasStore::Put(const Digest& digest, absl::string_view data, bool is_directory, bool* stored) {
   absl::StatusOr<std::unique_ptr<Upload>> upload = StartUpload(digest, is_directory);
   if (!upload.ok()) return upload.status();
   for (size_t at = 0; at < data.size(); at += kChunkBytes) {
     if (absl::Status s = (*upload)->Append(data.substr(at, kChunkBytes)); !s.ok()) return s;
   }
-  return (*upload)->Finish();
+  absl::Status s = (*upload)->Finish();
+  if (stored != nullptr) *stored = s.ok() && !(*upload)->already_present();
+  return s;
 }
 
 absl::StatusOr<TreeSummary> CasStore::SummariseDirectory(const Digest& digest, absl::string_view data) const {

@@ -82,8 +82,10 @@ class CasStore {
   // Fails at once for a digest that is not a SHA-256 or a blob over the limit.
   absl::StatusOr<std::unique_ptr<Upload>> StartUpload(const kiln::v1::Digest& digest, bool is_directory);
 
-  // Stores a whole blob (verifying it), e.g. from an inline submission.
-  absl::Status Put(const kiln::v1::Digest& digest, absl::string_view data, bool is_directory);
+  // Stores a whole blob (verifying it), e.g. from an inline submission;
+  // `*stored` (if given) says whether it was new.
+  absl::Status Put(const kiln::v1::Digest& digest, absl::string_view data, bool is_directory,
+                   bool* stored = nullptr);
 
  private:
   // The summary of a directory whose children are all present; an error

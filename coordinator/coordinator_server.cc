@@ -23,7 +23,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
 
   auto server = std::unique_ptr<CoordinatorServer>(new CoordinatorServer());
   auto store = RocksDbStateStore::Open((std::filesystem::path(options.state_dir) / "rocksdb").string(),
-                                       options.sync_writes);
+                                       options.sync_writes, options.max_blob_bytes);
   if (!store.ok()) return store.status();
   server->store_ = *std::move(store);
 

@@ -28,6 +28,7 @@ struct CoordinatorOptions {
   // When set, written once serving: {"grpc":"host:port","metrics":"host:port"}.
   std::string ready_file;
   bool sync_writes = false;
+  uint64_t max_blob_bytes = uint64_t{4} << 30;  // One CAS blob.
   BuildCoordinatorOptions core;
 };
 

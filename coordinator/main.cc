@@ -34,6 +34,11 @@ ABSL_FLAG(absl::Duration, retry_backoff, absl::Seconds(5),
 ABSL_FLAG(absl::Duration, default_timeout, absl::ZeroDuration(),
           "Timeout of a build that sets none (0: no limit)");
 ABSL_FLAG(std::string, log_level, "info", "debug, info, warning or error");
+ABSL_FLAG(int64_t, max_tree_mb, 4096, "Largest source tree a submission may name, in MiB (all its files)");
+ABSL_FLAG(int64_t, max_blob_mb, 4096, "Largest single blob the CAS accepts, in MiB");
+ABSL_FLAG(int64_t, inline_source_kb, 1024,
+          "Source trees up to this size (KiB) travel inside each assignment; larger ones send their directories "
+          "and workers fetch the files their cache lacks (0: always fetch)");
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
@@ -57,6 +62,9 @@ int main(int argc, char** argv) {
   options.ready_file = absl::GetFlag(FLAGS_ready_file);
   options.sync_writes = absl::GetFlag(FLAGS_sync_writes);
   options.core.max_attempts = absl::GetFlag(FLAGS_max_attempts);
+  options.core.max_tree_bytes = static_cast<uint64_t>(absl::GetFlag(FLAGS_max_tree_mb)) << 20;
+  options.core.inline_source_bytes = static_cast<uint64_t>(absl::GetFlag(FLAGS_inline_source_kb)) << 10;
+  options.max_blob_bytes = static_cast<uint64_t>(absl::GetFlag(FLAGS_max_blob_mb)) << 20;
   options.core.capability_grace = absl::GetFlag(FLAGS_capability_grace);
   options.core.lease = absl::GetFlag(FLAGS_lease);
   options.core.default_timeout = absl::GetFlag(FLAGS_default_timeout);

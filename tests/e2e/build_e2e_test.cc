@@ -256,5 +256,38 @@ TEST_F(BuildE2eTest, MetricsOfBothDaemonsPassPromtool) {
   }
 }
 
+// Sources through the CAS: a farm whose assignments never carry files, so
+// workers fetch them into their blob cache; the CLI sends only what the
+// coordinator lacks.
+TEST(SourceTransportE2eTest, WorkersFetchMissingFilesAndAnUnchangedTreeUploadsNothing) {
+  LocalFarm farm(/*workers=*/1, /*max_jobs_per_worker=*/2);
+  farm.SetCoordinatorFlags({"--inline-source-kb=0"});
+  ASSERT_TRUE(farm.Start().ok());
+  testing::TempDir work;
+  const std::string nonce = Nonce();
+  WriteFileOrDie(work.Sub("svc/flake.nix"),
+                 TrivialFlake("fetched", "read x < ${./data/message.txt}; echo $x " + nonce + " > $out"));
+  WriteFileOrDie(work.Sub("svc/data/message.txt"), "hello-from-the-cas\n");
+  auto first = farm.Kiln({"build", work.Sub("svc")});
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_EQ(first->exit.exit_code, 0) << first->stderr_data;
+  EXPECT_TRUE(absl::StrContains(first->stderr_data, "uploaded 4 blob(s)")) << first->stderr_data;
+  const std::string path(absl::StripTrailingAsciiWhitespace(first->stdout_data));
+  EXPECT_EQ(ReadFileOrDie(path), "hello-from-the-cas " + nonce + "\n");
+  // The worker fetched the two files (the directories came with the job).
+  EXPECT_TRUE(absl::StrContains(ReadFileOrDie(farm.LogOf("worker-1")), "fetched 2 source blob(s)"))
+      << ReadFileOrDie(farm.LogOf("worker-1"));
+
+  // Again, unchanged: nothing is uploaded, and Nix has the result already.
+  auto again = farm.Kiln({"build", work.Sub("svc")});
+  ASSERT_TRUE(again.ok());
+  ASSERT_EQ(again->exit.exit_code, 0) << again->stderr_data;
+  EXPECT_FALSE(absl::StrContains(again->stderr_data, "uploaded")) << again->stderr_data;
+  EXPECT_EQ(absl::StripTrailingAsciiWhitespace(again->stdout_data), path);
+  const auto metrics = testing::ScrapeMetrics(farm.coordinator_metrics());
+  ASSERT_TRUE(metrics.ok());
+  EXPECT_TRUE(absl::StrContains(*metrics, "kiln_cas_uploaded_blobs_total 4")) << *metrics;
+}
+
 }  // namespace
 }  // namespace kiln
