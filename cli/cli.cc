@@ -146,10 +146,11 @@ struct Submitted {
   std::string installable;
   std::string job_id;
   absl::Status error;  // Set when the submission itself failed.
+  UploadStats upload;  // What crossed the wire for the source.
 };
 
 absl::StatusOr<std::string> Submit(BuildService::Stub& stub, const CliOptions& options,
-                                   const std::string& text) {
+                                   const std::string& text, UploadStats& uploaded) {
   absl::StatusOr<Installable> installable = ParseInstallable(text);
   if (!installable.ok()) return installable.status();
   std::error_code ec;
@@ -177,11 +178,12 @@ absl::StatusOr<std::string> Submit(BuildService::Stub& stub, const CliOptions& o
   if (cache) cache->Save().IgnoreError();  // A cache: failing to keep it costs only time.
   // Only what the coordinator lacks crosses the wire. A small tree it lacks
   // goes inline with the submission: cheaper than more round trips.
-  UploadStats uploaded;
   bool send_inline = false;
   absl::Status upload_status;
   if (tree->total_bytes <= kInlineTreeBytes) {
     absl::StatusOr<bool> has = HasDirectory(Cas(options), tree->root);
+    uploaded.round_trips = 1;
+    uploaded.digests_asked = 1;
     upload_status = has.status();
     send_inline = has.ok() && !*has;
   } else {
@@ -349,8 +351,8 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& i
   std::vector<Submitted> jobs;
   int exit_code = kExitOk;
   for (const auto& text : installables) {
-    Submitted s{.installable = text, .job_id = "", .error = absl::OkStatus()};
-    absl::StatusOr<std::string> id = Submit(stub, options, text);
+    Submitted s{.installable = text, .job_id = "", .error = absl::OkStatus(), .upload = {}};
+    absl::StatusOr<std::string> id = Submit(stub, options, text, s.upload);
     if (id.ok()) {
       s.job_id = *id;
     } else {
@@ -359,6 +361,25 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& i
       exit_code = std::max(exit_code, ExitCodeFor(id.status()));
     }
     jobs.push_back(std::move(s));
+  }
+
+  if (options.detach) {
+    // Submitted (and stored): the farm builds without us watching.
+    nlohmann::json submitted = nlohmann::json::array();
+    for (const auto& job : jobs) {
+      if (!job.error.ok()) continue;
+      submitted.push_back({{"installable", job.installable},
+                           {"jobId", job.job_id},
+                           {"status", "submitted"},
+                           {"upload",
+                            {{"blobs", job.upload.blobs_sent},
+                             {"bytes", job.upload.bytes_sent},
+                             {"roundTrips", job.upload.round_trips},
+                             {"digestsAsked", job.upload.digests_asked}}}});
+      if (!options.json) std::printf("%s\n", job.job_id.c_str());
+    }
+    if (options.json) std::printf("%s\n", submitted.dump().c_str());
+    return exit_code;
   }
 
   nlohmann::json json_out = nlohmann::json::array();
