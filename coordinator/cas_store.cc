@@ -1,6 +1,12 @@
 #include "coordinator/cas_store.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
 #include <utility>
 
 #include <rocksdb/write_batch.h>
@@ -23,15 +29,25 @@ absl::Status FromRocks(const rocksdb::Status& s, absl::string_view what) {
   return absl::InternalError(msg);
 }
 
-std::string ChunkKey(const std::string& prefix, uint32_t index) { return absl::StrFormat("%s%08d", prefix, index); }
 
 std::string Short(const std::string& hash) { return hash.substr(0, 12); }
 
 }  // namespace
 
 CasStore::CasStore(rocksdb::DB* db, rocksdb::ColumnFamilyHandle* blobs, rocksdb::ColumnFamilyHandle* meta,
-                   uint64_t max_blob_bytes)
-    : db_(db), blobs_(blobs), meta_(meta), max_blob_bytes_(max_blob_bytes) {}
+                   std::string files_dir, uint64_t max_blob_bytes, bool sync)
+    : db_(db), blobs_(blobs), meta_(meta), files_dir_(std::move(files_dir)), max_blob_bytes_(max_blob_bytes),
+      sync_(sync) {
+  std::error_code ec;
+  std::filesystem::create_directories(std::filesystem::path(files_dir_) / "tmp", ec);
+  // Uploads cut short by a crash leave temporary files; none is in use now.
+  std::filesystem::remove_all(std::filesystem::path(files_dir_) / "tmp", ec);
+  std::filesystem::create_directories(std::filesystem::path(files_dir_) / "tmp", ec);
+}
+
+std::string CasStore::FilePath(const std::string& hash) const {
+  return (std::filesystem::path(files_dir_) / hash.substr(0, 2) / hash).string();
+}
 
 absl::StatusOr<BlobMeta> CasStore::Meta(const std::string& hash) const {
   std::string value;
@@ -64,20 +80,30 @@ bool CasStore::HasDirectory(const Digest& digest) const {
 absl::Status CasStore::Read(const std::string& hash, absl::FunctionRef<absl::Status(absl::string_view)> fn) const {
   absl::StatusOr<BlobMeta> meta = Meta(hash);
   if (!meta.ok()) return meta.status();
-  std::string value;
-  if (meta->chunk_prefix().empty()) {
-    if (absl::Status s = FromRocks(db_->Get(rocksdb::ReadOptions(), blobs_, hash, &value), absl::StrCat("blob ", hash));
-        !s.ok()) {
-      return s;
-    }
+  if (!meta->in_file()) {
+    std::string value;
+    rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), blobs_, hash, &value);
+    if (!s.ok()) return FromRocks(s, absl::StrCat("blob ", hash));
     return fn(value);
   }
-  for (uint32_t i = 0; i < meta->chunks(); ++i) {
-    rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), blobs_, ChunkKey(meta->chunk_prefix(), i), &value);
-    if (!s.ok()) return FromRocks(s, absl::StrCat("chunk ", i, " of blob ", hash));
-    if (absl::Status st = fn(value); !st.ok()) return st;
+  const int fd = ::open(FilePath(hash).c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return absl::DataLossError(absl::StrCat("blob ", hash, " is missing its file: ", std::strerror(errno)));
+  std::string buffer(std::min<size_t>(kChunkBytes, static_cast<size_t>(std::max<int64_t>(1, meta->size_bytes()))),
+                     '\0');
+  int64_t done = 0;
+  absl::Status status;
+  while (status.ok() && done < meta->size_bytes()) {
+    const ssize_t n = ::read(fd, buffer.data(), buffer.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      status = absl::DataLossError(absl::StrCat("blob ", hash, " file ends early"));
+      break;
+    }
+    done += n;
+    status = fn(absl::string_view(buffer.data(), static_cast<size_t>(n)));
   }
-  return absl::OkStatus();
+  ::close(fd);
+  return status;
 }
 
 absl::StatusOr<std::string> CasStore::ReadAll(const std::string& hash) const {
@@ -98,14 +124,17 @@ absl::StatusOr<std::unique_ptr<CasStore::Upload>> CasStore::StartUpload(const Di
     return absl::ResourceExhaustedError(absl::StrCat("blob ", Short(digest.hash()), " of ", digest.size_bytes(),
                                                      " bytes is over the limit of ", max_blob_bytes_, " bytes"));
   }
-  if (is_directory && static_cast<uint64_t>(digest.size_bytes()) >= kChunkBytes) {
+  if (is_directory && static_cast<uint64_t>(digest.size_bytes()) > kFileThreshold) {
     return absl::ResourceExhaustedError(absl::StrCat("directory blob ", Short(digest.hash()), " is over 1 MiB"));
   }
   return std::unique_ptr<Upload>(new Upload(this, digest, is_directory));
 }
 
 CasStore::Upload::Upload(CasStore* store, Digest digest, bool is_directory)
-    : store_(store), digest_(std::move(digest)), is_directory_(is_directory) {}
+    : store_(store),
+      digest_(std::move(digest)),
+      is_directory_(is_directory),
+      to_file_(!is_directory && static_cast<uint64_t>(digest_.size_bytes()) > kFileThreshold) {}
 
 CasStore::Upload::~Upload() {
   if (!finished_) Discard();
@@ -119,35 +148,34 @@ absl::Status CasStore::Upload::Append(absl::string_view data) {
                                                    digest_.size_bytes(), " bytes"));
   }
   hasher_.Update(data);
-  buffer_.append(data.data(), data.size());
-  if (buffer_.size() >= kChunkBytes) return FlushChunk();
-  return absl::OkStatus();
-}
-
-absl::Status CasStore::Upload::FlushChunk() {
-  // Chunks go under a prefix of this upload only: an upload that fails its
-  // digest check removes exactly what it wrote, whatever else runs.
-  if (chunk_prefix_.empty()) {
-    chunk_prefix_ = absl::StrCat(digest_.hash(), "/", store_->next_upload_.fetch_add(1), "-",
-                                 absl::ToUnixNanos(absl::Now()), "/");
+  if (!to_file_) {
+    buffer_.append(data.data(), data.size());
+    return absl::OkStatus();
   }
-  while (buffer_.size() >= kChunkBytes || (!buffer_.empty() && received_ == static_cast<uint64_t>(digest_.size_bytes()))) {
-    const size_t n = std::min(buffer_.size(), kChunkBytes);
-    rocksdb::Status s = store_->db_->Put(rocksdb::WriteOptions(), store_->blobs_,
-                                         ChunkKey(chunk_prefix_, chunks_written_), rocksdb::Slice(buffer_.data(), n));
-    if (!s.ok()) return FromRocks(s, "blob chunk write");
-    ++chunks_written_;
-    buffer_.erase(0, n);
+  if (fd_ < 0) {
+    // A name of this upload's own: concurrent uploads of one blob never
+    // share a temporary file.
+    temp_path_ = (std::filesystem::path(store_->files_dir_) / "tmp" /
+                  absl::StrCat(digest_.hash(), ".", store_->next_upload_.fetch_add(1)))
+                     .string();
+    fd_ = ::open(temp_path_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0444);
+    if (fd_ < 0) return absl::InternalError(absl::StrCat("cannot create ", temp_path_, ": ", std::strerror(errno)));
+  }
+  for (size_t at = 0; at < data.size();) {
+    const ssize_t n = ::write(fd_, data.data() + at, data.size() - at);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return absl::InternalError(absl::StrCat("cannot write ", temp_path_, ": ", std::strerror(errno)));
+    at += static_cast<size_t>(n);
   }
   return absl::OkStatus();
 }
 
 void CasStore::Upload::Discard() {
   finished_ = true;
-  if (chunks_written_ == 0) return;
-  rocksdb::WriteBatch batch;
-  for (uint32_t i = 0; i < chunks_written_; ++i) batch.Delete(store_->blobs_, ChunkKey(chunk_prefix_, i));
-  store_->db_->Write(rocksdb::WriteOptions(), &batch).PermitUncheckedError();
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
+  if (!temp_path_.empty()) ::unlink(temp_path_.c_str());
+  temp_path_.clear();
 }
 
 absl::Status CasStore::Upload::Finish() {
@@ -186,18 +214,31 @@ absl::Status CasStore::Upload::Finish() {
     return absl::OkStatus();
   }
   rocksdb::WriteBatch batch;
-  if (chunks_written_ == 0) {
-    batch.Put(store_->blobs_, digest_.hash(), buffer_);  // Small: one value under the hash.
-  } else {
-    if (absl::Status s = FlushChunk(); !s.ok()) {
+  if (to_file_) {
+    // The bytes reach their final name before the meta makes them visible.
+    if (store_->sync_ && ::fsync(fd_) != 0) {
       Discard();
-      return s;
+      return absl::InternalError(absl::StrCat("cannot sync ", temp_path_, ": ", std::strerror(errno)));
     }
-    meta.set_chunk_prefix(chunk_prefix_);
-    meta.set_chunks(chunks_written_);
+    ::close(fd_);
+    fd_ = -1;
+    const std::string path = store_->FilePath(digest_.hash());
+    std::error_code ec;
+    std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ec);
+    if (::rename(temp_path_.c_str(), path.c_str()) != 0) {
+      const std::string why = std::strerror(errno);
+      Discard();
+      return absl::InternalError(absl::StrCat("cannot store blob ", Short(digest_.hash()), ": ", why));
+    }
+    temp_path_.clear();
+    meta.set_in_file(true);
+  } else {
+    batch.Put(store_->blobs_, digest_.hash(), buffer_);
   }
   batch.Put(store_->meta_, digest_.hash(), meta.SerializeAsString());
-  rocksdb::Status s = store_->db_->Write(rocksdb::WriteOptions(), &batch);
+  rocksdb::WriteOptions options;
+  options.sync = store_->sync_;
+  rocksdb::Status s = store_->db_->Write(options, &batch);
   if (!s.ok()) {
     Discard();
     return FromRocks(s, "blob write");

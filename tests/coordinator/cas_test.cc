@@ -81,13 +81,13 @@ TEST_F(CasTest, StoresVerifiedBlobsAndRejectsWrongOnesStoringNothing) {
   EXPECT_THAT(cas().Put(DigestOf(big), big, false), StatusIs(absl::StatusCode::kResourceExhausted, "over the limit"));
 }
 
-TEST_F(CasTest, LargeBlobsAreChunkedAndReadBackWhole) {
+TEST_F(CasTest, LargeBlobsAreFilesReadBackInChunks) {
   std::string big(3 * CasStore::kChunkBytes + 12345, '\0');
   for (size_t i = 0; i < big.size(); ++i) big[i] = static_cast<char>(i * 7 + i / 4096);
   ASSERT_TRUE(cas().Put(DigestOf(big), big, false).ok());
   auto meta = cas().Meta(DigestOf(big).hash());
   ASSERT_TRUE(meta.ok());
-  EXPECT_EQ(meta->chunks(), 4u);
+  EXPECT_TRUE(meta->in_file());
   size_t pieces = 0;
   std::string back;
   ASSERT_TRUE(cas().Read(DigestOf(big).hash(), [&](absl::string_view chunk) {
@@ -105,6 +105,14 @@ TEST_F(CasTest, LargeBlobsAreChunkedAndReadBackWhole) {
   ASSERT_TRUE((*again)->Append(big).ok());
   ASSERT_TRUE((*again)->Finish().ok());
   EXPECT_TRUE((*again)->already_present());
+
+  // A large upload that fails its digest check leaves no file behind.
+  std::string forged = big;
+  forged[100] ^= 1;
+  EXPECT_EQ(cas().Put(DigestOf(big), forged, false).code(), absl::StatusCode::kInvalidArgument);
+  const std::filesystem::path tmp = std::filesystem::path(dir_.path()) / "db" / "cas" / "tmp";
+  EXPECT_TRUE(std::filesystem::is_empty(tmp));
+  EXPECT_EQ(*cas().ReadAll(DigestOf(big).hash()), big);  // The stored copy is untouched.
 }
 
 TEST_F(CasTest, ADirectoryIsAcceptedOnlyAfterItsChildrenAndSummarisesItsTree) {
