@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "absl/container/flat_hash_set.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/digest.h"
@@ -62,6 +63,74 @@ absl::Status ReadFileBytes(const std::string& path, std::string& out) {
   return absl::OkStatus();
 }
 
+struct BlobToSend {
+  Digest digest;
+  bool is_directory;
+};
+
+// One WriteBlobs call carrying `blobs` in order. File bytes are read from
+// the tree's paths; a file that changed since it was hashed is refused by
+// the coordinator (its digest no longer matches).
+absl::Status WriteStream(kiln::v1::CasService::Stub& stub, const std::vector<BlobToSend>& blobs,
+                         const SourceTree& tree, UploadStats* stats, absl::Duration timeout) {
+  if (blobs.empty()) return absl::OkStatus();
+  grpc::ClientContext context;
+  SetDeadline(context, timeout);
+  kiln::v1::WriteBlobsResponse response;
+  std::unique_ptr<grpc::ClientWriter<kiln::v1::WriteBlobsChunk>> writer = stub.WriteBlobs(&context, &response);
+  kiln::v1::WriteBlobsChunk chunk;
+  std::string data;
+  const auto send = [&](const Digest& digest, bool is_directory, absl::string_view bytes) -> bool {
+    size_t at = 0;
+    do {
+      chunk.Clear();
+      if (at == 0) {
+        *chunk.mutable_digest() = digest;
+        chunk.set_is_directory(is_directory);
+      }
+      const size_t n = std::min(kChunk, bytes.size() - at);
+      chunk.set_offset(static_cast<int64_t>(at));
+      chunk.set_data(bytes.data() + at, n);
+      at += n;
+      chunk.set_last(at == bytes.size());
+      if (!writer->Write(chunk)) return false;
+    } while (at < bytes.size());
+    ++stats->blobs_sent;
+    stats->bytes_sent += bytes.size();
+    return true;
+  };
+  absl::Status local;
+  for (const BlobToSend& blob : blobs) {
+    const std::string* bytes = nullptr;
+    if (auto it = tree.blobs.find(blob.digest.hash()); it != tree.blobs.end()) {
+      bytes = &it->second;
+    } else if (auto p = tree.file_paths.find(blob.digest.hash()); p != tree.file_paths.end()) {
+      if (local = ReadFileBytes(p->second, data); !local.ok()) break;
+      if (data.size() != static_cast<size_t>(blob.digest.size_bytes())) {
+        local = absl::AbortedError(absl::StrCat(p->second, " changed while it was being sent; run the command again"));
+        break;
+      }
+      bytes = &data;
+    } else {
+      local = absl::InternalError(absl::StrCat("blob ", blob.digest.hash(), " is not part of the tree"));
+      break;
+    }
+    if (!send(blob.digest, blob.is_directory, *bytes)) break;
+  }
+  if (!local.ok()) context.TryCancel();
+  writer->WritesDone();
+  grpc::Status status = writer->Finish();
+  if (!local.ok()) return local;
+  if (!status.ok()) {
+    return absl::Status(FromGrpcStatus(status).code(),
+                        absl::StrCat("uploading the source: ", status.error_message(),
+                                     absl::StrContains(status.error_message(), "does not match its digest")
+                                         ? " (a file changed while it was being sent? run the command again)"
+                                         : ""));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::Status UploadTree(kiln::v1::CasService::Stub& stub, const SourceTree& tree, UploadStats* stats,
@@ -103,58 +172,14 @@ absl::Status UploadTree(kiln::v1::CasService::Stub& stub, const SourceTree& tree
   }
   if (missing_files.empty() && upload_dirs.empty()) return absl::OkStatus();
 
-  // Files, then directories children-first (the reverse of discovery order).
-  grpc::ClientContext context;
-  SetDeadline(context, timeout);
-  kiln::v1::WriteBlobsResponse response;
-  std::unique_ptr<grpc::ClientWriter<kiln::v1::WriteBlobsChunk>> writer = stub.WriteBlobs(&context, &response);
-  kiln::v1::WriteBlobsChunk chunk;
-  std::string data;
-  const auto send = [&](const Digest& digest, bool is_directory, absl::string_view bytes) -> bool {
-    size_t at = 0;
-    do {
-      chunk.Clear();
-      if (at == 0) {
-        *chunk.mutable_digest() = digest;
-        chunk.set_is_directory(is_directory);
-      }
-      const size_t n = std::min(kChunk, bytes.size() - at);
-      chunk.set_offset(static_cast<int64_t>(at));
-      chunk.set_data(bytes.data() + at, n);
-      at += n;
-      chunk.set_last(at == bytes.size());
-      if (!writer->Write(chunk)) return false;
-    } while (at < bytes.size());
-    ++stats->blobs_sent;
-    stats->bytes_sent += bytes.size();
-    return true;
-  };
-  bool ok = true;
-  for (const Digest& f : missing_files) {
-    const std::string* bytes = nullptr;
-    if (auto it = tree.blobs.find(f.hash()); it != tree.blobs.end()) {
-      bytes = &it->second;
-    } else if (auto p = tree.file_paths.find(f.hash()); p != tree.file_paths.end()) {
-      if (absl::Status s = ReadFileBytes(p->second, data); !s.ok()) return s;
-      if (data.size() != static_cast<size_t>(f.size_bytes()) || Sha256Hex(data) != f.hash()) {
-        return absl::AbortedError(absl::StrCat(p->second, " changed while it was being sent; run the command again"));
-      }
-      bytes = &data;
-    } else {
-      return absl::InternalError(absl::StrCat("file blob ", f.hash(), " is not part of the tree"));
-    }
-    if (!(ok = send(f, false, *bytes))) break;
-  }
-  for (auto it = upload_dirs.rbegin(); ok && it != upload_dirs.rend(); ++it) {
-    ok = send(*it, true, tree.blobs.at(it->hash()));
-  }
-  writer->WritesDone();
-  grpc::Status status = writer->Finish();
-  if (!status.ok()) {
-    return absl::Status(FromGrpcStatus(status).code(),
-                        absl::StrCat("uploading the source: ", status.error_message()));
-  }
-  return absl::OkStatus();
+  // Files, then directories children-first (the reverse of discovery order),
+  // in one stream. (Two streams in parallel measured no faster on two
+  // cores: the coordinator's verification and storage is the bound.)
+  std::vector<BlobToSend> blobs;
+  blobs.reserve(missing_files.size() + upload_dirs.size());
+  for (const Digest& f : missing_files) blobs.push_back({f, false});
+  for (auto it = upload_dirs.rbegin(); it != upload_dirs.rend(); ++it) blobs.push_back({*it, true});
+  return WriteStream(stub, blobs, tree, stats, timeout);
 }
 
 absl::StatusOr<bool> HasDirectory(kiln::v1::CasService::Stub& stub, const Digest& root) {
