@@ -204,6 +204,7 @@ absl::StatusOr<std::string> Submit(BuildService::Stub& stub, const CliOptions& o
   spec->mutable_requirements()->set_system(options.system);
   spec->set_display_name(text);
   spec->set_priority_class(options.priority);
+  spec->set_rebuild(options.rebuild);
   if (options.timeout_seconds > 0) spec->mutable_timeout()->set_seconds(options.timeout_seconds);
   if (options.max_silent_time_seconds > 0) {
     spec->mutable_max_silent_time()->set_seconds(options.max_silent_time_seconds);
@@ -403,7 +404,15 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& i
       continue;
     }
     const auto& result = finished->result();
-    entry["status"] = StateName(finished->state());
+    entry["status"] = result.cached() ? "cached" : StateName(finished->state());
+    entry["cached"] = result.cached();
+    if (result.cached()) {
+      entry["cachedFromJob"] = result.cached_from_job();
+      if (!options.quiet) {
+        Err(absl::StrFormat("kiln: %s: cached: built by job %s on %s (--rebuild builds it again)", job.installable,
+                            result.cached_from_job(), finished->worker()));
+      }
+    }
     entry["worker"] = finished->worker();
     entry["durationSeconds"] = absl::ToDoubleSeconds(FromProtoDuration(result.build_duration()));
     if (finished->state() == kiln::v1::JOB_STATE_SUCCEEDED) {

@@ -30,6 +30,7 @@ struct CliOptions {
   int64_t max_silent_time_seconds = 0;  // Without log output; 0: no limit.
   int watch_retry_seconds = 120;
   bool detach = false;  // build: submit, print the job ids, do not wait.
+  bool rebuild = false;  // build: bypass the coordinator's result cache.
 };
 
 // `kiln build INSTALLABLE...`: uploads each flake, submits, streams the logs,

@@ -15,6 +15,7 @@
 #include "absl/cleanup/cleanup.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/container/node_hash_map.h"
+#include "common/digest.h"
 #include "common/source_tree.h"
 #include "common/grpc_util.h"
 #include "common/installable.h"
@@ -126,6 +127,41 @@ JobPlacement BuildCoordinator::PlacementOf(const JobRecord& record) {
                                : absl::StrCat(spec.source().tree_root().hash(), "/", spec.source().flake_subdir(),
                                               "#", spec.attr());
   return placement;
+}
+
+std::optional<kiln::v1::Digest> BuildCoordinator::FlakeSubtree(const kiln::v1::SourceRef& source,
+                                                               const BlobLookup& inline_blobs) const {
+  kiln::v1::Digest at = source.tree_root();
+  for (absl::string_view part : absl::StrSplit(source.flake_subdir(), '/', absl::SkipEmpty())) {
+    if (part == ".") continue;
+    const std::string* data = inline_blobs(at.hash());
+    std::string read;
+    if (data == nullptr) {
+      absl::StatusOr<std::string> blob = cas_ != nullptr ? cas_->ReadAll(at.hash()) : store_->GetBlob(at.hash());
+      if (!blob.ok()) return std::nullopt;
+      read = *std::move(blob);
+      data = &read;
+    }
+    kiln::v1::Directory dir;
+    if (!dir.ParseFromString(*data)) return std::nullopt;
+    auto it = std::find_if(dir.directories().begin(), dir.directories().end(),
+                           [&](const kiln::v1::DirectoryNode& n) { return n.name() == part; });
+    if (it == dir.directories().end()) return std::nullopt;  // The worker will say there is no flake there.
+    at = it->digest();
+  }
+  return at;
+}
+
+std::string BuildCoordinator::ResultKey(const kiln::v1::Digest& flake_subtree, const kiln::v1::JobSpec& spec) {
+  // What determines the output: the flake's own files (its flake.lock
+  // included), the attribute and the system; and where the image goes.
+  std::string key = absl::StrCat("kiln-result-v1\x1f", flake_subtree.hash(), "\x1f", spec.attr(), "\x1f",
+                                 spec.requirements().system());
+  if (spec.has_push()) {
+    absl::StrAppend(&key, "\x1f", spec.push().repository(), "\x1f", absl::StrJoin(spec.push().tags(), ","), "\x1f",
+                    static_cast<int>(spec.push().manifest_format()));
+  }
+  return Sha256Hex(key);
 }
 
 uint64_t BuildCoordinator::DedupHash(const kiln::v1::JobSpec& spec) {
@@ -384,6 +420,25 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
     r.set_state(kiln::v1::JOB_STATE_QUEUED);
     *r.mutable_submitted_at() = ToProtoTime(now);
     r.set_submitter(request.submitter());
+    // The result cache: an identical target built before ends here, as
+    // succeeded, with that build's result.
+    if (std::optional<kiln::v1::Digest> subtree = FlakeSubtree(r.spec().source(), lookup); subtree.has_value()) {
+      r.set_result_key(ResultKey(*subtree, r.spec()));
+      if (r.spec().rebuild()) {
+        metrics_->ResultCacheLookups("bypassed").Increment();
+      } else if (absl::StatusOr<kiln::state::v1::CachedResult> hit = store_->GetCachedResult(r.result_key());
+                 hit.ok()) {
+        metrics_->ResultCacheLookups("hit").Increment();
+        r.set_state(kiln::v1::JOB_STATE_SUCCEEDED);
+        *r.mutable_result() = hit->result();
+        r.mutable_result()->set_cached(true);
+        r.mutable_result()->set_cached_from_job(hit->job_id());
+        r.set_worker(hit->worker());
+        *r.mutable_finished_at() = ToProtoTime(now);
+      } else {
+        metrics_->ResultCacheLookups("miss").Increment();
+      }
+    }
     std::string bytes = r.SerializeAsString();
     records.emplace_back(std::move(owned), std::move(bytes));
   }
@@ -410,8 +465,20 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
     job.touched = true;
     touched_.push_back(&job);
     job.queued_at = now;
-    Admit(job, *job.parsed);
     metrics_->jobs_submitted.Increment();
+    if (job.parsed->state() == kiln::v1::JOB_STATE_SUCCEEDED) {
+      // From the result cache: finished already, nothing to run.
+      metrics_->JobsFinished("succeeded").Increment();
+      JobEvent event;
+      auto* finished = event.mutable_finished();
+      finished->set_state(kiln::v1::JOB_STATE_SUCCEEDED);
+      *finished->mutable_result() = job.parsed->result();
+      finished->set_worker(job.parsed->worker());
+      *finished->mutable_queue_time() = ToProtoDuration(absl::ZeroDuration());
+      Emit(job, std::move(event));
+      continue;
+    }
+    Admit(job, *job.parsed);
   }
   LogInfo(kComponent, "buildset ", buildset_id, ": accepted ", records.size(), " job(s) from '",
           request.submitter(), "'");
@@ -702,6 +769,7 @@ void BuildCoordinator::Flush() {
   Dispatch();  // Every slot freed since the last flush, in one round.
   if (!pending_jobs_.empty()) {
     StateWrite write;
+    for (const auto& [key, entry] : pending_results_) write.cached_results.emplace_back(key, &entry);
     write.packed_jobs.reserve(pending_jobs_.size());
     for (JobEntry* job : pending_jobs_) {
       job->dirty = false;
@@ -709,6 +777,7 @@ void BuildCoordinator::Flush() {
       write.packed_jobs.emplace_back(&job->parsed->job_id(), &job->packed);
     }
     pending_jobs_.clear();
+    absl::Cleanup clear_results = [this] { pending_results_.clear(); };
     if (absl::Status s = store_->Commit(write); !s.ok()) {
       // The in-memory state stays authoritative while the process lives; a
       // restart would see the last stored state. Loud, and counted.
@@ -1109,6 +1178,16 @@ void BuildCoordinator::FinishOne(JobEntry& job, JobState state, BuildResult resu
   *Rec(job).mutable_result() = std::move(result);
   *Rec(job).mutable_finished_at() = ToProtoTime(clock_->Now());
   Persist(job);
+  const JobRecord& done = Rec(job);
+  if (state == kiln::v1::JOB_STATE_SUCCEEDED && !done.result_key().empty() && !done.result().cached()) {
+    // Stored with the job's final state; followers share the key.
+    kiln::state::v1::CachedResult entry;
+    *entry.mutable_result() = done.result();
+    entry.set_job_id(done.job_id());
+    entry.set_worker(done.worker());
+    *entry.mutable_finished_at() = done.finished_at();
+    pending_results_.emplace_back(done.result_key(), std::move(entry));
+  }
   metrics_->JobsFinished(ResultLabel(state)).Increment();
   JobEvent event;
   auto* finished = event.mutable_finished();

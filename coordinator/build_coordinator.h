@@ -25,6 +25,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "common/clock.h"
+#include "common/source_tree.h"
 #include "coordinator/cas_store.h"
 #include "coordinator/coordinator_metrics.h"
 #include "coordinator/scheduler.h"
@@ -219,6 +220,11 @@ class BuildCoordinator {
   // Same source tree and flake, attribute, system, features and push target.
   static std::string DedupKey(const kiln::v1::JobSpec& spec);
   static uint64_t DedupHash(const kiln::v1::JobSpec& spec);  // The in_flight_ key.
+  // The digest of the flake's directory within its source (the root when
+  // flake_subdir is empty); nullopt when it cannot be read or is absent.
+  std::optional<kiln::v1::Digest> FlakeSubtree(const kiln::v1::SourceRef& source, const BlobLookup& inline_blobs) const;
+  // The result cache's key of a target whose flake directory is `flake_subtree`.
+  static std::string ResultKey(const kiln::v1::Digest& flake_subtree, const kiln::v1::JobSpec& spec);
   // A follower's waiting reason.
   static std::string FollowingReason(const std::string& leader);
 
@@ -259,6 +265,8 @@ class BuildCoordinator {
   // Entries point into jobs_ (a node map: stable).
   std::vector<JobEntry*> pending_jobs_;
   std::vector<JobEntry*> touched_;
+  // Successful results for the result cache, stored by the next Flush.
+  std::vector<std::pair<std::string, kiln::state::v1::CachedResult>> pending_results_;
   std::vector<PendingWatcherCall> pending_watcher_calls_;
   std::vector<const WorkerSession*> workers_with_outbox_;
   absl::Time gauges_updated_ = absl::InfinitePast();

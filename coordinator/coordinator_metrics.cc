@@ -70,11 +70,16 @@ CoordinatorMetrics::CoordinatorMetrics(std::shared_ptr<prometheus::Registry> reg
       workers_family_(prometheus::BuildGauge()
                           .Name("kiln_workers")
                           .Help("Workers known to the coordinator, by state.")
-                          .Register(*registry_)) {
+                          .Register(*registry_)),
+      result_cache_family_(prometheus::BuildCounter()
+                               .Name("kiln_result_cache_lookups_total")
+                               .Help("Targets looked up in the result cache at submission, by outcome.")
+                               .Register(*registry_)) {
   // Pre-create every label value so the series exist from the first scrape.
   for (auto r : {"succeeded", "failed", "cancelled"}) JobsFinished(r);
   for (auto r : {"worker_lost", "lease_expired", "infra_error"}) Requeues(r);
   for (auto s : {"connected", "draining", "disconnected"}) Workers(s);
+  for (auto r : {"hit", "miss", "bypassed"}) ResultCacheLookups(r);
 }
 
 prometheus::Gauge& CoordinatorMetrics::JobsQueued(absl::string_view priority, absl::string_view system) {
@@ -91,6 +96,10 @@ prometheus::Counter& CoordinatorMetrics::JobsFinished(absl::string_view result) 
 
 prometheus::Counter& CoordinatorMetrics::Requeues(absl::string_view reason) {
   return requeue_family_.Add({{"reason", std::string(reason)}});
+}
+
+prometheus::Counter& CoordinatorMetrics::ResultCacheLookups(absl::string_view result) {
+  return result_cache_family_.Add({{"result", std::string(result)}});
 }
 
 }  // namespace kiln

@@ -47,6 +47,8 @@ class CoordinatorMetrics {
   prometheus::Gauge& JobsQueued(absl::string_view priority, absl::string_view system);
   // state: connected, draining, disconnected.
   prometheus::Gauge& Workers(absl::string_view state);
+  // result: hit, miss, bypassed (--rebuild).
+  prometheus::Counter& ResultCacheLookups(absl::string_view result);
 
  private:
   std::shared_ptr<prometheus::Registry> registry_;
@@ -54,6 +56,7 @@ class CoordinatorMetrics {
   prometheus::Family<prometheus::Counter>& requeue_family_;
   prometheus::Family<prometheus::Gauge>& queued_family_;
   prometheus::Family<prometheus::Gauge>& workers_family_;
+  prometheus::Family<prometheus::Counter>& result_cache_family_;
 };
 
 }  // namespace kiln

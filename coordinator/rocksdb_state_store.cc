@@ -16,7 +16,7 @@ namespace {
 
 constexpr char kNextJobSeq[] = "meta/next_job_seq";
 constexpr char kNextBuildsetSeq[] = "meta/next_buildset_seq";
-enum Family { kDefault = 0, kJobs = 1, kBlobs = 2, kBlobMeta = 3 };
+enum Family { kDefault = 0, kJobs = 1, kBlobs = 2, kBlobMeta = 3, kResults = 4 };
 
 absl::Status FromRocks(const rocksdb::Status& s, absl::string_view what) {
   if (s.ok()) return absl::OkStatus();
@@ -61,6 +61,7 @@ absl::StatusOr<std::unique_ptr<RocksDbStateStore>> RocksDbStateStore::Open(const
       {"jobs", jobs_options},
       {"blobs", blob_options},
       {"blob_meta", rocksdb::ColumnFamilyOptions()},
+      {"results", rocksdb::ColumnFamilyOptions()},
   };
   auto store = std::unique_ptr<RocksDbStateStore>(new RocksDbStateStore());
   store->sync_ = sync;
@@ -89,6 +90,9 @@ absl::Status RocksDbStateStore::Commit(const StateWrite& write) {
     batch.Put(handles_[kJobs], JobKey(job->job_id()), value);
   }
   for (const auto& [id, bytes] : write.packed_jobs) batch.Put(handles_[kJobs], JobKey(*id), *bytes);
+  for (const auto& [key, entry] : write.cached_results) {
+    batch.Put(handles_[kResults], key, entry->SerializeAsString());
+  }
   for (const auto& [digest, bytes] : write.blobs) batch.Put(handles_[kBlobs], digest, bytes);
   if (write.next_job_seq != 0) {
     batch.Put(handles_[kDefault], kNextJobSeq, absl::StrCat(write.next_job_seq));
@@ -117,6 +121,15 @@ absl::Status RocksDbStateStore::ForEachPackedJob(absl::FunctionRef<absl::Status(
   }
   if (!it->status().ok()) return FromRocks(it->status(), "reading jobs");
   return absl::OkStatus();
+}
+
+absl::StatusOr<kiln::state::v1::CachedResult> RocksDbStateStore::GetCachedResult(const std::string& key) {
+  std::string value;
+  rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), handles_[kResults], key, &value);
+  if (!s.ok()) return FromRocks(s, "cached result");
+  kiln::state::v1::CachedResult entry;
+  if (!entry.ParseFromString(value)) return absl::DataLossError("unreadable cached result");
+  return entry;
 }
 
 absl::StatusOr<StoredCounters> RocksDbStateStore::LoadCounters() {

@@ -6,6 +6,7 @@
 //   blobs    sha256 hex -> blob bytes (RocksDB blob files keep large
 //            values out of the LSM tree); chunks of large blobs (CasStore)
 //   blob_meta sha256 hex -> BlobMeta (CasStore)
+//   results  result key (sha256 hex) -> CachedResult
 // The write-ahead log is on; `sync` makes every commit wait for fsync
 // (survives power loss, not only a process crash).
 #pragma once
@@ -31,6 +32,7 @@ class RocksDbStateStore final : public StateStore {
   absl::StatusOr<std::string> GetBlob(const std::string& sha256_hex) override;
   absl::Status ForEachPackedJob(absl::FunctionRef<absl::Status(absl::string_view)> fn) override;
   absl::StatusOr<StoredCounters> LoadCounters() override;
+  absl::StatusOr<kiln::state::v1::CachedResult> GetCachedResult(const std::string& key) override;
 
   // The content-addressed blob store in the same database.
   CasStore* cas() { return cas_.get(); }
@@ -42,7 +44,7 @@ class RocksDbStateStore final : public StateStore {
   RocksDbStateStore() = default;
 
   std::unique_ptr<rocksdb::DB> db_;
-  std::vector<rocksdb::ColumnFamilyHandle*> handles_;  // default, jobs, blobs, blob_meta
+  std::vector<rocksdb::ColumnFamilyHandle*> handles_;  // default, jobs, blobs, blob_meta, results
   bool sync_ = false;
   std::unique_ptr<CasStore> cas_;
 };

@@ -25,6 +25,8 @@ struct StateWrite {
   std::vector<const kiln::state::v1::JobRecord*> jobs;
   // Records already serialized: (job id, serialized JobRecord).
   std::vector<std::pair<const std::string*, const std::string*>> packed_jobs;
+  // (result key, CachedResult) entries of the result cache.
+  std::vector<std::pair<std::string, const kiln::state::v1::CachedResult*>> cached_results;
   // (sha256 hex, bytes) of source-tree blobs.
   std::vector<std::pair<std::string, std::string>> blobs;
   // Next job / buildset sequence numbers to hand out, when they changed.
@@ -32,7 +34,7 @@ struct StateWrite {
   uint64_t next_buildset_seq = 0;
 
   bool empty() const {
-    return jobs.empty() && packed_jobs.empty() && blobs.empty() && next_job_seq == 0 && next_buildset_seq == 0;
+    return jobs.empty() && packed_jobs.empty() && cached_results.empty() && blobs.empty() && next_job_seq == 0 && next_buildset_seq == 0;
   }
 };
 
@@ -75,6 +77,9 @@ class StateStore {
   }
 
   virtual absl::StatusOr<StoredCounters> LoadCounters() = 0;
+
+  // The result cache's entry under `key`; NotFound when there is none.
+  virtual absl::StatusOr<kiln::state::v1::CachedResult> GetCachedResult(const std::string& key) = 0;
 };
 
 }  // namespace kiln

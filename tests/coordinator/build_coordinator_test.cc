@@ -515,8 +515,13 @@ TEST_F(BuildCoordinatorTest, IdenticalJobsInFlightRunOnceAndShareTheResult) {
   ASSERT_FALSE(watcher->events.empty());
   EXPECT_TRUE(watcher->events.back().has_finished());
   EXPECT_TRUE(watcher->closed);
-  // Once the leader is done, an identical submission runs again.
-  const std::string again = core_->Submit(request)->job_ids(0);
+  // Once the leader is done, an identical submission is answered from the
+  // result cache; asked to rebuild, it runs again.
+  const std::string cached = core_->Submit(request)->job_ids(0);
+  EXPECT_TRUE(core_->GetJob(cached)->result().cached());
+  auto rebuild = request;
+  rebuild.mutable_targets(0)->mutable_spec()->set_rebuild(true);
+  const std::string again = core_->Submit(rebuild)->job_ids(0);
   EXPECT_EQ(w->Assignments().back().assign().job_id(), again);
 }
 
@@ -756,6 +761,100 @@ TEST_F(BuildCoordinatorTest, ATreeUploadedToTheCasIsSubmittedByItsRootAlone) {
   auto bad = missing;
   *bad.mutable_targets(0)->mutable_spec()->mutable_source()->mutable_tree_root() = DigestOf(blob);
   EXPECT_THAT(core_->Submit(bad).status(), StatusIs(absl::StatusCode::kInvalidArgument, "points outside"));
+}
+
+// A two-service monorepo tree: services/a and services/b, each a flake.
+kiln::v1::SubmitBuildRequest MonorepoRequest(const std::string& b_content) {
+  kiln::v1::SubmitBuildRequest request;
+  const auto add = [&](const std::string& data) {
+    auto* blob = request.add_blobs();
+    *blob->mutable_digest() = DigestOf(data);
+    blob->set_data(data);
+    return DigestOf(data);
+  };
+  const auto flake_dir = [&](const std::string& content) {
+    kiln::v1::Directory d;
+    auto* f = d.add_files();
+    f->set_name("flake.nix");
+    *f->mutable_digest() = add(content);
+    return add(SerializeDirectory(d));
+  };
+  kiln::v1::Directory services;
+  auto* a = services.add_directories();
+  a->set_name("a");
+  *a->mutable_digest() = flake_dir("{ a }");
+  auto* b = services.add_directories();
+  b->set_name("b");
+  *b->mutable_digest() = flake_dir(b_content);
+  kiln::v1::Directory root;
+  auto* sv = root.add_directories();
+  sv->set_name("services");
+  *sv->mutable_digest() = add(SerializeDirectory(services));
+  const kiln::v1::Digest root_digest = add(SerializeDirectory(root));
+  for (const char* name : {"a", "b"}) {
+    auto* spec = request.add_targets()->mutable_spec();
+    *spec->mutable_source()->mutable_tree_root() = root_digest;
+    spec->mutable_source()->set_flake_subdir(absl::StrCat("services/", name));
+    spec->set_attr("default");
+    spec->mutable_requirements()->set_system("x86_64-linux");
+    spec->set_display_name(name);
+  }
+  request.set_submitter("test");
+  return request;
+}
+
+TEST_F(BuildCoordinatorTest, TheResultCacheAnswersUnchangedTargetsAndOnlyThose) {
+  auto first = core_->Submit(MonorepoRequest("{ b }"));
+  ASSERT_TRUE(first.ok()) << first.status();
+  auto w = Connect("w", 2);
+  for (const auto& a : w->Assignments()) Report(w, a, kiln::v1::RESULT_CODE_SUCCEEDED);
+  ASSERT_EQ(State(first->job_ids(0)), kiln::v1::JOB_STATE_SUCCEEDED);
+
+  // Restarted, and b changed: a is answered from the cache, b builds.
+  Open();
+  w = Connect("w", 2);
+  auto second = core_->Submit(MonorepoRequest("{ b, edited }"));
+  ASSERT_TRUE(second.ok());
+  auto a = core_->GetJob(second->job_ids(0));
+  EXPECT_EQ(a->state(), kiln::v1::JOB_STATE_SUCCEEDED);
+  EXPECT_TRUE(a->result().cached());
+  EXPECT_EQ(a->result().cached_from_job(), first->job_ids(0));
+  EXPECT_EQ(a->result().outputs().at("out"), "/nix/store/x-out");
+  EXPECT_EQ(a->worker(), "w");
+  EXPECT_NE(State(second->job_ids(1)), kiln::v1::JOB_STATE_SUCCEEDED);
+  ASSERT_EQ(w->Assignments().size(), 1u);
+  EXPECT_EQ(w->Assignments()[0].assign().job_id(), second->job_ids(1));
+  // A watcher of the cached job gets its end at once.
+  auto watcher = std::make_shared<FakeWatcher>();
+  ASSERT_TRUE(core_->Watch(second->job_ids(0), 0, 0, watcher).ok());
+  EXPECT_TRUE(watcher->closed);
+  ASSERT_FALSE(watcher->events.empty());
+  EXPECT_TRUE(watcher->events.back().finished().result().cached());
+
+  // --rebuild bypasses it.
+  auto again = MonorepoRequest("{ b }");
+  again.mutable_targets(0)->mutable_spec()->set_rebuild(true);
+  auto third = core_->Submit(again);
+  ASSERT_TRUE(third.ok());
+  EXPECT_FALSE(core_->GetJob(third->job_ids(0))->result().cached());
+  EXPECT_NE(State(third->job_ids(0)), kiln::v1::JOB_STATE_SUCCEEDED);
+  EXPECT_TRUE(core_->GetJob(third->job_ids(1))->result().cached());  // b as first built.
+  EXPECT_EQ(metrics_.ResultCacheLookups("hit").Value(), 2);
+  EXPECT_EQ(metrics_.ResultCacheLookups("bypassed").Value(), 1);
+
+  // A failure is not cached.
+  for (const auto& a : w->Assignments()) Report(w, a, kiln::v1::RESULT_CODE_SUCCEEDED);  // Free both slots.
+  auto failing = MonorepoRequest("{ b, fails }");
+  auto fourth = core_->Submit(failing);
+  ASSERT_TRUE(fourth.ok());
+  const auto assigned = w->Assignments().back();
+  ASSERT_EQ(assigned.assign().job_id(), fourth->job_ids(1));
+  Report(w, assigned, kiln::v1::RESULT_CODE_BUILD_FAILED);
+  ASSERT_EQ(State(fourth->job_ids(1)), kiln::v1::JOB_STATE_FAILED);
+  auto fifth = core_->Submit(failing);
+  ASSERT_TRUE(fifth.ok());
+  EXPECT_FALSE(core_->GetJob(fifth->job_ids(1))->result().cached());
+  EXPECT_EQ(w->Assignments().back().assign().job_id(), fifth->job_ids(1));  // It builds again.
 }
 
 }  // namespace

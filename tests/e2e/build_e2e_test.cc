@@ -259,7 +259,7 @@ TEST_F(BuildE2eTest, MetricsOfBothDaemonsPassPromtool) {
 // Sources through the CAS: a farm whose assignments never carry files, so
 // workers fetch them into their blob cache; the CLI sends only what the
 // coordinator lacks.
-TEST(SourceTransportE2eTest, WorkersFetchMissingFilesAndAnUnchangedTreeUploadsNothing) {
+TEST(SourceTransportE2eTest, WorkersFetchMissingFilesAndAnUnchangedTargetIsCachedAndUploadsNothing) {
   LocalFarm farm(/*workers=*/1, /*max_jobs_per_worker=*/2);
   farm.SetCoordinatorFlags({"--inline-source-kb=0"});
   ASSERT_TRUE(farm.Start().ok());
@@ -278,15 +278,27 @@ TEST(SourceTransportE2eTest, WorkersFetchMissingFilesAndAnUnchangedTreeUploadsNo
   EXPECT_TRUE(absl::StrContains(ReadFileOrDie(farm.LogOf("worker-1")), "fetched 2 source blob(s)"))
       << ReadFileOrDie(farm.LogOf("worker-1"));
 
-  // Again, unchanged: nothing is uploaded, and Nix has the result already.
-  auto again = farm.Kiln({"build", work.Sub("svc")});
+  // Again, unchanged: nothing is uploaded and nothing builds — the result
+  // cache answers, with the same output.
+  auto again = farm.Kiln({"build", work.Sub("svc"), "--json"});
   ASSERT_TRUE(again.ok());
   ASSERT_EQ(again->exit.exit_code, 0) << again->stderr_data;
   EXPECT_FALSE(absl::StrContains(again->stderr_data, "uploaded")) << again->stderr_data;
-  EXPECT_EQ(absl::StripTrailingAsciiWhitespace(again->stdout_data), path);
+  nlohmann::json cached = nlohmann::json::parse(again->stdout_data);
+  EXPECT_EQ(cached[0]["status"], "cached");
+  EXPECT_EQ(cached[0]["outputs"]["out"], path);
+  // --rebuild builds it again (Nix on the worker finds the output valid).
+  auto rebuilt = farm.Kiln({"build", work.Sub("svc"), "--json", "--rebuild"});
+  ASSERT_TRUE(rebuilt.ok());
+  ASSERT_EQ(rebuilt->exit.exit_code, 0) << rebuilt->stderr_data;
+  nlohmann::json fresh = nlohmann::json::parse(rebuilt->stdout_data);
+  EXPECT_EQ(fresh[0]["status"], "succeeded");
+  EXPECT_EQ(fresh[0]["cached"], false);
+  EXPECT_EQ(fresh[0]["outputs"]["out"], path);
   const auto metrics = testing::ScrapeMetrics(farm.coordinator_metrics());
   ASSERT_TRUE(metrics.ok());
   EXPECT_TRUE(absl::StrContains(*metrics, "kiln_cas_uploaded_blobs_total 4")) << *metrics;
+  EXPECT_TRUE(absl::StrContains(*metrics, "kiln_result_cache_lookups_total{result=\"hit\"} 1")) << *metrics;
 }
 
 }  // namespace
