@@ -423,10 +423,10 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
     // The result cache: an identical target built before ends here, as
     // succeeded, with that build's result.
     if (std::optional<kiln::v1::Digest> subtree = FlakeSubtree(r.spec().source(), lookup); subtree.has_value()) {
-      r.set_result_key(ResultKey(*subtree, r.spec()));
       if (r.spec().rebuild()) {
         metrics_->ResultCacheLookups("bypassed").Increment();
-      } else if (absl::StatusOr<kiln::state::v1::CachedResult> hit = store_->GetCachedResult(r.result_key());
+      } else if (absl::StatusOr<kiln::state::v1::CachedResult> hit =
+                     store_->GetCachedResult(ResultKey(*subtree, r.spec()));
                  hit.ok()) {
         metrics_->ResultCacheLookups("hit").Increment();
         r.set_state(kiln::v1::JOB_STATE_SUCCEEDED);
@@ -1179,14 +1179,22 @@ void BuildCoordinator::FinishOne(JobEntry& job, JobState state, BuildResult resu
   *Rec(job).mutable_finished_at() = ToProtoTime(clock_->Now());
   Persist(job);
   const JobRecord& done = Rec(job);
-  if (state == kiln::v1::JOB_STATE_SUCCEEDED && !done.result_key().empty() && !done.result().cached()) {
-    // Stored with the job's final state; followers share the key.
+  // For the result cache, stored with the job's final state. The key is
+  // computed again rather than kept in every queued job (66 bytes each).
+  const BlobLookup none = [](const std::string&) -> const std::string* { return nullptr; };
+  std::optional<kiln::v1::Digest> subtree;
+  if (state == kiln::v1::JOB_STATE_SUCCEEDED && !done.result().cached()) subtree = FlakeSubtree(done.spec().source(), none);
+  if (subtree.has_value()) {
+    const std::string key = ResultKey(*subtree, done.spec());
     kiln::state::v1::CachedResult entry;
     *entry.mutable_result() = done.result();
     entry.set_job_id(done.job_id());
     entry.set_worker(done.worker());
     *entry.mutable_finished_at() = done.finished_at();
-    pending_results_.emplace_back(done.result_key(), std::move(entry));
+    // Followers of the job have the same key: one entry is enough.
+    if (pending_results_.empty() || pending_results_.back().first != key) {
+      pending_results_.emplace_back(key, std::move(entry));
+    }
   }
   metrics_->JobsFinished(ResultLabel(state)).Increment();
   JobEvent event;
