@@ -149,8 +149,14 @@ struct Submitted {
   UploadStats upload;  // What crossed the wire for the source.
 };
 
-absl::StatusOr<std::string> Submit(BuildService::Stub& stub, const CliOptions& options,
-                                   const std::string& text, UploadStats& uploaded) {
+// One flake to build: its directory (canonical) and attribute.
+struct Target {
+  std::string text;  // As the user wrote it.
+  fs::path dir;
+  std::string attr;
+};
+
+absl::StatusOr<Target> ResolveTarget(const std::string& text) {
   absl::StatusOr<Installable> installable = ParseInstallable(text);
   if (!installable.ok()) return installable.status();
   std::error_code ec;
@@ -161,8 +167,45 @@ absl::StatusOr<std::string> Submit(BuildService::Stub& stub, const CliOptions& o
   if (!fs::exists(dir / "flake.nix")) {
     return absl::NotFoundError(absl::StrCat("path '", dir.string(), "' does not contain a 'flake.nix'"));
   }
+  return Target{.text = text, .dir = dir, .attr = installable->attr};
+}
+
+// The directory whose tree carries every target: the one flake's own, or for
+// several, their git work tree's root, else their deepest common directory.
+fs::path SourceRoot(const std::vector<Target>& targets) {
+  if (targets.size() == 1) return targets[0].dir;
+  std::optional<fs::path> git_root;
+  bool same_repo = true;
+  for (const Target& t : targets) {
+    std::optional<fs::path> found;
+    std::error_code ec;
+    for (fs::path p = t.dir; !p.empty(); p = p.parent_path()) {
+      if (fs::exists(p / ".git", ec)) {
+        found = p;
+        break;
+      }
+      if (p == p.root_path()) break;
+    }
+    if (!found || (git_root && *git_root != *found)) same_repo = false;
+    git_root = found;
+  }
+  if (same_repo && git_root) return *git_root;
+  fs::path common = targets[0].dir;
+  for (const Target& t : targets) {
+    while (!common.empty() && t.dir.lexically_relative(common).string().rfind("..", 0) == 0) {
+      common = common.parent_path();
+    }
+  }
+  return common;
+}
+
+// Uploads the tree at `root` (only what the coordinator lacks) and submits
+// every target as one buildset; job ids in target order.
+absl::StatusOr<std::vector<std::string>> Submit(BuildService::Stub& stub, const CliOptions& options,
+                                                const std::vector<Target>& targets, UploadStats& uploaded) {
+  const fs::path root = SourceRoot(targets);
   // Nix's view of the flake: inside a git work tree, the tracked files only.
-  absl::StatusOr<std::optional<absl::flat_hash_set<std::string>>> tracked = GitTrackedFiles(dir.string());
+  absl::StatusOr<std::optional<absl::flat_hash_set<std::string>>> tracked = GitTrackedFiles(root.string());
   if (!tracked.ok()) return tracked.status();
   const std::string cache_path = DigestCachePath();
   std::optional<DigestCache> cache;
@@ -170,7 +213,7 @@ absl::StatusOr<std::string> Submit(BuildService::Stub& stub, const CliOptions& o
   SourceTreeLimits limits;
   limits.max_total_bytes = uint64_t{4} << 30;  // The coordinator applies its own limit.
   absl::StatusOr<SourceTree> tree =
-      BuildSourceTree(dir.string(), limits,
+      BuildSourceTree(root.string(), limits,
                       {.keep_file_data = false,
                        .digest_cache = cache ? &*cache : nullptr,
                        .only = tracked->has_value() ? &**tracked : nullptr});
@@ -198,18 +241,22 @@ absl::StatusOr<std::string> Submit(BuildService::Stub& stub, const CliOptions& o
   }
 
   kiln::v1::SubmitBuildRequest request;
-  auto* spec = request.add_targets()->mutable_spec();
-  *spec->mutable_source()->mutable_tree_root() = tree->root;
-  spec->set_attr(installable->attr);
-  spec->mutable_requirements()->set_system(options.system);
-  spec->set_display_name(text);
-  spec->set_priority_class(options.priority);
-  spec->set_rebuild(options.rebuild);
-  if (options.timeout_seconds > 0) spec->mutable_timeout()->set_seconds(options.timeout_seconds);
-  if (options.max_silent_time_seconds > 0) {
-    spec->mutable_max_silent_time()->set_seconds(options.max_silent_time_seconds);
+  for (const Target& target : targets) {
+    auto* spec = request.add_targets()->mutable_spec();
+    *spec->mutable_source()->mutable_tree_root() = tree->root;
+    const std::string subdir = target.dir.lexically_relative(root).string();
+    spec->mutable_source()->set_flake_subdir(subdir == "." ? "" : subdir);
+    spec->set_attr(target.attr);
+    spec->mutable_requirements()->set_system(options.system);
+    spec->set_display_name(target.text);
+    spec->set_priority_class(options.priority);
+    spec->set_rebuild(options.rebuild);
+    if (options.timeout_seconds > 0) spec->mutable_timeout()->set_seconds(options.timeout_seconds);
+    if (options.max_silent_time_seconds > 0) {
+      spec->mutable_max_silent_time()->set_seconds(options.max_silent_time_seconds);
+    }
+    spec->set_locality_key(LocalityKey(target.dir.string(), target.attr));
   }
-  spec->set_locality_key(LocalityKey(dir.string(), installable->attr));
   if (send_inline) {
     for (const auto& [hash, data] : tree->blobs) {
       kiln::v1::Blob* blob = request.add_blobs();
@@ -236,7 +283,7 @@ absl::StatusOr<std::string> Submit(BuildService::Stub& stub, const CliOptions& o
   }
   request.set_submitter(Submitter());
   if (!options.quiet && uploaded.blobs_sent > 0) {
-    Err(absl::StrFormat("kiln: %s: uploaded %d blob(s), %s", text, uploaded.blobs_sent,
+    Err(absl::StrFormat("kiln: %s: uploaded %d blob(s), %s", root.string(), uploaded.blobs_sent,
                         uploaded.bytes_sent >= (1 << 20) ? absl::StrFormat("%.1f MiB", uploaded.bytes_sent / 1048576.0)
                                                          : absl::StrCat(uploaded.bytes_sent, " bytes")));
   }
@@ -245,7 +292,7 @@ absl::StatusOr<std::string> Submit(BuildService::Stub& stub, const CliOptions& o
   kiln::v1::SubmitBuildResponse response;
   grpc::Status status = stub.SubmitBuild(&context, request, &response);
   if (!status.ok()) return FromCoordinator(status, options);
-  return response.job_ids(0);
+  return std::vector<std::string>(response.job_ids().begin(), response.job_ids().end());
 }
 
 // Streams one job's events to stderr until its terminal event; resumes after
@@ -341,27 +388,92 @@ std::string LocalityKey(const std::string& flake_dir, const std::string& attr) {
   return absl::StrCat(flake_dir, "#", attr);
 }
 
-int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& installables) {
+// Every flake under the current directory's git work tree (or the current
+// directory), as installables "DIR#attr", skipping .git and result links.
+absl::StatusOr<std::vector<std::string>> AllFlakes(const std::string& attr) {
+  std::error_code ec;
+  fs::path root = fs::current_path(ec);
+  for (fs::path p = root; !p.empty(); p = p.parent_path()) {
+    if (fs::exists(p / ".git", ec)) {
+      root = p;
+      break;
+    }
+    if (p == p.root_path()) break;
+  }
+  absl::StatusOr<std::optional<absl::flat_hash_set<std::string>>> tracked = GitTrackedFiles(root.string());
+  if (!tracked.ok()) return tracked.status();
+  std::vector<std::string> out;
+  if (tracked->has_value()) {
+    for (const std::string& path : **tracked) {
+      if (path == "flake.nix" || absl::EndsWith(path, "/flake.nix")) {
+        out.push_back(absl::StrCat((root / fs::path(path).parent_path()).lexically_normal().string(), "#", attr));
+      }
+    }
+  } else {
+    for (fs::recursive_directory_iterator it(root, fs::directory_options::skip_permission_denied, ec), end;
+         !ec && it != end; it.increment(ec)) {
+      if (it->is_directory() && (it->path().filename() == ".git" || it->is_symlink())) {
+        it.disable_recursion_pending();
+      } else if (it->path().filename() == "flake.nix" && it->is_regular_file()) {
+        out.push_back(absl::StrCat(it->path().parent_path().string(), "#", attr));
+      }
+    }
+  }
+  std::sort(out.begin(), out.end());
+  if (out.empty()) return absl::NotFoundError(absl::StrCat("no flake.nix under ", root.string()));
+  return out;
+}
+
+int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& given) {
+  std::vector<std::string> installables = given;
+  if (options.all_flakes) {
+    absl::StatusOr<std::vector<std::string>> found = AllFlakes(options.attr);
+    if (!found.ok()) return ReportError(found.status());
+    installables.insert(installables.end(), found->begin(), found->end());
+  }
   if (installables.empty()) {
-    Err("error: 'kiln build' needs at least one installable (PATH#ATTR)");
+    Err("error: 'kiln build' needs at least one installable (PATH#ATTR), or --all-flakes");
     return kExitUsage;
   }
   BuildService::Stub& stub = Coordinator(options);
 
-  // Submit everything first, so the farm builds the targets in parallel.
+  // One tree for all of them, uploaded once, and one buildset: the farm
+  // builds the targets in parallel.
   std::vector<Submitted> jobs;
+  std::vector<Target> targets;
+  std::vector<size_t> target_job;  // Index into `jobs` of each target.
   int exit_code = kExitOk;
   for (const auto& text : installables) {
     Submitted s{.installable = text, .job_id = "", .error = absl::OkStatus(), .upload = {}};
-    absl::StatusOr<std::string> id = Submit(stub, options, text, s.upload);
-    if (id.ok()) {
-      s.job_id = *id;
+    absl::StatusOr<Target> target = ResolveTarget(text);
+    if (target.ok()) {
+      targets.push_back(*std::move(target));
+      target_job.push_back(jobs.size());
     } else {
-      s.error = id.status();
-      Err(absl::StrCat("error: ", text, ": ", id.status().message()));
-      exit_code = std::max(exit_code, ExitCodeFor(id.status()));
+      s.error = target.status();
+      Err(absl::StrCat("error: ", text, ": ", target.status().message()));
+      exit_code = std::max(exit_code, ExitCodeFor(target.status()));
     }
     jobs.push_back(std::move(s));
+  }
+  if (!targets.empty()) {
+    UploadStats upload;
+    absl::StatusOr<std::vector<std::string>> ids = Submit(stub, options, targets, upload);
+    for (size_t i = 0; i < targets.size(); ++i) {
+      Submitted& s = jobs[target_job[i]];
+      s.upload = upload;
+      if (ids.ok()) {
+        s.job_id = (*ids)[i];
+      } else {
+        s.error = ids.status();
+      }
+    }
+    if (!ids.ok()) {
+      Err(absl::StrCat("error: ", ids.status().message()));
+      exit_code = std::max(exit_code, ExitCodeFor(ids.status()));
+    } else if (!options.quiet && targets.size() > 1) {
+      Err(absl::StrFormat("kiln: submitted %d target(s) as one buildset", targets.size()));
+    }
   }
 
   if (options.detach) {

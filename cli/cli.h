@@ -31,6 +31,8 @@ struct CliOptions {
   int watch_retry_seconds = 120;
   bool detach = false;  // build: submit, print the job ids, do not wait.
   bool rebuild = false;  // build: bypass the coordinator's result cache.
+  bool all_flakes = false;        // build: every flake.nix of the repository.
+  std::string attr = "default";   // build --all-flakes: the attribute of each.
 };
 
 // `kiln build INSTALLABLE...`: uploads each flake, submits, streams the logs,

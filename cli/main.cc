@@ -19,6 +19,9 @@ ABSL_FLAG(absl::Duration, timeout, absl::ZeroDuration(),
           "Fail a build that runs longer than this, e.g. 30m (default: the coordinator's)");
 ABSL_FLAG(absl::Duration, max_silent_time, absl::ZeroDuration(),
           "Fail a build that prints nothing for this long, e.g. 10m (default: no limit)");
+ABSL_FLAG(bool, all_flakes, false,
+          "build: every flake.nix in the current git work tree (or directory), as one buildset");
+ABSL_FLAG(std::string, attr, "default", "build --all-flakes: the attribute to build of each flake");
 ABSL_FLAG(bool, rebuild, false, "build: build again even when an identical target's result is cached");
 ABSL_FLAG(bool, detach, false, "build: submit, print the job ids and exit without waiting for the builds");
 ABSL_FLAG(std::string, priority, "interactive",
@@ -27,7 +30,8 @@ ABSL_FLAG(std::string, priority, "interactive",
 namespace {
 constexpr char kUsage[] =
     "Kiln: build Nix flakes on a build farm.\n"
-    "  kiln [--coordinator=ADDR] build PATH#ATTR... [--json] [--quiet] [--detach] [--rebuild] [--system=SYSTEM]\n"
+    "  kiln [--coordinator=ADDR] build PATH#ATTR... | --all-flakes [--attr=ATTR]\n"
+    "                                  [--json] [--quiet] [--detach] [--rebuild] [--system=SYSTEM]\n"
     "                                  [--priority=interactive|ci|batch] [--timeout=30m] [--max-silent-time=10m]\n"
     "  kiln [--coordinator=ADDR] status JOB|BUILDSET [--json]\n"
     "  kiln [--coordinator=ADDR] cancel JOB|BUILDSET [--json]\n"
@@ -56,6 +60,8 @@ int main(int argc, char** argv) {
   options.priority = absl::GetFlag(FLAGS_priority);
   options.detach = absl::GetFlag(FLAGS_detach);
   options.rebuild = absl::GetFlag(FLAGS_rebuild);
+  options.all_flakes = absl::GetFlag(FLAGS_all_flakes);
+  options.attr = absl::GetFlag(FLAGS_attr);
 
   if (args.empty()) {
     std::fprintf(stderr, "%s\n", kUsage);

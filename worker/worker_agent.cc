@@ -1,5 +1,6 @@
 #include "worker/worker_agent.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <optional>
@@ -7,6 +8,7 @@
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "absl/synchronization/notification.h"
 #include "common/grpc_util.h"
 #include "common/cas_client.h"
@@ -318,7 +320,18 @@ absl::Status WorkerAgent::CheckOut(const kiln::v1::Assignment& assignment, const
   SourceTreeLimits limits;
   limits.max_total_bytes = uint64_t{1} << 40;
   limits.max_entries = uint64_t{1} << 24;
-  const kiln::v1::Digest& root = assignment.spec().source().tree_root();
+  // Only the flake's own directory: Nix copies no more of a path: flake.
+  kiln::v1::Digest root = assignment.spec().source().tree_root();
+  for (absl::string_view part : absl::StrSplit(assignment.spec().source().flake_subdir(), '/', absl::SkipEmpty())) {
+    if (part == ".") continue;
+    const std::string* data = inline_lookup(root.hash());
+    kiln::v1::Directory dir;
+    if (data == nullptr || !dir.ParseFromString(*data)) return absl::DataLossError("a source directory is missing");
+    auto it = std::find_if(dir.directories().begin(), dir.directories().end(),
+                           [&](const kiln::v1::DirectoryNode& n) { return n.name() == part; });
+    if (it == dir.directories().end()) return absl::OkStatus();  // Nothing there: "no flake.nix" follows.
+    root = it->digest();
+  }
   absl::StatusOr<std::vector<std::pair<std::string, std::string>>> dirs =
       CollectTreeDirectories(root, inline_lookup, limits);
   if (!dirs.ok()) return dirs.status();
@@ -402,7 +415,7 @@ void WorkerAgent::StartJob(const kiln::v1::Assignment& assignment) {
   if (absl::Status s = CheckOut(assignment, (dir / "src").string()); !s.ok()) {
     return fail(kiln::v1::RESULT_CODE_INFRA_ERROR, absl::StrCat("cannot check out the source: ", s.message()));
   }
-  const fs::path flake_dir = (dir / "src" / assignment.spec().source().flake_subdir()).lexically_normal();
+  const fs::path flake_dir = dir / "src";  // CheckOut wrote the flake's directory there.
   if (!fs::exists(flake_dir / "flake.nix")) {
     return fail(kiln::v1::RESULT_CODE_BUILD_FAILED,
                 absl::StrCat("error: no flake.nix in '", assignment.spec().source().flake_subdir(), "'"));

@@ -301,5 +301,70 @@ TEST(SourceTransportE2eTest, WorkersFetchMissingFilesAndAnUnchangedTargetIsCache
   EXPECT_TRUE(absl::StrContains(*metrics, "kiln_result_cache_lookups_total{result=\"hit\"} 1")) << *metrics;
 }
 
+// A monorepo: the examples' services in one git work tree, built with
+// --all-flakes as one buildset through real workers.
+TEST(MonorepoE2eTest, AllFlakesIsOneBuildsetAndOnlyAChangedServiceBuildsAgain) {
+  LocalFarm farm(/*workers=*/2, /*max_jobs_per_worker=*/2);
+  ASSERT_TRUE(farm.Start().ok());
+  testing::TempDir repo;
+  const std::string nonce = Nonce();
+  for (const char* svc : {"greeter", "assets", "hello-api"}) {
+    std::string flake = ReadFileOrDie(testing::SourcePath(absl::StrCat("examples/services/", svc, "/flake.nix")));
+    // A fresh marker in the non-fixed-output ones, so this run really builds.
+    if (std::string(svc) != "assets") flake = absl::StrReplaceAll(flake, {{"echo ", "echo " + nonce + "; echo "}});
+    WriteFileOrDie(repo.Sub(absl::StrCat("services/", svc, "/flake.nix")), flake);
+  }
+  WriteFileOrDie(repo.Sub("README.md"), "a monorepo\n");
+  for (std::vector<std::string> args : std::vector<std::vector<std::string>>{
+           {"git", "init", "-q"}, {"git", "add", "."}, {"git", "-c", "user.name=t", "-c", "user.email=t@t", "commit",
+                                                         "-qm", "init"}}) {
+    auto r = RunCommand({.argv = args, .extra_env = {}, .cwd = repo.path()});
+    ASSERT_TRUE(r.ok() && r->exit.Success()) << (r.ok() ? r->stderr_data : r.status().ToString());
+  }
+  const auto build = [&](std::vector<std::string> extra) {
+    ProcessSpec spec = farm.KilnSpec({"build", "--all-flakes", "--json"});
+    spec.argv.insert(spec.argv.end(), extra.begin(), extra.end());
+    spec.cwd = repo.Sub("services/greeter");  // Anywhere inside the work tree.
+    auto r = RunCommand(spec, "", absl::Minutes(3));
+    EXPECT_TRUE(r.ok()) << r.status();
+    return *r;
+  };
+  auto first = build({});
+  ASSERT_EQ(first.exit.exit_code, 0) << first.stderr_data;
+  EXPECT_TRUE(absl::StrContains(first.stderr_data, "submitted 3 target(s) as one buildset")) << first.stderr_data;
+  nlohmann::json j = nlohmann::json::parse(first.stdout_data);
+  ASSERT_EQ(j.size(), 3u);
+  for (const auto& e : j) EXPECT_EQ(e["status"], "succeeded") << e.dump();
+
+  // Unchanged: all cache hits, nothing uploaded.
+  auto second = build({});
+  ASSERT_EQ(second.exit.exit_code, 0) << second.stderr_data;
+  EXPECT_FALSE(absl::StrContains(second.stderr_data, "uploaded")) << second.stderr_data;
+  j = nlohmann::json::parse(second.stdout_data);
+  for (const auto& e : j) EXPECT_EQ(e["status"], "cached") << e.dump();
+
+  // One service changed (a working-tree edit, uncommitted): only it builds.
+  const std::string greeter = repo.Sub("services/greeter/flake.nix");
+  WriteFileOrDie(greeter, absl::StrReplaceAll(ReadFileOrDie(greeter), {{nonce, nonce + "-edited"}}));
+  auto third = build({});
+  ASSERT_EQ(third.exit.exit_code, 0) << third.stderr_data;
+  j = nlohmann::json::parse(third.stdout_data);
+  int built = 0, cached = 0;
+  for (const auto& e : j) {
+    if (e["status"] == "cached") ++cached;
+    if (e["status"] == "succeeded") {
+      ++built;
+      EXPECT_TRUE(absl::StrContains(e["installable"].get<std::string>(), "greeter")) << e.dump();
+    }
+  }
+  EXPECT_EQ(built, 1);
+  EXPECT_EQ(cached, 2);
+  // An untracked file does not count (Nix would not see it either).
+  WriteFileOrDie(repo.Sub("services/assets/notes.txt"), "scratch\n");
+  auto fourth = build({});
+  j = nlohmann::json::parse(fourth.stdout_data);
+  for (const auto& e : j) EXPECT_EQ(e["status"], "cached") << e.dump();
+}
+
 }  // namespace
 }  // namespace kiln

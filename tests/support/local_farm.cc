@@ -161,7 +161,8 @@ absl::Status LocalFarm::RestartCoordinator() { return StartCoordinator(coordinat
 
 ProcessSpec LocalFarm::KilnSpec(const std::vector<std::string>& args) const {
   ProcessSpec spec;
-  spec.argv = {BinPath("kiln"), "--coordinator=" + coordinator_address_};
+  // Absolute: a test may run the CLI from another directory.
+  spec.argv = {std::filesystem::absolute(BinPath("kiln")).string(), "--coordinator=" + coordinator_address_};
   spec.argv.insert(spec.argv.end(), args.begin(), args.end());
   // The CLI's digest cache stays inside the farm's directory.
   spec.extra_env = {"KILN_CACHE_DIR=" + dir_.Sub("cli-cache")};
