@@ -99,9 +99,9 @@ class WorkerAgent {
   // Drops a kept result: acknowledged, or no longer this worker's attempt.
   void ForgetResult(const std::string& job_id, uint32_t attempt) ABSL_LOCKS_EXCLUDED(mu_);
   bool Send(kiln::v1::WorkerMessage message, bool droppable);
-  // Checks the job's source tree out into `dest`: blobs sent with the
-  // assignment, else from the local blob cache (work-dir/cas), else fetched
-  // from the coordinator's CAS into that cache first.
+  // Checks the flake's own directory of the job's source tree out into
+  // `dest`: blobs sent with the assignment, else from the local blob cache
+  // (work-dir/cas), else fetched from the coordinator's CAS into that cache.
   absl::Status CheckOut(const kiln::v1::Assignment& assignment, const std::string& dest);
 
   kiln::v1::WorkerMessage MakeRegister() ABSL_LOCKS_EXCLUDED(mu_);
