@@ -424,8 +424,39 @@ absl::StatusOr<std::vector<std::string>> AllFlakes(const std::string& attr) {
   return out;
 }
 
+// The targets listed in a kiln.json: {"targets": [{"flake": "services/a",
+// "attr": "oci-image"}, …]} (or the bare array), paths relative to the file.
+absl::StatusOr<std::vector<std::string>> TargetsFromFile(const std::string& file) {
+  std::ifstream in(file);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", file));
+  nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return absl::InvalidArgumentError(absl::StrCat(file, " is not valid JSON"));
+  const nlohmann::json& list = j.is_object() && j.contains("targets") ? j["targets"] : j;
+  if (!list.is_array() || list.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(file, ": expected {\"targets\": [{\"flake\": DIR, \"attr\": NAME}, …]}"));
+  }
+  std::error_code ec;
+  const fs::path base = fs::absolute(file, ec).parent_path();
+  std::vector<std::string> out;
+  for (const nlohmann::json& t : list) {
+    if (!t.is_object() || !t.contains("flake") || !t["flake"].is_string() ||
+        (t.contains("attr") && !t["attr"].is_string())) {
+      return absl::InvalidArgumentError(absl::StrCat(file, ": each target needs \"flake\" (a directory) and may "
+                                                     "have \"attr\" (default \"default\"): ", t.dump()));
+    }
+    const std::string attr = t.contains("attr") ? t["attr"].get<std::string>() : "default";
+    out.push_back(absl::StrCat((base / t["flake"].get<std::string>()).lexically_normal().string(), "#", attr));
+  }
+  return out;
+}
+
 int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& given) {
   std::vector<std::string> installables = given;
+  if (!options.targets_file.empty()) {
+    absl::StatusOr<std::vector<std::string>> listed = TargetsFromFile(options.targets_file);
+    if (!listed.ok()) return ReportError(listed.status());
+    installables.insert(installables.end(), listed->begin(), listed->end());
+  }
   if (options.all_flakes) {
     absl::StatusOr<std::vector<std::string>> found = AllFlakes(options.attr);
     if (!found.ok()) return ReportError(found.status());

@@ -11,6 +11,8 @@
 #include <cstdint>
 #include <cstdio>
 #include <string>
+
+#include "absl/status/statusor.h"
 #include <vector>
 
 namespace kiln {
@@ -33,6 +35,7 @@ struct CliOptions {
   bool rebuild = false;  // build: bypass the coordinator's result cache.
   bool all_flakes = false;        // build: every flake.nix of the repository.
   std::string attr = "default";   // build --all-flakes: the attribute of each.
+  std::string targets_file;       // build --file: a kiln.json listing targets.
 };
 
 // `kiln build INSTALLABLE...`: uploads each flake, submits, streams the logs,
@@ -43,6 +46,11 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& i
 // edits: its path below the enclosing git repository's root, else its
 // absolute path ("services/api#oci-image").
 std::string LocalityKey(const std::string& flake_dir, const std::string& attr);
+
+// The installables ("DIR#attr", DIR absolute) a kiln.json lists:
+// {"targets": [{"flake": "services/a", "attr": "oci-image"}, …]} or the bare
+// array; flake directories relative to the file, attr "default" if absent.
+absl::StatusOr<std::vector<std::string>> TargetsFromFile(const std::string& file);
 
 // `kiln status ID`: a job, or every job of a buildset (ids "b…").
 int RunStatusCommand(const CliOptions& options, const std::string& id);

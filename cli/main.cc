@@ -22,6 +22,8 @@ ABSL_FLAG(absl::Duration, max_silent_time, absl::ZeroDuration(),
 ABSL_FLAG(bool, all_flakes, false,
           "build: every flake.nix in the current git work tree (or directory), as one buildset");
 ABSL_FLAG(std::string, attr, "default", "build --all-flakes: the attribute to build of each flake");
+ABSL_FLAG(std::string, file, "",
+          "build: a JSON file listing targets: {\"targets\": [{\"flake\": \"services/a\", \"attr\": \"oci-image\"}]}");
 ABSL_FLAG(bool, rebuild, false, "build: build again even when an identical target's result is cached");
 ABSL_FLAG(bool, detach, false, "build: submit, print the job ids and exit without waiting for the builds");
 ABSL_FLAG(std::string, priority, "interactive",
@@ -30,7 +32,7 @@ ABSL_FLAG(std::string, priority, "interactive",
 namespace {
 constexpr char kUsage[] =
     "Kiln: build Nix flakes on a build farm.\n"
-    "  kiln [--coordinator=ADDR] build PATH#ATTR... | --all-flakes [--attr=ATTR]\n"
+    "  kiln [--coordinator=ADDR] build PATH#ATTR... | --all-flakes [--attr=ATTR] | --file=kiln.json\n"
     "                                  [--json] [--quiet] [--detach] [--rebuild] [--system=SYSTEM]\n"
     "                                  [--priority=interactive|ci|batch] [--timeout=30m] [--max-silent-time=10m]\n"
     "  kiln [--coordinator=ADDR] status JOB|BUILDSET [--json]\n"
@@ -62,6 +64,7 @@ int main(int argc, char** argv) {
   options.rebuild = absl::GetFlag(FLAGS_rebuild);
   options.all_flakes = absl::GetFlag(FLAGS_all_flakes);
   options.attr = absl::GetFlag(FLAGS_attr);
+  options.targets_file = absl::GetFlag(FLAGS_file);
 
   if (args.empty()) {
     std::fprintf(stderr, "%s\n", kUsage);

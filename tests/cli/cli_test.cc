@@ -26,5 +26,24 @@ TEST(LocalityKeyTest, NamesTheFlakeByItsPathInTheRepository) {
   EXPECT_EQ(LocalityKey(loose.path(), "x"), loose.path() + "#x");
 }
 
+TEST(TargetsFromFileTest, ListsFlakesRelativeToTheFileAndRefusesWhatItCannotRead) {
+  testing::TempDir repo;
+  testing::WriteFileOrDie(repo.Sub("ci/kiln.json"),
+                          R"({"targets": [{"flake": "../services/a", "attr": "oci-image"}, {"flake": "../b"}]})");
+  auto targets = TargetsFromFile(repo.Sub("ci/kiln.json"));
+  ASSERT_TRUE(targets.ok()) << targets.status();
+  EXPECT_EQ(*targets, (std::vector<std::string>{repo.Sub("services/a") + "#oci-image", repo.Sub("b") + "#default"}));
+  testing::WriteFileOrDie(repo.Sub("list.json"), R"([{"flake": "x", "attr": "y"}])");
+  EXPECT_EQ(*TargetsFromFile(repo.Sub("list.json")), std::vector<std::string>{repo.Sub("x") + "#y"});
+
+  testing::WriteFileOrDie(repo.Sub("bad.json"), "{ not json");
+  EXPECT_EQ(TargetsFromFile(repo.Sub("bad.json")).status().code(), absl::StatusCode::kInvalidArgument);
+  testing::WriteFileOrDie(repo.Sub("empty.json"), R"({"targets": []})");
+  EXPECT_EQ(TargetsFromFile(repo.Sub("empty.json")).status().code(), absl::StatusCode::kInvalidArgument);
+  testing::WriteFileOrDie(repo.Sub("noflake.json"), R"({"targets": [{"attr": "x"}]})");
+  EXPECT_EQ(TargetsFromFile(repo.Sub("noflake.json")).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(TargetsFromFile(repo.Sub("missing.json")).status().code(), absl::StatusCode::kNotFound);
+}
+
 }  // namespace
 }  // namespace kiln

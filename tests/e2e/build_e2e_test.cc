@@ -364,6 +364,15 @@ TEST(MonorepoE2eTest, AllFlakesIsOneBuildsetAndOnlyAChangedServiceBuildsAgain) {
   auto fourth = build({});
   j = nlohmann::json::parse(fourth.stdout_data);
   for (const auto& e : j) EXPECT_EQ(e["status"], "cached") << e.dump();
+  // A target list in a file: the same buildset machinery.
+  WriteFileOrDie(repo.Sub("kiln.json"),
+                 R"({"targets": [{"flake": "services/assets"}, {"flake": "services/hello-api", "attr": "oci-image"}]})");
+  auto listed = farm.Kiln({"build", "--file", repo.Sub("kiln.json"), "--json"});
+  ASSERT_TRUE(listed.ok());
+  ASSERT_EQ(listed->exit.exit_code, 0) << listed->stderr_data;
+  j = nlohmann::json::parse(listed->stdout_data);
+  ASSERT_EQ(j.size(), 2u);
+  EXPECT_EQ(j[0]["status"], "cached") << j.dump();
 }
 
 }  // namespace
