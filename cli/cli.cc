@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -251,6 +252,7 @@ absl::StatusOr<std::vector<std::string>> Submit(BuildService::Stub& stub, const 
     spec->set_display_name(target.text);
     spec->set_priority_class(options.priority);
     spec->set_rebuild(options.rebuild);
+    spec->set_fetch_outputs(!options.out_link.empty());
     if (options.timeout_seconds > 0) spec->mutable_timeout()->set_seconds(options.timeout_seconds);
     if (options.max_silent_time_seconds > 0) {
       spec->mutable_max_silent_time()->set_seconds(options.max_silent_time_seconds);
@@ -386,6 +388,35 @@ std::string LocalityKey(const std::string& flake_dir, const std::string& attr) {
     if (p == p.root_path()) break;
   }
   return absl::StrCat(flake_dir, "#", attr);
+}
+
+// Downloads an output's tree (root entry "out") to `link`: through a
+// temporary sibling, then renamed into place, so `link` is either the whole
+// output or untouched. An existing file or link there is replaced, a
+// non-empty directory is not.
+absl::Status DownloadOutput(const CliOptions& options, const kiln::v1::Digest& tree, const std::string& link) {
+  const fs::path dest = fs::absolute(link);
+  const fs::path temp = dest.parent_path() / absl::StrCat(".", dest.filename().string(), ".kiln-", getpid());
+  std::error_code ec;
+  fs::remove_all(temp, ec);
+  fs::create_directories(temp / "tree", ec);
+  if (ec) return absl::InternalError(absl::StrCat("cannot create ", temp.string(), ": ", ec.message()));
+  SourceTreeLimits limits;
+  limits.max_total_bytes = uint64_t{64} << 30;
+  limits.max_entries = uint64_t{1} << 24;
+  limits.max_entries_per_directory = uint64_t{1} << 20;
+  limits.max_depth = 256;
+  limits.allow_external_links = true;  // A store path links to other store paths.
+  absl::Status s = DownloadTree(Cas(options), tree, (temp / "tree").string(), (temp / "spool").string(), limits);
+  if (s.ok()) {
+    if (fs::is_directory(fs::symlink_status(dest, ec)) && !fs::is_empty(dest, ec)) {
+      s = absl::AlreadyExistsError(absl::StrCat(dest.string(), " is a directory that is not empty; remove it first"));
+    } else if (::rename((temp / "tree" / "out").c_str(), dest.c_str()) != 0) {
+      s = absl::InternalError(absl::StrCat("cannot create ", dest.string(), ": ", std::strerror(errno)));
+    }
+  }
+  fs::remove_all(temp, ec);
+  return s;
 }
 
 // Every flake under the current directory's git work tree (or the current
@@ -558,6 +589,21 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& g
     }
     entry["worker"] = finished->worker();
     entry["durationSeconds"] = absl::ToDoubleSeconds(FromProtoDuration(result.build_duration()));
+    if (finished->state() == kiln::v1::JOB_STATE_SUCCEEDED && !options.out_link.empty()) {
+      // Like nix build: result, result-1 … for more targets, -OUTPUT for more outputs.
+      const size_t index = static_cast<size_t>(&job - &jobs[0]);
+      for (const auto& [name, tree] : result.output_trees()) {
+        std::string link = options.out_link;
+        if (index > 0) absl::StrAppend(&link, "-", index);
+        if (name != "out") absl::StrAppend(&link, "-", name);
+        if (absl::Status s = DownloadOutput(options, tree, link); !s.ok()) {
+          Err(absl::StrCat("error: ", job.installable, ": cannot download output ", name, ": ", s.message()));
+          exit_code = std::max(exit_code, kExitUnavailable);
+        } else {
+          entry["outLinks"][name] = link;
+        }
+      }
+    }
     if (finished->state() == kiln::v1::JOB_STATE_SUCCEEDED) {
       entry["drvPath"] = result.drv_path();
       entry["outputs"] = nlohmann::json::object();

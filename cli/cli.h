@@ -36,6 +36,7 @@ struct CliOptions {
   bool all_flakes = false;        // build: every flake.nix of the repository.
   std::string attr = "default";   // build --all-flakes: the attribute of each.
   std::string targets_file;       // build --file: a kiln.json listing targets.
+  std::string out_link;           // build -o: download the outputs here.
 };
 
 // `kiln build INSTALLABLE...`: uploads each flake, submits, streams the logs,

@@ -24,6 +24,8 @@ ABSL_FLAG(bool, all_flakes, false,
 ABSL_FLAG(std::string, attr, "default", "build --all-flakes: the attribute to build of each flake");
 ABSL_FLAG(std::string, file, "",
           "build: a JSON file listing targets: {\"targets\": [{\"flake\": \"services/a\", \"attr\": \"oci-image\"}]}");
+ABSL_FLAG(std::string, out_link, "",
+          "build: download the output here (-o PATH; more targets or outputs add -N / -OUTPUT, as nix build does)");
 ABSL_FLAG(bool, rebuild, false, "build: build again even when an identical target's result is cached");
 ABSL_FLAG(bool, detach, false, "build: submit, print the job ids and exit without waiting for the builds");
 ABSL_FLAG(std::string, priority, "interactive",
@@ -33,7 +35,7 @@ namespace {
 constexpr char kUsage[] =
     "Kiln: build Nix flakes on a build farm.\n"
     "  kiln [--coordinator=ADDR] build PATH#ATTR... | --all-flakes [--attr=ATTR] | --file=kiln.json\n"
-    "                                  [--json] [--quiet] [--detach] [--rebuild] [--system=SYSTEM]\n"
+    "                                  [--json] [--quiet] [--detach] [--rebuild] [-o PATH] [--system=SYSTEM]\n"
     "                                  [--priority=interactive|ci|batch] [--timeout=30m] [--max-silent-time=10m]\n"
     "  kiln [--coordinator=ADDR] status JOB|BUILDSET [--json]\n"
     "  kiln [--coordinator=ADDR] cancel JOB|BUILDSET [--json]\n"
@@ -44,6 +46,15 @@ constexpr char kUsage[] =
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(kUsage);
+  // `-o PATH`, as nix build spells --out-link.
+  std::vector<std::string> expanded(argv, argv + argc);
+  for (std::string& a : expanded) {
+    if (a == "-o") a = "--out-link";
+  }
+  std::vector<char*> expanded_argv;
+  for (std::string& a : expanded) expanded_argv.push_back(a.data());
+  argc = static_cast<int>(expanded_argv.size());
+  argv = expanded_argv.data();
   kiln::DashedFlagArgs dashed(argc, argv);
   std::vector<char*> positional = absl::ParseCommandLine(dashed.argc(), dashed.argv());
   std::vector<std::string> args(positional.begin() + 1, positional.end());
@@ -65,6 +76,7 @@ int main(int argc, char** argv) {
   options.all_flakes = absl::GetFlag(FLAGS_all_flakes);
   options.attr = absl::GetFlag(FLAGS_attr);
   options.targets_file = absl::GetFlag(FLAGS_file);
+  options.out_link = absl::GetFlag(FLAGS_out_link);
 
   if (args.empty()) {
     std::fprintf(stderr, "%s\n", kUsage);

@@ -1,6 +1,7 @@
 #include "common/cas_client.h"
 
 #include <chrono>
+#include <filesystem>
 #include <fstream>
 #include <memory>
 #include <utility>
@@ -180,6 +181,51 @@ absl::Status UploadTree(kiln::v1::CasService::Stub& stub, const SourceTree& tree
   for (const Digest& f : missing_files) blobs.push_back({f, false});
   for (auto it = upload_dirs.rbegin(); it != upload_dirs.rend(); ++it) blobs.push_back({*it, true});
   return WriteStream(stub, blobs, tree, stats, timeout);
+}
+
+absl::Status DownloadTree(kiln::v1::CasService::Stub& stub, const Digest& root, const std::string& dest,
+                          const std::string& spool_dir, const SourceTreeLimits& limits) {
+  grpc::ClientContext context;
+  SetDeadline(context, absl::Minutes(2));
+  kiln::v1::GetTreeRequest request;
+  *request.mutable_root() = root;
+  kiln::v1::GetTreeResponse response;
+  if (grpc::Status s = stub.GetTree(&context, request, &response); !s.ok()) {
+    return absl::Status(FromGrpcStatus(s).code(), absl::StrCat("reading the output's tree: ", s.error_message()));
+  }
+  absl::flat_hash_map<std::string, std::string> dirs;
+  for (const auto& blob : response.directories()) {
+    if (Sha256Hex(blob.data()) != blob.digest().hash()) return absl::DataLossError("a directory arrived corrupted");
+    dirs.emplace(blob.digest().hash(), blob.data());
+  }
+  std::vector<Digest> files;
+  absl::flat_hash_set<std::string> wanted;
+  for (const auto& [hash, data] : dirs) {
+    Directory dir;
+    if (!dir.ParseFromString(data)) return absl::DataLossError("a directory does not parse");
+    for (const auto& f : dir.files()) {
+      if (wanted.insert(f.digest().hash()).second) files.push_back(f.digest());
+    }
+  }
+  std::error_code ec;
+  std::filesystem::create_directories(spool_dir, ec);
+  if (ec) return absl::InternalError(absl::StrCat("cannot create ", spool_dir, ": ", ec.message()));
+  absl::Status fetched = FetchBlobs(stub, files, [&](const Digest& d, std::string&& data) -> absl::Status {
+    std::ofstream out(std::filesystem::path(spool_dir) / d.hash(), std::ios::binary | std::ios::trunc);
+    out.write(data.data(), static_cast<std::streamsize>(data.size()));
+    if (!out) return absl::InternalError(absl::StrCat("cannot write into ", spool_dir));
+    return absl::OkStatus();
+  });
+  if (!fetched.ok()) return fetched;
+  // MaterializeTree asks for one blob at a time and is done with it before
+  // the next: one buffer is enough.
+  std::string buffer;
+  const BlobLookup lookup = [&](const std::string& hash) -> const std::string* {
+    if (auto it = dirs.find(hash); it != dirs.end()) return &it->second;
+    if (ReadFileBytes((std::filesystem::path(spool_dir) / hash).string(), buffer).ok()) return &buffer;
+    return nullptr;
+  };
+  return MaterializeTree(root, lookup, dest, limits);
 }
 
 absl::StatusOr<bool> HasDirectory(kiln::v1::CasService::Stub& stub, const Digest& root) {

@@ -28,6 +28,13 @@ struct UploadStats {
 absl::Status UploadTree(kiln::v1::CasService::Stub& stub, const SourceTree& tree, UploadStats* stats,
                         absl::Duration timeout = absl::Minutes(30));
 
+// Writes the tree under `root` from the CAS into `dest` (an existing, empty
+// directory): its directories in one GetTree call, its files in one
+// ReadBlobs call (spooled to `spool_dir`, not held in memory), every digest
+// verified, nothing written through a link.
+absl::Status DownloadTree(kiln::v1::CasService::Stub& stub, const kiln::v1::Digest& root, const std::string& dest,
+                          const std::string& spool_dir, const SourceTreeLimits& limits);
+
 // Whether the coordinator holds the whole tree under `root` (one call).
 absl::StatusOr<bool> HasDirectory(kiln::v1::CasService::Stub& stub, const kiln::v1::Digest& root);
 

@@ -136,7 +136,9 @@ absl::Status Walk(const Digest& root, const BlobLookup& lookup, const SourceTree
     }
     absl::StatusOr<Directory> dir = ParseDirectory(p.digest, lookup, p.path);
     if (!dir.ok()) return dir.status();
-    if (absl::Status s = ValidateDirectory(*dir, p.path, p.depth, limits); !s.ok()) return s;
+    if (absl::Status s = ValidateDirectory(*dir, p.path, p.depth, limits, !limits.allow_external_links); !s.ok()) {
+      return s;
+    }
     entries += dir->files_size() + dir->directories_size() + dir->symlinks_size();
     bytes += static_cast<uint64_t>(p.digest.size_bytes());
     for (const auto& f : dir->files()) bytes += static_cast<uint64_t>(std::max<int64_t>(0, f.digest().size_bytes()));

@@ -24,6 +24,9 @@ struct SourceTreeLimits {
   uint64_t max_entries = 100000;           // Files, directories and links.
   uint64_t max_entries_per_directory = 20000;
   uint32_t max_depth = 64;
+  // Build outputs, not sources: symlinks may point anywhere (a store path's
+  // links to other store paths). Materialising never follows a link either way.
+  bool allow_external_links = false;
 };
 
 // The digest (SHA-256, size) of `data`.

@@ -427,7 +427,9 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
         metrics_->ResultCacheLookups("bypassed").Increment();
       } else if (absl::StatusOr<kiln::state::v1::CachedResult> hit =
                      store_->GetCachedResult(ResultKey(*subtree, r.spec()));
-                 hit.ok()) {
+                 hit.ok() && (!r.spec().fetch_outputs() ||
+                              hit->result().output_trees_size() == hit->result().outputs_size())) {
+        // (A result without its outputs in the CAS cannot serve --out-link.)
         metrics_->ResultCacheLookups("hit").Increment();
         r.set_state(kiln::v1::JOB_STATE_SUCCEEDED);
         *r.mutable_result() = hit->result();

@@ -138,6 +138,11 @@ grpc::Status CasServiceImpl::GetTree(grpc::ServerContext* context, const kiln::v
   };
   SourceTreeLimits limits;
   limits.max_total_bytes = UINT64_MAX;  // File blobs are not read here.
+  // Any stored tree (build outputs link anywhere); readers check their own.
+  limits.allow_external_links = true;
+  limits.max_entries = uint64_t{1} << 24;
+  limits.max_entries_per_directory = uint64_t{1} << 20;
+  limits.max_depth = 256;
   absl::StatusOr<std::vector<std::pair<std::string, std::string>>> dirs =
       CollectTreeDirectories(request->root(), lookup, limits);
   if (!error.ok()) return ToGrpcStatus(error);

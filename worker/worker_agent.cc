@@ -1,5 +1,7 @@
 #include "worker/worker_agent.h"
 
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
@@ -381,6 +383,50 @@ absl::Status WorkerAgent::CheckOut(const kiln::v1::Assignment& assignment, const
   return MaterializeTree(root, lookup, dest, limits);
 }
 
+absl::Status WorkerAgent::UploadOutputs(kiln::v1::BuildResult& result) {
+  SourceTreeLimits limits;
+  limits.max_total_bytes = uint64_t{64} << 30;
+  limits.max_entries = uint64_t{1} << 24;
+  limits.max_entries_per_directory = uint64_t{1} << 20;
+  limits.max_depth = 256;
+  for (const auto& [name, path] : result.outputs()) {
+    // A tree whose root holds one entry, "out": the output as it is.
+    SourceTree tree;
+    kiln::v1::Directory wrapper;
+    struct stat st;
+    if (::lstat(path.c_str(), &st) != 0) return absl::NotFoundError(absl::StrCat("output ", path, " is missing"));
+    if (S_ISDIR(st.st_mode)) {
+      absl::StatusOr<SourceTree> built = BuildSourceTree(path, limits, {.keep_file_data = false});
+      if (!built.ok()) return built.status();
+      tree = *std::move(built);
+      auto* node = wrapper.add_directories();
+      node->set_name("out");
+      *node->mutable_digest() = tree.root;
+    } else if (S_ISLNK(st.st_mode)) {
+      std::error_code ec;
+      auto* node = wrapper.add_symlinks();
+      node->set_name("out");
+      node->set_target(fs::read_symlink(path, ec).string());
+    } else {
+      std::ifstream in(path, std::ios::binary);
+      std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+      auto* node = wrapper.add_files();
+      node->set_name("out");
+      node->set_is_executable((st.st_mode & 0111) != 0);
+      *node->mutable_digest() = DigestOf(data);
+      tree.blobs.emplace(node->digest().hash(), std::move(data));
+    }
+    const std::string wrapper_blob = SerializeDirectory(wrapper);
+    tree.root = DigestOf(wrapper_blob);
+    tree.blobs.emplace(tree.root.hash(), wrapper_blob);
+    UploadStats stats;
+    if (absl::Status s = UploadTree(*cas_, tree, &stats); !s.ok()) return s;
+    (*result.mutable_output_trees())[name] = tree.root;
+    LogInfo(kComponent, "output ", name, ": sent ", stats.blobs_sent, " blob(s), ", stats.bytes_sent, " bytes");
+  }
+  return absl::OkStatus();
+}
+
 void WorkerAgent::StartJob(const kiln::v1::Assignment& assignment) {
   const std::string job_id = assignment.job_id();
   const uint32_t attempt = assignment.attempt();
@@ -392,6 +438,7 @@ void WorkerAgent::StartJob(const kiln::v1::Assignment& assignment) {
     job.attempt = attempt;
     job.dir = dir.string();
     job.started = absl::Now();
+    job.fetch_outputs = assignment.spec().fetch_outputs();
     if (assignment.spec().has_timeout() && assignment.spec().timeout().seconds() > 0) {
       job.timeout = FromProtoDuration(assignment.spec().timeout());
       // A little later than Nix's per-derivation timeout, whose message is
@@ -475,6 +522,12 @@ void WorkerAgent::FinishJob(const std::string& job_id, uint32_t attempt, kiln::v
     result.set_code(kiln::v1::RESULT_CODE_TIMED_OUT);
     result.set_error_message(
         absl::StrCat("the job ran longer than its timeout of ", absl::FormatDuration(job.timeout)));
+  }
+  if (job.fetch_outputs && result.code() == kiln::v1::RESULT_CODE_SUCCEEDED) {
+    if (absl::Status s = UploadOutputs(result); !s.ok()) {
+      result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
+      result.set_error_message(absl::StrCat("the build succeeded but its outputs could not be sent: ", s.message()));
+    }
   }
   metrics_->builds_running.Decrement();
   metrics_->build_duration.Observe(absl::ToDoubleSeconds(absl::Now() - job.started));

@@ -78,6 +78,7 @@ class WorkerAgent {
     std::vector<kiln::v1::LogLine> pending_lines;
     std::string dir;
     absl::Time started;
+    bool fetch_outputs = false;  // Upload the outputs to the CAS at the end.
   };
 
   void RunLoop();
@@ -103,6 +104,9 @@ class WorkerAgent {
   // `dest`: blobs sent with the assignment, else from the local blob cache
   // (work-dir/cas), else fetched from the coordinator's CAS into that cache.
   absl::Status CheckOut(const kiln::v1::Assignment& assignment, const std::string& dest);
+  // Uploads each output of a successful build to the coordinator's CAS and
+  // records its tree in `result.output_trees`.
+  absl::Status UploadOutputs(kiln::v1::BuildResult& result);
 
   kiln::v1::WorkerMessage MakeRegister() ABSL_LOCKS_EXCLUDED(mu_);
 

@@ -1,5 +1,7 @@
 // End to end: real kiln-coordinator and kiln-worker processes on 127.0.0.1,
 // real `nix build`, driven through the real `kiln` CLI.
+#include <sys/stat.h>
+
 #include <filesystem>
 #include <regex>
 
@@ -373,6 +375,48 @@ TEST(MonorepoE2eTest, AllFlakesIsOneBuildsetAndOnlyAChangedServiceBuildsAgain) {
   j = nlohmann::json::parse(listed->stdout_data);
   ASSERT_EQ(j.size(), 2u);
   EXPECT_EQ(j[0]["status"], "cached") << j.dump();
+}
+
+// --out-link: the output comes back through the CAS, byte for byte what a
+// local `nix build` of the same flake produces (a directory with an
+// executable, a subdirectory and links, one of them absolute).
+TEST_F(BuildE2eTest, OutLinkDownloadsTheSameTreeAsALocalNixBuild) {
+  const std::string nonce = Nonce();
+  WriteFileOrDie(work_.Sub("tree/flake.nix"),
+                 // No PATH in a raw derivation (and no sandbox here): tools by path.
+                 TrivialFlake("tree-output", "/bin/mkdir -p $out/bin $out/share; echo " + nonce +
+                                                  " > $out/share/data; printf '#!/bin/sh\\necho hi\\n' > $out/bin/run;"
+                                                  " /bin/chmod +x $out/bin/run; /bin/ln -s share/data $out/rel;"
+                                                  " /bin/ln -s /bin/sh $out/abs"));
+  auto r = farm_->Kiln({"build", work_.Sub("tree"), "-o", work_.Sub("result"), "--json"});
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->exit.exit_code, 0) << r->stderr_data;
+  nlohmann::json j = nlohmann::json::parse(r->stdout_data);
+  EXPECT_EQ(j[0]["outLinks"]["out"], work_.Sub("result"));
+  const std::string store_path = j[0]["outputs"]["out"];
+  // The same flake built by the local Nix: the same store path, the same tree.
+  auto local = RunCommand({.argv = {"nix", "build", "--no-link", "--json", "path:" + work_.Sub("tree") + "#default"},
+                           .extra_env = testing::NixTestEnv(),
+                           .cwd = ""});
+  ASSERT_TRUE(local.ok() && local->exit.Success()) << (local.ok() ? local->stderr_data : "");
+  EXPECT_EQ(nlohmann::json::parse(local->stdout_data)[0]["outputs"]["out"], store_path);
+  auto diff = RunCommand({.argv = {"diff", "-r", "--no-dereference", store_path, work_.Sub("result")},
+                          .extra_env = {},
+                          .cwd = ""});
+  ASSERT_TRUE(diff.ok());
+  EXPECT_TRUE(diff->exit.Success()) << diff->stdout_data << diff->stderr_data;
+  EXPECT_EQ(fs::read_symlink(work_.Sub("result/abs")).string(), "/bin/sh");
+  struct stat st;
+  ASSERT_EQ(::stat(work_.Sub("result/bin/run").c_str(), &st), 0);
+  EXPECT_NE(st.st_mode & 0100, 0u);
+
+  // Again: answered from the result cache, and downloaded again.
+  fs::remove_all(work_.Sub("result"));
+  auto again = farm_->Kiln({"build", work_.Sub("tree"), "-o", work_.Sub("result"), "--json"});
+  ASSERT_TRUE(again.ok());
+  ASSERT_EQ(again->exit.exit_code, 0) << again->stderr_data;
+  EXPECT_EQ(nlohmann::json::parse(again->stdout_data)[0]["status"], "cached");
+  EXPECT_EQ(ReadFileOrDie(work_.Sub("result/share/data")), nonce + "\n");
 }
 
 }  // namespace
