@@ -171,26 +171,10 @@ absl::StatusOr<Target> ResolveTarget(const std::string& text) {
   return Target{.text = text, .dir = dir, .attr = installable->attr};
 }
 
-// The directory whose tree carries every target: the one flake's own, or for
-// several, their git work tree's root, else their deepest common directory.
+// The directory whose tree carries every target: their deepest common
+// directory (the one flake's own for a single target). Each job needs only
+// its flake's directory, so nothing above that is sent.
 fs::path SourceRoot(const std::vector<Target>& targets) {
-  if (targets.size() == 1) return targets[0].dir;
-  std::optional<fs::path> git_root;
-  bool same_repo = true;
-  for (const Target& t : targets) {
-    std::optional<fs::path> found;
-    std::error_code ec;
-    for (fs::path p = t.dir; !p.empty(); p = p.parent_path()) {
-      if (fs::exists(p / ".git", ec)) {
-        found = p;
-        break;
-      }
-      if (p == p.root_path()) break;
-    }
-    if (!found || (git_root && *git_root != *found)) same_repo = false;
-    git_root = found;
-  }
-  if (same_repo && git_root) return *git_root;
   fs::path common = targets[0].dir;
   for (const Target& t : targets) {
     while (!common.empty() && t.dir.lexically_relative(common).string().rfind("..", 0) == 0) {
