@@ -152,6 +152,14 @@ std::optional<kiln::v1::Digest> BuildCoordinator::FlakeSubtree(const kiln::v1::S
   return at;
 }
 
+bool BuildCoordinator::OutputsInCas(const BuildResult& result) const {
+  if (cas_ == nullptr || result.output_trees_size() != result.outputs_size()) return false;
+  for (const auto& [name, tree] : result.output_trees()) {
+    if (!cas_->HasDirectory(tree)) return false;
+  }
+  return true;
+}
+
 std::string BuildCoordinator::ResultKey(const kiln::v1::Digest& flake_subtree, const kiln::v1::JobSpec& spec) {
   // What determines the output: the flake's own files (its flake.lock
   // included), the attribute and the system; and where the image goes.
@@ -427,8 +435,7 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
         metrics_->ResultCacheLookups("bypassed").Increment();
       } else if (absl::StatusOr<kiln::state::v1::CachedResult> hit =
                      store_->GetCachedResult(ResultKey(*subtree, r.spec()));
-                 hit.ok() && (!r.spec().fetch_outputs() ||
-                              hit->result().output_trees_size() == hit->result().outputs_size())) {
+                 hit.ok() && (!r.spec().fetch_outputs() || OutputsInCas(hit->result()))) {
         // (A result without its outputs in the CAS cannot serve --out-link.)
         metrics_->ResultCacheLookups("hit").Increment();
         r.set_state(kiln::v1::JOB_STATE_SUCCEEDED);

@@ -223,6 +223,8 @@ class BuildCoordinator {
   // The digest of the flake's directory within its source (the root when
   // flake_subdir is empty); nullopt when it cannot be read or is absent.
   std::optional<kiln::v1::Digest> FlakeSubtree(const kiln::v1::SourceRef& source, const BlobLookup& inline_blobs) const;
+  // Whether every output of `result` is a tree stored in the CAS.
+  bool OutputsInCas(const kiln::v1::BuildResult& result) const;
   // The result cache's key of a target whose flake directory is `flake_subtree`.
   static std::string ResultKey(const kiln::v1::Digest& flake_subtree, const kiln::v1::JobSpec& spec);
   // A follower's waiting reason.

@@ -831,6 +831,15 @@ TEST_F(BuildCoordinatorTest, TheResultCacheAnswersUnchangedTargetsAndOnlyThose) 
   ASSERT_FALSE(watcher->events.empty());
   EXPECT_TRUE(watcher->events.back().finished().result().cached());
 
+  // A result whose outputs are not in the CAS cannot serve --out-link.
+  auto wants_outputs = MonorepoRequest("{ b }");
+  wants_outputs.mutable_targets(0)->mutable_spec()->set_fetch_outputs(true);
+  auto fetching = core_->Submit(wants_outputs);
+  ASSERT_TRUE(fetching.ok());
+  EXPECT_FALSE(core_->GetJob(fetching->job_ids(0))->result().cached());
+  EXPECT_TRUE(core_->GetJob(fetching->job_ids(1))->result().cached());
+  ASSERT_TRUE(core_->Cancel(fetching->job_ids(0)).ok());
+
   // --rebuild bypasses it.
   auto again = MonorepoRequest("{ b }");
   again.mutable_targets(0)->mutable_spec()->set_rebuild(true);
@@ -839,7 +848,7 @@ TEST_F(BuildCoordinatorTest, TheResultCacheAnswersUnchangedTargetsAndOnlyThose) 
   EXPECT_FALSE(core_->GetJob(third->job_ids(0))->result().cached());
   EXPECT_NE(State(third->job_ids(0)), kiln::v1::JOB_STATE_SUCCEEDED);
   EXPECT_TRUE(core_->GetJob(third->job_ids(1))->result().cached());  // b as first built.
-  EXPECT_EQ(metrics_.ResultCacheLookups("hit").Value(), 2);
+  EXPECT_EQ(metrics_.ResultCacheLookups("hit").Value(), 3);
   EXPECT_EQ(metrics_.ResultCacheLookups("bypassed").Value(), 1);
 
   // A failure is not cached.
