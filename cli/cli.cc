@@ -186,8 +186,8 @@ fs::path SourceRoot(const std::vector<Target>& targets) {
 
 // Uploads the tree at `root` (only what the coordinator lacks) and submits
 // every target as one buildset; job ids in target order.
-absl::StatusOr<std::vector<std::string>> Submit(BuildService::Stub& stub, const CliOptions& options,
-                                                const std::vector<Target>& targets, UploadStats& uploaded) {
+absl::StatusOr<std::vector<std::string>> SubmitOnce(BuildService::Stub& stub, const CliOptions& options,
+                                                    const std::vector<Target>& targets, UploadStats& uploaded) {
   const fs::path root = SourceRoot(targets);
   // Nix's view of the flake: inside a git work tree, the tracked files only.
   absl::StatusOr<std::optional<absl::flat_hash_set<std::string>>> tracked = GitTrackedFiles(root.string());
@@ -279,6 +279,18 @@ absl::StatusOr<std::vector<std::string>> Submit(BuildService::Stub& stub, const 
   grpc::Status status = stub.SubmitBuild(&context, request, &response);
   if (!status.ok()) return FromCoordinator(status, options);
   return std::vector<std::string>(response.job_ids().begin(), response.job_ids().end());
+}
+
+absl::StatusOr<std::vector<std::string>> Submit(BuildService::Stub& stub, const CliOptions& options,
+                                                const std::vector<Target>& targets, UploadStats& uploaded) {
+  absl::StatusOr<std::vector<std::string>> ids = SubmitOnce(stub, options, targets, uploaded);
+  // The coordinator's garbage collection can take a blob between our
+  // question and our upload or submission: ask again, once.
+  if (absl::IsFailedPrecondition(ids.status()) ||
+      (absl::IsNotFound(ids.status()) && absl::StrContains(ids.status().message(), "neither uploaded"))) {
+    ids = SubmitOnce(stub, options, targets, uploaded);
+  }
+  return ids;
 }
 
 // Streams one job's events to stderr until its terminal event; resumes after

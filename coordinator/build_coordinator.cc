@@ -893,8 +893,62 @@ void BuildCoordinator::ExpireLease(const std::string& worker, const std::string&
   }
 }
 
+absl::StatusOr<uint64_t> BuildCoordinator::CollectGarbage() {
+  if (cas_ == nullptr) return 0;
+  last_gc_ = clock_->Now();
+  // Everything the trees of queued and running jobs name is kept.
+  absl::flat_hash_set<std::string> roots, keep;
+  JobRecord scratch;
+  scheduler_.ForEachLiveJob([&](const std::string& id) {
+    auto it = jobs_.find(id);
+    if (it != jobs_.end()) roots.insert(View(it->second, scratch).spec().source().tree_root().SerializeAsString());
+  });
+  absl::flat_hash_map<std::string, std::string> read;
+  const BlobLookup lookup = [&](const std::string& hash) -> const std::string* {
+    if (auto it = read.find(hash); it != read.end()) return &it->second;
+    absl::StatusOr<std::string> blob = cas_->ReadAll(hash);
+    if (!blob.ok()) return nullptr;
+    return &read.emplace(hash, *std::move(blob)).first->second;
+  };
+  SourceTreeLimits limits;
+  limits.max_total_bytes = UINT64_MAX;
+  limits.max_entries = uint64_t{1} << 26;
+  limits.max_entries_per_directory = uint64_t{1} << 20;
+  for (const std::string& serialized : roots) {
+    kiln::v1::Digest root;
+    root.ParseFromString(serialized);
+    absl::StatusOr<std::vector<std::pair<std::string, std::string>>> dirs =
+        CollectTreeDirectories(root, lookup, limits);
+    if (!dirs.ok()) continue;  // Already incomplete: nothing of it to save.
+    for (const auto& [hash, data] : *dirs) {
+      keep.insert(hash);
+      kiln::v1::Directory dir;
+      if (!dir.ParseFromString(data)) continue;
+      for (const auto& f : dir.files()) keep.insert(f.digest().hash());
+    }
+    read.clear();
+  }
+  const uint64_t target = options_.cas_max_bytes / 10 * 9;
+  absl::StatusOr<uint64_t> freed =
+      // Blob times are wall-clock times (the CAS's own), not the scheduler clock.
+      cas_->CollectGarbage(keep, absl::ToUnixSeconds(absl::Now() - options_.cas_gc_grace), target);
+  if (freed.ok()) {
+    metrics_->cas_gc_runs.Increment();
+    metrics_->cas_gc_freed_bytes.Increment(static_cast<double>(*freed));
+    LogInfo(kComponent, "CAS garbage collection: freed ", *freed, " bytes, ", cas_->total_bytes(),
+            " bytes stored, ", keep.size(), " blob(s) of ", roots.size(), " live tree(s) kept");
+  } else {
+    LogError(kComponent, "CAS garbage collection failed: ", freed.status().ToString());
+  }
+  return freed;
+}
+
 void BuildCoordinator::Tick() {
   CheckLeases();
+  if (cas_ != nullptr && options_.cas_max_bytes > 0 && cas_->total_bytes() > options_.cas_max_bytes &&
+      clock_->Now() - last_gc_ >= options_.cas_gc_interval) {
+    CollectGarbage().IgnoreError();  // Logged and counted.
+  }
   EndOfCall();
 }
 
@@ -1316,6 +1370,7 @@ void BuildCoordinator::UpdateGauges(bool force) {
   metrics_->Workers("disconnected").Set(static_cast<double>(by_state[2]));
   metrics_->slots.Set(static_cast<double>(scheduler_.total_slots()));
   metrics_->slots_used.Set(static_cast<double>(scheduler_.used_slots()));
+  if (cas_ != nullptr) metrics_->cas_stored_bytes.Set(static_cast<double>(cas_->total_bytes()));
 }
 
 }  // namespace kiln

@@ -91,6 +91,12 @@ struct BuildCoordinatorOptions {
   std::vector<std::string> priority_names = {"interactive", "ci", "batch"};
   // Timeout of a job that sets none; 0: none.
   absl::Duration default_timeout = absl::ZeroDuration();
+  // CAS garbage collection: past `cas_max_bytes`, blobs no queued or running
+  // job needs and older than `cas_gc_grace` go, oldest first, down to 90%.
+  // Checked on Tick, at most every `cas_gc_interval`. 0: never.
+  uint64_t cas_max_bytes = uint64_t{100} << 30;
+  absl::Duration cas_gc_grace = absl::Hours(1);
+  absl::Duration cas_gc_interval = absl::Minutes(10);
 };
 
 class BuildCoordinator {
@@ -145,6 +151,10 @@ class BuildCoordinator {
   // Periodic: closes the streams of workers silent past the lease and
   // requeues the jobs of workers whose lease ran out.
   void Tick();
+
+  // Runs the CAS's garbage collection now (Tick does when over the limit);
+  // the bytes freed.
+  absl::StatusOr<uint64_t> CollectGarbage();
 
   // Closes every watcher and worker stream (shutdown).
   void CloseAll();
@@ -263,6 +273,7 @@ class BuildCoordinator {
   const BuildCoordinatorOptions options_;
   const absl::Time started_;
   bool batched_ = false;
+  absl::Time last_gc_ = absl::InfinitePast();
   bool flushing_ = false;
   // Entries point into jobs_ (a node map: stable).
   std::vector<JobEntry*> pending_jobs_;

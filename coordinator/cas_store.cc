@@ -43,6 +43,63 @@ CasStore::CasStore(rocksdb::DB* db, rocksdb::ColumnFamilyHandle* blobs, rocksdb:
   // Uploads cut short by a crash leave temporary files; none is in use now.
   std::filesystem::remove_all(std::filesystem::path(files_dir_) / "tmp", ec);
   std::filesystem::create_directories(std::filesystem::path(files_dir_) / "tmp", ec);
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), meta_));
+  uint64_t total = 0;
+  BlobMeta stored;
+  for (it->SeekToFirst(); it->Valid(); it->Next()) {
+    if (stored.ParseFromArray(it->value().data(), static_cast<int>(it->value().size()))) {
+      total += static_cast<uint64_t>(stored.size_bytes());
+    }
+  }
+  total_bytes_ = total;
+}
+
+absl::StatusOr<uint64_t> CasStore::CollectGarbage(const absl::flat_hash_set<std::string>& keep,
+                                                  int64_t older_than_unix, uint64_t target_bytes) {
+  absl::MutexLock lock(&gc_mu_);
+  struct Candidate {
+    int64_t stored;
+    std::string hash;
+    BlobMeta meta;
+  };
+  std::vector<Candidate> old_blobs, directories;
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), meta_));
+  for (it->SeekToFirst(); it->Valid(); it->Next()) {
+    std::string hash = it->key().ToString();
+    if (keep.contains(hash)) continue;
+    Candidate c{.stored = 0, .hash = std::move(hash), .meta = {}};
+    if (!c.meta.ParseFromArray(it->value().data(), static_cast<int>(it->value().size()))) continue;
+    c.stored = c.meta.stored_unix();
+    if (c.meta.is_directory()) directories.push_back(c);
+    if (c.stored < older_than_unix) old_blobs.push_back(std::move(c));
+  }
+  if (!it->status().ok()) return FromRocks(it->status(), "reading blob metas");
+  std::sort(old_blobs.begin(), old_blobs.end(),
+            [](const Candidate& a, const Candidate& b) { return a.stored < b.stored; });
+  uint64_t freed = 0;
+  absl::flat_hash_set<std::string> deleted;
+  const auto remove = [&](const Candidate& c) -> absl::Status {
+    if (!deleted.insert(c.hash).second) return absl::OkStatus();
+    // The meta first: from then on the blob is absent, whatever remains.
+    rocksdb::WriteBatch batch;
+    batch.Delete(meta_, c.hash);
+    if (!c.meta.in_file()) batch.Delete(blobs_, c.hash);
+    if (rocksdb::Status s = db_->Write(rocksdb::WriteOptions(), &batch); !s.ok()) return FromRocks(s, "blob delete");
+    if (c.meta.in_file()) ::unlink(FilePath(c.hash).c_str());
+    total_bytes_ -= std::min<uint64_t>(total_bytes_.load(), static_cast<uint64_t>(c.meta.size_bytes()));
+    freed += static_cast<uint64_t>(c.meta.size_bytes());
+    return absl::OkStatus();
+  };
+  for (const Candidate& c : old_blobs) {
+    if (total_bytes_.load() <= target_bytes) break;
+    if (absl::Status s = remove(c); !s.ok()) return s;
+  }
+  if (!deleted.empty()) {
+    for (const Candidate& c : directories) {
+      if (absl::Status s = remove(c); !s.ok()) return s;
+    }
+  }
+  return freed;
 }
 
 std::string CasStore::FilePath(const std::string& hash) const {
@@ -180,6 +237,7 @@ void CasStore::Upload::Discard() {
 
 absl::Status CasStore::Upload::Finish() {
   if (finished_) return absl::FailedPreconditionError("blob already finished");
+  absl::ReaderMutexLock gc_lock(&store_->gc_mu_);
   if (received_ != static_cast<uint64_t>(digest_.size_bytes())) {
     Discard();
     return absl::InvalidArgumentError(absl::StrCat("blob ", Short(digest_.hash()), " ended after ", received_,
@@ -245,6 +303,7 @@ absl::Status CasStore::Upload::Finish() {
   }
   finished_ = true;
   buffer_.clear();
+  store_->total_bytes_ += static_cast<uint64_t>(digest_.size_bytes());
   return absl::OkStatus();
 }
 

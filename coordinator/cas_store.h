@@ -27,7 +27,9 @@
 
 #include <rocksdb/db.h>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/functional/function_ref.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "common/digest.h"
@@ -94,6 +96,18 @@ class CasStore {
   absl::Status Put(const kiln::v1::Digest& digest, absl::string_view data, bool is_directory,
                    bool* stored = nullptr);
 
+  // Bytes of every stored blob (kept as blobs come and go; summed at start).
+  uint64_t total_bytes() const { return total_bytes_.load(); }
+
+  // Garbage collection, in the caller's policy: `keep` is every blob still
+  // needed (the trees of queued and running jobs). Deletes blobs not kept
+  // and stored before `older_than`, oldest first, until the store is at most
+  // `target_bytes`; if it deleted any, it also deletes every directory not
+  // kept (whatever its age), so a stored directory still stands for its
+  // whole tree. Uploads wait while it deletes. Returns bytes freed.
+  absl::StatusOr<uint64_t> CollectGarbage(const absl::flat_hash_set<std::string>& keep, int64_t older_than_unix,
+                                          uint64_t target_bytes);
+
  private:
   // The summary of a directory whose children are all present; an error
   // names the first missing or mismatched child.
@@ -108,6 +122,10 @@ class CasStore {
   const uint64_t max_blob_bytes_;
   const bool sync_;
   std::atomic<uint64_t> next_upload_{1};
+  std::atomic<uint64_t> total_bytes_{0};
+  // Shared by uploads finishing a blob, exclusive for garbage collection: a
+  // directory's children cannot vanish between its check and its write.
+  absl::Mutex gc_mu_;
 };
 
 }  // namespace kiln

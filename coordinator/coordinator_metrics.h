@@ -37,6 +37,9 @@ class CoordinatorMetrics {
   prometheus::Counter& cas_skipped_bytes;
   prometheus::Counter& cas_downloaded_bytes;
   prometheus::Counter& cas_rejected_blobs;
+  prometheus::Counter& cas_gc_runs;
+  prometheus::Counter& cas_gc_freed_bytes;
+  prometheus::Gauge& cas_stored_bytes;
 
   // result: succeeded, failed, cancelled.
   prometheus::Counter& JobsFinished(absl::string_view result);

@@ -34,6 +34,9 @@ ABSL_FLAG(absl::Duration, retry_backoff, absl::Seconds(5),
 ABSL_FLAG(absl::Duration, default_timeout, absl::ZeroDuration(),
           "Timeout of a build that sets none (0: no limit)");
 ABSL_FLAG(std::string, log_level, "info", "debug, info, warning or error");
+ABSL_FLAG(int64_t, cas_max_gb, 100,
+          "CAS size above which blobs no queued or running job needs are deleted, oldest first (0: never)");
+ABSL_FLAG(absl::Duration, cas_gc_grace, absl::Hours(1), "Blobs stored more recently than this are never collected");
 ABSL_FLAG(int64_t, max_tree_mb, 4096, "Largest source tree a submission may name, in MiB (all its files)");
 ABSL_FLAG(int64_t, max_blob_mb, 4096, "Largest single blob the CAS accepts, in MiB");
 ABSL_FLAG(int64_t, inline_source_kb, 1024,
@@ -63,6 +66,8 @@ int main(int argc, char** argv) {
   options.sync_writes = absl::GetFlag(FLAGS_sync_writes);
   options.core.max_attempts = absl::GetFlag(FLAGS_max_attempts);
   options.core.max_tree_bytes = static_cast<uint64_t>(absl::GetFlag(FLAGS_max_tree_mb)) << 20;
+  options.core.cas_max_bytes = static_cast<uint64_t>(absl::GetFlag(FLAGS_cas_max_gb)) << 30;
+  options.core.cas_gc_grace = absl::GetFlag(FLAGS_cas_gc_grace);
   options.core.inline_source_bytes = static_cast<uint64_t>(absl::GetFlag(FLAGS_inline_source_kb)) << 10;
   options.max_blob_bytes = static_cast<uint64_t>(absl::GetFlag(FLAGS_max_blob_mb)) << 20;
   options.core.capability_grace = absl::GetFlag(FLAGS_capability_grace);

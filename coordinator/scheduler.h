@@ -192,6 +192,12 @@ class Scheduler {
   // Every system some worker that ever registered builds.
   std::set<std::string> KnownSystems() const;
   size_t queued() const { return queued_.size(); }
+  // Calls `fn(job id)` for every queued and every running job.
+  template <typename Fn>
+  void ForEachLiveJob(Fn fn) const {
+    for (const auto& entry : queued_) fn(entry.first);
+    for (const auto& entry : running_) fn(entry.first);
+  }
   size_t running() const { return running_.size(); }
   size_t workers() const { return workers_.size(); }
   // Free slots as kept incrementally, and counted afresh (they must agree).

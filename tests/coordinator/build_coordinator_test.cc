@@ -866,5 +866,51 @@ TEST_F(BuildCoordinatorTest, TheResultCacheAnswersUnchangedTargetsAndOnlyThose) 
   EXPECT_EQ(w->Assignments().back().assign().job_id(), fifth->job_ids(1));  // It builds again.
 }
 
+TEST_F(BuildCoordinatorTest, GarbageCollectionNeverTakesWhatAQueuedOrRunningJobNeeds) {
+  options_.cas_gc_grace = -absl::Hours(1);  // Every blob counts as old.
+  options_.cas_max_bytes = 1;               // Always over the limit.
+  Open();
+  kiln::v1::SubmitBuildRequest request = Request();
+  const kiln::v1::Digest root = request.targets(0).spec().source().tree_root();
+  auto accepted = core_->Submit(request);  // Its tree goes into the CAS.
+  ASSERT_TRUE(accepted.ok());
+  // Unrelated blobs: a file, and a directory naming it.
+  const std::string junk(5000, 'j');
+  ASSERT_TRUE(store_->cas()->Put(DigestOf(junk), junk, false).ok());
+  kiln::v1::Directory holder;
+  auto* f = holder.add_files();
+  f->set_name("junk");
+  *f->mutable_digest() = DigestOf(junk);
+  const std::string holder_blob = SerializeDirectory(holder);
+  ASSERT_TRUE(store_->cas()->Put(DigestOf(holder_blob), holder_blob, true).ok());
+
+  auto freed = core_->CollectGarbage();
+  ASSERT_TRUE(freed.ok()) << freed.status();
+  EXPECT_GE(*freed, junk.size());
+  EXPECT_FALSE(store_->cas()->HasFile(DigestOf(junk)));
+  EXPECT_FALSE(store_->cas()->HasDirectory(DigestOf(holder_blob)));
+  EXPECT_TRUE(store_->cas()->HasDirectory(root));  // The queued job's tree stays whole.
+  for (const auto& blob : request.blobs()) EXPECT_TRUE(store_->cas()->HasFile(blob.digest()));
+
+  // Running: still kept.
+  auto w = Connect("w", 1);
+  ASSERT_EQ(w->Assignments().size(), 1u);
+  ASSERT_TRUE(core_->CollectGarbage().ok());
+  EXPECT_TRUE(store_->cas()->HasDirectory(root));
+  // Finished: nothing needs it any more.
+  Report(w, w->Assignments()[0], kiln::v1::RESULT_CODE_SUCCEEDED);
+  ASSERT_TRUE(core_->CollectGarbage().ok());
+  EXPECT_FALSE(store_->cas()->HasDirectory(root));
+  EXPECT_EQ(store_->cas()->total_bytes(), 0u);
+
+  // Within the grace period nothing is collected, even over the limit.
+  ASSERT_TRUE(store_->cas()->Put(DigestOf(junk), junk, false).ok());
+  options_.cas_gc_grace = absl::Hours(1);
+  Open();
+  EXPECT_EQ(store_->cas()->total_bytes(), junk.size());  // Summed again at start.
+  ASSERT_TRUE(core_->CollectGarbage().ok());
+  EXPECT_TRUE(store_->cas()->HasFile(DigestOf(junk)));
+}
+
 }  // namespace
 }  // namespace kiln
