@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <atomic>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -460,7 +461,8 @@ absl::StatusOr<std::vector<std::string>> TargetsFromFile(const std::string& file
   if (j.is_discarded()) return absl::InvalidArgumentError(absl::StrCat(file, " is not valid JSON"));
   const nlohmann::json& list = j.is_object() && j.contains("targets") ? j["targets"] : j;
   if (!list.is_array() || list.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(file, ": expected {\"targets\": [{\"flake\": DIR, \"attr\": NAME}, …]}"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(file, ": expected {\"targets\": [{\"flake\": DIR, \"attr\": NAME}, …]}"));
   }
   std::error_code ec;
   const fs::path base = fs::absolute(file, ec).parent_path();
@@ -553,19 +555,45 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& g
     return exit_code;
   }
 
+  // Watch every job at once (a buildset's targets build in parallel, and
+  // their logs interleave line by line, each tagged); report in order after.
+  struct Watched {
+    absl::StatusOr<JobEvent::Finished> finished = absl::UnknownError("not watched");
+    absl::flat_hash_set<std::string> shown_errors;
+  };
+  std::vector<Watched> watched(jobs.size());
+  {
+    std::atomic<size_t> next{0};
+    const auto watch_some = [&] {
+      for (size_t i = next++; i < jobs.size(); i = next++) {
+        if (!jobs[i].error.ok()) continue;
+        watched[i].finished = Watch(stub, options, jobs[i].installable, jobs[i].job_id, watched[i].shown_errors);
+      }
+    };
+    constexpr size_t kMaxWatchers = 32;
+    std::vector<std::thread> threads;
+    for (size_t t = 1; t < std::min(kMaxWatchers, jobs.size()); ++t) threads.emplace_back(watch_some);
+    watch_some();
+    for (auto& t : threads) t.join();
+  }
+
   nlohmann::json json_out = nlohmann::json::array();
+  std::vector<std::string> summary;  // A line per target, like a CI matrix.
   for (const auto& job : jobs) {
+    const size_t index = static_cast<size_t>(&job - &jobs[0]);
     nlohmann::json entry = {{"installable", job.installable}};
     if (!job.error.ok()) {
       entry["status"] = "rejected";
       entry["error"] = std::string(job.error.message());
       json_out.push_back(entry);
+      summary.push_back(absl::StrFormat("  %-10s %s", "rejected", job.installable));
       continue;
     }
     entry["jobId"] = job.job_id;
-    absl::flat_hash_set<std::string> shown_errors;
-    absl::StatusOr<JobEvent::Finished> finished = Watch(stub, options, job.installable, job.job_id, shown_errors);
+    const absl::flat_hash_set<std::string>& shown_errors = watched[index].shown_errors;
+    const absl::StatusOr<JobEvent::Finished>& finished = watched[index].finished;
     if (!finished.ok()) {
+      summary.push_back(absl::StrFormat("  %-10s %s (job %s)", "unknown", job.installable, job.job_id));
       Err(absl::StrCat("error: ", job.installable, ": ", finished.status().message()));
       exit_code = std::max(exit_code, ExitCodeFor(finished.status()));
       entry["status"] = "unknown";
@@ -585,9 +613,13 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& g
     }
     entry["worker"] = finished->worker();
     entry["durationSeconds"] = absl::ToDoubleSeconds(FromProtoDuration(result.build_duration()));
+    const double seconds = absl::ToDoubleSeconds(FromProtoDuration(result.build_duration()));
+    summary.push_back(absl::StrFormat("  %-10s %s (job %s on %s%s)",
+                                      result.cached() ? "cached" : StateName(finished->state()), job.installable,
+                                      job.job_id, finished->worker().empty() ? "-" : finished->worker(),
+                                      result.cached() ? "" : absl::StrFormat(", %.1fs", seconds)));
     if (finished->state() == kiln::v1::JOB_STATE_SUCCEEDED && !options.out_link.empty()) {
       // Like nix build: result, result-1 … for more targets, -OUTPUT for more outputs.
-      const size_t index = static_cast<size_t>(&job - &jobs[0]);
       for (const auto& [name, tree] : result.output_trees()) {
         std::string link = options.out_link;
         if (index > 0) absl::StrAppend(&link, "-", index);
@@ -622,6 +654,10 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& g
       exit_code = std::max(exit_code, kExitBuildFailed);
     }
     json_out.push_back(entry);
+  }
+  if (jobs.size() > 1 && !options.quiet) {
+    Err(absl::StrFormat("kiln: %d target(s):", jobs.size()));
+    for (const std::string& line : summary) Err(line);
   }
   if (options.json) std::printf("%s\n", json_out.dump().c_str());
   std::fflush(stdout);

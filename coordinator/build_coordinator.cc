@@ -1246,7 +1246,9 @@ void BuildCoordinator::FinishOne(JobEntry& job, JobState state, BuildResult resu
   // computed again rather than kept in every queued job (66 bytes each).
   const BlobLookup none = [](const std::string&) -> const std::string* { return nullptr; };
   std::optional<kiln::v1::Digest> subtree;
-  if (state == kiln::v1::JOB_STATE_SUCCEEDED && !done.result().cached()) subtree = FlakeSubtree(done.spec().source(), none);
+  if (state == kiln::v1::JOB_STATE_SUCCEEDED && !done.result().cached()) {
+    subtree = FlakeSubtree(done.spec().source(), none);
+  }
   if (subtree.has_value()) {
     const std::string key = ResultKey(*subtree, done.spec());
     kiln::state::v1::CachedResult entry;

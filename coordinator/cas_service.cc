@@ -52,8 +52,11 @@ grpc::Status CasServiceImpl::WriteBlobs(grpc::ServerContext* context,
   };
   while (reader->Read(&chunk)) {
     if (chunk.has_digest()) {
-      if (upload) return reject(absl::InvalidArgumentError(absl::StrCat("blob ", current.hash(), " has no last chunk")));
-      absl::StatusOr<std::unique_ptr<CasStore::Upload>> started = cas_->StartUpload(chunk.digest(), chunk.is_directory());
+      if (upload) {
+        return reject(absl::InvalidArgumentError(absl::StrCat("blob ", current.hash(), " has no last chunk")));
+      }
+      absl::StatusOr<std::unique_ptr<CasStore::Upload>> started =
+          cas_->StartUpload(chunk.digest(), chunk.is_directory());
       if (!started.ok()) return reject(started.status());
       upload = *std::move(started);
       current = chunk.digest();

@@ -55,7 +55,8 @@ CoordinatorMetrics::CoordinatorMetrics(std::shared_ptr<prometheus::Registry> reg
       cas_rejected_blobs(MakeCounter(*registry, "kiln_cas_rejected_blobs_total",
                                      "Uploaded blobs refused (wrong digest, missing children, limits).")),
       cas_gc_runs(MakeCounter(*registry, "kiln_cas_gc_runs_total", "CAS garbage collections.")),
-      cas_gc_freed_bytes(MakeCounter(*registry, "kiln_cas_gc_freed_bytes_total", "Blob bytes deleted by CAS garbage collection.")),
+      cas_gc_freed_bytes(MakeCounter(*registry, "kiln_cas_gc_freed_bytes_total",
+                                     "Blob bytes deleted by CAS garbage collection.")),
       cas_stored_bytes(MakeGauge(*registry, "kiln_cas_stored_bytes", "Bytes of all blobs in the CAS.")),
       registry_(std::move(registry)),
       finished_family_(prometheus::BuildCounter()

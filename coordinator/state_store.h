@@ -34,7 +34,8 @@ struct StateWrite {
   uint64_t next_buildset_seq = 0;
 
   bool empty() const {
-    return jobs.empty() && packed_jobs.empty() && cached_results.empty() && blobs.empty() && next_job_seq == 0 && next_buildset_seq == 0;
+    return jobs.empty() && packed_jobs.empty() && cached_results.empty() && blobs.empty() && next_job_seq == 0 &&
+           next_buildset_seq == 0;
   }
 };
 

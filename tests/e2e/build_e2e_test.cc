@@ -341,6 +341,10 @@ TEST(MonorepoE2eTest, AllFlakesIsOneBuildsetAndOnlyAChangedServiceBuildsAgain) {
   // Unchanged: all cache hits, nothing uploaded.
   auto second = build({});
   ASSERT_EQ(second.exit.exit_code, 0) << second.stderr_data;
+  // One line per target at the end, like a CI matrix.
+  EXPECT_TRUE(absl::StrContains(second.stderr_data, "kiln: 3 target(s):")) << second.stderr_data;
+  EXPECT_TRUE(std::regex_search(second.stderr_data, std::regex("  cached +\\S*greeter#default \\(job \\d+ on worker-")))
+      << second.stderr_data;
   EXPECT_FALSE(absl::StrContains(second.stderr_data, "uploaded")) << second.stderr_data;
   j = nlohmann::json::parse(second.stdout_data);
   for (const auto& e : j) EXPECT_EQ(e["status"], "cached") << e.dump();
