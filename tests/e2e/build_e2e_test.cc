@@ -14,6 +14,9 @@
 #include "absl/strings/str_replace.h"
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
+#include "common/cas_client.h"
+#include "common/grpc_util.h"
+#include "common/source_tree.h"
 #include "tests/support/local_farm.h"
 
 namespace kiln {
@@ -297,9 +300,30 @@ TEST(SourceTransportE2eTest, WorkersFetchMissingFilesAndAnUnchangedTargetIsCache
   EXPECT_EQ(fresh[0]["status"], "succeeded");
   EXPECT_EQ(fresh[0]["cached"], false);
   EXPECT_EQ(fresh[0]["outputs"]["out"], path);
+  // A tampered upload, straight at the running coordinator: refused, nothing
+  // stored, counted.
+  auto cas = kiln::v1::CasService::NewStub(MakeChannel(farm.coordinator_address()));
+  const std::string real = "what the digest promises";
+  {
+    grpc::ClientContext context;
+    kiln::v1::WriteBlobsResponse response;
+    auto writer = cas->WriteBlobs(&context, &response);
+    kiln::v1::WriteBlobsChunk chunk;
+    *chunk.mutable_digest() = DigestOf(real);
+    chunk.set_data(std::string(real.size(), 'x'));
+    chunk.set_last(true);
+    writer->Write(chunk);
+    writer->WritesDone();
+    grpc::Status status = writer->Finish();
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+  }
+  EXPECT_TRUE(absl::IsNotFound(FetchBlobs(*cas, {DigestOf(real)}, [](const kiln::v1::Digest&, std::string&&) {
+    return absl::OkStatus();
+  })));
   const auto metrics = testing::ScrapeMetrics(farm.coordinator_metrics());
   ASSERT_TRUE(metrics.ok());
   EXPECT_TRUE(absl::StrContains(*metrics, "kiln_cas_uploaded_blobs_total 4")) << *metrics;
+  EXPECT_TRUE(absl::StrContains(*metrics, "kiln_cas_rejected_blobs_total 1")) << *metrics;
   EXPECT_TRUE(absl::StrContains(*metrics, "kiln_result_cache_lookups_total{result=\"hit\"} 1")) << *metrics;
 }
 
