@@ -35,6 +35,8 @@ ABSL_FLAG(std::vector<std::string>, nix_option, {},
 ABSL_FLAG(std::string, nix, "nix", "The nix binary");
 ABSL_FLAG(std::string, ready_file, "", "Write the bound metrics address here as JSON once started");
 ABSL_FLAG(std::string, log_level, "info", "debug, info, warning or error");
+ABSL_FLAG(int64_t, blob_cache_mb, 10240,
+          "Source blobs kept in WORK_DIR/cas between builds, in MiB; least recently used go first (0: none)");
 
 namespace {
 
@@ -86,6 +88,7 @@ int main(int argc, char** argv) {
   options.supported_features = absl::GetFlag(FLAGS_features);
   options.mandatory_features = absl::GetFlag(FLAGS_mandatory_features);
   for (auto& [k, v] : SplitPairs(absl::GetFlag(FLAGS_labels))) options.labels[k] = v;
+  options.blob_cache_bytes = static_cast<uint64_t>(std::max<int64_t>(0, absl::GetFlag(FLAGS_blob_cache_mb))) << 20;
   if (options.systems.empty() || options.supported_features.empty()) {
     auto info = kiln::QueryNixSystemInfo(absl::GetFlag(FLAGS_nix));
     if (!info.ok()) return Fail(std::string(info.status().message()));

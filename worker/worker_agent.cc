@@ -375,12 +375,46 @@ absl::Status WorkerAgent::CheckOut(const kiln::v1::Assignment& assignment, const
   const BlobLookup lookup = [&](const std::string& hash) -> const std::string* {
     if (const std::string* data = inline_lookup(hash)) return data;
     if (auto it = dir_blobs.find(hash); it != dir_blobs.end()) return it->second;
-    std::ifstream in(cached_path(hash), std::ios::binary);
+    const fs::path path = cached_path(hash);
+    std::ifstream in(path, std::ios::binary);
     if (!in) return nullptr;
     buffer.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    std::error_code ec;
+    fs::last_write_time(path, fs::file_time_type::clock::now(), ec);  // Used: the cache keeps it longest.
     return &buffer;
   };
-  return MaterializeTree(root, lookup, dest, limits);
+  absl::Status checked_out = MaterializeTree(root, lookup, dest, limits);
+  TrimBlobCache();
+  return checked_out;
+}
+
+void WorkerAgent::TrimBlobCache() {
+  struct Cached {
+    fs::file_time_type used;
+    uintmax_t size;
+    fs::path path;
+  };
+  std::vector<Cached> files;
+  uintmax_t total = 0;
+  std::error_code ec;
+  for (fs::recursive_directory_iterator it(fs::path(options_.work_dir) / "cas", ec), end; !ec && it != end;
+       it.increment(ec)) {
+    if (!it->is_regular_file(ec)) continue;
+    Cached c{.used = it->last_write_time(ec), .size = it->file_size(ec), .path = it->path()};
+    total += c.size;
+    files.push_back(std::move(c));
+  }
+  if (total <= options_.blob_cache_bytes) return;
+  std::sort(files.begin(), files.end(), [](const Cached& a, const Cached& b) { return a.used < b.used; });
+  size_t removed = 0;
+  for (const Cached& c : files) {
+    if (total <= options_.blob_cache_bytes) break;
+    if (fs::remove(c.path, ec)) {
+      total -= c.size;
+      ++removed;
+    }
+  }
+  LogInfo(kComponent, "blob cache: removed ", removed, " least recently used blob(s); ", total, " bytes kept");
 }
 
 absl::Status WorkerAgent::UploadOutputs(kiln::v1::BuildResult& result) {

@@ -45,6 +45,9 @@ struct WorkerOptions {
   absl::Duration min_backoff = absl::Milliseconds(200);
   absl::Duration max_backoff = absl::Seconds(10);
   absl::Duration log_flush_interval = absl::Milliseconds(100);
+  // Source blobs kept in work-dir/cas after a checkout, at most; the least
+  // recently used go first. 0: none kept.
+  uint64_t blob_cache_bytes = uint64_t{10} << 30;
 };
 
 class WorkerAgent {
@@ -107,6 +110,8 @@ class WorkerAgent {
   // Uploads each output of a successful build to the coordinator's CAS and
   // records its tree in `result.output_trees`.
   absl::Status UploadOutputs(kiln::v1::BuildResult& result);
+  // Deletes the least recently used cached blobs past options_.blob_cache_bytes.
+  void TrimBlobCache();
 
   kiln::v1::WorkerMessage MakeRegister() ABSL_LOCKS_EXCLUDED(mu_);
 

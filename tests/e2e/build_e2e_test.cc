@@ -261,6 +261,31 @@ TEST_F(BuildE2eTest, MetricsOfBothDaemonsPassPromtool) {
   }
 }
 
+// Regular files under `dir` (a worker's blob cache).
+int CachedBlobs(const std::string& dir) {
+  int n = 0;
+  std::error_code ec;
+  for (fs::recursive_directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    if (it->is_regular_file()) ++n;
+  }
+  return n;
+}
+
+TEST(SourceTransportE2eTest, AWorkersBlobCacheStaysWithinItsCap) {
+  LocalFarm farm(/*workers=*/1, /*max_jobs_per_worker=*/1);
+  farm.SetCoordinatorFlags({"--inline-source-kb=0"});
+  farm.SetWorkerFlags({"--blob-cache-mb=0"});
+  ASSERT_TRUE(farm.Start().ok());
+  testing::TempDir work;
+  WriteFileOrDie(work.Sub("svc/flake.nix"), TrivialFlake("capped", "echo " + Nonce() + " > $out"));
+  auto r = farm.Kiln({"build", work.Sub("svc")});
+  ASSERT_TRUE(r.ok());
+  ASSERT_EQ(r->exit.exit_code, 0) << r->stderr_data;
+  EXPECT_EQ(CachedBlobs(farm.dir().Sub("worker-1/cas")), 0);
+  EXPECT_TRUE(absl::StrContains(ReadFileOrDie(farm.LogOf("worker-1")), "blob cache: removed 1"))
+      << ReadFileOrDie(farm.LogOf("worker-1"));
+}
+
 // Sources through the CAS: a farm whose assignments never carry files, so
 // workers fetch them into their blob cache; the CLI sends only what the
 // coordinator lacks.
@@ -282,6 +307,7 @@ TEST(SourceTransportE2eTest, WorkersFetchMissingFilesAndAnUnchangedTargetIsCache
   // The worker fetched the two files (the directories came with the job).
   EXPECT_TRUE(absl::StrContains(ReadFileOrDie(farm.LogOf("worker-1")), "fetched 2 source blob(s)"))
       << ReadFileOrDie(farm.LogOf("worker-1"));
+  EXPECT_EQ(CachedBlobs(farm.dir().Sub("worker-1/cas")), 2);  // Kept for the next build.
 
   // Again, unchanged: nothing is uploaded and nothing builds — the result
   // cache answers, with the same output.

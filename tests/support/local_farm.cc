@@ -134,11 +134,12 @@ absl::Status LocalFarm::Start() {
 
 absl::Status LocalFarm::AddWorker() {
   const std::string name = absl::StrCat("worker-", worker_daemons_.size() + 1);
-  auto worker = Daemon::Start(
-      {BinPath("kiln-worker"), "--coordinator=" + coordinator_address_, "--name=" + name,
-       "--work-dir=" + dir_.Sub(name), absl::StrCat("--max-jobs=", max_jobs_), "--metrics-listen=127.0.0.1:0",
-       "--nix-option=substituters=", "--ready-file=" + dir_.Sub(name + ".ready")},
-      LogOf(name), NixTestEnv());
+  std::vector<std::string> argv = {BinPath("kiln-worker"), "--coordinator=" + coordinator_address_, "--name=" + name,
+                                   "--work-dir=" + dir_.Sub(name), absl::StrCat("--max-jobs=", max_jobs_),
+                                   "--metrics-listen=127.0.0.1:0", "--nix-option=substituters=",
+                                   "--ready-file=" + dir_.Sub(name + ".ready")};
+  argv.insert(argv.end(), worker_flags_.begin(), worker_flags_.end());
+  auto worker = Daemon::Start(argv, LogOf(name), NixTestEnv());
   if (!worker.ok()) return worker.status();
   worker_daemons_.push_back(*std::move(worker));
   auto ready = WaitForReadyFile(dir_.Sub(name + ".ready"), LogOf(name));

@@ -54,6 +54,8 @@ class LocalFarm {
 
   // Extra coordinator flags (e.g. "--lease=3s"), for this and later starts.
   void SetCoordinatorFlags(std::vector<std::string> flags) { coordinator_flags_ = std::move(flags); }
+  // Extra flags for workers started from now on.
+  void SetWorkerFlags(std::vector<std::string> flags) { worker_flags_ = std::move(flags); }
 
   // Starts one more worker and waits for its ready file.
   absl::Status AddWorker();
@@ -75,6 +77,7 @@ class LocalFarm {
   int workers_;
   int max_jobs_;
   std::vector<std::string> coordinator_flags_;
+  std::vector<std::string> worker_flags_;
   TempDir dir_;
   std::unique_ptr<Daemon> coordinator_;
   std::vector<std::unique_ptr<Daemon>> worker_daemons_;
