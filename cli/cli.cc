@@ -252,10 +252,8 @@ absl::StatusOr<std::vector<std::string>> SubmitOnce(BuildService::Stub& stub, co
       blob->set_data(data);
     }
     for (const auto& [hash, path] : tree->file_paths) {
-      std::ifstream in(path, std::ios::binary);
-      std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-      if (!in.good() && !in.eof()) data.clear();
-      if (Sha256Hex(data) != hash) {
+      std::string data;
+      if (!ReadWholeFile(path, data).ok() || Sha256Hex(data) != hash) {
         return absl::AbortedError(absl::StrCat(path, " changed while it was being sent; run the command again"));
       }
       kiln::v1::Blob* blob = request.add_blobs();

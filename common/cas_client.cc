@@ -56,14 +56,6 @@ absl::Status FindMissing(kiln::v1::CasService::Stub& stub, const std::vector<Dig
   return absl::OkStatus();
 }
 
-absl::Status ReadFileBytes(const std::string& path, std::string& out) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
-  out.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-  if (in.bad()) return absl::DataLossError(absl::StrCat("cannot read ", path));
-  return absl::OkStatus();
-}
-
 struct BlobToSend {
   Digest digest;
   bool is_directory;
@@ -106,7 +98,7 @@ absl::Status WriteStream(kiln::v1::CasService::Stub& stub, const std::vector<Blo
     if (auto it = tree.blobs.find(blob.digest.hash()); it != tree.blobs.end()) {
       bytes = &it->second;
     } else if (auto p = tree.file_paths.find(blob.digest.hash()); p != tree.file_paths.end()) {
-      if (local = ReadFileBytes(p->second, data); !local.ok()) break;
+      if (local = ReadWholeFile(p->second, data); !local.ok()) break;
       if (data.size() != static_cast<size_t>(blob.digest.size_bytes())) {
         local = absl::AbortedError(absl::StrCat(p->second, " changed while it was being sent; run the command again"));
         break;
@@ -222,7 +214,7 @@ absl::Status DownloadTree(kiln::v1::CasService::Stub& stub, const Digest& root, 
   std::string buffer;
   const BlobLookup lookup = [&](const std::string& hash) -> const std::string* {
     if (auto it = dirs.find(hash); it != dirs.end()) return &it->second;
-    if (ReadFileBytes((std::filesystem::path(spool_dir) / hash).string(), buffer).ok()) return &buffer;
+    if (ReadWholeFile((std::filesystem::path(spool_dir) / hash).string(), buffer).ok()) return &buffer;
     return nullptr;
   };
   return MaterializeTree(root, lookup, dest, limits);

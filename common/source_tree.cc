@@ -165,14 +165,6 @@ Digest MakeDigest(std::string hash, size_t size) {
   return d;
 }
 
-absl::Status ReadWholeFile(const fs::path& path, std::string& out) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path.string()));
-  out.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-  if (in.bad()) return absl::DataLossError(absl::StrCat("cannot read ", path.string()));
-  return absl::OkStatus();
-}
-
 // Hashes a file by streaming it (no whole copy in memory).
 absl::StatusOr<Digest> HashFile(const fs::path& path) {
   std::ifstream in(path, std::ios::binary);
@@ -215,7 +207,7 @@ struct Builder {
   absl::Status AddFile(const fs::path& full, const struct stat& st, Digest* digest_out) {
     if (options.keep_file_data) {
       std::string data;
-      if (absl::Status s = ReadWholeFile(full, data); !s.ok()) return s;
+      if (absl::Status s = ReadWholeFile(full.string(), data); !s.ok()) return s;
       return Add(std::move(data), digest_out);
     }
 #ifdef __APPLE__
@@ -323,6 +315,14 @@ absl::Status WriteFile(const fs::path& path, absl::string_view data, bool execut
 
 }  // namespace
 
+absl::Status ReadWholeFile(const std::string& path, std::string& out) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
+  out.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  if (in.bad()) return absl::DataLossError(absl::StrCat("cannot read ", path));
+  return absl::OkStatus();
+}
+
 Digest DigestOf(absl::string_view data) { return MakeDigest(Sha256Hex(data), data.size()); }
 
 absl::Status VerifyBlob(const Digest& digest, absl::string_view data) {
@@ -343,7 +343,7 @@ std::string SerializeDirectory(const Directory& directory) {
 absl::StatusOr<SourceTree> BuildSourceTree(const std::string& dir, const SourceTreeLimits& limits,
                                            const BuildSourceTreeOptions& options) {
   if (!fs::is_directory(dir)) return absl::NotFoundError(absl::StrCat("not a directory: ", dir));
-  Builder builder{.limits = limits, .options = options, .tree = {}};
+  Builder builder{.limits = limits, .options = options, .tree = {}, .only_dirs = {}};
   if (options.only != nullptr) {
     for (const std::string& path : *options.only) {
       for (size_t slash = path.find('/'); slash != std::string::npos; slash = path.find('/', slash + 1)) {
@@ -426,7 +426,9 @@ absl::StatusOr<std::optional<absl::flat_hash_set<std::string>>> GitTrackedFiles(
   }
   if (!in_repo) return std::nullopt;
   absl::StatusOr<CommandResult> run =
-      RunCommand({.argv = {"git", "-c", "core.quotepath=off", "ls-files", "-z", "--cached"}, .cwd = dir}, "",
+      RunCommand({.argv = {"git", "-c", "core.quotepath=off", "ls-files", "-z", "--cached"}, .extra_env = {},
+                  .cwd = dir},
+                 "",
                  absl::Seconds(60));
   if (!run.ok() || !run->exit.Success()) return std::nullopt;  // No git: the whole directory, as for a path.
   absl::flat_hash_set<std::string> files;

@@ -29,6 +29,9 @@ struct SourceTreeLimits {
   bool allow_external_links = false;
 };
 
+// Reads the whole file at `path` into `out`.
+absl::Status ReadWholeFile(const std::string& path, std::string& out);
+
 // The digest (SHA-256, size) of `data`.
 kiln::v1::Digest DigestOf(absl::string_view data);
 

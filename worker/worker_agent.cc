@@ -376,9 +376,7 @@ absl::Status WorkerAgent::CheckOut(const kiln::v1::Assignment& assignment, const
     if (const std::string* data = inline_lookup(hash)) return data;
     if (auto it = dir_blobs.find(hash); it != dir_blobs.end()) return it->second;
     const fs::path path = cached_path(hash);
-    std::ifstream in(path, std::ios::binary);
-    if (!in) return nullptr;
-    buffer.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    if (!ReadWholeFile(path.string(), buffer).ok()) return nullptr;
     std::error_code ec;
     fs::last_write_time(path, fs::file_time_type::clock::now(), ec);  // Used: the cache keeps it longest.
     return &buffer;
@@ -442,8 +440,8 @@ absl::Status WorkerAgent::UploadOutputs(kiln::v1::BuildResult& result) {
       node->set_name("out");
       node->set_target(fs::read_symlink(path, ec).string());
     } else {
-      std::ifstream in(path, std::ios::binary);
-      std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+      std::string data;
+      if (absl::Status s = ReadWholeFile(path, data); !s.ok()) return s;
       auto* node = wrapper.add_files();
       node->set_name("out");
       node->set_is_executable((st.st_mode & 0111) != 0);

@@ -182,7 +182,7 @@ TEST(SourceTreeTest, EnforcesLimits) {
 // Runs git in `dir` (the tests need a real git, as the CLI does).
 void Git(const std::string& dir, std::vector<std::string> args) {
   args.insert(args.begin(), {"git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"});
-  absl::StatusOr<CommandResult> r = RunCommand({.argv = args, .cwd = dir});
+  absl::StatusOr<CommandResult> r = RunCommand({.argv = args, .extra_env = {}, .cwd = dir});
   ASSERT_TRUE(r.ok() && r->exit.Success()) << (r.ok() ? r->stderr_data : r.status().ToString());
 }
 

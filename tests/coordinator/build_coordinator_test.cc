@@ -735,12 +735,13 @@ TEST_F(BuildCoordinatorTest, ATreeUploadedToTheCasIsSubmittedByItsRootAlone) {
   missing.clear_blobs();
   EXPECT_THAT(core_->Submit(missing).status(),
               StatusIs(absl::StatusCode::kNotFound, "is neither uploaded nor sent with the submission"));
-  for (const auto& blob : request.blobs()) {
-    const bool is_dir = blob.digest().hash() == root.hash();
-    if (!is_dir) ASSERT_TRUE(store_->cas()->Put(blob.digest(), blob.data(), false).ok());
-  }
-  for (const auto& blob : request.blobs()) {
-    if (blob.digest().hash() == root.hash()) ASSERT_TRUE(store_->cas()->Put(blob.digest(), blob.data(), true).ok());
+  // Files first, then the root directory (the CAS takes it only then).
+  for (const bool directories : {false, true}) {
+    for (const auto& blob : request.blobs()) {
+      if ((blob.digest().hash() == root.hash()) == directories) {
+        ASSERT_TRUE(store_->cas()->Put(blob.digest(), blob.data(), directories).ok());
+      }
+    }
   }
   auto accepted = core_->Submit(missing);
   ASSERT_TRUE(accepted.ok()) << accepted.status();
