@@ -461,6 +461,25 @@ absl::StatusOr<std::vector<std::string>> ListTreeBlobs(const Digest& root, const
   return out;
 }
 
+absl::StatusOr<Digest> FindSubtree(const Digest& root, absl::string_view path, const BlobLookup& lookup) {
+  Digest at = root;
+  for (absl::string_view part : absl::StrSplit(path, '/', absl::SkipEmpty())) {
+    if (part == ".") continue;
+    const std::string* data = lookup(at.hash());
+    Directory dir;
+    if (data == nullptr || !dir.ParseFromString(*data)) {
+      return absl::DataLossError(absl::StrCat("source directory ", at.hash(), " is missing or unreadable"));
+    }
+    auto it = std::find_if(dir.directories().begin(), dir.directories().end(),
+                           [&](const kiln::v1::DirectoryNode& n) { return n.name() == part; });
+    if (it == dir.directories().end()) {
+      return absl::NotFoundError(absl::StrCat("no directory '", path, "' in the source"));
+    }
+    at = it->digest();
+  }
+  return at;
+}
+
 absl::StatusOr<std::vector<std::pair<std::string, std::string>>> CollectTreeDirectories(
     const Digest& root, const BlobLookup& lookup, const SourceTreeLimits& limits) {
   std::vector<std::pair<std::string, std::string>> out;

@@ -112,6 +112,13 @@ using BlobLookup = std::function<const std::string*(const std::string& hash)>;
 absl::StatusOr<std::vector<std::string>> ListTreeBlobs(const kiln::v1::Digest& root, const BlobLookup& lookup,
                                                        const SourceTreeLimits& limits = {});
 
+// The digest of the directory at `path` ('/'-separated, relative to `root`;
+// "" and "." name the root itself), reading directories through `lookup`.
+// NotFound when no such directory is there; DataLoss when a directory on
+// the way is missing or does not parse.
+absl::StatusOr<kiln::v1::Digest> FindSubtree(const kiln::v1::Digest& root, absl::string_view path,
+                                             const BlobLookup& lookup);
+
 // Every directory blob of the tree under `root` (hash, serialized
 // Directory), parents before children, each once. Checks what ListTreeBlobs
 // checks except that file blobs exist; reads only directory blobs.

@@ -131,25 +131,18 @@ JobPlacement BuildCoordinator::PlacementOf(const JobRecord& record) {
 
 std::optional<kiln::v1::Digest> BuildCoordinator::FlakeSubtree(const kiln::v1::SourceRef& source,
                                                                const BlobLookup& inline_blobs) const {
-  kiln::v1::Digest at = source.tree_root();
-  for (absl::string_view part : absl::StrSplit(source.flake_subdir(), '/', absl::SkipEmpty())) {
-    if (part == ".") continue;
-    const std::string* data = inline_blobs(at.hash());
-    std::string read;
-    if (data == nullptr) {
-      absl::StatusOr<std::string> blob = cas_ != nullptr ? cas_->ReadAll(at.hash()) : store_->GetBlob(at.hash());
-      if (!blob.ok()) return std::nullopt;
-      read = *std::move(blob);
-      data = &read;
-    }
-    kiln::v1::Directory dir;
-    if (!dir.ParseFromString(*data)) return std::nullopt;
-    auto it = std::find_if(dir.directories().begin(), dir.directories().end(),
-                           [&](const kiln::v1::DirectoryNode& n) { return n.name() == part; });
-    if (it == dir.directories().end()) return std::nullopt;  // The worker will say there is no flake there.
-    at = it->digest();
-  }
-  return at;
+  // node_hash_map: the lookup hands out pointers that must survive inserts.
+  absl::node_hash_map<std::string, std::string> read;
+  const BlobLookup lookup = [&](const std::string& hash) -> const std::string* {
+    if (const std::string* data = inline_blobs(hash)) return data;
+    absl::StatusOr<std::string> blob = cas_ != nullptr ? cas_->ReadAll(hash) : store_->GetBlob(hash);
+    if (!blob.ok()) return nullptr;
+    return &read.emplace(hash, *std::move(blob)).first->second;
+  };
+  // Absent or unreadable: no key (the worker will say there is no flake there).
+  absl::StatusOr<kiln::v1::Digest> subtree = FindSubtree(source.tree_root(), source.flake_subdir(), lookup);
+  if (!subtree.ok()) return std::nullopt;
+  return *std::move(subtree);
 }
 
 bool BuildCoordinator::OutputsInCas(const BuildResult& result) const {

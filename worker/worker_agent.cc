@@ -323,17 +323,11 @@ absl::Status WorkerAgent::CheckOut(const kiln::v1::Assignment& assignment, const
   limits.max_total_bytes = uint64_t{1} << 40;
   limits.max_entries = uint64_t{1} << 24;
   // Only the flake's own directory: Nix copies no more of a path: flake.
-  kiln::v1::Digest root = assignment.spec().source().tree_root();
-  for (absl::string_view part : absl::StrSplit(assignment.spec().source().flake_subdir(), '/', absl::SkipEmpty())) {
-    if (part == ".") continue;
-    const std::string* data = inline_lookup(root.hash());
-    kiln::v1::Directory dir;
-    if (data == nullptr || !dir.ParseFromString(*data)) return absl::DataLossError("a source directory is missing");
-    auto it = std::find_if(dir.directories().begin(), dir.directories().end(),
-                           [&](const kiln::v1::DirectoryNode& n) { return n.name() == part; });
-    if (it == dir.directories().end()) return absl::OkStatus();  // Nothing there: "no flake.nix" follows.
-    root = it->digest();
-  }
+  absl::StatusOr<kiln::v1::Digest> subtree =
+      FindSubtree(assignment.spec().source().tree_root(), assignment.spec().source().flake_subdir(), inline_lookup);
+  if (absl::IsNotFound(subtree.status())) return absl::OkStatus();  // Nothing there: "no flake.nix" follows.
+  if (!subtree.ok()) return subtree.status();
+  const kiln::v1::Digest root = *std::move(subtree);
   absl::StatusOr<std::vector<std::pair<std::string, std::string>>> dirs =
       CollectTreeDirectories(root, inline_lookup, limits);
   if (!dirs.ok()) return dirs.status();

@@ -258,5 +258,23 @@ TEST(SourceTreeTest, TheDigestCacheSparesReadingUnchangedFilesAndNoticesChanges)
   EXPECT_TRUE(tree->file_paths.contains(DigestOf("changed content").hash()));
 }
 
+TEST(SourceTreeTest, FindsASubdirectorysDigestAndNamesWhatIsMissing) {
+  TempDir src;
+  WriteFileOrDie(src.Sub("services/api/flake.nix"), "{ }\n");
+  WriteFileOrDie(src.Sub("services/notes.txt"), "not a directory\n");
+  absl::StatusOr<SourceTree> tree = BuildSourceTree(src.path());
+  ASSERT_TRUE(tree.ok());
+  absl::StatusOr<SourceTree> api = BuildSourceTree(src.Sub("services/api"));
+  ASSERT_TRUE(api.ok());
+  const BlobLookup lookup = LookupIn(tree->blobs);
+  EXPECT_EQ(FindSubtree(tree->root, "services/api", lookup)->hash(), api->root.hash());
+  EXPECT_EQ(FindSubtree(tree->root, "./services//api/", lookup)->hash(), api->root.hash());
+  EXPECT_EQ(FindSubtree(tree->root, "", lookup)->hash(), tree->root.hash());
+  EXPECT_TRUE(absl::IsNotFound(FindSubtree(tree->root, "services/web", lookup).status()));
+  EXPECT_TRUE(absl::IsNotFound(FindSubtree(tree->root, "services/notes.txt", lookup).status()));
+  const BlobLookup empty = [](const std::string&) -> const std::string* { return nullptr; };
+  EXPECT_EQ(FindSubtree(tree->root, "services", empty).status().code(), absl::StatusCode::kDataLoss);
+}
+
 }  // namespace
 }  // namespace kiln
