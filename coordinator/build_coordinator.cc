@@ -380,18 +380,23 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
     absl::flat_hash_set<std::string> dir_hashes;
     for (const auto& [hash, _] : *dirs) dir_hashes.insert(hash);
     absl::Status s;
-    const auto put = [&](const std::string& data, bool is_directory) {
+    // The hashes are known (each blob matched its digest on arrival); the
+    // CAS checks them once more as it stores, as it does every upload.
+    const auto put = [&](const std::string& hash, const std::string& data, bool is_directory) {
+      kiln::v1::Digest digest;
+      digest.set_hash(hash);
+      digest.set_size_bytes(static_cast<int64_t>(data.size()));
       bool stored = false;
-      s = cas_->Put(DigestOf(data), data, is_directory, &stored);
+      s = cas_->Put(digest, data, is_directory, &stored);
       if (stored) {
         metrics_->cas_uploaded_blobs.Increment();
         metrics_->cas_uploaded_bytes.Increment(static_cast<double>(data.size()));
       }
     };
     for (const std::string& hash : hashes) {
-      if (s.ok() && !dir_hashes.contains(hash)) put(*uploads.at(hash), false);
+      if (s.ok() && !dir_hashes.contains(hash)) put(hash, *uploads.at(hash), false);
     }
-    for (auto it = dirs->rbegin(); s.ok() && it != dirs->rend(); ++it) put(it->second, true);
+    for (auto it = dirs->rbegin(); s.ok() && it != dirs->rend(); ++it) put(it->first, it->second, true);
     if (!s.ok()) {
       metrics_->state_write_errors.Increment();
       return reject(absl::UnavailableError(absl::StrCat("the coordinator could not store the source: ", s.message())));
