@@ -1,0 +1,214 @@
+#include "common/derivation.h"
+
+#include <algorithm>
+
+#include "absl/strings/match.h"
+#include "absl/strings/strip.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
+#include "common/digest.h"
+
+namespace kiln {
+namespace {
+
+// A cursor over ATerm text. Errors name the offset, which is all a person
+// needs to find the spot in a .drv file.
+class ATermReader {
+ public:
+  explicit ATermReader(absl::string_view text) : text_(text) {}
+
+  bool ok() const { return error_.empty(); }
+  const std::string& error() const { return error_; }
+  bool AtEnd() const { return pos_ == text_.size(); }
+
+  void Expect(absl::string_view token) {
+    if (!ok()) return;
+    if (text_.substr(pos_, token.size()) != token) {
+      Fail(absl::StrCat("expected '", token, "'"));
+      return;
+    }
+    pos_ += token.size();
+  }
+
+  // Consumes `c` if it is next.
+  bool Take(char c) {
+    if (ok() && pos_ < text_.size() && text_[pos_] == c) {
+      ++pos_;
+      return true;
+    }
+    return false;
+  }
+
+  std::string String() {
+    std::string out;
+    Expect("\"");
+    while (ok()) {
+      if (pos_ >= text_.size()) {
+        Fail("unterminated string");
+        break;
+      }
+      const char c = text_[pos_++];
+      if (c == '"') break;
+      if (c != '\\') {
+        out.push_back(c);
+        continue;
+      }
+      if (pos_ >= text_.size()) {
+        Fail("unterminated escape");
+        break;
+      }
+      const char e = text_[pos_++];
+      out.push_back(e == 'n' ? '\n' : e == 'r' ? '\r' : e == 't' ? '\t' : e);
+    }
+    return out;
+  }
+
+  // [a,b,…] with `item` reading one element.
+  template <typename F>
+  void List(F item) {
+    Expect("[");
+    if (Take(']')) return;
+    do {
+      item();
+    } while (ok() && Take(','));
+    Expect("]");
+  }
+
+  std::vector<std::string> Strings() {
+    std::vector<std::string> out;
+    List([&] { out.push_back(String()); });
+    return out;
+  }
+
+  void Fail(absl::string_view why) {
+    if (error_.empty()) error_ = absl::StrCat(why, " at offset ", pos_);
+  }
+
+ private:
+  absl::string_view text_;
+  size_t pos_ = 0;
+  std::string error_;
+};
+
+// Length-prefixed fields, so no two different field lists hash alike.
+void AddField(Sha256& h, absl::string_view field) {
+  h.Update(absl::StrCat(field.size(), ":"));
+  h.Update(field);
+}
+
+}  // namespace
+
+absl::StatusOr<Derivation> ParseDerivation(absl::string_view aterm) {
+  ATermReader r(aterm);
+  Derivation drv;
+  r.Expect("Derive(");
+  r.List([&] {
+    r.Expect("(");
+    std::string name = r.String();
+    DerivationOutput out;
+    r.Expect(",");
+    out.path = r.String();
+    r.Expect(",");
+    out.hash_algo = r.String();
+    r.Expect(",");
+    out.hash = r.String();
+    r.Expect(")");
+    drv.outputs[std::move(name)] = std::move(out);
+  });
+  r.Expect(",");
+  r.List([&] {
+    r.Expect("(");
+    std::string path = r.String();
+    r.Expect(",");
+    drv.input_drvs[std::move(path)] = r.Strings();
+    r.Expect(")");
+  });
+  r.Expect(",");
+  drv.input_srcs = r.Strings();
+  r.Expect(",");
+  drv.system = r.String();
+  r.Expect(",");
+  drv.builder = r.String();
+  r.Expect(",");
+  drv.args = r.Strings();
+  r.Expect(",");
+  r.List([&] {
+    r.Expect("(");
+    std::string name = r.String();
+    r.Expect(",");
+    drv.env[std::move(name)] = r.String();
+    r.Expect(")");
+  });
+  r.Expect(")");
+  if (r.ok() && !r.AtEnd()) r.Fail("trailing text");
+  if (!r.ok()) {
+    // Newer formats (`DrvWithVersion(…)`, dynamic derivations) land here too.
+    return absl::InvalidArgumentError(absl::StrCat("not a derivation in ATerm form: ", r.error()));
+  }
+  return drv;
+}
+
+std::optional<FixedOutput> GetFixedOutput(const Derivation& drv) {
+  if (drv.outputs.size() != 1) return std::nullopt;
+  const auto& [output_name, out] = *drv.outputs.begin();
+  if (out.hash.empty() || out.hash_algo.empty() || out.path.empty()) return std::nullopt;
+
+  FixedOutput fod;
+  absl::string_view algo = out.hash_algo;
+  fod.mode = "flat";
+  if (absl::ConsumePrefix(&algo, "r:")) {
+    fod.mode = "recursive";
+  } else if (absl::ConsumePrefix(&algo, "text:")) {
+    fod.mode = "text";
+  }
+  absl::StatusOr<HashAlgo> parsed_algo = ParseHashAlgo(algo);
+  if (!parsed_algo.ok()) return std::nullopt;
+  absl::StatusOr<NixHash> declared = ParseNixHash(out.hash, *parsed_algo);
+  if (!declared.ok()) return std::nullopt;
+  fod.declared = *std::move(declared);
+  fod.output_path = out.path;
+  auto name = drv.env.find("name");
+  fod.name = name != drv.env.end() ? name->second : StorePathName(out.path);
+
+  // The output path is derived from the declared hash: wherever it appears
+  // (in $out, in a script that mentions it) it stands in as a placeholder.
+  const auto blank = [&](absl::string_view s) { return absl::StrReplaceAll(s, {{out.path, "<out>"}}); };
+  Sha256 h;
+  AddField(h, "kiln-fod-key-v1");
+  AddField(h, drv.system);
+  AddField(h, blank(drv.builder));
+  AddField(h, absl::StrCat(drv.args.size()));
+  for (const std::string& arg : drv.args) AddField(h, blank(arg));
+  for (const auto& [name, value] : drv.env) {  // Sorted by name: std::map.
+    // outputHash is the declared hash itself; the algorithm and mode enter
+    // the key below in their normalised form, however they were written.
+    if (name == output_name || name == "outputHash" || name == "outputHashAlgo" || name == "outputHashMode") continue;
+    AddField(h, name);
+    AddField(h, blank(value));
+  }
+  AddField(h, "|");
+  AddField(h, HashAlgoName(*parsed_algo));
+  AddField(h, fod.mode);
+  std::vector<std::string> srcs = drv.input_srcs;
+  std::sort(srcs.begin(), srcs.end());
+  for (const std::string& src : srcs) AddField(h, src);
+  AddField(h, "|");
+  for (const auto& [path, outputs] : drv.input_drvs) {
+    AddField(h, path);
+    std::vector<std::string> sorted = outputs;
+    std::sort(sorted.begin(), sorted.end());
+    for (const std::string& o : sorted) AddField(h, o);
+    AddField(h, ";");
+  }
+  fod.key = h.FinishHex();
+  return fod;
+}
+
+std::string StorePathName(absl::string_view path) {
+  absl::string_view base = path.substr(path.rfind('/') + 1);
+  if (base.size() > 33 && base[32] == '-') base.remove_prefix(33);
+  absl::ConsumeSuffix(&base, ".drv");
+  return std::string(base);
+}
+
+}  // namespace kiln

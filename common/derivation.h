@@ -1,0 +1,59 @@
+// Store derivations (.drv files) read from their ATerm text, and the key that
+// identifies what a fixed-output derivation (FOD) computes.
+//
+// The ATerm form `Derive([outputs],[inputDrvs],[inputSrcs],system,builder,
+// [args],[env])` has not changed since Nix 2.0, unlike the JSON that `nix
+// show-derivation` prints, so it is what Kiln reads.
+#pragma once
+
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "common/nix_hash.h"
+
+namespace kiln {
+
+struct DerivationOutput {
+  std::string path;
+  std::string hash_algo;  // "" for input-addressed; "sha256", "r:sha256", "text:sha256" …
+  std::string hash;       // The declared hash, base16, for fixed outputs.
+};
+
+struct Derivation {
+  std::map<std::string, DerivationOutput> outputs;
+  std::map<std::string, std::vector<std::string>> input_drvs;  // .drv path -> output names
+  std::vector<std::string> input_srcs;
+  std::string system;
+  std::string builder;
+  std::vector<std::string> args;
+  std::map<std::string, std::string> env;
+};
+
+absl::StatusOr<Derivation> ParseDerivation(absl::string_view aterm);
+
+// What a fixed-output derivation declares, with the key of what it computes.
+struct FixedOutput {
+  std::string name;          // The derivation's name ("node-modules").
+  std::string output_path;   // Depends on the declared hash.
+  std::string mode;          // "flat", "recursive" or "text".
+  NixHash declared;          // All zeros for `lib.fakeHash` and "".
+  // Hex SHA-256 of everything that determines the output and nothing that
+  // depends on the declared hash: system, builder, args and env with every
+  // output path blanked and outputHash removed, the hash algorithm and mode,
+  // the input sources and the input derivations with their outputs. A fake,
+  // a stale and the right hash for the same inputs share a key.
+  std::string key;
+};
+
+// The fixed output of `drv`, or nothing when it is not a FOD (content
+// addressed floating outputs and input-addressed derivations are not).
+std::optional<FixedOutput> GetFixedOutput(const Derivation& drv);
+
+// "/nix/store/<32 chars>-name[.drv]" -> "name".
+std::string StorePathName(absl::string_view path);
+
+}  // namespace kiln

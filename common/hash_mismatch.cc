@@ -1,0 +1,66 @@
+#include "common/hash_mismatch.h"
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/strip.h"
+#include "absl/strings/str_split.h"
+#include "common/nix_hash.h"
+#include "common/nix_log.h"
+
+namespace kiln {
+namespace {
+
+constexpr absl::string_view kHeader = "hash mismatch in fixed-output derivation '";
+// A mismatch's detail lines follow its header closely; this bounds the look.
+constexpr size_t kMaxDetailLines = 8;
+
+// "  label:   value trailing" -> "value" when the line starts with `label`.
+bool FieldValue(absl::string_view line, absl::string_view label, std::string* value) {
+  line = absl::StripLeadingAsciiWhitespace(line);
+  if (!absl::ConsumePrefix(&line, label)) return false;
+  line = absl::StripLeadingAsciiWhitespace(line);
+  *value = std::string(line.substr(0, line.find_first_of(" \t")));
+  return true;
+}
+
+std::string ToSri(const std::string& spelled) {
+  absl::StatusOr<NixHash> hash = ParseNixHash(spelled);
+  return hash.ok() ? hash->Sri() : "";
+}
+
+}  // namespace
+
+std::vector<HashMismatch> ParseHashMismatches(absl::string_view text) {
+  const std::string plain = StripAnsi(text);
+  std::vector<absl::string_view> lines = absl::StrSplit(plain, '\n');
+  std::vector<HashMismatch> found;
+  for (size_t i = 0; i < lines.size(); ++i) {
+    const size_t at = lines[i].find(kHeader);
+    if (at == absl::string_view::npos) continue;
+    absl::string_view rest = lines[i].substr(at + kHeader.size());
+    const size_t quote = rest.find('\'');
+    if (quote == absl::string_view::npos) continue;
+    HashMismatch m;
+    m.path = std::string(rest.substr(0, quote));
+    m.path_is_drv = absl::EndsWith(m.path, ".drv");
+    std::string specified, got;
+    for (size_t j = i + 1; j < lines.size() && j <= i + kMaxDetailLines; ++j) {
+      if (absl::StrContains(lines[j], kHeader)) break;
+      std::string value;
+      if (FieldValue(lines[j], "specified:", &value) || FieldValue(lines[j], "wanted:", &value)) {
+        specified = value;
+      } else if (FieldValue(lines[j], "got:", &value)) {
+        got = value;
+      } else if (FieldValue(lines[j], "likely URL:", &value) && value != "(unknown)") {
+        m.url = value;
+      }
+    }
+    m.specified = ToSri(specified);
+    m.got = ToSri(got);
+    if (m.specified.empty() || m.got.empty()) continue;
+    found.push_back(std::move(m));
+  }
+  return found;
+}
+
+}  // namespace kiln
