@@ -58,6 +58,13 @@ CoordinatorMetrics::CoordinatorMetrics(std::shared_ptr<prometheus::Registry> reg
       cas_gc_freed_bytes(MakeCounter(*registry, "kiln_cas_gc_freed_bytes_total",
                                      "Blob bytes deleted by CAS garbage collection.")),
       cas_stored_bytes(MakeGauge(*registry, "kiln_cas_stored_bytes", "Bytes of all blobs in the CAS.")),
+      fod_builds_avoided(MakeCounter(*registry, "kiln_fod_builds_avoided_total",
+                                     "FOD builds not run: the cache knew their declared hash was wrong.")),
+      fod_build_seconds_saved(MakeCounter(*registry, "kiln_fod_build_seconds_saved_total",
+                                          "Estimated build time of the FOD builds avoided (their recorded durations).")),
+      fod_recorded(MakeCounter(*registry, "kiln_fod_outcomes_recorded_total",
+                               "FOD build outcomes (verified or mismatched hashes) reported by workers.")),
+      fod_entries(MakeGauge(*registry, "kiln_fod_cache_entries", "FOD keys in the hash cache (RocksDB's estimate).")),
       registry_(std::move(registry)),
       finished_family_(prometheus::BuildCounter()
                            .Name("kiln_jobs_finished_total")
@@ -78,12 +85,17 @@ CoordinatorMetrics::CoordinatorMetrics(std::shared_ptr<prometheus::Registry> reg
       result_cache_family_(prometheus::BuildCounter()
                                .Name("kiln_result_cache_lookups_total")
                                .Help("Targets looked up in the result cache at submission, by outcome.")
-                               .Register(*registry_)) {
+                               .Register(*registry_)),
+      fod_lookup_family_(prometheus::BuildCounter()
+                             .Name("kiln_fod_lookups_total")
+                             .Help("FODs of build closures looked up in the hash cache, by verdict.")
+                             .Register(*registry_)) {
   // Pre-create every label value so the series exist from the first scrape.
   for (auto r : {"succeeded", "failed", "cancelled"}) JobsFinished(r);
   for (auto r : {"worker_lost", "lease_expired", "infra_error"}) Requeues(r);
   for (auto s : {"connected", "draining", "disconnected"}) Workers(s);
   for (auto r : {"hit", "miss", "bypassed"}) ResultCacheLookups(r);
+  for (auto r : {"hit", "caught", "suspect", "nondeterministic", "miss"}) FodLookups(r);
 }
 
 prometheus::Gauge& CoordinatorMetrics::JobsQueued(absl::string_view priority, absl::string_view system) {
@@ -104,6 +116,10 @@ prometheus::Counter& CoordinatorMetrics::Requeues(absl::string_view reason) {
 
 prometheus::Counter& CoordinatorMetrics::ResultCacheLookups(absl::string_view result) {
   return result_cache_family_.Add({{"result", std::string(result)}});
+}
+
+prometheus::Counter& CoordinatorMetrics::FodLookups(absl::string_view result) {
+  return fod_lookup_family_.Add({{"result", std::string(result)}});
 }
 
 }  // namespace kiln

@@ -40,6 +40,10 @@ class CoordinatorMetrics {
   prometheus::Counter& cas_gc_runs;
   prometheus::Counter& cas_gc_freed_bytes;
   prometheus::Gauge& cas_stored_bytes;
+  prometheus::Counter& fod_builds_avoided;
+  prometheus::Counter& fod_build_seconds_saved;
+  prometheus::Counter& fod_recorded;
+  prometheus::Gauge& fod_entries;
 
   // result: succeeded, failed, cancelled.
   prometheus::Counter& JobsFinished(absl::string_view result);
@@ -52,6 +56,10 @@ class CoordinatorMetrics {
   prometheus::Gauge& Workers(absl::string_view state);
   // result: hit, miss, bypassed (--rebuild).
   prometheus::Counter& ResultCacheLookups(absl::string_view result);
+  // result: hit (declared hash right), caught (declared hash fake or
+  // stale, the right one known), suspect (unknown inputs, hash computed for
+  // older ones), nondeterministic, miss.
+  prometheus::Counter& FodLookups(absl::string_view result);
 
  private:
   std::shared_ptr<prometheus::Registry> registry_;
@@ -60,6 +68,7 @@ class CoordinatorMetrics {
   prometheus::Family<prometheus::Gauge>& queued_family_;
   prometheus::Family<prometheus::Gauge>& workers_family_;
   prometheus::Family<prometheus::Counter>& result_cache_family_;
+  prometheus::Family<prometheus::Counter>& fod_lookup_family_;
 };
 
 }  // namespace kiln

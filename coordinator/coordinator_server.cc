@@ -48,6 +48,9 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
                                                             server->sender_.get());
   server->farm_service_ = std::make_unique<FarmServiceImpl>(server->core_.get(), server->strand_.get());
   server->cas_service_ = std::make_unique<CasServiceImpl>(server->store_->cas(), server->coordinator_metrics_.get());
+  server->fod_service_ =
+      std::make_unique<FodServiceImpl>(server->store_->fod_cache(), server->coordinator_metrics_.get());
+  server->coordinator_metrics_->fod_entries.Set(static_cast<double>(server->store_->fod_cache()->size()));
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &port);
@@ -60,6 +63,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   builder.RegisterService(server->worker_service_.get());
   builder.RegisterService(server->farm_service_.get());
   builder.RegisterService(server->cas_service_.get());
+  builder.RegisterService(server->fod_service_.get());
   server->server_ = builder.BuildAndStart();
   if (!server->server_ || port == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));

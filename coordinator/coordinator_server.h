@@ -15,7 +15,7 @@
 #include "coordinator/build_coordinator.h"
 #include "coordinator/cas_service.h"
 #include "coordinator/coordinator_metrics.h"
-#include "coordinator/cas_service.h"
+#include "coordinator/fod_service.h"
 #include "coordinator/grpc_services.h"
 #include "coordinator/rocksdb_state_store.h"
 
@@ -57,6 +57,7 @@ class CoordinatorServer {
   std::unique_ptr<BuildServiceImpl> build_service_;
   std::unique_ptr<WorkerServiceImpl> worker_service_;
   std::unique_ptr<CasServiceImpl> cas_service_;
+  std::unique_ptr<FodServiceImpl> fod_service_;
   std::unique_ptr<FarmServiceImpl> farm_service_;
   std::unique_ptr<grpc::Server> server_;
   std::string grpc_address_;

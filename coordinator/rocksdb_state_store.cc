@@ -10,13 +10,14 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/clock.h"
 
 namespace kiln {
 namespace {
 
 constexpr char kNextJobSeq[] = "meta/next_job_seq";
 constexpr char kNextBuildsetSeq[] = "meta/next_buildset_seq";
-enum Family { kDefault = 0, kJobs = 1, kBlobs = 2, kBlobMeta = 3, kResults = 4 };
+enum Family { kDefault = 0, kJobs = 1, kBlobs = 2, kBlobMeta = 3, kResults = 4, kFod = 5, kFodNames = 6 };
 
 absl::Status FromRocks(const rocksdb::Status& s, absl::string_view what) {
   if (s.ok()) return absl::OkStatus();
@@ -66,6 +67,8 @@ absl::StatusOr<std::unique_ptr<RocksDbStateStore>> RocksDbStateStore::Open(const
       {"blobs", blob_options},
       {"blob_meta", rocksdb::ColumnFamilyOptions()},
       {"results", results_options},
+      {"fod", results_options},
+      {"fod_names", results_options},
   };
   auto store = std::unique_ptr<RocksDbStateStore>(new RocksDbStateStore());
   store->sync_ = sync;
@@ -75,11 +78,14 @@ absl::StatusOr<std::unique_ptr<RocksDbStateStore>> RocksDbStateStore::Open(const
   store->db_.reset(db);
   store->cas_ = std::make_unique<CasStore>(db, store->handles_[kBlobs], store->handles_[kBlobMeta],
                                            (std::filesystem::path(dir) / "cas").string(), max_blob_bytes, sync);
+  store->fod_cache_ = std::make_unique<FodCache>(db, store->handles_[kFod], store->handles_[kFodNames],
+                                                 RealClock::Get(), sync);
   return store;
 }
 
 RocksDbStateStore::~RocksDbStateStore() {
   cas_.reset();
+  fod_cache_.reset();
   if (!db_) return;
   for (auto* h : handles_) db_->DestroyColumnFamilyHandle(h);
   db_->Close();

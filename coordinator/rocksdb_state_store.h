@@ -7,6 +7,7 @@
 //            values out of the LSM tree); chunks of large blobs (CasStore)
 //   blob_meta sha256 hex -> BlobMeta (CasStore)
 //   results  result key (sha256 hex) -> CachedResult
+//   fod, fod_names  the FOD hash cache (FodCache)
 // The write-ahead log is on; `sync` makes every commit wait for fsync
 // (survives power loss, not only a process crash).
 #pragma once
@@ -18,6 +19,7 @@
 #include <rocksdb/db.h>
 
 #include "coordinator/cas_store.h"
+#include "coordinator/fod_cache.h"
 #include "coordinator/state_store.h"
 
 namespace kiln {
@@ -36,6 +38,8 @@ class RocksDbStateStore final : public StateStore {
 
   // The content-addressed blob store in the same database.
   CasStore* cas() { return cas_.get(); }
+  // The fixed-output hash cache in the same database.
+  FodCache* fod_cache() { return fod_cache_.get(); }
 
   // The key a job id is stored under (exposed for the golden-format test).
   static std::string JobKey(const std::string& job_id);
@@ -44,9 +48,11 @@ class RocksDbStateStore final : public StateStore {
   RocksDbStateStore() = default;
 
   std::unique_ptr<rocksdb::DB> db_;
-  std::vector<rocksdb::ColumnFamilyHandle*> handles_;  // default, jobs, blobs, blob_meta, results
+  // default, jobs, blobs, blob_meta, results, fod, fod_names
+  std::vector<rocksdb::ColumnFamilyHandle*> handles_;
   bool sync_ = false;
   std::unique_ptr<CasStore> cas_;
+  std::unique_ptr<FodCache> fod_cache_;
 };
 
 }  // namespace kiln
