@@ -1,12 +1,16 @@
 #include "common/derivation.h"
 
 #include <algorithm>
+#include <deque>
+
+#include "absl/container/flat_hash_set.h"
 
 #include "absl/strings/match.h"
 #include "absl/strings/strip.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
 #include "common/digest.h"
+#include "common/source_tree.h"
 
 namespace kiln {
 namespace {
@@ -202,6 +206,30 @@ std::optional<FixedOutput> GetFixedOutput(const Derivation& drv) {
   }
   fod.key = h.FinishHex();
   return fod;
+}
+
+absl::StatusOr<std::vector<ClosureFod>> FixedOutputsOfClosure(const std::string& top_drv, size_t max_derivations) {
+  std::vector<ClosureFod> fods;
+  absl::flat_hash_set<std::string> seen = {top_drv};
+  std::deque<std::string> pending = {top_drv};
+  while (!pending.empty()) {
+    const std::string path = std::move(pending.front());
+    pending.pop_front();
+    std::string text;
+    if (absl::Status s = ReadWholeFile(path, text); !s.ok()) return s;
+    absl::StatusOr<Derivation> drv = ParseDerivation(text);
+    if (!drv.ok()) return absl::InvalidArgumentError(absl::StrCat(path, ": ", drv.status().message()));
+    if (std::optional<FixedOutput> fod = GetFixedOutput(*drv)) fods.push_back({path, *std::move(fod)});
+    for (const auto& [input, outputs] : drv->input_drvs) {
+      if (!seen.insert(input).second) continue;
+      if (seen.size() > max_derivations) {
+        return absl::ResourceExhaustedError(absl::StrCat("the closure of ", top_drv, " has more than ",
+                                                         max_derivations, " derivations"));
+      }
+      pending.push_back(input);
+    }
+  }
+  return fods;
 }
 
 std::string StorePathName(absl::string_view path) {

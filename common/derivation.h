@@ -53,6 +53,18 @@ struct FixedOutput {
 // addressed floating outputs and input-addressed derivations are not).
 std::optional<FixedOutput> GetFixedOutput(const Derivation& drv);
 
+// A FOD met while walking a closure.
+struct ClosureFod {
+  std::string drv_path;
+  FixedOutput fod;
+};
+
+// Reads the .drv file `top_drv` and every .drv it depends on, transitively,
+// from the local store, and returns the FODs among them (`top_drv` included),
+// in the order met. More than `max_derivations` files is an error.
+absl::StatusOr<std::vector<ClosureFod>> FixedOutputsOfClosure(const std::string& top_drv,
+                                                             size_t max_derivations = 200000);
+
 // "/nix/store/<32 chars>-name[.drv]" -> "name".
 std::string StorePathName(absl::string_view path);
 

@@ -81,7 +81,10 @@ std::optional<NixLogEvent> NixLogParser::ParseLine(absl::string_view line) {
     int type = j.value("type", 0);
     if (type == kActivityBuild && j.contains("fields") && j["fields"].is_array() &&
         !j["fields"].empty() && j["fields"][0].is_string()) {
-      activity_derivation_[id] = DerivationShortName(j["fields"][0].get<std::string>());
+      const std::string drv = j["fields"][0].get<std::string>();
+      activity_derivation_[id] = DerivationShortName(drv);
+      build_index_[id] = builds_.size();
+      builds_.push_back(NixBuildActivity{drv, absl::Now()});
     }
     int level = j.value("level", 3);
     std::string text = StripAnsi(j.value("text", ""));
@@ -102,7 +105,16 @@ std::optional<NixLogEvent> NixLogParser::ParseLine(absl::string_view line) {
     event.text = StripAnsi(fields[0].get<std::string>());
     return event;
   }
-  if (action == "stop") activity_derivation_.erase(j.value("id", uint64_t{0}));
+  if (action == "stop") {
+    const uint64_t id = j.value("id", uint64_t{0});
+    activity_derivation_.erase(id);
+    if (auto it = build_index_.find(id); it != build_index_.end()) {
+      NixBuildActivity& b = builds_[it->second];
+      b.duration = absl::Now() - b.started;
+      b.stopped = true;
+      build_index_.erase(it);
+    }
+  }
   return std::nullopt;
 }
 

@@ -16,6 +16,8 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 
 namespace kiln {
 
@@ -31,6 +33,15 @@ struct NixLogEvent {
   int level = 3;  // Nix verbosity: 0 error, 1 warn, 2 notice, 3 info, …
 };
 
+// A derivation Nix built (or checked) during the run, from its "building"
+// activity.
+struct NixBuildActivity {
+  std::string drv_path;
+  absl::Time started;
+  absl::Duration duration = absl::ZeroDuration();  // Set when it stopped.
+  bool stopped = false;
+};
+
 class NixLogParser {
  public:
   // Messages and activities above this level are dropped (3 = info, what
@@ -44,10 +55,16 @@ class NixLogParser {
   // Error-level messages seen so far, colours stripped, in order.
   const std::vector<std::string>& errors() const { return errors_; }
 
+  // Every derivation build started so far, in order (times are when the
+  // lines were parsed: the log arrives as it is written).
+  const std::vector<NixBuildActivity>& builds() const { return builds_; }
+
  private:
   int max_level_;
   absl::flat_hash_map<uint64_t, std::string> activity_derivation_;
   std::vector<std::string> errors_;
+  std::vector<NixBuildActivity> builds_;
+  absl::flat_hash_map<uint64_t, size_t> build_index_;  // activity id -> builds_ index
 };
 
 // Removes ANSI escape sequences (colours, cursor movement).

@@ -22,6 +22,7 @@ struct BuildRequest {
   std::string flake_dir;  // Absolute path of the unpacked flake.
   std::string attr;
   kiln::v1::JobSpec spec;  // Timeouts and the like.
+  std::string job_id;      // For what the FOD cache records.
 };
 
 class BuildExecutor {

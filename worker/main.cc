@@ -10,13 +10,15 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "common/cli_args.h"
 #include "common/daemon.h"
-#include "absl/strings/str_split.h"
+#include "common/grpc_util.h"
 #include "common/log.h"
 #include "common/metrics_http.h"
 #include "common/net.h"
+#include "worker/fod_oracle.h"
 #include "worker/nix_build_executor.h"
 #include "worker/nix_system_info.h"
 #include "worker/worker_agent.h"
@@ -110,6 +112,11 @@ int main(int argc, char** argv) {
       return Fail(std::string(s.message()));
     }
   }
+
+  // Every build's fixed-output derivations are checked against the fleet's
+  // FOD cache, and what builds find is recorded there.
+  kiln::GrpcFodOracle fod_oracle(kiln::MakeChannel(options.coordinator), options.name);
+  nix.fods = &fod_oracle;
 
   // The executor outlives the agent: the agent's Stop() waits for the builds
   // it cancels to report back through it.

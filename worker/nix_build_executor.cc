@@ -1,18 +1,29 @@
 #include "worker/nix_build_executor.h"
 
 #include <deque>
+#include <filesystem>
 #include <memory>
 #include <optional>
+#include <thread>
 
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "common/derivation.h"
 #include "common/grpc_util.h"
+#include "common/hash_mismatch.h"
 #include "common/installable.h"
-#include "common/nix_log.h"
 
 namespace kiln {
+
+using kiln::v1::FodVerdict;
+
 namespace {
 
 // How many of the last output lines explain a failure when Nix printed no
@@ -20,16 +31,65 @@ namespace {
 constexpr size_t kTailLines = 20;
 constexpr absl::Duration kCancelGrace = absl::Seconds(10);
 
+std::string FormatTime(const google::protobuf::Timestamp& t) {
+  return absl::FormatTime("%Y-%m-%d %H:%M UTC", FromProtoTime(t), absl::UTCTimeZone());
+}
+
+// One mismatch as a person acts on it: Nix's own layout (so what reads
+// `specified:`/`got:` keeps working), then where the right hash came from.
+std::string DescribeMismatch(const kiln::v1::HashMismatch& m, absl::string_view computed_at) {
+  std::string text = absl::StrCat("hash mismatch in fixed-output derivation '", m.drv_path(), "':\n",
+                                  "  specified: ", m.specified(), "\n",
+                                  "  got:       ", m.got(), "\n");
+  if (m.source() == "cache") {
+    absl::StrAppend(&text, "  (from Kiln's FOD cache: computed by job ", m.computed_by_job(), " on worker ",
+                    m.computed_by_worker(), computed_at.empty() ? "" : ", ", computed_at,
+                    "; this FOD was not built)\n");
+  } else if (m.source() == "check") {
+    absl::StrAppend(&text, "  (stale: the declared hash was computed for other inputs of '", m.name(),
+                    "'; rebuilding the output this worker held gave the hash above)\n");
+  }
+  absl::StrAppend(&text, "  fix: in the FOD '", m.name(), "', set outputHash = \"", m.got(), "\";");
+  return text;
+}
+
 }  // namespace
 
-std::vector<std::string> NixBuildExecutor::BuildArgv(const BuildRequest& request) const {
+struct NixBuildExecutor::Run {
+  BuildId id = 0;
+  BuildRequest request;
+  LineCallback on_line;
+  DoneCallback on_done;
+  absl::Time started;
+  // Both guarded by the executor's mu_.
+  bool cancelled = false;
+  std::optional<ProcessSupervisor::ProcessId> process;
+};
+
+NixBuildExecutor::~NixBuildExecutor() {
+  absl::MutexLock lock(&mu_);
+  for (auto& [id, run] : runs_) {
+    run->cancelled = true;
+    if (run->process) supervisor_.Terminate(*run->process, kCancelGrace);
+  }
+  mu_.Await(absl::Condition(
+      +[](absl::flat_hash_map<BuildId, std::shared_ptr<Run>>* runs) { return runs->empty(); }, &runs_));
+}
+
+std::vector<std::string> NixBuildExecutor::NixArgv(absl::string_view command) const {
   std::vector<std::string> argv = {
-      options_.nix_binary, "build", "--extra-experimental-features", "nix-command flakes",
-      "--json", "--no-link", "--log-format", "internal-json",
+      options_.nix_binary, std::string(command), "--extra-experimental-features", "nix-command flakes",
+      "--log-format", "internal-json",
   };
   for (const auto& [name, value] : options_.options) {
     argv.insert(argv.end(), {"--option", name, value});
   }
+  return argv;
+}
+
+std::vector<std::string> NixBuildExecutor::BuildArgv(const BuildRequest& request) const {
+  std::vector<std::string> argv = NixArgv("build");
+  argv.insert(argv.end(), {"--json", "--no-link"});
   if (request.spec.has_timeout() && request.spec.timeout().seconds() > 0) {
     argv.insert(argv.end(), {"--timeout", absl::StrCat(request.spec.timeout().seconds())});
   }
@@ -48,80 +108,346 @@ absl::StatusOr<BuildExecutor::BuildId> NixBuildExecutor::Start(const BuildReques
   if (request.flake_dir.empty() || request.flake_dir[0] != '/') {
     return absl::InvalidArgumentError("flake directory must be absolute");
   }
-  ProcessSpec spec;
-  spec.argv = BuildArgv(request);
-  spec.cwd = request.flake_dir;
+  auto run = std::make_shared<Run>();
+  run->request = request;
+  run->on_line = std::move(on_line);
+  run->on_done = std::move(on_done);
+  run->started = absl::Now();
+  {
+    absl::MutexLock lock(&mu_);
+    run->id = next_id_++;
+    runs_[run->id] = run;
+  }
+  // A thread per build: its steps wait on Nix and on the coordinator in turn.
+  std::thread([this, run] { Execute(run); }).detach();
+  return run->id;
+}
 
-  // State shared by the two callbacks; both run on the supervisor's thread.
-  struct Progress {
-    NixLogParser parser;
-    std::deque<std::string> tail;
-    absl::Time started = absl::Now();
-  };
-  auto progress = std::make_shared<Progress>();
-  auto line_cb = [progress, on_line = std::move(on_line)](absl::string_view raw) mutable {
-    std::optional<NixLogEvent> event = progress->parser.ParseLine(raw);
+void NixBuildExecutor::Cancel(BuildId id) {
+  // Nix runs each builder in a session of its own: SIGTERM lets Nix kill
+  // them; SIGKILL follows if it does not exit in time.
+  absl::MutexLock lock(&mu_);
+  auto it = runs_.find(id);
+  if (it == runs_.end()) return;
+  it->second->cancelled = true;
+  if (it->second->process) supervisor_.Terminate(*it->second->process, kCancelGrace);
+}
+
+void NixBuildExecutor::Line(Run& run, absl::string_view text) {
+  kiln::v1::LogLine line;
+  line.set_text(absl::StrCat("kiln: ", text));
+  *line.mutable_time() = ToProtoTime(absl::Now());
+  run.on_line(std::move(line));
+}
+
+void NixBuildExecutor::RunNix(Run& run, const std::vector<std::string>& argv, NixRun& out) {
+  ProcessSpec spec;
+  spec.argv = argv;
+  spec.cwd = run.request.flake_dir;
+  absl::Notification exited;
+  std::deque<std::string> tail;
+  // Both callbacks run on the supervisor's thread, the exit one last, while
+  // this thread waits: the references stay valid.
+  auto line_cb = [&run, &out, &tail](absl::string_view raw) {
+    std::optional<NixLogEvent> event = out.parser.ParseLine(raw);
     if (!event) return;
     kiln::v1::LogLine line;
     line.set_derivation(event->derivation);
     line.set_text(event->text);
     *line.mutable_time() = ToProtoTime(absl::Now());
-    progress->tail.push_back(event->text);
-    if (progress->tail.size() > kTailLines) progress->tail.pop_front();
-    on_line(std::move(line));
+    tail.push_back(event->text);
+    if (tail.size() > kTailLines) tail.pop_front();
+    run.on_line(std::move(line));
   };
-  // The id is only known after Spawn; the exit callback reads it through this.
-  auto id_slot = std::make_shared<ProcessSupervisor::ProcessId>(0);
-  auto exit_cb = [this, progress, id_slot, on_done = std::move(on_done)](ExitInfo exit,
-                                                                         std::string stdout_data) mutable {
-    kiln::v1::BuildResult result;
-    *result.mutable_build_duration() = ToProtoDuration(absl::Now() - progress->started);
-    bool cancelled;
-    {
-      absl::MutexLock lock(&mu_);
-      cancelled = cancelled_.erase(*id_slot) > 0;
-    }
-    if (cancelled) {
-      result.set_code(kiln::v1::RESULT_CODE_CANCELLED);
-      result.set_error_message("build cancelled");
-    } else if (exit.Success()) {
-      absl::StatusOr<std::vector<NixBuiltPath>> built = ParseNixBuildJson(stdout_data);
-      if (!built.ok() || built->empty()) {
-        result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
-        result.set_error_message(built.ok() ? "nix build reported no output" : std::string(built.status().message()));
-      } else {
-        result.set_code(kiln::v1::RESULT_CODE_SUCCEEDED);
-        result.set_drv_path(built->front().drv_path);
-        for (const auto& [name, path] : built->front().outputs) (*result.mutable_outputs())[name] = path;
-      }
-    } else {
-      const auto& errors = progress->parser.errors();
-      std::string message = errors.empty() ? absl::StrJoin(progress->tail, "\n") : absl::StrJoin(errors, "\n");
-      if (message.empty()) message = absl::StrCat("nix build failed (", exit.ToString(), ")");
-      // Nix enforces --timeout and --max-silent-time per derivation and says
-      // "timed out after N seconds [of silence]".
-      result.set_code(absl::StrContains(message, "timed out after") ? kiln::v1::RESULT_CODE_TIMED_OUT
-                                                                      : kiln::v1::RESULT_CODE_BUILD_FAILED);
-      result.set_error_message(std::move(message));
-    }
-    std::move(on_done)(std::move(result));
+  auto exit_cb = [&out, &exited](ExitInfo exit, std::string stdout_data) {
+    out.exit = exit;
+    out.stdout_data = std::move(stdout_data);
+    exited.Notify();
   };
-  // Hold the lock across Spawn so a fast exit cannot read the id slot before
-  // it is written.
+  {
+    absl::MutexLock lock(&mu_);
+    if (run.cancelled) {
+      out.cancelled = true;
+      return;
+    }
+    absl::StatusOr<ProcessSupervisor::ProcessId> id = supervisor_.Spawn(spec, std::move(line_cb), std::move(exit_cb));
+    if (!id.ok()) {
+      out.exit = ExitInfo{};
+      out.tail_text = absl::StrCat("cannot run ", argv[0], ": ", id.status().message());
+      return;
+    }
+    run.process = *id;
+  }
+  exited.WaitForNotification();
   absl::MutexLock lock(&mu_);
-  absl::StatusOr<ProcessSupervisor::ProcessId> id = supervisor_.Spawn(spec, std::move(line_cb), std::move(exit_cb));
-  if (!id.ok()) return id.status();
-  *id_slot = *id;
-  return *id;
+  run.process.reset();
+  out.cancelled = run.cancelled;
+  out.tail_text = absl::StrJoin(tail, "\n");
 }
 
-void NixBuildExecutor::Cancel(BuildId id) {
-  // Nix runs each builder in a session of its own: SIGTERM lets Nix kill
-  // them; SIGKILL follows if it does not exit in time. Only a build that was
-  // still running is reported as cancelled (and its mark is removed by its
-  // exit callback, which takes mu_ after this returns).
+namespace {
+
+// The result of a Nix command that failed: its errors, else its last lines.
+void SetFailure(const ExitInfo& exit, const NixLogParser& parser, const std::string& tail,
+                kiln::v1::BuildResult& result) {
+  const auto& errors = parser.errors();
+  std::string message = errors.empty() ? tail : absl::StrJoin(errors, "\n");
+  if (message.empty()) message = absl::StrCat("nix failed (", exit.ToString(), ")");
+  // Nix enforces --timeout and --max-silent-time per derivation and says
+  // "timed out after N seconds [of silence]".
+  result.set_code(absl::StrContains(message, "timed out after") ? kiln::v1::RESULT_CODE_TIMED_OUT
+                                                                  : kiln::v1::RESULT_CODE_BUILD_FAILED);
+  result.set_error_message(std::move(message));
+}
+
+void SetBuilt(const std::string& stdout_data, kiln::v1::BuildResult& result) {
+  absl::StatusOr<std::vector<NixBuiltPath>> built = ParseNixBuildJson(stdout_data);
+  if (!built.ok() || built->empty()) {
+    result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
+    result.set_error_message(built.ok() ? "nix build reported no output" : std::string(built.status().message()));
+    return;
+  }
+  result.set_code(kiln::v1::RESULT_CODE_SUCCEEDED);
+  result.set_drv_path(built->front().drv_path);
+  for (const auto& [name, path] : built->front().outputs) (*result.mutable_outputs())[name] = path;
+}
+
+kiln::v1::FodRef RefOf(const ClosureFod& c) {
+  kiln::v1::FodRef ref;
+  ref.set_key(c.fod.key);
+  ref.set_name(c.fod.name);
+  ref.set_declared(c.fod.declared.Sri());
+  ref.set_drv_path(c.drv_path);
+  ref.set_algo(std::string(HashAlgoName(c.fod.declared.algo)));
+  ref.set_mode(c.fod.mode);
+  return ref;
+}
+
+// The FODs of one closure, found by .drv path or (Nix ≤ 2.3 names it in its
+// errors) by output path.
+class ClosureIndex {
+ public:
+  explicit ClosureIndex(const std::vector<ClosureFod>& fods) : fods_(fods) {
+    for (size_t i = 0; i < fods.size(); ++i) {
+      by_path_[fods[i].drv_path] = i;
+      by_path_[fods[i].fod.output_path] = i;
+    }
+  }
+  const ClosureFod* Find(const std::string& path) const {
+    auto it = by_path_.find(path);
+    return it == by_path_.end() ? nullptr : &fods_[it->second];
+  }
+
+ private:
+  const std::vector<ClosureFod>& fods_;
+  absl::flat_hash_map<std::string, size_t> by_path_;
+};
+
+// What a finished Nix run says about the closure's FODs: a mismatch for each
+// one Nix reported (added to `result`), and an outcome for each one it built
+// (verified when no mismatch was reported and its output now exists).
+std::vector<kiln::v1::FodOutcome> HarvestFods(const ClosureIndex& index, const NixLogParser& parser,
+                                              absl::string_view source, kiln::v1::BuildResult& result) {
+  std::vector<kiln::v1::FodOutcome> outcomes;
+  absl::flat_hash_set<std::string> mismatched;
+  for (const HashMismatch& m : ParseHashMismatches(absl::StrJoin(parser.errors(), "\n"))) {
+    const ClosureFod* fod = index.Find(m.path);
+    if (fod == nullptr) continue;
+    mismatched.insert(fod->drv_path);
+    kiln::v1::HashMismatch* out = result.add_hash_mismatches();
+    out->set_drv_path(fod->drv_path);
+    out->set_name(fod->fod.name);
+    out->set_specified(m.specified);
+    out->set_got(m.got);
+    out->set_source(std::string(source));
+    kiln::v1::FodOutcome& o = outcomes.emplace_back();
+    *o.mutable_fod() = RefOf(*fod);
+    o.set_got(m.got);
+  }
+  for (const NixBuildActivity& b : parser.builds()) {
+    const ClosureFod* fod = index.Find(b.drv_path);
+    if (fod == nullptr || !b.stopped) continue;
+    if (mismatched.contains(fod->drv_path)) {
+      for (auto& o : outcomes) {
+        if (o.fod().drv_path() == fod->drv_path) o.set_build_seconds(absl::ToDoubleSeconds(b.duration));
+      }
+      continue;
+    }
+    std::error_code ec;
+    if (!std::filesystem::exists(fod->fod.output_path, ec)) continue;  // Failed for another reason.
+    kiln::v1::FodOutcome& o = outcomes.emplace_back();
+    *o.mutable_fod() = RefOf(*fod);
+    o.set_got(fod->fod.declared.Sri());
+    o.set_build_seconds(absl::ToDoubleSeconds(b.duration));
+  }
+  return outcomes;
+}
+
+}  // namespace
+
+void NixBuildExecutor::Execute(const std::shared_ptr<Run>& run) {
+  kiln::v1::BuildResult result;
+  if (options_.fods == nullptr) {
+    NixRun build;
+    RunNix(*run, BuildArgv(run->request), build);
+    if (!build.cancelled) {
+      if (build.exit.Success()) {
+        SetBuilt(build.stdout_data, result);
+      } else {
+        SetFailure(build.exit, build.parser, build.tail_text, result);
+      }
+    }
+  } else {
+    BuildWithFodChecks(*run, result);
+  }
+  bool cancelled;
+  {
+    absl::MutexLock lock(&mu_);
+    cancelled = run->cancelled;
+  }
+  if (cancelled) {
+    result.Clear();
+    result.set_code(kiln::v1::RESULT_CODE_CANCELLED);
+    result.set_error_message("build cancelled");
+  }
+  *result.mutable_build_duration() = ToProtoDuration(absl::Now() - run->started);
+  std::move(run->on_done)(std::move(result));
   absl::MutexLock lock(&mu_);
-  if (supervisor_.Terminate(id, kCancelGrace)) cancelled_.insert(id);
+  runs_.erase(run->id);
+}
+
+void NixBuildExecutor::BuildWithFodChecks(Run& run, kiln::v1::BuildResult& result) {
+  FodOracle* const oracle = options_.fods;
+  const std::string& job_id = run.request.job_id;
+
+  // 1. Evaluate once: the .drv, and with it the closure's .drv files.
+  NixRun eval;
+  std::vector<std::string> eval_argv = NixArgv("path-info");
+  eval_argv.push_back("--derivation");
+  eval_argv.push_back(absl::StrCat("path:", run.request.flake_dir, "#", run.request.attr));
+  RunNix(run, eval_argv, eval);
+  if (eval.cancelled) return;
+  if (!eval.exit.Success()) return SetFailure(eval.exit, eval.parser, eval.tail_text, result);
+  std::vector<absl::string_view> printed = absl::StrSplit(eval.stdout_data, '\n', absl::SkipWhitespace());
+  const std::string drv = printed.empty() ? "" : std::string(absl::StripAsciiWhitespace(printed.back()));
+  if (!absl::StartsWith(drv, "/") || !absl::EndsWith(drv, ".drv")) {
+    result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
+    result.set_error_message(absl::StrCat("nix path-info --derivation printed no derivation: '",
+                                          eval.stdout_data.substr(0, 200), "'"));
+    return;
+  }
+
+  // 2. The closure's FODs, looked up in one call. Kiln's own trouble here
+  // (an unreadable .drv, the cache unreachable) never stops a build.
+  std::vector<ClosureFod> fods;
+  if (absl::StatusOr<std::vector<ClosureFod>> found = FixedOutputsOfClosure(drv); found.ok()) {
+    fods = *std::move(found);
+  } else {
+    Line(run, absl::StrCat("FOD checks skipped: ", found.status().message()));
+  }
+  std::vector<FodVerdict> verdicts;
+  if (!fods.empty()) {
+    std::vector<kiln::v1::FodRef> refs;
+    for (const ClosureFod& f : fods) refs.push_back(RefOf(f));
+    if (absl::StatusOr<std::vector<FodVerdict>> v = oracle->Check(refs, job_id); v.ok()) {
+      verdicts = *std::move(v);
+    } else {
+      Line(run, absl::StrCat("FOD cache unavailable (", v.status().message(), "); building without FOD checks"));
+    }
+  }
+  const ClosureIndex index(fods);
+
+  // 3. Hashes the cache knows to be wrong: fail now, build nothing.
+  std::vector<size_t> suspects;
+  size_t counts[5] = {0, 0, 0, 0, 0};
+  std::vector<std::string> messages;
+  for (size_t i = 0; i < verdicts.size(); ++i) {
+    const FodVerdict& v = verdicts[i];
+    ++counts[std::min<size_t>(static_cast<size_t>(v.kind()), 4)];
+    if (v.kind() == FodVerdict::KIND_WRONG) {
+      kiln::v1::HashMismatch* m = result.add_hash_mismatches();
+      m->set_drv_path(fods[i].drv_path);
+      m->set_name(fods[i].fod.name);
+      m->set_specified(fods[i].fod.declared.Sri());
+      m->set_got(v.entry().hash());
+      m->set_source("cache");
+      m->set_computed_by_job(v.entry().computed_by_job());
+      m->set_computed_by_worker(v.entry().computed_by_worker());
+      messages.push_back(DescribeMismatch(*m, FormatTime(v.entry().first_computed())));
+    } else if (v.kind() == FodVerdict::KIND_SUSPECT_STALE) {
+      std::error_code ec;
+      // Without the output here, the build below computes and checks it.
+      if (std::filesystem::exists(fods[i].fod.output_path, ec)) suspects.push_back(i);
+    }
+  }
+  if (!verdicts.empty()) {
+    Line(run, absl::StrCat(verdicts.size(), " fixed-output derivation(s) checked against the FOD cache: ",
+                           counts[FodVerdict::KIND_RIGHT], " right, ", counts[FodVerdict::KIND_WRONG], " wrong, ",
+                           counts[FodVerdict::KIND_SUSPECT_STALE], " suspect, ",
+                           counts[FodVerdict::KIND_NONDETERMINISTIC], " nondeterministic, ",
+                           counts[FodVerdict::KIND_UNKNOWN], " unknown"));
+  }
+  if (!messages.empty()) {
+    for (const std::string& m : messages) Line(run, m);
+    result.set_code(kiln::v1::RESULT_CODE_BUILD_FAILED);
+    result.set_error_message(absl::StrJoin(messages, "\n"));
+    return;
+  }
+
+  // 4. Suspected stale hashes whose output is here: rebuild to verify.
+  if (!suspects.empty()) {
+    NixRun check;
+    std::vector<std::string> argv = NixArgv("build");
+    argv.insert(argv.end(), {"--rebuild", "--keep-going", "--no-link"});
+    for (size_t i : suspects) {
+      Line(run, absl::StrCat("verifying '", fods[i].fod.name, "': its hash ", fods[i].fod.declared.Sri(),
+                             " was computed for other inputs (job ", verdicts[i].stale_source().computed_by_job(),
+                             "); rebuilding the output held here"));
+      argv.push_back(fods[i].drv_path);
+    }
+    RunNix(run, argv, check);
+    if (check.cancelled) return;
+    std::vector<kiln::v1::FodOutcome> outcomes = HarvestFods(index, check.parser, "check", result);
+    if (!outcomes.empty()) {
+      if (absl::Status s = oracle->Record(outcomes, job_id); !s.ok()) {
+        Line(run, absl::StrCat("could not record FOD results: ", s.message()));
+      }
+    }
+    if (result.hash_mismatches_size() > 0) {
+      for (const auto& m : result.hash_mismatches()) messages.push_back(DescribeMismatch(m, ""));
+      for (const std::string& m : messages) Line(run, m);
+      result.set_code(kiln::v1::RESULT_CODE_BUILD_FAILED);
+      result.set_error_message(absl::StrJoin(messages, "\n"));
+      return;
+    }
+    if (!check.exit.Success()) return SetFailure(check.exit, check.parser, check.tail_text, result);
+  }
+
+  // 5. The build itself, of the .drv evaluated above.
+  NixRun build;
+  std::vector<std::string> argv = BuildArgv(run.request);
+  argv.back() = drv;
+  argv.insert(argv.end() - 1, "--keep-going");
+  RunNix(run, argv, build);
+  if (build.cancelled) return;
+  kiln::v1::BuildResult harvested;
+  std::vector<kiln::v1::FodOutcome> outcomes = HarvestFods(index, build.parser, "build", harvested);
+  if (build.exit.Success()) {
+    SetBuilt(build.stdout_data, result);
+  } else {
+    SetFailure(build.exit, build.parser, build.tail_text, result);
+  }
+  // 6. What the build taught the cache.
+  if (!outcomes.empty()) {
+    if (absl::Status s = oracle->Record(outcomes, job_id); !s.ok()) {
+      Line(run, absl::StrCat("could not record FOD results: ", s.message()));
+    }
+  }
+  for (const auto& m : harvested.hash_mismatches()) {
+    *result.add_hash_mismatches() = m;
+    absl::StrAppend(result.mutable_error_message(), "\n  fix: in the FOD '", m.name(), "', set outputHash = \"",
+                    m.got(), "\";");
+  }
 }
 
 }  // namespace kiln

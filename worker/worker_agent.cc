@@ -503,6 +503,7 @@ void WorkerAgent::StartJob(const kiln::v1::Assignment& assignment) {
   request.flake_dir = flake_dir.string();
   request.attr = assignment.spec().attr();
   request.spec = assignment.spec();
+  request.job_id = job_id;
   auto on_line = [this, job_id, attempt](kiln::v1::LogLine line) {
     bool flush_now = false;
     {
