@@ -236,6 +236,7 @@ absl::StatusOr<std::vector<std::string>> SubmitOnce(BuildService::Stub& stub, co
     spec->mutable_requirements()->set_system(options.system);
     spec->set_display_name(target.text);
     spec->set_priority_class(options.priority);
+    for (const auto& [k, v] : options.labels) (*spec->mutable_requirements()->mutable_pinned_labels())[k] = v;
     spec->set_rebuild(options.rebuild);
     spec->set_fetch_outputs(!options.out_link.empty());
     if (options.timeout_seconds > 0) spec->mutable_timeout()->set_seconds(options.timeout_seconds);
@@ -639,6 +640,13 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& g
       }
     } else {
       entry["error"] = result.error_message();
+      for (const kiln::v1::HashMismatch& m : result.hash_mismatches()) {
+        nlohmann::json mj = {{"name", m.name()},         {"drvPath", m.drv_path()}, {"specified", m.specified()},
+                             {"got", m.got()},           {"source", m.source()}};
+        if (!m.computed_by_job().empty()) mj["computedByJob"] = m.computed_by_job();
+        if (!m.computed_by_worker().empty()) mj["computedByWorker"] = m.computed_by_worker();
+        entry["hashMismatches"].push_back(std::move(mj));
+      }
       // Nix's error lines were already shown live; print only what is new.
       std::vector<std::string> unseen;
       for (absl::string_view line : absl::StrSplit(result.error_message(), '\n')) {

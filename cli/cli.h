@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <map>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -37,6 +38,8 @@ struct CliOptions {
   std::string attr = "default";   // build --all-flakes: the attribute of each.
   std::string targets_file;       // build --file: a kiln.json listing targets.
   std::string out_link;           // build -o: download the outputs here.
+  // build --label: only workers with these labels may take the builds.
+  std::map<std::string, std::string> labels;
 };
 
 // `kiln build INSTALLABLE...`: uploads each flake, submits, streams the logs,

@@ -28,6 +28,8 @@ ABSL_FLAG(std::string, out_link, "",
           "build: download the output here (-o PATH; more targets or outputs add -N / -OUTPUT, as nix build does)");
 ABSL_FLAG(bool, rebuild, false, "build: build again even when an identical target's result is cached");
 ABSL_FLAG(bool, detach, false, "build: submit, print the job ids and exit without waiting for the builds");
+ABSL_FLAG(std::vector<std::string>, label, {},
+          "build: only workers with these labels may take the builds (KEY=VALUE, comma-separated)");
 ABSL_FLAG(std::string, priority, "interactive",
           "Priority class of the builds, by the coordinator's names (default names: interactive, ci, batch)");
 
@@ -37,6 +39,7 @@ constexpr char kUsage[] =
     "  kiln [--coordinator=ADDR] build PATH#ATTR... | --all-flakes [--attr=ATTR] | --file=kiln.json\n"
     "                                  [--json] [--quiet] [--detach] [--rebuild] [-o PATH] [--system=SYSTEM]\n"
     "                                  [--priority=interactive|ci|batch] [--timeout=30m] [--max-silent-time=10m]\n"
+    "                                  [--label=KEY=VALUE,...]\n"
     "  kiln [--coordinator=ADDR] status JOB|BUILDSET [--json]\n"
     "  kiln [--coordinator=ADDR] cancel JOB|BUILDSET [--json]\n"
     "  kiln [--coordinator=ADDR] workers [--json]\n"
@@ -77,6 +80,14 @@ int main(int argc, char** argv) {
   options.attr = absl::GetFlag(FLAGS_attr);
   options.targets_file = absl::GetFlag(FLAGS_file);
   options.out_link = absl::GetFlag(FLAGS_out_link);
+  for (const std::string& label : absl::GetFlag(FLAGS_label)) {
+    const size_t eq = label.find('=');
+    if (eq == std::string::npos || eq == 0) {
+      std::fprintf(stderr, "error: --label wants KEY=VALUE, got '%s'\n", label.c_str());
+      return kiln::kExitUsage;
+    }
+    options.labels[label.substr(0, eq)] = label.substr(eq + 1);
+  }
 
   if (args.empty()) {
     std::fprintf(stderr, "%s\n", kUsage);

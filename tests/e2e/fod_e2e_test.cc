@@ -1,0 +1,250 @@
+// The FOD hash cache end to end: a real coordinator, two real workers
+// (labelled so a job can be sent to either), real Nix. The FOD under test
+// copies a lockfile (and an env var) to $out, so its right hash is computed
+// here independently of Kiln. Workers share this machine's /nix/store: a
+// worker "holding the old output" is any of them once it was built.
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
+#include "absl/time/clock.h"
+#include "common/digest.h"
+#include "common/grpc_util.h"
+#include "common/nix_hash.h"
+#include "kiln/v1/fod.grpc.pb.h"
+#include "tests/support/local_farm.h"
+
+namespace kiln {
+namespace {
+
+using testing::LocalFarm;
+using testing::WriteFileOrDie;
+
+constexpr char kFakeSri[] = "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+// SRI of the SHA-256 of `content`: what a flat FOD writing it declares.
+std::string SriOf(const std::string& content) {
+  NixHash h;
+  h.bytes = absl::HexStringToBytes(Sha256Hex(content));
+  return h.Sri();
+}
+
+// A flake whose default package is a FOD: it prints "fetching NAME" (so a
+// log shows whether it ran), then writes lock.txt and $EXTRA to $out.
+std::string FodFlake(const std::string& name, const std::string& hash, const std::string& extra,
+                     const std::string& script = "/bin/cat $lock > $out; echo \\\"$EXTRA\\\" >> $out") {
+  return absl::StrReplaceAll(R"({
+  outputs = { self }: {
+    packages.x86_64-linux.default = derivation {
+      name = "NAME"; system = "x86_64-linux"; builder = "/bin/sh";
+      lock = ./lock.txt;
+      EXTRA = "EXTRAVALUE";
+      args = [ "-c" "echo fetching NAME; SCRIPT" ];
+      outputHashMode = "flat"; outputHashAlgo = "sha256"; outputHash = "HASH";
+    };
+  };
+})",
+                             {{"NAME", name}, {"HASH", hash}, {"EXTRAVALUE", extra}, {"SCRIPT", script}});
+}
+
+class FodE2eTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    farm_ = new LocalFarm(/*workers=*/0, /*max_jobs_per_worker=*/2);
+    absl::Status started = farm_->Start();
+    ASSERT_TRUE(started.ok()) << started;
+    farm_->SetWorkerFlags({"--labels=node=a"});
+    ASSERT_TRUE(farm_->AddWorker().ok());
+    farm_->SetWorkerFlags({"--labels=node=b"});
+    ASSERT_TRUE(farm_->AddWorker().ok());
+  }
+  static void TearDownTestSuite() {
+    delete farm_;
+    farm_ = nullptr;
+  }
+
+  void SetUp() override { name_ = absl::StrCat("deps-", absl::ToUnixNanos(absl::Now())); }
+
+  void Write(const std::string& hash, const std::string& lock, const std::string& extra = "one") {
+    WriteFileOrDie(work_.Sub("svc/lock.txt"), lock);
+    WriteFileOrDie(work_.Sub("svc/flake.nix"), FodFlake(name_, hash, extra));
+  }
+
+  // `kiln build --json` on worker `node`; the JSON entry, the exit code and
+  // everything printed (logs included) for the log checks.
+  struct Build {
+    int exit_code = -1;
+    nlohmann::json entry;
+    std::string printed;
+  };
+  Build Run(const std::string& node) {
+    Build b;
+    auto r = farm_->Kiln({"build", work_.Sub("svc"), "--json", "--label=node=" + node});
+    EXPECT_TRUE(r.ok()) << r.status();
+    if (!r.ok()) return b;
+    b.exit_code = r->exit.exit_code;
+    b.printed = r->stdout_data + r->stderr_data;
+    auto j = nlohmann::json::parse(r->stdout_data, nullptr, false);
+    if (j.is_array() && !j.empty()) b.entry = j[0];
+    return b;
+  }
+  static nlohmann::json Mismatch(const Build& b) {
+    const auto& list = b.entry.value("hashMismatches", nlohmann::json::array());
+    return list.size() == 1 ? list[0] : nlohmann::json();
+  }
+
+  kiln::v1::ListFodsResponse ListFods() {
+    auto stub = kiln::v1::FodService::NewStub(MakeChannel(farm_->coordinator_address()));
+    grpc::ClientContext context;
+    kiln::v1::ListFodsRequest request;
+    kiln::v1::ListFodsResponse response;
+    EXPECT_TRUE(stub->ListFods(&context, request, &response).ok());
+    return response;
+  }
+
+  static LocalFarm* farm_;
+  testing::TempDir work_;
+  std::string name_;
+};
+LocalFarm* FodE2eTest::farm_ = nullptr;
+
+TEST_F(FodE2eTest, AFakeHashIsComputedOnceThenCaughtEverywhereBeforeTheFodRuns) {
+  const std::string lock = "left-pad@1.3.0\n";
+  const std::string right = SriOf(lock + "one\n");
+
+  Write(kFakeSri, lock);  // lib.fakeHash
+  Build first = Run("a");
+  EXPECT_EQ(first.exit_code, 1) << first.printed;
+  EXPECT_TRUE(absl::StrContains(first.printed, "fetching " + name_)) << first.printed;
+  nlohmann::json m = Mismatch(first);
+  EXPECT_EQ(m.value("got", ""), right) << first.entry.dump();
+  EXPECT_EQ(m.value("source", ""), "build");
+  EXPECT_EQ(m.value("name", ""), name_);
+
+  // The other worker, `outputHash = ""` this time (another .drv, the same
+  // key): fails at once with the right hash, and the FOD never runs.
+  Write("", lock);
+  Build second = Run("b");
+  EXPECT_EQ(second.exit_code, 1) << second.printed;
+  EXPECT_FALSE(absl::StrContains(second.printed, "fetching " + name_)) << second.printed;
+  EXPECT_EQ(second.entry.value("worker", ""), "worker-2");
+  m = Mismatch(second);
+  EXPECT_EQ(m.value("got", ""), right) << second.entry.dump();
+  EXPECT_EQ(m.value("specified", ""), kFakeSri);
+  EXPECT_EQ(m.value("source", ""), "cache");
+  EXPECT_EQ(m.value("computedByWorker", ""), "worker-1");
+  EXPECT_TRUE(absl::StrContains(second.printed, absl::StrCat("set outputHash = \"", right, "\""))) << second.printed;
+
+  // The cache outlives a coordinator crash.
+  farm_->KillCoordinator(SIGKILL);
+  ASSERT_TRUE(farm_->RestartCoordinator().ok());
+  Build after_restart = Run("a");
+  EXPECT_EQ(Mismatch(after_restart).value("source", ""), "cache") << after_restart.printed;
+
+  // With the right hash it builds.
+  Write(right, lock);
+  Build fixed = Run("b");
+  EXPECT_EQ(fixed.exit_code, 0) << fixed.printed;
+
+  auto metrics = testing::ScrapeMetrics(farm_->coordinator_metrics());
+  ASSERT_TRUE(metrics.ok());
+  EXPECT_TRUE(absl::StrContains(*metrics, "kiln_fod_lookups_total{result=\"caught\"} 1")) << *metrics;
+  EXPECT_TRUE(absl::StrContains(*metrics, "kiln_fod_builds_avoided_total 1")) << *metrics;
+}
+
+TEST_F(FodE2eTest, ALockfileChangeWithAnUnchangedHashIsCaughtWhereNixWouldReuseTheOldOutput) {
+  const std::string v1 = "left-pad@1.3.0\n";
+  const std::string v2 = "left-pad@1.3.1\n";
+  Write(SriOf(v1 + "one\n"), v1);
+  Build built = Run("a");
+  ASSERT_EQ(built.exit_code, 0) << built.printed;  // Verified and held in the store.
+
+  // The lockfile changes, the hash does not: Nix alone reuses the old output
+  // (its path depends only on name and hash) and succeeds.
+  Write(SriOf(v1 + "one\n"), v2);
+  ProcessSpec plain_nix;
+  plain_nix.argv = {"nix", "build", "--no-link", "path:" + work_.Sub("svc")};
+  plain_nix.extra_env = testing::NixTestEnv();
+  auto nix = RunCommand(plain_nix);
+  ASSERT_TRUE(nix.ok());
+  EXPECT_EQ(nix->exit.exit_code, 0) << nix->stderr_data;
+  EXPECT_FALSE(absl::StrContains(nix->stderr_data, "fetching")) << nix->stderr_data;
+
+  // Kiln rebuilds the suspect output and fails with the new hash.
+  Build stale = Run("b");
+  EXPECT_EQ(stale.exit_code, 1) << stale.printed;
+  nlohmann::json m = Mismatch(stale);
+  EXPECT_EQ(m.value("source", ""), "check") << stale.entry.dump();
+  EXPECT_EQ(m.value("got", ""), SriOf(v2 + "one\n"));
+  EXPECT_TRUE(absl::StrContains(stale.printed, "was computed for other inputs")) << stale.printed;
+
+  // From now on the new inputs' hash is known: caught without building.
+  Build again = Run("a");
+  EXPECT_EQ(Mismatch(again).value("source", ""), "cache") << again.printed;
+  EXPECT_FALSE(absl::StrContains(again.printed, "fetching " + name_)) << again.printed;
+}
+
+TEST_F(FodE2eTest, AnEnvVarChangeWithAnUnchangedHashIsCaughtToo) {
+  const std::string lock = "go.sum v1\n";
+  Write(SriOf(lock + "one\n"), lock, "one");
+  ASSERT_EQ(Run("a").exit_code, 0);
+  Write(SriOf(lock + "one\n"), lock, "two");
+  Build stale = Run("b");
+  EXPECT_EQ(stale.exit_code, 1) << stale.printed;
+  EXPECT_EQ(Mismatch(stale).value("got", ""), SriOf(lock + "two\n")) << stale.entry.dump();
+  // An input change that does not change the output passes the check.
+  WriteFileOrDie(work_.Sub("svc/flake.nix"),
+                 FodFlake(name_, SriOf(lock + "one\n"), "three", "/bin/cat $lock > $out; echo one >> $out"));
+  Build same = Run("a");
+  EXPECT_EQ(same.exit_code, 0) << same.printed;
+}
+
+TEST_F(FodE2eTest, AFodThatDiffersBetweenBuildsIsMarkedNondeterministicAndNeverFailedEarly) {
+  const std::string stamp = "/bin/cat /proc/sys/kernel/random/uuid > $out";
+  WriteFileOrDie(work_.Sub("svc/lock.txt"), "unused\n");
+  WriteFileOrDie(work_.Sub("svc/flake.nix"), FodFlake(name_, kFakeSri, "one", stamp));
+  Build first = Run("a");
+  const std::string got = Mismatch(first).value("got", "");
+  ASSERT_FALSE(got.empty()) << first.printed;
+  WriteFileOrDie(work_.Sub("svc/flake.nix"), FodFlake(name_, got, "one", stamp));
+  // Nix keeps a mismatched output under the hash it really has, so on this
+  // machine the next build would just find it. A worker with a fresh store
+  // would not: delete it, as if the job went to one.
+  ProcessSpec eval;
+  eval.argv = {"nix", "eval", "--raw", "path:" + work_.Sub("svc") + "#default.outPath"};
+  eval.extra_env = testing::NixTestEnv();
+  auto out_path = RunCommand(eval);
+  ASSERT_TRUE(out_path.ok() && out_path->exit.Success()) << (out_path.ok() ? out_path->stderr_data : "");
+  ProcessSpec del;
+  del.argv = {"nix", "store", "delete", out_path->stdout_data};
+  del.extra_env = testing::NixTestEnv();
+  auto deleted = RunCommand(del);
+  ASSERT_TRUE(deleted.ok() && deleted->exit.Success()) << (deleted.ok() ? deleted->stderr_data : "");
+  Build second = Run("b");
+  EXPECT_EQ(second.exit_code, 1) << second.printed;  // Another uuid.
+  EXPECT_EQ(Mismatch(second).value("source", ""), "build");
+
+  bool marked = false;
+  const kiln::v1::ListFodsResponse listed = ListFods();
+  for (const auto& e : listed.entries()) {
+    if (e.name() != name_) continue;
+    marked = e.nondeterministic();
+    EXPECT_EQ(e.hash(), got);
+    EXPECT_FALSE(e.other_hash().empty());
+  }
+  EXPECT_TRUE(marked);
+  // A fake hash of it is not failed from the cache: the FOD runs.
+  WriteFileOrDie(work_.Sub("svc/flake.nix"), FodFlake(name_, kFakeSri, "one", stamp));
+  Build third = Run("a");
+  EXPECT_EQ(Mismatch(third).value("source", ""), "build") << third.printed;
+  EXPECT_TRUE(absl::StrContains(third.printed, "fetching " + name_)) << third.printed;
+}
+
+}  // namespace
+}  // namespace kiln
