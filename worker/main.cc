@@ -117,6 +117,7 @@ int main(int argc, char** argv) {
   // FOD cache, and what builds find is recorded there.
   kiln::GrpcFodOracle fod_oracle(kiln::MakeChannel(options.coordinator), options.name);
   nix.fods = &fod_oracle;
+  nix.scratch_dir = options.work_dir;
 
   // The executor outlives the agent: the agent's Stop() waits for the builds
   // it cancels to report back through it.

@@ -1,5 +1,13 @@
 #include "worker/nix_build_executor.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <filesystem>
 #include <memory>
@@ -63,14 +71,14 @@ struct NixBuildExecutor::Run {
   absl::Time started;
   // Both guarded by the executor's mu_.
   bool cancelled = false;
-  std::optional<ProcessSupervisor::ProcessId> process;
+  std::vector<ProcessSupervisor::ProcessId> processes;  // Running now.
 };
 
 NixBuildExecutor::~NixBuildExecutor() {
   absl::MutexLock lock(&mu_);
   for (auto& [id, run] : runs_) {
     run->cancelled = true;
-    if (run->process) supervisor_.Terminate(*run->process, kCancelGrace);
+    for (ProcessSupervisor::ProcessId p : run->processes) supervisor_.Terminate(p, kCancelGrace);
   }
   mu_.Await(absl::Condition(
       +[](absl::flat_hash_map<BuildId, std::shared_ptr<Run>>* runs) { return runs->empty(); }, &runs_));
@@ -130,7 +138,7 @@ void NixBuildExecutor::Cancel(BuildId id) {
   auto it = runs_.find(id);
   if (it == runs_.end()) return;
   it->second->cancelled = true;
-  if (it->second->process) supervisor_.Terminate(*it->second->process, kCancelGrace);
+  for (ProcessSupervisor::ProcessId p : it->second->processes) supervisor_.Terminate(p, kCancelGrace);
 }
 
 void NixBuildExecutor::Line(Run& run, absl::string_view text) {
@@ -140,49 +148,57 @@ void NixBuildExecutor::Line(Run& run, absl::string_view text) {
   run.on_line(std::move(line));
 }
 
-void NixBuildExecutor::RunNix(Run& run, const std::vector<std::string>& argv, NixRun& out) {
+bool NixBuildExecutor::StartNix(Run& run, const std::vector<std::string>& argv, NixRun& out) {
   ProcessSpec spec;
   spec.argv = argv;
   spec.cwd = run.request.flake_dir;
-  absl::Notification exited;
-  std::deque<std::string> tail;
   // Both callbacks run on the supervisor's thread, the exit one last, while
-  // this thread waits: the references stay valid.
-  auto line_cb = [&run, &out, &tail](absl::string_view raw) {
+  // the build's thread owns `out` and waits for it in WaitNix.
+  auto line_cb = [&run, &out](absl::string_view raw) {
     std::optional<NixLogEvent> event = out.parser.ParseLine(raw);
-    if (!event) return;
+    if (!event || !out.forward_lines.load()) return;
     kiln::v1::LogLine line;
     line.set_derivation(event->derivation);
     line.set_text(event->text);
     *line.mutable_time() = ToProtoTime(absl::Now());
-    tail.push_back(event->text);
-    if (tail.size() > kTailLines) tail.pop_front();
+    out.tail.push_back(event->text);
+    if (out.tail.size() > kTailLines) out.tail.pop_front();
     run.on_line(std::move(line));
   };
-  auto exit_cb = [&out, &exited](ExitInfo exit, std::string stdout_data) {
+  auto exit_cb = [&out](ExitInfo exit, std::string stdout_data) {
     out.exit = exit;
     out.stdout_data = std::move(stdout_data);
-    exited.Notify();
+    out.exited.Notify();
   };
-  {
-    absl::MutexLock lock(&mu_);
-    if (run.cancelled) {
-      out.cancelled = true;
-      return;
-    }
-    absl::StatusOr<ProcessSupervisor::ProcessId> id = supervisor_.Spawn(spec, std::move(line_cb), std::move(exit_cb));
-    if (!id.ok()) {
-      out.exit = ExitInfo{};
-      out.tail_text = absl::StrCat("cannot run ", argv[0], ": ", id.status().message());
-      return;
-    }
-    run.process = *id;
-  }
-  exited.WaitForNotification();
   absl::MutexLock lock(&mu_);
-  run.process.reset();
+  if (run.cancelled) {
+    out.cancelled = true;
+    return false;
+  }
+  absl::StatusOr<ProcessSupervisor::ProcessId> id = supervisor_.Spawn(spec, std::move(line_cb), std::move(exit_cb));
+  if (!id.ok()) {
+    out.exit = ExitInfo{};
+    out.tail_text = absl::StrCat("cannot run ", argv[0], ": ", id.status().message());
+    return false;
+  }
+  out.id = *id;
+  out.started = true;
+  run.processes.push_back(*id);
+  return true;
+}
+
+void NixBuildExecutor::WaitNix(Run& run, NixRun& out) {
+  if (!out.started) return;
+  out.exited.WaitForNotification();
+  out.started = false;
+  absl::MutexLock lock(&mu_);
+  run.processes.erase(std::remove(run.processes.begin(), run.processes.end(), out.id), run.processes.end());
   out.cancelled = run.cancelled;
-  out.tail_text = absl::StrJoin(tail, "\n");
+  out.tail_text = absl::StrJoin(out.tail, "\n");
+}
+
+void NixBuildExecutor::RunNix(Run& run, const std::vector<std::string>& argv, NixRun& out) {
+  if (StartNix(run, argv, out)) WaitNix(run, out);
 }
 
 namespace {
@@ -283,7 +299,40 @@ std::vector<kiln::v1::FodOutcome> HarvestFods(const ClosureIndex& index, const N
   return outcomes;
 }
 
+// Opens the named pipe `fifo` for writing once the waiting `nix build -f`
+// has opened it for reading (before that, opening fails with ENXIO: nothing
+// is lost, as a pipe nobody reads would drop what was written), writes
+// `text` and closes it, which ends the file for Nix.
+absl::Status HandOverText(const std::string& fifo, const absl::Notification& exited, absl::string_view text) {
+  const absl::Time deadline = absl::Now() + absl::Seconds(60);
+  for (;;) {
+    const int fd = ::open(fifo.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd >= 0) {
+      // Shorter than PIPE_BUF into an empty pipe: written whole at once.
+      const ssize_t n = ::write(fd, text.data(), text.size());
+      const int write_errno = errno;
+      ::close(fd);
+      if (n != static_cast<ssize_t>(text.size())) {
+        return absl::InternalError(absl::StrCat("cannot write to ", fifo, ": ", std::strerror(write_errno)));
+      }
+      return absl::OkStatus();
+    }
+    if (errno != ENXIO && errno != EINTR) {
+      return absl::InternalError(absl::StrCat("cannot open ", fifo, ": ", std::strerror(errno)));
+    }
+    if (exited.HasBeenNotified()) return absl::InternalError("nix build ended before it was given the derivation");
+    if (absl::Now() > deadline) return absl::DeadlineExceededError("nix build did not open its input in 60 s");
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+}
+
 }  // namespace
+
+absl::Status NixBuildExecutor::HandOver(const std::string& fifo, NixRun& build, absl::string_view text) {
+  if (!build.started) return absl::InternalError(absl::StrCat("nix build did not start: ", build.tail_text));
+  build.forward_lines.store(true);
+  return HandOverText(fifo, build.exited, text);
+}
 
 void NixBuildExecutor::Execute(const std::shared_ptr<Run>& run) {
   kiln::v1::BuildResult result;
@@ -298,7 +347,34 @@ void NixBuildExecutor::Execute(const std::shared_ptr<Run>& run) {
       }
     }
   } else {
-    BuildWithFodChecks(*run, result);
+    // Step 5's process starts now and waits on a named pipe (see the header).
+    std::string dir = (std::filesystem::path(options_.scratch_dir) / "kiln-build-XXXXXX").string();
+    if (::mkdtemp(dir.data()) == nullptr) {
+      result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
+      result.set_error_message(absl::StrCat("cannot make a directory in ", options_.scratch_dir, ": ",
+                                            std::strerror(errno)));
+    } else {
+      const std::string fifo = dir + "/drv.nix";
+      NixRun build;
+      if (::mkfifo(fifo.c_str(), 0600) != 0) {
+        result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
+        result.set_error_message(absl::StrCat("cannot make ", fifo, ": ", std::strerror(errno)));
+      } else {
+        std::vector<std::string> argv = BuildArgv(run->request);
+        argv.back() = "--keep-going";
+        argv.insert(argv.end(), {"--file", fifo});
+        build.forward_lines.store(false);  // Nothing to show until handed over.
+        StartNix(*run, argv, build);
+        BuildWithFodChecks(*run, build, fifo, result);
+        if (build.started && !build.exited.HasBeenNotified() && build.forward_lines.load() == false) {
+          // Never handed a derivation: it is still waiting on the pipe.
+          supervisor_.Kill(build.id);
+        }
+        WaitNix(*run, build);
+      }
+      std::error_code ec;
+      std::filesystem::remove_all(dir, ec);
+    }
   }
   bool cancelled;
   {
@@ -316,7 +392,8 @@ void NixBuildExecutor::Execute(const std::shared_ptr<Run>& run) {
   runs_.erase(run->id);
 }
 
-void NixBuildExecutor::BuildWithFodChecks(Run& run, kiln::v1::BuildResult& result) {
+void NixBuildExecutor::BuildWithFodChecks(Run& run, NixRun& build, const std::string& fifo,
+                                          kiln::v1::BuildResult& result) {
   FodOracle* const oracle = options_.fods;
   const std::string& job_id = run.request.job_id;
 
@@ -423,12 +500,17 @@ void NixBuildExecutor::BuildWithFodChecks(Run& run, kiln::v1::BuildResult& resul
     if (!check.exit.Success()) return SetFailure(check.exit, check.parser, check.tail_text, result);
   }
 
-  // 5. The build itself, of the .drv evaluated above.
-  NixRun build;
-  std::vector<std::string> argv = BuildArgv(run.request);
-  argv.back() = drv;
-  argv.insert(argv.end() - 1, "--keep-going");
-  RunNix(run, argv, build);
+  // 5. The build itself, of the .drv evaluated above: hand it to the
+  // waiting `nix build`.
+  if (absl::Status s = HandOver(fifo, build, absl::StrCat("import ", drv, "\n")); !s.ok()) {
+    WaitNix(run, build);
+    if (build.cancelled) return;
+    if (!build.exit.Success()) return SetFailure(build.exit, build.parser, build.tail_text, result);
+    result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
+    result.set_error_message(std::string(s.message()));
+    return;
+  }
+  WaitNix(run, build);
   if (build.cancelled) return;
   kiln::v1::BuildResult harvested;
   std::vector<kiln::v1::FodOutcome> outcomes = HarvestFods(index, build.parser, "build", harvested);

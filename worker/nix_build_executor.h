@@ -8,12 +8,19 @@
 //   3. a FOD the cache knows to be declared wrong (fake or stale hash) fails
 //      the build at once, naming the right hash; nothing is built
 //   4. a FOD suspected stale (its hash was computed for older inputs) whose
-//      output this worker holds is rebuilt (`nix build --rebuild`) to verify
-//   5. nix build --keep-going DRV
+//      output this worker held is rebuilt (`nix build --rebuild`) to verify
+//   5. the build of the evaluated .drv, with --keep-going
 //   6. every FOD built, and every hash mismatch Nix reported, is recorded
-// Without one, a build is the single `nix build path:DIR#ATTR`.
+// Nix takes ~20 ms to start (it loads ~60 shared libraries). So that steps 1
+// and 5 do not pay it one after the other, step 5's `nix build -f FIFO` is
+// started with step 1 and waits on a named pipe until it is handed
+// `import /nix/store/….drv` (Nix's own way to turn a .drv into a value), or
+// is stopped when the build ends earlier.
+// Without an oracle, a build is the single `nix build path:DIR#ATTR`.
 #pragma once
 
+#include <atomic>
+#include <deque>
 #include <memory>
 #include <string>
 #include <vector>
@@ -21,6 +28,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "common/nix_log.h"
 #include "common/subprocess.h"
 #include "worker/build_executor.h"
@@ -34,6 +42,8 @@ struct NixOptions {
   std::vector<std::pair<std::string, std::string>> options;
   // The FOD hash cache; nullptr: builds run without FOD checks.
   FodOracle* fods = nullptr;
+  // Where the named pipes of step 5 are made.
+  std::string scratch_dir = "/tmp";
 };
 
 class NixBuildExecutor final : public BuildExecutor {
@@ -52,20 +62,34 @@ class NixBuildExecutor final : public BuildExecutor {
 
  private:
   struct Run;
+  // One Nix process of a build.
   struct NixRun {
     ExitInfo exit;
     std::string stdout_data;
     NixLogParser parser;
     std::string tail_text;  // Its last lines, for failures without an error.
     bool cancelled = false;
+    // While running:
+    bool started = false;
+    ProcessSupervisor::ProcessId id = 0;
+    absl::Notification exited;
+    std::deque<std::string> tail;
+    std::atomic<bool> forward_lines{true};  // Step 5's: only once handed over.
   };
 
   std::vector<std::string> NixArgv(absl::string_view command) const;
-  // Runs one Nix command for `run`, its log going to the build's lines.
+  // Starts one Nix command for `run`, its log going to the build's lines;
+  // false (with `out` saying why) when it did not start.
+  bool StartNix(Run& run, const std::vector<std::string>& argv, NixRun& out) ABSL_LOCKS_EXCLUDED(mu_);
+  // Waits for a started command to end (no-op for one that did not start).
+  void WaitNix(Run& run, NixRun& out) ABSL_LOCKS_EXCLUDED(mu_);
   void RunNix(Run& run, const std::vector<std::string>& argv, NixRun& out) ABSL_LOCKS_EXCLUDED(mu_);
   void Execute(const std::shared_ptr<Run>& run) ABSL_LOCKS_EXCLUDED(mu_);
-  // Steps 1–6 above.
-  void BuildWithFodChecks(Run& run, kiln::v1::BuildResult& result);
+  // Steps 1–6 above; `build` is step 5's process, started already and
+  // waiting on the named pipe `fifo`.
+  void BuildWithFodChecks(Run& run, NixRun& build, const std::string& fifo, kiln::v1::BuildResult& result);
+  // Gives step 5's process its input.
+  absl::Status HandOver(const std::string& fifo, NixRun& build, absl::string_view text);
   void Line(Run& run, absl::string_view text);
 
   const NixOptions options_;
