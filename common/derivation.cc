@@ -219,7 +219,7 @@ absl::StatusOr<std::vector<ClosureFod>> FixedOutputsOfClosure(const std::string&
     if (absl::Status s = ReadWholeFile(path, text); !s.ok()) return s;
     absl::StatusOr<Derivation> drv = ParseDerivation(text);
     if (!drv.ok()) return absl::InvalidArgumentError(absl::StrCat(path, ": ", drv.status().message()));
-    if (std::optional<FixedOutput> fod = GetFixedOutput(*drv)) fods.push_back({path, *std::move(fod)});
+    if (std::optional<FixedOutput> fod = GetFixedOutput(*drv)) fods.push_back({path, *std::move(fod), drv->input_srcs});
     for (const auto& [input, outputs] : drv->input_drvs) {
       if (!seen.insert(input).second) continue;
       if (seen.size() > max_derivations) {

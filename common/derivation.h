@@ -57,6 +57,7 @@ std::optional<FixedOutput> GetFixedOutput(const Derivation& drv);
 struct ClosureFod {
   std::string drv_path;
   FixedOutput fod;
+  std::vector<std::string> input_srcs;
 };
 
 // Reads the .drv file `top_drv` and every .drv it depends on, transitively,

@@ -183,6 +183,10 @@ std::string BuildCoordinator::DedupKey(const kiln::v1::JobSpec& spec) {
                                  spec.attr(), "\x1f", spec.requirements().system(), "\x1f",
                                  absl::StrJoin(features, ","), "\x1f");
   for (const auto& [k, v] : labels) absl::StrAppend(&key, k, "=", v, ",");
+  if (spec.has_fod_task()) {
+    absl::StrAppend(&key, "\x1f", "fod", static_cast<int>(spec.fod_task().mode()), ":",
+                    absl::StrJoin(spec.fod_task().drv_paths(), ","));
+  }
   if (spec.has_push()) {
     absl::StrAppend(&key, "\x1f", spec.push().repository(), "\x1f", absl::StrJoin(spec.push().tags(), ","), "\x1f",
                     static_cast<int>(spec.push().manifest_format()));
@@ -428,7 +432,9 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
     r.set_submitter(request.submitter());
     // The result cache: an identical target built before ends here, as
     // succeeded, with that build's result.
-    if (std::optional<kiln::v1::Digest> subtree = FlakeSubtree(r.spec().source(), lookup); subtree.has_value()) {
+    const bool ordinary_build = r.spec().fod_task().mode() == kiln::v1::FodTask::MODE_BUILD;
+    if (std::optional<kiln::v1::Digest> subtree = FlakeSubtree(r.spec().source(), lookup);
+        subtree.has_value() && ordinary_build) {
       if (r.spec().rebuild()) {
         metrics_->ResultCacheLookups("bypassed").Increment();
       } else if (absl::StatusOr<kiln::state::v1::CachedResult> hit =
@@ -1244,7 +1250,8 @@ void BuildCoordinator::FinishOne(JobEntry& job, JobState state, BuildResult resu
   // computed again rather than kept in every queued job (66 bytes each).
   const BlobLookup none = [](const std::string&) -> const std::string* { return nullptr; };
   std::optional<kiln::v1::Digest> subtree;
-  if (state == kiln::v1::JOB_STATE_SUCCEEDED && !done.result().cached()) {
+  if (state == kiln::v1::JOB_STATE_SUCCEEDED && !done.result().cached() &&
+      done.spec().fod_task().mode() == kiln::v1::FodTask::MODE_BUILD) {
     subtree = FlakeSubtree(done.spec().source(), none);
   }
   if (subtree.has_value()) {

@@ -63,6 +63,26 @@ std::string DescribeMismatch(const kiln::v1::HashMismatch& m, absl::string_view 
 
 }  // namespace
 
+// The FODs of one closure, found by .drv path or (Nix ≤ 2.3 names it in its
+// errors) by output path.
+class ClosureIndex {
+ public:
+  explicit ClosureIndex(const std::vector<ClosureFod>& fods) : fods_(fods) {
+    for (size_t i = 0; i < fods.size(); ++i) {
+      by_path_[fods[i].drv_path] = i;
+      by_path_[fods[i].fod.output_path] = i;
+    }
+  }
+  const ClosureFod* Find(const std::string& path) const {
+    auto it = by_path_.find(path);
+    return it == by_path_.end() ? nullptr : &fods_[it->second];
+  }
+
+ private:
+  const std::vector<ClosureFod>& fods_;
+  absl::flat_hash_map<std::string, size_t> by_path_;
+};
+
 struct NixBuildExecutor::Run {
   BuildId id = 0;
   BuildRequest request;
@@ -239,25 +259,6 @@ kiln::v1::FodRef RefOf(const ClosureFod& c) {
   return ref;
 }
 
-// The FODs of one closure, found by .drv path or (Nix ≤ 2.3 names it in its
-// errors) by output path.
-class ClosureIndex {
- public:
-  explicit ClosureIndex(const std::vector<ClosureFod>& fods) : fods_(fods) {
-    for (size_t i = 0; i < fods.size(); ++i) {
-      by_path_[fods[i].drv_path] = i;
-      by_path_[fods[i].fod.output_path] = i;
-    }
-  }
-  const ClosureFod* Find(const std::string& path) const {
-    auto it = by_path_.find(path);
-    return it == by_path_.end() ? nullptr : &fods_[it->second];
-  }
-
- private:
-  const std::vector<ClosureFod>& fods_;
-  absl::flat_hash_map<std::string, size_t> by_path_;
-};
 
 // What a finished Nix run says about the closure's FODs: a mismatch for each
 // one Nix reported (added to `result`), and an outcome for each one it built
@@ -299,6 +300,59 @@ std::vector<kiln::v1::FodOutcome> HarvestFods(const ClosureIndex& index, const N
   return outcomes;
 }
 
+const char* VerdictName(FodVerdict::Kind kind) {
+  switch (kind) {
+    case FodVerdict::KIND_RIGHT: return "right";
+    case FodVerdict::KIND_WRONG: return "wrong";
+    case FodVerdict::KIND_SUSPECT_STALE: return "suspect";
+    case FodVerdict::KIND_NONDETERMINISTIC: return "nondeterministic";
+    default: return "unknown";
+  }
+}
+
+// A FOD fed a whole flake source tree (`src = ./.`) gets a new key with
+// every edit of the flake: worth telling its author.
+bool TakesWholeFlakeSource(const ClosureFod& fod) {
+  for (const std::string& src : fod.input_srcs) {
+    std::error_code ec;
+    if (absl::EndsWith(src, "-source") && std::filesystem::exists(src + "/flake.nix", ec)) return true;
+  }
+  return false;
+}
+
+kiln::v1::FodReport ReportOf(const ClosureFod& fod) {
+  kiln::v1::FodReport r;
+  r.set_name(fod.fod.name);
+  r.set_drv_path(fod.drv_path);
+  r.set_declared(fod.fod.declared.Sri());
+  r.set_key(fod.fod.key);
+  r.set_whole_source(TakesWholeFlakeSource(fod));
+  return r;
+}
+
+// MODE_SCAN: every FOD of the closure with the cache's verdict.
+void ReportFods(const std::vector<ClosureFod>& fods, const std::vector<FodVerdict>& verdicts,
+                kiln::v1::BuildResult& result) {
+  if (!fods.empty() && verdicts.size() != fods.size()) {
+    result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
+    result.set_error_message("the FOD cache could not be asked");
+    return;
+  }
+  for (size_t i = 0; i < fods.size(); ++i) {
+    kiln::v1::FodReport* r = result.add_fod_reports();
+    *r = ReportOf(fods[i]);
+    const FodVerdict& v = verdicts[i];
+    r->set_verdict(VerdictName(v.kind()));
+    if (v.has_entry()) {
+      r->set_correct(v.entry().hash());
+      r->set_source("cache");
+      r->set_computed_by_job(v.entry().computed_by_job());
+      r->set_computed_by_worker(v.entry().computed_by_worker());
+    }
+  }
+  result.set_code(kiln::v1::RESULT_CODE_SUCCEEDED);
+}
+
 // Opens the named pipe `fifo` for writing once the waiting `nix build -f`
 // has opened it for reading (before that, opening fails with ENXIO: nothing
 // is lost, as a pipe nobody reads would drop what was written), writes
@@ -334,9 +388,70 @@ absl::Status NixBuildExecutor::HandOver(const std::string& fifo, NixRun& build, 
   return HandOverText(fifo, build.exited, text);
 }
 
+void NixBuildExecutor::ComputeFods(Run& run, const std::vector<ClosureFod>& fods, const ClosureIndex& index,
+                                   kiln::v1::BuildResult& result) {
+  // The FODs asked for; those whose output is here are rebuilt (Nix would
+  // otherwise trust them), the others built.
+  std::vector<const ClosureFod*> targets;
+  std::vector<std::string> held, missing;
+  for (const std::string& drv : run.request.spec.fod_task().drv_paths()) {
+    const ClosureFod* fod = index.Find(drv);
+    if (fod == nullptr || fod->drv_path != drv) {
+      result.set_code(kiln::v1::RESULT_CODE_BUILD_FAILED);
+      result.set_error_message(absl::StrCat(drv, " is not a fixed-output derivation of this closure"));
+      return;
+    }
+    targets.push_back(fod);
+    std::error_code ec;
+    (std::filesystem::exists(fod->fod.output_path, ec) ? held : missing).push_back(drv);
+  }
+  std::vector<kiln::v1::FodOutcome> outcomes;
+  kiln::v1::BuildResult found;
+  std::vector<std::string> errors;
+  for (const auto* group : {&held, &missing}) {
+    if (group->empty()) continue;
+    NixRun nix;
+    std::vector<std::string> argv = NixArgv("build");
+    argv.insert(argv.end(), {"--keep-going", "--no-link"});
+    if (group == &held) argv.push_back("--rebuild");
+    argv.insert(argv.end(), group->begin(), group->end());
+    Line(run, absl::StrCat(group == &held ? "rebuilding " : "building ", group->size(),
+                           " fixed-output derivation(s) to compute their hashes"));
+    RunNix(run, argv, nix);
+    if (nix.cancelled) return;
+    std::vector<kiln::v1::FodOutcome> got = HarvestFods(index, nix.parser, "build", found);
+    outcomes.insert(outcomes.end(), got.begin(), got.end());
+    for (const std::string& e : nix.parser.errors()) {
+      if (ParseHashMismatches(e).empty()) errors.push_back(e);
+    }
+  }
+  if (!outcomes.empty()) {
+    if (absl::Status s = options_.fods->Record(outcomes, run.request.job_id); !s.ok()) {
+      Line(run, absl::StrCat("could not record FOD results: ", s.message()));
+    }
+  }
+  bool all = true;
+  for (const ClosureFod* fod : targets) {
+    kiln::v1::FodReport* r = result.add_fod_reports();
+    *r = ReportOf(*fod);
+    for (const auto& o : outcomes) {
+      if (o.fod().drv_path() == fod->drv_path) r->set_correct(o.got());
+    }
+    r->set_verdict(r->correct().empty() ? "failed" : "computed");
+    r->set_source("computed");
+    r->set_computed_by_job(run.request.job_id);
+    all = all && !r->correct().empty();
+  }
+  result.set_code(all ? kiln::v1::RESULT_CODE_SUCCEEDED : kiln::v1::RESULT_CODE_BUILD_FAILED);
+  if (!all) result.set_error_message(errors.empty() ? "a fixed-output derivation failed to build" : absl::StrJoin(errors, "\n"));
+}
+
 void NixBuildExecutor::Execute(const std::shared_ptr<Run>& run) {
   kiln::v1::BuildResult result;
-  if (options_.fods == nullptr) {
+  if (options_.fods == nullptr && run->request.spec.fod_task().mode() != kiln::v1::FodTask::MODE_BUILD) {
+    result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
+    result.set_error_message("this worker has no FOD cache to work with");
+  } else if (options_.fods == nullptr) {
     NixRun build;
     RunNix(*run, BuildArgv(run->request), build);
     if (!build.cancelled) {
@@ -433,6 +548,14 @@ void NixBuildExecutor::BuildWithFodChecks(Run& run, NixRun& build, const std::st
     }
   }
   const ClosureIndex index(fods);
+  switch (run.request.spec.fod_task().mode()) {
+    case kiln::v1::FodTask::MODE_SCAN:
+      return ReportFods(fods, verdicts, result);
+    case kiln::v1::FodTask::MODE_COMPUTE:
+      return ComputeFods(run, fods, index, result);
+    default:
+      break;
+  }
 
   // 3. Hashes the cache knows to be wrong: fail now, build nothing.
   std::vector<size_t> suspects;

@@ -29,12 +29,15 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
+#include "common/derivation.h"
 #include "common/nix_log.h"
 #include "common/subprocess.h"
 #include "worker/build_executor.h"
 #include "worker/fod_oracle.h"
 
 namespace kiln {
+
+class ClosureIndex;  // The FODs of one closure, by path.
 
 struct NixOptions {
   std::string nix_binary = "nix";
@@ -88,6 +91,9 @@ class NixBuildExecutor final : public BuildExecutor {
   // Steps 1–6 above; `build` is step 5's process, started already and
   // waiting on the named pipe `fifo`.
   void BuildWithFodChecks(Run& run, NixRun& build, const std::string& fifo, kiln::v1::BuildResult& result);
+  // FodTask::MODE_COMPUTE: builds the FODs asked for and reports their hashes.
+  void ComputeFods(Run& run, const std::vector<ClosureFod>& fods, const ClosureIndex& index,
+                   kiln::v1::BuildResult& result);
   // Gives step 5's process its input.
   absl::Status HandOver(const std::string& fifo, NixRun& build, absl::string_view text);
   void Line(Run& run, absl::string_view text);
