@@ -65,4 +65,12 @@ int RunCancelCommand(const CliOptions& options, const std::string& id);
 // `kiln workers`, `kiln workers drain NAME`, `kiln workers undrain NAME`.
 int RunWorkersCommand(const CliOptions& options, const std::vector<std::string>& args);
 
+// `kiln fod-hash PATH#ATTR [--write]`: the right hash of every FOD of the
+// closure whose declared hash is fake or stale, from the FOD cache or
+// computed on the farm (one job per FOD); --write edits the .nix files.
+int RunFodHashCommand(const CliOptions& options, const std::vector<std::string>& args, bool write);
+
+// `kiln fod list|show|forget|export|import`: the FOD cache's entries.
+int RunFodCommand(const CliOptions& options, const std::vector<std::string>& args, const std::string& name);
+
 }  // namespace kiln

@@ -30,6 +30,8 @@ ABSL_FLAG(bool, rebuild, false, "build: build again even when an identical targe
 ABSL_FLAG(bool, detach, false, "build: submit, print the job ids and exit without waiting for the builds");
 ABSL_FLAG(std::vector<std::string>, label, {},
           "build: only workers with these labels may take the builds (KEY=VALUE, comma-separated)");
+ABSL_FLAG(bool, write, false, "fod-hash: edit the flake's .nix files where the replacement is unambiguous");
+ABSL_FLAG(std::string, name, "", "fod list|export|forget: only FODs of this derivation name");
 ABSL_FLAG(std::string, priority, "interactive",
           "Priority class of the builds, by the coordinator's names (default names: interactive, ci, batch)");
 
@@ -44,6 +46,8 @@ constexpr char kUsage[] =
     "  kiln [--coordinator=ADDR] cancel JOB|BUILDSET [--json]\n"
     "  kiln [--coordinator=ADDR] workers [--json]\n"
     "  kiln [--coordinator=ADDR] workers drain|undrain NAME\n"
+    "  kiln [--coordinator=ADDR] fod-hash PATH#ATTR [--write] [--json]\n"
+    "  kiln [--coordinator=ADDR] fod list|export [--name=NAME] | show KEY | forget KEY...|--name=NAME | import FILE\n"
     "Exit codes: 0 success, 1 build failed, 2 bad usage or input, 3 coordinator unreachable.";
 }
 
@@ -98,6 +102,10 @@ int main(int argc, char** argv) {
   int code = kiln::kExitUsage;
   if (command == "build") {
     code = kiln::RunBuildCommand(options, args);
+  } else if (command == "fod-hash") {
+    code = kiln::RunFodHashCommand(options, args, absl::GetFlag(FLAGS_write));
+  } else if (command == "fod") {
+    code = kiln::RunFodCommand(options, args, absl::GetFlag(FLAGS_name));
   } else if (command == "workers") {
     code = kiln::RunWorkersCommand(options, args);
   } else if ((command == "status" || command == "cancel") && args.size() == 1) {

@@ -50,7 +50,7 @@ std::string DescribeMismatch(const kiln::v1::HashMismatch& m, absl::string_view 
                                   "  specified: ", m.specified(), "\n",
                                   "  got:       ", m.got(), "\n");
   if (m.source() == "cache") {
-    absl::StrAppend(&text, "  (from Kiln's FOD cache: computed by job ", m.computed_by_job(), " on worker ",
+    absl::StrAppend(&text, "  (from Kiln's FOD cache: computed by job ", m.computed_by_job(), " on ",
                     m.computed_by_worker(), computed_at.empty() ? "" : ", ", computed_at,
                     "; this FOD was not built)\n");
   } else if (m.source() == "check") {
@@ -588,7 +588,10 @@ void NixBuildExecutor::BuildWithFodChecks(Run& run, NixRun& build, const std::st
                            counts[FodVerdict::KIND_UNKNOWN], " unknown"));
   }
   if (!messages.empty()) {
-    for (const std::string& m : messages) Line(run, m);
+    for (const auto& m : result.hash_mismatches()) {
+      Line(run, absl::StrCat("FOD '", m.name(), "' declares ", m.specified(), "; its inputs produce ", m.got(),
+                             " (known from the FOD cache: not built)"));
+    }
     result.set_code(kiln::v1::RESULT_CODE_BUILD_FAILED);
     result.set_error_message(absl::StrJoin(messages, "\n"));
     return;
@@ -615,7 +618,6 @@ void NixBuildExecutor::BuildWithFodChecks(Run& run, NixRun& build, const std::st
     }
     if (result.hash_mismatches_size() > 0) {
       for (const auto& m : result.hash_mismatches()) messages.push_back(DescribeMismatch(m, ""));
-      for (const std::string& m : messages) Line(run, m);
       result.set_code(kiln::v1::RESULT_CODE_BUILD_FAILED);
       result.set_error_message(absl::StrJoin(messages, "\n"));
       return;

@@ -9,6 +9,9 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
+#include <set>
+
 #include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -244,6 +247,116 @@ TEST_F(FodE2eTest, AFodThatDiffersBetweenBuildsIsMarkedNondeterministicAndNeverF
   Build third = Run("a");
   EXPECT_EQ(Mismatch(third).value("source", ""), "build") << third.printed;
   EXPECT_TRUE(absl::StrContains(third.printed, "fetching " + name_)) << third.printed;
+}
+
+// Three FODs, each declared with a fake hash in another spelling, under a
+// package that needs all three.
+std::string ThreeFodFlake(const std::string& n) {
+  const std::string zeros = kFakeSri;
+  return absl::StrReplaceAll(R"({
+  outputs = { self }: let
+    system = "x86_64-linux";
+    bun = derivation {
+      name = "bun-deps-N";
+      inherit system; builder = "/bin/sh"; args = [ "-c" "echo fetching bun; echo bun > $out" ];
+      outputHashMode = "flat"; outputHashAlgo = "sha256";
+      outputHash = "";
+    };
+    go = derivation {
+      name = "go-modules-N";
+      inherit system; builder = "/bin/sh"; args = [ "-c" "echo fetching go; echo go > $out" ];
+      outputHashMode = "flat"; outputHashAlgo = "sha256";
+      outputHash = "ZEROS";
+    };
+    hugo = derivation {
+      name = "hugo-modules-N";
+      inherit system; builder = "/bin/sh"; args = [ "-c" "echo fetching hugo; echo hugo > $out" ];
+      outputHashMode = "flat"; outputHashAlgo = "sha256";
+      outputHash = "";
+    };
+  in {
+    packages.${system}.default = derivation {
+      name = "site-N"; inherit system; builder = "/bin/sh";
+      args = [ "-c" "/bin/cat ${bun} ${go} ${hugo} > $out" ];
+    };
+  };
+})",
+                             {{"-N", "-" + n}, {"ZEROS", zeros}});
+}
+
+TEST_F(FodE2eTest, FodHashComputesEveryFakeHashInOneCommandAndWriteMakesTheFlakeBuild) {
+  const std::string n = name_.substr(5);
+  WriteFileOrDie(work_.Sub("site/flake.nix"), ThreeFodFlake(n));
+  auto r = farm_->Kiln({"fod-hash", work_.Sub("site"), "--json"});
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->exit.exit_code, 1) << r->stderr_data;  // Hashes to change, not written.
+  auto j = nlohmann::json::parse(r->stdout_data, nullptr, false);
+  ASSERT_TRUE(j.is_object()) << r->stdout_data << r->stderr_data;
+  ASSERT_EQ(j["fods"].size(), 3u) << j.dump();
+  std::set<std::string> jobs;
+  for (const auto& f : j["fods"]) {
+    const std::string fod_name = f.value("name", "");
+    const std::string content = fod_name.substr(0, fod_name.find('-'));
+    EXPECT_EQ(f.value("status", ""), "fake") << f.dump();
+    EXPECT_EQ(f.value("correct", ""), SriOf(content + "\n")) << f.dump();
+    EXPECT_EQ(f.value("source", ""), "computed");
+    jobs.insert(f.value("computedByJob", ""));
+  }
+  EXPECT_EQ(jobs.size(), 3u);  // One job per FOD, spread by the scheduler.
+  EXPECT_EQ(j["edits"].size(), 3u) << j.dump();
+  EXPECT_TRUE(j["leftToDo"].empty()) << j.dump();
+
+  // --write: the three edits, then the flake builds.
+  auto written = farm_->Kiln({"fod-hash", work_.Sub("site"), "--write"});
+  ASSERT_TRUE(written.ok());
+  EXPECT_EQ(written->exit.exit_code, 0) << written->stdout_data << written->stderr_data;
+  EXPECT_TRUE(absl::StrContains(written->stdout_data, "edited flake.nix:8:")) << written->stdout_data;
+  EXPECT_TRUE(absl::StrContains(written->stdout_data, "(cached: job")) << written->stdout_data;
+  const std::string flake = testing::ReadFileOrDie(work_.Sub("site/flake.nix"));
+  for (const char* content : {"bun", "go", "hugo"}) {
+    EXPECT_TRUE(absl::StrContains(flake, SriOf(std::string(content) + "\n"))) << flake;
+  }
+  auto built = farm_->Kiln({"build", work_.Sub("site")});
+  ASSERT_TRUE(built.ok());
+  EXPECT_EQ(built->exit.exit_code, 0) << built->stderr_data;
+  auto again = farm_->Kiln({"fod-hash", work_.Sub("site")});
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->exit.exit_code, 0) << again->stdout_data << again->stderr_data;
+  EXPECT_EQ(std::count(again->stdout_data.begin(), again->stdout_data.end(), '\n'), 3) << again->stdout_data;
+  EXPECT_TRUE(absl::StrContains(again->stdout_data, "right")) << again->stdout_data;
+}
+
+TEST_F(FodE2eTest, TheCacheIsListedExportedForgottenAndImported) {
+  const std::string lock = "admin\n";
+  Write(kFakeSri, lock);
+  ASSERT_EQ(Run("a").exit_code, 1);  // Computes and records it.
+  auto listed = farm_->Kiln({"fod", "list", "--name=" + name_});
+  ASSERT_TRUE(listed.ok());
+  EXPECT_EQ(listed->exit.exit_code, 0) << listed->stderr_data;
+  EXPECT_TRUE(absl::StrContains(listed->stdout_data, SriOf(lock + "one\n"))) << listed->stdout_data;
+  const std::string key_prefix = listed->stdout_data.substr(0, 12);
+
+  auto shown = farm_->Kiln({"fod", "show", key_prefix});
+  ASSERT_TRUE(shown.ok());
+  EXPECT_TRUE(absl::StrContains(shown->stdout_data, "worker-1")) << shown->stdout_data;
+
+  auto exported = farm_->Kiln({"fod", "export", "--name=" + name_});
+  ASSERT_TRUE(exported.ok());
+  WriteFileOrDie(work_.Sub("fods.jsonl"), exported->stdout_data);
+  auto forgot = farm_->Kiln({"fod", "forget", key_prefix});
+  ASSERT_TRUE(forgot.ok());
+  EXPECT_TRUE(absl::StrContains(forgot->stdout_data, "forgot 1")) << forgot->stdout_data << forgot->stderr_data;
+  Build unknown = Run("b");  // Not known any more: the FOD runs again.
+  EXPECT_EQ(Mismatch(unknown).value("source", ""), "build") << unknown.printed;
+  auto forgot_again = farm_->Kiln({"fod", "forget", key_prefix});
+  ASSERT_TRUE(forgot_again.ok());
+  ASSERT_EQ(forgot_again->exit.exit_code, 0);
+
+  auto imported = farm_->Kiln({"fod", "import", work_.Sub("fods.jsonl")});
+  ASSERT_TRUE(imported.ok());
+  EXPECT_TRUE(absl::StrContains(imported->stdout_data, "imported 1")) << imported->stdout_data
+                                                                       << imported->stderr_data;
+  EXPECT_EQ(Mismatch(Run("a")).value("source", ""), "cache");
 }
 
 }  // namespace
