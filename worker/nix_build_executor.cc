@@ -580,6 +580,13 @@ void NixBuildExecutor::BuildWithFodChecks(Run& run, NixRun& build, const std::st
       if (std::filesystem::exists(fods[i].fod.output_path, ec)) suspects.push_back(i);
     }
   }
+  for (const ClosureFod& f : fods) {
+    if (TakesWholeFlakeSource(f)) {
+      Line(run, absl::StrCat("note: FOD '", f.fod.name, "' takes the whole flake source as an input: every edit of ",
+                             "the flake changes its inputs and needs its hash computed again; give it only the ",
+                             "files it needs (e.g. the lockfile)"));
+    }
+  }
   if (!verdicts.empty()) {
     Line(run, absl::StrCat(verdicts.size(), " fixed-output derivation(s) checked against the FOD cache: ",
                            counts[FodVerdict::KIND_RIGHT], " right, ", counts[FodVerdict::KIND_WRONG], " wrong, ",

@@ -326,6 +326,34 @@ TEST_F(FodE2eTest, FodHashComputesEveryFakeHashInOneCommandAndWriteMakesTheFlake
   EXPECT_TRUE(absl::StrContains(again->stdout_data, "right")) << again->stdout_data;
 }
 
+TEST_F(FodE2eTest, OneBuildReportsEveryMismatchOfTheClosure) {
+  WriteFileOrDie(work_.Sub("site/flake.nix"), ThreeFodFlake(name_.substr(5) + "kg"));
+  auto r = farm_->Kiln({"build", work_.Sub("site"), "--json"});
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->exit.exit_code, 1);
+  auto j = nlohmann::json::parse(r->stdout_data, nullptr, false);
+  ASSERT_TRUE(j.is_array() && j.size() == 1) << r->stdout_data << r->stderr_data;
+  ASSERT_EQ(j[0]["hashMismatches"].size(), 3u) << j.dump();  // --keep-going: all three in one run.
+  for (const auto& m : j[0]["hashMismatches"]) EXPECT_EQ(m.value("source", ""), "build");
+}
+
+TEST_F(FodE2eTest, AFodFedTheWholeFlakeSourceIsPointedOut) {
+  WriteFileOrDie(work_.Sub("svc/flake.nix"), absl::StrReplaceAll(R"({
+  outputs = { self }: {
+    packages.x86_64-linux.default = derivation {
+      name = "NAME"; system = "x86_64-linux"; builder = "/bin/sh";
+      src = ./.;
+      args = [ "-c" "/bin/cat $src/lock.txt > $out" ];
+      outputHashMode = "flat"; outputHashAlgo = "sha256"; outputHash = "";
+    };
+  };
+})",
+                                                                 {{"NAME", name_}}));
+  WriteFileOrDie(work_.Sub("svc/lock.txt"), "whole\n");
+  Build b = Run("a");
+  EXPECT_TRUE(absl::StrContains(b.printed, "takes the whole flake source as an input")) << b.printed;
+}
+
 TEST_F(FodE2eTest, TheCacheIsListedExportedForgottenAndImported) {
   const std::string lock = "admin\n";
   Write(kFakeSri, lock);
