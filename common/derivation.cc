@@ -154,7 +154,8 @@ absl::StatusOr<Derivation> ParseDerivation(absl::string_view aterm) {
 
 std::optional<FixedOutput> GetFixedOutput(const Derivation& drv) {
   if (drv.outputs.size() != 1) return std::nullopt;
-  const auto& [output_name, out] = *drv.outputs.begin();
+  const std::string& output_name = drv.outputs.begin()->first;
+  const DerivationOutput& out = drv.outputs.begin()->second;
   if (out.hash.empty() || out.hash_algo.empty() || out.path.empty()) return std::nullopt;
 
   FixedOutput fod;

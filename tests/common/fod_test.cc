@@ -118,7 +118,9 @@ TEST(FodKeyTest, AnyInputChangeGivesANewKey) {
   // Field by field on a parsed copy: each input moves the key, the declared
   // hash and output path do not.
   const std::string text = testing::ReadFileOrDie(testing::SourcePath("tests/common/testdata/drv/right.drv"));
-  const Derivation original = *ParseDerivation(text);
+  absl::StatusOr<Derivation> parsed = ParseDerivation(text);
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  const Derivation original = *parsed;
   const auto key_of = [](const Derivation& d) { return GetFixedOutput(d)->key; };
   Derivation d = original;
   d.system = "aarch64-linux";

@@ -150,6 +150,13 @@ TEST_F(FodE2eTest, AFakeHashIsComputedOnceThenCaughtEverywhereBeforeTheFodRuns) 
   Build after_restart = Run("a");
   EXPECT_EQ(Mismatch(after_restart).value("source", ""), "cache") << after_restart.printed;
 
+  // A new lockfile under the fake hash: new inputs, a new key, computed again.
+  Write(kFakeSri, "left-pad@2.0.0\n");
+  Build relocked = Run("b");
+  EXPECT_TRUE(absl::StrContains(relocked.printed, "fetching " + name_)) << relocked.printed;
+  EXPECT_EQ(Mismatch(relocked).value("source", ""), "build") << relocked.entry.dump();
+  EXPECT_EQ(Mismatch(relocked).value("got", ""), SriOf("left-pad@2.0.0\none\n"));
+
   // With the right hash it builds.
   Write(right, lock);
   Build fixed = Run("b");
