@@ -78,6 +78,16 @@ class ATermReader {
     Expect("]");
   }
 
+  // ("key",value) with `value` reading what follows the key.
+  template <typename F>
+  void KeyedTuple(F value) {
+    Expect("(");
+    std::string key = String();
+    Expect(",");
+    value(std::move(key));
+    Expect(")");
+  }
+
   std::vector<std::string> Strings() {
     std::vector<std::string> out;
     List([&] { out.push_back(String()); });
@@ -107,26 +117,18 @@ absl::StatusOr<Derivation> ParseDerivation(absl::string_view aterm) {
   Derivation drv;
   r.Expect("Derive(");
   r.List([&] {
-    r.Expect("(");
-    std::string name = r.String();
-    DerivationOutput out;
-    r.Expect(",");
-    out.path = r.String();
-    r.Expect(",");
-    out.hash_algo = r.String();
-    r.Expect(",");
-    out.hash = r.String();
-    r.Expect(")");
-    drv.outputs[std::move(name)] = std::move(out);
+    r.KeyedTuple([&](std::string name) {
+      DerivationOutput out;
+      out.path = r.String();
+      r.Expect(",");
+      out.hash_algo = r.String();
+      r.Expect(",");
+      out.hash = r.String();
+      drv.outputs[std::move(name)] = std::move(out);
+    });
   });
   r.Expect(",");
-  r.List([&] {
-    r.Expect("(");
-    std::string path = r.String();
-    r.Expect(",");
-    drv.input_drvs[std::move(path)] = r.Strings();
-    r.Expect(")");
-  });
+  r.List([&] { r.KeyedTuple([&](std::string path) { drv.input_drvs[std::move(path)] = r.Strings(); }); });
   r.Expect(",");
   drv.input_srcs = r.Strings();
   r.Expect(",");
@@ -136,13 +138,7 @@ absl::StatusOr<Derivation> ParseDerivation(absl::string_view aterm) {
   r.Expect(",");
   drv.args = r.Strings();
   r.Expect(",");
-  r.List([&] {
-    r.Expect("(");
-    std::string name = r.String();
-    r.Expect(",");
-    drv.env[std::move(name)] = r.String();
-    r.Expect(")");
-  });
+  r.List([&] { r.KeyedTuple([&](std::string name) { drv.env[std::move(name)] = r.String(); }); });
   r.Expect(")");
   if (r.ok() && !r.AtEnd()) r.Fail("trailing text");
   if (!r.ok()) {

@@ -42,6 +42,13 @@ std::string FodCache::NameKey(const std::string& name, const std::string& hash) 
   return absl::StrCat(name, std::string(1, '\0'), hash);
 }
 
+absl::Status FodCache::Write(rocksdb::WriteBatch& batch) {
+  rocksdb::WriteOptions options;
+  options.sync = sync_;
+  rocksdb::Status s = db_->Write(options, &batch);
+  return s.ok() ? absl::OkStatus() : FromRocks(s, "write");
+}
+
 absl::StatusOr<bool> FodCache::Get(const std::string& key, FodEntry* entry) const {
   std::string value;
   rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), entries_, key, &value);
@@ -90,9 +97,7 @@ absl::StatusOr<std::vector<FodVerdict>> FodCache::Check(const std::vector<kiln::
     v.set_kind(FodVerdict::KIND_UNKNOWN);
   }
   if (hits.Count() > 0) {
-    rocksdb::WriteOptions options;
-    options.sync = sync_;
-    if (rocksdb::Status s = db_->Write(options, &hits); !s.ok()) return FromRocks(s, "write");
+    if (absl::Status s = Write(hits); !s.ok()) return s;
   }
   return verdicts;
 }
@@ -142,9 +147,7 @@ absl::StatusOr<std::vector<std::string>> FodCache::Record(const std::vector<kiln
     batch.Put(names_, NameKey(fod.name(), outcome.got()), fod.key());
   }
   for (const auto& [key, entry] : touched) batch.Put(entries_, key, entry.SerializeAsString());
-  rocksdb::WriteOptions options;
-  options.sync = sync_;
-  if (rocksdb::Status s = db_->Write(options, &batch); !s.ok()) return FromRocks(s, "write");
+  if (absl::Status s = Write(batch); !s.ok()) return s;
   return nondeterministic;
 }
 
@@ -195,9 +198,7 @@ absl::StatusOr<uint32_t> FodCache::Forget(const std::vector<std::string>& key_pr
       }
     }
   }
-  rocksdb::WriteOptions options;
-  options.sync = sync_;
-  if (rocksdb::Status s = db_->Write(options, &batch); !s.ok()) return FromRocks(s, "write");
+  if (absl::Status s = Write(batch); !s.ok()) return s;
   return static_cast<uint32_t>(doomed.size());
 }
 
@@ -237,9 +238,7 @@ absl::StatusOr<kiln::v1::ImportFodsResponse> FodCache::Import(const std::vector<
     batch.Put(names_, NameKey(incoming.name(), incoming.hash()), incoming.key());
   }
   for (const auto& [key, entry] : touched) batch.Put(entries_, key, entry.SerializeAsString());
-  rocksdb::WriteOptions options;
-  options.sync = sync_;
-  if (rocksdb::Status s = db_->Write(options, &batch); !s.ok()) return FromRocks(s, "write");
+  if (absl::Status s = Write(batch); !s.ok()) return s;
   return response;
 }
 

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include <rocksdb/db.h>
+#include <rocksdb/write_batch.h>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
@@ -54,6 +55,7 @@ class FodCache {
 
  private:
   absl::StatusOr<bool> Get(const std::string& key, kiln::v1::FodEntry* entry) const;
+  absl::Status Write(rocksdb::WriteBatch& batch);
   static std::string NameKey(const std::string& name, const std::string& hash);
 
   rocksdb::DB* const db_;
