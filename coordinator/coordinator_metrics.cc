@@ -95,7 +95,7 @@ CoordinatorMetrics::CoordinatorMetrics(std::shared_ptr<prometheus::Registry> reg
   for (auto r : {"worker_lost", "lease_expired", "infra_error"}) Requeues(r);
   for (auto s : {"connected", "draining", "disconnected"}) Workers(s);
   for (auto r : {"hit", "miss", "bypassed"}) ResultCacheLookups(r);
-  for (auto r : {"hit", "caught", "suspect", "nondeterministic", "miss"}) FodLookups(r);
+  for (auto r : {"hit", "stale_caught", "suspect", "nondeterministic", "miss"}) FodLookups(r);
 }
 
 prometheus::Gauge& CoordinatorMetrics::JobsQueued(absl::string_view priority, absl::string_view system) {

@@ -56,7 +56,7 @@ class CoordinatorMetrics {
   prometheus::Gauge& Workers(absl::string_view state);
   // result: hit, miss, bypassed (--rebuild).
   prometheus::Counter& ResultCacheLookups(absl::string_view result);
-  // result: hit (declared hash right), caught (declared hash fake or
+  // result: hit (declared hash right), stale_caught (declared hash fake or
   // stale, the right one known), suspect (unknown inputs, hash computed for
   // older ones), nondeterministic, miss.
   prometheus::Counter& FodLookups(absl::string_view result);

@@ -30,7 +30,7 @@ grpc::Status FodServiceImpl::CheckFods(grpc::ServerContext*, const kiln::v1::Che
     switch (v.kind()) {
       case FodVerdict::KIND_RIGHT: metrics_->FodLookups("hit").Increment(); break;
       case FodVerdict::KIND_WRONG:
-        metrics_->FodLookups("caught").Increment();
+        metrics_->FodLookups("stale_caught").Increment();
         metrics_->fod_builds_avoided.Increment();
         metrics_->fod_build_seconds_saved.Increment(v.entry().build_seconds());
         break;

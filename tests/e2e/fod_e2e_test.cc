@@ -164,7 +164,7 @@ TEST_F(FodE2eTest, AFakeHashIsComputedOnceThenCaughtEverywhereBeforeTheFodRuns) 
 
   auto metrics = testing::ScrapeMetrics(farm_->coordinator_metrics());
   ASSERT_TRUE(metrics.ok());
-  EXPECT_TRUE(absl::StrContains(*metrics, "kiln_fod_lookups_total{result=\"caught\"} 1")) << *metrics;
+  EXPECT_TRUE(absl::StrContains(*metrics, "kiln_fod_lookups_total{result=\"stale_caught\"} 1")) << *metrics;
   EXPECT_TRUE(absl::StrContains(*metrics, "kiln_fod_builds_avoided_total 1")) << *metrics;
 }
 
