@@ -522,7 +522,11 @@ void NixBuildExecutor::BuildWithFodChecks(Run& run, NixRun& build, const std::st
   if (!eval.exit.Success()) return SetFailure(eval.exit, eval.parser, eval.tail_text, result);
   std::vector<absl::string_view> printed = absl::StrSplit(eval.stdout_data, '\n', absl::SkipWhitespace());
   const std::string drv = printed.empty() ? "" : std::string(absl::StripAsciiWhitespace(printed.back()));
-  if (!absl::StartsWith(drv, "/") || !absl::EndsWith(drv, ".drv")) {
+  // It becomes part of a Nix expression (`import DRV`): a store path only.
+  const bool plain_path = std::all_of(drv.begin(), drv.end(), [](char c) {
+    return absl::ascii_isalnum(c) || (c != '\0' && std::strchr("/+._?=-", c) != nullptr);
+  });
+  if (!absl::StartsWith(drv, "/") || !absl::EndsWith(drv, ".drv") || !plain_path) {
     result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
     result.set_error_message(absl::StrCat("nix path-info --derivation printed no derivation: '",
                                           eval.stdout_data.substr(0, 200), "'"));
