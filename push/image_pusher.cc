@@ -1,0 +1,237 @@
+#include "push/image_pusher.h"
+
+#include <unistd.h>
+#include <zlib.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/cleanup/cleanup.h"
+#include "absl/strings/str_cat.h"
+#include "common/digest.h"
+#include "common/net.h"
+#include "common/source_tree.h"
+#include "push/docker_archive.h"
+
+namespace kiln {
+namespace {
+
+constexpr char kManifestType[] = "application/vnd.docker.distribution.manifest.v2+json";
+constexpr char kConfigType[] = "application/vnd.docker.container.image.v1+json";
+constexpr char kLayerType[] = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+
+// gzip into a scratch file, hashing what is written.
+class GzipFile {
+ public:
+  absl::Status Open(const std::string& path, int level) {
+    path_ = path;
+    out_ = std::fopen(path.c_str(), "wb");
+    if (out_ == nullptr) return absl::InternalError(absl::StrCat("cannot create ", path));
+    // 15 + 16: a gzip wrapper; zlib writes its header with no name and mtime 0.
+    if (deflateInit2(&z_, level, Z_DEFLATED, 15 + 16, 8, Z_DEFAULT_STRATEGY) != Z_OK) {
+      return absl::InternalError("zlib: deflateInit2 failed");
+    }
+    open_ = true;
+    return absl::OkStatus();
+  }
+  absl::Status Write(absl::string_view data, bool finish) {
+    z_.next_in = reinterpret_cast<Bytef*>(const_cast<char*>(data.data()));
+    z_.avail_in = static_cast<uInt>(data.size());
+    unsigned char buf[1 << 16];
+    int r;
+    do {
+      z_.next_out = buf;
+      z_.avail_out = sizeof buf;
+      r = deflate(&z_, finish ? Z_FINISH : Z_NO_FLUSH);
+      if (r == Z_STREAM_ERROR) return absl::InternalError("zlib: deflate failed");
+      const size_t n = sizeof buf - z_.avail_out;
+      if (n > 0) {
+        if (std::fwrite(buf, 1, n, out_) != n) return absl::InternalError(absl::StrCat("cannot write ", path_));
+        hash_.Update(absl::string_view(reinterpret_cast<char*>(buf), n));
+        size_ += n;
+      }
+    } while (z_.avail_out == 0 || (finish && r != Z_STREAM_END));
+    return absl::OkStatus();
+  }
+  absl::StatusOr<PushedBlob> Finish() {
+    if (absl::Status s = Write("", true); !s.ok()) return s;
+    Close();
+    return PushedBlob{absl::StrCat("sha256:", hash_.FinishHex()), size_, false};
+  }
+  ~GzipFile() { Close(); }
+
+ private:
+  void Close() {
+    if (open_) deflateEnd(&z_);
+    open_ = false;
+    if (out_ != nullptr) std::fclose(out_);
+    out_ = nullptr;
+  }
+  std::string path_;
+  std::FILE* out_ = nullptr;
+  z_stream z_{};
+  bool open_ = false;
+  Sha256 hash_;
+  uint64_t size_ = 0;
+};
+
+}  // namespace
+
+LayerCache::LayerCache(std::string path) : path_(std::move(path)) {
+  if (path_.empty()) return;
+  std::string text;
+  if (!ReadWholeFile(path_, text).ok()) return;
+  nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
+  if (!j.is_object()) return;  // A cache: a bad file only costs time.
+  absl::MutexLock lock(&mu_);
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    if (it.value().is_object()) {
+      entries_[it.key()] = Entry{it.value().value("digest", ""), it.value().value("size", uint64_t{0})};
+    }
+  }
+}
+
+bool LayerCache::Find(const std::string& diff_id, int level, Entry* entry) const {
+  absl::MutexLock lock(&mu_);
+  auto it = entries_.find(absl::StrCat(level, ":", diff_id));
+  if (it == entries_.end() || it->second.digest.empty()) return false;
+  *entry = it->second;
+  return true;
+}
+
+void LayerCache::Put(const std::string& diff_id, int level, Entry entry) {
+  absl::MutexLock lock(&mu_);
+  entries_[absl::StrCat(level, ":", diff_id)] = std::move(entry);
+}
+
+absl::Status LayerCache::Save() const {
+  if (path_.empty()) return absl::OkStatus();
+  nlohmann::json j = nlohmann::json::object();
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [k, e] : entries_) j[k] = {{"digest", e.digest}, {"size", e.size}};
+  }
+  return WriteFileAtomically(path_, j.dump() + "\n");
+}
+
+absl::StatusOr<PushReport> PushDockerArchive(const std::string& archive, const ImageRef& ref,
+                                             std::vector<std::string> tags, RegistryClient& client,
+                                             const PushOptions& options) {
+  if (tags.empty() && !ref.tag.empty()) tags.push_back(ref.tag);
+  if (tags.empty()) return absl::InvalidArgumentError(absl::StrCat(ref.ToString(), ": no tag to push"));
+  absl::StatusOr<DockerArchive> image = ReadDockerArchive(archive);
+  if (!image.ok()) return image.status();
+  PushReport report;
+  report.tags = tags;
+  const std::string& repo = ref.repository;
+
+  // Which layers the registry already has, for those whose compressed
+  // digest is known.
+  report.layers.resize(image->layers.size());
+  std::vector<bool> compress(image->layers.size(), true);
+  for (size_t i = 0; i < image->layers.size(); ++i) {
+    LayerCache::Entry cached;
+    if (options.cache == nullptr || !options.cache->Find(image->layers[i].diff_id, options.gzip_level, &cached)) {
+      continue;
+    }
+    absl::StatusOr<bool> has = client.HasBlob(repo, cached.digest);
+    if (!has.ok()) return has.status();
+    report.layers[i] = PushedBlob{cached.digest, cached.size, *has};
+    compress[i] = !*has;
+  }
+
+  // The others: compressed to scratch files in one pass over the archive,
+  // then sent unless the registry has them.
+  std::error_code ec;
+  const std::string scratch =
+      (std::filesystem::path(options.scratch_dir) / absl::StrCat("kiln-push-", ::getpid(), "-", Sha256Hex(archive).substr(0, 8)))
+          .string();
+  std::filesystem::create_directories(scratch, ec);
+  if (ec) return absl::InternalError(absl::StrCat("cannot create ", scratch, ": ", ec.message()));
+  absl::Cleanup remove_scratch = [&scratch] {
+    std::error_code ignored;
+    std::filesystem::remove_all(scratch, ignored);
+  };
+  std::map<size_t, std::unique_ptr<GzipFile>> open;
+  const auto file_of = [&scratch](size_t i) { return absl::StrCat(scratch, "/layer-", i, ".gz"); };
+  absl::Status streamed = StreamLayers(
+      archive, *image, [&](size_t i) { return compress[i]; },
+      [&](size_t i, absl::string_view data) -> absl::Status {
+        auto& gz = open[i];
+        if (!gz) {
+          gz = std::make_unique<GzipFile>();
+          if (absl::Status s = gz->Open(file_of(i), options.gzip_level); !s.ok()) return s;
+        }
+        return gz->Write(data, false);
+      },
+      [&](size_t i) -> absl::Status {
+        auto& gz = open[i];
+        if (!gz) {  // An empty layer.
+          gz = std::make_unique<GzipFile>();
+          if (absl::Status s = gz->Open(file_of(i), options.gzip_level); !s.ok()) return s;
+        }
+        absl::StatusOr<PushedBlob> blob = gz->Finish();
+        gz.reset();
+        if (!blob.ok()) return blob.status();
+        if (options.cache != nullptr) options.cache->Put(image->layers[i].diff_id, options.gzip_level, {blob->digest, blob->size});
+        absl::StatusOr<bool> has = client.HasBlob(repo, blob->digest);
+        if (!has.ok()) return has.status();
+        blob->skipped = *has;
+        if (!*has) {
+          BlobSource source{.file = file_of(i), .data = "", .size = blob->size};
+          if (absl::Status s = client.UploadBlob(repo, blob->digest, source); !s.ok()) return s;
+          report.bytes_uploaded += blob->size;
+        }
+        std::filesystem::remove(file_of(i), ec);
+        report.layers[i] = *blob;
+        return absl::OkStatus();
+      });
+  if (!streamed.ok()) return streamed;
+  // A layer listed twice is read once: the copies share its blob.
+  for (size_t i = 0; i < image->layers.size(); ++i) {
+    if (!report.layers[i].digest.empty()) continue;
+    for (size_t j = 0; j < i; ++j) {
+      if (image->layers[j].path == image->layers[i].path) report.layers[i] = report.layers[j];
+    }
+  }
+  if (options.cache != nullptr) options.cache->Save().IgnoreError();
+
+  // The config, then the manifest under every tag.
+  report.config = PushedBlob{absl::StrCat("sha256:", Sha256Hex(image->config)), image->config.size(), false};
+  absl::StatusOr<bool> has_config = client.HasBlob(repo, report.config.digest);
+  if (!has_config.ok()) return has_config.status();
+  report.config.skipped = *has_config;
+  if (!*has_config) {
+    BlobSource source{.file = "", .data = image->config, .size = image->config.size()};
+    if (absl::Status s = client.UploadBlob(repo, report.config.digest, source); !s.ok()) return s;
+    report.bytes_uploaded += image->config.size();
+  }
+  nlohmann::json manifest = {
+      {"schemaVersion", 2},
+      {"mediaType", kManifestType},
+      {"config", {{"mediaType", kConfigType}, {"size", report.config.size}, {"digest", report.config.digest}}},
+      {"layers", nlohmann::json::array()},
+  };
+  for (const PushedBlob& l : report.layers) {
+    manifest["layers"].push_back({{"mediaType", kLayerType}, {"size", l.size}, {"digest", l.digest}});
+  }
+  const std::string body = manifest.dump(3);
+  report.manifest_size = body.size();
+  const std::string expected = absl::StrCat("sha256:", Sha256Hex(body));
+  for (const std::string& tag : tags) {
+    absl::StatusOr<std::string> digest = client.PutManifest(repo, tag, kManifestType, body);
+    if (!digest.ok()) return digest.status();
+    if (!digest->empty() && *digest != expected) {
+      return absl::DataLossError(absl::StrCat("registry ", ref.registry, " stored the manifest as ", *digest,
+                                              ", expected ", expected));
+    }
+  }
+  report.manifest_digest = expected;
+  return report;
+}
+
+}  // namespace kiln

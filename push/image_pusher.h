@@ -1,0 +1,69 @@
+// ImagePusher: a docker-archive to a registry, as Docker v2 schema 2.
+//
+// Layers leave gzip-compressed (zlib, no timestamp in the header, so the
+// same layer always compresses to the same bytes and digest), their digest
+// and size computed while they are written to a scratch file. A LayerCache
+// remembers each layer's compressed digest by its uncompressed one
+// (diff_id): an unchanged layer of a later push costs one HEAD, not a
+// recompression. Every blob the registry already has is skipped.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "push/registry_client.h"
+
+namespace kiln {
+
+// diff_id -> compressed digest and size, kept in a JSON file. Thread-safe.
+class LayerCache {
+ public:
+  struct Entry {
+    std::string digest;
+    uint64_t size = 0;
+  };
+  // `path` empty: in memory only.
+  explicit LayerCache(std::string path);
+  bool Find(const std::string& diff_id, int level, Entry* entry) const ABSL_LOCKS_EXCLUDED(mu_);
+  void Put(const std::string& diff_id, int level, Entry entry) ABSL_LOCKS_EXCLUDED(mu_);
+  absl::Status Save() const ABSL_LOCKS_EXCLUDED(mu_);
+
+ private:
+  const std::string path_;
+  mutable absl::Mutex mu_;
+  std::map<std::string, Entry> entries_ ABSL_GUARDED_BY(mu_);  // "level:diff_id"
+};
+
+struct PushOptions {
+  int gzip_level = 6;
+  std::string scratch_dir = "/tmp";
+  LayerCache* cache = nullptr;  // Optional.
+};
+
+struct PushedBlob {
+  std::string digest;
+  uint64_t size = 0;
+  bool skipped = false;  // The registry had it.
+};
+
+struct PushReport {
+  std::string manifest_digest;
+  uint64_t manifest_size = 0;
+  PushedBlob config;
+  std::vector<PushedBlob> layers;
+  std::vector<std::string> tags;
+  uint64_t bytes_uploaded = 0;
+};
+
+// Pushes the docker-archive at `archive` to `ref.repository` under each of
+// `tags` (ref.tag when empty).
+absl::StatusOr<PushReport> PushDockerArchive(const std::string& archive, const ImageRef& ref,
+                                             std::vector<std::string> tags, RegistryClient& client,
+                                             const PushOptions& options);
+
+}  // namespace kiln

@@ -1,0 +1,478 @@
+#include "push/registry_client.h"
+
+#include <curl/curl.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <random>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "absl/time/clock.h"
+
+namespace kiln {
+namespace {
+
+constexpr size_t kMaxResponseBody = 1 << 20;
+
+void GlobalInit() {
+  static std::once_flag once;
+  std::call_once(once, [] { curl_global_init(CURL_GLOBAL_DEFAULT); });
+}
+
+std::string UrlEncode(const std::string& s) {
+  std::string out;
+  for (unsigned char c : s) {
+    if (absl::ascii_isalnum(c) || c == '-' || c == '_' || c == '.' || c == '~') {
+      out.push_back(static_cast<char>(c));
+    } else {
+      out += absl::StrFormat("%%%02X", c);
+    }
+  }
+  return out;
+}
+
+// `key="value",key2="value2"` after the scheme of a WWW-Authenticate header.
+std::map<std::string, std::string> AuthParams(absl::string_view s) {
+  std::map<std::string, std::string> out;
+  while (!s.empty()) {
+    s = absl::StripLeadingAsciiWhitespace(s);
+    const size_t eq = s.find('=');
+    if (eq == absl::string_view::npos) break;
+    std::string key = absl::AsciiStrToLower(absl::StripAsciiWhitespace(s.substr(0, eq)));
+    s.remove_prefix(eq + 1);
+    std::string value;
+    if (absl::ConsumePrefix(&s, "\"")) {
+      const size_t end = s.find('"');
+      value = std::string(s.substr(0, end));
+      s.remove_prefix(end == absl::string_view::npos ? s.size() : end + 1);
+    } else {
+      const size_t end = s.find(',');
+      value = std::string(absl::StripAsciiWhitespace(s.substr(0, end)));
+      s.remove_prefix(end == absl::string_view::npos ? s.size() : end);
+    }
+    out[key] = value;
+    absl::ConsumePrefix(&s, ",");
+  }
+  return out;
+}
+
+struct Response {
+  long status = 0;
+  std::map<std::string, std::string> headers;  // Lower-case names.
+  std::string body;
+  std::string Header(const std::string& name) const {
+    auto it = headers.find(name);
+    return it == headers.end() ? "" : it->second;
+  }
+};
+
+struct Request {
+  std::string method;  // GET HEAD POST PUT PATCH
+  std::string url;
+  std::vector<std::string> headers;
+  const BlobSource* body = nullptr;  // For PUT and PATCH.
+  uint64_t offset = 0;
+  uint64_t length = 0;
+  std::string what;  // For errors: "PUT manifest repo:tag".
+  bool send_credentials = true;  // False for the token realm's redirects.
+};
+
+// Feeds a BlobSource range to libcurl.
+struct BodyReader {
+  const BlobSource* blob = nullptr;
+  uint64_t pos = 0;
+  uint64_t end = 0;
+  int fd = -1;
+  std::string error;
+  static size_t Read(char* out, size_t size, size_t n, void* self_ptr) {
+    auto* self = static_cast<BodyReader*>(self_ptr);
+    const size_t want = static_cast<size_t>(std::min<uint64_t>(size * n, self->end - self->pos));
+    if (want == 0) return 0;
+    if (self->blob->file.empty()) {
+      std::memcpy(out, self->blob->data.data() + self->pos, want);
+      self->pos += want;
+      return want;
+    }
+    const ssize_t got = ::pread(self->fd, out, want, static_cast<off_t>(self->pos));
+    if (got <= 0) {
+      self->error = got < 0 ? std::strerror(errno) : "file shorter than expected";
+      return CURL_READFUNC_ABORT;
+    }
+    self->pos += static_cast<uint64_t>(got);
+    return static_cast<size_t>(got);
+  }
+};
+
+size_t CollectBody(char* data, size_t size, size_t n, void* self) {
+  auto* body = static_cast<std::string*>(self);
+  const size_t len = size * n;
+  if (body->size() < kMaxResponseBody) body->append(data, std::min(len, kMaxResponseBody - body->size()));
+  return len;
+}
+
+size_t CollectHeader(char* data, size_t size, size_t n, void* self) {
+  auto* headers = static_cast<std::map<std::string, std::string>*>(self);
+  absl::string_view line(data, size * n);
+  const size_t colon = line.find(':');
+  if (colon != absl::string_view::npos) {
+    (*headers)[absl::AsciiStrToLower(absl::StripAsciiWhitespace(line.substr(0, colon)))] =
+        std::string(absl::StripAsciiWhitespace(line.substr(colon + 1)));
+  }
+  return size * n;
+}
+
+// "UNAUTHORIZED: authentication required" from the registry's error body.
+std::string RegistryErrors(const std::string& body) {
+  nlohmann::json j = nlohmann::json::parse(body, nullptr, false);
+  if (!j.is_object() || !j.contains("errors") || !j["errors"].is_array()) return "";
+  std::vector<std::string> parts;
+  for (const auto& e : j["errors"]) {
+    if (!e.is_object()) continue;
+    parts.push_back(absl::StrCat(e.value("code", "UNKNOWN"), ": ", e.value("message", "")));
+  }
+  return absl::StrJoin(parts, "; ");
+}
+
+absl::StatusCode CodeFor(long status) {
+  switch (status) {
+    case 400: return absl::StatusCode::kInvalidArgument;
+    case 401: return absl::StatusCode::kUnauthenticated;
+    case 403: return absl::StatusCode::kPermissionDenied;
+    case 404: return absl::StatusCode::kNotFound;
+    case 429: return absl::StatusCode::kResourceExhausted;
+    default: return status >= 500 ? absl::StatusCode::kUnavailable : absl::StatusCode::kUnknown;
+  }
+}
+
+}  // namespace
+
+std::string ImageRef::ToString() const {
+  return absl::StrCat(registry, "/", repository, tag.empty() ? "" : ":", tag);
+}
+
+absl::StatusOr<ImageRef> ParseImageRef(const std::string& text) {
+  const size_t slash = text.find('/');
+  if (slash == std::string::npos || slash == 0) {
+    return absl::InvalidArgumentError(absl::StrCat("'", text, "' does not name a registry (host/repository:tag)"));
+  }
+  ImageRef ref;
+  ref.registry = text.substr(0, slash);
+  std::string rest = text.substr(slash + 1);
+  if (rest.find('@') != std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat("'", text, "': push to a tag, not a digest"));
+  }
+  const size_t colon = rest.rfind(':');
+  if (colon != std::string::npos) {
+    ref.tag = rest.substr(colon + 1);
+    rest = rest.substr(0, colon);
+  }
+  ref.repository = rest;
+  const auto valid_repo = [](const std::string& r) {
+    if (r.empty() || r.front() == '/' || r.back() == '/') return false;
+    for (char c : r) {
+      if (!(absl::ascii_islower(c) || absl::ascii_isdigit(c) || c == '/' || c == '.' || c == '_' || c == '-')) {
+        return false;
+      }
+    }
+    return true;
+  };
+  if (!valid_repo(ref.repository)) {
+    return absl::InvalidArgumentError(absl::StrCat("'", text, "': '", ref.repository,
+                                                   "' is not a repository name (lower-case, digits, . _ - /)"));
+  }
+  for (char c : ref.tag) {
+    if (!(absl::ascii_isalnum(c) || c == '_' || c == '.' || c == '-')) {
+      return absl::InvalidArgumentError(absl::StrCat("'", text, "': '", ref.tag, "' is not a tag"));
+    }
+  }
+  if (ref.tag.size() > 128) return absl::InvalidArgumentError(absl::StrCat("'", text, "': the tag is too long"));
+  return ref;
+}
+
+struct HttpRegistryClient::Impl {
+  std::string registry;
+  RegistryOptions options;
+  CURL* curl = nullptr;
+  std::string bearer;  // The token the registry's realm issued, if any.
+  bool basic = false;  // The registry asked for Basic credentials.
+  std::map<std::string, int> counts;
+  std::mt19937 rng{std::random_device{}()};
+
+  std::string Base() const { return absl::StrCat(options.plain_http ? "http://" : "https://", registry); }
+  std::string Resolve(const std::string& location) const {
+    if (absl::StartsWith(location, "http://") || absl::StartsWith(location, "https://")) return location;
+    return Base() + (absl::StartsWith(location, "/") ? "" : "/") + location;
+  }
+
+  // One HTTP exchange; a transport failure is Unavailable.
+  absl::StatusOr<Response> Perform(const Request& r, const std::string& authorization) {
+    Response response;
+    BodyReader reader;
+    curl_easy_reset(curl);
+    curl_easy_setopt(curl, CURLOPT_URL, r.url.c_str());
+    curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT, 20L);
+    curl_easy_setopt(curl, CURLOPT_LOW_SPEED_LIMIT, 1L);  // Abort after 60 s without progress.
+    curl_easy_setopt(curl, CURLOPT_LOW_SPEED_TIME, 60L);
+    if (!options.ca_file.empty()) curl_easy_setopt(curl, CURLOPT_CAINFO, options.ca_file.c_str());
+    curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, CollectBody);
+    curl_easy_setopt(curl, CURLOPT_WRITEDATA, &response.body);
+    curl_easy_setopt(curl, CURLOPT_HEADERFUNCTION, CollectHeader);
+    curl_easy_setopt(curl, CURLOPT_HEADERDATA, &response.headers);
+    curl_slist* headers = curl_slist_append(nullptr, "Expect:");
+    for (const std::string& h : r.headers) headers = curl_slist_append(headers, h.c_str());
+    if (!authorization.empty()) headers = curl_slist_append(headers, authorization.c_str());
+    if (r.method == "HEAD") {
+      curl_easy_setopt(curl, CURLOPT_NOBODY, 1L);
+    } else if (r.method == "POST") {
+      curl_easy_setopt(curl, CURLOPT_POST, 1L);
+      curl_easy_setopt(curl, CURLOPT_POSTFIELDS, "");
+      curl_easy_setopt(curl, CURLOPT_POSTFIELDSIZE, 0L);
+    } else if (r.method == "PUT" || r.method == "PATCH") {
+      curl_easy_setopt(curl, CURLOPT_UPLOAD, 1L);
+      if (r.method == "PATCH") curl_easy_setopt(curl, CURLOPT_CUSTOMREQUEST, "PATCH");
+      static const BlobSource kEmpty;
+      reader.blob = r.body != nullptr ? r.body : &kEmpty;
+      reader.pos = r.offset;
+      reader.end = r.offset + (r.body != nullptr ? r.length : 0);
+      if (r.body != nullptr && !r.body->file.empty()) {
+        reader.fd = ::open(r.body->file.c_str(), O_RDONLY | O_CLOEXEC);
+        if (reader.fd < 0) {
+          curl_slist_free_all(headers);
+          return absl::InternalError(absl::StrCat("cannot read ", r.body->file, ": ", std::strerror(errno)));
+        }
+      }
+      curl_easy_setopt(curl, CURLOPT_READFUNCTION, BodyReader::Read);
+      curl_easy_setopt(curl, CURLOPT_READDATA, &reader);
+      curl_easy_setopt(curl, CURLOPT_INFILESIZE_LARGE, static_cast<curl_off_t>(reader.end - reader.pos));
+    }
+    curl_easy_setopt(curl, CURLOPT_HTTPHEADER, headers);
+    ++counts[r.method];
+    const CURLcode code = curl_easy_perform(curl);
+    curl_slist_free_all(headers);
+    if (reader.fd >= 0) ::close(reader.fd);
+    if (!reader.error.empty()) {
+      return absl::InternalError(absl::StrCat("cannot read ", r.body->file, ": ", reader.error));
+    }
+    if (code != CURLE_OK) {
+      return absl::UnavailableError(absl::StrCat("registry ", registry, ": ", r.what, ": ", curl_easy_strerror(code)));
+    }
+    curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &response.status);
+    return response;
+  }
+
+  std::string Authorization(bool send_credentials) const {
+    if (!bearer.empty()) return absl::StrCat("Authorization: Bearer ", bearer);
+    if (basic && send_credentials && !options.credentials.username.empty()) {
+      return absl::StrCat("Authorization: Basic ",
+                          absl::Base64Escape(options.credentials.username + ":" + options.credentials.password));
+    }
+    return "";
+  }
+
+  // The Bearer flow: a token for `scope` from the realm, with the Basic
+  // credentials when there are any.
+  absl::Status FetchToken(const std::map<std::string, std::string>& params) {
+    auto realm = params.find("realm");
+    if (realm == params.end()) return absl::UnauthenticatedError(absl::StrCat("registry ", registry, ": no token realm"));
+    std::string url = realm->second;
+    std::vector<std::string> query;
+    for (const char* key : {"service", "scope"}) {
+      if (auto it = params.find(key); it != params.end()) query.push_back(absl::StrCat(key, "=", UrlEncode(it->second)));
+    }
+    if (!query.empty()) url += (url.find('?') == std::string::npos ? "?" : "&") + absl::StrJoin(query, "&");
+    Request r{.method = "GET", .url = url, .headers = {}, .body = nullptr, .offset = 0, .length = 0,
+              .what = "token request", .send_credentials = true};
+    std::string authorization;
+    if (!options.credentials.username.empty()) {
+      authorization = absl::StrCat("Authorization: Basic ", absl::Base64Escape(options.credentials.username + ":" +
+                                                                                options.credentials.password));
+    }
+    absl::StatusOr<Response> response = Perform(r, authorization);
+    if (!response.ok()) return response.status();
+    if (response->status != 200) {
+      return absl::Status(CodeFor(response->status),
+                          absl::StrCat("registry ", registry, ": the token service refused the credentials (HTTP ",
+                                       response->status, ")"));
+    }
+    nlohmann::json j = nlohmann::json::parse(response->body, nullptr, false);
+    std::string token = j.is_object() ? j.value("token", j.value("access_token", "")) : "";
+    if (token.empty()) return absl::UnauthenticatedError(absl::StrCat("registry ", registry, ": the token service sent no token"));
+    bearer = std::move(token);
+    return absl::OkStatus();
+  }
+
+  // A request with authentication and retries. Returns any HTTP status;
+  // only transport failures that outlast the retries are errors.
+  absl::StatusOr<Response> Send(const Request& r) {
+    bool auth_retried = false;
+    absl::Status last;
+    for (int attempt = 0; attempt < options.max_attempts; ++attempt) {
+      if (attempt > 0) {
+        absl::Duration wait = std::min(absl::Milliseconds(200) * (1 << std::min(attempt, 10)), options.max_backoff);
+        wait = wait * std::uniform_real_distribution<double>(0.5, 1.5)(rng);
+        absl::SleepFor(wait);
+      }
+      absl::StatusOr<Response> response = Perform(r, Authorization(r.send_credentials));
+      if (!response.ok()) {
+        last = response.status();
+        if (absl::IsUnavailable(last)) continue;
+        return last;
+      }
+      if (response->status == 401 && !auth_retried) {
+        auth_retried = true;
+        const std::string challenge = response->Header("www-authenticate");
+        absl::string_view rest = challenge;
+        if (absl::ConsumePrefix(&rest, "Bearer ") || absl::ConsumePrefix(&rest, "bearer ")) {
+          if (absl::Status s = FetchToken(AuthParams(rest)); !s.ok()) return s;
+        } else if (!options.credentials.username.empty()) {
+          basic = true;
+        } else {
+          return *response;
+        }
+        --attempt;  // Authenticating is not a retry.
+        continue;
+      }
+      if (response->status == 429 || response->status >= 500) {
+        last = absl::Status(CodeFor(response->status),
+                            absl::StrCat("registry ", registry, ": ", r.what, ": HTTP ", response->status));
+        int64_t retry_after = 0;
+        if (absl::SimpleAtoi(response->Header("retry-after"), &retry_after) && retry_after > 0) {
+          absl::SleepFor(std::min(absl::Seconds(retry_after), options.max_backoff));
+        }
+        continue;
+      }
+      return response;
+    }
+    return absl::Status(last.code(), absl::StrCat(last.message(), " (after ", options.max_attempts, " attempts)"));
+  }
+
+  absl::Status Fail(const Request& r, const Response& response) const {
+    std::string errors = RegistryErrors(response.body);
+    if (errors.empty() && response.status == 401) {  // HEAD answers carry no body.
+      errors = options.credentials.username.empty()
+                   ? "UNAUTHORIZED: the registry wants credentials and none are configured"
+                   : absl::StrCat("UNAUTHORIZED: the registry refused the credentials of user '",
+                                  options.credentials.username, "'");
+    } else if (errors.empty() && response.status == 403) {
+      errors = "DENIED: the credentials may not do this";
+    }
+    return absl::Status(CodeFor(response.status),
+                        absl::StrCat("registry ", registry, ": ", r.what, ": HTTP ", response.status,
+                                     errors.empty() ? "" : " ", errors));
+  }
+
+  absl::StatusOr<std::string> StartUpload(const std::string& repository, const std::string& digest) {
+    Request r{.method = "POST", .url = absl::StrCat(Base(), "/v2/", repository, "/blobs/uploads/"), .headers = {},
+              .body = nullptr, .offset = 0, .length = 0, .what = absl::StrCat("start upload of ", digest),
+              .send_credentials = true};
+    absl::StatusOr<Response> response = Send(r);
+    if (!response.ok()) return response.status();
+    if (response->status != 202 || response->Header("location").empty()) return Fail(r, *response);
+    return Resolve(response->Header("location"));
+  }
+};
+
+HttpRegistryClient::HttpRegistryClient(std::string registry, RegistryOptions options) : impl_(new Impl) {
+  GlobalInit();
+  impl_->registry = std::move(registry);
+  impl_->options = std::move(options);
+  impl_->curl = curl_easy_init();
+}
+
+HttpRegistryClient::~HttpRegistryClient() {
+  if (impl_->curl != nullptr) curl_easy_cleanup(impl_->curl);
+}
+
+int HttpRegistryClient::requests(const std::string& method) const {
+  auto it = impl_->counts.find(method);
+  return it == impl_->counts.end() ? 0 : it->second;
+}
+
+absl::StatusOr<bool> HttpRegistryClient::HasBlob(const std::string& repository, const std::string& digest) {
+  Request r{.method = "HEAD", .url = absl::StrCat(impl_->Base(), "/v2/", repository, "/blobs/", digest),
+            .headers = {}, .body = nullptr, .offset = 0, .length = 0, .what = absl::StrCat("HEAD blob ", digest),
+            .send_credentials = true};
+  absl::StatusOr<Response> response = impl_->Send(r);
+  if (!response.ok()) return response.status();
+  if (response->status == 200) return true;
+  if (response->status == 404) return false;
+  return impl_->Fail(r, *response);
+}
+
+absl::Status HttpRegistryClient::UploadBlob(const std::string& repository, const std::string& digest,
+                                            const BlobSource& blob) {
+  // A broken upload is started again from the beginning, a bounded number of
+  // times (each request inside it already retries).
+  absl::Status last;
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    absl::StatusOr<std::string> location = impl_->StartUpload(repository, digest);
+    if (!location.ok()) return location.status();
+    std::string url = *location;
+    uint64_t offset = 0;
+    const bool monolithic = blob.size <= impl_->options.monolithic_max_bytes;
+    bool broken = false;
+    while (!monolithic && offset < blob.size) {
+      const uint64_t n = std::min<uint64_t>(impl_->options.chunk_bytes, blob.size - offset);
+      Request patch{.method = "PATCH", .url = url,
+                    .headers = {"Content-Type: application/octet-stream",
+                                absl::StrCat("Content-Range: ", offset, "-", offset + n - 1)},
+                    .body = &blob, .offset = offset, .length = n,
+                    .what = absl::StrCat("upload of ", digest, " at ", offset), .send_credentials = true};
+      absl::StatusOr<Response> response = impl_->Send(patch);
+      if (!response.ok() || response->status != 202) {
+        last = response.ok() ? impl_->Fail(patch, *response) : response.status();
+        broken = true;
+        break;
+      }
+      if (!response->Header("location").empty()) url = impl_->Resolve(response->Header("location"));
+      offset += n;
+    }
+    if (broken) continue;
+    Request put{.method = "PUT",
+                .url = absl::StrCat(url, url.find('?') == std::string::npos ? "?" : "&", "digest=", UrlEncode(digest)),
+                .headers = {"Content-Type: application/octet-stream"},
+                .body = monolithic ? &blob : nullptr, .offset = 0, .length = monolithic ? blob.size : 0,
+                .what = absl::StrCat("upload of ", digest), .send_credentials = true};
+    absl::StatusOr<Response> response = impl_->Send(put);
+    if (!response.ok()) {
+      last = response.status();
+      continue;
+    }
+    if (response->status == 201 || response->status == 204) return absl::OkStatus();
+    return impl_->Fail(put, *response);
+  }
+  return last;
+}
+
+absl::StatusOr<std::string> HttpRegistryClient::PutManifest(const std::string& repository,
+                                                            const std::string& reference,
+                                                            const std::string& media_type, const std::string& body) {
+  BlobSource source{.file = "", .data = body, .size = body.size()};
+  Request r{.method = "PUT", .url = absl::StrCat(impl_->Base(), "/v2/", repository, "/manifests/", reference),
+            .headers = {absl::StrCat("Content-Type: ", media_type)}, .body = &source, .offset = 0,
+            .length = body.size(), .what = absl::StrCat("PUT manifest ", repository, ":", reference),
+            .send_credentials = true};
+  absl::StatusOr<Response> response = impl_->Send(r);
+  if (!response.ok()) return response.status();
+  if (response->status != 201 && response->status != 200) return impl_->Fail(r, *response);
+  return response->Header("docker-content-digest");
+}
+
+}  // namespace kiln

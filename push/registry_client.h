@@ -1,0 +1,79 @@
+// RegistryClient: the parts of the OCI distribution protocol a push needs.
+// HttpRegistryClient speaks it over libcurl (HTTPS, or plain HTTP for
+// registries named insecure), with Basic credentials or the Bearer token
+// flow they unlock, and retries on connection errors, 5xx and 429.
+//
+// Credentials never appear in an error, a log line or anything returned.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+
+namespace kiln {
+
+// "host[:port]/repository[:tag]"; the host is required (no default registry).
+struct ImageRef {
+  std::string registry;    // host[:port]
+  std::string repository;  // e.g. sanmarcsoft/svc
+  std::string tag;         // empty when not given
+  std::string ToString() const;
+};
+absl::StatusOr<ImageRef> ParseImageRef(const std::string& text);
+
+struct RegistryCredentials {
+  std::string username;
+  std::string password;
+};
+
+struct RegistryOptions {
+  bool plain_http = false;  // Only for registries named insecure.
+  std::string ca_file;      // Empty: the system's CA bundle.
+  RegistryCredentials credentials;
+  int max_attempts = 6;
+  absl::Duration max_backoff = absl::Seconds(10);
+  size_t monolithic_max_bytes = 8 << 20;  // Larger blobs go in PATCH chunks.
+  size_t chunk_bytes = 32 << 20;
+};
+
+// Where a blob's bytes come from: a file or memory.
+struct BlobSource {
+  std::string file;  // When set, the bytes are this file's.
+  std::string data;
+  uint64_t size = 0;
+};
+
+class RegistryClient {
+ public:
+  virtual ~RegistryClient() = default;
+  virtual absl::StatusOr<bool> HasBlob(const std::string& repository, const std::string& digest) = 0;
+  virtual absl::Status UploadBlob(const std::string& repository, const std::string& digest,
+                                  const BlobSource& blob) = 0;
+  // Returns the digest the registry gives the manifest.
+  virtual absl::StatusOr<std::string> PutManifest(const std::string& repository, const std::string& reference,
+                                                  const std::string& media_type, const std::string& body) = 0;
+};
+
+// One per thread: it keeps one connection (libcurl easy handle) open.
+class HttpRegistryClient final : public RegistryClient {
+ public:
+  HttpRegistryClient(std::string registry, RegistryOptions options);
+  ~HttpRegistryClient() override;
+
+  absl::StatusOr<bool> HasBlob(const std::string& repository, const std::string& digest) override;
+  absl::Status UploadBlob(const std::string& repository, const std::string& digest, const BlobSource& blob) override;
+  absl::StatusOr<std::string> PutManifest(const std::string& repository, const std::string& reference,
+                                          const std::string& media_type, const std::string& body) override;
+
+  // Requests made so far, by method (for tests and the push report).
+  int requests(const std::string& method) const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kiln

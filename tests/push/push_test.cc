@@ -1,0 +1,198 @@
+// Pushing a docker-archive built by real Nix to a real registry (Debian's
+// docker-registry on 127.0.0.1, behind htpasswd), checked with skopeo, an
+// independent client.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/digest.h"
+#include "common/subprocess.h"
+#include "push/docker_archive.h"
+#include "push/image_pusher.h"
+#include "push/registry_client.h"
+#include "tests/support/local_farm.h"
+#include "tests/support/local_registry.h"
+#include "tests/support/test_util.h"
+
+namespace kiln {
+namespace {
+
+using testing::LocalRegistry;
+
+constexpr char kUser[] = "kiln";
+constexpr char kPassword[] = "s3cret-registry-password";
+
+absl::StatusOr<CommandResult> RunTool(std::vector<std::string> argv) {
+  ProcessSpec spec;
+  spec.argv = std::move(argv);
+  spec.extra_env = testing::NixTestEnv();
+  return RunCommand(spec, "", absl::Minutes(3));
+}
+
+class PushTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    // The example image, built by real Nix.
+    auto built = RunTool({"nix", "build", "--no-link", "--json",
+                      "path:" + testing::SourcePath("examples/services/hello-api") + "#oci-image"});
+    ASSERT_TRUE(built.ok() && built->exit.Success()) << (built.ok() ? built->stderr_data : "");
+    auto j = nlohmann::json::parse(built->stdout_data);
+    archive_ = new std::string(j[0]["outputs"]["out"].get<std::string>());
+    auto registry = LocalRegistry::Start({kUser, kPassword});
+    ASSERT_TRUE(registry.ok()) << registry.status();
+    registry_ = registry->release();
+  }
+  static void TearDownTestSuite() {
+    delete registry_;
+    delete archive_;
+  }
+
+  RegistryOptions Options(const std::string& password = kPassword) {
+    RegistryOptions o;
+    o.plain_http = true;
+    o.credentials = {kUser, password};
+    o.max_attempts = 3;
+    return o;
+  }
+  std::string Skopeo(const std::vector<std::string>& args) {
+    std::vector<std::string> argv = {"skopeo"};
+    argv.insert(argv.end(), args.begin(), args.end());
+    auto r = RunTool(argv);
+    EXPECT_TRUE(r.ok() && r->exit.Success()) << (r.ok() ? r->stderr_data : std::string(r.status().message()));
+    return r.ok() ? r->stdout_data : "";
+  }
+
+  static std::string* archive_;
+  static LocalRegistry* registry_;
+  testing::TempDir dir_;
+};
+std::string* PushTest::archive_ = nullptr;
+LocalRegistry* PushTest::registry_ = nullptr;
+
+TEST_F(PushTest, ReadsTheDockerArchiveOfTheExample) {
+  auto image = ReadDockerArchive(*archive_);
+  ASSERT_TRUE(image.ok()) << image.status();
+  ASSERT_EQ(image->layers.size(), 2u);
+  EXPECT_TRUE(absl::StartsWith(image->layers[0].diff_id, "sha256:"));
+  EXPECT_EQ(image->repo_tags, std::vector<std::string>{"hello-api:latest"});
+  // The streamed bytes of each layer hash to its diff_id.
+  std::vector<std::unique_ptr<Sha256>> hashes;
+  for (size_t i = 0; i < image->layers.size(); ++i) hashes.push_back(std::make_unique<Sha256>());
+  std::vector<std::string> got(image->layers.size());
+  ASSERT_TRUE(StreamLayers(
+                  *archive_, *image, [](size_t) { return true; },
+                  [&](size_t i, absl::string_view data) {
+                    hashes[i]->Update(data);
+                    return absl::OkStatus();
+                  },
+                  [&](size_t i) {
+                    got[i] = "sha256:" + hashes[i]->FinishHex();
+                    return absl::OkStatus();
+                  })
+                  .ok());
+  for (size_t i = 0; i < got.size(); ++i) EXPECT_EQ(got[i], image->layers[i].diff_id);
+  EXPECT_FALSE(ReadDockerArchive(testing::SourcePath("README.md")).ok());
+}
+
+TEST_F(PushTest, PushesAnImageSkopeoCanPullThenSkipsEveryBlobTheSecondTime) {
+  const std::string repo = absl::StrCat("kiln/hello-api-", absl::ToUnixNanos(absl::Now()));
+  auto ref = ParseImageRef(absl::StrCat(registry_->address(), "/", repo, ":testing"));
+  ASSERT_TRUE(ref.ok()) << ref.status();
+  LayerCache cache(dir_.Sub("layers.json"));
+  PushOptions options{.gzip_level = 6, .scratch_dir = dir_.path(), .cache = &cache};
+
+  HttpRegistryClient client(registry_->address(), Options());
+  auto report = PushDockerArchive(*archive_, *ref, {"testing", "v1"}, client, options);
+  ASSERT_TRUE(report.ok()) << report.status();
+  ASSERT_EQ(report->layers.size(), 2u);
+  for (const auto& l : report->layers) EXPECT_FALSE(l.skipped);
+  EXPECT_GT(report->bytes_uploaded, 0u);
+
+  // skopeo sees the same manifest digest under both tags, and can copy the
+  // image out (it checks every blob's digest on the way).
+  const std::string creds = absl::StrCat(kUser, ":", kPassword);
+  for (const char* tag : {"testing", "v1"}) {
+    auto j = nlohmann::json::parse(
+        Skopeo({"inspect", "--tls-verify=false", "--creds", creds,
+                absl::StrCat("docker://", registry_->address(), "/", repo, ":", tag)}),
+        nullptr, false);
+    ASSERT_TRUE(j.is_object());
+    EXPECT_EQ(j.value("Digest", ""), report->manifest_digest);
+    EXPECT_EQ(j["Layers"].size(), 2u);
+  }
+  Skopeo({"copy", "--src-tls-verify=false", "--src-creds", creds,
+          absl::StrCat("docker://", registry_->address(), "/", repo, ":testing"), "dir:" + dir_.Sub("pulled")});
+  // Each pulled layer decompresses to its diff_id.
+  auto image = ReadDockerArchive(*archive_);
+  ASSERT_TRUE(image.ok());
+  for (size_t i = 0; i < report->layers.size(); ++i) {
+    const std::string blob = dir_.Sub("pulled/" + report->layers[i].digest.substr(7));
+    auto gunzip = RunTool({"gzip", "-dc", blob});
+    ASSERT_TRUE(gunzip.ok() && gunzip->exit.Success());
+    EXPECT_EQ("sha256:" + Sha256Hex(gunzip->stdout_data), image->layers[i].diff_id);
+  }
+
+  // Again, with the layer cache: HEADs and the manifests, no upload.
+  HttpRegistryClient again_client(registry_->address(), Options());
+  auto again = PushDockerArchive(*archive_, *ref, {"testing"}, again_client, options);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->manifest_digest, report->manifest_digest);
+  for (const auto& l : again->layers) EXPECT_TRUE(l.skipped);
+  EXPECT_TRUE(again->config.skipped);
+  EXPECT_EQ(again->bytes_uploaded, 0u);
+  EXPECT_EQ(again_client.requests("POST"), 0);
+  EXPECT_EQ(again_client.requests("PATCH"), 0);
+  EXPECT_EQ(again_client.requests("PUT"), 1);  // The manifest.
+}
+
+TEST_F(PushTest, LargeBlobsGoInChunks) {
+  const std::string repo = absl::StrCat("kiln/chunked-", absl::ToUnixNanos(absl::Now()));
+  RegistryOptions o = Options();
+  o.monolithic_max_bytes = 100;  // Everything but the config in PATCH chunks.
+  o.chunk_bytes = 1000;
+  HttpRegistryClient client(registry_->address(), o);
+  auto ref = ParseImageRef(absl::StrCat(registry_->address(), "/", repo, ":chunked"));
+  ASSERT_TRUE(ref.ok());
+  auto report = PushDockerArchive(*archive_, *ref, {}, client, {.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr});
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_GT(client.requests("PATCH"), 2);
+  Skopeo({"copy", "--src-tls-verify=false", "--src-creds", absl::StrCat(kUser, ":", kPassword),
+          absl::StrCat("docker://", registry_->address(), "/", repo, ":chunked"), "dir:" + dir_.Sub("chunked")});
+}
+
+TEST_F(PushTest, AWrongPasswordIsAnAuthErrorThatNeverShowsThePassword) {
+  const std::string wrong = "not-the-password-4711";
+  HttpRegistryClient client(registry_->address(), Options(wrong));
+  auto ref = ParseImageRef(absl::StrCat(registry_->address(), "/kiln/denied:testing"));
+  ASSERT_TRUE(ref.ok());
+  auto report = PushDockerArchive(*archive_, *ref, {}, client, {.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr});
+  ASSERT_FALSE(report.ok());
+  EXPECT_TRUE(absl::IsUnauthenticated(report.status())) << report.status();
+  EXPECT_TRUE(absl::StrContains(report.status().message(), "UNAUTHORIZED")) << report.status();
+  EXPECT_FALSE(absl::StrContains(report.status().message(), wrong));
+  EXPECT_FALSE(absl::StrContains(report.status().message(), kPassword));
+}
+
+TEST(ImageRefTest, ParsesAndRefuses) {
+  auto ref = ParseImageRef("rg.fr-par.scw.cloud/sanmarcsoft/svc:testing");
+  ASSERT_TRUE(ref.ok());
+  EXPECT_EQ(ref->registry, "rg.fr-par.scw.cloud");
+  EXPECT_EQ(ref->repository, "sanmarcsoft/svc");
+  EXPECT_EQ(ref->tag, "testing");
+  auto port = ParseImageRef("127.0.0.1:5000/a/b");
+  ASSERT_TRUE(port.ok());
+  EXPECT_EQ(port->registry, "127.0.0.1:5000");
+  EXPECT_EQ(port->tag, "");
+  EXPECT_FALSE(ParseImageRef("svc:testing").ok());
+  EXPECT_FALSE(ParseImageRef("host/Upper/case").ok());
+  EXPECT_FALSE(ParseImageRef("host/a@sha256:abc").ok());
+  EXPECT_FALSE(ParseImageRef("host/a:bad tag").ok());
+}
+
+}  // namespace
+}  // namespace kiln

@@ -1,0 +1,38 @@
+// LocalRegistry: Debian's docker-registry (a real OCI distribution server)
+// on 127.0.0.1 and a port picked here, storing into a temporary directory,
+// optionally behind htpasswd (bcrypt) Basic auth. Stopped on destruction.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "tests/support/local_farm.h"
+#include "tests/support/test_util.h"
+
+namespace kiln::testing {
+
+class LocalRegistry {
+ public:
+  struct Options {
+    std::string username;  // Empty: no auth.
+    std::string password;
+  };
+  static absl::StatusOr<std::unique_ptr<LocalRegistry>> Start(const Options& options);
+  ~LocalRegistry();
+
+  const std::string& address() const { return address_; }  // 127.0.0.1:PORT
+  std::string LogText() const;
+  void Stop();
+
+ private:
+  LocalRegistry() = default;
+  TempDir dir_;
+  std::unique_ptr<Daemon> daemon_;
+  std::string address_;
+};
+
+// A port on 127.0.0.1 that was free a moment ago.
+absl::StatusOr<int> FreeLoopbackPort();
+
+}  // namespace kiln::testing
