@@ -250,6 +250,14 @@ absl::StatusOr<std::vector<std::string>> SubmitOnce(BuildService::Stub& stub, co
     }
     spec->set_locality_key(LocalityKey(target.dir.string(), target.attr));
     if (target.fod_task.mode() != kiln::v1::FodTask::MODE_BUILD) *spec->mutable_fod_task() = target.fod_task;
+    if (!options.push.empty()) {
+      const size_t slash = options.push.rfind('/');
+      const size_t colon = options.push.rfind(':');
+      const bool has_tag = colon != std::string::npos && (slash == std::string::npos || colon > slash);
+      spec->mutable_push()->set_repository(has_tag ? options.push.substr(0, colon) : options.push);
+      if (has_tag) spec->mutable_push()->add_tags(options.push.substr(colon + 1));
+      for (const std::string& tag : options.tags) spec->mutable_push()->add_tags(tag);
+    }
   }
   if (send_inline) {
     for (const auto& [hash, data] : tree->blobs) {
@@ -636,6 +644,17 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& g
           entry["outLinks"][name] = link;
         }
       }
+    }
+    if (result.has_push() && !result.push().image().empty()) {
+      const auto& p = result.push();
+      nlohmann::json layers = nlohmann::json::array();
+      for (const auto& l : p.layers()) layers.push_back({{"digest", l.digest()}, {"size", l.size()}, {"skipped", l.skipped()}});
+      entry["pushed"] = {{"image", p.image()},     {"manifestDigest", p.manifest_digest()},
+                         {"tags", std::vector<std::string>(p.tags().begin(), p.tags().end())},
+                         {"size", p.manifest_size() + p.config().size()}, {"layers", layers},
+                         {"bytesUploaded", p.bytes_uploaded()}};
+      for (const auto& l : p.layers()) entry["pushed"]["size"] = entry["pushed"]["size"].get<int64_t>() + l.size();
+      if (!options.json) Err(absl::StrCat("kiln: ", job.installable, ": pushed ", p.image()));
     }
     if (finished->state() == kiln::v1::JOB_STATE_SUCCEEDED) {
       entry["drvPath"] = result.drv_path();

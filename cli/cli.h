@@ -38,6 +38,9 @@ struct CliOptions {
   std::string attr = "default";   // build --all-flakes: the attribute of each.
   std::string targets_file;       // build --file: a kiln.json listing targets.
   std::string out_link;           // build -o: download the outputs here.
+  // build --push REGISTRY/REPOSITORY[:TAG] and --tag: the worker pushes the image.
+  std::string push;
+  std::vector<std::string> tags;
   // build --label: only workers with these labels may take the builds.
   std::map<std::string, std::string> labels;
 };

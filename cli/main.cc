@@ -30,6 +30,9 @@ ABSL_FLAG(bool, rebuild, false, "build: build again even when an identical targe
 ABSL_FLAG(bool, detach, false, "build: submit, print the job ids and exit without waiting for the builds");
 ABSL_FLAG(std::vector<std::string>, label, {},
           "build: only workers with these labels may take the builds (KEY=VALUE, comma-separated)");
+ABSL_FLAG(std::string, push, "",
+          "build: push the built image to REGISTRY/REPOSITORY[:TAG] (from the worker, straight to the registry)");
+ABSL_FLAG(std::vector<std::string>, tag, {}, "build --push: more tags (comma-separated), e.g. testing,$GIT_SHA");
 ABSL_FLAG(bool, write, false, "fod-hash: edit the flake's .nix files where the replacement is unambiguous");
 ABSL_FLAG(std::string, name, "", "fod list|export|forget: only FODs of this derivation name");
 ABSL_FLAG(std::string, priority, "interactive",
@@ -41,7 +44,7 @@ constexpr char kUsage[] =
     "  kiln [--coordinator=ADDR] build PATH#ATTR... | --all-flakes [--attr=ATTR] | --file=kiln.json\n"
     "                                  [--json] [--quiet] [--detach] [--rebuild] [-o PATH] [--system=SYSTEM]\n"
     "                                  [--priority=interactive|ci|batch] [--timeout=30m] [--max-silent-time=10m]\n"
-    "                                  [--label=KEY=VALUE,...]\n"
+    "                                  [--label=KEY=VALUE,...] [--push=REGISTRY/REPO[:TAG] [--tag=T,...]]\n"
     "  kiln [--coordinator=ADDR] status JOB|BUILDSET [--json]\n"
     "  kiln [--coordinator=ADDR] cancel JOB|BUILDSET [--json]\n"
     "  kiln [--coordinator=ADDR] workers [--json]\n"
@@ -84,6 +87,12 @@ int main(int argc, char** argv) {
   options.attr = absl::GetFlag(FLAGS_attr);
   options.targets_file = absl::GetFlag(FLAGS_file);
   options.out_link = absl::GetFlag(FLAGS_out_link);
+  options.push = absl::GetFlag(FLAGS_push);
+  options.tags = absl::GetFlag(FLAGS_tag);
+  if (!options.tags.empty() && options.push.empty()) {
+    std::fprintf(stderr, "error: --tag needs --push\n");
+    return kiln::kExitUsage;
+  }
   for (const std::string& label : absl::GetFlag(FLAGS_label)) {
     const size_t eq = label.find('=');
     if (eq == std::string::npos || eq == 0) {

@@ -1,5 +1,7 @@
 #include "coordinator/build_coordinator.h"
 
+#include <fnmatch.h>
+
 #include <algorithm>
 #include <map>
 #include <set>
@@ -16,6 +18,7 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/container/node_hash_map.h"
 #include "common/digest.h"
+#include "common/image_ref.h"
 #include "common/source_tree.h"
 #include "common/grpc_util.h"
 #include "common/installable.h"
@@ -29,6 +32,36 @@ using kiln::v1::JobEvent;
 using kiln::v1::JobState;
 
 namespace {
+
+// A push target is well formed and allowed by the coordinator's patterns.
+absl::Status CheckPushTarget(const kiln::v1::PushTarget& push, const std::vector<std::string>& allow) {
+  absl::StatusOr<ImageRef> repo = ParseImageRef(push.repository());
+  if (!repo.ok()) return repo.status();
+  if (!repo->tag.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("push target ", push.repository(), ": give tags separately"));
+  }
+  if (push.tags().empty()) return absl::InvalidArgumentError(absl::StrCat("push target ", push.repository(), " has no tag"));
+  if (push.tags_size() > 16) return absl::InvalidArgumentError("more than 16 tags in one push");
+  for (const std::string& tag : push.tags()) {
+    absl::StatusOr<ImageRef> tagged = ParseImageRef(absl::StrCat(push.repository(), ":", tag));
+    if (!tagged.ok()) return tagged.status();
+    if (tagged->tag != tag || tag.empty()) return absl::InvalidArgumentError(absl::StrCat("'", tag, "' is not a tag"));
+    bool allowed = false;
+    for (const std::string& pattern : allow) {
+      const bool names_tag = pattern.find(':', pattern.rfind('/') == std::string::npos ? 0 : pattern.rfind('/')) !=
+                             std::string::npos;
+      const std::string subject = names_tag ? absl::StrCat(push.repository(), ":", tag) : push.repository();
+      allowed = allowed || ::fnmatch(pattern.c_str(), subject.c_str(), 0) == 0;
+    }
+    if (!allowed) {
+      return absl::PermissionDeniedError(absl::StrCat(
+          "push target ", push.repository(), ":", tag, " is not allowed by this coordinator",
+          allow.empty() ? " (it allows no pushes: see kiln-coordinator --push-allow)"
+                        : absl::StrCat(" (allowed: ", absl::StrJoin(allow, ", "), ")")));
+    }
+  }
+  return absl::OkStatus();
+}
 
 constexpr absl::string_view kComponent = "coordinator";
 
@@ -370,7 +403,7 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
       }
     }
     if (spec.has_push()) {
-      return reject(absl::UnimplementedError("image push targets are not supported by this coordinator yet"));
+      if (absl::Status s = CheckPushTarget(spec.push(), options_.push_allow); !s.ok()) return reject(s);
     }
   }
 
@@ -432,7 +465,10 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
     r.set_submitter(request.submitter());
     // The result cache: an identical target built before ends here, as
     // succeeded, with that build's result.
-    const bool ordinary_build = r.spec().fod_task().mode() == kiln::v1::FodTask::MODE_BUILD;
+    // A push is never answered from the cache: its tags may have moved since
+    // (a revert must push again). The worker finds the output in its store
+    // and the registry has every blob, so it costs a few requests.
+    const bool ordinary_build = r.spec().fod_task().mode() == kiln::v1::FodTask::MODE_BUILD && !r.spec().has_push();
     if (std::optional<kiln::v1::Digest> subtree = FlakeSubtree(r.spec().source(), lookup);
         subtree.has_value() && ordinary_build) {
       if (r.spec().rebuild()) {

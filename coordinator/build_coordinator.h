@@ -89,6 +89,10 @@ struct BuildCoordinatorOptions {
   absl::Duration retry_backoff = absl::Seconds(5);
   // Names of the priority classes, most urgent first (wire values 1, 2, 3).
   std::vector<std::string> priority_names = {"interactive", "ci", "batch"};
+  // Push targets a job may name: glob patterns over "registry/repository"
+  // (e.g. "rg.fr-par.scw.cloud/sanmarcsoft/*"), or over
+  // "registry/repository:tag" when the pattern names a tag. Empty: no pushes.
+  std::vector<std::string> push_allow;
   // Timeout of a job that sets none; 0: none.
   absl::Duration default_timeout = absl::ZeroDuration();
   // CAS garbage collection: past `cas_max_bytes`, blobs no queued or running

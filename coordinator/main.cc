@@ -27,6 +27,9 @@ ABSL_FLAG(double, worker_max_memory_fraction, 0.95,
           "A worker using more of its memory takes no new job (0: no limit)");
 ABSL_FLAG(double, worker_max_load_per_slot, 0,
           "A worker whose load average per build slot is higher takes no new job (0: no limit)");
+ABSL_FLAG(std::vector<std::string>, push_allow, {},
+          "Image push targets jobs may name: glob patterns over REGISTRY/REPOSITORY[:TAG], comma-separated "
+          "(e.g. rg.fr-par.scw.cloud/sanmarcsoft/*); none by default");
 ABSL_FLAG(std::vector<std::string>, priority_names, std::vector<std::string>({"interactive", "ci", "batch"}),
           "Names of the three priority classes, most urgent first (what kiln build --priority takes)");
 ABSL_FLAG(absl::Duration, retry_backoff, absl::Seconds(5),
@@ -75,6 +78,7 @@ int main(int argc, char** argv) {
   options.core.default_timeout = absl::GetFlag(FLAGS_default_timeout);
   options.core.retry_backoff = absl::GetFlag(FLAGS_retry_backoff);
   options.core.priority_names = absl::GetFlag(FLAGS_priority_names);
+  options.core.push_allow = absl::GetFlag(FLAGS_push_allow);
   if (options.core.priority_names.size() != 3) {
     std::fprintf(stderr, "kiln-coordinator: --priority-names wants three names, most urgent first\n");
     return 2;

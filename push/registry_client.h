@@ -12,17 +12,9 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "common/image_ref.h"
 
 namespace kiln {
-
-// "host[:port]/repository[:tag]"; the host is required (no default registry).
-struct ImageRef {
-  std::string registry;    // host[:port]
-  std::string repository;  // e.g. sanmarcsoft/svc
-  std::string tag;         // empty when not given
-  std::string ToString() const;
-};
-absl::StatusOr<ImageRef> ParseImageRef(const std::string& text);
 
 struct RegistryCredentials {
   std::string username;

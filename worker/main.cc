@@ -19,6 +19,7 @@
 #include "common/metrics_http.h"
 #include "common/net.h"
 #include "worker/fod_oracle.h"
+#include "worker/image_publisher.h"
 #include "worker/nix_build_executor.h"
 #include "worker/nix_system_info.h"
 #include "worker/worker_agent.h"
@@ -31,6 +32,12 @@ ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9601", "Prometheus /metrics ad
 ABSL_FLAG(std::vector<std::string>, systems, {}, "Systems built (default: what the local Nix reports)");
 ABSL_FLAG(std::vector<std::string>, features, {}, "Supported features (default: the local Nix's system-features)");
 ABSL_FLAG(std::vector<std::string>, mandatory_features, {}, "Features a job must ask for to run here");
+ABSL_FLAG(std::string, registry_auth_file, "",
+          "Registry credentials for image pushes: a docker-style config.json (auths); none: anonymous pushes");
+ABSL_FLAG(std::vector<std::string>, insecure_registries, {},
+          "Registries (host:port) spoken to over plain HTTP, for local tests only");
+ABSL_FLAG(std::string, registry_ca, "", "CA bundle for registries (default: the system's)");
+ABSL_FLAG(int, push_gzip_level, 6, "gzip level of pushed layers (1 fastest … 9 smallest)");
 ABSL_FLAG(std::vector<std::string>, labels, {}, "Labels as key=value, e.g. pool=orbstack,region=fr-par");
 ABSL_FLAG(std::vector<std::string>, nix_option, {},
           "Nix settings for every build as name=value (e.g. substituters= for offline builds)");
@@ -118,6 +125,15 @@ int main(int argc, char** argv) {
   kiln::GrpcFodOracle fod_oracle(kiln::MakeChannel(options.coordinator), options.name);
   nix.fods = &fod_oracle;
   nix.scratch_dir = options.work_dir;
+  kiln::RegistryPublisherOptions push_options;
+  push_options.auth_file = absl::GetFlag(FLAGS_registry_auth_file);
+  for (const std::string& r : absl::GetFlag(FLAGS_insecure_registries)) push_options.insecure_registries.insert(r);
+  push_options.ca_file = absl::GetFlag(FLAGS_registry_ca);
+  push_options.scratch_dir = options.work_dir;
+  push_options.layer_cache_file = options.work_dir + "/layer-cache.json";
+  push_options.gzip_level = std::clamp(absl::GetFlag(FLAGS_push_gzip_level), 1, 9);
+  kiln::RegistryPublisher publisher(push_options);
+  nix.publisher = &publisher;
 
   // The executor outlives the agent: the agent's Stop() waits for the builds
   // it cancels to report back through it.

@@ -34,6 +34,7 @@
 #include "common/subprocess.h"
 #include "worker/build_executor.h"
 #include "worker/fod_oracle.h"
+#include "worker/image_publisher.h"
 
 namespace kiln {
 
@@ -47,6 +48,9 @@ struct NixOptions {
   FodOracle* fods = nullptr;
   // Where the named pipes of step 5 are made.
   std::string scratch_dir = "/tmp";
+  // Pushes the images of jobs that name a push target; nullptr: such jobs
+  // fail after their build (RESULT_CODE_PUSH_FAILED).
+  ImagePublisher* publisher = nullptr;
 };
 
 class NixBuildExecutor final : public BuildExecutor {
@@ -97,6 +101,8 @@ class NixBuildExecutor final : public BuildExecutor {
   // Gives step 5's process its input.
   absl::Status HandOver(const std::string& fifo, NixRun& build, absl::string_view text);
   void Line(Run& run, absl::string_view text);
+  // After a successful build of a job with a push target.
+  void Publish(Run& run, kiln::v1::BuildResult& result);
 
   const NixOptions options_;
   ProcessSupervisor supervisor_;

@@ -1,0 +1,107 @@
+// Workers push images straight to a registry: a real coordinator and
+// workers, the example image built by real Nix, Debian's docker-registry on
+// 127.0.0.1 behind htpasswd, skopeo to check what arrived.
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "common/subprocess.h"
+#include "tests/support/local_farm.h"
+#include "tests/support/local_registry.h"
+#include "tests/support/test_util.h"
+
+namespace kiln {
+namespace {
+
+using testing::LocalFarm;
+using testing::LocalRegistry;
+using testing::ReadFileOrDie;
+using testing::WriteFileOrDie;
+
+constexpr char kUser[] = "kiln";
+constexpr char kPassword[] = "push-secret-0815";
+constexpr char kWrongPassword[] = "wrong-secret-4711";
+
+std::string AuthFile(const std::string& registry, const std::string& password) {
+  return nlohmann::json{{"auths", {{registry, {{"auth", absl::Base64Escape(absl::StrCat(kUser, ":", password))}}}}}}
+      .dump();
+}
+
+TEST(PushE2eTest, AWorkerPushesTheImageItBuiltAndOnlyWhatTheRegistryLacks) {
+  auto registry = LocalRegistry::Start({kUser, kPassword});
+  ASSERT_TRUE(registry.ok()) << registry.status();
+  const std::string reg = (*registry)->address();
+  testing::TempDir dir;
+  WriteFileOrDie(dir.Sub("good.json"), AuthFile(reg, kPassword));
+  WriteFileOrDie(dir.Sub("bad.json"), AuthFile(reg, kWrongPassword));
+
+  LocalFarm farm(/*workers=*/0);
+  farm.SetCoordinatorFlags({"--push-allow=127.0.0.1:*/kiln/*"});
+  ASSERT_TRUE(farm.Start().ok());
+  farm.SetWorkerFlags({"--labels=creds=good", "--registry-auth-file=" + dir.Sub("good.json"),
+                       "--insecure-registries=" + reg});
+  ASSERT_TRUE(farm.AddWorker().ok());
+  farm.SetWorkerFlags({"--labels=creds=bad", "--registry-auth-file=" + dir.Sub("bad.json"),
+                       "--insecure-registries=" + reg});
+  ASSERT_TRUE(farm.AddWorker().ok());
+
+  const std::string image = testing::SourcePath("examples/services/hello-api") + "#oci-image";
+  const std::string target = absl::StrCat(reg, "/kiln/hello-api:testing");
+  auto first = farm.Kiln({"build", image, "--json", "--push=" + target, "--tag=v1", "--label=creds=good"});
+  ASSERT_TRUE(first.ok());
+  ASSERT_EQ(first->exit.exit_code, 0) << first->stderr_data;
+  auto j = nlohmann::json::parse(first->stdout_data);
+  const auto& pushed = j[0]["pushed"];
+  ASSERT_TRUE(pushed.is_object()) << j.dump();
+  const std::string digest = pushed.value("manifestDigest", "");
+  EXPECT_EQ(pushed.value("image", ""), absl::StrCat(reg, "/kiln/hello-api@", digest));
+  EXPECT_EQ(pushed["layers"].size(), 2u);
+  EXPECT_GT(pushed.value("bytesUploaded", 0), 0);
+
+  // What skopeo sees under both tags.
+  for (const char* tag : {"testing", "v1"}) {
+    ProcessSpec inspect;
+    inspect.argv = {"skopeo", "inspect", "--tls-verify=false", "--creds", absl::StrCat(kUser, ":", kPassword),
+                    absl::StrCat("docker://", reg, "/kiln/hello-api:", tag)};
+    auto r = RunCommand(inspect, "", absl::Minutes(1));
+    ASSERT_TRUE(r.ok() && r->exit.Success()) << (r.ok() ? r->stderr_data : "");
+    EXPECT_EQ(nlohmann::json::parse(r->stdout_data).value("Digest", ""), digest) << tag;
+  }
+
+  // Again: nothing built, nothing but the manifest sent.
+  auto again = farm.Kiln({"build", image, "--json", "--push=" + target, "--tag=v1", "--label=creds=good"});
+  ASSERT_TRUE(again.ok());
+  ASSERT_EQ(again->exit.exit_code, 0) << again->stderr_data;
+  auto j2 = nlohmann::json::parse(again->stdout_data);
+  EXPECT_EQ(j2[0]["pushed"].value("manifestDigest", ""), digest);
+  EXPECT_EQ(j2[0]["pushed"].value("bytesUploaded", -1), 0) << j2.dump();
+  for (const auto& l : j2[0]["pushed"]["layers"]) EXPECT_TRUE(l.value("skipped", false));
+
+  // Outside the allowlist: refused at submission.
+  auto refused = farm.Kiln({"build", image, "--push=" + absl::StrCat(reg, "/elsewhere/x:testing")});
+  ASSERT_TRUE(refused.ok());
+  EXPECT_EQ(refused->exit.exit_code, 2);
+  EXPECT_TRUE(absl::StrContains(refused->stderr_data, "is not allowed by this coordinator")) << refused->stderr_data;
+
+  // Wrong credentials: built, not pushed, said so; no password anywhere.
+  auto denied = farm.Kiln({"build", image, "--json", "--push=" + target, "--label=creds=bad"});
+  ASSERT_TRUE(denied.ok());
+  EXPECT_EQ(denied->exit.exit_code, 1);
+  EXPECT_TRUE(absl::StrContains(denied->stdout_data + denied->stderr_data, "UNAUTHORIZED"))
+      << denied->stdout_data << denied->stderr_data;
+  std::string everything = first->stdout_data + first->stderr_data + again->stdout_data + again->stderr_data +
+                           denied->stdout_data + denied->stderr_data + ReadFileOrDie(farm.LogOf("coordinator")) +
+                           ReadFileOrDie(farm.LogOf("worker-1")) + ReadFileOrDie(farm.LogOf("worker-2"));
+  auto metrics = testing::ScrapeMetrics(farm.coordinator_metrics());
+  if (metrics.ok()) everything += *metrics;
+  for (const char* secret : {kPassword, kWrongPassword}) {
+    EXPECT_FALSE(absl::StrContains(everything, secret)) << secret;
+    EXPECT_FALSE(absl::StrContains(everything, absl::Base64Escape(absl::StrCat(kUser, ":", secret))));
+  }
+}
+
+}  // namespace
+}  // namespace kiln

@@ -1,0 +1,65 @@
+#include "worker/image_publisher.h"
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
+#include "common/grpc_util.h"
+#include "common/image_ref.h"
+#include "push/credentials.h"
+#include "push/registry_client.h"
+
+namespace kiln {
+
+RegistryPublisher::RegistryPublisher(RegistryPublisherOptions options)
+    : options_(std::move(options)), cache_(options_.layer_cache_file) {}
+
+absl::StatusOr<kiln::v1::PushResult> RegistryPublisher::Publish(const kiln::v1::PushTarget& push,
+                                                                const std::string& output,
+                                                                absl::FunctionRef<void(absl::string_view)> log) {
+  const absl::Time start = absl::Now();
+  absl::StatusOr<ImageRef> ref = ParseImageRef(push.repository());
+  if (!ref.ok()) return ref.status();
+  if (push.manifest_format() == kiln::v1::MANIFEST_FORMAT_OCI) {
+    return absl::UnimplementedError("OCI manifests are not pushed yet; Docker v2 schema 2 is");
+  }
+  RegistryOptions registry;
+  registry.plain_http = options_.insecure_registries.contains(ref->registry);
+  registry.ca_file = options_.ca_file;
+  if (!options_.auth_file.empty()) {
+    absl::StatusOr<RegistryCredentials> creds = LoadDockerCredentials(options_.auth_file, ref->registry);
+    if (!creds.ok()) return creds.status();
+    registry.credentials = *std::move(creds);
+  }
+  log(absl::StrCat("pushing to ", push.repository(), " (tags ", absl::StrJoin(push.tags(), ", "), ")"));
+  HttpRegistryClient client(ref->registry, registry);
+  PushOptions options{.gzip_level = options_.gzip_level, .scratch_dir = options_.scratch_dir, .cache = &cache_};
+  absl::StatusOr<PushReport> report = PushDockerArchive(
+      output, *ref, std::vector<std::string>(push.tags().begin(), push.tags().end()), client, options);
+  if (!report.ok()) return report.status();
+
+  kiln::v1::PushResult result;
+  result.set_image(absl::StrCat(push.repository(), "@", report->manifest_digest));
+  result.set_manifest_digest(report->manifest_digest);
+  result.set_manifest_size(static_cast<int64_t>(report->manifest_size));
+  for (const auto& t : report->tags) result.add_tags(t);
+  const auto fill = [](const PushedBlob& b, kiln::v1::PushedBlob* out) {
+    out->set_digest(b.digest);
+    out->set_size(static_cast<int64_t>(b.size));
+    out->set_skipped(b.skipped);
+  };
+  fill(report->config, result.mutable_config());
+  int skipped = 0;
+  for (const auto& l : report->layers) {
+    fill(l, result.add_layers());
+    skipped += l.skipped;
+  }
+  result.set_bytes_uploaded(static_cast<int64_t>(report->bytes_uploaded));
+  *result.mutable_duration() = ToProtoDuration(absl::Now() - start);
+  log(absl::StrFormat("pushed %s (%d layer(s): %d sent, %d already there; %.1f MiB uploaded)", result.image(),
+                      report->layers.size(), report->layers.size() - skipped, skipped,
+                      report->bytes_uploaded / 1048576.0));
+  return result;
+}
+
+}  // namespace kiln
