@@ -1,5 +1,9 @@
 // kiln: the command line. Parses flags and dispatches to cli/cli.h.
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -7,6 +11,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/match.h"
 #include "absl/time/time.h"
 #include "common/cli_args.h"
 #include "cli/cli.h"
@@ -50,11 +55,37 @@ constexpr char kUsage[] =
     "  kiln [--coordinator=ADDR] workers [--json]\n"
     "  kiln [--coordinator=ADDR] workers drain|undrain NAME\n"
     "  kiln [--coordinator=ADDR] fod-hash PATH#ATTR [--write] [--json]\n"
+    "  kiln push RESULT REGISTRY/REPO[:TAG] [--tag=T,...] [--authfile=F] [--json]\n"
     "  kiln [--coordinator=ADDR] fod list|export [--name=NAME] | show KEY | forget KEY...|--name=NAME | import FILE\n"
     "Exit codes: 0 success, 1 build failed, 2 bad usage or input, 3 coordinator unreachable.";
 }
 
 int main(int argc, char** argv) {
+  // `kiln push …` is kiln-push, installed next to this binary.
+  int command_at = 1;
+  while (command_at < argc && argv[command_at][0] == '-') ++command_at;
+  if (command_at < argc && std::string(argv[command_at]) == "push") {
+    std::string self(argv[0]);
+    char exe[4096];
+    const ssize_t n = ::readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (n > 0) self.assign(exe, static_cast<size_t>(n));
+    const size_t slash = self.rfind('/');
+    const std::string helper = slash == std::string::npos ? "kiln-push" : self.substr(0, slash + 1) + "kiln-push";
+    std::vector<char*> args = {const_cast<char*>(helper.c_str())};
+    for (int i = 1; i < argc; ++i) {
+      // The coordinator has no part in a push from here.
+      if (i == command_at || absl::StartsWith(argv[i], "--coordinator")) continue;
+      args.push_back(argv[i]);
+    }
+    args.push_back(nullptr);
+    if (slash == std::string::npos) {
+      ::execvp(helper.c_str(), args.data());
+    } else {
+      ::execv(helper.c_str(), args.data());
+    }
+    std::fprintf(stderr, "error: cannot run %s: %s\n", helper.c_str(), std::strerror(errno));
+    return kiln::kExitUnavailable;
+  }
   absl::SetProgramUsageMessage(kUsage);
   // `-o PATH`, as nix build spells --out-link.
   std::vector<std::string> expanded(argv, argv + argc);

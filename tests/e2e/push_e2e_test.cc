@@ -80,6 +80,19 @@ TEST(PushE2eTest, AWorkerPushesTheImageItBuiltAndOnlyWhatTheRegistryLacks) {
   EXPECT_EQ(j2[0]["pushed"].value("bytesUploaded", -1), 0) << j2.dump();
   for (const auto& l : j2[0]["pushed"]["layers"]) EXPECT_TRUE(l.value("skipped", false));
 
+  // `kiln push` from a laptop: the same pusher, the built archive, its own
+  // credentials (here from the environment), into another repository.
+  ProcessSpec push;
+  push.argv = {testing::BinPath("kiln"), "push", j[0]["outputs"].value("out", ""),
+               absl::StrCat(reg, "/kiln/from-laptop:dev"), "--insecure", "--json"};
+  push.extra_env = {absl::StrCat("KILN_REGISTRY_USER=", kUser), absl::StrCat("KILN_REGISTRY_PASSWORD=", kPassword),
+                    "KILN_CACHE_DIR=" + dir.Sub("cli-cache")};
+  auto pushed_cli = RunCommand(push, "", absl::Minutes(2));
+  ASSERT_TRUE(pushed_cli.ok());
+  ASSERT_EQ(pushed_cli->exit.exit_code, 0) << pushed_cli->stderr_data;
+  EXPECT_EQ(nlohmann::json::parse(pushed_cli->stdout_data).value("manifestDigest", ""), digest)
+      << pushed_cli->stdout_data;
+
   // Outside the allowlist: refused at submission.
   auto refused = farm.Kiln({"build", image, "--push=" + absl::StrCat(reg, "/elsewhere/x:testing")});
   ASSERT_TRUE(refused.ok());
@@ -93,6 +106,7 @@ TEST(PushE2eTest, AWorkerPushesTheImageItBuiltAndOnlyWhatTheRegistryLacks) {
   EXPECT_TRUE(absl::StrContains(denied->stdout_data + denied->stderr_data, "UNAUTHORIZED"))
       << denied->stdout_data << denied->stderr_data;
   std::string everything = first->stdout_data + first->stderr_data + again->stdout_data + again->stderr_data +
+                           pushed_cli->stdout_data + pushed_cli->stderr_data +
                            denied->stdout_data + denied->stderr_data + ReadFileOrDie(farm.LogOf("coordinator")) +
                            ReadFileOrDie(farm.LogOf("worker-1")) + ReadFileOrDie(farm.LogOf("worker-2"));
   auto metrics = testing::ScrapeMetrics(farm.coordinator_metrics());

@@ -1,0 +1,110 @@
+// kiln-push (run as `kiln push RESULT REF`): pushes a local docker-archive
+// with the workers' pusher. A binary of its own so that `kiln build`, which
+// runs on every build, does not load libcurl and libarchive.
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
+#include "common/image_ref.h"
+#include "push/credentials.h"
+#include "push/image_pusher.h"
+#include "push/registry_client.h"
+
+ABSL_FLAG(std::vector<std::string>, tag, {}, "More tags (comma-separated)");
+ABSL_FLAG(std::string, authfile, "",
+          "docker-style config.json with the registry's credentials (default: $REGISTRY_AUTH_FILE, "
+          "then ~/.docker/config.json); or set KILN_REGISTRY_USER and KILN_REGISTRY_PASSWORD");
+ABSL_FLAG(bool, insecure, false, "Speak plain HTTP to the registry (local tests only)");
+ABSL_FLAG(std::string, registry_ca, "", "CA bundle for the registry (default: the system's)");
+ABSL_FLAG(int, gzip_level, 6, "gzip level of the layers (1 fastest … 9 smallest)");
+ABSL_FLAG(bool, json, false, "Print the result as JSON");
+
+namespace {
+
+int Fail(const std::string& message, int code) {
+  std::fprintf(stderr, "error: %s\n", message.c_str());
+  return code;
+}
+
+std::string DefaultAuthFile() {
+  if (const char* f = std::getenv("REGISTRY_AUTH_FILE"); f != nullptr && *f) return f;
+  if (const char* home = std::getenv("HOME"); home != nullptr && *home) {
+    const std::string path = absl::StrCat(home, "/.docker/config.json");
+    if (::access(path.c_str(), R_OK) == 0) return path;
+  }
+  return "";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("kiln push RESULT REGISTRY/REPOSITORY[:TAG] [--tag=T,...] [--authfile=F] [--json]");
+  std::vector<char*> args = absl::ParseCommandLine(argc, argv);
+  if (args.size() != 3) return Fail("usage: kiln push RESULT REGISTRY/REPOSITORY[:TAG] [--tag=T,...]", 2);
+  const std::string archive = args[1];
+  absl::StatusOr<kiln::ImageRef> ref = kiln::ParseImageRef(args[2]);
+  if (!ref.ok()) return Fail(std::string(ref.status().message()), 2);
+  std::vector<std::string> tags;
+  if (!ref->tag.empty()) tags.push_back(ref->tag);
+  for (const std::string& t : absl::GetFlag(FLAGS_tag)) tags.push_back(t);
+
+  kiln::RegistryOptions options;
+  options.plain_http = absl::GetFlag(FLAGS_insecure);
+  options.ca_file = absl::GetFlag(FLAGS_registry_ca);
+  const char* user = std::getenv("KILN_REGISTRY_USER");
+  const char* password = std::getenv("KILN_REGISTRY_PASSWORD");
+  if (password != nullptr && *password) {
+    options.credentials = {user != nullptr && *user ? user : "nologin", password};
+  } else {
+    const std::string auth_file = absl::GetFlag(FLAGS_authfile).empty() ? DefaultAuthFile() : absl::GetFlag(FLAGS_authfile);
+    if (!auth_file.empty()) {
+      absl::StatusOr<kiln::RegistryCredentials> creds = kiln::LoadDockerCredentials(auth_file, ref->registry);
+      if (!creds.ok()) return Fail(std::string(creds.status().message()), 2);
+      options.credentials = *std::move(creds);
+    }
+  }
+  std::string cache_dir;
+  if (const char* c = std::getenv("KILN_CACHE_DIR"); c != nullptr && *c) {
+    cache_dir = c;
+  } else if (const char* home = std::getenv("HOME"); home != nullptr && *home) {
+    cache_dir = absl::StrCat(home, "/.cache/kiln");
+  }
+  kiln::LayerCache cache(cache_dir.empty() ? "" : cache_dir + "/layers-v1.json");
+  const char* tmp = std::getenv("TMPDIR");
+  kiln::PushOptions push{.gzip_level = absl::GetFlag(FLAGS_gzip_level),
+                         .scratch_dir = tmp != nullptr && *tmp ? tmp : "/tmp",
+                         .cache = &cache};
+  kiln::HttpRegistryClient client(ref->registry, options);
+  const absl::Time start = absl::Now();
+  absl::StatusOr<kiln::PushReport> report = kiln::PushDockerArchive(archive, *ref, tags, client, push);
+  if (!report.ok()) return Fail(std::string(report.status().message()), 1);
+  const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  int skipped = 0;
+  for (const auto& l : report->layers) skipped += l.skipped;
+  const std::string image = absl::StrCat(ref->registry, "/", ref->repository, "@", report->manifest_digest);
+  if (absl::GetFlag(FLAGS_json)) {
+    nlohmann::json layers = nlohmann::json::array();
+    for (const auto& l : report->layers) layers.push_back({{"digest", l.digest}, {"size", l.size}, {"skipped", l.skipped}});
+    std::printf("%s\n", nlohmann::json{{"image", image}, {"manifestDigest", report->manifest_digest},
+                                       {"tags", report->tags}, {"layers", layers},
+                                       {"bytesUploaded", report->bytes_uploaded}, {"seconds", seconds}}
+                            .dump()
+                            .c_str());
+  } else {
+    std::printf("%s\n", image.c_str());
+    std::fprintf(stderr, "kiln: pushed %zu layer(s) (%d already there), %.1f MiB in %.1f s\n", report->layers.size(),
+                 skipped, report->bytes_uploaded / 1048576.0, seconds);
+  }
+  return 0;
+}
