@@ -11,10 +11,34 @@
 
 namespace kiln {
 
-RegistryPublisher::RegistryPublisher(RegistryPublisherOptions options)
-    : options_(std::move(options)), cache_(options_.layer_cache_file) {}
+RegistryPublisher::RegistryPublisher(RegistryPublisherOptions options, WorkerMetrics* metrics)
+    : options_(std::move(options)), metrics_(metrics), cache_(options_.layer_cache_file) {}
 
 absl::StatusOr<kiln::v1::PushResult> RegistryPublisher::Publish(const kiln::v1::PushTarget& push,
+                                                                const std::string& output,
+                                                                absl::FunctionRef<void(absl::string_view)> log) {
+  absl::StatusOr<kiln::v1::PushResult> result = Push(push, output, log);
+  if (metrics_ == nullptr) return result;
+  if (!result.ok()) {
+    // Bounded labels: the kind of error, never the registry or the image.
+    switch (result.status().code()) {
+      case absl::StatusCode::kUnauthenticated: metrics_->PushFailures("unauthorized").Increment(); break;
+      case absl::StatusCode::kPermissionDenied: metrics_->PushFailures("denied").Increment(); break;
+      case absl::StatusCode::kNotFound: metrics_->PushFailures("not_found").Increment(); break;
+      case absl::StatusCode::kInvalidArgument: metrics_->PushFailures("invalid").Increment(); break;
+      case absl::StatusCode::kUnavailable: metrics_->PushFailures("unavailable").Increment(); break;
+      default: metrics_->PushFailures("other").Increment(); break;
+    }
+    return result;
+  }
+  metrics_->push_bytes.Increment(static_cast<double>(result->bytes_uploaded()));
+  metrics_->push_duration.Observe(absl::ToDoubleSeconds(FromProtoDuration(result->duration())));
+  for (const auto& l : result->layers()) metrics_->PushedBlobs(l.skipped() ? "skipped" : "pushed").Increment();
+  metrics_->PushedBlobs(result->config().skipped() ? "skipped" : "pushed").Increment();
+  return result;
+}
+
+absl::StatusOr<kiln::v1::PushResult> RegistryPublisher::Push(const kiln::v1::PushTarget& push,
                                                                 const std::string& output,
                                                                 absl::FunctionRef<void(absl::string_view)> log) {
   const absl::Time start = absl::Now();

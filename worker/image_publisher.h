@@ -11,6 +11,7 @@
 #include "absl/status/statusor.h"
 #include "kiln/v1/types.pb.h"
 #include "push/image_pusher.h"
+#include "worker/worker_metrics.h"
 
 namespace kiln {
 
@@ -34,12 +35,17 @@ struct RegistryPublisherOptions {
 
 class RegistryPublisher final : public ImagePublisher {
  public:
-  explicit RegistryPublisher(RegistryPublisherOptions options);
+  // `metrics` may be null.
+  RegistryPublisher(RegistryPublisherOptions options, WorkerMetrics* metrics);
   absl::StatusOr<kiln::v1::PushResult> Publish(const kiln::v1::PushTarget& push, const std::string& output,
                                                absl::FunctionRef<void(absl::string_view)> log) override;
 
  private:
+  absl::StatusOr<kiln::v1::PushResult> Push(const kiln::v1::PushTarget& push, const std::string& output,
+                                            absl::FunctionRef<void(absl::string_view)> log);
+
   const RegistryPublisherOptions options_;
+  WorkerMetrics* const metrics_;
   LayerCache cache_;
 };
 

@@ -132,7 +132,7 @@ int main(int argc, char** argv) {
   push_options.scratch_dir = options.work_dir;
   push_options.layer_cache_file = options.work_dir + "/layer-cache.json";
   push_options.gzip_level = std::clamp(absl::GetFlag(FLAGS_push_gzip_level), 1, 9);
-  kiln::RegistryPublisher publisher(push_options);
+  kiln::RegistryPublisher publisher(push_options, &metrics);
   nix.publisher = &publisher;
 
   // The executor outlives the agent: the agent's Stop() waits for the builds

@@ -36,12 +36,41 @@ WorkerMetrics::WorkerMetrics(std::shared_ptr<prometheus::Registry> registry)
                          .Register(*registry)
                          .Add({}, prometheus::Histogram::BucketBoundaries{0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
                                                                           120, 300, 600, 1800, 3600, 7200})),
+      push_bytes(prometheus::BuildCounter()
+                     .Name("kiln_worker_push_bytes_total")
+                     .Help("Compressed blob bytes this worker uploaded to registries.")
+                     .Register(*registry)
+                     .Add({})),
+      push_duration(prometheus::BuildHistogram()
+                        .Name("kiln_worker_push_duration_seconds")
+                        .Help("Wall time of image pushes (successful ones).")
+                        .Register(*registry)
+                        .Add({}, prometheus::Histogram::BucketBoundaries{0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
+                                                                         300, 600, 1800})),
       registry_(std::move(registry)),
       finished_family_(prometheus::BuildCounter()
                            .Name("kiln_worker_builds_finished_total")
                            .Help("Builds finished on this worker, by result.")
-                           .Register(*registry_)) {
+                           .Register(*registry_)),
+      blobs_family_(prometheus::BuildCounter()
+                        .Name("kiln_worker_pushed_blobs_total")
+                        .Help("Blobs of pushed images, by what happened to them.")
+                        .Register(*registry_)),
+      push_failures_family_(prometheus::BuildCounter()
+                                .Name("kiln_worker_push_failures_total")
+                                .Help("Image pushes that failed, by the kind of registry error.")
+                                .Register(*registry_)) {
   for (auto r : {"succeeded", "failed", "cancelled", "infra_error", "timed_out"}) BuildsFinished(r);
+  for (auto r : {"pushed", "skipped"}) PushedBlobs(r);
+  for (auto c : {"unauthorized", "denied", "not_found", "invalid", "unavailable", "other"}) PushFailures(c);
+}
+
+prometheus::Counter& WorkerMetrics::PushedBlobs(absl::string_view result) {
+  return blobs_family_.Add({{"result", std::string(result)}});
+}
+
+prometheus::Counter& WorkerMetrics::PushFailures(absl::string_view code) {
+  return push_failures_family_.Add({{"code", std::string(code)}});
 }
 
 prometheus::Counter& WorkerMetrics::BuildsFinished(absl::string_view result) {

@@ -26,12 +26,21 @@ class WorkerMetrics {
   prometheus::Counter& log_lines_dropped;
   prometheus::Histogram& build_duration;
 
+  prometheus::Counter& push_bytes;
+  prometheus::Histogram& push_duration;
+
   // result: succeeded, failed, cancelled, infra_error.
   prometheus::Counter& BuildsFinished(absl::string_view result);
+  // result: pushed, skipped (the registry had it).
+  prometheus::Counter& PushedBlobs(absl::string_view result);
+  // code: unauthorized, denied, not_found, invalid, unavailable, other.
+  prometheus::Counter& PushFailures(absl::string_view code);
 
  private:
   std::shared_ptr<prometheus::Registry> registry_;
   prometheus::Family<prometheus::Counter>& finished_family_;
+  prometheus::Family<prometheus::Counter>& blobs_family_;
+  prometheus::Family<prometheus::Counter>& push_failures_family_;
 };
 
 }  // namespace kiln

@@ -105,12 +105,20 @@ TEST(PushE2eTest, AWorkerPushesTheImageItBuiltAndOnlyWhatTheRegistryLacks) {
   EXPECT_EQ(denied->exit.exit_code, 1);
   EXPECT_TRUE(absl::StrContains(denied->stdout_data + denied->stderr_data, "UNAUTHORIZED"))
       << denied->stdout_data << denied->stderr_data;
+  auto good = testing::ScrapeMetrics(farm.worker_metrics()[0]);
+  auto bad = testing::ScrapeMetrics(farm.worker_metrics()[1]);
+  ASSERT_TRUE(good.ok() && bad.ok());
+  EXPECT_TRUE(absl::StrContains(*good, "kiln_worker_pushed_blobs_total{result=\"skipped\"} 3")) << *good;
+  EXPECT_TRUE(absl::StrContains(*good, "kiln_worker_pushed_blobs_total{result=\"pushed\"} 3")) << *good;
+  EXPECT_TRUE(absl::StrContains(*bad, "kiln_worker_push_failures_total{code=\"unauthorized\"} 1")) << *bad;
+
   std::string everything = first->stdout_data + first->stderr_data + again->stdout_data + again->stderr_data +
                            pushed_cli->stdout_data + pushed_cli->stderr_data +
                            denied->stdout_data + denied->stderr_data + ReadFileOrDie(farm.LogOf("coordinator")) +
                            ReadFileOrDie(farm.LogOf("worker-1")) + ReadFileOrDie(farm.LogOf("worker-2"));
   auto metrics = testing::ScrapeMetrics(farm.coordinator_metrics());
   if (metrics.ok()) everything += *metrics;
+  everything += *good + *bad;
   for (const char* secret : {kPassword, kWrongPassword}) {
     EXPECT_FALSE(absl::StrContains(everything, secret)) << secret;
     EXPECT_FALSE(absl::StrContains(everything, absl::Base64Escape(absl::StrCat(kUser, ":", secret))));
