@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
+#include "common/cli_args.h"
 #include "common/image_ref.h"
 #include "push/credentials.h"
 #include "push/image_pusher.h"
@@ -50,7 +51,8 @@ std::string DefaultAuthFile() {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("kiln push RESULT REGISTRY/REPOSITORY[:TAG] [--tag=T,...] [--authfile=F] [--json]");
-  std::vector<char*> args = absl::ParseCommandLine(argc, argv);
+  kiln::DashedFlagArgs dashed(argc, argv);  // --gzip-level as well as --gzip_level
+  std::vector<char*> args = absl::ParseCommandLine(dashed.argc(), dashed.argv());
   if (args.size() != 3) return Fail("usage: kiln push RESULT REGISTRY/REPOSITORY[:TAG] [--tag=T,...]", 2);
   const std::string archive = args[1];
   absl::StatusOr<kiln::ImageRef> ref = kiln::ParseImageRef(args[2]);

@@ -110,6 +110,8 @@ void LayerCache::Put(const std::string& diff_id, int level, Entry entry) {
 
 absl::Status LayerCache::Save() const {
   if (path_.empty()) return absl::OkStatus();
+  std::error_code ec;
+  std::filesystem::create_directories(std::filesystem::path(path_).parent_path(), ec);
   nlohmann::json j = nlohmann::json::object();
   {
     absl::MutexLock lock(&mu_);

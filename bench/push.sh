@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Pushing an image: Kiln's pusher (kiln push, the code workers run) vs
+# `skopeo copy docker-archive:… docker://…`, same image, same local registry
+# (Debian's docker-registry on 127.0.0.1, plain HTTP, no auth), one run.
+#   first    a repository that has nothing yet (each contender its own)
+#   again    the same image pushed again to the same repository
+# Skopeo gets the uncompressed .tar (Debian's skopeo 1.9 fails on a gzipped
+# docker-archive). The peer for throughput is one core's gzip -6 + sha256
+# over the same layers. BENCH_LAYERS (default 24) × BENCH_LAYER_MB (9).
+# Headline: push_first_ratio_vs_skopeo (Kiln time / skopeo time; ≤ 0.5 is
+# the target; ≤ 0.2 for push_again_ratio_vs_skopeo).
+source "$(dirname "$0")/../scripts/lib.sh"
+ensure_deps >&2
+build_kiln >&2
+
+layers=${BENCH_LAYERS:-24}
+layer_mb=${BENCH_LAYER_MB:-9}
+work=$(mktemp -d)
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+cat >"$work/registry.yml" <<YML
+version: 0.1
+log:
+  level: error
+storage:
+  filesystem:
+    rootdirectory: $work/registry
+http:
+  addr: 127.0.0.1:$port
+YML
+docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
+registry_pid=$!
+trap 'kill $registry_pid 2>/dev/null; wait $registry_pid 2>/dev/null; rm -rf "$work"' EXIT
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.1; done
+
+# The image: layers half text-like (compressible, as binaries and sources
+# are), half random, as a docker-archive like buildLayeredImage writes.
+python3 - "$work/image" "$layers" "$layer_mb" <<'PY'
+import hashlib, io, json, os, random, sys, tarfile
+out, n, mb = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+os.makedirs(out, exist_ok=True)
+rnd = random.Random(7)
+words = [bytes(rnd.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rnd.randint(2, 9))) for _ in range(4000)]
+diff_ids, paths = [], []
+for i in range(n):
+    size = mb << 20
+    text = b" ".join(rnd.choice(words) for _ in range(size // 12))[: size // 2]
+    data = text + os.urandom(size - len(text))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as t:
+        info = tarfile.TarInfo(f"layer{i}/data.bin"); info.size = len(data); info.mtime = 1
+        t.addfile(info, io.BytesIO(data))
+    layer = buf.getvalue()
+    h = hashlib.sha256(layer).hexdigest()
+    os.makedirs(f"{out}/{h}", exist_ok=True)
+    open(f"{out}/{h}/layer.tar", "wb").write(layer)
+    diff_ids.append("sha256:" + h); paths.append(f"{h}/layer.tar")
+config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                     "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+ch = hashlib.sha256(config).hexdigest()
+open(f"{out}/{ch}.json", "wb").write(config)
+json.dump([{"Config": f"{ch}.json", "RepoTags": ["bench:latest"], "Layers": paths}], open(f"{out}/manifest.json", "w"))
+PY
+tar --sort=name -C "$work/image" -cf "$work/image.tar" .
+image_bytes=$(stat -c %s "$work/image.tar")
+
+now_ns() { date +%s%N; }
+ms_since() { awk -v a="$1" -v b="$(now_ns)" 'BEGIN {printf "%.1f", (b - a) / 1e6}'; }
+reg=127.0.0.1:$port
+export KILN_CACHE_DIR=$work/kiln-cache
+
+# One core's gzip -6 + sha256 over the layers: the single-core limit.
+cat "$work"/image/*/layer.tar >/dev/null
+t0=$(now_ns)
+for f in "$work"/image/*/layer.tar; do gzip -6 -c "$f" | sha256sum >/dev/null; done
+limit_ms=$(ms_since "$t0")
+
+t0=$(now_ns)
+skopeo copy -q --dest-tls-verify=false "docker-archive:$work/image.tar" "docker://$reg/bench/skopeo:first" >/dev/null
+skopeo_first_ms=$(ms_since "$t0")
+t0=$(now_ns)
+skopeo copy -q --dest-tls-verify=false "docker-archive:$work/image.tar" "docker://$reg/bench/skopeo:again" >/dev/null
+skopeo_again_ms=$(ms_since "$t0")
+
+t0=$(now_ns)
+"$KILN_BUILD/bin/kiln" push "$work/image.tar" "$reg/bench/kiln:first" --insecure --gzip-level="${BENCH_GZIP_LEVEL:-6}" >/dev/null
+kiln_first_ms=$(ms_since "$t0")
+t0=$(now_ns)
+"$KILN_BUILD/bin/kiln" push "$work/image.tar" "$reg/bench/kiln:again" --insecure --gzip-level="${BENCH_GZIP_LEVEL:-6}" >/dev/null
+kiln_again_ms=$(ms_since "$t0")
+skopeo inspect --tls-verify=false "docker://$reg/bench/kiln:first" >/dev/null
+
+layer_bytes=$(cat "$work"/image/*/layer.tar | wc -c)
+echo "layers=$layers"
+echo "image_mib=$(awk -v b="$image_bytes" 'BEGIN {printf "%.0f", b / 1048576}')"
+echo "gzip6_sha256_one_core_ms=$limit_ms"
+echo "skopeo_first_ms=$skopeo_first_ms"
+echo "kiln_first_ms=$kiln_first_ms"
+echo "skopeo_again_ms=$skopeo_again_ms"
+echo "kiln_again_ms=$kiln_again_ms"
+echo "kiln_first_fraction_of_one_core_limit=$(awk -v l="$limit_ms" -v k="$kiln_first_ms" 'BEGIN {printf "%.2f", l / k}')"
+echo "push_again_ratio_vs_skopeo=$(awk -v a="$kiln_again_ms" -v b="$skopeo_again_ms" 'BEGIN {printf "%.3f", a / b}')"
+echo "push_first_ratio_vs_skopeo=$(awk -v a="$kiln_first_ms" -v b="$skopeo_first_ms" 'BEGIN {printf "%.3f", a / b}')"
