@@ -3,7 +3,10 @@
 // runs on every build, does not load libcurl and libarchive.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
+#include <memory>
+#include <thread>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -30,6 +33,7 @@ ABSL_FLAG(bool, insecure, false, "Speak plain HTTP to the registry (local tests 
 ABSL_FLAG(std::string, registry_ca, "", "CA bundle for the registry (default: the system's)");
 ABSL_FLAG(int, gzip_level, 6, "gzip level of the layers (1 fastest … 9 smallest)");
 ABSL_FLAG(bool, json, false, "Print the result as JSON");
+ABSL_FLAG(int, parallel, 0, "Layers compressed and uploaded at once (0: one per CPU core)");
 
 namespace {
 
@@ -86,7 +90,11 @@ int main(int argc, char** argv) {
   const char* tmp = std::getenv("TMPDIR");
   kiln::PushOptions push{.gzip_level = absl::GetFlag(FLAGS_gzip_level),
                          .scratch_dir = tmp != nullptr && *tmp ? tmp : "/tmp",
-                         .cache = &cache};
+                         .cache = &cache,
+                         .parallel = absl::GetFlag(FLAGS_parallel) > 0
+                                         ? absl::GetFlag(FLAGS_parallel)
+                                         : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())),
+                         .make_client = [&] { return std::make_unique<kiln::HttpRegistryClient>(ref->registry, options); }};
   kiln::HttpRegistryClient client(ref->registry, options);
   const absl::Time start = absl::Now();
   absl::StatusOr<kiln::PushReport> report = kiln::PushDockerArchive(archive, *ref, tags, client, push);

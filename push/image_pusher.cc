@@ -4,6 +4,8 @@
 #include <zlib.h>
 
 #include <cstdio>
+#include <deque>
+#include <thread>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -11,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "absl/cleanup/cleanup.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/strings/str_cat.h"
 #include "common/digest.h"
 #include "common/net.h"
@@ -120,6 +123,102 @@ absl::Status LayerCache::Save() const {
   return WriteFileAtomically(path_, j.dump() + "\n");
 }
 
+namespace {
+
+// The archive is read in one pass, each wanted layer copied raw to a scratch
+// file; `options.parallel` threads take finished files, compress them and
+// hand them to `send` with a registry client of their own. At most twice as
+// many raw layers as threads wait on disk.
+absl::Status CompressInParallel(
+    const std::string& archive, const DockerArchive& image, const std::vector<bool>& compress,
+    const PushOptions& options, const std::string& scratch,
+    const std::function<absl::Status(size_t, PushedBlob, RegistryClient&, uint64_t*)>& send, PushReport& report) {
+  absl::Mutex mu;
+  std::deque<size_t> ready;        // Raw layers read whole, not yet taken.
+  bool reading_done = false;       // Guarded by mu.
+  absl::Status failed;             // The first error; guarded by mu.
+  uint64_t uploaded = 0;           // Guarded by mu.
+  const auto raw_of = [&scratch](size_t i) { return absl::StrCat(scratch, "/layer-", i, ".raw"); };
+  const auto gz_of = [&scratch](size_t i) { return absl::StrCat(scratch, "/layer-", i, ".gz"); };
+  const auto fail = [&](absl::Status s) {
+    absl::MutexLock lock(&mu);
+    if (failed.ok()) failed = std::move(s);
+  };
+  std::vector<std::thread> threads;
+  for (int t = 0; t < options.parallel; ++t) {
+    threads.emplace_back([&] {
+      std::unique_ptr<RegistryClient> client = options.make_client();
+      for (;;) {
+        size_t i;
+        {
+          absl::MutexLock lock(&mu);
+          const auto work_or_end = [&] { return !ready.empty() || reading_done || !failed.ok(); };
+          mu.Await(absl::Condition(&work_or_end));
+          if (!failed.ok() || ready.empty()) return;
+          i = ready.front();
+          ready.pop_front();
+        }
+        GzipFile gz;
+        absl::Status s = gz.Open(gz_of(i), options.gzip_level);
+        std::FILE* raw = s.ok() ? std::fopen(raw_of(i).c_str(), "rb") : nullptr;
+        if (s.ok() && raw == nullptr) s = absl::InternalError(absl::StrCat("cannot read ", raw_of(i)));
+        std::string buf(1 << 20, '\0');
+        while (s.ok()) {
+          const size_t n = std::fread(buf.data(), 1, buf.size(), raw);
+          if (n == 0) break;
+          s = gz.Write(absl::string_view(buf.data(), n), false);
+        }
+        if (raw != nullptr) std::fclose(raw);
+        std::error_code ignored;
+        std::filesystem::remove(raw_of(i), ignored);
+        absl::StatusOr<PushedBlob> blob = s.ok() ? gz.Finish() : absl::StatusOr<PushedBlob>(s);
+        uint64_t sent = 0;
+        if (blob.ok()) s = send(i, *blob, *client, &sent);
+        if (!blob.ok()) s = blob.status();
+        if (!s.ok()) return fail(s);
+        absl::MutexLock lock(&mu);
+        uploaded += sent;
+      }
+    });
+  }
+  std::FILE* out = nullptr;
+  absl::Status read = StreamLayers(
+      archive, image, [&](size_t i) { return compress[i]; },
+      [&](size_t i, absl::string_view data) -> absl::Status {
+        if (out == nullptr) out = std::fopen(raw_of(i).c_str(), "wb");
+        if (out == nullptr || std::fwrite(data.data(), 1, data.size(), out) != data.size()) {
+          return absl::InternalError(absl::StrCat("cannot write ", raw_of(i)));
+        }
+        return absl::OkStatus();
+      },
+      [&](size_t i) -> absl::Status {
+        if (out == nullptr) out = std::fopen(raw_of(i).c_str(), "wb");  // An empty layer.
+        if (out == nullptr || std::fclose(out) != 0) {
+          out = nullptr;
+          return absl::InternalError(absl::StrCat("cannot write ", raw_of(i)));
+        }
+        out = nullptr;
+        absl::MutexLock lock(&mu);
+        ready.push_back(i);
+        // Bound the raw copies on disk; stop reading once a thread failed.
+        const size_t bound = static_cast<size_t>(2 * options.parallel);
+        const auto room = [&] { return ready.size() < bound || !failed.ok(); };
+        mu.Await(absl::Condition(&room));
+        return failed;
+      });
+  if (out != nullptr) std::fclose(out);
+  if (!read.ok()) fail(read);
+  {
+    absl::MutexLock lock(&mu);
+    reading_done = true;
+  }
+  for (auto& t : threads) t.join();
+  report.bytes_uploaded += uploaded;
+  return failed;
+}
+
+}  // namespace
+
 absl::StatusOr<PushReport> PushDockerArchive(const std::string& archive, const ImageRef& ref,
                                              std::vector<std::string> tags, RegistryClient& client,
                                              const PushOptions& options) {
@@ -135,16 +234,45 @@ absl::StatusOr<PushReport> PushDockerArchive(const std::string& archive, const I
   // digest is known.
   report.layers.resize(image->layers.size());
   std::vector<bool> compress(image->layers.size(), true);
+  std::vector<size_t> cached;
   for (size_t i = 0; i < image->layers.size(); ++i) {
-    LayerCache::Entry cached;
-    if (options.cache == nullptr || !options.cache->Find(image->layers[i].diff_id, options.gzip_level, &cached)) {
-      continue;
+    LayerCache::Entry entry;
+    if (options.cache != nullptr && options.cache->Find(image->layers[i].diff_id, options.gzip_level, &entry)) {
+      report.layers[i] = PushedBlob{entry.digest, entry.size, false};
+      cached.push_back(i);
     }
-    absl::StatusOr<bool> has = client.HasBlob(repo, cached.digest);
-    if (!has.ok()) return has.status();
-    report.layers[i] = PushedBlob{cached.digest, cached.size, *has};
-    compress[i] = !*has;
   }
+  // One HEAD per cached layer, spread over several clients when there are.
+  // (Each thread records into its layers' `skipped`; `compress`, a
+  // vector<bool> whose elements share words, is derived afterwards.)
+  const size_t threads =
+      options.make_client ? std::min<size_t>(static_cast<size_t>(std::max(1, options.parallel)), cached.size()) : 1;
+  const auto check = [&](RegistryClient& via, size_t first) -> absl::Status {
+    for (size_t k = first; k < cached.size(); k += threads) {
+      const size_t i = cached[k];
+      absl::StatusOr<bool> has = via.HasBlob(repo, report.layers[i].digest);
+      if (!has.ok()) return has.status();
+      report.layers[i].skipped = *has;
+    }
+    return absl::OkStatus();
+  };
+  if (threads <= 1) {
+    if (absl::Status s = check(client, 0); !s.ok()) return s;
+  } else {
+    std::vector<absl::Status> results(threads);
+    std::vector<std::thread> pool;
+    for (size_t t = 0; t < threads; ++t) {
+      pool.emplace_back([&, t] {
+        std::unique_ptr<RegistryClient> own = options.make_client();
+        results[t] = check(*own, t);
+      });
+    }
+    for (auto& th : pool) th.join();
+    for (const absl::Status& s : results) {
+      if (!s.ok()) return s;
+    }
+  }
+  for (size_t i : cached) compress[i] = !report.layers[i].skipped;
 
   // The others: compressed to scratch files in one pass over the archive,
   // then sent unless the registry has them.
@@ -158,40 +286,54 @@ absl::StatusOr<PushReport> PushDockerArchive(const std::string& archive, const I
     std::error_code ignored;
     std::filesystem::remove_all(scratch, ignored);
   };
-  std::map<size_t, std::unique_ptr<GzipFile>> open;
   const auto file_of = [&scratch](size_t i) { return absl::StrCat(scratch, "/layer-", i, ".gz"); };
-  absl::Status streamed = StreamLayers(
-      archive, *image, [&](size_t i) { return compress[i]; },
-      [&](size_t i, absl::string_view data) -> absl::Status {
-        auto& gz = open[i];
-        if (!gz) {
-          gz = std::make_unique<GzipFile>();
-          if (absl::Status s = gz->Open(file_of(i), options.gzip_level); !s.ok()) return s;
-        }
-        return gz->Write(data, false);
-      },
-      [&](size_t i) -> absl::Status {
-        auto& gz = open[i];
-        if (!gz) {  // An empty layer.
-          gz = std::make_unique<GzipFile>();
-          if (absl::Status s = gz->Open(file_of(i), options.gzip_level); !s.ok()) return s;
-        }
-        absl::StatusOr<PushedBlob> blob = gz->Finish();
-        gz.reset();
-        if (!blob.ok()) return blob.status();
-        if (options.cache != nullptr) options.cache->Put(image->layers[i].diff_id, options.gzip_level, {blob->digest, blob->size});
-        absl::StatusOr<bool> has = client.HasBlob(repo, blob->digest);
-        if (!has.ok()) return has.status();
-        blob->skipped = *has;
-        if (!*has) {
-          BlobSource source{.file = file_of(i), .data = "", .size = blob->size};
-          if (absl::Status s = client.UploadBlob(repo, blob->digest, source); !s.ok()) return s;
-          report.bytes_uploaded += blob->size;
-        }
-        std::filesystem::remove(file_of(i), ec);
-        report.layers[i] = *blob;
-        return absl::OkStatus();
-      });
+  // A compressed layer: cached, checked with the registry, sent if missing.
+  const auto send = [&](size_t i, PushedBlob blob, RegistryClient& via, uint64_t* uploaded) -> absl::Status {
+    if (options.cache != nullptr) {
+      options.cache->Put(image->layers[i].diff_id, options.gzip_level, {blob.digest, blob.size});
+    }
+    absl::StatusOr<bool> has = via.HasBlob(repo, blob.digest);
+    if (!has.ok()) return has.status();
+    blob.skipped = *has;
+    if (!*has) {
+      BlobSource source{.file = file_of(i), .data = "", .size = blob.size};
+      if (absl::Status s = via.UploadBlob(repo, blob.digest, source); !s.ok()) return s;
+      *uploaded += blob.size;
+    }
+    std::error_code ignored;
+    std::filesystem::remove(file_of(i), ignored);
+    report.layers[i] = blob;
+    return absl::OkStatus();
+  };
+  absl::Status streamed;
+  if (options.parallel <= 1 || !options.make_client) {
+    // One layer at a time, compressed as it is read.
+    std::map<size_t, std::unique_ptr<GzipFile>> open;
+    const auto gz_for = [&](size_t i) -> absl::StatusOr<GzipFile*> {
+      auto& gz = open[i];
+      if (!gz) {
+        gz = std::make_unique<GzipFile>();
+        if (absl::Status s = gz->Open(file_of(i), options.gzip_level); !s.ok()) return s;
+      }
+      return gz.get();
+    };
+    streamed = StreamLayers(
+        archive, *image, [&](size_t i) { return compress[i]; },
+        [&](size_t i, absl::string_view data) -> absl::Status {
+          absl::StatusOr<GzipFile*> gz = gz_for(i);
+          return gz.ok() ? (*gz)->Write(data, false) : gz.status();
+        },
+        [&](size_t i) -> absl::Status {
+          absl::StatusOr<GzipFile*> gz = gz_for(i);  // An empty layer has had no chunk.
+          if (!gz.ok()) return gz.status();
+          absl::StatusOr<PushedBlob> blob = (*gz)->Finish();
+          open.erase(i);
+          if (!blob.ok()) return blob.status();
+          return send(i, *blob, client, &report.bytes_uploaded);
+        });
+  } else {
+    streamed = CompressInParallel(archive, *image, compress, options, scratch, send, report);
+  }
   if (!streamed.ok()) return streamed;
   // A layer listed twice is read once: the copies share its blob.
   for (size_t i = 0; i < image->layers.size(); ++i) {

@@ -9,6 +9,8 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <map>
 #include <string>
 #include <vector>
@@ -43,6 +45,12 @@ struct PushOptions {
   int gzip_level = 6;
   std::string scratch_dir = "/tmp";
   LayerCache* cache = nullptr;  // Optional.
+  // Layers compressed and uploaded at once. Above 1, the archive's layers
+  // are first copied raw to scratch files (one sequential pass), and each
+  // of `parallel` threads compresses and uploads through a client of its
+  // own from `make_client`.
+  int parallel = 1;
+  std::function<std::unique_ptr<RegistryClient>()> make_client;
 };
 
 struct PushedBlob {

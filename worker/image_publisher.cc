@@ -57,7 +57,11 @@ absl::StatusOr<kiln::v1::PushResult> RegistryPublisher::Push(const kiln::v1::Pus
   }
   log(absl::StrCat("pushing to ", push.repository(), " (tags ", absl::StrJoin(push.tags(), ", "), ")"));
   HttpRegistryClient client(ref->registry, registry);
-  PushOptions options{.gzip_level = options_.gzip_level, .scratch_dir = options_.scratch_dir, .cache = &cache_};
+  PushOptions options{.gzip_level = options_.gzip_level,
+                      .scratch_dir = options_.scratch_dir,
+                      .cache = &cache_,
+                      .parallel = options_.parallel,
+                      .make_client = [&] { return std::make_unique<HttpRegistryClient>(ref->registry, registry); }};
   absl::StatusOr<PushReport> report = PushDockerArchive(
       output, *ref, std::vector<std::string>(push.tags().begin(), push.tags().end()), client, options);
   if (!report.ok()) return report.status();

@@ -31,6 +31,7 @@ struct RegistryPublisherOptions {
   std::string scratch_dir;
   std::string layer_cache_file;              // diff_id -> compressed digest
   int gzip_level = 6;
+  int parallel = 2;  // Layers compressed and uploaded at once.
 };
 
 class RegistryPublisher final : public ImagePublisher {

@@ -4,6 +4,7 @@
 
 #include <cstdio>
 #include <filesystem>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
@@ -132,6 +133,7 @@ int main(int argc, char** argv) {
   push_options.scratch_dir = options.work_dir;
   push_options.layer_cache_file = options.work_dir + "/layer-cache.json";
   push_options.gzip_level = std::clamp(absl::GetFlag(FLAGS_push_gzip_level), 1, 9);
+  push_options.parallel = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   kiln::RegistryPublisher publisher(push_options, &metrics);
   nix.publisher = &publisher;
 

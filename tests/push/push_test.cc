@@ -104,7 +104,7 @@ TEST_F(PushTest, PushesAnImageSkopeoCanPullThenSkipsEveryBlobTheSecondTime) {
   auto ref = ParseImageRef(absl::StrCat(registry_->address(), "/", repo, ":testing"));
   ASSERT_TRUE(ref.ok()) << ref.status();
   LayerCache cache(dir_.Sub("layers.json"));
-  PushOptions options{.gzip_level = 6, .scratch_dir = dir_.path(), .cache = &cache};
+  PushOptions options{.gzip_level = 6, .scratch_dir = dir_.path(), .cache = &cache, .parallel = 1, .make_client = nullptr};
 
   HttpRegistryClient client(registry_->address(), Options());
   auto report = PushDockerArchive(*archive_, *ref, {"testing", "v1"}, client, options);
@@ -150,6 +150,28 @@ TEST_F(PushTest, PushesAnImageSkopeoCanPullThenSkipsEveryBlobTheSecondTime) {
   EXPECT_EQ(again_client.requests("PUT"), 1);  // The manifest.
 }
 
+TEST_F(PushTest, LayersCompressedInParallelGiveTheSameImage) {
+  const std::string stamp = absl::StrCat(absl::ToUnixNanos(absl::Now()));
+  PushOptions sequential{.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .parallel = 1,
+                         .make_client = nullptr};
+  HttpRegistryClient one(registry_->address(), Options());
+  auto a = PushDockerArchive(*archive_, *ParseImageRef(absl::StrCat(registry_->address(), "/kiln/seq-", stamp, ":t")),
+                             {}, one, sequential);
+  ASSERT_TRUE(a.ok()) << a.status();
+  PushOptions parallel = sequential;
+  parallel.parallel = 3;
+  parallel.make_client = [&] { return std::make_unique<HttpRegistryClient>(registry_->address(), Options()); };
+  HttpRegistryClient main_client(registry_->address(), Options());
+  const std::string repo = absl::StrCat("kiln/par-", stamp);
+  auto b = PushDockerArchive(*archive_, *ParseImageRef(absl::StrCat(registry_->address(), "/", repo, ":t")), {},
+                             main_client, parallel);
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ(b->manifest_digest, a->manifest_digest);  // gzip without timestamps: the same bytes.
+  EXPECT_EQ(main_client.requests("PATCH") + main_client.requests("POST"), 1);  // Only the config's upload.
+  Skopeo({"copy", "--src-tls-verify=false", "--src-creds", absl::StrCat(kUser, ":", kPassword),
+          absl::StrCat("docker://", registry_->address(), "/", repo, ":t"), "dir:" + dir_.Sub("parallel")});
+}
+
 TEST_F(PushTest, LargeBlobsGoInChunks) {
   const std::string repo = absl::StrCat("kiln/chunked-", absl::ToUnixNanos(absl::Now()));
   RegistryOptions o = Options();
@@ -158,7 +180,7 @@ TEST_F(PushTest, LargeBlobsGoInChunks) {
   HttpRegistryClient client(registry_->address(), o);
   auto ref = ParseImageRef(absl::StrCat(registry_->address(), "/", repo, ":chunked"));
   ASSERT_TRUE(ref.ok());
-  auto report = PushDockerArchive(*archive_, *ref, {}, client, {.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr});
+  auto report = PushDockerArchive(*archive_, *ref, {}, client, {.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .parallel = 1, .make_client = nullptr});
   ASSERT_TRUE(report.ok()) << report.status();
   EXPECT_GT(client.requests("PATCH"), 2);
   Skopeo({"copy", "--src-tls-verify=false", "--src-creds", absl::StrCat(kUser, ":", kPassword),
@@ -170,7 +192,7 @@ TEST_F(PushTest, AWrongPasswordIsAnAuthErrorThatNeverShowsThePassword) {
   HttpRegistryClient client(registry_->address(), Options(wrong));
   auto ref = ParseImageRef(absl::StrCat(registry_->address(), "/kiln/denied:testing"));
   ASSERT_TRUE(ref.ok());
-  auto report = PushDockerArchive(*archive_, *ref, {}, client, {.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr});
+  auto report = PushDockerArchive(*archive_, *ref, {}, client, {.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .parallel = 1, .make_client = nullptr});
   ASSERT_FALSE(report.ok());
   EXPECT_TRUE(absl::IsUnauthenticated(report.status())) << report.status();
   EXPECT_TRUE(absl::StrContains(report.status().message(), "UNAUTHORIZED")) << report.status();
