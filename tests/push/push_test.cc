@@ -4,6 +4,9 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <functional>
+#include <thread>
+#include <utility>
 
 #include <nlohmann/json.hpp>
 
@@ -198,6 +201,74 @@ TEST_F(PushTest, AWrongPasswordIsAnAuthErrorThatNeverShowsThePassword) {
   EXPECT_TRUE(absl::StrContains(report.status().message(), "UNAUTHORIZED")) << report.status();
   EXPECT_FALSE(absl::StrContains(report.status().message(), wrong));
   EXPECT_FALSE(absl::StrContains(report.status().message(), kPassword));
+}
+
+// Passes everything through; runs `after_first_upload` once the first blob
+// is in, to take the registry away in the middle of a push.
+class InterruptingClient final : public RegistryClient {
+ public:
+  InterruptingClient(RegistryClient* inner, std::function<void()> after_first_upload)
+      : inner_(inner), after_(std::move(after_first_upload)) {}
+  absl::StatusOr<bool> HasBlob(const std::string& repo, const std::string& digest) override {
+    return inner_->HasBlob(repo, digest);
+  }
+  absl::Status UploadBlob(const std::string& repo, const std::string& digest, const BlobSource& blob) override {
+    absl::Status s = inner_->UploadBlob(repo, digest, blob);
+    if (after_) std::exchange(after_, nullptr)();
+    return s;
+  }
+  absl::StatusOr<std::string> PutManifest(const std::string& repo, const std::string& ref, const std::string& type,
+                                          const std::string& body) override {
+    return inner_->PutManifest(repo, ref, type, body);
+  }
+
+ private:
+  RegistryClient* inner_;
+  std::function<void()> after_;
+};
+
+TEST_F(PushTest, ARegistryBackWithinTheRetriesGetsTheWholeImage) {
+  auto own = LocalRegistry::Start({kUser, kPassword});
+  ASSERT_TRUE(own.ok()) << own.status();
+  RegistryOptions o = Options();
+  o.max_attempts = 10;
+  o.max_backoff = absl::Seconds(1);
+  HttpRegistryClient http((*own)->address(), o);
+  std::thread restart;
+  InterruptingClient client(&http, [&] {
+    (*own)->Stop();
+    restart = std::thread([&] {
+      absl::SleepFor(absl::Milliseconds(500));
+      ASSERT_TRUE((*own)->Restart().ok());
+    });
+  });
+  auto ref = ParseImageRef(absl::StrCat((*own)->address(), "/kiln/flaky:testing"));
+  auto report = PushDockerArchive(*archive_, *ref, {}, client,
+                                  {.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .parallel = 1,
+                                   .make_client = nullptr});
+  if (restart.joinable()) restart.join();
+  ASSERT_TRUE(report.ok()) << report.status();
+  Skopeo({"inspect", "--tls-verify=false", "--creds", absl::StrCat(kUser, ":", kPassword),
+          absl::StrCat("docker://", (*own)->address(), "/kiln/flaky:testing")});
+}
+
+TEST_F(PushTest, ARegistryThatStaysDownIsAClearFailureAfterBoundedRetries) {
+  auto own = LocalRegistry::Start({kUser, kPassword});
+  ASSERT_TRUE(own.ok()) << own.status();
+  RegistryOptions o = Options();
+  o.max_attempts = 3;
+  o.max_backoff = absl::Milliseconds(200);
+  HttpRegistryClient http((*own)->address(), o);
+  InterruptingClient client(&http, [&] { (*own)->Stop(); });
+  auto ref = ParseImageRef(absl::StrCat((*own)->address(), "/kiln/gone:testing"));
+  const absl::Time start = absl::Now();
+  auto report = PushDockerArchive(*archive_, *ref, {}, client,
+                                  {.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .parallel = 1,
+                                   .make_client = nullptr});
+  ASSERT_FALSE(report.ok());
+  EXPECT_TRUE(absl::IsUnavailable(report.status())) << report.status();
+  EXPECT_TRUE(absl::StrContains(report.status().message(), "after 3 attempts")) << report.status();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(30));
 }
 
 TEST(ImageRefTest, ParsesAndRefuses) {

@@ -55,20 +55,29 @@ absl::StatusOr<std::unique_ptr<LocalRegistry>> LocalRegistry::Start(const Option
                     "\n");
   }
   WriteFileOrDie(registry->dir_.Sub("config.yml"), config);
-  auto daemon = Daemon::Start({"/usr/bin/docker-registry", "serve", registry->dir_.Sub("config.yml")},
-                              registry->dir_.Sub("registry.log"), {});
+  if (absl::Status s = registry->Run(); !s.ok()) return s;
+  return registry;
+}
+
+absl::Status LocalRegistry::Run() {
+  auto daemon = Daemon::Start({"/usr/bin/docker-registry", "serve", dir_.Sub("config.yml")}, dir_.Sub("registry.log"), {});
   if (!daemon.ok()) return daemon.status();
-  registry->daemon_ = *std::move(daemon);
+  daemon_ = *std::move(daemon);
   // Ready when /v2/ answers (200, or 401 behind auth).
   const absl::Time deadline = absl::Now() + absl::Seconds(20);
   while (absl::Now() < deadline) {
     ProcessSpec probe;
-    probe.argv = {"curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", absl::StrCat("http://", registry->address_, "/v2/")};
+    probe.argv = {"curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", absl::StrCat("http://", address_, "/v2/")};
     absl::StatusOr<CommandResult> r = RunCommand(probe, "", absl::Seconds(5));
-    if (r.ok() && (r->stdout_data == "200" || r->stdout_data == "401")) return registry;
+    if (r.ok() && (r->stdout_data == "200" || r->stdout_data == "401")) return absl::OkStatus();
     absl::SleepFor(absl::Milliseconds(50));
   }
-  return absl::DeadlineExceededError(absl::StrCat("docker-registry did not start: ", registry->LogText()));
+  return absl::DeadlineExceededError(absl::StrCat("docker-registry did not start: ", LogText()));
+}
+
+absl::Status LocalRegistry::Restart() {
+  Stop();
+  return Run();
 }
 
 std::string LocalRegistry::LogText() const { return ReadFileOrDie(dir_.Sub("registry.log")); }

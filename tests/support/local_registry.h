@@ -24,9 +24,12 @@ class LocalRegistry {
   const std::string& address() const { return address_; }  // 127.0.0.1:PORT
   std::string LogText() const;
   void Stop();
+  // Starts it again on the same address with the same storage.
+  absl::Status Restart();
 
  private:
   LocalRegistry() = default;
+  absl::Status Run();  // Starts the daemon and waits until it answers.
   TempDir dir_;
   std::unique_ptr<Daemon> daemon_;
   std::string address_;
