@@ -648,7 +648,9 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& g
     if (result.has_push() && !result.push().image().empty()) {
       const auto& p = result.push();
       nlohmann::json layers = nlohmann::json::array();
-      for (const auto& l : p.layers()) layers.push_back({{"digest", l.digest()}, {"size", l.size()}, {"skipped", l.skipped()}});
+      for (const auto& l : p.layers()) {
+        layers.push_back({{"digest", l.digest()}, {"size", l.size()}, {"skipped", l.skipped()}, {"mounted", l.mounted()}});
+      }
       entry["pushed"] = {{"image", p.image()},     {"manifestDigest", p.manifest_digest()},
                          {"tags", std::vector<std::string>(p.tags().begin(), p.tags().end())},
                          {"size", p.manifest_size() + p.config().size()}, {"layers", layers},

@@ -105,7 +105,9 @@ int main(int argc, char** argv) {
   const std::string image = absl::StrCat(ref->registry, "/", ref->repository, "@", report->manifest_digest);
   if (absl::GetFlag(FLAGS_json)) {
     nlohmann::json layers = nlohmann::json::array();
-    for (const auto& l : report->layers) layers.push_back({{"digest", l.digest}, {"size", l.size}, {"skipped", l.skipped}});
+    for (const auto& l : report->layers) {
+      layers.push_back({{"digest", l.digest}, {"size", l.size}, {"skipped", l.skipped}, {"mounted", l.mounted}});
+    }
     std::printf("%s\n", nlohmann::json{{"image", image}, {"manifestDigest", report->manifest_digest},
                                        {"tags", report->tags}, {"layers", layers},
                                        {"bytesUploaded", report->bytes_uploaded}, {"seconds", seconds}}

@@ -14,6 +14,7 @@
 
 #include "absl/cleanup/cleanup.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/digest.h"
 #include "common/net.h"
@@ -93,7 +94,8 @@ LayerCache::LayerCache(std::string path) : path_(std::move(path)) {
   absl::MutexLock lock(&mu_);
   for (auto it = j.begin(); it != j.end(); ++it) {
     if (it.value().is_object()) {
-      entries_[it.key()] = Entry{it.value().value("digest", ""), it.value().value("size", uint64_t{0})};
+      entries_[it.key()] = Entry{it.value().value("digest", ""), it.value().value("size", uint64_t{0}),
+                                 it.value().value("seen_in", "")};
     }
   }
 }
@@ -118,7 +120,7 @@ absl::Status LayerCache::Save() const {
   nlohmann::json j = nlohmann::json::object();
   {
     absl::MutexLock lock(&mu_);
-    for (const auto& [k, e] : entries_) j[k] = {{"digest", e.digest}, {"size", e.size}};
+    for (const auto& [k, e] : entries_) j[k] = {{"digest", e.digest}, {"size", e.size}, {"seen_in", e.seen_in}};
   }
   return WriteFileAtomically(path_, j.dump() + "\n");
 }
@@ -235,10 +237,13 @@ absl::StatusOr<PushReport> PushDockerArchive(const std::string& archive, const I
   report.layers.resize(image->layers.size());
   std::vector<bool> compress(image->layers.size(), true);
   std::vector<size_t> cached;
+  std::vector<std::string> seen_in(image->layers.size());
+  const std::string here = absl::StrCat(ref.registry, "/", repo);
   for (size_t i = 0; i < image->layers.size(); ++i) {
     LayerCache::Entry entry;
     if (options.cache != nullptr && options.cache->Find(image->layers[i].diff_id, options.gzip_level, &entry)) {
-      report.layers[i] = PushedBlob{entry.digest, entry.size, false};
+      report.layers[i] = PushedBlob{entry.digest, entry.size, false, false};
+      seen_in[i] = entry.seen_in;
       cached.push_back(i);
     }
   }
@@ -253,6 +258,13 @@ absl::StatusOr<PushReport> PushDockerArchive(const std::string& archive, const I
       absl::StatusOr<bool> has = via.HasBlob(repo, report.layers[i].digest);
       if (!has.ok()) return has.status();
       report.layers[i].skipped = *has;
+      // Known in another repository of this registry: link it, send nothing.
+      const std::string prefix = absl::StrCat(ref.registry, "/");
+      if (!*has && absl::StartsWith(seen_in[i], prefix) && seen_in[i] != here) {
+        absl::StatusOr<bool> mounted = via.MountBlob(repo, report.layers[i].digest, seen_in[i].substr(prefix.size()));
+        if (!mounted.ok()) return mounted.status();
+        report.layers[i].skipped = report.layers[i].mounted = *mounted;
+      }
     }
     return absl::OkStatus();
   };
@@ -272,7 +284,13 @@ absl::StatusOr<PushReport> PushDockerArchive(const std::string& archive, const I
       if (!s.ok()) return s;
     }
   }
-  for (size_t i : cached) compress[i] = !report.layers[i].skipped;
+  for (size_t i : cached) {
+    compress[i] = !report.layers[i].skipped;
+    if (report.layers[i].skipped && options.cache != nullptr) {
+      options.cache->Put(image->layers[i].diff_id, options.gzip_level,
+                         {report.layers[i].digest, report.layers[i].size, here});
+    }
+  }
 
   // The others: compressed to scratch files in one pass over the archive,
   // then sent unless the registry has them.
@@ -290,7 +308,7 @@ absl::StatusOr<PushReport> PushDockerArchive(const std::string& archive, const I
   // A compressed layer: cached, checked with the registry, sent if missing.
   const auto send = [&](size_t i, PushedBlob blob, RegistryClient& via, uint64_t* uploaded) -> absl::Status {
     if (options.cache != nullptr) {
-      options.cache->Put(image->layers[i].diff_id, options.gzip_level, {blob.digest, blob.size});
+      options.cache->Put(image->layers[i].diff_id, options.gzip_level, {blob.digest, blob.size, here});
     }
     absl::StatusOr<bool> has = via.HasBlob(repo, blob.digest);
     if (!has.ok()) return has.status();

@@ -28,6 +28,7 @@ class LayerCache {
   struct Entry {
     std::string digest;
     uint64_t size = 0;
+    std::string seen_in;  // registry/repository that last had it: a mount source.
   };
   // `path` empty: in memory only.
   explicit LayerCache(std::string path);
@@ -56,7 +57,8 @@ struct PushOptions {
 struct PushedBlob {
   std::string digest;
   uint64_t size = 0;
-  bool skipped = false;  // The registry had it.
+  bool skipped = false;  // The registry had it (or mounted it).
+  bool mounted = false;  // Linked from another repository of the registry.
 };
 
 struct PushReport {

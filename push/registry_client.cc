@@ -418,6 +418,22 @@ absl::Status HttpRegistryClient::UploadBlob(const std::string& repository, const
   return last;
 }
 
+absl::StatusOr<bool> HttpRegistryClient::MountBlob(const std::string& repository, const std::string& digest,
+                                                    const std::string& from) {
+  Request r{.method = "POST",
+            .url = absl::StrCat(impl_->Base(), "/v2/", repository, "/blobs/uploads/?mount=", UrlEncode(digest),
+                                "&from=", UrlEncode(from)),
+            .headers = {}, .body = nullptr, .offset = 0, .length = 0,
+            .what = absl::StrCat("mount of ", digest, " from ", from), .send_credentials = true};
+  absl::StatusOr<Response> response = impl_->Send(r);
+  if (!response.ok()) return response.status();
+  if (response->status == 201) return true;
+  // 202: the registry opened an upload instead (it may not see `from`); the
+  // blob is sent the ordinary way and that session expires unused.
+  if (response->status == 202) return false;
+  return impl_->Fail(r, *response);
+}
+
 absl::StatusOr<std::string> HttpRegistryClient::PutManifest(const std::string& repository,
                                                             const std::string& reference,
                                                             const std::string& media_type, const std::string& body) {

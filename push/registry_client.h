@@ -44,6 +44,10 @@ class RegistryClient {
   virtual absl::StatusOr<bool> HasBlob(const std::string& repository, const std::string& digest) = 0;
   virtual absl::Status UploadBlob(const std::string& repository, const std::string& digest,
                                   const BlobSource& blob) = 0;
+  // Links a blob the registry holds for `from` into `repository` without
+  // sending it; false when the registry would not (the blob must be sent).
+  virtual absl::StatusOr<bool> MountBlob(const std::string& repository, const std::string& digest,
+                                         const std::string& from) = 0;
   // Returns the digest the registry gives the manifest.
   virtual absl::StatusOr<std::string> PutManifest(const std::string& repository, const std::string& reference,
                                                   const std::string& media_type, const std::string& body) = 0;
@@ -57,6 +61,8 @@ class HttpRegistryClient final : public RegistryClient {
 
   absl::StatusOr<bool> HasBlob(const std::string& repository, const std::string& digest) override;
   absl::Status UploadBlob(const std::string& repository, const std::string& digest, const BlobSource& blob) override;
+  absl::StatusOr<bool> MountBlob(const std::string& repository, const std::string& digest,
+                                 const std::string& from) override;
   absl::StatusOr<std::string> PutManifest(const std::string& repository, const std::string& reference,
                                           const std::string& media_type, const std::string& body) override;
 

@@ -33,7 +33,9 @@ absl::StatusOr<kiln::v1::PushResult> RegistryPublisher::Publish(const kiln::v1::
   }
   metrics_->push_bytes.Increment(static_cast<double>(result->bytes_uploaded()));
   metrics_->push_duration.Observe(absl::ToDoubleSeconds(FromProtoDuration(result->duration())));
-  for (const auto& l : result->layers()) metrics_->PushedBlobs(l.skipped() ? "skipped" : "pushed").Increment();
+  for (const auto& l : result->layers()) {
+    metrics_->PushedBlobs(l.mounted() ? "mounted" : l.skipped() ? "skipped" : "pushed").Increment();
+  }
   metrics_->PushedBlobs(result->config().skipped() ? "skipped" : "pushed").Increment();
   return result;
 }
@@ -75,6 +77,7 @@ absl::StatusOr<kiln::v1::PushResult> RegistryPublisher::Push(const kiln::v1::Pus
     out->set_digest(b.digest);
     out->set_size(static_cast<int64_t>(b.size));
     out->set_skipped(b.skipped);
+    out->set_mounted(b.mounted);
   };
   fill(report->config, result.mutable_config());
   int skipped = 0;

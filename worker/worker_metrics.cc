@@ -61,7 +61,7 @@ WorkerMetrics::WorkerMetrics(std::shared_ptr<prometheus::Registry> registry)
                                 .Help("Image pushes that failed, by the kind of registry error.")
                                 .Register(*registry_)) {
   for (auto r : {"succeeded", "failed", "cancelled", "infra_error", "timed_out"}) BuildsFinished(r);
-  for (auto r : {"pushed", "skipped"}) PushedBlobs(r);
+  for (auto r : {"pushed", "skipped", "mounted"}) PushedBlobs(r);
   for (auto c : {"unauthorized", "denied", "not_found", "invalid", "unavailable", "other"}) PushFailures(c);
 }
 

@@ -31,7 +31,8 @@ class WorkerMetrics {
 
   // result: succeeded, failed, cancelled, infra_error.
   prometheus::Counter& BuildsFinished(absl::string_view result);
-  // result: pushed, skipped (the registry had it).
+  // result: pushed, skipped (the registry had it), mounted (from another
+  // repository of the registry).
   prometheus::Counter& PushedBlobs(absl::string_view result);
   // code: unauthorized, denied, not_found, invalid, unavailable, other.
   prometheus::Counter& PushFailures(absl::string_view code);

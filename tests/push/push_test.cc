@@ -153,6 +153,31 @@ TEST_F(PushTest, PushesAnImageSkopeoCanPullThenSkipsEveryBlobTheSecondTime) {
   EXPECT_EQ(again_client.requests("PUT"), 1);  // The manifest.
 }
 
+TEST_F(PushTest, ASecondRepositoryOfTheRegistryGetsTheLayersByMountNotUpload) {
+  const std::string stamp = absl::StrCat(absl::ToUnixNanos(absl::Now()));
+  LayerCache cache(dir_.Sub("mount-layers.json"));
+  PushOptions options{.gzip_level = 6, .scratch_dir = dir_.path(), .cache = &cache, .parallel = 1,
+                      .make_client = nullptr};
+  HttpRegistryClient first(registry_->address(), Options());
+  ASSERT_TRUE(PushDockerArchive(*archive_, *ParseImageRef(absl::StrCat(registry_->address(), "/kiln/a-", stamp, ":t")),
+                                {}, first, options)
+                  .ok());
+  HttpRegistryClient second(registry_->address(), Options());
+  const std::string repo = absl::StrCat("kiln/b-", stamp);
+  auto report = PushDockerArchive(*archive_, *ParseImageRef(absl::StrCat(registry_->address(), "/", repo, ":t")), {},
+                                  second, options);
+  ASSERT_TRUE(report.ok()) << report.status();
+  for (const auto& l : report->layers) {
+    EXPECT_TRUE(l.mounted);
+    EXPECT_TRUE(l.skipped);
+  }
+  EXPECT_EQ(second.requests("PATCH"), 0);
+  EXPECT_EQ(second.requests("POST"), 2 + 1);  // Two mounts; the config goes the ordinary way.
+  EXPECT_EQ(report->bytes_uploaded, report->config.size);
+  Skopeo({"copy", "--src-tls-verify=false", "--src-creds", absl::StrCat(kUser, ":", kPassword),
+          absl::StrCat("docker://", registry_->address(), "/", repo, ":t"), "dir:" + dir_.Sub("mounted")});
+}
+
 TEST_F(PushTest, LayersCompressedInParallelGiveTheSameImage) {
   const std::string stamp = absl::StrCat(absl::ToUnixNanos(absl::Now()));
   PushOptions sequential{.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .parallel = 1,
@@ -216,6 +241,10 @@ class InterruptingClient final : public RegistryClient {
     absl::Status s = inner_->UploadBlob(repo, digest, blob);
     if (after_) std::exchange(after_, nullptr)();
     return s;
+  }
+  absl::StatusOr<bool> MountBlob(const std::string& repo, const std::string& digest,
+                                 const std::string& from) override {
+    return inner_->MountBlob(repo, digest, from);
   }
   absl::StatusOr<std::string> PutManifest(const std::string& repo, const std::string& ref, const std::string& type,
                                           const std::string& body) override {
