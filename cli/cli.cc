@@ -257,6 +257,8 @@ absl::StatusOr<std::vector<std::string>> SubmitOnce(BuildService::Stub& stub, co
       spec->mutable_push()->set_repository(has_tag ? options.push.substr(0, colon) : options.push);
       if (has_tag) spec->mutable_push()->add_tags(options.push.substr(colon + 1));
       for (const std::string& tag : options.tags) spec->mutable_push()->add_tags(tag);
+      spec->mutable_push()->set_manifest_format(options.oci_manifest ? kiln::v1::MANIFEST_FORMAT_OCI
+                                                                     : kiln::v1::MANIFEST_FORMAT_DOCKER_V2);
     }
   }
   if (send_inline) {

@@ -41,6 +41,7 @@ struct CliOptions {
   // build --push REGISTRY/REPOSITORY[:TAG] and --tag: the worker pushes the image.
   std::string push;
   std::vector<std::string> tags;
+  bool oci_manifest = false;  // build --manifest-format=oci
   // build --label: only workers with these labels may take the builds.
   std::map<std::string, std::string> labels;
 };

@@ -38,6 +38,7 @@ ABSL_FLAG(std::vector<std::string>, label, {},
 ABSL_FLAG(std::string, push, "",
           "build: push the built image to REGISTRY/REPOSITORY[:TAG] (from the worker, straight to the registry)");
 ABSL_FLAG(std::vector<std::string>, tag, {}, "build --push: more tags (comma-separated), e.g. testing,$GIT_SHA");
+ABSL_FLAG(std::string, manifest_format, "docker", "build --push: docker (v2 schema 2, as skopeo pushes) or oci");
 ABSL_FLAG(bool, write, false, "fod-hash: edit the flake's .nix files where the replacement is unambiguous");
 ABSL_FLAG(std::string, name, "", "fod list|export|forget: only FODs of this derivation name");
 ABSL_FLAG(std::string, priority, "interactive",
@@ -120,6 +121,11 @@ int main(int argc, char** argv) {
   options.out_link = absl::GetFlag(FLAGS_out_link);
   options.push = absl::GetFlag(FLAGS_push);
   options.tags = absl::GetFlag(FLAGS_tag);
+  if (absl::GetFlag(FLAGS_manifest_format) != "docker" && absl::GetFlag(FLAGS_manifest_format) != "oci") {
+    std::fprintf(stderr, "error: --manifest-format is docker or oci\n");
+    return kiln::kExitUsage;
+  }
+  options.oci_manifest = absl::GetFlag(FLAGS_manifest_format) == "oci";
   if (!options.tags.empty() && options.push.empty()) {
     std::fprintf(stderr, "error: --tag needs --push\n");
     return kiln::kExitUsage;

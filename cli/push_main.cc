@@ -33,6 +33,7 @@ ABSL_FLAG(bool, insecure, false, "Speak plain HTTP to the registry (local tests 
 ABSL_FLAG(std::string, registry_ca, "", "CA bundle for the registry (default: the system's)");
 ABSL_FLAG(int, gzip_level, 6, "gzip level of the layers (1 fastest … 9 smallest)");
 ABSL_FLAG(bool, json, false, "Print the result as JSON");
+ABSL_FLAG(bool, oci, false, "Push an OCI manifest (default: Docker v2 schema 2, as skopeo does)");
 ABSL_FLAG(int, parallel, 0, "Layers compressed and uploaded at once (0: one per CPU core)");
 
 namespace {
@@ -91,6 +92,7 @@ int main(int argc, char** argv) {
   kiln::PushOptions push{.gzip_level = absl::GetFlag(FLAGS_gzip_level),
                          .scratch_dir = tmp != nullptr && *tmp ? tmp : "/tmp",
                          .cache = &cache,
+                         .oci_manifest = absl::GetFlag(FLAGS_oci),
                          .parallel = absl::GetFlag(FLAGS_parallel) > 0
                                          ? absl::GetFlag(FLAGS_parallel)
                                          : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())),

@@ -24,9 +24,17 @@
 namespace kiln {
 namespace {
 
-constexpr char kManifestType[] = "application/vnd.docker.distribution.manifest.v2+json";
-constexpr char kConfigType[] = "application/vnd.docker.container.image.v1+json";
-constexpr char kLayerType[] = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+// Docker v2 schema 2 (what skopeo pushes from a docker-archive) and OCI.
+struct MediaTypes {
+  const char* manifest;
+  const char* config;
+  const char* layer;
+};
+constexpr MediaTypes kDocker = {"application/vnd.docker.distribution.manifest.v2+json",
+                                "application/vnd.docker.container.image.v1+json",
+                                "application/vnd.docker.image.rootfs.diff.tar.gzip"};
+constexpr MediaTypes kOci = {"application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.config.v1+json",
+                             "application/vnd.oci.image.layer.v1.tar+gzip"};
 
 // gzip into a scratch file, hashing what is written.
 class GzipFile {
@@ -372,20 +380,21 @@ absl::StatusOr<PushReport> PushDockerArchive(const std::string& archive, const I
     if (absl::Status s = client.UploadBlob(repo, report.config.digest, source); !s.ok()) return s;
     report.bytes_uploaded += image->config.size();
   }
+  const MediaTypes& types = options.oci_manifest ? kOci : kDocker;
   nlohmann::json manifest = {
       {"schemaVersion", 2},
-      {"mediaType", kManifestType},
-      {"config", {{"mediaType", kConfigType}, {"size", report.config.size}, {"digest", report.config.digest}}},
+      {"mediaType", types.manifest},
+      {"config", {{"mediaType", types.config}, {"size", report.config.size}, {"digest", report.config.digest}}},
       {"layers", nlohmann::json::array()},
   };
   for (const PushedBlob& l : report.layers) {
-    manifest["layers"].push_back({{"mediaType", kLayerType}, {"size", l.size}, {"digest", l.digest}});
+    manifest["layers"].push_back({{"mediaType", types.layer}, {"size", l.size}, {"digest", l.digest}});
   }
   const std::string body = manifest.dump(3);
   report.manifest_size = body.size();
   const std::string expected = absl::StrCat("sha256:", Sha256Hex(body));
   for (const std::string& tag : tags) {
-    absl::StatusOr<std::string> digest = client.PutManifest(repo, tag, kManifestType, body);
+    absl::StatusOr<std::string> digest = client.PutManifest(repo, tag, types.manifest, body);
     if (!digest.ok()) return digest.status();
     if (!digest->empty() && *digest != expected) {
       return absl::DataLossError(absl::StrCat("registry ", ref.registry, " stored the manifest as ", *digest,

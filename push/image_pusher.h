@@ -46,6 +46,7 @@ struct PushOptions {
   int gzip_level = 6;
   std::string scratch_dir = "/tmp";
   LayerCache* cache = nullptr;  // Optional.
+  bool oci_manifest = false;    // Default: Docker v2 schema 2, as skopeo pushes.
   // Layers compressed and uploaded at once. Above 1, the archive's layers
   // are first copied raw to scratch files (one sequential pass), and each
   // of `parallel` threads compresses and uploads through a client of its

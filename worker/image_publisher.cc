@@ -46,9 +46,6 @@ absl::StatusOr<kiln::v1::PushResult> RegistryPublisher::Push(const kiln::v1::Pus
   const absl::Time start = absl::Now();
   absl::StatusOr<ImageRef> ref = ParseImageRef(push.repository());
   if (!ref.ok()) return ref.status();
-  if (push.manifest_format() == kiln::v1::MANIFEST_FORMAT_OCI) {
-    return absl::UnimplementedError("OCI manifests are not pushed yet; Docker v2 schema 2 is");
-  }
   RegistryOptions registry;
   registry.plain_http = options_.insecure_registries.contains(ref->registry);
   registry.ca_file = options_.ca_file;
@@ -62,6 +59,7 @@ absl::StatusOr<kiln::v1::PushResult> RegistryPublisher::Push(const kiln::v1::Pus
   PushOptions options{.gzip_level = options_.gzip_level,
                       .scratch_dir = options_.scratch_dir,
                       .cache = &cache_,
+                      .oci_manifest = push.manifest_format() == kiln::v1::MANIFEST_FORMAT_OCI,
                       .parallel = options_.parallel,
                       .make_client = [&] { return std::make_unique<HttpRegistryClient>(ref->registry, registry); }};
   absl::StatusOr<PushReport> report = PushDockerArchive(

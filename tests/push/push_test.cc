@@ -107,7 +107,7 @@ TEST_F(PushTest, PushesAnImageSkopeoCanPullThenSkipsEveryBlobTheSecondTime) {
   auto ref = ParseImageRef(absl::StrCat(registry_->address(), "/", repo, ":testing"));
   ASSERT_TRUE(ref.ok()) << ref.status();
   LayerCache cache(dir_.Sub("layers.json"));
-  PushOptions options{.gzip_level = 6, .scratch_dir = dir_.path(), .cache = &cache, .parallel = 1, .make_client = nullptr};
+  PushOptions options{.gzip_level = 6, .scratch_dir = dir_.path(), .cache = &cache, .oci_manifest = false, .parallel = 1, .make_client = nullptr};
 
   HttpRegistryClient client(registry_->address(), Options());
   auto report = PushDockerArchive(*archive_, *ref, {"testing", "v1"}, client, options);
@@ -156,7 +156,7 @@ TEST_F(PushTest, PushesAnImageSkopeoCanPullThenSkipsEveryBlobTheSecondTime) {
 TEST_F(PushTest, ASecondRepositoryOfTheRegistryGetsTheLayersByMountNotUpload) {
   const std::string stamp = absl::StrCat(absl::ToUnixNanos(absl::Now()));
   LayerCache cache(dir_.Sub("mount-layers.json"));
-  PushOptions options{.gzip_level = 6, .scratch_dir = dir_.path(), .cache = &cache, .parallel = 1,
+  PushOptions options{.gzip_level = 6, .scratch_dir = dir_.path(), .cache = &cache, .oci_manifest = false, .parallel = 1,
                       .make_client = nullptr};
   HttpRegistryClient first(registry_->address(), Options());
   ASSERT_TRUE(PushDockerArchive(*archive_, *ParseImageRef(absl::StrCat(registry_->address(), "/kiln/a-", stamp, ":t")),
@@ -180,7 +180,7 @@ TEST_F(PushTest, ASecondRepositoryOfTheRegistryGetsTheLayersByMountNotUpload) {
 
 TEST_F(PushTest, LayersCompressedInParallelGiveTheSameImage) {
   const std::string stamp = absl::StrCat(absl::ToUnixNanos(absl::Now()));
-  PushOptions sequential{.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .parallel = 1,
+  PushOptions sequential{.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .oci_manifest = false, .parallel = 1,
                          .make_client = nullptr};
   HttpRegistryClient one(registry_->address(), Options());
   auto a = PushDockerArchive(*archive_, *ParseImageRef(absl::StrCat(registry_->address(), "/kiln/seq-", stamp, ":t")),
@@ -200,6 +200,25 @@ TEST_F(PushTest, LayersCompressedInParallelGiveTheSameImage) {
           absl::StrCat("docker://", registry_->address(), "/", repo, ":t"), "dir:" + dir_.Sub("parallel")});
 }
 
+TEST_F(PushTest, AnOciManifestOnRequest) {
+  const std::string repo = absl::StrCat("kiln/oci-", absl::ToUnixNanos(absl::Now()));
+  HttpRegistryClient client(registry_->address(), Options());
+  auto report = PushDockerArchive(*archive_, *ParseImageRef(absl::StrCat(registry_->address(), "/", repo, ":oci")), {},
+                                  client,
+                                  {.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .oci_manifest = true,
+                                   .parallel = 1, .make_client = nullptr});
+  ASSERT_TRUE(report.ok()) << report.status();
+  auto raw = nlohmann::json::parse(Skopeo({"inspect", "--raw", "--tls-verify=false", "--creds",
+                                           absl::StrCat(kUser, ":", kPassword),
+                                           absl::StrCat("docker://", registry_->address(), "/", repo, ":oci")}),
+                                   nullptr, false);
+  ASSERT_TRUE(raw.is_object());
+  EXPECT_EQ(raw.value("mediaType", ""), "application/vnd.oci.image.manifest.v1+json");
+  EXPECT_EQ(raw["layers"][0].value("mediaType", ""), "application/vnd.oci.image.layer.v1.tar+gzip");
+  Skopeo({"copy", "--src-tls-verify=false", "--src-creds", absl::StrCat(kUser, ":", kPassword),
+          absl::StrCat("docker://", registry_->address(), "/", repo, ":oci"), "oci:" + dir_.Sub("oci-layout")});
+}
+
 TEST_F(PushTest, LargeBlobsGoInChunks) {
   const std::string repo = absl::StrCat("kiln/chunked-", absl::ToUnixNanos(absl::Now()));
   RegistryOptions o = Options();
@@ -208,7 +227,7 @@ TEST_F(PushTest, LargeBlobsGoInChunks) {
   HttpRegistryClient client(registry_->address(), o);
   auto ref = ParseImageRef(absl::StrCat(registry_->address(), "/", repo, ":chunked"));
   ASSERT_TRUE(ref.ok());
-  auto report = PushDockerArchive(*archive_, *ref, {}, client, {.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .parallel = 1, .make_client = nullptr});
+  auto report = PushDockerArchive(*archive_, *ref, {}, client, {.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .oci_manifest = false, .parallel = 1, .make_client = nullptr});
   ASSERT_TRUE(report.ok()) << report.status();
   EXPECT_GT(client.requests("PATCH"), 2);
   Skopeo({"copy", "--src-tls-verify=false", "--src-creds", absl::StrCat(kUser, ":", kPassword),
@@ -220,7 +239,7 @@ TEST_F(PushTest, AWrongPasswordIsAnAuthErrorThatNeverShowsThePassword) {
   HttpRegistryClient client(registry_->address(), Options(wrong));
   auto ref = ParseImageRef(absl::StrCat(registry_->address(), "/kiln/denied:testing"));
   ASSERT_TRUE(ref.ok());
-  auto report = PushDockerArchive(*archive_, *ref, {}, client, {.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .parallel = 1, .make_client = nullptr});
+  auto report = PushDockerArchive(*archive_, *ref, {}, client, {.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .oci_manifest = false, .parallel = 1, .make_client = nullptr});
   ASSERT_FALSE(report.ok());
   EXPECT_TRUE(absl::IsUnauthenticated(report.status())) << report.status();
   EXPECT_TRUE(absl::StrContains(report.status().message(), "UNAUTHORIZED")) << report.status();
@@ -273,7 +292,7 @@ TEST_F(PushTest, ARegistryBackWithinTheRetriesGetsTheWholeImage) {
   });
   auto ref = ParseImageRef(absl::StrCat((*own)->address(), "/kiln/flaky:testing"));
   auto report = PushDockerArchive(*archive_, *ref, {}, client,
-                                  {.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .parallel = 1,
+                                  {.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .oci_manifest = false, .parallel = 1,
                                    .make_client = nullptr});
   if (restart.joinable()) restart.join();
   ASSERT_TRUE(report.ok()) << report.status();
@@ -292,7 +311,7 @@ TEST_F(PushTest, ARegistryThatStaysDownIsAClearFailureAfterBoundedRetries) {
   auto ref = ParseImageRef(absl::StrCat((*own)->address(), "/kiln/gone:testing"));
   const absl::Time start = absl::Now();
   auto report = PushDockerArchive(*archive_, *ref, {}, client,
-                                  {.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .parallel = 1,
+                                  {.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .oci_manifest = false, .parallel = 1,
                                    .make_client = nullptr});
   ASSERT_FALSE(report.ok());
   EXPECT_TRUE(absl::IsUnavailable(report.status())) << report.status();
