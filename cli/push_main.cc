@@ -96,10 +96,11 @@ int main(int argc, char** argv) {
                          .parallel = absl::GetFlag(FLAGS_parallel) > 0
                                          ? absl::GetFlag(FLAGS_parallel)
                                          : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())),
-                         .make_client = [&] { return std::make_unique<kiln::HttpRegistryClient>(ref->registry, options); }};
+                         .make_client = [&] { return std::make_unique<kiln::HttpRegistryClient>(ref->registry, options); },
+                         .stream_hold_bytes = 8 << 20};
   kiln::HttpRegistryClient client(ref->registry, options);
   const absl::Time start = absl::Now();
-  absl::StatusOr<kiln::PushReport> report = kiln::PushDockerArchive(archive, *ref, tags, client, push);
+  absl::StatusOr<kiln::PushReport> report = kiln::PushImage(archive, *ref, tags, client, push);
   if (!report.ok()) return Fail(std::string(report.status().message()), 1);
   const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
   int skipped = 0;

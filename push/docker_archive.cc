@@ -35,16 +35,18 @@ absl::StatusOr<ArchivePtr> OpenArchive(const std::string& path) {
   return a;
 }
 
-std::string Normalise(absl::string_view name) {
-  absl::ConsumePrefix(&name, "./");
-  return std::string(name);
-}
+std::string Normalise(absl::string_view name) { return NormaliseArchivePath(name); }
 
 absl::Status Broken(const std::string& path, archive* a) {
   return absl::InvalidArgumentError(absl::StrCat(path, ": ", archive_error_string(a)));
 }
 
 }  // namespace
+
+std::string NormaliseArchivePath(absl::string_view name) {
+  absl::ConsumePrefix(&name, "./");
+  return std::string(name);
+}
 
 absl::StatusOr<DockerArchive> ReadDockerArchive(const std::string& path) {
   absl::StatusOr<ArchivePtr> a = OpenArchive(path);
@@ -66,6 +68,11 @@ absl::StatusOr<DockerArchive> ReadDockerArchive(const std::string& path) {
   }
   if (r != ARCHIVE_EOF) return Broken(path, a->get());
 
+  return DockerArchiveFromJson(json_files, path);
+}
+
+absl::StatusOr<DockerArchive> DockerArchiveFromJson(const std::map<std::string, std::string>& json_files,
+                                                    const std::string& path) {
   auto manifest_it = json_files.find("manifest.json");
   if (manifest_it == json_files.end()) {
     return absl::InvalidArgumentError(absl::StrCat(path, " is not a docker-archive: it has no manifest.json"));

@@ -6,6 +6,7 @@
 // time: a .tar.gz cannot be read any other way.
 #pragma once
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -29,6 +30,14 @@ struct DockerArchive {
 
 // Reads manifest.json and the config (one pass over the archive).
 absl::StatusOr<DockerArchive> ReadDockerArchive(const std::string& path);
+
+// The image described by an archive's JSON members (name -> content, names
+// without "./"); `what` names the archive in errors.
+absl::StatusOr<DockerArchive> DockerArchiveFromJson(const std::map<std::string, std::string>& json_files,
+                                                    const std::string& what);
+
+// libarchive's name of an entry, without a leading "./".
+std::string NormaliseArchivePath(absl::string_view name);
 
 // One more pass, calling `chunk(index, data)` with the bytes of each layer
 // whose index `wanted(index)` says, in archive order, then

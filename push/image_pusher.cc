@@ -1,9 +1,20 @@
 #include "push/image_pusher.h"
 
+#include <archive.h>
+#include <archive_entry.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #include <zlib.h>
 
+#include <cerrno>
+#include <cstring>
+
 #include <cstdio>
+#include <functional>
 #include <deque>
 #include <thread>
 #include <filesystem>
@@ -18,6 +29,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/digest.h"
 #include "common/net.h"
+#include "common/source_tree.h"
 #include "common/source_tree.h"
 #include "push/docker_archive.h"
 
@@ -36,13 +48,20 @@ constexpr MediaTypes kDocker = {"application/vnd.docker.distribution.manifest.v2
 constexpr MediaTypes kOci = {"application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.config.v1+json",
                              "application/vnd.oci.image.layer.v1.tar+gzip"};
 
-// gzip into a scratch file, hashing what is written.
+// gzip into a scratch file (or any sink), hashing what is written.
 class GzipFile {
  public:
   absl::Status Open(const std::string& path, int level) {
     path_ = path;
     out_ = std::fopen(path.c_str(), "wb");
     if (out_ == nullptr) return absl::InternalError(absl::StrCat("cannot create ", path));
+    return Init(level);
+  }
+  absl::Status OpenSink(std::function<absl::Status(absl::string_view)> sink, int level) {
+    sink_ = std::move(sink);
+    return Init(level);
+  }
+  absl::Status Init(int level) {
     // 15 + 16: a gzip wrapper; zlib writes its header with no name and mtime 0.
     if (deflateInit2(&z_, level, Z_DEFLATED, 15 + 16, 8, Z_DEFAULT_STRATEGY) != Z_OK) {
       return absl::InternalError("zlib: deflateInit2 failed");
@@ -62,8 +81,13 @@ class GzipFile {
       if (r == Z_STREAM_ERROR) return absl::InternalError("zlib: deflate failed");
       const size_t n = sizeof buf - z_.avail_out;
       if (n > 0) {
-        if (std::fwrite(buf, 1, n, out_) != n) return absl::InternalError(absl::StrCat("cannot write ", path_));
-        hash_.Update(absl::string_view(reinterpret_cast<char*>(buf), n));
+        const absl::string_view piece(reinterpret_cast<char*>(buf), n);
+        if (sink_) {
+          if (absl::Status s = sink_(piece); !s.ok()) return s;
+        } else if (std::fwrite(buf, 1, n, out_) != n) {
+          return absl::InternalError(absl::StrCat("cannot write ", path_));
+        }
+        hash_.Update(piece);
         size_ += n;
       }
     } while (z_.avail_out == 0 || (finish && r != Z_STREAM_END));
@@ -85,6 +109,7 @@ class GzipFile {
   }
   std::string path_;
   std::FILE* out_ = nullptr;
+  std::function<absl::Status(absl::string_view)> sink_;
   z_stream z_{};
   bool open_ = false;
   Sha256 hash_;
@@ -225,6 +250,45 @@ absl::Status CompressInParallel(
   for (auto& t : threads) t.join();
   report.bytes_uploaded += uploaded;
   return failed;
+}
+
+// The config, then the manifest under every tag, once the layers are in.
+absl::Status FinishImage(const DockerArchive& image, const ImageRef& ref, const std::vector<std::string>& tags,
+                         RegistryClient& client, const PushOptions& options, PushReport& report) {
+  const std::string& repo = ref.repository;
+  // The config, then the manifest under every tag.
+  report.config = PushedBlob{absl::StrCat("sha256:", Sha256Hex(image.config)), image.config.size(), false};
+  absl::StatusOr<bool> has_config = client.HasBlob(repo, report.config.digest);
+  if (!has_config.ok()) return has_config.status();
+  report.config.skipped = *has_config;
+  if (!*has_config) {
+    BlobSource source{.file = "", .data = image.config, .size = image.config.size()};
+    if (absl::Status s = client.UploadBlob(repo, report.config.digest, source); !s.ok()) return s;
+    report.bytes_uploaded += image.config.size();
+  }
+  const MediaTypes& types = options.oci_manifest ? kOci : kDocker;
+  nlohmann::json manifest = {
+      {"schemaVersion", 2},
+      {"mediaType", types.manifest},
+      {"config", {{"mediaType", types.config}, {"size", report.config.size}, {"digest", report.config.digest}}},
+      {"layers", nlohmann::json::array()},
+  };
+  for (const PushedBlob& l : report.layers) {
+    manifest["layers"].push_back({{"mediaType", types.layer}, {"size", l.size}, {"digest", l.digest}});
+  }
+  const std::string body = manifest.dump(3);
+  report.manifest_size = body.size();
+  const std::string expected = absl::StrCat("sha256:", Sha256Hex(body));
+  for (const std::string& tag : tags) {
+    absl::StatusOr<std::string> digest = client.PutManifest(repo, tag, types.manifest, body);
+    if (!digest.ok()) return digest.status();
+    if (!digest->empty() && *digest != expected) {
+      return absl::DataLossError(absl::StrCat("registry ", ref.registry, " stored the manifest as ", *digest,
+                                              ", expected ", expected));
+    }
+  }
+  report.manifest_digest = expected;
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -370,39 +434,158 @@ absl::StatusOr<PushReport> PushDockerArchive(const std::string& archive, const I
   }
   if (options.cache != nullptr) options.cache->Save().IgnoreError();
 
-  // The config, then the manifest under every tag.
-  report.config = PushedBlob{absl::StrCat("sha256:", Sha256Hex(image->config)), image->config.size(), false};
-  absl::StatusOr<bool> has_config = client.HasBlob(repo, report.config.digest);
-  if (!has_config.ok()) return has_config.status();
-  report.config.skipped = *has_config;
-  if (!*has_config) {
-    BlobSource source{.file = "", .data = image->config, .size = image->config.size()};
-    if (absl::Status s = client.UploadBlob(repo, report.config.digest, source); !s.ok()) return s;
-    report.bytes_uploaded += image->config.size();
+  if (absl::Status s = FinishImage(*image, ref, tags, client, options, report); !s.ok()) return s;
+  return report;
+}
+
+namespace {
+
+constexpr int64_t kMaxJsonBytes = 16 << 20;
+
+struct ArchiveCloser {
+  void operator()(archive* a) const { archive_read_free(a); }
+};
+
+}  // namespace
+
+absl::StatusOr<PushReport> PushImageStream(int fd, const std::string& what, const ImageRef& ref,
+                                           std::vector<std::string> tags, RegistryClient& client,
+                                           const PushOptions& options) {
+  if (tags.empty() && !ref.tag.empty()) tags.push_back(ref.tag);
+  if (tags.empty()) return absl::InvalidArgumentError(absl::StrCat(ref.ToString(), ": no tag to push"));
+  const std::string& repo = ref.repository;
+  std::unique_ptr<archive, ArchiveCloser> a(archive_read_new());
+  archive_read_support_filter_gzip(a.get());
+  archive_read_support_filter_none(a.get());
+  archive_read_support_format_tar(a.get());
+  if (archive_read_open_fd(a.get(), fd, 1 << 20) != ARCHIVE_OK) {
+    return absl::InvalidArgumentError(absl::StrCat("cannot read ", what, ": ", archive_error_string(a.get())));
   }
-  const MediaTypes& types = options.oci_manifest ? kOci : kDocker;
-  nlohmann::json manifest = {
-      {"schemaVersion", 2},
-      {"mediaType", types.manifest},
-      {"config", {{"mediaType", types.config}, {"size", report.config.size}, {"digest", report.config.digest}}},
-      {"layers", nlohmann::json::array()},
-  };
-  for (const PushedBlob& l : report.layers) {
-    manifest["layers"].push_back({{"mediaType", types.layer}, {"size", l.size}, {"digest", l.digest}});
+  PushReport report;
+  report.tags = tags;
+  std::map<std::string, std::string> json_files;
+  std::map<std::string, PushedBlob> by_path;
+  std::string buffer(1 << 20, '\0');
+  archive_entry* entry = nullptr;
+  int r;
+  while ((r = archive_read_next_header(a.get(), &entry)) == ARCHIVE_OK) {
+    if (archive_entry_filetype(entry) != AE_IFREG) continue;
+    const std::string name = NormaliseArchivePath(archive_entry_pathname(entry));
+    if (absl::EndsWith(name, ".json")) {
+      if (archive_entry_size(entry) > kMaxJsonBytes) {
+        return absl::InvalidArgumentError(absl::StrCat(what, ": ", name, " is too large for image metadata"));
+      }
+      std::string data(static_cast<size_t>(archive_entry_size(entry)), '\0');
+      if (archive_read_data(a.get(), data.data(), data.size()) != static_cast<la_ssize_t>(data.size())) {
+        return absl::InvalidArgumentError(absl::StrCat(what, ": ", archive_error_string(a.get())));
+      }
+      json_files[name] = std::move(data);
+      continue;
+    }
+    // A layer: compressed as it is read; held in memory until it is known
+    // to be small, streamed to the registry once it is not.
+    std::string held;
+    std::unique_ptr<BlobStream> stream;
+    GzipFile gz;
+    absl::Status s = gz.OpenSink(
+        [&](absl::string_view piece) -> absl::Status {
+          if (stream) return stream->Append(piece);
+          held.append(piece.data(), piece.size());
+          if (held.size() <= options.stream_hold_bytes) return absl::OkStatus();
+          absl::StatusOr<std::unique_ptr<BlobStream>> started = client.StartStream(repo);
+          if (!started.ok()) return started.status();
+          stream = *std::move(started);
+          absl::Status appended = stream->Append(held);
+          held.clear();
+          return appended;
+        },
+        options.gzip_level);
+    for (la_ssize_t n; s.ok() && (n = archive_read_data(a.get(), buffer.data(), buffer.size())) != 0;) {
+      if (n < 0) return absl::InvalidArgumentError(absl::StrCat(what, ": ", archive_error_string(a.get())));
+      s = gz.Write(absl::string_view(buffer.data(), static_cast<size_t>(n)), false);
+    }
+    if (!s.ok()) return s;
+    absl::StatusOr<PushedBlob> blob = gz.Finish();
+    if (!blob.ok()) return blob.status();
+    if (stream) {
+      if (absl::Status f = stream->Finish(blob->digest); !f.ok()) return f;
+      report.bytes_uploaded += blob->size;
+    } else {
+      absl::StatusOr<bool> has = client.HasBlob(repo, blob->digest);
+      if (!has.ok()) return has.status();
+      blob->skipped = *has;
+      if (!*has) {
+        BlobSource source{.file = "", .data = held, .size = held.size()};
+        if (absl::Status u = client.UploadBlob(repo, blob->digest, source); !u.ok()) return u;
+        report.bytes_uploaded += blob->size;
+      }
+    }
+    by_path[name] = *blob;
   }
-  const std::string body = manifest.dump(3);
-  report.manifest_size = body.size();
-  const std::string expected = absl::StrCat("sha256:", Sha256Hex(body));
-  for (const std::string& tag : tags) {
-    absl::StatusOr<std::string> digest = client.PutManifest(repo, tag, types.manifest, body);
-    if (!digest.ok()) return digest.status();
-    if (!digest->empty() && *digest != expected) {
-      return absl::DataLossError(absl::StrCat("registry ", ref.registry, " stored the manifest as ", *digest,
-                                              ", expected ", expected));
+  if (r != ARCHIVE_EOF) return absl::InvalidArgumentError(absl::StrCat(what, ": ", archive_error_string(a.get())));
+  absl::StatusOr<DockerArchive> image = DockerArchiveFromJson(json_files, what);
+  if (!image.ok()) return image.status();
+  for (const DockerArchiveLayer& layer : image->layers) {
+    auto it = by_path.find(layer.path);
+    if (it == by_path.end()) return absl::InvalidArgumentError(absl::StrCat(what, ": layer ", layer.path, " is missing"));
+    report.layers.push_back(it->second);
+    if (options.cache != nullptr) {
+      options.cache->Put(layer.diff_id, options.gzip_level,
+                         {it->second.digest, it->second.size, absl::StrCat(ref.registry, "/", repo)});
     }
   }
-  report.manifest_digest = expected;
+  if (options.cache != nullptr) options.cache->Save().IgnoreError();
+  if (absl::Status s = FinishImage(*image, ref, tags, client, options, report); !s.ok()) return s;
+  return report;
+}
+
+absl::StatusOr<PushReport> PushImage(const std::string& output, const ImageRef& ref, std::vector<std::string> tags,
+                                     RegistryClient& client, const PushOptions& options) {
+  struct stat st {};
+  if (::stat(output.c_str(), &st) != 0) {
+    return absl::NotFoundError(absl::StrCat("cannot read ", output, ": ", std::strerror(errno)));
+  }
+  char magic[2] = {0, 0};
+  if (std::FILE* f = std::fopen(output.c_str(), "rb"); f != nullptr) {
+    (void)std::fread(magic, 1, 2, f);
+    std::fclose(f);
+  }
+  const bool script = S_ISREG(st.st_mode) && (st.st_mode & S_IXUSR) != 0 && magic[0] == '#' && magic[1] == '!';
+  if (!script) return PushDockerArchive(output, ref, std::move(tags), client, options);
+
+  // A streamLayeredImage script: run it (no shell), read its stdout.
+  int out[2];
+  if (::pipe2(out, O_CLOEXEC) != 0) return absl::InternalError(absl::StrCat("pipe: ", std::strerror(errno)));
+  const std::string err_path = absl::StrCat(options.scratch_dir, "/kiln-stream-", ::getpid(), "-", out[0], ".err");
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
+  posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
+  posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+  char* argv[] = {const_cast<char*>(output.c_str()), nullptr};
+  pid_t pid = -1;
+  const int spawned = ::posix_spawn(&pid, output.c_str(), &actions, nullptr, argv, environ);
+  posix_spawn_file_actions_destroy(&actions);
+  ::close(out[1]);
+  if (spawned != 0) {
+    ::close(out[0]);
+    return absl::InternalError(absl::StrCat("cannot run ", output, ": ", std::strerror(spawned)));
+  }
+  absl::StatusOr<PushReport> report = PushImageStream(out[0], output, ref, std::move(tags), client, options);
+  ::close(out[0]);
+  if (!report.ok()) ::kill(pid, SIGKILL);  // It may be blocked writing to the closed pipe.
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  std::string err;
+  ReadWholeFile(err_path, err).IgnoreError();
+  ::unlink(err_path.c_str());
+  if (!report.ok()) return report.status();
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    return absl::InternalError(absl::StrCat(output, " failed: ", err.substr(err.size() > 2000 ? err.size() - 2000 : 0)));
+  }
   return report;
 }
 
 }  // namespace kiln
+

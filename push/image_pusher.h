@@ -53,6 +53,9 @@ struct PushOptions {
   // own from `make_client`.
   int parallel = 1;
   std::function<std::unique_ptr<RegistryClient>()> make_client;
+  // PushImageStream: compressed bytes of a layer held in memory before it
+  // is streamed to the registry instead.
+  size_t stream_hold_bytes = 8 << 20;
 };
 
 struct PushedBlob {
@@ -76,5 +79,19 @@ struct PushReport {
 absl::StatusOr<PushReport> PushDockerArchive(const std::string& archive, const ImageRef& ref,
                                              std::vector<std::string> tags, RegistryClient& client,
                                              const PushOptions& options);
+
+// Pushes a docker-archive read once from `fd` (a pipe): each layer is
+// compressed as it arrives and a layer larger than stream_hold_bytes compressed is
+// streamed to the registry in chunks while it is read (nothing on disk);
+// smaller ones are checked with HEAD first. `what` names the source in errors.
+absl::StatusOr<PushReport> PushImageStream(int fd, const std::string& what, const ImageRef& ref,
+                                           std::vector<std::string> tags, RegistryClient& client,
+                                           const PushOptions& options);
+
+// What a build produced: a docker-archive file, or an executable that
+// writes one to stdout (`dockerTools.streamLayeredImage`), which is run and
+// its output pushed as it comes.
+absl::StatusOr<PushReport> PushImage(const std::string& output, const ImageRef& ref, std::vector<std::string> tags,
+                                     RegistryClient& client, const PushOptions& options);
 
 }  // namespace kiln

@@ -418,6 +418,64 @@ absl::Status HttpRegistryClient::UploadBlob(const std::string& repository, const
   return last;
 }
 
+namespace {
+
+// PATCHes what it is given in chunks of `chunk_bytes` (each kept until the
+// registry took it, so a retried PATCH sends it again), then PUTs the digest.
+class HttpBlobStream final : public BlobStream {
+ public:
+  HttpBlobStream(HttpRegistryClient::Impl* impl, std::string location) : impl_(impl), url_(std::move(location)) {}
+  absl::Status Append(absl::string_view data) override {
+    pending_.append(data.data(), data.size());
+    while (pending_.size() >= impl_->options.chunk_bytes) {
+      if (absl::Status s = Send(impl_->options.chunk_bytes); !s.ok()) return s;
+    }
+    return absl::OkStatus();
+  }
+  absl::Status Finish(const std::string& digest) override {
+    if (!pending_.empty()) {
+      if (absl::Status s = Send(pending_.size()); !s.ok()) return s;
+    }
+    Request put{.method = "PUT",
+                .url = absl::StrCat(url_, url_.find('?') == std::string::npos ? "?" : "&", "digest=", UrlEncode(digest)),
+                .headers = {"Content-Type: application/octet-stream"}, .body = nullptr, .offset = 0, .length = 0,
+                .what = absl::StrCat("upload of ", digest), .send_credentials = true};
+    absl::StatusOr<Response> response = impl_->Send(put);
+    if (!response.ok()) return response.status();
+    if (response->status != 201 && response->status != 204) return impl_->Fail(put, *response);
+    return absl::OkStatus();
+  }
+
+ private:
+  absl::Status Send(size_t n) {
+    BlobSource chunk{.file = "", .data = pending_.substr(0, n), .size = n};
+    Request patch{.method = "PATCH", .url = url_,
+                  .headers = {"Content-Type: application/octet-stream",
+                              absl::StrCat("Content-Range: ", offset_, "-", offset_ + n - 1)},
+                  .body = &chunk, .offset = 0, .length = n, .what = absl::StrCat("streamed upload at ", offset_),
+                  .send_credentials = true};
+    absl::StatusOr<Response> response = impl_->Send(patch);
+    if (!response.ok()) return response.status();
+    if (response->status != 202) return impl_->Fail(patch, *response);
+    if (!response->Header("location").empty()) url_ = impl_->Resolve(response->Header("location"));
+    offset_ += n;
+    pending_.erase(0, n);
+    return absl::OkStatus();
+  }
+  HttpRegistryClient::Impl* impl_;
+  std::string url_;
+  std::string pending_;
+  uint64_t offset_ = 0;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<BlobStream>> HttpRegistryClient::StartStream(const std::string& repository) {
+  absl::StatusOr<std::string> location = impl_->StartUpload(repository, "a streamed blob");
+  if (!location.ok()) return location.status();
+  return std::unique_ptr<BlobStream>(new HttpBlobStream(impl_.get(), *location));
+}
+
 absl::StatusOr<bool> HttpRegistryClient::MountBlob(const std::string& repository, const std::string& digest,
                                                     const std::string& from) {
   Request r{.method = "POST",

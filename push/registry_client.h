@@ -11,6 +11,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "common/image_ref.h"
 
@@ -38,9 +39,19 @@ struct BlobSource {
   uint64_t size = 0;
 };
 
+// A blob sent as it is produced: its digest is known only at the end.
+class BlobStream {
+ public:
+  virtual ~BlobStream() = default;
+  virtual absl::Status Append(absl::string_view data) = 0;
+  virtual absl::Status Finish(const std::string& digest) = 0;
+};
+
 class RegistryClient {
  public:
   virtual ~RegistryClient() = default;
+  // Starts an upload to `repository` fed piece by piece (PATCH chunks).
+  virtual absl::StatusOr<std::unique_ptr<BlobStream>> StartStream(const std::string& repository) = 0;
   virtual absl::StatusOr<bool> HasBlob(const std::string& repository, const std::string& digest) = 0;
   virtual absl::Status UploadBlob(const std::string& repository, const std::string& digest,
                                   const BlobSource& blob) = 0;
@@ -63,14 +74,16 @@ class HttpRegistryClient final : public RegistryClient {
   absl::Status UploadBlob(const std::string& repository, const std::string& digest, const BlobSource& blob) override;
   absl::StatusOr<bool> MountBlob(const std::string& repository, const std::string& digest,
                                  const std::string& from) override;
+  absl::StatusOr<std::unique_ptr<BlobStream>> StartStream(const std::string& repository) override;
   absl::StatusOr<std::string> PutManifest(const std::string& repository, const std::string& reference,
                                           const std::string& media_type, const std::string& body) override;
 
   // Requests made so far, by method (for tests and the push report).
   int requests(const std::string& method) const;
 
+  struct Impl;  // Opaque; named here for the upload streams it hands out.
+
  private:
-  struct Impl;
   std::unique_ptr<Impl> impl_;
 };
 

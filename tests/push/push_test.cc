@@ -3,6 +3,8 @@
 // independent client.
 #include <gtest/gtest.h>
 
+#include <sys/stat.h>
+
 #include <filesystem>
 #include <functional>
 #include <thread>
@@ -107,7 +109,7 @@ TEST_F(PushTest, PushesAnImageSkopeoCanPullThenSkipsEveryBlobTheSecondTime) {
   auto ref = ParseImageRef(absl::StrCat(registry_->address(), "/", repo, ":testing"));
   ASSERT_TRUE(ref.ok()) << ref.status();
   LayerCache cache(dir_.Sub("layers.json"));
-  PushOptions options{.gzip_level = 6, .scratch_dir = dir_.path(), .cache = &cache, .oci_manifest = false, .parallel = 1, .make_client = nullptr};
+  PushOptions options{.gzip_level = 6, .scratch_dir = dir_.path(), .cache = &cache, .oci_manifest = false, .parallel = 1, .make_client = nullptr, .stream_hold_bytes = 8 << 20};
 
   HttpRegistryClient client(registry_->address(), Options());
   auto report = PushDockerArchive(*archive_, *ref, {"testing", "v1"}, client, options);
@@ -157,7 +159,7 @@ TEST_F(PushTest, ASecondRepositoryOfTheRegistryGetsTheLayersByMountNotUpload) {
   const std::string stamp = absl::StrCat(absl::ToUnixNanos(absl::Now()));
   LayerCache cache(dir_.Sub("mount-layers.json"));
   PushOptions options{.gzip_level = 6, .scratch_dir = dir_.path(), .cache = &cache, .oci_manifest = false, .parallel = 1,
-                      .make_client = nullptr};
+                      .make_client = nullptr, .stream_hold_bytes = 8 << 20};
   HttpRegistryClient first(registry_->address(), Options());
   ASSERT_TRUE(PushDockerArchive(*archive_, *ParseImageRef(absl::StrCat(registry_->address(), "/kiln/a-", stamp, ":t")),
                                 {}, first, options)
@@ -181,7 +183,7 @@ TEST_F(PushTest, ASecondRepositoryOfTheRegistryGetsTheLayersByMountNotUpload) {
 TEST_F(PushTest, LayersCompressedInParallelGiveTheSameImage) {
   const std::string stamp = absl::StrCat(absl::ToUnixNanos(absl::Now()));
   PushOptions sequential{.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .oci_manifest = false, .parallel = 1,
-                         .make_client = nullptr};
+                         .make_client = nullptr, .stream_hold_bytes = 8 << 20};
   HttpRegistryClient one(registry_->address(), Options());
   auto a = PushDockerArchive(*archive_, *ParseImageRef(absl::StrCat(registry_->address(), "/kiln/seq-", stamp, ":t")),
                              {}, one, sequential);
@@ -206,7 +208,7 @@ TEST_F(PushTest, AnOciManifestOnRequest) {
   auto report = PushDockerArchive(*archive_, *ParseImageRef(absl::StrCat(registry_->address(), "/", repo, ":oci")), {},
                                   client,
                                   {.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .oci_manifest = true,
-                                   .parallel = 1, .make_client = nullptr});
+                                   .parallel = 1, .make_client = nullptr, .stream_hold_bytes = 8 << 20});
   ASSERT_TRUE(report.ok()) << report.status();
   auto raw = nlohmann::json::parse(Skopeo({"inspect", "--raw", "--tls-verify=false", "--creds",
                                            absl::StrCat(kUser, ":", kPassword),
@@ -219,6 +221,46 @@ TEST_F(PushTest, AnOciManifestOnRequest) {
           absl::StrCat("docker://", registry_->address(), "/", repo, ":oci"), "oci:" + dir_.Sub("oci-layout")});
 }
 
+TEST_F(PushTest, AStreamLayeredImageScriptIsPushedFromItsOutputAsItComes) {
+  // streamLayeredImage writes the archive to stdout; this script does the
+  // same with tar from the example's unpacked image.
+  ASSERT_TRUE(RunTool({"mkdir", "-p", dir_.Sub("unpacked")}).ok());
+  auto unpacked = RunTool({"tar", "-C", dir_.Sub("unpacked"), "-xzf", *archive_});
+  ASSERT_TRUE(unpacked.ok() && unpacked->exit.Success());
+  testing::WriteFileOrDie(dir_.Sub("stream-image"),
+                          "#!/bin/sh\nexec tar -C " + dir_.Sub("unpacked") + " --sort=name -cf - .\n");
+  ASSERT_EQ(::chmod(dir_.Sub("stream-image").c_str(), 0755), 0);
+
+  const std::string stamp = absl::StrCat(absl::ToUnixNanos(absl::Now()));
+  PushOptions options{.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .oci_manifest = false,
+                      .parallel = 1, .make_client = nullptr, .stream_hold_bytes = 8 << 20};
+  HttpRegistryClient archive_client(registry_->address(), Options());
+  auto from_archive = PushImage(*archive_, *ParseImageRef(absl::StrCat(registry_->address(), "/kiln/arch-", stamp, ":t")),
+                                {}, archive_client, options);
+  ASSERT_TRUE(from_archive.ok()) << from_archive.status();
+
+  // Every layer streamed in small PATCHes (nothing held, nothing on disk).
+  RegistryOptions small = Options();
+  small.chunk_bytes = 64;
+  options.stream_hold_bytes = 0;
+  HttpRegistryClient client(registry_->address(), small);
+  const std::string repo = absl::StrCat("kiln/stream-", stamp);
+  auto streamed = PushImage(dir_.Sub("stream-image"), *ParseImageRef(absl::StrCat(registry_->address(), "/", repo, ":t")),
+                            {}, client, options);
+  ASSERT_TRUE(streamed.ok()) << streamed.status();
+  EXPECT_EQ(streamed->manifest_digest, from_archive->manifest_digest);  // The same image.
+  EXPECT_GT(client.requests("PATCH"), 2);
+  Skopeo({"copy", "--src-tls-verify=false", "--src-creds", absl::StrCat(kUser, ":", kPassword),
+          absl::StrCat("docker://", registry_->address(), "/", repo, ":t"), "dir:" + dir_.Sub("streamed")});
+
+  // A script that fails is an error with its own words.
+  testing::WriteFileOrDie(dir_.Sub("broken-image"), "#!/bin/sh\necho 'no layers today' >&2\nexit 3\n");
+  ASSERT_EQ(::chmod(dir_.Sub("broken-image").c_str(), 0755), 0);
+  auto broken = PushImage(dir_.Sub("broken-image"), *ParseImageRef(absl::StrCat(registry_->address(), "/", repo, ":x")),
+                          {}, client, options);
+  ASSERT_FALSE(broken.ok());
+}
+
 TEST_F(PushTest, LargeBlobsGoInChunks) {
   const std::string repo = absl::StrCat("kiln/chunked-", absl::ToUnixNanos(absl::Now()));
   RegistryOptions o = Options();
@@ -227,7 +269,7 @@ TEST_F(PushTest, LargeBlobsGoInChunks) {
   HttpRegistryClient client(registry_->address(), o);
   auto ref = ParseImageRef(absl::StrCat(registry_->address(), "/", repo, ":chunked"));
   ASSERT_TRUE(ref.ok());
-  auto report = PushDockerArchive(*archive_, *ref, {}, client, {.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .oci_manifest = false, .parallel = 1, .make_client = nullptr});
+  auto report = PushDockerArchive(*archive_, *ref, {}, client, {.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .oci_manifest = false, .parallel = 1, .make_client = nullptr, .stream_hold_bytes = 8 << 20});
   ASSERT_TRUE(report.ok()) << report.status();
   EXPECT_GT(client.requests("PATCH"), 2);
   Skopeo({"copy", "--src-tls-verify=false", "--src-creds", absl::StrCat(kUser, ":", kPassword),
@@ -239,7 +281,7 @@ TEST_F(PushTest, AWrongPasswordIsAnAuthErrorThatNeverShowsThePassword) {
   HttpRegistryClient client(registry_->address(), Options(wrong));
   auto ref = ParseImageRef(absl::StrCat(registry_->address(), "/kiln/denied:testing"));
   ASSERT_TRUE(ref.ok());
-  auto report = PushDockerArchive(*archive_, *ref, {}, client, {.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .oci_manifest = false, .parallel = 1, .make_client = nullptr});
+  auto report = PushDockerArchive(*archive_, *ref, {}, client, {.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .oci_manifest = false, .parallel = 1, .make_client = nullptr, .stream_hold_bytes = 8 << 20});
   ASSERT_FALSE(report.ok());
   EXPECT_TRUE(absl::IsUnauthenticated(report.status())) << report.status();
   EXPECT_TRUE(absl::StrContains(report.status().message(), "UNAUTHORIZED")) << report.status();
@@ -264,6 +306,9 @@ class InterruptingClient final : public RegistryClient {
   absl::StatusOr<bool> MountBlob(const std::string& repo, const std::string& digest,
                                  const std::string& from) override {
     return inner_->MountBlob(repo, digest, from);
+  }
+  absl::StatusOr<std::unique_ptr<BlobStream>> StartStream(const std::string& repo) override {
+    return inner_->StartStream(repo);
   }
   absl::StatusOr<std::string> PutManifest(const std::string& repo, const std::string& ref, const std::string& type,
                                           const std::string& body) override {
@@ -293,7 +338,7 @@ TEST_F(PushTest, ARegistryBackWithinTheRetriesGetsTheWholeImage) {
   auto ref = ParseImageRef(absl::StrCat((*own)->address(), "/kiln/flaky:testing"));
   auto report = PushDockerArchive(*archive_, *ref, {}, client,
                                   {.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .oci_manifest = false, .parallel = 1,
-                                   .make_client = nullptr});
+                                   .make_client = nullptr, .stream_hold_bytes = 8 << 20});
   if (restart.joinable()) restart.join();
   ASSERT_TRUE(report.ok()) << report.status();
   Skopeo({"inspect", "--tls-verify=false", "--creds", absl::StrCat(kUser, ":", kPassword),
@@ -312,7 +357,7 @@ TEST_F(PushTest, ARegistryThatStaysDownIsAClearFailureAfterBoundedRetries) {
   const absl::Time start = absl::Now();
   auto report = PushDockerArchive(*archive_, *ref, {}, client,
                                   {.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .oci_manifest = false, .parallel = 1,
-                                   .make_client = nullptr});
+                                   .make_client = nullptr, .stream_hold_bytes = 8 << 20});
   ASSERT_FALSE(report.ok());
   EXPECT_TRUE(absl::IsUnavailable(report.status())) << report.status();
   EXPECT_TRUE(absl::StrContains(report.status().message(), "after 3 attempts")) << report.status();
