@@ -228,7 +228,19 @@ struct HttpRegistryClient::Impl {
       return absl::InternalError(absl::StrCat("cannot read ", r.body->file, ": ", reader.error));
     }
     if (code != CURLE_OK) {
-      return absl::UnavailableError(absl::StrCat("registry ", registry, ": ", r.what, ": ", curl_easy_strerror(code)));
+      const std::string why = absl::StrCat("registry ", registry, ": ", r.what, ": ", curl_easy_strerror(code));
+      // TLS trust and URL problems do not go away by asking again.
+      switch (code) {
+        case CURLE_PEER_FAILED_VERIFICATION:
+        case CURLE_SSL_CACERT_BADFILE:
+        case CURLE_SSL_CERTPROBLEM:
+        case CURLE_SSL_CONNECT_ERROR:
+        case CURLE_URL_MALFORMAT:
+        case CURLE_UNSUPPORTED_PROTOCOL:
+          return absl::FailedPreconditionError(why);
+        default:
+          return absl::UnavailableError(why);
+      }
     }
     curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &response.status);
     return response;

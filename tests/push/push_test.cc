@@ -364,6 +364,34 @@ TEST_F(PushTest, ARegistryThatStaysDownIsAClearFailureAfterBoundedRetries) {
   EXPECT_LT(absl::Now() - start, absl::Seconds(30));
 }
 
+TEST_F(PushTest, AnHttpsRegistryIsTrustedThroughItsCaOnly) {
+  auto tls = LocalRegistry::Start({.username = kUser, .password = kPassword, .tls = true});
+  ASSERT_TRUE(tls.ok()) << tls.status();
+  auto ref = ParseImageRef(absl::StrCat((*tls)->address(), "/kiln/tls:testing"));
+  PushOptions options{.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .oci_manifest = false,
+                      .parallel = 1, .make_client = nullptr, .stream_hold_bytes = 8 << 20};
+  RegistryOptions o = Options();
+  o.plain_http = false;
+  o.max_attempts = 2;
+  // Without the CA the certificate is not trusted: a clear failure, no retry storm.
+  HttpRegistryClient untrusted((*tls)->address(), o);
+  auto refused = PushDockerArchive(*archive_, *ref, {}, untrusted, options);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_TRUE(absl::StrContains(refused.status().message(), "certificate")) << refused.status();
+  EXPECT_TRUE(absl::IsFailedPrecondition(refused.status())) << refused.status();
+  EXPECT_EQ(untrusted.requests("HEAD"), 1);  // Not retried.
+  o.ca_file = (*tls)->ca_file();
+  HttpRegistryClient trusted((*tls)->address(), o);
+  auto report = PushDockerArchive(*archive_, *ref, {}, trusted, options);
+  ASSERT_TRUE(report.ok()) << report.status();
+  auto j = nlohmann::json::parse(Skopeo({"inspect", "--cert-dir", (*tls)->ca_dir(), "--creds",
+                                         absl::StrCat(kUser, ":", kPassword),
+                                         absl::StrCat("docker://", (*tls)->address(), "/kiln/tls:testing")}),
+                                 nullptr, false);
+  ASSERT_TRUE(j.is_object());
+  EXPECT_EQ(j.value("Digest", ""), report->manifest_digest);
+}
+
 TEST(ImageRefTest, ParsesAndRefuses) {
   auto ref = ParseImageRef("rg.fr-par.scw.cloud/sanmarcsoft/svc:testing");
   ASSERT_TRUE(ref.ok());

@@ -6,6 +6,8 @@
 #include <unistd.h>
 
 #include <csignal>
+#include <filesystem>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
@@ -54,6 +56,36 @@ absl::StatusOr<std::unique_ptr<LocalRegistry>> LocalRegistry::Start(const Option
     absl::StrAppend(&config, "auth:\n  htpasswd:\n    realm: kiln-test\n    path: ", registry->dir_.Sub("htpasswd"),
                     "\n");
   }
+  if (options.tls) {
+    // A CA and a server certificate for 127.0.0.1, with the openssl CLI.
+    const std::string ca = registry->dir_.Sub("ca");
+    WriteFileOrDie(ca + "/san.cnf", "subjectAltName=IP:127.0.0.1\n");
+    const std::vector<std::vector<std::string>> steps = {
+        {"openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
+         ca + "/ca.key", "-out", ca + "/ca.crt", "-days", "2", "-subj", "/CN=kiln-test-ca"},
+        {"openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
+         registry->dir_.Sub("server.key"), "-out", registry->dir_.Sub("server.csr"), "-subj", "/CN=127.0.0.1"},
+        {"openssl", "x509", "-req", "-in", registry->dir_.Sub("server.csr"), "-CA", ca + "/ca.crt", "-CAkey",
+         ca + "/ca.key", "-CAcreateserial", "-out", registry->dir_.Sub("server.crt"), "-days", "2", "-extfile",
+         ca + "/san.cnf"},
+    };
+    for (const auto& argv : steps) {
+      ProcessSpec step;
+      step.argv = argv;
+      absl::StatusOr<CommandResult> r = RunCommand(step);
+      if (!r.ok() || !r->exit.Success()) {
+        return absl::InternalError(absl::StrCat("openssl failed: ", r.ok() ? r->stderr_data : r.status().message()));
+      }
+    }
+    // skopeo --cert-dir reads every *.crt there as a CA; the key stays out.
+    std::filesystem::rename(ca + "/ca.key", registry->dir_.Sub("ca.key"));
+    // Under `http:`, right after its `addr:` line.
+    const std::string addr_line = absl::StrCat("  addr: ", registry->address_, "\n");
+    config.replace(config.find(addr_line), addr_line.size(),
+                   absl::StrCat(addr_line, "  tls:\n    certificate: ", registry->dir_.Sub("server.crt"),
+                                "\n    key: ", registry->dir_.Sub("server.key"), "\n"));
+    registry->tls_ = true;
+  }
   WriteFileOrDie(registry->dir_.Sub("config.yml"), config);
   if (absl::Status s = registry->Run(); !s.ok()) return s;
   return registry;
@@ -67,7 +99,9 @@ absl::Status LocalRegistry::Run() {
   const absl::Time deadline = absl::Now() + absl::Seconds(20);
   while (absl::Now() < deadline) {
     ProcessSpec probe;
-    probe.argv = {"curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", absl::StrCat("http://", address_, "/v2/")};
+    probe.argv = {"curl", "-s", "-o", "/dev/null", "-w", "%{http_code}"};
+    if (tls_) probe.argv.insert(probe.argv.end(), {"--cacert", ca_file()});
+    probe.argv.push_back(absl::StrCat(tls_ ? "https://" : "http://", address_, "/v2/"));
     absl::StatusOr<CommandResult> r = RunCommand(probe, "", absl::Seconds(5));
     if (r.ok() && (r->stdout_data == "200" || r->stdout_data == "401")) return absl::OkStatus();
     absl::SleepFor(absl::Milliseconds(50));

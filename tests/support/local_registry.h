@@ -17,11 +17,16 @@ class LocalRegistry {
   struct Options {
     std::string username;  // Empty: no auth.
     std::string password;
+    // Serve HTTPS with a certificate for 127.0.0.1 signed by a CA made here
+    // (ca_file()).
+    bool tls = false;
   };
   static absl::StatusOr<std::unique_ptr<LocalRegistry>> Start(const Options& options);
   ~LocalRegistry();
 
   const std::string& address() const { return address_; }  // 127.0.0.1:PORT
+  std::string ca_file() const { return dir_.Sub("ca/ca.crt"); }
+  std::string ca_dir() const { return dir_.Sub("ca"); }  // For skopeo --cert-dir.
   std::string LogText() const;
   void Stop();
   // Starts it again on the same address with the same storage.
@@ -33,6 +38,7 @@ class LocalRegistry {
   TempDir dir_;
   std::unique_ptr<Daemon> daemon_;
   std::string address_;
+  bool tls_ = false;
 };
 
 // A port on 127.0.0.1 that was free a moment ago.
