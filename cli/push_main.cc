@@ -97,10 +97,20 @@ int main(int argc, char** argv) {
                                          ? absl::GetFlag(FLAGS_parallel)
                                          : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())),
                          .make_client = [&] { return std::make_unique<kiln::HttpRegistryClient>(ref->registry, options); },
-                         .stream_hold_bytes = 8 << 20};
+                         .stream_hold_bytes = 8 << 20,
+                         .on_layer = nullptr};
+  // On a terminal, one line of progress rewritten in place.
+  const bool terminal = ::isatty(STDERR_FILENO) == 1 && !absl::GetFlag(FLAGS_json);
+  if (terminal) {
+    push.on_layer = [](size_t layers, uint64_t bytes) {
+      std::fprintf(stderr, "\rkiln: %zu layer(s) in the registry, %.1f MiB sent", layers, bytes / 1048576.0);
+      std::fflush(stderr);
+    };
+  }
   kiln::HttpRegistryClient client(ref->registry, options);
   const absl::Time start = absl::Now();
   absl::StatusOr<kiln::PushReport> report = kiln::PushImage(archive, *ref, tags, client, push);
+  if (terminal) std::fprintf(stderr, "\r\033[K");
   if (!report.ok()) return Fail(std::string(report.status().message()), 1);
   const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
   int skipped = 0;

@@ -11,25 +11,22 @@
 #include <zlib.h>
 
 #include <cerrno>
-#include <cstring>
-
 #include <cstdio>
-#include <functional>
+#include <cstring>
 #include <deque>
-#include <thread>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <memory>
-
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "absl/cleanup/cleanup.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "common/digest.h"
 #include "common/net.h"
-#include "common/source_tree.h"
 #include "common/source_tree.h"
 #include "push/docker_archive.h"
 
@@ -127,8 +124,8 @@ LayerCache::LayerCache(std::string path) : path_(std::move(path)) {
   absl::MutexLock lock(&mu_);
   for (auto it = j.begin(); it != j.end(); ++it) {
     if (it.value().is_object()) {
-      entries_[it.key()] = Entry{it.value().value("digest", ""), it.value().value("size", uint64_t{0}),
-                                 it.value().value("seen_in", "")};
+      entries_[it.key()] =
+          Entry{it.value().value("digest", ""), it.value().value("size", uint64_t{0}), it.value().value("seen_in", "")};
     }
   }
 }
@@ -164,15 +161,16 @@ namespace {
 // file; `options.parallel` threads take finished files, compress them and
 // hand them to `send` with a registry client of their own. At most twice as
 // many raw layers as threads wait on disk.
-absl::Status CompressInParallel(
-    const std::string& archive, const DockerArchive& image, const std::vector<bool>& compress,
-    const PushOptions& options, const std::string& scratch,
-    const std::function<absl::Status(size_t, PushedBlob, RegistryClient&, uint64_t*)>& send, PushReport& report) {
+absl::Status CompressInParallel(const std::string& archive, const DockerArchive& image,
+                                const std::vector<bool>& compress, const PushOptions& options,
+                                const std::string& scratch,
+                                const std::function<absl::Status(size_t, PushedBlob, RegistryClient&, uint64_t*)>& send,
+                                PushReport& report) {
   absl::Mutex mu;
-  std::deque<size_t> ready;        // Raw layers read whole, not yet taken.
-  bool reading_done = false;       // Guarded by mu.
-  absl::Status failed;             // The first error; guarded by mu.
-  uint64_t uploaded = 0;           // Guarded by mu.
+  std::deque<size_t> ready;   // Raw layers read whole, not yet taken.
+  bool reading_done = false;  // Guarded by mu.
+  absl::Status failed;        // The first error; guarded by mu.
+  uint64_t uploaded = 0;      // Guarded by mu.
   const auto raw_of = [&scratch](size_t i) { return absl::StrCat(scratch, "/layer-", i, ".raw"); };
   const auto gz_of = [&scratch](size_t i) { return absl::StrCat(scratch, "/layer-", i, ".gz"); };
   const auto fail = [&](absl::Status s) {
@@ -283,8 +281,8 @@ absl::Status FinishImage(const DockerArchive& image, const ImageRef& ref, const 
     absl::StatusOr<std::string> digest = client.PutManifest(repo, tag, types.manifest, body);
     if (!digest.ok()) return digest.status();
     if (!digest->empty() && *digest != expected) {
-      return absl::DataLossError(absl::StrCat("registry ", ref.registry, " stored the manifest as ", *digest,
-                                              ", expected ", expected));
+      return absl::DataLossError(
+          absl::StrCat("registry ", ref.registry, " stored the manifest as ", *digest, ", expected ", expected));
     }
   }
   report.manifest_digest = expected;
@@ -367,9 +365,9 @@ absl::StatusOr<PushReport> PushDockerArchive(const std::string& archive, const I
   // The others: compressed to scratch files in one pass over the archive,
   // then sent unless the registry has them.
   std::error_code ec;
-  const std::string scratch =
-      (std::filesystem::path(options.scratch_dir) / absl::StrCat("kiln-push-", ::getpid(), "-", Sha256Hex(archive).substr(0, 8)))
-          .string();
+  const std::string scratch = (std::filesystem::path(options.scratch_dir) /
+                               absl::StrCat("kiln-push-", ::getpid(), "-", Sha256Hex(archive).substr(0, 8)))
+                                  .string();
   std::filesystem::create_directories(scratch, ec);
   if (ec) return absl::InternalError(absl::StrCat("cannot create ", scratch, ": ", ec.message()));
   absl::Cleanup remove_scratch = [&scratch] {
@@ -377,6 +375,18 @@ absl::StatusOr<PushReport> PushDockerArchive(const std::string& archive, const I
     std::filesystem::remove_all(scratch, ignored);
   };
   const auto file_of = [&scratch](size_t i) { return absl::StrCat(scratch, "/layer-", i, ".gz"); };
+  absl::Mutex progress_mu;
+  size_t layers_done = 0;
+  uint64_t bytes_done = 0;
+  const auto progress = [&](uint64_t bytes) {
+    absl::MutexLock lock(&progress_mu);
+    ++layers_done;
+    bytes_done += bytes;
+    if (options.on_layer) options.on_layer(layers_done, bytes_done);
+  };
+  for (size_t i : cached) {
+    if (report.layers[i].skipped) progress(0);
+  }
   // A compressed layer: cached, checked with the registry, sent if missing.
   const auto send = [&](size_t i, PushedBlob blob, RegistryClient& via, uint64_t* uploaded) -> absl::Status {
     if (options.cache != nullptr) {
@@ -393,6 +403,7 @@ absl::StatusOr<PushReport> PushDockerArchive(const std::string& archive, const I
     std::error_code ignored;
     std::filesystem::remove(file_of(i), ignored);
     report.layers[i] = blob;
+    progress(blob.skipped ? 0 : blob.size);
     return absl::OkStatus();
   };
   absl::Status streamed;
@@ -521,13 +532,15 @@ absl::StatusOr<PushReport> PushImageStream(int fd, const std::string& what, cons
       }
     }
     by_path[name] = *blob;
+    if (options.on_layer) options.on_layer(by_path.size(), report.bytes_uploaded);
   }
   if (r != ARCHIVE_EOF) return absl::InvalidArgumentError(absl::StrCat(what, ": ", archive_error_string(a.get())));
   absl::StatusOr<DockerArchive> image = DockerArchiveFromJson(json_files, what);
   if (!image.ok()) return image.status();
   for (const DockerArchiveLayer& layer : image->layers) {
     auto it = by_path.find(layer.path);
-    if (it == by_path.end()) return absl::InvalidArgumentError(absl::StrCat(what, ": layer ", layer.path, " is missing"));
+    if (it == by_path.end())
+      return absl::InvalidArgumentError(absl::StrCat(what, ": layer ", layer.path, " is missing"));
     report.layers.push_back(it->second);
     if (options.cache != nullptr) {
       options.cache->Put(layer.diff_id, options.gzip_level,
@@ -582,10 +595,10 @@ absl::StatusOr<PushReport> PushImage(const std::string& output, const ImageRef& 
   ::unlink(err_path.c_str());
   if (!report.ok()) return report.status();
   if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-    return absl::InternalError(absl::StrCat(output, " failed: ", err.substr(err.size() > 2000 ? err.size() - 2000 : 0)));
+    return absl::InternalError(
+        absl::StrCat(output, " failed: ", err.substr(err.size() > 2000 ? err.size() - 2000 : 0)));
   }
   return report;
 }
 
 }  // namespace kiln
-

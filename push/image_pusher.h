@@ -56,6 +56,9 @@ struct PushOptions {
   // PushImageStream: compressed bytes of a layer held in memory before it
   // is streamed to the registry instead.
   size_t stream_hold_bytes = 8 << 20;
+  // Called (from any pushing thread, one call at a time) after each layer is
+  // in the registry: layers done so far, compressed bytes uploaded so far.
+  std::function<void(size_t layers_done, uint64_t bytes_uploaded)> on_layer;
 };
 
 struct PushedBlob {

@@ -62,7 +62,7 @@ absl::StatusOr<kiln::v1::PushResult> RegistryPublisher::Push(const kiln::v1::Pus
                       .oci_manifest = push.manifest_format() == kiln::v1::MANIFEST_FORMAT_OCI,
                       .parallel = options_.parallel,
                       .make_client = [&] { return std::make_unique<HttpRegistryClient>(ref->registry, registry); },
-                      .stream_hold_bytes = 8 << 20};
+                      .stream_hold_bytes = 8 << 20, .on_layer = nullptr};
   absl::StatusOr<PushReport> report = PushImage(
       output, *ref, std::vector<std::string>(push.tags().begin(), push.tags().end()), client, options);
   if (!report.ok()) return report.status();

@@ -2,15 +2,13 @@
 // docker-registry on 127.0.0.1, behind htpasswd), checked with skopeo, an
 // independent client.
 #include <gtest/gtest.h>
-
 #include <sys/stat.h>
 
 #include <filesystem>
 #include <functional>
+#include <nlohmann/json.hpp>
 #include <thread>
 #include <utility>
-
-#include <nlohmann/json.hpp>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -44,7 +42,7 @@ class PushTest : public ::testing::Test {
   static void SetUpTestSuite() {
     // The example image, built by real Nix.
     auto built = RunTool({"nix", "build", "--no-link", "--json",
-                      "path:" + testing::SourcePath("examples/services/hello-api") + "#oci-image"});
+                          "path:" + testing::SourcePath("examples/services/hello-api") + "#oci-image"});
     ASSERT_TRUE(built.ok() && built->exit.Success()) << (built.ok() ? built->stderr_data : "");
     auto j = nlohmann::json::parse(built->stdout_data);
     archive_ = new std::string(j[0]["outputs"]["out"].get<std::string>());
@@ -109,7 +107,14 @@ TEST_F(PushTest, PushesAnImageSkopeoCanPullThenSkipsEveryBlobTheSecondTime) {
   auto ref = ParseImageRef(absl::StrCat(registry_->address(), "/", repo, ":testing"));
   ASSERT_TRUE(ref.ok()) << ref.status();
   LayerCache cache(dir_.Sub("layers.json"));
-  PushOptions options{.gzip_level = 6, .scratch_dir = dir_.path(), .cache = &cache, .oci_manifest = false, .parallel = 1, .make_client = nullptr, .stream_hold_bytes = 8 << 20};
+  PushOptions options{.gzip_level = 6,
+                      .scratch_dir = dir_.path(),
+                      .cache = &cache,
+                      .oci_manifest = false,
+                      .parallel = 1,
+                      .make_client = nullptr,
+                      .stream_hold_bytes = 8 << 20,
+                      .on_layer = nullptr};
 
   HttpRegistryClient client(registry_->address(), Options());
   auto report = PushDockerArchive(*archive_, *ref, {"testing", "v1"}, client, options);
@@ -122,10 +127,9 @@ TEST_F(PushTest, PushesAnImageSkopeoCanPullThenSkipsEveryBlobTheSecondTime) {
   // image out (it checks every blob's digest on the way).
   const std::string creds = absl::StrCat(kUser, ":", kPassword);
   for (const char* tag : {"testing", "v1"}) {
-    auto j = nlohmann::json::parse(
-        Skopeo({"inspect", "--tls-verify=false", "--creds", creds,
-                absl::StrCat("docker://", registry_->address(), "/", repo, ":", tag)}),
-        nullptr, false);
+    auto j = nlohmann::json::parse(Skopeo({"inspect", "--tls-verify=false", "--creds", creds,
+                                           absl::StrCat("docker://", registry_->address(), "/", repo, ":", tag)}),
+                                   nullptr, false);
     ASSERT_TRUE(j.is_object());
     EXPECT_EQ(j.value("Digest", ""), report->manifest_digest);
     EXPECT_EQ(j["Layers"].size(), 2u);
@@ -158,8 +162,14 @@ TEST_F(PushTest, PushesAnImageSkopeoCanPullThenSkipsEveryBlobTheSecondTime) {
 TEST_F(PushTest, ASecondRepositoryOfTheRegistryGetsTheLayersByMountNotUpload) {
   const std::string stamp = absl::StrCat(absl::ToUnixNanos(absl::Now()));
   LayerCache cache(dir_.Sub("mount-layers.json"));
-  PushOptions options{.gzip_level = 6, .scratch_dir = dir_.path(), .cache = &cache, .oci_manifest = false, .parallel = 1,
-                      .make_client = nullptr, .stream_hold_bytes = 8 << 20};
+  PushOptions options{.gzip_level = 6,
+                      .scratch_dir = dir_.path(),
+                      .cache = &cache,
+                      .oci_manifest = false,
+                      .parallel = 1,
+                      .make_client = nullptr,
+                      .stream_hold_bytes = 8 << 20,
+                      .on_layer = nullptr};
   HttpRegistryClient first(registry_->address(), Options());
   ASSERT_TRUE(PushDockerArchive(*archive_, *ParseImageRef(absl::StrCat(registry_->address(), "/kiln/a-", stamp, ":t")),
                                 {}, first, options)
@@ -182,8 +192,14 @@ TEST_F(PushTest, ASecondRepositoryOfTheRegistryGetsTheLayersByMountNotUpload) {
 
 TEST_F(PushTest, LayersCompressedInParallelGiveTheSameImage) {
   const std::string stamp = absl::StrCat(absl::ToUnixNanos(absl::Now()));
-  PushOptions sequential{.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .oci_manifest = false, .parallel = 1,
-                         .make_client = nullptr, .stream_hold_bytes = 8 << 20};
+  PushOptions sequential{.gzip_level = 6,
+                         .scratch_dir = dir_.path(),
+                         .cache = nullptr,
+                         .oci_manifest = false,
+                         .parallel = 1,
+                         .make_client = nullptr,
+                         .stream_hold_bytes = 8 << 20,
+                         .on_layer = nullptr};
   HttpRegistryClient one(registry_->address(), Options());
   auto a = PushDockerArchive(*archive_, *ParseImageRef(absl::StrCat(registry_->address(), "/kiln/seq-", stamp, ":t")),
                              {}, one, sequential);
@@ -191,12 +207,21 @@ TEST_F(PushTest, LayersCompressedInParallelGiveTheSameImage) {
   PushOptions parallel = sequential;
   parallel.parallel = 3;
   parallel.make_client = [&] { return std::make_unique<HttpRegistryClient>(registry_->address(), Options()); };
+  size_t layers_seen = 0;
+  uint64_t bytes_seen = 0;
+  parallel.on_layer = [&](size_t layers, uint64_t bytes) {
+    EXPECT_EQ(layers, layers_seen + 1);  // One call per layer, one at a time.
+    layers_seen = layers;
+    bytes_seen = bytes;
+  };
   HttpRegistryClient main_client(registry_->address(), Options());
   const std::string repo = absl::StrCat("kiln/par-", stamp);
   auto b = PushDockerArchive(*archive_, *ParseImageRef(absl::StrCat(registry_->address(), "/", repo, ":t")), {},
                              main_client, parallel);
   ASSERT_TRUE(b.ok()) << b.status();
   EXPECT_EQ(b->manifest_digest, a->manifest_digest);  // gzip without timestamps: the same bytes.
+  EXPECT_EQ(layers_seen, 2u);
+  EXPECT_EQ(bytes_seen, b->bytes_uploaded - b->config.size);
   EXPECT_EQ(main_client.requests("PATCH") + main_client.requests("POST"), 1);  // Only the config's upload.
   Skopeo({"copy", "--src-tls-verify=false", "--src-creds", absl::StrCat(kUser, ":", kPassword),
           absl::StrCat("docker://", registry_->address(), "/", repo, ":t"), "dir:" + dir_.Sub("parallel")});
@@ -205,15 +230,21 @@ TEST_F(PushTest, LayersCompressedInParallelGiveTheSameImage) {
 TEST_F(PushTest, AnOciManifestOnRequest) {
   const std::string repo = absl::StrCat("kiln/oci-", absl::ToUnixNanos(absl::Now()));
   HttpRegistryClient client(registry_->address(), Options());
-  auto report = PushDockerArchive(*archive_, *ParseImageRef(absl::StrCat(registry_->address(), "/", repo, ":oci")), {},
-                                  client,
-                                  {.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .oci_manifest = true,
-                                   .parallel = 1, .make_client = nullptr, .stream_hold_bytes = 8 << 20});
+  auto report =
+      PushDockerArchive(*archive_, *ParseImageRef(absl::StrCat(registry_->address(), "/", repo, ":oci")), {}, client,
+                        {.gzip_level = 6,
+                         .scratch_dir = dir_.path(),
+                         .cache = nullptr,
+                         .oci_manifest = true,
+                         .parallel = 1,
+                         .make_client = nullptr,
+                         .stream_hold_bytes = 8 << 20,
+                         .on_layer = nullptr});
   ASSERT_TRUE(report.ok()) << report.status();
-  auto raw = nlohmann::json::parse(Skopeo({"inspect", "--raw", "--tls-verify=false", "--creds",
-                                           absl::StrCat(kUser, ":", kPassword),
-                                           absl::StrCat("docker://", registry_->address(), "/", repo, ":oci")}),
-                                   nullptr, false);
+  auto raw = nlohmann::json::parse(
+      Skopeo({"inspect", "--raw", "--tls-verify=false", "--creds", absl::StrCat(kUser, ":", kPassword),
+              absl::StrCat("docker://", registry_->address(), "/", repo, ":oci")}),
+      nullptr, false);
   ASSERT_TRUE(raw.is_object());
   EXPECT_EQ(raw.value("mediaType", ""), "application/vnd.oci.image.manifest.v1+json");
   EXPECT_EQ(raw["layers"][0].value("mediaType", ""), "application/vnd.oci.image.layer.v1.tar+gzip");
@@ -232,11 +263,18 @@ TEST_F(PushTest, AStreamLayeredImageScriptIsPushedFromItsOutputAsItComes) {
   ASSERT_EQ(::chmod(dir_.Sub("stream-image").c_str(), 0755), 0);
 
   const std::string stamp = absl::StrCat(absl::ToUnixNanos(absl::Now()));
-  PushOptions options{.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .oci_manifest = false,
-                      .parallel = 1, .make_client = nullptr, .stream_hold_bytes = 8 << 20};
+  PushOptions options{.gzip_level = 6,
+                      .scratch_dir = dir_.path(),
+                      .cache = nullptr,
+                      .oci_manifest = false,
+                      .parallel = 1,
+                      .make_client = nullptr,
+                      .stream_hold_bytes = 8 << 20,
+                      .on_layer = nullptr};
   HttpRegistryClient archive_client(registry_->address(), Options());
-  auto from_archive = PushImage(*archive_, *ParseImageRef(absl::StrCat(registry_->address(), "/kiln/arch-", stamp, ":t")),
-                                {}, archive_client, options);
+  auto from_archive =
+      PushImage(*archive_, *ParseImageRef(absl::StrCat(registry_->address(), "/kiln/arch-", stamp, ":t")), {},
+                archive_client, options);
   ASSERT_TRUE(from_archive.ok()) << from_archive.status();
 
   // Every layer streamed in small PATCHes (nothing held, nothing on disk).
@@ -245,8 +283,8 @@ TEST_F(PushTest, AStreamLayeredImageScriptIsPushedFromItsOutputAsItComes) {
   options.stream_hold_bytes = 0;
   HttpRegistryClient client(registry_->address(), small);
   const std::string repo = absl::StrCat("kiln/stream-", stamp);
-  auto streamed = PushImage(dir_.Sub("stream-image"), *ParseImageRef(absl::StrCat(registry_->address(), "/", repo, ":t")),
-                            {}, client, options);
+  auto streamed = PushImage(dir_.Sub("stream-image"),
+                            *ParseImageRef(absl::StrCat(registry_->address(), "/", repo, ":t")), {}, client, options);
   ASSERT_TRUE(streamed.ok()) << streamed.status();
   EXPECT_EQ(streamed->manifest_digest, from_archive->manifest_digest);  // The same image.
   EXPECT_GT(client.requests("PATCH"), 2);
@@ -269,7 +307,15 @@ TEST_F(PushTest, LargeBlobsGoInChunks) {
   HttpRegistryClient client(registry_->address(), o);
   auto ref = ParseImageRef(absl::StrCat(registry_->address(), "/", repo, ":chunked"));
   ASSERT_TRUE(ref.ok());
-  auto report = PushDockerArchive(*archive_, *ref, {}, client, {.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .oci_manifest = false, .parallel = 1, .make_client = nullptr, .stream_hold_bytes = 8 << 20});
+  auto report = PushDockerArchive(*archive_, *ref, {}, client,
+                                  {.gzip_level = 6,
+                                   .scratch_dir = dir_.path(),
+                                   .cache = nullptr,
+                                   .oci_manifest = false,
+                                   .parallel = 1,
+                                   .make_client = nullptr,
+                                   .stream_hold_bytes = 8 << 20,
+                                   .on_layer = nullptr});
   ASSERT_TRUE(report.ok()) << report.status();
   EXPECT_GT(client.requests("PATCH"), 2);
   Skopeo({"copy", "--src-tls-verify=false", "--src-creds", absl::StrCat(kUser, ":", kPassword),
@@ -281,7 +327,15 @@ TEST_F(PushTest, AWrongPasswordIsAnAuthErrorThatNeverShowsThePassword) {
   HttpRegistryClient client(registry_->address(), Options(wrong));
   auto ref = ParseImageRef(absl::StrCat(registry_->address(), "/kiln/denied:testing"));
   ASSERT_TRUE(ref.ok());
-  auto report = PushDockerArchive(*archive_, *ref, {}, client, {.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .oci_manifest = false, .parallel = 1, .make_client = nullptr, .stream_hold_bytes = 8 << 20});
+  auto report = PushDockerArchive(*archive_, *ref, {}, client,
+                                  {.gzip_level = 6,
+                                   .scratch_dir = dir_.path(),
+                                   .cache = nullptr,
+                                   .oci_manifest = false,
+                                   .parallel = 1,
+                                   .make_client = nullptr,
+                                   .stream_hold_bytes = 8 << 20,
+                                   .on_layer = nullptr});
   ASSERT_FALSE(report.ok());
   EXPECT_TRUE(absl::IsUnauthenticated(report.status())) << report.status();
   EXPECT_TRUE(absl::StrContains(report.status().message(), "UNAUTHORIZED")) << report.status();
@@ -303,8 +357,7 @@ class InterruptingClient final : public RegistryClient {
     if (after_) std::exchange(after_, nullptr)();
     return s;
   }
-  absl::StatusOr<bool> MountBlob(const std::string& repo, const std::string& digest,
-                                 const std::string& from) override {
+  absl::StatusOr<bool> MountBlob(const std::string& repo, const std::string& digest, const std::string& from) override {
     return inner_->MountBlob(repo, digest, from);
   }
   absl::StatusOr<std::unique_ptr<BlobStream>> StartStream(const std::string& repo) override {
@@ -337,8 +390,14 @@ TEST_F(PushTest, ARegistryBackWithinTheRetriesGetsTheWholeImage) {
   });
   auto ref = ParseImageRef(absl::StrCat((*own)->address(), "/kiln/flaky:testing"));
   auto report = PushDockerArchive(*archive_, *ref, {}, client,
-                                  {.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .oci_manifest = false, .parallel = 1,
-                                   .make_client = nullptr, .stream_hold_bytes = 8 << 20});
+                                  {.gzip_level = 6,
+                                   .scratch_dir = dir_.path(),
+                                   .cache = nullptr,
+                                   .oci_manifest = false,
+                                   .parallel = 1,
+                                   .make_client = nullptr,
+                                   .stream_hold_bytes = 8 << 20,
+                                   .on_layer = nullptr});
   if (restart.joinable()) restart.join();
   ASSERT_TRUE(report.ok()) << report.status();
   Skopeo({"inspect", "--tls-verify=false", "--creds", absl::StrCat(kUser, ":", kPassword),
@@ -356,8 +415,14 @@ TEST_F(PushTest, ARegistryThatStaysDownIsAClearFailureAfterBoundedRetries) {
   auto ref = ParseImageRef(absl::StrCat((*own)->address(), "/kiln/gone:testing"));
   const absl::Time start = absl::Now();
   auto report = PushDockerArchive(*archive_, *ref, {}, client,
-                                  {.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .oci_manifest = false, .parallel = 1,
-                                   .make_client = nullptr, .stream_hold_bytes = 8 << 20});
+                                  {.gzip_level = 6,
+                                   .scratch_dir = dir_.path(),
+                                   .cache = nullptr,
+                                   .oci_manifest = false,
+                                   .parallel = 1,
+                                   .make_client = nullptr,
+                                   .stream_hold_bytes = 8 << 20,
+                                   .on_layer = nullptr});
   ASSERT_FALSE(report.ok());
   EXPECT_TRUE(absl::IsUnavailable(report.status())) << report.status();
   EXPECT_TRUE(absl::StrContains(report.status().message(), "after 3 attempts")) << report.status();
@@ -368,8 +433,14 @@ TEST_F(PushTest, AnHttpsRegistryIsTrustedThroughItsCaOnly) {
   auto tls = LocalRegistry::Start({.username = kUser, .password = kPassword, .tls = true});
   ASSERT_TRUE(tls.ok()) << tls.status();
   auto ref = ParseImageRef(absl::StrCat((*tls)->address(), "/kiln/tls:testing"));
-  PushOptions options{.gzip_level = 6, .scratch_dir = dir_.path(), .cache = nullptr, .oci_manifest = false,
-                      .parallel = 1, .make_client = nullptr, .stream_hold_bytes = 8 << 20};
+  PushOptions options{.gzip_level = 6,
+                      .scratch_dir = dir_.path(),
+                      .cache = nullptr,
+                      .oci_manifest = false,
+                      .parallel = 1,
+                      .make_client = nullptr,
+                      .stream_hold_bytes = 8 << 20,
+                      .on_layer = nullptr};
   RegistryOptions o = Options();
   o.plain_http = false;
   o.max_attempts = 2;
@@ -384,10 +455,10 @@ TEST_F(PushTest, AnHttpsRegistryIsTrustedThroughItsCaOnly) {
   HttpRegistryClient trusted((*tls)->address(), o);
   auto report = PushDockerArchive(*archive_, *ref, {}, trusted, options);
   ASSERT_TRUE(report.ok()) << report.status();
-  auto j = nlohmann::json::parse(Skopeo({"inspect", "--cert-dir", (*tls)->ca_dir(), "--creds",
-                                         absl::StrCat(kUser, ":", kPassword),
-                                         absl::StrCat("docker://", (*tls)->address(), "/kiln/tls:testing")}),
-                                 nullptr, false);
+  auto j = nlohmann::json::parse(
+      Skopeo({"inspect", "--cert-dir", (*tls)->ca_dir(), "--creds", absl::StrCat(kUser, ":", kPassword),
+              absl::StrCat("docker://", (*tls)->address(), "/kiln/tls:testing")}),
+      nullptr, false);
   ASSERT_TRUE(j.is_object());
   EXPECT_EQ(j.value("Digest", ""), report->manifest_digest);
 }
