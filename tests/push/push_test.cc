@@ -55,6 +55,14 @@ class PushTest : public ::testing::Test {
     delete archive_;
   }
 
+  // Sequential, no cache, scratch files in the test's directory.
+  PushOptions Plain(LayerCache* cache = nullptr, bool oci = false) const {
+    PushOptions o;
+    o.scratch_dir = dir_.path();
+    o.cache = cache;
+    o.oci_manifest = oci;
+    return o;
+  }
   RegistryOptions Options(const std::string& password = kPassword) {
     RegistryOptions o;
     o.plain_http = true;
@@ -107,14 +115,7 @@ TEST_F(PushTest, PushesAnImageSkopeoCanPullThenSkipsEveryBlobTheSecondTime) {
   auto ref = ParseImageRef(absl::StrCat(registry_->address(), "/", repo, ":testing"));
   ASSERT_TRUE(ref.ok()) << ref.status();
   LayerCache cache(dir_.Sub("layers.json"));
-  PushOptions options{.gzip_level = 6,
-                      .scratch_dir = dir_.path(),
-                      .cache = &cache,
-                      .oci_manifest = false,
-                      .parallel = 1,
-                      .make_client = nullptr,
-                      .stream_hold_bytes = 8 << 20,
-                      .on_layer = nullptr};
+  PushOptions options = Plain(&cache);
 
   HttpRegistryClient client(registry_->address(), Options());
   auto report = PushDockerArchive(*archive_, *ref, {"testing", "v1"}, client, options);
@@ -162,14 +163,7 @@ TEST_F(PushTest, PushesAnImageSkopeoCanPullThenSkipsEveryBlobTheSecondTime) {
 TEST_F(PushTest, ASecondRepositoryOfTheRegistryGetsTheLayersByMountNotUpload) {
   const std::string stamp = absl::StrCat(absl::ToUnixNanos(absl::Now()));
   LayerCache cache(dir_.Sub("mount-layers.json"));
-  PushOptions options{.gzip_level = 6,
-                      .scratch_dir = dir_.path(),
-                      .cache = &cache,
-                      .oci_manifest = false,
-                      .parallel = 1,
-                      .make_client = nullptr,
-                      .stream_hold_bytes = 8 << 20,
-                      .on_layer = nullptr};
+  PushOptions options = Plain(&cache);
   HttpRegistryClient first(registry_->address(), Options());
   ASSERT_TRUE(PushDockerArchive(*archive_, *ParseImageRef(absl::StrCat(registry_->address(), "/kiln/a-", stamp, ":t")),
                                 {}, first, options)
@@ -192,14 +186,7 @@ TEST_F(PushTest, ASecondRepositoryOfTheRegistryGetsTheLayersByMountNotUpload) {
 
 TEST_F(PushTest, LayersCompressedInParallelGiveTheSameImage) {
   const std::string stamp = absl::StrCat(absl::ToUnixNanos(absl::Now()));
-  PushOptions sequential{.gzip_level = 6,
-                         .scratch_dir = dir_.path(),
-                         .cache = nullptr,
-                         .oci_manifest = false,
-                         .parallel = 1,
-                         .make_client = nullptr,
-                         .stream_hold_bytes = 8 << 20,
-                         .on_layer = nullptr};
+  PushOptions sequential = Plain();
   HttpRegistryClient one(registry_->address(), Options());
   auto a = PushDockerArchive(*archive_, *ParseImageRef(absl::StrCat(registry_->address(), "/kiln/seq-", stamp, ":t")),
                              {}, one, sequential);
@@ -230,16 +217,8 @@ TEST_F(PushTest, LayersCompressedInParallelGiveTheSameImage) {
 TEST_F(PushTest, AnOciManifestOnRequest) {
   const std::string repo = absl::StrCat("kiln/oci-", absl::ToUnixNanos(absl::Now()));
   HttpRegistryClient client(registry_->address(), Options());
-  auto report =
-      PushDockerArchive(*archive_, *ParseImageRef(absl::StrCat(registry_->address(), "/", repo, ":oci")), {}, client,
-                        {.gzip_level = 6,
-                         .scratch_dir = dir_.path(),
-                         .cache = nullptr,
-                         .oci_manifest = true,
-                         .parallel = 1,
-                         .make_client = nullptr,
-                         .stream_hold_bytes = 8 << 20,
-                         .on_layer = nullptr});
+  auto report = PushDockerArchive(*archive_, *ParseImageRef(absl::StrCat(registry_->address(), "/", repo, ":oci")), {},
+                                  client, Plain(nullptr, /*oci=*/true));
   ASSERT_TRUE(report.ok()) << report.status();
   auto raw = nlohmann::json::parse(
       Skopeo({"inspect", "--raw", "--tls-verify=false", "--creds", absl::StrCat(kUser, ":", kPassword),
@@ -263,14 +242,7 @@ TEST_F(PushTest, AStreamLayeredImageScriptIsPushedFromItsOutputAsItComes) {
   ASSERT_EQ(::chmod(dir_.Sub("stream-image").c_str(), 0755), 0);
 
   const std::string stamp = absl::StrCat(absl::ToUnixNanos(absl::Now()));
-  PushOptions options{.gzip_level = 6,
-                      .scratch_dir = dir_.path(),
-                      .cache = nullptr,
-                      .oci_manifest = false,
-                      .parallel = 1,
-                      .make_client = nullptr,
-                      .stream_hold_bytes = 8 << 20,
-                      .on_layer = nullptr};
+  PushOptions options = Plain();
   HttpRegistryClient archive_client(registry_->address(), Options());
   auto from_archive =
       PushImage(*archive_, *ParseImageRef(absl::StrCat(registry_->address(), "/kiln/arch-", stamp, ":t")), {},
@@ -307,15 +279,7 @@ TEST_F(PushTest, LargeBlobsGoInChunks) {
   HttpRegistryClient client(registry_->address(), o);
   auto ref = ParseImageRef(absl::StrCat(registry_->address(), "/", repo, ":chunked"));
   ASSERT_TRUE(ref.ok());
-  auto report = PushDockerArchive(*archive_, *ref, {}, client,
-                                  {.gzip_level = 6,
-                                   .scratch_dir = dir_.path(),
-                                   .cache = nullptr,
-                                   .oci_manifest = false,
-                                   .parallel = 1,
-                                   .make_client = nullptr,
-                                   .stream_hold_bytes = 8 << 20,
-                                   .on_layer = nullptr});
+  auto report = PushDockerArchive(*archive_, *ref, {}, client, Plain());
   ASSERT_TRUE(report.ok()) << report.status();
   EXPECT_GT(client.requests("PATCH"), 2);
   Skopeo({"copy", "--src-tls-verify=false", "--src-creds", absl::StrCat(kUser, ":", kPassword),
@@ -327,15 +291,7 @@ TEST_F(PushTest, AWrongPasswordIsAnAuthErrorThatNeverShowsThePassword) {
   HttpRegistryClient client(registry_->address(), Options(wrong));
   auto ref = ParseImageRef(absl::StrCat(registry_->address(), "/kiln/denied:testing"));
   ASSERT_TRUE(ref.ok());
-  auto report = PushDockerArchive(*archive_, *ref, {}, client,
-                                  {.gzip_level = 6,
-                                   .scratch_dir = dir_.path(),
-                                   .cache = nullptr,
-                                   .oci_manifest = false,
-                                   .parallel = 1,
-                                   .make_client = nullptr,
-                                   .stream_hold_bytes = 8 << 20,
-                                   .on_layer = nullptr});
+  auto report = PushDockerArchive(*archive_, *ref, {}, client, Plain());
   ASSERT_FALSE(report.ok());
   EXPECT_TRUE(absl::IsUnauthenticated(report.status())) << report.status();
   EXPECT_TRUE(absl::StrContains(report.status().message(), "UNAUTHORIZED")) << report.status();
@@ -389,15 +345,7 @@ TEST_F(PushTest, ARegistryBackWithinTheRetriesGetsTheWholeImage) {
     });
   });
   auto ref = ParseImageRef(absl::StrCat((*own)->address(), "/kiln/flaky:testing"));
-  auto report = PushDockerArchive(*archive_, *ref, {}, client,
-                                  {.gzip_level = 6,
-                                   .scratch_dir = dir_.path(),
-                                   .cache = nullptr,
-                                   .oci_manifest = false,
-                                   .parallel = 1,
-                                   .make_client = nullptr,
-                                   .stream_hold_bytes = 8 << 20,
-                                   .on_layer = nullptr});
+  auto report = PushDockerArchive(*archive_, *ref, {}, client, Plain());
   if (restart.joinable()) restart.join();
   ASSERT_TRUE(report.ok()) << report.status();
   Skopeo({"inspect", "--tls-verify=false", "--creds", absl::StrCat(kUser, ":", kPassword),
@@ -414,15 +362,7 @@ TEST_F(PushTest, ARegistryThatStaysDownIsAClearFailureAfterBoundedRetries) {
   InterruptingClient client(&http, [&] { (*own)->Stop(); });
   auto ref = ParseImageRef(absl::StrCat((*own)->address(), "/kiln/gone:testing"));
   const absl::Time start = absl::Now();
-  auto report = PushDockerArchive(*archive_, *ref, {}, client,
-                                  {.gzip_level = 6,
-                                   .scratch_dir = dir_.path(),
-                                   .cache = nullptr,
-                                   .oci_manifest = false,
-                                   .parallel = 1,
-                                   .make_client = nullptr,
-                                   .stream_hold_bytes = 8 << 20,
-                                   .on_layer = nullptr});
+  auto report = PushDockerArchive(*archive_, *ref, {}, client, Plain());
   ASSERT_FALSE(report.ok());
   EXPECT_TRUE(absl::IsUnavailable(report.status())) << report.status();
   EXPECT_TRUE(absl::StrContains(report.status().message(), "after 3 attempts")) << report.status();
@@ -433,14 +373,7 @@ TEST_F(PushTest, AnHttpsRegistryIsTrustedThroughItsCaOnly) {
   auto tls = LocalRegistry::Start({.username = kUser, .password = kPassword, .tls = true});
   ASSERT_TRUE(tls.ok()) << tls.status();
   auto ref = ParseImageRef(absl::StrCat((*tls)->address(), "/kiln/tls:testing"));
-  PushOptions options{.gzip_level = 6,
-                      .scratch_dir = dir_.path(),
-                      .cache = nullptr,
-                      .oci_manifest = false,
-                      .parallel = 1,
-                      .make_client = nullptr,
-                      .stream_hold_bytes = 8 << 20,
-                      .on_layer = nullptr};
+  PushOptions options = Plain();
   RegistryOptions o = Options();
   o.plain_http = false;
   o.max_attempts = 2;
