@@ -24,53 +24,34 @@ struct ArchiveCloser {
 };
 using ArchivePtr = std::unique_ptr<archive, ArchiveCloser>;
 
-absl::StatusOr<ArchivePtr> OpenArchive(const std::string& path) {
+// A reader of tar, plain or gzip-compressed.
+ArchivePtr NewReader() {
   ArchivePtr a(archive_read_new());
   archive_read_support_filter_gzip(a.get());
   archive_read_support_filter_none(a.get());
   archive_read_support_format_tar(a.get());
+  return a;
+}
+
+absl::StatusOr<ArchivePtr> OpenArchive(const std::string& path) {
+  ArchivePtr a = NewReader();
   if (archive_read_open_filename(a.get(), path.c_str(), kBlock) != ARCHIVE_OK) {
     return absl::InvalidArgumentError(absl::StrCat("cannot read ", path, ": ", archive_error_string(a.get())));
   }
   return a;
 }
 
-std::string Normalise(absl::string_view name) { return NormaliseArchivePath(name); }
+// libarchive's name of a member, without a leading "./".
+std::string Normalise(absl::string_view name) {
+  absl::ConsumePrefix(&name, "./");
+  return std::string(name);
+}
 
 absl::Status Broken(const std::string& path, archive* a) {
   return absl::InvalidArgumentError(absl::StrCat(path, ": ", archive_error_string(a)));
 }
 
-}  // namespace
-
-std::string NormaliseArchivePath(absl::string_view name) {
-  absl::ConsumePrefix(&name, "./");
-  return std::string(name);
-}
-
-absl::StatusOr<DockerArchive> ReadDockerArchive(const std::string& path) {
-  absl::StatusOr<ArchivePtr> a = OpenArchive(path);
-  if (!a.ok()) return a.status();
-  std::map<std::string, std::string> json_files;
-  archive_entry* entry = nullptr;
-  int r;
-  while ((r = archive_read_next_header(a->get(), &entry)) == ARCHIVE_OK) {
-    const std::string name = Normalise(archive_entry_pathname(entry));
-    if (!absl::EndsWith(name, ".json") || archive_entry_filetype(entry) != AE_IFREG) continue;
-    if (archive_entry_size(entry) > kMaxJsonBytes) {
-      return absl::InvalidArgumentError(absl::StrCat(path, ": ", name, " is too large for image metadata"));
-    }
-    std::string data(static_cast<size_t>(archive_entry_size(entry)), '\0');
-    if (archive_read_data(a->get(), data.data(), data.size()) != static_cast<la_ssize_t>(data.size())) {
-      return Broken(path, a->get());
-    }
-    json_files[name] = std::move(data);
-  }
-  if (r != ARCHIVE_EOF) return Broken(path, a->get());
-
-  return DockerArchiveFromJson(json_files, path);
-}
-
+// The image described by an archive's JSON members (name -> content).
 absl::StatusOr<DockerArchive> DockerArchiveFromJson(const std::map<std::string, std::string>& json_files,
                                                     const std::string& path) {
   auto manifest_it = json_files.find("manifest.json");
@@ -114,6 +95,67 @@ absl::StatusOr<DockerArchive> DockerArchiveFromJson(const std::map<std::string, 
     image.layers.push_back({Normalise(m["Layers"][i].get<std::string>()), (*diff_ids)[i].get<std::string>()});
   }
   return image;
+}
+
+// Where the bytes of layers go while the members are read.
+struct LayerSink {
+  absl::FunctionRef<absl::Status(const std::string& path, absl::string_view data)> chunk;
+  absl::FunctionRef<absl::Status(const std::string& path)> done;
+};
+
+// Every member of the archive in one pass: the JSON ones kept and parsed
+// into the image at the end, the others (layers) given to `layers`, or
+// skipped without being read when there is none.
+absl::StatusOr<DockerArchive> ReadMembers(archive* a, const std::string& what, const LayerSink* layers) {
+  std::map<std::string, std::string> json_files;
+  std::string buffer(layers != nullptr ? kBlock : 0, '\0');
+  archive_entry* entry = nullptr;
+  int r;
+  while ((r = archive_read_next_header(a, &entry)) == ARCHIVE_OK) {
+    if (archive_entry_filetype(entry) != AE_IFREG) continue;
+    const std::string name = Normalise(archive_entry_pathname(entry));
+    if (absl::EndsWith(name, ".json")) {
+      if (archive_entry_size(entry) > kMaxJsonBytes) {
+        return absl::InvalidArgumentError(absl::StrCat(what, ": ", name, " is too large for image metadata"));
+      }
+      std::string data(static_cast<size_t>(archive_entry_size(entry)), '\0');
+      if (archive_read_data(a, data.data(), data.size()) != static_cast<la_ssize_t>(data.size())) {
+        return Broken(what, a);
+      }
+      json_files[name] = std::move(data);
+      continue;
+    }
+    if (layers == nullptr) continue;
+    for (la_ssize_t n; (n = archive_read_data(a, buffer.data(), buffer.size())) != 0;) {
+      if (n < 0) return Broken(what, a);
+      if (absl::Status s = layers->chunk(name, absl::string_view(buffer.data(), static_cast<size_t>(n))); !s.ok()) {
+        return s;
+      }
+    }
+    if (absl::Status s = layers->done(name); !s.ok()) return s;
+  }
+  if (r != ARCHIVE_EOF) return Broken(what, a);
+  return DockerArchiveFromJson(json_files, what);
+}
+
+}  // namespace
+
+absl::StatusOr<DockerArchive> ReadDockerArchive(const std::string& path) {
+  absl::StatusOr<ArchivePtr> a = OpenArchive(path);
+  if (!a.ok()) return a.status();
+  return ReadMembers(a->get(), path, nullptr);
+}
+
+absl::StatusOr<DockerArchive> ReadDockerArchiveStream(
+    int fd, const std::string& what,
+    absl::FunctionRef<absl::Status(const std::string& path, absl::string_view data)> chunk,
+    absl::FunctionRef<absl::Status(const std::string& path)> done) {
+  ArchivePtr a = NewReader();
+  if (archive_read_open_fd(a.get(), fd, kBlock) != ARCHIVE_OK) {
+    return absl::InvalidArgumentError(absl::StrCat("cannot read ", what, ": ", archive_error_string(a.get())));
+  }
+  const LayerSink sink{chunk, done};
+  return ReadMembers(a.get(), what, &sink);
 }
 
 absl::Status StreamLayers(const std::string& path, const DockerArchive& image,

@@ -6,7 +6,6 @@
 // time: a .tar.gz cannot be read any other way.
 #pragma once
 
-#include <map>
 #include <string>
 #include <vector>
 
@@ -31,13 +30,14 @@ struct DockerArchive {
 // Reads manifest.json and the config (one pass over the archive).
 absl::StatusOr<DockerArchive> ReadDockerArchive(const std::string& path);
 
-// The image described by an archive's JSON members (name -> content, names
-// without "./"); `what` names the archive in errors.
-absl::StatusOr<DockerArchive> DockerArchiveFromJson(const std::map<std::string, std::string>& json_files,
-                                                    const std::string& what);
-
-// libarchive's name of an entry, without a leading "./".
-std::string NormaliseArchivePath(absl::string_view name);
+// One pass over an archive read from `fd` (a pipe will do): the bytes of
+// every member that is not JSON (a layer) go to `chunk(path, data)` as they
+// come, then `done(path)`; manifest.json and the config are parsed at the
+// end. `what` names the source in errors.
+absl::StatusOr<DockerArchive> ReadDockerArchiveStream(
+    int fd, const std::string& what,
+    absl::FunctionRef<absl::Status(const std::string& path, absl::string_view data)> chunk,
+    absl::FunctionRef<absl::Status(const std::string& path)> done);
 
 // One more pass, calling `chunk(index, data)` with the bytes of each layer
 // whose index `wanted(index)` says, in archive order, then

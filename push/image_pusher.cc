@@ -1,7 +1,5 @@
 #include "push/image_pusher.h"
 
-#include <archive.h>
-#include <archive_entry.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
@@ -157,6 +155,11 @@ absl::Status LayerCache::Save() const {
 
 namespace {
 
+// A layer's scratch file: "raw" (copied from the archive) or "gz".
+std::string ScratchFile(const std::string& scratch, size_t i, absl::string_view kind) {
+  return absl::StrCat(scratch, "/layer-", i, ".", kind);
+}
+
 // The archive is read in one pass, each wanted layer copied raw to a scratch
 // file; `options.parallel` threads take finished files, compress them and
 // hand them to `send` with a registry client of their own. At most twice as
@@ -171,8 +174,8 @@ absl::Status CompressInParallel(const std::string& archive, const DockerArchive&
   bool reading_done = false;  // Guarded by mu.
   absl::Status failed;        // The first error; guarded by mu.
   uint64_t uploaded = 0;      // Guarded by mu.
-  const auto raw_of = [&scratch](size_t i) { return absl::StrCat(scratch, "/layer-", i, ".raw"); };
-  const auto gz_of = [&scratch](size_t i) { return absl::StrCat(scratch, "/layer-", i, ".gz"); };
+  const auto raw_of = [&scratch](size_t i) { return ScratchFile(scratch, i, "raw"); };
+  const auto gz_of = [&scratch](size_t i) { return ScratchFile(scratch, i, "gz"); };
   const auto fail = [&](absl::Status s) {
     absl::MutexLock lock(&mu);
     if (failed.ok()) failed = std::move(s);
@@ -254,7 +257,6 @@ absl::Status CompressInParallel(const std::string& archive, const DockerArchive&
 absl::Status FinishImage(const DockerArchive& image, const ImageRef& ref, const std::vector<std::string>& tags,
                          RegistryClient& client, const PushOptions& options, PushReport& report) {
   const std::string& repo = ref.repository;
-  // The config, then the manifest under every tag.
   report.config = PushedBlob{absl::StrCat("sha256:", Sha256Hex(image.config)), image.config.size(), false};
   absl::StatusOr<bool> has_config = client.HasBlob(repo, report.config.digest);
   if (!has_config.ok()) return has_config.status();
@@ -374,7 +376,7 @@ absl::StatusOr<PushReport> PushDockerArchive(const std::string& archive, const I
     std::error_code ignored;
     std::filesystem::remove_all(scratch, ignored);
   };
-  const auto file_of = [&scratch](size_t i) { return absl::StrCat(scratch, "/layer-", i, ".gz"); };
+  const auto file_of = [&scratch](size_t i) { return ScratchFile(scratch, i, "gz"); };
   absl::Mutex progress_mu;
   size_t layers_done = 0;
   uint64_t bytes_done = 0;
@@ -449,101 +451,79 @@ absl::StatusOr<PushReport> PushDockerArchive(const std::string& archive, const I
   return report;
 }
 
-namespace {
-
-constexpr int64_t kMaxJsonBytes = 16 << 20;
-
-struct ArchiveCloser {
-  void operator()(archive* a) const { archive_read_free(a); }
-};
-
-}  // namespace
-
 absl::StatusOr<PushReport> PushImageStream(int fd, const std::string& what, const ImageRef& ref,
                                            std::vector<std::string> tags, RegistryClient& client,
                                            const PushOptions& options) {
   if (tags.empty() && !ref.tag.empty()) tags.push_back(ref.tag);
   if (tags.empty()) return absl::InvalidArgumentError(absl::StrCat(ref.ToString(), ": no tag to push"));
   const std::string& repo = ref.repository;
-  std::unique_ptr<archive, ArchiveCloser> a(archive_read_new());
-  archive_read_support_filter_gzip(a.get());
-  archive_read_support_filter_none(a.get());
-  archive_read_support_format_tar(a.get());
-  if (archive_read_open_fd(a.get(), fd, 1 << 20) != ARCHIVE_OK) {
-    return absl::InvalidArgumentError(absl::StrCat("cannot read ", what, ": ", archive_error_string(a.get())));
-  }
   PushReport report;
   report.tags = tags;
-  std::map<std::string, std::string> json_files;
   std::map<std::string, PushedBlob> by_path;
-  std::string buffer(1 << 20, '\0');
-  archive_entry* entry = nullptr;
-  int r;
-  while ((r = archive_read_next_header(a.get(), &entry)) == ARCHIVE_OK) {
-    if (archive_entry_filetype(entry) != AE_IFREG) continue;
-    const std::string name = NormaliseArchivePath(archive_entry_pathname(entry));
-    if (absl::EndsWith(name, ".json")) {
-      if (archive_entry_size(entry) > kMaxJsonBytes) {
-        return absl::InvalidArgumentError(absl::StrCat(what, ": ", name, " is too large for image metadata"));
-      }
-      std::string data(static_cast<size_t>(archive_entry_size(entry)), '\0');
-      if (archive_read_data(a.get(), data.data(), data.size()) != static_cast<la_ssize_t>(data.size())) {
-        return absl::InvalidArgumentError(absl::StrCat(what, ": ", archive_error_string(a.get())));
-      }
-      json_files[name] = std::move(data);
-      continue;
-    }
-    // A layer: compressed as it is read; held in memory until it is known
-    // to be small, streamed to the registry once it is not.
+  // The layer being read: compressed as it comes, held in memory until it
+  // is known to be small, streamed to the registry once it is not.
+  struct Layer {
+    GzipFile gz;
     std::string held;
     std::unique_ptr<BlobStream> stream;
-    GzipFile gz;
-    absl::Status s = gz.OpenSink(
-        [&](absl::string_view piece) -> absl::Status {
-          if (stream) return stream->Append(piece);
-          held.append(piece.data(), piece.size());
-          if (held.size() <= options.stream_hold_bytes) return absl::OkStatus();
+  };
+  std::unique_ptr<Layer> layer;
+  const auto current = [&]() -> absl::StatusOr<Layer*> {
+    if (layer) return layer.get();
+    layer = std::make_unique<Layer>();
+    Layer* l = layer.get();
+    absl::Status s = l->gz.OpenSink(
+        [&client, &repo, &options, l](absl::string_view piece) -> absl::Status {
+          if (l->stream) return l->stream->Append(piece);
+          l->held.append(piece.data(), piece.size());
+          if (l->held.size() <= options.stream_hold_bytes) return absl::OkStatus();
           absl::StatusOr<std::unique_ptr<BlobStream>> started = client.StartStream(repo);
           if (!started.ok()) return started.status();
-          stream = *std::move(started);
-          absl::Status appended = stream->Append(held);
-          held.clear();
+          l->stream = *std::move(started);
+          absl::Status appended = l->stream->Append(l->held);
+          l->held.clear();
           return appended;
         },
         options.gzip_level);
-    for (la_ssize_t n; s.ok() && (n = archive_read_data(a.get(), buffer.data(), buffer.size())) != 0;) {
-      if (n < 0) return absl::InvalidArgumentError(absl::StrCat(what, ": ", archive_error_string(a.get())));
-      s = gz.Write(absl::string_view(buffer.data(), static_cast<size_t>(n)), false);
-    }
     if (!s.ok()) return s;
-    absl::StatusOr<PushedBlob> blob = gz.Finish();
-    if (!blob.ok()) return blob.status();
-    if (stream) {
-      if (absl::Status f = stream->Finish(blob->digest); !f.ok()) return f;
-      report.bytes_uploaded += blob->size;
-    } else {
-      absl::StatusOr<bool> has = client.HasBlob(repo, blob->digest);
-      if (!has.ok()) return has.status();
-      blob->skipped = *has;
-      if (!*has) {
-        BlobSource source{.file = "", .data = held, .size = held.size()};
-        if (absl::Status u = client.UploadBlob(repo, blob->digest, source); !u.ok()) return u;
-        report.bytes_uploaded += blob->size;
-      }
-    }
-    by_path[name] = *blob;
-    if (options.on_layer) options.on_layer(by_path.size(), report.bytes_uploaded);
-  }
-  if (r != ARCHIVE_EOF) return absl::InvalidArgumentError(absl::StrCat(what, ": ", archive_error_string(a.get())));
-  absl::StatusOr<DockerArchive> image = DockerArchiveFromJson(json_files, what);
+    return l;
+  };
+  absl::StatusOr<DockerArchive> image = ReadDockerArchiveStream(
+      fd, what,
+      [&](const std::string&, absl::string_view data) -> absl::Status {
+        absl::StatusOr<Layer*> l = current();
+        return l.ok() ? (*l)->gz.Write(data, false) : l.status();
+      },
+      [&](const std::string& path) -> absl::Status {
+        absl::StatusOr<Layer*> l = current();  // An empty layer has had no chunk.
+        if (!l.ok()) return l.status();
+        absl::StatusOr<PushedBlob> blob = (*l)->gz.Finish();
+        if (!blob.ok()) return blob.status();
+        if ((*l)->stream) {
+          if (absl::Status f = (*l)->stream->Finish(blob->digest); !f.ok()) return f;
+          report.bytes_uploaded += blob->size;
+        } else {
+          absl::StatusOr<bool> has = client.HasBlob(repo, blob->digest);
+          if (!has.ok()) return has.status();
+          blob->skipped = *has;
+          if (!*has) {
+            BlobSource source{.file = "", .data = (*l)->held, .size = (*l)->held.size()};
+            if (absl::Status u = client.UploadBlob(repo, blob->digest, source); !u.ok()) return u;
+            report.bytes_uploaded += blob->size;
+          }
+        }
+        layer.reset();
+        by_path[path] = *blob;
+        if (options.on_layer) options.on_layer(by_path.size(), report.bytes_uploaded);
+        return absl::OkStatus();
+      });
   if (!image.ok()) return image.status();
-  for (const DockerArchiveLayer& layer : image->layers) {
-    auto it = by_path.find(layer.path);
-    if (it == by_path.end())
-      return absl::InvalidArgumentError(absl::StrCat(what, ": layer ", layer.path, " is missing"));
+  for (const DockerArchiveLayer& l : image->layers) {
+    auto it = by_path.find(l.path);
+    if (it == by_path.end()) return absl::InvalidArgumentError(absl::StrCat(what, ": layer ", l.path, " is missing"));
     report.layers.push_back(it->second);
     if (options.cache != nullptr) {
-      options.cache->Put(layer.diff_id, options.gzip_level,
+      options.cache->Put(l.diff_id, options.gzip_level,
                          {it->second.digest, it->second.size, absl::StrCat(ref.registry, "/", repo)});
     }
   }
