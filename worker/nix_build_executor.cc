@@ -43,6 +43,11 @@ std::string FormatTime(const google::protobuf::Timestamp& t) {
   return absl::FormatTime("%Y-%m-%d %H:%M UTC", FromProtoTime(t), absl::UTCTimeZone());
 }
 
+// The line that tells a person what to write.
+std::string FixLine(const kiln::v1::HashMismatch& m) {
+  return absl::StrCat("  fix: in the FOD '", m.name(), "', set outputHash = \"", m.got(), "\";");
+}
+
 // One mismatch as a person acts on it: Nix's own layout (so what reads
 // `specified:`/`got:` keeps working), then where the right hash came from.
 std::string DescribeMismatch(const kiln::v1::HashMismatch& m, absl::string_view computed_at) {
@@ -57,7 +62,7 @@ std::string DescribeMismatch(const kiln::v1::HashMismatch& m, absl::string_view 
     absl::StrAppend(&text, "  (stale: the declared hash was computed for other inputs of '", m.name(),
                     "'; rebuilding the output this worker held gave the hash above)\n");
   }
-  absl::StrAppend(&text, "  fix: in the FOD '", m.name(), "', set outputHash = \"", m.got(), "\";");
+  absl::StrAppend(&text, FixLine(m));
   return text;
 }
 
@@ -159,6 +164,14 @@ void NixBuildExecutor::Cancel(BuildId id) {
   if (it == runs_.end()) return;
   it->second->cancelled = true;
   for (ProcessSupervisor::ProcessId p : it->second->processes) supervisor_.Terminate(p, kCancelGrace);
+}
+
+void NixBuildExecutor::Record(Run& run, const std::vector<kiln::v1::FodOutcome>& outcomes) {
+  if (outcomes.empty()) return;
+  // The cache learns less; the build's own result stands.
+  if (absl::Status s = options_.fods->Record(outcomes, run.request.job_id); !s.ok()) {
+    Line(run, absl::StrCat("could not record FOD results: ", s.message()));
+  }
 }
 
 void NixBuildExecutor::Line(Run& run, absl::string_view text) {
@@ -425,11 +438,7 @@ void NixBuildExecutor::ComputeFods(Run& run, const std::vector<ClosureFod>& fods
       if (ParseHashMismatches(e).empty()) errors.push_back(e);
     }
   }
-  if (!outcomes.empty()) {
-    if (absl::Status s = options_.fods->Record(outcomes, run.request.job_id); !s.ok()) {
-      Line(run, absl::StrCat("could not record FOD results: ", s.message()));
-    }
-  }
+  Record(run, outcomes);
   bool all = true;
   for (const ClosureFod* fod : targets) {
     kiln::v1::FodReport* r = result.add_fod_reports();
@@ -495,7 +504,8 @@ void NixBuildExecutor::Execute(const std::shared_ptr<Run>& run) {
         argv.back() = "--keep-going";
         argv.insert(argv.end(), {"--file", fifo});
         build.forward_lines.store(false);  // Nothing to show until handed over.
-        StartNix(*run, argv, build);
+        // FOD tasks build no .drv of their own: no process to wait for one.
+        if (run->request.spec.fod_task().mode() == kiln::v1::FodTask::MODE_BUILD) StartNix(*run, argv, build);
         BuildWithFodChecks(*run, build, fifo, result);
         if (build.started && !build.exited.HasBeenNotified() && build.forward_lines.load() == false) {
           // Never handed a derivation: it is still waiting on the pipe.
@@ -639,11 +649,7 @@ void NixBuildExecutor::BuildWithFodChecks(Run& run, NixRun& build, const std::st
     RunNix(run, argv, check);
     if (check.cancelled) return;
     std::vector<kiln::v1::FodOutcome> outcomes = HarvestFods(index, check.parser, "check", result);
-    if (!outcomes.empty()) {
-      if (absl::Status s = oracle->Record(outcomes, job_id); !s.ok()) {
-        Line(run, absl::StrCat("could not record FOD results: ", s.message()));
-      }
-    }
+    Record(run, outcomes);
     if (result.hash_mismatches_size() > 0) {
       for (const auto& m : result.hash_mismatches()) messages.push_back(DescribeMismatch(m, ""));
       result.set_code(kiln::v1::RESULT_CODE_BUILD_FAILED);
@@ -673,15 +679,10 @@ void NixBuildExecutor::BuildWithFodChecks(Run& run, NixRun& build, const std::st
     SetFailure(build.exit, build.parser, build.tail_text, result);
   }
   // 6. What the build taught the cache.
-  if (!outcomes.empty()) {
-    if (absl::Status s = oracle->Record(outcomes, job_id); !s.ok()) {
-      Line(run, absl::StrCat("could not record FOD results: ", s.message()));
-    }
-  }
+  Record(run, outcomes);
   for (const auto& m : harvested.hash_mismatches()) {
     *result.add_hash_mismatches() = m;
-    absl::StrAppend(result.mutable_error_message(), "\n  fix: in the FOD '", m.name(), "', set outputHash = \"",
-                    m.got(), "\";");
+    absl::StrAppend(result.mutable_error_message(), "\n", FixLine(m));
   }
 }
 

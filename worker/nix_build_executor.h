@@ -101,6 +101,8 @@ class NixBuildExecutor final : public BuildExecutor {
   // Gives step 5's process its input.
   absl::Status HandOver(const std::string& fifo, NixRun& build, absl::string_view text);
   void Line(Run& run, absl::string_view text);
+  // Reports what Nix found out about FODs to the cache.
+  void Record(Run& run, const std::vector<kiln::v1::FodOutcome>& outcomes);
   // After a successful build of a job with a push target.
   void Publish(Run& run, kiln::v1::BuildResult& result);
 
