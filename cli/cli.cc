@@ -24,6 +24,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "common/cas_client.h"
+#include "common/cli_args.h"
 #include "common/digest.h"
 #include "common/grpc_util.h"
 #include "common/installable.h"
@@ -88,19 +89,10 @@ kiln::v1::CasService::Stub& Cas(const CliOptions& options) {
   return *stub;
 }
 
-// Where the CLI remembers file digests between runs (see DigestCache):
-// $KILN_CACHE_DIR, else $XDG_CACHE_HOME/kiln, else ~/.cache/kiln.
+// Where the CLI remembers file digests between runs (see DigestCache).
 std::string DigestCachePath() {
-  if (const char* dir = std::getenv("KILN_CACHE_DIR"); dir != nullptr && *dir != '\0') {
-    return (fs::path(dir) / "digests-v1").string();
-  }
-  if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg != nullptr && *xdg != '\0') {
-    return (fs::path(xdg) / "kiln" / "digests-v1").string();
-  }
-  if (const char* home = std::getenv("HOME"); home != nullptr && *home != '\0') {
-    return (fs::path(home) / ".cache" / "kiln" / "digests-v1").string();
-  }
-  return "";
+  const std::string dir = UserCacheDir();
+  return dir.empty() ? "" : (fs::path(dir) / "digests-v1").string();
 }
 
 kiln::v1::FarmService::Stub& Farm(const CliOptions& options) {

@@ -81,12 +81,7 @@ int main(int argc, char** argv) {
       options.credentials = *std::move(creds);
     }
   }
-  std::string cache_dir;
-  if (const char* c = std::getenv("KILN_CACHE_DIR"); c != nullptr && *c) {
-    cache_dir = c;
-  } else if (const char* home = std::getenv("HOME"); home != nullptr && *home) {
-    cache_dir = absl::StrCat(home, "/.cache/kiln");
-  }
+  const std::string cache_dir = kiln::UserCacheDir();
   kiln::LayerCache cache(cache_dir.empty() ? "" : cache_dir + "/layers-v1.json");
   const char* tmp = std::getenv("TMPDIR");
   kiln::PushOptions push{.gzip_level = absl::GetFlag(FLAGS_gzip_level),

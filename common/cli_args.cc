@@ -1,5 +1,7 @@
 #include "common/cli_args.h"
 
+#include <cstdlib>
+
 namespace kiln {
 
 DashedFlagArgs::DashedFlagArgs(int argc, char** argv) {
@@ -17,6 +19,17 @@ DashedFlagArgs::DashedFlagArgs(int argc, char** argv) {
   }
   for (auto& s : storage_) pointers_.push_back(s.data());
   pointers_.push_back(nullptr);
+}
+
+std::string UserCacheDir() {
+  if (const char* dir = std::getenv("KILN_CACHE_DIR"); dir != nullptr && *dir != '\0') return dir;
+  if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg != nullptr && *xdg != '\0') {
+    return std::string(xdg) + "/kiln";
+  }
+  if (const char* home = std::getenv("HOME"); home != nullptr && *home != '\0') {
+    return std::string(home) + "/.cache/kiln";
+  }
+  return "";
 }
 
 }  // namespace kiln

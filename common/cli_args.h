@@ -20,4 +20,9 @@ class DashedFlagArgs {
   std::vector<char*> pointers_;
 };
 
+// Where the command-line tools keep their caches (file digests, layer
+// digests): $KILN_CACHE_DIR, else $XDG_CACHE_HOME/kiln, else ~/.cache/kiln;
+// empty when none of them is set.
+std::string UserCacheDir();
+
 }  // namespace kiln
