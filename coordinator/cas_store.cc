@@ -14,20 +14,13 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
+#include "coordinator/rocks_status.h"
 
 namespace kiln {
 namespace {
 
 using kiln::state::v1::BlobMeta;
 using kiln::v1::Digest;
-
-absl::Status FromRocks(const rocksdb::Status& s, absl::string_view what) {
-  if (s.ok()) return absl::OkStatus();
-  const std::string msg = absl::StrCat(what, ": ", s.ToString());
-  if (s.IsNotFound()) return absl::NotFoundError(msg);
-  if (s.IsCorruption()) return absl::DataLossError(msg);
-  return absl::InternalError(msg);
-}
 
 
 std::string Short(const std::string& hash) { return hash.substr(0, 12); }

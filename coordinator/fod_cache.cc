@@ -10,6 +10,7 @@
 #include "common/digest.h"
 #include "common/grpc_util.h"
 #include "common/nix_hash.h"
+#include "coordinator/rocks_status.h"
 
 namespace kiln {
 
@@ -17,10 +18,6 @@ using kiln::v1::FodEntry;
 using kiln::v1::FodVerdict;
 
 namespace {
-
-absl::Status FromRocks(const rocksdb::Status& s, absl::string_view what) {
-  return absl::InternalError(absl::StrCat("FOD cache ", what, ": ", s.ToString()));
-}
 
 // Keys and hashes come from workers and imports: both are checked before
 // anything is stored.
@@ -45,15 +42,14 @@ std::string FodCache::NameKey(const std::string& name, const std::string& hash) 
 absl::Status FodCache::Write(rocksdb::WriteBatch& batch) {
   rocksdb::WriteOptions options;
   options.sync = sync_;
-  rocksdb::Status s = db_->Write(options, &batch);
-  return s.ok() ? absl::OkStatus() : FromRocks(s, "write");
+  return FromRocks(db_->Write(options, &batch), "FOD cache write");
 }
 
 absl::StatusOr<bool> FodCache::Get(const std::string& key, FodEntry* entry) const {
   std::string value;
   rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), entries_, key, &value);
   if (s.IsNotFound()) return false;
-  if (!s.ok()) return FromRocks(s, "read");
+  if (!s.ok()) return FromRocks(s, "FOD cache read");
   if (!entry->ParseFromString(value)) return absl::DataLossError(absl::StrCat("FOD entry ", key, " is corrupt"));
   return true;
 }
@@ -83,7 +79,7 @@ absl::StatusOr<std::vector<FodVerdict>> FodCache::Check(const std::vector<kiln::
     // name? Then the inputs changed and the hash did not.
     std::string other_key;
     rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), names_, NameKey(fod.name(), fod.declared()), &other_key);
-    if (!s.ok() && !s.IsNotFound()) return FromRocks(s, "read");
+    if (!s.ok() && !s.IsNotFound()) return FromRocks(s, "FOD cache read");
     FodEntry other;
     if (s.ok() && other_key != fod.key()) {
       absl::StatusOr<bool> known = Get(other_key, &other);
@@ -164,7 +160,7 @@ absl::StatusOr<std::vector<FodEntry>> FodCache::List(const std::string& name, co
     out.push_back(std::move(entry));
     if (limit != 0 && out.size() >= limit) break;
   }
-  if (!it->status().ok()) return FromRocks(it->status(), "scan");
+  if (!it->status().ok()) return FromRocks(it->status(), "FOD cache scan");
   return out;
 }
 

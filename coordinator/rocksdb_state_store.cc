@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/clock.h"
+#include "coordinator/rocks_status.h"
 
 namespace kiln {
 namespace {
@@ -18,15 +19,6 @@ namespace {
 constexpr char kNextJobSeq[] = "meta/next_job_seq";
 constexpr char kNextBuildsetSeq[] = "meta/next_buildset_seq";
 enum Family { kDefault = 0, kJobs = 1, kBlobs = 2, kBlobMeta = 3, kResults = 4, kFod = 5, kFodNames = 6 };
-
-absl::Status FromRocks(const rocksdb::Status& s, absl::string_view what) {
-  if (s.ok()) return absl::OkStatus();
-  const std::string msg = absl::StrCat(what, ": ", s.ToString());
-  if (s.IsNotFound()) return absl::NotFoundError(msg);
-  if (s.IsCorruption()) return absl::DataLossError(msg);
-  if (s.IsBusy() || s.IsTryAgain() || s.IsTimedOut()) return absl::UnavailableError(msg);
-  return absl::InternalError(msg);
-}
 
 }  // namespace
 
