@@ -4,11 +4,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
-#include <memory>
-#include <thread>
 #include <cstdlib>
+#include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -18,6 +19,7 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "common/cli_args.h"
 #include "common/image_ref.h"
@@ -94,17 +96,38 @@ int main(int argc, char** argv) {
                          .make_client = [&] { return std::make_unique<kiln::HttpRegistryClient>(ref->registry, options); },
                          .stream_hold_bytes = 8 << 20,
                          .on_layer = nullptr};
-  // On a terminal, one line of progress rewritten in place.
+  // On a terminal, one line of progress rewritten in place four times a
+  // second: layers in the registry, bytes sent, current rate.
   const bool terminal = ::isatty(STDERR_FILENO) == 1 && !absl::GetFlag(FLAGS_json);
+  std::atomic<uint64_t> sent{0};
+  std::atomic<size_t> layers_done{0};
   if (terminal) {
-    push.on_layer = [](size_t layers, uint64_t bytes) {
-      std::fprintf(stderr, "\rkiln: %zu layer(s) in the registry, %.1f MiB sent", layers, bytes / 1048576.0);
-      std::fflush(stderr);
-    };
+    options.on_sent = [&sent](uint64_t n) { sent += n; };
+    push.on_layer = [&layers_done](size_t layers, uint64_t) { layers_done = layers; };
+  }
+  absl::Notification finished;
+  std::thread ticker;
+  if (terminal) {
+    ticker = std::thread([&] {
+      uint64_t last = 0;
+      absl::Time last_at = absl::Now();
+      do {
+        const uint64_t now_sent = sent.load();
+        const absl::Time now = absl::Now();
+        const double rate = (now_sent - last) / std::max(1e-3, absl::ToDoubleSeconds(now - last_at)) / 1048576.0;
+        last = now_sent;
+        last_at = now;
+        std::fprintf(stderr, "\r\033[Kkiln: %zu layer(s) in the registry, %.1f MiB sent, %.1f MiB/s",
+                     layers_done.load(), now_sent / 1048576.0, rate);
+        std::fflush(stderr);
+      } while (!finished.WaitForNotificationWithTimeout(absl::Milliseconds(250)));
+    });
   }
   kiln::HttpRegistryClient client(ref->registry, options);
   const absl::Time start = absl::Now();
   absl::StatusOr<kiln::PushReport> report = kiln::PushImage(archive, *ref, tags, client, push);
+  finished.Notify();
+  if (ticker.joinable()) ticker.join();
   if (terminal) std::fprintf(stderr, "\r\033[K");
   if (!report.ok()) return Fail(std::string(report.status().message()), 1);
   const double seconds = absl::ToDoubleSeconds(absl::Now() - start);

@@ -136,6 +136,14 @@ bool LayerCache::Find(const std::string& diff_id, int level, Entry* entry) const
   return true;
 }
 
+std::string LayerCache::SeenIn(const std::string& digest) const {
+  absl::MutexLock lock(&mu_);
+  for (const auto& [key, entry] : entries_) {
+    if (entry.digest == digest) return entry.seen_in;
+  }
+  return "";
+}
+
 void LayerCache::Put(const std::string& diff_id, int level, Entry entry) {
   absl::MutexLock lock(&mu_);
   entries_[absl::StrCat(level, ":", diff_id)] = std::move(entry);
@@ -506,7 +514,15 @@ absl::StatusOr<PushReport> PushImageStream(int fd, const std::string& what, cons
           absl::StatusOr<bool> has = client.HasBlob(repo, blob->digest);
           if (!has.ok()) return has.status();
           blob->skipped = *has;
-          if (!*has) {
+          // Known in another repository of this registry: link it instead.
+          const std::string seen_in = options.cache != nullptr ? options.cache->SeenIn(blob->digest) : "";
+          const std::string prefix = absl::StrCat(ref.registry, "/");
+          if (!*has && absl::StartsWith(seen_in, prefix) && seen_in != absl::StrCat(prefix, repo)) {
+            absl::StatusOr<bool> mounted = client.MountBlob(repo, blob->digest, seen_in.substr(prefix.size()));
+            if (!mounted.ok()) return mounted.status();
+            blob->skipped = blob->mounted = *mounted;
+          }
+          if (!blob->skipped) {
             BlobSource source{.file = "", .data = (*l)->held, .size = (*l)->held.size()};
             if (absl::Status u = client.UploadBlob(repo, blob->digest, source); !u.ok()) return u;
             report.bytes_uploaded += blob->size;

@@ -33,6 +33,9 @@ class LayerCache {
   // `path` empty: in memory only.
   explicit LayerCache(std::string path);
   bool Find(const std::string& diff_id, int level, Entry* entry) const ABSL_LOCKS_EXCLUDED(mu_);
+  // Where a compressed blob was last seen ("" when never): for a stream,
+  // whose layers' diff_ids are known only after they are compressed.
+  std::string SeenIn(const std::string& digest) const ABSL_LOCKS_EXCLUDED(mu_);
   void Put(const std::string& diff_id, int level, Entry entry) ABSL_LOCKS_EXCLUDED(mu_);
   absl::Status Save() const ABSL_LOCKS_EXCLUDED(mu_);
 
@@ -86,7 +89,9 @@ absl::StatusOr<PushReport> PushDockerArchive(const std::string& archive, const I
 // Pushes a docker-archive read once from `fd` (a pipe): each layer is
 // compressed as it arrives and a layer larger than stream_hold_bytes compressed is
 // streamed to the registry in chunks while it is read (nothing on disk);
-// smaller ones are checked with HEAD first. `what` names the source in errors.
+// smaller ones are checked with HEAD first (and mounted from another
+// repository when the cache has seen them there). `what` names the source in
+// errors.
 absl::StatusOr<PushReport> PushImageStream(int fd, const std::string& what, const ImageRef& ref,
                                            std::vector<std::string> tags, RegistryClient& client,
                                            const PushOptions& options);

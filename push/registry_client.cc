@@ -100,22 +100,25 @@ struct BodyReader {
   uint64_t end = 0;
   int fd = -1;
   std::string error;
+  const std::function<void(uint64_t)>* on_sent = nullptr;
   static size_t Read(char* out, size_t size, size_t n, void* self_ptr) {
     auto* self = static_cast<BodyReader*>(self_ptr);
     const size_t want = static_cast<size_t>(std::min<uint64_t>(size * n, self->end - self->pos));
     if (want == 0) return 0;
+    size_t got = want;
     if (self->blob->file.empty()) {
       std::memcpy(out, self->blob->data.data() + self->pos, want);
-      self->pos += want;
-      return want;
+    } else {
+      const ssize_t r = ::pread(self->fd, out, want, static_cast<off_t>(self->pos));
+      if (r <= 0) {
+        self->error = r < 0 ? std::strerror(errno) : "file shorter than expected";
+        return CURL_READFUNC_ABORT;
+      }
+      got = static_cast<size_t>(r);
     }
-    const ssize_t got = ::pread(self->fd, out, want, static_cast<off_t>(self->pos));
-    if (got <= 0) {
-      self->error = got < 0 ? std::strerror(errno) : "file shorter than expected";
-      return CURL_READFUNC_ABORT;
-    }
-    self->pos += static_cast<uint64_t>(got);
-    return static_cast<size_t>(got);
+    self->pos += got;
+    if (self->on_sent != nullptr && *self->on_sent) (*self->on_sent)(got);
+    return got;
   }
 };
 
@@ -167,6 +170,8 @@ struct HttpRegistryClient::Impl {
   RegistryOptions options;
   CURL* curl = nullptr;
   std::string bearer;  // The token the registry's realm issued, if any.
+  std::map<std::string, std::string> token_params;  // The challenge `bearer` answers.
+  absl::Time token_renew = absl::InfiniteFuture();  // Fetch a new one from here on.
   bool basic = false;  // The registry asked for Basic credentials.
   std::map<std::string, int> counts;
   std::mt19937 rng{std::random_device{}()};
@@ -208,6 +213,7 @@ struct HttpRegistryClient::Impl {
       reader.blob = r.body != nullptr ? r.body : &kEmpty;
       reader.pos = r.offset;
       reader.end = r.offset + (r.body != nullptr ? r.length : 0);
+      reader.on_sent = &options.on_sent;
       if (r.body != nullptr && !r.body->file.empty()) {
         reader.fd = ::open(r.body->file.c_str(), O_RDONLY | O_CLOEXEC);
         if (reader.fd < 0) {
@@ -263,7 +269,18 @@ struct HttpRegistryClient::Impl {
     std::string url = realm->second;
     std::vector<std::string> query;
     for (const char* key : {"service", "scope"}) {
-      if (auto it = params.find(key); it != params.end()) query.push_back(absl::StrCat(key, "=", UrlEncode(it->second)));
+      auto it = params.find(key);
+      if (it == params.end()) continue;
+      std::string value = it->second;
+      // A lone pull scope comes from a HEAD or GET on the repository being
+      // pushed; asking for push as well saves a second token when the
+      // upload starts. (A mount's challenge names two repositories and is
+      // asked for as it is.)
+      if (std::string(key) == "scope" && absl::StartsWith(value, "repository:") && absl::EndsWith(value, ":pull") &&
+          value.find(' ') == std::string::npos) {
+        value += ",push";
+      }
+      query.push_back(absl::StrCat(key, "=", UrlEncode(value)));
     }
     if (!query.empty()) url += (url.find('?') == std::string::npos ? "?" : "&") + absl::StrJoin(query, "&");
     Request r{.method = "GET", .url = url, .headers = {}, .body = nullptr, .offset = 0, .length = 0,
@@ -273,17 +290,46 @@ struct HttpRegistryClient::Impl {
       authorization = absl::StrCat("Authorization: Basic ", absl::Base64Escape(options.credentials.username + ":" +
                                                                                 options.credentials.password));
     }
+    const absl::Time asked = absl::Now();
     absl::StatusOr<Response> response = Perform(r, authorization);
     if (!response.ok()) return response.status();
+    if (response->status == 401 || response->status == 403) {
+      return absl::Status(CodeFor(response->status),
+                          options.credentials.username.empty()
+                              ? absl::StrCat("registry ", registry,
+                                             ": UNAUTHORIZED: the token service wants credentials and none are "
+                                             "configured")
+                              : absl::StrCat("registry ", registry,
+                                             ": UNAUTHORIZED: the token service refused the credentials of user '",
+                                             options.credentials.username, "' (HTTP ", response->status, ")"));
+    }
     if (response->status != 200) {
       return absl::Status(CodeFor(response->status),
-                          absl::StrCat("registry ", registry, ": the token service refused the credentials (HTTP ",
-                                       response->status, ")"));
+                          absl::StrCat("registry ", registry, ": token request: HTTP ", response->status));
     }
     nlohmann::json j = nlohmann::json::parse(response->body, nullptr, false);
-    std::string token = j.is_object() ? j.value("token", j.value("access_token", "")) : "";
-    if (token.empty()) return absl::UnauthenticatedError(absl::StrCat("registry ", registry, ": the token service sent no token"));
+    std::string token;
+    if (j.is_object()) {
+      for (const char* key : {"token", "access_token"}) {
+        if (j.contains(key) && j[key].is_string() && !j[key].get<std::string>().empty()) {
+          token = j[key].get<std::string>();
+          break;
+        }
+      }
+    }
+    if (token.empty()) {
+      return absl::UnauthenticatedError(absl::StrCat("registry ", registry, ": the token service sent no token"));
+    }
+    // Kept until shortly before it expires (60 s when the service does not
+    // say, as the token specification has it), then fetched again.
+    int64_t lifetime = 60;
+    if (j.contains("expires_in") && j["expires_in"].is_number_integer() && j["expires_in"].get<int64_t>() > 0) {
+      lifetime = j["expires_in"].get<int64_t>();
+    }
+    const absl::Duration life = absl::Seconds(lifetime);
+    token_renew = asked + life - std::min(absl::Seconds(10), life / 4);
     bearer = std::move(token);
+    token_params = params;
     return absl::OkStatus();
   }
 
@@ -298,6 +344,13 @@ struct HttpRegistryClient::Impl {
         wait = wait * std::uniform_real_distribution<double>(0.5, 1.5)(rng);
         absl::SleepFor(wait);
       }
+      if (!bearer.empty() && absl::Now() >= token_renew) {
+        if (absl::Status s = FetchToken(token_params); !s.ok()) {
+          if (!absl::IsUnavailable(s)) return s;
+          last = s;
+          continue;
+        }
+      }
       absl::StatusOr<Response> response = Perform(r, Authorization(r.send_credentials));
       if (!response.ok()) {
         last = response.status();
@@ -309,7 +362,12 @@ struct HttpRegistryClient::Impl {
         const std::string challenge = response->Header("www-authenticate");
         absl::string_view rest = challenge;
         if (absl::ConsumePrefix(&rest, "Bearer ") || absl::ConsumePrefix(&rest, "bearer ")) {
-          if (absl::Status s = FetchToken(AuthParams(rest)); !s.ok()) return s;
+          if (absl::Status s = FetchToken(AuthParams(rest)); !s.ok()) {
+            if (!absl::IsUnavailable(s)) return s;
+            last = s;  // The token service is unreachable: a retry like any other.
+            auth_retried = false;
+            continue;
+          }
         } else if (!options.credentials.username.empty()) {
           basic = true;
         } else {

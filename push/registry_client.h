@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -30,6 +31,9 @@ struct RegistryOptions {
   absl::Duration max_backoff = absl::Seconds(10);
   size_t monolithic_max_bytes = 8 << 20;  // Larger blobs go in PATCH chunks.
   size_t chunk_bytes = 32 << 20;
+  // Called, from whichever thread sends, as request bodies go out (bytes
+  // sent again after a retry count again): for progress displays.
+  std::function<void(uint64_t bytes)> on_sent;
 };
 
 // Where a blob's bytes come from: a file or memory.

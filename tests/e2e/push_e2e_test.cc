@@ -80,6 +80,18 @@ TEST(PushE2eTest, AWorkerPushesTheImageItBuiltAndOnlyWhatTheRegistryLacks) {
   EXPECT_EQ(j2[0]["pushed"].value("bytesUploaded", -1), 0) << j2.dump();
   for (const auto& l : j2[0]["pushed"]["layers"]) EXPECT_TRUE(l.value("skipped", false));
 
+  // The streamLayeredImage shape: the output is a script that writes the
+  // archive to stdout; the worker pushes what it writes as it comes, and the
+  // registry gets the same image.
+  const std::string stream = testing::SourcePath("examples/services/hello-api") + "#oci-stream";
+  auto streamed = farm.Kiln({"build", stream, "--json", "--push=" + absl::StrCat(reg, "/kiln/hello-stream:testing"),
+                             "--label=creds=good"});
+  ASSERT_TRUE(streamed.ok());
+  ASSERT_EQ(streamed->exit.exit_code, 0) << streamed->stderr_data;
+  auto js = nlohmann::json::parse(streamed->stdout_data);
+  EXPECT_EQ(js[0]["pushed"].value("manifestDigest", ""), digest) << js.dump();
+  EXPECT_EQ(js[0]["pushed"].value("image", ""), absl::StrCat(reg, "/kiln/hello-stream@", digest));
+
   // `kiln push` from a laptop: the same pusher, the built archive, its own
   // credentials (here from the environment), into another repository.
   ProcessSpec push;
@@ -92,6 +104,24 @@ TEST(PushE2eTest, AWorkerPushesTheImageItBuiltAndOnlyWhatTheRegistryLacks) {
   ASSERT_EQ(pushed_cli->exit.exit_code, 0) << pushed_cli->stderr_data;
   EXPECT_EQ(nlohmann::json::parse(pushed_cli->stdout_data).value("manifestDigest", ""), digest)
       << pushed_cli->stdout_data;
+
+  EXPECT_FALSE(absl::StrContains(pushed_cli->stderr_data, "MiB sent")) << "progress only on a terminal";
+
+  // On a terminal (script(1) gives it one): a progress line, rewritten in
+  // place, erased before the result.
+  ProcessSpec on_tty;
+  on_tty.argv = {"script", "-qec",
+                 absl::StrCat(testing::BinPath("kiln"), " push ", j[0]["outputs"].value("out", ""), " ", reg,
+                              "/kiln/from-terminal:dev --insecure"),
+                 "/dev/null"};
+  on_tty.extra_env = push.extra_env;
+  auto tty = RunCommand(on_tty, "", absl::Minutes(2));
+  ASSERT_TRUE(tty.ok());
+  EXPECT_EQ(tty->exit.exit_code, 0) << tty->stdout_data;
+  EXPECT_TRUE(absl::StrContains(tty->stdout_data, "layer(s) in the registry")) << tty->stdout_data;
+  EXPECT_TRUE(absl::StrContains(tty->stdout_data, "\r\033[K")) << tty->stdout_data;
+  EXPECT_TRUE(absl::StrContains(tty->stdout_data, absl::StrCat(reg, "/kiln/from-terminal@", digest)))
+      << tty->stdout_data;
 
   // Outside the allowlist: refused at submission.
   auto refused = farm.Kiln({"build", image, "--push=" + absl::StrCat(reg, "/elsewhere/x:testing")});
@@ -108,12 +138,16 @@ TEST(PushE2eTest, AWorkerPushesTheImageItBuiltAndOnlyWhatTheRegistryLacks) {
   auto good = testing::ScrapeMetrics(farm.worker_metrics()[0]);
   auto bad = testing::ScrapeMetrics(farm.worker_metrics()[1]);
   ASSERT_TRUE(good.ok() && bad.ok());
+  // First push: three blobs sent; again: three skipped; the stream into a
+  // new repository: two layers mounted, the config sent.
   EXPECT_TRUE(absl::StrContains(*good, "kiln_worker_pushed_blobs_total{result=\"skipped\"} 3")) << *good;
-  EXPECT_TRUE(absl::StrContains(*good, "kiln_worker_pushed_blobs_total{result=\"pushed\"} 3")) << *good;
+  EXPECT_TRUE(absl::StrContains(*good, "kiln_worker_pushed_blobs_total{result=\"mounted\"} 2")) << *good;
+  EXPECT_TRUE(absl::StrContains(*good, "kiln_worker_pushed_blobs_total{result=\"pushed\"} 4")) << *good;
   EXPECT_TRUE(absl::StrContains(*bad, "kiln_worker_push_failures_total{code=\"unauthorized\"} 1")) << *bad;
 
   std::string everything = first->stdout_data + first->stderr_data + again->stdout_data + again->stderr_data +
-                           pushed_cli->stdout_data + pushed_cli->stderr_data +
+                           streamed->stdout_data + streamed->stderr_data +
+                           pushed_cli->stdout_data + pushed_cli->stderr_data + tty->stdout_data +
                            denied->stdout_data + denied->stderr_data + ReadFileOrDie(farm.LogOf("coordinator")) +
                            ReadFileOrDie(farm.LogOf("worker-1")) + ReadFileOrDie(farm.LogOf("worker-2"));
   auto metrics = testing::ScrapeMetrics(farm.coordinator_metrics());

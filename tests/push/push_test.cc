@@ -21,6 +21,7 @@
 #include "tests/support/local_farm.h"
 #include "tests/support/local_registry.h"
 #include "tests/support/test_util.h"
+#include "tests/support/token_issuer.h"
 
 namespace kiln {
 namespace {
@@ -297,6 +298,71 @@ TEST_F(PushTest, AWrongPasswordIsAnAuthErrorThatNeverShowsThePassword) {
   EXPECT_TRUE(absl::StrContains(report.status().message(), "UNAUTHORIZED")) << report.status();
   EXPECT_FALSE(absl::StrContains(report.status().message(), wrong));
   EXPECT_FALSE(absl::StrContains(report.status().message(), kPassword));
+}
+
+TEST_F(PushTest, TheBearerFlowGetsTokensTheRegistryVerifiesAndRenewsThem) {
+  // The registry trusts tokens signed under the issuer's CA and nothing else.
+  auto issuer = testing::TokenIssuer::Start({.username = kUser, .password = kPassword});
+  ASSERT_TRUE(issuer.ok()) << issuer.status();
+  LocalRegistry::Options ro;
+  ro.token = LocalRegistry::Options::Token{(*issuer)->realm(), (*issuer)->service(), (*issuer)->issuer(),
+                                           (*issuer)->root_bundle()};
+  auto registry = LocalRegistry::Start(ro);
+  ASSERT_TRUE(registry.ok()) << registry.status();
+  const std::string reg = (*registry)->address();
+
+  LayerCache cache(dir_.Sub("token-layers.json"));
+  HttpRegistryClient client(reg, Options());
+  auto first = PushDockerArchive(*archive_, *ParseImageRef(reg + "/kiln/tok-a:testing"), {}, client, Plain(&cache));
+  ASSERT_TRUE(first.ok()) << first.status() << (*registry)->LogText();
+  // One token serves the whole push: fetched once, not per request.
+  EXPECT_EQ((*issuer)->tokens_issued(), 1);
+  EXPECT_GE(client.requests("HEAD") + client.requests("POST") + client.requests("PUT"), 6);
+  EXPECT_THAT((*issuer)->scopes_requested(), ::testing::Contains("repository:kiln/tok-a:pull,push"));
+  // skopeo goes through the same token service and finds the image.
+  const std::string inspected = Skopeo({"inspect", "--tls-verify=false", "--creds", absl::StrCat(kUser, ":", kPassword),
+                                        absl::StrCat("docker://", reg, "/kiln/tok-a:testing")});
+  EXPECT_EQ(nlohmann::json::parse(inspected).value("Digest", ""), first->manifest_digest);
+
+  // A mount from another repository needs a token for both: the client asks
+  // for what the registry's challenge names.
+  HttpRegistryClient second(reg, Options());
+  auto mounted = PushDockerArchive(*archive_, *ParseImageRef(reg + "/kiln/tok-b:testing"), {}, second, Plain(&cache));
+  ASSERT_TRUE(mounted.ok()) << mounted.status();
+  for (const auto& l : mounted->layers) EXPECT_TRUE(l.mounted);
+  EXPECT_THAT((*issuer)->scopes_requested(), ::testing::Contains("repository:kiln/tok-a:pull"));
+
+  // The signing key changes: the cached token is refused (401) and a fresh
+  // one is fetched without the caller noticing.
+  (*issuer)->set_expires_in(1);
+  ASSERT_TRUE((*issuer)->Rotate().ok());
+  ASSERT_TRUE((*registry)->Restart().ok());
+  const int before_rotation = (*issuer)->tokens_issued();
+  auto has = client.HasBlob("kiln/tok-a", first->config.digest);
+  ASSERT_TRUE(has.ok()) << has.status();
+  EXPECT_TRUE(*has);
+  EXPECT_EQ((*issuer)->tokens_issued(), before_rotation + 1);
+
+  // That token said it lives one second. The registry would still take it
+  // (it allows a minute of clock skew), so only the client's own expiry
+  // accounting can make it ask for a new one.
+  absl::SleepFor(absl::Milliseconds(1100));
+  has = client.HasBlob("kiln/tok-a", first->config.digest);
+  ASSERT_TRUE(has.ok()) << has.status();
+  EXPECT_TRUE(*has);
+  EXPECT_EQ((*issuer)->tokens_issued(), before_rotation + 2);
+
+  // Wrong credentials: the token service refuses them; the error says so and
+  // never shows the password.
+  const std::string wrong = "not-the-token-password-0815";
+  HttpRegistryClient denied(reg, Options(wrong));
+  auto refused = PushDockerArchive(*archive_, *ParseImageRef(reg + "/kiln/tok-c:testing"), {}, denied, Plain());
+  ASSERT_FALSE(refused.ok());
+  EXPECT_TRUE(absl::IsUnauthenticated(refused.status())) << refused.status();
+  EXPECT_TRUE(absl::StrContains(refused.status().message(), "UNAUTHORIZED: the token service refused the credentials"))
+      << refused.status();
+  EXPECT_FALSE(absl::StrContains(refused.status().message(), wrong));
+  EXPECT_GE((*issuer)->refusals(), 1);
 }
 
 // Passes everything through; runs `after_first_upload` once the first blob

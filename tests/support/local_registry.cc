@@ -56,6 +56,11 @@ absl::StatusOr<std::unique_ptr<LocalRegistry>> LocalRegistry::Start(const Option
     absl::StrAppend(&config, "auth:\n  htpasswd:\n    realm: kiln-test\n    path: ", registry->dir_.Sub("htpasswd"),
                     "\n");
   }
+  if (options.token) {
+    absl::StrAppend(&config, "auth:\n  token:\n    realm: ", options.token->realm, "\n    service: ",
+                    options.token->service, "\n    issuer: ", options.token->issuer, "\n    rootcertbundle: ",
+                    options.token->root_bundle, "\n");
+  }
   if (options.tls) {
     // A CA and a server certificate for 127.0.0.1, with the openssl CLI.
     const std::string ca = registry->dir_.Sub("ca");

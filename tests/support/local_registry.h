@@ -1,9 +1,10 @@
 // LocalRegistry: Debian's docker-registry (a real OCI distribution server)
 // on 127.0.0.1 and a port picked here, storing into a temporary directory,
-// optionally behind htpasswd (bcrypt) Basic auth. Stopped on destruction.
+// optionally behind htpasswd (bcrypt) Basic auth or token auth. Stopped on destruction.
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -20,6 +21,12 @@ class LocalRegistry {
     // Serve HTTPS with a certificate for 127.0.0.1 signed by a CA made here
     // (ca_file()).
     bool tls = false;
+    // `auth: token`: clients get tokens from `realm`, signed by a key that
+    // chains to the CA in `root_bundle` (see TokenIssuer). Re-read on Restart.
+    struct Token {
+      std::string realm, service, issuer, root_bundle;
+    };
+    std::optional<Token> token = std::nullopt;
   };
   static absl::StatusOr<std::unique_ptr<LocalRegistry>> Start(const Options& options);
   ~LocalRegistry();

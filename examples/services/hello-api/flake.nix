@@ -36,13 +36,32 @@
           mv config.json img/$config_sum.json
           printf '[{"Config":"%s.json","RepoTags":["hello-api:latest"],"Layers":[%s]}]' "$config_sum" "$layer_paths" > img/manifest.json
 
-          echo "writing docker-archive"
-          tar $tarflags -C img -cf - . | gzip -9n > $out
+          if [ -n "''${unpacked:-}" ]; then
+            echo "keeping the image unpacked"
+            mv img $out
+          else
+            echo "writing docker-archive"
+            tar $tarflags -C img -cf - . | gzip -9n > $out
+          fi
+        '' ];
+      };
+      # The same image, unpacked in the store, and a script that writes its
+      # docker-archive to stdout when run: the shape of
+      # dockerTools.streamLayeredImage, whose archive never exists as a file.
+      layers = derivation (image.drvAttrs // { name = "hello-api-layers"; unpacked = "1"; });
+      stream = derivation {
+        name = "stream-hello-api";
+        inherit system;
+        builder = "/bin/sh";
+        args = [ "-c" ''
+          printf '#!/bin/sh\nexec /usr/bin/tar --sort=name --mtime=@1 --owner=0 --group=0 --numeric-owner -C %s -cf - .\n' ${layers} > $out
+          /bin/chmod 0755 $out
         '' ];
       };
     in {
       packages.${system} = {
         oci-image = image;
+        oci-stream = stream;
         default = image;
       };
     };
