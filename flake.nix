@@ -16,7 +16,7 @@
         src = ./.;
         nativeBuildInputs = with pkgs; [ cmake ninja pkg-config protobuf grpc ];
         buildInputs = with pkgs; [
-          grpc protobuf abseil-cpp rocksdb openssl prometheus-cpp curl libarchive nlohmann_json
+          grpc protobuf abseil-cpp rocksdb openssl prometheus-cpp curl libarchive libdeflate nlohmann_json
         ];
         cmakeFlags = [ "-DKILN_BUILD_TESTS=OFF" ];
         installPhase = ''

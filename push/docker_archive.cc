@@ -33,9 +33,11 @@ ArchivePtr NewReader() {
   return a;
 }
 
-absl::StatusOr<ArchivePtr> OpenArchive(const std::string& path) {
+// `block`: the size of each read. Large for layers; small when only the
+// JSON members are wanted, as each member skipped still costs one read.
+absl::StatusOr<ArchivePtr> OpenArchive(const std::string& path, size_t block = kBlock) {
   ArchivePtr a = NewReader();
-  if (archive_read_open_filename(a.get(), path.c_str(), kBlock) != ARCHIVE_OK) {
+  if (archive_read_open_filename(a.get(), path.c_str(), block) != ARCHIVE_OK) {
     return absl::InvalidArgumentError(absl::StrCat("cannot read ", path, ": ", archive_error_string(a.get())));
   }
   return a;
@@ -141,7 +143,7 @@ absl::StatusOr<DockerArchive> ReadMembers(archive* a, const std::string& what, c
 }  // namespace
 
 absl::StatusOr<DockerArchive> ReadDockerArchive(const std::string& path) {
-  absl::StatusOr<ArchivePtr> a = OpenArchive(path);
+  absl::StatusOr<ArchivePtr> a = OpenArchive(path, 16 << 10);
   if (!a.ok()) return a.status();
   return ReadMembers(a->get(), path, nullptr);
 }

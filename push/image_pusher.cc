@@ -1,12 +1,12 @@
 #include "push/image_pusher.h"
 
 #include <fcntl.h>
+#include <libdeflate.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
-#include <zlib.h>
 
 #include <cerrno>
 #include <cstdio>
@@ -17,6 +17,7 @@
 #include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <thread>
 
 #include "absl/cleanup/cleanup.h"
@@ -43,9 +44,16 @@ constexpr MediaTypes kDocker = {"application/vnd.docker.distribution.manifest.v2
 constexpr MediaTypes kOci = {"application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.config.v1+json",
                              "application/vnd.oci.image.layer.v1.tar+gzip"};
 
-// gzip into a scratch file (or any sink), hashing what is written.
+// A layer gzip-compressed as it is written, hashed as it goes out, to a file
+// or a sink. libdeflate compresses about twice as fast as zlib at a like
+// level and ratio, but only whole buffers: the layer becomes a series of
+// gzip members of kMemberBytes of input each. RFC 1952 allows members one
+// after another, and every gunzip (Go's, which registries' clients use,
+// pigz, GNU gzip) reads them as one stream. libdeflate's header carries no
+// name and mtime 0, so a layer always compresses to the same digest.
 class GzipFile {
  public:
+  static constexpr size_t kMemberBytes = 1 << 20;
   absl::Status Open(const std::string& path, int level) {
     path_ = path;
     out_ = std::fopen(path.c_str(), "wb");
@@ -56,36 +64,17 @@ class GzipFile {
     sink_ = std::move(sink);
     return Init(level);
   }
-  absl::Status Init(int level) {
-    // 15 + 16: a gzip wrapper; zlib writes its header with no name and mtime 0.
-    if (deflateInit2(&z_, level, Z_DEFLATED, 15 + 16, 8, Z_DEFAULT_STRATEGY) != Z_OK) {
-      return absl::InternalError("zlib: deflateInit2 failed");
-    }
-    open_ = true;
-    return absl::OkStatus();
-  }
   absl::Status Write(absl::string_view data, bool finish) {
-    z_.next_in = reinterpret_cast<Bytef*>(const_cast<char*>(data.data()));
-    z_.avail_in = static_cast<uInt>(data.size());
-    unsigned char buf[1 << 16];
-    int r;
-    do {
-      z_.next_out = buf;
-      z_.avail_out = sizeof buf;
-      r = deflate(&z_, finish ? Z_FINISH : Z_NO_FLUSH);
-      if (r == Z_STREAM_ERROR) return absl::InternalError("zlib: deflate failed");
-      const size_t n = sizeof buf - z_.avail_out;
-      if (n > 0) {
-        const absl::string_view piece(reinterpret_cast<char*>(buf), n);
-        if (sink_) {
-          if (absl::Status s = sink_(piece); !s.ok()) return s;
-        } else if (std::fwrite(buf, 1, n, out_) != n) {
-          return absl::InternalError(absl::StrCat("cannot write ", path_));
-        }
-        hash_.Update(piece);
-        size_ += n;
+    while (!data.empty()) {
+      const size_t n = std::min(data.size(), kMemberBytes - pending_.size());
+      pending_.append(data.data(), n);
+      data.remove_prefix(n);
+      if (pending_.size() == kMemberBytes) {
+        if (absl::Status s = Member(); !s.ok()) return s;
       }
-    } while (z_.avail_out == 0 || (finish && r != Z_STREAM_END));
+    }
+    // An empty layer is still one (empty) member: a valid gzip stream.
+    if (finish && (!pending_.empty() || size_ == 0)) return Member();
     return absl::OkStatus();
   }
   absl::StatusOr<PushedBlob> Finish() {
@@ -96,17 +85,40 @@ class GzipFile {
   ~GzipFile() { Close(); }
 
  private:
+  absl::Status Init(int level) {
+    compressor_ = libdeflate_alloc_compressor(std::clamp(level, 1, 12));
+    if (compressor_ == nullptr) return absl::InternalError("libdeflate: cannot allocate a compressor");
+    pending_.reserve(kMemberBytes);
+    out_buf_.resize(libdeflate_gzip_compress_bound(compressor_, kMemberBytes));
+    return absl::OkStatus();
+  }
+  absl::Status Member() {
+    const size_t n =
+        libdeflate_gzip_compress(compressor_, pending_.data(), pending_.size(), out_buf_.data(), out_buf_.size());
+    pending_.clear();
+    if (n == 0) return absl::InternalError("libdeflate: compressed data larger than its bound");
+    const absl::string_view piece(out_buf_.data(), n);
+    if (sink_) {
+      if (absl::Status s = sink_(piece); !s.ok()) return s;
+    } else if (std::fwrite(piece.data(), 1, n, out_) != n) {
+      return absl::InternalError(absl::StrCat("cannot write ", path_));
+    }
+    hash_.Update(piece);
+    size_ += n;
+    return absl::OkStatus();
+  }
   void Close() {
-    if (open_) deflateEnd(&z_);
-    open_ = false;
+    if (compressor_ != nullptr) libdeflate_free_compressor(compressor_);
+    compressor_ = nullptr;
     if (out_ != nullptr) std::fclose(out_);
     out_ = nullptr;
   }
   std::string path_;
   std::FILE* out_ = nullptr;
   std::function<absl::Status(absl::string_view)> sink_;
-  z_stream z_{};
-  bool open_ = false;
+  libdeflate_compressor* compressor_ = nullptr;
+  std::string pending_;  // Input of the member being filled.
+  std::string out_buf_;
   Sha256 hash_;
   uint64_t size_ = 0;
 };
@@ -262,6 +274,43 @@ absl::Status CompressInParallel(const std::string& archive, const DockerArchive&
 }
 
 // The config, then the manifest under every tag, once the layers are in.
+// The manifest naming report.config and report.layers, as sent.
+std::string ManifestBody(const PushReport& report, const PushOptions& options) {
+  const MediaTypes& types = options.oci_manifest ? kOci : kDocker;
+  nlohmann::json manifest = {
+      {"schemaVersion", 2},
+      {"mediaType", types.manifest},
+      {"config", {{"mediaType", types.config}, {"size", report.config.size}, {"digest", report.config.digest}}},
+      {"layers", nlohmann::json::array()},
+  };
+  for (const PushedBlob& l : report.layers) {
+    manifest["layers"].push_back({{"mediaType", types.layer}, {"size", l.size}, {"digest", l.digest}});
+  }
+  return manifest.dump(3);
+}
+
+// The manifest under every tag, checking the digest the registry reports.
+// `skip_current`: leave out tags that already name this very manifest.
+absl::Status PutTags(const std::string& body, const ImageRef& ref, const std::vector<std::string>& tags,
+                     RegistryClient& client, const PushOptions& options, PushReport& report,
+                     const std::set<std::string>& skip = {}) {
+  const MediaTypes& types = options.oci_manifest ? kOci : kDocker;
+  report.manifest_size = body.size();
+  const std::string expected = absl::StrCat("sha256:", Sha256Hex(body));
+  for (const std::string& tag : tags) {
+    if (skip.contains(tag)) continue;
+    absl::StatusOr<std::string> digest = client.PutManifest(ref.repository, tag, types.manifest, body);
+    if (!digest.ok()) return digest.status();
+    if (!digest->empty() && *digest != expected) {
+      return absl::DataLossError(
+          absl::StrCat("registry ", ref.registry, " stored the manifest as ", *digest, ", expected ", expected));
+    }
+  }
+  report.manifest_digest = expected;
+  return absl::OkStatus();
+}
+
+// The config blob (sent unless the registry has it), then the manifest.
 absl::Status FinishImage(const DockerArchive& image, const ImageRef& ref, const std::vector<std::string>& tags,
                          RegistryClient& client, const PushOptions& options, PushReport& report) {
   const std::string& repo = ref.repository;
@@ -274,29 +323,7 @@ absl::Status FinishImage(const DockerArchive& image, const ImageRef& ref, const 
     if (absl::Status s = client.UploadBlob(repo, report.config.digest, source); !s.ok()) return s;
     report.bytes_uploaded += image.config.size();
   }
-  const MediaTypes& types = options.oci_manifest ? kOci : kDocker;
-  nlohmann::json manifest = {
-      {"schemaVersion", 2},
-      {"mediaType", types.manifest},
-      {"config", {{"mediaType", types.config}, {"size", report.config.size}, {"digest", report.config.digest}}},
-      {"layers", nlohmann::json::array()},
-  };
-  for (const PushedBlob& l : report.layers) {
-    manifest["layers"].push_back({{"mediaType", types.layer}, {"size", l.size}, {"digest", l.digest}});
-  }
-  const std::string body = manifest.dump(3);
-  report.manifest_size = body.size();
-  const std::string expected = absl::StrCat("sha256:", Sha256Hex(body));
-  for (const std::string& tag : tags) {
-    absl::StatusOr<std::string> digest = client.PutManifest(repo, tag, types.manifest, body);
-    if (!digest.ok()) return digest.status();
-    if (!digest->empty() && *digest != expected) {
-      return absl::DataLossError(
-          absl::StrCat("registry ", ref.registry, " stored the manifest as ", *digest, ", expected ", expected));
-    }
-  }
-  report.manifest_digest = expected;
-  return absl::OkStatus();
+  return PutTags(ManifestBody(report, options), ref, tags, client, options, report);
 }
 
 }  // namespace
@@ -325,6 +352,39 @@ absl::StatusOr<PushReport> PushDockerArchive(const std::string& archive, const I
       report.layers[i] = PushedBlob{entry.digest, entry.size, false, false};
       seen_in[i] = entry.seen_in;
       cached.push_back(i);
+    }
+  }
+  // Every layer's compressed digest known: the manifest they make is known
+  // too. Tags that already name it need nothing; when one does not, and the
+  // repository holds that manifest anyway, it holds the whole image (a
+  // registry takes a manifest only with all its blobs): only tags are sent.
+  if (!cached.empty() && cached.size() == image->layers.size()) {
+    report.config = PushedBlob{absl::StrCat("sha256:", Sha256Hex(image->config)), image->config.size(), true};
+    const std::string body = ManifestBody(report, options);
+    const std::string digest = absl::StrCat("sha256:", Sha256Hex(body));
+    const std::string& type = (options.oci_manifest ? kOci : kDocker).manifest;
+    std::set<std::string> current;
+    for (const std::string& tag : tags) {
+      absl::StatusOr<std::string> at = client.ManifestDigest(repo, tag, type);
+      if (!at.ok()) return at.status();
+      if (*at == digest)
+        current.insert(tag);
+      else
+        break;  // One tag to move: the image check below decides.
+    }
+    bool whole = current.size() == tags.size();
+    if (!whole) {
+      absl::StatusOr<std::string> held = client.ManifestDigest(repo, digest, type);
+      if (!held.ok()) return held.status();
+      whole = *held == digest;
+    }
+    if (whole) {
+      for (size_t i = 0; i < report.layers.size(); ++i) {
+        report.layers[i].skipped = true;
+        if (options.on_layer) options.on_layer(i + 1, 0);
+      }
+      if (absl::Status s = PutTags(body, ref, tags, client, options, report, current); !s.ok()) return s;
+      return report;
     }
   }
   // One HEAD per cached layer, spread over several clients when there are.

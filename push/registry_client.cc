@@ -9,10 +9,9 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
@@ -89,7 +88,7 @@ struct Request {
   const BlobSource* body = nullptr;  // For PUT and PATCH.
   uint64_t offset = 0;
   uint64_t length = 0;
-  std::string what;  // For errors: "PUT manifest repo:tag".
+  std::string what;              // For errors: "PUT manifest repo:tag".
   bool send_credentials = true;  // False for the token realm's redirects.
 };
 
@@ -169,10 +168,10 @@ struct HttpRegistryClient::Impl {
   std::string registry;
   RegistryOptions options;
   CURL* curl = nullptr;
-  std::string bearer;  // The token the registry's realm issued, if any.
+  std::string bearer;                               // The token the registry's realm issued, if any.
   std::map<std::string, std::string> token_params;  // The challenge `bearer` answers.
   absl::Time token_renew = absl::InfiniteFuture();  // Fetch a new one from here on.
-  bool basic = false;  // The registry asked for Basic credentials.
+  bool basic = false;                               // The registry asked for Basic credentials.
   std::map<std::string, int> counts;
   std::mt19937 rng{std::random_device{}()};
 
@@ -242,10 +241,8 @@ struct HttpRegistryClient::Impl {
         case CURLE_SSL_CERTPROBLEM:
         case CURLE_SSL_CONNECT_ERROR:
         case CURLE_URL_MALFORMAT:
-        case CURLE_UNSUPPORTED_PROTOCOL:
-          return absl::FailedPreconditionError(why);
-        default:
-          return absl::UnavailableError(why);
+        case CURLE_UNSUPPORTED_PROTOCOL: return absl::FailedPreconditionError(why);
+        default: return absl::UnavailableError(why);
       }
     }
     curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &response.status);
@@ -265,7 +262,8 @@ struct HttpRegistryClient::Impl {
   // credentials when there are any.
   absl::Status FetchToken(const std::map<std::string, std::string>& params) {
     auto realm = params.find("realm");
-    if (realm == params.end()) return absl::UnauthenticatedError(absl::StrCat("registry ", registry, ": no token realm"));
+    if (realm == params.end())
+      return absl::UnauthenticatedError(absl::StrCat("registry ", registry, ": no token realm"));
     std::string url = realm->second;
     std::vector<std::string> query;
     for (const char* key : {"service", "scope"}) {
@@ -283,12 +281,18 @@ struct HttpRegistryClient::Impl {
       query.push_back(absl::StrCat(key, "=", UrlEncode(value)));
     }
     if (!query.empty()) url += (url.find('?') == std::string::npos ? "?" : "&") + absl::StrJoin(query, "&");
-    Request r{.method = "GET", .url = url, .headers = {}, .body = nullptr, .offset = 0, .length = 0,
-              .what = "token request", .send_credentials = true};
+    Request r{.method = "GET",
+              .url = url,
+              .headers = {},
+              .body = nullptr,
+              .offset = 0,
+              .length = 0,
+              .what = "token request",
+              .send_credentials = true};
     std::string authorization;
     if (!options.credentials.username.empty()) {
       authorization = absl::StrCat("Authorization: Basic ", absl::Base64Escape(options.credentials.username + ":" +
-                                                                                options.credentials.password));
+                                                                               options.credentials.password));
     }
     const absl::Time asked = absl::Now();
     absl::StatusOr<Response> response = Perform(r, authorization);
@@ -400,14 +404,18 @@ struct HttpRegistryClient::Impl {
     } else if (errors.empty() && response.status == 403) {
       errors = "DENIED: the credentials may not do this";
     }
-    return absl::Status(CodeFor(response.status),
-                        absl::StrCat("registry ", registry, ": ", r.what, ": HTTP ", response.status,
-                                     errors.empty() ? "" : " ", errors));
+    return absl::Status(CodeFor(response.status), absl::StrCat("registry ", registry, ": ", r.what, ": HTTP ",
+                                                               response.status, errors.empty() ? "" : " ", errors));
   }
 
   absl::StatusOr<std::string> StartUpload(const std::string& repository, const std::string& digest) {
-    Request r{.method = "POST", .url = absl::StrCat(Base(), "/v2/", repository, "/blobs/uploads/"), .headers = {},
-              .body = nullptr, .offset = 0, .length = 0, .what = absl::StrCat("start upload of ", digest),
+    Request r{.method = "POST",
+              .url = absl::StrCat(Base(), "/v2/", repository, "/blobs/uploads/"),
+              .headers = {},
+              .body = nullptr,
+              .offset = 0,
+              .length = 0,
+              .what = absl::StrCat("start upload of ", digest),
               .send_credentials = true};
     absl::StatusOr<Response> response = Send(r);
     if (!response.ok()) return response.status();
@@ -433,8 +441,13 @@ int HttpRegistryClient::requests(const std::string& method) const {
 }
 
 absl::StatusOr<bool> HttpRegistryClient::HasBlob(const std::string& repository, const std::string& digest) {
-  Request r{.method = "HEAD", .url = absl::StrCat(impl_->Base(), "/v2/", repository, "/blobs/", digest),
-            .headers = {}, .body = nullptr, .offset = 0, .length = 0, .what = absl::StrCat("HEAD blob ", digest),
+  Request r{.method = "HEAD",
+            .url = absl::StrCat(impl_->Base(), "/v2/", repository, "/blobs/", digest),
+            .headers = {},
+            .body = nullptr,
+            .offset = 0,
+            .length = 0,
+            .what = absl::StrCat("HEAD blob ", digest),
             .send_credentials = true};
   absl::StatusOr<Response> response = impl_->Send(r);
   if (!response.ok()) return response.status();
@@ -457,11 +470,15 @@ absl::Status HttpRegistryClient::UploadBlob(const std::string& repository, const
     bool broken = false;
     while (!monolithic && offset < blob.size) {
       const uint64_t n = std::min<uint64_t>(impl_->options.chunk_bytes, blob.size - offset);
-      Request patch{.method = "PATCH", .url = url,
+      Request patch{.method = "PATCH",
+                    .url = url,
                     .headers = {"Content-Type: application/octet-stream",
                                 absl::StrCat("Content-Range: ", offset, "-", offset + n - 1)},
-                    .body = &blob, .offset = offset, .length = n,
-                    .what = absl::StrCat("upload of ", digest, " at ", offset), .send_credentials = true};
+                    .body = &blob,
+                    .offset = offset,
+                    .length = n,
+                    .what = absl::StrCat("upload of ", digest, " at ", offset),
+                    .send_credentials = true};
       absl::StatusOr<Response> response = impl_->Send(patch);
       if (!response.ok() || response->status != 202) {
         last = response.ok() ? impl_->Fail(patch, *response) : response.status();
@@ -475,8 +492,11 @@ absl::Status HttpRegistryClient::UploadBlob(const std::string& repository, const
     Request put{.method = "PUT",
                 .url = absl::StrCat(url, url.find('?') == std::string::npos ? "?" : "&", "digest=", UrlEncode(digest)),
                 .headers = {"Content-Type: application/octet-stream"},
-                .body = monolithic ? &blob : nullptr, .offset = 0, .length = monolithic ? blob.size : 0,
-                .what = absl::StrCat("upload of ", digest), .send_credentials = true};
+                .body = monolithic ? &blob : nullptr,
+                .offset = 0,
+                .length = monolithic ? blob.size : 0,
+                .what = absl::StrCat("upload of ", digest),
+                .send_credentials = true};
     absl::StatusOr<Response> response = impl_->Send(put);
     if (!response.ok()) {
       last = response.status();
@@ -506,10 +526,15 @@ class HttpBlobStream final : public BlobStream {
     if (!pending_.empty()) {
       if (absl::Status s = Send(pending_.size()); !s.ok()) return s;
     }
-    Request put{.method = "PUT",
-                .url = absl::StrCat(url_, url_.find('?') == std::string::npos ? "?" : "&", "digest=", UrlEncode(digest)),
-                .headers = {"Content-Type: application/octet-stream"}, .body = nullptr, .offset = 0, .length = 0,
-                .what = absl::StrCat("upload of ", digest), .send_credentials = true};
+    Request put{
+        .method = "PUT",
+        .url = absl::StrCat(url_, url_.find('?') == std::string::npos ? "?" : "&", "digest=", UrlEncode(digest)),
+        .headers = {"Content-Type: application/octet-stream"},
+        .body = nullptr,
+        .offset = 0,
+        .length = 0,
+        .what = absl::StrCat("upload of ", digest),
+        .send_credentials = true};
     absl::StatusOr<Response> response = impl_->Send(put);
     if (!response.ok()) return response.status();
     if (response->status != 201 && response->status != 204) return impl_->Fail(put, *response);
@@ -519,10 +544,14 @@ class HttpBlobStream final : public BlobStream {
  private:
   absl::Status Send(size_t n) {
     BlobSource chunk{.file = "", .data = pending_.substr(0, n), .size = n};
-    Request patch{.method = "PATCH", .url = url_,
+    Request patch{.method = "PATCH",
+                  .url = url_,
                   .headers = {"Content-Type: application/octet-stream",
                               absl::StrCat("Content-Range: ", offset_, "-", offset_ + n - 1)},
-                  .body = &chunk, .offset = 0, .length = n, .what = absl::StrCat("streamed upload at ", offset_),
+                  .body = &chunk,
+                  .offset = 0,
+                  .length = n,
+                  .what = absl::StrCat("streamed upload at ", offset_),
                   .send_credentials = true};
     absl::StatusOr<Response> response = impl_->Send(patch);
     if (!response.ok()) return response.status();
@@ -547,12 +576,16 @@ absl::StatusOr<std::unique_ptr<BlobStream>> HttpRegistryClient::StartStream(cons
 }
 
 absl::StatusOr<bool> HttpRegistryClient::MountBlob(const std::string& repository, const std::string& digest,
-                                                    const std::string& from) {
+                                                   const std::string& from) {
   Request r{.method = "POST",
             .url = absl::StrCat(impl_->Base(), "/v2/", repository, "/blobs/uploads/?mount=", UrlEncode(digest),
                                 "&from=", UrlEncode(from)),
-            .headers = {}, .body = nullptr, .offset = 0, .length = 0,
-            .what = absl::StrCat("mount of ", digest, " from ", from), .send_credentials = true};
+            .headers = {},
+            .body = nullptr,
+            .offset = 0,
+            .length = 0,
+            .what = absl::StrCat("mount of ", digest, " from ", from),
+            .send_credentials = true};
   absl::StatusOr<Response> response = impl_->Send(r);
   if (!response.ok()) return response.status();
   if (response->status == 201) return true;
@@ -562,13 +595,37 @@ absl::StatusOr<bool> HttpRegistryClient::MountBlob(const std::string& repository
   return impl_->Fail(r, *response);
 }
 
-absl::StatusOr<std::string> HttpRegistryClient::PutManifest(const std::string& repository,
-                                                            const std::string& reference,
+absl::StatusOr<std::string> HttpRegistryClient::ManifestDigest(const std::string& repository,
+                                                               const std::string& reference,
+                                                               const std::string& media_type) {
+  Request r{.method = "HEAD",
+            .url = absl::StrCat(impl_->Base(), "/v2/", repository, "/manifests/", reference),
+            .headers = {absl::StrCat("Accept: ", media_type)},
+            .body = nullptr,
+            .offset = 0,
+            .length = 0,
+            .what = absl::StrCat("HEAD manifest ", repository, ":", reference),
+            .send_credentials = true};
+  absl::StatusOr<Response> response = impl_->Send(r);
+  if (!response.ok()) return response.status();
+  if (response->status == 404) return std::string();
+  if (response->status != 200) return impl_->Fail(r, *response);
+  std::string digest = response->Header("docker-content-digest");
+  // Without the header only a digest reference says which manifest it is.
+  if (digest.empty() && absl::StartsWith(reference, "sha256:")) digest = reference;
+  return digest;
+}
+
+absl::StatusOr<std::string> HttpRegistryClient::PutManifest(const std::string& repository, const std::string& reference,
                                                             const std::string& media_type, const std::string& body) {
   BlobSource source{.file = "", .data = body, .size = body.size()};
-  Request r{.method = "PUT", .url = absl::StrCat(impl_->Base(), "/v2/", repository, "/manifests/", reference),
-            .headers = {absl::StrCat("Content-Type: ", media_type)}, .body = &source, .offset = 0,
-            .length = body.size(), .what = absl::StrCat("PUT manifest ", repository, ":", reference),
+  Request r{.method = "PUT",
+            .url = absl::StrCat(impl_->Base(), "/v2/", repository, "/manifests/", reference),
+            .headers = {absl::StrCat("Content-Type: ", media_type)},
+            .body = &source,
+            .offset = 0,
+            .length = body.size(),
+            .what = absl::StrCat("PUT manifest ", repository, ":", reference),
             .send_credentials = true};
   absl::StatusOr<Response> response = impl_->Send(r);
   if (!response.ok()) return response.status();

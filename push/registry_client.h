@@ -57,12 +57,20 @@ class RegistryClient {
   // Starts an upload to `repository` fed piece by piece (PATCH chunks).
   virtual absl::StatusOr<std::unique_ptr<BlobStream>> StartStream(const std::string& repository) = 0;
   virtual absl::StatusOr<bool> HasBlob(const std::string& repository, const std::string& digest) = 0;
-  virtual absl::Status UploadBlob(const std::string& repository, const std::string& digest,
-                                  const BlobSource& blob) = 0;
+  virtual absl::Status UploadBlob(const std::string& repository, const std::string& digest, const BlobSource& blob) = 0;
   // Links a blob the registry holds for `from` into `repository` without
   // sending it; false when the registry would not (the blob must be sent).
   virtual absl::StatusOr<bool> MountBlob(const std::string& repository, const std::string& digest,
                                          const std::string& from) = 0;
+  // The digest of the manifest `reference` (a tag or a digest) names in
+  // `repository`, "" when there is none. A registry takes a manifest only
+  // once it holds every blob the manifest names, so a manifest found stands
+  // for its whole image. A client that cannot tell says "".
+  virtual absl::StatusOr<std::string> ManifestDigest(const std::string& repository, const std::string& reference,
+                                                     const std::string& media_type) {
+    (void)repository, (void)reference, (void)media_type;
+    return std::string();
+  }
   // Returns the digest the registry gives the manifest.
   virtual absl::StatusOr<std::string> PutManifest(const std::string& repository, const std::string& reference,
                                                   const std::string& media_type, const std::string& body) = 0;
@@ -79,6 +87,8 @@ class HttpRegistryClient final : public RegistryClient {
   absl::StatusOr<bool> MountBlob(const std::string& repository, const std::string& digest,
                                  const std::string& from) override;
   absl::StatusOr<std::unique_ptr<BlobStream>> StartStream(const std::string& repository) override;
+  absl::StatusOr<std::string> ManifestDigest(const std::string& repository, const std::string& reference,
+                                             const std::string& media_type) override;
   absl::StatusOr<std::string> PutManifest(const std::string& repository, const std::string& reference,
                                           const std::string& media_type, const std::string& body) override;
 

@@ -148,17 +148,41 @@ TEST_F(PushTest, PushesAnImageSkopeoCanPullThenSkipsEveryBlobTheSecondTime) {
     EXPECT_EQ("sha256:" + Sha256Hex(gunzip->stdout_data), image->layers[i].diff_id);
   }
 
-  // Again, with the layer cache: HEADs and the manifests, no upload.
+  // Again, with the layer cache: the manifest is known before anything is
+  // read; the tags already name it, so one HEAD per tag is all it takes.
   HttpRegistryClient again_client(registry_->address(), Options());
-  auto again = PushDockerArchive(*archive_, *ref, {"testing"}, again_client, options);
+  auto again = PushDockerArchive(*archive_, *ref, {"testing", "v1"}, again_client, options);
   ASSERT_TRUE(again.ok()) << again.status();
   EXPECT_EQ(again->manifest_digest, report->manifest_digest);
   for (const auto& l : again->layers) EXPECT_TRUE(l.skipped);
   EXPECT_TRUE(again->config.skipped);
   EXPECT_EQ(again->bytes_uploaded, 0u);
+  EXPECT_EQ(again_client.requests("HEAD"), 2 + 1);  // The first is sent twice: a 401 asks for credentials.
   EXPECT_EQ(again_client.requests("POST"), 0);
   EXPECT_EQ(again_client.requests("PATCH"), 0);
-  EXPECT_EQ(again_client.requests("PUT"), 1);  // The manifest.
+  EXPECT_EQ(again_client.requests("PUT"), 0);
+
+  // A new tag for the same image: the repository holds the manifest, so it
+  // holds every blob; the new tag is the only thing sent.
+  HttpRegistryClient tag_client(registry_->address(), Options());
+  auto tagged = PushDockerArchive(*archive_, *ref, {"v2"}, tag_client, options);
+  ASSERT_TRUE(tagged.ok()) << tagged.status();
+  EXPECT_EQ(tagged->manifest_digest, report->manifest_digest);
+  EXPECT_EQ(tag_client.requests("HEAD"), 2 + 1);  // The tag (absent), the manifest by digest; the 401.
+  EXPECT_EQ(tag_client.requests("PUT"), 1);
+  auto j = nlohmann::json::parse(Skopeo({"inspect", "--tls-verify=false", "--creds", creds,
+                                         absl::StrCat("docker://", registry_->address(), "/", repo, ":v2")}),
+                                 nullptr, false);
+  ASSERT_TRUE(j.is_object());
+  EXPECT_EQ(j.value("Digest", ""), report->manifest_digest);
+
+  // Another repository without the manifest: every blob is checked as usual.
+  HttpRegistryClient other_client(registry_->address(), Options());
+  auto other = PushDockerArchive(*archive_, *ParseImageRef(absl::StrCat(registry_->address(), "/", repo, "-b:t")), {},
+                                 other_client, options);
+  ASSERT_TRUE(other.ok()) << other.status();
+  EXPECT_EQ(other->manifest_digest, report->manifest_digest);
+  EXPECT_GE(other_client.requests("HEAD"), 2 + 2);  // Tag, manifest, then blobs.
 }
 
 TEST_F(PushTest, ASecondRepositoryOfTheRegistryGetsTheLayersByMountNotUpload) {
@@ -285,6 +309,56 @@ TEST_F(PushTest, LargeBlobsGoInChunks) {
   EXPECT_GT(client.requests("PATCH"), 2);
   Skopeo({"copy", "--src-tls-verify=false", "--src-creds", absl::StrCat(kUser, ":", kPassword),
           absl::StrCat("docker://", registry_->address(), "/", repo, ":chunked"), "dir:" + dir_.Sub("chunked")});
+}
+
+TEST_F(PushTest, ALayerOfSeveralGzipMembersPullsBackToItsDiffId) {
+  // A 3.5 MiB layer is compressed as four gzip members; every reader of
+  // the pulled blob must see one stream that is the layer.
+  const std::string img = dir_.Sub("img");
+  ASSERT_TRUE(RunTool({"mkdir", "-p", img + "/big", dir_.Sub("files")}).ok());
+  std::string text;
+  for (uint64_t i = 0; text.size() < (7u << 19); ++i) absl::StrAppend(&text, "line ", i * 2654435761u % 1000003, "\n");
+  testing::WriteFileOrDie(dir_.Sub("files/data.txt"), text);
+  auto tarred =
+      RunTool({"tar", "--sort=name", "--mtime=@1", "-C", dir_.Sub("files"), "-cf", img + "/big/layer.tar", "."});
+  ASSERT_TRUE(tarred.ok() && tarred->exit.Success());
+  const std::string diff_id = "sha256:" + Sha256Hex(testing::ReadFileOrDie(img + "/big/layer.tar"));
+  const std::string config = absl::StrCat(
+      R"({"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[")", diff_id, R"("]}})");
+  testing::WriteFileOrDie(img + "/config.json", config);
+  testing::WriteFileOrDie(img + "/manifest.json", R"([{"Config":"config.json","Layers":["big/layer.tar"]}])");
+  auto archived = RunTool({"tar", "-C", img, "-cf", dir_.Sub("big.tar"), "."});
+  ASSERT_TRUE(archived.ok() && archived->exit.Success());
+
+  const std::string repo = absl::StrCat("kiln/members-", absl::ToUnixNanos(absl::Now()));
+  HttpRegistryClient client(registry_->address(), Options());
+  auto report = PushDockerArchive(
+      dir_.Sub("big.tar"), *ParseImageRef(absl::StrCat(registry_->address(), "/", repo, ":t")), {}, client, Plain());
+  ASSERT_TRUE(report.ok()) << report.status();
+  ASSERT_EQ(report->layers.size(), 1u);
+  EXPECT_LT(report->layers[0].size, text.size() / 2);
+  Skopeo({"copy", "--src-tls-verify=false", "--src-creds", absl::StrCat(kUser, ":", kPassword),
+          absl::StrCat("docker://", registry_->address(), "/", repo, ":t"), "dir:" + dir_.Sub("members")});
+  const std::string blob = testing::ReadFileOrDie(dir_.Sub("members/" + report->layers[0].digest.substr(7)));
+  EXPECT_EQ("sha256:" + Sha256Hex(blob), report->layers[0].digest);
+  size_t members = 0;
+  for (size_t at = 0; (at = blob.find("\x1f\x8b\x08", at)) != std::string::npos; ++at) ++members;
+  EXPECT_GE(members, 4u);
+  auto gunzip = RunTool({"gzip", "-dc", dir_.Sub("members/" + report->layers[0].digest.substr(7))});
+  ASSERT_TRUE(gunzip.ok() && gunzip->exit.Success());
+  EXPECT_EQ("sha256:" + Sha256Hex(gunzip->stdout_data), diff_id);
+  // skopeo (Go's gzip) unpacks it into a docker-archive of its own.
+  Skopeo({"copy", "--src-tls-verify=false", "--src-creds", absl::StrCat(kUser, ":", kPassword),
+          absl::StrCat("docker://", registry_->address(), "/", repo, ":t"),
+          "docker-archive:" + dir_.Sub("back.tar") + ":back:latest"});
+  auto back = ReadDockerArchive(dir_.Sub("back.tar"));
+  ASSERT_TRUE(back.ok()) << back.status();
+  ASSERT_EQ(back->layers.size(), 1u);
+  EXPECT_EQ(back->layers[0].diff_id, diff_id);
+  ASSERT_TRUE(RunTool({"mkdir", "-p", dir_.Sub("back")}).ok());
+  auto unpacked = RunTool({"tar", "-C", dir_.Sub("back"), "-xf", dir_.Sub("back.tar")});
+  ASSERT_TRUE(unpacked.ok() && unpacked->exit.Success());
+  EXPECT_EQ("sha256:" + Sha256Hex(testing::ReadFileOrDie(dir_.Sub("back/" + back->layers[0].path))), diff_id);
 }
 
 TEST_F(PushTest, AWrongPasswordIsAnAuthErrorThatNeverShowsThePassword) {

@@ -233,8 +233,7 @@ void TokenIssuer::Answer(int fd) {
                                  {"access", access}};
   const std::string token = Sign(claims.dump());
   ++issued_;
-  Reply(fd, 200, "OK",
-        nlohmann::json{{"token", token}, {"access_token", token}, {"expires_in", lifetime}}.dump());
+  Reply(fd, 200, "OK", nlohmann::json{{"token", token}, {"access_token", token}, {"expires_in", lifetime}}.dump());
 }
 
 }  // namespace kiln::testing
