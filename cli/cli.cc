@@ -71,7 +71,7 @@ std::string Submitter() {
 // to every command — never runs.
 std::shared_ptr<grpc::Channel> Channel(const CliOptions& options) {
   static auto* channel = [&] {
-    auto* c = new std::shared_ptr<grpc::Channel>(MakeChannel(options.coordinator));
+    auto* c = new std::shared_ptr<grpc::Channel>(MakeChannel(options.coordinator, options.credentials));
     // Start connecting now, while the caller hashes its sources.
     (*c)->GetState(/*try_to_connect=*/true);
     return c;

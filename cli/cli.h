@@ -11,10 +11,15 @@
 #include <cstdint>
 #include <cstdio>
 #include <map>
+#include <memory>
 #include <string>
 
 #include "absl/status/statusor.h"
 #include <vector>
+
+namespace grpc {
+class ChannelCredentials;
+}  // namespace grpc
 
 namespace kiln {
 
@@ -25,6 +30,8 @@ inline constexpr int kExitUnavailable = 3;
 
 struct CliOptions {
   std::string coordinator;  // host:port
+  // TLS to the coordinator (common/tls.h); null: plaintext.
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
   bool json = false;
   std::string system = "x86_64-linux";
   bool quiet = false;       // No build log, only the result.

@@ -14,9 +14,14 @@
 #include "absl/strings/match.h"
 #include "absl/time/time.h"
 #include "common/cli_args.h"
+#include "common/tls.h"
 #include "cli/cli.h"
 
 ABSL_FLAG(std::string, coordinator, "", "Coordinator address (default: $KILN_COORDINATOR or 127.0.0.1:7600)");
+ABSL_FLAG(std::string, tls_ca, "",
+          "The farm's CA (PEM) to verify the coordinator by (default: $KILN_TLS_CA; none: plaintext, loopback only)");
+ABSL_FLAG(std::string, tls_cert, "", "A client certificate (PEM) to show the coordinator (optional)");
+ABSL_FLAG(std::string, tls_key, "", "Its private key (PEM)");
 ABSL_FLAG(bool, json, false, "Print machine-readable JSON on stdout");
 ABSL_FLAG(std::string, system, "x86_64-linux", "System to build for");
 ABSL_FLAG(bool, quiet, false, "Do not show build logs");
@@ -106,6 +111,18 @@ int main(int argc, char** argv) {
   if (options.coordinator.empty()) {
     const char* env = std::getenv("KILN_COORDINATOR");
     options.coordinator = env && *env ? env : "127.0.0.1:7600";
+  }
+  {
+    kiln::TlsFiles tls{absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key), absl::GetFlag(FLAGS_tls_ca)};
+    if (const char* env = std::getenv("KILN_TLS_CA"); tls.ca.empty() && env != nullptr && *env) tls.ca = env;
+    absl::Status usable = tls.enabled() ? absl::OkStatus() : kiln::CheckPlaintextAllowed("kiln", {options.coordinator});
+    absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
+        usable.ok() ? kiln::MakeChannelCredentials(tls) : usable;
+    if (!credentials.ok()) {
+      std::fprintf(stderr, "error: %s\n", std::string(credentials.status().message()).c_str());
+      return 2;
+    }
+    options.credentials = *credentials;
   }
   options.json = absl::GetFlag(FLAGS_json);
   options.system = absl::GetFlag(FLAGS_system);

@@ -26,7 +26,9 @@ absl::Time FromProtoTime(const google::protobuf::Timestamp& t);
 google::protobuf::Duration ToProtoDuration(absl::Duration d);
 absl::Duration FromProtoDuration(const google::protobuf::Duration& d);
 
-// A plaintext channel with Kiln's message limits and keepalive settings.
-std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address);
+// A channel with Kiln's message limits and keepalive settings; plaintext
+// unless `credentials` (see common/tls.h) say otherwise.
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address,
+                                           std::shared_ptr<grpc::ChannelCredentials> credentials = nullptr);
 
 }  // namespace kiln

@@ -17,6 +17,11 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   if (options.state_dir.empty()) return absl::InvalidArgumentError("--state-dir is required");
   absl::StatusOr<HostPort> listen = ParseHostPort(options.listen);
   if (!listen.ok()) return listen.status();
+  if (!options.tls.enabled()) {
+    if (absl::Status s = CheckPlaintextAllowed("kiln-coordinator", {options.listen}); !s.ok()) return s;
+  }
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = MakeServerCredentials(options.tls);
+  if (!credentials.ok()) return credentials.status();
   std::error_code ec;
   std::filesystem::create_directories(options.state_dir, ec);
   if (ec) return absl::InternalError(absl::StrCat("cannot create ", options.state_dir, ": ", ec.message()));
@@ -45,7 +50,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
 
   server->build_service_ = std::make_unique<BuildServiceImpl>(server->core_.get(), server->strand_.get());
   server->worker_service_ = std::make_unique<WorkerServiceImpl>(server->core_.get(), server->strand_.get(),
-                                                            server->sender_.get());
+                                                                server->sender_.get(), options.tls.enabled());
   server->farm_service_ = std::make_unique<FarmServiceImpl>(server->core_.get(), server->strand_.get());
   server->cas_service_ = std::make_unique<CasServiceImpl>(server->store_->cas(), server->coordinator_metrics_.get());
   server->fod_service_ =
@@ -53,7 +58,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   server->coordinator_metrics_->fod_entries.Set(static_cast<double>(server->store_->fod_cache()->size()));
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(options.listen, *credentials, &port);
   builder.SetMaxReceiveMessageSize(kMaxGrpcMessageBytes);
   builder.SetMaxSendMessageSize(kMaxGrpcMessageBytes);
   // Accept the clients' keepalive pings (see MakeChannel).
@@ -80,7 +85,8 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
     nlohmann::json ready = {{"grpc", server->grpc_address_}, {"metrics", server->metrics_->address()}};
     if (absl::Status s = WriteFileAtomically(options.ready_file, ready.dump() + "\n"); !s.ok()) return s;
   }
-  LogInfo("coordinator", "serving gRPC on ", server->grpc_address_, ", metrics on http://",
+  LogInfo("coordinator", "serving gRPC", options.tls.enabled() ? " (mutual TLS for workers)" : " (plaintext)", " on ",
+          server->grpc_address_, ", metrics on http://",
           server->metrics_->address(), "/metrics, state in ", options.state_dir);
   return server;
 }

@@ -12,6 +12,7 @@
 #include "absl/synchronization/notification.h"
 #include "common/metrics_http.h"
 #include "common/serial_executor.h"
+#include "common/tls.h"
 #include "coordinator/build_coordinator.h"
 #include "coordinator/cas_service.h"
 #include "coordinator/coordinator_metrics.h"
@@ -30,6 +31,9 @@ struct CoordinatorOptions {
   bool sync_writes = false;
   uint64_t max_blob_bytes = uint64_t{4} << 30;  // One CAS blob.
   BuildCoordinatorOptions core;
+  // --tls-cert/--tls-key/--tls-ca: mutual TLS with workers. Without them,
+  // only a loopback `listen` is allowed.
+  TlsFiles tls;
 };
 
 class CoordinatorServer {

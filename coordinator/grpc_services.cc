@@ -4,7 +4,9 @@
 #include <utility>
 
 #include "common/grpc_util.h"
+#include "common/log.h"
 #include "common/outbound_queue.h"
+#include "common/tls.h"
 
 namespace kiln {
 namespace {
@@ -122,8 +124,14 @@ class WorkerStreamSession final : public WorkerSession, public std::enable_share
 
 class WorkerStreamReactor final : public grpc::ServerBidiReactor<WorkerMessage, CoordinatorMessage> {
  public:
-  WorkerStreamReactor(BuildCoordinator* core, SerialExecutor* strand, SerialExecutor* sender)
-      : core_(core), strand_(strand), session_(std::make_shared<WorkerStreamSession>(this, sender)) {
+  // `certificate_name`: the name in the worker's verified certificate, which
+  // replaces the one it registers with ("" on plaintext).
+  WorkerStreamReactor(BuildCoordinator* core, SerialExecutor* strand, SerialExecutor* sender,
+                      std::string certificate_name)
+      : core_(core),
+        strand_(strand),
+        session_(std::make_shared<WorkerStreamSession>(this, sender)),
+        certificate_name_(std::move(certificate_name)) {
     StartRead(&incoming_);
   }
 
@@ -133,6 +141,14 @@ class WorkerStreamReactor final : public grpc::ServerBidiReactor<WorkerMessage, 
       session_->Close(absl::OkStatus());
       strand_->Post([core = core_, s = session_] { core->OnWorkerGone(s.get()); });
       return;
+    }
+    if (incoming_.has_register_() && !certificate_name_.empty() &&
+        incoming_.register_().name() != certificate_name_) {
+      if (!incoming_.register_().name().empty()) {
+        LogWarning("coordinator", "a worker registering as '", incoming_.register_().name(),
+                   "' holds the certificate of '", certificate_name_, "': known by the certificate's name");
+      }
+      incoming_.mutable_register_()->set_name(certificate_name_);
     }
     strand_->Post([core = core_, s = session_, m = std::move(incoming_)] { core->OnWorkerMessage(s, m); });
     incoming_.Clear();
@@ -149,7 +165,15 @@ class WorkerStreamReactor final : public grpc::ServerBidiReactor<WorkerMessage, 
   BuildCoordinator* const core_;
   SerialExecutor* const strand_;
   std::shared_ptr<WorkerStreamSession> session_;
+  const std::string certificate_name_;
   WorkerMessage incoming_;
+};
+
+// A worker stream refused before it starts.
+class RefusedWorkerStream final : public grpc::ServerBidiReactor<WorkerMessage, CoordinatorMessage> {
+ public:
+  explicit RefusedWorkerStream(grpc::Status status) { Finish(std::move(status)); }
+  void OnDone() override { delete this; }
 };
 
 // The value of `result` into `*out`, or its error.
@@ -228,7 +252,13 @@ grpc::ServerUnaryReactor* FarmServiceImpl::DrainWorker(grpc::CallbackServerConte
 
 grpc::ServerBidiReactor<WorkerMessage, CoordinatorMessage>* WorkerServiceImpl::Connect(
     grpc::CallbackServerContext* context) {
-  return new WorkerStreamReactor(core_, strand_, sender_);
+  std::string certificate_name = PeerCertificateName(*context);
+  if (require_certificate_ && certificate_name.empty()) {
+    LogWarning("coordinator", "refused a worker stream from ", context->peer(), ": no client certificate");
+    return new RefusedWorkerStream(grpc::Status(
+        grpc::StatusCode::UNAUTHENTICATED, "a worker must present a certificate signed by the farm's CA (--tls-cert)"));
+  }
+  return new WorkerStreamReactor(core_, strand_, sender_, std::move(certificate_name));
 }
 
 }  // namespace kiln

@@ -44,8 +44,12 @@ class BuildServiceImpl final : public kiln::v1::BuildService::CallbackService {
 class WorkerServiceImpl final : public kiln::v1::WorkerService::CallbackService {
  public:
   // `sender` starts the writes to workers (see WorkerStreamSession::Send).
-  WorkerServiceImpl(BuildCoordinator* core, SerialExecutor* strand, SerialExecutor* sender)
-      : core_(core), strand_(strand), sender_(sender) {}
+  // `require_certificate`: refuse workers that show no client certificate
+  // (the coordinator serves TLS); a worker is then known by its
+  // certificate's common name, whatever it registers as.
+  WorkerServiceImpl(BuildCoordinator* core, SerialExecutor* strand, SerialExecutor* sender,
+                    bool require_certificate = false)
+      : core_(core), strand_(strand), sender_(sender), require_certificate_(require_certificate) {}
 
   grpc::ServerBidiReactor<kiln::v1::WorkerMessage, kiln::v1::CoordinatorMessage>* Connect(
       grpc::CallbackServerContext* context) override;
@@ -54,6 +58,7 @@ class WorkerServiceImpl final : public kiln::v1::WorkerService::CallbackService 
   BuildCoordinator* const core_;
   SerialExecutor* const strand_;
   SerialExecutor* const sender_;
+  const bool require_certificate_;
 };
 
 class FarmServiceImpl final : public kiln::v1::FarmService::CallbackService {

@@ -13,6 +13,9 @@
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:7600", "gRPC address (host:port; port 0 picks a free one)");
 ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9600", "Prometheus /metrics address");
+ABSL_FLAG(std::string, tls_cert, "", "The coordinator's certificate (PEM), from deploy/pki/kiln-pki coordinator");
+ABSL_FLAG(std::string, tls_key, "", "Its private key (PEM)");
+ABSL_FLAG(std::string, tls_ca, "", "The farm's CA (PEM): workers must show a certificate that chains to it");
 ABSL_FLAG(std::string, state_dir, "", "Directory for the coordinator's RocksDB state (required)");
 ABSL_FLAG(std::string, ready_file, "", "Write the bound addresses here as JSON once serving");
 ABSL_FLAG(bool, sync_writes, false, "fsync every state change (survives power loss, slower)");
@@ -65,6 +68,7 @@ int main(int argc, char** argv) {
   options.listen = absl::GetFlag(FLAGS_listen);
   options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
   options.state_dir = absl::GetFlag(FLAGS_state_dir);
+  options.tls = {absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key), absl::GetFlag(FLAGS_tls_ca)};
   options.ready_file = absl::GetFlag(FLAGS_ready_file);
   options.sync_writes = absl::GetFlag(FLAGS_sync_writes);
   options.core.max_attempts = absl::GetFlag(FLAGS_max_attempts);

@@ -19,6 +19,7 @@
 #include "common/log.h"
 #include "common/metrics_http.h"
 #include "common/net.h"
+#include "common/tls.h"
 #include "worker/fod_oracle.h"
 #include "worker/image_publisher.h"
 #include "worker/nix_build_executor.h"
@@ -26,7 +27,11 @@
 #include "worker/worker_agent.h"
 
 ABSL_FLAG(std::string, coordinator, "127.0.0.1:7600", "Coordinator gRPC address");
-ABSL_FLAG(std::string, name, "", "Worker name (default: the host name)");
+ABSL_FLAG(std::string, name, "",
+          "Worker name (default: the host name; with --tls-cert, the coordinator knows it by the certificate's)");
+ABSL_FLAG(std::string, tls_cert, "", "This worker's certificate (PEM), from deploy/pki/kiln-pki worker");
+ABSL_FLAG(std::string, tls_key, "", "Its private key (PEM)");
+ABSL_FLAG(std::string, tls_ca, "", "The farm's CA (PEM): the coordinator's certificate must chain to it");
 ABSL_FLAG(std::string, work_dir, "", "Directory for unpacked sources (required)");
 ABSL_FLAG(int, max_jobs, 1, "Builds run at once");
 ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9601", "Prometheus /metrics address (port 0: any free)");
@@ -106,6 +111,31 @@ int main(int argc, char** argv) {
     if (options.supported_features.empty()) options.supported_features = info->features;
   }
 
+  // Mutual TLS with the coordinator, or plaintext on loopback only.
+  const kiln::TlsFiles tls{absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key), absl::GetFlag(FLAGS_tls_ca)};
+  if (tls.enabled() && (tls.cert.empty() || tls.key.empty())) {
+    return Fail("--tls-cert and --tls-key are needed with --tls-ca: the coordinator accepts only workers that show a "
+                "certificate of the farm");
+  }
+  if (!tls.enabled()) {
+    if (auto s = kiln::CheckPlaintextAllowed("kiln-worker", {options.coordinator}); !s.ok()) {
+      return Fail(std::string(s.message()));
+    }
+  }
+  if (tls.enabled()) {
+    // The coordinator knows this worker by its certificate's name.
+    absl::StatusOr<std::string> cert_name = kiln::CertificateCommonName(tls.cert);
+    if (!cert_name.ok()) return Fail(std::string(cert_name.status().message()));
+    if (!absl::GetFlag(FLAGS_name).empty() && absl::GetFlag(FLAGS_name) != *cert_name) {
+      return Fail("--name=" + absl::GetFlag(FLAGS_name) + " but the certificate is for '" + *cert_name +
+                  "': a worker is known by its certificate's name");
+    }
+    options.name = *cert_name;
+  }
+  auto credentials = kiln::MakeChannelCredentials(tls);
+  if (!credentials.ok()) return Fail(std::string(credentials.status().message()));
+  options.credentials = *credentials;
+
   kiln::NixOptions nix;
   nix.nix_binary = absl::GetFlag(FLAGS_nix);
   nix.options = SplitPairs(absl::GetFlag(FLAGS_nix_option));
@@ -123,7 +153,7 @@ int main(int argc, char** argv) {
 
   // Every build's fixed-output derivations are checked against the fleet's
   // FOD cache, and what builds find is recorded there.
-  kiln::GrpcFodOracle fod_oracle(kiln::MakeChannel(options.coordinator), options.name);
+  kiln::GrpcFodOracle fod_oracle(kiln::MakeChannel(options.coordinator, options.credentials), options.name);
   nix.fods = &fod_oracle;
   nix.scratch_dir = options.work_dir;
   kiln::RegistryPublisherOptions push_options;

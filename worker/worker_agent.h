@@ -31,6 +31,10 @@
 #include "worker/build_executor.h"
 #include "worker/worker_metrics.h"
 
+namespace grpc {
+class ChannelCredentials;
+}  // namespace grpc
+
 namespace kiln {
 
 struct WorkerOptions {
@@ -48,6 +52,8 @@ struct WorkerOptions {
   // Source blobs kept in work-dir/cas after a checkout, at most; the least
   // recently used go first. 0: none kept.
   uint64_t blob_cache_bytes = uint64_t{10} << 30;
+  // How to reach the coordinator (common/tls.h); null: plaintext.
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
 };
 
 class WorkerAgent {
