@@ -1,5 +1,6 @@
 #include "cli/cli.h"
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -22,6 +23,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "common/cas_client.h"
 #include "common/cli_args.h"
@@ -53,10 +55,20 @@ int ExitCodeFor(const absl::Status& status) {
     case absl::StatusCode::kResourceExhausted:
     case absl::StatusCode::kFailedPrecondition:
     case absl::StatusCode::kPermissionDenied:
+    case absl::StatusCode::kUnauthenticated:
       return kExitUsage;
     default:
       return kExitUnavailable;
   }
+}
+
+// A status for people: its message, led by the code's name when the code
+// tells them what kind of refusal it is (credentials, scopes).
+std::string Describe(const absl::Status& status) {
+  if (absl::IsPermissionDenied(status) || absl::IsUnauthenticated(status)) {
+    return absl::StrCat(absl::StatusCodeToString(status.code()), ": ", status.message());
+  }
+  return std::string(status.message());
 }
 
 std::string Submitter() {
@@ -71,7 +83,7 @@ std::string Submitter() {
 // to every command — never runs.
 std::shared_ptr<grpc::Channel> Channel(const CliOptions& options) {
   static auto* channel = [&] {
-    auto* c = new std::shared_ptr<grpc::Channel>(MakeChannel(options.coordinator, options.credentials));
+    auto* c = new std::shared_ptr<grpc::Channel>(MakeChannel(options.coordinator, options.credentials, options.token));
     // Start connecting now, while the caller hashes its sources.
     (*c)->GetState(/*try_to_connect=*/true);
     return c;
@@ -120,7 +132,7 @@ absl::Status UnaryCall(const CliOptions& options, Call call) {
 }
 
 int ReportError(const absl::Status& status) {
-  Err(absl::StrCat("error: ", status.message()));
+  Err(absl::StrCat("error: ", Describe(status)));
   return ExitCodeFor(status);
 }
 
@@ -518,7 +530,7 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& g
       target_job.push_back(jobs.size());
     } else {
       s.error = target.status();
-      Err(absl::StrCat("error: ", text, ": ", target.status().message()));
+      Err(absl::StrCat("error: ", text, ": ", Describe(target.status())));
       exit_code = std::max(exit_code, ExitCodeFor(target.status()));
     }
     jobs.push_back(std::move(s));
@@ -536,7 +548,7 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& g
       }
     }
     if (!ids.ok()) {
-      Err(absl::StrCat("error: ", ids.status().message()));
+      Err(absl::StrCat("error: ", Describe(ids.status())));
       exit_code = std::max(exit_code, ExitCodeFor(ids.status()));
     } else if (!options.quiet && targets.size() > 1) {
       Err(absl::StrFormat("kiln: submitted %d target(s) as one buildset", targets.size()));
@@ -601,7 +613,7 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& g
     const absl::StatusOr<JobEvent::Finished>& finished = watched[index].finished;
     if (!finished.ok()) {
       summary.push_back(absl::StrFormat("  %-10s %s (job %s)", "unknown", job.installable, job.job_id));
-      Err(absl::StrCat("error: ", job.installable, ": ", finished.status().message()));
+      Err(absl::StrCat("error: ", job.installable, ": ", Describe(finished.status())));
       exit_code = std::max(exit_code, ExitCodeFor(finished.status()));
       entry["status"] = "unknown";
       entry["error"] = std::string(finished.status().message());
@@ -1130,6 +1142,31 @@ int RunFodCommand(const CliOptions& options, const std::vector<std::string>& arg
   }
   Err("error: kiln fod list|show KEY|forget KEY...|export|import FILE [--name=NAME]");
   return kExitUsage;
+}
+
+absl::StatusOr<std::string> LoadClientToken() {
+  if (const char* env = std::getenv("KILN_TOKEN"); env != nullptr && *env) {
+    return std::string(absl::StripAsciiWhitespace(env));
+  }
+  std::string dir;
+  if (const char* xdg = std::getenv("XDG_CONFIG_HOME"); xdg != nullptr && *xdg) {
+    dir = xdg;
+  } else if (const char* home = std::getenv("HOME"); home != nullptr && *home) {
+    dir = absl::StrCat(home, "/.config");
+  } else {
+    return std::string();
+  }
+  const std::string path = dir + "/kiln/token";
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return std::string();
+  if ((st.st_mode & 077) != 0) {
+    return absl::PermissionDeniedError(
+        absl::StrCat(path, " may be read by others (mode ", absl::StrFormat("%04o", st.st_mode & 07777),
+                     "): a token file must be private; chmod 600 ", path));
+  }
+  std::string text;
+  if (absl::Status s = ReadWholeFile(path, text); !s.ok()) return s;
+  return std::string(absl::StripAsciiWhitespace(text));
 }
 
 }  // namespace kiln

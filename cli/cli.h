@@ -32,6 +32,7 @@ struct CliOptions {
   std::string coordinator;  // host:port
   // TLS to the coordinator (common/tls.h); null: plaintext.
   std::shared_ptr<grpc::ChannelCredentials> credentials;
+  std::string token;  // Sent with every call when set (see LoadClientToken).
   bool json = false;
   std::string system = "x86_64-linux";
   bool quiet = false;       // No build log, only the result.
@@ -83,5 +84,10 @@ int RunFodHashCommand(const CliOptions& options, const std::vector<std::string>&
 
 // `kiln fod list|show|forget|export|import`: the FOD cache's entries.
 int RunFodCommand(const CliOptions& options, const std::vector<std::string>& args, const std::string& name);
+
+// The client token: $KILN_TOKEN, else the file $XDG_CONFIG_HOME/kiln/token
+// (~/.config/kiln/token), which must not be readable by group or others.
+// "" when there is none.
+absl::StatusOr<std::string> LoadClientToken();
 
 }  // namespace kiln

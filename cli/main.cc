@@ -123,6 +123,12 @@ int main(int argc, char** argv) {
       return 2;
     }
     options.credentials = *credentials;
+    absl::StatusOr<std::string> token = kiln::LoadClientToken();
+    if (!token.ok()) {
+      std::fprintf(stderr, "error: %s\n", std::string(token.status().message()).c_str());
+      return 2;
+    }
+    options.token = *std::move(token);
   }
   options.json = absl::GetFlag(FLAGS_json);
   options.system = absl::GetFlag(FLAGS_system);

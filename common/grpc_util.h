@@ -28,7 +28,9 @@ absl::Duration FromProtoDuration(const google::protobuf::Duration& d);
 
 // A channel with Kiln's message limits and keepalive settings; plaintext
 // unless `credentials` (see common/tls.h) say otherwise.
+// With `bearer_token`, every call carries `authorization: Bearer TOKEN`.
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address,
-                                           std::shared_ptr<grpc::ChannelCredentials> credentials = nullptr);
+                                           std::shared_ptr<grpc::ChannelCredentials> credentials = nullptr,
+                                           const std::string& bearer_token = "");
 
 }  // namespace kiln

@@ -15,6 +15,7 @@ using kiln::v1::Digest;
 grpc::Status CasServiceImpl::FindMissingBlobs(grpc::ServerContext* context,
                                               const kiln::v1::FindMissingBlobsRequest* request,
                                               kiln::v1::FindMissingBlobsResponse* response) {
+  if (auto caller = Authorize(auth_, *context, Scope::kBlobs); !caller.ok()) return ToGrpcStatus(caller.status());
   if (static_cast<size_t>(request->files_size() + request->directories_size()) > limits_.max_digests_per_request) {
     return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
                         absl::StrCat("more than ", limits_.max_digests_per_request, " digests in one request"));
@@ -42,6 +43,7 @@ grpc::Status CasServiceImpl::FindMissingBlobs(grpc::ServerContext* context,
 grpc::Status CasServiceImpl::WriteBlobs(grpc::ServerContext* context,
                                         grpc::ServerReader<kiln::v1::WriteBlobsChunk>* reader,
                                         kiln::v1::WriteBlobsResponse* response) {
+  if (auto caller = Authorize(auth_, *context, Scope::kBlobs); !caller.ok()) return ToGrpcStatus(caller.status());
   kiln::v1::WriteBlobsChunk chunk;
   std::unique_ptr<CasStore::Upload> upload;
   Digest current;
@@ -87,6 +89,7 @@ grpc::Status CasServiceImpl::WriteBlobs(grpc::ServerContext* context,
 
 grpc::Status CasServiceImpl::ReadBlobs(grpc::ServerContext* context, const kiln::v1::ReadBlobsRequest* request,
                                        grpc::ServerWriter<kiln::v1::ReadBlobsChunk>* writer) {
+  if (auto caller = Authorize(auth_, *context, Scope::kRead); !caller.ok()) return ToGrpcStatus(caller.status());
   if (static_cast<size_t>(request->digests_size()) > limits_.max_digests_per_request) {
     return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
                         absl::StrCat("more than ", limits_.max_digests_per_request, " digests in one request"));
@@ -128,6 +131,7 @@ grpc::Status CasServiceImpl::ReadBlobs(grpc::ServerContext* context, const kiln:
 
 grpc::Status CasServiceImpl::GetTree(grpc::ServerContext* context, const kiln::v1::GetTreeRequest* request,
                                      kiln::v1::GetTreeResponse* response) {
+  if (auto caller = Authorize(auth_, *context, Scope::kRead); !caller.ok()) return ToGrpcStatus(caller.status());
   absl::flat_hash_map<std::string, std::string> read;
   absl::Status error;
   const BlobLookup lookup = [&](const std::string& hash) -> const std::string* {

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "coordinator/auth.h"
 #include "coordinator/cas_store.h"
 #include "coordinator/coordinator_metrics.h"
 #include "kiln/v1/cas.grpc.pb.h"
@@ -19,8 +20,9 @@ struct CasServiceLimits {
 
 class CasServiceImpl final : public kiln::v1::CasService::Service {
  public:
-  CasServiceImpl(CasStore* cas, CoordinatorMetrics* metrics, CasServiceLimits limits = {})
-      : cas_(cas), metrics_(metrics), limits_(limits) {}
+  CasServiceImpl(CasStore* cas, CoordinatorMetrics* metrics, CasServiceLimits limits = {},
+                 const Authorizer* auth = nullptr)
+      : cas_(cas), metrics_(metrics), limits_(limits), auth_(auth) {}
 
   grpc::Status FindMissingBlobs(grpc::ServerContext* context, const kiln::v1::FindMissingBlobsRequest* request,
                                 kiln::v1::FindMissingBlobsResponse* response) override;
@@ -35,6 +37,7 @@ class CasServiceImpl final : public kiln::v1::CasService::Service {
   CasStore* const cas_;
   CoordinatorMetrics* const metrics_;
   const CasServiceLimits limits_;
+  const Authorizer* const auth_;
 };
 
 }  // namespace kiln

@@ -89,13 +89,18 @@ CoordinatorMetrics::CoordinatorMetrics(std::shared_ptr<prometheus::Registry> reg
       fod_lookup_family_(prometheus::BuildCounter()
                              .Name("kiln_fod_lookups_total")
                              .Help("FODs of build closures looked up in the hash cache, by verdict.")
-                             .Register(*registry_)) {
+                             .Register(*registry_)),
+      auth_refusal_family_(prometheus::BuildCounter()
+                               .Name("kiln_auth_refusals_total")
+                               .Help("Calls refused for their credentials or scopes, by reason.")
+                               .Register(*registry_)) {
   // Pre-create every label value so the series exist from the first scrape.
   for (auto r : {"succeeded", "failed", "cancelled"}) JobsFinished(r);
   for (auto r : {"worker_lost", "lease_expired", "infra_error"}) Requeues(r);
   for (auto s : {"connected", "draining", "disconnected"}) Workers(s);
   for (auto r : {"hit", "miss", "bypassed"}) ResultCacheLookups(r);
   for (auto r : {"hit", "stale_caught", "suspect", "nondeterministic", "miss"}) FodLookups(r);
+  for (auto r : {"no_credentials", "bad_token", "scope"}) AuthRefusals(r);
 }
 
 prometheus::Gauge& CoordinatorMetrics::JobsQueued(absl::string_view priority, absl::string_view system) {
@@ -120,6 +125,10 @@ prometheus::Counter& CoordinatorMetrics::ResultCacheLookups(absl::string_view re
 
 prometheus::Counter& CoordinatorMetrics::FodLookups(absl::string_view result) {
   return fod_lookup_family_.Add({{"result", std::string(result)}});
+}
+
+prometheus::Counter& CoordinatorMetrics::AuthRefusals(absl::string_view reason) {
+  return auth_refusal_family_.Add({{"reason", std::string(reason)}});
 }
 
 }  // namespace kiln

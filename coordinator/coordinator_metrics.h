@@ -60,6 +60,8 @@ class CoordinatorMetrics {
   // stale, the right one known), suspect (unknown inputs, hash computed for
   // older ones), nondeterministic, miss.
   prometheus::Counter& FodLookups(absl::string_view result);
+  // reason: no_credentials, bad_token (unknown, revoked, garbled), scope.
+  prometheus::Counter& AuthRefusals(absl::string_view reason);
 
  private:
   std::shared_ptr<prometheus::Registry> registry_;
@@ -69,6 +71,7 @@ class CoordinatorMetrics {
   prometheus::Family<prometheus::Gauge>& workers_family_;
   prometheus::Family<prometheus::Counter>& result_cache_family_;
   prometheus::Family<prometheus::Counter>& fod_lookup_family_;
+  prometheus::Family<prometheus::Counter>& auth_refusal_family_;
 };
 
 }  // namespace kiln

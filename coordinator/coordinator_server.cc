@@ -25,6 +25,9 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   std::error_code ec;
   std::filesystem::create_directories(options.state_dir, ec);
   if (ec) return absl::InternalError(absl::StrCat("cannot create ", options.state_dir, ": ", ec.message()));
+  // The state (token hashes, sources, the admin socket) is the
+  // coordinator's alone.
+  std::filesystem::permissions(options.state_dir, std::filesystem::perms::owner_all, ec);
 
   auto server = std::unique_ptr<CoordinatorServer>(new CoordinatorServer());
   auto store = RocksDbStateStore::Open((std::filesystem::path(options.state_dir) / "rocksdb").string(),
@@ -48,17 +51,32 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   if (!metrics.ok()) return metrics.status();
   server->metrics_ = *std::move(metrics);
 
-  server->build_service_ = std::make_unique<BuildServiceImpl>(server->core_.get(), server->strand_.get());
+  server->auth_ = std::make_unique<Authorizer>(server->store_->tokens(), options.require_tokens || options.tls.enabled(),
+                                               options.tls.enabled(), server->coordinator_metrics_.get());
+  const Authorizer* auth = server->auth_.get();
+  server->admin_service_ = std::make_unique<AdminServiceImpl>(server->store_->tokens(), auth);
+  server->build_service_ = std::make_unique<BuildServiceImpl>(server->core_.get(), server->strand_.get(), auth);
   server->worker_service_ = std::make_unique<WorkerServiceImpl>(server->core_.get(), server->strand_.get(),
-                                                                server->sender_.get(), options.tls.enabled());
-  server->farm_service_ = std::make_unique<FarmServiceImpl>(server->core_.get(), server->strand_.get());
-  server->cas_service_ = std::make_unique<CasServiceImpl>(server->store_->cas(), server->coordinator_metrics_.get());
+                                                                server->sender_.get(), auth);
+  server->farm_service_ = std::make_unique<FarmServiceImpl>(server->core_.get(), server->strand_.get(), auth);
+  server->cas_service_ = std::make_unique<CasServiceImpl>(server->store_->cas(), server->coordinator_metrics_.get(),
+                                                          CasServiceLimits{}, auth);
   server->fod_service_ =
-      std::make_unique<FodServiceImpl>(server->store_->fod_cache(), server->coordinator_metrics_.get());
+      std::make_unique<FodServiceImpl>(server->store_->fod_cache(), server->coordinator_metrics_.get(), auth);
   server->coordinator_metrics_->fod_entries.Set(static_cast<double>(server->store_->fod_cache()->size()));
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(options.listen, *credentials, &port);
+  // The admin socket: only who may enter the state directory (0700) reaches
+  // it; what arrives on it is the local administrator's.
+  const std::string socket_path = (std::filesystem::path(options.state_dir) / "admin.sock").string();
+  if (socket_path.size() < 100) {
+    std::filesystem::remove(socket_path, ec);
+    server->admin_address_ = "unix:" + socket_path;
+    builder.AddListeningPort(server->admin_address_, grpc::InsecureServerCredentials());
+  } else {
+    LogWarning("coordinator", "no admin socket: ", socket_path, " is too long for a Unix socket");
+  }
   builder.SetMaxReceiveMessageSize(kMaxGrpcMessageBytes);
   builder.SetMaxSendMessageSize(kMaxGrpcMessageBytes);
   // Accept the clients' keepalive pings (see MakeChannel).
@@ -69,11 +87,16 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   builder.RegisterService(server->farm_service_.get());
   builder.RegisterService(server->cas_service_.get());
   builder.RegisterService(server->fod_service_.get());
+  builder.RegisterService(server->admin_service_.get());
   server->server_ = builder.BuildAndStart();
   if (!server->server_ || port == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));
   }
   server->grpc_address_ = absl::StrCat(listen->host, ":", port);
+  if (!server->admin_address_.empty()) {
+    std::filesystem::permissions(socket_path, std::filesystem::perms::owner_read | std::filesystem::perms::owner_write,
+                                 ec);
+  }
 
   server->ticker_ = std::thread([s = server.get()] {
     while (!s->stop_ticker_.WaitForNotificationWithTimeout(absl::Seconds(1))) {

@@ -13,6 +13,8 @@
 #include "common/metrics_http.h"
 #include "common/serial_executor.h"
 #include "common/tls.h"
+#include "coordinator/admin_service.h"
+#include "coordinator/auth.h"
 #include "coordinator/build_coordinator.h"
 #include "coordinator/cas_service.h"
 #include "coordinator/coordinator_metrics.h"
@@ -34,6 +36,8 @@ struct CoordinatorOptions {
   // --tls-cert/--tls-key/--tls-ca: mutual TLS with workers. Without them,
   // only a loopback `listen` is allowed.
   TlsFiles tls;
+  // Every client call needs a token (always so with TLS).
+  bool require_tokens = false;
 };
 
 class CoordinatorServer {
@@ -45,6 +49,9 @@ class CoordinatorServer {
   void Shutdown();
 
   const std::string& grpc_address() const { return grpc_address_; }
+  // The admin socket (unix:STATE_DIR/admin.sock); "" when the path is too
+  // long for a Unix socket.
+  const std::string& admin_address() const { return admin_address_; }
   const std::string& metrics_address() const { return metrics_->address(); }
 
  private:
@@ -58,6 +65,8 @@ class CoordinatorServer {
   std::unique_ptr<SerialExecutor> strand_;
   std::unique_ptr<SerialExecutor> sender_;  // Starts writes to workers.
   std::unique_ptr<BuildCoordinator> core_;
+  std::unique_ptr<Authorizer> auth_;
+  std::unique_ptr<AdminServiceImpl> admin_service_;
   std::unique_ptr<BuildServiceImpl> build_service_;
   std::unique_ptr<WorkerServiceImpl> worker_service_;
   std::unique_ptr<CasServiceImpl> cas_service_;
@@ -65,6 +74,7 @@ class CoordinatorServer {
   std::unique_ptr<FarmServiceImpl> farm_service_;
   std::unique_ptr<grpc::Server> server_;
   std::string grpc_address_;
+  std::string admin_address_;
   bool shut_down_ = false;
   // Drives BuildCoordinator::Tick (leases) once a second, on the strand.
   absl::Notification stop_ticker_;

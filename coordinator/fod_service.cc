@@ -20,8 +20,10 @@ grpc::Status TooMany(size_t n) {
 
 }  // namespace
 
-grpc::Status FodServiceImpl::CheckFods(grpc::ServerContext*, const kiln::v1::CheckFodsRequest* request,
+grpc::Status FodServiceImpl::CheckFods(grpc::ServerContext* context, const kiln::v1::CheckFodsRequest* request,
                                        kiln::v1::CheckFodsResponse* response) {
+  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kWorker);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (static_cast<size_t>(request->fods_size()) > kMaxFodsPerRequest) return TooMany(request->fods_size());
   absl::StatusOr<std::vector<FodVerdict>> verdicts =
       cache_->Check(std::vector<kiln::v1::FodRef>(request->fods().begin(), request->fods().end()));
@@ -43,12 +45,14 @@ grpc::Status FodServiceImpl::CheckFods(grpc::ServerContext*, const kiln::v1::Che
   return grpc::Status::OK;
 }
 
-grpc::Status FodServiceImpl::RecordFods(grpc::ServerContext*, const kiln::v1::RecordFodsRequest* request,
+grpc::Status FodServiceImpl::RecordFods(grpc::ServerContext* context, const kiln::v1::RecordFodsRequest* request,
                                         kiln::v1::RecordFodsResponse* response) {
+  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kWorker);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (static_cast<size_t>(request->outcomes_size()) > kMaxFodsPerRequest) return TooMany(request->outcomes_size());
   absl::StatusOr<std::vector<std::string>> odd = cache_->Record(
       std::vector<kiln::v1::FodOutcome>(request->outcomes().begin(), request->outcomes().end()), request->job_id(),
-      request->worker());
+      caller->worker.empty() ? request->worker() : caller->worker);  // A certificate's name beats a claim.
   if (!odd.ok()) return ToGrpcStatus(odd.status());
   metrics_->fod_recorded.Increment(request->outcomes_size());
   metrics_->fod_entries.Set(static_cast<double>(cache_->size()));
@@ -60,8 +64,10 @@ grpc::Status FodServiceImpl::RecordFods(grpc::ServerContext*, const kiln::v1::Re
   return grpc::Status::OK;
 }
 
-grpc::Status FodServiceImpl::ListFods(grpc::ServerContext*, const kiln::v1::ListFodsRequest* request,
+grpc::Status FodServiceImpl::ListFods(grpc::ServerContext* context, const kiln::v1::ListFodsRequest* request,
                                       kiln::v1::ListFodsResponse* response) {
+  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kRead);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
   absl::StatusOr<std::vector<kiln::v1::FodEntry>> entries =
       cache_->List(request->name(), request->key_prefix(), request->limit());
   if (!entries.ok()) return ToGrpcStatus(entries.status());
@@ -69,8 +75,10 @@ grpc::Status FodServiceImpl::ListFods(grpc::ServerContext*, const kiln::v1::List
   return grpc::Status::OK;
 }
 
-grpc::Status FodServiceImpl::ForgetFods(grpc::ServerContext*, const kiln::v1::ForgetFodsRequest* request,
+grpc::Status FodServiceImpl::ForgetFods(grpc::ServerContext* context, const kiln::v1::ForgetFodsRequest* request,
                                         kiln::v1::ForgetFodsResponse* response) {
+  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kAdmin);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (request->key_prefixes().empty() && request->name().empty()) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "name a key prefix or a derivation name to forget");
   }
@@ -82,8 +90,10 @@ grpc::Status FodServiceImpl::ForgetFods(grpc::ServerContext*, const kiln::v1::Fo
   return grpc::Status::OK;
 }
 
-grpc::Status FodServiceImpl::ImportFods(grpc::ServerContext*, const kiln::v1::ImportFodsRequest* request,
+grpc::Status FodServiceImpl::ImportFods(grpc::ServerContext* context, const kiln::v1::ImportFodsRequest* request,
                                         kiln::v1::ImportFodsResponse* response) {
+  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kAdmin);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (static_cast<size_t>(request->entries_size()) > kMaxFodsPerRequest) return TooMany(request->entries_size());
   absl::StatusOr<kiln::v1::ImportFodsResponse> r =
       cache_->Import(std::vector<kiln::v1::FodEntry>(request->entries().begin(), request->entries().end()));

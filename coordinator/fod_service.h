@@ -5,6 +5,7 @@
 
 #include <cstddef>
 
+#include "coordinator/auth.h"
 #include "coordinator/coordinator_metrics.h"
 #include "coordinator/fod_cache.h"
 #include "kiln/v1/fod.grpc.pb.h"
@@ -16,7 +17,8 @@ class FodServiceImpl final : public kiln::v1::FodService::Service {
   // Bounds what one request may carry.
   static constexpr size_t kMaxFodsPerRequest = 100000;
 
-  FodServiceImpl(FodCache* cache, CoordinatorMetrics* metrics) : cache_(cache), metrics_(metrics) {}
+  FodServiceImpl(FodCache* cache, CoordinatorMetrics* metrics, const Authorizer* auth = nullptr)
+      : cache_(cache), metrics_(metrics), auth_(auth) {}
 
   grpc::Status CheckFods(grpc::ServerContext* context, const kiln::v1::CheckFodsRequest* request,
                          kiln::v1::CheckFodsResponse* response) override;
@@ -32,6 +34,7 @@ class FodServiceImpl final : public kiln::v1::FodService::Service {
  private:
   FodCache* const cache_;
   CoordinatorMetrics* const metrics_;
+  const Authorizer* const auth_;
 };
 
 }  // namespace kiln

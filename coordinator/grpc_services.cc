@@ -6,7 +6,6 @@
 #include "common/grpc_util.h"
 #include "common/log.h"
 #include "common/outbound_queue.h"
-#include "common/tls.h"
 
 namespace kiln {
 namespace {
@@ -169,12 +168,19 @@ class WorkerStreamReactor final : public grpc::ServerBidiReactor<WorkerMessage, 
   WorkerMessage incoming_;
 };
 
-// A worker stream refused before it starts.
-class RefusedWorkerStream final : public grpc::ServerBidiReactor<WorkerMessage, CoordinatorMessage> {
+// A streaming call refused before it starts.
+template <typename Reactor>
+class RefusedStream final : public Reactor {
  public:
-  explicit RefusedWorkerStream(grpc::Status status) { Finish(std::move(status)); }
+  explicit RefusedStream(const absl::Status& status) { this->Finish(ToGrpcStatus(status)); }
   void OnDone() override { delete this; }
 };
+
+grpc::ServerUnaryReactor* Refused(grpc::CallbackServerContext* context, const absl::Status& status) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(status));
+  return reactor;
+}
 
 // The value of `result` into `*out`, or its error.
 template <typename T>
@@ -189,6 +195,14 @@ absl::Status Into(absl::StatusOr<T> result, T* out) {
 grpc::ServerUnaryReactor* BuildServiceImpl::SubmitBuild(grpc::CallbackServerContext* context,
                                                         const kiln::v1::SubmitBuildRequest* request,
                                                         kiln::v1::SubmitBuildResponse* response) {
+  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kSubmit);
+  if (!caller.ok()) return Refused(context, caller.status());
+  for (const auto& target : request->targets()) {
+    if (!target.spec().has_push()) continue;
+    if (absl::Status s = auth_ != nullptr ? auth_->CheckPush(*caller, target.spec().push()) : absl::OkStatus(); !s.ok()) {
+      return Refused(context, s);
+    }
+  }
   return UnaryOnStrand(context, core_, strand_, [core = core_, request, response] {
     return Into(core->Submit(*request), response);
   });
@@ -196,12 +210,17 @@ grpc::ServerUnaryReactor* BuildServiceImpl::SubmitBuild(grpc::CallbackServerCont
 
 grpc::ServerWriteReactor<JobEvent>* BuildServiceImpl::WatchJob(grpc::CallbackServerContext* context,
                                                                const kiln::v1::WatchJobRequest* request) {
+  if (absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kRead); !caller.ok()) {
+    return new RefusedStream<grpc::ServerWriteReactor<JobEvent>>(caller.status());
+  }
   return new WatchReactor(core_, strand_, *request);
 }
 
 grpc::ServerUnaryReactor* BuildServiceImpl::CancelJob(grpc::CallbackServerContext* context,
                                                       const kiln::v1::CancelJobRequest* request,
                                                       kiln::v1::CancelJobResponse* response) {
+  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kSubmit);
+  if (!caller.ok()) return Refused(context, caller.status());
   return UnaryOnStrand(context, core_, strand_, [core = core_, request, response]() -> absl::Status {
     auto r = core->Cancel(request->job_id());
     if (!r.ok()) return r.status();
@@ -212,6 +231,8 @@ grpc::ServerUnaryReactor* BuildServiceImpl::CancelJob(grpc::CallbackServerContex
 
 grpc::ServerUnaryReactor* BuildServiceImpl::GetJob(grpc::CallbackServerContext* context,
                                                    const kiln::v1::GetJobRequest* request, kiln::v1::Job* response) {
+  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kRead);
+  if (!caller.ok()) return Refused(context, caller.status());
   return UnaryOnStrand(context, core_, strand_, [core = core_, request, response] {
     return Into(core->GetJob(request->job_id()), response);
   });
@@ -220,6 +241,8 @@ grpc::ServerUnaryReactor* BuildServiceImpl::GetJob(grpc::CallbackServerContext* 
 grpc::ServerUnaryReactor* BuildServiceImpl::GetBuildset(grpc::CallbackServerContext* context,
                                                         const kiln::v1::GetBuildsetRequest* request,
                                                         kiln::v1::Buildset* response) {
+  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kRead);
+  if (!caller.ok()) return Refused(context, caller.status());
   return UnaryOnStrand(context, core_, strand_, [core = core_, request, response] {
     return Into(core->GetBuildset(request->buildset_id()), response);
   });
@@ -228,6 +251,8 @@ grpc::ServerUnaryReactor* BuildServiceImpl::GetBuildset(grpc::CallbackServerCont
 grpc::ServerUnaryReactor* BuildServiceImpl::CancelBuildset(grpc::CallbackServerContext* context,
                                                            const kiln::v1::CancelBuildsetRequest* request,
                                                            kiln::v1::Buildset* response) {
+  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kSubmit);
+  if (!caller.ok()) return Refused(context, caller.status());
   return UnaryOnStrand(context, core_, strand_, [core = core_, request, response] {
     return Into(core->CancelBuildset(request->buildset_id()), response);
   });
@@ -236,6 +261,8 @@ grpc::ServerUnaryReactor* BuildServiceImpl::CancelBuildset(grpc::CallbackServerC
 grpc::ServerUnaryReactor* FarmServiceImpl::ListWorkers(grpc::CallbackServerContext* context,
                                                        const kiln::v1::ListWorkersRequest* request,
                                                        kiln::v1::ListWorkersResponse* response) {
+  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kRead);
+  if (!caller.ok()) return Refused(context, caller.status());
   return UnaryOnStrand(context, core_, strand_, [core = core_, response]() -> absl::Status {
     *response = core->ListWorkers();
     return absl::OkStatus();
@@ -245,6 +272,8 @@ grpc::ServerUnaryReactor* FarmServiceImpl::ListWorkers(grpc::CallbackServerConte
 grpc::ServerUnaryReactor* FarmServiceImpl::DrainWorker(grpc::CallbackServerContext* context,
                                                        const kiln::v1::DrainWorkerRequest* request,
                                                        kiln::v1::DrainWorkerResponse* response) {
+  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kAdmin);
+  if (!caller.ok()) return Refused(context, caller.status());
   return UnaryOnStrand(context, core_, strand_, [core = core_, request, response] {
     return Into(core->DrainWorker(request->name(), request->undo()), response->mutable_worker());
   });
@@ -252,13 +281,12 @@ grpc::ServerUnaryReactor* FarmServiceImpl::DrainWorker(grpc::CallbackServerConte
 
 grpc::ServerBidiReactor<WorkerMessage, CoordinatorMessage>* WorkerServiceImpl::Connect(
     grpc::CallbackServerContext* context) {
-  std::string certificate_name = PeerCertificateName(*context);
-  if (require_certificate_ && certificate_name.empty()) {
-    LogWarning("coordinator", "refused a worker stream from ", context->peer(), ": no client certificate");
-    return new RefusedWorkerStream(grpc::Status(
-        grpc::StatusCode::UNAUTHENTICATED, "a worker must present a certificate signed by the farm's CA (--tls-cert)"));
+  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kWorker);
+  if (!caller.ok()) {
+    LogWarning("coordinator", "refused a worker stream from ", context->peer(), ": ", caller.status().message());
+    return new RefusedStream<grpc::ServerBidiReactor<WorkerMessage, CoordinatorMessage>>(caller.status());
   }
-  return new WorkerStreamReactor(core_, strand_, sender_, std::move(certificate_name));
+  return new WorkerStreamReactor(core_, strand_, sender_, caller->worker);
 }
 
 }  // namespace kiln

@@ -7,6 +7,7 @@
 #include <memory>
 
 #include "common/serial_executor.h"
+#include "coordinator/auth.h"
 #include "coordinator/build_coordinator.h"
 #include "kiln/v1/builds.grpc.pb.h"
 #include "kiln/v1/farm.grpc.pb.h"
@@ -16,8 +17,10 @@ namespace kiln {
 
 class BuildServiceImpl final : public kiln::v1::BuildService::CallbackService {
  public:
-  // `core` and `strand` must outlive the server.
-  BuildServiceImpl(BuildCoordinator* core, SerialExecutor* strand) : core_(core), strand_(strand) {}
+  // `core`, `strand` and `auth` must outlive the server; `auth` null: no
+  // checks (in-process tests).
+  BuildServiceImpl(BuildCoordinator* core, SerialExecutor* strand, const Authorizer* auth = nullptr)
+      : core_(core), strand_(strand), auth_(auth) {}
 
   grpc::ServerUnaryReactor* SubmitBuild(grpc::CallbackServerContext* context,
                                         const kiln::v1::SubmitBuildRequest* request,
@@ -39,17 +42,17 @@ class BuildServiceImpl final : public kiln::v1::BuildService::CallbackService {
  private:
   BuildCoordinator* const core_;
   SerialExecutor* const strand_;
+  const Authorizer* const auth_;
 };
 
 class WorkerServiceImpl final : public kiln::v1::WorkerService::CallbackService {
  public:
   // `sender` starts the writes to workers (see WorkerStreamSession::Send).
-  // `require_certificate`: refuse workers that show no client certificate
-  // (the coordinator serves TLS); a worker is then known by its
-  // certificate's common name, whatever it registers as.
+  // `auth` decides who may connect as a worker; a worker that showed a
+  // certificate is known by its common name, whatever it registers as.
   WorkerServiceImpl(BuildCoordinator* core, SerialExecutor* strand, SerialExecutor* sender,
-                    bool require_certificate = false)
-      : core_(core), strand_(strand), sender_(sender), require_certificate_(require_certificate) {}
+                    const Authorizer* auth = nullptr)
+      : core_(core), strand_(strand), sender_(sender), auth_(auth) {}
 
   grpc::ServerBidiReactor<kiln::v1::WorkerMessage, kiln::v1::CoordinatorMessage>* Connect(
       grpc::CallbackServerContext* context) override;
@@ -58,12 +61,13 @@ class WorkerServiceImpl final : public kiln::v1::WorkerService::CallbackService 
   BuildCoordinator* const core_;
   SerialExecutor* const strand_;
   SerialExecutor* const sender_;
-  const bool require_certificate_;
+  const Authorizer* const auth_;
 };
 
 class FarmServiceImpl final : public kiln::v1::FarmService::CallbackService {
  public:
-  FarmServiceImpl(BuildCoordinator* core, SerialExecutor* strand) : core_(core), strand_(strand) {}
+  FarmServiceImpl(BuildCoordinator* core, SerialExecutor* strand, const Authorizer* auth = nullptr)
+      : core_(core), strand_(strand), auth_(auth) {}
 
   grpc::ServerUnaryReactor* ListWorkers(grpc::CallbackServerContext* context,
                                         const kiln::v1::ListWorkersRequest* request,
@@ -75,6 +79,7 @@ class FarmServiceImpl final : public kiln::v1::FarmService::CallbackService {
  private:
   BuildCoordinator* const core_;
   SerialExecutor* const strand_;
+  const Authorizer* const auth_;
 };
 
 }  // namespace kiln

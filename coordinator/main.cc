@@ -10,12 +10,19 @@
 #include "common/daemon.h"
 #include "common/log.h"
 #include "coordinator/coordinator_server.h"
+#include "coordinator/token_command.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:7600", "gRPC address (host:port; port 0 picks a free one)");
 ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9600", "Prometheus /metrics address");
 ABSL_FLAG(std::string, tls_cert, "", "The coordinator's certificate (PEM), from deploy/pki/kiln-pki coordinator");
 ABSL_FLAG(std::string, tls_key, "", "Its private key (PEM)");
 ABSL_FLAG(std::string, tls_ca, "", "The farm's CA (PEM): workers must show a certificate that chains to it");
+ABSL_FLAG(std::string, name, "", "token create: the token's name (e.g. ci-monorepo)");
+ABSL_FLAG(std::vector<std::string>, scope, {},
+          "token create: scopes, comma-separated: submit, read, admin, push:REGISTRY/REPOSITORY[:TAG] (globs)");
+ABSL_FLAG(bool, json, false, "token create|list: JSON on stdout");
+ABSL_FLAG(bool, require_tokens, false,
+          "Every client call needs a token, also on loopback without TLS (always so with TLS)");
 ABSL_FLAG(std::string, state_dir, "", "Directory for the coordinator's RocksDB state (required)");
 ABSL_FLAG(std::string, ready_file, "", "Write the bound addresses here as JSON once serving");
 ABSL_FLAG(bool, sync_writes, false, "fsync every state change (survives power loss, slower)");
@@ -52,9 +59,24 @@ ABSL_FLAG(int64_t, inline_source_kb, 1024,
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "Kiln coordinator: accepts Nix builds, schedules them on workers, keeps state in RocksDB.\n"
-      "  kiln-coordinator --listen=127.0.0.1:7600 --metrics-listen=127.0.0.1:9600 --state-dir=DIR");
+      "  kiln-coordinator --listen=127.0.0.1:7600 --metrics-listen=127.0.0.1:9600 --state-dir=DIR\n"
+      "  kiln-coordinator token create --state-dir=DIR --name=NAME --scope=submit,push:REGISTRY/NS/*:testing\n"
+      "  kiln-coordinator token list|revoke NAME --state-dir=DIR");
   kiln::DashedFlagArgs dashed(argc, argv);
-  absl::ParseCommandLine(dashed.argc(), dashed.argv());
+  std::vector<char*> positional = absl::ParseCommandLine(dashed.argc(), dashed.argv());
+  if (positional.size() >= 2 && std::string(positional[1]) == "token") {
+    kiln::TokenCommand command;
+    command.action = positional.size() >= 3 ? positional[2] : "";
+    command.state_dir = absl::GetFlag(FLAGS_state_dir);
+    command.name = command.action == "revoke" && positional.size() >= 4 ? positional[3] : absl::GetFlag(FLAGS_name);
+    command.scopes = absl::GetFlag(FLAGS_scope);
+    command.json = absl::GetFlag(FLAGS_json);
+    return kiln::RunTokenCommand(command);
+  }
+  if (positional.size() > 1) {
+    std::fprintf(stderr, "kiln-coordinator: unexpected argument '%s' (commands: token)\n", positional[1]);
+    return 2;
+  }
   // Debian's Abseil checks every Mutex acquisition for lock-order cycles
   // (a debug aid: a few % of CPU under load). The tests keep it on.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
@@ -69,6 +91,7 @@ int main(int argc, char** argv) {
   options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
   options.state_dir = absl::GetFlag(FLAGS_state_dir);
   options.tls = {absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key), absl::GetFlag(FLAGS_tls_ca)};
+  options.require_tokens = absl::GetFlag(FLAGS_require_tokens);
   options.ready_file = absl::GetFlag(FLAGS_ready_file);
   options.sync_writes = absl::GetFlag(FLAGS_sync_writes);
   options.core.max_attempts = absl::GetFlag(FLAGS_max_attempts);

@@ -18,7 +18,7 @@ namespace {
 
 constexpr char kNextJobSeq[] = "meta/next_job_seq";
 constexpr char kNextBuildsetSeq[] = "meta/next_buildset_seq";
-enum Family { kDefault = 0, kJobs = 1, kBlobs = 2, kBlobMeta = 3, kResults = 4, kFod = 5, kFodNames = 6 };
+enum Family { kDefault = 0, kJobs = 1, kBlobs = 2, kBlobMeta = 3, kResults = 4, kFod = 5, kFodNames = 6, kTokens = 7 };
 
 }  // namespace
 
@@ -61,6 +61,7 @@ absl::StatusOr<std::unique_ptr<RocksDbStateStore>> RocksDbStateStore::Open(const
       {"results", results_options},
       {"fod", results_options},
       {"fod_names", results_options},
+      {"tokens", rocksdb::ColumnFamilyOptions()},
   };
   auto store = std::unique_ptr<RocksDbStateStore>(new RocksDbStateStore());
   store->sync_ = sync;
@@ -72,12 +73,16 @@ absl::StatusOr<std::unique_ptr<RocksDbStateStore>> RocksDbStateStore::Open(const
                                            (std::filesystem::path(dir) / "cas").string(), max_blob_bytes, sync);
   store->fod_cache_ = std::make_unique<FodCache>(db, store->handles_[kFod], store->handles_[kFodNames],
                                                  RealClock::Get(), sync);
+  absl::StatusOr<std::unique_ptr<TokenStore>> tokens = TokenStore::Open(db, store->handles_[kTokens], sync);
+  if (!tokens.ok()) return tokens.status();
+  store->tokens_ = *std::move(tokens);
   return store;
 }
 
 RocksDbStateStore::~RocksDbStateStore() {
   cas_.reset();
   fod_cache_.reset();
+  tokens_.reset();
   if (!db_) return;
   for (auto* h : handles_) db_->DestroyColumnFamilyHandle(h);
   db_->Close();

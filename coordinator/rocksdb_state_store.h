@@ -8,6 +8,7 @@
 //   blob_meta sha256 hex -> BlobMeta (CasStore)
 //   results  result key (sha256 hex) -> CachedResult
 //   fod, fod_names  the FOD hash cache (FodCache)
+//   tokens   token id -> StoredToken (TokenStore)
 // The write-ahead log is on; `sync` makes every commit wait for fsync
 // (survives power loss, not only a process crash).
 #pragma once
@@ -21,6 +22,7 @@
 #include "coordinator/cas_store.h"
 #include "coordinator/fod_cache.h"
 #include "coordinator/state_store.h"
+#include "coordinator/token_store.h"
 
 namespace kiln {
 
@@ -40,6 +42,8 @@ class RocksDbStateStore final : public StateStore {
   CasStore* cas() { return cas_.get(); }
   // The fixed-output hash cache in the same database.
   FodCache* fod_cache() { return fod_cache_.get(); }
+  // Client tokens in the same database.
+  TokenStore* tokens() { return tokens_.get(); }
 
   // The key a job id is stored under (exposed for the golden-format test).
   static std::string JobKey(const std::string& job_id);
@@ -48,11 +52,12 @@ class RocksDbStateStore final : public StateStore {
   RocksDbStateStore() = default;
 
   std::unique_ptr<rocksdb::DB> db_;
-  // default, jobs, blobs, blob_meta, results, fod, fod_names
+  // default, jobs, blobs, blob_meta, results, fod, fod_names, tokens
   std::vector<rocksdb::ColumnFamilyHandle*> handles_;
   bool sync_ = false;
   std::unique_ptr<CasStore> cas_;
   std::unique_ptr<FodCache> fod_cache_;
+  std::unique_ptr<TokenStore> tokens_;
 };
 
 }  // namespace kiln

@@ -9,6 +9,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "common/grpc_util.h"
 #include "common/subprocess.h"
@@ -81,16 +82,28 @@ TEST(TlsE2eTest, OnlyWorkersWithTheFarmsCertificatesTakeJobsAndTheyAreKnownByThe
   farm.SetWorkerFlags({"--tls-cert=" + w1.cert, "--tls-key=" + w1.key, "--tls-ca=" + w1.ca});
   ASSERT_TRUE(farm.AddWorker().ok());
 
+  // With TLS the coordinator requires tokens: one made on its admin socket.
+  ProcessSpec create;
+  create.argv = {testing::BinPath("kiln-coordinator"), "token", "create", "--name=ci", "--scope=submit",
+                 "--state-dir=" + farm.dir().Sub("coordinator")};
+  auto token = RunCommand(create, "", absl::Minutes(1));
+  ASSERT_TRUE(token.ok() && token->exit.Success()) << (token.ok() ? token->stderr_data : "");
+  const std::string kiln_token = "KILN_TOKEN=" + std::string(absl::StripAsciiWhitespace(token->stdout_data));
+  const auto kiln = [&](const std::vector<std::string>& args, absl::Duration timeout = absl::Minutes(3)) {
+    ProcessSpec spec = farm.KilnSpec(args);
+    spec.extra_env.push_back(kiln_token);
+    return RunCommand(spec, "", timeout);
+  };
+
   // A real build over mutual TLS; the CLI verifies the coordinator by the CA.
   const std::string ca_flag = "--tls-ca=" + pki + "/ca.crt";
-  auto built =
-      farm.Kiln({ca_flag, "build", testing::SourcePath("examples/services/hello-api") + "#oci-image", "--json"});
+  auto built = kiln({ca_flag, "build", testing::SourcePath("examples/services/hello-api") + "#oci-image", "--json"});
   ASSERT_TRUE(built.ok());
   ASSERT_EQ(built->exit.exit_code, 0) << built->stderr_data;
   EXPECT_EQ(nlohmann::json::parse(built->stdout_data)[0].value("worker", ""), "worker-1");
 
   // Without a CA the CLI will not speak plaintext to a TLS coordinator.
-  auto plain = farm.Kiln({"workers", "--json"}, absl::Seconds(30));
+  auto plain = kiln({"workers", "--json"}, absl::Seconds(30));
   ASSERT_TRUE(plain.ok());
   EXPECT_NE(plain->exit.exit_code, 0);
 
@@ -110,7 +123,7 @@ TEST(TlsE2eTest, OnlyWorkersWithTheFarmsCertificatesTakeJobsAndTheyAreKnownByThe
   // and the real worker-1 keeps its connection.
   nlohmann::json during;
   grpc::Status impostor = ConnectAs(address, WorkerFiles(pki, pki, "worker-2"), "worker-1", [&] {
-    auto listed = farm.Kiln({ca_flag, "workers", "--json"});
+    auto listed = kiln({ca_flag, "workers", "--json"});
     if (listed.ok() && listed->exit.exit_code == 0) during = nlohmann::json::parse(listed->stdout_data);
   });
   EXPECT_TRUE(impostor.ok()) << impostor.error_message();

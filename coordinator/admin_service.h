@@ -1,0 +1,28 @@
+// AdminService: client tokens, for the local administrator (the admin
+// socket) and tokens with the admin scope.
+#pragma once
+
+#include "coordinator/auth.h"
+#include "coordinator/token_store.h"
+#include "kiln/v1/admin.grpc.pb.h"
+
+namespace kiln {
+
+class AdminServiceImpl final : public kiln::v1::AdminService::Service {
+ public:
+  // Both must outlive the server; `auth` null: no checks (tests).
+  AdminServiceImpl(TokenStore* tokens, const Authorizer* auth) : tokens_(tokens), auth_(auth) {}
+
+  grpc::Status CreateToken(grpc::ServerContext* context, const kiln::v1::CreateTokenRequest* request,
+                           kiln::v1::CreateTokenResponse* response) override;
+  grpc::Status ListTokens(grpc::ServerContext* context, const kiln::v1::ListTokensRequest* request,
+                          kiln::v1::ListTokensResponse* response) override;
+  grpc::Status RevokeToken(grpc::ServerContext* context, const kiln::v1::RevokeTokenRequest* request,
+                           kiln::v1::RevokeTokenResponse* response) override;
+
+ private:
+  TokenStore* const tokens_;
+  const Authorizer* const auth_;
+};
+
+}  // namespace kiln

@@ -1,0 +1,123 @@
+#include "coordinator/auth.h"
+
+#include <fnmatch.h>
+
+#include <algorithm>
+
+#include "absl/algorithm/container.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/strip.h"
+#include "common/tls.h"
+
+namespace kiln {
+namespace {
+
+const char* ScopeName(Scope scope) {
+  switch (scope) {
+    case Scope::kRead: return "read";
+    case Scope::kSubmit: return "submit";
+    case Scope::kAdmin: return "admin";
+    case Scope::kWorker: return "worker";
+    case Scope::kBlobs: return "submit";
+  }
+  return "?";
+}
+
+bool TokenAllows(const TokenGrant& grant, Scope scope) {
+  const auto has = [&](const char* s) { return std::find(grant.scopes.begin(), grant.scopes.end(), s) != grant.scopes.end(); };
+  if (has("admin")) return scope != Scope::kWorker;
+  switch (scope) {
+    case Scope::kRead: return has("read") || has("submit");
+    case Scope::kSubmit:
+    case Scope::kBlobs: return has("submit");
+    case Scope::kAdmin:
+    case Scope::kWorker: return false;
+  }
+  return false;
+}
+
+}  // namespace
+
+bool PushPatternMatches(const std::string& pattern, const std::string& repository, const std::string& tag) {
+  const size_t slash = pattern.rfind('/');
+  const bool names_tag = pattern.find(':', slash == std::string::npos ? 0 : slash) != std::string::npos;
+  const std::string subject = names_tag ? absl::StrCat(repository, ":", tag) : repository;
+  return ::fnmatch(pattern.c_str(), subject.c_str(), 0) == 0;
+}
+
+absl::Status Authorizer::Refuse(absl::Status status, const char* reason) const {
+  if (metrics_ != nullptr) metrics_->AuthRefusals(reason).Increment();
+  return status;
+}
+
+absl::StatusOr<Caller> Authorizer::Check(const grpc::ServerContextBase& context, Scope scope) const {
+  Caller caller;
+  // The admin socket: a Unix socket in the state directory.
+  if (absl::StartsWith(context.peer(), "unix:")) {
+    caller.who = "the local administrator";
+    caller.local_admin = true;
+    return caller;
+  }
+  const auto& metadata = context.client_metadata();
+  if (auto it = metadata.find("authorization"); it != metadata.end()) {
+    absl::string_view value(it->second.data(), it->second.size());
+    if (!absl::ConsumePrefix(&value, "Bearer ")) {
+      return Refuse(absl::UnauthenticatedError("the authorization header is not 'Bearer TOKEN'"), "bad_token");
+    }
+    absl::StatusOr<TokenGrant> grant = tokens_->Verify(absl::StripAsciiWhitespace(value));
+    if (!grant.ok()) return Refuse(grant.status(), "bad_token");
+    caller.who = absl::StrCat("token '", grant->name, "'");
+    caller.token = *std::move(grant);
+    if (!TokenAllows(*caller.token, scope)) {
+      return Refuse(absl::PermissionDeniedError(absl::StrCat(caller.who, " has no ", ScopeName(scope),
+                                                             " scope (it has: ",
+                                                             absl::StrJoin(caller.token->scopes, ", "), ")")),
+                    "scope");
+    }
+    return caller;
+  }
+  caller.worker = PeerCertificateName(context);
+  if (!caller.worker.empty()) {
+    caller.who = absl::StrCat("worker '", caller.worker, "'");
+    if (scope == Scope::kWorker || scope == Scope::kRead || scope == Scope::kBlobs) return caller;
+    return Refuse(absl::PermissionDeniedError(absl::StrCat(caller.who, " may not do what needs the ",
+                                                           ScopeName(scope), " scope: use a token")),
+                  "scope");
+  }
+  if (!require_tokens_ || (scope == Scope::kWorker && !workers_need_certificate_)) {
+    caller.who = "a loopback client";
+    return caller;
+  }
+  if (scope == Scope::kWorker) {
+    return Refuse(absl::UnauthenticatedError("a worker must present a certificate signed by the farm's CA (--tls-cert)"),
+                  "no_credentials");
+  }
+  return Refuse(absl::UnauthenticatedError(
+                    "this coordinator requires a token: set KILN_TOKEN (an administrator makes one with "
+                    "'kiln-coordinator token create --name=NAME --scope=submit')"),
+                "no_credentials");
+}
+
+absl::Status Authorizer::CheckPush(const Caller& caller, const kiln::v1::PushTarget& push) const {
+  if (!caller.token.has_value() || absl::c_linear_search(caller.token->scopes, "admin")) return absl::OkStatus();
+  for (const std::string& tag : push.tags()) {
+    bool allowed = false;
+    for (const std::string& scope : caller.token->scopes) {
+      absl::string_view pattern = scope;
+      if (absl::ConsumePrefix(&pattern, "push:") && PushPatternMatches(std::string(pattern), push.repository(), tag)) {
+        allowed = true;
+        break;
+      }
+    }
+    if (!allowed) {
+      return Refuse(absl::PermissionDeniedError(
+                        absl::StrCat(caller.who, " may not push to ", push.repository(), ":", tag)),
+                    "scope");
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kiln

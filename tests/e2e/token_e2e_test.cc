@@ -1,0 +1,158 @@
+// Client tokens: made with `kiln-coordinator token` (on the admin socket of
+// the running coordinator, and offline on its state), checked on every call
+// of a real coordinator that requires them, scoped (read < submit < admin,
+// push patterns), revocable; the CLI reads its token from KILN_TOKEN or a
+// private file; refusals are counted; tokens never reach logs or metrics.
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
+#include "common/subprocess.h"
+#include "tests/support/local_farm.h"
+#include "tests/support/test_util.h"
+
+namespace kiln {
+namespace {
+
+using testing::LocalFarm;
+
+class TokenE2eTest : public ::testing::Test {
+ protected:
+  // `kiln-coordinator token ARGS --state-dir=…`.
+  CommandResult Admin(const std::vector<std::string>& args) {
+    ProcessSpec spec;
+    spec.argv = {testing::BinPath("kiln-coordinator"), "token"};
+    spec.argv.insert(spec.argv.end(), args.begin(), args.end());
+    spec.argv.push_back("--state-dir=" + state_dir_);
+    auto r = RunCommand(spec, "", absl::Minutes(1));
+    EXPECT_TRUE(r.ok());
+    return r.ok() ? *r : CommandResult{};
+  }
+  std::string Create(const std::string& name, const std::string& scopes) {
+    CommandResult r = Admin({"create", "--name=" + name, "--scope=" + scopes});
+    EXPECT_EQ(r.exit.exit_code, 0) << r.stderr_data;
+    return std::string(absl::StripAsciiWhitespace(r.stdout_data));
+  }
+  // `kiln ARGS` with `env` (e.g. KILN_TOKEN=…).
+  CommandResult Kiln(const LocalFarm& farm, const std::vector<std::string>& args,
+                     const std::vector<std::string>& env) {
+    ProcessSpec spec = farm.KilnSpec(args);
+    spec.extra_env.insert(spec.extra_env.end(), env.begin(), env.end());
+    auto r = RunCommand(spec, "", absl::Minutes(3));
+    EXPECT_TRUE(r.ok());
+    return r.ok() ? *r : CommandResult{};
+  }
+
+  std::string state_dir_;
+};
+
+TEST_F(TokenE2eTest, EveryCallNeedsATokenWithTheRightScope) {
+  LocalFarm farm(/*workers=*/1);
+  farm.SetCoordinatorFlags({"--require-tokens", "--push-allow=127.0.0.1:*/kiln/*"});
+  ASSERT_TRUE(farm.Start().ok());
+  state_dir_ = farm.dir().Sub("coordinator");
+
+  // Made through the running coordinator's admin socket.
+  const std::string ci = Create("ci-monorepo", "submit,push:127.0.0.1:*/kiln/*:testing");
+  const std::string reader = Create("dashboard", "read");
+  ASSERT_TRUE(absl::StartsWith(ci, "kiln_")) << ci;
+  CommandResult dup = Admin({"create", "--name=ci-monorepo", "--scope=read"});
+  EXPECT_EQ(dup.exit.exit_code, 1);
+  EXPECT_TRUE(absl::StrContains(dup.stderr_data, "exists")) << dup.stderr_data;
+  CommandResult bad_scope = Admin({"create", "--name=x", "--scope=write"});
+  EXPECT_EQ(bad_scope.exit.exit_code, 1);
+  EXPECT_TRUE(absl::StrContains(bad_scope.stderr_data, "unknown scope 'write'")) << bad_scope.stderr_data;
+
+  const std::string flake = testing::SourcePath("examples/services/hello-api") + "#default";
+  // No token: refused, with what to do.
+  CommandResult none = Kiln(farm, {"build", flake}, {});
+  EXPECT_NE(none.exit.exit_code, 0);
+  EXPECT_TRUE(absl::StrContains(none.stderr_data, "requires a token: set KILN_TOKEN")) << none.stderr_data;
+  // A read-only token cannot submit, but can list.
+  CommandResult read_only = Kiln(farm, {"build", flake}, {"KILN_TOKEN=" + reader});
+  EXPECT_NE(read_only.exit.exit_code, 0);
+  EXPECT_TRUE(absl::StrContains(read_only.stderr_data, "token 'dashboard' has no submit scope"))
+      << read_only.stderr_data;
+  CommandResult workers = Kiln(farm, {"workers", "--json"}, {"KILN_TOKEN=" + reader});
+  EXPECT_EQ(workers.exit.exit_code, 0) << workers.stderr_data;
+
+  // The CI token builds, and may push :testing but not :production.
+  CommandResult built = Kiln(farm, {"build", flake, "--json"}, {"KILN_TOKEN=" + ci});
+  ASSERT_EQ(built.exit.exit_code, 0) << built.stderr_data;
+  CommandResult production =
+      Kiln(farm, {"build", flake, "--push=127.0.0.1:5999/kiln/svc:production"}, {"KILN_TOKEN=" + ci});
+  EXPECT_NE(production.exit.exit_code, 0);
+  EXPECT_TRUE(absl::StrContains(production.stderr_data,
+                                "PERMISSION_DENIED: token 'ci-monorepo' may not push to 127.0.0.1:5999/kiln/svc:production"))
+      << production.stderr_data;
+  // Draining a worker is an admin's.
+  CommandResult drain = Kiln(farm, {"workers", "drain", "worker-1"}, {"KILN_TOKEN=" + ci});
+  EXPECT_NE(drain.exit.exit_code, 0);
+  EXPECT_TRUE(absl::StrContains(drain.stderr_data, "has no admin scope")) << drain.stderr_data;
+
+  // From a private file instead of the environment; a file others may read
+  // is refused before anything is sent.
+  const std::string config = farm.dir().Sub("config");
+  ASSERT_EQ(::mkdir(config.c_str(), 0700), 0);
+  ASSERT_EQ(::mkdir((config + "/kiln").c_str(), 0700), 0);
+  testing::WriteFileOrDie(config + "/kiln/token", reader + "\n");
+  ASSERT_EQ(::chmod((config + "/kiln/token").c_str(), 0644), 0);
+  CommandResult loose = Kiln(farm, {"workers"}, {"XDG_CONFIG_HOME=" + config});
+  EXPECT_EQ(loose.exit.exit_code, 2);
+  EXPECT_TRUE(absl::StrContains(loose.stderr_data, "chmod 600")) << loose.stderr_data;
+  ASSERT_EQ(::chmod((config + "/kiln/token").c_str(), 0600), 0);
+  CommandResult from_file = Kiln(farm, {"workers"}, {"XDG_CONFIG_HOME=" + config});
+  EXPECT_EQ(from_file.exit.exit_code, 0) << from_file.stderr_data;
+
+  // Revoked: refused at once.
+  CommandResult revoked = Admin({"revoke", "dashboard"});
+  EXPECT_EQ(revoked.exit.exit_code, 0) << revoked.stderr_data;
+  CommandResult after = Kiln(farm, {"workers"}, {"KILN_TOKEN=" + reader});
+  EXPECT_NE(after.exit.exit_code, 0);
+  EXPECT_TRUE(absl::StrContains(after.stderr_data, "UNAUTHENTICATED: the token is not valid")) << after.stderr_data;
+  CommandResult listed = Admin({"list", "--json"});
+  auto list = nlohmann::json::parse(listed.stdout_data);
+  ASSERT_EQ(list.size(), 1u) << listed.stdout_data;
+  EXPECT_EQ(list[0].value("name", ""), "ci-monorepo");
+
+  // Refusals are counted by reason; no token appears in logs or metrics.
+  auto metrics = testing::ScrapeMetrics(farm.coordinator_metrics());
+  ASSERT_TRUE(metrics.ok());
+  EXPECT_TRUE(absl::StrContains(*metrics, "kiln_auth_refusals_total{reason=\"no_credentials\"}")) << *metrics;
+  EXPECT_FALSE(absl::StrContains(*metrics, "kiln_auth_refusals_total{reason=\"scope\"} 0")) << *metrics;
+  EXPECT_FALSE(absl::StrContains(*metrics, "kiln_auth_refusals_total{reason=\"bad_token\"} 0")) << *metrics;
+  const std::string everything = *metrics + testing::ReadFileOrDie(farm.LogOf("coordinator")) +
+                                 testing::ReadFileOrDie(farm.LogOf("worker-1")) + none.stderr_data +
+                                 read_only.stderr_data + production.stderr_data + after.stderr_data +
+                                 built.stdout_data + built.stderr_data + listed.stdout_data;
+  for (const std::string& token : {ci, reader}) {
+    const std::string secret = token.substr(token.rfind('_') + 1);
+    EXPECT_FALSE(absl::StrContains(everything, secret)) << "a token's secret leaked";
+  }
+}
+
+TEST_F(TokenE2eTest, TokensMadeOfflineWorkOnceTheCoordinatorStarts) {
+  testing::TempDir dir;
+  state_dir_ = dir.Sub("state");
+  const std::string admin = Create("ops", "admin");  // No coordinator yet: straight into its state.
+  ASSERT_TRUE(absl::StartsWith(admin, "kiln_")) << admin;
+  struct stat st {};
+  ASSERT_EQ(::stat(state_dir_.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 077, 0u) << "the state directory is the coordinator's alone";
+
+  LocalFarm farm(/*workers=*/1);
+  farm.SetCoordinatorFlags({"--require-tokens", "--state-dir=" + state_dir_});
+  ASSERT_TRUE(farm.Start().ok());
+  CommandResult drained = Kiln(farm, {"workers", "drain", "worker-1"}, {"KILN_TOKEN=" + admin});
+  EXPECT_EQ(drained.exit.exit_code, 0) << drained.stderr_data;
+  // The admin socket is private too.
+  ASSERT_EQ(::stat((state_dir_ + "/admin.sock").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 077, 0u);
+}
+
+}  // namespace
+}  // namespace kiln
