@@ -5,6 +5,10 @@ if(CMAKE_CXX_COMPILER_ID MATCHES "Clang")
   # GCC ignores Abseil's lock annotations; clang checks them.
   list(APPEND KILN_WARNINGS -Wthread-safety)
 endif()
+option(KILN_WERROR "Treat warnings in Kiln's own code as errors" OFF)
+if(KILN_WERROR)
+  list(APPEND KILN_WARNINGS -Werror)
+endif()
 
 # kiln_library(NAME SRCS ... DEPS ...)
 function(kiln_library name)

@@ -6,6 +6,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "common/json_fields.h"
 
 namespace kiln {
 namespace {
@@ -65,20 +66,20 @@ std::optional<NixLogEvent> NixLogParser::ParseLine(absl::string_view line) {
     event.text = std::string(line);
     return event;
   }
-  const std::string action = j.value("action", "");
+  const std::string action = JsonString(j, "action");
   if (action == "msg") {
-    int level = j.value("level", 3);
+    int level = JsonInt<int>(j, "level", 3);
     if (level > max_level_) return std::nullopt;
     NixLogEvent event;
     event.kind = NixLogEvent::Kind::kMessage;
     event.level = level;
-    event.text = StripAnsi(j.value("msg", ""));
+    event.text = StripAnsi(JsonString(j, "msg"));
     if (level == 0) errors_.push_back(event.text);
     return event;
   }
   if (action == "start") {
-    uint64_t id = j.value("id", uint64_t{0});
-    int type = j.value("type", 0);
+    uint64_t id = JsonInt<uint64_t>(j, "id", 0);
+    int type = JsonInt<int>(j, "type", 0);
     if (type == kActivityBuild && j.contains("fields") && j["fields"].is_array() &&
         !j["fields"].empty() && j["fields"][0].is_string()) {
       const std::string drv = j["fields"][0].get<std::string>();
@@ -86,8 +87,8 @@ std::optional<NixLogEvent> NixLogParser::ParseLine(absl::string_view line) {
       build_index_[id] = builds_.size();
       builds_.push_back(NixBuildActivity{drv, absl::Now()});
     }
-    int level = j.value("level", 3);
-    std::string text = StripAnsi(j.value("text", ""));
+    int level = JsonInt<int>(j, "level", 3);
+    std::string text = StripAnsi(JsonString(j, "text"));
     if (level > max_level_ || text.empty()) return std::nullopt;
     NixLogEvent event;
     event.kind = NixLogEvent::Kind::kActivity;
@@ -95,18 +96,18 @@ std::optional<NixLogEvent> NixLogParser::ParseLine(absl::string_view line) {
     event.text = std::move(text);
     return event;
   }
-  if (action == "result" && j.value("type", 0) == kResultBuildLogLine) {
-    const auto& fields = j["fields"];
+  if (action == "result" && JsonInt<int>(j, "type", 0) == kResultBuildLogLine) {
+    const nlohmann::json fields = j.contains("fields") ? j["fields"] : nlohmann::json();
     if (!fields.is_array() || fields.empty() || !fields[0].is_string()) return std::nullopt;
     NixLogEvent event;
     event.kind = NixLogEvent::Kind::kBuildOutput;
-    auto it = activity_derivation_.find(j.value("id", uint64_t{0}));
+    auto it = activity_derivation_.find(JsonInt<uint64_t>(j, "id", 0));
     if (it != activity_derivation_.end()) event.derivation = it->second;
     event.text = StripAnsi(fields[0].get<std::string>());
     return event;
   }
   if (action == "stop") {
-    const uint64_t id = j.value("id", uint64_t{0});
+    const uint64_t id = JsonInt<uint64_t>(j, "id", 0);
     activity_derivation_.erase(id);
     if (auto it = build_index_.find(id); it != build_index_.end()) {
       NixBuildActivity& b = builds_[it->second];

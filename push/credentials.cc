@@ -6,6 +6,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "common/json_fields.h"
 #include "common/source_tree.h"
 
 namespace kiln {
@@ -34,8 +35,8 @@ absl::StatusOr<RegistryCredentials> LoadDockerCredentials(const std::string& pat
       creds.username = decoded.substr(0, decoded.find(':'));
       creds.password = decoded.substr(decoded.find(':') + 1);
     } else {
-      creds.username = entry.value("username", "");
-      creds.password = entry.value("password", "");
+      creds.username = JsonString(entry, "username");
+      creds.password = JsonString(entry, "password");
     }
     return creds;
   }

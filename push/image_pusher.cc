@@ -25,6 +25,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "common/digest.h"
+#include "common/json_fields.h"
 #include "common/net.h"
 #include "common/source_tree.h"
 #include "push/docker_archive.h"
@@ -135,7 +136,7 @@ LayerCache::LayerCache(std::string path) : path_(std::move(path)) {
   for (auto it = j.begin(); it != j.end(); ++it) {
     if (it.value().is_object()) {
       entries_[it.key()] =
-          Entry{it.value().value("digest", ""), it.value().value("size", uint64_t{0}), it.value().value("seen_in", "")};
+          Entry{JsonString(it.value(), "digest"), JsonInt<uint64_t>(it.value(), "size", 0), JsonString(it.value(), "seen_in")};
     }
   }
 }

@@ -23,6 +23,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
+#include "common/json_fields.h"
 
 namespace kiln {
 namespace {
@@ -42,31 +43,6 @@ std::string UrlEncode(const std::string& s) {
     } else {
       out += absl::StrFormat("%%%02X", c);
     }
-  }
-  return out;
-}
-
-// `key="value",key2="value2"` after the scheme of a WWW-Authenticate header.
-std::map<std::string, std::string> AuthParams(absl::string_view s) {
-  std::map<std::string, std::string> out;
-  while (!s.empty()) {
-    s = absl::StripLeadingAsciiWhitespace(s);
-    const size_t eq = s.find('=');
-    if (eq == absl::string_view::npos) break;
-    std::string key = absl::AsciiStrToLower(absl::StripAsciiWhitespace(s.substr(0, eq)));
-    s.remove_prefix(eq + 1);
-    std::string value;
-    if (absl::ConsumePrefix(&s, "\"")) {
-      const size_t end = s.find('"');
-      value = std::string(s.substr(0, end));
-      s.remove_prefix(end == absl::string_view::npos ? s.size() : end + 1);
-    } else {
-      const size_t end = s.find(',');
-      value = std::string(absl::StripAsciiWhitespace(s.substr(0, end)));
-      s.remove_prefix(end == absl::string_view::npos ? s.size() : end);
-    }
-    out[key] = value;
-    absl::ConsumePrefix(&s, ",");
   }
   return out;
 }
@@ -139,18 +115,6 @@ size_t CollectHeader(char* data, size_t size, size_t n, void* self) {
   return size * n;
 }
 
-// "UNAUTHORIZED: authentication required" from the registry's error body.
-std::string RegistryErrors(const std::string& body) {
-  nlohmann::json j = nlohmann::json::parse(body, nullptr, false);
-  if (!j.is_object() || !j.contains("errors") || !j["errors"].is_array()) return "";
-  std::vector<std::string> parts;
-  for (const auto& e : j["errors"]) {
-    if (!e.is_object()) continue;
-    parts.push_back(absl::StrCat(e.value("code", "UNKNOWN"), ": ", e.value("message", "")));
-  }
-  return absl::StrJoin(parts, "; ");
-}
-
 absl::StatusCode CodeFor(long status) {
   switch (status) {
     case 400: return absl::StatusCode::kInvalidArgument;
@@ -163,6 +127,43 @@ absl::StatusCode CodeFor(long status) {
 }
 
 }  // namespace
+
+// `key="value",key2="value2"` after the scheme of a WWW-Authenticate header.
+std::map<std::string, std::string> ParseAuthParams(absl::string_view s) {
+  std::map<std::string, std::string> out;
+  while (!s.empty()) {
+    s = absl::StripLeadingAsciiWhitespace(s);
+    const size_t eq = s.find('=');
+    if (eq == absl::string_view::npos) break;
+    std::string key = absl::AsciiStrToLower(absl::StripAsciiWhitespace(s.substr(0, eq)));
+    s.remove_prefix(eq + 1);
+    std::string value;
+    if (absl::ConsumePrefix(&s, "\"")) {
+      const size_t end = s.find('"');
+      value = std::string(s.substr(0, end));
+      s.remove_prefix(end == absl::string_view::npos ? s.size() : end + 1);
+    } else {
+      const size_t end = s.find(',');
+      value = std::string(absl::StripAsciiWhitespace(s.substr(0, end)));
+      s.remove_prefix(end == absl::string_view::npos ? s.size() : end);
+    }
+    out[key] = value;
+    absl::ConsumePrefix(&s, ",");
+  }
+  return out;
+}
+
+// "UNAUTHORIZED: authentication required" from the registry's error body.
+std::string RegistryErrorSummary(const std::string& body) {
+  nlohmann::json j = nlohmann::json::parse(body, nullptr, false);
+  if (!j.is_object() || !j.contains("errors") || !j["errors"].is_array()) return "";
+  std::vector<std::string> parts;
+  for (const auto& e : j["errors"]) {
+    if (!e.is_object()) continue;
+    parts.push_back(absl::StrCat(JsonString(e, "code", "UNKNOWN"), ": ", JsonString(e, "message")));
+  }
+  return absl::StrJoin(parts, "; ");
+}
 
 struct HttpRegistryClient::Impl {
   std::string registry;
@@ -366,7 +367,7 @@ struct HttpRegistryClient::Impl {
         const std::string challenge = response->Header("www-authenticate");
         absl::string_view rest = challenge;
         if (absl::ConsumePrefix(&rest, "Bearer ") || absl::ConsumePrefix(&rest, "bearer ")) {
-          if (absl::Status s = FetchToken(AuthParams(rest)); !s.ok()) {
+          if (absl::Status s = FetchToken(ParseAuthParams(rest)); !s.ok()) {
             if (!absl::IsUnavailable(s)) return s;
             last = s;  // The token service is unreachable: a retry like any other.
             auth_retried = false;
@@ -395,7 +396,7 @@ struct HttpRegistryClient::Impl {
   }
 
   absl::Status Fail(const Request& r, const Response& response) const {
-    std::string errors = RegistryErrors(response.body);
+    std::string errors = RegistryErrorSummary(response.body);
     if (errors.empty() && response.status == 401) {  // HEAD answers carry no body.
       errors = options.credentials.username.empty()
                    ? "UNAUTHORIZED: the registry wants credentials and none are configured"

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 
@@ -100,5 +101,12 @@ class HttpRegistryClient final : public RegistryClient {
  private:
   std::unique_ptr<Impl> impl_;
 };
+
+// The parameters of a WWW-Authenticate challenge after its scheme
+// (`realm="…",service="…",scope="…"`), keys in lower case.
+std::map<std::string, std::string> ParseAuthParams(absl::string_view challenge);
+
+// "CODE: message; …" from a registry's JSON error body ("" when it has none).
+std::string RegistryErrorSummary(const std::string& body);
 
 }  // namespace kiln

@@ -66,6 +66,20 @@ TEST(NixLogParserTest, PlainLinesPassThroughAndErrorsAreCollected) {
   EXPECT_EQ(broken->text, "@nix {not json");
 }
 
+TEST(NixLogParserTest, FieldsOfTheWrongTypeAreIgnoredNotThrown) {
+  // Found by tests/fuzz/nix_log_fuzz: nlohmann's value() throws on a field
+  // of another type, which would have ended the worker's build thread.
+  NixLogParser parser;
+  auto msg = parser.ParseLine(R"(@nix {"action":"msg","level":"zero","msg":7})");
+  ASSERT_TRUE(msg.has_value());
+  EXPECT_EQ(msg->level, 3);
+  EXPECT_EQ(msg->text, "");
+  EXPECT_FALSE(parser.ParseLine(R"(@nix {"action":"start","id":-1,"type":"105","fields":{"a":1},"text":[1]})"));
+  EXPECT_FALSE(parser.ParseLine(R"(@nix {"action":"result","type":101,"id":1e99,"fields":[2]})"));
+  EXPECT_FALSE(parser.ParseLine(R"(@nix {"action":["stop"],"id":"1"})"));
+  EXPECT_FALSE(parser.ParseLine(R"(@nix {"action":"stop","id":18446744073709551615})"));
+}
+
 TEST(NixBuildJsonTest, ParsesOutputs) {
   auto built = ParseNixBuildJson(
       R"([{"drvPath":"/nix/store/x-a.drv","outputs":{"out":"/nix/store/y-a","dev":"/nix/store/z-a-dev"}}])");
