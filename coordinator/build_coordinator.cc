@@ -282,9 +282,11 @@ absl::Status BuildCoordinator::Recover() {
       finished->set_worker(record.worker());
       Emit(job, std::move(event));
     } else if (state == kiln::v1::JOB_STATE_QUEUED) {
+      if (!record.token().empty()) ++active_by_token_[record.token()];
       Admit(job, record);
       ++queued;
     } else {
+      if (!record.token().empty()) ++active_by_token_[record.token()];
       // It was on a worker whose stream died with the old process: hold it
       // for that worker's return, for one lease.
       scheduler_.Reattach(id, record.worker());
@@ -305,8 +307,8 @@ absl::Status BuildCoordinator::Recover() {
   return absl::OkStatus();
 }
 
-absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
-    const kiln::v1::SubmitBuildRequest& request) {
+absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(const kiln::v1::SubmitBuildRequest& request,
+                                                                       const std::string& token) {
   auto reject = [&](absl::Status status) {
     metrics_->submissions_rejected.Increment();
     return status;
@@ -315,6 +317,16 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
   if (static_cast<size_t>(request.targets_size()) > options_.max_targets) {
     return reject(absl::InvalidArgumentError(absl::StrCat(
         request.targets_size(), " targets in one submission; the limit is ", options_.max_targets)));
+  }
+  if (!token.empty() && options_.max_active_jobs_per_token > 0) {
+    auto active = active_by_token_.find(token);
+    const uint64_t now_active = active == active_by_token_.end() ? 0 : active->second;
+    if (now_active + static_cast<uint64_t>(request.targets_size()) > options_.max_active_jobs_per_token) {
+      return reject(absl::ResourceExhaustedError(absl::StrCat(
+          "token '", token, "' has ", now_active, " job(s) queued or running; ", request.targets_size(),
+          " more would pass its quota of ", options_.max_active_jobs_per_token,
+          " (kiln-coordinator --token-max-active-jobs)")));
+    }
   }
   if (!request.source_archive().empty()) {
     return reject(absl::InvalidArgumentError(
@@ -462,7 +474,8 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
     }
     r.set_state(kiln::v1::JOB_STATE_QUEUED);
     *r.mutable_submitted_at() = ToProtoTime(now);
-    r.set_submitter(request.submitter());
+    r.set_submitter(token.empty() ? request.submitter() : absl::StrCat(request.submitter(), " (token ", token, ")"));
+    r.set_token(token);
     // The result cache: an identical target built before ends here, as
     // succeeded, with that build's result.
     // A push is never answered from the cache: its tags may have moved since
@@ -527,6 +540,7 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(
       Emit(job, std::move(event));
       continue;
     }
+    if (!token.empty()) ++active_by_token_[token];
     Admit(job, *job.parsed);
   }
   LogInfo(kComponent, "buildset ", buildset_id, ": accepted ", records.size(), " job(s) from '",
@@ -1277,6 +1291,11 @@ void BuildCoordinator::Finish(JobEntry& job, JobState state, BuildResult result)
 }
 
 void BuildCoordinator::FinishOne(JobEntry& job, JobState state, BuildResult result) {
+  if (const std::string& token = Rec(job).token(); !token.empty() && !IsTerminal(Rec(job).state())) {
+    if (auto it = active_by_token_.find(token); it != active_by_token_.end() && --it->second == 0) {
+      active_by_token_.erase(it);
+    }
+  }
   Rec(job).set_state(state);
   *Rec(job).mutable_result() = std::move(result);
   *Rec(job).mutable_finished_at() = ToProtoTime(clock_->Now());

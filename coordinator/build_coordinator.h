@@ -69,6 +69,8 @@ struct BuildCoordinatorOptions {
   // sends its directories only and the worker fetches the files it lacks.
   uint64_t inline_source_bytes = 1 << 20;
   size_t max_targets = 1000;            // Per submission.
+  // Jobs one client token may have queued or running at once (0: no limit).
+  uint64_t max_active_jobs_per_token = 0;
   uint32_t max_worker_jobs = 1024;      // Sanity bound on a worker's slots.
   size_t log_bytes_per_job = 8 << 20;   // Kept in memory for late watchers.
   size_t finished_jobs_with_logs = 256; // Older finished jobs keep no log.
@@ -116,8 +118,11 @@ class BuildCoordinator {
   // requeued. Call once, before anything else.
   absl::Status Recover();
 
-  // Validates and durably stores a buildset. All targets or none.
-  absl::StatusOr<kiln::v1::SubmitBuildResponse> Submit(const kiln::v1::SubmitBuildRequest& request);
+  // Validates and durably stores a buildset. All targets or none. `token`:
+  // the name of the client token that sends it ("" without one), whose quota
+  // the jobs count against and which the submitter line names.
+  absl::StatusOr<kiln::v1::SubmitBuildResponse> Submit(const kiln::v1::SubmitBuildRequest& request,
+                                                       const std::string& token = "");
 
   // Replays the job's events from `from_sequence` (from the start when
   // `incarnation` is not this coordinator's), then streams new ones.
@@ -305,6 +310,8 @@ class BuildCoordinator {
   size_t tree_blob_bytes_ = 0;
   // Hash of DedupKey -> the job in flight for it (queued or running).
   absl::flat_hash_map<uint64_t, std::string> in_flight_;
+  // Queued and running jobs by the token that submitted them.
+  absl::flat_hash_map<std::string, uint64_t> active_by_token_;
   // (priority class, system label) of every kiln_jobs_queued series set.
   absl::flat_hash_set<std::pair<int, std::string>> queued_series_;
   // Job ids of each buildset, in submission order.

@@ -203,8 +203,9 @@ grpc::ServerUnaryReactor* BuildServiceImpl::SubmitBuild(grpc::CallbackServerCont
       return Refused(context, s);
     }
   }
-  return UnaryOnStrand(context, core_, strand_, [core = core_, request, response] {
-    return Into(core->Submit(*request), response);
+  std::string token = caller->token.has_value() ? caller->token->name : "";
+  return UnaryOnStrand(context, core_, strand_, [core = core_, request, response, token = std::move(token)] {
+    return Into(core->Submit(*request, token), response);
   });
 }
 

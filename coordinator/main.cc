@@ -21,6 +21,8 @@ ABSL_FLAG(std::string, name, "", "token create: the token's name (e.g. ci-monore
 ABSL_FLAG(std::vector<std::string>, scope, {},
           "token create: scopes, comma-separated: submit, read, admin, push:REGISTRY/REPOSITORY[:TAG] (globs)");
 ABSL_FLAG(bool, json, false, "token create|list: JSON on stdout");
+ABSL_FLAG(uint64_t, token_max_active_jobs, 10000,
+          "Jobs one client token may have queued or running at once (0: no limit)");
 ABSL_FLAG(bool, require_tokens, false,
           "Every client call needs a token, also on loopback without TLS (always so with TLS)");
 ABSL_FLAG(std::string, state_dir, "", "Directory for the coordinator's RocksDB state (required)");
@@ -92,6 +94,7 @@ int main(int argc, char** argv) {
   options.state_dir = absl::GetFlag(FLAGS_state_dir);
   options.tls = {absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key), absl::GetFlag(FLAGS_tls_ca)};
   options.require_tokens = absl::GetFlag(FLAGS_require_tokens);
+  options.core.max_active_jobs_per_token = absl::GetFlag(FLAGS_token_max_active_jobs);
   options.ready_file = absl::GetFlag(FLAGS_ready_file);
   options.sync_writes = absl::GetFlag(FLAGS_sync_writes);
   options.core.max_attempts = absl::GetFlag(FLAGS_max_attempts);

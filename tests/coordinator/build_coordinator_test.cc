@@ -203,6 +203,38 @@ TEST_F(BuildCoordinatorTest, AssignsToARegisteredWorkerWithTheSourceAndReportsTh
   for (size_t i = 0; i < watcher->events.size(); ++i) EXPECT_EQ(watcher->events[i].sequence(), i + 1);
 }
 
+TEST_F(BuildCoordinatorTest, ATokensJobsCountAgainstItsQuotaUntilTheyEndAndAcrossARestart) {
+  options_.max_active_jobs_per_token = 3;
+  Open();
+  auto first = core_->Submit(Request(2), "ci");
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_THAT(core_->Submit(Request(2), "ci").status(),
+              StatusIs(absl::StatusCode::kResourceExhausted, "token 'ci' has 2 job(s) queued or running"));
+  // Other tokens and callers without one have their own counts.
+  EXPECT_TRUE(core_->Submit(Request(3), "other").ok());
+  EXPECT_TRUE(core_->Submit(Request(5)).ok());
+  // The stored record names the token, and so does its submitter line.
+  auto stored = store_->LoadJobs();
+  ASSERT_TRUE(stored.ok());
+  bool seen = false;
+  for (const auto& record : *stored) {
+    if (record.job_id() != first->job_ids(0)) continue;
+    seen = true;
+    EXPECT_EQ(record.token(), "ci");
+    EXPECT_THAT(record.submitter(), ::testing::HasSubstr("(token ci)"));
+  }
+  EXPECT_TRUE(seen);
+
+  // After a restart the queued jobs still count.
+  Open();
+  EXPECT_THAT(core_->Submit(Request(2), "ci").status(), StatusIs(absl::StatusCode::kResourceExhausted));
+  // A job that ends gives its place back.
+  ASSERT_TRUE(core_->Cancel(first->job_ids(0)).ok());
+  ASSERT_TRUE(core_->Cancel(first->job_ids(1)).ok());
+  EXPECT_TRUE(core_->Submit(Request(3), "ci").ok());
+  EXPECT_THAT(core_->Submit(Request(1), "ci").status(), StatusIs(absl::StatusCode::kResourceExhausted));
+}
+
 TEST_F(BuildCoordinatorTest, RefusesBadSubmissionsWithoutStoringAnything) {
   auto wrong_blob = Request();
   wrong_blob.mutable_blobs(0)->set_data("not what the digest says");

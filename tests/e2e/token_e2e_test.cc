@@ -52,7 +52,7 @@ class TokenE2eTest : public ::testing::Test {
 
 TEST_F(TokenE2eTest, EveryCallNeedsATokenWithTheRightScope) {
   LocalFarm farm(/*workers=*/1);
-  farm.SetCoordinatorFlags({"--require-tokens", "--push-allow=127.0.0.1:*/kiln/*"});
+  farm.SetCoordinatorFlags({"--require-tokens", "--push-allow=127.0.0.1:*/kiln/*", "--token-max-active-jobs=2"});
   ASSERT_TRUE(farm.Start().ok());
   state_dir_ = farm.dir().Sub("coordinator");
 
@@ -89,6 +89,13 @@ TEST_F(TokenE2eTest, EveryCallNeedsATokenWithTheRightScope) {
   EXPECT_TRUE(absl::StrContains(production.stderr_data,
                                 "PERMISSION_DENIED: token 'ci-monorepo' may not push to 127.0.0.1:5999/kiln/svc:production"))
       << production.stderr_data;
+  // A token's quota of queued and running jobs.
+  const std::string greeter = testing::SourcePath("examples/services/greeter") + "#default";
+  const std::string image = testing::SourcePath("examples/services/hello-api") + "#oci-image";
+  CommandResult over = Kiln(farm, {"build", flake, greeter, image, "--detach"}, {"KILN_TOKEN=" + ci});
+  EXPECT_EQ(over.exit.exit_code, 2) << over.stderr_data;
+  EXPECT_TRUE(absl::StrContains(over.stderr_data, "more would pass its quota of 2")) << over.stderr_data;
+
   // Draining a worker is an admin's.
   CommandResult drain = Kiln(farm, {"workers", "drain", "worker-1"}, {"KILN_TOKEN=" + ci});
   EXPECT_NE(drain.exit.exit_code, 0);
