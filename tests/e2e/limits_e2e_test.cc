@@ -2,7 +2,8 @@
 // over the size limit, submissions with too much inline source or too many
 // targets, a CAS blob that claims more than the blob limit. Each is refused
 // with a clear status, and the coordinator's resident memory does not grow
-// with what it refused.
+// with what it refused. An attribute shaped like an option or a shell
+// command is refused before any worker sees it.
 #include <gtest/gtest.h>
 #include <sys/types.h>
 
@@ -118,6 +119,42 @@ TEST(LimitsE2eTest, OversizedInputIsRefusedWithoutTheCoordinatorGrowing) {
   // round, 700 MiB over the eight.
   const int64_t after = CoordinatorRssKib(state_dir);
   EXPECT_LT(after - before, 320 * 1024) << "RSS " << before << " -> " << after << " KiB over " << kRounds << " rounds";
+}
+
+TEST(LimitsE2eTest, AnAttributeThatCouldBeAnOptionOrShellIsRefusedBeforeAnyWorkerSeesIt) {
+  // Straight to the coordinator, past the CLI's own check; a worker is
+  // connected, and its log shows it never ran Nix for these.
+  testing::LocalFarm farm(/*workers=*/1);
+  ASSERT_TRUE(farm.Start().ok());
+  auto builds = kiln::v1::BuildService::NewStub(MakeChannel(farm.coordinator_address()));
+  const std::string flake = "{ outputs = _: {}; }";
+  kiln::v1::Directory root;
+  auto* file = root.add_files();
+  file->set_name("flake.nix");
+  *file->mutable_digest() = DigestOf(flake);
+  const std::string root_blob = SerializeDirectory(root);
+  for (const std::string attr : {"--option", "-L", "a;rm -rf /", "$(touch /tmp/x)", "a b", "a\nb", "..", "a.", ""}) {
+    kiln::v1::SubmitBuildRequest request;
+    for (const std::string& data : {flake, root_blob}) {
+      auto* blob = request.add_blobs();
+      *blob->mutable_digest() = DigestOf(data);
+      blob->set_data(data);
+    }
+    auto* spec = request.add_targets()->mutable_spec();
+    *spec->mutable_source()->mutable_tree_root() = DigestOf(root_blob);
+    spec->set_attr(attr);
+    spec->mutable_requirements()->set_system("x86_64-linux");
+    grpc::ClientContext context;
+    kiln::v1::SubmitBuildResponse response;
+    grpc::Status status = builds->SubmitBuild(&context, request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << "'" << attr << "'";
+    EXPECT_TRUE(response.job_ids().empty());
+  }
+  const std::string log = testing::ReadFileOrDie(farm.LogOf("worker-1"));
+  EXPECT_FALSE(absl::StrContains(log, "--option")) << log;
+  EXPECT_FALSE(absl::StrContains(log, "rm -rf")) << log;
+  EXPECT_TRUE(absl::StrContains(log, "registered with")) << log;
+  EXPECT_FALSE(absl::StrContains(log, " attempt ")) << log;  // The line each assignment starts with.
 }
 
 }  // namespace
