@@ -2,6 +2,8 @@
 
 #include <filesystem>
 
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
@@ -64,6 +66,10 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   server->fod_service_ =
       std::make_unique<FodServiceImpl>(server->store_->fod_cache(), server->coordinator_metrics_.get(), auth);
   server->coordinator_metrics_->fod_entries.Set(static_cast<double>(server->store_->fod_cache()->size()));
+  // Standard gRPC tooling: the health-checking service (load balancers,
+  // grpc_health_probe) and server reflection (grpcurl, grpc_cli).
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(options.listen, *credentials, &port);
@@ -120,6 +126,8 @@ void CoordinatorServer::Shutdown() {
   if (shut_down_) return;
   shut_down_ = true;
   if (server_) {
+    // Health checks see the coordinator leave before its streams end.
+    if (auto* health = server_->GetHealthCheckService(); health != nullptr) health->SetServingStatus(false);
     // End the long-lived streams first, or Shutdown would wait for them.
     absl::Notification closed;
     strand_->Post([this, &closed] {
