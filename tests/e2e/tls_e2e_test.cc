@@ -138,12 +138,12 @@ TEST(TlsE2eTest, OnlyWorkersWithTheFarmsCertificatesTakeJobsAndTheyAreKnownByThe
 TEST(TlsE2eTest, PlaintextIsRefusedOffLoopbackBeforeAnythingListensOrDials) {
   testing::TempDir dir;
   ProcessSpec coordinator;
-  coordinator.argv = {testing::BinPath("kiln-coordinator"), "--listen=0.0.0.0:0", "--metrics-listen=127.0.0.1:0",
+  coordinator.argv = {testing::BinPath("kiln-coordinator"), "--listen=192.0.2.1:0", "--metrics-listen=127.0.0.1:0",
                       "--state-dir=" + dir.Sub("state")};
   auto c = RunCommand(coordinator, "", absl::Seconds(30));
   ASSERT_TRUE(c.ok());
   EXPECT_NE(c->exit.exit_code, 0);
-  EXPECT_TRUE(absl::StrContains(c->stderr_data, "will not use plaintext gRPC on 0.0.0.0:0")) << c->stderr_data;
+  EXPECT_TRUE(absl::StrContains(c->stderr_data, "will not use plaintext gRPC on 192.0.2.1:0")) << c->stderr_data;
 
   ProcessSpec worker;
   worker.argv = {testing::BinPath("kiln-worker"), "--coordinator=192.0.2.1:7600", "--work-dir=" + dir.Sub("work"),
