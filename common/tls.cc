@@ -87,7 +87,8 @@ absl::StatusOr<std::string> CertificateCommonName(const std::string& pem_path) {
   BIO* bio = BIO_new_mem_buf(pem->data(), static_cast<int>(pem->size()));
   X509* cert = PEM_read_bio_X509(bio, nullptr, nullptr, nullptr);
   BIO_free(bio);
-  if (cert == nullptr) return absl::InvalidArgumentError(absl::StrCat("--tls-cert: ", pem_path, " holds no certificate"));
+  if (cert == nullptr)
+    return absl::InvalidArgumentError(absl::StrCat("--tls-cert: ", pem_path, " holds no certificate"));
   char name[256] = {0};
   const int n = X509_NAME_get_text_by_NID(X509_get_subject_name(cert), NID_commonName, name, sizeof name);
   X509_free(cert);

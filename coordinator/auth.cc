@@ -26,7 +26,9 @@ const char* ScopeName(Scope scope) {
 }
 
 bool TokenAllows(const TokenGrant& grant, Scope scope) {
-  const auto has = [&](const char* s) { return std::find(grant.scopes.begin(), grant.scopes.end(), s) != grant.scopes.end(); };
+  const auto has = [&](const char* s) {
+    return std::find(grant.scopes.begin(), grant.scopes.end(), s) != grant.scopes.end();
+  };
   if (has("admin")) return scope != Scope::kWorker;
   switch (scope) {
     case Scope::kRead: return has("read") || has("submit");
@@ -71,10 +73,10 @@ absl::StatusOr<Caller> Authorizer::Check(const grpc::ServerContextBase& context,
     caller.who = absl::StrCat("token '", grant->name, "'");
     caller.token = *std::move(grant);
     if (!TokenAllows(*caller.token, scope)) {
-      return Refuse(absl::PermissionDeniedError(absl::StrCat(caller.who, " has no ", ScopeName(scope),
-                                                             " scope (it has: ",
-                                                             absl::StrJoin(caller.token->scopes, ", "), ")")),
-                    "scope");
+      return Refuse(
+          absl::PermissionDeniedError(absl::StrCat(caller.who, " has no ", ScopeName(scope),
+                                                   " scope (it has: ", absl::StrJoin(caller.token->scopes, ", "), ")")),
+          "scope");
     }
     return caller;
   }
@@ -82,8 +84,8 @@ absl::StatusOr<Caller> Authorizer::Check(const grpc::ServerContextBase& context,
   if (!caller.worker.empty()) {
     caller.who = absl::StrCat("worker '", caller.worker, "'");
     if (scope == Scope::kWorker || scope == Scope::kRead || scope == Scope::kBlobs) return caller;
-    return Refuse(absl::PermissionDeniedError(absl::StrCat(caller.who, " may not do what needs the ",
-                                                           ScopeName(scope), " scope: use a token")),
+    return Refuse(absl::PermissionDeniedError(
+                      absl::StrCat(caller.who, " may not do what needs the ", ScopeName(scope), " scope: use a token")),
                   "scope");
   }
   if (!require_tokens_ || (scope == Scope::kWorker && !workers_need_certificate_)) {
@@ -91,13 +93,14 @@ absl::StatusOr<Caller> Authorizer::Check(const grpc::ServerContextBase& context,
     return caller;
   }
   if (scope == Scope::kWorker) {
-    return Refuse(absl::UnauthenticatedError("a worker must present a certificate signed by the farm's CA (--tls-cert)"),
-                  "no_credentials");
+    return Refuse(
+        absl::UnauthenticatedError("a worker must present a certificate signed by the farm's CA (--tls-cert)"),
+        "no_credentials");
   }
-  return Refuse(absl::UnauthenticatedError(
-                    "this coordinator requires a token: set KILN_TOKEN (an administrator makes one with "
-                    "'kiln-coordinator token create --name=NAME --scope=submit')"),
-                "no_credentials");
+  return Refuse(
+      absl::UnauthenticatedError("this coordinator requires a token: set KILN_TOKEN (an administrator makes one with "
+                                 "'kiln-coordinator token create --name=NAME --scope=submit')"),
+      "no_credentials");
 }
 
 absl::Status Authorizer::CheckPush(const Caller& caller, const kiln::v1::PushTarget& push) const {
@@ -112,9 +115,9 @@ absl::Status Authorizer::CheckPush(const Caller& caller, const kiln::v1::PushTar
       }
     }
     if (!allowed) {
-      return Refuse(absl::PermissionDeniedError(
-                        absl::StrCat(caller.who, " may not push to ", push.repository(), ":", tag)),
-                    "scope");
+      return Refuse(
+          absl::PermissionDeniedError(absl::StrCat(caller.who, " may not push to ", push.repository(), ":", tag)),
+          "scope");
     }
   }
   return absl::OkStatus();

@@ -13,10 +13,10 @@
 // A token that is presented is always checked, required or not.
 #pragma once
 
+#include <grpcpp/grpcpp.h>
+
 #include <optional>
 #include <string>
-
-#include <grpcpp/grpcpp.h>
 
 #include "absl/status/statusor.h"
 #include "coordinator/coordinator_metrics.h"
@@ -44,8 +44,7 @@ class Authorizer {
  public:
   // `metrics` may be null (tests).
   // `workers_need_certificate`: the coordinator serves TLS.
-  Authorizer(const TokenStore* tokens, bool require_tokens, bool workers_need_certificate,
-             CoordinatorMetrics* metrics)
+  Authorizer(const TokenStore* tokens, bool require_tokens, bool workers_need_certificate, CoordinatorMetrics* metrics)
       : tokens_(tokens),
         require_tokens_(require_tokens),
         workers_need_certificate_(workers_need_certificate),
@@ -76,6 +75,11 @@ class Authorizer {
 inline absl::StatusOr<Caller> Authorize(const Authorizer* auth, const grpc::ServerContextBase& context, Scope scope) {
   if (auth == nullptr) return Caller{"the local administrator", std::nullopt, "", true};
   return auth->Check(context, scope);
+}
+
+// Authorizer::CheckPush, or nothing to check without an authorizer.
+inline absl::Status AuthorizePush(const Authorizer* auth, const Caller& caller, const kiln::v1::PushTarget& push) {
+  return auth == nullptr ? absl::OkStatus() : auth->CheckPush(caller, push);
 }
 
 // Whether a push pattern (--push-allow, push:PATTERN scopes) covers

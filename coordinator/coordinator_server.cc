@@ -53,8 +53,9 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   if (!metrics.ok()) return metrics.status();
   server->metrics_ = *std::move(metrics);
 
-  server->auth_ = std::make_unique<Authorizer>(server->store_->tokens(), options.require_tokens || options.tls.enabled(),
-                                               options.tls.enabled(), server->coordinator_metrics_.get());
+  const bool tls = options.tls.enabled();
+  server->auth_ = std::make_unique<Authorizer>(server->store_->tokens(), options.require_tokens || tls, tls,
+                                               server->coordinator_metrics_.get());
   const Authorizer* auth = server->auth_.get();
   server->admin_service_ = std::make_unique<AdminServiceImpl>(server->store_->tokens(), auth);
   server->build_service_ = std::make_unique<BuildServiceImpl>(server->core_.get(), server->strand_.get(), auth);

@@ -199,9 +199,7 @@ grpc::ServerUnaryReactor* BuildServiceImpl::SubmitBuild(grpc::CallbackServerCont
   if (!caller.ok()) return Refused(context, caller.status());
   for (const auto& target : request->targets()) {
     if (!target.spec().has_push()) continue;
-    if (absl::Status s = auth_ != nullptr ? auth_->CheckPush(*caller, target.spec().push()) : absl::OkStatus(); !s.ok()) {
-      return Refused(context, s);
-    }
+    if (absl::Status s = AuthorizePush(auth_, *caller, target.spec().push()); !s.ok()) return Refused(context, s);
   }
   std::string token = caller->token.has_value() ? caller->token->name : "";
   return UnaryOnStrand(context, core_, strand_, [core = core_, request, response, token = std::move(token)] {

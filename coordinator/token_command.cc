@@ -1,13 +1,12 @@
 #include "coordinator/token_command.h"
 
+#include <grpcpp/grpcpp.h>
 #include <sys/stat.h>
 
 #include <cstdio>
 #include <filesystem>
 #include <functional>
 #include <memory>
-
-#include <grpcpp/grpcpp.h>
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
@@ -58,7 +57,8 @@ int RunTokenCommand(const TokenCommand& command) {
   grpc::Status status(grpc::StatusCode::UNAVAILABLE, "no admin socket");
   struct stat st {};
   if (::stat(socket.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) {
-    auto stub = kiln::v1::AdminService::NewStub(grpc::CreateChannel("unix:" + socket, grpc::InsecureChannelCredentials()));
+    auto stub =
+        kiln::v1::AdminService::NewStub(grpc::CreateChannel("unix:" + socket, grpc::InsecureChannelCredentials()));
     grpc::ClientContext context;
     context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
     if (command.action == "create") status = stub->CreateToken(&context, create, &created);
@@ -74,8 +74,8 @@ int RunTokenCommand(const TokenCommand& command) {
     absl::StatusOr<std::unique_ptr<RocksDbStateStore>> store =
         RocksDbStateStore::Open((std::filesystem::path(command.state_dir) / "rocksdb").string(), /*sync=*/true);
     if (!store.ok()) {
-      return Fail(absl::StrCat("no coordinator answers on ", socket, " and the state cannot be opened: ",
-                               store.status().message()));
+      return Fail(absl::StrCat("no coordinator answers on ", socket,
+                               " and the state cannot be opened: ", store.status().message()));
     }
     AdminServiceImpl direct((*store)->tokens(), nullptr);
     const kiln::v1::ListTokensRequest list_request;

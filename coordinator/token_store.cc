@@ -44,23 +44,24 @@ bool ValidName(const std::string& name) {
 }  // namespace
 
 absl::Status ValidateTokenScopes(const std::vector<std::string>& scopes) {
-  if (scopes.empty()) return absl::InvalidArgumentError("a token needs at least one scope (submit, read, admin, push:…)");
+  if (scopes.empty())
+    return absl::InvalidArgumentError("a token needs at least one scope (submit, read, admin, push:…)");
   for (const std::string& scope : scopes) {
     if (scope == "submit" || scope == "read" || scope == "admin") continue;
     absl::string_view pattern = scope;
     if (absl::ConsumePrefix(&pattern, "push:") && !pattern.empty() && pattern.find('/') != absl::string_view::npos) {
       continue;
     }
-    return absl::InvalidArgumentError(absl::StrCat(
-        "unknown scope '", scope,
-        "': scopes are submit, read, admin and push:REGISTRY/REPOSITORY[:TAG] (globs allowed, e.g. "
-        "push:rg.fr-par.scw.cloud/team/*:testing)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown scope '", scope,
+                     "': scopes are submit, read, admin and push:REGISTRY/REPOSITORY[:TAG] (globs allowed, e.g. "
+                     "push:rg.fr-par.scw.cloud/team/*:testing)"));
   }
   return absl::OkStatus();
 }
 
 absl::StatusOr<std::unique_ptr<TokenStore>> TokenStore::Open(rocksdb::DB* db, rocksdb::ColumnFamilyHandle* family,
-                                                            bool sync) {
+                                                             bool sync) {
   auto store = std::unique_ptr<TokenStore>(new TokenStore(db, family, sync));
   std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(rocksdb::ReadOptions(), family));
   absl::MutexLock lock(&store->mu_);
@@ -146,7 +147,9 @@ absl::StatusOr<kiln::v1::TokenInfo> TokenStore::Revoke(const std::string& name) 
 
 absl::StatusOr<TokenGrant> TokenStore::Verify(absl::string_view token) const {
   absl::string_view rest = token;
-  const auto refused = [] { return absl::UnauthenticatedError("the token is not valid (unknown, revoked or garbled)"); };
+  const auto refused = [] {
+    return absl::UnauthenticatedError("the token is not valid (unknown, revoked or garbled)");
+  };
   if (!absl::ConsumePrefix(&rest, kPrefix) || rest.size() <= kIdHexLength + 1 || rest[kIdHexLength] != '_') {
     return refused();
   }

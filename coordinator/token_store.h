@@ -8,12 +8,12 @@
 // no read.
 #pragma once
 
+#include <rocksdb/db.h>
+
 #include <cstdint>
 #include <map>
 #include <string>
 #include <vector>
-
-#include <rocksdb/db.h>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
@@ -52,8 +52,7 @@ class TokenStore {
   size_t size() const ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
-  TokenStore(rocksdb::DB* db, rocksdb::ColumnFamilyHandle* family, bool sync)
-      : db_(db), family_(family), sync_(sync) {}
+  TokenStore(rocksdb::DB* db, rocksdb::ColumnFamilyHandle* family, bool sync) : db_(db), family_(family), sync_(sync) {}
   static kiln::v1::TokenInfo Info(const kiln::state::v1::StoredToken& record);
 
   rocksdb::DB* const db_;

@@ -136,7 +136,8 @@ LayerCache::LayerCache(std::string path) : path_(std::move(path)) {
   for (auto it = j.begin(); it != j.end(); ++it) {
     if (it.value().is_object()) {
       entries_[it.key()] =
-          Entry{JsonString(it.value(), "digest"), JsonInt<uint64_t>(it.value(), "size", 0), JsonString(it.value(), "seen_in")};
+          Entry{JsonString(it.value(), "digest"), JsonInt<uint64_t>(it.value(), "size", 0),
+                JsonString(it.value(), "seen_in")};
     }
   }
 }

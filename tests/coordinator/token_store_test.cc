@@ -40,8 +40,8 @@ TEST(TokenStoreTest, OnlyTheExactSecretVerifiesAndRevocationIsImmediate) {
   EXPECT_EQ(grant->scopes.size(), 2u);
   std::string tampered = secret;
   tampered.back() = tampered.back() == 'A' ? 'B' : 'A';
-  for (const std::string& wrong : {tampered, secret.substr(0, secret.size() - 1), std::string("kiln_"),
-                                   std::string(""), "Bearer " + secret, secret + "x"}) {
+  for (const std::string& wrong : {tampered, secret.substr(0, secret.size() - 1), std::string("kiln_"), std::string(""),
+                                   "Bearer " + secret, secret + "x"}) {
     auto refused = tokens->Verify(wrong);
     EXPECT_THAT(refused.status(), StatusIs(absl::StatusCode::kUnauthenticated)) << wrong;
     if (!refused.ok()) {

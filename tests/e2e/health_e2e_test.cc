@@ -41,9 +41,9 @@ TEST(HealthE2eTest, HealthCheckingAndReflectionWorkWithStandardClients) {
   stream->WritesDone();
   std::vector<std::string> names;
   for (const auto& service : listed.list_services_response().service()) names.push_back(service.name());
-  for (const char* expected : {"kiln.v1.BuildService", "kiln.v1.WorkerService", "kiln.v1.CasService",
-                               "kiln.v1.FodService", "kiln.v1.FarmService", "kiln.v1.AdminService",
-                               "grpc.health.v1.Health"}) {
+  for (const char* expected :
+       {"kiln.v1.BuildService", "kiln.v1.WorkerService", "kiln.v1.CasService", "kiln.v1.FodService",
+        "kiln.v1.FarmService", "kiln.v1.AdminService", "grpc.health.v1.Health"}) {
     EXPECT_NE(std::find(names.begin(), names.end(), expected), names.end()) << expected;
   }
   EXPECT_TRUE(stream->Finish().ok());

@@ -75,8 +75,8 @@ TEST(TlsE2eTest, OnlyWorkersWithTheFarmsCertificatesTakeJobsAndTheyAreKnownByThe
   Pki({"worker", rogue, "worker-1"});  // The right name, the wrong CA.
 
   LocalFarm farm(/*workers=*/0);
-  farm.SetCoordinatorFlags(
-      {"--tls-cert=" + pki + "/coordinator.crt", "--tls-key=" + pki + "/coordinator.key", "--tls-ca=" + pki + "/ca.crt"});
+  farm.SetCoordinatorFlags({"--tls-cert=" + pki + "/coordinator.crt", "--tls-key=" + pki + "/coordinator.key",
+                            "--tls-ca=" + pki + "/ca.crt"});
   ASSERT_TRUE(farm.Start().ok());
   const TlsFiles w1 = WorkerFiles(pki, pki, "worker-1");
   farm.SetWorkerFlags({"--tls-cert=" + w1.cert, "--tls-key=" + w1.key, "--tls-ca=" + w1.ca});
@@ -84,7 +84,7 @@ TEST(TlsE2eTest, OnlyWorkersWithTheFarmsCertificatesTakeJobsAndTheyAreKnownByThe
 
   // With TLS the coordinator requires tokens: one made on its admin socket.
   ProcessSpec create;
-  create.argv = {testing::BinPath("kiln-coordinator"), "token", "create", "--name=ci", "--scope=submit",
+  create.argv = {testing::BinPath("kiln-coordinator"),          "token", "create", "--name=ci", "--scope=submit",
                  "--state-dir=" + farm.dir().Sub("coordinator")};
   auto token = RunCommand(create, "", absl::Minutes(1));
   ASSERT_TRUE(token.ok() && token->exit.Success()) << (token.ok() ? token->stderr_data : "");
@@ -146,8 +146,12 @@ TEST(TlsE2eTest, PlaintextIsRefusedOffLoopbackBeforeAnythingListensOrDials) {
   EXPECT_TRUE(absl::StrContains(c->stderr_data, "will not use plaintext gRPC on 192.0.2.1:0")) << c->stderr_data;
 
   ProcessSpec worker;
-  worker.argv = {testing::BinPath("kiln-worker"), "--coordinator=192.0.2.1:7600", "--work-dir=" + dir.Sub("work"),
-                 "--systems=x86_64-linux", "--features=none", "--metrics-listen=127.0.0.1:0"};
+  worker.argv = {testing::BinPath("kiln-worker"),
+                 "--coordinator=192.0.2.1:7600",
+                 "--work-dir=" + dir.Sub("work"),
+                 "--systems=x86_64-linux",
+                 "--features=none",
+                 "--metrics-listen=127.0.0.1:0"};
   auto w = RunCommand(worker, "", absl::Seconds(30));
   ASSERT_TRUE(w.ok());
   EXPECT_NE(w->exit.exit_code, 0);

@@ -38,8 +38,7 @@ class TokenE2eTest : public ::testing::Test {
     return std::string(absl::StripAsciiWhitespace(r.stdout_data));
   }
   // `kiln ARGS` with `env` (e.g. KILN_TOKEN=…).
-  CommandResult Kiln(const LocalFarm& farm, const std::vector<std::string>& args,
-                     const std::vector<std::string>& env) {
+  CommandResult Kiln(const LocalFarm& farm, const std::vector<std::string>& args, const std::vector<std::string>& env) {
     ProcessSpec spec = farm.KilnSpec(args);
     spec.extra_env.insert(spec.extra_env.end(), env.begin(), env.end());
     auto r = RunCommand(spec, "", absl::Minutes(3));
@@ -86,8 +85,9 @@ TEST_F(TokenE2eTest, EveryCallNeedsATokenWithTheRightScope) {
   CommandResult production =
       Kiln(farm, {"build", flake, "--push=127.0.0.1:5999/kiln/svc:production"}, {"KILN_TOKEN=" + ci});
   EXPECT_NE(production.exit.exit_code, 0);
-  EXPECT_TRUE(absl::StrContains(production.stderr_data,
-                                "PERMISSION_DENIED: token 'ci-monorepo' may not push to 127.0.0.1:5999/kiln/svc:production"))
+  EXPECT_TRUE(
+      absl::StrContains(production.stderr_data,
+                        "PERMISSION_DENIED: token 'ci-monorepo' may not push to 127.0.0.1:5999/kiln/svc:production"))
       << production.stderr_data;
   // A token's quota of queued and running jobs.
   const std::string greeter = testing::SourcePath("examples/services/greeter") + "#default";
