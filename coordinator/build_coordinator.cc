@@ -1,12 +1,11 @@
 #include "coordinator/build_coordinator.h"
 
-#include <fnmatch.h>
-
 #include <algorithm>
 #include <map>
 #include <set>
 #include <utility>
 
+#include "absl/algorithm/container.h"
 #include "absl/strings/match.h"
 #include "google/protobuf/io/coded_stream.h"
 #include "absl/strings/str_cat.h"
@@ -23,6 +22,7 @@
 #include "common/grpc_util.h"
 #include "common/installable.h"
 #include "common/log.h"
+#include "coordinator/auth.h"
 
 namespace kiln {
 
@@ -46,13 +46,8 @@ absl::Status CheckPushTarget(const kiln::v1::PushTarget& push, const std::vector
     absl::StatusOr<ImageRef> tagged = ParseImageRef(absl::StrCat(push.repository(), ":", tag));
     if (!tagged.ok()) return tagged.status();
     if (tagged->tag != tag || tag.empty()) return absl::InvalidArgumentError(absl::StrCat("'", tag, "' is not a tag"));
-    bool allowed = false;
-    for (const std::string& pattern : allow) {
-      const bool names_tag = pattern.find(':', pattern.rfind('/') == std::string::npos ? 0 : pattern.rfind('/')) !=
-                             std::string::npos;
-      const std::string subject = names_tag ? absl::StrCat(push.repository(), ":", tag) : push.repository();
-      allowed = allowed || ::fnmatch(pattern.c_str(), subject.c_str(), 0) == 0;
-    }
+    const bool allowed = absl::c_any_of(
+        allow, [&](const std::string& pattern) { return PushPatternMatches(pattern, push.repository(), tag); });
     if (!allowed) {
       return absl::PermissionDeniedError(absl::StrCat(
           "push target ", push.repository(), ":", tag, " is not allowed by this coordinator",

@@ -276,6 +276,16 @@ absl::Status CompressInParallel(const std::string& archive, const DockerArchive&
 }
 
 // The config, then the manifest under every tag, once the layers are in.
+// A blob the layer cache last saw in `seen_in` (registry/repository): when
+// that is another repository of `ref`'s registry, links it into `ref`'s by
+// a cross-repository mount. True when the registry did (nothing to send).
+absl::StatusOr<bool> MountFromElsewhere(RegistryClient& via, const ImageRef& ref, const std::string& digest,
+                                        const std::string& seen_in) {
+  const std::string prefix = absl::StrCat(ref.registry, "/");
+  if (!absl::StartsWith(seen_in, prefix) || seen_in == absl::StrCat(prefix, ref.repository)) return false;
+  return via.MountBlob(ref.repository, digest, seen_in.substr(prefix.size()));
+}
+
 // The manifest naming report.config and report.layers, as sent.
 std::string ManifestBody(const PushReport& report, const PushOptions& options) {
   const MediaTypes& types = options.oci_manifest ? kOci : kDocker;
@@ -400,10 +410,8 @@ absl::StatusOr<PushReport> PushDockerArchive(const std::string& archive, const I
       absl::StatusOr<bool> has = via.HasBlob(repo, report.layers[i].digest);
       if (!has.ok()) return has.status();
       report.layers[i].skipped = *has;
-      // Known in another repository of this registry: link it, send nothing.
-      const std::string prefix = absl::StrCat(ref.registry, "/");
-      if (!*has && absl::StartsWith(seen_in[i], prefix) && seen_in[i] != here) {
-        absl::StatusOr<bool> mounted = via.MountBlob(repo, report.layers[i].digest, seen_in[i].substr(prefix.size()));
+      if (!*has) {
+        absl::StatusOr<bool> mounted = MountFromElsewhere(via, ref, report.layers[i].digest, seen_in[i]);
         if (!mounted.ok()) return mounted.status();
         report.layers[i].skipped = report.layers[i].mounted = *mounted;
       }
@@ -576,11 +584,9 @@ absl::StatusOr<PushReport> PushImageStream(int fd, const std::string& what, cons
           absl::StatusOr<bool> has = client.HasBlob(repo, blob->digest);
           if (!has.ok()) return has.status();
           blob->skipped = *has;
-          // Known in another repository of this registry: link it instead.
-          const std::string seen_in = options.cache != nullptr ? options.cache->SeenIn(blob->digest) : "";
-          const std::string prefix = absl::StrCat(ref.registry, "/");
-          if (!*has && absl::StartsWith(seen_in, prefix) && seen_in != absl::StrCat(prefix, repo)) {
-            absl::StatusOr<bool> mounted = client.MountBlob(repo, blob->digest, seen_in.substr(prefix.size()));
+          if (!*has && options.cache != nullptr) {
+            absl::StatusOr<bool> mounted =
+                MountFromElsewhere(client, ref, blob->digest, options.cache->SeenIn(blob->digest));
             if (!mounted.ok()) return mounted.status();
             blob->skipped = blob->mounted = *mounted;
           }

@@ -313,24 +313,15 @@ struct HttpRegistryClient::Impl {
                           absl::StrCat("registry ", registry, ": token request: HTTP ", response->status));
     }
     nlohmann::json j = nlohmann::json::parse(response->body, nullptr, false);
-    std::string token;
-    if (j.is_object()) {
-      for (const char* key : {"token", "access_token"}) {
-        if (j.contains(key) && j[key].is_string() && !j[key].get<std::string>().empty()) {
-          token = j[key].get<std::string>();
-          break;
-        }
-      }
-    }
+    std::string token = JsonString(j, "token");
+    if (token.empty()) token = JsonString(j, "access_token");
     if (token.empty()) {
       return absl::UnauthenticatedError(absl::StrCat("registry ", registry, ": the token service sent no token"));
     }
     // Kept until shortly before it expires (60 s when the service does not
     // say, as the token specification has it), then fetched again.
-    int64_t lifetime = 60;
-    if (j.contains("expires_in") && j["expires_in"].is_number_integer() && j["expires_in"].get<int64_t>() > 0) {
-      lifetime = j["expires_in"].get<int64_t>();
-    }
+    int64_t lifetime = JsonInt<int64_t>(j, "expires_in", 60);
+    if (lifetime <= 0) lifetime = 60;
     const absl::Duration life = absl::Seconds(lifetime);
     token_renew = asked + life - std::min(absl::Seconds(10), life / 4);
     bearer = std::move(token);
