@@ -32,4 +32,15 @@ absl::Status ApplyLogLevel(absl::string_view level) {
   return absl::OkStatus();
 }
 
+absl::Status ApplyLogFormat(absl::string_view format) {
+  if (format == "text") {
+    SetLogFormat(LogFormat::kText);
+  } else if (format == "json") {
+    SetLogFormat(LogFormat::kJson);
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat("bad --log-format '", format, "': want text or json"));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace kiln

@@ -19,5 +19,7 @@ int AwaitTerminationSignal(const sigset_t& signals);
 
 // Applies --log-level ("debug", "info", "warning", "error").
 absl::Status ApplyLogLevel(absl::string_view level);
+// Applies --log-format ("text" or "json").
+absl::Status ApplyLogFormat(absl::string_view format);
 
 }  // namespace kiln

@@ -1,28 +1,109 @@
 #include "common/metrics_http.h"
 
-#include <exception>
+#include <civetweb.h>
 
-#include "absl/status/status.h"
+#include <mutex>
+#include <utility>
+
+#include <prometheus/text_serializer.h>
+
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/net.h"
 
 namespace kiln {
+namespace {
+
+void Respond(mg_connection* conn, int status, const char* content_type, const std::string& body) {
+  mg_response_header_start(conn, status);
+  mg_response_header_add(conn, "Content-Type", content_type, -1);
+  const std::string length = std::to_string(body.size());
+  mg_response_header_add(conn, "Content-Length", length.c_str(), -1);
+  mg_response_header_add(conn, "Cache-Control", "no-store", -1);
+  mg_response_header_send(conn);
+  const mg_request_info* request = mg_get_request_info(conn);
+  const bool head = request != nullptr && request->request_method != nullptr &&
+                    std::string_view(request->request_method) == "HEAD";
+  if (!head && !body.empty()) mg_write(conn, body.data(), body.size());
+}
+
+constexpr char kPlainText[] = "text/plain; charset=utf-8";
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
-    const std::string& address, std::shared_ptr<prometheus::Registry> registry) {
+    const std::string& address, std::vector<std::shared_ptr<prometheus::Collectable>> collectables,
+    ReadinessCheck readiness) {
   absl::StatusOr<HostPort> hp = ParseHostPort(address);
   if (!hp.ok()) return hp.status();
+  static std::once_flag init_once;
+  std::call_once(init_once, [] { mg_init_library(0); });
+
   auto server = std::unique_ptr<MetricsHttpServer>(new MetricsHttpServer());
-  try {
-    server->exposer_ = std::make_unique<prometheus::Exposer>(address, /*num_threads=*/1);
-  } catch (const std::exception& e) {
-    return absl::UnavailableError(absl::StrCat("cannot serve metrics on ", address, ": ", e.what()));
+  server->collectables_ = std::move(collectables);
+  server->readiness_ = std::move(readiness);
+
+  // Two threads: a scrape and a probe never wait for each other.
+  const char* options[] = {"listening_ports", address.c_str(), "num_threads", "2", "enable_keep_alive", "yes",
+                           nullptr};
+  mg_callbacks callbacks = {};
+  mg_init_data init = {};
+  init.callbacks = &callbacks;
+  init.configuration_options = options;
+  char error_text[256] = {};
+  unsigned error_code = 0;
+  mg_error_data error = {};
+  error.code = &error_code;
+  error.text = error_text;
+  error.text_buffer_size = sizeof(error_text);
+  server->context_ = mg_start2(&init, &error);
+  if (server->context_ == nullptr) {
+    return absl::UnavailableError(absl::StrCat("cannot serve metrics on ", address, ": ", error_text));
   }
-  server->exposer_->RegisterCollectable(registry);
-  auto ports = server->exposer_->GetListeningPorts();
-  const int port = ports.empty() ? hp->port : ports.front();
-  server->bound_address_ = absl::StrCat(hp->host, ":", port);
+  mg_set_request_handler(server->context_, "/metrics$", &MetricsHttpServer::HandleMetrics, server.get());
+  mg_set_request_handler(server->context_, "/healthz$", &MetricsHttpServer::HandleHealthz, server.get());
+  mg_set_request_handler(server->context_, "/readyz$", &MetricsHttpServer::HandleReadyz, server.get());
+
+  mg_server_port ports[4] = {};
+  const int count = mg_get_server_ports(server->context_, 4, ports);
+  const int port = count > 0 ? ports[0].port : hp->port;
+  server->bound_address_ = FormatHostPort(hp->host, port);
   return server;
+}
+
+MetricsHttpServer::~MetricsHttpServer() {
+  // Waits for handlers in flight, which use this object.
+  if (context_ != nullptr) mg_stop(context_);
+}
+
+int MetricsHttpServer::HandleMetrics(mg_connection* conn, void* self) {
+  auto* server = static_cast<MetricsHttpServer*>(self);
+  std::vector<prometheus::MetricFamily> families;
+  for (const auto& collectable : server->collectables_) {
+    std::vector<prometheus::MetricFamily> more = collectable->Collect();
+    families.insert(families.end(), std::make_move_iterator(more.begin()), std::make_move_iterator(more.end()));
+  }
+  const std::string body = prometheus::TextSerializer().Serialize(families);
+  // The exposition format's content type, version 0.0.4.
+  Respond(conn, 200, "text/plain; version=0.0.4; charset=utf-8", body);
+  return 200;
+}
+
+int MetricsHttpServer::HandleHealthz(mg_connection* conn, void*) {
+  // Alive: the process answers. Whether it can work is /readyz's question.
+  Respond(conn, 200, kPlainText, "ok\n");
+  return 200;
+}
+
+int MetricsHttpServer::HandleReadyz(mg_connection* conn, void* self) {
+  auto* server = static_cast<MetricsHttpServer*>(self);
+  absl::Status ready = server->readiness_ ? server->readiness_() : absl::OkStatus();
+  if (ready.ok()) {
+    Respond(conn, 200, kPlainText, "ready\n");
+    return 200;
+  }
+  Respond(conn, 503, kPlainText, absl::StrCat("not ready: ", ready.message(), "\n"));
+  return 503;
 }
 
 }  // namespace kiln

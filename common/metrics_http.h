@@ -1,29 +1,50 @@
-// Serves a prometheus-cpp registry at http://ADDRESS/metrics.
+// The daemons' HTTP side: Prometheus text at /metrics, liveness at /healthz
+// and readiness at /readyz, served by civetweb (the server prometheus-cpp's
+// own exposer wraps; used directly because the exposer cannot serve anything
+// but metrics).
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
-#include <prometheus/exposer.h>
-#include <prometheus/registry.h>
+#include <prometheus/collectable.h>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
+
+struct mg_context;
+struct mg_connection;
 
 namespace kiln {
 
 class MetricsHttpServer {
  public:
-  // Binds `address` ("127.0.0.1:9600"; port 0 picks a free one). The exposer
-  // library throws on bind failure; that becomes a Status here.
+  // Whether the daemon can do its work now (OK) or why not. Called on each
+  // /readyz request from a server thread; must be thread-safe.
+  using ReadinessCheck = std::function<absl::Status()>;
+
+  // Binds `address` ("127.0.0.1:9600"; port 0 picks a free one). Each scrape
+  // collects every collectable in order. Without a readiness check, /readyz
+  // answers like /healthz.
   static absl::StatusOr<std::unique_ptr<MetricsHttpServer>> Start(
-      const std::string& address, std::shared_ptr<prometheus::Registry> registry);
+      const std::string& address, std::vector<std::shared_ptr<prometheus::Collectable>> collectables,
+      ReadinessCheck readiness = nullptr);
+  ~MetricsHttpServer();
 
   // "host:port" actually bound.
   const std::string& address() const { return bound_address_; }
 
  private:
   MetricsHttpServer() = default;
-  std::unique_ptr<prometheus::Exposer> exposer_;
+  static int HandleMetrics(mg_connection* conn, void* self);
+  static int HandleHealthz(mg_connection* conn, void* self);
+  static int HandleReadyz(mg_connection* conn, void* self);
+
+  std::vector<std::shared_ptr<prometheus::Collectable>> collectables_;
+  ReadinessCheck readiness_;
+  mg_context* context_ = nullptr;
   std::string bound_address_;
 };
 

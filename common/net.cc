@@ -35,6 +35,11 @@ absl::StatusOr<HostPort> ParseHostPort(absl::string_view address) {
   return out;
 }
 
+std::string FormatHostPort(absl::string_view host, int port) {
+  if (absl::StrContains(host, ':')) return absl::StrCat("[", host, "]:", port);
+  return absl::StrCat(host, ":", port);
+}
+
 bool IsLoopbackHost(absl::string_view host) {
   return host == "localhost" || host == "::1" || absl::StartsWith(host, "127.");
 }

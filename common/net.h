@@ -16,6 +16,9 @@ struct HostPort {
 // Parses "host:port", "[v6]:port". Port 0 is allowed (pick a free one).
 absl::StatusOr<HostPort> ParseHostPort(absl::string_view address);
 
+// "host:port", with brackets around an IPv6 host.
+std::string FormatHostPort(absl::string_view host, int port);
+
 // True for 127.0.0.0/8, ::1 and "localhost".
 bool IsLoopbackHost(absl::string_view host);
 

@@ -78,6 +78,15 @@ absl::string_view ResultLabel(JobState state) {
   }
 }
 
+void CountPush(CoordinatorMetrics& metrics, const kiln::v1::PushResult& push) {
+  metrics.push_bytes.Increment(static_cast<double>(std::max<int64_t>(push.bytes_uploaded(), 0)));
+  auto count = [&](const kiln::v1::PushedBlob& blob) {
+    metrics.PushBlobs(blob.mounted() ? "mounted" : blob.skipped() ? "skipped" : "pushed").Increment();
+  };
+  if (push.has_config()) count(push.config());
+  for (const kiln::v1::PushedBlob& layer : push.layers()) count(layer);
+}
+
 // A job's event history is one string: per event, its serialized size as a
 // varint, then the serialized JobEvent.
 void AppendStoredEvent(std::string& history, const JobEvent& event) {
@@ -675,7 +684,7 @@ absl::StatusOr<kiln::v1::WorkerInfo> BuildCoordinator::DrainWorker(const std::st
   } else {
     drained_.insert(name);
   }
-  LogInfo(kComponent, "worker ", name, undo ? ": drain lifted" : ": draining (no new jobs)");
+  LogInfo({.worker = name}, kComponent, undo ? "drain lifted" : "draining (no new jobs)");
   UpdateGauges();
   EndOfCall();
   kiln::v1::ListWorkersResponse all = ListWorkers();
@@ -785,7 +794,7 @@ void BuildCoordinator::HandleRegister(WorkerEntry& worker, const kiln::v1::Regis
   *reply.mutable_registered()->mutable_lease() = ToProtoDuration(options_.lease);
   OutboxSend(worker, std::move(reply));
   Reconcile(worker, reg);
-  LogInfo(kComponent, "worker ", worker.name, " registered: ", reg.max_jobs(), " slot(s), systems ",
+  LogInfo({.worker = worker.name}, kComponent, "registered: ", reg.max_jobs(), " slot(s), systems ",
           absl::StrJoin(reg.systems(), ","));
 }
 
@@ -897,7 +906,7 @@ void BuildCoordinator::HandleHeartbeat(WorkerEntry& worker, const kiln::v1::Hear
     if (over.empty()) {
       LogInfo(kComponent, "worker ", worker.name, " is back under its limits");
     } else {
-      LogWarning(kComponent, "worker ", worker.name, " takes no new jobs: ", over);
+      LogWarning({.worker = worker.name}, kComponent, "takes no new jobs: ", over);
     }
     scheduler_.SetOverLimit(worker.name, over);
   }
@@ -918,7 +927,7 @@ void BuildCoordinator::Reconcile(WorkerEntry& worker, const kiln::v1::Register& 
     scheduler_.Release(id, worker.name);
     Requeue(job, "worker_lost", absl::StrCat("worker ", worker.name, " came back without it"));
   }
-  if (kept > 0) LogInfo(kComponent, "worker ", worker.name, " re-attached ", kept, " job(s)");
+  if (kept > 0) LogInfo({.worker = worker.name}, kComponent, "re-attached ", kept, " job(s)");
   // Anything else it has is not its to run any more (requeued, finished or
   // cancelled meanwhile): stop it.
   for (const auto& [id, attempt] : reported) {
@@ -933,7 +942,7 @@ void BuildCoordinator::Reconcile(WorkerEntry& worker, const kiln::v1::Register& 
 void BuildCoordinator::ExpireLease(const std::string& worker, const std::string& why) {
   lease_until_.erase(worker);
   const std::vector<std::string> lost = scheduler_.RemoveWorker(worker);
-  LogInfo(kComponent, "worker ", worker, ": ", why, "; requeueing ", lost.size(), " job(s)");
+  LogInfo({.worker = worker}, kComponent, why, "; requeueing ", lost.size(), " job(s)");
   for (const std::string& id : lost) {
     auto job = jobs_.find(id);
     if (job != jobs_.end() && !IsTerminal(Rec(job->second).state())) {
@@ -1052,8 +1061,8 @@ void BuildCoordinator::HandleFinished(WorkerEntry& worker, const kiln::v1::JobFi
   if (it == jobs_.end()) return;
   JobEntry& job = it->second;
   if (Rec(job).worker() != worker.name || Rec(job).attempt() != finished.attempt()) {
-    LogDebug(kComponent, "ignoring stale result of job ", finished.job_id(), " attempt ", finished.attempt(),
-             " from ", worker.name);
+    LogDebug({.job = finished.job_id(), .attempt = finished.attempt(), .worker = worker.name}, kComponent,
+             "ignoring a stale result");
     return;
   }
   scheduler_.Release(finished.job_id(), worker.name);
@@ -1141,7 +1150,7 @@ void BuildCoordinator::Dispatch() {
     assign->set_attempt(Rec(job).attempt());
     *assign->mutable_spec() = Rec(job).spec();
     if (absl::Status s = AttachSource(Rec(job).spec(), *assign); !s.ok()) {
-      LogError(kComponent, "job ", a.job, ": source unavailable: ", s.ToString());
+      LogError({.job = a.job}, kComponent, "source unavailable: ", s.ToString());
       scheduler_.Release(a.job, a.worker);
       BuildResult result;
       result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
@@ -1264,6 +1273,8 @@ void BuildCoordinator::Finish(JobEntry& job, JobState state, BuildResult result)
   }
   std::vector<std::string> followers = std::move(job.followers);
   job.followers.clear();
+  // Once per push that ran, not per job that followed it.
+  if (result.has_push()) CountPush(*metrics_, result.push());
   FinishOne(job, state, std::move(result));
   if (followers.empty()) return;
   const JobRecord& done = Rec(jobs_.at(id));
@@ -1327,8 +1338,8 @@ void BuildCoordinator::FinishOne(JobEntry& job, JobState state, BuildResult resu
   Emit(job, std::move(event));
   for (auto& w : job.watchers) pending_watcher_calls_.push_back({std::move(w), std::nullopt, absl::OkStatus()});
   job.watchers.clear();
-  LogInfo(kComponent, "job ", Rec(job).job_id(), " (", Rec(job).spec().display_name(), ") ",
-          ResultLabel(state), Rec(job).worker().empty() ? "" : " on ", Rec(job).worker());
+  LogInfo({.job = Rec(job).job_id()}, kComponent, "(", Rec(job).spec().display_name(), ") ", ResultLabel(state),
+          Rec(job).worker().empty() ? "" : " on ", Rec(job).worker());
 
   // Keep full logs only for the most recently finished jobs.
   finished_with_logs_.push_back(Rec(job).job_id());

@@ -65,6 +65,8 @@ CoordinatorMetrics::CoordinatorMetrics(std::shared_ptr<prometheus::Registry> reg
       fod_recorded(MakeCounter(*registry, "kiln_fod_outcomes_recorded_total",
                                "FOD build outcomes (verified or mismatched hashes) reported by workers.")),
       fod_entries(MakeGauge(*registry, "kiln_fod_cache_entries", "FOD keys in the hash cache (RocksDB's estimate).")),
+      push_bytes(MakeCounter(*registry, "kiln_push_bytes_total",
+                             "Image bytes workers uploaded to registries, from job results.")),
       registry_(std::move(registry)),
       finished_family_(prometheus::BuildCounter()
                            .Name("kiln_jobs_finished_total")
@@ -93,7 +95,11 @@ CoordinatorMetrics::CoordinatorMetrics(std::shared_ptr<prometheus::Registry> reg
       auth_refusal_family_(prometheus::BuildCounter()
                                .Name("kiln_auth_refusals_total")
                                .Help("Calls refused for their credentials or scopes, by reason.")
-                               .Register(*registry_)) {
+                               .Register(*registry_)),
+      push_blobs_family_(prometheus::BuildCounter()
+                             .Name("kiln_push_blobs_total")
+                             .Help("Image blobs (layers and configs) of finished pushes, by what the registry needed.")
+                             .Register(*registry_)) {
   // Pre-create every label value so the series exist from the first scrape.
   for (auto r : {"succeeded", "failed", "cancelled"}) JobsFinished(r);
   for (auto r : {"worker_lost", "lease_expired", "infra_error"}) Requeues(r);
@@ -101,6 +107,7 @@ CoordinatorMetrics::CoordinatorMetrics(std::shared_ptr<prometheus::Registry> reg
   for (auto r : {"hit", "miss", "bypassed"}) ResultCacheLookups(r);
   for (auto r : {"hit", "stale_caught", "suspect", "nondeterministic", "miss"}) FodLookups(r);
   for (auto r : {"no_credentials", "bad_token", "scope"}) AuthRefusals(r);
+  for (auto r : {"pushed", "skipped", "mounted"}) PushBlobs(r);
 }
 
 prometheus::Gauge& CoordinatorMetrics::JobsQueued(absl::string_view priority, absl::string_view system) {
@@ -129,6 +136,10 @@ prometheus::Counter& CoordinatorMetrics::FodLookups(absl::string_view result) {
 
 prometheus::Counter& CoordinatorMetrics::AuthRefusals(absl::string_view reason) {
   return auth_refusal_family_.Add({{"reason", std::string(reason)}});
+}
+
+prometheus::Counter& CoordinatorMetrics::PushBlobs(absl::string_view result) {
+  return push_blobs_family_.Add({{"result", std::string(result)}});
 }
 
 }  // namespace kiln

@@ -44,6 +44,8 @@ class CoordinatorMetrics {
   prometheus::Counter& fod_build_seconds_saved;
   prometheus::Counter& fod_recorded;
   prometheus::Gauge& fod_entries;
+  // Image pushes reported by workers in job results.
+  prometheus::Counter& push_bytes;
 
   // result: succeeded, failed, cancelled.
   prometheus::Counter& JobsFinished(absl::string_view result);
@@ -62,6 +64,8 @@ class CoordinatorMetrics {
   prometheus::Counter& FodLookups(absl::string_view result);
   // reason: no_credentials, bad_token (unknown, revoked, garbled), scope.
   prometheus::Counter& AuthRefusals(absl::string_view reason);
+  // result: pushed, skipped (the registry had it), mounted.
+  prometheus::Counter& PushBlobs(absl::string_view result);
 
  private:
   std::shared_ptr<prometheus::Registry> registry_;
@@ -72,6 +76,7 @@ class CoordinatorMetrics {
   prometheus::Family<prometheus::Counter>& result_cache_family_;
   prometheus::Family<prometheus::Counter>& fod_lookup_family_;
   prometheus::Family<prometheus::Counter>& auth_refusal_family_;
+  prometheus::Family<prometheus::Counter>& push_blobs_family_;
 };
 
 }  // namespace kiln

@@ -49,7 +49,15 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   server->core_->set_batched(true);
   server->strand_->SetAfterBatch([core = server->core_.get()] { core->Flush(); });
 
-  auto metrics = MetricsHttpServer::Start(options.metrics_listen, registry);
+  // /readyz: serving gRPC, not shutting down, and the state database takes
+  // writes.
+  auto readiness = [s = server.get()]() -> absl::Status {
+    if (!s->serving_.load()) return absl::UnavailableError("not serving gRPC (starting or shutting down)");
+    if (s->store_->GetStats().writes_stopped) return absl::UnavailableError("the state database has stopped writes");
+    return absl::OkStatus();
+  };
+  auto metrics = MetricsHttpServer::Start(
+      options.metrics_listen, {registry, std::make_shared<StateStoreCollector>(server->store_.get())}, readiness);
   if (!metrics.ok()) return metrics.status();
   server->metrics_ = *std::move(metrics);
 
@@ -89,6 +97,9 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   // Accept the clients' keepalive pings (see MakeChannel).
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 20000);
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+  interceptors.push_back(std::make_unique<GrpcServerMetrics>(*registry));
+  builder.experimental().SetInterceptorCreators(std::move(interceptors));
   builder.RegisterService(server->build_service_.get());
   builder.RegisterService(server->worker_service_.get());
   builder.RegisterService(server->farm_service_.get());
@@ -115,6 +126,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
     nlohmann::json ready = {{"grpc", server->grpc_address_}, {"metrics", server->metrics_->address()}};
     if (absl::Status s = WriteFileAtomically(options.ready_file, ready.dump() + "\n"); !s.ok()) return s;
   }
+  server->serving_.store(true);
   LogInfo("coordinator", "serving gRPC", options.tls.enabled() ? " (mutual TLS for workers)" : " (plaintext)", " on ",
           server->grpc_address_, ", metrics on http://",
           server->metrics_->address(), "/metrics, state in ", options.state_dir);
@@ -126,6 +138,7 @@ CoordinatorServer::~CoordinatorServer() { Shutdown(); }
 void CoordinatorServer::Shutdown() {
   if (shut_down_) return;
   shut_down_ = true;
+  serving_.store(false);
   if (server_) {
     // Health checks see the coordinator leave before its streams end.
     if (auto* health = server_->GetHealthCheckService(); health != nullptr) health->SetServingStatus(false);

@@ -2,6 +2,7 @@
 // jobs, and serves gRPC and /metrics. main() only parses flags and calls it.
 #pragma once
 
+#include <atomic>
 #include <memory>
 #include <thread>
 #include <string>
@@ -21,6 +22,7 @@
 #include "coordinator/fod_service.h"
 #include "coordinator/grpc_services.h"
 #include "coordinator/rocksdb_state_store.h"
+#include "coordinator/server_metrics.h"
 
 namespace kiln {
 
@@ -76,6 +78,7 @@ class CoordinatorServer {
   std::string grpc_address_;
   std::string admin_address_;
   bool shut_down_ = false;
+  std::atomic<bool> serving_{false};  // Read by /readyz from a server thread.
   // Drives BuildCoordinator::Tick (leases) once a second, on the strand.
   absl::Notification stop_ticker_;
   std::thread ticker_;

@@ -49,6 +49,7 @@ ABSL_FLAG(absl::Duration, retry_backoff, absl::Seconds(5),
 ABSL_FLAG(absl::Duration, default_timeout, absl::ZeroDuration(),
           "Timeout of a build that sets none (0: no limit)");
 ABSL_FLAG(std::string, log_level, "info", "debug, info, warning or error");
+ABSL_FLAG(std::string, log_format, "text", "text, or json: one JSON object per line");
 ABSL_FLAG(int64_t, cas_max_gb, 100,
           "CAS size above which blobs no queued or running job needs are deleted, oldest first (0: never)");
 ABSL_FLAG(absl::Duration, cas_gc_grace, absl::Hours(1), "Blobs stored more recently than this are never collected");
@@ -83,9 +84,12 @@ int main(int argc, char** argv) {
   // (a debug aid: a few % of CPU under load). The tests keep it on.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   const sigset_t signals = kiln::BlockTerminationSignals();
-  if (absl::Status s = kiln::ApplyLogLevel(absl::GetFlag(FLAGS_log_level)); !s.ok()) {
-    std::fprintf(stderr, "kiln-coordinator: %s\n", std::string(s.message()).c_str());
-    return 2;
+  for (absl::Status s : {kiln::ApplyLogLevel(absl::GetFlag(FLAGS_log_level)),
+                         kiln::ApplyLogFormat(absl::GetFlag(FLAGS_log_format))}) {
+    if (!s.ok()) {
+      std::fprintf(stderr, "kiln-coordinator: %s\n", std::string(s.message()).c_str());
+      return 2;
+    }
   }
 
   kiln::CoordinatorOptions options;

@@ -1,6 +1,7 @@
 #include "coordinator/rocksdb_state_store.h"
 
 #include <filesystem>
+#include <map>
 
 #include <rocksdb/options.h>
 #include <rocksdb/table.h>
@@ -77,6 +78,32 @@ absl::StatusOr<std::unique_ptr<RocksDbStateStore>> RocksDbStateStore::Open(const
   if (!tokens.ok()) return tokens.status();
   store->tokens_ = *std::move(tokens);
   return store;
+}
+
+RocksDbStateStore::Stats RocksDbStateStore::GetStats() const {
+  Stats stats;
+  auto sum = [&](rocksdb::ColumnFamilyHandle* cf, const rocksdb::Slice& property, uint64_t* into) {
+    uint64_t value = 0;
+    if (db_->GetIntProperty(cf, property, &value)) *into += value;
+  };
+  for (rocksdb::ColumnFamilyHandle* cf : handles_) {
+    sum(cf, rocksdb::DB::Properties::kTotalSstFilesSize, &stats.sst_bytes);
+    sum(cf, rocksdb::DB::Properties::kEstimateLiveDataSize, &stats.live_data_bytes);
+    sum(cf, rocksdb::DB::Properties::kCurSizeAllMemTables, &stats.memtable_bytes);
+    sum(cf, rocksdb::DB::Properties::kEstimatePendingCompactionBytes, &stats.pending_compaction_bytes);
+    std::map<std::string, std::string> cfstats;
+    if (db_->GetMapProperty(cf, rocksdb::DB::Properties::kCFStats, &cfstats)) {
+      uint64_t n = 0;
+      if (absl::SimpleAtoi(cfstats["io_stalls.total_stop"], &n)) stats.stops += n;
+      if (absl::SimpleAtoi(cfstats["io_stalls.total_slowdown"], &n)) stats.slowdowns += n;
+    }
+  }
+  // Database-wide properties.
+  uint64_t value = 0;
+  if (db_->GetIntProperty(rocksdb::DB::Properties::kNumRunningCompactions, &value)) stats.running_compactions = value;
+  if (db_->GetIntProperty(rocksdb::DB::Properties::kIsWriteStopped, &value)) stats.writes_stopped = value != 0;
+  if (db_->GetIntProperty(rocksdb::DB::Properties::kActualDelayedWriteRate, &value)) stats.delayed_write_rate = value;
+  return stats;
 }
 
 RocksDbStateStore::~RocksDbStateStore() {

@@ -45,6 +45,22 @@ class RocksDbStateStore final : public StateStore {
   // Client tokens in the same database.
   TokenStore* tokens() { return tokens_.get(); }
 
+  // What the database holds and whether writes are being held back, summed
+  // over column families, read from RocksDB's properties (for /metrics).
+  struct Stats {
+    uint64_t sst_bytes = 0;
+    uint64_t live_data_bytes = 0;
+    uint64_t memtable_bytes = 0;
+    uint64_t pending_compaction_bytes = 0;
+    uint64_t running_compactions = 0;
+    bool writes_stopped = false;
+    uint64_t delayed_write_rate = 0;  // Bytes per second; 0 when not delayed.
+    // Cumulative write stalls since the database was opened.
+    uint64_t stops = 0;
+    uint64_t slowdowns = 0;
+  };
+  Stats GetStats() const;
+
   // The key a job id is stored under (exposed for the golden-format test).
   static std::string JobKey(const std::string& job_id);
 

@@ -50,6 +50,7 @@ ABSL_FLAG(std::vector<std::string>, nix_option, {},
 ABSL_FLAG(std::string, nix, "nix", "The nix binary");
 ABSL_FLAG(std::string, ready_file, "", "Write the bound metrics address here as JSON once started");
 ABSL_FLAG(std::string, log_level, "info", "debug, info, warning or error");
+ABSL_FLAG(std::string, log_format, "text", "text, or json: one JSON object per line");
 ABSL_FLAG(int64_t, blob_cache_mb, 10240,
           "Source blobs kept in WORK_DIR/cas between builds, in MiB; least recently used go first (0: none)");
 
@@ -82,6 +83,9 @@ int main(int argc, char** argv) {
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   const sigset_t signals = kiln::BlockTerminationSignals();
   if (absl::Status s = kiln::ApplyLogLevel(absl::GetFlag(FLAGS_log_level)); !s.ok()) return Fail(std::string(s.message()));
+  if (absl::Status s = kiln::ApplyLogFormat(absl::GetFlag(FLAGS_log_format)); !s.ok()) {
+    return Fail(std::string(s.message()));
+  }
 
   kiln::WorkerOptions options;
   options.coordinator = absl::GetFlag(FLAGS_coordinator);
@@ -142,7 +146,12 @@ int main(int argc, char** argv) {
 
   auto registry = std::make_shared<prometheus::Registry>();
   kiln::WorkerMetrics metrics(registry);
-  auto metrics_server = kiln::MetricsHttpServer::Start(absl::GetFlag(FLAGS_metrics_listen), registry);
+  // /readyz: registered with the coordinator (the gauge the agent keeps).
+  auto readiness = [&metrics]() -> absl::Status {
+    if (metrics.coordinator_connected.Value() < 1) return absl::UnavailableError("not connected to the coordinator");
+    return absl::OkStatus();
+  };
+  auto metrics_server = kiln::MetricsHttpServer::Start(absl::GetFlag(FLAGS_metrics_listen), {registry}, readiness);
   if (!metrics_server.ok()) return Fail(std::string(metrics_server.status().message()));
   if (!absl::GetFlag(FLAGS_ready_file).empty()) {
     nlohmann::json ready = {{"metrics", (*metrics_server)->address()}, {"name", options.name}};

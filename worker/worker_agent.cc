@@ -299,7 +299,7 @@ void WorkerAgent::HandleMessage(CoordinatorMessage message) {
       StartJob(message.assign());
       break;
     case CoordinatorMessage::kCancel:
-      LogInfo(kComponent, "job ", message.cancel().job_id(), ": cancel (", message.cancel().reason(), ")");
+      LogInfo({.job = message.cancel().job_id()}, kComponent, "cancel (", message.cancel().reason(), ")");
       ForgetResult(message.cancel().job_id(), message.cancel().attempt());  // Not wanted any more.
       CancelBuild(message.cancel().job_id(), message.cancel().attempt());
       break;
@@ -358,7 +358,7 @@ absl::Status WorkerAgent::CheckOut(const kiln::v1::Assignment& assignment, const
       return absl::OkStatus();
     });
     if (!fetched.ok()) return fetched;
-    LogInfo(kComponent, "job ", assignment.job_id(), ": fetched ", missing.size(), " source blob(s), ", bytes,
+    LogInfo({.job = assignment.job_id()}, kComponent, "fetched ", missing.size(), " source blob(s), ", bytes,
             " bytes");
   }
   // MaterializeTree asks for one blob at a time and is done with it before
@@ -473,7 +473,7 @@ void WorkerAgent::StartJob(const kiln::v1::Assignment& assignment) {
     }
   }
   metrics_->builds_running.Increment();
-  LogInfo(kComponent, "job ", job_id, " attempt ", attempt, ": ", assignment.spec().display_name());
+  LogInfo({.job = job_id, .attempt = attempt}, kComponent, assignment.spec().display_name());
 
   auto fail = [&](kiln::v1::ResultCode code, std::string message) {
     kiln::v1::BuildResult result;
@@ -567,7 +567,7 @@ void WorkerAgent::FinishJob(const std::string& job_id, uint32_t attempt, kiln::v
     default: break;
   }
   metrics_->BuildsFinished(label).Increment();
-  LogInfo(kComponent, "job ", job_id, " attempt ", attempt, ": ", label);
+  LogInfo({.job = job_id, .attempt = attempt}, kComponent, label);
 
   WorkerMessage finished;
   finished.mutable_finished()->set_job_id(job_id);
@@ -629,7 +629,7 @@ void WorkerAgent::CheckDeadlines() {
     }
   }
   for (const auto& [id, attempt] : late) {
-    LogWarning(kComponent, "job ", id, " attempt ", attempt, ": timed out; stopping it");
+    LogWarning({.job = id, .attempt = attempt}, kComponent, "timed out; stopping it");
     CancelBuild(id, attempt);
   }
 }
@@ -679,7 +679,11 @@ void WorkerAgent::FillLoad(kiln::v1::Heartbeat& heartbeat) {
   // Free space where the builds' outputs land: the Nix store's file system.
   std::error_code ec;
   auto space = fs::space(fs::exists("/nix/store", ec) ? "/nix/store" : options_.work_dir, ec);
-  if (!ec) heartbeat.set_store_free_bytes(static_cast<int64_t>(space.available));
+  if (!ec) {
+    heartbeat.set_store_free_bytes(static_cast<int64_t>(space.available));
+    metrics_->store_free_bytes.Set(static_cast<double>(space.available));
+    metrics_->store_size_bytes.Set(static_cast<double>(space.capacity));
+  }
   if (std::optional<double> used = MemoryUsedFraction()) heartbeat.set_memory_used_fraction(*used);
 }
 

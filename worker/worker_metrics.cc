@@ -36,6 +36,16 @@ WorkerMetrics::WorkerMetrics(std::shared_ptr<prometheus::Registry> registry)
                          .Register(*registry)
                          .Add({}, prometheus::Histogram::BucketBoundaries{0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
                                                                           120, 300, 600, 1800, 3600, 7200})),
+      store_free_bytes(prometheus::BuildGauge()
+                           .Name("kiln_worker_store_free_bytes")
+                           .Help("Bytes available to builds on the Nix store's file system.")
+                           .Register(*registry)
+                           .Add({})),
+      store_size_bytes(prometheus::BuildGauge()
+                           .Name("kiln_worker_store_size_bytes")
+                           .Help("Size of the Nix store's file system.")
+                           .Register(*registry)
+                           .Add({})),
       push_bytes(prometheus::BuildCounter()
                      .Name("kiln_worker_push_bytes_total")
                      .Help("Compressed blob bytes this worker uploaded to registries.")

@@ -25,6 +25,9 @@ class WorkerMetrics {
   prometheus::Counter& reconnects;
   prometheus::Counter& log_lines_dropped;
   prometheus::Histogram& build_duration;
+  // The Nix store's file system, as sent in each heartbeat.
+  prometheus::Gauge& store_free_bytes;
+  prometheus::Gauge& store_size_bytes;
 
   prometheus::Counter& push_bytes;
   prometheus::Histogram& push_duration;

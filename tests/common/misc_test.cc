@@ -1,4 +1,5 @@
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include <atomic>
 #include <vector>
@@ -6,6 +7,7 @@
 #include "absl/synchronization/notification.h"
 #include "common/cli_args.h"
 #include "common/digest.h"
+#include "common/log.h"
 #include "common/net.h"
 #include "common/outbound_queue.h"
 #include "common/serial_executor.h"
@@ -17,6 +19,35 @@ TEST(DigestTest, KnownVector) {
   EXPECT_EQ(Sha256Hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
   EXPECT_TRUE(IsSha256Hex(Sha256Hex("")));
   EXPECT_FALSE(IsSha256Hex("ABC"));
+}
+
+TEST(LogTest, TextLinesPrefixWorkerAndJob) {
+  EXPECT_EQ(FormatLogLine(LogFormat::kText, "T", LogLevel::kInfo, "worker", {.job = "12", .attempt = 2}, "built"),
+            "T INFO  worker: job 12 attempt 2: built");
+  EXPECT_EQ(FormatLogLine(LogFormat::kText, "T", LogLevel::kWarning, "coordinator", {.worker = "w1"}, "gone"),
+            "T WARN  coordinator: worker w1: gone");
+  EXPECT_EQ(FormatLogLine(LogFormat::kText, "T", LogLevel::kError, "cas", {}, "x"), "T ERROR cas: x");
+}
+
+TEST(LogTest, JsonLinesAreOneObjectEvenForHostileText) {
+  // A message with quotes, a newline and invalid UTF-8 (build output can
+  // hold anything) stays one parseable line.
+  const std::string line = FormatLogLine(LogFormat::kJson, "2026-11-25T00:00:00.000Z", LogLevel::kDebug, "worker",
+                                         {.job = "7", .attempt = 1, .worker = "w\"1"}, "say \"hi\"\n\xff\xfe done");
+  EXPECT_EQ(line.find('\n'), std::string::npos) << line;
+  nlohmann::json j = nlohmann::json::parse(line);
+  EXPECT_EQ(j["time"], "2026-11-25T00:00:00.000Z");
+  EXPECT_EQ(j["level"], "debug");
+  EXPECT_EQ(j["component"], "worker");
+  EXPECT_EQ(j["job"], "7");
+  EXPECT_EQ(j["attempt"], 1);
+  EXPECT_EQ(j["worker"], "w\"1");
+  EXPECT_EQ(j["msg"], "say \"hi\"\n\xEF\xBF\xBD\xEF\xBF\xBD done");
+  // Fields a line is not about are left out.
+  nlohmann::json plain = nlohmann::json::parse(FormatLogLine(LogFormat::kJson, "T", LogLevel::kInfo, "c", {}, "m"));
+  EXPECT_FALSE(plain.contains("job"));
+  EXPECT_FALSE(plain.contains("attempt"));
+  EXPECT_FALSE(plain.contains("worker"));
 }
 
 TEST(NetTest, ParsesAddresses) {
