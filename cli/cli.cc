@@ -1,5 +1,7 @@
 #include "cli/cli.h"
 
+#include <signal.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -32,6 +34,7 @@
 #include "common/installable.h"
 #include "common/nix_hash.h"
 #include "common/source_tree.h"
+#include "cli/build_view.h"
 #include "cli/fod_edit.h"
 #include "kiln/v1/fod.grpc.pb.h"
 #include <google/protobuf/util/json_util.h>
@@ -197,7 +200,8 @@ fs::path SourceRoot(const std::vector<Target>& targets) {
 // Uploads the tree at `root` (only what the coordinator lacks) and submits
 // every target as one buildset; job ids in target order.
 absl::StatusOr<std::vector<std::string>> SubmitOnce(BuildService::Stub& stub, const CliOptions& options,
-                                                    const std::vector<Target>& targets, UploadStats& uploaded) {
+                                                    const std::vector<Target>& targets, UploadStats& uploaded,
+                                                    BuildView* view) {
   const fs::path root = SourceRoot(targets);
   // Nix's view of the flake: inside a git work tree, the tracked files only.
   absl::StatusOr<std::optional<absl::flat_hash_set<std::string>>> tracked = GitTrackedFiles(root.string());
@@ -288,10 +292,11 @@ absl::StatusOr<std::vector<std::string>> SubmitOnce(BuildService::Stub& stub, co
     for (const auto& [hash, data] : tree->blobs) uploaded.bytes_sent += data.size();
   }
   request.set_submitter(Submitter());
-  if (!options.quiet && uploaded.blobs_sent > 0) {
-    Err(absl::StrFormat("kiln: %s: uploaded %d blob(s), %s", root.string(), uploaded.blobs_sent,
-                        uploaded.bytes_sent >= (1 << 20) ? absl::StrFormat("%.1f MiB", uploaded.bytes_sent / 1048576.0)
-                                                         : absl::StrCat(uploaded.bytes_sent, " bytes")));
+  if (view != nullptr && !options.quiet && uploaded.blobs_sent > 0) {
+    view->Message(absl::StrFormat(
+        "kiln: %s: uploaded %d blob(s), %s", root.string(), uploaded.blobs_sent,
+        uploaded.bytes_sent >= (1 << 20) ? absl::StrFormat("%.1f MiB", uploaded.bytes_sent / 1048576.0)
+                                         : absl::StrCat(uploaded.bytes_sent, " bytes")));
   }
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
@@ -302,21 +307,22 @@ absl::StatusOr<std::vector<std::string>> SubmitOnce(BuildService::Stub& stub, co
 }
 
 absl::StatusOr<std::vector<std::string>> Submit(BuildService::Stub& stub, const CliOptions& options,
-                                                const std::vector<Target>& targets, UploadStats& uploaded) {
-  absl::StatusOr<std::vector<std::string>> ids = SubmitOnce(stub, options, targets, uploaded);
+                                                const std::vector<Target>& targets, UploadStats& uploaded,
+                                                BuildView* view = nullptr) {
+  absl::StatusOr<std::vector<std::string>> ids = SubmitOnce(stub, options, targets, uploaded, view);
   // The coordinator's garbage collection can take a blob between our
   // question and our upload or submission: ask again, once.
   if (absl::IsFailedPrecondition(ids.status()) ||
       (absl::IsNotFound(ids.status()) && absl::StrContains(ids.status().message(), "neither uploaded"))) {
-    ids = SubmitOnce(stub, options, targets, uploaded);
+    ids = SubmitOnce(stub, options, targets, uploaded, view);
   }
   return ids;
 }
 
-// Streams one job's events to stderr until its terminal event; resumes after
+// Passes one job's events to `view` until its terminal event; resumes after
 // a broken stream (e.g. a coordinator restart) from the last event seen.
-absl::StatusOr<JobEvent::Finished> Watch(BuildService::Stub& stub, const CliOptions& options,
-                                         const std::string& installable, const std::string& job_id,
+absl::StatusOr<JobEvent::Finished> Watch(BuildService::Stub& stub, const CliOptions& options, BuildView& view,
+                                         size_t index, const std::string& job_id,
                                          absl::flat_hash_set<std::string>& shown_errors) {
   uint64_t next_sequence = 0, incarnation = 0;
   const absl::Time give_up = absl::Now() + absl::Seconds(options.watch_retry_seconds);
@@ -334,46 +340,14 @@ absl::StatusOr<JobEvent::Finished> Watch(BuildService::Stub& stub, const CliOpti
       next_sequence = event.sequence() + 1;
       incarnation = event.incarnation();
       backoff = absl::Milliseconds(200);
-      switch (event.kind_case()) {
-        case JobEvent::kQueued:
-          if (!options.quiet) {
-            if (event.queued().reason().empty()) {
-              Err(absl::StrFormat("kiln: %s: queued as job %s", installable, job_id));
-            } else if (event.queued().attempt() == 0) {
-              Err(absl::StrFormat("kiln: %s: queued as job %s (%s)", installable, job_id, event.queued().reason()));
-            } else {
-              Err(absl::StrFormat("kiln: job %s: queued again (%s)", job_id, event.queued().reason()));
-            }
-          }
-          break;
-        case JobEvent::kAssigned:
-          if (!options.quiet) {
-            Err(absl::StrFormat("kiln: job %s: building on %s (attempt %d)", job_id, event.assigned().worker(),
-                                event.assigned().attempt()));
-          }
-          break;
-        case JobEvent::kStarted:
-          break;
-        case JobEvent::kLog:
-          if (options.quiet) break;
-          if (event.log().dropped_lines() > 0) {
-            Err(absl::StrFormat("kiln: job %s: %d log lines skipped (output too fast)", job_id,
-                                event.log().dropped_lines()));
-          }
-          for (const auto& line : event.log().lines()) {
-            if (line.derivation().empty() && absl::StartsWith(line.text(), "error:")) {
-              shown_errors.insert(line.text());
-            }
-            Err(line.derivation().empty() ? line.text() : absl::StrCat(line.derivation(), "> ", line.text()));
-          }
-          break;
-        case JobEvent::kFinished:
-          // The coordinator ends the stream right after this event.
-          finished = event.finished();
-          break;
-        case JobEvent::KIND_NOT_SET:
-          break;
+      if (event.has_log()) {
+        for (const auto& line : event.log().lines()) {
+          if (line.derivation().empty() && absl::StartsWith(line.text(), "error:")) shown_errors.insert(line.text());
+        }
       }
+      // The coordinator ends the stream right after the finished event.
+      if (event.has_finished()) finished = event.finished();
+      view.Event(index, event);
     }
     grpc::Status status = reader->Finish();
     if (finished) return *finished;
@@ -385,11 +359,147 @@ absl::StatusOr<JobEvent::Finished> Watch(BuildService::Stub& stub, const CliOpti
       return absl::UnavailableError(absl::StrCat("lost the coordinator while watching job ", job_id, ": ",
                                                  s.ok() ? "stream ended" : s.message()));
     }
-    if (!options.quiet) Err(absl::StrFormat("kiln: job %s: reconnecting to the coordinator…", job_id));
+    view.Reconnecting(index);
     absl::SleepFor(backoff);
     backoff = std::min(backoff * 2, absl::Seconds(5));
   }
 }
+
+// The view for this run: JSON events with --json; the live status view when
+// stderr (where it draws) is a terminal; plain lines otherwise (CI logs,
+// pipes, --quiet). stdout carries only results in every case.
+std::unique_ptr<BuildView> MakeBuildView(const CliOptions& options, const std::vector<std::string>& installables) {
+  if (options.json) return MakeJsonEventView(installables, stderr);
+  ViewOptions view{.quiet = options.quiet, .print_build_logs = options.print_build_logs};
+  const char* term = std::getenv("TERM");
+  const bool terminal = ::isatty(STDERR_FILENO) == 1 && (term == nullptr || std::string_view(term) != "dumb");
+  if (!terminal || options.quiet) return MakePlainView(installables, view, stderr);
+  // https://no-color.org: any non-empty NO_COLOR turns colours off.
+  const char* no_color = std::getenv("NO_COLOR");
+  view.color = no_color == nullptr || *no_color == '\0';
+  winsize size = {};
+  if (::ioctl(STDERR_FILENO, TIOCGWINSZ, &size) == 0 && size.ws_col > 0) view.width = size.ws_col;
+  if (size.ws_row > 4) view.max_status_lines = std::min(10, size.ws_row / 2);
+  return MakeTerminalView(installables, view, stderr);
+}
+
+// Ctrl-C (SIGINT) or SIGTERM while `kiln build` watches its jobs.
+//   - On a terminal it asks: cancel the remote builds (then waits for them to
+//     stop and exits 130), detach (leaves them running, prints their job ids
+//     as --detach does, exits 0), or resume watching.
+//   - Elsewhere (CI) nobody can answer: it cancels the remote builds, so an
+//     aborted CI job does not leave them running, and exits 130 once they
+//     stopped.
+// A second signal while asking or cancelling leaves at once (exit 130).
+// The signal handler only writes a byte to a pipe; a thread does the rest.
+class InterruptHandler {
+ public:
+  InterruptHandler(const CliOptions& options, BuildView& view, std::vector<std::string> job_ids)
+      : options_(options), view_(view), job_ids_(std::move(job_ids)) {
+    if (::pipe(pipe_) != 0) return;
+    write_fd_.store(pipe_[1]);
+    struct sigaction action = {};
+    action.sa_handler = &InterruptHandler::OnSignal;
+    sigemptyset(&action.sa_mask);
+    action.sa_flags = SA_RESTART;
+    sigaction(SIGINT, &action, &old_int_);
+    sigaction(SIGTERM, &action, &old_term_);
+    thread_ = std::thread([this] { Run(); });
+  }
+  ~InterruptHandler() { Stop(); }
+
+  // Restores the signals' handling; the watch is over.
+  void Stop() {
+    if (!thread_.joinable()) return;
+    sigaction(SIGINT, &old_int_, nullptr);
+    sigaction(SIGTERM, &old_term_, nullptr);
+    const char quit = 'q';
+    (void)!::write(pipe_[1], &quit, 1);
+    thread_.join();
+    write_fd_.store(-1);
+    ::close(pipe_[0]);
+    ::close(pipe_[1]);
+  }
+
+ private:
+  static void OnSignal(int) {
+    if (leave_on_signal_.load()) {
+      static constexpr char kBye[] = "\nkiln: leaving; the remote builds are not waited for\n";
+      (void)!::write(STDERR_FILENO, kBye, sizeof kBye - 1);
+      ::_exit(130);
+    }
+    const int fd = write_fd_.load();
+    const char sig = 's';
+    if (fd >= 0) (void)!::write(fd, &sig, 1);
+  }
+
+  void Run() {
+    char c = 0;
+    while (::read(pipe_[0], &c, 1) == 1 && c != 'q') {
+      const bool interactive = ::isatty(STDIN_FILENO) == 1 && ::isatty(STDERR_FILENO) == 1 && !options_.json;
+      if (!interactive) {
+        view_.Message("kiln: interrupted: cancelling the remote build(s)");
+        leave_on_signal_.store(true);
+        CancelAll();
+        continue;
+      }
+      view_.Pause();
+      leave_on_signal_.store(true);
+      std::fprintf(stderr, "kiln: interrupted: [c]ancel the build(s), [d]etach (they keep running), [r]esume? ");
+      std::fflush(stderr);
+      char answer[64] = {0};
+      const bool got = std::fgets(answer, sizeof answer, stdin) != nullptr;
+      const char first = got ? static_cast<char>(std::tolower(static_cast<unsigned char>(answer[0]))) : 'd';
+      if (first == 'c') {
+        view_.Resume();
+        view_.Message("kiln: cancelling the remote build(s)…");
+        CancelAll();  // The watchers end as the cancellations land.
+        continue;
+      }
+      if (first == 'd') {
+        view_.Finish();
+        std::fprintf(stderr, "kiln: detached; the farm keeps building. Follow with: kiln log -f JOB\n");
+        for (const std::string& id : job_ids_) std::printf("%s\n", id.c_str());
+        std::fflush(stdout);
+        std::fflush(stderr);
+        std::_Exit(kExitOk);
+      }
+      leave_on_signal_.store(false);
+      view_.Resume();
+    }
+  }
+
+  void CancelAll() {
+    cancelled_.store(true);
+    for (const std::string& id : job_ids_) {
+      kiln::v1::CancelJobRequest request;
+      request.set_job_id(id);
+      kiln::v1::CancelJobResponse response;
+      absl::Status s = UnaryCall(
+          options_, [&](grpc::ClientContext& c) { return Coordinator(options_).CancelJob(&c, request, &response); });
+      if (!s.ok() && !absl::IsFailedPrecondition(s)) {
+        view_.Message(absl::StrCat("kiln: job ", id, ": cannot cancel: ", Describe(s)));
+      }
+    }
+  }
+
+ public:
+  // Whether the user (or CI) cancelled the builds: exit 130, as for an
+  // interrupted command.
+  bool cancelled() const { return cancelled_.load(); }
+
+ private:
+  static inline std::atomic<int> write_fd_{-1};
+  static inline std::atomic<bool> leave_on_signal_{false};
+  const CliOptions& options_;
+  BuildView& view_;
+  const std::vector<std::string> job_ids_;
+  int pipe_[2] = {-1, -1};
+  struct sigaction old_int_ = {};
+  struct sigaction old_term_ = {};
+  std::atomic<bool> cancelled_{false};
+  std::thread thread_;
+};
 
 }  // namespace
 
@@ -515,6 +625,8 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& g
     return kExitUsage;
   }
   BuildService::Stub& stub = Coordinator(options);
+  std::unique_ptr<BuildView> view = MakeBuildView(options, installables);
+  auto say = [&](const std::string& text) { view->Message(text); };
 
   // One tree for all of them, uploaded once, and one buildset: the farm
   // builds the targets in parallel.
@@ -530,32 +642,34 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& g
       target_job.push_back(jobs.size());
     } else {
       s.error = target.status();
-      Err(absl::StrCat("error: ", text, ": ", Describe(target.status())));
+      say(absl::StrCat("error: ", text, ": ", Describe(target.status())));
       exit_code = std::max(exit_code, ExitCodeFor(target.status()));
     }
     jobs.push_back(std::move(s));
   }
   if (!targets.empty()) {
     UploadStats upload;
-    absl::StatusOr<std::vector<std::string>> ids = Submit(stub, options, targets, upload);
+    absl::StatusOr<std::vector<std::string>> ids = Submit(stub, options, targets, upload, view.get());
     for (size_t i = 0; i < targets.size(); ++i) {
       Submitted& s = jobs[target_job[i]];
       s.upload = upload;
       if (ids.ok()) {
         s.job_id = (*ids)[i];
+        view->Submitted(target_job[i], s.job_id);
       } else {
         s.error = ids.status();
       }
     }
     if (!ids.ok()) {
-      Err(absl::StrCat("error: ", Describe(ids.status())));
+      say(absl::StrCat("error: ", Describe(ids.status())));
       exit_code = std::max(exit_code, ExitCodeFor(ids.status()));
     } else if (!options.quiet && targets.size() > 1) {
-      Err(absl::StrFormat("kiln: submitted %d target(s) as one buildset", targets.size()));
+      say(absl::StrFormat("kiln: submitted %d target(s) as one buildset", targets.size()));
     }
   }
 
   if (options.detach) {
+    view->Finish();
     // Submitted (and stored): the farm builds without us watching.
     nlohmann::json submitted = nlohmann::json::array();
     for (const auto& job : jobs) {
@@ -581,12 +695,17 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& g
     absl::flat_hash_set<std::string> shown_errors;
   };
   std::vector<Watched> watched(jobs.size());
+  std::vector<std::string> submitted_ids;
+  for (const auto& job : jobs) {
+    if (job.error.ok()) submitted_ids.push_back(job.job_id);
+  }
+  InterruptHandler interrupts(options, *view, submitted_ids);
   {
     std::atomic<size_t> next{0};
     const auto watch_some = [&] {
       for (size_t i = next++; i < jobs.size(); i = next++) {
         if (!jobs[i].error.ok()) continue;
-        watched[i].finished = Watch(stub, options, jobs[i].installable, jobs[i].job_id, watched[i].shown_errors);
+        watched[i].finished = Watch(stub, options, *view, i, jobs[i].job_id, watched[i].shown_errors);
       }
     };
     constexpr size_t kMaxWatchers = 32;
@@ -595,6 +714,9 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& g
     watch_some();
     for (auto& t : threads) t.join();
   }
+  interrupts.Stop();
+  view->Finish();
+  if (interrupts.cancelled()) exit_code = kExitInterrupted;
 
   nlohmann::json json_out = nlohmann::json::array();
   std::vector<std::string> summary;  // A line per target, like a CI matrix.
@@ -613,7 +735,7 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& g
     const absl::StatusOr<JobEvent::Finished>& finished = watched[index].finished;
     if (!finished.ok()) {
       summary.push_back(absl::StrFormat("  %-10s %s (job %s)", "unknown", job.installable, job.job_id));
-      Err(absl::StrCat("error: ", job.installable, ": ", Describe(finished.status())));
+      say(absl::StrCat("error: ", job.installable, ": ", Describe(finished.status())));
       exit_code = std::max(exit_code, ExitCodeFor(finished.status()));
       entry["status"] = "unknown";
       entry["error"] = std::string(finished.status().message());
@@ -626,7 +748,7 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& g
     if (result.cached()) {
       entry["cachedFromJob"] = result.cached_from_job();
       if (!options.quiet) {
-        Err(absl::StrFormat("kiln: %s: cached: built by job %s on %s (--rebuild builds it again)", job.installable,
+        say(absl::StrFormat("kiln: %s: cached: built by job %s on %s (--rebuild builds it again)", job.installable,
                             result.cached_from_job(), finished->worker()));
       }
     }
@@ -644,7 +766,7 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& g
         if (index > 0) absl::StrAppend(&link, "-", index);
         if (name != "out") absl::StrAppend(&link, "-", name);
         if (absl::Status s = DownloadOutput(options, tree, link); !s.ok()) {
-          Err(absl::StrCat("error: ", job.installable, ": cannot download output ", name, ": ", s.message()));
+          say(absl::StrCat("error: ", job.installable, ": cannot download output ", name, ": ", s.message()));
           exit_code = std::max(exit_code, kExitUnavailable);
         } else {
           entry["outLinks"][name] = link;
@@ -662,7 +784,7 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& g
                          {"size", p.manifest_size() + p.config().size()}, {"layers", layers},
                          {"bytesUploaded", p.bytes_uploaded()}};
       for (const auto& l : p.layers()) entry["pushed"]["size"] = entry["pushed"]["size"].get<int64_t>() + l.size();
-      if (!options.json) Err(absl::StrCat("kiln: ", job.installable, ": pushed ", p.image()));
+      if (!options.json) say(absl::StrCat("kiln: ", job.installable, ": pushed ", p.image()));
     }
     if (finished->state() == kiln::v1::JOB_STATE_SUCCEEDED) {
       entry["drvPath"] = result.drv_path();
@@ -686,17 +808,17 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& g
         if (!line.empty() && !shown_errors.contains(line)) unseen.emplace_back(line);
       }
       if (result.error_message().empty()) {
-        Err(absl::StrCat("error: ", job.installable, ": ", StateName(finished->state())));
+        say(absl::StrCat("error: ", job.installable, ": ", StateName(finished->state())));
       } else if (!unseen.empty()) {
-        Err(absl::StrJoin(unseen, "\n"));
+        say(absl::StrJoin(unseen, "\n"));
       }
       exit_code = std::max(exit_code, kExitBuildFailed);
     }
     json_out.push_back(entry);
   }
   if (jobs.size() > 1 && !options.quiet) {
-    Err(absl::StrFormat("kiln: %d target(s):", jobs.size()));
-    for (const std::string& line : summary) Err(line);
+    say(absl::StrFormat("kiln: %d target(s):", jobs.size()));
+    for (const std::string& line : summary) say(line);
   }
   if (options.json) std::printf("%s\n", json_out.dump().c_str());
   std::fflush(stdout);
@@ -915,8 +1037,12 @@ absl::StatusOr<std::vector<kiln::v1::BuildResult>> RunFodJobs(const CliOptions& 
   if (!ids.ok()) return ids.status();
   std::vector<kiln::v1::BuildResult> results;
   absl::flat_hash_set<std::string> shown;
+  std::vector<std::string> names;
+  for (const Target& t : targets) names.push_back(t.text);
+  std::unique_ptr<BuildView> view = MakePlainView(names, ViewOptions{.quiet = options.quiet}, stderr);
   for (size_t i = 0; i < ids->size(); ++i) {
-    absl::StatusOr<JobEvent::Finished> done = Watch(Coordinator(options), options, targets[i].text, (*ids)[i], shown);
+    view->Submitted(i, (*ids)[i]);
+    absl::StatusOr<JobEvent::Finished> done = Watch(Coordinator(options), options, *view, i, (*ids)[i], shown);
     if (!done.ok()) return done.status();
     results.push_back(done->result());
   }

@@ -27,6 +27,9 @@ inline constexpr int kExitOk = 0;
 inline constexpr int kExitBuildFailed = 1;
 inline constexpr int kExitUsage = 2;
 inline constexpr int kExitUnavailable = 3;
+// The user (Ctrl-C) or CI (SIGTERM) interrupted `kiln build` and its builds
+// were cancelled: 128 + SIGINT, as shells report an interrupted command.
+inline constexpr int kExitInterrupted = 130;
 
 struct CliOptions {
   std::string coordinator;  // host:port
@@ -36,6 +39,7 @@ struct CliOptions {
   bool json = false;
   std::string system = "x86_64-linux";
   bool quiet = false;       // No build log, only the result.
+  bool print_build_logs = false;  // -L: the full log under the terminal view too.
   std::string priority = "interactive";  // A class name the coordinator knows.
   int64_t timeout_seconds = 0;          // Whole job; 0: the coordinator's default.
   int64_t max_silent_time_seconds = 0;  // Without log output; 0: no limit.

@@ -25,6 +25,8 @@ ABSL_FLAG(std::string, tls_key, "", "Its private key (PEM)");
 ABSL_FLAG(bool, json, false, "Print machine-readable JSON on stdout");
 ABSL_FLAG(std::string, system, "x86_64-linux", "System to build for");
 ABSL_FLAG(bool, quiet, false, "Do not show build logs");
+ABSL_FLAG(bool, print_build_logs, false,
+          "build: on a terminal, show the full build logs above the status lines (-L; elsewhere they always are)");
 ABSL_FLAG(absl::Duration, timeout, absl::ZeroDuration(),
           "Fail a build that runs longer than this, e.g. 30m (default: the coordinator's)");
 ABSL_FLAG(absl::Duration, max_silent_time, absl::ZeroDuration(),
@@ -53,7 +55,7 @@ namespace {
 constexpr char kUsage[] =
     "Kiln: build Nix flakes on a build farm.\n"
     "  kiln [--coordinator=ADDR] build PATH#ATTR... | --all-flakes [--attr=ATTR] | --file=kiln.json\n"
-    "                                  [--json] [--quiet] [--detach] [--rebuild] [-o PATH] [--system=SYSTEM]\n"
+    "                                  [--json] [--quiet] [-L] [--detach] [--rebuild] [-o PATH] [--system=SYSTEM]\n"
     "                                  [--priority=interactive|ci|batch] [--timeout=30m] [--max-silent-time=10m]\n"
     "                                  [--label=KEY=VALUE,...] [--push=REGISTRY/REPO[:TAG] [--tag=T,...]]\n"
     "  kiln [--coordinator=ADDR] status JOB|BUILDSET [--json]\n"
@@ -63,7 +65,8 @@ constexpr char kUsage[] =
     "  kiln [--coordinator=ADDR] fod-hash PATH#ATTR [--write] [--json]\n"
     "  kiln push RESULT REGISTRY/REPO[:TAG] [--tag=T,...] [--authfile=F] [--json]\n"
     "  kiln [--coordinator=ADDR] fod list|export [--name=NAME] | show KEY | forget KEY...|--name=NAME | import FILE\n"
-    "Exit codes: 0 success, 1 build failed, 2 bad usage or input, 3 coordinator unreachable.";
+    "Exit codes: 0 success, 1 build failed, 2 bad usage or input, 3 coordinator unreachable,\n"
+    "130 interrupted (Ctrl-C or SIGTERM) and the builds cancelled.";
 }
 
 int main(int argc, char** argv) {
@@ -97,6 +100,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> expanded(argv, argv + argc);
   for (std::string& a : expanded) {
     if (a == "-o") a = "--out-link";
+    if (a == "-L") a = "--print-build-logs";
   }
   std::vector<char*> expanded_argv;
   for (std::string& a : expanded) expanded_argv.push_back(a.data());
@@ -133,6 +137,7 @@ int main(int argc, char** argv) {
   options.json = absl::GetFlag(FLAGS_json);
   options.system = absl::GetFlag(FLAGS_system);
   options.quiet = absl::GetFlag(FLAGS_quiet);
+  options.print_build_logs = absl::GetFlag(FLAGS_print_build_logs);
   options.timeout_seconds = absl::ToInt64Seconds(absl::GetFlag(FLAGS_timeout));
   options.max_silent_time_seconds = absl::ToInt64Seconds(absl::GetFlag(FLAGS_max_silent_time));
   options.priority = absl::GetFlag(FLAGS_priority);

@@ -15,6 +15,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/str_replace.h"
 #include "absl/time/clock.h"
 #include "common/digest.h"
@@ -92,7 +93,13 @@ class FodE2eTest : public ::testing::Test {
     EXPECT_TRUE(r.ok()) << r.status();
     if (!r.ok()) return b;
     b.exit_code = r->exit.exit_code;
-    b.printed = r->stdout_data + r->stderr_data;
+    // With --json, stderr is an event per line: the text of its log lines
+    // and messages is what a person would have read.
+    b.printed = r->stdout_data;
+    for (absl::string_view line : absl::StrSplit(r->stderr_data, '\n', absl::SkipEmpty())) {
+      auto event = nlohmann::json::parse(line, nullptr, false);
+      if (event.is_object() && event.contains("text")) absl::StrAppend(&b.printed, event["text"].get<std::string>(), "\n");
+    }
     auto j = nlohmann::json::parse(r->stdout_data, nullptr, false);
     if (j.is_array() && !j.empty()) b.entry = j[0];
     return b;
