@@ -25,10 +25,6 @@ const char* StateWord(kiln::v1::JobState state) {
   }
 }
 
-std::string LogText(const kiln::v1::LogLine& line) {
-  return line.derivation().empty() ? line.text() : absl::StrCat(line.derivation(), "> ", line.text());
-}
-
 // At most `columns` characters of `text` (UTF-8 aware), control characters
 // and escape sequences made harmless: a status line must never wrap or
 // move the cursor.
@@ -93,7 +89,7 @@ class PlainView final : public BuildView {
           absl::StrAppendFormat(&text, "kiln: job %s: %d log lines skipped (output too fast)\n", job,
                                 event.log().dropped_lines());
         }
-        for (const auto& line : event.log().lines()) absl::StrAppend(&text, LogText(line), "\n");
+        for (const auto& line : event.log().lines()) absl::StrAppend(&text, LogLineText(line), "\n");
         Write(text);
         break;
       }
@@ -306,6 +302,10 @@ class TerminalView final : public BuildView {
 
 }  // namespace
 
+std::string LogLineText(const kiln::v1::LogLine& line) {
+  return line.derivation().empty() ? line.text() : absl::StrCat(line.derivation(), "> ", line.text());
+}
+
 StatusBoard::StatusBoard(std::vector<std::string> installables, ViewOptions options) : options_(options) {
   for (std::string& i : installables) {
     Target t;
@@ -344,7 +344,7 @@ std::vector<std::string> StatusBoard::Event(size_t index, const JobEvent& event,
     case JobEvent::kLog:
       if (t.state != "building") t.state = "building";
       for (const auto& line : event.log().lines()) {
-        t.last_line = LogText(line);
+        t.last_line = LogLineText(line);
         if (options_.print_build_logs && !options_.quiet) permanent.push_back(t.last_line);
       }
       break;

@@ -43,6 +43,10 @@ class BuildView {
   virtual void Resume() {}
 };
 
+// A build log line as every view and `kiln log` print it: "drv> text", or
+// the text alone for Nix's own lines (like nix build -L).
+std::string LogLineText(const kiln::v1::LogLine& line);
+
 struct ViewOptions {
   bool quiet = false;             // No build log lines.
   bool print_build_logs = false;  // -L: the full log on a terminal too.

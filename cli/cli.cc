@@ -935,6 +935,126 @@ int RunStatusCommand(const CliOptions& options, const std::string& id) {
   return kExitOk;
 }
 
+int RunLogCommand(const CliOptions& options, const std::string& job_id, bool follow) {
+  auto print = [&](const kiln::v1::LogLine& line) {
+    if (options.json) {
+      nlohmann::json j = {{"derivation", line.derivation()}, {"text", line.text()}};
+      if (line.has_time()) j["time"] = absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", FromProtoTime(line.time()),
+                                                         absl::UTCTimeZone());
+      std::printf("%s\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+    } else {
+      std::printf("%s\n", LogLineText(line).c_str());
+    }
+  };
+  kiln::v1::GetJobLogRequest request;
+  request.set_job_id(job_id);
+  kiln::v1::GetJobLogResponse response;
+  absl::Status s =
+      UnaryCall(options, [&](grpc::ClientContext& c) { return Coordinator(options).GetJobLog(&c, request, &response); });
+  if (!s.ok()) return ReportError(s);
+  const bool finished = response.state() == kiln::v1::JOB_STATE_SUCCEEDED ||
+                        response.state() == kiln::v1::JOB_STATE_FAILED ||
+                        response.state() == kiln::v1::JOB_STATE_CANCELLED;
+  if (!follow || finished) {
+    if (response.expired()) {
+      Err(absl::StrCat("error: the log of job ", job_id,
+                       " was removed by the coordinator's retention limit (kiln-coordinator --log-retention-kb)"));
+      return kExitUsage;
+    }
+    for (const auto& line : response.lines()) print(line);
+    std::fflush(stdout);
+    if (response.dropped_lines() > 0) {
+      Err(absl::StrFormat("kiln: job %s: %d later line(s) were not kept (the per-job log limit)", job_id,
+                          response.dropped_lines()));
+    }
+    if (!follow) return kExitOk;
+    return response.state() == kiln::v1::JOB_STATE_SUCCEEDED ? kExitOk : kExitBuildFailed;
+  }
+  // Following a live job: its events from the start (the coordinator replays
+  // the log it holds), then as they come, until it ends.
+  class LogOnly final : public BuildView {
+   public:
+    explicit LogOnly(std::function<void(const kiln::v1::LogLine&)> print) : print_(std::move(print)) {}
+    void Submitted(size_t, const std::string&) override {}
+    void Event(size_t, const JobEvent& event) override {
+      for (const auto& line : event.log().lines()) print_(line);
+      if (event.has_log()) std::fflush(stdout);
+    }
+    void Reconnecting(size_t) override {}
+    void Message(const std::string& text) override { Err(text); }
+
+   private:
+    std::function<void(const kiln::v1::LogLine&)> print_;
+  };
+  LogOnly view(print);
+  absl::flat_hash_set<std::string> shown;
+  absl::StatusOr<JobEvent::Finished> done = Watch(Coordinator(options), options, view, 0, job_id, shown);
+  if (!done.ok()) return ReportError(done.status());
+  return done->state() == kiln::v1::JOB_STATE_SUCCEEDED ? kExitOk : kExitBuildFailed;
+}
+
+int RunHistoryCommand(const CliOptions& options, int limit) {
+  kiln::v1::ListBuildsetsRequest request;
+  request.set_limit(static_cast<uint32_t>(std::clamp(limit, 1, 1000)));
+  kiln::v1::ListBuildsetsResponse response;
+  absl::Status s = UnaryCall(
+      options, [&](grpc::ClientContext& c) { return Coordinator(options).ListBuildsets(&c, request, &response); });
+  if (!s.ok()) return ReportError(s);
+  const absl::Time now = absl::Now();
+  auto result_text = [](const kiln::v1::BuildsetSummary& b) {
+    if (b.unfinished() > 0) return absl::StrFormat("running (%d of %d done)", b.targets() - b.unfinished(), b.targets());
+    if (b.succeeded() == b.targets()) {
+      return b.cached() > 0 ? absl::StrFormat("succeeded (%d cached)", b.cached()) : std::string("succeeded");
+    }
+    std::vector<std::string> parts;
+    if (b.succeeded() > 0) parts.push_back(absl::StrCat(b.succeeded(), " succeeded"));
+    if (b.failed() > 0) parts.push_back(absl::StrCat(b.failed(), " failed"));
+    if (b.cancelled() > 0) parts.push_back(absl::StrCat(b.cancelled(), " cancelled"));
+    return absl::StrJoin(parts, ", ");
+  };
+  auto seconds = [&](const kiln::v1::BuildsetSummary& b) {
+    const absl::Time end = b.has_finished_at() ? FromProtoTime(b.finished_at()) : now;
+    return absl::ToDoubleSeconds(end - FromProtoTime(b.submitted_at()));
+  };
+  if (options.json) {
+    nlohmann::json out = nlohmann::json::array();
+    for (const auto& b : response.buildsets()) {
+      nlohmann::json j = {
+          {"buildsetId", b.buildset_id()},
+          {"submitter", b.submitter()},
+          {"submittedAt", absl::FormatTime("%Y-%m-%dT%H:%M:%SZ", FromProtoTime(b.submitted_at()), absl::UTCTimeZone())},
+          {"targets", b.targets()},
+          {"succeeded", b.succeeded()},
+          {"failed", b.failed()},
+          {"cancelled", b.cancelled()},
+          {"unfinished", b.unfinished()},
+          {"cached", b.cached()},
+          {"status", b.unfinished() > 0 ? "running" : b.succeeded() == b.targets() ? "succeeded" : "failed"},
+          {"durationSeconds", seconds(b)},
+          {"installables", std::vector<std::string>(b.installables().begin(), b.installables().end())}};
+      if (b.has_finished_at()) {
+        j["finishedAt"] = absl::FormatTime("%Y-%m-%dT%H:%M:%SZ", FromProtoTime(b.finished_at()), absl::UTCTimeZone());
+      }
+      out.push_back(std::move(j));
+    }
+    std::printf("%s\n", out.dump().c_str());
+    return kExitOk;
+  }
+  std::printf("%-9s %-19s %-20s %7s  %-26s %9s  %s\n", "BUILDSET", "SUBMITTED (UTC)", "BY", "TARGETS", "RESULT",
+              "DURATION", "FIRST TARGET");
+  for (const auto& b : response.buildsets()) {
+    const int64_t total = static_cast<int64_t>(seconds(b));
+    const std::string duration = total >= 3600 ? absl::StrFormat("%d:%02d:%02d", total / 3600, (total / 60) % 60,
+                                                                 total % 60)
+                                               : absl::StrFormat("%d:%02d", total / 60, total % 60);
+    std::printf("%-9s %-19s %-20s %7d  %-26s %9s  %s\n", b.buildset_id().c_str(),
+                absl::FormatTime("%Y-%m-%d %H:%M:%S", FromProtoTime(b.submitted_at()), absl::UTCTimeZone()).c_str(),
+                b.submitter().substr(0, 20).c_str(), b.targets(), result_text(b).c_str(), duration.c_str(),
+                b.installables().empty() ? "" : b.installables(0).c_str());
+  }
+  return kExitOk;
+}
+
 int RunCancelCommand(const CliOptions& options, const std::string& id) {
   if (IsBuildsetId(id)) {
     kiln::v1::CancelBuildsetRequest request;

@@ -75,6 +75,15 @@ absl::StatusOr<std::vector<std::string>> TargetsFromFile(const std::string& file
 // `kiln status ID`: a job, or every job of a buildset (ids "b…").
 int RunStatusCommand(const CliOptions& options, const std::string& id);
 
+// `kiln log JOB [-f]`: the job's build log on stdout: what the coordinator
+// kept so far, or with -f everything until the job ends (then the exit code
+// is the job's: 0 succeeded, 1 otherwise).
+int RunLogCommand(const CliOptions& options, const std::string& job_id, bool follow);
+
+// `kiln history [--limit=N]`: the most recent buildsets, newest first, with
+// their results and durations.
+int RunHistoryCommand(const CliOptions& options, int limit);
+
 // `kiln cancel ID`: a job, or every unfinished job of a buildset.
 int RunCancelCommand(const CliOptions& options, const std::string& id);
 

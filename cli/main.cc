@@ -46,6 +46,8 @@ ABSL_FLAG(std::string, push, "",
           "build: push the built image to REGISTRY/REPOSITORY[:TAG] (from the worker, straight to the registry)");
 ABSL_FLAG(std::vector<std::string>, tag, {}, "build --push: more tags (comma-separated), e.g. testing,$GIT_SHA");
 ABSL_FLAG(std::string, manifest_format, "docker", "build --push: docker (v2 schema 2, as skopeo pushes) or oci");
+ABSL_FLAG(bool, follow, false, "log: keep printing the log of a running job until it ends (-f)");
+ABSL_FLAG(int32_t, limit, 20, "history: how many buildsets to list, newest first");
 ABSL_FLAG(bool, write, false, "fod-hash: edit the flake's .nix files where the replacement is unambiguous");
 ABSL_FLAG(std::string, name, "", "fod list|export|forget: only FODs of this derivation name");
 ABSL_FLAG(std::string, priority, "interactive",
@@ -60,6 +62,8 @@ constexpr char kUsage[] =
     "                                  [--label=KEY=VALUE,...] [--push=REGISTRY/REPO[:TAG] [--tag=T,...]]\n"
     "  kiln [--coordinator=ADDR] status JOB|BUILDSET [--json]\n"
     "  kiln [--coordinator=ADDR] cancel JOB|BUILDSET [--json]\n"
+    "  kiln [--coordinator=ADDR] log JOB [-f] [--json]\n"
+    "  kiln [--coordinator=ADDR] history [--limit=N] [--json]\n"
     "  kiln [--coordinator=ADDR] workers [--json]\n"
     "  kiln [--coordinator=ADDR] workers drain|undrain NAME\n"
     "  kiln [--coordinator=ADDR] fod-hash PATH#ATTR [--write] [--json]\n"
@@ -101,6 +105,7 @@ int main(int argc, char** argv) {
   for (std::string& a : expanded) {
     if (a == "-o") a = "--out-link";
     if (a == "-L") a = "--print-build-logs";
+    if (a == "-f") a = "--follow";
   }
   std::vector<char*> expanded_argv;
   for (std::string& a : expanded) expanded_argv.push_back(a.data());
@@ -182,6 +187,10 @@ int main(int argc, char** argv) {
     code = kiln::RunFodCommand(options, args, absl::GetFlag(FLAGS_name));
   } else if (command == "workers") {
     code = kiln::RunWorkersCommand(options, args);
+  } else if (command == "log" && args.size() == 1) {
+    code = kiln::RunLogCommand(options, args[0], absl::GetFlag(FLAGS_follow));
+  } else if (command == "history" && args.empty()) {
+    code = kiln::RunHistoryCommand(options, absl::GetFlag(FLAGS_limit));
   } else if ((command == "status" || command == "cancel") && args.size() == 1) {
     code = command == "status" ? kiln::RunStatusCommand(options, args[0]) : kiln::RunCancelCommand(options, args[0]);
   } else {

@@ -22,6 +22,7 @@
 #include "common/grpc_util.h"
 #include "common/installable.h"
 #include "common/log.h"
+#include "coordinator/job_log.h"
 #include "coordinator/auth.h"
 
 namespace kiln {
@@ -268,6 +269,7 @@ absl::Status BuildCoordinator::Recover() {
   // One record parsed at a time into the same message (no allocation once
   // warm); the entry keeps the serialized form.
   JobRecord record;
+  std::vector<std::pair<int64_t, std::string>> logs_by_finish;  // (finished_at seconds, job id)
   absl::Status loaded = store_->ForEachPackedJob([&](absl::string_view bytes) {
     if (!record.ParseFromArray(bytes.data(), static_cast<int>(bytes.size()))) {
       return absl::DataLossError("unreadable job record");
@@ -279,6 +281,10 @@ absl::Status BuildCoordinator::Recover() {
     job.queued_at = clock_->Now();
     const JobState state = record.state();
     if (IsTerminal(state)) {
+      if (record.stored_log_bytes() > 0) {
+        stored_log_bytes_ += static_cast<uint64_t>(record.stored_log_bytes());
+        logs_by_finish.emplace_back(record.finished_at().seconds(), id);
+      }
       JobEvent event;
       auto* finished = event.mutable_finished();
       finished->set_state(state);
@@ -305,6 +311,10 @@ absl::Status BuildCoordinator::Recover() {
     return absl::OkStatus();
   });
   if (!loaded.ok()) return loaded;
+  std::stable_sort(logs_by_finish.begin(), logs_by_finish.end(),
+                   [](const auto& a, const auto& b) { return a.first < b.first; });
+  for (auto& [finished, id] : logs_by_finish) stored_logs_.push_back(std::move(id));
+  metrics_->stored_log_bytes.Set(static_cast<double>(stored_log_bytes_));
   LogInfo(kComponent, "recovered ", jobs_.size(), " jobs (", queued, " queued, ", held,
           " held for their workers to reconnect)");
   UpdateGauges();
@@ -638,6 +648,77 @@ absl::StatusOr<kiln::v1::Buildset> BuildCoordinator::GetBuildset(const std::stri
   return out;
 }
 
+absl::Status BuildCoordinator::GetJobLog(const std::string& job_id, bool have_stored,
+                                         kiln::v1::GetJobLogResponse* out) const {
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job ", job_id));
+  JobRecord scratch;
+  const JobRecord& r = View(it->second, scratch);
+  out->set_state(r.state());
+  out->set_expired(r.log_expired());
+  // A finished job's log comes from the store; the copy in memory serves
+  // only jobs still running (or one finishing between the caller's read of
+  // the store and this call).
+  if (have_stored) return absl::OkStatus();
+  ForEachStoredEvent(it->second.history, [&](JobEvent& e) {
+    if (!e.has_log()) return;
+    for (kiln::v1::LogLine& line : *e.mutable_log()->mutable_lines()) *out->add_lines() = std::move(line);
+  });
+  out->set_dropped_lines(it->second.dropped_log_lines);
+  return absl::OkStatus();
+}
+
+kiln::v1::ListBuildsetsResponse BuildCoordinator::ListBuildsets(size_t limit) const {
+  // Ids are "b" and a sequence number: the newest have the largest.
+  std::vector<std::pair<uint64_t, const std::string*>> ids;
+  ids.reserve(buildsets_.size());
+  for (const auto& [id, jobs] : buildsets_) {
+    uint64_t n = 0;
+    if (!absl::SimpleAtoi(absl::string_view(id).substr(1), &n)) continue;
+    ids.emplace_back(n, &id);
+  }
+  const size_t take = std::min(limit, ids.size());
+  std::partial_sort(ids.begin(), ids.begin() + static_cast<ptrdiff_t>(take), ids.end(),
+                    [](const auto& a, const auto& b) { return a.first > b.first; });
+  kiln::v1::ListBuildsetsResponse out;
+  JobRecord scratch;
+  for (size_t i = 0; i < take; ++i) {
+    const std::string& id = *ids[i].second;
+    kiln::v1::BuildsetSummary* summary = out.add_buildsets();
+    summary->set_buildset_id(id);
+    google::protobuf::Timestamp finished;
+    bool all_finished = true;
+    for (const std::string& job_id : buildsets_.at(id)) {
+      auto it = jobs_.find(job_id);
+      if (it == jobs_.end()) continue;
+      const JobRecord& r = View(it->second, scratch);
+      if (summary->targets() == 0) {
+        summary->set_submitter(r.submitter());
+        *summary->mutable_submitted_at() = r.submitted_at();
+      }
+      summary->set_targets(summary->targets() + 1);
+      if (summary->installables_size() < 16) summary->add_installables(r.spec().display_name());
+      switch (r.state()) {
+        case kiln::v1::JOB_STATE_SUCCEEDED:
+          summary->set_succeeded(summary->succeeded() + 1);
+          if (r.result().cached()) summary->set_cached(summary->cached() + 1);
+          break;
+        case kiln::v1::JOB_STATE_FAILED: summary->set_failed(summary->failed() + 1); break;
+        case kiln::v1::JOB_STATE_CANCELLED: summary->set_cancelled(summary->cancelled() + 1); break;
+        default:
+          summary->set_unfinished(summary->unfinished() + 1);
+          all_finished = false;
+          break;
+      }
+      if (IsTerminal(r.state()) && FromProtoTime(r.finished_at()) > FromProtoTime(finished)) {
+        finished = r.finished_at();
+      }
+    }
+    if (all_finished && summary->targets() > 0) *summary->mutable_finished_at() = finished;
+  }
+  return out;
+}
+
 absl::StatusOr<kiln::v1::Buildset> BuildCoordinator::CancelBuildset(const std::string& buildset_id) {
   auto it = buildsets_.find(buildset_id);
   if (it == buildsets_.end()) return absl::NotFoundError(absl::StrCat("no buildset ", buildset_id));
@@ -837,6 +918,8 @@ void BuildCoordinator::Flush() {
   if (!pending_jobs_.empty()) {
     StateWrite write;
     for (const auto& [key, entry] : pending_results_) write.cached_results.emplace_back(key, &entry);
+    write.logs.swap(pending_logs_);
+    write.deleted_logs.swap(pending_log_deletes_);
     write.packed_jobs.reserve(pending_jobs_.size());
     for (JobEntry* job : pending_jobs_) {
       job->dirty = false;
@@ -1305,6 +1388,7 @@ void BuildCoordinator::FinishOne(JobEntry& job, JobState state, BuildResult resu
   Rec(job).set_state(state);
   *Rec(job).mutable_result() = std::move(result);
   *Rec(job).mutable_finished_at() = ToProtoTime(clock_->Now());
+  StoreLog(job);
   Persist(job);
   const JobRecord& done = Rec(job);
   // For the result cache, stored with the job's final state. The key is
@@ -1357,6 +1441,36 @@ void BuildCoordinator::FinishOne(JobEntry& job, JobState state, BuildResult resu
   }
 }
 
+void BuildCoordinator::StoreLog(JobEntry& job) {
+  kiln::state::v1::StoredLog log;
+  ForEachStoredEvent(job.history, [&](JobEvent& e) {
+    if (!e.has_log()) return;
+    for (kiln::v1::LogLine& line : *e.mutable_log()->mutable_lines()) *log.add_lines() = std::move(line);
+  });
+  log.set_dropped_lines(job.dropped_log_lines);
+  if (log.lines().empty() && log.dropped_lines() == 0) return;
+  std::string bytes = EncodeStoredLog(log);
+  const std::string& id = Rec(job).job_id();
+  Rec(job).set_stored_log_bytes(static_cast<int64_t>(bytes.size()));
+  stored_log_bytes_ += bytes.size();
+  stored_logs_.push_back(id);
+  pending_logs_.emplace_back(id, std::move(bytes));
+  // Oldest first; the newest log stays even alone over the limit.
+  while (stored_log_bytes_ > options_.log_retention_bytes && stored_logs_.size() > 1) {
+    auto old = jobs_.find(stored_logs_.front());
+    stored_logs_.pop_front();
+    if (old == jobs_.end()) continue;
+    JobRecord& r = Rec(old->second);
+    stored_log_bytes_ -= std::min<uint64_t>(stored_log_bytes_, static_cast<uint64_t>(r.stored_log_bytes()));
+    r.set_stored_log_bytes(0);
+    r.set_log_expired(true);
+    Persist(old->second);
+    pending_log_deletes_.push_back(r.job_id());
+    metrics_->logs_expired.Increment();
+  }
+  metrics_->stored_log_bytes.Set(static_cast<double>(stored_log_bytes_));
+}
+
 void BuildCoordinator::Emit(JobEntry& job, JobEvent event) {
   event.set_sequence(job.next_sequence++);
   *event.mutable_time() = ToProtoTime(clock_->Now());
@@ -1373,6 +1487,7 @@ void BuildCoordinator::Emit(JobEntry& job, JobEvent event) {
     const size_t bytes = job.history.size() - before;
     if (job.log_bytes + bytes > options_.log_bytes_per_job) {
       job.history.resize(before);  // Live watchers only.
+      job.dropped_log_lines += static_cast<uint32_t>(event.log().lines_size());
       return;
     }
     job.log_bytes += static_cast<uint32_t>(bytes);

@@ -73,7 +73,9 @@ struct BuildCoordinatorOptions {
   uint64_t max_active_jobs_per_token = 0;
   uint32_t max_worker_jobs = 1024;      // Sanity bound on a worker's slots.
   size_t log_bytes_per_job = 8 << 20;   // Kept in memory for late watchers.
-  size_t finished_jobs_with_logs = 256; // Older finished jobs keep no log.
+  size_t finished_jobs_with_logs = 256; // Older finished jobs keep no log in memory.
+  // Compressed logs of finished jobs kept in the store, oldest removed first.
+  uint64_t log_retention_bytes = uint64_t{1} << 30;
   absl::Duration heartbeat_interval = absl::Seconds(10);
   // After a start, how long workers have to reconnect before a job that no
   // known worker could take is refused at submission.
@@ -133,6 +135,12 @@ class BuildCoordinator {
   absl::StatusOr<kiln::v1::JobState> Cancel(const std::string& job_id);
   absl::StatusOr<kiln::v1::Job> GetJob(const std::string& job_id) const;
   absl::StatusOr<kiln::v1::Buildset> GetBuildset(const std::string& buildset_id) const;
+  // The job's state and, for a job not finished, its log so far; for a
+  // finished one, its in-memory log unless `have_stored` (the caller read
+  // the stored one), and whether the retention limit removed it.
+  absl::Status GetJobLog(const std::string& job_id, bool have_stored, kiln::v1::GetJobLogResponse* out) const;
+  // The `limit` most recent buildsets, newest first.
+  kiln::v1::ListBuildsetsResponse ListBuildsets(size_t limit) const;
   absl::StatusOr<kiln::v1::Buildset> CancelBuildset(const std::string& buildset_id);
 
   // Operators' view of the workers, and drain (kept across a worker's
@@ -183,6 +191,7 @@ class BuildCoordinator {
     // job_id and incarnation (added on replay): ~30 bytes, not ~160.
     std::string history;
     uint32_t log_bytes = 0;
+    uint32_t dropped_log_lines = 0;  // Past log_bytes_per_job: not kept.
     uint32_t next_sequence = 1;
     absl::Time queued_at;
     std::vector<std::shared_ptr<JobWatcher>> watchers;
@@ -267,6 +276,9 @@ class BuildCoordinator {
   static const kiln::state::v1::JobRecord& View(const JobEntry& job, kiln::state::v1::JobRecord& scratch);
   // Marks the job's record for the pending write (see Flush).
   void Persist(JobEntry& job);
+  // Compresses a finished job's log for the store and applies the
+  // retention limit (before the job's record is persisted).
+  void StoreLog(JobEntry& job);
   // Refreshes the gauges, at most every 100 ms unless forced (Tick flushes).
   void UpdateGauges(bool force = false);
   static JobRequirements RequirementsOf(const kiln::v1::JobSpec& spec);
@@ -289,6 +301,12 @@ class BuildCoordinator {
   std::vector<JobEntry*> touched_;
   // Successful results for the result cache, stored by the next Flush.
   std::vector<std::pair<std::string, kiln::state::v1::CachedResult>> pending_results_;
+  // Finished jobs' logs to store with the next write, and logs to delete.
+  std::vector<std::pair<std::string, std::string>> pending_logs_;
+  std::vector<std::string> pending_log_deletes_;
+  // Jobs with a stored log, oldest finished first, and their total size.
+  std::deque<std::string> stored_logs_;
+  uint64_t stored_log_bytes_ = 0;
   std::vector<PendingWatcherCall> pending_watcher_calls_;
   std::vector<const WorkerSession*> workers_with_outbox_;
   absl::Time gauges_updated_ = absl::InfinitePast();

@@ -44,6 +44,10 @@ class CoordinatorMetrics {
   prometheus::Counter& fod_build_seconds_saved;
   prometheus::Counter& fod_recorded;
   prometheus::Gauge& fod_entries;
+  // Finished jobs' compressed logs in the store, and logs removed by the
+  // retention limit.
+  prometheus::Gauge& stored_log_bytes;
+  prometheus::Counter& logs_expired;
   // Image pushes reported by workers in job results.
   prometheus::Counter& push_bytes;
 

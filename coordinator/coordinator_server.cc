@@ -66,7 +66,8 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
                                                server->coordinator_metrics_.get());
   const Authorizer* auth = server->auth_.get();
   server->admin_service_ = std::make_unique<AdminServiceImpl>(server->store_->tokens(), auth);
-  server->build_service_ = std::make_unique<BuildServiceImpl>(server->core_.get(), server->strand_.get(), auth);
+  server->build_service_ =
+      std::make_unique<BuildServiceImpl>(server->core_.get(), server->strand_.get(), auth, server->store_.get());
   server->worker_service_ = std::make_unique<WorkerServiceImpl>(server->core_.get(), server->strand_.get(),
                                                                 server->sender_.get(), auth);
   server->farm_service_ = std::make_unique<FarmServiceImpl>(server->core_.get(), server->strand_.get(), auth);

@@ -6,6 +6,7 @@
 #include "common/grpc_util.h"
 #include "common/log.h"
 #include "common/outbound_queue.h"
+#include "coordinator/job_log.h"
 
 namespace kiln {
 namespace {
@@ -254,6 +255,49 @@ grpc::ServerUnaryReactor* BuildServiceImpl::CancelBuildset(grpc::CallbackServerC
   if (!caller.ok()) return Refused(context, caller.status());
   return UnaryOnStrand(context, core_, strand_, [core = core_, request, response] {
     return Into(core->CancelBuildset(request->buildset_id()), response);
+  });
+}
+
+grpc::ServerUnaryReactor* BuildServiceImpl::GetJobLog(grpc::CallbackServerContext* context,
+                                                      const kiln::v1::GetJobLogRequest* request,
+                                                      kiln::v1::GetJobLogResponse* response) {
+  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kRead);
+  if (!caller.ok()) return Refused(context, caller.status());
+  // A finished job's log is read from the store here, on the gRPC thread:
+  // a point read and a decompression stay off the strand.
+  bool have_stored = false;
+  if (store_ != nullptr) {
+    absl::StatusOr<std::string> bytes = store_->GetLog(request->job_id());
+    if (bytes.ok()) {
+      absl::StatusOr<kiln::state::v1::StoredLog> log = DecodeStoredLog(*bytes);
+      if (!log.ok()) {
+        grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+        reactor->Finish(ToGrpcStatus(log.status()));
+        return reactor;
+      }
+      response->mutable_lines()->Swap(log->mutable_lines());
+      response->set_dropped_lines(log->dropped_lines());
+      have_stored = true;
+    } else if (!absl::IsNotFound(bytes.status())) {
+      grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+      reactor->Finish(ToGrpcStatus(bytes.status()));
+      return reactor;
+    }
+  }
+  return UnaryOnStrand(context, core_, strand_, [core = core_, request, response, have_stored] {
+    return core->GetJobLog(request->job_id(), have_stored, response);
+  });
+}
+
+grpc::ServerUnaryReactor* BuildServiceImpl::ListBuildsets(grpc::CallbackServerContext* context,
+                                                          const kiln::v1::ListBuildsetsRequest* request,
+                                                          kiln::v1::ListBuildsetsResponse* response) {
+  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kRead);
+  if (!caller.ok()) return Refused(context, caller.status());
+  const size_t limit = request->limit() == 0 ? 20 : std::min<size_t>(request->limit(), 1000);
+  return UnaryOnStrand(context, core_, strand_, [core = core_, response, limit] {
+    *response = core->ListBuildsets(limit);
+    return absl::OkStatus();
   });
 }
 

@@ -19,8 +19,10 @@ class BuildServiceImpl final : public kiln::v1::BuildService::CallbackService {
  public:
   // `core`, `strand` and `auth` must outlive the server; `auth` null: no
   // checks (in-process tests).
-  BuildServiceImpl(BuildCoordinator* core, SerialExecutor* strand, const Authorizer* auth = nullptr)
-      : core_(core), strand_(strand), auth_(auth) {}
+  // `store` (may be null: no stored logs) serves finished jobs' logs.
+  BuildServiceImpl(BuildCoordinator* core, SerialExecutor* strand, const Authorizer* auth = nullptr,
+                   StateStore* store = nullptr)
+      : core_(core), strand_(strand), auth_(auth), store_(store) {}
 
   grpc::ServerUnaryReactor* SubmitBuild(grpc::CallbackServerContext* context,
                                         const kiln::v1::SubmitBuildRequest* request,
@@ -38,11 +40,17 @@ class BuildServiceImpl final : public kiln::v1::BuildService::CallbackService {
   grpc::ServerUnaryReactor* CancelBuildset(grpc::CallbackServerContext* context,
                                            const kiln::v1::CancelBuildsetRequest* request,
                                            kiln::v1::Buildset* response) override;
+  grpc::ServerUnaryReactor* GetJobLog(grpc::CallbackServerContext* context, const kiln::v1::GetJobLogRequest* request,
+                                      kiln::v1::GetJobLogResponse* response) override;
+  grpc::ServerUnaryReactor* ListBuildsets(grpc::CallbackServerContext* context,
+                                          const kiln::v1::ListBuildsetsRequest* request,
+                                          kiln::v1::ListBuildsetsResponse* response) override;
 
  private:
   BuildCoordinator* const core_;
   SerialExecutor* const strand_;
   const Authorizer* const auth_;
+  StateStore* const store_;
 };
 
 class WorkerServiceImpl final : public kiln::v1::WorkerService::CallbackService {

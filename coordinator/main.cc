@@ -1,4 +1,5 @@
 // kiln-coordinator: parses flags and runs CoordinatorServer until SIGINT/SIGTERM.
+#include <algorithm>
 #include <cstdio>
 
 #include "absl/flags/flag.h"
@@ -50,6 +51,8 @@ ABSL_FLAG(absl::Duration, default_timeout, absl::ZeroDuration(),
           "Timeout of a build that sets none (0: no limit)");
 ABSL_FLAG(std::string, log_level, "info", "debug, info, warning or error");
 ABSL_FLAG(std::string, log_format, "text", "text, or json: one JSON object per line");
+ABSL_FLAG(int64_t, log_retention_kb, 1 << 20,
+          "Compressed build logs kept for `kiln log`, in KiB; the oldest finished jobs' logs go first");
 ABSL_FLAG(int64_t, cas_max_gb, 100,
           "CAS size above which blobs no queued or running job needs are deleted, oldest first (0: never)");
 ABSL_FLAG(absl::Duration, cas_gc_grace, absl::Hours(1), "Blobs stored more recently than this are never collected");
@@ -109,6 +112,8 @@ int main(int argc, char** argv) {
   options.max_blob_bytes = static_cast<uint64_t>(absl::GetFlag(FLAGS_max_blob_mb)) << 20;
   options.core.capability_grace = absl::GetFlag(FLAGS_capability_grace);
   options.core.lease = absl::GetFlag(FLAGS_lease);
+  options.core.log_retention_bytes = static_cast<uint64_t>(std::max<int64_t>(0, absl::GetFlag(FLAGS_log_retention_kb)))
+                                     << 10;
   options.core.default_timeout = absl::GetFlag(FLAGS_default_timeout);
   options.core.retry_backoff = absl::GetFlag(FLAGS_retry_backoff);
   options.core.priority_names = absl::GetFlag(FLAGS_priority_names);

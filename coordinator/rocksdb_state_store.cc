@@ -19,7 +19,8 @@ namespace {
 
 constexpr char kNextJobSeq[] = "meta/next_job_seq";
 constexpr char kNextBuildsetSeq[] = "meta/next_buildset_seq";
-enum Family { kDefault = 0, kJobs = 1, kBlobs = 2, kBlobMeta = 3, kResults = 4, kFod = 5, kFodNames = 6, kTokens = 7 };
+enum Family { kDefault = 0, kJobs = 1, kBlobs = 2, kBlobMeta = 3, kResults = 4, kFod = 5, kFodNames = 6, kTokens = 7,
+              kLogs = 8 };
 
 }  // namespace
 
@@ -63,6 +64,7 @@ absl::StatusOr<std::unique_ptr<RocksDbStateStore>> RocksDbStateStore::Open(const
       {"fod", results_options},
       {"fod_names", results_options},
       {"tokens", rocksdb::ColumnFamilyOptions()},
+      {"logs", blob_options},  // Compressed already (see job_log.h).
   };
   auto store = std::unique_ptr<RocksDbStateStore>(new RocksDbStateStore());
   store->sync_ = sync;
@@ -128,6 +130,8 @@ absl::Status RocksDbStateStore::Commit(const StateWrite& write) {
     batch.Put(handles_[kResults], key, entry->SerializeAsString());
   }
   for (const auto& [digest, bytes] : write.blobs) batch.Put(handles_[kBlobs], digest, bytes);
+  for (const auto& [job_id, bytes] : write.logs) batch.Put(handles_[kLogs], JobKey(job_id), bytes);
+  for (const std::string& job_id : write.deleted_logs) batch.Delete(handles_[kLogs], JobKey(job_id));
   if (write.next_job_seq != 0) {
     batch.Put(handles_[kDefault], kNextJobSeq, absl::StrCat(write.next_job_seq));
   }
@@ -143,6 +147,14 @@ absl::StatusOr<std::string> RocksDbStateStore::GetBlob(const std::string& sha256
   std::string value;
   rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), handles_[kBlobs], sha256_hex, &value);
   if (!s.ok()) return FromRocks(s, absl::StrCat("source blob ", sha256_hex));
+  return value;
+}
+
+absl::StatusOr<std::string> RocksDbStateStore::GetLog(const std::string& job_id) {
+  std::string value;
+  rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), handles_[kLogs], JobKey(job_id), &value);
+  if (s.IsNotFound()) return absl::NotFoundError(absl::StrCat("no stored log for job ", job_id));
+  if (!s.ok()) return FromRocks(s, "cannot read a job log");
   return value;
 }
 

@@ -34,6 +34,7 @@ class RocksDbStateStore final : public StateStore {
 
   absl::Status Commit(const StateWrite& write) override;
   absl::StatusOr<std::string> GetBlob(const std::string& sha256_hex) override;
+  absl::StatusOr<std::string> GetLog(const std::string& job_id) override;
   absl::Status ForEachPackedJob(absl::FunctionRef<absl::Status(absl::string_view)> fn) override;
   absl::StatusOr<StoredCounters> LoadCounters() override;
   absl::StatusOr<kiln::state::v1::CachedResult> GetCachedResult(const std::string& key) override;
@@ -68,7 +69,7 @@ class RocksDbStateStore final : public StateStore {
   RocksDbStateStore() = default;
 
   std::unique_ptr<rocksdb::DB> db_;
-  // default, jobs, blobs, blob_meta, results, fod, fod_names, tokens
+  // default, jobs, blobs, blob_meta, results, fod, fod_names, tokens, logs
   std::vector<rocksdb::ColumnFamilyHandle*> handles_;
   bool sync_ = false;
   std::unique_ptr<CasStore> cas_;

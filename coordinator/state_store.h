@@ -29,13 +29,17 @@ struct StateWrite {
   std::vector<std::pair<std::string, const kiln::state::v1::CachedResult*>> cached_results;
   // (sha256 hex, bytes) of source-tree blobs.
   std::vector<std::pair<std::string, std::string>> blobs;
+  // Finished jobs' logs: (job id, EncodeStoredLog bytes); and job ids whose
+  // logs the retention limit removes.
+  std::vector<std::pair<std::string, std::string>> logs;
+  std::vector<std::string> deleted_logs;
   // Next job / buildset sequence numbers to hand out, when they changed.
   uint64_t next_job_seq = 0;
   uint64_t next_buildset_seq = 0;
 
   bool empty() const {
-    return jobs.empty() && packed_jobs.empty() && cached_results.empty() && blobs.empty() && next_job_seq == 0 &&
-           next_buildset_seq == 0;
+    return jobs.empty() && packed_jobs.empty() && cached_results.empty() && blobs.empty() && logs.empty() &&
+           deleted_logs.empty() && next_job_seq == 0 && next_buildset_seq == 0;
   }
 };
 
@@ -52,6 +56,10 @@ class StateStore {
 
   // NotFound when no blob has that digest.
   virtual absl::StatusOr<std::string> GetBlob(const std::string& sha256_hex) = 0;
+
+  // A finished job's stored log (EncodeStoredLog bytes); NotFound if none.
+  // Thread-safe: read off the strand.
+  virtual absl::StatusOr<std::string> GetLog(const std::string& job_id) = 0;
 
   // Calls `fn` with every serialized job record, in job-id order, one at a
   // time (a million records need not be held twice); stops at its first error.

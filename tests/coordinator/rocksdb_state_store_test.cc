@@ -1,4 +1,5 @@
 #include "coordinator/rocksdb_state_store.h"
+#include "coordinator/job_log.h"
 
 #include <gtest/gtest.h>
 
@@ -87,6 +88,56 @@ TEST(RocksDbStateStoreTest, RecordFormatMatchesGolden) {
 TEST(RocksDbStateStoreTest, OpenFailsClearlyOnABadDirectory) {
   auto store = RocksDbStateStore::Open("/proc/not-a-place-for-state", false);
   EXPECT_FALSE(store.ok());
+}
+
+}  // namespace
+}  // namespace kiln
+
+namespace kiln {
+namespace {
+
+TEST(StoredLogTest, CompressesAndReadsBackThroughTheStore) {
+  kiln::state::v1::StoredLog log;
+  for (int i = 0; i < 2000; ++i) {
+    kiln::v1::LogLine* line = log.add_lines();
+    line->set_derivation("hello");
+    line->set_text("compiling file number " + std::to_string(i));
+  }
+  log.set_dropped_lines(3);
+  const std::string bytes = EncodeStoredLog(log);
+  EXPECT_LT(bytes.size(), log.ByteSizeLong() / 4) << "build logs compress well";
+
+  testing::TempDir dir;
+  auto store = RocksDbStateStore::Open(dir.path(), /*sync=*/false);
+  ASSERT_TRUE(store.ok());
+  StateWrite write;
+  write.logs.emplace_back("42", bytes);
+  ASSERT_TRUE((*store)->Commit(write).ok());
+  auto read = (*store)->GetLog("42");
+  ASSERT_TRUE(read.ok()) << read.status();
+  auto decoded = DecodeStoredLog(*read);
+  ASSERT_TRUE(decoded.ok()) << decoded.status();
+  EXPECT_EQ(decoded->lines_size(), 2000);
+  EXPECT_EQ(decoded->lines(1999).text(), "compiling file number 1999");
+  EXPECT_EQ(decoded->dropped_lines(), 3u);
+
+  StateWrite removal;
+  removal.deleted_logs.push_back("42");
+  ASSERT_TRUE((*store)->Commit(removal).ok());
+  EXPECT_TRUE(absl::IsNotFound((*store)->GetLog("42").status()));
+}
+
+TEST(StoredLogTest, RefusesWhatItDidNotWrite) {
+  kiln::state::v1::StoredLog log;
+  log.add_lines()->set_text("x");
+  std::string bytes = EncodeStoredLog(log);
+  EXPECT_FALSE(DecodeStoredLog("").ok());
+  EXPECT_FALSE(DecodeStoredLog(std::string(1, '\x02') + bytes.substr(1)).ok());  // Unknown version.
+  std::string flipped = bytes;
+  flipped.back() ^= 0x55;  // zlib's Adler-32 catches it.
+  EXPECT_EQ(DecodeStoredLog(flipped).status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_FALSE(DecodeStoredLog(bytes.substr(0, bytes.size() / 2)).ok());
+  EXPECT_FALSE(DecodeStoredLog(bytes, /*max_bytes=*/1).ok());
 }
 
 }  // namespace

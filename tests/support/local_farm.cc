@@ -105,6 +105,13 @@ LocalFarm::LocalFarm(int workers, int max_jobs_per_worker) : workers_(workers), 
 LocalFarm::~LocalFarm() {
   worker_daemons_.clear();
   coordinator_.reset();
+  // A worker killed with SIGKILL leaves its nix processes (each in its own
+  // process group) behind; one still waiting for its derivation on the
+  // named pipe would wait forever. Under systemd the unit's cgroup goes
+  // with the worker; here, whatever names this farm's directory goes.
+  RunCommand({.argv = {"pkill", "-KILL", "-f", dir_.path() + "/worker-"}, .extra_env = {}, .cwd = ""}, "",
+             absl::Seconds(10))
+      .IgnoreError();
 }
 
 absl::Status LocalFarm::StartCoordinator(const std::string& listen) {
