@@ -32,6 +32,18 @@ struct LogFields {
   absl::string_view worker;
 };
 
+inline LogFields ForJob(absl::string_view job, int64_t attempt = 0) {
+  LogFields fields;
+  fields.job = job;
+  fields.attempt = attempt;
+  return fields;
+}
+inline LogFields ForWorker(absl::string_view worker) {
+  LogFields fields;
+  fields.worker = worker;
+  return fields;
+}
+
 void LogLine(LogLevel level, absl::string_view component, const LogFields& fields, absl::string_view message);
 inline void LogLine(LogLevel level, absl::string_view component, absl::string_view message) {
   LogLine(level, component, LogFields{}, message);

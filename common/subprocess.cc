@@ -87,10 +87,11 @@ absl::StatusOr<Spawned> SpawnWithPipes(const ProcessSpec& spec, bool want_stdin)
       CloseFd(p[1]);
     }
   });
-  if (want_stdin && ::pipe2(in, O_CLOEXEC) != 0) return ErrnoStatus("pipe");
-  if (::pipe2(out, O_CLOEXEC) != 0 || ::pipe2(err, O_CLOEXEC) != 0) {
-    return ErrnoStatus("pipe");
+  if (want_stdin) {
+    if (absl::Status s = MakePipe(in); !s.ok()) return s;
   }
+  if (absl::Status s = MakePipe(out); !s.ok()) return s;
+  if (absl::Status s = MakePipe(err); !s.ok()) return s;
 
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);
@@ -143,6 +144,21 @@ void SetNonBlocking(int fd) {
 }
 
 }  // namespace
+
+absl::Status MakePipe(int fds[2], bool nonblocking) {
+#ifdef __linux__
+  if (::pipe2(fds, O_CLOEXEC | (nonblocking ? O_NONBLOCK : 0)) != 0) return ErrnoStatus("pipe");
+#else
+  // Not atomic with a concurrent fork+exec elsewhere; the CLI (the only
+  // user off Linux) spawns from one thread.
+  if (::pipe(fds) != 0) return ErrnoStatus("pipe");
+  for (int i = 0; i < 2; ++i) {
+    ::fcntl(fds[i], F_SETFD, FD_CLOEXEC);
+    if (nonblocking) ::fcntl(fds[i], F_SETFL, ::fcntl(fds[i], F_GETFL) | O_NONBLOCK);
+  }
+#endif
+  return absl::OkStatus();
+}
 
 std::string ExitInfo::ToString() const {
   if (signal != 0) return absl::StrCat("killed by signal ", signal);
@@ -234,7 +250,7 @@ struct ProcessSupervisor::Child {
 };
 
 ProcessSupervisor::ProcessSupervisor() {
-  if (::pipe2(wake_fds_, O_CLOEXEC | O_NONBLOCK) != 0) std::abort();
+  if (!MakePipe(wake_fds_, /*nonblocking=*/true).ok()) std::abort();
   thread_ = std::thread([this] { Loop(); });
 }
 

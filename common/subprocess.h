@@ -25,6 +25,10 @@
 
 namespace kiln {
 
+// pipe(2) with both ends close-on-exec (and non-blocking if asked): pipe2
+// on Linux, pipe + fcntl where there is none (macOS, for the CLI).
+absl::Status MakePipe(int fds[2], bool nonblocking = false);
+
 struct ProcessSpec {
   std::vector<std::string> argv;  // argv[0] is looked up in PATH.
   // Extra "NAME=value" entries layered over the parent's environment.

@@ -37,4 +37,20 @@ grpc::Status AdminServiceImpl::RevokeToken(grpc::ServerContext* context, const k
   return grpc::Status::OK;
 }
 
+grpc::Status AdminServiceImpl::Backup(grpc::ServerContext* context, const kiln::v1::BackupRequest* request,
+                                      kiln::v1::BackupResponse* response) {
+  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kAdmin);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
+  if (state_ == nullptr) return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "no state to back up here");
+  absl::StatusOr<RocksDbStateStore::BackupStats> stats = state_->Backup(request->destination());
+  if (!stats.ok()) return ToGrpcStatus(stats.status());
+  LogInfo("coordinator", caller->who, " backed the state up to ", request->destination(), " (", stats->cas_files,
+          " CAS file(s))");
+  response->set_destination(request->destination());
+  response->set_cas_files(stats->cas_files);
+  response->set_sst_bytes(stats->sst_bytes);
+  response->set_hard_linked(stats->hard_linked);
+  return grpc::Status::OK;
+}
+
 }  // namespace kiln

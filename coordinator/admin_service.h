@@ -1,8 +1,9 @@
-// AdminService: client tokens, for the local administrator (the admin
-// socket) and tokens with the admin scope.
+// AdminService: client tokens and backups, for the local administrator
+// (the admin socket) and tokens with the admin scope.
 #pragma once
 
 #include "coordinator/auth.h"
+#include "coordinator/rocksdb_state_store.h"
 #include "coordinator/token_store.h"
 #include "kiln/v1/admin.grpc.pb.h"
 
@@ -10,8 +11,10 @@ namespace kiln {
 
 class AdminServiceImpl final : public kiln::v1::AdminService::Service {
  public:
-  // Both must outlive the server; `auth` null: no checks (tests).
-  AdminServiceImpl(TokenStore* tokens, const Authorizer* auth) : tokens_(tokens), auth_(auth) {}
+  // All must outlive the server; `auth` null: no checks (tests); `state`
+  // null: no backups.
+  AdminServiceImpl(TokenStore* tokens, const Authorizer* auth, RocksDbStateStore* state = nullptr)
+      : tokens_(tokens), auth_(auth), state_(state) {}
 
   grpc::Status CreateToken(grpc::ServerContext* context, const kiln::v1::CreateTokenRequest* request,
                            kiln::v1::CreateTokenResponse* response) override;
@@ -19,10 +22,13 @@ class AdminServiceImpl final : public kiln::v1::AdminService::Service {
                           kiln::v1::ListTokensResponse* response) override;
   grpc::Status RevokeToken(grpc::ServerContext* context, const kiln::v1::RevokeTokenRequest* request,
                            kiln::v1::RevokeTokenResponse* response) override;
+  grpc::Status Backup(grpc::ServerContext* context, const kiln::v1::BackupRequest* request,
+                      kiln::v1::BackupResponse* response) override;
 
  private:
   TokenStore* const tokens_;
   const Authorizer* const auth_;
+  RocksDbStateStore* const state_;
 };
 
 }  // namespace kiln

@@ -765,7 +765,7 @@ absl::StatusOr<kiln::v1::WorkerInfo> BuildCoordinator::DrainWorker(const std::st
   } else {
     drained_.insert(name);
   }
-  LogInfo({.worker = name}, kComponent, undo ? "drain lifted" : "draining (no new jobs)");
+  LogInfo(ForWorker(name), kComponent, undo ? "drain lifted" : "draining (no new jobs)");
   UpdateGauges();
   EndOfCall();
   kiln::v1::ListWorkersResponse all = ListWorkers();
@@ -875,7 +875,7 @@ void BuildCoordinator::HandleRegister(WorkerEntry& worker, const kiln::v1::Regis
   *reply.mutable_registered()->mutable_lease() = ToProtoDuration(options_.lease);
   OutboxSend(worker, std::move(reply));
   Reconcile(worker, reg);
-  LogInfo({.worker = worker.name}, kComponent, "registered: ", reg.max_jobs(), " slot(s), systems ",
+  LogInfo(ForWorker(worker.name), kComponent, "registered: ", reg.max_jobs(), " slot(s), systems ",
           absl::StrJoin(reg.systems(), ","));
 }
 
@@ -989,7 +989,7 @@ void BuildCoordinator::HandleHeartbeat(WorkerEntry& worker, const kiln::v1::Hear
     if (over.empty()) {
       LogInfo(kComponent, "worker ", worker.name, " is back under its limits");
     } else {
-      LogWarning({.worker = worker.name}, kComponent, "takes no new jobs: ", over);
+      LogWarning(ForWorker(worker.name), kComponent, "takes no new jobs: ", over);
     }
     scheduler_.SetOverLimit(worker.name, over);
   }
@@ -1010,7 +1010,7 @@ void BuildCoordinator::Reconcile(WorkerEntry& worker, const kiln::v1::Register& 
     scheduler_.Release(id, worker.name);
     Requeue(job, "worker_lost", absl::StrCat("worker ", worker.name, " came back without it"));
   }
-  if (kept > 0) LogInfo({.worker = worker.name}, kComponent, "re-attached ", kept, " job(s)");
+  if (kept > 0) LogInfo(ForWorker(worker.name), kComponent, "re-attached ", kept, " job(s)");
   // Anything else it has is not its to run any more (requeued, finished or
   // cancelled meanwhile): stop it.
   for (const auto& [id, attempt] : reported) {
@@ -1025,7 +1025,7 @@ void BuildCoordinator::Reconcile(WorkerEntry& worker, const kiln::v1::Register& 
 void BuildCoordinator::ExpireLease(const std::string& worker, const std::string& why) {
   lease_until_.erase(worker);
   const std::vector<std::string> lost = scheduler_.RemoveWorker(worker);
-  LogInfo({.worker = worker}, kComponent, why, "; requeueing ", lost.size(), " job(s)");
+  LogInfo(ForWorker(worker), kComponent, why, "; requeueing ", lost.size(), " job(s)");
   for (const std::string& id : lost) {
     auto job = jobs_.find(id);
     if (job != jobs_.end() && !IsTerminal(Rec(job->second).state())) {
@@ -1144,8 +1144,9 @@ void BuildCoordinator::HandleFinished(WorkerEntry& worker, const kiln::v1::JobFi
   if (it == jobs_.end()) return;
   JobEntry& job = it->second;
   if (Rec(job).worker() != worker.name || Rec(job).attempt() != finished.attempt()) {
-    LogDebug({.job = finished.job_id(), .attempt = finished.attempt(), .worker = worker.name}, kComponent,
-             "ignoring a stale result");
+    LogFields about = ForJob(finished.job_id(), finished.attempt());
+    about.worker = worker.name;
+    LogDebug(about, kComponent, "ignoring a stale result");
     return;
   }
   scheduler_.Release(finished.job_id(), worker.name);
@@ -1233,7 +1234,7 @@ void BuildCoordinator::Dispatch() {
     assign->set_attempt(Rec(job).attempt());
     *assign->mutable_spec() = Rec(job).spec();
     if (absl::Status s = AttachSource(Rec(job).spec(), *assign); !s.ok()) {
-      LogError({.job = a.job}, kComponent, "source unavailable: ", s.ToString());
+      LogError(ForJob(a.job), kComponent, "source unavailable: ", s.ToString());
       scheduler_.Release(a.job, a.worker);
       BuildResult result;
       result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
@@ -1422,7 +1423,7 @@ void BuildCoordinator::FinishOne(JobEntry& job, JobState state, BuildResult resu
   Emit(job, std::move(event));
   for (auto& w : job.watchers) pending_watcher_calls_.push_back({std::move(w), std::nullopt, absl::OkStatus()});
   job.watchers.clear();
-  LogInfo({.job = Rec(job).job_id()}, kComponent, "(", Rec(job).spec().display_name(), ") ", ResultLabel(state),
+  LogInfo(ForJob(Rec(job).job_id()), kComponent, "(", Rec(job).spec().display_name(), ") ", ResultLabel(state),
           Rec(job).worker().empty() ? "" : " on ", Rec(job).worker());
 
   // Keep full logs only for the most recently finished jobs.

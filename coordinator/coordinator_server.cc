@@ -65,7 +65,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   server->auth_ = std::make_unique<Authorizer>(server->store_->tokens(), options.require_tokens || tls, tls,
                                                server->coordinator_metrics_.get());
   const Authorizer* auth = server->auth_.get();
-  server->admin_service_ = std::make_unique<AdminServiceImpl>(server->store_->tokens(), auth);
+  server->admin_service_ = std::make_unique<AdminServiceImpl>(server->store_->tokens(), auth, server->store_.get());
   server->build_service_ =
       std::make_unique<BuildServiceImpl>(server->core_.get(), server->strand_.get(), auth, server->store_.get());
   server->worker_service_ = std::make_unique<WorkerServiceImpl>(server->core_.get(), server->strand_.get(),

@@ -67,7 +67,8 @@ int main(int argc, char** argv) {
       "Kiln coordinator: accepts Nix builds, schedules them on workers, keeps state in RocksDB.\n"
       "  kiln-coordinator --listen=127.0.0.1:7600 --metrics-listen=127.0.0.1:9600 --state-dir=DIR\n"
       "  kiln-coordinator token create --state-dir=DIR --name=NAME --scope=submit,push:REGISTRY/NS/*:testing\n"
-      "  kiln-coordinator token list|revoke NAME --state-dir=DIR");
+      "  kiln-coordinator token list|revoke NAME --state-dir=DIR\n"
+      "  kiln-coordinator backup --state-dir=DIR DESTINATION   (restore: --state-dir=DESTINATION)");
   kiln::DashedFlagArgs dashed(argc, argv);
   std::vector<char*> positional = absl::ParseCommandLine(dashed.argc(), dashed.argv());
   if (positional.size() >= 2 && std::string(positional[1]) == "token") {
@@ -79,8 +80,15 @@ int main(int argc, char** argv) {
     command.json = absl::GetFlag(FLAGS_json);
     return kiln::RunTokenCommand(command);
   }
+  if (positional.size() >= 2 && std::string(positional[1]) == "backup") {
+    if (positional.size() != 3) {
+      std::fprintf(stderr, "kiln-coordinator: usage: kiln-coordinator backup --state-dir=DIR DESTINATION\n");
+      return 2;
+    }
+    return kiln::RunBackupCommand(absl::GetFlag(FLAGS_state_dir), positional[2], absl::GetFlag(FLAGS_json));
+  }
   if (positional.size() > 1) {
-    std::fprintf(stderr, "kiln-coordinator: unexpected argument '%s' (commands: token)\n", positional[1]);
+    std::fprintf(stderr, "kiln-coordinator: unexpected argument '%s' (commands: token, backup)\n", positional[1]);
     return 2;
   }
   // Debian's Abseil checks every Mutex acquisition for lock-order cycles

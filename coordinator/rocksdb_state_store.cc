@@ -4,6 +4,7 @@
 #include <map>
 
 #include <rocksdb/options.h>
+#include <rocksdb/utilities/checkpoint.h>
 #include <rocksdb/table.h>
 #include <rocksdb/write_batch.h>
 
@@ -72,14 +73,72 @@ absl::StatusOr<std::unique_ptr<RocksDbStateStore>> RocksDbStateStore::Open(const
   rocksdb::Status s = rocksdb::DB::Open(db_options, dir, families, &store->handles_, &db);
   if (!s.ok()) return FromRocks(s, absl::StrCat("cannot open state in ", dir));
   store->db_.reset(db);
-  store->cas_ = std::make_unique<CasStore>(db, store->handles_[kBlobs], store->handles_[kBlobMeta],
-                                           (std::filesystem::path(dir) / "cas").string(), max_blob_bytes, sync);
+  store->cas_dir_ = (std::filesystem::path(dir) / "cas").string();
+  store->cas_ = std::make_unique<CasStore>(db, store->handles_[kBlobs], store->handles_[kBlobMeta], store->cas_dir_,
+                                           max_blob_bytes, sync);
   store->fod_cache_ = std::make_unique<FodCache>(db, store->handles_[kFod], store->handles_[kFodNames],
                                                  RealClock::Get(), sync);
   absl::StatusOr<std::unique_ptr<TokenStore>> tokens = TokenStore::Open(db, store->handles_[kTokens], sync);
   if (!tokens.ok()) return tokens.status();
   store->tokens_ = *std::move(tokens);
   return store;
+}
+
+absl::StatusOr<RocksDbStateStore::BackupStats> RocksDbStateStore::Backup(const std::string& destination) {
+  namespace fs = std::filesystem;
+  const fs::path dest(destination);
+  std::error_code ec;
+  if (!dest.is_absolute()) return absl::InvalidArgumentError(absl::StrCat("backup: '", destination, "' is not absolute"));
+  if (fs::exists(dest, ec)) {
+    return absl::AlreadyExistsError(absl::StrCat("backup: ", destination, " exists already; name a new directory"));
+  }
+  fs::create_directories(dest, ec);
+  if (ec) return absl::InternalError(absl::StrCat("backup: cannot create ", destination, ": ", ec.message()));
+  fs::permissions(dest, fs::perms::owner_all, ec);  // Token hashes, sources: the coordinator's alone.
+  BackupStats stats;
+  // 1. The database, consistent at one instant: every column family.
+  rocksdb::Checkpoint* raw = nullptr;
+  rocksdb::Status s = rocksdb::Checkpoint::Create(db_.get(), &raw);
+  if (!s.ok()) return FromRocks(s, "backup: cannot start a checkpoint");
+  std::unique_ptr<rocksdb::Checkpoint> checkpoint(raw);
+  s = checkpoint->CreateCheckpoint((dest / "rocksdb").string());
+  if (!s.ok()) return FromRocks(s, "backup: checkpoint failed");
+  for (const auto& entry : fs::directory_iterator(dest / "rocksdb", ec)) {
+    if (entry.path().extension() == ".sst") stats.sst_bytes += entry.file_size(ec);
+  }
+  // 2. The CAS's files, after the checkpoint: every blob it names whose
+  // file existed then is here (a blob collected in between was needed by
+  // no queued or running job). Files are immutable and named by content.
+  const fs::path cas(cas_dir_);
+  const fs::path cas_copy = dest / "rocksdb" / cas.filename();  // Where Open looks for it.
+  for (auto it = fs::recursive_directory_iterator(cas, ec); !ec && it != fs::recursive_directory_iterator();
+       it.increment(ec)) {
+    const fs::path rel = it->path().lexically_relative(cas);
+    if (rel.begin() != rel.end() && *rel.begin() == "tmp") {
+      it.disable_recursion_pending();  // Uploads in progress.
+      continue;
+    }
+    std::error_code file_ec;
+    if (it->is_directory(file_ec)) {
+      fs::create_directories(cas_copy / rel, file_ec);
+      continue;
+    }
+    if (!it->is_regular_file(file_ec)) continue;
+    fs::create_directories((cas_copy / rel).parent_path(), file_ec);
+    fs::create_hard_link(it->path(), cas_copy / rel, file_ec);
+    if (file_ec) {
+      stats.hard_linked = false;
+      file_ec.clear();
+      fs::copy_file(it->path(), cas_copy / rel, file_ec);
+      if (file_ec) {
+        if (!fs::exists(it->path())) continue;  // Collected meanwhile.
+        return absl::InternalError(absl::StrCat("backup: cannot copy ", it->path().string(), ": ", file_ec.message()));
+      }
+    }
+    ++stats.cas_files;
+  }
+  if (ec) return absl::InternalError(absl::StrCat("backup: cannot read ", cas_dir_, ": ", ec.message()));
+  return stats;
 }
 
 RocksDbStateStore::Stats RocksDbStateStore::GetStats() const {

@@ -62,6 +62,18 @@ class RocksDbStateStore final : public StateStore {
   };
   Stats GetStats() const;
 
+  // A consistent copy of the state in `destination` (absolute, not existing):
+  // DEST/rocksdb is a RocksDB checkpoint (hard links where it can) with the
+  // CAS's blob files in it, where the state keeps them (immutable:
+  // hard-linked, or copied across file systems). DEST is a state directory.
+  // Safe while the coordinator runs.
+  struct BackupStats {
+    uint64_t cas_files = 0;
+    uint64_t sst_bytes = 0;
+    bool hard_linked = true;
+  };
+  absl::StatusOr<BackupStats> Backup(const std::string& destination);
+
   // The key a job id is stored under (exposed for the golden-format test).
   static std::string JobKey(const std::string& job_id);
 
@@ -72,6 +84,7 @@ class RocksDbStateStore final : public StateStore {
   // default, jobs, blobs, blob_meta, results, fod, fod_names, tokens, logs
   std::vector<rocksdb::ColumnFamilyHandle*> handles_;
   bool sync_ = false;
+  std::string cas_dir_;
   std::unique_ptr<CasStore> cas_;
   std::unique_ptr<FodCache> fod_cache_;
   std::unique_ptr<TokenStore> tokens_;

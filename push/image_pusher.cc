@@ -28,6 +28,7 @@
 #include "common/json_fields.h"
 #include "common/net.h"
 #include "common/source_tree.h"
+#include "common/subprocess.h"
 #include "push/docker_archive.h"
 
 namespace kiln {
@@ -632,7 +633,7 @@ absl::StatusOr<PushReport> PushImage(const std::string& output, const ImageRef& 
 
   // A streamLayeredImage script: run it (no shell), read its stdout.
   int out[2];
-  if (::pipe2(out, O_CLOEXEC) != 0) return absl::InternalError(absl::StrCat("pipe: ", std::strerror(errno)));
+  if (absl::Status s = MakePipe(out); !s.ok()) return s;
   const std::string err_path = absl::StrCat(options.scratch_dir, "/kiln-stream-", ::getpid(), "-", out[0], ".err");
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);

@@ -12,7 +12,7 @@ KILN_PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev librocksdb-dev libssl-dev prometheus-cpp-dev libcivetweb-dev
   libgtest-dev libgmock-dev libcurl4-openssl-dev libarchive-dev libdeflate-dev nlohmann-json3-dev libjemalloc-dev
-  nix-bin nix-setup-systemd docker-registry skopeo prometheus tmux
+  nix-bin nix-setup-systemd docker-registry skopeo prometheus tmux jq systemd
 )
 
 log() { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }

@@ -299,7 +299,7 @@ void WorkerAgent::HandleMessage(CoordinatorMessage message) {
       StartJob(message.assign());
       break;
     case CoordinatorMessage::kCancel:
-      LogInfo({.job = message.cancel().job_id()}, kComponent, "cancel (", message.cancel().reason(), ")");
+      LogInfo(ForJob(message.cancel().job_id()), kComponent, "cancel (", message.cancel().reason(), ")");
       ForgetResult(message.cancel().job_id(), message.cancel().attempt());  // Not wanted any more.
       CancelBuild(message.cancel().job_id(), message.cancel().attempt());
       break;
@@ -358,7 +358,7 @@ absl::Status WorkerAgent::CheckOut(const kiln::v1::Assignment& assignment, const
       return absl::OkStatus();
     });
     if (!fetched.ok()) return fetched;
-    LogInfo({.job = assignment.job_id()}, kComponent, "fetched ", missing.size(), " source blob(s), ", bytes,
+    LogInfo(ForJob(assignment.job_id()), kComponent, "fetched ", missing.size(), " source blob(s), ", bytes,
             " bytes");
   }
   // MaterializeTree asks for one blob at a time and is done with it before
@@ -473,7 +473,7 @@ void WorkerAgent::StartJob(const kiln::v1::Assignment& assignment) {
     }
   }
   metrics_->builds_running.Increment();
-  LogInfo({.job = job_id, .attempt = attempt}, kComponent, assignment.spec().display_name());
+  LogInfo(ForJob(job_id, attempt), kComponent, assignment.spec().display_name());
 
   auto fail = [&](kiln::v1::ResultCode code, std::string message) {
     kiln::v1::BuildResult result;
@@ -567,7 +567,7 @@ void WorkerAgent::FinishJob(const std::string& job_id, uint32_t attempt, kiln::v
     default: break;
   }
   metrics_->BuildsFinished(label).Increment();
-  LogInfo({.job = job_id, .attempt = attempt}, kComponent, label);
+  LogInfo(ForJob(job_id, attempt), kComponent, label);
 
   WorkerMessage finished;
   finished.mutable_finished()->set_job_id(job_id);
@@ -629,7 +629,7 @@ void WorkerAgent::CheckDeadlines() {
     }
   }
   for (const auto& [id, attempt] : late) {
-    LogWarning({.job = id, .attempt = attempt}, kComponent, "timed out; stopping it");
+    LogWarning(ForJob(id, attempt), kComponent, "timed out; stopping it");
     CancelBuild(id, attempt);
   }
 }

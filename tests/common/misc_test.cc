@@ -22,9 +22,9 @@ TEST(DigestTest, KnownVector) {
 }
 
 TEST(LogTest, TextLinesPrefixWorkerAndJob) {
-  EXPECT_EQ(FormatLogLine(LogFormat::kText, "T", LogLevel::kInfo, "worker", {.job = "12", .attempt = 2}, "built"),
+  EXPECT_EQ(FormatLogLine(LogFormat::kText, "T", LogLevel::kInfo, "worker", ForJob("12", 2), "built"),
             "T INFO  worker: job 12 attempt 2: built");
-  EXPECT_EQ(FormatLogLine(LogFormat::kText, "T", LogLevel::kWarning, "coordinator", {.worker = "w1"}, "gone"),
+  EXPECT_EQ(FormatLogLine(LogFormat::kText, "T", LogLevel::kWarning, "coordinator", ForWorker("w1"), "gone"),
             "T WARN  coordinator: worker w1: gone");
   EXPECT_EQ(FormatLogLine(LogFormat::kText, "T", LogLevel::kError, "cas", {}, "x"), "T ERROR cas: x");
 }
@@ -32,8 +32,10 @@ TEST(LogTest, TextLinesPrefixWorkerAndJob) {
 TEST(LogTest, JsonLinesAreOneObjectEvenForHostileText) {
   // A message with quotes, a newline and invalid UTF-8 (build output can
   // hold anything) stays one parseable line.
+  LogFields fields = ForJob("7", 1);
+  fields.worker = "w\"1";
   const std::string line = FormatLogLine(LogFormat::kJson, "2026-11-25T00:00:00.000Z", LogLevel::kDebug, "worker",
-                                         {.job = "7", .attempt = 1, .worker = "w\"1"}, "say \"hi\"\n\xff\xfe done");
+                                         fields, "say \"hi\"\n\xff\xfe done");
   EXPECT_EQ(line.find('\n'), std::string::npos) << line;
   nlohmann::json j = nlohmann::json::parse(line);
   EXPECT_EQ(j["time"], "2026-11-25T00:00:00.000Z");

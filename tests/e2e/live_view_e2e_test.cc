@@ -45,7 +45,7 @@ std::string Nonce() { return absl::StrCat(absl::ToUnixNanos(absl::Now())); }
 class Tmux {
  public:
   Tmux() : socket_(absl::StrCat("kiln-test-", getpid(), "-", Nonce())) {}
-  ~Tmux() { Run({"kill-server"}); }
+  ~Tmux() { Run({"kill-server"}).IgnoreError(); }
 
   // Runs `command` in the window through sh; the window stays open after.
   void Start(const std::string& command) {

@@ -143,7 +143,9 @@ TEST_F(ObservabilityE2eTest, EveryMetricIsDocumentedAndEveryDocumentedMetricIsSe
     if (!absl::StartsWith(name, "kiln_")) continue;
     auto d = documented.find(name);
     EXPECT_NE(d, documented.end()) << name << " is served but not in docs/METRICS.md";
-    if (d != documented.end()) EXPECT_EQ(d->second, type) << name;
+    if (d != documented.end()) {
+      EXPECT_EQ(d->second, type) << name;
+    }
   }
   for (const auto& [name, type] : documented) {
     EXPECT_TRUE(families_.contains(name)) << name << " is in docs/METRICS.md but no daemon serves it";

@@ -1,0 +1,21 @@
+#!/bin/bash
+# systemd-analyze verify on deploy/systemd's units, with ExecStart pointed at
+# the binaries just built (verify checks they exist). Any warning fails:
+# systemd ignores a misspelt key or a bad value with a warning and exit 0.
+set -euo pipefail
+src="$1" bin="$2"
+dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
+for unit in kiln-coordinator.service kiln-worker.service; do
+  sed "s|/usr/local/bin/|$bin/|" "$src/deploy/systemd/$unit" > "$dir/$unit"
+done
+out=$(cd "$dir" && systemd-analyze verify ./kiln-coordinator.service ./kiln-worker.service 2>&1) || {
+  echo "$out"
+  exit 1
+}
+if [[ -n "$out" ]]; then
+  echo "systemd-analyze verify warned:"
+  echo "$out"
+  exit 1
+fi
+echo "both units verify cleanly"
