@@ -127,8 +127,8 @@ class PlainView final : public BuildView {
 
 class JsonEventView final : public BuildView {
  public:
-  JsonEventView(std::vector<std::string> installables, FILE* out)
-      : installables_(std::move(installables)), out_(out) {}
+  JsonEventView(std::vector<std::string> installables, FILE* out, bool quiet)
+      : installables_(std::move(installables)), quiet_(quiet), out_(out) {}
 
   void Submitted(size_t index, const std::string& job_id) override {
     Emit({{"event", "submitted"}, {"installable", installables_[index]}, {"jobId", job_id}}, absl::Now());
@@ -155,6 +155,7 @@ class JsonEventView final : public BuildView {
              time);
         break;
       case JobEvent::kLog:
+        if (quiet_) break;
         if (event.log().dropped_lines() > 0) {
           Emit({{"event", "logDropped"}, {"jobId", job}, {"lines", event.log().dropped_lines()}}, time);
         }
@@ -197,6 +198,7 @@ class JsonEventView final : public BuildView {
   }
 
   const std::vector<std::string> installables_;
+  const bool quiet_;
   absl::Mutex mu_;
   FILE* const out_ ABSL_PT_GUARDED_BY(mu_);
 };
@@ -415,8 +417,8 @@ std::unique_ptr<BuildView> MakePlainView(std::vector<std::string> installables, 
   return std::make_unique<PlainView>(std::move(installables), options, out);
 }
 
-std::unique_ptr<BuildView> MakeJsonEventView(std::vector<std::string> installables, FILE* out) {
-  return std::make_unique<JsonEventView>(std::move(installables), out);
+std::unique_ptr<BuildView> MakeJsonEventView(std::vector<std::string> installables, FILE* out, bool quiet) {
+  return std::make_unique<JsonEventView>(std::move(installables), out, quiet);
 }
 
 std::unique_ptr<BuildView> MakeTerminalView(std::vector<std::string> installables, ViewOptions options, FILE* out,

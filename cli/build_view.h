@@ -56,7 +56,8 @@ struct ViewOptions {
 };
 
 std::unique_ptr<BuildView> MakePlainView(std::vector<std::string> installables, ViewOptions options, FILE* out);
-std::unique_ptr<BuildView> MakeJsonEventView(std::vector<std::string> installables, FILE* out);
+// `quiet`: no `log` events (the others still come).
+std::unique_ptr<BuildView> MakeJsonEventView(std::vector<std::string> installables, FILE* out, bool quiet = false);
 // Redraws every `interval` from a thread of its own.
 std::unique_ptr<BuildView> MakeTerminalView(std::vector<std::string> installables, ViewOptions options, FILE* out,
                                             absl::Duration interval = absl::Milliseconds(150));

@@ -369,7 +369,7 @@ absl::StatusOr<JobEvent::Finished> Watch(BuildService::Stub& stub, const CliOpti
 // stderr (where it draws) is a terminal; plain lines otherwise (CI logs,
 // pipes, --quiet). stdout carries only results in every case.
 std::unique_ptr<BuildView> MakeBuildView(const CliOptions& options, const std::vector<std::string>& installables) {
-  if (options.json) return MakeJsonEventView(installables, stderr);
+  if (options.json) return MakeJsonEventView(installables, stderr, options.quiet);
   ViewOptions view{.quiet = options.quiet, .print_build_logs = options.print_build_logs};
   const char* term = std::getenv("TERM");
   const bool terminal = ::isatty(STDERR_FILENO) == 1 && (term == nullptr || std::string_view(term) != "dumb");

@@ -1536,8 +1536,11 @@ void BuildCoordinator::UpdateGauges(bool force) {
   absl::flat_hash_map<std::pair<int, std::string>, int64_t> queued;
   for (const auto& key : queued_series_) queued[key] = 0;
   const std::set<std::string> systems = scheduler_.KnownSystems();
-  for (const std::string& system : systems) {
-    for (int cls = 0; cls < kPriorityClasses; ++cls) queued[{cls, system}] = 0;
+  for (int cls = 0; cls < kPriorityClasses; ++cls) {
+    // "other" always, so the series exist from the first scrape, before any
+    // worker has said which systems it builds for.
+    queued[{cls, "other"}] = 0;
+    for (const std::string& system : systems) queued[{cls, system}] = 0;
   }
   for (const auto& [key, n] : scheduler_.queued_by_class_system()) {
     queued[{key.first, systems.contains(key.second) ? key.second : "other"}] += n;

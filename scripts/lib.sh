@@ -70,16 +70,45 @@ wait_ready() {
   return 1
 }
 
+# start_registry DIR ADDR: Debian's docker-registry on ADDR (127.0.0.1:PORT:
+# plain HTTP, no auth, storage under DIR/registry), pid added to DIR/pids.
+start_registry() {
+  local dir=$1 addr=$2 i
+  mkdir -p "$dir/registry"
+  cat >"$dir/registry.yml" <<YML
+version: 0.1
+log:
+  level: error
+storage:
+  filesystem:
+    rootdirectory: $dir/registry
+http:
+  addr: $addr
+YML
+  docker-registry serve "$dir/registry.yml" >>"$dir/registry.log" 2>&1 &
+  echo $! >>"$dir/pids"
+  for ((i = 0; i < 100; i++)); do
+    curl -sf "http://$addr/v2/" >/dev/null && return 0
+    sleep 0.1
+  done
+  echo "error: the registry did not start on $addr; its log ($dir/registry.log):" >&2
+  tail -20 "$dir/registry.log" >&2
+  return 1
+}
+
 # start_farm DIR COORD_LISTEN COORD_METRICS WORKERS WORKER_METRICS_BASE_PORT
 # Starts a coordinator and WORKERS workers, state and logs under DIR, pids in
-# DIR/pids. A base port of 0 gives every worker a free port.
+# DIR/pids. A base port of 0 gives every worker a free port. Extra flags:
+# KILN_FARM_COORDINATOR_FLAGS and KILN_FARM_WORKER_FLAGS (words).
 start_farm() {
   local dir=$1 listen=$2 metrics=$3 workers=$4 wport=$5
   mkdir -p "$dir"
-  : >"$dir/pids"
+  touch "$dir/pids"
   rm -f "$dir"/*.ready
+  # shellcheck disable=SC2086 # Words on purpose.
   "$KILN_BUILD/bin/kiln-coordinator" --listen="$listen" --metrics-listen="$metrics" \
-    --state-dir="$dir/coordinator" --ready-file="$dir/coordinator.ready" >>"$dir/coordinator.log" 2>&1 &
+    --state-dir="$dir/coordinator" --ready-file="$dir/coordinator.ready" ${KILN_FARM_COORDINATOR_FLAGS:-} \
+    >>"$dir/coordinator.log" 2>&1 &
   echo $! >>"$dir/pids"
   wait_ready "$dir/coordinator.ready" "$dir/coordinator.log"
   KILN_COORDINATOR=$(json_field "$dir/coordinator.ready" grpc)
@@ -90,7 +119,8 @@ start_farm() {
     ((wport == 0)) || port=$((wport + i - 1))
     "$KILN_BUILD/bin/kiln-worker" --coordinator="$KILN_COORDINATOR" --name="worker-$i" \
       --work-dir="$dir/worker-$i" --max-jobs=2 --metrics-listen="127.0.0.1:$port" \
-      --nix-option=substituters= --ready-file="$dir/worker-$i.ready" >>"$dir/worker-$i.log" 2>&1 &
+      --nix-option=substituters= --ready-file="$dir/worker-$i.ready" ${KILN_FARM_WORKER_FLAGS:-} \
+      >>"$dir/worker-$i.log" 2>&1 &
     echo $! >>"$dir/pids"
   done
   for ((i = 1; i <= workers; i++)); do wait_ready "$dir/worker-$i.ready" "$dir/worker-$i.log"; done

@@ -150,6 +150,15 @@ TEST(JsonEventViewTest, OneObjectPerLine) {
   EXPECT_EQ(finished["status"], "succeeded");
   EXPECT_EQ(finished["durationSeconds"], 2.0);
   EXPECT_EQ(finished["installable"], "./svc#default");
+
+  // --quiet: the same without the log lines.
+  const std::string quiet = Written([](FILE* out) {
+    auto view = MakeJsonEventView({"./svc#default"}, out, /*quiet=*/true);
+    view->Event(0, Log("svc", "noise"));
+    view->Event(0, Finished(kiln::v1::JOB_STATE_SUCCEEDED, absl::Seconds(2)));
+  });
+  EXPECT_THAT(quiet, ::testing::Not(HasSubstr("noise")));
+  EXPECT_THAT(quiet, HasSubstr("\"event\":\"finished\""));
 }
 
 }  // namespace

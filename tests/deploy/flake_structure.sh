@@ -6,7 +6,7 @@
 set -euo pipefail
 src="$1" bin="${2:-}"
 export NIX_CONFIG=$'substituters =\nexperimental-features = nix-command flakes'
-for f in "$src/flake.nix" "$src"/nix/*.nix "$src"/nix/modules/*.nix; do
+for f in "$src/flake.nix" "$src"/nix/*.nix "$src"/nix/modules/*.nix "$src"/deploy/examples/*.nix; do
   nix-instantiate --parse "$f" > /dev/null
 done
 got=$(nix-instantiate --eval --strict --json -E "

@@ -19,3 +19,15 @@ if [[ -n "$out" ]]; then
   exit 1
 fi
 echo "both units verify cleanly"
+
+# The example environment files name only flags the daemons take.
+for env in "$src"/deploy/systemd/*.env "$src"/deploy/examples/*.env; do
+  daemon=kiln-worker
+  [[ $(basename "$env") == coordinator* ]] && daemon=kiln-coordinator
+  known=$({ "$bin/$daemon" --helpfull 2>&1 || true; } | grep -oE -- '--[a-z_]+' | tr _ - | sort -u)
+  flags=$(grep -E '^KILN_FLAGS=' "$env" | grep -oE -- '--[a-z-]+' || true)
+  for flag in $flags; do
+    grep -qx -- "$flag" <<< "$known" || { echo "$env: $daemon takes no $flag"; exit 1; }
+  done
+done
+echo "the example environment files name only real flags"

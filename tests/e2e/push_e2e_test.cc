@@ -26,8 +26,7 @@ constexpr char kPassword[] = "push-secret-0815";
 constexpr char kWrongPassword[] = "wrong-secret-4711";
 
 std::string AuthFile(const std::string& registry, const std::string& password) {
-  return nlohmann::json{{"auths", {{registry, {{"auth", absl::Base64Escape(absl::StrCat(kUser, ":", password))}}}}}}
-      .dump();
+  return testing::DockerAuthConfig(registry, kUser, password);
 }
 
 TEST(PushE2eTest, AWorkerPushesTheImageItBuiltAndOnlyWhatTheRegistryLacks) {

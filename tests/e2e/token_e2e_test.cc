@@ -11,6 +11,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "absl/time/clock.h"
 #include "common/subprocess.h"
 #include "tests/support/local_farm.h"
 #include "tests/support/test_util.h"
@@ -154,6 +155,13 @@ TEST_F(TokenE2eTest, TokensMadeOfflineWorkOnceTheCoordinatorStarts) {
   LocalFarm farm(/*workers=*/1);
   farm.SetCoordinatorFlags({"--require-tokens", "--state-dir=" + state_dir_});
   ASSERT_TRUE(farm.Start().ok());
+  // Start() waits for the worker's process, not its registration: wait
+  // (bounded) until the coordinator knows it.
+  for (const absl::Time give_up = absl::Now() + absl::Seconds(30); absl::Now() < give_up;) {
+    CommandResult listed = Kiln(farm, {"workers", "--json"}, {"KILN_TOKEN=" + admin});
+    if (absl::StrContains(listed.stdout_data, "\"worker-1\"")) break;
+    absl::SleepFor(absl::Milliseconds(100));
+  }
   CommandResult drained = Kiln(farm, {"workers", "drain", "worker-1"}, {"KILN_TOKEN=" + admin});
   EXPECT_EQ(drained.exit.exit_code, 0) << drained.stderr_data;
   // The admin socket is private too.

@@ -9,6 +9,9 @@
 #include <filesystem>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
@@ -130,5 +133,10 @@ void LocalRegistry::Stop() {
 }
 
 LocalRegistry::~LocalRegistry() { Stop(); }
+
+std::string DockerAuthConfig(const std::string& registry, const std::string& user, const std::string& password) {
+  return nlohmann::json{{"auths", {{registry, {{"auth", absl::Base64Escape(absl::StrCat(user, ":", password))}}}}}}
+      .dump();
+}
 
 }  // namespace kiln::testing

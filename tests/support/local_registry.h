@@ -51,4 +51,8 @@ class LocalRegistry {
 // A port on 127.0.0.1 that was free a moment ago.
 absl::StatusOr<int> FreeLoopbackPort();
 
+// A docker-style config.json giving `user`:`password` for `registry`, as
+// workers read with --registry-auth-file.
+std::string DockerAuthConfig(const std::string& registry, const std::string& user, const std::string& password);
+
 }  // namespace kiln::testing
