@@ -4,27 +4,19 @@ self:
 let
   cfg = config.services.kiln-coordinator;
   tls = import ./tls.nix { inherit lib; };
+  shared = import ./options.nix { inherit lib self pkgs; };
   inherit (lib) mkEnableOption mkOption mkIf types;
   port = address: lib.toInt (lib.last (lib.splitString ":" address));
 in {
   options.services.kiln-coordinator = {
     enable = mkEnableOption "the Kiln build farm coordinator";
-    package = mkOption {
-      type = types.package;
-      default = self.packages.${pkgs.stdenv.hostPlatform.system}.kiln;
-      defaultText = lib.literalExpression "kiln.packages.\${system}.kiln";
-      description = "The Kiln package.";
-    };
+    package = shared.package;
     listen = mkOption {
       type = types.str;
       default = "127.0.0.1:7600";
       description = "gRPC address for workers and clients. Off loopback it needs `tls`.";
     };
-    metricsListen = mkOption {
-      type = types.str;
-      default = "127.0.0.1:9600";
-      description = "HTTP address of /metrics, /healthz and /readyz.";
-    };
+    metricsListen = shared.metricsListen "127.0.0.1:9600";
     stateDirectory = mkOption {
       type = types.str;
       default = "kiln-coordinator";
@@ -42,12 +34,7 @@ in {
       default = 1048576;
       description = "Compressed build logs kept for `kiln log`, in KiB.";
     };
-    extraFlags = mkOption {
-      type = types.listOf types.str;
-      default = [ ];
-      example = [ "--lease=2m" "--cas-max-gb=200" ];
-      description = "More kiln-coordinator flags.";
-    };
+    extraFlags = shared.extraFlags "kiln-coordinator" [ "--lease=2m" "--cas-max-gb=200" ];
     openFirewall = mkOption {
       type = types.bool;
       default = false;

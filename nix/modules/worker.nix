@@ -5,16 +5,12 @@ self:
 let
   cfg = config.services.kiln-worker;
   tls = import ./tls.nix { inherit lib; };
+  shared = import ./options.nix { inherit lib self pkgs; };
   inherit (lib) mkEnableOption mkOption mkIf types;
 in {
   options.services.kiln-worker = {
     enable = mkEnableOption "a Kiln build farm worker";
-    package = mkOption {
-      type = types.package;
-      default = self.packages.${pkgs.stdenv.hostPlatform.system}.kiln;
-      defaultText = lib.literalExpression "kiln.packages.\${system}.kiln";
-      description = "The Kiln package.";
-    };
+    package = shared.package;
     coordinator = mkOption {
       type = types.str;
       example = "kiln.example.eu:7600";
@@ -31,11 +27,7 @@ in {
       example = { pool = "orbstack"; region = "fr-par"; };
       description = "Labels jobs can pin (kiln build --label).";
     };
-    metricsListen = mkOption {
-      type = types.str;
-      default = "127.0.0.1:9601";
-      description = "HTTP address of /metrics, /healthz and /readyz.";
-    };
+    metricsListen = shared.metricsListen "127.0.0.1:9601";
     tls = tls.options;
     registryAuthFile = mkOption {
       type = types.nullOr types.path;
@@ -50,11 +42,7 @@ in {
       default = false;
       description = "Add the worker's user to nix.settings.trusted-users (needed for --nix-option overrides).";
     };
-    extraFlags = mkOption {
-      type = types.listOf types.str;
-      default = [ ];
-      description = "More kiln-worker flags.";
-    };
+    extraFlags = shared.extraFlags "kiln-worker" [ "--blob-cache-mb=20480" ];
   };
 
   config = mkIf cfg.enable {
