@@ -9,21 +9,13 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
+#include "common/clock.h"
 #include "common/grpc_util.h"
 
 namespace kiln {
 namespace {
 
 using kiln::v1::JobEvent;
-
-const char* StateWord(kiln::v1::JobState state) {
-  switch (state) {
-    case kiln::v1::JOB_STATE_SUCCEEDED: return "succeeded";
-    case kiln::v1::JOB_STATE_FAILED: return "failed";
-    case kiln::v1::JOB_STATE_CANCELLED: return "cancelled";
-    default: return "unknown";
-  }
-}
 
 // At most `columns` characters of `text` (UTF-8 aware), control characters
 // and escape sequences made harmless: a status line must never wrap or
@@ -47,14 +39,6 @@ std::string Fit(absl::string_view text, size_t columns) {
   }
   return out;
 }
-
-std::string Elapsed(absl::Duration d) {
-  const int64_t s = std::max<int64_t>(0, absl::ToInt64Seconds(d));
-  if (s >= 3600) return absl::StrFormat("%d:%02d:%02d", s / 3600, (s / 60) % 60, s % 60);
-  return absl::StrFormat("%d:%02d", s / 60, s % 60);
-}
-
-std::string Rfc3339(absl::Time t) { return absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", t, absl::UTCTimeZone()); }
 
 class PlainView final : public BuildView {
  public:
@@ -168,7 +152,7 @@ class JsonEventView final : public BuildView {
         const auto& f = event.finished();
         nlohmann::ordered_json j = {
             {"event", "finished"}, {"installable", installable}, {"jobId", job},
-            {"status", f.result().cached() ? "cached" : StateWord(f.state())}, {"worker", f.worker()},
+            {"status", f.result().cached() ? "cached" : JobStateName(f.state())}, {"worker", f.worker()},
             {"durationSeconds", absl::ToDoubleSeconds(FromProtoDuration(f.result().build_duration()))}};
         if (!f.result().error_message().empty()) j["error"] = f.result().error_message();
         if (!f.result().pushed_manifest_digest().empty()) j["pushedManifestDigest"] = f.result().pushed_manifest_digest();
@@ -188,7 +172,7 @@ class JsonEventView final : public BuildView {
 
  private:
   void Emit(nlohmann::ordered_json j, absl::Time time) {
-    nlohmann::ordered_json line = {{"time", Rfc3339(time)}};
+    nlohmann::ordered_json line = {{"time", FormatTimestamp(time)}};
     line.update(j);
     std::string text = line.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
     text.push_back('\n');
@@ -304,6 +288,24 @@ class TerminalView final : public BuildView {
 
 }  // namespace
 
+const char* JobStateName(kiln::v1::JobState state) {
+  switch (state) {
+    case kiln::v1::JOB_STATE_QUEUED: return "queued";
+    case kiln::v1::JOB_STATE_ASSIGNED: return "assigned";
+    case kiln::v1::JOB_STATE_RUNNING: return "running";
+    case kiln::v1::JOB_STATE_SUCCEEDED: return "succeeded";
+    case kiln::v1::JOB_STATE_FAILED: return "failed";
+    case kiln::v1::JOB_STATE_CANCELLED: return "cancelled";
+    default: return "unknown";
+  }
+}
+
+std::string FormatElapsed(absl::Duration d) {
+  const int64_t s = std::max<int64_t>(0, absl::ToInt64Seconds(d));
+  if (s >= 3600) return absl::StrFormat("%d:%02d:%02d", s / 3600, (s / 60) % 60, s % 60);
+  return absl::StrFormat("%d:%02d", s / 60, s % 60);
+}
+
 std::string LogLineText(const kiln::v1::LogLine& line) {
   return line.derivation().empty() ? line.text() : absl::StrCat(line.derivation(), "> ", line.text());
 }
@@ -353,7 +355,7 @@ std::vector<std::string> StatusBoard::Event(size_t index, const JobEvent& event,
     case JobEvent::kFinished: {
       const auto& f = event.finished();
       t.finished = true;
-      t.state = f.result().cached() ? "cached" : StateWord(f.state());
+      t.state = f.result().cached() ? "cached" : JobStateName(f.state());
       std::string where = f.worker().empty() ? "" : absl::StrCat(" on ", f.worker());
       const absl::Duration duration = FromProtoDuration(f.result().build_duration());
       const std::string took = f.result().cached() || duration <= absl::ZeroDuration()
@@ -396,7 +398,7 @@ std::vector<std::string> StatusBoard::Frame(absl::Time now) const {
     ++shown;
     std::vector<std::string> parts = {t.installable};
     if (!t.worker.empty()) parts.push_back(t.worker);
-    if (t.since != absl::InfinitePast()) parts.push_back(Elapsed(now - t.since));
+    if (t.since != absl::InfinitePast()) parts.push_back(FormatElapsed(now - t.since));
     if (!t.detail.empty()) {
       parts.push_back(t.detail);
     } else if (!t.last_line.empty()) {

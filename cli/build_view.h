@@ -43,6 +43,12 @@ class BuildView {
   virtual void Resume() {}
 };
 
+// A job state as the CLI prints it ("queued", "succeeded", …).
+const char* JobStateName(kiln::v1::JobState state);
+
+// A duration as "m:ss", or "h:mm:ss" from an hour on.
+std::string FormatElapsed(absl::Duration d);
+
 // A build log line as every view and `kiln log` print it: "drv> text", or
 // the text alone for Nix's own lines (like nix build -L).
 std::string LogLineText(const kiln::v1::LogLine& line);

@@ -29,6 +29,7 @@
 #include "absl/time/clock.h"
 #include "common/cas_client.h"
 #include "common/cli_args.h"
+#include "common/clock.h"
 #include "common/digest.h"
 #include "common/grpc_util.h"
 #include "common/installable.h"
@@ -137,18 +138,6 @@ absl::Status UnaryCall(const CliOptions& options, Call call) {
 int ReportError(const absl::Status& status) {
   Err(absl::StrCat("error: ", Describe(status)));
   return ExitCodeFor(status);
-}
-
-const char* StateName(kiln::v1::JobState state) {
-  switch (state) {
-    case kiln::v1::JOB_STATE_QUEUED: return "queued";
-    case kiln::v1::JOB_STATE_ASSIGNED: return "assigned";
-    case kiln::v1::JOB_STATE_RUNNING: return "running";
-    case kiln::v1::JOB_STATE_SUCCEEDED: return "succeeded";
-    case kiln::v1::JOB_STATE_FAILED: return "failed";
-    case kiln::v1::JOB_STATE_CANCELLED: return "cancelled";
-    default: return "unknown";
-  }
 }
 
 // A tree up to this size that the coordinator lacks travels inline with the
@@ -743,7 +732,7 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& g
       continue;
     }
     const auto& result = finished->result();
-    entry["status"] = result.cached() ? "cached" : StateName(finished->state());
+    entry["status"] = result.cached() ? "cached" : JobStateName(finished->state());
     entry["cached"] = result.cached();
     if (result.cached()) {
       entry["cachedFromJob"] = result.cached_from_job();
@@ -756,7 +745,7 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& g
     entry["durationSeconds"] = absl::ToDoubleSeconds(FromProtoDuration(result.build_duration()));
     const double seconds = absl::ToDoubleSeconds(FromProtoDuration(result.build_duration()));
     summary.push_back(absl::StrFormat("  %-10s %s (job %s on %s%s)",
-                                      result.cached() ? "cached" : StateName(finished->state()), job.installable,
+                                      result.cached() ? "cached" : JobStateName(finished->state()), job.installable,
                                       job.job_id, finished->worker().empty() ? "-" : finished->worker(),
                                       result.cached() ? "" : absl::StrFormat(", %.1fs", seconds)));
     if (finished->state() == kiln::v1::JOB_STATE_SUCCEEDED && !options.out_link.empty()) {
@@ -808,7 +797,7 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& g
         if (!line.empty() && !shown_errors.contains(line)) unseen.emplace_back(line);
       }
       if (result.error_message().empty()) {
-        say(absl::StrCat("error: ", job.installable, ": ", StateName(finished->state())));
+        say(absl::StrCat("error: ", job.installable, ": ", JobStateName(finished->state())));
       } else if (!unseen.empty()) {
         say(absl::StrJoin(unseen, "\n"));
       }
@@ -833,7 +822,7 @@ nlohmann::json JobJson(const kiln::v1::Job& job) {
   nlohmann::json out = {{"jobId", job.job_id()},
                         {"buildsetId", job.buildset_id()},
                         {"installable", job.spec().display_name()},
-                        {"status", StateName(job.state())},
+                        {"status", JobStateName(job.state())},
                         {"attempt", job.attempt()},
                         {"worker", job.worker()}};
   if (!job.waiting_reason().empty()) out["waitingReason"] = job.waiting_reason();
@@ -850,7 +839,7 @@ nlohmann::json JobJson(const kiln::v1::Job& job) {
 // One line: "job 4 (./svc#a): running on worker-2".
 std::string JobLine(const kiln::v1::Job& job) {
   std::string line =
-      absl::StrFormat("job %s (%s): %s", job.job_id(), job.spec().display_name(), StateName(job.state()));
+      absl::StrFormat("job %s (%s): %s", job.job_id(), job.spec().display_name(), JobStateName(job.state()));
   if (!job.worker().empty()) absl::StrAppend(&line, " on ", job.worker());
   if (!job.waiting_reason().empty()) absl::StrAppend(&line, " — waiting: ", job.waiting_reason());
   return line;
@@ -860,7 +849,7 @@ int PrintBuildset(const CliOptions& options, const kiln::v1::Buildset& buildset)
   std::map<std::string, int> counts;
   nlohmann::json jobs = nlohmann::json::array();
   for (const auto& job : buildset.jobs()) {
-    ++counts[StateName(job.state())];
+    ++counts[JobStateName(job.state())];
     jobs.push_back(JobJson(job));
   }
   if (options.json) {
@@ -939,8 +928,7 @@ int RunLogCommand(const CliOptions& options, const std::string& job_id, bool fol
   auto print = [&](const kiln::v1::LogLine& line) {
     if (options.json) {
       nlohmann::json j = {{"derivation", line.derivation()}, {"text", line.text()}};
-      if (line.has_time()) j["time"] = absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", FromProtoTime(line.time()),
-                                                         absl::UTCTimeZone());
+      if (line.has_time()) j["time"] = FormatTimestamp(FromProtoTime(line.time()));
       std::printf("%s\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
     } else {
       std::printf("%s\n", LogLineText(line).c_str());
@@ -1043,10 +1031,7 @@ int RunHistoryCommand(const CliOptions& options, int limit) {
   std::printf("%-9s %-19s %-20s %7s  %-26s %9s  %s\n", "BUILDSET", "SUBMITTED (UTC)", "BY", "TARGETS", "RESULT",
               "DURATION", "FIRST TARGET");
   for (const auto& b : response.buildsets()) {
-    const int64_t total = static_cast<int64_t>(seconds(b));
-    const std::string duration = total >= 3600 ? absl::StrFormat("%d:%02d:%02d", total / 3600, (total / 60) % 60,
-                                                                 total % 60)
-                                               : absl::StrFormat("%d:%02d", total / 60, total % 60);
+    const std::string duration = FormatElapsed(absl::Seconds(seconds(b)));
     std::printf("%-9s %-19s %-20s %7d  %-26s %9s  %s\n", b.buildset_id().c_str(),
                 absl::FormatTime("%Y-%m-%d %H:%M:%S", FromProtoTime(b.submitted_at()), absl::UTCTimeZone()).c_str(),
                 b.submitter().substr(0, 20).c_str(), b.targets(), result_text(b).c_str(), duration.c_str(),
@@ -1071,7 +1056,7 @@ int RunCancelCommand(const CliOptions& options, const std::string& id) {
   absl::Status s =
       UnaryCall(options, [&](grpc::ClientContext& c) { return Coordinator(options).CancelJob(&c, request, &response); });
   if (!s.ok()) return ReportError(s);
-  std::printf("job %s: %s\n", id.c_str(), StateName(response.state()));
+  std::printf("job %s: %s\n", id.c_str(), JobStateName(response.state()));
   return kExitOk;
 }
 

@@ -2,6 +2,8 @@
 // can drive time step by step (see tests/support/fake_clock.h).
 #pragma once
 
+#include <string>
+
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 
@@ -20,5 +22,9 @@ class RealClock final : public Clock {
   // A process-wide instance; never destroyed.
   static Clock* Get();
 };
+
+// UTC, RFC 3339 with milliseconds ("2026-11-25T22:14:26.123Z"): how logs and
+// JSON events stamp their lines.
+std::string FormatTimestamp(absl::Time t);
 
 }  // namespace kiln

@@ -9,6 +9,7 @@
 
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "common/clock.h"
 
 namespace kiln {
 namespace {
@@ -60,7 +61,7 @@ std::string FormatLogLine(LogFormat format, absl::string_view time, LogLevel lev
 
 void LogLine(LogLevel level, absl::string_view component, const LogFields& fields, absl::string_view message) {
   if (static_cast<int>(level) < min_level) return;
-  const std::string time = absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", absl::Now(), absl::UTCTimeZone());
+  const std::string time = FormatTimestamp(absl::Now());
   std::string line =
       FormatLogLine(static_cast<LogFormat>(log_format.load(std::memory_order_relaxed)), time, level, component,
                     fields, message);

@@ -115,6 +115,14 @@ void ForEachStoredEvent(const std::string& history, Fn fn) {
   }
 }
 
+// The log lines of a job's event history, in order.
+void AppendStoredLogLines(const std::string& history, google::protobuf::RepeatedPtrField<kiln::v1::LogLine>& out) {
+  ForEachStoredEvent(history, [&](JobEvent& e) {
+    if (!e.has_log()) return;
+    for (kiln::v1::LogLine& line : *e.mutable_log()->mutable_lines()) *out.Add() = std::move(line);
+  });
+}
+
 }  // namespace
 
 BuildCoordinator::BuildCoordinator(StateStore* store, CoordinatorMetrics* metrics, const Clock* clock,
@@ -280,6 +288,7 @@ absl::Status BuildCoordinator::Recover() {
     job.packed.assign(bytes.data(), bytes.size());
     job.queued_at = clock_->Now();
     const JobState state = record.state();
+    if (!IsTerminal(state) && !record.token().empty()) ++active_by_token_[record.token()];
     if (IsTerminal(state)) {
       if (record.stored_log_bytes() > 0) {
         stored_log_bytes_ += static_cast<uint64_t>(record.stored_log_bytes());
@@ -292,11 +301,9 @@ absl::Status BuildCoordinator::Recover() {
       finished->set_worker(record.worker());
       Emit(job, std::move(event));
     } else if (state == kiln::v1::JOB_STATE_QUEUED) {
-      if (!record.token().empty()) ++active_by_token_[record.token()];
       Admit(job, record);
       ++queued;
     } else {
-      if (!record.token().empty()) ++active_by_token_[record.token()];
       // It was on a worker whose stream died with the old process: hold it
       // for that worker's return, for one lease.
       scheduler_.Reattach(id, record.worker());
@@ -660,10 +667,7 @@ absl::Status BuildCoordinator::GetJobLog(const std::string& job_id, bool have_st
   // only jobs still running (or one finishing between the caller's read of
   // the store and this call).
   if (have_stored) return absl::OkStatus();
-  ForEachStoredEvent(it->second.history, [&](JobEvent& e) {
-    if (!e.has_log()) return;
-    for (kiln::v1::LogLine& line : *e.mutable_log()->mutable_lines()) *out->add_lines() = std::move(line);
-  });
+  AppendStoredLogLines(it->second.history, *out->mutable_lines());
   out->set_dropped_lines(it->second.dropped_log_lines);
   return absl::OkStatus();
 }
@@ -987,7 +991,7 @@ void BuildCoordinator::HandleHeartbeat(WorkerEntry& worker, const kiln::v1::Hear
   const std::string before = scheduler_.OverLimitOf(worker.name);
   if (over != before) {
     if (over.empty()) {
-      LogInfo(kComponent, "worker ", worker.name, " is back under its limits");
+      LogInfo(ForWorker(worker.name), kComponent, "back under its limits");
     } else {
       LogWarning(ForWorker(worker.name), kComponent, "takes no new jobs: ", over);
     }
@@ -1444,10 +1448,7 @@ void BuildCoordinator::FinishOne(JobEntry& job, JobState state, BuildResult resu
 
 void BuildCoordinator::StoreLog(JobEntry& job) {
   kiln::state::v1::StoredLog log;
-  ForEachStoredEvent(job.history, [&](JobEvent& e) {
-    if (!e.has_log()) return;
-    for (kiln::v1::LogLine& line : *e.mutable_log()->mutable_lines()) *log.add_lines() = std::move(line);
-  });
+  AppendStoredLogLines(job.history, *log.mutable_lines());
   log.set_dropped_lines(job.dropped_log_lines);
   if (log.lines().empty() && log.dropped_lines() == 0) return;
   std::string bytes = EncodeStoredLog(log);

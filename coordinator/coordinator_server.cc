@@ -53,7 +53,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   // writes.
   auto readiness = [s = server.get()]() -> absl::Status {
     if (!s->serving_.load()) return absl::UnavailableError("not serving gRPC (starting or shutting down)");
-    if (s->store_->GetStats().writes_stopped) return absl::UnavailableError("the state database has stopped writes");
+    if (s->store_->WritesStopped()) return absl::UnavailableError("the state database has stopped writes");
     return absl::OkStatus();
   };
   auto metrics = MetricsHttpServer::Start(

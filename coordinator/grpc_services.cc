@@ -177,7 +177,9 @@ class RefusedStream final : public Reactor {
   void OnDone() override { delete this; }
 };
 
-grpc::ServerUnaryReactor* Refused(grpc::CallbackServerContext* context, const absl::Status& status) {
+// Ends a unary call at once with `status`: a refusal, or an error found before
+// the strand is needed.
+grpc::ServerUnaryReactor* FinishAtOnce(grpc::CallbackServerContext* context, const absl::Status& status) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(ToGrpcStatus(status));
   return reactor;
@@ -197,10 +199,10 @@ grpc::ServerUnaryReactor* BuildServiceImpl::SubmitBuild(grpc::CallbackServerCont
                                                         const kiln::v1::SubmitBuildRequest* request,
                                                         kiln::v1::SubmitBuildResponse* response) {
   absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kSubmit);
-  if (!caller.ok()) return Refused(context, caller.status());
+  if (!caller.ok()) return FinishAtOnce(context, caller.status());
   for (const auto& target : request->targets()) {
     if (!target.spec().has_push()) continue;
-    if (absl::Status s = AuthorizePush(auth_, *caller, target.spec().push()); !s.ok()) return Refused(context, s);
+    if (absl::Status s = AuthorizePush(auth_, *caller, target.spec().push()); !s.ok()) return FinishAtOnce(context, s);
   }
   std::string token = caller->token.has_value() ? caller->token->name : "";
   return UnaryOnStrand(context, core_, strand_, [core = core_, request, response, token = std::move(token)] {
@@ -220,7 +222,7 @@ grpc::ServerUnaryReactor* BuildServiceImpl::CancelJob(grpc::CallbackServerContex
                                                       const kiln::v1::CancelJobRequest* request,
                                                       kiln::v1::CancelJobResponse* response) {
   absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kSubmit);
-  if (!caller.ok()) return Refused(context, caller.status());
+  if (!caller.ok()) return FinishAtOnce(context, caller.status());
   return UnaryOnStrand(context, core_, strand_, [core = core_, request, response]() -> absl::Status {
     auto r = core->Cancel(request->job_id());
     if (!r.ok()) return r.status();
@@ -232,7 +234,7 @@ grpc::ServerUnaryReactor* BuildServiceImpl::CancelJob(grpc::CallbackServerContex
 grpc::ServerUnaryReactor* BuildServiceImpl::GetJob(grpc::CallbackServerContext* context,
                                                    const kiln::v1::GetJobRequest* request, kiln::v1::Job* response) {
   absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kRead);
-  if (!caller.ok()) return Refused(context, caller.status());
+  if (!caller.ok()) return FinishAtOnce(context, caller.status());
   return UnaryOnStrand(context, core_, strand_, [core = core_, request, response] {
     return Into(core->GetJob(request->job_id()), response);
   });
@@ -242,7 +244,7 @@ grpc::ServerUnaryReactor* BuildServiceImpl::GetBuildset(grpc::CallbackServerCont
                                                         const kiln::v1::GetBuildsetRequest* request,
                                                         kiln::v1::Buildset* response) {
   absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kRead);
-  if (!caller.ok()) return Refused(context, caller.status());
+  if (!caller.ok()) return FinishAtOnce(context, caller.status());
   return UnaryOnStrand(context, core_, strand_, [core = core_, request, response] {
     return Into(core->GetBuildset(request->buildset_id()), response);
   });
@@ -252,7 +254,7 @@ grpc::ServerUnaryReactor* BuildServiceImpl::CancelBuildset(grpc::CallbackServerC
                                                            const kiln::v1::CancelBuildsetRequest* request,
                                                            kiln::v1::Buildset* response) {
   absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kSubmit);
-  if (!caller.ok()) return Refused(context, caller.status());
+  if (!caller.ok()) return FinishAtOnce(context, caller.status());
   return UnaryOnStrand(context, core_, strand_, [core = core_, request, response] {
     return Into(core->CancelBuildset(request->buildset_id()), response);
   });
@@ -262,7 +264,7 @@ grpc::ServerUnaryReactor* BuildServiceImpl::GetJobLog(grpc::CallbackServerContex
                                                       const kiln::v1::GetJobLogRequest* request,
                                                       kiln::v1::GetJobLogResponse* response) {
   absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kRead);
-  if (!caller.ok()) return Refused(context, caller.status());
+  if (!caller.ok()) return FinishAtOnce(context, caller.status());
   // A finished job's log is read from the store here, on the gRPC thread:
   // a point read and a decompression stay off the strand.
   bool have_stored = false;
@@ -270,18 +272,12 @@ grpc::ServerUnaryReactor* BuildServiceImpl::GetJobLog(grpc::CallbackServerContex
     absl::StatusOr<std::string> bytes = store_->GetLog(request->job_id());
     if (bytes.ok()) {
       absl::StatusOr<kiln::state::v1::StoredLog> log = DecodeStoredLog(*bytes);
-      if (!log.ok()) {
-        grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-        reactor->Finish(ToGrpcStatus(log.status()));
-        return reactor;
-      }
+      if (!log.ok()) return FinishAtOnce(context, log.status());
       response->mutable_lines()->Swap(log->mutable_lines());
       response->set_dropped_lines(log->dropped_lines());
       have_stored = true;
     } else if (!absl::IsNotFound(bytes.status())) {
-      grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-      reactor->Finish(ToGrpcStatus(bytes.status()));
-      return reactor;
+      return FinishAtOnce(context, bytes.status());
     }
   }
   return UnaryOnStrand(context, core_, strand_, [core = core_, request, response, have_stored] {
@@ -293,7 +289,7 @@ grpc::ServerUnaryReactor* BuildServiceImpl::ListBuildsets(grpc::CallbackServerCo
                                                           const kiln::v1::ListBuildsetsRequest* request,
                                                           kiln::v1::ListBuildsetsResponse* response) {
   absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kRead);
-  if (!caller.ok()) return Refused(context, caller.status());
+  if (!caller.ok()) return FinishAtOnce(context, caller.status());
   const size_t limit = request->limit() == 0 ? 20 : std::min<size_t>(request->limit(), 1000);
   return UnaryOnStrand(context, core_, strand_, [core = core_, response, limit] {
     *response = core->ListBuildsets(limit);
@@ -305,7 +301,7 @@ grpc::ServerUnaryReactor* FarmServiceImpl::ListWorkers(grpc::CallbackServerConte
                                                        const kiln::v1::ListWorkersRequest* request,
                                                        kiln::v1::ListWorkersResponse* response) {
   absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kRead);
-  if (!caller.ok()) return Refused(context, caller.status());
+  if (!caller.ok()) return FinishAtOnce(context, caller.status());
   return UnaryOnStrand(context, core_, strand_, [core = core_, response]() -> absl::Status {
     *response = core->ListWorkers();
     return absl::OkStatus();
@@ -316,7 +312,7 @@ grpc::ServerUnaryReactor* FarmServiceImpl::DrainWorker(grpc::CallbackServerConte
                                                        const kiln::v1::DrainWorkerRequest* request,
                                                        kiln::v1::DrainWorkerResponse* response) {
   absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kAdmin);
-  if (!caller.ok()) return Refused(context, caller.status());
+  if (!caller.ok()) return FinishAtOnce(context, caller.status());
   return UnaryOnStrand(context, core_, strand_, [core = core_, request, response] {
     return Into(core->DrainWorker(request->name(), request->undo()), response->mutable_worker());
   });

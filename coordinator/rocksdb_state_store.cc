@@ -141,6 +141,11 @@ absl::StatusOr<RocksDbStateStore::BackupStats> RocksDbStateStore::Backup(const s
   return stats;
 }
 
+bool RocksDbStateStore::WritesStopped() const {
+  uint64_t value = 0;
+  return db_->GetIntProperty(rocksdb::DB::Properties::kIsWriteStopped, &value) && value != 0;
+}
+
 RocksDbStateStore::Stats RocksDbStateStore::GetStats() const {
   Stats stats;
   auto sum = [&](rocksdb::ColumnFamilyHandle* cf, const rocksdb::Slice& property, uint64_t* into) {
@@ -162,7 +167,7 @@ RocksDbStateStore::Stats RocksDbStateStore::GetStats() const {
   // Database-wide properties.
   uint64_t value = 0;
   if (db_->GetIntProperty(rocksdb::DB::Properties::kNumRunningCompactions, &value)) stats.running_compactions = value;
-  if (db_->GetIntProperty(rocksdb::DB::Properties::kIsWriteStopped, &value)) stats.writes_stopped = value != 0;
+  stats.writes_stopped = WritesStopped();
   if (db_->GetIntProperty(rocksdb::DB::Properties::kActualDelayedWriteRate, &value)) stats.delayed_write_rate = value;
   return stats;
 }

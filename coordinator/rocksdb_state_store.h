@@ -61,6 +61,8 @@ class RocksDbStateStore final : public StateStore {
     uint64_t slowdowns = 0;
   };
   Stats GetStats() const;
+  // Just whether RocksDB stops writes now (one property; /readyz asks it).
+  bool WritesStopped() const;
 
   // A consistent copy of the state in `destination` (absolute, not existing):
   // DEST/rocksdb is a RocksDB checkpoint (hard links where it can) with the
