@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <memory>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -11,7 +12,11 @@
 
 #include <rocksdb/write_batch.h>
 
+#include "absl/cleanup/cleanup.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "coordinator/rocks_status.h"
@@ -31,20 +36,168 @@ CasStore::CasStore(rocksdb::DB* db, rocksdb::ColumnFamilyHandle* blobs, rocksdb:
                    std::string files_dir, uint64_t max_blob_bytes, bool sync)
     : db_(db), blobs_(blobs), meta_(meta), files_dir_(std::move(files_dir)), max_blob_bytes_(max_blob_bytes),
       sync_(sync) {
+  namespace fs = std::filesystem;
   std::error_code ec;
-  std::filesystem::create_directories(std::filesystem::path(files_dir_) / "tmp", ec);
+  fs::create_directories(fs::path(files_dir_) / "tmp", ec);
   // Uploads cut short by a crash leave temporary files; none is in use now.
-  std::filesystem::remove_all(std::filesystem::path(files_dir_) / "tmp", ec);
-  std::filesystem::create_directories(std::filesystem::path(files_dir_) / "tmp", ec);
+  fs::remove_all(fs::path(files_dir_) / "tmp", ec);
+  fs::create_directories(fs::path(files_dir_) / "tmp", ec);
+  fs::create_directories(fs::path(files_dir_) / "packs", ec);
   std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), meta_));
   uint64_t total = 0;
   BlobMeta stored;
+  absl::MutexLock lock(&pack_mu_);
   for (it->SeekToFirst(); it->Valid(); it->Next()) {
     if (stored.ParseFromArray(it->value().data(), static_cast<int>(it->value().size()))) {
       total += static_cast<uint64_t>(stored.size_bytes());
+      if (stored.pack() != 0) ++pack_live_[stored.pack()];
     }
   }
   total_bytes_ = total;
+  // New blobs go to a new pack (the last one's tail may be torn), and a
+  // pack no meta names holds only blobs that never became visible.
+  for (const auto& entry : fs::directory_iterator(fs::path(files_dir_) / "packs", ec)) {
+    uint64_t id = 0;
+    const std::string name = entry.path().filename().string();
+    if (!absl::EndsWith(name, ".pack") || !absl::SimpleAtoi(absl::StripSuffix(name, ".pack"), &id)) continue;
+    next_pack_id_ = std::max(next_pack_id_, id + 1);
+    if (!pack_live_.contains(id)) ::unlink(entry.path().c_str());
+  }
+  for (const auto& [id, live] : pack_live_) next_pack_id_ = std::max(next_pack_id_, id + 1);
+}
+
+CasStore::PackFile::~PackFile() {
+  if (fd >= 0) ::close(fd);
+}
+
+std::string CasStore::PackPath(uint64_t pack) const {
+  return (std::filesystem::path(files_dir_) / "packs" / absl::StrCat(pack, ".pack")).string();
+}
+
+absl::Status CasStore::AppendToPack(absl::string_view data, BlobMeta& meta) {
+  std::shared_ptr<PackFile> pack;
+  uint64_t offset = 0;
+  {
+    absl::MutexLock lock(&pack_mu_);
+    if (current_pack_ == nullptr || current_pack_size_ >= kPackBytes) {
+      auto next = std::make_shared<PackFile>();
+      next->id = next_pack_id_++;
+      const std::string path = PackPath(next->id);
+      next->fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0444);
+      if (next->fd < 0) return absl::InternalError(absl::StrCat("cannot create ", path, ": ", std::strerror(errno)));
+      if (current_pack_ != nullptr) {
+        // The pack being closed may be empty already (all collected).
+        if (auto old = pack_live_.find(current_pack_->id); old == pack_live_.end() || old->second == 0) {
+          if (old != pack_live_.end()) pack_live_.erase(old);
+          ::unlink(PackPath(current_pack_->id).c_str());
+        }
+      }
+      current_pack_ = std::move(next);
+      current_pack_size_ = 0;
+    }
+    pack = current_pack_;
+    offset = current_pack_size_;
+    current_pack_size_ += data.size();
+    ++pack_live_[pack->id];
+  }
+  for (size_t at = 0; at < data.size();) {
+    const ssize_t n = ::pwrite(pack->fd, data.data() + at, data.size() - at, static_cast<off_t>(offset + at));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      const std::string why = std::strerror(errno);
+      ReleasePackRange(pack->id, offset, data.size());
+      return absl::InternalError(absl::StrCat("cannot write pack ", pack->id, ": ", why));
+    }
+    at += static_cast<size_t>(n);
+  }
+  if (sync_ && ::fdatasync(pack->fd) != 0) {
+    const std::string why = std::strerror(errno);
+    ReleasePackRange(pack->id, offset, data.size());
+    return absl::InternalError(absl::StrCat("cannot sync pack ", pack->id, ": ", why));
+  }
+  meta.set_pack(pack->id);
+  meta.set_pack_offset(offset);
+  return absl::OkStatus();
+}
+
+void CasStore::ReleasePackRange(uint64_t pack, uint64_t offset, uint64_t size) {
+  const std::string path = PackPath(pack);
+  if (size > 0) {
+    // Gives the space back now; a file system without hole punching gets
+    // it back when the whole pack goes.
+    if (const int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC); fd >= 0) {
+      ::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
+                  static_cast<off_t>(size));
+      ::close(fd);
+    }
+  }
+  absl::MutexLock lock(&pack_mu_);
+  auto it = pack_live_.find(pack);
+  if (it == pack_live_.end() || --it->second > 0) return;
+  if (current_pack_ != nullptr && current_pack_->id == pack) return;  // Still being filled.
+  pack_live_.erase(it);
+  ::unlink(path.c_str());
+}
+
+absl::Status CasStore::ReadFromPack(const std::string& hash, const BlobMeta& meta,
+                                    absl::FunctionRef<absl::Status(absl::string_view)> fn) const {
+  const int fd = ::open(PackPath(meta.pack()).c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    return absl::DataLossError(absl::StrCat("blob ", hash, " is missing its pack ", meta.pack(), ": ",
+                                            std::strerror(errno)));
+  }
+  std::string buffer(static_cast<size_t>(meta.size_bytes()), '\0');
+  size_t done = 0;
+  while (done < buffer.size()) {
+    const ssize_t n = ::pread(fd, buffer.data() + done, buffer.size() - done,
+                              static_cast<off_t>(meta.pack_offset() + done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    done += static_cast<size_t>(n);
+  }
+  ::close(fd);
+  if (done < buffer.size()) return absl::DataLossError(absl::StrCat("blob ", hash, " is cut short in its pack"));
+  return fn(buffer);
+}
+
+absl::StatusOr<CasStore::CopyStats> CasStore::CopyFilesTo(const std::string& dest,
+                                                          absl::FunctionRef<absl::Status()> checkpoint) {
+  namespace fs = std::filesystem;
+  absl::ReaderMutexLock gc_lock(&gc_mu_);
+  if (absl::Status s = checkpoint(); !s.ok()) return s;
+  CopyStats stats;
+  const fs::path from(files_dir_);
+  std::error_code ec;
+  for (auto it = fs::recursive_directory_iterator(from, ec); !ec && it != fs::recursive_directory_iterator();
+       it.increment(ec)) {
+    const fs::path rel = it->path().lexically_relative(from);
+    const bool in_packs = rel.begin() != rel.end() && *rel.begin() == "packs";
+    if (rel.begin() != rel.end() && *rel.begin() == "tmp") {
+      it.disable_recursion_pending();  // Uploads in progress.
+      continue;
+    }
+    std::error_code file_ec;
+    if (it->is_directory(file_ec)) {
+      fs::create_directories(fs::path(dest) / rel, file_ec);
+      continue;
+    }
+    if (!it->is_regular_file(file_ec)) continue;
+    const fs::path to = fs::path(dest) / rel;
+    fs::create_directories(to.parent_path(), file_ec);
+    if (!in_packs) fs::create_hard_link(it->path(), to, file_ec);
+    if (in_packs || file_ec) {
+      if (!in_packs) stats.hard_linked = false;
+      file_ec.clear();
+      fs::copy_file(it->path(), to, file_ec);
+      if (file_ec) {
+        if (!fs::exists(it->path())) continue;  // An emptied pack, deleted meanwhile.
+        return absl::InternalError(absl::StrCat("backup: cannot copy ", it->path().string(), ": ", file_ec.message()));
+      }
+    }
+    ++stats.files;
+  }
+  if (ec) return absl::InternalError(absl::StrCat("backup: cannot read ", files_dir_, ": ", ec.message()));
+  return stats;
 }
 
 absl::StatusOr<uint64_t> CasStore::CollectGarbage(const absl::flat_hash_set<std::string>& keep,
@@ -76,9 +229,12 @@ absl::StatusOr<uint64_t> CasStore::CollectGarbage(const absl::flat_hash_set<std:
     // The meta first: from then on the blob is absent, whatever remains.
     rocksdb::WriteBatch batch;
     batch.Delete(meta_, c.hash);
-    if (!c.meta.in_file()) batch.Delete(blobs_, c.hash);
+    if (!c.meta.in_file() && c.meta.pack() == 0) batch.Delete(blobs_, c.hash);
     if (rocksdb::Status s = db_->Write(rocksdb::WriteOptions(), &batch); !s.ok()) return FromRocks(s, "blob delete");
     if (c.meta.in_file()) ::unlink(FilePath(c.hash).c_str());
+    if (c.meta.pack() != 0) {
+      ReleasePackRange(c.meta.pack(), c.meta.pack_offset(), static_cast<uint64_t>(c.meta.size_bytes()));
+    }
     total_bytes_ -= std::min<uint64_t>(total_bytes_.load(), static_cast<uint64_t>(c.meta.size_bytes()));
     freed += static_cast<uint64_t>(c.meta.size_bytes());
     return absl::OkStatus();
@@ -130,6 +286,7 @@ bool CasStore::HasDirectory(const Digest& digest) const {
 absl::Status CasStore::Read(const std::string& hash, absl::FunctionRef<absl::Status(absl::string_view)> fn) const {
   absl::StatusOr<BlobMeta> meta = Meta(hash);
   if (!meta.ok()) return meta.status();
+  if (meta->pack() != 0) return ReadFromPack(hash, *meta, fn);
   if (!meta->in_file()) {
     std::string value;
     rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), blobs_, hash, &value);
@@ -184,7 +341,8 @@ CasStore::Upload::Upload(CasStore* store, Digest digest, bool is_directory)
     : store_(store),
       digest_(std::move(digest)),
       is_directory_(is_directory),
-      to_file_(!is_directory && static_cast<uint64_t>(digest_.size_bytes()) > kFileThreshold) {}
+      to_file_(!is_directory && static_cast<uint64_t>(digest_.size_bytes()) > kFileThreshold),
+      to_pack_(!is_directory && !to_file_) {}
 
 CasStore::Upload::~Upload() {
   if (!finished_) Discard();
@@ -257,6 +415,23 @@ absl::Status CasStore::Upload::Finish() {
     meta.set_tree_depth(summary->depth);
     meta.set_link_escape(summary->link_escape);
   }
+  if (to_pack_) {
+    // One upload of a given small file at a time from here to its meta (see
+    // packing_); the released claim wakes the next, which finds it stored.
+    absl::MutexLock lock(&store_->pack_mu_);
+    const std::string& hash = digest_.hash();
+    CasStore* const store = store_;
+    const auto free_to_pack = [store, &hash]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(store->pack_mu_) {
+      return !store->packing_.contains(hash);
+    };
+    store_->pack_mu_.Await(absl::Condition(&free_to_pack));
+    store_->packing_.insert(hash);
+  }
+  absl::Cleanup release_claim = [this] {
+    if (!to_pack_) return;
+    absl::MutexLock lock(&store_->pack_mu_);
+    store_->packing_.erase(digest_.hash());
+  };
   // Already there (as a directory, if this is one): keep the stored copy.
   absl::StatusOr<BlobMeta> existing = store_->Meta(digest_.hash());
   if (existing.ok() && (existing->is_directory() || !is_directory_)) {
@@ -283,6 +458,11 @@ absl::Status CasStore::Upload::Finish() {
     }
     temp_path_.clear();
     meta.set_in_file(true);
+  } else if (to_pack_) {
+    if (absl::Status s = store_->AppendToPack(buffer_, meta); !s.ok()) {
+      Discard();
+      return s;
+    }
   } else {
     batch.Put(store_->blobs_, digest_.hash(), buffer_);
   }
@@ -291,6 +471,7 @@ absl::Status CasStore::Upload::Finish() {
   options.sync = store_->sync_;
   rocksdb::Status s = store_->db_->Write(options, &batch);
   if (!s.ok()) {
+    if (meta.pack() != 0) store_->ReleasePackRange(meta.pack(), meta.pack_offset(), buffer_.size());
     Discard();
     return FromRocks(s, "blob write");
   }

@@ -97,47 +97,27 @@ absl::StatusOr<RocksDbStateStore::BackupStats> RocksDbStateStore::Backup(const s
   fs::permissions(dest, fs::perms::owner_all, ec);  // Token hashes, sources: the coordinator's alone.
   BackupStats stats;
   // 1. The database, consistent at one instant: every column family.
-  rocksdb::Checkpoint* raw = nullptr;
-  rocksdb::Status s = rocksdb::Checkpoint::Create(db_.get(), &raw);
-  if (!s.ok()) return FromRocks(s, "backup: cannot start a checkpoint");
-  std::unique_ptr<rocksdb::Checkpoint> checkpoint(raw);
-  s = checkpoint->CreateCheckpoint((dest / "rocksdb").string());
-  if (!s.ok()) return FromRocks(s, "backup: checkpoint failed");
-  for (const auto& entry : fs::directory_iterator(dest / "rocksdb", ec)) {
+  // 2. The CAS's files: every blob the checkpoint names is in place by then
+  // (bytes are written before their meta); garbage collection waits from
+  // before the checkpoint until they are copied.
+  const fs::path checkpoint_dir = dest / "rocksdb";
+  absl::StatusOr<CasStore::CopyStats> copied =
+      cas_->CopyFilesTo((checkpoint_dir / fs::path(cas_dir_).filename()).string(),  // Where Open looks.
+                        [&]() -> absl::Status {
+                          rocksdb::Checkpoint* raw = nullptr;
+                          rocksdb::Status s = rocksdb::Checkpoint::Create(db_.get(), &raw);
+                          if (!s.ok()) return FromRocks(s, "backup: cannot start a checkpoint");
+                          std::unique_ptr<rocksdb::Checkpoint> checkpoint(raw);
+                          s = checkpoint->CreateCheckpoint(checkpoint_dir.string());
+                          if (!s.ok()) return FromRocks(s, "backup: checkpoint failed");
+                          return absl::OkStatus();
+                        });
+  if (!copied.ok()) return copied.status();
+  for (const auto& entry : fs::directory_iterator(checkpoint_dir, ec)) {
     if (entry.path().extension() == ".sst") stats.sst_bytes += entry.file_size(ec);
   }
-  // 2. The CAS's files, after the checkpoint: every blob it names whose
-  // file existed then is here (a blob collected in between was needed by
-  // no queued or running job). Files are immutable and named by content.
-  const fs::path cas(cas_dir_);
-  const fs::path cas_copy = dest / "rocksdb" / cas.filename();  // Where Open looks for it.
-  for (auto it = fs::recursive_directory_iterator(cas, ec); !ec && it != fs::recursive_directory_iterator();
-       it.increment(ec)) {
-    const fs::path rel = it->path().lexically_relative(cas);
-    if (rel.begin() != rel.end() && *rel.begin() == "tmp") {
-      it.disable_recursion_pending();  // Uploads in progress.
-      continue;
-    }
-    std::error_code file_ec;
-    if (it->is_directory(file_ec)) {
-      fs::create_directories(cas_copy / rel, file_ec);
-      continue;
-    }
-    if (!it->is_regular_file(file_ec)) continue;
-    fs::create_directories((cas_copy / rel).parent_path(), file_ec);
-    fs::create_hard_link(it->path(), cas_copy / rel, file_ec);
-    if (file_ec) {
-      stats.hard_linked = false;
-      file_ec.clear();
-      fs::copy_file(it->path(), cas_copy / rel, file_ec);
-      if (file_ec) {
-        if (!fs::exists(it->path())) continue;  // Collected meanwhile.
-        return absl::InternalError(absl::StrCat("backup: cannot copy ", it->path().string(), ": ", file_ec.message()));
-      }
-    }
-    ++stats.cas_files;
-  }
-  if (ec) return absl::InternalError(absl::StrCat("backup: cannot read ", cas_dir_, ": ", ec.message()));
+  stats.cas_files = copied->files;
+  stats.hard_linked = copied->hard_linked;
   return stats;
 }
 

@@ -1,11 +1,18 @@
 // The CAS: CasStore on a real RocksDB, and CasService with the client
 // (UploadTree, FetchBlobs) over an in-process gRPC channel.
+#include <sys/stat.h>
+
+#include <atomic>
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <thread>
 
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 
 #include "common/cas_client.h"
 #include "common/source_tree.h"
@@ -22,13 +29,24 @@ using testing::StatusIs;
 
 class CasTest : public ::testing::Test {
  protected:
-  void SetUp() override {
+  void SetUp() override { Reopen(); }
+  void Reopen() {
+    store_.reset();
     auto store = RocksDbStateStore::Open((std::filesystem::path(dir_.path()) / "db").string(), false,
                                          /*max_blob_bytes=*/8 << 20);
     ASSERT_TRUE(store.ok()) << store.status();
     store_ = *std::move(store);
   }
   CasStore& cas() { return *store_->cas(); }
+  std::filesystem::path PackPath(uint64_t pack) const {
+    return std::filesystem::path(dir_.path()) / "db" / "cas" / "packs" / absl::StrCat(pack, ".pack");
+  }
+  // Bytes of distinct content (no two calls with different seeds agree).
+  static std::string Bytes(size_t n, int seed) {
+    std::string out(n, '\0');
+    for (size_t i = 0; i < n; ++i) out[i] = static_cast<char>((i * 131 + i / 251) ^ (seed * 7919));
+    return out;
+  }
 
   // Stores a directory with these files (name -> content) and returns it.
   Digest PutDirectory(const std::vector<std::pair<std::string, std::string>>& files,
@@ -113,6 +131,72 @@ TEST_F(CasTest, LargeBlobsAreFilesReadBackInChunks) {
   const std::filesystem::path tmp = std::filesystem::path(dir_.path()) / "db" / "cas" / "tmp";
   EXPECT_TRUE(std::filesystem::is_empty(tmp));
   EXPECT_EQ(*cas().ReadAll(DigestOf(big).hash()), big);  // The stored copy is untouched.
+}
+
+TEST_F(CasTest, SmallFilesArePackedAndCollectionPunchesThemOutThenDeletesEmptyPacks) {
+  namespace fs = std::filesystem;
+  const std::string a = Bytes(20000, 1), b = Bytes(20000, 2), c = Bytes(20000, 3);
+  for (const std::string* blob : {&a, &b, &c}) ASSERT_TRUE(cas().Put(DigestOf(*blob), *blob, false).ok());
+  auto meta_a = cas().Meta(DigestOf(a).hash());
+  auto meta_c = cas().Meta(DigestOf(c).hash());
+  ASSERT_TRUE(meta_a.ok() && meta_c.ok());
+  const uint64_t first_pack = meta_a->pack();
+  EXPECT_NE(first_pack, 0u);
+  EXPECT_FALSE(meta_a->in_file());
+  EXPECT_EQ(meta_c->pack(), first_pack);
+  EXPECT_EQ(meta_c->pack_offset(), 40000u);  // Appended in order.
+  EXPECT_EQ(fs::file_size(PackPath(first_pack)), 60000u);
+
+  // After a restart the blobs read back, and new ones go to a new pack.
+  Reopen();
+  EXPECT_EQ(cas().total_bytes(), 60000u);
+  EXPECT_EQ(*cas().ReadAll(DigestOf(b).hash()), b);
+  const std::string d = Bytes(30000, 4);
+  ASSERT_TRUE(cas().Put(DigestOf(d), d, false).ok());
+  EXPECT_NE(cas().Meta(DigestOf(d).hash())->pack(), first_pack);
+
+  // Collecting a and c punches their ranges out; b, between them, is intact.
+  const auto blocks_of = [&](uint64_t pack) {
+    struct stat st;
+    EXPECT_EQ(::stat(PackPath(pack).c_str(), &st), 0);
+    return static_cast<uint64_t>(st.st_blocks) * 512;
+  };
+  const uint64_t before = blocks_of(first_pack);
+  const int64_t later = absl::ToUnixSeconds(absl::Now()) + 10;
+  auto freed = cas().CollectGarbage({DigestOf(b).hash(), DigestOf(d).hash()}, later, 0);
+  ASSERT_TRUE(freed.ok()) << freed.status();
+  EXPECT_EQ(*freed, 40000u);
+  EXPECT_FALSE(cas().HasFile(DigestOf(a)));
+  EXPECT_FALSE(cas().HasFile(DigestOf(c)));
+  EXPECT_EQ(*cas().ReadAll(DigestOf(b).hash()), b);
+  EXPECT_LE(blocks_of(first_pack) + 32768, before);  // Whole blocks of a and c gone.
+  // Once b goes too, the pack goes.
+  ASSERT_TRUE(cas().CollectGarbage({DigestOf(d).hash()}, later, 0).ok());
+  EXPECT_FALSE(fs::exists(PackPath(first_pack)));
+  EXPECT_EQ(*cas().ReadAll(DigestOf(d).hash()), d);
+  EXPECT_EQ(cas().total_bytes(), d.size());
+}
+
+TEST_F(CasTest, ConcurrentUploadsOfOneSmallBlobPackItOnce) {
+  const std::string blob = Bytes(30000, 5);
+  std::vector<std::thread> threads;
+  std::atomic<int> stored{0}, failed{0};
+  for (int t = 0; t < 8; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < 50; ++i) {
+        bool was_new = false;
+        if (!cas().Put(DigestOf(blob), blob, false, &was_new).ok()) ++failed;
+        if (was_new) ++stored;
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  EXPECT_EQ(failed.load(), 0);
+  EXPECT_EQ(stored.load(), 1);
+  auto meta = cas().Meta(DigestOf(blob).hash());
+  ASSERT_TRUE(meta.ok());
+  EXPECT_EQ(std::filesystem::file_size(PackPath(meta->pack())), blob.size());
+  EXPECT_EQ(cas().total_bytes(), blob.size());
 }
 
 TEST_F(CasTest, ADirectoryIsAcceptedOnlyAfterItsChildrenAndSummarisesItsTree) {
