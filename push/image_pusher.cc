@@ -53,6 +53,12 @@ constexpr MediaTypes kOci = {"application/vnd.oci.image.manifest.v1+json", "appl
 // after another, and every gunzip (Go's, which registries' clients use,
 // pigz, GNU gzip) reads them as one stream. libdeflate's header carries no
 // name and mtime 0, so a layer always compresses to the same digest.
+//
+// Input that does not compress (already-compressed files, random bytes:
+// images carry plenty) is stored, not deflated: deflating it at level 6
+// runs at ~50 MB/s for nothing, storing it at memory speed. Each member is
+// judged by samples across it (see Incompressible), so the choice depends
+// only on the bytes and the digest stays reproducible.
 class GzipFile {
  public:
   static constexpr size_t kMemberBytes = 1 << 20;
@@ -87,16 +93,70 @@ class GzipFile {
   ~GzipFile() { Close(); }
 
  private:
+  // Samples of the member, compressed at level 1, that shrink by less than
+  // 1/32 in all: the member is taken for incompressible.
+  static constexpr size_t kSamples = 4;
+  static constexpr size_t kSampleBytes = 16 << 10;
+
   absl::Status Init(int level) {
     compressor_ = libdeflate_alloc_compressor(std::clamp(level, 1, 12));
-    if (compressor_ == nullptr) return absl::InternalError("libdeflate: cannot allocate a compressor");
+    sampler_ = libdeflate_alloc_compressor(1);
+    if (compressor_ == nullptr || sampler_ == nullptr) {
+      return absl::InternalError("libdeflate: cannot allocate a compressor");
+    }
     pending_.reserve(kMemberBytes);
-    out_buf_.resize(libdeflate_gzip_compress_bound(compressor_, kMemberBytes));
+    // Room for either form of a member: deflated, or stored (5 bytes of
+    // framing per 64 KiB block, 18 of header and trailer).
+    out_buf_.resize(std::max(libdeflate_gzip_compress_bound(compressor_, kMemberBytes),
+                             kMemberBytes + 5 * (kMemberBytes / 0xffff + 1) + 18));
     return absl::OkStatus();
+  }
+  bool Incompressible() {
+    if (pending_.size() < kSamples * kSampleBytes) return false;
+    size_t in = 0, out = 0;
+    for (size_t i = 0; i < kSamples; ++i) {
+      const size_t at = (pending_.size() - kSampleBytes) * i / (kSamples - 1);
+      const size_t n = libdeflate_deflate_compress(sampler_, pending_.data() + at, kSampleBytes, out_buf_.data(),
+                                                   out_buf_.size());
+      in += kSampleBytes;
+      out += n == 0 ? kSampleBytes : n;
+    }
+    return out >= in - in / 32;
+  }
+  // A gzip member of stored deflate blocks (RFC 1951 3.2.4): the bytes as
+  // they are, framed, with their CRC-32.
+  size_t StoredMember() {
+    static constexpr unsigned char kHeader[10] = {0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff};
+    char* out = out_buf_.data();
+    std::memcpy(out, kHeader, sizeof kHeader);
+    size_t n = sizeof kHeader;
+    const auto put16 = [&](uint32_t v) {
+      out[n++] = static_cast<char>(v & 0xff);
+      out[n++] = static_cast<char>((v >> 8) & 0xff);
+    };
+    for (size_t at = 0; at < pending_.size() || at == 0;) {
+      const size_t len = std::min<size_t>(0xffff, pending_.size() - at);
+      out[n++] = static_cast<char>(at + len == pending_.size() ? 1 : 0);  // BFINAL, BTYPE 00.
+      put16(static_cast<uint32_t>(len));
+      put16(static_cast<uint32_t>(~len & 0xffff));
+      std::memcpy(out + n, pending_.data() + at, len);
+      n += len;
+      at += len;
+      if (len == 0) break;
+    }
+    const uint32_t crc = libdeflate_crc32(0, pending_.data(), pending_.size());
+    const uint32_t isize = static_cast<uint32_t>(pending_.size());
+    put16(crc & 0xffff);
+    put16(crc >> 16);
+    put16(isize & 0xffff);
+    put16(isize >> 16);
+    return n;
   }
   absl::Status Member() {
     const size_t n =
-        libdeflate_gzip_compress(compressor_, pending_.data(), pending_.size(), out_buf_.data(), out_buf_.size());
+        Incompressible()
+            ? StoredMember()
+            : libdeflate_gzip_compress(compressor_, pending_.data(), pending_.size(), out_buf_.data(), out_buf_.size());
     pending_.clear();
     if (n == 0) return absl::InternalError("libdeflate: compressed data larger than its bound");
     const absl::string_view piece(out_buf_.data(), n);
@@ -111,7 +171,9 @@ class GzipFile {
   }
   void Close() {
     if (compressor_ != nullptr) libdeflate_free_compressor(compressor_);
+    if (sampler_ != nullptr) libdeflate_free_compressor(sampler_);
     compressor_ = nullptr;
+    sampler_ = nullptr;
     if (out_ != nullptr) std::fclose(out_);
     out_ = nullptr;
   }
@@ -119,6 +181,7 @@ class GzipFile {
   std::FILE* out_ = nullptr;
   std::function<absl::Status(absl::string_view)> sink_;
   libdeflate_compressor* compressor_ = nullptr;
+  libdeflate_compressor* sampler_ = nullptr;
   std::string pending_;  // Input of the member being filled.
   std::string out_buf_;
   Sha256 hash_;
@@ -178,27 +241,76 @@ absl::Status LayerCache::Save() const {
 
 namespace {
 
+// Sends layer i's compressed blob: from `held` when the bytes are in
+// memory, else from the layer's "gz" scratch file. Adds what it uploaded to
+// the last argument.
+using SendLayer = std::function<absl::Status(size_t, PushedBlob, std::string* held, RegistryClient&, uint64_t*)>;
+
 // A layer's scratch file: "raw" (copied from the archive) or "gz".
 std::string ScratchFile(const std::string& scratch, size_t i, absl::string_view kind) {
   return absl::StrCat(scratch, "/layer-", i, ".", kind);
 }
 
-// The archive is read in one pass, each wanted layer copied raw to a scratch
-// file; `options.parallel` threads take finished files, compress them and
-// hand them to `send` with a registry client of their own. At most twice as
-// many raw layers as threads wait on disk.
+// Layers up to this size (raw, and again compressed) pass between the
+// threads in memory; larger ones go through scratch files. Writing every
+// layer to disk twice (raw, then compressed) and reading it back cost a
+// fifth of a push's CPU; the bound keeps memory to a few times this per
+// thread.
+constexpr size_t kHeldLayerBytes = size_t{16} << 20;
+
+// Bytes of one layer: in memory until they pass kHeldLayerBytes, then in
+// `path` (what was held written first).
+class LayerBytes {
+ public:
+  explicit LayerBytes(std::string path) : path_(std::move(path)) {}
+  ~LayerBytes() { Close().IgnoreError(); }
+  absl::Status Append(absl::string_view data) {
+    if (file_ == nullptr && held_.size() + data.size() <= kHeldLayerBytes) {
+      held_.append(data.data(), data.size());
+      return absl::OkStatus();
+    }
+    if (file_ == nullptr) {
+      file_ = std::fopen(path_.c_str(), "wb");
+      if (file_ == nullptr) return absl::InternalError(absl::StrCat("cannot create ", path_));
+      if (!Write(held_)) return absl::InternalError(absl::StrCat("cannot write ", path_));
+      held_.clear();
+      held_.shrink_to_fit();
+    }
+    if (!Write(data)) return absl::InternalError(absl::StrCat("cannot write ", path_));
+    return absl::OkStatus();
+  }
+  // Ends the writing; the bytes are then held() or in path().
+  absl::Status Close() {
+    if (file_ == nullptr) return absl::OkStatus();
+    const bool ok = std::fclose(file_) == 0;
+    file_ = nullptr;
+    in_file_ = true;
+    return ok ? absl::OkStatus() : absl::InternalError(absl::StrCat("cannot write ", path_));
+  }
+  bool in_file() const { return in_file_; }
+  std::string& held() { return held_; }
+  const std::string& path() const { return path_; }
+
+ private:
+  bool Write(absl::string_view data) { return std::fwrite(data.data(), 1, data.size(), file_) == data.size(); }
+  std::string path_;
+  std::string held_;
+  std::FILE* file_ = nullptr;
+  bool in_file_ = false;
+};
+
+// The archive is read in one pass, each wanted layer's raw bytes kept (see
+// LayerBytes); `options.parallel` threads take finished layers, compress
+// them and hand them to `send` with a registry client of their own. At
+// most twice as many raw layers as threads wait.
 absl::Status CompressInParallel(const std::string& archive, const DockerArchive& image,
                                 const std::vector<bool>& compress, const PushOptions& options,
-                                const std::string& scratch,
-                                const std::function<absl::Status(size_t, PushedBlob, RegistryClient&, uint64_t*)>& send,
-                                PushReport& report) {
+                                const std::string& scratch, const SendLayer& send, PushReport& report) {
   absl::Mutex mu;
-  std::deque<size_t> ready;   // Raw layers read whole, not yet taken.
+  std::deque<std::pair<size_t, std::unique_ptr<LayerBytes>>> ready;  // Raw layers read whole, not yet taken.
   bool reading_done = false;  // Guarded by mu.
   absl::Status failed;        // The first error; guarded by mu.
   uint64_t uploaded = 0;      // Guarded by mu.
-  const auto raw_of = [&scratch](size_t i) { return ScratchFile(scratch, i, "raw"); };
-  const auto gz_of = [&scratch](size_t i) { return ScratchFile(scratch, i, "gz"); };
   const auto fail = [&](absl::Status s) {
     absl::MutexLock lock(&mu);
     if (failed.ok()) failed = std::move(s);
@@ -209,30 +321,40 @@ absl::Status CompressInParallel(const std::string& archive, const DockerArchive&
       std::unique_ptr<RegistryClient> client = options.make_client();
       for (;;) {
         size_t i;
+        std::unique_ptr<LayerBytes> raw;
         {
           absl::MutexLock lock(&mu);
           const auto work_or_end = [&] { return !ready.empty() || reading_done || !failed.ok(); };
           mu.Await(absl::Condition(&work_or_end));
           if (!failed.ok() || ready.empty()) return;
-          i = ready.front();
+          i = ready.front().first;
+          raw = std::move(ready.front().second);
           ready.pop_front();
         }
+        LayerBytes gz_bytes(ScratchFile(scratch, i, "gz"));
         GzipFile gz;
-        absl::Status s = gz.Open(gz_of(i), options.gzip_level);
-        std::FILE* raw = s.ok() ? std::fopen(raw_of(i).c_str(), "rb") : nullptr;
-        if (s.ok() && raw == nullptr) s = absl::InternalError(absl::StrCat("cannot read ", raw_of(i)));
-        std::string buf(1 << 20, '\0');
-        while (s.ok()) {
-          const size_t n = std::fread(buf.data(), 1, buf.size(), raw);
-          if (n == 0) break;
-          s = gz.Write(absl::string_view(buf.data(), n), false);
+        absl::Status s = gz.OpenSink([&gz_bytes](absl::string_view piece) { return gz_bytes.Append(piece); },
+                                     options.gzip_level);
+        if (s.ok() && !raw->in_file()) {
+          s = gz.Write(raw->held(), false);
+        } else if (s.ok()) {
+          std::FILE* in = std::fopen(raw->path().c_str(), "rb");
+          if (in == nullptr) s = absl::InternalError(absl::StrCat("cannot read ", raw->path()));
+          std::string buf(in == nullptr ? 0 : 1 << 20, '\0');
+          while (s.ok()) {
+            const size_t n = std::fread(buf.data(), 1, buf.size(), in);
+            if (n == 0) break;
+            s = gz.Write(absl::string_view(buf.data(), n), false);
+          }
+          if (in != nullptr) std::fclose(in);
+          std::error_code ignored;
+          std::filesystem::remove(raw->path(), ignored);
         }
-        if (raw != nullptr) std::fclose(raw);
-        std::error_code ignored;
-        std::filesystem::remove(raw_of(i), ignored);
+        raw.reset();
         absl::StatusOr<PushedBlob> blob = s.ok() ? gz.Finish() : absl::StatusOr<PushedBlob>(s);
+        if (blob.ok()) s = gz_bytes.Close();
         uint64_t sent = 0;
-        if (blob.ok()) s = send(i, *blob, *client, &sent);
+        if (blob.ok() && s.ok()) s = send(i, *blob, gz_bytes.in_file() ? nullptr : &gz_bytes.held(), *client, &sent);
         if (!blob.ok()) s = blob.status();
         if (!s.ok()) return fail(s);
         absl::MutexLock lock(&mu);
@@ -240,32 +362,26 @@ absl::Status CompressInParallel(const std::string& archive, const DockerArchive&
       }
     });
   }
-  std::FILE* out = nullptr;
+  std::unique_ptr<LayerBytes> current;
+  const auto current_for = [&](size_t i) -> LayerBytes& {
+    if (!current) current = std::make_unique<LayerBytes>(ScratchFile(scratch, i, "raw"));
+    return *current;
+  };
   absl::Status read = StreamLayers(
       archive, image, [&](size_t i) { return compress[i]; },
-      [&](size_t i, absl::string_view data) -> absl::Status {
-        if (out == nullptr) out = std::fopen(raw_of(i).c_str(), "wb");
-        if (out == nullptr || std::fwrite(data.data(), 1, data.size(), out) != data.size()) {
-          return absl::InternalError(absl::StrCat("cannot write ", raw_of(i)));
-        }
-        return absl::OkStatus();
-      },
+      [&](size_t i, absl::string_view data) -> absl::Status { return current_for(i).Append(data); },
       [&](size_t i) -> absl::Status {
-        if (out == nullptr) out = std::fopen(raw_of(i).c_str(), "wb");  // An empty layer.
-        if (out == nullptr || std::fclose(out) != 0) {
-          out = nullptr;
-          return absl::InternalError(absl::StrCat("cannot write ", raw_of(i)));
-        }
-        out = nullptr;
+        if (absl::Status s = current_for(i).Close(); !s.ok()) return s;  // current_for: an empty layer.
         absl::MutexLock lock(&mu);
-        ready.push_back(i);
-        // Bound the raw copies on disk; stop reading once a thread failed.
+        ready.emplace_back(i, std::move(current));
+        current.reset();
+        // Bound the raw copies held; stop reading once a thread failed.
         const size_t bound = static_cast<size_t>(2 * options.parallel);
         const auto room = [&] { return ready.size() < bound || !failed.ok(); };
         mu.Await(absl::Condition(&room));
         return failed;
       });
-  if (out != nullptr) std::fclose(out);
+  current.reset();
   if (!read.ok()) fail(read);
   {
     absl::MutexLock lock(&mu);
@@ -469,7 +585,8 @@ absl::StatusOr<PushReport> PushDockerArchive(const std::string& archive, const I
     if (report.layers[i].skipped) progress(0);
   }
   // A compressed layer: cached, checked with the registry, sent if missing.
-  const auto send = [&](size_t i, PushedBlob blob, RegistryClient& via, uint64_t* uploaded) -> absl::Status {
+  const SendLayer send = [&](size_t i, PushedBlob blob, std::string* held, RegistryClient& via,
+                             uint64_t* uploaded) -> absl::Status {
     if (options.cache != nullptr) {
       options.cache->Put(image->layers[i].diff_id, options.gzip_level, {blob.digest, blob.size, here});
     }
@@ -477,7 +594,9 @@ absl::StatusOr<PushReport> PushDockerArchive(const std::string& archive, const I
     if (!has.ok()) return has.status();
     blob.skipped = *has;
     if (!*has) {
-      BlobSource source{.file = file_of(i), .data = "", .size = blob.size};
+      BlobSource source{.file = held == nullptr ? file_of(i) : "",
+                        .data = held == nullptr ? "" : std::move(*held),
+                        .size = blob.size};
       if (absl::Status s = via.UploadBlob(repo, blob.digest, source); !s.ok()) return s;
       *uploaded += blob.size;
     }
@@ -511,7 +630,7 @@ absl::StatusOr<PushReport> PushDockerArchive(const std::string& archive, const I
           absl::StatusOr<PushedBlob> blob = (*gz)->Finish();
           open.erase(i);
           if (!blob.ok()) return blob.status();
-          return send(i, *blob, client, &report.bytes_uploaded);
+          return send(i, *blob, nullptr, client, &report.bytes_uploaded);
         });
   } else {
     streamed = CompressInParallel(archive, *image, compress, options, scratch, send, report);
