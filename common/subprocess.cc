@@ -9,12 +9,19 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <utility>
 
 #include "absl/cleanup/cleanup.h"
 #include "absl/status/status.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "common/source_tree.h"
 #include "absl/strings/str_join.h"
 
 extern char** environ;
@@ -249,7 +256,64 @@ struct ProcessSupervisor::Child {
   ExitCallback on_exit;
 };
 
-ProcessSupervisor::ProcessSupervisor() {
+namespace {
+
+// The start time of process `pid` (clock ticks since boot, field 22 of
+// /proc/PID/stat), or "" when it does not run. With the pid it names one
+// process for good: a pid reused later starts at another time.
+std::string ProcessStartTime(pid_t pid) {
+#ifdef __linux__
+  std::string stat;
+  if (!ReadWholeFile(absl::StrCat("/proc/", pid, "/stat"), stat).ok()) return "";
+  // The command name (field 2) is in parentheses and may hold anything.
+  const size_t close = stat.rfind(')');
+  if (close == std::string::npos) return "";
+  std::vector<absl::string_view> fields = absl::StrSplit(absl::string_view(stat).substr(close + 1), ' ',
+                                                         absl::SkipEmpty());
+  // Fields from 3 on; the start time is the 22nd.
+  if (fields.size() < 20) return "";
+  return std::string(fields[19]);
+#else
+  (void)pid;
+  return "";
+#endif
+}
+
+std::string LedgerEntry(const std::string& dir, pid_t pid) { return absl::StrCat(dir, "/", pid); }
+
+}  // namespace
+
+int ProcessSupervisor::StopLeftovers(const std::string& ledger_dir, absl::Duration grace) {
+  std::error_code ec;
+  std::vector<pid_t> stopping;
+  for (const auto& entry : std::filesystem::directory_iterator(ledger_dir, ec)) {
+    int pid = 0;
+    std::string started;
+    if (absl::SimpleAtoi(entry.path().filename().string(), &pid) && pid > 1 &&
+        ReadWholeFile(entry.path().string(), started).ok() &&
+        !ProcessStartTime(pid).empty() && ProcessStartTime(pid) == absl::StripAsciiWhitespace(started)) {
+      ::kill(-pid, SIGTERM);
+      stopping.push_back(pid);
+    }
+    std::filesystem::remove(entry.path(), ec);
+  }
+  // No longer our children: watch for them to go, then make sure.
+  const absl::Time deadline = absl::Now() + grace;
+  while (absl::Now() < deadline) {
+    bool any = false;
+    for (pid_t pid : stopping) any = any || ::kill(pid, 0) == 0;
+    if (!any) break;
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  for (pid_t pid : stopping) ::kill(-pid, SIGKILL);
+  return static_cast<int>(stopping.size());
+}
+
+ProcessSupervisor::ProcessSupervisor(std::string ledger_dir) : ledger_dir_(std::move(ledger_dir)) {
+  if (!ledger_dir_.empty()) {
+    std::error_code ec;
+    std::filesystem::create_directories(ledger_dir_, ec);
+  }
   if (!MakePipe(wake_fds_, /*nonblocking=*/true).ok()) std::abort();
   thread_ = std::thread([this] { Loop(); });
 }
@@ -286,6 +350,14 @@ absl::StatusOr<ProcessSupervisor::ProcessId> ProcessSupervisor::Spawn(
   SetNonBlocking(child->stderr_fd);
   child->on_line = std::move(on_line);
   child->on_exit = std::move(on_exit);
+  if (!ledger_dir_.empty()) {
+    // Best effort: a ledger that cannot be written only loses the clean-up
+    // after a crash.
+    if (std::FILE* f = std::fopen(LedgerEntry(ledger_dir_, child->pid).c_str(), "w")) {
+      std::fputs(ProcessStartTime(child->pid).c_str(), f);
+      std::fclose(f);
+    }
+  }
   ProcessId id;
   {
     absl::MutexLock lock(&mu_);
@@ -423,6 +495,7 @@ void ProcessSupervisor::Loop() {
         }
       }
       if (c->exited && c->stdout_fd < 0 && c->stderr_fd < 0) {
+        if (!ledger_dir_.empty()) ::unlink(LedgerEntry(ledger_dir_, c->pid).c_str());
         {
           absl::MutexLock lock(&mu_);
           children_.erase(id);

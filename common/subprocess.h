@@ -70,9 +70,19 @@ class ProcessSupervisor {
   static constexpr size_t kMaxLineBytes = 64 << 10;
   static constexpr size_t kMaxStdout = 16 << 20;
 
-  ProcessSupervisor();
+  // `ledger_dir` (optional): a file per running child (named by its pid,
+  // holding its start time) is kept there, so that after this process dies
+  // without cleaning up (SIGKILL, the OOM killer) the next one can stop what
+  // it left running: see StopLeftovers.
+  explicit ProcessSupervisor(std::string ledger_dir = "");
   // Kills every remaining child (and its group) and waits for them.
   ~ProcessSupervisor();
+
+  // Stops the process groups named in `ledger_dir` whose leader still runs
+  // (the same process: its start time matches): SIGTERM, then SIGKILL for
+  // those still there after `grace`. Empties the ledger. Returns how many it
+  // stopped. Linux only (elsewhere: 0).
+  static int StopLeftovers(const std::string& ledger_dir, absl::Duration grace);
 
   ProcessSupervisor(const ProcessSupervisor&) = delete;
   ProcessSupervisor& operator=(const ProcessSupervisor&) = delete;
@@ -97,6 +107,7 @@ class ProcessSupervisor {
   void Loop();
   void Wake();
 
+  const std::string ledger_dir_;
   mutable absl::Mutex mu_;
   std::map<ProcessId, std::shared_ptr<Child>> children_ ABSL_GUARDED_BY(mu_);
   ProcessId next_id_ ABSL_GUARDED_BY(mu_) = 1;

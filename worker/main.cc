@@ -19,6 +19,7 @@
 #include "common/log.h"
 #include "common/metrics_http.h"
 #include "common/net.h"
+#include "common/subprocess.h"
 #include "common/tls.h"
 #include "worker/fod_oracle.h"
 #include "worker/image_publisher.h"
@@ -101,6 +102,14 @@ int main(int argc, char** argv) {
   std::filesystem::create_directories(options.work_dir, ec);
   if (ec) return Fail("cannot create --work-dir: " + ec.message());
   options.work_dir = std::filesystem::absolute(options.work_dir).string();
+  // Builds a previous run of this worker left behind when it died without
+  // stopping them (SIGKILL, the OOM killer) hold Nix's locks on their
+  // outputs, and one waiting for its derivation on a named pipe would wait
+  // forever: stop them before anything else.
+  const std::string process_ledger_dir = options.work_dir + "/processes";
+  if (const int stopped = kiln::ProcessSupervisor::StopLeftovers(process_ledger_dir, absl::Seconds(10)); stopped > 0) {
+    kiln::LogWarning("worker", "stopped ", stopped, " Nix process(es) left running by a previous run of this worker");
+  }
   options.max_jobs = absl::GetFlag(FLAGS_max_jobs);
   if (options.max_jobs < 1) return Fail("--max-jobs must be at least 1");
   options.systems = absl::GetFlag(FLAGS_systems);
@@ -165,6 +174,7 @@ int main(int argc, char** argv) {
   kiln::GrpcFodOracle fod_oracle(kiln::MakeChannel(options.coordinator, options.credentials), options.name);
   nix.fods = &fod_oracle;
   nix.scratch_dir = options.work_dir;
+  nix.process_ledger_dir = process_ledger_dir;
   kiln::RegistryPublisherOptions push_options;
   push_options.auth_file = absl::GetFlag(FLAGS_registry_auth_file);
   for (const std::string& r : absl::GetFlag(FLAGS_insecure_registries)) push_options.insecure_registries.insert(r);

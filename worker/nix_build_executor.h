@@ -51,11 +51,16 @@ struct NixOptions {
   // Pushes the images of jobs that name a push target; nullptr: such jobs
   // fail after their build (RESULT_CODE_PUSH_FAILED).
   ImagePublisher* publisher = nullptr;
+  // Where the running Nix processes are listed (see ProcessSupervisor), so
+  // that a worker started after a crash stops what the last one left
+  // running; empty: not listed.
+  std::string process_ledger_dir;
 };
 
 class NixBuildExecutor final : public BuildExecutor {
  public:
-  explicit NixBuildExecutor(NixOptions options) : options_(std::move(options)) {}
+  explicit NixBuildExecutor(NixOptions options)
+      : options_(std::move(options)), supervisor_(options_.process_ledger_dir) {}
   // Cancels what still runs and waits for every build's thread to end.
   ~NixBuildExecutor() override;
 

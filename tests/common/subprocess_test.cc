@@ -2,10 +2,15 @@
 
 #include <gtest/gtest.h>
 
+#include <csignal>
+#include <filesystem>
+#include <fstream>
+#include <string>
 #include <vector>
 
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
+#include "tests/support/test_util.h"
 
 namespace kiln {
 namespace {
@@ -111,6 +116,52 @@ TEST(ProcessSupervisorTest, LeftoverChildrenDoNotHoldTheResult) {
   ASSERT_TRUE(id.ok());
   ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(30)));
   EXPECT_EQ(exit.exit_code, 0);
+}
+
+TEST(ProcessSupervisorTest, ALedgerLetsTheNextRunStopWhatACrashedOneLeftRunning) {
+  namespace fs = std::filesystem;
+  testing::TempDir dir;
+  const std::string ledger = dir.Sub("ledger"), leftovers = dir.Sub("leftovers");
+  ProcessSupervisor supervisor(ledger);
+  absl::Notification done;
+  ExitInfo exit;
+  auto id = supervisor.Spawn({.argv = {"/bin/sh", "-c", "sleep 60 & sleep 60"}, .extra_env = {}, .cwd = ""},
+                             [](absl::string_view) {},
+                             [&](ExitInfo e, std::string) {
+                               exit = e;
+                               done.Notify();
+                             });
+  ASSERT_TRUE(id.ok());
+  std::vector<fs::path> entries;
+  for (const auto& e : fs::directory_iterator(ledger)) entries.push_back(e.path());
+  ASSERT_EQ(entries.size(), 1u);  // Named by the child's pid.
+
+  // What a run that died without cleaning up leaves: its ledger. Also an
+  // entry whose pid now belongs to another process (its start time differs)
+  // and one that is not a pid: neither may be touched.
+  fs::create_directories(leftovers);
+  fs::copy_file(entries[0], fs::path(leftovers) / entries[0].filename());
+  ProcessSupervisor bystanders(dir.Sub("bystander-ledger"));
+  absl::Notification bystander_done;
+  auto bystander = bystanders.Spawn({.argv = {"sleep", "60"}, .extra_env = {}, .cwd = ""}, [](absl::string_view) {},
+                                    [&](ExitInfo, std::string) { bystander_done.Notify(); });
+  ASSERT_TRUE(bystander.ok());
+  for (const auto& e : fs::directory_iterator(dir.Sub("bystander-ledger"))) {
+    std::ofstream reused(fs::path(leftovers) / e.path().filename());
+    reused << "1";  // Not when it started.
+  }
+  {
+    std::ofstream junk(fs::path(leftovers) / "not-a-pid");
+    junk << "1";
+  }
+
+  EXPECT_EQ(ProcessSupervisor::StopLeftovers(leftovers, absl::Seconds(10)), 1);
+  ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(30)));
+  EXPECT_EQ(exit.signal, SIGTERM);  // Asked first; it went.
+  EXPECT_TRUE(fs::is_empty(leftovers));
+  EXPECT_TRUE(fs::is_empty(ledger));  // The child's own entry goes with it.
+  EXPECT_FALSE(bystander_done.HasBeenNotified());
+  EXPECT_EQ(bystanders.Running(), 1u);
 }
 
 }  // namespace

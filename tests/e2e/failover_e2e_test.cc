@@ -5,7 +5,14 @@
 // output it should have.
 #include <csignal>
 
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <map>
 #include <set>
+#include <string>
+#include <vector>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -89,6 +96,47 @@ nlohmann::json Status(const testing::LocalFarm& farm, const std::string& id) {
   auto status = farm.Kiln({"status", id, "--json"});
   if (!status.ok() || status->exit.exit_code != 0) return nlohmann::json::object();
   return nlohmann::json::parse(status->stdout_data);
+}
+
+// The processes whose command line names `path` (a worker's directory),
+// but for worker daemons: pid → command line.
+std::map<int, std::string> ProcessesNaming(const std::string& path) {
+  std::map<int, std::string> found;
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc", ec)) {
+    int pid = 0;
+    if (!absl::SimpleAtoi(entry.path().filename().string(), &pid)) continue;
+    std::ifstream in(entry.path() / "cmdline", std::ios::binary);
+    std::string cmdline((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::replace(cmdline.begin(), cmdline.end(), '\0', ' ');
+    if (absl::StrContains(cmdline, path) && !absl::StrContains(cmdline, "kiln-worker")) found[pid] = cmdline;
+  }
+  return found;
+}
+
+TEST(FailoverE2eTest, AWorkerStartedAfterACrashStopsTheBuildsItsLastRunLeft) {
+  testing::LocalFarm farm(/*workers=*/1);
+  ASSERT_TRUE(farm.Start().ok());
+  testing::TempDir work;
+  const std::string marker = absl::StrCat("leftover-", absl::ToUnixNanos(absl::Now()));
+  // Builds that outlast the test: nothing ends by itself meanwhile.
+  testing::BackgroundBuild cli(farm, WriteSlowFlake(work, marker, 600));
+  ASSERT_TRUE(cli.spawn_status().ok());
+  ASSERT_TRUE(WaitForBuilding(farm, 0)) << "worker-1 never started a build";
+
+  farm.KillWorker(0, SIGKILL);
+  const std::string dir = farm.dir().Sub("worker-1/");
+  const std::map<int, std::string> left = ProcessesNaming(dir);
+  EXPECT_FALSE(left.empty()) << "no build outlived its worker";
+  ASSERT_TRUE(farm.RestartWorker(0).ok());
+  // Stopped before the new run was ready. (The new run's own builds name
+  // the directory too: only the old processes count.)
+  const std::map<int, std::string> now = ProcessesNaming(dir);
+  for (const auto& [pid, cmdline] : left) {
+    auto it = now.find(pid);
+    EXPECT_TRUE(it == now.end() || it->second != cmdline) << "still running: " << pid << ": " << cmdline;
+  }
+  EXPECT_THAT(testing::ReadFileOrDie(farm.LogOf("worker-1")), ::testing::HasSubstr("left running by a previous run"));
 }
 
 TEST(FailoverE2eTest, JobsOfAKilledWorkerRunElsewhereAfterTheLease) {

@@ -139,8 +139,10 @@ absl::Status LocalFarm::Start() {
   return absl::OkStatus();
 }
 
-absl::Status LocalFarm::AddWorker() {
-  const std::string name = absl::StrCat("worker-", worker_daemons_.size() + 1);
+absl::StatusOr<std::unique_ptr<Daemon>> LocalFarm::StartWorker(size_t index, std::string* metrics) {
+  const std::string name = absl::StrCat("worker-", index + 1);
+  std::error_code ec;
+  std::filesystem::remove(dir_.Sub(name + ".ready"), ec);
   std::vector<std::string> argv = {BinPath("kiln-worker"), "--coordinator=" + coordinator_address_, "--name=" + name,
                                    "--work-dir=" + dir_.Sub(name), absl::StrCat("--max-jobs=", max_jobs_),
                                    "--metrics-listen=127.0.0.1:0", "--nix-option=substituters=",
@@ -148,10 +150,25 @@ absl::Status LocalFarm::AddWorker() {
   argv.insert(argv.end(), worker_flags_.begin(), worker_flags_.end());
   auto worker = Daemon::Start(argv, LogOf(name), NixTestEnv());
   if (!worker.ok()) return worker.status();
-  worker_daemons_.push_back(*std::move(worker));
   auto ready = WaitForReadyFile(dir_.Sub(name + ".ready"), LogOf(name));
   if (!ready.ok()) return ready.status();
-  worker_metrics_.push_back((*ready)["metrics"]);
+  *metrics = (*ready)["metrics"].get<std::string>();
+  return worker;
+}
+
+absl::Status LocalFarm::AddWorker() {
+  std::string metrics;
+  auto worker = StartWorker(worker_daemons_.size(), &metrics);
+  if (!worker.ok()) return worker.status();
+  worker_daemons_.push_back(*std::move(worker));
+  worker_metrics_.push_back(metrics);
+  return absl::OkStatus();
+}
+
+absl::Status LocalFarm::RestartWorker(size_t index) {
+  auto worker = StartWorker(index, &worker_metrics_.at(index));
+  if (!worker.ok()) return worker.status();
+  worker_daemons_.at(index) = *std::move(worker);
   return absl::OkStatus();
 }
 

@@ -61,6 +61,9 @@ class LocalFarm {
   absl::Status AddWorker();
   // Sends `signal` to worker `index` (0-based) and waits for it to exit.
   void KillWorker(size_t index, int signal);
+  // Starts worker `index` again (after KillWorker), same name and work
+  // directory, and waits for its ready file.
+  absl::Status RestartWorker(size_t index);
   // Sends `signal` to the coordinator and waits for it to exit.
   void KillCoordinator(int signal);
   // Starts the coordinator again on the same address and state directory.
@@ -73,6 +76,9 @@ class LocalFarm {
 
  private:
   absl::Status StartCoordinator(const std::string& listen);
+  // Starts worker `index` (named worker-<index+1>); its ready file's metrics
+  // address in `*metrics`.
+  absl::StatusOr<std::unique_ptr<Daemon>> StartWorker(size_t index, std::string* metrics);
 
   int workers_;
   int max_jobs_;
