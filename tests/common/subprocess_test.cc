@@ -15,6 +15,18 @@
 namespace kiln {
 namespace {
 
+// A child's end, as the supervisor reports it.
+struct Ending {
+  absl::Notification done;
+  ExitInfo exit;
+  ProcessSupervisor::ExitCallback Callback() {
+    return [this](ExitInfo e, std::string) {
+      exit = e;
+      done.Notify();
+    };
+  }
+};
+
 TEST(RunCommandTest, CapturesOutputAndExitCode) {
   auto r = RunCommand({.argv = {"/bin/sh", "-c", "cat; echo err >&2; exit 4"}, .extra_env = {}, .cwd = ""}, "input");
   ASSERT_TRUE(r.ok());
@@ -63,19 +75,15 @@ TEST(ProcessSupervisorTest, StreamsLinesAndReportsExit) {
 
 TEST(ProcessSupervisorTest, KillEndsTheWholeTree) {
   ProcessSupervisor supervisor;
-  absl::Notification done;
-  ExitInfo exit;
+  Ending end;
   // The grandchild holds stderr open; only a group kill lets the exit through.
   auto id = supervisor.Spawn({.argv = {"/bin/sh", "-c", "sleep 60 & sleep 60"}, .extra_env = {}, .cwd = ""},
                              [](absl::string_view) {},
-                             [&](ExitInfo e, std::string) {
-                               exit = e;
-                               done.Notify();
-                             });
+                             end.Callback());
   ASSERT_TRUE(id.ok());
   supervisor.Kill(*id);
-  ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(30)));
-  EXPECT_EQ(exit.signal, 9);
+  ASSERT_TRUE(end.done.WaitForNotificationWithTimeout(absl::Seconds(30)));
+  EXPECT_EQ(end.exit.signal, 9);
   EXPECT_EQ(supervisor.Running(), 0u);
 }
 
@@ -104,18 +112,14 @@ TEST(ProcessSupervisorTest, TerminateEscalatesAndReportsWhetherTheChildWasLive) 
 
 TEST(ProcessSupervisorTest, LeftoverChildrenDoNotHoldTheResult) {
   ProcessSupervisor supervisor;
-  absl::Notification done;
-  ExitInfo exit;
+  Ending end;
   // The leader exits at once; its background child would keep the pipe open.
   auto id = supervisor.Spawn({.argv = {"/bin/sh", "-c", "sleep 60 & exit 0"}, .extra_env = {}, .cwd = ""},
                              [](absl::string_view) {},
-                             [&](ExitInfo e, std::string) {
-                               exit = e;
-                               done.Notify();
-                             });
+                             end.Callback());
   ASSERT_TRUE(id.ok());
-  ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(30)));
-  EXPECT_EQ(exit.exit_code, 0);
+  ASSERT_TRUE(end.done.WaitForNotificationWithTimeout(absl::Seconds(30)));
+  EXPECT_EQ(end.exit.exit_code, 0);
 }
 
 TEST(ProcessSupervisorTest, ALedgerLetsTheNextRunStopWhatACrashedOneLeftRunning) {
@@ -123,14 +127,10 @@ TEST(ProcessSupervisorTest, ALedgerLetsTheNextRunStopWhatACrashedOneLeftRunning)
   testing::TempDir dir;
   const std::string ledger = dir.Sub("ledger"), leftovers = dir.Sub("leftovers");
   ProcessSupervisor supervisor(ledger);
-  absl::Notification done;
-  ExitInfo exit;
+  Ending end;
   auto id = supervisor.Spawn({.argv = {"/bin/sh", "-c", "sleep 60 & sleep 60"}, .extra_env = {}, .cwd = ""},
                              [](absl::string_view) {},
-                             [&](ExitInfo e, std::string) {
-                               exit = e;
-                               done.Notify();
-                             });
+                             end.Callback());
   ASSERT_TRUE(id.ok());
   std::vector<fs::path> entries;
   for (const auto& e : fs::directory_iterator(ledger)) entries.push_back(e.path());
@@ -156,8 +156,8 @@ TEST(ProcessSupervisorTest, ALedgerLetsTheNextRunStopWhatACrashedOneLeftRunning)
   }
 
   EXPECT_EQ(ProcessSupervisor::StopLeftovers(leftovers, absl::Seconds(10)), 1);
-  ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(30)));
-  EXPECT_EQ(exit.signal, SIGTERM);  // Asked first; it went.
+  ASSERT_TRUE(end.done.WaitForNotificationWithTimeout(absl::Seconds(30)));
+  EXPECT_EQ(end.exit.signal, SIGTERM);  // Asked first; it went.
   EXPECT_TRUE(fs::is_empty(leftovers));
   EXPECT_TRUE(fs::is_empty(ledger));  // The child's own entry goes with it.
   EXPECT_FALSE(bystander_done.HasBeenNotified());
