@@ -924,7 +924,9 @@ int RunStatusCommand(const CliOptions& options, const std::string& id) {
   return kExitOk;
 }
 
-int RunLogCommand(const CliOptions& options, const std::string& job_id, bool follow) {
+namespace {
+
+int ShowJobLog(const CliOptions& options, const std::string& job_id, bool follow, int hops) {
   auto print = [&](const kiln::v1::LogLine& line) {
     if (options.json) {
       nlohmann::json j = {{"derivation", line.derivation()}, {"text", line.text()}};
@@ -940,6 +942,13 @@ int RunLogCommand(const CliOptions& options, const std::string& job_id, bool fol
   absl::Status s =
       UnaryCall(options, [&](grpc::ClientContext& c) { return Coordinator(options).GetJobLog(&c, request, &response); });
   if (!s.ok()) return ReportError(s);
+  // A job that shared another's build (an identical job in flight, or a
+  // cached result) has that job's log. Hops are bounded: a cached result of
+  // a job that itself followed another is two.
+  if (!response.log_job_id().empty() && response.lines_size() == 0 && hops < 4) {
+    Err(absl::StrCat("kiln: job ", job_id, " shared the build of job ", response.log_job_id(), "; its log:"));
+    return ShowJobLog(options, response.log_job_id(), follow, hops + 1);
+  }
   const bool finished = response.state() == kiln::v1::JOB_STATE_SUCCEEDED ||
                         response.state() == kiln::v1::JOB_STATE_FAILED ||
                         response.state() == kiln::v1::JOB_STATE_CANCELLED;
@@ -979,6 +988,12 @@ int RunLogCommand(const CliOptions& options, const std::string& job_id, bool fol
   absl::StatusOr<JobEvent::Finished> done = Watch(Coordinator(options), options, view, 0, job_id, shown);
   if (!done.ok()) return ReportError(done.status());
   return done->state() == kiln::v1::JOB_STATE_SUCCEEDED ? kExitOk : kExitBuildFailed;
+}
+
+}  // namespace
+
+int RunLogCommand(const CliOptions& options, const std::string& job_id, bool follow) {
+  return ShowJobLog(options, job_id, follow, 0);
 }
 
 int RunHistoryCommand(const CliOptions& options, int limit) {

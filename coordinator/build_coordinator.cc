@@ -663,6 +663,14 @@ absl::Status BuildCoordinator::GetJobLog(const std::string& job_id, bool have_st
   const JobRecord& r = View(it->second, scratch);
   out->set_state(r.state());
   out->set_expired(r.log_expired());
+  // A job that built nothing itself points to the job whose build it shared.
+  if (!r.log_job_id().empty()) {
+    out->set_log_job_id(r.log_job_id());
+  } else if (r.result().cached()) {
+    out->set_log_job_id(r.result().cached_from_job());
+  } else if (!it->second.leader.empty()) {
+    out->set_log_job_id(it->second.leader);
+  }
   // A finished job's log comes from the store; the copy in memory serves
   // only jobs still running (or one finishing between the caller's read of
   // the store and this call).
@@ -1380,6 +1388,7 @@ void BuildCoordinator::Finish(JobEntry& job, JobState state, BuildResult result)
     follower.leader.clear();
     Rec(follower).set_worker(done.worker());
     Rec(follower).set_attempt(done.attempt());
+    Rec(follower).set_log_job_id(id);
     FinishOne(follower, state, done.result());
   }
 }

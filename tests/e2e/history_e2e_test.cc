@@ -2,7 +2,8 @@
 // exactly what the live build showed, also after a coordinator restart (the
 // log was stored, compressed, in RocksDB); `kiln log -f` follows a running
 // job to its end; the retention limit removes the oldest logs and says so;
-// `kiln history` lists buildsets newest first.
+// `kiln history` lists buildsets newest first. A job that shared another's
+// build (a cached result, or an identical job in flight) shows that log.
 #include <csignal>
 #include <string>
 #include <vector>
@@ -139,6 +140,43 @@ TEST(HistoryE2eTest, StoredLogsEqualTheLiveLogAndHistoryListsBuildsets) {
   EXPECT_THAT(rows[0], ::testing::StartsWith("BUILDSET"));
   EXPECT_THAT(rows[1], ::testing::HasSubstr(list[0]["buildsetId"].get<std::string>()));
   EXPECT_THAT(rows[1], ::testing::HasSubstr("succeeded"));
+}
+
+TEST(HistoryE2eTest, AJobThatSharedAnotherJobsBuildShowsThatJobsLog) {
+  LocalFarm farm(/*workers=*/1);
+  ASSERT_TRUE(farm.Start().ok());
+  testing::TempDir work;
+  const std::string nonce = absl::StrCat(absl::ToUnixNanos(absl::Now()));
+  // A result taken from the result cache: the log of the job that built it.
+  WriteFileOrDie(work.Sub("c/flake.nix"), Flake(absl::StrCat("echo built once ", nonce)));
+  auto first = farm.Kiln({"build", work.Sub("c"), "--detach"});
+  ASSERT_TRUE(first.ok());
+  ASSERT_EQ(first->exit.exit_code, 0) << first->stderr_data;
+  const std::string first_id(absl::StripAsciiWhitespace(first->stdout_data));
+  auto first_log = farm.Kiln({"log", first_id, "-f"});
+  ASSERT_TRUE(first_log.ok());
+  ASSERT_THAT(first_log->stdout_data, ::testing::HasSubstr(absl::StrCat("chatty> built once ", nonce)));
+  auto cached = farm.Kiln({"build", work.Sub("c"), "--detach"});
+  ASSERT_TRUE(cached.ok());
+  ASSERT_EQ(cached->exit.exit_code, 0) << cached->stderr_data;
+  auto cached_log = farm.Kiln({"log", std::string(absl::StripAsciiWhitespace(cached->stdout_data))});
+  ASSERT_TRUE(cached_log.ok());
+  EXPECT_EQ(cached_log->exit.exit_code, 0) << cached_log->stderr_data;
+  EXPECT_EQ(cached_log->stdout_data, first_log->stdout_data);
+  EXPECT_THAT(cached_log->stderr_data, ::testing::HasSubstr(absl::StrCat("shared the build of job ", first_id)));
+
+  // A job that followed an identical one in flight, followed live.
+  WriteFileOrDie(work.Sub("d/flake.nix"),
+                 Flake(absl::StrCat("for i in 1 2 3; do echo tick $i ", nonce, "; /bin/sleep 1; done")));
+  auto leader = farm.Kiln({"build", work.Sub("d"), "--detach"});
+  auto follower = farm.Kiln({"build", work.Sub("d"), "--detach"});
+  ASSERT_TRUE(leader.ok() && follower.ok());
+  const std::string leader_id(absl::StripAsciiWhitespace(leader->stdout_data));
+  auto follower_log = farm.Kiln({"log", std::string(absl::StripAsciiWhitespace(follower->stdout_data)), "-f"});
+  ASSERT_TRUE(follower_log.ok());
+  EXPECT_EQ(follower_log->exit.exit_code, 0) << follower_log->stderr_data;
+  EXPECT_THAT(follower_log->stderr_data, ::testing::HasSubstr(absl::StrCat("shared the build of job ", leader_id)));
+  EXPECT_THAT(follower_log->stdout_data, ::testing::HasSubstr(absl::StrCat("chatty> tick 3 ", nonce)));
 }
 
 }  // namespace
