@@ -289,9 +289,12 @@ int ProcessSupervisor::StopLeftovers(const std::string& ledger_dir, absl::Durati
   for (const auto& entry : std::filesystem::directory_iterator(ledger_dir, ec)) {
     int pid = 0;
     std::string started;
+    // A recorded start time that is empty (the child was gone before it was
+    // read) matches nothing; /proc is read once per entry.
     if (absl::SimpleAtoi(entry.path().filename().string(), &pid) && pid > 1 &&
         ReadWholeFile(entry.path().string(), started).ok() &&
-        !ProcessStartTime(pid).empty() && ProcessStartTime(pid) == absl::StripAsciiWhitespace(started)) {
+        !absl::StripAsciiWhitespace(started).empty() &&
+        ProcessStartTime(pid) == absl::StripAsciiWhitespace(started)) {
       ::kill(-pid, SIGTERM);
       stopping.push_back(pid);
     }
