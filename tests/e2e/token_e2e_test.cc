@@ -138,7 +138,11 @@ TEST_F(TokenE2eTest, EveryCallNeedsATokenWithTheRightScope) {
                                  read_only.stderr_data + production.stderr_data + after.stderr_data +
                                  built.stdout_data + built.stderr_data + listed.stdout_data;
   for (const std::string& token : {ci, reader}) {
-    const std::string secret = token.substr(token.rfind('_') + 1);
+    // kiln_<16 hex digits of id>_<secret>: the secret is web-safe base64 and
+    // may itself hold '_', so it is cut at its fixed offset, not at the last '_'
+    // (that could leave a two-letter tail, found by chance in any log).
+    ASSERT_TRUE(absl::StartsWith(token, "kiln_") && token.size() > 22 && token[21] == '_') << token;
+    const std::string secret = token.substr(22);
     EXPECT_FALSE(absl::StrContains(everything, secret)) << "a token's secret leaked";
   }
 }
