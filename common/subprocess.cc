@@ -249,6 +249,7 @@ struct ProcessSupervisor::Child {
   int pid_fd = -1;
   std::string stdout_data;
   std::string line_buf;
+  // Written under the supervisor's mu_, read by the loop thread without it.
   bool exited = false;
   ExitInfo exit;
   absl::Time kill_at = absl::InfiniteFuture();  // Guarded by the supervisor's mu_.
@@ -488,6 +489,10 @@ void ProcessSupervisor::Loop() {
         siginfo_t info{};
         if (::waitid(P_PID, static_cast<id_t>(c->pid), &info, WEXITED | WNOHANG | WNOWAIT) == 0 &&
             info.si_pid == c->pid) {
+          // Reaped under mu_: Kill and Terminate read `exited` under it, so
+          // none can signal the group after its pid is free for reuse. The
+          // leader is a zombie already, so waitpid returns at once.
+          absl::MutexLock lock(&mu_);
           ::kill(-c->pid, SIGKILL);
           int status = 0;
           while (::waitpid(c->pid, &status, 0) < 0 && errno == EINTR) {
