@@ -46,6 +46,8 @@ class MetricsHttpServer {
   ReadinessCheck readiness_;
   mg_context* context_ = nullptr;
   std::string bound_address_;
+  std::string host_;  // As given, without brackets.
+  int port_ = 0;
 };
 
 }  // namespace kiln
