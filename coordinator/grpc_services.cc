@@ -1,5 +1,7 @@
 #include "coordinator/grpc_services.h"
 
+#include "common/handoff.h"
+
 #include <string>
 #include <utility>
 
@@ -41,8 +43,16 @@ class WatchSink final : public JobWatcher {
  public:
   explicit WatchSink(grpc::ServerWriteReactor<JobEvent>* reactor)
       : queue_(kWatchQueueCapacity,
-               {.start_write = [reactor](const JobEvent* e) { reactor->StartWrite(e); },
-                .finish = [reactor](grpc::Status s) { reactor->Finish(std::move(s)); }}) {}
+               {.start_write =
+                    [reactor](const JobEvent* e) {
+                      HandOff(reactor);
+                      reactor->StartWrite(e);
+                    },
+                .finish =
+                    [reactor](grpc::Status s) {
+                      HandOff(reactor);
+                      reactor->Finish(std::move(s));
+                    }}) {}
 
   // Called on the strand only.
   void OnEvent(const JobEvent& event) override {
@@ -75,10 +85,18 @@ class WatchReactor final : public grpc::ServerWriteReactor<JobEvent> {
                    incarnation = request.incarnation()] {
       if (absl::Status s = core->Watch(id, from, incarnation, sink); !s.ok()) sink->Close(s);
     });
+    HandOff(this);  // To gRPC, which calls the reactions.
   }
-  void OnWriteDone(bool ok) override { sink_->queue().OnWriteDone(ok); }
-  void OnCancel() override { sink_->Close(absl::CancelledError("watch cancelled")); }
+  void OnWriteDone(bool ok) override {
+    Reaction r(this);
+    sink_->queue().OnWriteDone(ok);
+  }
+  void OnCancel() override {
+    Reaction r(this);
+    sink_->Close(absl::CancelledError("watch cancelled"));
+  }
   void OnDone() override {
+    TakeOver(this);
     strand_->Post([core = core_, sink = sink_, id = job_id_] { core->Unwatch(id, sink.get()); });
     delete this;
   }
@@ -96,8 +114,16 @@ class WorkerStreamSession final : public WorkerSession, public std::enable_share
   WorkerStreamSession(grpc::ServerBidiReactor<WorkerMessage, CoordinatorMessage>* reactor, SerialExecutor* sender)
       : sender_(sender),
         queue_(kWorkerQueueCapacity,
-               {.start_write = [reactor](const CoordinatorMessage* m) { reactor->StartWrite(m); },
-                .finish = [reactor](grpc::Status s) { reactor->Finish(std::move(s)); }}) {}
+               {.start_write =
+                    [reactor](const CoordinatorMessage* m) {
+                      HandOff(reactor);
+                      reactor->StartWrite(m);
+                    },
+                .finish =
+                    [reactor](grpc::Status s) {
+                      HandOff(reactor);
+                      reactor->Finish(std::move(s));
+                    }}) {}
 
   // Hands the message to the sender thread: starting a gRPC write runs the
   // transport's write path on the calling thread (serialisation, often the
@@ -132,10 +158,12 @@ class WorkerStreamReactor final : public grpc::ServerBidiReactor<WorkerMessage, 
         strand_(strand),
         session_(std::make_shared<WorkerStreamSession>(this, sender)),
         certificate_name_(std::move(certificate_name)) {
+    HandOff(this);
     StartRead(&incoming_);
   }
 
   void OnReadDone(bool ok) override {
+    Reaction r(this);
     if (!ok) {
       // The worker closed its side or the stream broke.
       session_->Close(absl::OkStatus());
@@ -152,11 +180,19 @@ class WorkerStreamReactor final : public grpc::ServerBidiReactor<WorkerMessage, 
     }
     strand_->Post([core = core_, s = session_, m = std::move(incoming_)] { core->OnWorkerMessage(s, m); });
     incoming_.Clear();
+    HandOff(this);
     StartRead(&incoming_);
   }
-  void OnWriteDone(bool ok) override { session_->queue().OnWriteDone(ok); }
-  void OnCancel() override { session_->Close(absl::CancelledError("stream cancelled")); }
+  void OnWriteDone(bool ok) override {
+    Reaction r(this);
+    session_->queue().OnWriteDone(ok);
+  }
+  void OnCancel() override {
+    Reaction r(this);
+    session_->Close(absl::CancelledError("stream cancelled"));
+  }
   void OnDone() override {
+    TakeOver(this);
     strand_->Post([core = core_, s = session_] { core->OnWorkerGone(s.get()); });
     delete this;
   }
@@ -173,8 +209,14 @@ class WorkerStreamReactor final : public grpc::ServerBidiReactor<WorkerMessage, 
 template <typename Reactor>
 class RefusedStream final : public Reactor {
  public:
-  explicit RefusedStream(const absl::Status& status) { this->Finish(ToGrpcStatus(status)); }
-  void OnDone() override { delete this; }
+  explicit RefusedStream(const absl::Status& status) {
+    HandOff(this);
+    this->Finish(ToGrpcStatus(status));
+  }
+  void OnDone() override {
+    TakeOver(this);
+    delete this;
+  }
 };
 
 // Ends a unary call at once with `status`: a refusal, or an error found before

@@ -1,5 +1,6 @@
 #include "coordinator/server_metrics.h"
 
+#include <atomic>
 #include <chrono>
 #include <string>
 #include <utility>
@@ -61,12 +62,14 @@ class MetricsInterceptor final : public grpc::experimental::Interceptor {
       : metrics_(metrics), method_(method), start_(std::chrono::steady_clock::now()) {}
   ~MetricsInterceptor() override {
     // A call that ended without the server sending a status was cancelled.
-    if (!recorded_) Record(grpc::StatusCode::CANCELLED);
+    if (!recorded_.load(std::memory_order_relaxed)) Record(grpc::StatusCode::CANCELLED);
   }
 
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
-    if (!recorded_ &&
-        methods->QueryInterceptionHookPoint(grpc::experimental::InterceptionHookPoints::PRE_SEND_STATUS)) {
+    // Batches of one call may be intercepted on different threads at once;
+    // only the one sending the status records.
+    if (methods->QueryInterceptionHookPoint(grpc::experimental::InterceptionHookPoints::PRE_SEND_STATUS) &&
+        !recorded_.load(std::memory_order_relaxed)) {
       Record(methods->GetSendStatus().error_code());
     }
     methods->Proceed();
@@ -74,7 +77,7 @@ class MetricsInterceptor final : public grpc::experimental::Interceptor {
 
  private:
   void Record(grpc::StatusCode code) {
-    recorded_ = true;
+    recorded_.store(true, std::memory_order_relaxed);
     const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start_;
     metrics_->Record(method_, code, took.count());
   }
@@ -82,7 +85,7 @@ class MetricsInterceptor final : public grpc::experimental::Interceptor {
   GrpcServerMetrics* metrics_;
   const char* method_;
   std::chrono::steady_clock::time_point start_;
-  bool recorded_ = false;
+  std::atomic<bool> recorded_{false};
 };
 
 prometheus::MetricFamily Family(const char* name, const char* help, prometheus::MetricType type, double value) {

@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/notification.h"
+#include "common/handoff.h"
 #include "common/grpc_util.h"
 #include "common/cas_client.h"
 #include "common/log.h"
@@ -64,6 +65,7 @@ class WorkerAgent::Stream final : public grpc::ClientBidiReactor<WorkerMessage, 
     // Writes come from the agent's strand, outside reactions: hold the call
     // open until the queue is finished.
     AddHold();
+    HandOff(this);
     queue_.Push(std::move(first), /*force=*/true);
     StartRead(&incoming_);
     StartCall();
@@ -76,16 +78,22 @@ class WorkerAgent::Stream final : public grpc::ClientBidiReactor<WorkerMessage, 
   void Cancel() { context_.TryCancel(); }
 
   void OnReadDone(bool ok) override {
+    Reaction r(this);
     if (!ok) {
       queue_.Finish(grpc::Status::OK);
       return;
     }
     agent_->strand_->Post([agent = agent_, m = std::move(incoming_)]() mutable { agent->HandleMessage(std::move(m)); });
     incoming_.Clear();
+    HandOff(this);
     StartRead(&incoming_);
   }
-  void OnWriteDone(bool ok) override { queue_.OnWriteDone(ok); }
+  void OnWriteDone(bool ok) override {
+    Reaction r(this);
+    queue_.OnWriteDone(ok);
+  }
   void OnDone(const grpc::Status& status) override {
+    TakeOver(this);
     auto keep_alive = std::move(self_);
     agent_->OnStreamDone(status);
   }
@@ -93,9 +101,14 @@ class WorkerAgent::Stream final : public grpc::ClientBidiReactor<WorkerMessage, 
  private:
   explicit Stream(WorkerAgent* agent)
       : agent_(agent),
-        queue_(kStreamQueueCapacity, {.start_write = [this](const WorkerMessage* m) { StartWrite(m); },
+        queue_(kStreamQueueCapacity, {.start_write =
+                                          [this](const WorkerMessage* m) {
+                                            HandOff(this);
+                                            StartWrite(m);
+                                          },
                                       .finish =
                                           [this](grpc::Status) {
+                                            HandOff(this);
                                             StartWritesDone();
                                             RemoveHold();
                                           }}) {}

@@ -10,8 +10,10 @@
 // stream: assignments, cancels, results, log flushes — one thread, so
 // messages leave in order), and the executor's own thread for build output.
 //
-// While the stream is down, running builds are cancelled: the coordinator
-// requeues them elsewhere, and a build must not run twice at once.
+// While the stream is down, running builds go on: the coordinator holds them
+// for its lease, and the agent reports them when it registers again. Away
+// longer than the lease, the agent cancels them: the coordinator has requeued
+// them, and a build must not run twice at once.
 #pragma once
 
 #include <map>
