@@ -15,7 +15,7 @@ KILN_PACKAGES=(
   nix-bin nix-setup-systemd docker-registry skopeo prometheus tmux jq systemd
 )
 
-log() { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
+log() { printf '\033[1m==>\033[0m %s %s\n' "$(date +%T)" "$*" >&2; }
 
 # Installs only what is missing, so a second run does nothing.
 ensure_deps() {
@@ -50,7 +50,10 @@ ensure_nix_config() {
 
 build_kiln() {
   log "building Kiln (CMake + Ninja, $KILN_BUILD)"
-  cmake -S "$KILN_ROOT" -B "$KILN_BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+  # -g1: line tables and function names (profiles, backtraces) without
+  # variables' debug info, which was a fifth of the compile time.
+  cmake -S "$KILN_ROOT" -B "$KILN_BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O2 -g1 -DNDEBUG" >/dev/null
   ninja -C "$KILN_BUILD" -j "$(nproc)" | grep -v '^\[' || true
   [[ -x "$KILN_BUILD/bin/kiln" ]] || { echo "error: build failed" >&2; exit 1; }
 }
