@@ -37,22 +37,27 @@ grpc::ServerUnaryReactor* UnaryOnStrand(grpc::CallbackServerContext* context, Bu
   return reactor;
 }
 
+// An OutboundQueue's hooks that write to, and finish, a server reactor.
+template <typename Msg, typename Reactor>
+typename OutboundQueue<Msg>::Hooks WriteHooks(Reactor* reactor) {
+  typename OutboundQueue<Msg>::Hooks hooks;
+  hooks.start_write = [reactor](const Msg* m) {
+    HandOff(reactor);
+    reactor->StartWrite(m);
+  };
+  hooks.finish = [reactor](grpc::Status s) {
+    HandOff(reactor);
+    reactor->Finish(std::move(s));
+  };
+  return hooks;
+}
+
 // The JobWatcher half of a WatchJob call; outlives the reactor if the
 // coordinator still holds it.
 class WatchSink final : public JobWatcher {
  public:
   explicit WatchSink(grpc::ServerWriteReactor<JobEvent>* reactor)
-      : queue_(kWatchQueueCapacity,
-               {.start_write =
-                    [reactor](const JobEvent* e) {
-                      HandOff(reactor);
-                      reactor->StartWrite(e);
-                    },
-                .finish =
-                    [reactor](grpc::Status s) {
-                      HandOff(reactor);
-                      reactor->Finish(std::move(s));
-                    }}) {}
+      : queue_(kWatchQueueCapacity, WriteHooks<JobEvent>(reactor)) {}
 
   // Called on the strand only.
   void OnEvent(const JobEvent& event) override {
@@ -113,17 +118,7 @@ class WorkerStreamSession final : public WorkerSession, public std::enable_share
  public:
   WorkerStreamSession(grpc::ServerBidiReactor<WorkerMessage, CoordinatorMessage>* reactor, SerialExecutor* sender)
       : sender_(sender),
-        queue_(kWorkerQueueCapacity,
-               {.start_write =
-                    [reactor](const CoordinatorMessage* m) {
-                      HandOff(reactor);
-                      reactor->StartWrite(m);
-                    },
-                .finish =
-                    [reactor](grpc::Status s) {
-                      HandOff(reactor);
-                      reactor->Finish(std::move(s));
-                    }}) {}
+        queue_(kWorkerQueueCapacity, WriteHooks<CoordinatorMessage>(reactor)) {}
 
   // Hands the message to the sender thread: starting a gRPC write runs the
   // transport's write path on the calling thread (serialisation, often the

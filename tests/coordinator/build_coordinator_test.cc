@@ -90,25 +90,13 @@ class BuildCoordinatorTest : public ::testing::Test {
 
   // A one-file source tree, uploaded with the request.
   kiln::v1::SubmitBuildRequest Request(int targets = 1, const std::string& system = "x86_64-linux") {
-    kiln::v1::SubmitBuildRequest request;
-    kiln::v1::Directory root;
-    auto* file = root.add_files();
-    file->set_name("flake.nix");
-    *file->mutable_digest() = DigestOf(kFlake);
-    const std::string root_blob = SerializeDirectory(root);
-    for (const std::string& data : {std::string(kFlake), root_blob}) {
-      auto* blob = request.add_blobs();
-      *blob->mutable_digest() = DigestOf(data);
-      blob->set_data(data);
-    }
+    // A new attribute every time: identical jobs in flight are deduplicated
+    // (tests of that submit one request twice).
+    std::vector<std::string> attrs;
+    for (int i = 0; i < targets; ++i) attrs.push_back(absl::StrCat("pkg", next_attr_++));
+    kiln::v1::SubmitBuildRequest request = testing::OneFileFlakeSubmission(kFlake, attrs, system);
     for (int i = 0; i < targets; ++i) {
-      auto* spec = request.add_targets()->mutable_spec();
-      *spec->mutable_source()->mutable_tree_root() = DigestOf(root_blob);
-      // A new attribute every time: identical jobs in flight are deduplicated
-      // (tests of that submit one request twice).
-      spec->set_attr(absl::StrCat("pkg", next_attr_++));
-      spec->mutable_requirements()->set_system(system);
-      spec->set_display_name(absl::StrCat("target-", i));
+      request.mutable_targets(i)->mutable_spec()->set_display_name(absl::StrCat("target-", i));
     }
     request.set_submitter("test");
     return request;

@@ -7,6 +7,8 @@
 
 #include <gtest/gtest.h>
 
+#include "common/source_tree.h"
+
 namespace kiln::testing {
 namespace fs = std::filesystem;
 
@@ -55,6 +57,28 @@ void ExpectMatchesGolden(const std::string& actual, const std::string& relative)
   }
   EXPECT_EQ(actual, ReadFileOrDie(path)) << "golden file " << relative
                                          << " differs; rerun with KILN_UPDATE_GOLDEN=1 if the change is intended";
+}
+
+kiln::v1::SubmitBuildRequest OneFileFlakeSubmission(const std::string& flake, const std::vector<std::string>& attrs,
+                                                    const std::string& system) {
+  kiln::v1::SubmitBuildRequest request;
+  kiln::v1::Directory root;
+  auto* file = root.add_files();
+  file->set_name("flake.nix");
+  *file->mutable_digest() = DigestOf(flake);
+  const std::string root_blob = SerializeDirectory(root);
+  for (const std::string& data : {flake, root_blob}) {
+    auto* blob = request.add_blobs();
+    *blob->mutable_digest() = DigestOf(data);
+    blob->set_data(data);
+  }
+  for (const std::string& attr : attrs) {
+    auto* spec = request.add_targets()->mutable_spec();
+    *spec->mutable_source()->mutable_tree_root() = DigestOf(root_blob);
+    spec->set_attr(attr);
+    spec->mutable_requirements()->set_system(system);
+  }
+  return request;
 }
 
 }  // namespace kiln::testing

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include <gmock/gmock.h>
 
@@ -9,6 +10,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "kiln/v1/builds.pb.h"
 
 namespace kiln::testing {
 
@@ -35,6 +37,11 @@ std::string SourcePath(const std::string& relative);
 // Compares `actual` with the golden file at `relative` (under the source
 // tree); with KILN_UPDATE_GOLDEN=1 in the environment, rewrites it instead.
 void ExpectMatchesGolden(const std::string& actual, const std::string& relative);
+
+// A submission of one target per name in `attrs`, each of the same one-file
+// flake (flake.nix holding `flake`), whose blobs ride along; for `system`.
+kiln::v1::SubmitBuildRequest OneFileFlakeSubmission(const std::string& flake, const std::vector<std::string>& attrs,
+                                                    const std::string& system = "x86_64-linux");
 
 MATCHER_P(StatusIs, code, "") { return arg.code() == code; }
 MATCHER_P(StatusOrIs, code, "") { return arg.status().code() == code; }

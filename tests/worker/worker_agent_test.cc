@@ -15,7 +15,6 @@
 #include "absl/synchronization/mutex.h"
 #include "common/grpc_util.h"
 #include "common/serial_executor.h"
-#include "common/source_tree.h"
 #include "coordinator/coordinator_server.h"
 #include "kiln/v1/builds.grpc.pb.h"
 #include "tests/support/test_util.h"
@@ -165,23 +164,9 @@ class WorkerAgentTest : public ::testing::Test {
 
   // Submits `targets` targets of a one-file flake; returns their job ids.
   std::vector<std::string> Submit(int targets) {
-    kiln::v1::SubmitBuildRequest request;
-    kiln::v1::Directory root;
-    auto* file = root.add_files();
-    file->set_name("flake.nix");
-    *file->mutable_digest() = DigestOf(kFlake);
-    const std::string root_blob = SerializeDirectory(root);
-    for (const std::string& data : {std::string(kFlake), root_blob}) {
-      auto* blob = request.add_blobs();
-      *blob->mutable_digest() = DigestOf(data);
-      blob->set_data(data);
-    }
-    for (int i = 0; i < targets; ++i) {
-      auto* spec = request.add_targets()->mutable_spec();
-      *spec->mutable_source()->mutable_tree_root() = DigestOf(root_blob);
-      spec->set_attr(absl::StrCat("pkg", next_attr_++));
-      spec->mutable_requirements()->set_system("x86_64-linux");
-    }
+    std::vector<std::string> attrs;
+    for (int i = 0; i < targets; ++i) attrs.push_back(absl::StrCat("pkg", next_attr_++));
+    kiln::v1::SubmitBuildRequest request = testing::OneFileFlakeSubmission(kFlake, attrs);
     request.set_submitter("worker_agent_test");
     grpc::ClientContext context;
     context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
