@@ -37,21 +37,18 @@ inline void TakeOver([[maybe_unused]] const void* obj) {
 #endif
 }
 
-// For the length of a reaction: takes the reactor over at the start and hands
-// it back at the end (unless the reaction deleted it: see Release()).
+// For the length of a reaction that does not delete its reactor (OnDone
+// does: it calls TakeOver alone): takes the reactor over at the start and
+// hands it back at the end.
 class Reaction {
  public:
   explicit Reaction(const void* reactor) : reactor_(reactor) { TakeOver(reactor_); }
-  ~Reaction() {
-    if (reactor_ != nullptr) HandOff(reactor_);
-  }
+  ~Reaction() { HandOff(reactor_); }
   Reaction(const Reaction&) = delete;
   Reaction& operator=(const Reaction&) = delete;
-  // The reactor is about to be deleted: nothing to hand back.
-  void Release() { reactor_ = nullptr; }
 
  private:
-  const void* reactor_;
+  const void* const reactor_;
 };
 
 }  // namespace kiln
