@@ -5,8 +5,11 @@
 #   first    a repository that has nothing yet (each contender its own)
 #   again    the same image pushed again to the same repository
 # Skopeo gets the uncompressed .tar (Debian's skopeo 1.9 fails on a gzipped
-# docker-archive). The peer for throughput is one core's gzip -6 + sha256
-# over the same layers. BENCH_LAYERS (default 24) × BENCH_LAYER_MB (9).
+# docker-archive); skopeo compresses the layers too (Go's parallel gzip),
+# and the compressed sizes of both are printed. The peer for throughput is
+# one core's gzip -6 + sha256 over the same layers. BENCH_LAYERS (default
+# 24) × BENCH_LAYER_MB (9). Then an image of one layer of real binaries
+# (BENCH_BIG_LAYER_MB, 96), first push only: what one big store path costs.
 # Headline: push_first_ratio_vs_skopeo (Kiln time / skopeo time; ≤ 0.5 is
 # the target; ≤ 0.2 for push_again_ratio_vs_skopeo).
 source "$(dirname "$0")/../scripts/lib.sh"
@@ -35,14 +38,17 @@ for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/v2/" >/dev/null && brea
 
 # The image: layers half text-like (compressible, as binaries and sources
 # are), half random, as a docker-archive like buildLayeredImage writes.
-python3 - "$work/image" "$layers" "$layer_mb" <<'PY'
+# The one-layer image (BENCH_BIG_LAYER_MB, 0 for none): one layer of real
+# binaries, files of the shared libraries' directory in name order, as a
+# closure's biggest store paths are.
+big_mb=${BENCH_BIG_LAYER_MB:-96}
+python3 - "$work/image" "$layers" "$layer_mb" "$work/big" "$big_mb" <<'PY'
 import hashlib, io, json, os, random, sys, tarfile
-out, n, mb = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-os.makedirs(out, exist_ok=True)
+out, n, mb, big_out, big_mb = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 rnd = random.Random(7)
 words = [bytes(rnd.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rnd.randint(2, 9))) for _ in range(4000)]
-diff_ids, paths = [], []
-for i in range(n):
+
+def synthetic(i):
     size = mb << 20
     text = b" ".join(rnd.choice(words) for _ in range(size // 12))[: size // 2]
     data = text + os.urandom(size - len(text))
@@ -50,19 +56,44 @@ for i in range(n):
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as t:
         info = tarfile.TarInfo(f"layer{i}/data.bin"); info.size = len(data); info.mtime = 1
         t.addfile(info, io.BytesIO(data))
-    layer = buf.getvalue()
-    h = hashlib.sha256(layer).hexdigest()
-    os.makedirs(f"{out}/{h}", exist_ok=True)
-    open(f"{out}/{h}/layer.tar", "wb").write(layer)
-    diff_ids.append("sha256:" + h); paths.append(f"{h}/layer.tar")
-config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
-                     "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
-ch = hashlib.sha256(config).hexdigest()
-open(f"{out}/{ch}.json", "wb").write(config)
-json.dump([{"Config": f"{ch}.json", "RepoTags": ["bench:latest"], "Layers": paths}], open(f"{out}/manifest.json", "w"))
+    return buf.getvalue()
+
+def binaries():
+    root, want = "/usr/lib/x86_64-linux-gnu", big_mb << 20
+    buf, total = io.BytesIO(), 0
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as t:
+        for name in sorted(os.listdir(root)):
+            path = os.path.join(root, name)
+            if total >= want or os.path.islink(path) or not os.path.isfile(path):
+                continue
+            data = open(path, "rb").read()
+            info = tarfile.TarInfo("lib/" + name); info.size = len(data); info.mtime = 1; info.mode = 0o555
+            t.addfile(info, io.BytesIO(data))
+            total += len(data)
+    return buf.getvalue()
+
+def image(out, layers):
+    os.makedirs(out, exist_ok=True)
+    diff_ids, paths = [], []
+    for layer in layers:
+        h = hashlib.sha256(layer).hexdigest()
+        os.makedirs(f"{out}/{h}", exist_ok=True)
+        open(f"{out}/{h}/layer.tar", "wb").write(layer)
+        diff_ids.append("sha256:" + h); paths.append(f"{h}/layer.tar")
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+    ch = hashlib.sha256(config).hexdigest()
+    open(f"{out}/{ch}.json", "wb").write(config)
+    json.dump([{"Config": f"{ch}.json", "RepoTags": ["bench:latest"], "Layers": paths}],
+              open(f"{out}/manifest.json", "w"))
+
+image(out, (synthetic(i) for i in range(n)))
+if big_mb > 0:
+    image(big_out, [binaries()])
 PY
 tar --sort=name -C "$work/image" -cf "$work/image.tar" .
 image_bytes=$(stat -c %s "$work/image.tar")
+if ((big_mb > 0)); then tar --sort=name -C "$work/big" -cf "$work/big.tar" .; fi
 
 now_ns() { date +%s%N; }
 ms_since() { awk -v a="$1" -v b="$(now_ns)" 'BEGIN {printf "%.1f", (b - a) / 1e6}'; }
@@ -83,21 +114,50 @@ skopeo copy -q --dest-tls-verify=false "docker-archive:$work/image.tar" "docker:
 skopeo_again_ms=$(ms_since "$t0")
 
 t0=$(now_ns)
-"$KILN_BUILD/bin/kiln" push "$work/image.tar" "$reg/bench/kiln:first" --insecure --gzip-level="${BENCH_GZIP_LEVEL:-6}" >/dev/null
+"$KILN_BUILD/bin/kiln" push "$work/image.tar" "$reg/bench/kiln:first" --insecure ${BENCH_GZIP_LEVEL:+--gzip-level=$BENCH_GZIP_LEVEL} >/dev/null
 kiln_first_ms=$(ms_since "$t0")
 t0=$(now_ns)
-"$KILN_BUILD/bin/kiln" push "$work/image.tar" "$reg/bench/kiln:again" --insecure --gzip-level="${BENCH_GZIP_LEVEL:-6}" >/dev/null
+"$KILN_BUILD/bin/kiln" push "$work/image.tar" "$reg/bench/kiln:again" --insecure ${BENCH_GZIP_LEVEL:+--gzip-level=$BENCH_GZIP_LEVEL} >/dev/null
 kiln_again_ms=$(ms_since "$t0")
-skopeo inspect --tls-verify=false "docker://$reg/bench/kiln:first" >/dev/null
+# Compressed bytes of an image's layers as the registry holds them.
+layer_mib() {
+  skopeo inspect --raw --tls-verify=false "docker://$reg/$1" |
+    python3 -c 'import json, sys; print("%.1f" % (sum(l["size"] for l in json.load(sys.stdin)["layers"]) / 1048576))'
+}
+skopeo_first_mib=$(layer_mib bench/skopeo:first)
+kiln_first_mib=$(layer_mib bench/kiln:first)
+
+if ((big_mb > 0)); then
+  cat "$work/big.tar" >/dev/null
+  t0=$(now_ns)
+  skopeo copy -q --dest-tls-verify=false "docker-archive:$work/big.tar" "docker://$reg/bench/skopeo-big:first" >/dev/null
+  skopeo_one_layer_ms=$(ms_since "$t0")
+  t0=$(now_ns)
+  "$KILN_BUILD/bin/kiln" push "$work/big.tar" "$reg/bench/kiln-big:first" --insecure ${BENCH_GZIP_LEVEL:+--gzip-level=$BENCH_GZIP_LEVEL} >/dev/null
+  kiln_one_layer_ms=$(ms_since "$t0")
+  skopeo_one_layer_mib=$(layer_mib bench/skopeo-big:first)
+  kiln_one_layer_mib=$(layer_mib bench/kiln-big:first)
+fi
 
 layer_bytes=$(cat "$work"/image/*/layer.tar | wc -c)
 echo "layers=$layers"
+echo "kiln_gzip_level=${BENCH_GZIP_LEVEL:-default}"
 echo "image_mib=$(awk -v b="$image_bytes" 'BEGIN {printf "%.0f", b / 1048576}')"
 echo "gzip6_sha256_one_core_ms=$limit_ms"
 echo "skopeo_first_ms=$skopeo_first_ms"
 echo "kiln_first_ms=$kiln_first_ms"
 echo "skopeo_again_ms=$skopeo_again_ms"
 echo "kiln_again_ms=$kiln_again_ms"
+echo "skopeo_first_mib=$skopeo_first_mib"
+echo "kiln_first_mib=$kiln_first_mib"
+if ((big_mb > 0)); then
+  echo "one_layer_mib=$(awk -v b="$(stat -c %s "$work/big.tar")" 'BEGIN {printf "%.0f", b / 1048576}')"
+  echo "skopeo_one_layer_ms=$skopeo_one_layer_ms"
+  echo "kiln_one_layer_ms=$kiln_one_layer_ms"
+  echo "skopeo_one_layer_mib=$skopeo_one_layer_mib"
+  echo "kiln_one_layer_mib=$kiln_one_layer_mib"
+  echo "push_one_layer_ratio_vs_skopeo=$(awk -v a="$kiln_one_layer_ms" -v b="$skopeo_one_layer_ms" 'BEGIN {printf "%.3f", a / b}')"
+fi
 echo "kiln_first_fraction_of_one_core_limit=$(awk -v l="$limit_ms" -v k="$kiln_first_ms" 'BEGIN {printf "%.2f", l / k}')"
 echo "push_again_ratio_vs_skopeo=$(awk -v a="$kiln_again_ms" -v b="$skopeo_again_ms" 'BEGIN {printf "%.3f", a / b}')"
 echo "push_first_ratio_vs_skopeo=$(awk -v a="$kiln_first_ms" -v b="$skopeo_first_ms" 'BEGIN {printf "%.3f", a / b}')"

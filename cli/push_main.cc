@@ -25,6 +25,7 @@
 #include "common/image_ref.h"
 #include "push/credentials.h"
 #include "push/image_pusher.h"
+#include "push/layer_gzip.h"
 #include "push/registry_client.h"
 
 ABSL_FLAG(std::vector<std::string>, tag, {}, "More tags (comma-separated)");
@@ -33,7 +34,8 @@ ABSL_FLAG(std::string, authfile, "",
           "then ~/.docker/config.json); or set KILN_REGISTRY_USER and KILN_REGISTRY_PASSWORD");
 ABSL_FLAG(bool, insecure, false, "Speak plain HTTP to the registry (local tests only)");
 ABSL_FLAG(std::string, registry_ca, "", "CA bundle for the registry (default: the system's)");
-ABSL_FLAG(int, gzip_level, 6, "gzip level of the layers (1 fastest … 9 smallest)");
+ABSL_FLAG(int, gzip_level, kiln::kDefaultGzipLevel,
+          "gzip level of the layers (1 fastest … 9 smallest; the default makes layers no larger than skopeo's)");
 ABSL_FLAG(bool, json, false, "Print the result as JSON");
 ABSL_FLAG(bool, oci, false, "Push an OCI manifest (default: Docker v2 schema 2, as skopeo does)");
 ABSL_FLAG(int, parallel, 0, "Layers compressed and uploaded at once (0: one per CPU core)");

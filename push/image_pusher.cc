@@ -30,6 +30,7 @@
 #include "common/source_tree.h"
 #include "common/subprocess.h"
 #include "push/docker_archive.h"
+#include "push/layer_gzip.h"
 
 namespace kiln {
 namespace {
@@ -45,148 +46,6 @@ constexpr MediaTypes kDocker = {"application/vnd.docker.distribution.manifest.v2
                                 "application/vnd.docker.image.rootfs.diff.tar.gzip"};
 constexpr MediaTypes kOci = {"application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.config.v1+json",
                              "application/vnd.oci.image.layer.v1.tar+gzip"};
-
-// A layer gzip-compressed as it is written, hashed as it goes out, to a file
-// or a sink. libdeflate compresses about twice as fast as zlib at a like
-// level and ratio, but only whole buffers: the layer becomes a series of
-// gzip members of kMemberBytes of input each. RFC 1952 allows members one
-// after another, and every gunzip (Go's, which registries' clients use,
-// pigz, GNU gzip) reads them as one stream. libdeflate's header carries no
-// name and mtime 0, so a layer always compresses to the same digest.
-//
-// Input that does not compress (already-compressed files, random bytes:
-// images carry plenty) is stored, not deflated: deflating it at level 6
-// runs at ~50 MB/s for nothing, storing it at memory speed. Each member is
-// judged by samples across it (see Incompressible), so the choice depends
-// only on the bytes and the digest stays reproducible.
-class GzipFile {
- public:
-  static constexpr size_t kMemberBytes = 1 << 20;
-  absl::Status Open(const std::string& path, int level) {
-    path_ = path;
-    out_ = std::fopen(path.c_str(), "wb");
-    if (out_ == nullptr) return absl::InternalError(absl::StrCat("cannot create ", path));
-    return Init(level);
-  }
-  absl::Status OpenSink(std::function<absl::Status(absl::string_view)> sink, int level) {
-    sink_ = std::move(sink);
-    return Init(level);
-  }
-  absl::Status Write(absl::string_view data, bool finish) {
-    while (!data.empty()) {
-      const size_t n = std::min(data.size(), kMemberBytes - pending_.size());
-      pending_.append(data.data(), n);
-      data.remove_prefix(n);
-      if (pending_.size() == kMemberBytes) {
-        if (absl::Status s = Member(); !s.ok()) return s;
-      }
-    }
-    // An empty layer is still one (empty) member: a valid gzip stream.
-    if (finish && (!pending_.empty() || size_ == 0)) return Member();
-    return absl::OkStatus();
-  }
-  absl::StatusOr<PushedBlob> Finish() {
-    if (absl::Status s = Write("", true); !s.ok()) return s;
-    Close();
-    return PushedBlob{absl::StrCat("sha256:", hash_.FinishHex()), size_, false};
-  }
-  ~GzipFile() { Close(); }
-
- private:
-  // Samples of the member, compressed at level 1, that shrink by less than
-  // 1/32 in all: the member is taken for incompressible.
-  static constexpr size_t kSamples = 4;
-  static constexpr size_t kSampleBytes = 16 << 10;
-
-  absl::Status Init(int level) {
-    compressor_ = libdeflate_alloc_compressor(std::clamp(level, 1, 12));
-    sampler_ = libdeflate_alloc_compressor(1);
-    if (compressor_ == nullptr || sampler_ == nullptr) {
-      return absl::InternalError("libdeflate: cannot allocate a compressor");
-    }
-    pending_.reserve(kMemberBytes);
-    // Room for either form of a member: deflated, or stored (5 bytes of
-    // framing per 64 KiB block, 18 of header and trailer).
-    out_buf_.resize(std::max(libdeflate_gzip_compress_bound(compressor_, kMemberBytes),
-                             kMemberBytes + 5 * (kMemberBytes / 0xffff + 1) + 18));
-    return absl::OkStatus();
-  }
-  bool Incompressible() {
-    if (pending_.size() < kSamples * kSampleBytes) return false;
-    size_t in = 0, out = 0;
-    for (size_t i = 0; i < kSamples; ++i) {
-      const size_t at = (pending_.size() - kSampleBytes) * i / (kSamples - 1);
-      const size_t n = libdeflate_deflate_compress(sampler_, pending_.data() + at, kSampleBytes, out_buf_.data(),
-                                                   out_buf_.size());
-      in += kSampleBytes;
-      out += n == 0 ? kSampleBytes : n;
-    }
-    return out >= in - in / 32;
-  }
-  // A gzip member of stored deflate blocks (RFC 1951 3.2.4): the bytes as
-  // they are, framed, with their CRC-32.
-  size_t StoredMember() {
-    static constexpr unsigned char kHeader[10] = {0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff};
-    char* out = out_buf_.data();
-    std::memcpy(out, kHeader, sizeof kHeader);
-    size_t n = sizeof kHeader;
-    const auto put16 = [&](uint32_t v) {
-      out[n++] = static_cast<char>(v & 0xff);
-      out[n++] = static_cast<char>((v >> 8) & 0xff);
-    };
-    for (size_t at = 0; at < pending_.size() || at == 0;) {
-      const size_t len = std::min<size_t>(0xffff, pending_.size() - at);
-      out[n++] = static_cast<char>(at + len == pending_.size() ? 1 : 0);  // BFINAL, BTYPE 00.
-      put16(static_cast<uint32_t>(len));
-      put16(static_cast<uint32_t>(~len & 0xffff));
-      std::memcpy(out + n, pending_.data() + at, len);
-      n += len;
-      at += len;
-      if (len == 0) break;
-    }
-    const uint32_t crc = libdeflate_crc32(0, pending_.data(), pending_.size());
-    const uint32_t isize = static_cast<uint32_t>(pending_.size());
-    put16(crc & 0xffff);
-    put16(crc >> 16);
-    put16(isize & 0xffff);
-    put16(isize >> 16);
-    return n;
-  }
-  absl::Status Member() {
-    const size_t n =
-        Incompressible()
-            ? StoredMember()
-            : libdeflate_gzip_compress(compressor_, pending_.data(), pending_.size(), out_buf_.data(), out_buf_.size());
-    pending_.clear();
-    if (n == 0) return absl::InternalError("libdeflate: compressed data larger than its bound");
-    const absl::string_view piece(out_buf_.data(), n);
-    if (sink_) {
-      if (absl::Status s = sink_(piece); !s.ok()) return s;
-    } else if (std::fwrite(piece.data(), 1, n, out_) != n) {
-      return absl::InternalError(absl::StrCat("cannot write ", path_));
-    }
-    hash_.Update(piece);
-    size_ += n;
-    return absl::OkStatus();
-  }
-  void Close() {
-    if (compressor_ != nullptr) libdeflate_free_compressor(compressor_);
-    if (sampler_ != nullptr) libdeflate_free_compressor(sampler_);
-    compressor_ = nullptr;
-    sampler_ = nullptr;
-    if (out_ != nullptr) std::fclose(out_);
-    out_ = nullptr;
-  }
-  std::string path_;
-  std::FILE* out_ = nullptr;
-  std::function<absl::Status(absl::string_view)> sink_;
-  libdeflate_compressor* compressor_ = nullptr;
-  libdeflate_compressor* sampler_ = nullptr;
-  std::string pending_;  // Input of the member being filled.
-  std::string out_buf_;
-  Sha256 hash_;
-  uint64_t size_ = 0;
-};
 
 }  // namespace
 
@@ -241,21 +100,23 @@ absl::Status LayerCache::Save() const {
 
 namespace {
 
+absl::StatusOr<PushedBlob> Pushed(absl::StatusOr<CompressedLayer> layer) {
+  if (!layer.ok()) return layer.status();
+  return PushedBlob{std::move(layer->digest), layer->size, false};
+}
+
 // Sends layer i's compressed blob: from `held` when the bytes are in
 // memory, else from the layer's "gz" scratch file. Adds what it uploaded to
 // the last argument.
 using SendLayer = std::function<absl::Status(size_t, PushedBlob, std::string* held, RegistryClient&, uint64_t*)>;
 
-// A layer's scratch file: "raw" (copied from the archive) or "gz".
-std::string ScratchFile(const std::string& scratch, size_t i, absl::string_view kind) {
-  return absl::StrCat(scratch, "/layer-", i, ".", kind);
-}
+// A layer's compressed scratch file.
+std::string ScratchFile(const std::string& scratch, size_t i) { return absl::StrCat(scratch, "/layer-", i, ".gz"); }
 
-// Layers up to this size (raw, and again compressed) pass between the
-// threads in memory; larger ones go through scratch files. Writing every
-// layer to disk twice (raw, then compressed) and reading it back cost a
-// fifth of a push's CPU; the bound keeps memory to a few times this per
-// thread.
+// Compressed layers up to this size pass to the sending threads in memory;
+// larger ones go through scratch files. (Writing every layer to disk and
+// reading it back cost a fifth of a push's CPU.) The bound keeps memory to
+// a few times this per sending thread.
 constexpr size_t kHeldLayerBytes = size_t{16} << 20;
 
 // Bytes of one layer: in memory until they pass kHeldLayerBytes, then in
@@ -299,95 +160,94 @@ class LayerBytes {
   bool in_file_ = false;
 };
 
-// The archive is read in one pass, each wanted layer's raw bytes kept (see
-// LayerBytes); `options.parallel` threads take finished layers, compress
-// them and hand them to `send` with a registry client of their own. At
-// most twice as many raw layers as threads wait.
+// The archive is read in one pass on the calling thread, each wanted layer
+// written as it is read into a LayerGzip whose members a pool of
+// `options.parallel` threads compresses: reading, compressing and sending
+// overlap, even within one big layer. A compressed layer (in memory up to
+// kHeldLayerBytes, else a scratch file) goes to one of `options.parallel`
+// sending threads, each with a registry client of its own. At most twice
+// as many compressed layers as senders wait.
 absl::Status CompressInParallel(const std::string& archive, const DockerArchive& image,
                                 const std::vector<bool>& compress, const PushOptions& options,
                                 const std::string& scratch, const SendLayer& send, PushReport& report) {
+  GzipMemberPool pool(options.gzip_level, options.parallel);
+  struct Compressed {
+    size_t index;
+    PushedBlob blob;
+    std::unique_ptr<LayerBytes> bytes;
+  };
   absl::Mutex mu;
-  std::deque<std::pair<size_t, std::unique_ptr<LayerBytes>>> ready;  // Raw layers read whole, not yet taken.
-  bool reading_done = false;  // Guarded by mu.
-  absl::Status failed;        // The first error; guarded by mu.
-  uint64_t uploaded = 0;      // Guarded by mu.
+  std::deque<Compressed> ready;  // Guarded by mu.
+  bool reading_done = false;     // Guarded by mu.
+  absl::Status failed;           // The first error; guarded by mu.
+  uint64_t uploaded = 0;         // Guarded by mu.
   const auto fail = [&](absl::Status s) {
     absl::MutexLock lock(&mu);
     if (failed.ok()) failed = std::move(s);
   };
-  std::vector<std::thread> threads;
+  std::vector<std::thread> senders;
   for (int t = 0; t < options.parallel; ++t) {
-    threads.emplace_back([&] {
+    senders.emplace_back([&] {
       std::unique_ptr<RegistryClient> client = options.make_client();
       for (;;) {
-        size_t i;
-        std::unique_ptr<LayerBytes> raw;
+        Compressed layer;
         {
           absl::MutexLock lock(&mu);
           const auto work_or_end = [&] { return !ready.empty() || reading_done || !failed.ok(); };
           mu.Await(absl::Condition(&work_or_end));
           if (!failed.ok() || ready.empty()) return;
-          i = ready.front().first;
-          raw = std::move(ready.front().second);
+          layer = std::move(ready.front());
           ready.pop_front();
         }
-        LayerBytes gz_bytes(ScratchFile(scratch, i, "gz"));
-        GzipFile gz;
-        absl::Status s = gz.OpenSink([&gz_bytes](absl::string_view piece) { return gz_bytes.Append(piece); },
-                                     options.gzip_level);
-        if (s.ok() && !raw->in_file()) {
-          s = gz.Write(raw->held(), false);
-        } else if (s.ok()) {
-          std::FILE* in = std::fopen(raw->path().c_str(), "rb");
-          if (in == nullptr) s = absl::InternalError(absl::StrCat("cannot read ", raw->path()));
-          std::string buf(in == nullptr ? 0 : 1 << 20, '\0');
-          while (s.ok()) {
-            const size_t n = std::fread(buf.data(), 1, buf.size(), in);
-            if (n == 0) break;
-            s = gz.Write(absl::string_view(buf.data(), n), false);
-          }
-          if (in != nullptr) std::fclose(in);
-          std::error_code ignored;
-          std::filesystem::remove(raw->path(), ignored);
-        }
-        raw.reset();
-        absl::StatusOr<PushedBlob> blob = s.ok() ? gz.Finish() : absl::StatusOr<PushedBlob>(s);
-        if (blob.ok()) s = gz_bytes.Close();
         uint64_t sent = 0;
-        if (blob.ok() && s.ok()) s = send(i, *blob, gz_bytes.in_file() ? nullptr : &gz_bytes.held(), *client, &sent);
-        if (!blob.ok()) s = blob.status();
-        if (!s.ok()) return fail(s);
+        LayerBytes& bytes = *layer.bytes;
+        if (absl::Status s = send(layer.index, layer.blob, bytes.in_file() ? nullptr : &bytes.held(), *client, &sent);
+            !s.ok()) {
+          return fail(s);
+        }
         absl::MutexLock lock(&mu);
         uploaded += sent;
       }
     });
   }
-  std::unique_ptr<LayerBytes> current;
-  const auto current_for = [&](size_t i) -> LayerBytes& {
-    if (!current) current = std::make_unique<LayerBytes>(ScratchFile(scratch, i, "raw"));
-    return *current;
+  // The layer being read: its compressed bytes, and the writer filling them.
+  std::unique_ptr<LayerBytes> bytes;
+  std::unique_ptr<LayerGzip> gz;
+  const auto open_for = [&](size_t i) -> absl::Status {
+    if (gz) return absl::OkStatus();
+    bytes = std::make_unique<LayerBytes>(ScratchFile(scratch, i));
+    gz = std::make_unique<LayerGzip>();
+    return gz->OpenSink([b = bytes.get()](absl::string_view piece) { return b->Append(piece); }, options.gzip_level,
+                        &pool);
   };
   absl::Status read = StreamLayers(
       archive, image, [&](size_t i) { return compress[i]; },
-      [&](size_t i, absl::string_view data) -> absl::Status { return current_for(i).Append(data); },
+      [&](size_t i, absl::string_view data) -> absl::Status {
+        absl::Status s = open_for(i);
+        return s.ok() ? gz->Write(data) : s;
+      },
       [&](size_t i) -> absl::Status {
-        if (absl::Status s = current_for(i).Close(); !s.ok()) return s;  // current_for: an empty layer.
+        if (absl::Status s = open_for(i); !s.ok()) return s;  // An empty layer has had no chunk.
+        absl::StatusOr<PushedBlob> blob = Pushed(gz->Finish());
+        gz.reset();
+        if (!blob.ok()) return blob.status();
+        if (absl::Status s = bytes->Close(); !s.ok()) return s;
         absl::MutexLock lock(&mu);
-        ready.emplace_back(i, std::move(current));
-        current.reset();
-        // Bound the raw copies held; stop reading once a thread failed.
+        ready.push_back(Compressed{i, *std::move(blob), std::move(bytes)});
+        // Bound the compressed layers waiting; stop reading once a sender failed.
         const size_t bound = static_cast<size_t>(2 * options.parallel);
         const auto room = [&] { return ready.size() < bound || !failed.ok(); };
         mu.Await(absl::Condition(&room));
         return failed;
       });
-  current.reset();
+  gz.reset();
+  bytes.reset();
   if (!read.ok()) fail(read);
   {
     absl::MutexLock lock(&mu);
     reading_done = true;
   }
-  for (auto& t : threads) t.join();
+  for (auto& t : senders) t.join();
   report.bytes_uploaded += uploaded;
   return failed;
 }
@@ -571,7 +431,7 @@ absl::StatusOr<PushReport> PushDockerArchive(const std::string& archive, const I
     std::error_code ignored;
     std::filesystem::remove_all(scratch, ignored);
   };
-  const auto file_of = [&scratch](size_t i) { return ScratchFile(scratch, i, "gz"); };
+  const auto file_of = [&scratch](size_t i) { return ScratchFile(scratch, i); };
   absl::Mutex progress_mu;
   size_t layers_done = 0;
   uint64_t bytes_done = 0;
@@ -609,11 +469,11 @@ absl::StatusOr<PushReport> PushDockerArchive(const std::string& archive, const I
   absl::Status streamed;
   if (options.parallel <= 1 || !options.make_client) {
     // One layer at a time, compressed as it is read.
-    std::map<size_t, std::unique_ptr<GzipFile>> open;
-    const auto gz_for = [&](size_t i) -> absl::StatusOr<GzipFile*> {
+    std::map<size_t, std::unique_ptr<LayerGzip>> open;
+    const auto gz_for = [&](size_t i) -> absl::StatusOr<LayerGzip*> {
       auto& gz = open[i];
       if (!gz) {
-        gz = std::make_unique<GzipFile>();
+        gz = std::make_unique<LayerGzip>();
         if (absl::Status s = gz->Open(file_of(i), options.gzip_level); !s.ok()) return s;
       }
       return gz.get();
@@ -621,13 +481,13 @@ absl::StatusOr<PushReport> PushDockerArchive(const std::string& archive, const I
     streamed = StreamLayers(
         archive, *image, [&](size_t i) { return compress[i]; },
         [&](size_t i, absl::string_view data) -> absl::Status {
-          absl::StatusOr<GzipFile*> gz = gz_for(i);
-          return gz.ok() ? (*gz)->Write(data, false) : gz.status();
+          absl::StatusOr<LayerGzip*> gz = gz_for(i);
+          return gz.ok() ? (*gz)->Write(data) : gz.status();
         },
         [&](size_t i) -> absl::Status {
-          absl::StatusOr<GzipFile*> gz = gz_for(i);  // An empty layer has had no chunk.
+          absl::StatusOr<LayerGzip*> gz = gz_for(i);  // An empty layer has had no chunk.
           if (!gz.ok()) return gz.status();
-          absl::StatusOr<PushedBlob> blob = (*gz)->Finish();
+          absl::StatusOr<PushedBlob> blob = Pushed((*gz)->Finish());
           open.erase(i);
           if (!blob.ok()) return blob.status();
           return send(i, *blob, nullptr, client, &report.bytes_uploaded);
@@ -658,10 +518,13 @@ absl::StatusOr<PushReport> PushImageStream(int fd, const std::string& what, cons
   PushReport report;
   report.tags = tags;
   std::map<std::string, PushedBlob> by_path;
+  // The stream is read on one thread; its members compress on all.
+  std::unique_ptr<GzipMemberPool> pool;
+  if (options.parallel > 1) pool = std::make_unique<GzipMemberPool>(options.gzip_level, options.parallel);
   // The layer being read: compressed as it comes, held in memory until it
   // is known to be small, streamed to the registry once it is not.
   struct Layer {
-    GzipFile gz;
+    LayerGzip gz;
     std::string held;
     std::unique_ptr<BlobStream> stream;
   };
@@ -682,7 +545,7 @@ absl::StatusOr<PushReport> PushImageStream(int fd, const std::string& what, cons
           l->held.clear();
           return appended;
         },
-        options.gzip_level);
+        options.gzip_level, pool.get());
     if (!s.ok()) return s;
     return l;
   };
@@ -690,12 +553,12 @@ absl::StatusOr<PushReport> PushImageStream(int fd, const std::string& what, cons
       fd, what,
       [&](const std::string&, absl::string_view data) -> absl::Status {
         absl::StatusOr<Layer*> l = current();
-        return l.ok() ? (*l)->gz.Write(data, false) : l.status();
+        return l.ok() ? (*l)->gz.Write(data) : l.status();
       },
       [&](const std::string& path) -> absl::Status {
         absl::StatusOr<Layer*> l = current();  // An empty layer has had no chunk.
         if (!l.ok()) return l.status();
-        absl::StatusOr<PushedBlob> blob = (*l)->gz.Finish();
+        absl::StatusOr<PushedBlob> blob = Pushed((*l)->gz.Finish());
         if (!blob.ok()) return blob.status();
         if ((*l)->stream) {
           if (absl::Status f = (*l)->stream->Finish(blob->digest); !f.ok()) return f;

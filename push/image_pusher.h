@@ -1,8 +1,8 @@
 // ImagePusher: a docker-archive to a registry, as Docker v2 schema 2.
 //
-// Layers leave gzip-compressed (zlib, no timestamp in the header, so the
-// same layer always compresses to the same bytes and digest), their digest
-// and size computed while they are written to a scratch file. A LayerCache
+// Layers leave gzip-compressed (LayerGzip: no timestamp in the header, so
+// the same layer always compresses to the same bytes and digest), their
+// digest and size computed as they are compressed. A LayerCache
 // remembers each layer's compressed digest by its uncompressed one
 // (diff_id): an unchanged layer of a later push costs one HEAD, not a
 // recompression. Every blob the registry already has is skipped.
@@ -18,6 +18,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "push/layer_gzip.h"
 #include "push/registry_client.h"
 
 namespace kiln {
@@ -46,14 +47,16 @@ class LayerCache {
 };
 
 struct PushOptions {
-  int gzip_level = 6;
+  int gzip_level = kDefaultGzipLevel;
   std::string scratch_dir = "/tmp";
   LayerCache* cache = nullptr;  // Optional.
   bool oci_manifest = false;    // Default: Docker v2 schema 2, as skopeo pushes.
-  // Layers compressed and uploaded at once. Above 1, the archive's layers
-  // are first copied raw to scratch files (one sequential pass), and each
-  // of `parallel` threads compresses and uploads through a client of its
-  // own from `make_client`.
+  // Threads compressing, and threads uploading. Above 1, the archive is
+  // read in one sequential pass, a pool of `parallel` threads compresses
+  // each layer's gzip members as it is read, and `parallel` threads send
+  // the compressed layers (held in memory, large ones in scratch files),
+  // each through a client of its own from `make_client`. PushImageStream
+  // uses the pool alone.
   int parallel = 1;
   std::function<std::unique_ptr<RegistryClient>()> make_client;
   // PushImageStream: compressed bytes of a layer held in memory before it

@@ -30,7 +30,7 @@ struct RegistryPublisherOptions {
   std::string ca_file;                       // Empty: the system's CA bundle.
   std::string scratch_dir;
   std::string layer_cache_file;              // diff_id -> compressed digest
-  int gzip_level = 6;
+  int gzip_level = kDefaultGzipLevel;
   int parallel = 2;  // Layers compressed and uploaded at once.
 };
 

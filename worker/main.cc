@@ -22,6 +22,7 @@
 #include "common/subprocess.h"
 #include "common/tls.h"
 #include "worker/fod_oracle.h"
+#include "push/layer_gzip.h"
 #include "worker/image_publisher.h"
 #include "worker/nix_build_executor.h"
 #include "worker/nix_system_info.h"
@@ -44,7 +45,8 @@ ABSL_FLAG(std::string, registry_auth_file, "",
 ABSL_FLAG(std::vector<std::string>, insecure_registries, {},
           "Registries (host:port) spoken to over plain HTTP, for local tests only");
 ABSL_FLAG(std::string, registry_ca, "", "CA bundle for registries (default: the system's)");
-ABSL_FLAG(int, push_gzip_level, 6, "gzip level of pushed layers (1 fastest … 9 smallest)");
+ABSL_FLAG(int, push_gzip_level, kiln::kDefaultGzipLevel,
+          "gzip level of pushed layers (1 fastest … 9 smallest; the default makes layers no larger than skopeo's)");
 ABSL_FLAG(std::vector<std::string>, labels, {}, "Labels as key=value, e.g. pool=orbstack,region=fr-par");
 ABSL_FLAG(std::vector<std::string>, nix_option, {},
           "Nix settings for every build as name=value (e.g. substituters= for offline builds)");

@@ -275,9 +275,11 @@ TEST_F(PushTest, AStreamLayeredImageScriptIsPushedFromItsOutputAsItComes) {
   ASSERT_TRUE(from_archive.ok()) << from_archive.status();
 
   // Every layer streamed in small PATCHes (nothing held, nothing on disk).
+  // Its members compressed by a pool of two threads: the same bytes.
   RegistryOptions small = Options();
   small.chunk_bytes = 64;
   options.stream_hold_bytes = 0;
+  options.parallel = 2;
   HttpRegistryClient client(registry_->address(), small);
   const std::string repo = absl::StrCat("kiln/stream-", stamp);
   auto streamed = PushImage(dir_.Sub("stream-image"),
@@ -346,6 +348,17 @@ TEST_F(PushTest, ALayerOfSeveralGzipMembersDeflatedOrStoredPullsBackToItsDiffId)
       dir_.Sub("big.tar"), *ParseImageRef(absl::StrCat(registry_->address(), "/", repo, ":t")), {}, client, Plain());
   ASSERT_TRUE(report.ok()) << report.status();
   ASSERT_EQ(report->layers.size(), 1u);
+  // The members of the one layer compressed in a pool of three threads:
+  // the same blob.
+  PushOptions pooled = Plain();
+  pooled.parallel = 3;
+  pooled.make_client = [&] { return std::make_unique<HttpRegistryClient>(registry_->address(), Options()); };
+  auto again = PushDockerArchive(dir_.Sub("big.tar"),
+                                 *ParseImageRef(absl::StrCat(registry_->address(), "/", repo, "-pooled:t")), {},
+                                 client, pooled);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->layers[0].digest, report->layers[0].digest);
+  EXPECT_FALSE(again->layers[0].skipped);  // Another repository: sent, not found.
   // The text shrinks; the noise costs only its framing (5 bytes per 64 KiB).
   EXPECT_LT(report->layers[0].size, text.size() / 2 + noise.size());
   EXPECT_GT(report->layers[0].size, noise.size());

@@ -1,0 +1,241 @@
+#include "push/layer_gzip.h"
+
+#include <libdeflate.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+
+namespace kiln {
+namespace {
+
+// Samples of a member, compressed at level 1, that shrink by less than 1/32
+// in all: the member is taken for incompressible.
+constexpr size_t kSamples = 4;
+constexpr size_t kSampleBytes = 16 << 10;
+
+// A gzip member of stored deflate blocks (RFC 1951 3.2.4): the bytes as
+// they are, framed, with their CRC-32. `out` has room (StoredBound).
+size_t StoredMember(absl::string_view in, char* out) {
+  static constexpr unsigned char kHeader[10] = {0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff};
+  std::memcpy(out, kHeader, sizeof kHeader);
+  size_t n = sizeof kHeader;
+  const auto put16 = [&](uint32_t v) {
+    out[n++] = static_cast<char>(v & 0xff);
+    out[n++] = static_cast<char>((v >> 8) & 0xff);
+  };
+  for (size_t at = 0; at < in.size() || at == 0;) {
+    const size_t len = std::min<size_t>(0xffff, in.size() - at);
+    out[n++] = static_cast<char>(at + len == in.size() ? 1 : 0);  // BFINAL, BTYPE 00.
+    put16(static_cast<uint32_t>(len));
+    put16(static_cast<uint32_t>(~len & 0xffff));
+    std::memcpy(out + n, in.data() + at, len);
+    n += len;
+    at += len;
+    if (len == 0) break;
+  }
+  const uint32_t crc = libdeflate_crc32(0, in.data(), in.size());
+  const uint32_t isize = static_cast<uint32_t>(in.size());
+  put16(crc & 0xffff);
+  put16(crc >> 16);
+  put16(isize & 0xffff);
+  put16(isize >> 16);
+  return n;
+}
+
+// Room for a stored member of kMemberBytes: 5 bytes of framing per 64 KiB
+// block, 18 of header and trailer.
+constexpr size_t StoredBound(size_t bytes) { return bytes + 5 * (bytes / 0xffff + 1) + 18; }
+
+}  // namespace
+
+MemberCompressor::~MemberCompressor() {
+  if (compressor_ != nullptr) libdeflate_free_compressor(compressor_);
+  if (sampler_ != nullptr) libdeflate_free_compressor(sampler_);
+}
+
+absl::Status MemberCompressor::Init(int level) {
+  compressor_ = libdeflate_alloc_compressor(std::clamp(level, 1, 12));
+  sampler_ = libdeflate_alloc_compressor(1);
+  if (compressor_ == nullptr || sampler_ == nullptr) {
+    return absl::InternalError("libdeflate: cannot allocate a compressor");
+  }
+  bound_ = std::max(libdeflate_gzip_compress_bound(compressor_, kMemberBytes), StoredBound(kMemberBytes));
+  return absl::OkStatus();
+}
+
+bool MemberCompressor::Incompressible(absl::string_view in, std::string& scratch) {
+  if (in.size() < kSamples * kSampleBytes) return false;
+  size_t total_in = 0, total_out = 0;
+  for (size_t i = 0; i < kSamples; ++i) {
+    const size_t at = (in.size() - kSampleBytes) * i / (kSamples - 1);
+    const size_t n =
+        libdeflate_deflate_compress(sampler_, in.data() + at, kSampleBytes, scratch.data(), scratch.size());
+    total_in += kSampleBytes;
+    total_out += n == 0 ? kSampleBytes : n;
+  }
+  return total_out >= total_in - total_in / 32;
+}
+
+absl::StatusOr<size_t> MemberCompressor::Compress(absl::string_view in, std::string& out) {
+  if (in.size() > kMemberBytes) return absl::InternalError("gzip member larger than its bound");
+  if (out.size() < bound_) out.resize(bound_);
+  const size_t n = Incompressible(in, out)
+                       ? StoredMember(in, out.data())
+                       : libdeflate_gzip_compress(compressor_, in.data(), in.size(), out.data(), out.size());
+  if (n == 0) return absl::InternalError("libdeflate: compressed data larger than its bound");
+  return n;
+}
+
+GzipMemberPool::GzipMemberPool(int level, int threads) {
+  for (int t = 0; t < std::max(1, threads); ++t) threads_.emplace_back([this, level] { Run(level); });
+}
+
+GzipMemberPool::~GzipMemberPool() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  for (std::thread& t : threads_) t.join();
+}
+
+void GzipMemberPool::Submit(std::shared_ptr<GzipMember> member) {
+  absl::MutexLock lock(&mu_);
+  queue_.push_back(std::move(member));
+}
+
+void GzipMemberPool::Wait(const GzipMember& member) {
+  absl::MutexLock lock(&mu_);
+  mu_.Await(absl::Condition(+[](const GzipMember* m) { return m->done; }, &member));
+}
+
+void GzipMemberPool::Run(int level) {
+  MemberCompressor compressor;
+  const absl::Status ready = compressor.Init(level);
+  for (;;) {
+    std::shared_ptr<GzipMember> m;
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(
+          +[](GzipMemberPool* p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(p->mu_) { return !p->queue_.empty() || p->stopping_; },
+          this));
+      if (queue_.empty()) return;
+      m = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    // The member is this thread's until `done` is set.
+    absl::StatusOr<size_t> n = ready.ok() ? compressor.Compress(m->input, m->output) : absl::StatusOr<size_t>(ready);
+    m->status = n.status();
+    m->output_size = n.ok() ? *n : 0;
+    absl::MutexLock lock(&mu_);
+    m->done = true;
+  }
+}
+
+// Members still in the pool (after an error) are shared with it: they go
+// when it is done with them.
+LayerGzip::~LayerGzip() { Close(); }
+
+absl::Status LayerGzip::Open(const std::string& path, int level, GzipMemberPool* pool) {
+  path_ = path;
+  out_ = std::fopen(path.c_str(), "wb");
+  if (out_ == nullptr) return absl::InternalError(absl::StrCat("cannot create ", path));
+  return Init(level, pool);
+}
+
+absl::Status LayerGzip::OpenSink(Sink sink, int level, GzipMemberPool* pool) {
+  sink_ = std::move(sink);
+  return Init(level, pool);
+}
+
+absl::Status LayerGzip::Init(int level, GzipMemberPool* pool) {
+  pool_ = pool;
+  pending_.reserve(kMemberBytes);
+  if (pool_ != nullptr) {
+    // Enough members handed over to keep every thread busy while the
+    // oldest is emitted.
+    max_in_flight_ = static_cast<size_t>(2 * pool_->threads());
+    return absl::OkStatus();
+  }
+  return compressor_.Init(level);
+}
+
+absl::Status LayerGzip::Write(absl::string_view data) {
+  while (!data.empty()) {
+    const size_t n = std::min(data.size(), kMemberBytes - pending_.size());
+    pending_.append(data.data(), n);
+    data.remove_prefix(n);
+    if (pending_.size() == kMemberBytes) {
+      if (absl::Status s = EndMember(); !s.ok()) return s;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<CompressedLayer> LayerGzip::Finish() {
+  // An empty layer is still one (empty) member: a valid gzip stream.
+  if (!pending_.empty() || !any_member_) {
+    if (absl::Status s = EndMember(); !s.ok()) return s;
+  }
+  while (!in_flight_.empty()) {
+    if (absl::Status s = EmitOldest(); !s.ok()) return s;
+  }
+  Close();
+  return CompressedLayer{absl::StrCat("sha256:", hash_.FinishHex()), size_};
+}
+
+absl::Status LayerGzip::EndMember() {
+  any_member_ = true;
+  if (pool_ == nullptr) {
+    absl::StatusOr<size_t> n = compressor_.Compress(pending_, out_buf_);
+    pending_.clear();
+    if (!n.ok()) return n.status();
+    return Emit(absl::string_view(out_buf_.data(), *n));
+  }
+  std::shared_ptr<GzipMember> m;
+  if (spare_.empty()) {
+    m = std::make_shared<GzipMember>();
+  } else {
+    m = std::move(spare_.back());
+    spare_.pop_back();
+  }
+  m->done = false;  // Not in the pool: nothing else sees it yet.
+  std::swap(m->input, pending_);
+  pending_.clear();
+  pending_.reserve(kMemberBytes);
+  in_flight_.push_back(m);
+  pool_->Submit(std::move(m));
+  while (in_flight_.size() > max_in_flight_) {
+    if (absl::Status s = EmitOldest(); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LayerGzip::EmitOldest() {
+  std::shared_ptr<GzipMember> m = std::move(in_flight_.front());
+  in_flight_.pop_front();
+  pool_->Wait(*m);
+  absl::Status s = m->status.ok() ? Emit(absl::string_view(m->output.data(), m->output_size)) : m->status;
+  m->input.clear();
+  spare_.push_back(std::move(m));
+  return s;
+}
+
+absl::Status LayerGzip::Emit(absl::string_view piece) {
+  if (sink_) {
+    if (absl::Status s = sink_(piece); !s.ok()) return s;
+  } else if (std::fwrite(piece.data(), 1, piece.size(), out_) != piece.size()) {
+    return absl::InternalError(absl::StrCat("cannot write ", path_));
+  }
+  hash_.Update(piece);
+  size_ += piece.size();
+  return absl::OkStatus();
+}
+
+void LayerGzip::Close() {
+  if (out_ != nullptr) std::fclose(out_);
+  out_ = nullptr;
+}
+
+}  // namespace kiln
