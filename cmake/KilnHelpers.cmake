@@ -28,11 +28,16 @@ function(kiln_binary name)
   set_target_properties(${name} PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${PROJECT_BINARY_DIR}/bin)
 endfunction()
 
+# Tests' own code is compiled without optimisation: it is a third less
+# compile time (e2e_build_test.cc: 20 s at -O2, 13 s at -O0), and what they
+# exercise (the libraries, the daemons) keeps the build's flags.
+set(KILN_TEST_OPTIMIZE -O0)
+
 # kiln_test(NAME SRCS ... DEPS ... [LABELS ...] [TIMEOUT s])
 function(kiln_test name)
   cmake_parse_arguments(ARG "" "TIMEOUT" "SRCS;DEPS;LABELS" ${ARGN})
   add_executable(${name} ${ARG_SRCS})
-  target_compile_options(${name} PRIVATE ${KILN_WARNINGS})
+  target_compile_options(${name} PRIVATE ${KILN_WARNINGS} ${KILN_TEST_OPTIMIZE})
   target_link_libraries(${name} PRIVATE ${ARG_DEPS} GTest::gmock GTest::gtest_main)
   add_test(NAME ${name} COMMAND ${name})
   set(labels unit)
