@@ -19,22 +19,35 @@ build_kiln >&2
 layers=${BENCH_LAYERS:-24}
 layer_mb=${BENCH_LAYER_MB:-9}
 work=$(mktemp -d)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-cat >"$work/registry.yml" <<YML
+# A fresh, empty registry per round (skopeo remembers where it pushed a
+# blob and would mount it from there the next time): $reg.
+registry_pid=
+start_registry() {
+  local dir=$work/registry-$1 port
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  cat >"$dir.yml" <<YML
 version: 0.1
 log:
   level: error
 storage:
   filesystem:
-    rootdirectory: $work/registry
+    rootdirectory: $dir
 http:
   addr: 127.0.0.1:$port
 YML
-docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
-registry_pid=$!
+  docker-registry serve "$dir.yml" >"$dir.log" 2>&1 &
+  registry_pid=$!
+  reg=127.0.0.1:$port
+  for _ in $(seq 100); do curl -sf "http://$reg/v2/" >/dev/null && break; sleep 0.1; done
+}
 # The registry's exit status is not ours: errexit would end the trap before the clean-up.
-trap 'kill $registry_pid 2>/dev/null || true; wait $registry_pid 2>/dev/null || true; rm -rf "$work"' EXIT
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.1; done
+stop_registry() {
+  [[ -n "$registry_pid" ]] || return 0
+  kill "$registry_pid" 2>/dev/null || true
+  wait "$registry_pid" 2>/dev/null || true
+  registry_pid=
+}
+trap 'stop_registry; rm -rf "$work"' EXIT
 
 # The image: layers half text-like (compressible, as binaries and sources
 # are), half random, as a docker-archive like buildLayeredImage writes.
@@ -97,8 +110,6 @@ if ((big_mb > 0)); then tar --sort=name -C "$work/big" -cf "$work/big.tar" .; fi
 
 now_ns() { date +%s%N; }
 ms_since() { awk -v a="$1" -v b="$(now_ns)" 'BEGIN {printf "%.1f", (b - a) / 1e6}'; }
-reg=127.0.0.1:$port
-export KILN_CACHE_DIR=$work/kiln-cache
 
 # One core's gzip -6 + sha256 over the layers: the single-core limit.
 cat "$work"/image/*/layer.tar >/dev/null
@@ -106,58 +117,88 @@ t0=$(now_ns)
 for f in "$work"/image/*/layer.tar; do gzip -6 -c "$f" | sha256sum >/dev/null; done
 limit_ms=$(ms_since "$t0")
 
-t0=$(now_ns)
-skopeo copy -q --dest-tls-verify=false "docker-archive:$work/image.tar" "docker://$reg/bench/skopeo:first" >/dev/null
-skopeo_first_ms=$(ms_since "$t0")
-t0=$(now_ns)
-skopeo copy -q --dest-tls-verify=false "docker-archive:$work/image.tar" "docker://$reg/bench/skopeo:again" >/dev/null
-skopeo_again_ms=$(ms_since "$t0")
-
-t0=$(now_ns)
-"$KILN_BUILD/bin/kiln" push "$work/image.tar" "$reg/bench/kiln:first" --insecure ${BENCH_GZIP_LEVEL:+--gzip-level=$BENCH_GZIP_LEVEL} >/dev/null
-kiln_first_ms=$(ms_since "$t0")
-t0=$(now_ns)
-"$KILN_BUILD/bin/kiln" push "$work/image.tar" "$reg/bench/kiln:again" --insecure ${BENCH_GZIP_LEVEL:+--gzip-level=$BENCH_GZIP_LEVEL} >/dev/null
-kiln_again_ms=$(ms_since "$t0")
+# timed ARRAY COMMAND...: runs COMMAND, adds its wall time (ms) to ARRAY.
+# What the last push left to write back to disk is written first, so
+# neither contender pays for the other's.
+timed() {
+  local -n into=$1
+  shift
+  local t0
+  sync
+  t0=$(now_ns)
+  "$@" >/dev/null
+  into+=("$(ms_since "$t0")")
+}
+skopeo_push() { skopeo copy -q --dest-tls-verify=false "docker-archive:$1" "docker://$reg/$2"; }
+kiln_push() { "$KILN_BUILD/bin/kiln" push "$1" "$reg/$2" --insecure ${BENCH_GZIP_LEVEL:+--gzip-level=$BENCH_GZIP_LEVEL}; }
 # Compressed bytes of an image's layers as the registry holds them.
 layer_mib() {
   skopeo inspect --raw --tls-verify=false "docker://$reg/$1" |
     python3 -c 'import json, sys; print("%.1f" % (sum(l["size"] for l in json.load(sys.stdin)["layers"]) / 1048576))'
 }
-skopeo_first_mib=$(layer_mib bench/skopeo:first)
-kiln_first_mib=$(layer_mib bench/kiln:first)
+median() { printf '%s\n' "$@" | sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
+# ratios A B: the ratios A[i] / B[i], comma-separated.
+ratios() {
+  local -n a=$1 b=$2
+  local i out=()
+  for i in "${!a[@]}"; do out+=("$(awk -v x="${a[$i]}" -v y="${b[$i]}" 'BEGIN {printf "%.3f", x / y}')"); done
+  (IFS=,; echo "${out[*]}")
+}
 
-if ((big_mb > 0)); then
-  cat "$work/big.tar" >/dev/null
-  t0=$(now_ns)
-  skopeo copy -q --dest-tls-verify=false "docker-archive:$work/big.tar" "docker://$reg/bench/skopeo-big:first" >/dev/null
-  skopeo_one_layer_ms=$(ms_since "$t0")
-  t0=$(now_ns)
-  "$KILN_BUILD/bin/kiln" push "$work/big.tar" "$reg/bench/kiln-big:first" --insecure ${BENCH_GZIP_LEVEL:+--gzip-level=$BENCH_GZIP_LEVEL} >/dev/null
-  kiln_one_layer_ms=$(ms_since "$t0")
-  skopeo_one_layer_mib=$(layer_mib bench/skopeo-big:first)
-  kiln_one_layer_mib=$(layer_mib bench/kiln-big:first)
-fi
+# BENCH_ROUNDS rounds (3), each on a fresh registry; in every other round
+# Kiln goes first. Times and ratios are the rounds' medians.
+rounds=${BENCH_ROUNDS:-3}
+skopeo_first=() kiln_first=() skopeo_again=() kiln_again=() skopeo_one=() kiln_one=()
+for ((r = 1; r <= rounds; r++)); do
+  start_registry "$r"
+  export KILN_CACHE_DIR=$work/kiln-cache-$r
+  order=(skopeo kiln)
+  ((r % 2 == 0)) && order=(kiln skopeo)
+  for who in "${order[@]}"; do
+    timed "${who}_first" "${who}_push" "$work/image.tar" "bench/$who:first"
+    timed "${who}_again" "${who}_push" "$work/image.tar" "bench/$who:again"
+  done
+  if ((big_mb > 0)); then
+    for who in "${order[@]}"; do timed "${who}_one" "${who}_push" "$work/big.tar" "bench/$who-big:first"; done
+  fi
+  if ((r == 1)); then
+    skopeo inspect --tls-verify=false "docker://$reg/bench/kiln:first" >/dev/null  # Kiln's image reads back.
+    skopeo_first_mib=$(layer_mib bench/skopeo:first)
+    kiln_first_mib=$(layer_mib bench/kiln:first)
+    if ((big_mb > 0)); then
+      skopeo_one_layer_mib=$(layer_mib bench/skopeo-big:first)
+      kiln_one_layer_mib=$(layer_mib bench/kiln-big:first)
+    fi
+  fi
+  stop_registry
+  rm -rf "$work/registry-$r" "$KILN_CACHE_DIR"
+done
+first_ratios=$(ratios kiln_first skopeo_first)
+again_ratios=$(ratios kiln_again skopeo_again)
 
-layer_bytes=$(cat "$work"/image/*/layer.tar | wc -c)
 echo "layers=$layers"
 echo "kiln_gzip_level=${BENCH_GZIP_LEVEL:-default}"
 echo "image_mib=$(awk -v b="$image_bytes" 'BEGIN {printf "%.0f", b / 1048576}')"
 echo "gzip6_sha256_one_core_ms=$limit_ms"
-echo "skopeo_first_ms=$skopeo_first_ms"
-echo "kiln_first_ms=$kiln_first_ms"
-echo "skopeo_again_ms=$skopeo_again_ms"
-echo "kiln_again_ms=$kiln_again_ms"
+echo "rounds=$rounds"
+echo "skopeo_first_ms=$(median "${skopeo_first[@]}")"
+echo "kiln_first_ms=$(median "${kiln_first[@]}")"
+echo "skopeo_again_ms=$(median "${skopeo_again[@]}")"
+echo "kiln_again_ms=$(median "${kiln_again[@]}")"
 echo "skopeo_first_mib=$skopeo_first_mib"
 echo "kiln_first_mib=$kiln_first_mib"
 if ((big_mb > 0)); then
   echo "one_layer_mib=$(awk -v b="$(stat -c %s "$work/big.tar")" 'BEGIN {printf "%.0f", b / 1048576}')"
-  echo "skopeo_one_layer_ms=$skopeo_one_layer_ms"
-  echo "kiln_one_layer_ms=$kiln_one_layer_ms"
+  echo "skopeo_one_layer_ms=$(median "${skopeo_one[@]}")"
+  echo "kiln_one_layer_ms=$(median "${kiln_one[@]}")"
   echo "skopeo_one_layer_mib=$skopeo_one_layer_mib"
   echo "kiln_one_layer_mib=$kiln_one_layer_mib"
-  echo "push_one_layer_ratio_vs_skopeo=$(awk -v a="$kiln_one_layer_ms" -v b="$skopeo_one_layer_ms" 'BEGIN {printf "%.3f", a / b}')"
+  one_ratios=$(ratios kiln_one skopeo_one)
+  echo "push_one_layer_ratios=$one_ratios"
+  echo "push_one_layer_ratio_vs_skopeo=$(median ${one_ratios//,/ })"
 fi
-echo "kiln_first_fraction_of_one_core_limit=$(awk -v l="$limit_ms" -v k="$kiln_first_ms" 'BEGIN {printf "%.2f", l / k}')"
-echo "push_again_ratio_vs_skopeo=$(awk -v a="$kiln_again_ms" -v b="$skopeo_again_ms" 'BEGIN {printf "%.3f", a / b}')"
-echo "push_first_ratio_vs_skopeo=$(awk -v a="$kiln_first_ms" -v b="$skopeo_first_ms" 'BEGIN {printf "%.3f", a / b}')"
+echo "kiln_first_fraction_of_one_core_limit=$(awk -v l="$limit_ms" -v k="$(median "${kiln_first[@]}")" 'BEGIN {printf "%.2f", l / k}')"
+echo "push_again_ratios=$again_ratios"
+echo "push_again_ratio_vs_skopeo=$(median ${again_ratios//,/ })"
+echo "push_first_ratios=$first_ratios"
+echo "push_first_ratio_vs_skopeo=$(median ${first_ratios//,/ })"
