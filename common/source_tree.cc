@@ -170,9 +170,12 @@ Digest MakeDigest(std::string hash, size_t size) {
 
 // Calls `fn` with the file's bytes in order, through one reused buffer per
 // thread (a fresh zeroed buffer per file cost more than hashing small files).
-absl::Status ReadFileChunks(const std::string& path, absl::FunctionRef<void(absl::string_view)> fn) {
+// `before(fd)` runs once the file is open, before its first read.
+absl::Status ReadFileChunks(const std::string& path, absl::FunctionRef<void(absl::string_view)> fn,
+                            absl::FunctionRef<void(int fd)> before = [](int) {}) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return absl::NotFoundError(absl::StrCat("cannot read ", path, ": ", std::strerror(errno)));
+  before(fd);
   thread_local std::unique_ptr<char[]> buffer(new char[kReadBufferBytes]);
   for (;;) {
     const ssize_t n = ::read(fd, buffer.get(), kReadBufferBytes);
@@ -335,11 +338,14 @@ absl::Status WriteFile(const fs::path& path, absl::string_view data, bool execut
 
 absl::Status ReadWholeFile(const std::string& path, std::string& out) {
   out.clear();
-  // Sized once from the file's length (a file that grows meanwhile still
-  // reads whole: appends past the reserve just reallocate).
-  struct stat st;
-  if (::stat(path.c_str(), &st) == 0 && st.st_size > 0) out.reserve(static_cast<size_t>(st.st_size));
-  return ReadFileChunks(path, [&](absl::string_view chunk) { out.append(chunk.data(), chunk.size()); });
+  // Sized once from the open file's length (one path lookup; a file that
+  // grows meanwhile still reads whole: appends past the reserve reallocate).
+  return ReadFileChunks(
+      path, [&](absl::string_view chunk) { out.append(chunk.data(), chunk.size()); },
+      [&](int fd) {
+        struct stat st;
+        if (::fstat(fd, &st) == 0 && st.st_size > 0) out.reserve(static_cast<size_t>(st.st_size));
+      });
 }
 
 Digest DigestOf(absl::string_view data) { return MakeDigest(Sha256Hex(data), data.size()); }
