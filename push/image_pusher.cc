@@ -1,7 +1,6 @@
 #include "push/image_pusher.h"
 
 #include <fcntl.h>
-#include <libdeflate.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/stat.h>
