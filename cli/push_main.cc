@@ -38,7 +38,7 @@ ABSL_FLAG(int, gzip_level, kiln::kDefaultGzipLevel,
           "gzip level of the layers (1 fastest … 9 smallest; the default makes layers no larger than skopeo's)");
 ABSL_FLAG(bool, json, false, "Print the result as JSON");
 ABSL_FLAG(bool, oci, false, "Push an OCI manifest (default: Docker v2 schema 2, as skopeo does)");
-ABSL_FLAG(int, parallel, 0, "Layers compressed and uploaded at once (0: one per CPU core)");
+ABSL_FLAG(int, parallel, 0, "Threads compressing layers, and layers sent at once (0: one per CPU core)");
 
 namespace {
 

@@ -31,7 +31,7 @@ struct RegistryPublisherOptions {
   std::string scratch_dir;
   std::string layer_cache_file;              // diff_id -> compressed digest
   int gzip_level = kDefaultGzipLevel;
-  int parallel = 2;  // Layers compressed and uploaded at once.
+  int parallel = 2;  // Threads compressing a layer's members, and threads sending layers.
 };
 
 class RegistryPublisher final : public ImagePublisher {
