@@ -12,7 +12,6 @@
 #include <cstring>
 #include <deque>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -139,7 +138,7 @@ class LayerBytes {
     if (!Write(data)) return absl::InternalError(absl::StrCat("cannot write ", path_));
     return absl::OkStatus();
   }
-  // Ends the writing; the bytes are then held() or in path().
+  // Ends the writing; the bytes are then held() or in the file.
   absl::Status Close() {
     if (file_ == nullptr) return absl::OkStatus();
     const bool ok = std::fclose(file_) == 0;
@@ -149,7 +148,6 @@ class LayerBytes {
   }
   bool in_file() const { return in_file_; }
   std::string& held() { return held_; }
-  const std::string& path() const { return path_; }
 
  private:
   bool Write(absl::string_view data) { return std::fwrite(data.data(), 1, data.size(), file_) == data.size(); }
