@@ -20,6 +20,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/numbers.h"
@@ -223,6 +224,11 @@ int Run() {
                                                  absl::StrCat("bench-", w), absl::GetFlag(FLAGS_slots), &timeline,
                                                  &counters));
   }
+  // Every way out of here ends the streams first: a reactor must not be
+  // destroyed while its call is live.
+  auto stop_fleet = absl::MakeCleanup([&fleet] {
+    for (auto& w : fleet) w->Stop();
+  });
   while (registered.load() < workers && absl::Now() < give_up) absl::SleepFor(absl::Milliseconds(5));
   if (registered.load() < workers) {
     std::fprintf(stderr, "only %d of %d workers registered\n", registered.load(), workers);
@@ -286,7 +292,6 @@ int Run() {
     std::printf("assign_latency_max_us=%.0f\n", static_cast<double>(Percentile(latency, 1.0)) / 1e3);
   }
   std::fflush(stdout);
-  for (auto& w : fleet) w->Stop();
   return acked.load() < submitted && mode != "fill" ? 1 : 0;
 }
 

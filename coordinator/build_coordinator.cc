@@ -1114,17 +1114,17 @@ void BuildCoordinator::CheckLeases() {
     if (!worker.name.empty() && now - worker.last_seen >= options_.lease) silent.push_back(session);
   }
   for (const WorkerSession* session : silent) {
-    SessionOf(session).Close(absl::DeadlineExceededError("no message from the worker within the lease"));
-    WorkerGone(session);
+    auto it = sessions_.find(session);
+    if (it == sessions_.end()) continue;
+    it->second.session->Close(absl::DeadlineExceededError("no message from the worker within the lease"));
+    WorkerGone(session);  // Its lease ran from last_seen: it expires there and then.
   }
   std::vector<std::string> expired;
   for (const auto& [name, until] : lease_until_) {
     if (now >= until) expired.push_back(name);
   }
   std::sort(expired.begin(), expired.end());
-  for (const std::string& name : expired) {
-    ExpireLease(name, absl::StrCat("did not come back within the lease (", absl::FormatDuration(options_.lease), ")"));
-  }
+  for (const std::string& name : expired) ExpireLease(name, LeaseExpiredReason());
   // Flush (by the caller) also places jobs whose retry back-off ended.
   if (!silent.empty() || !expired.empty() || gauges_dirty_) UpdateGauges(/*force=*/true);
 }
@@ -1133,6 +1133,10 @@ WorkerSession& BuildCoordinator::SessionOf(const WorkerSession* session) {
   auto it = sessions_.find(session);
   KILN_CHECK(it != sessions_.end());
   return *it->second.session;
+}
+
+std::string BuildCoordinator::LeaseExpiredReason() const {
+  return absl::StrCat("did not come back within the lease (", absl::FormatDuration(options_.lease), ")");
 }
 
 BuildCoordinator::JobEntry* BuildCoordinator::FindAttempt(const WorkerEntry& worker,
@@ -1207,8 +1211,11 @@ void BuildCoordinator::WorkerGone(const WorkerSession* session) {
   lease_until_[name] = until;
   LogInfo(kComponent, "worker ", name, " disconnected; holding its ", scheduler_.JobsOf(name).size(),
           " job(s) until ", absl::FormatTime(until));
-  CheckLeases();  // Expires a zero lease at once.
-  UpdateGauges();
+  // A lease already over (zero, or a silent worker's) expires at once. Not
+  // through CheckLeases: that may be our caller, looping over sessions.
+  const bool expired = clock_->Now() >= until;
+  if (expired) ExpireLease(name, LeaseExpiredReason());
+  UpdateGauges(/*force=*/expired);
 }
 
 void BuildCoordinator::CloseAll() {

@@ -220,6 +220,7 @@ class BuildCoordinator {
   // session_by_name_ has an entry in sessions_). Never inserts, so callers'
   // references into sessions_ stay valid.
   WorkerSession& SessionOf(const WorkerSession* session);
+  std::string LeaseExpiredReason() const;
 
   // OnWorkerGone and Tick without the flush, for use inside other calls.
   void WorkerGone(const WorkerSession* session);

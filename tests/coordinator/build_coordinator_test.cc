@@ -344,6 +344,27 @@ TEST_F(BuildCoordinatorTest, ASilentWorkerIsCutOffAfterTheLease) {
   EXPECT_EQ(State(id), kiln::v1::JOB_STATE_QUEUED);
 }
 
+// Several workers behind one broken link go silent together: the tick that
+// cuts them off handles each once (cutting one off must not end the others
+// under the loop's feet) and requeues all their jobs.
+TEST_F(BuildCoordinatorTest, SeveralSilentWorkersAreCutOffInOneTick) {
+  std::vector<std::string> ids;
+  for (int i = 0; i < 3; ++i) ids.push_back(SubmitOne());
+  std::vector<std::shared_ptr<FakeWorkerSession>> workers;
+  for (const char* name : {"a", "b", "c"}) workers.push_back(Connect(name, 1));
+  for (const auto& w : workers) ASSERT_EQ(w->Assignments().size(), 1u);
+  clock_.Advance(options_.lease + absl::Seconds(1));
+  core_->Tick();
+  for (const auto& w : workers) {
+    EXPECT_TRUE(w->closed);
+    EXPECT_EQ(w->close_status.code(), absl::StatusCode::kDeadlineExceeded);
+  }
+  for (const std::string& id : ids) EXPECT_EQ(State(id), kiln::v1::JOB_STATE_QUEUED);
+  // The farm goes on: a new worker gets the requeued jobs.
+  auto fresh = Connect("d", 3);
+  EXPECT_EQ(fresh->Assignments().size(), 3u);
+}
+
 TEST_F(BuildCoordinatorTest, InfraErrorsRetryUpToTheBoundThenFail) {
   const std::string id = SubmitOne();
   auto w = Connect("w", 1);
