@@ -10,6 +10,10 @@
 #   memory      BENCH_QUEUED jobs queued with no worker: RSS per queued job.
 #   recovery    that coordinator restarted on its state: seconds until it
 #               serves again with every job loaded.
+#   floor       the throughput load against kiln-dispatch-floor, a stand-in
+#               that stores nothing and has no policy: the ceiling gRPC and
+#               this protocol leave on this machine, with jobs packed into as
+#               few messages as the slots allow and spread as locality does.
 # The peer (a published gRPC Nix scheduler: ~130,000 assignments/s on 3
 # cores, in memory only) cannot run here; its per-core figure is printed for
 # the ratio. The coordinator is linked with jemalloc; the throughput phase
@@ -24,8 +28,10 @@ queued=${BENCH_QUEUED:-200000}
 cores=$(nproc)
 work=$(mktemp -d)
 coordinator_pid=
+floor_pid=
 cleanup() {
   [[ -n $coordinator_pid ]] && kill "$coordinator_pid" 2>/dev/null && wait "$coordinator_pid" 2>/dev/null
+  [[ -n $floor_pid ]] && kill "$floor_pid" 2>/dev/null && wait "$floor_pid" 2>/dev/null
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -67,6 +73,27 @@ if [[ -x $KILN_BUILD/bin/kiln-coordinator-glibc ]]; then
   glibc_rate=$(field jobs_per_s "$work/throughput-glibc.out")
 fi
 
+# The transport's ceiling: the same load against kiln-dispatch-floor, a
+# stand-in coordinator that keeps nothing (no state store, no events, no
+# policy) and hands queued jobs to free slots, either packed (as many per
+# message as a worker's slots allow) or spread (scattered over the fleet,
+# the message shape locality placement gives).
+floor_rate() {
+  local placement=$1
+  rm -f "$work/floor.ready"
+  "$KILN_BUILD/bin/kiln-dispatch-floor" --listen=127.0.0.1:0 --placement="$placement" \
+    --ready_file="$work/floor.ready" >>"$work/floor.log" 2>&1 &
+  floor_pid=$!
+  wait_ready "$work/floor.ready" "$work/floor.log"
+  timeout 600 "$KILN_BUILD/bin/kiln-dispatch-bench" --coordinator="$(json_field "$work/floor.ready" grpc)" \
+    --max_time=300s --mode=throughput --workers="$workers" --jobs="$jobs" >"$work/floor-$placement.out"
+  kill "$floor_pid"
+  wait "$floor_pid" 2>/dev/null || true
+  floor_pid=
+}
+floor_rate pack
+floor_rate spread
+
 # Latency at half that rate (single-job requests, paced).
 start_coordinator "$work/latency"
 half=$(awk -v r="$rate" 'BEGIN {printf "%d", r / 2}')
@@ -99,6 +126,11 @@ if [[ -n $glibc_rate ]]; then
   echo "glibc_malloc_cpu_seconds_per_1000_jobs=$(awk -v d=$((g1 - g0)) -v t="$ticks" -v n="$jobs" 'BEGIN {printf "%.3f", d / t / n * 1000}')"
   echo "ratio_jemalloc_vs_glibc=$(awk -v a="$rate" -v b="$glibc_rate" 'BEGIN {printf "%.3f", a / b}')"
 fi
+echo "floor_pack_jobs_per_s=$(field jobs_per_s "$work/floor-pack.out")"
+echo "floor_pack_assignments_per_message=$(field assignments_per_message "$work/floor-pack.out")"
+echo "floor_spread_jobs_per_s=$(field jobs_per_s "$work/floor-spread.out")"
+echo "floor_spread_assignments_per_message=$(field assignments_per_message "$work/floor-spread.out")"
+echo "kiln_fraction_of_floor_spread=$(awk -v a="$rate" -v b="$(field jobs_per_s "$work/floor-spread.out")" 'BEGIN {printf "%.3f", a / b}')"
 echo "latency_rate_jobs_per_s=$half"
 echo "latency_jobs=$(field completed "$work/latency.out")"
 echo "assign_latency_p50_us=$(field assign_latency_p50_us "$work/latency.out")"

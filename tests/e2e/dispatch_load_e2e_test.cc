@@ -10,6 +10,7 @@
 #include "absl/time/clock.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "common/source_tree.h"
 #include "tests/support/local_farm.h"
 
 namespace kiln {
@@ -46,6 +47,46 @@ TEST(DispatchLoadE2eTest, EveryJobCompletesOnceUnderConcurrentLoad) {
   EXPECT_THAT(*scrape, ::testing::HasSubstr(absl::StrCat("kiln_jobs_submitted_total ", kJobs)));
   EXPECT_THAT(*scrape, ::testing::HasSubstr(absl::StrCat("kiln_jobs_finished_total{result=\"succeeded\"} ", kJobs)));
   EXPECT_THAT(*scrape, ::testing::HasSubstr("kiln_jobs_running 0"));
+}
+
+// kiln-dispatch-floor (the stand-in coordinator bench/run dispatch measures
+// the transport's ceiling with) serves the same load generator: every job
+// completes once, and its two placements give the message shapes they are
+// named for.
+TEST(DispatchLoadE2eTest, TheFloorStandInCompletesEveryJobInBothPlacements) {
+  testing::TempDir dir;
+  double per_message[2] = {0, 0};
+  const char* placements[2] = {"pack", "spread"};
+  for (int p = 0; p < 2; ++p) {
+    const std::string ready = dir.Sub(absl::StrCat(placements[p], ".ready"));
+    auto floor = testing::Daemon::Start({testing::BinPath("kiln-dispatch-floor"), "--listen=127.0.0.1:0",
+                                         absl::StrCat("--placement=", placements[p]), "--ready_file=" + ready},
+                                        dir.Sub(absl::StrCat(placements[p], ".log")), {});
+    ASSERT_TRUE(floor.ok()) << floor.status();
+    std::string address;
+    for (int i = 0; i < 3000 && address.empty(); ++i) {
+      std::string text;
+      if (ReadWholeFile(ready, text).ok()) {
+        const size_t at = text.find("\"grpc\":\"");
+        if (at != std::string::npos) address = text.substr(at + 8, text.find('"', at + 8) - (at + 8));
+      }
+      if (address.empty()) absl::SleepFor(absl::Milliseconds(10));
+    }
+    ASSERT_FALSE(address.empty()) << "no ready file from kiln-dispatch-floor";
+    constexpr int kJobs = 2000;
+    ProcessSpec spec;
+    spec.argv = {testing::BinPath("kiln-dispatch-bench"), "--coordinator=" + address, "--mode=throughput",
+                 "--workers=50", "--slots=4", absl::StrCat("--jobs=", kJobs), "--batch=20", "--max_time=120s"};
+    auto run = RunCommand(spec, "", absl::Minutes(3));
+    ASSERT_TRUE(run.ok()) << run.status();
+    ASSERT_EQ(run->exit.exit_code, 0) << run->stdout_data << run->stderr_data;
+    EXPECT_EQ(Field(run->stdout_data, "completed"), absl::StrCat(kJobs)) << placements[p];
+    ASSERT_TRUE(absl::SimpleAtod(Field(run->stdout_data, "assignments_per_message"), &per_message[p]));
+  }
+  // pack fills a worker's four free slots at once; spread scatters a round
+  // of 20 over 50 workers (~1.2 per message).
+  EXPECT_GE(per_message[0], 3.0);
+  EXPECT_LT(per_message[1], 2.0);
 }
 
 }  // namespace
