@@ -6,7 +6,8 @@
 // Modes:
 //   throughput  N workers; M jobs submitted in batches as fast as accepted;
 //               ends when every result is acknowledged. Prints jobs_per_s.
-//   latency     N workers; jobs submitted one per request at --rate jobs/s;
+//   latency     N workers; jobs submitted one per request at --rate jobs/s
+//               (open loop: requests do not wait for earlier answers);
 //               prints submit-to-assignment latency percentiles.
 //   fill        no workers; submits M jobs and exits (queued-job memory).
 // Every loop is bounded by --jobs and --max_time.
@@ -246,9 +247,53 @@ int Run() {
   const int64_t start = NowNanos();
   int submitted = 0;
   const double rate = absl::GetFlag(FLAGS_rate);
-  for (const kiln::v1::SubmitBuildRequest& request : requests) {
+  if (mode == "latency") {
+    // Open loop: request i leaves at start + i/rate whether or not the
+    // earlier ones were answered. (One blocking request at a time would
+    // submit at the pace of the round trip, far below the rate asked for.)
+    struct Call {
+      grpc::ClientContext context;
+      kiln::v1::SubmitBuildResponse response;
+      int64_t sent = 0;
+    };
+    std::vector<std::unique_ptr<Call>> calls;
+    absl::Mutex mu;
+    int answered = 0;  // Guarded by mu.
+    std::string error;  // Guarded by mu: the first failure.
+    for (size_t i = 0; i < requests.size() && absl::Now() < give_up; ++i) {
+      const int64_t due = start + static_cast<int64_t>(1e9 * static_cast<double>(i) / rate);
+      if (const int64_t wait = due - NowNanos(); wait > 0) absl::SleepFor(absl::Nanoseconds(wait));
+      Call* call = calls.emplace_back(std::make_unique<Call>()).get();
+      call->sent = NowNanos();
+      build_stub->async()->SubmitBuild(&call->context, &requests[i], &call->response,
+                                       [&, call](grpc::Status status) {
+                                         for (const auto& id : call->response.job_ids()) {
+                                           timeline.Mark(timeline.submitted, id, call->sent);
+                                         }
+                                         absl::MutexLock lock(&mu);
+                                         if (!status.ok() && error.empty()) error = status.error_message();
+                                         ++answered;
+                                       });
+      submitted += requests[i].targets_size();
+    }
+    // Every callback has run before `calls` goes (bounded: the calls'
+    // contexts are cancelled at the deadline).
+    auto all_answered = [&] { return answered == static_cast<int>(calls.size()); };
+    {
+      absl::MutexLock lock(&mu);
+      if (!mu.AwaitWithDeadline(absl::Condition(&all_answered), give_up)) {
+        for (auto& call : calls) call->context.TryCancel();
+        mu.Await(absl::Condition(&all_answered));
+      }
+    }
+    if (!error.empty()) {
+      std::fprintf(stderr, "SubmitBuild: %s\n", error.c_str());
+      return 1;
+    }
+  }
+  for (size_t i = 0; mode != "latency" && i < requests.size(); ++i) {
     if (absl::Now() >= give_up) break;
-    const int count = request.targets_size();
+    const kiln::v1::SubmitBuildRequest& request = requests[i];
     kiln::v1::SubmitBuildResponse response;
     grpc::ClientContext context;
     const int64_t t = NowNanos();
@@ -258,12 +303,7 @@ int Run() {
       return 1;
     }
     for (const auto& id : response.job_ids()) timeline.Mark(timeline.submitted, id, t);
-    submitted += count;
-    if (mode == "latency") {
-      const int64_t next = start + static_cast<int64_t>(1e9 * submitted / rate);
-      const int64_t wait = next - NowNanos();
-      if (wait > 0) absl::SleepFor(absl::Nanoseconds(wait));
-    }
+    submitted += request.targets_size();
   }
   const int64_t submit_end = NowNanos();
   if (mode != "fill") {

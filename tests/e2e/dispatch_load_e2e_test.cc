@@ -49,6 +49,26 @@ TEST(DispatchLoadE2eTest, EveryJobCompletesOnceUnderConcurrentLoad) {
   EXPECT_THAT(*scrape, ::testing::HasSubstr("kiln_jobs_running 0"));
 }
 
+// The latency mode sends one-job requests on schedule without waiting for
+// answers (gRPC's callback API, many calls in flight): every job still
+// completes once and gets a latency.
+TEST(DispatchLoadE2eTest, LatencyModeKeepsItsScheduleAndCompletesEveryJob) {
+  testing::LocalFarm farm(/*workers=*/0);
+  ASSERT_TRUE(farm.Start().ok());
+  constexpr int kJobs = 600;
+  ProcessSpec spec;
+  spec.argv = {testing::BinPath("kiln-dispatch-bench"), "--coordinator=" + farm.coordinator_address(),
+               "--mode=latency", "--workers=20", "--slots=2", absl::StrCat("--jobs=", kJobs), "--rate=1000",
+               "--max_time=60s"};
+  auto run = RunCommand(spec, "", absl::Minutes(2));
+  ASSERT_TRUE(run.ok()) << run.status();
+  ASSERT_EQ(run->exit.exit_code, 0) << run->stdout_data << run->stderr_data;
+  EXPECT_EQ(Field(run->stdout_data, "completed"), absl::StrCat(kJobs));
+  int64_t p50 = -1;
+  ASSERT_TRUE(absl::SimpleAtoi(Field(run->stdout_data, "assign_latency_p50_us"), &p50));
+  EXPECT_GT(p50, 0);
+}
+
 // kiln-dispatch-floor (the stand-in coordinator bench/run dispatch measures
 // the transport's ceiling with) serves the same load generator: every job
 // completes once, and its two placements give the message shapes they are
