@@ -290,20 +290,20 @@ int Run() {
       std::fprintf(stderr, "SubmitBuild: %s\n", error.c_str());
       return 1;
     }
-  }
-  for (size_t i = 0; mode != "latency" && i < requests.size(); ++i) {
-    if (absl::Now() >= give_up) break;
-    const kiln::v1::SubmitBuildRequest& request = requests[i];
-    kiln::v1::SubmitBuildResponse response;
-    grpc::ClientContext context;
-    const int64_t t = NowNanos();
-    grpc::Status status = build_stub->SubmitBuild(&context, request, &response);
-    if (!status.ok()) {
-      std::fprintf(stderr, "SubmitBuild: %s\n", status.error_message().c_str());
-      return 1;
+  } else {
+    for (const kiln::v1::SubmitBuildRequest& request : requests) {
+      if (absl::Now() >= give_up) break;
+      kiln::v1::SubmitBuildResponse response;
+      grpc::ClientContext context;
+      const int64_t t = NowNanos();
+      grpc::Status status = build_stub->SubmitBuild(&context, request, &response);
+      if (!status.ok()) {
+        std::fprintf(stderr, "SubmitBuild: %s\n", status.error_message().c_str());
+        return 1;
+      }
+      for (const auto& id : response.job_ids()) timeline.Mark(timeline.submitted, id, t);
+      submitted += request.targets_size();
     }
-    for (const auto& id : response.job_ids()) timeline.Mark(timeline.submitted, id, t);
-    submitted += request.targets_size();
   }
   const int64_t submit_end = NowNanos();
   if (mode != "fill") {

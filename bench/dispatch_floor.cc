@@ -32,6 +32,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "common/grpc_util.h"
+#include "common/net.h"
 #include "common/outbound_queue.h"
 #include "kiln/v1/builds.grpc.pb.h"
 #include "kiln/v1/workers.grpc.pb.h"
@@ -250,28 +251,31 @@ int Run() {
     std::fprintf(stderr, "error: --placement must be pack or spread, not '%s'\n", placement.c_str());
     return 2;
   }
+  const std::string listen = absl::GetFlag(FLAGS_listen);
+  absl::StatusOr<HostPort> host_port = ParseHostPort(listen);
+  if (!host_port.ok()) {
+    std::fprintf(stderr, "error: --listen: %s\n", std::string(host_port.status().message()).c_str());
+    return 2;
+  }
   Floor floor(placement == "spread");
   FloorBuildService builds(&floor);
   FloorWorkerService workers(&floor);
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(absl::GetFlag(FLAGS_listen), grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
   builder.SetMaxReceiveMessageSize(kMaxGrpcMessageBytes);
   builder.RegisterService(&builds);
   builder.RegisterService(&workers);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
-    std::fprintf(stderr, "error: cannot listen on %s\n", absl::GetFlag(FLAGS_listen).c_str());
+    std::fprintf(stderr, "error: cannot listen on %s\n", listen.c_str());
     return 1;
   }
-  const std::string listen = absl::GetFlag(FLAGS_listen);
-  const std::string address = absl::StrCat(listen.substr(0, listen.rfind(':')), ":", port);
+  const std::string address = FormatHostPort(host_port->host, port);
   if (const std::string ready = absl::GetFlag(FLAGS_ready_file); !ready.empty()) {
-    const std::string tmp = ready + ".tmp";
-    if (FILE* f = std::fopen(tmp.c_str(), "w")) {
-      std::fprintf(f, "{\"grpc\":\"%s\"}\n", address.c_str());
-      std::fclose(f);
-      std::rename(tmp.c_str(), ready.c_str());
+    if (absl::Status s = WriteFileAtomically(ready, absl::StrCat("{\"grpc\":\"", address, "\"}\n")); !s.ok()) {
+      std::fprintf(stderr, "error: --ready_file: %s\n", std::string(s.message()).c_str());
+      return 1;
     }
   }
   std::fprintf(stderr, "kiln-dispatch-floor: %s placement on %s\n", placement.c_str(), address.c_str());

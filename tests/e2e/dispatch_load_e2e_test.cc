@@ -10,7 +10,6 @@
 #include "absl/time/clock.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "common/source_tree.h"
 #include "tests/support/local_farm.h"
 
 namespace kiln {
@@ -79,20 +78,14 @@ TEST(DispatchLoadE2eTest, TheFloorStandInCompletesEveryJobInBothPlacements) {
   const char* placements[2] = {"pack", "spread"};
   for (int p = 0; p < 2; ++p) {
     const std::string ready = dir.Sub(absl::StrCat(placements[p], ".ready"));
+    const std::string log = dir.Sub(absl::StrCat(placements[p], ".log"));
     auto floor = testing::Daemon::Start({testing::BinPath("kiln-dispatch-floor"), "--listen=127.0.0.1:0",
                                          absl::StrCat("--placement=", placements[p]), "--ready_file=" + ready},
-                                        dir.Sub(absl::StrCat(placements[p], ".log")), {});
+                                        log, {});
     ASSERT_TRUE(floor.ok()) << floor.status();
-    std::string address;
-    for (int i = 0; i < 3000 && address.empty(); ++i) {
-      std::string text;
-      if (ReadWholeFile(ready, text).ok()) {
-        const size_t at = text.find("\"grpc\":\"");
-        if (at != std::string::npos) address = text.substr(at + 8, text.find('"', at + 8) - (at + 8));
-      }
-      if (address.empty()) absl::SleepFor(absl::Milliseconds(10));
-    }
-    ASSERT_FALSE(address.empty()) << "no ready file from kiln-dispatch-floor";
+    auto serving = testing::WaitForReadyFile(ready, log);
+    ASSERT_TRUE(serving.ok()) << serving.status();
+    const std::string address = (*serving)["grpc"];
     constexpr int kJobs = 2000;
     ProcessSpec spec;
     spec.argv = {testing::BinPath("kiln-dispatch-bench"), "--coordinator=" + address, "--mode=throughput",

@@ -80,9 +80,6 @@ bool Daemon::WaitExit(int timeout_ms) {
   return false;
 }
 
-namespace {
-
-// Polls for a daemon's ready file (bounded): it appears once the daemon serves.
 absl::StatusOr<nlohmann::json> WaitForReadyFile(const std::string& path, const std::string& log) {
   const absl::Time deadline = absl::Now() + absl::Seconds(30);
   while (absl::Now() < deadline) {
@@ -97,8 +94,6 @@ absl::StatusOr<nlohmann::json> WaitForReadyFile(const std::string& path, const s
   std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   return absl::DeadlineExceededError(absl::StrCat("no ready file ", path, "; log:\n", text));
 }
-
-}  // namespace
 
 LocalFarm::LocalFarm(int workers, int max_jobs_per_worker) : workers_(workers), max_jobs_(max_jobs_per_worker) {}
 

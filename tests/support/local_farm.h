@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
@@ -33,6 +35,10 @@ class Daemon {
   pid_t pid_ = -1;
   bool reaped_ = false;
 };
+
+// Polls (at most 30 s) for a daemon's --ready-file, which appears once it
+// serves; its JSON, or an error quoting the daemon's log.
+absl::StatusOr<nlohmann::json> WaitForReadyFile(const std::string& path, const std::string& log);
 
 // Environment for Nix in tests: offline, flakes on.
 std::vector<std::string> NixTestEnv();
