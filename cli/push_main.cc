@@ -34,8 +34,9 @@ ABSL_FLAG(std::string, authfile, "",
           "then ~/.docker/config.json); or set KILN_REGISTRY_USER and KILN_REGISTRY_PASSWORD");
 ABSL_FLAG(bool, insecure, false, "Speak plain HTTP to the registry (local tests only)");
 ABSL_FLAG(std::string, registry_ca, "", "CA bundle for the registry (default: the system's)");
-ABSL_FLAG(int, gzip_level, kiln::kDefaultGzipLevel,
-          "gzip level of the layers (1 fastest … 9 smallest; the default makes layers no larger than skopeo's)");
+ABSL_FLAG(std::string, gzip_level, absl::StrCat(kiln::kDefaultGzipLevel),
+          "gzip level of the layers: 1 fastest … 9 smallest (the default makes layers no larger than skopeo's), "
+          "or fast: ISA-L's igzip, 4-5x faster for layers 2-11% larger (a registry on a fast link)");
 ABSL_FLAG(bool, json, false, "Print the result as JSON");
 ABSL_FLAG(bool, oci, false, "Push an OCI manifest (default: Docker v2 schema 2, as skopeo does)");
 ABSL_FLAG(int, parallel, 0, "Threads compressing layers, and layers sent at once (0: one per CPU core)");
@@ -85,10 +86,12 @@ int main(int argc, char** argv) {
       options.credentials = *std::move(creds);
     }
   }
+  absl::StatusOr<int> gzip_level = kiln::ParseGzipLevel(absl::GetFlag(FLAGS_gzip_level));
+  if (!gzip_level.ok()) return Fail(std::string(gzip_level.status().message()), 2);
   const std::string cache_dir = kiln::UserCacheDir();
   kiln::LayerCache cache(cache_dir.empty() ? "" : cache_dir + "/layers-v1.json");
   const char* tmp = std::getenv("TMPDIR");
-  kiln::PushOptions push{.gzip_level = absl::GetFlag(FLAGS_gzip_level),
+  kiln::PushOptions push{.gzip_level = *gzip_level,
                          .scratch_dir = tmp != nullptr && *tmp ? tmp : "/tmp",
                          .cache = &cache,
                          .oci_manifest = absl::GetFlag(FLAGS_oci),

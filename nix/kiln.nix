@@ -2,7 +2,13 @@
 # client alone (`kiln`, `kiln-push`): what a laptop needs, also on
 # aarch64-darwin, without RocksDB, the metrics server or Nix itself.
 { lib, stdenv, cmake, ninja, pkg-config, protobuf, grpc, abseil-cpp, openssl, nlohmann_json, curl, libarchive
-, libdeflate, rocksdb, prometheus-cpp, civetweb, jemalloc, cliOnly ? false }:
+, libdeflate, isa-l, rocksdb, prometheus-cpp, civetweb, jemalloc, cliOnly ? false }:
+
+let
+  # ISA-L (gzip level "fast") is Linux's: nixpkgs marks it broken on
+  # aarch64-darwin, where the laptop CLI builds without it.
+  withIsal = stdenv.isLinux;
+in
 
 stdenv.mkDerivation {
   pname = if cliOnly then "kiln-cli" else "kiln";
@@ -16,13 +22,15 @@ stdenv.mkDerivation {
   };
   nativeBuildInputs = [ cmake ninja pkg-config protobuf grpc ];
   buildInputs = [ grpc protobuf abseil-cpp openssl nlohmann_json curl libarchive libdeflate ]
+    ++ lib.optional withIsal isa-l
     ++ lib.optionals (!cliOnly) [ rocksdb prometheus-cpp civetweb jemalloc ];
   cmakeFlags = [
     "-DKILN_BUILD_TESTS=OFF"
     # nixpkgs links what it links; the static CLI is for Debian's many
     # small shared libraries.
     "-DKILN_STATIC_CLI=OFF"
-  ] ++ lib.optional cliOnly "-DKILN_CLI_ONLY=ON";
+  ] ++ lib.optional cliOnly "-DKILN_CLI_ONLY=ON"
+    ++ lib.optional (!withIsal) "-DKILN_ISAL=OFF";
   installPhase = ''
     runHook preInstall
     install -Dm755 -t $out/bin bin/kiln bin/kiln-push

@@ -65,7 +65,7 @@ LayerCache::LayerCache(std::string path) : path_(std::move(path)) {
 
 bool LayerCache::Find(const std::string& diff_id, int level, Entry* entry) const {
   absl::MutexLock lock(&mu_);
-  auto it = entries_.find(absl::StrCat(level, ":", diff_id));
+  auto it = entries_.find(absl::StrCat(GzipLevelName(level), ":", diff_id));
   if (it == entries_.end() || it->second.digest.empty()) return false;
   *entry = it->second;
   return true;
@@ -81,7 +81,7 @@ std::string LayerCache::SeenIn(const std::string& digest) const {
 
 void LayerCache::Put(const std::string& diff_id, int level, Entry entry) {
   absl::MutexLock lock(&mu_);
-  entries_[absl::StrCat(level, ":", diff_id)] = std::move(entry);
+  entries_[absl::StrCat(GzipLevelName(level), ":", diff_id)] = std::move(entry);
 }
 
 absl::Status LayerCache::Save() const {

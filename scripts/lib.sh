@@ -11,7 +11,7 @@ KILN_PACKAGES=(
   g++ cmake ninja-build pkg-config git ca-certificates curl procps tar gzip clang libclang-rt-14-dev
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev librocksdb-dev libssl-dev prometheus-cpp-dev libcivetweb-dev
-  libgtest-dev libgmock-dev libcurl4-openssl-dev libarchive-dev libdeflate-dev nlohmann-json3-dev libjemalloc-dev
+  libgtest-dev libgmock-dev libcurl4-openssl-dev libarchive-dev libdeflate-dev libisal-dev nlohmann-json3-dev libjemalloc-dev
   nix-bin nix-setup-systemd docker-registry skopeo prometheus tmux jq systemd
 )
 

@@ -11,6 +11,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "common/cli_args.h"
@@ -45,8 +46,9 @@ ABSL_FLAG(std::string, registry_auth_file, "",
 ABSL_FLAG(std::vector<std::string>, insecure_registries, {},
           "Registries (host:port) spoken to over plain HTTP, for local tests only");
 ABSL_FLAG(std::string, registry_ca, "", "CA bundle for registries (default: the system's)");
-ABSL_FLAG(int, push_gzip_level, kiln::kDefaultGzipLevel,
-          "gzip level of pushed layers (1 fastest … 9 smallest; the default makes layers no larger than skopeo's)");
+ABSL_FLAG(std::string, push_gzip_level, absl::StrCat(kiln::kDefaultGzipLevel),
+          "gzip level of pushed layers: 1 fastest … 9 smallest (the default makes layers no larger than skopeo's), "
+          "or fast: ISA-L's igzip, 4-5x faster for layers 2-11% larger (a registry on a fast link)");
 ABSL_FLAG(std::vector<std::string>, labels, {}, "Labels as key=value, e.g. pool=orbstack,region=fr-par");
 ABSL_FLAG(std::vector<std::string>, nix_option, {},
           "Nix settings for every build as name=value (e.g. substituters= for offline builds)");
@@ -114,6 +116,8 @@ int main(int argc, char** argv) {
   }
   options.max_jobs = absl::GetFlag(FLAGS_max_jobs);
   if (options.max_jobs < 1) return Fail("--max-jobs must be at least 1");
+  const absl::StatusOr<int> gzip_level = kiln::ParseGzipLevel(absl::GetFlag(FLAGS_push_gzip_level));
+  if (!gzip_level.ok()) return Fail("--push-gzip-level: " + std::string(gzip_level.status().message()));
   options.systems = absl::GetFlag(FLAGS_systems);
   options.supported_features = absl::GetFlag(FLAGS_features);
   options.mandatory_features = absl::GetFlag(FLAGS_mandatory_features);
@@ -183,7 +187,7 @@ int main(int argc, char** argv) {
   push_options.ca_file = absl::GetFlag(FLAGS_registry_ca);
   push_options.scratch_dir = options.work_dir;
   push_options.layer_cache_file = options.work_dir + "/layer-cache.json";
-  push_options.gzip_level = std::clamp(absl::GetFlag(FLAGS_push_gzip_level), 1, 9);
+  push_options.gzip_level = *gzip_level;
   push_options.parallel = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   kiln::RegistryPublisher publisher(push_options, &metrics);
   nix.publisher = &publisher;

@@ -106,6 +106,28 @@ TEST(PushE2eTest, AWorkerPushesTheImageItBuiltAndOnlyWhatTheRegistryLacks) {
 
   EXPECT_FALSE(absl::StrContains(pushed_cli->stderr_data, "MiB sent")) << "progress only on a terminal";
 
+  // --gzip-level=fast: igzip's layers, another manifest of the same image
+  // (skopeo reads it); a level that does not exist is refused up front.
+  ProcessSpec fast = push;
+  fast.argv = {testing::BinPath("kiln"), "push", j[0]["outputs"].value("out", ""),
+               absl::StrCat(reg, "/kiln/from-laptop-fast:dev"), "--insecure", "--json", "--gzip-level=fast"};
+  auto pushed_fast = RunCommand(fast, "", absl::Minutes(2));
+  ASSERT_TRUE(pushed_fast.ok());
+  ASSERT_EQ(pushed_fast->exit.exit_code, 0) << pushed_fast->stderr_data;
+  const std::string fast_digest = nlohmann::json::parse(pushed_fast->stdout_data).value("manifestDigest", "");
+  EXPECT_NE(fast_digest, digest);
+  ProcessSpec inspect_fast;
+  inspect_fast.argv = {"skopeo", "inspect", "--tls-verify=false", "--creds", absl::StrCat(kUser, ":", kPassword),
+                       absl::StrCat("docker://", reg, "/kiln/from-laptop-fast:dev")};
+  auto inspected = RunCommand(inspect_fast, "", absl::Minutes(1));
+  ASSERT_TRUE(inspected.ok() && inspected->exit.Success()) << (inspected.ok() ? inspected->stderr_data : "");
+  EXPECT_EQ(nlohmann::json::parse(inspected->stdout_data).value("Digest", ""), fast_digest);
+  fast.argv.back() = "--gzip-level=0";
+  auto bad_level = RunCommand(fast, "", absl::Minutes(1));
+  ASSERT_TRUE(bad_level.ok());
+  EXPECT_EQ(bad_level->exit.exit_code, 2);
+  EXPECT_TRUE(absl::StrContains(bad_level->stderr_data, "gzip level \"0\"")) << bad_level->stderr_data;
+
   // On a terminal (script(1) gives it one): a progress line, rewritten in
   // place, erased before the result.
   ProcessSpec on_tty;

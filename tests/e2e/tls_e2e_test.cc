@@ -156,6 +156,12 @@ TEST(TlsE2eTest, PlaintextIsRefusedOffLoopbackBeforeAnythingListensOrDials) {
   ASSERT_TRUE(w.ok());
   EXPECT_NE(w->exit.exit_code, 0);
   EXPECT_TRUE(absl::StrContains(w->stderr_data, "will not use plaintext gRPC on 192.0.2.1:7600")) << w->stderr_data;
+  // A flag of the wrong shape is refused as early.
+  worker.argv.push_back("--push-gzip-level=12");
+  auto bad = RunCommand(worker, "", absl::Seconds(30));
+  ASSERT_TRUE(bad.ok());
+  EXPECT_NE(bad->exit.exit_code, 0);
+  EXPECT_TRUE(absl::StrContains(bad->stderr_data, "--push-gzip-level: gzip level \"12\"")) << bad->stderr_data;
 
   ProcessSpec cli;
   cli.argv = {testing::BinPath("kiln"), "--coordinator=192.0.2.1:7600", "workers"};

@@ -98,6 +98,40 @@ TEST(LayerGzipTest, APoolGivesTheSameBytesAsOneThreadAndTheyInflateToTheLayer) {
   }
 }
 
+// "fast" is igzip, not a libdeflate level: its own bytes, the same on one
+// thread or many, read back by another inflater to the layer.
+TEST(LayerGzipTest, TheFastLevelIsIgzipAndGivesTheSameBytesOnOneThreadOrMany) {
+  const std::string input = MixedLayer(2, 5u << 19, 2u << 20);
+  const Compressed one = Compress(input, nullptr, 7777, kFastGzip);
+  EXPECT_EQ(one.layer.digest, "sha256:" + Sha256Hex(one.bytes));
+  EXPECT_LT(one.bytes.size(), input.size() - (2u << 19));
+  EXPECT_NE(one.bytes, Compress(input, nullptr, 7777, kDefaultGzipLevel).bytes);
+  size_t members = 0;
+  EXPECT_EQ(Gunzip(one.bytes, &members), input);
+  EXPECT_EQ(members, 7u);
+  for (int threads : {1, 2, 5}) {
+    GzipMemberPool pool(kFastGzip, threads);
+    EXPECT_EQ(Compress(input, &pool, 65536, kFastGzip).bytes, one.bytes) << threads << " thread(s)";
+  }
+  const Compressed empty = Compress("", nullptr, 7777, kFastGzip);
+  EXPECT_EQ(Gunzip(empty.bytes, &members), "");
+}
+
+TEST(LayerGzipTest, LevelsAreOneToNineOrFast) {
+  EXPECT_EQ(ParseGzipLevel("fast").value_or(-1), kFastGzip);
+  EXPECT_EQ(ParseGzipLevel("1").value_or(-1), 1);
+  EXPECT_EQ(ParseGzipLevel("9").value_or(-1), 9);
+  for (const char* bad : {"0", "10", "-1", "six", "", "4x"}) {
+    absl::StatusOr<int> level = ParseGzipLevel(bad);
+    ASSERT_FALSE(level.ok()) << bad;
+    EXPECT_EQ(level.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(level.status().message().find(absl::StrCat("\"", bad, "\"")), absl::string_view::npos)
+        << level.status();
+  }
+  EXPECT_EQ(GzipLevelName(kFastGzip), "fast");
+  EXPECT_EQ(GzipLevelName(4), "4");
+}
+
 TEST(LayerGzipTest, AnEmptyLayerIsOneEmptyMemberEitherWay) {
   GzipMemberPool pool(6, 2);
   const Compressed one = Compress("", nullptr);

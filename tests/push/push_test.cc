@@ -384,6 +384,24 @@ TEST_F(PushTest, ALayerOfSeveralGzipMembersDeflatedOrStoredPullsBackToItsDiffId)
   auto unpacked = RunTool({"tar", "-C", dir_.Sub("back"), "-xf", dir_.Sub("back.tar")});
   ASSERT_TRUE(unpacked.ok() && unpacked->exit.Success());
   EXPECT_EQ("sha256:" + Sha256Hex(testing::ReadFileOrDie(dir_.Sub("back/" + back->layers[0].path))), diff_id);
+
+  // Level "fast" (igzip, in the pool): another blob of the same layer, which
+  // the registry verified, and which pulls and inflates back to it.
+  PushOptions fast = pooled;
+  fast.gzip_level = kFastGzip;
+  auto quick = PushDockerArchive(dir_.Sub("big.tar"),
+                                 *ParseImageRef(absl::StrCat(registry_->address(), "/", repo, "-fast:t")), {}, client,
+                                 fast);
+  ASSERT_TRUE(quick.ok()) << quick.status();
+  EXPECT_NE(quick->layers[0].digest, report->layers[0].digest);
+  EXPECT_LT(quick->layers[0].size, text.size() / 2 + noise.size());
+  Skopeo({"copy", "--src-tls-verify=false", "--src-creds", absl::StrCat(kUser, ":", kPassword),
+          absl::StrCat("docker://", registry_->address(), "/", repo, "-fast:t"), "dir:" + dir_.Sub("fast")});
+  const std::string fast_blob = dir_.Sub("fast/" + quick->layers[0].digest.substr(7));
+  EXPECT_EQ("sha256:" + Sha256Hex(testing::ReadFileOrDie(fast_blob)), quick->layers[0].digest);
+  auto fast_gunzip = RunTool({"gzip", "-dc", fast_blob});
+  ASSERT_TRUE(fast_gunzip.ok() && fast_gunzip->exit.Success());
+  EXPECT_EQ("sha256:" + Sha256Hex(fast_gunzip->stdout_data), diff_id);
 }
 
 TEST_F(PushTest, AWrongPasswordIsAnAuthErrorThatNeverShowsThePassword) {
