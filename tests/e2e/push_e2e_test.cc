@@ -128,6 +128,18 @@ TEST(PushE2eTest, AWorkerPushesTheImageItBuiltAndOnlyWhatTheRegistryLacks) {
   EXPECT_EQ(bad_level->exit.exit_code, 2);
   EXPECT_TRUE(absl::StrContains(bad_level->stderr_data, "gzip level \"0\"")) << bad_level->stderr_data;
 
+  // A worker started with --push-gzip-level=fast pushes the same bytes the
+  // CLI did at that level: the same manifest, in the repository it names.
+  farm.SetWorkerFlags({"--labels=creds=fast", "--registry-auth-file=" + dir.Sub("good.json"),
+                       "--insecure-registries=" + reg, "--push-gzip-level=fast"});
+  ASSERT_TRUE(farm.AddWorker().ok());
+  auto by_fast_worker = farm.Kiln({"build", image, "--json", "--push=" + absl::StrCat(reg, "/kiln/hello-fast:testing"),
+                                   "--label=creds=fast"});
+  ASSERT_TRUE(by_fast_worker.ok());
+  ASSERT_EQ(by_fast_worker->exit.exit_code, 0) << by_fast_worker->stderr_data;
+  EXPECT_EQ(nlohmann::json::parse(by_fast_worker->stdout_data)[0]["pushed"].value("manifestDigest", ""), fast_digest)
+      << by_fast_worker->stdout_data;
+
   // On a terminal (script(1) gives it one): a progress line, rewritten in
   // place, erased before the result.
   ProcessSpec on_tty;
