@@ -125,13 +125,30 @@ size_t MemberCompressor::IgzipMember(absl::string_view in, std::string& out) {
 #endif
 }
 
+size_t MemberCompressor::Sample(const char* in, std::string& scratch) {
+#if KILN_HAVE_ISAL
+  // At "fast", igzip's level 0 samples: at ~4x libdeflate level 1's speed it
+  // keeps sampling from costing a tenth of the member's time.
+  if (compressor_ == nullptr) {
+    isal_zstream z;
+    isal_deflate_stateless_init(&z);
+    z.level = 0;
+    z.end_of_stream = 1;
+    z.next_in = reinterpret_cast<uint8_t*>(const_cast<char*>(in));
+    z.avail_in = kSampleBytes;
+    z.next_out = reinterpret_cast<uint8_t*>(scratch.data());
+    z.avail_out = static_cast<uint32_t>(scratch.size());
+    return isal_deflate_stateless(&z) == COMP_OK ? z.total_out : 0;
+  }
+#endif
+  return libdeflate_deflate_compress(sampler_, in, kSampleBytes, scratch.data(), scratch.size());
+}
+
 bool MemberCompressor::Incompressible(absl::string_view in, std::string& scratch) {
   if (in.size() < kSamples * kSampleBytes) return false;
   size_t total_in = 0, total_out = 0;
   for (size_t i = 0; i < kSamples; ++i) {
-    const size_t at = (in.size() - kSampleBytes) * i / (kSamples - 1);
-    const size_t n =
-        libdeflate_deflate_compress(sampler_, in.data() + at, kSampleBytes, scratch.data(), scratch.size());
+    const size_t n = Sample(in.data() + (in.size() - kSampleBytes) * i / (kSamples - 1), scratch);
     total_in += kSampleBytes;
     total_out += n == 0 ? kSampleBytes : n;
   }

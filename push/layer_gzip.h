@@ -79,6 +79,8 @@ class MemberCompressor {
 
  private:
   bool Incompressible(absl::string_view in, std::string& scratch);
+  // The deflated size of one sample starting at `in` (0: no room for it).
+  size_t Sample(const char* in, std::string& scratch);
   size_t IgzipMember(absl::string_view in, std::string& out);
   libdeflate_compressor* compressor_ = nullptr;  // Null for kFastGzip.
   std::vector<unsigned char> igzip_buffer_;      // igzip's hash tables (kFastGzip).

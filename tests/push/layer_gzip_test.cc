@@ -115,6 +115,13 @@ TEST(LayerGzipTest, TheFastLevelIsIgzipAndGivesTheSameBytesOnOneThreadOrMany) {
   }
   const Compressed empty = Compress("", nullptr, 7777, kFastGzip);
   EXPECT_EQ(Gunzip(empty.bytes, &members), "");
+  // Noise is stored at this level too: its framing and no more (5 bytes
+  // per 64 KiB block, 18 per member).
+  const std::string noise = MixedLayer(5, 0, 2u << 20);
+  const Compressed stored = Compress(noise, nullptr, 7777, kFastGzip);
+  EXPECT_LE(stored.bytes.size(), noise.size() + 2 * (5 * 17 + 18));
+  EXPECT_EQ(Gunzip(stored.bytes, &members), noise);
+  EXPECT_EQ(members, 2u);
 }
 
 TEST(LayerGzipTest, LevelsAreOneToNineOrFast) {
