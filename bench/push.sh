@@ -156,7 +156,7 @@ ratios() {
 # BENCH_ROUNDS rounds (3), each on a fresh registry; the contenders take
 # turns going first. Times and ratios are the rounds' medians.
 rounds=${BENCH_ROUNDS:-3}
-skopeo_first=() kiln_first=() kiln_fast_first=() skopeo_again=() kiln_again=() kiln_fast_again=()
+skopeo_first=() kiln_first=() kiln_fast_first=() skopeo_again=() kiln_again=()
 skopeo_one=() kiln_one=() kiln_fast_one=()
 for ((r = 1; r <= rounds; r++)); do
   start_registry "$r"
