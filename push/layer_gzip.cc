@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -28,6 +29,28 @@ constexpr unsigned char kGzipHeader[10] = {0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff
 // send, the registry hashing what it gets): level 1's larger output costs
 // more than it saves, level 3 takes 5-15% longer for 0.3-1% fewer bytes.
 constexpr int kIgzipLevel = 2;
+
+// `in` deflated by igzip in one call into `room` bytes at `out`, with
+// `gzip_flag`'s framing; `level_buf` holds the hash tables levels above 0
+// need. Returns the bytes written, 0 when they do not fit.
+size_t Igzip(absl::string_view in, int level, std::vector<unsigned char>* level_buf, uint16_t gzip_flag, char* out,
+             size_t room) {
+  isal_zstream z;
+  isal_deflate_stateless_init(&z);
+  z.level = static_cast<uint32_t>(level);
+  if (level_buf != nullptr) {
+    z.level_buf = level_buf->data();
+    z.level_buf_size = static_cast<uint32_t>(level_buf->size());
+  }
+  z.gzip_flag = gzip_flag;
+  z.end_of_stream = 1;
+  z.flush = NO_FLUSH;
+  z.next_in = reinterpret_cast<uint8_t*>(const_cast<char*>(in.data()));
+  z.avail_in = static_cast<uint32_t>(in.size());
+  z.next_out = reinterpret_cast<uint8_t*>(out);
+  z.avail_out = static_cast<uint32_t>(room);
+  return isal_deflate_stateless(&z) == COMP_OK ? z.total_out : 0;
+}
 #endif
 
 // A gzip member of stored deflate blocks (RFC 1951 3.2.4): the bytes as
@@ -107,21 +130,11 @@ size_t MemberCompressor::IgzipMember(absl::string_view in, std::string& out) {
 #if !KILN_HAVE_ISAL
   return StoredMember(in, out.data());  // Unreachable: Init refuses kFastGzip.
 #else
-  isal_zstream z;
-  isal_deflate_stateless_init(&z);
-  z.level = kIgzipLevel;
-  z.level_buf = igzip_buffer_.data();
-  z.level_buf_size = static_cast<uint32_t>(igzip_buffer_.size());
-  z.gzip_flag = IGZIP_GZIP_NO_HDR;  // The trailer (CRC-32, size) but our header.
-  z.end_of_stream = 1;
-  z.flush = NO_FLUSH;
-  z.next_in = reinterpret_cast<uint8_t*>(const_cast<char*>(in.data()));
-  z.avail_in = static_cast<uint32_t>(in.size());
+  // IGZIP_GZIP_NO_HDR: igzip writes the trailer (CRC-32, size), we the header.
   std::memcpy(out.data(), kGzipHeader, sizeof kGzipHeader);
-  z.next_out = reinterpret_cast<uint8_t*>(out.data()) + sizeof kGzipHeader;
-  z.avail_out = static_cast<uint32_t>(out.size() - sizeof kGzipHeader);
-  if (isal_deflate_stateless(&z) != COMP_OK) return StoredMember(in, out.data());
-  return sizeof kGzipHeader + z.total_out;
+  const size_t n = Igzip(in, kIgzipLevel, &igzip_buffer_, IGZIP_GZIP_NO_HDR, out.data() + sizeof kGzipHeader,
+                         out.size() - sizeof kGzipHeader);
+  return n == 0 ? StoredMember(in, out.data()) : sizeof kGzipHeader + n;
 #endif
 }
 
@@ -130,15 +143,7 @@ size_t MemberCompressor::Sample(const char* in, std::string& scratch) {
   // At "fast", igzip's level 0 samples: at ~4x libdeflate level 1's speed it
   // keeps sampling from costing a tenth of the member's time.
   if (compressor_ == nullptr) {
-    isal_zstream z;
-    isal_deflate_stateless_init(&z);
-    z.level = 0;
-    z.end_of_stream = 1;
-    z.next_in = reinterpret_cast<uint8_t*>(const_cast<char*>(in));
-    z.avail_in = kSampleBytes;
-    z.next_out = reinterpret_cast<uint8_t*>(scratch.data());
-    z.avail_out = static_cast<uint32_t>(scratch.size());
-    return isal_deflate_stateless(&z) == COMP_OK ? z.total_out : 0;
+    return Igzip(absl::string_view(in, kSampleBytes), 0, nullptr, IGZIP_DEFLATE, scratch.data(), scratch.size());
   }
 #endif
   return libdeflate_deflate_compress(sampler_, in, kSampleBytes, scratch.data(), scratch.size());
