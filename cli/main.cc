@@ -13,6 +13,7 @@
 #include "absl/flags/usage.h"
 #include "absl/time/time.h"
 #include "common/cli_args.h"
+#include "common/crash_handler.h"
 #include "common/tls.h"
 #include "cli/cli.h"
 
@@ -118,6 +119,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "error: cannot run kiln-push (next to %s): %s\n", argv[0], std::strerror(errno));
     return kiln::kExitUnavailable;
   }
+  kiln::InstallCrashHandler(argv[0]);
   absl::SetProgramUsageMessage(kUsage);
   // `-o PATH`, as nix build spells --out-link.
   std::vector<std::string> expanded(argv, argv + argc);

@@ -22,6 +22,7 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "common/cli_args.h"
+#include "common/crash_handler.h"
 #include "common/image_ref.h"
 #include "push/credentials.h"
 #include "push/image_pusher.h"
@@ -60,6 +61,7 @@ std::string DefaultAuthFile() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  kiln::InstallCrashHandler(argv[0]);
   absl::SetProgramUsageMessage("kiln push RESULT REGISTRY/REPOSITORY[:TAG] [--tag=T,...] [--authfile=F] [--json]");
   kiln::DashedFlagArgs dashed(argc, argv);  // --gzip-level as well as --gzip_level
   std::vector<char*> args = absl::ParseCommandLine(dashed.argc(), dashed.argv());

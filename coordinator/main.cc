@@ -8,6 +8,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/cli_args.h"
+#include "common/crash_handler.h"
 #include "common/daemon.h"
 #include "common/log.h"
 #include "coordinator/coordinator_server.h"
@@ -63,6 +64,7 @@ ABSL_FLAG(int64_t, inline_source_kb, 1024,
           "and workers fetch the files their cache lacks (0: always fetch)");
 
 int main(int argc, char** argv) {
+  kiln::InstallCrashHandler(argv[0]);
   absl::SetProgramUsageMessage(
       "Kiln coordinator: accepts Nix builds, schedules them on workers, keeps state in RocksDB.\n"
       "  kiln-coordinator --listen=127.0.0.1:7600 --metrics-listen=127.0.0.1:9600 --state-dir=DIR\n"

@@ -15,6 +15,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "common/cli_args.h"
+#include "common/crash_handler.h"
 #include "common/daemon.h"
 #include "common/grpc_util.h"
 #include "common/log.h"
@@ -78,6 +79,7 @@ int Fail(const std::string& message) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  kiln::InstallCrashHandler(argv[0]);
   absl::SetProgramUsageMessage(
       "Kiln worker: runs Nix builds for a coordinator.\n"
       "  kiln-worker --coordinator=127.0.0.1:7600 --name=NAME --work-dir=DIR --max-jobs=N --metrics-listen=ADDR");
