@@ -100,13 +100,32 @@ struct NixBuildExecutor::Run {
 };
 
 NixBuildExecutor::~NixBuildExecutor() {
-  absl::MutexLock lock(&mu_);
-  for (auto& [id, run] : runs_) {
-    run->cancelled = true;
-    for (ProcessSupervisor::ProcessId p : run->processes) supervisor_.Terminate(p, kCancelGrace);
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto& [id, run] : runs_) {
+      run->cancelled = true;
+      for (ProcessSupervisor::ProcessId p : run->processes) supervisor_.Terminate(p, kCancelGrace);
+    }
+    mu_.Await(absl::Condition(
+        +[](absl::flat_hash_map<BuildId, std::shared_ptr<Run>>* runs) { return runs->empty(); }, &runs_));
   }
-  mu_.Await(absl::Condition(
-      +[](absl::flat_hash_map<BuildId, std::shared_ptr<Run>>* runs) { return runs->empty(); }, &runs_));
+  // Every build's thread has done its work; let them return before the
+  // state they were using goes.
+  JoinEndedThreads();
+}
+
+void NixBuildExecutor::JoinEndedThreads() {
+  std::vector<std::thread> ended;
+  {
+    absl::MutexLock lock(&mu_);
+    for (BuildId id : ended_) {
+      auto it = threads_.find(id);
+      ended.push_back(std::move(it->second));
+      threads_.erase(it);
+    }
+    ended_.clear();
+  }
+  for (std::thread& t : ended) t.join();
 }
 
 std::vector<std::string> NixBuildExecutor::NixArgv(absl::string_view command) const {
@@ -146,13 +165,14 @@ absl::StatusOr<BuildExecutor::BuildId> NixBuildExecutor::Start(const BuildReques
   run->on_line = std::move(on_line);
   run->on_done = std::move(on_done);
   run->started = absl::Now();
-  {
-    absl::MutexLock lock(&mu_);
-    run->id = next_id_++;
-    runs_[run->id] = run;
-  }
-  // A thread per build: its steps wait on Nix and on the coordinator in turn.
-  std::thread([this, run] { Execute(run); }).detach();
+  JoinEndedThreads();
+  absl::MutexLock lock(&mu_);
+  run->id = next_id_++;
+  runs_[run->id] = run;
+  // A thread per build: its steps wait on Nix and on the coordinator in
+  // turn. Joined once it has ended (by a later Start or the destructor), so
+  // none runs on after the executor.
+  threads_.emplace(run->id, std::thread([this, run] { Execute(run); }));
   return run->id;
 }
 
@@ -532,6 +552,7 @@ void NixBuildExecutor::Execute(const std::shared_ptr<Run>& run) {
   std::move(run->on_done)(std::move(result));
   absl::MutexLock lock(&mu_);
   runs_.erase(run->id);
+  ended_.push_back(run->id);
 }
 
 void NixBuildExecutor::BuildWithFodChecks(Run& run, NixRun& build, const std::string& fifo,

@@ -23,6 +23,7 @@
 #include <deque>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -97,6 +98,8 @@ class NixBuildExecutor final : public BuildExecutor {
   void WaitNix(Run& run, NixRun& out) ABSL_LOCKS_EXCLUDED(mu_);
   void RunNix(Run& run, const std::vector<std::string>& argv, NixRun& out) ABSL_LOCKS_EXCLUDED(mu_);
   void Execute(const std::shared_ptr<Run>& run) ABSL_LOCKS_EXCLUDED(mu_);
+  // Joins the threads of builds that have ended.
+  void JoinEndedThreads() ABSL_LOCKS_EXCLUDED(mu_);
   // Steps 1–6 above; `build` is step 5's process, started already and
   // waiting on the named pipe `fifo`.
   void BuildWithFodChecks(Run& run, NixRun& build, const std::string& fifo, kiln::v1::BuildResult& result);
@@ -116,6 +119,10 @@ class NixBuildExecutor final : public BuildExecutor {
   absl::Mutex mu_;
   BuildId next_id_ ABSL_GUARDED_BY(mu_) = 1;
   absl::flat_hash_map<BuildId, std::shared_ptr<Run>> runs_ ABSL_GUARDED_BY(mu_);
+  // Each build's thread, until joined; the builds whose thread has done
+  // its work and is about to return.
+  absl::flat_hash_map<BuildId, std::thread> threads_ ABSL_GUARDED_BY(mu_);
+  std::vector<BuildId> ended_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace kiln

@@ -94,8 +94,13 @@ class WorkerAgent::Stream final : public grpc::ClientBidiReactor<WorkerMessage, 
   }
   void OnDone(const grpc::Status& status) override {
     TakeOver(this);
-    auto keep_alive = std::move(self_);
-    agent_->OnStreamDone(status);
+    // The connection loop holds the stream until it sees it done, so this
+    // is never the last reference: the stream (its ClientContext and call)
+    // is destroyed on the loop's thread, which Stop() joins, and not here on
+    // gRPC's thread, where it could outlive the agent and its channel.
+    WorkerAgent* const agent = agent_;
+    self_.reset();
+    agent->OnStreamDone(status);  // Last: `this` may be gone once it returns.
   }
 
  private:
@@ -142,14 +147,22 @@ void WorkerAgent::Stop() {
     stopping_ = true;
   }
   if (loop_.joinable()) loop_.join();
-  // The loop cancelled every build; wait (bounded) for their results, whose
-  // callbacks post to the strand, before the strand goes away.
+  // Connected or not, the builds stop with the worker (a stopping worker
+  // cannot report them). Posted after the loop ended, so it follows every
+  // assignment the stream delivered: none starts after it.
+  strand_->Post([this] { CancelAllBuilds("the worker is stopping"); });
+  // Every build's last callback posts to the strand: the strand stays until
+  // the executor has made it, however long the build takes to stop (the
+  // executor escalates to SIGKILL; a service manager's stop timeout bounds
+  // the rest).
   {
     absl::MutexLock lock(&mu_);
-    mu_.AwaitWithTimeout(absl::Condition(
-                             +[](WorkerAgent* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(a->mu_) { return a->jobs_.empty(); },
-                             this),
-                         absl::Seconds(30));
+    const auto all_ended = +[](WorkerAgent* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(a->mu_) {
+      return a->builds_in_executor_ == 0;
+    };
+    while (!mu_.AwaitWithTimeout(absl::Condition(all_ended, this), absl::Seconds(10))) {
+      LogWarning(kComponent, "stopping: waiting for ", builds_in_executor_, " build(s) to end");
+    }
   }
   strand_.reset();
 }
@@ -202,10 +215,11 @@ void WorkerAgent::RunLoop() {
         });
       }
     }
-    auto stream = Stream::Create(this);
+    std::shared_ptr<Stream> stream;
     {
       absl::MutexLock lock(&mu_);
       if (stopping_) break;
+      stream = Stream::Create(this);
       stream_ = stream;
       stream_done_ = false;
     }
@@ -252,10 +266,7 @@ void WorkerAgent::RunLoop() {
       stopping = stopping_;
     }
     metrics_->coordinator_connected.Set(0);
-    if (stopping) {
-      strand_->Post([this] { CancelAllBuilds("the worker is stopping"); });
-      break;
-    }
+    if (stopping) break;  // Stop() cancels the builds.
     if (was_registered) away_since = absl::Now();
 
     if (was_registered) backoff = options_.min_backoff;
@@ -532,9 +543,22 @@ void WorkerAgent::StartJob(const kiln::v1::Assignment& assignment) {
     strand_->Post([this, job_id, attempt, result = std::move(result)]() mutable {
       FinishJob(job_id, attempt, std::move(result));
     });
+    // The executor's last touch of this agent: Stop() may now take the strand down.
+    absl::MutexLock lock(&mu_);
+    --builds_in_executor_;
   };
+  {
+    absl::MutexLock lock(&mu_);
+    ++builds_in_executor_;
+  }
   absl::StatusOr<BuildExecutor::BuildId> id = executor_->Start(request, std::move(on_line), std::move(on_done));
-  if (!id.ok()) return fail(kiln::v1::RESULT_CODE_INFRA_ERROR, absl::StrCat("cannot start nix: ", id.status().message()));
+  if (!id.ok()) {
+    {
+      absl::MutexLock lock(&mu_);
+      --builds_in_executor_;
+    }
+    return fail(kiln::v1::RESULT_CODE_INFRA_ERROR, absl::StrCat("cannot start nix: ", id.status().message()));
+  }
   bool cancel_now = false;
   {
     absl::MutexLock lock(&mu_);

@@ -69,9 +69,11 @@ class WorkerAgent {
 
   // Starts the connection loop.
   void Start();
-  // Cancels running builds, closes the stream and joins. Idempotent.
-  // (A broken stream alone does not cancel builds: the coordinator holds
-  // them for its lease, and they are re-attached on reconnect.)
+  // Closes the stream, cancels running builds (connected or not) and waits
+  // until the executor has reported every one of them, then joins.
+  // Idempotent. (A broken stream alone does not cancel builds: the
+  // coordinator holds them for its lease, and they are re-attached on
+  // reconnect.)
   void Stop() ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
@@ -138,6 +140,9 @@ class WorkerAgent {
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   absl::Duration heartbeat_interval_ ABSL_GUARDED_BY(mu_) = absl::Seconds(10);
   absl::flat_hash_map<std::string, RunningJob> jobs_ ABSL_GUARDED_BY(mu_);
+  // Builds handed to the executor whose result callback has not yet run
+  // (it posts to the strand, which must outlive it).
+  size_t builds_in_executor_ ABSL_GUARDED_BY(mu_) = 0;
   // The coordinator's lease: how long it holds our jobs while we are away.
   absl::Duration lease_ ABSL_GUARDED_BY(mu_) = absl::Seconds(60);
   // Results not yet acknowledged, by job: resent after every reconnect.

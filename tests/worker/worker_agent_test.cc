@@ -282,5 +282,24 @@ TEST_F(WorkerAgentTest, ARunningBuildIsReattachedWhenTheCoordinatorComesBack) {
   agent->Stop();
 }
 
+TEST_F(WorkerAgentTest, StoppingWhileTheCoordinatorIsAwayCancelsTheBuildsAndWaitsForTheirResults) {
+  StartCoordinator("127.0.0.1:0");
+  FakeBuildExecutor executor(/*hold=*/true);
+  auto agent = StartAgent("worker-a", &executor, 2);
+  ASSERT_EQ(Submit(2).size(), 2u);
+  ASSERT_TRUE(executor.WaitForStarts(2));
+  // The coordinator goes first (as when a host shuts down): the agent is
+  // between reconnection attempts when it is told to stop.
+  stub_.reset();
+  coordinator_.reset();
+  absl::SleepFor(absl::Milliseconds(100));
+  agent->Stop();
+  // Both builds were cancelled, and their results delivered to the agent
+  // before Stop() returned: nothing of the agent is used after it (a build
+  // left running used to report into the agent's destroyed strand).
+  EXPECT_EQ(executor.cancelled(), 2);
+  agent.reset();
+}
+
 }  // namespace
 }  // namespace kiln
