@@ -46,10 +46,11 @@ start_coordinator() {
   wait_ready "$work/ready" "$work/coordinator.log"
   address=$(json_field "$work/ready" grpc)
 }
+# A coordinator that does not exit 0 on SIGTERM fails the bench, its log kept.
 stop_coordinator() {
-  kill "$coordinator_pid"
-  wait "$coordinator_pid" 2>/dev/null
+  local pid=$coordinator_pid
   coordinator_pid=
+  stop_daemon "$pid" kiln-coordinator "$work/coordinator.log"
 }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$coordinator_pid/stat"; }
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$coordinator_pid/status"; }

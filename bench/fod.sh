@@ -17,7 +17,7 @@ seconds=${BENCH_FOD_SECONDS:-3}
 iterations=${BENCH_ITERATIONS:-9}
 entries=${BENCH_FOD_ENTRIES:-1000000}
 work=$(mktemp -d)
-trap 'stop_farm "$work/farm"; rm -rf "$work"' EXIT
+trap 'stop_farm_at_exit "$work/farm" "$work"' EXIT
 start_farm "$work/farm" 127.0.0.1:0 127.0.0.1:0 1 0 >&2
 metrics=$(json_field "$work/farm/coordinator.ready" metrics)
 

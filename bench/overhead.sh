@@ -10,7 +10,7 @@ build_kiln >&2
 
 iterations=${BENCH_ITERATIONS:-30}
 work=$(mktemp -d)
-trap 'stop_farm "$work/farm"; rm -rf "$work"' EXIT
+trap 'stop_farm_at_exit "$work/farm" "$work"' EXIT
 start_farm "$work/farm" 127.0.0.1:0 127.0.0.1:0 1 0 >&2
 
 make_flake() { # make_flake DIR MARKER

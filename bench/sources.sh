@@ -16,7 +16,7 @@ build_kiln >&2
 files=${BENCH_FILES:-10000}
 mb=${BENCH_MB:-200}
 work=$(mktemp -d)
-trap 'stop_farm "$work/farm"; rm -rf "$work"' EXIT
+trap 'stop_farm_at_exit "$work/farm" "$work"' EXIT
 start_farm "$work/farm" 127.0.0.1:0 127.0.0.1:0 0 0 >&2
 metrics=$(json_field "$work/farm/coordinator.ready" metrics)
 

@@ -90,6 +90,7 @@ http:
 YML
   docker-registry serve "$dir/registry.yml" >>"$dir/registry.log" 2>&1 &
   echo $! >>"$dir/pids"
+  echo "$! docker-registry (log $dir/registry.log)" >>"$dir/names"
   for ((i = 0; i < 100; i++)); do
     curl -sf "http://$addr/v2/" >/dev/null && return 0
     sleep 0.1
@@ -113,6 +114,7 @@ start_farm() {
     --state-dir="$dir/coordinator" --ready-file="$dir/coordinator.ready" ${KILN_FARM_COORDINATOR_FLAGS:-} \
     >>"$dir/coordinator.log" 2>&1 &
   echo $! >>"$dir/pids"
+  echo "$! kiln-coordinator (log $dir/coordinator.log)" >>"$dir/names"
   wait_ready "$dir/coordinator.ready" "$dir/coordinator.log"
   KILN_COORDINATOR=$(json_field "$dir/coordinator.ready" grpc)
   export KILN_COORDINATOR
@@ -125,21 +127,96 @@ start_farm() {
       --nix-option=substituters= --ready-file="$dir/worker-$i.ready" ${KILN_FARM_WORKER_FLAGS:-} \
       >>"$dir/worker-$i.log" 2>&1 &
     echo $! >>"$dir/pids"
+    echo "$! kiln-worker worker-$i (log $dir/worker-$i.log)" >>"$dir/names"
   done
   for ((i = 1; i <= workers; i++)); do wait_ready "$dir/worker-$i.ready" "$dir/worker-$i.log"; done
 }
 
-# stop_farm DIR: SIGTERM every daemon of the farm, wait for them to exit.
+# stop_farm DIR: SIGTERM every daemon of the farm (workers first, so they do
+# not reconnect to a stopping coordinator), wait for them to exit (30 s each,
+# then SIGKILL). A daemon that had died before, exited other than 0, or had
+# to be killed fails the stop: every log of DIR is copied to
+# $KILN_KEPT_LOGS_DIR (default $TMPDIR/kiln-kept-logs, else /tmp/...)/NAME-TIME, which the
+# error names, so a bench's clean-up cannot delete the evidence.
 stop_farm() {
-  local dir=$1 pid i
+  local dir=$1 pid name i status failed=()
   [[ -f "$dir/pids" ]] || return 0
-  # Workers first, so they do not reconnect to a stopping coordinator.
-  for pid in $(tac "$dir/pids"); do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in $(cat "$dir/pids"); do
-    for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
+  declare -A alive=()
+  for pid in $(tac "$dir/pids"); do
+    if kill -TERM "$pid" 2>/dev/null; then alive[$pid]=1; fi
   done
-  rm -f "$dir/pids"
+  for pid in $(tac "$dir/pids"); do
+    name=$(sed -n "s/^$pid //p" "$dir/names" 2>/dev/null)
+    name=${name:-pid $pid}
+    for ((i = 0; i < 300; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -KILL "$pid" 2>/dev/null; then
+      failed+=("$name did not stop within 30 s of SIGTERM (killed)")
+      continue
+    fi
+    # The daemons are this shell's children: wait reports how each ended
+    # (127: another shell started it, so its status is not ours to know).
+    # The registry is a peer, not Kiln: how it ends is its own affair.
+    status=0
+    wait "$pid" 2>/dev/null || status=$?
+    if ((status == 127)) || [[ $name == docker-registry* ]]; then continue; fi
+    if [[ -z ${alive[$pid]:-} ]]; then
+      failed+=("$name had died before the stop (status $(describe_status "$status"))")
+    elif ((status != 0)); then
+      failed+=("$name exited with $(describe_status "$status") on SIGTERM")
+    fi
+  done
+  rm -f "$dir/pids" "$dir/names"
+  if ((${#failed[@]})); then
+    for i in "${failed[@]}"; do echo "error: $i" >&2; done
+    keep_logs "$(basename "$dir")" "$dir"/*.log
+    return 1
+  fi
+}
+
+# keep_logs LABEL FILE...: copies the logs of daemons that ended badly to a
+# new directory under $KILN_KEPT_LOGS_DIR (default $TMPDIR/kiln-kept-logs, else /tmp/...), out
+# of reach of a script's clean-up, and says where.
+keep_logs() {
+  local kept
+  kept="${KILN_KEPT_LOGS_DIR:-${TMPDIR:-/tmp}/kiln-kept-logs}/$1-$(date +%Y%m%dT%H%M%S)-$$"
+  shift
+  mkdir -p "$kept"
+  cp "$@" "$kept/" 2>/dev/null || true
+  echo "error: the logs are kept in $kept" >&2
+}
+
+# stop_daemon PID NAME LOG: one daemon started by this shell: SIGTERM, wait
+# (30 s, then SIGKILL). Fails, keeping LOG (see keep_logs), unless it exited 0.
+stop_daemon() {
+  local pid=$1 name=$2 log=$3 i status=0
+  kill -TERM "$pid" 2>/dev/null || true
+  for ((i = 0; i < 300; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || status=$?
+  ((status != 0)) || return 0
+  echo "error: $name ended with $(describe_status "$status") on SIGTERM" >&2
+  keep_logs "$name" "$log"
+  return 1
+}
+
+# describe_status N: a shell exit status in words (128+N: signal N).
+describe_status() {
+  if (($1 > 128)); then
+    echo "signal $(($1 - 128)) (SIG$(kill -l "$(($1 - 128))" 2>/dev/null || echo '?'))"
+  else
+    echo "exit code $1"
+  fi
+}
+
+# stop_farm_at_exit FARM_DIR [PATH...]: the body of a script's EXIT trap:
+# stops the farm, removes PATH..., and fails the script if the stop failed
+# (the farm's logs are kept first; see stop_farm).
+stop_farm_at_exit() {
+  local status=$? dir=$1
+  shift
+  stop_farm "$dir" || { ((status != 0)) || status=1; }
+  rm -rf "$@"
+  exit "$status"
 }
 
 # farm_running DIR: true when every recorded daemon is alive.

@@ -7,12 +7,15 @@
 #include <unistd.h>
 
 #include <cstdlib>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <regex>
 
+#include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 
@@ -55,29 +58,44 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const std::vector<std::str
 }
 
 Daemon::~Daemon() {
-  if (pid_ > 0 && !reaped_) {
-    Kill(SIGTERM);
-    if (!WaitExit(10000)) {
-      Kill(SIGKILL);
-      WaitExit(10000);
-    }
-  }
+  if (pid_ > 0 && !exit_) Stop(10000).IgnoreError();
 }
 
 void Daemon::Kill(int signal) {
-  if (pid_ > 0 && !reaped_) ::kill(pid_, signal);
+  if (pid_ > 0 && !exit_) ::kill(pid_, signal);
 }
 
 bool Daemon::WaitExit(int timeout_ms) {
+  if (exit_) return true;
   for (int waited = 0; waited <= timeout_ms; waited += 10) {
     int status;
     if (::waitpid(pid_, &status, WNOHANG) == pid_) {
-      reaped_ = true;
+      ExitInfo exit;
+      if (WIFSIGNALED(status)) {
+        exit.signal = WTERMSIG(status);
+      } else {
+        exit.exit_code = WEXITSTATUS(status);
+      }
+      exit_ = exit;
       return true;
     }
     ::usleep(10000);
   }
   return false;
+}
+
+absl::StatusOr<ExitInfo> Daemon::Stop(int timeout_ms) {
+  Kill(SIGTERM);
+  if (WaitExit(timeout_ms)) return *exit_;
+  Kill(SIGKILL);
+  WaitExit(10000);
+  return absl::DeadlineExceededError(absl::StrCat("did not stop within ", timeout_ms / 1000, " s of SIGTERM"));
+}
+
+std::string KeptLogsRoot() {
+  if (const char* dir = std::getenv("KILN_KEPT_LOGS_DIR"); dir != nullptr && *dir) return dir;
+  const char* tmp = std::getenv("TMPDIR");
+  return std::string(tmp != nullptr && *tmp ? tmp : "/tmp") + "/kiln-kept-logs";
 }
 
 absl::StatusOr<nlohmann::json> WaitForReadyFile(const std::string& path, const std::string& log) {
@@ -98,8 +116,7 @@ absl::StatusOr<nlohmann::json> WaitForReadyFile(const std::string& path, const s
 LocalFarm::LocalFarm(int workers, int max_jobs_per_worker) : workers_(workers), max_jobs_(max_jobs_per_worker) {}
 
 LocalFarm::~LocalFarm() {
-  worker_daemons_.clear();
-  coordinator_.reset();
+  StopAll();
   // A worker killed with SIGKILL leaves its nix processes (each in its own
   // process group) behind; one still waiting for its derivation on the
   // named pipe would wait forever. Under systemd the unit's cgroup goes
@@ -108,6 +125,69 @@ LocalFarm::~LocalFarm() {
              absl::Seconds(10))
       .IgnoreError();
 }
+
+namespace {
+
+// The end of a log, for a failure message.
+std::string TailOf(const std::string& path, size_t lines) {
+  std::ifstream in(path);
+  std::deque<std::string> tail;
+  for (std::string line; std::getline(in, line);) {
+    tail.push_back(std::move(line));
+    if (tail.size() > lines) tail.pop_front();
+  }
+  std::string text;
+  for (const std::string& line : tail) absl::StrAppend(&text, "    ", line, "\n");
+  return text;
+}
+
+}  // namespace
+
+void LocalFarm::Note(const std::string& name, const absl::StatusOr<ExitInfo>& ended) {
+  if (ended.ok() && ended->Success()) return;
+  incidents_.push_back(absl::StrCat(name, ": ", ended.ok() ? ended->ToString() : std::string(ended.status().message())));
+}
+
+void LocalFarm::KillDaemon(const std::string& name, Daemon& daemon, int signal) {
+  if (signal == SIGTERM) return Note(name, daemon.Stop(30000));
+  daemon.Kill(signal);
+  daemon.WaitExit(30000);
+}
+
+void LocalFarm::StopAll() {
+  // Workers first, so none is left reconnecting to a stopped coordinator.
+  // A worker stopping cancels its builds: Nix gets 10 s to stop them.
+  for (size_t i = 0; i < worker_daemons_.size(); ++i) {
+    if (worker_daemons_[i] && !worker_daemons_[i]->exit()) KillDaemon(absl::StrCat("worker-", i + 1), *worker_daemons_[i], SIGTERM);
+  }
+  if (coordinator_ && !coordinator_->exit()) KillDaemon("coordinator", *coordinator_, SIGTERM);
+  worker_daemons_.clear();
+  coordinator_.reset();
+  if (incidents_.empty()) return;
+  // Keep every log of the farm; the temporary directory goes with the farm.
+  const ::testing::UnitTest& unit = *::testing::UnitTest::GetInstance();
+  std::string label = "farm";
+  if (const ::testing::TestInfo* test = unit.current_test_info(); test != nullptr) {
+    label = absl::StrCat(test->test_suite_name(), ".", test->name());
+  } else if (const ::testing::TestSuite* suite = unit.current_test_suite(); suite != nullptr) {
+    label = suite->name();
+  }
+  const std::string kept = absl::StrCat(KeptLogsRoot(), "/", label, "-", ::getpid(), "-", absl::ToUnixMillis(absl::Now()));
+  std::error_code ec;
+  fs::create_directories(kept, ec);
+  for (const auto& entry : fs::directory_iterator(dir_.path(), ec)) {
+    if (entry.path().extension() == ".log") fs::copy_file(entry.path(), fs::path(kept) / entry.path().filename(), ec);
+  }
+  std::string message = "daemons of the farm did not end cleanly:\n";
+  for (const std::string& incident : incidents_) {
+    absl::StrAppend(&message, "  ", incident, "; the end of its log:\n",
+                    TailOf(LogOf(incident.substr(0, incident.find(':'))), 40));
+  }
+  absl::StrAppend(&message, "every log of the farm is kept in ", kept);
+  ADD_FAILURE() << message;
+}
+
+std::string LocalFarm::StoreDirOf(size_t index) const { return dir_.Sub(absl::StrCat("worker-", index + 1, "-nix")); }
 
 absl::Status LocalFarm::StartCoordinator(const std::string& listen) {
   std::error_code ec;
@@ -143,7 +223,24 @@ absl::StatusOr<std::unique_ptr<Daemon>> LocalFarm::StartWorker(size_t index, std
                                    "--metrics-listen=127.0.0.1:0", "--nix-option=substituters=",
                                    "--ready-file=" + dir_.Sub(name + ".ready")};
   argv.insert(argv.end(), worker_flags_.begin(), worker_flags_.end());
-  auto worker = Daemon::Start(argv, LogOf(name), NixTestEnv());
+  std::vector<std::string> env = NixTestEnv();
+  if (private_stores_) {
+    // Its own mount namespace with its own /nix; the store is initialised
+    // before the worker starts, as two Nix processes creating it at once
+    // collide. The worker then replaces the shell (same pid).
+    const std::string nix_dir = StoreDirOf(index);
+    fs::create_directories(nix_dir, ec);
+    std::vector<std::string> wrapped = {"/usr/bin/unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
+                                        "mount --bind \"$0\" /nix && nix-store --init && exec \"$@\"", nix_dir};
+    wrapped.insert(wrapped.end(), argv.begin(), argv.end());
+    argv = std::move(wrapped);
+    // Separate stores keep separate build-user locks: with build users, two
+    // workers would take the same nixbld user and kill each other's builds.
+    for (std::string& e : env) {
+      if (absl::StartsWith(e, "NIX_CONFIG=")) e += "\nbuild-users-group =";
+    }
+  }
+  auto worker = Daemon::Start(argv, LogOf(name), env);
   if (!worker.ok()) return worker.status();
   auto ready = WaitForReadyFile(dir_.Sub(name + ".ready"), LogOf(name));
   if (!ready.ok()) return ready.status();
@@ -167,14 +264,17 @@ absl::Status LocalFarm::RestartWorker(size_t index) {
   return absl::OkStatus();
 }
 
-void LocalFarm::KillCoordinator(int signal) {
-  coordinator_->Kill(signal);
-  coordinator_->WaitExit(30000);
-}
+void LocalFarm::KillCoordinator(int signal) { KillDaemon("coordinator", *coordinator_, signal); }
 
 void LocalFarm::KillWorker(size_t index, int signal) {
-  worker_daemons_.at(index)->Kill(signal);
-  worker_daemons_.at(index)->WaitExit(30000);
+  KillDaemon(absl::StrCat("worker-", index + 1), *worker_daemons_.at(index), signal);
+}
+
+void LocalFarm::SignalAll(int signal) {
+  for (auto& worker : worker_daemons_) {
+    if (worker) worker->Kill(signal);
+  }
+  if (coordinator_) coordinator_->Kill(signal);
 }
 
 absl::Status LocalFarm::RestartCoordinator() { return StartCoordinator(coordinator_address_); }

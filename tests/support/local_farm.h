@@ -6,6 +6,7 @@
 #include <sys/types.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -19,7 +20,8 @@
 
 namespace kiln::testing {
 
-// A daemon process with its output in a log file; killed on destruction.
+// A daemon process with its output in a log file; stopped on destruction
+// (SIGTERM, SIGKILL after 10 s).
 class Daemon {
  public:
   static absl::StatusOr<std::unique_ptr<Daemon>> Start(const std::vector<std::string>& argv,
@@ -29,11 +31,16 @@ class Daemon {
   void Kill(int signal);
   // Waits (bounded) for the process to exit; true if it did.
   bool WaitExit(int timeout_ms);
+  // SIGTERM, then waits up to `timeout_ms` for the exit; SIGKILL after
+  // that. How it ended, or an error saying it did not stop in time.
+  absl::StatusOr<ExitInfo> Stop(int timeout_ms);
   pid_t pid() const { return pid_; }
+  // How the process ended, once it has been reaped.
+  const std::optional<ExitInfo>& exit() const { return exit_; }
 
  private:
   pid_t pid_ = -1;
-  bool reaped_ = false;
+  std::optional<ExitInfo> exit_;
 };
 
 // Polls (at most 30 s) for a daemon's --ready-file, which appears once it
@@ -43,10 +50,30 @@ absl::StatusOr<nlohmann::json> WaitForReadyFile(const std::string& path, const s
 // Environment for Nix in tests: offline, flakes on.
 std::vector<std::string> NixTestEnv();
 
+// Where the logs of daemons that died badly are copied to:
+// $KILN_KEPT_LOGS_DIR, else $TMPDIR/kiln-kept-logs, else /tmp/kiln-kept-logs.
+std::string KeptLogsRoot();
+
+// The daemons are stopped with SIGTERM when the farm goes (workers first);
+// each must exit 0. A daemon that died during the test, exited otherwise or
+// did not stop in time fails the test: the failure quotes the end of its log
+// and names the directory under KeptLogsRoot() where every log of the farm
+// was copied. Daemons the test killed itself (KillWorker, KillCoordinator
+// with SIGKILL) are exempt; after a SIGTERM they too must exit 0.
 class LocalFarm {
  public:
   explicit LocalFarm(int workers, int max_jobs_per_worker = 2);
   ~LocalFarm();
+
+  // Each worker started from now on gets a Nix store of its own, as on real
+  // machines: it runs in a mount namespace of its own with StoreDirOf(i)
+  // bind-mounted at /nix (and Nix's build users off, which private stores
+  // cannot share). Call before Start().
+  void UsePrivateStores() { private_stores_ = true; }
+  bool private_stores() const { return private_stores_; }
+  // The host's directory holding worker `index`'s /nix (its store is the
+  // "store" directory in it).
+  std::string StoreDirOf(size_t index) const;
 
   // Starts everything and waits (bounded) until each daemon wrote its ready
   // file. Jobs submitted before a worker registers simply queue.
@@ -66,12 +93,16 @@ class LocalFarm {
   // Starts one more worker and waits for its ready file.
   absl::Status AddWorker();
   // Sends `signal` to worker `index` (0-based) and waits for it to exit.
+  // After SIGTERM, an exit other than 0 fails the test.
   void KillWorker(size_t index, int signal);
   // Starts worker `index` again (after KillWorker), same name and work
   // directory, and waits for its ready file.
   absl::Status RestartWorker(size_t index);
-  // Sends `signal` to the coordinator and waits for it to exit.
+  // Sends `signal` to the coordinator and waits for it to exit. After
+  // SIGTERM, an exit other than 0 fails the test.
   void KillCoordinator(int signal);
+  // Sends `signal` to every daemon at once, waiting for none.
+  void SignalAll(int signal);
   // Starts the coordinator again on the same address and state directory.
   absl::Status RestartCoordinator();
 
@@ -85,9 +116,18 @@ class LocalFarm {
   // Starts worker `index` (named worker-<index+1>); its ready file's metrics
   // address in `*metrics`.
   absl::StatusOr<std::unique_ptr<Daemon>> StartWorker(size_t index, std::string* metrics);
+  // Signals a daemon and waits for it; a SIGTERM that does not end it with
+  // exit code 0 is an incident.
+  void KillDaemon(const std::string& name, Daemon& daemon, int signal);
+  // Notes how a daemon ended, when that is not a clean exit.
+  void Note(const std::string& name, const absl::StatusOr<ExitInfo>& ended);
+  // Stops every daemon (workers first) and reports incidents.
+  void StopAll();
 
   int workers_;
   int max_jobs_;
+  bool private_stores_ = false;
+  std::vector<std::string> incidents_;
   std::vector<std::string> coordinator_flags_;
   std::vector<std::string> worker_flags_;
   TempDir dir_;
