@@ -17,6 +17,7 @@
 #include <grpcpp/grpcpp.h>
 #include <nlohmann/json.hpp>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
@@ -34,6 +35,7 @@
 #include "common/grpc_util.h"
 #include "common/installable.h"
 #include "common/nix_hash.h"
+#include "common/nix_log.h"
 #include "common/source_tree.h"
 #include "cli/build_view.h"
 #include "cli/fod_edit.h"
@@ -1224,6 +1226,7 @@ int RunFodHashCommand(const CliOptions& options, const std::vector<std::string>&
     computed_index.push_back(i);
   }
   int exit_code = kExitOk;
+  absl::flat_hash_map<std::string, std::string> failures;  // .drv -> why, in one line.
   if (!computes.empty()) {
     if (!options.quiet) Err(absl::StrFormat("kiln: computing %d FOD hash(es) on the farm", computes.size()));
     absl::StatusOr<std::vector<kiln::v1::BuildResult>> computed = RunFodJobs(options, computes);
@@ -1238,7 +1241,8 @@ int RunFodHashCommand(const CliOptions& options, const std::vector<std::string>&
         r.set_verdict("computed");
       } else {
         r.set_verdict("failed");
-        Err(absl::StrCat("error: FOD '", r.name(), "' could not be built: ", result.error_message()));
+        failures[r.drv_path()] = OneLineNixError(result.error_message());
+        Err(absl::StrCat("error: FOD '", r.name(), "' could not be computed: ", failures[r.drv_path()]));
         exit_code = kExitBuildFailed;
       }
     }
@@ -1262,6 +1266,7 @@ int RunFodHashCommand(const CliOptions& options, const std::vector<std::string>&
       others.push_back({r.name(), r.declared(), r.declared()});
     }
     out["fods"].push_back(FodJson(r, status));
+    if (auto f = failures.find(r.drv_path()); f != failures.end()) out["fods"].back()["error"] = f->second;
     if (!options.json) {
       std::string line = absl::StrFormat("%-28s %-11s", r.name(), status);
       if (status == "fake" || status == "stale") {
@@ -1271,6 +1276,8 @@ int RunFodHashCommand(const CliOptions& options, const std::vector<std::string>&
                                               : absl::StrCat("  (computed: job ", r.computed_by_job(), ")"));
       } else if (status == "right") {
         absl::StrAppend(&line, " ", r.declared(), r.source() == "computed" ? "  (computed)" : "  (cached)");
+      } else if (status == "failed") {
+        absl::StrAppend(&line, " ", r.declared(), "  (not computed: see the error above)");
       } else if (status == "unverified") {
         absl::StrAppend(&line, " ", r.declared(), "  (never computed by Kiln; a build verifies it)");
       } else {

@@ -4,7 +4,9 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "common/json_fields.h"
 
@@ -18,6 +20,28 @@ constexpr int kResultBuildLogLine = 101;
 constexpr absl::string_view kPrefix = "@nix ";
 
 }  // namespace
+
+std::string OneLineNixError(absl::string_view message, size_t max_chars) {
+  const std::string plain = StripAnsi(message);
+  std::string first;
+  size_t more = 0;
+  for (absl::string_view line : absl::StrSplit(plain, '\n')) {
+    const bool starts_error = absl::StartsWith(absl::StripLeadingAsciiWhitespace(line), "error:");
+    line = absl::StripAsciiWhitespace(line);
+    if (line.empty()) continue;
+    if (!first.empty()) {
+      if (starts_error) ++more;
+      continue;
+    }
+    while (absl::ConsumePrefix(&line, "error:")) line = absl::StripLeadingAsciiWhitespace(line);
+    absl::ConsumeSuffix(&line, ";");
+    first = std::string(line);
+  }
+  if (first.empty()) return "no error message";
+  if (more > 0) absl::StrAppend(&first, " (and ", more, more == 1 ? " more error)" : " more errors)");
+  if (first.size() > max_chars) first = absl::StrCat(first.substr(0, max_chars > 3 ? max_chars - 3 : 0), "...");
+  return first;
+}
 
 std::string StripAnsi(absl::string_view text) {
   std::string out;

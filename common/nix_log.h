@@ -70,6 +70,12 @@ class NixLogParser {
 // Removes ANSI escape sequences (colours, cursor movement).
 std::string StripAnsi(absl::string_view text);
 
+// Nix's error text (one error or several, each possibly with log lines
+// under it) as one line a person reads at a glance: the first error without
+// its "error: " prefixes, then how many more there were; at most
+// `max_chars` characters.
+std::string OneLineNixError(absl::string_view message, size_t max_chars = 300);
+
 // "/nix/store/<hash>-hello-1.0.drv" -> "hello-1.0". Other input is returned
 // as it is.
 std::string DerivationShortName(absl::string_view drv_path);

@@ -103,7 +103,9 @@ YML
 # start_farm DIR COORD_LISTEN COORD_METRICS WORKERS WORKER_METRICS_BASE_PORT
 # Starts a coordinator and WORKERS workers, state and logs under DIR, pids in
 # DIR/pids. A base port of 0 gives every worker a free port. Extra flags:
-# KILN_FARM_COORDINATOR_FLAGS and KILN_FARM_WORKER_FLAGS (words).
+# KILN_FARM_COORDINATOR_FLAGS and KILN_FARM_WORKER_FLAGS (words);
+# KILN_FARM_MAX_JOBS: each worker's slots (default 2); KILN_FARM_PRIVATE_STORES
+# non-empty: each worker on a Nix store of its own, DIR/worker-N-nix.
 start_farm() {
   local dir=$1 listen=$2 metrics=$3 workers=$4 wport=$5
   mkdir -p "$dir"
@@ -118,12 +120,25 @@ start_farm() {
   wait_ready "$dir/coordinator.ready" "$dir/coordinator.log"
   KILN_COORDINATOR=$(json_field "$dir/coordinator.ready" grpc)
   export KILN_COORDINATOR
-  local i port
+  local i port wrap worker_nix_config
   for ((i = 1; i <= workers; i++)); do
     port=0
     ((wport == 0)) || port=$((wport + i - 1))
-    "$KILN_BUILD/bin/kiln-worker" --coordinator="$KILN_COORDINATOR" --name="worker-$i" \
-      --work-dir="$dir/worker-$i" --max-jobs=2 --metrics-listen="127.0.0.1:$port" \
+    wrap=()
+    worker_nix_config=${NIX_CONFIG:-}
+    if [[ -n ${KILN_FARM_PRIVATE_STORES:-} ]]; then
+      # A store of its own, as on a machine of its own: a mount namespace
+      # with DIR/worker-N-nix at /nix, initialised before the worker starts,
+      # and no build users (separate stores would hand out the same ones).
+      mkdir -p "$dir/worker-$i-nix"
+      # shellcheck disable=SC2016 # Expanded by the inner shell.
+      wrap=(/usr/bin/unshare --mount --propagation private /bin/sh -c
+            'mount --bind "$0" /nix && nix-store --init && exec "$@"' "$dir/worker-$i-nix")
+      worker_nix_config+=$'\nbuild-users-group ='
+    fi
+    NIX_CONFIG=$worker_nix_config "${wrap[@]}" "$KILN_BUILD/bin/kiln-worker" --coordinator="$KILN_COORDINATOR" \
+      --name="worker-$i" --work-dir="$dir/worker-$i" --max-jobs="${KILN_FARM_MAX_JOBS:-2}" \
+      --metrics-listen="127.0.0.1:$port" \
       --nix-option=substituters= --ready-file="$dir/worker-$i.ready" ${KILN_FARM_WORKER_FLAGS:-} \
       >>"$dir/worker-$i.log" 2>&1 &
     echo $! >>"$dir/pids"

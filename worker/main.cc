@@ -1,7 +1,9 @@
 // kiln-worker: parses flags, detects what the local Nix builds, and runs a
 // WorkerAgent until SIGINT/SIGTERM.
+#include <sched.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <thread>
@@ -37,7 +39,11 @@ ABSL_FLAG(std::string, tls_cert, "", "This worker's certificate (PEM), from depl
 ABSL_FLAG(std::string, tls_key, "", "Its private key (PEM)");
 ABSL_FLAG(std::string, tls_ca, "", "The farm's CA (PEM): the coordinator's certificate must chain to it");
 ABSL_FLAG(std::string, work_dir, "", "Directory for unpacked sources (required)");
-ABSL_FLAG(int, max_jobs, 1, "Builds run at once");
+ABSL_FLAG(int, max_jobs, 1,
+          "Slots: builds run at once, and derivations built at once by all of them together (a build alone "
+          "may use every slot)");
+ABSL_FLAG(int, cores, 0,
+          "Cores each derivation is given (Nix's --cores, NIX_BUILD_CORES); 0: the CPUs divided by --max-jobs");
 ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9601", "Prometheus /metrics address (port 0: any free)");
 ABSL_FLAG(std::vector<std::string>, systems, {}, "Systems built (default: what the local Nix reports)");
 ABSL_FLAG(std::vector<std::string>, features, {}, "Supported features (default: the local Nix's system-features)");
@@ -69,6 +75,14 @@ std::vector<std::pair<std::string, std::string>> SplitPairs(const std::vector<st
     out.push_back(std::move(kv));
   }
   return out;
+}
+
+// The CPUs this process may run on (what `nproc` says), which a cgroup or
+// `taskset` may make fewer than the machine has.
+int UsableCpus() {
+  cpu_set_t set;
+  if (::sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
 }
 
 int Fail(const std::string& message) {
@@ -160,6 +174,11 @@ int main(int argc, char** argv) {
   kiln::NixOptions nix;
   nix.nix_binary = absl::GetFlag(FLAGS_nix);
   nix.options = SplitPairs(absl::GetFlag(FLAGS_nix_option));
+  nix.max_jobs = options.max_jobs;
+  if (absl::GetFlag(FLAGS_cores) < 0) return Fail("--cores must be 0 (the default share) or more");
+  nix.cores = absl::GetFlag(FLAGS_cores) > 0
+                  ? absl::GetFlag(FLAGS_cores)
+                  : kiln::DefaultCoresPerDerivation(UsableCpus(), options.max_jobs);
 
   auto registry = std::make_shared<prometheus::Registry>();
   kiln::WorkerMetrics metrics(registry);
@@ -198,7 +217,8 @@ int main(int argc, char** argv) {
   // it cancels to report back through it.
   kiln::NixBuildExecutor executor(nix);
   kiln::WorkerAgent agent(options, &executor, &metrics);
-  kiln::LogInfo("worker", options.name, ": ", options.max_jobs, " slot(s), metrics on http://",
+  kiln::LogInfo("worker", options.name, ": ", options.max_jobs, " slot(s), ", nix.cores,
+                " core(s) per derivation, metrics on http://",
                 (*metrics_server)->address(), "/metrics, coordinator ", options.coordinator);
   agent.Start();
   const int sig = kiln::AwaitTerminationSignal(signals);

@@ -27,6 +27,8 @@
 #include "common/grpc_util.h"
 #include "common/hash_mismatch.h"
 #include "common/installable.h"
+#include "worker/fod_outcomes.h"
+#include "worker/nix_store_validity.h"
 
 namespace kiln {
 
@@ -43,50 +45,7 @@ std::string FormatTime(const google::protobuf::Timestamp& t) {
   return absl::FormatTime("%Y-%m-%d %H:%M UTC", FromProtoTime(t), absl::UTCTimeZone());
 }
 
-// The line that tells a person what to write.
-std::string FixLine(const kiln::v1::HashMismatch& m) {
-  return absl::StrCat("  fix: in the FOD '", m.name(), "', set outputHash = \"", m.got(), "\";");
-}
-
-// One mismatch as a person acts on it: Nix's own layout (so what reads
-// `specified:`/`got:` keeps working), then where the right hash came from.
-std::string DescribeMismatch(const kiln::v1::HashMismatch& m, absl::string_view computed_at) {
-  std::string text = absl::StrCat("hash mismatch in fixed-output derivation '", m.drv_path(), "':\n",
-                                  "  specified: ", m.specified(), "\n",
-                                  "  got:       ", m.got(), "\n");
-  if (m.source() == "cache") {
-    absl::StrAppend(&text, "  (from Kiln's FOD cache: computed by job ", m.computed_by_job(), " on ",
-                    m.computed_by_worker(), computed_at.empty() ? "" : ", ", computed_at,
-                    "; this FOD was not built)\n");
-  } else if (m.source() == "check") {
-    absl::StrAppend(&text, "  (stale: the declared hash was computed for other inputs of '", m.name(),
-                    "'; rebuilding the output this worker held gave the hash above)\n");
-  }
-  absl::StrAppend(&text, FixLine(m));
-  return text;
-}
-
 }  // namespace
-
-// The FODs of one closure, found by .drv path or (Nix ≤ 2.3 names it in its
-// errors) by output path.
-class ClosureIndex {
- public:
-  explicit ClosureIndex(const std::vector<ClosureFod>& fods) : fods_(fods) {
-    for (size_t i = 0; i < fods.size(); ++i) {
-      by_path_[fods[i].drv_path] = i;
-      by_path_[fods[i].fod.output_path] = i;
-    }
-  }
-  const ClosureFod* Find(const std::string& path) const {
-    auto it = by_path_.find(path);
-    return it == by_path_.end() ? nullptr : &fods_[it->second];
-  }
-
- private:
-  const std::vector<ClosureFod>& fods_;
-  absl::flat_hash_map<std::string, size_t> by_path_;
-};
 
 struct NixBuildExecutor::Run {
   BuildId id = 0;
@@ -96,6 +55,7 @@ struct NixBuildExecutor::Run {
   absl::Time started;
   // Both guarded by the executor's mu_.
   bool cancelled = false;
+  int slots = 0;  // Its grant of derivation slots; 0 until its first build.
   std::vector<ProcessSupervisor::ProcessId> processes;  // Running now.
 };
 
@@ -128,19 +88,39 @@ void NixBuildExecutor::JoinEndedThreads() {
   for (std::thread& t : ended) t.join();
 }
 
-std::vector<std::string> NixBuildExecutor::NixArgv(absl::string_view command) const {
+int NixMaxJobsGrant(int max_jobs, int granted, int waiting) {
+  return std::max(1, (max_jobs - granted) / std::max(1, waiting));
+}
+
+int DefaultCoresPerDerivation(int cpus, int max_jobs) { return std::max(1, cpus / std::max(1, max_jobs)); }
+
+int NixBuildExecutor::SlotsOf(Run& run) {
+  absl::MutexLock lock(&mu_);
+  if (run.slots == 0) {
+    const int waiting = static_cast<int>(
+        std::count_if(runs_.begin(), runs_.end(), [](const auto& entry) { return entry.second->slots == 0; }));
+    run.slots = NixMaxJobsGrant(options_.max_jobs, granted_slots_, waiting);
+    granted_slots_ += run.slots;
+  }
+  return run.slots;
+}
+
+std::vector<std::string> NixBuildExecutor::NixArgv(absl::string_view command, int max_jobs) const {
   std::vector<std::string> argv = {
       options_.nix_binary, std::string(command), "--extra-experimental-features", "nix-command flakes",
       "--log-format", "internal-json",
   };
+  // Before the operator's `--option`s, which may override them.
+  if (max_jobs > 0) argv.insert(argv.end(), {"--max-jobs", absl::StrCat(max_jobs)});
+  if (max_jobs > 0 && options_.cores > 0) argv.insert(argv.end(), {"--cores", absl::StrCat(options_.cores)});
   for (const auto& [name, value] : options_.options) {
     argv.insert(argv.end(), {"--option", name, value});
   }
   return argv;
 }
 
-std::vector<std::string> NixBuildExecutor::BuildArgv(const BuildRequest& request) const {
-  std::vector<std::string> argv = NixArgv("build");
+std::vector<std::string> NixBuildExecutor::BuildArgv(const BuildRequest& request, int max_jobs) const {
+  std::vector<std::string> argv = NixArgv("build", max_jobs);
   argv.insert(argv.end(), {"--json", "--no-link"});
   if (request.spec.has_timeout() && request.spec.timeout().seconds() > 0) {
     argv.insert(argv.end(), {"--timeout", absl::StrCat(request.spec.timeout().seconds())});
@@ -192,6 +172,22 @@ void NixBuildExecutor::Record(Run& run, const std::vector<kiln::v1::FodOutcome>&
   if (absl::Status s = options_.fods->Record(outcomes, run.request.job_id); !s.ok()) {
     Line(run, absl::StrCat("could not record FOD results: ", s.message()));
   }
+}
+
+absl::StatusOr<absl::flat_hash_set<std::string>> NixBuildExecutor::ValidPaths(
+    const std::vector<std::string>& paths) const {
+  return QueryValidPaths(NixStoreBinaryBeside(options_.nix_binary), options_.options, paths);
+}
+
+std::vector<kiln::v1::FodOutcome> NixBuildExecutor::Harvest(Run& run, const ClosureIndex& index,
+                                                            const NixLogParser& parser, absl::string_view source,
+                                                            kiln::v1::BuildResult& result) {
+  std::string note;
+  std::vector<kiln::v1::FodOutcome> outcomes = HarvestFods(
+      index, parser, source, [this](const std::vector<std::string>& paths) { return ValidPaths(paths); }, result,
+      &note);
+  if (!note.empty()) Line(run, note);
+  return outcomes;
 }
 
 void NixBuildExecutor::Line(Run& run, absl::string_view text) {
@@ -281,111 +277,6 @@ void SetBuilt(const std::string& stdout_data, kiln::v1::BuildResult& result) {
   for (const auto& [name, path] : built->front().outputs) (*result.mutable_outputs())[name] = path;
 }
 
-kiln::v1::FodRef RefOf(const ClosureFod& c) {
-  kiln::v1::FodRef ref;
-  ref.set_key(c.fod.key);
-  ref.set_name(c.fod.name);
-  ref.set_declared(c.fod.declared.Sri());
-  ref.set_drv_path(c.drv_path);
-  ref.set_algo(std::string(HashAlgoName(c.fod.declared.algo)));
-  ref.set_mode(c.fod.mode);
-  return ref;
-}
-
-
-// What a finished Nix run says about the closure's FODs: a mismatch for each
-// one Nix reported (added to `result`), and an outcome for each one it built
-// (verified when no mismatch was reported and its output now exists).
-std::vector<kiln::v1::FodOutcome> HarvestFods(const ClosureIndex& index, const NixLogParser& parser,
-                                              absl::string_view source, kiln::v1::BuildResult& result) {
-  std::vector<kiln::v1::FodOutcome> outcomes;
-  absl::flat_hash_set<std::string> mismatched;
-  for (const HashMismatch& m : ParseHashMismatches(absl::StrJoin(parser.errors(), "\n"))) {
-    const ClosureFod* fod = index.Find(m.path);
-    if (fod == nullptr) continue;
-    mismatched.insert(fod->drv_path);
-    kiln::v1::HashMismatch* out = result.add_hash_mismatches();
-    out->set_drv_path(fod->drv_path);
-    out->set_name(fod->fod.name);
-    out->set_specified(m.specified);
-    out->set_got(m.got);
-    out->set_source(std::string(source));
-    kiln::v1::FodOutcome& o = outcomes.emplace_back();
-    *o.mutable_fod() = RefOf(*fod);
-    o.set_got(m.got);
-  }
-  for (const NixBuildActivity& b : parser.builds()) {
-    const ClosureFod* fod = index.Find(b.drv_path);
-    if (fod == nullptr || !b.stopped) continue;
-    if (mismatched.contains(fod->drv_path)) {
-      for (auto& o : outcomes) {
-        if (o.fod().drv_path() == fod->drv_path) o.set_build_seconds(absl::ToDoubleSeconds(b.duration));
-      }
-      continue;
-    }
-    std::error_code ec;
-    if (!std::filesystem::exists(fod->fod.output_path, ec)) continue;  // Failed for another reason.
-    kiln::v1::FodOutcome& o = outcomes.emplace_back();
-    *o.mutable_fod() = RefOf(*fod);
-    o.set_got(fod->fod.declared.Sri());
-    o.set_build_seconds(absl::ToDoubleSeconds(b.duration));
-  }
-  return outcomes;
-}
-
-const char* VerdictName(FodVerdict::Kind kind) {
-  switch (kind) {
-    case FodVerdict::KIND_RIGHT: return "right";
-    case FodVerdict::KIND_WRONG: return "wrong";
-    case FodVerdict::KIND_SUSPECT_STALE: return "suspect";
-    case FodVerdict::KIND_NONDETERMINISTIC: return "nondeterministic";
-    default: return "unknown";
-  }
-}
-
-// A FOD fed a whole flake source tree (`src = ./.`) gets a new key with
-// every edit of the flake: worth telling its author.
-bool TakesWholeFlakeSource(const ClosureFod& fod) {
-  for (const std::string& src : fod.input_srcs) {
-    std::error_code ec;
-    if (absl::EndsWith(src, "-source") && std::filesystem::exists(src + "/flake.nix", ec)) return true;
-  }
-  return false;
-}
-
-kiln::v1::FodReport ReportOf(const ClosureFod& fod) {
-  kiln::v1::FodReport r;
-  r.set_name(fod.fod.name);
-  r.set_drv_path(fod.drv_path);
-  r.set_declared(fod.fod.declared.Sri());
-  r.set_key(fod.fod.key);
-  r.set_whole_source(TakesWholeFlakeSource(fod));
-  return r;
-}
-
-// MODE_SCAN: every FOD of the closure with the cache's verdict.
-void ReportFods(const std::vector<ClosureFod>& fods, const std::vector<FodVerdict>& verdicts,
-                kiln::v1::BuildResult& result) {
-  if (!fods.empty() && verdicts.size() != fods.size()) {
-    result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
-    result.set_error_message("the FOD cache could not be asked");
-    return;
-  }
-  for (size_t i = 0; i < fods.size(); ++i) {
-    kiln::v1::FodReport* r = result.add_fod_reports();
-    *r = ReportOf(fods[i]);
-    const FodVerdict& v = verdicts[i];
-    r->set_verdict(VerdictName(v.kind()));
-    if (v.has_entry()) {
-      r->set_correct(v.entry().hash());
-      r->set_source("cache");
-      r->set_computed_by_job(v.entry().computed_by_job());
-      r->set_computed_by_worker(v.entry().computed_by_worker());
-    }
-  }
-  result.set_code(kiln::v1::RESULT_CODE_SUCCEEDED);
-}
-
 // Opens the named pipe `fifo` for writing once the waiting `nix build -f`
 // has opened it for reading (before that, opening fails with ENXIO: nothing
 // is lost, as a pipe nobody reads would drop what was written), writes
@@ -435,8 +326,20 @@ void NixBuildExecutor::ComputeFods(Run& run, const std::vector<ClosureFod>& fods
       return;
     }
     targets.push_back(fod);
-    std::error_code ec;
-    (std::filesystem::exists(fod->fod.output_path, ec) ? held : missing).push_back(drv);
+  }
+  // Nix decides what is here: a directory a failed or interrupted build left
+  // at the output path is not (`--rebuild` would refuse it; a build replaces
+  // it).
+  std::vector<std::string> outputs;
+  for (const ClosureFod* fod : targets) outputs.push_back(fod->fod.output_path);
+  absl::StatusOr<absl::flat_hash_set<std::string>> valid = ValidPaths(outputs);
+  if (!valid.ok()) {
+    result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
+    result.set_error_message(std::string(valid.status().message()));
+    return;
+  }
+  for (const ClosureFod* fod : targets) {
+    (valid->contains(fod->fod.output_path) ? held : missing).push_back(fod->drv_path);
   }
   std::vector<kiln::v1::FodOutcome> outcomes;
   kiln::v1::BuildResult found;
@@ -444,7 +347,7 @@ void NixBuildExecutor::ComputeFods(Run& run, const std::vector<ClosureFod>& fods
   for (const auto* group : {&held, &missing}) {
     if (group->empty()) continue;
     NixRun nix;
-    std::vector<std::string> argv = NixArgv("build");
+    std::vector<std::string> argv = NixArgv("build", SlotsOf(run));
     argv.insert(argv.end(), {"--keep-going", "--no-link"});
     if (group == &held) argv.push_back("--rebuild");
     argv.insert(argv.end(), group->begin(), group->end());
@@ -452,7 +355,7 @@ void NixBuildExecutor::ComputeFods(Run& run, const std::vector<ClosureFod>& fods
                            " fixed-output derivation(s) to compute their hashes"));
     RunNix(run, argv, nix);
     if (nix.cancelled) return;
-    std::vector<kiln::v1::FodOutcome> got = HarvestFods(index, nix.parser, "build", found);
+    std::vector<kiln::v1::FodOutcome> got = Harvest(run, index, nix.parser, "build", found);
     outcomes.insert(outcomes.end(), got.begin(), got.end());
     for (const std::string& e : nix.parser.errors()) {
       if (ParseHashMismatches(e).empty()) errors.push_back(e);
@@ -498,7 +401,7 @@ void NixBuildExecutor::Execute(const std::shared_ptr<Run>& run) {
     result.set_error_message("this worker has no FOD cache to work with");
   } else if (options_.fods == nullptr) {
     NixRun build;
-    RunNix(*run, BuildArgv(run->request), build);
+    RunNix(*run, BuildArgv(run->request, SlotsOf(*run)), build);
     if (!build.cancelled) {
       if (build.exit.Success()) {
         SetBuilt(build.stdout_data, result);
@@ -520,7 +423,7 @@ void NixBuildExecutor::Execute(const std::shared_ptr<Run>& run) {
         result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
         result.set_error_message(absl::StrCat("cannot make ", fifo, ": ", std::strerror(errno)));
       } else {
-        std::vector<std::string> argv = BuildArgv(run->request);
+        std::vector<std::string> argv = BuildArgv(run->request, SlotsOf(*run));
         argv.back() = "--keep-going";
         argv.insert(argv.end(), {"--file", fifo});
         build.forward_lines.store(false);  // Nothing to show until handed over.
@@ -551,6 +454,7 @@ void NixBuildExecutor::Execute(const std::shared_ptr<Run>& run) {
   *result.mutable_build_duration() = ToProtoDuration(absl::Now() - run->started);
   std::move(run->on_done)(std::move(result));
   absl::MutexLock lock(&mu_);
+  granted_slots_ -= run->slots;
   runs_.erase(run->id);
   ended_.push_back(run->id);
 }
@@ -627,10 +531,22 @@ void NixBuildExecutor::BuildWithFodChecks(Run& run, NixRun& build, const std::st
       m->set_computed_by_worker(v.entry().computed_by_worker());
       messages.push_back(DescribeMismatch(*m, FormatTime(v.entry().first_computed())));
     } else if (v.kind() == FodVerdict::KIND_SUSPECT_STALE) {
-      std::error_code ec;
-      // Without the output here, the build below computes and checks it.
-      if (std::filesystem::exists(fods[i].fod.output_path, ec)) suspects.push_back(i);
+      suspects.push_back(i);
     }
+  }
+  // Only a suspect whose output Nix holds needs a check of its own: the
+  // build below computes and checks the others (and replaces what a failed
+  // build may have left at their paths).
+  if (!suspects.empty()) {
+    std::vector<std::string> outputs;
+    for (size_t i : suspects) outputs.push_back(fods[i].fod.output_path);
+    absl::StatusOr<absl::flat_hash_set<std::string>> valid = ValidPaths(outputs);
+    if (!valid.ok()) {
+      result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
+      result.set_error_message(std::string(valid.status().message()));
+      return;
+    }
+    std::erase_if(suspects, [&](size_t i) { return !valid->contains(fods[i].fod.output_path); });
   }
   for (const ClosureFod& f : fods) {
     if (TakesWholeFlakeSource(f)) {
@@ -659,7 +575,7 @@ void NixBuildExecutor::BuildWithFodChecks(Run& run, NixRun& build, const std::st
   // 4. Suspected stale hashes whose output is here: rebuild to verify.
   if (!suspects.empty()) {
     NixRun check;
-    std::vector<std::string> argv = NixArgv("build");
+    std::vector<std::string> argv = NixArgv("build", SlotsOf(run));
     argv.insert(argv.end(), {"--rebuild", "--keep-going", "--no-link"});
     for (size_t i : suspects) {
       Line(run, absl::StrCat("verifying '", fods[i].fod.name, "': its hash ", fods[i].fod.declared.Sri(),
@@ -669,7 +585,7 @@ void NixBuildExecutor::BuildWithFodChecks(Run& run, NixRun& build, const std::st
     }
     RunNix(run, argv, check);
     if (check.cancelled) return;
-    std::vector<kiln::v1::FodOutcome> outcomes = HarvestFods(index, check.parser, "check", result);
+    std::vector<kiln::v1::FodOutcome> outcomes = Harvest(run, index, check.parser, "check", result);
     Record(run, outcomes);
     if (result.hash_mismatches_size() > 0) {
       for (const auto& m : result.hash_mismatches()) messages.push_back(DescribeMismatch(m, ""));
@@ -693,7 +609,7 @@ void NixBuildExecutor::BuildWithFodChecks(Run& run, NixRun& build, const std::st
   WaitNix(run, build);
   if (build.cancelled) return;
   kiln::v1::BuildResult harvested;
-  std::vector<kiln::v1::FodOutcome> outcomes = HarvestFods(index, build.parser, "build", harvested);
+  std::vector<kiln::v1::FodOutcome> outcomes = Harvest(run, index, build.parser, "build", harvested);
   if (build.exit.Success()) {
     SetBuilt(build.stdout_data, result);
   } else {

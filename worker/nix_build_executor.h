@@ -28,6 +28,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "common/derivation.h"
@@ -43,6 +44,12 @@ class ClosureIndex;  // The FODs of one closure, by path.
 
 struct NixOptions {
   std::string nix_binary = "nix";
+  // How many derivations this worker's builds may build at once, all
+  // together (the worker's slots, `--max-jobs`); each build's Nix gets a
+  // share as its `--max-jobs` (see NixMaxJobsGrant).
+  int max_jobs = 1;
+  // Each derivation's `--cores` (NIX_BUILD_CORES); 0: Nix's default (all).
+  int cores = 0;
   // Passed as `--option NAME VALUE` to every build, e.g. {"substituters", ""}.
   std::vector<std::pair<std::string, std::string>> options;
   // The FOD hash cache; nullptr: builds run without FOD checks.
@@ -58,6 +65,17 @@ struct NixOptions {
   std::string process_ledger_dir;
 };
 
+// The `--max-jobs` a build's Nix is given when it starts: the worker's
+// free derivation slots (`max_jobs` less those `granted` to running builds)
+// split evenly among the `waiting` builds starting now (this one counted),
+// and at least 1, so a build alone on the worker uses every slot and builds
+// started together share them. A build keeps its grant until it ends.
+int NixMaxJobsGrant(int max_jobs, int granted, int waiting);
+
+// The default `--cores` of each derivation: the CPUs shared evenly by the
+// `max_jobs` derivations a worker builds at once, at least 1.
+int DefaultCoresPerDerivation(int cpus, int max_jobs);
+
 class NixBuildExecutor final : public BuildExecutor {
  public:
   explicit NixBuildExecutor(NixOptions options)
@@ -71,7 +89,8 @@ class NixBuildExecutor final : public BuildExecutor {
 
   // The argv of the single-step build (exposed for tests: no shell, the
   // installable is one argument after the options).
-  std::vector<std::string> BuildArgv(const BuildRequest& request) const;
+  // `max_jobs`: the build's grant of derivation slots (0: no `--max-jobs`).
+  std::vector<std::string> BuildArgv(const BuildRequest& request, int max_jobs = 0) const;
 
  private:
   struct Run;
@@ -90,7 +109,10 @@ class NixBuildExecutor final : public BuildExecutor {
     std::atomic<bool> forward_lines{true};  // Step 5's: only once handed over.
   };
 
-  std::vector<std::string> NixArgv(absl::string_view command) const;
+  // `max_jobs` > 0: a command that builds, given `--max-jobs` and `--cores`.
+  std::vector<std::string> NixArgv(absl::string_view command, int max_jobs = 0) const;
+  // The build's share of the derivation slots, granted on its first call.
+  int SlotsOf(Run& run) ABSL_LOCKS_EXCLUDED(mu_);
   // Starts one Nix command for `run`, its log going to the build's lines;
   // false (with `out` saying why) when it did not start.
   bool StartNix(Run& run, const std::vector<std::string>& argv, NixRun& out) ABSL_LOCKS_EXCLUDED(mu_);
@@ -109,6 +131,12 @@ class NixBuildExecutor final : public BuildExecutor {
   // Gives step 5's process its input.
   absl::Status HandOver(const std::string& fifo, NixRun& build, absl::string_view text);
   void Line(Run& run, absl::string_view text);
+  // The valid store paths among `paths`, asked of Nix in one call.
+  absl::StatusOr<absl::flat_hash_set<std::string>> ValidPaths(const std::vector<std::string>& paths) const;
+  // HarvestFods with ValidPaths; says on the build's log when it could not
+  // tell which outputs are valid.
+  std::vector<kiln::v1::FodOutcome> Harvest(Run& run, const ClosureIndex& index, const NixLogParser& parser,
+                                            absl::string_view source, kiln::v1::BuildResult& result);
   // Reports what Nix found out about FODs to the cache.
   void Record(Run& run, const std::vector<kiln::v1::FodOutcome>& outcomes);
   // After a successful build of a job with a push target.
@@ -118,6 +146,7 @@ class NixBuildExecutor final : public BuildExecutor {
   ProcessSupervisor supervisor_;
   absl::Mutex mu_;
   BuildId next_id_ ABSL_GUARDED_BY(mu_) = 1;
+  int granted_slots_ ABSL_GUARDED_BY(mu_) = 0;  // Sum of the running builds' grants.
   absl::flat_hash_map<BuildId, std::shared_ptr<Run>> runs_ ABSL_GUARDED_BY(mu_);
   // Each build's thread, until joined; the builds whose thread has done
   // its work and is about to return.

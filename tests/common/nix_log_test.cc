@@ -92,6 +92,22 @@ TEST(NixBuildJsonTest, ParsesOutputs) {
   EXPECT_FALSE(ParseNixBuildJson(R"({"not":"an array"})").ok());
 }
 
+TEST(OneLineNixErrorTest, KeepsTheFirstErrorAndCountsTheRest) {
+  EXPECT_EQ(OneLineNixError("error: error: some outputs of '/nix/store/x-a.drv' are not valid, so checking is "
+                            "not possible"),
+            "some outputs of '/nix/store/x-a.drv' are not valid, so checking is not possible");
+  EXPECT_EQ(OneLineNixError("error: builder for '/nix/store/x-a.drv' failed with exit code 1;\n"
+                            "       last 2 log lines:\n       > fetching\n       > curl: (6) no host\n"
+                            "       For full logs, run 'nix log /nix/store/x-a.drv'.\n"
+                            "error: 1 dependencies of derivation '/nix/store/y-b.drv' failed to build"),
+            "builder for '/nix/store/x-a.drv' failed with exit code 1 (and 1 more error)");
+  EXPECT_EQ(OneLineNixError("\x1b[31;1merror:\x1b[0m cannot build\nerror: two\nerror: three"),
+            "cannot build (and 2 more errors)");
+  EXPECT_EQ(OneLineNixError("\n  \n"), "no error message");
+  const std::string long_line(1000, 'x');
+  EXPECT_EQ(OneLineNixError(long_line, 20), "xxxxxxxxxxxxxxxxx...");
+}
+
 TEST(DerivationShortNameTest, StripsStoreHashAndSuffix) {
   EXPECT_EQ(DerivationShortName("/nix/store/ljbcr4lpqks7ywlghvicricx88pfnkby-golden-sample.drv"), "golden-sample");
   EXPECT_EQ(DerivationShortName("not-a-store-path"), "not-a-store-path");

@@ -189,6 +189,45 @@ void LocalFarm::StopAll() {
 
 std::string LocalFarm::StoreDirOf(size_t index) const { return dir_.Sub(absl::StrCat("worker-", index + 1, "-nix")); }
 
+namespace {
+
+// Nix's environment inside a private store: separate stores keep separate
+// build-user locks, so with build users two of them would take the same
+// nixbld user and kill each other's builds.
+std::vector<std::string> PrivateStoreNixEnv() {
+  std::vector<std::string> env = NixTestEnv();
+  for (std::string& e : env) {
+    if (absl::StartsWith(e, "NIX_CONFIG=")) e += "\nbuild-users-group =";
+  }
+  return env;
+}
+
+// `argv` in a mount namespace of its own with `nix_dir` at /nix, the store
+// initialised first (two Nix processes creating it at once collide); the
+// command replaces the shell (same pid).
+std::vector<std::string> InPrivateStore(const std::string& nix_dir, const std::vector<std::string>& argv) {
+  std::vector<std::string> wrapped = {"/usr/bin/unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
+                                      "mount --bind \"$0\" /nix && nix-store --init && exec \"$@\"", nix_dir};
+  wrapped.insert(wrapped.end(), argv.begin(), argv.end());
+  return wrapped;
+}
+
+}  // namespace
+
+ProcessSpec LocalFarm::OnWorkerMachine(size_t index, const std::vector<std::string>& argv) const {
+  ProcessSpec spec;
+  if (!private_stores_) {
+    spec.argv = argv;
+    spec.extra_env = NixTestEnv();
+    return spec;
+  }
+  std::error_code ec;
+  fs::create_directories(StoreDirOf(index), ec);
+  spec.argv = InPrivateStore(StoreDirOf(index), argv);
+  spec.extra_env = PrivateStoreNixEnv();
+  return spec;
+}
+
 absl::Status LocalFarm::StartCoordinator(const std::string& listen) {
   std::error_code ec;
   fs::remove(dir_.Sub("coordinator.ready"), ec);
@@ -225,20 +264,10 @@ absl::StatusOr<std::unique_ptr<Daemon>> LocalFarm::StartWorker(size_t index, std
   argv.insert(argv.end(), worker_flags_.begin(), worker_flags_.end());
   std::vector<std::string> env = NixTestEnv();
   if (private_stores_) {
-    // Its own mount namespace with its own /nix; the store is initialised
-    // before the worker starts, as two Nix processes creating it at once
-    // collide. The worker then replaces the shell (same pid).
     const std::string nix_dir = StoreDirOf(index);
     fs::create_directories(nix_dir, ec);
-    std::vector<std::string> wrapped = {"/usr/bin/unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
-                                        "mount --bind \"$0\" /nix && nix-store --init && exec \"$@\"", nix_dir};
-    wrapped.insert(wrapped.end(), argv.begin(), argv.end());
-    argv = std::move(wrapped);
-    // Separate stores keep separate build-user locks: with build users, two
-    // workers would take the same nixbld user and kill each other's builds.
-    for (std::string& e : env) {
-      if (absl::StartsWith(e, "NIX_CONFIG=")) e += "\nbuild-users-group =";
-    }
+    argv = InPrivateStore(nix_dir, argv);
+    env = PrivateStoreNixEnv();
   }
   auto worker = Daemon::Start(argv, LogOf(name), env);
   if (!worker.ok()) return worker.status();

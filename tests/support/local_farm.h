@@ -74,6 +74,10 @@ class LocalFarm {
   // The host's directory holding worker `index`'s /nix (its store is the
   // "store" directory in it).
   std::string StoreDirOf(size_t index) const;
+  // `argv` run as on worker `index`'s machine: in its own store (a mount
+  // namespace like the worker's), with the tests' Nix environment. What a
+  // user of that machine would do by hand, e.g. a plain `nix build`.
+  ProcessSpec OnWorkerMachine(size_t index, const std::vector<std::string>& argv) const;
 
   // Starts everything and waits (bounded) until each daemon wrote its ready
   // file. Jobs submitted before a worker registers simply queue.
