@@ -891,6 +891,7 @@ nlohmann::json WorkerJson(const kiln::v1::WorkerInfo& w) {
   out["loadAverage"] = w.load_average();
   out["memoryUsedFraction"] = w.memory_used_fraction();
   out["storeFreeBytes"] = w.store_free_bytes();
+  out["workDirFreeBytes"] = w.work_dir_free_bytes();
   if (!w.over_limit().empty()) out["overLimit"] = w.over_limit();
   if (w.has_lease_until()) {
     out["leaseUntil"] = absl::FormatTime(absl::RFC3339_sec, FromProtoTime(w.lease_until()), absl::UTCTimeZone());

@@ -14,6 +14,7 @@
 #include "absl/time/time.h"
 #include "common/cli_args.h"
 #include "common/crash_handler.h"
+#include "common/image_ref.h"
 #include "common/tls.h"
 #include "cli/cli.h"
 
@@ -184,13 +185,31 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "error: --tag needs --push\n");
     return kiln::kExitUsage;
   }
+  // Refused here, before anything is built, by the rules the registry and
+  // the coordinator apply.
+  if (!options.push.empty()) {
+    absl::StatusOr<kiln::ImageRef> ref = kiln::ParseImageRef(options.push);
+    absl::Status bad = ref.status();
+    if (ref.ok() && !ref->digest.empty()) bad = absl::InvalidArgumentError("push to a tag, not a digest");
+    for (const std::string& tag : options.tags) {
+      if (bad.ok()) bad = kiln::ValidateImageTag(tag);
+    }
+    if (!bad.ok()) {
+      std::fprintf(stderr, "error: --push: %s\n", std::string(bad.message()).c_str());
+      return kiln::kExitUsage;
+    }
+  }
   for (const std::string& label : absl::GetFlag(FLAGS_label)) {
     const size_t eq = label.find('=');
     if (eq == std::string::npos || eq == 0) {
       std::fprintf(stderr, "error: --label wants KEY=VALUE, got '%s'\n", label.c_str());
       return kiln::kExitUsage;
     }
-    options.labels[label.substr(0, eq)] = label.substr(eq + 1);
+    if (!options.labels.emplace(label.substr(0, eq), label.substr(eq + 1)).second) {
+      std::fprintf(stderr, "error: --label names '%s' twice; a job can pin a label to one value\n",
+                   label.substr(0, eq).c_str());
+      return kiln::kExitUsage;
+    }
   }
 
   if (args.empty()) {

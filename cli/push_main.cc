@@ -69,9 +69,13 @@ int main(int argc, char** argv) {
   const std::string archive = args[1];
   absl::StatusOr<kiln::ImageRef> ref = kiln::ParseImageRef(args[2]);
   if (!ref.ok()) return Fail(std::string(ref.status().message()), 2);
+  if (!ref->digest.empty()) return Fail(absl::StrCat("'", args[2], "': push to a tag, not a digest"), 2);
   std::vector<std::string> tags;
   if (!ref->tag.empty()) tags.push_back(ref->tag);
-  for (const std::string& t : absl::GetFlag(FLAGS_tag)) tags.push_back(t);
+  for (const std::string& t : absl::GetFlag(FLAGS_tag)) {
+    if (absl::Status s = kiln::ValidateImageTag(t); !s.ok()) return Fail(absl::StrCat("--tag: ", s.message()), 2);
+    tags.push_back(t);
+  }
 
   kiln::RegistryOptions options;
   options.plain_http = absl::GetFlag(FLAGS_insecure);

@@ -1,7 +1,5 @@
 #include "coordinator/auth.h"
 
-#include <fnmatch.h>
-
 #include <algorithm>
 
 #include "absl/algorithm/container.h"
@@ -9,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
+#include "common/image_ref.h"
 #include "common/tls.h"
 
 namespace kiln {
@@ -43,10 +42,11 @@ bool TokenAllows(const TokenGrant& grant, Scope scope) {
 }  // namespace
 
 bool PushPatternMatches(const std::string& pattern, const std::string& repository, const std::string& tag) {
-  const size_t slash = pattern.rfind('/');
-  const bool names_tag = pattern.find(':', slash == std::string::npos ? 0 : slash) != std::string::npos;
-  const std::string subject = names_tag ? absl::StrCat(repository, ":", tag) : repository;
-  return ::fnmatch(pattern.c_str(), subject.c_str(), 0) == 0;
+  // On the parsed components only: a reference that does not parse (say,
+  // with a '..' component a registry would normalise away) matches nothing.
+  absl::StatusOr<ImagePattern> parsed_pattern = ParseImagePattern(pattern);
+  absl::StatusOr<ImageRef> ref = ParseImageRef(absl::StrCat(repository, ":", tag));
+  return parsed_pattern.ok() && ref.ok() && ref->digest.empty() && parsed_pattern->Matches(*ref);
 }
 
 absl::Status Authorizer::Refuse(absl::Status status, const char* reason) const {

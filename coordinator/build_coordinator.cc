@@ -37,16 +37,16 @@ namespace {
 // A push target is well formed and allowed by the coordinator's patterns.
 absl::Status CheckPushTarget(const kiln::v1::PushTarget& push, const std::vector<std::string>& allow) {
   absl::StatusOr<ImageRef> repo = ParseImageRef(push.repository());
-  if (!repo.ok()) return repo.status();
-  if (!repo->tag.empty()) {
+  if (!repo.ok()) return absl::InvalidArgumentError(absl::StrCat("push target ", repo.status().message()));
+  if (!repo->tag.empty() || !repo->digest.empty()) {
     return absl::InvalidArgumentError(absl::StrCat("push target ", push.repository(), ": give tags separately"));
   }
   if (push.tags().empty()) return absl::InvalidArgumentError(absl::StrCat("push target ", push.repository(), " has no tag"));
   if (push.tags_size() > 16) return absl::InvalidArgumentError("more than 16 tags in one push");
   for (const std::string& tag : push.tags()) {
-    absl::StatusOr<ImageRef> tagged = ParseImageRef(absl::StrCat(push.repository(), ":", tag));
-    if (!tagged.ok()) return tagged.status();
-    if (tagged->tag != tag || tag.empty()) return absl::InvalidArgumentError(absl::StrCat("'", tag, "' is not a tag"));
+    if (absl::Status s = ValidateImageTag(tag); !s.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("push target ", push.repository(), ": tag ", s.message()));
+    }
     const bool allowed = absl::c_any_of(
         allow, [&](const std::string& pattern) { return PushPatternMatches(pattern, push.repository(), tag); });
     if (!allowed) {
@@ -761,6 +761,7 @@ kiln::v1::ListWorkersResponse BuildCoordinator::ListWorkers() const {
       info->set_load_average(entry.last_heartbeat.load_average());
       info->set_memory_used_fraction(entry.last_heartbeat.memory_used_fraction());
       info->set_store_free_bytes(entry.last_heartbeat.store_free_bytes());
+      info->set_work_dir_free_bytes(entry.last_heartbeat.work_dir_free_bytes());
     }
     if (auto l = lease_until_.find(w.name); l != lease_until_.end()) {
       *info->mutable_lease_until() = ToProtoTime(l->second);
@@ -988,6 +989,10 @@ void BuildCoordinator::HandleHeartbeat(WorkerEntry& worker, const kiln::v1::Hear
       heartbeat.store_free_bytes() < options_.min_store_free_bytes) {
     over = absl::StrCat(gib(heartbeat.store_free_bytes()), " free on its Nix store, below ",
                         gib(options_.min_store_free_bytes));
+  } else if (options_.min_work_dir_free_bytes > 0 && heartbeat.work_dir_free_bytes() > 0 &&
+             heartbeat.work_dir_free_bytes() < options_.min_work_dir_free_bytes) {
+    over = absl::StrCat(gib(heartbeat.work_dir_free_bytes()), " free on its work directory, below ",
+                        gib(options_.min_work_dir_free_bytes));
   } else if (options_.max_memory_used_fraction > 0 &&
              heartbeat.memory_used_fraction() > options_.max_memory_used_fraction) {
     over = absl::StrFormat("memory %.0f%% used, above %.0f%%", heartbeat.memory_used_fraction() * 100,

@@ -86,6 +86,7 @@ struct BuildCoordinatorOptions {
   // Admission: a worker past one of these (from its heartbeats) takes no
   // new job until it is back under. 0 disables a limit.
   int64_t min_store_free_bytes = int64_t{1} << 30;
+  int64_t min_work_dir_free_bytes = int64_t{512} << 20;  // Its source cache and checkouts.
   double max_memory_used_fraction = 0.95;
   double max_load_per_slot = 0;  // Load average divided by the worker's slots.
   // A job requeued after an infrastructure error waits this long, doubled

@@ -10,6 +10,7 @@
 #include "common/cli_args.h"
 #include "common/crash_handler.h"
 #include "common/daemon.h"
+#include "common/image_ref.h"
 #include "common/log.h"
 #include "coordinator/coordinator_server.h"
 #include "coordinator/token_command.h"
@@ -37,6 +38,9 @@ ABSL_FLAG(absl::Duration, lease, absl::Seconds(60),
           "How long a disconnected or silent worker's jobs are held for it before they are requeued");
 ABSL_FLAG(int64_t, worker_min_store_free_mb, 1024,
           "A worker with less free space on its Nix store's disk takes no new job (0: no limit)");
+ABSL_FLAG(int64_t, worker_min_work_dir_free_mb, 512,
+          "A worker with less free space on its work directory's disk (source cache, checkouts) takes no new job "
+          "(0: no limit)");
 ABSL_FLAG(double, worker_max_memory_fraction, 0.95,
           "A worker using more of its memory takes no new job (0: no limit)");
 ABSL_FLAG(double, worker_max_load_per_slot, 0,
@@ -128,11 +132,18 @@ int main(int argc, char** argv) {
   options.core.retry_backoff = absl::GetFlag(FLAGS_retry_backoff);
   options.core.priority_names = absl::GetFlag(FLAGS_priority_names);
   options.core.push_allow = absl::GetFlag(FLAGS_push_allow);
+  for (const std::string& pattern : options.core.push_allow) {
+    if (absl::StatusOr<kiln::ImagePattern> p = kiln::ParseImagePattern(pattern); !p.ok()) {
+      std::fprintf(stderr, "kiln-coordinator: --push-allow: %s\n", std::string(p.status().message()).c_str());
+      return 2;
+    }
+  }
   if (options.core.priority_names.size() != 3) {
     std::fprintf(stderr, "kiln-coordinator: --priority-names wants three names, most urgent first\n");
     return 2;
   }
   options.core.min_store_free_bytes = absl::GetFlag(FLAGS_worker_min_store_free_mb) << 20;
+  options.core.min_work_dir_free_bytes = absl::GetFlag(FLAGS_worker_min_work_dir_free_mb) << 20;
   options.core.max_memory_used_fraction = absl::GetFlag(FLAGS_worker_max_memory_fraction);
   options.core.max_load_per_slot = absl::GetFlag(FLAGS_worker_max_load_per_slot);
   auto server = kiln::CoordinatorServer::Start(options);

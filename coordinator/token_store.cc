@@ -13,6 +13,7 @@
 #include "absl/time/clock.h"
 #include "common/digest.h"
 #include "common/grpc_util.h"
+#include "common/image_ref.h"
 #include "coordinator/rocks_status.h"
 
 namespace kiln {
@@ -49,7 +50,10 @@ absl::Status ValidateTokenScopes(const std::vector<std::string>& scopes) {
   for (const std::string& scope : scopes) {
     if (scope == "submit" || scope == "read" || scope == "admin") continue;
     absl::string_view pattern = scope;
-    if (absl::ConsumePrefix(&pattern, "push:") && !pattern.empty() && pattern.find('/') != absl::string_view::npos) {
+    if (absl::ConsumePrefix(&pattern, "push:")) {
+      if (absl::StatusOr<ImagePattern> p = ParseImagePattern(pattern); !p.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat("scope '", scope, "': ", p.status().message()));
+      }
       continue;
     }
     return absl::InvalidArgumentError(

@@ -44,8 +44,16 @@ absl::StatusOr<kiln::v1::PushResult> RegistryPublisher::Push(const kiln::v1::Pus
                                                                 const std::string& output,
                                                                 absl::FunctionRef<void(absl::string_view)> log) {
   const absl::Time start = absl::Now();
+  // Checked by the coordinator already; checked again here, as these are
+  // what the registry's URLs are made of.
   absl::StatusOr<ImageRef> ref = ParseImageRef(push.repository());
   if (!ref.ok()) return ref.status();
+  if (!ref->tag.empty() || !ref->digest.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("push target ", push.repository(), ": give tags separately"));
+  }
+  for (const std::string& tag : push.tags()) {
+    if (absl::Status s = ValidateImageTag(tag); !s.ok()) return s;
+  }
   RegistryOptions registry;
   registry.plain_http = options_.insecure_registries.contains(ref->registry);
   registry.ca_file = options_.ca_file;

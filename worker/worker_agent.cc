@@ -3,13 +3,17 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <optional>
 #include <system_error>
 
 #include "absl/container/flat_hash_set.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/notification.h"
 #include "common/handoff.h"
@@ -138,7 +142,28 @@ WorkerAgent::WorkerAgent(WorkerOptions options, BuildExecutor* executor, WorkerM
 
 WorkerAgent::~WorkerAgent() { Stop(); }
 
-void WorkerAgent::Start() { loop_ = std::thread([this] { RunLoop(); }); }
+void WorkerAgent::Start() {
+  SweepTemporaryFiles();
+  loop_ = std::thread([this] { RunLoop(); });
+}
+
+void WorkerAgent::SweepTemporaryFiles() {
+  // Left by a worker killed mid-write (or by one from before temporary files
+  // were removed on failure): never read, and they may be what fills the disk.
+  std::error_code ec;
+  uint64_t removed = 0, bytes = 0;
+  for (fs::recursive_directory_iterator it(fs::path(options_.work_dir) / "cas", ec), end; !ec && it != end;
+       it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (!it->is_regular_file(ec) || !(IsAtomicWriteLeftover(name) || absl::EndsWith(name, ".tmp"))) continue;
+    const uintmax_t size = it->file_size(ec);
+    if (fs::remove(it->path(), ec)) {
+      ++removed;
+      bytes += ec ? 0 : size;
+    }
+  }
+  if (removed > 0) LogInfo(kComponent, "removed ", removed, " temporary file(s) left in the source cache, ", bytes, " bytes");
+}
 
 void WorkerAgent::Stop() {
   {
@@ -357,18 +382,31 @@ absl::Status WorkerAgent::CheckOut(const kiln::v1::Assignment& assignment, const
   if (!dirs.ok()) return dirs.status();
   std::vector<kiln::v1::Digest> missing;
   absl::flat_hash_set<std::string> wanted;
+  uint64_t needed = 0;  // The checkout's files, and the blobs the cache lacks.
   for (const auto& [hash, data] : *dirs) {
     kiln::v1::Directory dir;
     if (!dir.ParseFromString(data)) return absl::DataLossError("a source directory does not parse");
     for (const auto& file : dir.files()) {
       const std::string& h = file.digest().hash();
+      needed += static_cast<uint64_t>(std::max<int64_t>(0, file.digest().size_bytes()));
       if (inline_blobs.contains(h) || !wanted.insert(h).second) continue;
       std::error_code ec;
       const auto size = fs::file_size(cached_path(h), ec);
       if (!ec && size == static_cast<uintmax_t>(file.digest().size_bytes())) continue;
       missing.push_back(file.digest());
+      needed += static_cast<uint64_t>(std::max<int64_t>(0, file.digest().size_bytes()));
     }
   }
+  // Known before a byte is written: a source that cannot fit fails at once,
+  // saying so, and leaves the disk as it was for the next job.
+  std::error_code space_ec;
+  const fs::space_info space = fs::space(options_.work_dir, space_ec);
+  const auto no_space = [&](uint64_t free_bytes) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "no space left on the worker's work directory (%d MiB free, %d MiB needed)", free_bytes >> 20,
+        (needed + (1 << 20) - 1) >> 20));
+  };
+  if (!space_ec && space.available < needed) return no_space(space.available);
   if (!missing.empty()) {
     uint64_t bytes = 0;
     absl::Status fetched = FetchBlobs(*cas_, missing, [&](const kiln::v1::Digest& d, std::string&& data) {
@@ -381,6 +419,7 @@ absl::Status WorkerAgent::CheckOut(const kiln::v1::Assignment& assignment, const
       bytes += data.size();
       return absl::OkStatus();
     });
+    if (absl::IsResourceExhausted(fetched)) return no_space(fs::space(options_.work_dir, space_ec).available);
     if (!fetched.ok()) return fetched;
     LogInfo(ForJob(assignment.job_id()), kComponent, "fetched ", missing.size(), " source blob(s), ", bytes,
             " bytes");
@@ -401,6 +440,9 @@ absl::Status WorkerAgent::CheckOut(const kiln::v1::Assignment& assignment, const
   };
   absl::Status checked_out = MaterializeTree(root, lookup, dest, limits);
   TrimBlobCache();
+  if (!checked_out.ok() && absl::StrContains(checked_out.message(), std::strerror(ENOSPC))) {
+    return no_space(fs::space(options_.work_dir, space_ec).available);
+  }
   return checked_out;
 }
 
@@ -510,6 +552,7 @@ void WorkerAgent::StartJob(const kiln::v1::Assignment& assignment) {
   fs::create_directories(dir / "src", ec);
   if (ec) return fail(kiln::v1::RESULT_CODE_INFRA_ERROR, absl::StrCat("cannot create ", dir.string(), ": ", ec.message()));
   if (absl::Status s = CheckOut(assignment, (dir / "src").string()); !s.ok()) {
+    fs::remove_all(dir, ec);  // What was checked out of it.
     return fail(kiln::v1::RESULT_CODE_INFRA_ERROR, absl::StrCat("cannot check out the source: ", s.message()));
   }
   const fs::path flake_dir = dir / "src";  // CheckOut wrote the flake's directory there.
@@ -720,6 +763,10 @@ void WorkerAgent::FillLoad(kiln::v1::Heartbeat& heartbeat) {
     heartbeat.set_store_free_bytes(static_cast<int64_t>(space.available));
     metrics_->store_free_bytes.Set(static_cast<double>(space.available));
     metrics_->store_size_bytes.Set(static_cast<double>(space.capacity));
+  }
+  if (auto work = fs::space(options_.work_dir, ec); !ec) {
+    heartbeat.set_work_dir_free_bytes(static_cast<int64_t>(work.available));
+    metrics_->work_dir_free_bytes.Set(static_cast<double>(work.available));
   }
   if (std::optional<double> used = MemoryUsedFraction()) heartbeat.set_memory_used_fraction(*used);
 }

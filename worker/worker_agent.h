@@ -121,6 +121,9 @@ class WorkerAgent {
   // records its tree in `result.output_trees`.
   absl::Status UploadOutputs(kiln::v1::BuildResult& result);
   // Deletes the least recently used cached blobs past options_.blob_cache_bytes.
+  // Removes the temporary files of writes that never finished from the
+  // source cache (at start, before any job).
+  void SweepTemporaryFiles();
   void TrimBlobCache();
 
   kiln::v1::WorkerMessage MakeRegister() ABSL_LOCKS_EXCLUDED(mu_);

@@ -46,6 +46,11 @@ WorkerMetrics::WorkerMetrics(std::shared_ptr<prometheus::Registry> registry)
                            .Help("Size of the Nix store's file system.")
                            .Register(*registry)
                            .Add({})),
+      work_dir_free_bytes(prometheus::BuildGauge()
+                              .Name("kiln_worker_work_dir_free_bytes")
+                              .Help("Bytes available on the work directory's file system (source cache, checkouts).")
+                              .Register(*registry)
+                              .Add({})),
       push_bytes(prometheus::BuildCounter()
                      .Name("kiln_worker_push_bytes_total")
                      .Help("Compressed blob bytes this worker uploaded to registries.")

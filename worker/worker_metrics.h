@@ -28,6 +28,7 @@ class WorkerMetrics {
   // The Nix store's file system, as sent in each heartbeat.
   prometheus::Gauge& store_free_bytes;
   prometheus::Gauge& store_size_bytes;
+  prometheus::Gauge& work_dir_free_bytes;
 
   prometheus::Counter& push_bytes;
   prometheus::Histogram& push_duration;

@@ -1,7 +1,11 @@
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/resource.h>
+
 #include <nlohmann/json.hpp>
 
 #include <atomic>
+#include <filesystem>
 #include <vector>
 
 #include "absl/synchronization/notification.h"
@@ -9,8 +13,10 @@
 #include "common/digest.h"
 #include "common/log.h"
 #include "common/net.h"
+#include "common/tls.h"
 #include "common/outbound_queue.h"
 #include "common/serial_executor.h"
+#include "tests/support/test_util.h"
 
 namespace kiln {
 namespace {
@@ -63,8 +69,51 @@ TEST(NetTest, ParsesAddresses) {
   EXPECT_FALSE(ParseHostPort("nohost").ok());
   EXPECT_FALSE(ParseHostPort("h:99999").ok());
   EXPECT_TRUE(IsLoopbackHost("127.0.0.1"));
+  EXPECT_TRUE(IsLoopbackHost("127.255.3.9"));
   EXPECT_TRUE(IsLoopbackHost("::1"));
+  EXPECT_TRUE(IsLoopbackHost("localhost"));  // /etc/hosts: loopback only.
   EXPECT_FALSE(IsLoopbackHost("10.0.0.1"));
+  // Names are names: whoever controls this one decides where it points.
+  EXPECT_FALSE(IsLoopbackHost("127.attacker.example"));
+  EXPECT_FALSE(IsLoopbackHost("127.0.0.1.nip.io"));
+  EXPECT_FALSE(IsLoopbackHost("localhost.attacker.example"));
+  EXPECT_FALSE(IsLoopbackHost("128.0.0.1"));
+  EXPECT_FALSE(IsLoopbackHost("::2"));
+  EXPECT_FALSE(IsLoopbackHost(""));
+}
+
+TEST(NetTest, PlaintextOnlyToLoopback) {
+  EXPECT_TRUE(CheckPlaintextAllowed("kiln", {"127.0.0.1:7600", "[::1]:7600", "localhost:7600"}).ok());
+  absl::Status refused = CheckPlaintextAllowed("kiln", {"127.attacker.example:7600"});
+  EXPECT_EQ(refused.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(refused.message().find("127.attacker.example:7600"), std::string::npos) << refused;
+}
+
+TEST(NetTest, AFailedAtomicWriteLeavesNoTemporaryFile) {
+  testing::TempDir dir;
+  const std::string path = dir.Sub("blob");
+  ASSERT_TRUE(WriteFileAtomically(path, "first").ok());
+  // Files may not grow past 1 KiB for now: the write fails as on a full disk.
+  rlimit old_limit;
+  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old_limit), 0);
+  auto old_handler = ::signal(SIGXFSZ, SIG_IGN);
+  rlimit small = old_limit;
+  small.rlim_cur = 1024;
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
+  absl::Status failed = WriteFileAtomically(path, std::string(64 << 10, 'x'));
+  ::setrlimit(RLIMIT_FSIZE, &old_limit);
+  ::signal(SIGXFSZ, old_handler);
+  EXPECT_FALSE(failed.ok());
+  EXPECT_NE(failed.message().find("cannot write " + path), std::string::npos) << failed;
+  EXPECT_EQ(testing::ReadFileOrDie(path), "first");  // The old content stands.
+  int files = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(dir.path())) {
+    ++files;
+    EXPECT_FALSE(IsAtomicWriteLeftover(entry.path().filename().string())) << entry.path();
+  }
+  EXPECT_EQ(files, 1);
+  EXPECT_TRUE(IsAtomicWriteLeftover("ab12.kiln-tmp.123.4"));
+  EXPECT_FALSE(IsAtomicWriteLeftover("ab12"));
 }
 
 TEST(DashedFlagArgsTest, RewritesNamesNotValues) {

@@ -249,6 +249,29 @@ TEST_F(BuildCoordinatorTest, RefusesBadSubmissionsWithoutStoringAnything) {
   EXPECT_EQ(SubmitOne(), "1");
 }
 
+// `..` and empty components would be normalised by the registry into a
+// repository the patterns never saw: refused by the grammar, naming the rule.
+TEST_F(BuildCoordinatorTest, PushTargetsAreCheckedOnTheirParsedComponents) {
+  options_.push_allow = {"127.0.0.1:5998/team/*"};
+  Open();
+  const auto with_push = [&](const std::string& repository, const std::string& tag) {
+    auto request = Request();
+    auto* push = request.mutable_targets(0)->mutable_spec()->mutable_push();
+    push->set_repository(repository);
+    push->add_tags(tag);
+    return core_->Submit(request).status();
+  };
+  EXPECT_TRUE(with_push("127.0.0.1:5998/team/app", "t").ok());
+  EXPECT_THAT(with_push("127.0.0.1:5998/other/app", "t"), StatusIs(absl::StatusCode::kPermissionDenied, "not allowed"));
+  EXPECT_THAT(with_push("127.0.0.1:5998/team/../other/app", "escaped"),
+              StatusIs(absl::StatusCode::kInvalidArgument, "path component '..' is not allowed"));
+  EXPECT_THAT(with_push("127.0.0.1:5998/team//app", "t"),
+              StatusIs(absl::StatusCode::kInvalidArgument, "empty path component"));
+  EXPECT_THAT(with_push("127.0.0.1:5998/team/app", "-x"), StatusIs(absl::StatusCode::kInvalidArgument, "tag"));
+  EXPECT_THAT(with_push("127.0.0.1:5998/team/app", ".x"), StatusIs(absl::StatusCode::kInvalidArgument, "tag"));
+  EXPECT_EQ(store_->LoadJobs()->size(), 1u);
+}
+
 TEST_F(BuildCoordinatorTest, RefusesWhatNoKnownWorkerCouldBuildOnceTheGraceWindowIsOver) {
   auto w = Connect("w1", 1);
   // Within the grace window after a start, workers may still be coming back.
@@ -520,6 +543,13 @@ TEST_F(BuildCoordinatorTest, HeartbeatsOverALimitStopNewAssignmentsUntilTheWorke
   EXPECT_EQ(core_->GetJob(id)->waiting_reason(),
             "all 1 capable workers are over their limits (w: 0.2 GiB free on its Nix store, below 1.0 GiB)");
   EXPECT_EQ(core_->ListWorkers().workers(0).over_limit(), "0.2 GiB free on its Nix store, below 1.0 GiB");
+  WorkerMessage low_work_dir;
+  low_work_dir.mutable_heartbeat()->set_store_free_bytes(int64_t{50} << 30);
+  low_work_dir.mutable_heartbeat()->set_work_dir_free_bytes(int64_t{100} << 20);
+  core_->OnWorkerMessage(w, low_work_dir);
+  EXPECT_THAT(core_->GetJob(id)->waiting_reason(),
+              ::testing::HasSubstr("0.1 GiB free on its work directory, below 0.5 GiB"));
+  EXPECT_EQ(core_->ListWorkers().workers(0).work_dir_free_bytes(), int64_t{100} << 20);
   WorkerMessage full_memory;
   full_memory.mutable_heartbeat()->set_store_free_bytes(int64_t{50} << 30);
   full_memory.mutable_heartbeat()->set_memory_used_fraction(0.99);

@@ -68,5 +68,29 @@ TEST(PushPatternTest, PatternsBindRegistryRepositoryAndTag) {
   EXPECT_FALSE(PushPatternMatches("127.0.0.1:*/kiln/*:testing", "127.0.0.1:5000/kiln/x", "prod"));
 }
 
+// A token scoped to team/* cannot reach another repository through '..'.
+TEST(PushPatternTest, ATokenScopeIsNotEscapedByDotDot) {
+  testing::TempDir dir;
+  auto store = RocksDbStateStore::Open(dir.Sub("db"), /*sync=*/false);
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto created = (*store)->tokens()->Create("ci", {"submit", "push:127.0.0.1:5998/team/*:testing"});
+  ASSERT_TRUE(created.ok()) << created.status();
+  Authorizer auth((*store)->tokens(), /*require_tokens=*/true, /*workers_need_certificate=*/false, nullptr);
+  Caller caller;
+  caller.who = "token 'ci'";
+  caller.token = *(*store)->tokens()->Verify(created->secret());
+  kiln::v1::PushTarget push;
+  push.add_tags("testing");
+  push.set_repository("127.0.0.1:5998/team/app");
+  EXPECT_TRUE(auth.CheckPush(caller, push).ok());
+  push.set_repository("127.0.0.1:5998/team/../prod/app");
+  EXPECT_THAT(auth.CheckPush(caller, push), StatusIs(absl::StatusCode::kPermissionDenied));
+  push.set_repository("127.0.0.1:5998/team/./../prod/app");
+  EXPECT_THAT(auth.CheckPush(caller, push), StatusIs(absl::StatusCode::kPermissionDenied));
+  // Scopes are checked by the same grammar when the token is made.
+  EXPECT_THAT((*store)->tokens()->Create("bad", {"push:127.0.0.1:5998//x"}).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
 }  // namespace
 }  // namespace kiln

@@ -90,6 +90,12 @@ TEST_F(TokenE2eTest, EveryCallNeedsATokenWithTheRightScope) {
       absl::StrContains(production.stderr_data,
                         "PERMISSION_DENIED: token 'ci-monorepo' may not push to 127.0.0.1:5999/kiln/svc:production"))
       << production.stderr_data;
+  // Nor, through '..', another repository: the CLI refuses it before
+  // building, naming the rule (the coordinator and the worker would too).
+  CommandResult escaped =
+      Kiln(farm, {"build", flake, "--push=127.0.0.1:5999/kiln/../prod/svc:testing"}, {"KILN_TOKEN=" + ci});
+  EXPECT_EQ(escaped.exit.exit_code, 2) << escaped.stderr_data;
+  EXPECT_TRUE(absl::StrContains(escaped.stderr_data, "path component '..' is not allowed")) << escaped.stderr_data;
   // A token's quota of queued and running jobs.
   const std::string greeter = testing::SourcePath("examples/services/greeter") + "#default";
   const std::string image = testing::SourcePath("examples/services/hello-api") + "#oci-image";
