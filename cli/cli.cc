@@ -54,6 +54,9 @@ using kiln::v1::JobEvent;
 void Err(const std::string& text) { std::fprintf(stderr, "%s\n", text.c_str()); }
 
 int ExitCodeFor(const absl::Status& status) {
+  if (absl::IsResourceExhausted(status) && absl::StrContains(status.message(), kCoordinatorOutOfSpace)) {
+    return kExitCoordinatorOutOfSpace;
+  }
   switch (status.code()) {
     case absl::StatusCode::kInvalidArgument:
     case absl::StatusCode::kNotFound:

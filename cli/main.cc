@@ -71,6 +71,7 @@ constexpr char kUsage[] =
     "  kiln push RESULT REGISTRY/REPO[:TAG] [--tag=T,...] [--authfile=F] [--json]\n"
     "  kiln [--coordinator=ADDR] fod list|export [--name=NAME] | show KEY | forget KEY...|--name=NAME | import FILE\n"
     "Exit codes: 0 success, 1 build failed, 2 bad usage or input, 3 coordinator unreachable,\n"
+    "4 the coordinator is out of disk space (it takes work again once space is freed),\n"
     "130 interrupted (Ctrl-C or SIGTERM) and the builds cancelled.";
 }
 

@@ -10,6 +10,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 
 namespace kiln {
@@ -17,6 +18,11 @@ namespace kiln {
 // Largest message either side accepts. Assignments carry a source tree
 // inline, so this is above the default 4 MiB.
 inline constexpr int kMaxGrpcMessageBytes = 80 << 20;
+
+// How the coordinator's refusals for lack of disk space begin (their code is
+// RESOURCE_EXHAUSTED, as for quotas): clients tell them apart by it and exit
+// with a code of their own.
+inline constexpr absl::string_view kCoordinatorOutOfSpace = "the coordinator is out of disk space";
 
 grpc::Status ToGrpcStatus(const absl::Status& status);
 absl::Status FromGrpcStatus(const grpc::Status& status);

@@ -23,6 +23,7 @@
 #include "common/installable.h"
 #include "common/log.h"
 #include "coordinator/job_log.h"
+#include "coordinator/rocks_status.h"
 #include "coordinator/auth.h"
 
 namespace kiln {
@@ -135,7 +136,9 @@ BuildCoordinator::BuildCoordinator(StateStore* store, CoordinatorMetrics* metric
       started_(clock_->Now()),
       // Distinct per start: the start time in nanoseconds (never 0, which
       // a watcher that saw no event sends).
-      incarnation_(static_cast<uint64_t>(absl::ToUnixNanos(absl::Now()))) {}
+      incarnation_(static_cast<uint64_t>(absl::ToUnixNanos(absl::Now()))) {
+  metrics_->state_writable.Set(1);
+}
 
 bool BuildCoordinator::IsTerminal(JobState state) {
   return state == kiln::v1::JOB_STATE_SUCCEEDED || state == kiln::v1::JOB_STATE_FAILED ||
@@ -335,6 +338,7 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(const kil
     return status;
   };
   if (request.targets().empty()) return reject(absl::InvalidArgumentError("no build targets"));
+  if (!EnsureWritable()) return reject(OutOfSpace());
   if (static_cast<size_t>(request.targets_size()) > options_.max_targets) {
     return reject(absl::InvalidArgumentError(absl::StrCat(
         request.targets_size(), " targets in one submission; the limit is ", options_.max_targets)));
@@ -467,6 +471,10 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(const kil
       if (s.ok() && !dir_hashes.contains(hash)) put(hash, *uploads.at(hash), false);
     }
     for (auto it = dirs->rbegin(); s.ok() && it != dirs->rend(); ++it) put(it->first, it->second, true);
+    if (IsDiskFull(s)) {
+      MarkUnwritable(s);
+      return reject(OutOfSpace());
+    }
     if (!s.ok()) {
       metrics_->state_write_errors.Increment();
       return reject(absl::UnavailableError(absl::StrCat("the coordinator could not store the source: ", s.message())));
@@ -529,6 +537,10 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(const kil
   write.next_job_seq = next_job_seq_ + records.size();
   write.next_buildset_seq = next_buildset_seq_ + 1;
   if (absl::Status s = store_->Commit(write); !s.ok()) {
+    if (IsDiskFull(s) || absl::IsResourceExhausted(s)) {
+      MarkUnwritable(s);
+      return reject(OutOfSpace());
+    }
     metrics_->state_write_errors.Increment();
     LogError(kComponent, "cannot store submission: ", s.ToString());
     return reject(absl::UnavailableError(absl::StrCat("the coordinator could not store the build: ", s.message())));
@@ -924,8 +936,49 @@ void BuildCoordinator::OutboxAck(WorkerEntry& worker, const std::string& job_id,
   ack->set_attempt(attempt);
 }
 
+bool BuildCoordinator::EnsureWritable() {
+  if (state_writable_.load()) return true;
+  const absl::Time now = clock_->Now();
+  if (now < next_resume_) return false;
+  next_resume_ = now + absl::Seconds(1);
+  // Not at the first free byte: a few writes would fill it again.
+  if (const uint64_t free_bytes = store_->FreeBytes(); free_bytes < options_.resume_min_free_bytes) {
+    state_error_ = absl::StrFormat("%d MiB free on its state directory; it resumes at %d MiB", free_bytes >> 20,
+                                   options_.resume_min_free_bytes >> 20);
+    return false;
+  }
+  if (absl::Status s = store_->Resume(); !s.ok()) {
+    state_error_ = std::string(s.message());
+    return false;
+  }
+  state_writable_.store(true);
+  metrics_->state_writable.Set(1);
+  LogInfo(kComponent, "state writes resumed");
+  return true;
+}
+
+void BuildCoordinator::MarkUnwritable(const absl::Status& why) {
+  metrics_->state_write_errors.Increment();
+  state_error_ = std::string(why.message());
+  if (state_writable_.exchange(false)) {
+    LogError(kComponent, "state write failed; taking no new work and announcing nothing until writes resume: ",
+             why.ToString());
+  }
+  metrics_->state_writable.Set(0);
+  next_resume_ = clock_->Now() + absl::Seconds(1);
+}
+
+absl::Status BuildCoordinator::OutOfSpace() const {
+  return absl::ResourceExhaustedError(absl::StrCat(
+      kCoordinatorOutOfSpace, ": it cannot store new work (", state_error_,
+      "); it takes submissions again by itself once space is freed on its state directory"));
+}
+
 void BuildCoordinator::Flush() {
   if (flushing_) return;
+  // While the store takes no writes, everything waits: the state changes,
+  // and the events and messages that would announce them.
+  if (!EnsureWritable()) return;
   flushing_ = true;
   Dispatch();  // Every slot freed since the last flush, in one round.
   if (!pending_jobs_.empty()) {
@@ -939,14 +992,18 @@ void BuildCoordinator::Flush() {
       job->parsed->SerializeToString(&job->packed);
       write.packed_jobs.emplace_back(&job->parsed->job_id(), &job->packed);
     }
-    pending_jobs_.clear();
-    absl::Cleanup clear_results = [this] { pending_results_.clear(); };
     if (absl::Status s = store_->Commit(write); !s.ok()) {
-      // The in-memory state stays authoritative while the process lives; a
-      // restart would see the last stored state. Loud, and counted.
-      metrics_->state_write_errors.Increment();
-      LogError(kComponent, "state write failed: ", s.ToString());
+      // Kept to be written again once the store resumes; until then nobody
+      // hears of these changes, so a restart loses nothing anyone was told.
+      for (JobEntry* job : pending_jobs_) job->dirty = true;
+      pending_logs_.swap(write.logs);
+      pending_log_deletes_.swap(write.deleted_logs);
+      MarkUnwritable(s);
+      flushing_ = false;
+      return;
     }
+    pending_jobs_.clear();
+    pending_results_.clear();
   }
   // Queued and finished jobs keep only their serialized record: most jobs
   // are in one of those states, and a parsed record costs ~5 times more.

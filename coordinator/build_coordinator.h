@@ -11,6 +11,7 @@
 // it and return.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <memory>
@@ -87,6 +88,9 @@ struct BuildCoordinatorOptions {
   // new job until it is back under. 0 disables a limit.
   int64_t min_store_free_bytes = int64_t{1} << 30;
   int64_t min_work_dir_free_bytes = int64_t{512} << 20;  // Its source cache and checkouts.
+  // After a write failed for lack of space, writes resume once the state
+  // directory has this much free (and the store resumes).
+  uint64_t resume_min_free_bytes = uint64_t{16} << 20;
   double max_memory_used_fraction = 0.95;
   double max_load_per_slot = 0;  // Load average divided by the worker's slots.
   // A job requeued after an infrastructure error waits this long, doubled
@@ -169,6 +173,13 @@ class BuildCoordinator {
   // Periodic: closes the streams of workers silent past the lease and
   // requeues the jobs of workers whose lease ran out.
   void Tick();
+
+  // False from a failed state write (a full disk) until the store takes
+  // writes again. Meanwhile nothing is announced that is not stored: events,
+  // acknowledgements and assignments wait, submissions are refused with
+  // kCoordinatorOutOfSpace, and each Flush (Tick runs one every second) asks
+  // the store to resume, at most once a second. Thread-safe (for /readyz).
+  bool state_writable() const { return state_writable_.load(); }
 
   // Runs the CAS's garbage collection now (Tick does when over the limit);
   // the bytes freed.
@@ -281,6 +292,13 @@ class BuildCoordinator {
   // Compresses a finished job's log for the store and applies the
   // retention limit (before the job's record is persisted).
   void StoreLog(JobEntry& job);
+  // Whether the store takes writes: true if it did, or resumes now (tried at
+  // most once a second).
+  bool EnsureWritable();
+  // Notes a failed write: nothing more is announced until writes resume.
+  void MarkUnwritable(const absl::Status& why);
+  // The refusal for new work while the store takes no writes.
+  absl::Status OutOfSpace() const;
   // Refreshes the gauges, at most every 100 ms unless forced (Tick flushes).
   void UpdateGauges(bool force = false);
   static JobRequirements RequirementsOf(const kiln::v1::JobSpec& spec);
@@ -298,6 +316,9 @@ class BuildCoordinator {
   bool batched_ = false;
   absl::Time last_gc_ = absl::InfinitePast();
   bool flushing_ = false;
+  std::atomic<bool> state_writable_{true};
+  std::string state_error_;  // Why the last write failed.
+  absl::Time next_resume_ = absl::InfinitePast();
   // Entries point into jobs_ (a node map: stable).
   std::vector<JobEntry*> pending_jobs_;
   std::vector<JobEntry*> touched_;

@@ -1,3 +1,4 @@
+#include "coordinator/rocks_status.h"
 #include "coordinator/cas_service.h"
 
 #include <memory>
@@ -50,6 +51,11 @@ grpc::Status CasServiceImpl::WriteBlobs(grpc::ServerContext* context,
   uint64_t total = 0;
   const auto reject = [&](const absl::Status& s) {
     metrics_->cas_rejected_blobs.Increment();
+    if (IsDiskFull(s)) {
+      return ToGrpcStatus(absl::ResourceExhaustedError(
+          absl::StrCat(kCoordinatorOutOfSpace, ": it cannot store the uploaded source (", s.message(),
+                       "); retry once space is freed on its state directory")));
+    }
     return ToGrpcStatus(s);
   };
   while (reader->Read(&chunk)) {

@@ -37,6 +37,9 @@ CoordinatorMetrics::CoordinatorMetrics(std::shared_ptr<prometheus::Registry> reg
                                        "Build submissions refused (invalid input or storage error).")),
       state_write_errors(MakeCounter(*registry, "kiln_state_write_errors_total",
                                      "Failed writes to the coordinator's state store.")),
+      state_writable(MakeGauge(*registry, "kiln_state_writable",
+                               "1 while the state store takes writes; 0 after a write failed (a full disk) until "
+                               "it resumes: no new work is taken meanwhile.")),
       build_duration(prometheus::BuildHistogram()
                          .Name("kiln_build_duration_seconds")
                          .Help("Time from a job's start on a worker to its result.")

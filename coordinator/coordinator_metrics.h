@@ -28,6 +28,7 @@ class CoordinatorMetrics {
   prometheus::Counter& jobs_submitted;
   prometheus::Counter& submissions_rejected;
   prometheus::Counter& state_write_errors;
+  prometheus::Gauge& state_writable;
   prometheus::Histogram& build_duration;
   prometheus::Histogram& queue_wait;
   // Content-addressed store: what clients and workers sent and fetched, and

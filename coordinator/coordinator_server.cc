@@ -54,6 +54,9 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   auto readiness = [s = server.get()]() -> absl::Status {
     if (!s->serving_.load()) return absl::UnavailableError("not serving gRPC (starting or shutting down)");
     if (s->store_->WritesStopped()) return absl::UnavailableError("the state database has stopped writes");
+    if (!s->core_->state_writable()) {
+      return absl::UnavailableError("state writes fail (out of disk space?): taking no new work until they resume");
+    }
     return absl::OkStatus();
   };
   auto metrics = MetricsHttpServer::Start(

@@ -11,7 +11,11 @@ namespace kiln {
 
 // OK stays OK; otherwise "WHAT: rocksdb's message" with a code that says
 // what the caller may do (NotFound, DataLoss, Unavailable for transient
-// contention, Internal otherwise).
+// contention, ResourceExhausted for a full disk, Internal otherwise).
 absl::Status FromRocks(const rocksdb::Status& s, absl::string_view what);
+
+// A write that failed because the disk is full (ENOSPC, EDQUOT), from
+// RocksDB or from the CAS's own files.
+bool IsDiskFull(const absl::Status& s);
 
 }  // namespace kiln

@@ -121,6 +121,14 @@ absl::StatusOr<RocksDbStateStore::BackupStats> RocksDbStateStore::Backup(const s
   return stats;
 }
 
+absl::Status RocksDbStateStore::Resume() { return FromRocks(db_->Resume(), "resuming state writes"); }
+
+uint64_t RocksDbStateStore::FreeBytes() const {
+  std::error_code ec;
+  const std::filesystem::space_info space = std::filesystem::space(cas_dir_, ec);
+  return ec ? UINT64_MAX : static_cast<uint64_t>(space.available);
+}
+
 bool RocksDbStateStore::WritesStopped() const {
   uint64_t value = 0;
   return db_->GetIntProperty(rocksdb::DB::Properties::kIsWriteStopped, &value) && value != 0;

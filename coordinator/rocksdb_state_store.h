@@ -33,6 +33,10 @@ class RocksDbStateStore final : public StateStore {
   ~RocksDbStateStore() override;
 
   absl::Status Commit(const StateWrite& write) override;
+  // RocksDB stops all writes after one failed for lack of space; Resume
+  // (DB::Resume) flushes what it holds and lets them through again.
+  absl::Status Resume() override;
+  uint64_t FreeBytes() const override;
   absl::StatusOr<std::string> GetBlob(const std::string& sha256_hex) override;
   absl::StatusOr<std::string> GetLog(const std::string& job_id) override;
   absl::Status ForEachPackedJob(absl::FunctionRef<absl::Status(absl::string_view)> fn) override;

@@ -54,6 +54,13 @@ class StateStore {
 
   virtual absl::Status Commit(const StateWrite& write) = 0;
 
+  // After a write failed (say, the disk was full): makes the store take
+  // writes again if it can now, else says why not.
+  virtual absl::Status Resume() { return absl::OkStatus(); }
+
+  // Bytes free on the file system the store writes to.
+  virtual uint64_t FreeBytes() const { return UINT64_MAX; }
+
   // NotFound when no blob has that digest.
   virtual absl::StatusOr<std::string> GetBlob(const std::string& sha256_hex) = 0;
 

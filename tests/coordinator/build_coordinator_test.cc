@@ -72,6 +72,32 @@ class FakeWatcher final : public JobWatcher {
   absl::Status close_status;
 };
 
+// A fake at the StateStore seam: the real store, except that while `full`
+// every write fails as on a full disk and it reports no free space.
+class FullDiskStore final : public StateStore {
+ public:
+  explicit FullDiskStore(StateStore* real) : real_(real) {}
+  absl::Status Commit(const StateWrite& write) override {
+    if (full) return absl::ResourceExhaustedError("state write: IO error: No space left on device");
+    return real_->Commit(write);
+  }
+  absl::Status Resume() override { return real_->Resume(); }
+  uint64_t FreeBytes() const override { return full ? 0 : uint64_t{1} << 30; }
+  absl::StatusOr<std::string> GetBlob(const std::string& h) override { return real_->GetBlob(h); }
+  absl::StatusOr<std::string> GetLog(const std::string& id) override { return real_->GetLog(id); }
+  absl::Status ForEachPackedJob(absl::FunctionRef<absl::Status(absl::string_view)> fn) override {
+    return real_->ForEachPackedJob(fn);
+  }
+  absl::StatusOr<StoredCounters> LoadCounters() override { return real_->LoadCounters(); }
+  absl::StatusOr<kiln::state::v1::CachedResult> GetCachedResult(const std::string& key) override {
+    return real_->GetCachedResult(key);
+  }
+  bool full = false;
+
+ private:
+  StateStore* real_;
+};
+
 class BuildCoordinatorTest : public ::testing::Test {
  protected:
   void SetUp() override { Open(); }
@@ -189,6 +215,46 @@ TEST_F(BuildCoordinatorTest, AssignsToARegisteredWorkerWithTheSourceAndReportsTh
   EXPECT_TRUE(watcher->events.back().has_finished());
   // Sequence numbers increase by one: a resuming watcher loses nothing.
   for (size_t i = 0; i < watcher->events.size(); ++i) EXPECT_EQ(watcher->events[i].sequence(), i + 1);
+}
+
+// What is not stored is not announced: a result that arrives while state
+// writes fail waits (no event, no acknowledgement, so the worker keeps it),
+// submissions are refused, and once writes succeed again all of it is
+// stored and announced, without a restart.
+TEST_F(BuildCoordinatorTest, WhileStateWritesFailNothingIsAnnouncedAndWorkResumesByItself) {
+  FullDiskStore disk(store_.get());
+  core_ = std::make_unique<BuildCoordinator>(&disk, &metrics_, &clock_, options_, store_->cas());
+  ASSERT_TRUE(core_->Recover().ok());
+  const std::string id = SubmitOne();
+  auto watcher = std::make_shared<FakeWatcher>();
+  ASSERT_TRUE(core_->Watch(id, 0, 0, watcher).ok());
+  auto w = Connect("w1", 1);
+  auto assignments = w->Assignments();
+  ASSERT_EQ(assignments.size(), 1u);
+
+  disk.full = true;
+  Report(w, assignments[0], kiln::v1::RESULT_CODE_SUCCEEDED);
+  EXPECT_FALSE(core_->state_writable());
+  EXPECT_FALSE(watcher->closed);
+  for (const auto& e : watcher->events) EXPECT_FALSE(e.has_finished());
+  EXPECT_EQ(w->Acks(), 0);
+  EXPECT_THAT(core_->Submit(Request()).status(),
+              StatusIs(absl::StatusCode::kResourceExhausted, "the coordinator is out of disk space"));
+  clock_.Advance(absl::Seconds(2));
+  core_->Tick();
+  EXPECT_FALSE(watcher->closed);
+
+  disk.full = false;
+  clock_.Advance(absl::Seconds(2));
+  core_->Tick();
+  EXPECT_TRUE(core_->state_writable());
+  ASSERT_TRUE(watcher->closed);
+  EXPECT_TRUE(watcher->events.back().has_finished());
+  EXPECT_EQ(w->Acks(), 1);
+  EXPECT_TRUE(core_->Submit(Request()).ok());
+  // Stored: a coordinator opened on the store sees it.
+  Open();
+  EXPECT_EQ(State(id), kiln::v1::JOB_STATE_SUCCEEDED);
 }
 
 TEST_F(BuildCoordinatorTest, ATokensJobsCountAgainstItsQuotaUntilTheyEndAndAcrossARestart) {
