@@ -9,6 +9,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
+#include "common/cli_args.h"
 #include "common/clock.h"
 #include "common/grpc_util.h"
 
@@ -95,7 +96,9 @@ class PlainView final : public BuildView {
   void Message(const std::string& text) override { Line(text); }
 
  private:
-  void Line(const std::string& text) { Write(text + "\n"); }
+  // Events quote names from the coordinator (targets, workers, reasons):
+  // their control characters are shown, not acted on.
+  void Line(const std::string& text) { Write(TerminalSafe(text) + "\n"); }
   void Write(const std::string& text) {
     absl::MutexLock lock(&mu_);
     std::fwrite(text.data(), 1, text.size(), out_);
@@ -214,7 +217,7 @@ class TerminalView final : public BuildView {
 
   void Message(const std::string& text) override {
     absl::MutexLock lock(&mu_);
-    pending_.push_back(text);
+    pending_.push_back(TerminalSafe(text));
     if (finished_) Flush(TakePending());  // Nothing draws any more.
   }
 
@@ -363,7 +366,8 @@ std::vector<std::string> StatusBoard::Event(size_t index, const JobEvent& event,
                                    : absl::StrFormat(", %.1fs", absl::ToDoubleSeconds(duration));
       const std::string text = absl::StrCat(t.installable, " (job ", t.job_id, where, took, ")");
       permanent.push_back(absl::StrCat(Colored(t.state, absl::StrFormat("%-10s", t.state)), " ",
-                                       Fit(text, static_cast<size_t>(std::max(options_.width - 12, 10)))));
+                                       Fit(TerminalSafe(text, /*multiline=*/false),
+                                           static_cast<size_t>(std::max(options_.width - 12, 10)))));
       break;
     }
     case JobEvent::KIND_NOT_SET:
@@ -405,7 +409,7 @@ std::vector<std::string> StatusBoard::Frame(absl::Time now) const {
       parts.push_back(t.last_line);
     }
     lines.push_back(absl::StrCat(Colored(t.state, absl::StrFormat("%-10s", t.state)), " ",
-                                 Fit(absl::StrJoin(parts, "  "), room)));
+                                 Fit(TerminalSafe(absl::StrJoin(parts, "  "), /*multiline=*/false), room)));
   }
   if (unfinished > shown) {
     lines.push_back(Fit(absl::StrFormat("… and %d more (%d unfinished: %d queued, %d building)", unfinished - shown,

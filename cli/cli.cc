@@ -51,7 +51,12 @@ namespace {
 using kiln::v1::BuildService;
 using kiln::v1::JobEvent;
 
-void Err(const std::string& text) { std::fprintf(stderr, "%s\n", text.c_str()); }
+// Messages may quote what came from elsewhere (ids, names, another user's
+// target): control characters are shown, not acted on.
+void Err(const std::string& text) { std::fprintf(stderr, "%s\n", TerminalSafe(text).c_str()); }
+
+// A line for people on stdout, likewise.
+void Out(const std::string& text) { std::printf("%s\n", TerminalSafe(text).c_str()); }
 
 int ExitCodeFor(const absl::Status& status) {
   if (absl::IsResourceExhausted(status) && absl::StrContains(status.message(), kCoordinatorOutOfSpace)) {
@@ -866,7 +871,7 @@ int PrintBuildset(const CliOptions& options, const kiln::v1::Buildset& buildset)
   for (const auto& [state, n] : counts) parts.push_back(absl::StrCat(n, " ", state));
   std::printf("buildset %s: %d job(s) — %s\n", buildset.buildset_id().c_str(), buildset.jobs_size(),
               absl::StrJoin(parts, ", ").c_str());
-  for (const auto& job : buildset.jobs()) std::printf("  %s\n", JobLine(job).c_str());
+  for (const auto& job : buildset.jobs()) Out(absl::StrCat("  ", JobLine(job)));
   return kExitOk;
 }
 
@@ -923,9 +928,9 @@ int RunStatusCommand(const CliOptions& options, const std::string& id) {
   if (options.json) {
     std::printf("%s\n", JobJson(job).dump().c_str());
   } else {
-    std::printf("%s\n", JobLine(job).c_str());
-    for (const auto& [name, path] : job.result().outputs()) std::printf("  %s: %s\n", name.c_str(), path.c_str());
-    if (!job.result().error_message().empty()) std::printf("%s\n", job.result().error_message().c_str());
+    Out(JobLine(job));
+    for (const auto& [name, path] : job.result().outputs()) Out(absl::StrCat("  ", name, ": ", path));
+    if (!job.result().error_message().empty()) Out(job.result().error_message());
   }
   return kExitOk;
 }
@@ -1053,10 +1058,10 @@ int RunHistoryCommand(const CliOptions& options, int limit) {
               "DURATION", "FIRST TARGET");
   for (const auto& b : response.buildsets()) {
     const std::string duration = FormatElapsed(absl::Seconds(seconds(b)));
-    std::printf("%-9s %-19s %-20s %7d  %-26s %9s  %s\n", b.buildset_id().c_str(),
-                absl::FormatTime("%Y-%m-%d %H:%M:%S", FromProtoTime(b.submitted_at()), absl::UTCTimeZone()).c_str(),
-                b.submitter().substr(0, 20).c_str(), b.targets(), result_text(b).c_str(), duration.c_str(),
-                b.installables().empty() ? "" : b.installables(0).c_str());
+    Out(absl::StrFormat("%-9s %-19s %-20s %7d  %-26s %9s  %s", b.buildset_id(),
+                        absl::FormatTime("%Y-%m-%d %H:%M:%S", FromProtoTime(b.submitted_at()), absl::UTCTimeZone()),
+                        b.submitter().substr(0, 20), b.targets(), result_text(b), duration,
+                        b.installables().empty() ? "" : b.installables(0)));
   }
   return kExitOk;
 }
@@ -1077,7 +1082,7 @@ int RunCancelCommand(const CliOptions& options, const std::string& id) {
   absl::Status s =
       UnaryCall(options, [&](grpc::ClientContext& c) { return Coordinator(options).CancelJob(&c, request, &response); });
   if (!s.ok()) return ReportError(s);
-  std::printf("job %s: %s\n", id.c_str(), JobStateName(response.state()));
+  Out(absl::StrCat("job ", id, ": ", JobStateName(response.state())));
   return kExitOk;
 }
 
@@ -1097,8 +1102,8 @@ int RunWorkersCommand(const CliOptions& options, const std::vector<std::string>&
     if (options.json) {
       std::printf("%s\n", WorkerJson(response.worker()).dump().c_str());
     } else {
-      std::printf("worker %s: %s, %d job(s) running\n", response.worker().name().c_str(),
-                  WorkerStateName(response.worker().state()), response.worker().running_jobs_size());
+      Out(absl::StrFormat("worker %s: %s, %d job(s) running", response.worker().name(),
+                          WorkerStateName(response.worker().state()), response.worker().running_jobs_size()));
     }
     return kExitOk;
   }
@@ -1140,7 +1145,7 @@ int RunWorkersCommand(const CliOptions& options, const std::vector<std::string>&
     for (size_t i = 0; i < row.size(); ++i) {
       absl::StrAppend(&line, row[i], i + 1 < row.size() ? std::string(width[i] - row[i].size() + 2, ' ') : "");
     }
-    std::printf("%s\n", line.c_str());
+    Out(line);
   }
   return kExitOk;
 }
@@ -1287,7 +1292,7 @@ int RunFodHashCommand(const CliOptions& options, const std::vector<std::string>&
       } else {
         absl::StrAppend(&line, " ", r.declared());
       }
-      std::printf("%s\n", line.c_str());
+      Out(line);
     }
     if (r.whole_source() && !options.quiet) {
       Err(absl::StrFormat("kiln: note: FOD '%s' takes the whole flake source as an input: every edit of the flake "

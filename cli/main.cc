@@ -200,18 +200,12 @@ int main(int argc, char** argv) {
       return kiln::kExitUsage;
     }
   }
-  for (const std::string& label : absl::GetFlag(FLAGS_label)) {
-    const size_t eq = label.find('=');
-    if (eq == std::string::npos || eq == 0) {
-      std::fprintf(stderr, "error: --label wants KEY=VALUE, got '%s'\n", label.c_str());
-      return kiln::kExitUsage;
-    }
-    if (!options.labels.emplace(label.substr(0, eq), label.substr(eq + 1)).second) {
-      std::fprintf(stderr, "error: --label names '%s' twice; a job can pin a label to one value\n",
-                   label.substr(0, eq).c_str());
-      return kiln::kExitUsage;
-    }
+  absl::StatusOr<std::map<std::string, std::string>> labels = kiln::ParseLabels(absl::GetFlag(FLAGS_label));
+  if (!labels.ok()) {
+    std::fprintf(stderr, "error: --label: %s\n", std::string(labels.status().message()).c_str());
+    return kiln::kExitUsage;
   }
+  options.labels = *std::move(labels);
 
   if (args.empty()) {
     std::fprintf(stderr, "%s\n", kUsage);
@@ -219,6 +213,18 @@ int main(int argc, char** argv) {
   }
   const std::string command = args[0];
   args.erase(args.begin());
+  // Ids and worker names are short printable text: anything else is refused
+  // here, with a message, rather than echoed or sent (a huge one would not
+  // even fit in a request's headers).
+  if (command == "status" || command == "cancel" || command == "log" || command == "workers") {
+    for (const std::string& arg : args) {
+      if (command == "workers" && (arg == "drain" || arg == "undrain")) continue;
+      if (absl::Status s = kiln::CheckPrintableName(command == "workers" ? "worker name" : "id", arg, 128); !s.ok()) {
+        std::fprintf(stderr, "error: %s\n", std::string(s.message()).c_str());
+        std::_Exit(kiln::kExitUsage);
+      }
+    }
+  }
   int code = kiln::kExitUsage;
   if (command == "build") {
     code = kiln::RunBuildCommand(options, args);
@@ -235,7 +241,8 @@ int main(int argc, char** argv) {
   } else if ((command == "status" || command == "cancel") && args.size() == 1) {
     code = command == "status" ? kiln::RunStatusCommand(options, args[0]) : kiln::RunCancelCommand(options, args[0]);
   } else {
-    std::fprintf(stderr, "error: unknown command or wrong arguments: '%s'\n%s\n", command.c_str(), kUsage);
+    std::fprintf(stderr, "error: unknown command or wrong arguments: '%s'\n%s\n",
+                 kiln::TerminalSafe(command.substr(0, 100), false).c_str(), kUsage);
   }
   // Everything the user sees is written; skip static destructors (gRPC's
   // shutdown) that only delay the exit of every command.

@@ -2,6 +2,9 @@
 
 #include <cstdlib>
 
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
 namespace kiln {
 
 DashedFlagArgs::DashedFlagArgs(int argc, char** argv) {
@@ -30,6 +33,53 @@ std::string UserCacheDir() {
     return std::string(home) + "/.cache/kiln";
   }
   return "";
+}
+
+std::string TerminalSafe(absl::string_view text, bool multiline) {
+  std::string out;
+  out.reserve(text.size());
+  for (char c : text) {
+    const auto u = static_cast<unsigned char>(c);
+    if ((u < 0x20 || u == 0x7f) && !(multiline && (c == '\n' || c == '\t'))) {
+      absl::StrAppendFormat(&out, "\\x%02x", u);
+    } else {
+      out.push_back(c);
+    }
+  }
+  return out;
+}
+
+absl::Status CheckPrintableName(absl::string_view what, absl::string_view value, size_t max_bytes) {
+  if (value.size() > max_bytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " is ", value.size(), " bytes long; at most ", max_bytes, " are allowed"));
+  }
+  for (char c : value) {
+    const auto u = static_cast<unsigned char>(c);
+    if (u < 0x20 || u == 0x7f) {
+      return absl::InvalidArgumentError(absl::StrCat(what, " '", TerminalSafe(value, false),
+                                                     "' has a control character; names are printable text"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::map<std::string, std::string>> ParseLabels(const std::vector<std::string>& items) {
+  std::map<std::string, std::string> labels;
+  for (const std::string& item : items) {
+    const size_t eq = item.find('=');
+    if (eq == std::string::npos || eq == 0) {
+      return absl::InvalidArgumentError(absl::StrCat("a label is KEY=VALUE, got '", TerminalSafe(item, false), "'"));
+    }
+    const std::string key = item.substr(0, eq), value = item.substr(eq + 1);
+    if (absl::Status s = CheckPrintableName("label key", key, 128); !s.ok()) return s;
+    if (absl::Status s = CheckPrintableName(absl::StrCat("label '", key, "' value"), value, 256); !s.ok()) return s;
+    if (!labels.emplace(key, value).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("label '", key, "' is given twice; a label has one value"));
+    }
+  }
+  return labels;
 }
 
 }  // namespace kiln

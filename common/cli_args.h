@@ -4,8 +4,13 @@
 // leaves everything after a bare `--` alone.
 #pragma once
 
+#include <map>
 #include <string>
 #include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace kiln {
 
@@ -24,5 +29,20 @@ class DashedFlagArgs {
 // digests): $KILN_CACHE_DIR, else $XDG_CACHE_HOME/kiln, else ~/.cache/kiln;
 // empty when none of them is set.
 std::string UserCacheDir();
+
+// `text` made safe to print to a terminal: control characters (ESC, which
+// starts the sequences that move the cursor, recolour or retitle a
+// terminal; CR, BS, BEL, ...) are shown as \xNN instead of acted on.
+// Newlines and tabs stay when `multiline`. For names, ids and messages that
+// came from elsewhere (the coordinator, another user's submission).
+std::string TerminalSafe(absl::string_view text, bool multiline = true);
+
+// A name that labels or identifies something (a label key or value, a job or
+// buildset id): printable, at most `max_bytes`. `what` names it in the error.
+absl::Status CheckPrintableName(absl::string_view what, absl::string_view value, size_t max_bytes = 256);
+
+// `--label` / `--labels` values, KEY=VALUE each: checked with
+// CheckPrintableName, a key given twice refused.
+absl::StatusOr<std::map<std::string, std::string>> ParseLabels(const std::vector<std::string>& items);
 
 }  // namespace kiln

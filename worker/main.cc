@@ -116,6 +116,9 @@ int main(int argc, char** argv) {
     gethostname(host, sizeof host - 1);
     options.name = host;
   }
+  if (absl::Status s = kiln::CheckPrintableName("--name", options.name, 128); !s.ok()) {
+    return Fail(std::string(s.message()));
+  }
   options.work_dir = absl::GetFlag(FLAGS_work_dir);
   if (options.work_dir.empty()) return Fail("--work-dir is required");
   std::error_code ec;
@@ -137,7 +140,9 @@ int main(int argc, char** argv) {
   options.systems = absl::GetFlag(FLAGS_systems);
   options.supported_features = absl::GetFlag(FLAGS_features);
   options.mandatory_features = absl::GetFlag(FLAGS_mandatory_features);
-  for (auto& [k, v] : SplitPairs(absl::GetFlag(FLAGS_labels))) options.labels[k] = v;
+  absl::StatusOr<std::map<std::string, std::string>> labels = kiln::ParseLabels(absl::GetFlag(FLAGS_labels));
+  if (!labels.ok()) return Fail(absl::StrCat("--labels: ", labels.status().message()));
+  options.labels = *std::move(labels);
   options.blob_cache_bytes = static_cast<uint64_t>(std::max<int64_t>(0, absl::GetFlag(FLAGS_blob_cache_mb))) << 20;
   if (options.systems.empty() || options.supported_features.empty()) {
     auto info = kiln::QueryNixSystemInfo(absl::GetFlag(FLAGS_nix));

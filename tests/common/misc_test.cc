@@ -116,6 +116,34 @@ TEST(NetTest, AFailedAtomicWriteLeavesNoTemporaryFile) {
   EXPECT_FALSE(IsAtomicWriteLeftover("ab12"));
 }
 
+TEST(TerminalSafeTest, ShowsControlCharactersInsteadOfActingOnThem) {
+  EXPECT_EQ(TerminalSafe("plain name-1.0"), "plain name-1.0");
+  EXPECT_EQ(TerminalSafe("\x1b]0;owned\x07x"), "\\x1b]0;owned\\x07x");
+  EXPECT_EQ(TerminalSafe("a\rb\bc\x7f"), "a\\x0db\\x08c\\x7f");
+  EXPECT_EQ(TerminalSafe("two\nlines\tok"), "two\nlines\tok");
+  EXPECT_EQ(TerminalSafe("two\nlines", /*multiline=*/false), "two\\x0alines");
+  EXPECT_EQ(TerminalSafe("caf\xc3\xa9"), "caf\xc3\xa9");  // UTF-8 stays.
+}
+
+TEST(LabelsTest, KeyValuePairsPrintableBoundedAndEachKeyOnce) {
+  auto labels = ParseLabels({"pool=orbstack", "region=fr-par"});
+  ASSERT_TRUE(labels.ok()) << labels.status();
+  EXPECT_EQ(labels->at("pool"), "orbstack");
+  auto twice = ParseLabels({"pool=a", "pool=b"});
+  ASSERT_FALSE(twice.ok());
+  EXPECT_NE(twice.status().message().find("label 'pool' is given twice"), std::string::npos) << twice.status();
+  EXPECT_FALSE(ParseLabels({"=x"}).ok());
+  EXPECT_FALSE(ParseLabels({"novalue"}).ok());
+  auto escape = ParseLabels({"pool=\x1b[2J"});
+  ASSERT_FALSE(escape.ok());
+  EXPECT_EQ(escape.status().message().find('\x1b'), std::string::npos) << escape.status();
+  auto huge = ParseLabels({"pool=" + std::string(9000, 'a')});
+  ASSERT_FALSE(huge.ok());
+  EXPECT_NE(huge.status().message().find("at most 256"), std::string::npos) << huge.status();
+  EXPECT_TRUE(CheckPrintableName("id", "b12").ok());
+  EXPECT_FALSE(CheckPrintableName("id", std::string(200, '1'), 128).ok());
+}
+
 TEST(DashedFlagArgsTest, RewritesNamesNotValues) {
   char a0[] = "kiln-worker", a1[] = "--work-dir=/tmp/a-b", a2[] = "--max-jobs", a3[] = "2", a4[] = "--",
        a5[] = "--keep-me";

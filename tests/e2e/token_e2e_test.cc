@@ -96,6 +96,17 @@ TEST_F(TokenE2eTest, EveryCallNeedsATokenWithTheRightScope) {
       Kiln(farm, {"build", flake, "--push=127.0.0.1:5999/kiln/../prod/svc:testing"}, {"KILN_TOKEN=" + ci});
   EXPECT_EQ(escaped.exit.exit_code, 2) << escaped.stderr_data;
   EXPECT_TRUE(absl::StrContains(escaped.stderr_data, "path component '..' is not allowed")) << escaped.stderr_data;
+  // Input the CLI refuses before sending anything: a label key twice, an id
+  // too long for a request's headers, control characters (not echoed).
+  CommandResult twice = Kiln(farm, {"build", flake, "--label=pool=a,pool=b"}, {"KILN_TOKEN=" + ci});
+  EXPECT_EQ(twice.exit.exit_code, 2);
+  EXPECT_TRUE(absl::StrContains(twice.stderr_data, "label 'pool' is given twice")) << twice.stderr_data;
+  CommandResult long_id = Kiln(farm, {"status", std::string(9000, '7')}, {"KILN_TOKEN=" + ci});
+  EXPECT_EQ(long_id.exit.exit_code, 2);
+  EXPECT_TRUE(absl::StrContains(long_id.stderr_data, "at most 128")) << long_id.stderr_data;
+  CommandResult escape = Kiln(farm, {"status", "\x1b]0;owned\x07"}, {"KILN_TOKEN=" + ci});
+  EXPECT_EQ(escape.exit.exit_code, 2);
+  EXPECT_FALSE(absl::StrContains(escape.stderr_data, "\x1b")) << escape.stderr_data;
   // A token's quota of queued and running jobs.
   const std::string greeter = testing::SourcePath("examples/services/greeter") + "#default";
   const std::string image = testing::SourcePath("examples/services/hello-api") + "#oci-image";
