@@ -200,7 +200,7 @@ fs::path SourceRoot(const std::vector<Target>& targets) {
 // every target as one buildset; job ids in target order.
 absl::StatusOr<std::vector<std::string>> SubmitOnce(BuildService::Stub& stub, const CliOptions& options,
                                                     const std::vector<Target>& targets, UploadStats& uploaded,
-                                                    BuildView* view) {
+                                                    BuildView* view, std::string* buildset_id) {
   const fs::path root = SourceRoot(targets);
   // Nix's view of the flake: inside a git work tree, the tracked files only.
   absl::StatusOr<std::optional<absl::flat_hash_set<std::string>>> tracked = GitTrackedFiles(root.string());
@@ -302,18 +302,19 @@ absl::StatusOr<std::vector<std::string>> SubmitOnce(BuildService::Stub& stub, co
   kiln::v1::SubmitBuildResponse response;
   grpc::Status status = stub.SubmitBuild(&context, request, &response);
   if (!status.ok()) return FromCoordinator(status, options);
+  if (buildset_id != nullptr) *buildset_id = response.buildset_id();
   return std::vector<std::string>(response.job_ids().begin(), response.job_ids().end());
 }
 
 absl::StatusOr<std::vector<std::string>> Submit(BuildService::Stub& stub, const CliOptions& options,
                                                 const std::vector<Target>& targets, UploadStats& uploaded,
-                                                BuildView* view = nullptr) {
-  absl::StatusOr<std::vector<std::string>> ids = SubmitOnce(stub, options, targets, uploaded, view);
+                                                BuildView* view = nullptr, std::string* buildset_id = nullptr) {
+  absl::StatusOr<std::vector<std::string>> ids = SubmitOnce(stub, options, targets, uploaded, view, buildset_id);
   // The coordinator's garbage collection can take a blob between our
   // question and our upload or submission: ask again, once.
   if (absl::IsFailedPrecondition(ids.status()) ||
       (absl::IsNotFound(ids.status()) && absl::StrContains(ids.status().message(), "neither uploaded"))) {
-    ids = SubmitOnce(stub, options, targets, uploaded, view);
+    ids = SubmitOnce(stub, options, targets, uploaded, view, buildset_id);
   }
   return ids;
 }
@@ -646,9 +647,10 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& g
     }
     jobs.push_back(std::move(s));
   }
+  std::string buildset_id;  // Once submitted.
   if (!targets.empty()) {
     UploadStats upload;
-    absl::StatusOr<std::vector<std::string>> ids = Submit(stub, options, targets, upload, view.get());
+    absl::StatusOr<std::vector<std::string>> ids = Submit(stub, options, targets, upload, view.get(), &buildset_id);
     for (size_t i = 0; i < targets.size(); ++i) {
       Submitted& s = jobs[target_job[i]];
       s.upload = upload;
@@ -718,6 +720,7 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& g
   if (interrupts.cancelled()) exit_code = kExitInterrupted;
 
   nlohmann::json json_out = nlohmann::json::array();
+  bool lost_coordinator = false;     // Some job's end was never heard.
   std::vector<std::string> summary;  // A line per target, like a CI matrix.
   for (const auto& job : jobs) {
     const size_t index = static_cast<size_t>(&job - &jobs[0]);
@@ -732,7 +735,9 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& g
     entry["jobId"] = job.job_id;
     const absl::flat_hash_set<std::string>& shown_errors = watched[index].shown_errors;
     const absl::StatusOr<JobEvent::Finished>& finished = watched[index].finished;
+    if (!buildset_id.empty()) entry["buildsetId"] = buildset_id;
     if (!finished.ok()) {
+      lost_coordinator = true;
       summary.push_back(absl::StrFormat("  %-10s %s (job %s)", "unknown", job.installable, job.job_id));
       say(absl::StrCat("error: ", job.installable, ": ", Describe(finished.status())));
       exit_code = std::max(exit_code, ExitCodeFor(finished.status()));
@@ -818,6 +823,11 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& g
   if (jobs.size() > 1 && !options.quiet) {
     say(absl::StrFormat("kiln: %d target(s):", jobs.size()));
     for (const std::string& line : summary) say(line);
+  }
+  if (lost_coordinator && !buildset_id.empty()) {
+    // The builds may go on without us: say how to find them again.
+    say(absl::StrFormat("kiln: the builds may still run on the farm; see them later with: kiln status %s",
+                        buildset_id));
   }
   if (options.json) std::printf("%s\n", json_out.dump().c_str());
   std::fflush(stdout);

@@ -1,6 +1,7 @@
 // kiln: the command line. Parses flags and dispatches to cli/cli.h.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -30,6 +31,8 @@ ABSL_FLAG(bool, print_build_logs, false,
           "build: on a terminal, show the full build logs above the status lines (-L; elsewhere they always are)");
 ABSL_FLAG(absl::Duration, timeout, absl::ZeroDuration(),
           "Fail a build that runs longer than this, e.g. 30m (default: the coordinator's)");
+ABSL_FLAG(absl::Duration, reconnect_timeout, absl::Minutes(2),
+          "build, log -f: how long to keep reconnecting to a coordinator that went away before giving up (exit 3)");
 ABSL_FLAG(absl::Duration, max_silent_time, absl::ZeroDuration(),
           "Fail a build that prints nothing for this long, e.g. 10m (default: no limit)");
 ABSL_FLAG(bool, all_flakes, false,
@@ -60,6 +63,7 @@ constexpr char kUsage[] =
     "  kiln [--coordinator=ADDR] build PATH#ATTR... | --all-flakes [--attr=ATTR] | --file=kiln.json\n"
     "                                  [--json] [--quiet] [-L] [--detach] [--rebuild] [-o PATH] [--system=SYSTEM]\n"
     "                                  [--priority=interactive|ci|batch] [--timeout=30m] [--max-silent-time=10m]\n"
+    "                                  [--reconnect-timeout=2m]\n"
     "                                  [--label=KEY=VALUE,...] [--push=REGISTRY/REPO[:TAG] [--tag=T,...]]\n"
     "  kiln [--coordinator=ADDR] status JOB|BUILDSET [--json]\n"
     "  kiln [--coordinator=ADDR] cancel JOB|BUILDSET [--json]\n"
@@ -167,6 +171,8 @@ int main(int argc, char** argv) {
   options.quiet = absl::GetFlag(FLAGS_quiet);
   options.print_build_logs = absl::GetFlag(FLAGS_print_build_logs);
   options.timeout_seconds = absl::ToInt64Seconds(absl::GetFlag(FLAGS_timeout));
+  options.watch_retry_seconds = static_cast<int>(
+      std::max<int64_t>(1, absl::ToInt64Seconds(absl::GetFlag(FLAGS_reconnect_timeout))));
   options.max_silent_time_seconds = absl::ToInt64Seconds(absl::GetFlag(FLAGS_max_silent_time));
   options.priority = absl::GetFlag(FLAGS_priority);
   options.detach = absl::GetFlag(FLAGS_detach);

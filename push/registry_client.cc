@@ -338,6 +338,11 @@ struct HttpRegistryClient::Impl {
       if (attempt > 0) {
         absl::Duration wait = std::min(absl::Milliseconds(200) * (1 << std::min(attempt, 10)), options.max_backoff);
         wait = wait * std::uniform_real_distribution<double>(0.5, 1.5)(rng);
+        if (options.on_retry) {
+          options.on_retry(absl::StrFormat("registry %s: %s failed (%s); retrying in %.1fs (attempt %d of %d)",
+                                           registry, r.what, last.message(), absl::ToDoubleSeconds(wait),
+                                           attempt + 1, options.max_attempts));
+        }
         absl::SleepFor(wait);
       }
       if (!bearer.empty() && absl::Now() >= token_renew) {

@@ -35,6 +35,10 @@ struct RegistryOptions {
   // Called, from whichever thread sends, as request bodies go out (bytes
   // sent again after a retry count again): for progress displays.
   std::function<void(uint64_t bytes)> on_sent;
+  // Called before each retry with a line for the job's log (what failed,
+  // when the next attempt is), so a push against a dead registry is not
+  // silent. May be called from several threads at once.
+  std::function<void(absl::string_view line)> on_retry;
 };
 
 // Where a blob's bytes come from: a file or memory.

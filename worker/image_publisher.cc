@@ -62,6 +62,9 @@ absl::StatusOr<kiln::v1::PushResult> RegistryPublisher::Push(const kiln::v1::Pus
     if (!creds.ok()) return creds.status();
     registry.credentials = *std::move(creds);
   }
+  // A registry that does not answer is retried with back-off: each retry is
+  // a line of the job's log, not a silence.
+  registry.on_retry = [&log](absl::string_view line) { log(line); };
   log(absl::StrCat("pushing to ", push.repository(), " (tags ", absl::StrJoin(push.tags(), ", "), ")"));
   HttpRegistryClient client(ref->registry, registry);
   PushOptions options{.gzip_level = options_.gzip_level,

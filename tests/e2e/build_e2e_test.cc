@@ -194,6 +194,28 @@ TEST_F(BuildE2eTest, UnreachableCoordinatorIsExitCodeThreeAndNamesTheAddress) {
   }
 }
 
+// The coordinator goes away for good mid-build: kiln gives up after
+// --reconnect-timeout with exit 3, and says how to find the builds later.
+TEST_F(BuildE2eTest, ACoordinatorGoneForGoodLeavesTheBuildsetIdToFollowUp) {
+  LocalFarm farm(/*workers=*/1);
+  ASSERT_TRUE(farm.Start().ok());
+  WriteFileOrDie(work_.Sub("gone/flake.nix"), absl::StrCat(R"({
+  outputs = { self }: {
+    packages.x86_64-linux.default = derivation {
+      name = "gone"; system = "x86_64-linux"; builder = "/bin/sh";
+      args = [ "-c" "echo )", Nonce(), R"(; /bin/sleep 30; echo done > $out" ];
+    };
+  };
+})"));
+  testing::BackgroundBuild build(farm, {work_.Sub("gone"), "--reconnect-timeout=2s"});
+  ASSERT_TRUE(build.spawn_status().ok());
+  ASSERT_FALSE(build.WaitForJobId(absl::Seconds(30)).empty());
+  farm.KillCoordinator(SIGKILL);
+  ASSERT_TRUE(build.WaitDone(absl::Seconds(60)));
+  EXPECT_EQ(build.exit().exit_code, 3) << build.stderr_data();
+  EXPECT_TRUE(absl::StrContains(build.stderr_data(), "see them later with: kiln status b1")) << build.stderr_data();
+}
+
 TEST_F(BuildE2eTest, CancelKillsTheWholeBuildTree) {
   const std::string marker = absl::StrCat("kiln-cancel-marker-", Nonce());
   // The builder starts a background sleeper: only a process-group kill ends it.

@@ -541,6 +541,12 @@ TEST_F(PushTest, ARegistryThatStaysDownIsAClearFailureAfterBoundedRetries) {
   RegistryOptions o = Options();
   o.max_attempts = 3;
   o.max_backoff = absl::Milliseconds(200);
+  absl::Mutex retries_mu;
+  std::vector<std::string> retries;
+  o.on_retry = [&](absl::string_view line) {
+    absl::MutexLock lock(&retries_mu);
+    retries.emplace_back(line);
+  };
   HttpRegistryClient http((*own)->address(), o);
   InterruptingClient client(&http, [&] { (*own)->Stop(); });
   auto ref = ParseImageRef(absl::StrCat((*own)->address(), "/kiln/gone:testing"));
@@ -550,6 +556,12 @@ TEST_F(PushTest, ARegistryThatStaysDownIsAClearFailureAfterBoundedRetries) {
   EXPECT_TRUE(absl::IsUnavailable(report.status())) << report.status();
   EXPECT_TRUE(absl::StrContains(report.status().message(), "after 3 attempts")) << report.status();
   EXPECT_LT(absl::Now() - start, absl::Seconds(30));
+  // Each retry was said, for the job's log.
+  absl::MutexLock lock(&retries_mu);
+  ASSERT_GE(retries.size(), 2u);
+  EXPECT_TRUE(absl::StrContains(retries[0], "retrying in")) << retries[0];
+  EXPECT_TRUE(absl::StrContains(retries[0], "(attempt 2 of 3)")) << retries[0];
+  for (const std::string& line : retries) EXPECT_FALSE(absl::StrContains(line, kPassword)) << line;
 }
 
 TEST_F(PushTest, AnHttpsRegistryIsTrustedThroughItsCaOnly) {

@@ -331,10 +331,9 @@ BackgroundBuild::BackgroundBuild(const LocalFarm& farm, const std::vector<std::s
         static const std::regex kQueued("queued as job (\\d+)");
         std::string text(line);
         std::smatch m;
-        if (std::regex_search(text, m, kQueued)) {
-          absl::MutexLock lock(&mu_);
-          if (job_id_.empty()) job_id_ = m[1];
-        }
+        absl::MutexLock lock(&mu_);
+        if (stderr_.size() < (1 << 20)) absl::StrAppend(&stderr_, text, "\n");
+        if (std::regex_search(text, m, kQueued) && job_id_.empty()) job_id_ = m[1];
       },
       [this](ExitInfo exit, std::string out) {
         exit_ = exit;
@@ -353,6 +352,11 @@ std::string BackgroundBuild::WaitForJobId(absl::Duration timeout) {
 }
 
 bool BackgroundBuild::WaitDone(absl::Duration timeout) { return done_.WaitForNotificationWithTimeout(timeout); }
+
+std::string BackgroundBuild::stderr_data() {
+  absl::MutexLock lock(&mu_);
+  return stderr_;
+}
 
 absl::StatusOr<std::string> ScrapeMetrics(const std::string& address) {
   auto r = RunCommand({.argv = {"curl", "-sSf", absl::StrCat("http://", address, "/metrics")}, .extra_env = {}, .cwd = ""},

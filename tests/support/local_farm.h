@@ -156,10 +156,13 @@ class BackgroundBuild {
   bool WaitDone(absl::Duration timeout);
   const ExitInfo& exit() const { return exit_; }
   const std::string& stdout_data() const { return stdout_; }
+  // What it printed on stderr so far (its first MiB).
+  std::string stderr_data() ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
   absl::Mutex mu_;
   std::string job_id_ ABSL_GUARDED_BY(mu_);
+  std::string stderr_ ABSL_GUARDED_BY(mu_);
   absl::Notification done_;
   ExitInfo exit_;        // Written before done_ is notified.
   std::string stdout_;   // Likewise.
