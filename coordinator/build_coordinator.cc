@@ -874,13 +874,29 @@ void BuildCoordinator::HandleRegister(WorkerEntry& worker, const kiln::v1::Regis
     WorkerGone(worker.session.get());
     return;
   }
-  // A reconnect can arrive before the old stream is noticed as dead.
   if (auto old = session_by_name_.find(reg.name()); old != session_by_name_.end()) {
     const WorkerSession* old_session = old->second;
+    const WorkerEntry& existing = sessions_.at(old_session);
+    // A reconnect can arrive before the old stream is noticed as dead: the
+    // same process (its instance id), or a stream silent for two heartbeat
+    // intervals, is replaced. Another process under a live worker's name is
+    // refused: two workers taking turns would each lose the other's jobs.
+    const bool same_process = !reg.instance_id().empty() && reg.instance_id() == existing.instance_id;
+    const absl::Duration silent = clock_->Now() - existing.last_seen;
+    if (!same_process && silent < 2 * options_.heartbeat_interval) {
+      LogWarning(ForWorker(reg.name()), kComponent, "refused a second worker with the name of a connected one");
+      worker.session->Close(absl::AlreadyExistsError(absl::StrFormat(
+          "a worker named '%s' is connected already (another process; its last message came %ds ago): give each "
+          "worker a --name of its own",
+          reg.name(), absl::ToInt64Seconds(silent))));
+      WorkerGone(worker.session.get());
+      return;
+    }
     SessionOf(old_session).Close(absl::AbortedError("replaced by a newer connection of the same worker"));
     WorkerGone(old_session);
   }
   worker.name = reg.name();
+  worker.instance_id = reg.instance_id();
   session_by_name_[worker.name] = worker.session.get();
   lease_until_.erase(worker.name);
   WorkerCapabilities caps;
@@ -1160,11 +1176,36 @@ absl::StatusOr<uint64_t> BuildCoordinator::CollectGarbage() {
 
 void BuildCoordinator::Tick() {
   CheckLeases();
+  FailWhatNoKnownWorkerCanBuild();
   if (cas_ != nullptr && options_.cas_max_bytes > 0 && cas_->total_bytes() > options_.cas_max_bytes &&
       clock_->Now() - last_gc_ >= options_.cas_gc_interval) {
     CollectGarbage().IgnoreError();  // Logged and counted.
   }
   EndOfCall();
+}
+
+void BuildCoordinator::FailWhatNoKnownWorkerCanBuild() {
+  // Jobs submitted while workers were still reconnecting after a start were
+  // not checked against them; once the window is over they are, once, as a
+  // new submission would be, instead of waiting forever.
+  if (grace_checked_ || clock_->Now() - started_ < options_.capability_grace || !scheduler_.has_known_workers()) {
+    return;
+  }
+  grace_checked_ = true;
+  std::vector<std::string> queued;
+  scheduler_.ForEachLiveJob([&](const std::string& id) { queued.push_back(id); });
+  for (const std::string& id : queued) {
+    auto it = jobs_.find(id);
+    if (it == jobs_.end() || Rec(it->second).state() != kiln::v1::JOB_STATE_QUEUED) continue;
+    const std::string unmet = scheduler_.UnmetByKnownWorkers(RequirementsOf(Rec(it->second).spec()));
+    if (unmet.empty()) continue;
+    scheduler_.Dequeue(id);
+    BuildResult result;
+    result.set_code(kiln::v1::RESULT_CODE_BUILD_FAILED);
+    result.set_error_message(absl::StrCat(Rec(it->second).spec().display_name(), ": ", unmet));
+    LogWarning(ForJob(id), kComponent, "fails: ", result.error_message());
+    Finish(it->second, kiln::v1::JOB_STATE_FAILED, std::move(result));
+  }
 }
 
 void BuildCoordinator::CheckLeases() {

@@ -215,6 +215,7 @@ class BuildCoordinator {
   struct WorkerEntry {
     std::shared_ptr<WorkerSession> session;
     std::string name;  // Empty until registered.
+    std::string instance_id;  // Its process's, from Register (may be empty).
     absl::Time last_seen;
     kiln::v1::Heartbeat last_heartbeat;
     // Messages waiting for the next Flush, in order. Assignments and result
@@ -292,6 +293,9 @@ class BuildCoordinator {
   // Compresses a finished job's log for the store and applies the
   // retention limit (before the job's record is persisted).
   void StoreLog(JobEntry& job);
+  // After the capability grace window: fails the queued jobs that no known
+  // worker could ever build (as Submit refuses them from then on).
+  void FailWhatNoKnownWorkerCanBuild();
   // Whether the store takes writes: true if it did, or resumes now (tried at
   // most once a second).
   bool EnsureWritable();
@@ -317,6 +321,7 @@ class BuildCoordinator {
   absl::Time last_gc_ = absl::InfinitePast();
   bool flushing_ = false;
   std::atomic<bool> state_writable_{true};
+  bool grace_checked_ = false;  // FailWhatNoKnownWorkerCanBuild has run.
   std::string state_error_;  // Why the last write failed.
   absl::Time next_resume_ = absl::InfinitePast();
   // Entries point into jobs_ (a node map: stable).

@@ -196,6 +196,7 @@ WorkerMessage WorkerAgent::MakeRegister() {
   WorkerMessage message;
   auto* reg = message.mutable_register_();
   reg->set_name(options_.name);
+  reg->set_instance_id(instance_id_);
   for (const auto& s : options_.systems) reg->add_systems(s);
   for (const auto& f : options_.supported_features) reg->add_supported_features(f);
   for (const auto& f : options_.mandatory_features) reg->add_mandatory_features(f);

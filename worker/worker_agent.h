@@ -25,6 +25,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/random/random.h"
+#include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/serial_executor.h"
@@ -135,6 +136,10 @@ class WorkerAgent {
   std::unique_ptr<kiln::v1::WorkerService::Stub> stub_;
   std::unique_ptr<kiln::v1::CasService::Stub> cas_;
   absl::BitGen bitgen_;  // Backoff jitter; used by the loop thread only.
+  // Random per process (Register.instance_id): tells the coordinator a
+  // reconnect of this process from another process using the same name.
+  const std::string instance_id_ = absl::StrFormat("%016x%016x", absl::Uniform<uint64_t>(absl::BitGen()),
+                                                    absl::Uniform<uint64_t>(absl::BitGen()));
 
   absl::Mutex mu_;
   std::shared_ptr<Stream> stream_ ABSL_GUARDED_BY(mu_);

@@ -346,10 +346,52 @@ TEST_F(BuildCoordinatorTest, RefusesWhatNoKnownWorkerCouldBuildOnceTheGraceWindo
   clock_.Advance(options_.capability_grace);
   EXPECT_THAT(core_->Submit(Request(1, "aarch64-linux")).status(),
               StatusIs(absl::StatusCode::kFailedPrecondition, "target-0: no worker offers system aarch64-linux"));
+  // The one submitted early fails too, like a new submission, at the next
+  // tick: it would wait forever otherwise.
+  EXPECT_EQ(State(early->job_ids(0)), kiln::v1::JOB_STATE_QUEUED);
+  core_->Tick();
+  EXPECT_EQ(State(early->job_ids(0)), kiln::v1::JOB_STATE_FAILED);
+  EXPECT_EQ(core_->GetJob(early->job_ids(0))->result().error_message(),
+            "target-0: no worker offers system aarch64-linux");
   // A worker that disconnected still counts: it may come back.
   core_->OnWorkerGone(w.get());
-  EXPECT_TRUE(core_->Submit(Request()).ok());
-  EXPECT_EQ(core_->GetJob(early->job_ids(0))->waiting_reason(), "no worker is connected");
+  const std::string later = SubmitOne();
+  core_->Tick();
+  EXPECT_EQ(core_->GetJob(later)->waiting_reason(), "no worker is connected");
+}
+
+TEST_F(BuildCoordinatorTest, ASecondWorkerUnderAConnectedWorkersNameIsRefused) {
+  const auto connect = [&](const std::string& instance) {
+    auto session = std::make_shared<FakeWorkerSession>();
+    WorkerMessage reg;
+    reg.mutable_register_()->set_name("w");
+    reg.mutable_register_()->set_instance_id(instance);
+    reg.mutable_register_()->add_systems("x86_64-linux");
+    reg.mutable_register_()->set_max_jobs(1);
+    core_->OnWorkerMessage(session, reg);
+    return session;
+  };
+  auto first = connect("process-a");
+  ASSERT_FALSE(first->closed);
+  // Another process: refused, and the first keeps its stream.
+  auto second = connect("process-b");
+  EXPECT_TRUE(second->closed);
+  EXPECT_EQ(second->close_status.code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_TRUE(absl::StrContains(second->close_status.message(), "a worker named 'w' is connected already"))
+      << second->close_status;
+  EXPECT_FALSE(first->closed);
+  EXPECT_EQ(core_->ListWorkers().workers_size(), 1);
+  // The same process reconnecting before its old stream is noticed dead:
+  // the new stream replaces the old one.
+  auto again = connect("process-a");
+  EXPECT_FALSE(again->closed);
+  EXPECT_TRUE(first->closed);
+  // A process whose stream has been silent for two heartbeat intervals is
+  // taken for dead: a new process may take the name.
+  clock_.Advance(2 * options_.heartbeat_interval);
+  auto replacement = connect("process-c");
+  EXPECT_FALSE(replacement->closed);
+  EXPECT_TRUE(again->closed);
 }
 
 TEST_F(BuildCoordinatorTest, BuildsetTargetsShareOneBuildsetAndSpreadOverSlots) {
@@ -750,11 +792,12 @@ TEST_F(BuildCoordinatorTest, WorkerProtocolViolationsCloseTheStream) {
   EXPECT_TRUE(no_slots->closed);
   EXPECT_EQ(no_slots->close_status.code(), absl::StatusCode::kInvalidArgument);
 
-  // A second stream with the same name replaces the first.
+  // A second stream with the name of a live one (and no instance id to say
+  // it is the same process) is refused; the first keeps going.
   auto first = Connect("same", 1);
   auto second = Connect("same", 1);
-  EXPECT_TRUE(first->closed);
-  EXPECT_FALSE(second->closed);
+  EXPECT_FALSE(first->closed);
+  EXPECT_TRUE(second->closed);
 }
 
 TEST_F(BuildCoordinatorTest, BatchedCallsShareOneWriteAndAreAnnouncedOnlyAfterIt) {
