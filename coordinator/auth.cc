@@ -28,6 +28,9 @@ bool TokenAllows(const TokenGrant& grant, Scope scope) {
   const auto has = [&](const char* s) {
     return std::find(grant.scopes.begin(), grant.scopes.end(), s) != grant.scopes.end();
   };
+  // A worker reads the sources and the FOD cache and writes results; that is
+  // all its token allows, and no client scope makes one a worker.
+  if (has("worker") && (scope == Scope::kWorker || scope == Scope::kRead || scope == Scope::kBlobs)) return true;
   if (has("admin")) return scope != Scope::kWorker;
   switch (scope) {
     case Scope::kRead: return has("read") || has("submit");
@@ -88,14 +91,20 @@ absl::StatusOr<Caller> Authorizer::Check(const grpc::ServerContextBase& context,
                       absl::StrCat(caller.who, " may not do what needs the ", ScopeName(scope), " scope: use a token")),
                   "scope");
   }
-  if (!require_tokens_ || (scope == Scope::kWorker && !workers_need_certificate_)) {
+  if (!require_tokens_) {
     caller.who = "a loopback client";
     return caller;
   }
   if (scope == Scope::kWorker) {
-    return Refuse(
-        absl::UnauthenticatedError("a worker must present a certificate signed by the farm's CA (--tls-cert)"),
-        "no_credentials");
+    // Without TLS anyone on the host could register as any worker: a
+    // coordinator that requires tokens wants one of scope `worker`.
+    return Refuse(absl::UnauthenticatedError(
+                      workers_need_certificate_
+                          ? "a worker must present a certificate signed by the farm's CA (--tls-cert)"
+                          : "this coordinator requires a token from workers: give the worker --token-file=FILE "
+                            "holding one of scope 'worker' ('kiln-coordinator token create --name=NAME "
+                            "--scope=worker')"),
+                  "no_credentials");
   }
   return Refuse(
       absl::UnauthenticatedError("this coordinator requires a token: set KILN_TOKEN (an administrator makes one with "

@@ -48,7 +48,7 @@ absl::Status ValidateTokenScopes(const std::vector<std::string>& scopes) {
   if (scopes.empty())
     return absl::InvalidArgumentError("a token needs at least one scope (submit, read, admin, push:…)");
   for (const std::string& scope : scopes) {
-    if (scope == "submit" || scope == "read" || scope == "admin") continue;
+    if (scope == "submit" || scope == "read" || scope == "admin" || scope == "worker") continue;
     absl::string_view pattern = scope;
     if (absl::ConsumePrefix(&pattern, "push:")) {
       if (absl::StatusOr<ImagePattern> p = ParseImagePattern(pattern); !p.ok()) {
@@ -58,7 +58,7 @@ absl::Status ValidateTokenScopes(const std::vector<std::string>& scopes) {
     }
     return absl::InvalidArgumentError(
         absl::StrCat("unknown scope '", scope,
-                     "': scopes are submit, read, admin and push:REGISTRY/REPOSITORY[:TAG] (globs allowed, e.g. "
+                     "': scopes are submit, read, admin, worker and push:REGISTRY/REPOSITORY[:TAG] (globs allowed, e.g. "
                      "push:rg.fr-par.scw.cloud/team/*:testing)"));
   }
   return absl::OkStatus();

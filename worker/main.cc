@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <thread>
 
 #include <nlohmann/json.hpp>
@@ -14,6 +16,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "common/cli_args.h"
@@ -36,6 +39,9 @@ ABSL_FLAG(std::string, coordinator, "127.0.0.1:7600", "Coordinator gRPC address"
 ABSL_FLAG(std::string, name, "",
           "Worker name (default: the host name; with --tls-cert, the coordinator knows it by the certificate's)");
 ABSL_FLAG(std::string, tls_cert, "", "This worker's certificate (PEM), from deploy/pki/kiln-pki worker");
+ABSL_FLAG(std::string, token_file, "",
+          "A file holding a client token of scope 'worker' (kiln-coordinator token create --scope=worker), for a "
+          "coordinator that requires tokens without TLS");
 ABSL_FLAG(std::string, tls_key, "", "Its private key (PEM)");
 ABSL_FLAG(std::string, tls_ca, "", "The farm's CA (PEM): the coordinator's certificate must chain to it");
 ABSL_FLAG(std::string, work_dir, "", "Directory for unpacked sources (required)");
@@ -175,6 +181,15 @@ int main(int argc, char** argv) {
   auto credentials = kiln::MakeChannelCredentials(tls);
   if (!credentials.ok()) return Fail(std::string(credentials.status().message()));
   options.credentials = *credentials;
+  if (const std::string path = absl::GetFlag(FLAGS_token_file); !path.empty()) {
+    // A file, never the command line: argv is visible to every user.
+    std::ifstream in(path);
+    std::string token((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    token = std::string(absl::StripAsciiWhitespace(token));
+    if (!in.good() && !in.eof()) return Fail("--token-file: cannot read " + path);
+    if (token.empty()) return Fail("--token-file: " + path + " holds no token");
+    options.token = std::move(token);
+  }
 
   kiln::NixOptions nix;
   nix.nix_binary = absl::GetFlag(FLAGS_nix);
@@ -203,7 +218,8 @@ int main(int argc, char** argv) {
 
   // Every build's fixed-output derivations are checked against the fleet's
   // FOD cache, and what builds find is recorded there.
-  kiln::GrpcFodOracle fod_oracle(kiln::MakeChannel(options.coordinator, options.credentials), options.name);
+  kiln::GrpcFodOracle fod_oracle(kiln::MakeChannel(options.coordinator, options.credentials, options.token),
+                                 options.name);
   nix.fods = &fod_oracle;
   nix.scratch_dir = options.work_dir;
   nix.process_ledger_dir = process_ledger_dir;

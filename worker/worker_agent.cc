@@ -133,7 +133,7 @@ WorkerAgent::WorkerAgent(WorkerOptions options, BuildExecutor* executor, WorkerM
     : options_(std::move(options)),
       executor_(executor),
       metrics_(metrics),
-      channel_(MakeChannel(options_.coordinator, options_.credentials)),
+      channel_(MakeChannel(options_.coordinator, options_.credentials, options_.token)),
       stub_(kiln::v1::WorkerService::NewStub(channel_)),
       cas_(kiln::v1::CasService::NewStub(channel_)),
       strand_(std::make_unique<SerialExecutor>("worker")) {

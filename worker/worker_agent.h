@@ -57,6 +57,9 @@ struct WorkerOptions {
   uint64_t blob_cache_bytes = uint64_t{10} << 30;
   // How to reach the coordinator (common/tls.h); null: plaintext.
   std::shared_ptr<grpc::ChannelCredentials> credentials;
+  // A client token of scope `worker`, sent on every call (a coordinator with
+  // --require-tokens and no TLS wants one); empty: none.
+  std::string token;
 };
 
 class WorkerAgent {

@@ -8,6 +8,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include <set>
+
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
@@ -51,10 +53,20 @@ class TokenE2eTest : public ::testing::Test {
 };
 
 TEST_F(TokenE2eTest, EveryCallNeedsATokenWithTheRightScope) {
-  LocalFarm farm(/*workers=*/1);
+  LocalFarm farm(/*workers=*/0);
   farm.SetCoordinatorFlags({"--require-tokens", "--push-allow=127.0.0.1:*/kiln/*", "--token-max-active-jobs=2"});
   ASSERT_TRUE(farm.Start().ok());
   state_dir_ = farm.dir().Sub("coordinator");
+
+  // Workers need a token of scope `worker` too (no TLS here: anyone on the
+  // host could otherwise register as any worker). One without is refused.
+  ASSERT_TRUE(farm.AddWorker().ok());
+  const std::string worker_token = Create("fr-par-1", "worker");
+  const std::string token_file = farm.dir().Sub("worker-token");
+  testing::WriteFileOrDie(token_file, worker_token + "\n");
+  ASSERT_EQ(::chmod(token_file.c_str(), 0600), 0);
+  farm.SetWorkerFlags({"--token-file=" + token_file});
+  ASSERT_TRUE(farm.AddWorker().ok());
 
   // Made through the running coordinator's admin socket.
   const std::string ci = Create("ci-monorepo", "submit,push:127.0.0.1:*/kiln/*:testing");
@@ -79,6 +91,19 @@ TEST_F(TokenE2eTest, EveryCallNeedsATokenWithTheRightScope) {
       << read_only.stderr_data;
   CommandResult workers = Kiln(farm, {"workers", "--json"}, {"KILN_TOKEN=" + reader});
   EXPECT_EQ(workers.exit.exit_code, 0) << workers.stderr_data;
+  for (const absl::Time give_up = absl::Now() + absl::Seconds(30);
+       !absl::StrContains(workers.stdout_data, "\"worker-2\"") && absl::Now() < give_up;) {
+    absl::SleepFor(absl::Milliseconds(100));
+    workers = Kiln(farm, {"workers", "--json"}, {"KILN_TOKEN=" + reader});
+  }
+  EXPECT_TRUE(absl::StrContains(workers.stdout_data, "\"worker-2\"")) << workers.stdout_data;
+  EXPECT_FALSE(absl::StrContains(workers.stdout_data, "\"worker-1\"")) << workers.stdout_data;
+  EXPECT_TRUE(absl::StrContains(testing::ReadFileOrDie(farm.LogOf("worker-1")),
+                                "this coordinator requires a token from workers"));
+  // A worker token is for workers only.
+  CommandResult as_client = Kiln(farm, {"build", flake}, {"KILN_TOKEN=" + worker_token});
+  EXPECT_NE(as_client.exit.exit_code, 0);
+  EXPECT_TRUE(absl::StrContains(as_client.stderr_data, "has no submit scope")) << as_client.stderr_data;
 
   // The CI token builds, and may push :testing but not :production.
   CommandResult built = Kiln(farm, {"build", flake, "--json"}, {"KILN_TOKEN=" + ci});
@@ -141,8 +166,10 @@ TEST_F(TokenE2eTest, EveryCallNeedsATokenWithTheRightScope) {
   EXPECT_TRUE(absl::StrContains(after.stderr_data, "UNAUTHENTICATED: the token is not valid")) << after.stderr_data;
   CommandResult listed = Admin({"list", "--json"});
   auto list = nlohmann::json::parse(listed.stdout_data);
-  ASSERT_EQ(list.size(), 1u) << listed.stdout_data;
-  EXPECT_EQ(list[0].value("name", ""), "ci-monorepo");
+  ASSERT_EQ(list.size(), 2u) << listed.stdout_data;  // The revoked one is gone.
+  std::set<std::string> names;
+  for (const auto& t : list) names.insert(t.value("name", ""));
+  EXPECT_EQ(names, (std::set<std::string>{"ci-monorepo", "fr-par-1"}));
 
   // Refusals are counted by reason; no token appears in logs or metrics.
   auto metrics = testing::ScrapeMetrics(farm.coordinator_metrics());
@@ -151,10 +178,11 @@ TEST_F(TokenE2eTest, EveryCallNeedsATokenWithTheRightScope) {
   EXPECT_FALSE(absl::StrContains(*metrics, "kiln_auth_refusals_total{reason=\"scope\"} 0")) << *metrics;
   EXPECT_FALSE(absl::StrContains(*metrics, "kiln_auth_refusals_total{reason=\"bad_token\"} 0")) << *metrics;
   const std::string everything = *metrics + testing::ReadFileOrDie(farm.LogOf("coordinator")) +
-                                 testing::ReadFileOrDie(farm.LogOf("worker-1")) + none.stderr_data +
+                                 testing::ReadFileOrDie(farm.LogOf("worker-1")) +
+                                 testing::ReadFileOrDie(farm.LogOf("worker-2")) + none.stderr_data +
                                  read_only.stderr_data + production.stderr_data + after.stderr_data +
                                  built.stdout_data + built.stderr_data + listed.stdout_data;
-  for (const std::string& token : {ci, reader}) {
+  for (const std::string& token : {ci, reader, worker_token}) {
     // kiln_<16 hex digits of id>_<secret>: the secret is web-safe base64 and
     // may itself hold '_', so it is cut at its fixed offset, not at the last '_'
     // (that could leave a two-letter tail, found by chance in any log).
@@ -172,9 +200,11 @@ TEST_F(TokenE2eTest, TokensMadeOfflineWorkOnceTheCoordinatorStarts) {
   struct stat st {};
   ASSERT_EQ(::stat(state_dir_.c_str(), &st), 0);
   EXPECT_EQ(st.st_mode & 077, 0u) << "the state directory is the coordinator's alone";
+  testing::WriteFileOrDie(dir.Sub("worker-token"), Create("worker-1", "worker"));
 
   LocalFarm farm(/*workers=*/1);
   farm.SetCoordinatorFlags({"--require-tokens", "--state-dir=" + state_dir_});
+  farm.SetWorkerFlags({"--token-file=" + dir.Sub("worker-token")});
   ASSERT_TRUE(farm.Start().ok());
   // Start() waits for the worker's process, not its registration: wait
   // (bounded) until the coordinator knows it.
