@@ -205,6 +205,17 @@ absl::StatusOr<std::vector<std::string>> SubmitOnce(BuildService::Stub& stub, co
   // Nix's view of the flake: inside a git work tree, the tracked files only.
   absl::StatusOr<std::optional<absl::flat_hash_set<std::string>>> tracked = GitTrackedFiles(root.string());
   if (!tracked.ok()) return tracked.status();
+  if (tracked->has_value()) {
+    // Untracked, it would not be sent, and the worker would find no flake:
+    // say so here, with the fix, as Nix does.
+    for (const Target& t : targets) {
+      const fs::path flake = (t.dir / "flake.nix").lexically_relative(root);
+      if ((*tracked)->contains(flake.string()) || !fs::exists(t.dir / "flake.nix")) continue;
+      return absl::FailedPreconditionError(absl::StrCat(
+          "'", (t.dir / "flake.nix").string(), "' is not tracked by Git: in a Git repository a flake is its tracked "
+          "files only (as for Nix). Run: git -C '", root.string(), "' add '", flake.string(), "'"));
+    }
+  }
   const std::string cache_path = DigestCachePath();
   std::optional<DigestCache> cache;
   if (!cache_path.empty()) cache.emplace(cache_path);

@@ -451,6 +451,15 @@ TEST(MonorepoE2eTest, AllFlakesIsOneBuildsetAndOnlyAChangedServiceBuildsAgain) {
   j = nlohmann::json::parse(listed->stdout_data);
   ASSERT_EQ(j.size(), 2u);
   EXPECT_EQ(j[0]["status"], "cached") << j.dump();
+  // A new service whose flake.nix git does not track yet: refused before
+  // anything is uploaded, with the command that fixes it.
+  WriteFileOrDie(repo.Sub("services/new/flake.nix"), ReadFileOrDie(greeter));
+  auto untracked = farm.Kiln({"build", repo.Sub("services/new")});
+  ASSERT_TRUE(untracked.ok());
+  EXPECT_EQ(untracked->exit.exit_code, 2) << untracked->stderr_data;
+  EXPECT_TRUE(absl::StrContains(untracked->stderr_data, "is not tracked by Git")) << untracked->stderr_data;
+  EXPECT_TRUE(absl::StrContains(untracked->stderr_data, "Run: git -C '" + repo.Sub("services/new") + "' add 'flake.nix'"))
+      << untracked->stderr_data;
 }
 
 // --out-link: the output comes back through the CAS, byte for byte what a
