@@ -32,6 +32,7 @@
 #include "kiln/v1/cas.grpc.pb.h"
 #include "kiln/v1/workers.grpc.pb.h"
 #include "worker/build_executor.h"
+#include "worker/source_cache.h"
 #include "worker/worker_metrics.h"
 
 namespace grpc {
@@ -117,18 +118,9 @@ class WorkerAgent {
   // Drops a kept result: acknowledged, or no longer this worker's attempt.
   void ForgetResult(const std::string& job_id, uint32_t attempt) ABSL_LOCKS_EXCLUDED(mu_);
   bool Send(kiln::v1::WorkerMessage message, bool droppable);
-  // Checks the flake's own directory of the job's source tree out into
-  // `dest`: blobs sent with the assignment, else from the local blob cache
-  // (work-dir/cas), else fetched from the coordinator's CAS into that cache.
-  absl::Status CheckOut(const kiln::v1::Assignment& assignment, const std::string& dest);
   // Uploads each output of a successful build to the coordinator's CAS and
   // records its tree in `result.output_trees`.
   absl::Status UploadOutputs(kiln::v1::BuildResult& result);
-  // Deletes the least recently used cached blobs past options_.blob_cache_bytes.
-  // Removes the temporary files of writes that never finished from the
-  // source cache (at start, before any job).
-  void SweepTemporaryFiles();
-  void TrimBlobCache();
 
   kiln::v1::WorkerMessage MakeRegister() ABSL_LOCKS_EXCLUDED(mu_);
 
@@ -138,6 +130,7 @@ class WorkerAgent {
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<kiln::v1::WorkerService::Stub> stub_;
   std::unique_ptr<kiln::v1::CasService::Stub> cas_;
+  SourceCache sources_;  // Uses cas_.
   absl::BitGen bitgen_;  // Backoff jitter; used by the loop thread only.
   // Random per process (Register.instance_id): tells the coordinator a
   // reconnect of this process from another process using the same name.
