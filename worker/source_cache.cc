@@ -21,7 +21,7 @@ namespace kiln {
 namespace fs = std::filesystem;
 
 namespace {
-constexpr absl::string_view kComponent = "worker";
+constexpr absl::string_view kSourceCacheComponent = "worker";
 }  // namespace
 
 absl::Status SourceCache::CheckOut(const kiln::v1::Assignment& assignment, const std::string& dest) {
@@ -87,7 +87,7 @@ absl::Status SourceCache::CheckOut(const kiln::v1::Assignment& assignment, const
     });
     if (absl::IsResourceExhausted(fetched)) return no_space(fs::space(work_dir_, space_ec).available);
     if (!fetched.ok()) return fetched;
-    LogInfo(ForJob(assignment.job_id()), kComponent, "fetched ", missing.size(), " source blob(s), ", bytes,
+    LogInfo(ForJob(assignment.job_id()), kSourceCacheComponent, "fetched ", missing.size(), " source blob(s), ", bytes,
             " bytes");
   }
   // MaterializeTree asks for one blob at a time and is done with it before
@@ -138,7 +138,8 @@ void SourceCache::Trim() {
       ++removed;
     }
   }
-  LogInfo(kComponent, "blob cache: removed ", removed, " least recently used blob(s); ", total, " bytes kept");
+  LogInfo(kSourceCacheComponent, "blob cache: removed ", removed, " least recently used blob(s); ", total,
+          " bytes kept");
 }
 
 void SourceCache::SweepTemporaryFiles() {
@@ -156,7 +157,10 @@ void SourceCache::SweepTemporaryFiles() {
       bytes += ec ? 0 : size;
     }
   }
-  if (removed > 0) LogInfo(kComponent, "removed ", removed, " temporary file(s) left in the source cache, ", bytes, " bytes");
+  if (removed > 0) {
+    LogInfo(kSourceCacheComponent, "removed ", removed, " temporary file(s) left in the source cache, ", bytes,
+            " bytes");
+  }
 }
 
 }  // namespace kiln
