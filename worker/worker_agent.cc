@@ -158,7 +158,16 @@ void WorkerAgent::Stop() {
   // Connected or not, the builds stop with the worker (a stopping worker
   // cannot report them). Posted after the loop ended, so it follows every
   // assignment the stream delivered: none starts after it.
-  strand_->Post([this] { CancelAllBuilds("the worker is stopping"); });
+  // Waited for: a job the strand was starting when the stop began (its
+  // checkout under way) reaches the executor before the cancel, and is
+  // counted below; counting before the strand got there once let Stop()
+  // free the strand under that build's last callback.
+  absl::Notification cancelled;
+  strand_->Post([this, &cancelled] {
+    CancelAllBuilds("the worker is stopping");
+    cancelled.Notify();
+  });
+  cancelled.WaitForNotification();
   // Every build's last callback posts to the strand: the strand stays until
   // the executor has made it, however long the build takes to stop (the
   // executor escalates to SIGKILL; a service manager's stop timeout bounds
