@@ -238,10 +238,16 @@ void WorkerAgent::RunLoop() {
       absl::MutexLock lock(&mu_);
       if (stopping_) break;
       stream = Stream::Create(this);
-      stream_ = stream;
       stream_done_ = false;
     }
     stream->Begin(MakeRegister());
+    {
+      // Published only once Begin bound the call: the strand's sends
+      // (FlushLogs, heartbeats) start writes on it, and before the bind the
+      // reactor has no call to write on (ASan caught one doing so).
+      absl::MutexLock lock(&mu_);
+      stream_ = stream;
+    }
 
     absl::Time next_heartbeat = absl::Now();
     bool was_registered = false;
