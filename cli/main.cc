@@ -195,13 +195,8 @@ int main(int argc, char** argv) {
   // Refused here, before anything is built, by the rules the registry and
   // the coordinator apply.
   if (!options.push.empty()) {
-    absl::StatusOr<kiln::ImageRef> ref = kiln::ParseImageRef(options.push);
-    absl::Status bad = ref.status();
-    if (ref.ok() && !ref->digest.empty()) bad = absl::InvalidArgumentError("push to a tag, not a digest");
-    for (const std::string& tag : options.tags) {
-      if (bad.ok()) bad = kiln::ValidateImageTag(tag);
-    }
-    if (!bad.ok()) {
+    std::vector<std::string> tags;
+    if (absl::Status bad = kiln::ParsePushReference(options.push, options.tags, &tags).status(); !bad.ok()) {
       std::fprintf(stderr, "error: --push: %s\n", std::string(bad.message()).c_str());
       return kiln::kExitUsage;
     }

@@ -67,15 +67,9 @@ int main(int argc, char** argv) {
   std::vector<char*> args = absl::ParseCommandLine(dashed.argc(), dashed.argv());
   if (args.size() != 3) return Fail("usage: kiln push RESULT REGISTRY/REPOSITORY[:TAG] [--tag=T,...]", 2);
   const std::string archive = args[1];
-  absl::StatusOr<kiln::ImageRef> ref = kiln::ParseImageRef(args[2]);
-  if (!ref.ok()) return Fail(std::string(ref.status().message()), 2);
-  if (!ref->digest.empty()) return Fail(absl::StrCat("'", args[2], "': push to a tag, not a digest"), 2);
   std::vector<std::string> tags;
-  if (!ref->tag.empty()) tags.push_back(ref->tag);
-  for (const std::string& t : absl::GetFlag(FLAGS_tag)) {
-    if (absl::Status s = kiln::ValidateImageTag(t); !s.ok()) return Fail(absl::StrCat("--tag: ", s.message()), 2);
-    tags.push_back(t);
-  }
+  absl::StatusOr<kiln::ImageRef> ref = kiln::ParsePushReference(args[2], absl::GetFlag(FLAGS_tag), &tags);
+  if (!ref.ok()) return Fail(std::string(ref.status().message()), 2);
 
   kiln::RegistryOptions options;
   options.plain_http = absl::GetFlag(FLAGS_insecure);

@@ -155,6 +155,27 @@ absl::StatusOr<ImageRef> ParseImageRef(absl::string_view text) {
   return ref;
 }
 
+absl::StatusOr<ImageRef> ParsePushReference(absl::string_view text, const std::vector<std::string>& more_tags,
+                                            std::vector<std::string>* tags) {
+  absl::StatusOr<ImageRef> ref = ParseImageRef(text);
+  if (!ref.ok()) return ref;
+  if (!ref->digest.empty()) return Refuse(text, "push to a tag, not a digest");
+  tags->clear();
+  if (!ref->tag.empty()) tags->push_back(ref->tag);
+  for (const std::string& tag : more_tags) {
+    if (absl::Status s = ValidateImageTag(tag); !s.ok()) return s;
+    tags->push_back(tag);
+  }
+  return ref;
+}
+
+absl::StatusOr<ImageRef> ParsePushRepository(absl::string_view repository) {
+  absl::StatusOr<ImageRef> ref = ParseImageRef(repository);
+  if (!ref.ok()) return ref;
+  if (!ref->tag.empty() || !ref->digest.empty()) return Refuse(repository, "give tags separately");
+  return ref;
+}
+
 absl::StatusOr<ImagePattern> ParseImagePattern(absl::string_view text) {
   const auto refuse = [&](absl::string_view why) {
     return absl::InvalidArgumentError(absl::StrCat(

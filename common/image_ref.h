@@ -32,6 +32,17 @@ absl::StatusOr<ImageRef> ParseImageRef(absl::string_view text);
 // Checks one tag by the grammar: [A-Za-z0-9_][A-Za-z0-9._-]{0,127}.
 absl::Status ValidateImageTag(absl::string_view tag);
 
+// A push target as a user writes it: REGISTRY/REPOSITORY[:TAG] and more
+// tags (`kiln build --push --tag`, `kiln push`). A digest is refused (a push
+// names tags) and every tag is checked. `tags`: the written one first.
+absl::StatusOr<ImageRef> ParsePushReference(absl::string_view text, const std::vector<std::string>& more_tags,
+                                            std::vector<std::string>* tags);
+
+// A push target's repository as a job carries it, its tags apart (each for
+// ValidateImageTag): a tag or digest in it is refused. What the coordinator
+// admits and the worker pushes to.
+absl::StatusOr<ImageRef> ParsePushRepository(absl::string_view repository);
+
 // "REGISTRY/REPOSITORY[:TAG]" where each part may hold shell globs (`*`,
 // `?`, `[...]`) within it: `rg.example.eu/team/*:testing`. Globs never cross
 // a '/': each repository component is matched on its own, except that a

@@ -37,10 +37,8 @@ namespace {
 
 // A push target is well formed and allowed by the coordinator's patterns.
 absl::Status CheckPushTarget(const kiln::v1::PushTarget& push, const std::vector<std::string>& allow) {
-  absl::StatusOr<ImageRef> repo = ParseImageRef(push.repository());
-  if (!repo.ok()) return absl::InvalidArgumentError(absl::StrCat("push target ", repo.status().message()));
-  if (!repo->tag.empty() || !repo->digest.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat("push target ", push.repository(), ": give tags separately"));
+  if (absl::Status s = ParsePushRepository(push.repository()).status(); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("push target ", s.message()));
   }
   if (push.tags().empty()) return absl::InvalidArgumentError(absl::StrCat("push target ", push.repository(), " has no tag"));
   if (push.tags_size() > 16) return absl::InvalidArgumentError("more than 16 tags in one push");

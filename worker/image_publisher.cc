@@ -46,11 +46,8 @@ absl::StatusOr<kiln::v1::PushResult> RegistryPublisher::Push(const kiln::v1::Pus
   const absl::Time start = absl::Now();
   // Checked by the coordinator already; checked again here, as these are
   // what the registry's URLs are made of.
-  absl::StatusOr<ImageRef> ref = ParseImageRef(push.repository());
+  absl::StatusOr<ImageRef> ref = ParsePushRepository(push.repository());
   if (!ref.ok()) return ref.status();
-  if (!ref->tag.empty() || !ref->digest.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat("push target ", push.repository(), ": give tags separately"));
-  }
   for (const std::string& tag : push.tags()) {
     if (absl::Status s = ValidateImageTag(tag); !s.ok()) return s;
   }

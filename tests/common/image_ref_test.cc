@@ -63,6 +63,24 @@ TEST(ImageRefTest, RefusesWhatARegistryWouldNormaliseOrRefuse) {
   EXPECT_FALSE(absl::StrContains(escaped.status().message(), "\x1b")) << escaped.status();
 }
 
+TEST(ImageRefTest, PushTargetsNameTagsNeverADigest) {
+  std::vector<std::string> tags;
+  auto ref = ParsePushReference("rg.example.eu/team/app:testing", {"v1.2"}, &tags);
+  ASSERT_TRUE(ref.ok()) << ref.status();
+  EXPECT_EQ(tags, (std::vector<std::string>{"testing", "v1.2"}));
+  EXPECT_FALSE(ParsePushReference("rg.example.eu/team/app:testing", {"-x"}, &tags).ok());
+  auto digest = ParsePushReference(
+      "rg.example.eu/app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef", {}, &tags);
+  ASSERT_FALSE(digest.ok());
+  EXPECT_TRUE(absl::StrContains(digest.status().message(), "push to a tag, not a digest")) << digest.status();
+  // As jobs carry it: the repository alone.
+  EXPECT_TRUE(ParsePushRepository("rg.example.eu/team/app").ok());
+  auto tagged = ParsePushRepository("rg.example.eu/team/app:t");
+  ASSERT_FALSE(tagged.ok());
+  EXPECT_TRUE(absl::StrContains(tagged.status().message(), "give tags separately")) << tagged.status();
+  EXPECT_FALSE(ParsePushRepository("rg.example.eu/team/../app").ok());
+}
+
 bool Matches(const std::string& pattern, const std::string& ref) {
   auto p = ParseImagePattern(pattern);
   auto r = ParseImageRef(ref);
