@@ -1439,17 +1439,9 @@ absl::StatusOr<std::string> LoadClientToken() {
   } else {
     return std::string();
   }
-  const std::string path = dir + "/kiln/token";
-  struct stat st {};
-  if (::stat(path.c_str(), &st) != 0) return std::string();
-  if ((st.st_mode & 077) != 0) {
-    return absl::PermissionDeniedError(
-        absl::StrCat(path, " may be read by others (mode ", absl::StrFormat("%04o", st.st_mode & 07777),
-                     "): a token file must be private; chmod 600 ", path));
-  }
-  std::string text;
-  if (absl::Status s = ReadWholeFile(path, text); !s.ok()) return s;
-  return std::string(absl::StripAsciiWhitespace(text));
+  absl::StatusOr<std::string> token = ReadPrivateTokenFile(dir + "/kiln/token");
+  if (absl::IsNotFound(token.status())) return std::string();  // No token: calls go without.
+  return token;
 }
 
 }  // namespace kiln

@@ -1,9 +1,14 @@
 #include "common/cli_args.h"
 
+#include <sys/stat.h>
+
+#include <algorithm>
 #include <cstdlib>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_format.h"
+#include "common/source_tree.h"
 
 namespace kiln {
 
@@ -35,13 +40,22 @@ std::string UserCacheDir() {
   return "";
 }
 
+namespace {
+
+// C0 controls and DEL: what a terminal acts on rather than shows.
+bool IsControlChar(char c) {
+  const auto u = static_cast<unsigned char>(c);
+  return u < 0x20 || u == 0x7f;
+}
+
+}  // namespace
+
 std::string TerminalSafe(absl::string_view text, bool multiline) {
   std::string out;
   out.reserve(text.size());
   for (char c : text) {
-    const auto u = static_cast<unsigned char>(c);
-    if ((u < 0x20 || u == 0x7f) && !(multiline && (c == '\n' || c == '\t'))) {
-      absl::StrAppendFormat(&out, "\\x%02x", u);
+    if (IsControlChar(c) && !(multiline && (c == '\n' || c == '\t'))) {
+      absl::StrAppendFormat(&out, "\\x%02x", static_cast<unsigned char>(c));
     } else {
       out.push_back(c);
     }
@@ -54,14 +68,24 @@ absl::Status CheckPrintableName(absl::string_view what, absl::string_view value,
     return absl::InvalidArgumentError(
         absl::StrCat(what, " is ", value.size(), " bytes long; at most ", max_bytes, " are allowed"));
   }
-  for (char c : value) {
-    const auto u = static_cast<unsigned char>(c);
-    if (u < 0x20 || u == 0x7f) {
-      return absl::InvalidArgumentError(absl::StrCat(what, " '", TerminalSafe(value, false),
-                                                     "' has a control character; names are printable text"));
-    }
+  if (std::any_of(value.begin(), value.end(), IsControlChar)) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " '", TerminalSafe(value, false),
+                                                   "' has a control character; names are printable text"));
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> ReadPrivateTokenFile(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return absl::NotFoundError(absl::StrCat("no token file ", path));
+  if ((st.st_mode & 077) != 0) {
+    return absl::PermissionDeniedError(
+        absl::StrCat(path, " may be read by others (mode ", absl::StrFormat("%04o", st.st_mode & 07777),
+                     "): a token file must be private; chmod 600 ", path));
+  }
+  std::string text;
+  if (absl::Status s = ReadWholeFile(path, text); !s.ok()) return s;
+  return std::string(absl::StripAsciiWhitespace(text));
 }
 
 absl::StatusOr<std::map<std::string, std::string>> ParseLabels(const std::vector<std::string>& items) {

@@ -41,6 +41,11 @@ std::string TerminalSafe(absl::string_view text, bool multiline = true);
 // buildset id): printable, at most `max_bytes`. `what` names it in the error.
 absl::Status CheckPrintableName(absl::string_view what, absl::string_view value, size_t max_bytes = 256);
 
+// A token (a client's or a worker's) from a file only its owner may read,
+// white space trimmed. NotFound when there is no such file; PermissionDenied,
+// naming the chmod, when others may read it.
+absl::StatusOr<std::string> ReadPrivateTokenFile(const std::string& path);
+
 // `--label` / `--labels` values, KEY=VALUE each: checked with
 // CheckPrintableName, a key given twice refused.
 absl::StatusOr<std::map<std::string, std::string>> ParseLabels(const std::vector<std::string>& items);

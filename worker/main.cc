@@ -6,8 +6,6 @@
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
-#include <iterator>
 #include <thread>
 
 #include <nlohmann/json.hpp>
@@ -16,7 +14,6 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/ascii.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "common/cli_args.h"
@@ -183,12 +180,10 @@ int main(int argc, char** argv) {
   options.credentials = *credentials;
   if (const std::string path = absl::GetFlag(FLAGS_token_file); !path.empty()) {
     // A file, never the command line: argv is visible to every user.
-    std::ifstream in(path);
-    std::string token((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    token = std::string(absl::StripAsciiWhitespace(token));
-    if (!in.good() && !in.eof()) return Fail("--token-file: cannot read " + path);
-    if (token.empty()) return Fail("--token-file: " + path + " holds no token");
-    options.token = std::move(token);
+    absl::StatusOr<std::string> token = kiln::ReadPrivateTokenFile(path);
+    if (!token.ok()) return Fail(absl::StrCat("--token-file: ", token.status().message()));
+    if (token->empty()) return Fail("--token-file: " + path + " holds no token");
+    options.token = *std::move(token);
   }
 
   kiln::NixOptions nix;

@@ -1,6 +1,7 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 
 #include <nlohmann/json.hpp>
 
@@ -142,6 +143,21 @@ TEST(LabelsTest, KeyValuePairsPrintableBoundedAndEachKeyOnce) {
   EXPECT_NE(huge.status().message().find("at most 256"), std::string::npos) << huge.status();
   EXPECT_TRUE(CheckPrintableName("id", "b12").ok());
   EXPECT_FALSE(CheckPrintableName("id", std::string(200, '1'), 128).ok());
+}
+
+TEST(TokenFileTest, OnlyAPrivateFileIsRead) {
+  testing::TempDir dir;
+  const std::string path = dir.Sub("token");
+  EXPECT_TRUE(absl::IsNotFound(ReadPrivateTokenFile(path).status()));
+  testing::WriteFileOrDie(path, "  kiln_abc_def\n");
+  ASSERT_EQ(::chmod(path.c_str(), 0644), 0);
+  auto open = ReadPrivateTokenFile(path);
+  ASSERT_TRUE(absl::IsPermissionDenied(open.status()));
+  EXPECT_NE(open.status().message().find("chmod 600"), std::string::npos) << open.status();
+  ASSERT_EQ(::chmod(path.c_str(), 0600), 0);
+  auto token = ReadPrivateTokenFile(path);
+  ASSERT_TRUE(token.ok()) << token.status();
+  EXPECT_EQ(*token, "kiln_abc_def");
 }
 
 TEST(DashedFlagArgsTest, RewritesNamesNotValues) {

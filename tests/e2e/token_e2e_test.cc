@@ -201,6 +201,7 @@ TEST_F(TokenE2eTest, TokensMadeOfflineWorkOnceTheCoordinatorStarts) {
   ASSERT_EQ(::stat(state_dir_.c_str(), &st), 0);
   EXPECT_EQ(st.st_mode & 077, 0u) << "the state directory is the coordinator's alone";
   testing::WriteFileOrDie(dir.Sub("worker-token"), Create("worker-1", "worker"));
+  ASSERT_EQ(::chmod(dir.Sub("worker-token").c_str(), 0600), 0);
 
   LocalFarm farm(/*workers=*/1);
   farm.SetCoordinatorFlags({"--require-tokens", "--state-dir=" + state_dir_});
