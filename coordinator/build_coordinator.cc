@@ -535,7 +535,7 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(const kil
   write.next_job_seq = next_job_seq_ + records.size();
   write.next_buildset_seq = next_buildset_seq_ + 1;
   if (absl::Status s = store_->Commit(write); !s.ok()) {
-    if (IsDiskFull(s) || absl::IsResourceExhausted(s)) {
+    if (IsDiskFull(s)) {
       MarkUnwritable(s);
       return reject(OutOfSpace());
     }
