@@ -36,9 +36,6 @@ make_flake() { # make_flake DIR NAME: a FOD declared with a stale hash (that of 
 }
 NIX
 }
-now_ns() { date +%s%N; }
-ms_since() { awk -v a="$1" -v b="$(now_ns)" 'BEGIN {printf "%.1f", (b - a) / 1e6}'; }
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 # Nix alone, on a store without the output (a fresh name each run).
 make_flake "$work/nix" "bench-fod-nix-$$-$(now_ns)"

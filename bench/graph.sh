@@ -40,8 +40,6 @@ make_flake() { # make_flake DIR NONCE
 }
 NIX
 }
-now_ns() { date +%s%N; }
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 # The graph is what we think it is: 23 derivations to build.
 count=$(nix-store -qR "$(nix-instantiate "$work/graph.nix" --argstr nonce count-$$ 2>/dev/null)" | grep -c '\.drv$')

@@ -26,8 +26,6 @@ make_flake() { # make_flake DIR MARKER
 }
 NIX
 }
-now_ns() { date +%s%N; }
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 p90() { sort -n | awk '{a[NR]=$1} END {i=int(NR*0.9+0.999); if(i<1)i=1; print a[i]}'; }
 
 # Warm both paths once (Nix's eval cache, the farm's connections).

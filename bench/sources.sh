@@ -42,8 +42,6 @@ find "$tree" -type f -exec touch -d '1 hour ago' {} +
 total_bytes=$(du -sb "$tree" | cut -f1)
 file_count=$(find "$tree" -type f | wc -l)
 
-now_ns() { date +%s%N; }
-ms_since() { awk -v a="$1" -v b="$(now_ns)" 'BEGIN {printf "%.1f", (b - a) / 1e6}'; }
 metric() { curl -sf "http://$metrics/metrics" | awk -v m="$1" '$1 == m {printf "%d", $2}'; }
 upload_field() { sed -n "s/.*\"$2\":\([0-9]*\).*/\1/p" "$1"; }
 coordinator_pid=$(head -1 "$work/farm/pids")

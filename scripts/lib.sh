@@ -59,6 +59,12 @@ build_kiln() {
 }
 
 # json_field FILE KEY: reads "KEY":"value" from a daemon's one-line ready file.
+# For the benches: nanoseconds since the epoch, milliseconds since a now_ns
+# value, and the median of the numbers on stdin (one per line).
+now_ns() { date +%s%N; }
+ms_since() { awk -v a="$1" -v b="$(now_ns)" 'BEGIN {printf "%.1f", (b - a) / 1e6}'; }
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+
 json_field() { sed -n "s/.*\"$2\":\"\([^\"]*\)\".*/\1/p" "$1"; }
 
 # wait_ready FILE LOG: waits (at most 30 s) for a daemon's ready file.
