@@ -12,15 +12,11 @@
 #include <algorithm>
 #include <set>
 
-#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_split.h"
 #include "absl/strings/str_replace.h"
 #include "absl/time/clock.h"
-#include "common/digest.h"
 #include "common/grpc_util.h"
-#include "common/nix_hash.h"
 #include "kiln/v1/fod.grpc.pb.h"
 #include "tests/support/local_farm.h"
 
@@ -30,14 +26,8 @@ namespace {
 using testing::LocalFarm;
 using testing::WriteFileOrDie;
 
-constexpr char kFakeSri[] = "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
-
-// SRI of the SHA-256 of `content`: what a flat FOD writing it declares.
-std::string SriOf(const std::string& content) {
-  NixHash h;
-  h.bytes = absl::HexStringToBytes(Sha256Hex(content));
-  return h.Sri();
-}
+using testing::kFakeSha256Sri;
+using testing::Sha256SriOf;
 
 // A flake whose default package is a FOD: it prints "fetching NAME" (so a
 // log shows whether it ran), then writes lock.txt and $EXTRA to $out.
@@ -80,29 +70,12 @@ class FodE2eTest : public ::testing::Test {
     WriteFileOrDie(work_.Sub("svc/flake.nix"), FodFlake(name_, hash, extra));
   }
 
-  // `kiln build --json` on worker `node`; the JSON entry, the exit code and
-  // everything printed (logs included) for the log checks.
-  struct Build {
-    int exit_code = -1;
-    nlohmann::json entry;
-    std::string printed;
-  };
+  // `kiln build --json` on worker `node`, as ReadJsonBuild reads it.
+  using Build = testing::JsonBuildOutput;
   Build Run(const std::string& node) {
-    Build b;
     auto r = farm_->Kiln({"build", work_.Sub("svc"), "--json", "--label=node=" + node});
     EXPECT_TRUE(r.ok()) << r.status();
-    if (!r.ok()) return b;
-    b.exit_code = r->exit.exit_code;
-    // With --json, stderr is an event per line: the text of its log lines
-    // and messages is what a person would have read.
-    b.printed = r->stdout_data;
-    for (absl::string_view line : absl::StrSplit(r->stderr_data, '\n', absl::SkipEmpty())) {
-      auto event = nlohmann::json::parse(line, nullptr, false);
-      if (event.is_object() && event.contains("text")) absl::StrAppend(&b.printed, event["text"].get<std::string>(), "\n");
-    }
-    auto j = nlohmann::json::parse(r->stdout_data, nullptr, false);
-    if (j.is_array() && !j.empty()) b.entry = j[0];
-    return b;
+    return r.ok() ? testing::ReadJsonBuild(*r) : Build{};
   }
   static nlohmann::json Mismatch(const Build& b) {
     const auto& list = b.entry.value("hashMismatches", nlohmann::json::array());
@@ -126,9 +99,9 @@ LocalFarm* FodE2eTest::farm_ = nullptr;
 
 TEST_F(FodE2eTest, AFakeHashIsComputedOnceThenCaughtEverywhereBeforeTheFodRuns) {
   const std::string lock = "left-pad@1.3.0\n";
-  const std::string right = SriOf(lock + "one\n");
+  const std::string right = Sha256SriOf(lock + "one\n");
 
-  Write(kFakeSri, lock);  // lib.fakeHash
+  Write(kFakeSha256Sri, lock);  // lib.fakeHash
   Build first = Run("a");
   EXPECT_EQ(first.exit_code, 1) << first.printed;
   EXPECT_TRUE(absl::StrContains(first.printed, "fetching " + name_)) << first.printed;
@@ -146,7 +119,7 @@ TEST_F(FodE2eTest, AFakeHashIsComputedOnceThenCaughtEverywhereBeforeTheFodRuns) 
   EXPECT_EQ(second.entry.value("worker", ""), "worker-2");
   m = Mismatch(second);
   EXPECT_EQ(m.value("got", ""), right) << second.entry.dump();
-  EXPECT_EQ(m.value("specified", ""), kFakeSri);
+  EXPECT_EQ(m.value("specified", ""), kFakeSha256Sri);
   EXPECT_EQ(m.value("source", ""), "cache");
   EXPECT_EQ(m.value("computedByWorker", ""), "worker-1");
   EXPECT_TRUE(absl::StrContains(second.printed, absl::StrCat("set outputHash = \"", right, "\""))) << second.printed;
@@ -158,11 +131,11 @@ TEST_F(FodE2eTest, AFakeHashIsComputedOnceThenCaughtEverywhereBeforeTheFodRuns) 
   EXPECT_EQ(Mismatch(after_restart).value("source", ""), "cache") << after_restart.printed;
 
   // A new lockfile under the fake hash: new inputs, a new key, computed again.
-  Write(kFakeSri, "left-pad@2.0.0\n");
+  Write(kFakeSha256Sri, "left-pad@2.0.0\n");
   Build relocked = Run("b");
   EXPECT_TRUE(absl::StrContains(relocked.printed, "fetching " + name_)) << relocked.printed;
   EXPECT_EQ(Mismatch(relocked).value("source", ""), "build") << relocked.entry.dump();
-  EXPECT_EQ(Mismatch(relocked).value("got", ""), SriOf("left-pad@2.0.0\none\n"));
+  EXPECT_EQ(Mismatch(relocked).value("got", ""), Sha256SriOf("left-pad@2.0.0\none\n"));
 
   // With the right hash it builds.
   Write(right, lock);
@@ -178,13 +151,13 @@ TEST_F(FodE2eTest, AFakeHashIsComputedOnceThenCaughtEverywhereBeforeTheFodRuns) 
 TEST_F(FodE2eTest, ALockfileChangeWithAnUnchangedHashIsCaughtWhereNixWouldReuseTheOldOutput) {
   const std::string v1 = "left-pad@1.3.0\n";
   const std::string v2 = "left-pad@1.3.1\n";
-  Write(SriOf(v1 + "one\n"), v1);
+  Write(Sha256SriOf(v1 + "one\n"), v1);
   Build built = Run("a");
   ASSERT_EQ(built.exit_code, 0) << built.printed;  // Verified and held in the store.
 
   // The lockfile changes, the hash does not: Nix alone reuses the old output
   // (its path depends only on name and hash) and succeeds.
-  Write(SriOf(v1 + "one\n"), v2);
+  Write(Sha256SriOf(v1 + "one\n"), v2);
   ProcessSpec plain_nix;
   plain_nix.argv = {"nix", "build", "--no-link", "path:" + work_.Sub("svc")};
   plain_nix.extra_env = testing::NixTestEnv();
@@ -198,7 +171,7 @@ TEST_F(FodE2eTest, ALockfileChangeWithAnUnchangedHashIsCaughtWhereNixWouldReuseT
   EXPECT_EQ(stale.exit_code, 1) << stale.printed;
   nlohmann::json m = Mismatch(stale);
   EXPECT_EQ(m.value("source", ""), "check") << stale.entry.dump();
-  EXPECT_EQ(m.value("got", ""), SriOf(v2 + "one\n"));
+  EXPECT_EQ(m.value("got", ""), Sha256SriOf(v2 + "one\n"));
   EXPECT_TRUE(absl::StrContains(stale.printed, "was computed for other inputs")) << stale.printed;
 
   // From now on the new inputs' hash is known: caught without building.
@@ -209,15 +182,15 @@ TEST_F(FodE2eTest, ALockfileChangeWithAnUnchangedHashIsCaughtWhereNixWouldReuseT
 
 TEST_F(FodE2eTest, AnEnvVarChangeWithAnUnchangedHashIsCaughtToo) {
   const std::string lock = "go.sum v1\n";
-  Write(SriOf(lock + "one\n"), lock, "one");
+  Write(Sha256SriOf(lock + "one\n"), lock, "one");
   ASSERT_EQ(Run("a").exit_code, 0);
-  Write(SriOf(lock + "one\n"), lock, "two");
+  Write(Sha256SriOf(lock + "one\n"), lock, "two");
   Build stale = Run("b");
   EXPECT_EQ(stale.exit_code, 1) << stale.printed;
-  EXPECT_EQ(Mismatch(stale).value("got", ""), SriOf(lock + "two\n")) << stale.entry.dump();
+  EXPECT_EQ(Mismatch(stale).value("got", ""), Sha256SriOf(lock + "two\n")) << stale.entry.dump();
   // An input change that does not change the output passes the check.
   WriteFileOrDie(work_.Sub("svc/flake.nix"),
-                 FodFlake(name_, SriOf(lock + "one\n"), "three", "/bin/cat $lock > $out; echo one >> $out"));
+                 FodFlake(name_, Sha256SriOf(lock + "one\n"), "three", "/bin/cat $lock > $out; echo one >> $out"));
   Build same = Run("a");
   EXPECT_EQ(same.exit_code, 0) << same.printed;
 }
@@ -225,7 +198,7 @@ TEST_F(FodE2eTest, AnEnvVarChangeWithAnUnchangedHashIsCaughtToo) {
 TEST_F(FodE2eTest, AFodThatDiffersBetweenBuildsIsMarkedNondeterministicAndNeverFailedEarly) {
   const std::string stamp = "/bin/cat /proc/sys/kernel/random/uuid > $out";
   WriteFileOrDie(work_.Sub("svc/lock.txt"), "unused\n");
-  WriteFileOrDie(work_.Sub("svc/flake.nix"), FodFlake(name_, kFakeSri, "one", stamp));
+  WriteFileOrDie(work_.Sub("svc/flake.nix"), FodFlake(name_, kFakeSha256Sri, "one", stamp));
   Build first = Run("a");
   const std::string got = Mismatch(first).value("got", "");
   ASSERT_FALSE(got.empty()) << first.printed;
@@ -257,7 +230,7 @@ TEST_F(FodE2eTest, AFodThatDiffersBetweenBuildsIsMarkedNondeterministicAndNeverF
   }
   EXPECT_TRUE(marked);
   // A fake hash of it is not failed from the cache: the FOD runs.
-  WriteFileOrDie(work_.Sub("svc/flake.nix"), FodFlake(name_, kFakeSri, "one", stamp));
+  WriteFileOrDie(work_.Sub("svc/flake.nix"), FodFlake(name_, kFakeSha256Sri, "one", stamp));
   Build third = Run("a");
   EXPECT_EQ(Mismatch(third).value("source", ""), "build") << third.printed;
   EXPECT_TRUE(absl::StrContains(third.printed, "fetching " + name_)) << third.printed;
@@ -266,7 +239,7 @@ TEST_F(FodE2eTest, AFodThatDiffersBetweenBuildsIsMarkedNondeterministicAndNeverF
 // Three FODs, each declared with a fake hash in another spelling, under a
 // package that needs all three.
 std::string ThreeFodFlake(const std::string& n) {
-  const std::string zeros = kFakeSri;
+  const std::string zeros = kFakeSha256Sri;
   return absl::StrReplaceAll(R"({
   outputs = { self }: let
     system = "x86_64-linux";
@@ -312,7 +285,7 @@ TEST_F(FodE2eTest, FodHashComputesEveryFakeHashInOneCommandAndWriteMakesTheFlake
     const std::string fod_name = f.value("name", "");
     const std::string content = fod_name.substr(0, fod_name.find('-'));
     EXPECT_EQ(f.value("status", ""), "fake") << f.dump();
-    EXPECT_EQ(f.value("correct", ""), SriOf(content + "\n")) << f.dump();
+    EXPECT_EQ(f.value("correct", ""), Sha256SriOf(content + "\n")) << f.dump();
     EXPECT_EQ(f.value("source", ""), "computed");
     jobs.insert(f.value("computedByJob", ""));
   }
@@ -328,7 +301,7 @@ TEST_F(FodE2eTest, FodHashComputesEveryFakeHashInOneCommandAndWriteMakesTheFlake
   EXPECT_TRUE(absl::StrContains(written->stdout_data, "(cached: job")) << written->stdout_data;
   const std::string flake = testing::ReadFileOrDie(work_.Sub("site/flake.nix"));
   for (const char* content : {"bun", "go", "hugo"}) {
-    EXPECT_TRUE(absl::StrContains(flake, SriOf(std::string(content) + "\n"))) << flake;
+    EXPECT_TRUE(absl::StrContains(flake, Sha256SriOf(std::string(content) + "\n"))) << flake;
   }
   auto built = farm_->Kiln({"build", work_.Sub("site")});
   ASSERT_TRUE(built.ok());
@@ -370,12 +343,12 @@ TEST_F(FodE2eTest, AFodFedTheWholeFlakeSourceIsPointedOut) {
 
 TEST_F(FodE2eTest, TheCacheIsListedExportedForgottenAndImported) {
   const std::string lock = "admin\n";
-  Write(kFakeSri, lock);
+  Write(kFakeSha256Sri, lock);
   ASSERT_EQ(Run("a").exit_code, 1);  // Computes and records it.
   auto listed = farm_->Kiln({"fod", "list", "--name=" + name_});
   ASSERT_TRUE(listed.ok());
   EXPECT_EQ(listed->exit.exit_code, 0) << listed->stderr_data;
-  EXPECT_TRUE(absl::StrContains(listed->stdout_data, SriOf(lock + "one\n"))) << listed->stdout_data;
+  EXPECT_TRUE(absl::StrContains(listed->stdout_data, Sha256SriOf(lock + "one\n"))) << listed->stdout_data;
   const std::string key_prefix = listed->stdout_data.substr(0, 12);
 
   auto shown = farm_->Kiln({"fod", "show", key_prefix});

@@ -25,17 +25,7 @@ namespace {
 using testing::LocalFarm;
 using testing::WriteFileOrDie;
 
-std::string Flake(const std::string& script) {
-  return absl::StrReplaceAll(R"({
-  outputs = { self }: {
-    packages.x86_64-linux.default = derivation {
-      name = "chatty"; system = "x86_64-linux"; builder = "/bin/sh";
-      args = [ "-c" "SCRIPT; echo ok > $out" ];
-    };
-  };
-})",
-                             {{"SCRIPT", script}});
-}
+std::string Flake(const std::string& script) { return testing::ShellFlake("chatty", script + "; echo ok > $out"); }
 
 // The log lines of a `kiln build --json` run, from its event stream, as
 // `kiln log` prints them.

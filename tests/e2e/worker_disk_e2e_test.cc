@@ -3,7 +3,6 @@
 // found it, so the next job builds; temporary files a killed worker left in
 // its source cache are swept when it starts; the free space is reported.
 #include <gtest/gtest.h>
-#include <sys/mount.h>
 #include <sys/statvfs.h>
 
 #include <nlohmann/json.hpp>
@@ -26,15 +25,7 @@ using testing::LocalFarm;
 using testing::WriteFileOrDie;
 
 std::string TrivialFlake(const std::string& marker) {
-  return absl::StrCat(R"({
-  outputs = { self }: {
-    packages.x86_64-linux.default = derivation {
-      name = "disk-test"; system = "x86_64-linux"; builder = "/bin/sh";
-      args = [ "-c" "echo )",
-                      marker, R"( > $out" ];
-    };
-  };
-})");
+  return testing::ShellFlake("disk-test", absl::StrCat("echo ", marker, " > $out"));
 }
 
 uint64_t FreeBytes(const std::string& path) {
@@ -59,12 +50,8 @@ TEST(WorkerDiskE2eTest, ASourceThatDoesNotFitFailsWithAReasonAndTheWorkerGoesOn)
   ASSERT_TRUE(farm.Start().ok());
   const std::string work_dir = farm.dir().Sub("worker-1");
   fs::create_directories(work_dir);
-  ASSERT_EQ(::mount("tmpfs", work_dir.c_str(), "tmpfs", 0, "size=20m"), 0) << std::strerror(errno);
-  // Lazily: the worker may still be using it when the farm stops.
-  struct Unmount {
-    std::string path;
-    ~Unmount() { ::umount2(path.c_str(), MNT_DETACH); }
-  } unmount{work_dir};
+  testing::ScopedTmpfs small_disk(work_dir, "20m");
+  ASSERT_TRUE(small_disk.status().ok()) << small_disk.status();
   ASSERT_TRUE(farm.AddWorker().ok());
 
   // A flake with a 30 MiB file (random: nothing compresses it away).

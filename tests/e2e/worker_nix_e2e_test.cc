@@ -14,14 +14,11 @@
 #include <filesystem>
 
 #include "absl/strings/ascii.h"
-#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
-#include "common/digest.h"
-#include "common/nix_hash.h"
 #include "tests/support/local_farm.h"
 
 namespace kiln {
@@ -30,13 +27,8 @@ namespace {
 using testing::LocalFarm;
 using testing::WriteFileOrDie;
 
-constexpr char kFakeSri[] = "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
-
-std::string SriOf(const std::string& content) {
-  NixHash h;
-  h.bytes = absl::HexStringToBytes(Sha256Hex(content));
-  return h.Sri();
-}
+using testing::kFakeSha256Sri;
+using testing::Sha256SriOf;
 
 // A flake with a recursive FOD `deps` (a directory holding `lock`, like
 // `bun install` output) and a default package that reads it.
@@ -123,26 +115,13 @@ class WorkerNixE2eTest : public ::testing::Test {
     return r.exit.Success() && absl::StripAsciiWhitespace(r.stdout_data).empty();
   }
 
-  // `kiln build` of the flake's default package; the exit code, the JSON
-  // entry and the text a person would have read (log lines included).
-  struct Build {
-    int exit_code = -1;
-    nlohmann::json entry;
-    std::string printed;
-  };
+  // `kiln build --json` of the flake's default package, as ReadJsonBuild
+  // reads it.
+  using Build = testing::JsonBuildOutput;
   Build KilnBuild() {
-    Build b;
     auto r = farm_->Kiln({"build", Svc(), "--json"});
     EXPECT_TRUE(r.ok()) << r.status();
-    if (!r.ok()) return b;
-    b.exit_code = r->exit.exit_code;
-    for (absl::string_view line : absl::StrSplit(r->stderr_data, '\n', absl::SkipEmpty())) {
-      auto event = nlohmann::json::parse(line, nullptr, false);
-      if (event.is_object() && event.contains("text")) absl::StrAppend(&b.printed, event["text"].get<std::string>(), "\n");
-    }
-    auto j = nlohmann::json::parse(r->stdout_data, nullptr, false);
-    if (j.is_array() && !j.empty()) b.entry = j[0];
-    return b;
+    return r.ok() ? testing::ReadJsonBuild(*r) : Build{};
   }
 
   static LocalFarm* farm_;
@@ -153,7 +132,7 @@ LocalFarm* WorkerNixE2eTest::farm_ = nullptr;
 
 TEST_F(WorkerNixE2eTest, FodHashWorksOnAWorkerWhereAFakeHashWasBuiltByHand) {
   const std::string script = "/bin/mkdir $out; echo go.sum-v1 > $out/lock";
-  WriteFileOrDie(work_.Sub("svc/flake.nix"), DepsFlake(name_, kFakeSri, script));
+  WriteFileOrDie(work_.Sub("svc/flake.nix"), DepsFlake(name_, kFakeSha256Sri, script));
   // The right hash, by Nix alone: the same directory made here.
   WriteFileOrDie(work_.Sub("expected/lock"), "go.sum-v1\n");
   ProcessSpec hash;
@@ -194,7 +173,7 @@ TEST_F(WorkerNixE2eTest, FodHashWorksOnAWorkerWhereAFakeHashWasBuiltByHand) {
 
 TEST_F(WorkerNixE2eTest, FodHashSaysWhyAFodFailedInOneLine) {
   WriteFileOrDie(work_.Sub("svc/flake.nix"),
-                 DepsFlake(name_, kFakeSri, "echo registry.example: no such host >&2; exit 7"));
+                 DepsFlake(name_, kFakeSha256Sri, "echo registry.example: no such host >&2; exit 7"));
   auto found = farm_->Kiln({"fod-hash", absl::StrCat(Svc(), "#default")});
   ASSERT_TRUE(found.ok()) << found.status();
   EXPECT_EQ(found->exit.exit_code, 1) << found->stderr_data;
@@ -214,7 +193,7 @@ TEST_F(WorkerNixE2eTest, ASuspectStaleFodWithALeftoverAtItsPathIsBuiltAndChecked
   const std::string v1 = "left-pad@1.3.0\n";
   const std::string v2 = "left-pad@1.3.1\n";
   WriteFileOrDie(work_.Sub("svc/lock.txt"), v1);
-  WriteFileOrDie(work_.Sub("svc/flake.nix"), FlatFodFlake(name_, SriOf(v1)));
+  WriteFileOrDie(work_.Sub("svc/flake.nix"), FlatFodFlake(name_, Sha256SriOf(v1)));
   Build first = KilnBuild();
   ASSERT_EQ(first.exit_code, 0) << first.printed;  // The cache knows the hash for v1's inputs.
 
@@ -234,7 +213,7 @@ TEST_F(WorkerNixE2eTest, ASuspectStaleFodWithALeftoverAtItsPathIsBuiltAndChecked
   EXPECT_FALSE(absl::StrContains(stale.printed, "not valid")) << stale.printed;
   const auto& mismatches = stale.entry.value("hashMismatches", nlohmann::json::array());
   ASSERT_EQ(mismatches.size(), 1u) << stale.entry.dump() << stale.printed;
-  EXPECT_EQ(mismatches[0].value("got", ""), SriOf(v2));
+  EXPECT_EQ(mismatches[0].value("got", ""), Sha256SriOf(v2));
   EXPECT_EQ(mismatches[0].value("source", ""), "build");
 }
 

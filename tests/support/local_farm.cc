@@ -17,6 +17,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 
 extern char** environ;
@@ -27,6 +28,21 @@ namespace fs = std::filesystem;
 std::string BinPath(const std::string& name) {
   const char* dir = std::getenv("KILN_BIN_DIR");
   return std::string(dir ? dir : "build/bin") + "/" + name;
+}
+
+JsonBuildOutput ReadJsonBuild(const CommandResult& result) {
+  JsonBuildOutput out;
+  out.exit_code = result.exit.exit_code;
+  out.printed = result.stdout_data;
+  for (absl::string_view line : absl::StrSplit(result.stderr_data, '\n', absl::SkipEmpty())) {
+    auto event = nlohmann::json::parse(line, nullptr, false);
+    if (event.is_object() && event.contains("text") && event["text"].is_string()) {
+      absl::StrAppend(&out.printed, event["text"].get<std::string>(), "\n");
+    }
+  }
+  auto entries = nlohmann::json::parse(result.stdout_data, nullptr, false);
+  if (entries.is_array() && !entries.empty()) out.entry = entries[0];
+  return out;
 }
 
 std::vector<std::string> NixTestEnv() {

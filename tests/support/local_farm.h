@@ -47,6 +47,16 @@ class Daemon {
 // serves; its JSON, or an error quoting the daemon's log.
 absl::StatusOr<nlohmann::json> WaitForReadyFile(const std::string& path, const std::string& log);
 
+// What `kiln build … --json` said, as a test reads it.
+struct JsonBuildOutput {
+  int exit_code = -1;
+  nlohmann::json entry;  // The first entry of stdout's array; null if none.
+  // Stdout, then the text of every stderr event (log lines, messages): what
+  // a person would have read.
+  std::string printed;
+};
+JsonBuildOutput ReadJsonBuild(const CommandResult& result);
+
 // Environment for Nix in tests: offline, flakes on.
 std::vector<std::string> NixTestEnv();
 

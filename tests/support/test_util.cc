@@ -1,12 +1,21 @@
 #include "tests/support/test_util.h"
 
+#include <sys/mount.h>
+
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 
 #include <gtest/gtest.h>
 
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
+#include "common/digest.h"
+#include "common/nix_hash.h"
 #include "common/source_tree.h"
 
 namespace kiln::testing {
@@ -79,6 +88,35 @@ kiln::v1::SubmitBuildRequest OneFileFlakeSubmission(const std::string& flake, co
     spec->mutable_requirements()->set_system(system);
   }
   return request;
+}
+
+std::string Sha256SriOf(const std::string& content) {
+  NixHash h;
+  h.bytes = absl::HexStringToBytes(Sha256Hex(content));
+  return h.Sri();
+}
+
+std::string ShellFlake(const std::string& name, const std::string& script) {
+  return absl::StrReplaceAll(R"({
+  outputs = { self }: {
+    packages.x86_64-linux.default = derivation {
+      name = "NAME"; system = "x86_64-linux"; builder = "/bin/sh";
+      args = [ "-c" "SCRIPT" ];
+    };
+  };
+})",
+                             {{"NAME", name}, {"SCRIPT", script}});
+}
+
+ScopedTmpfs::ScopedTmpfs(std::string path, const std::string& size) : path_(std::move(path)) {
+  const std::string options = absl::StrCat("size=", size);
+  if (::mount("tmpfs", path_.c_str(), "tmpfs", 0, options.c_str()) != 0) {
+    status_ = absl::InternalError(absl::StrCat("cannot mount a tmpfs at ", path_, ": ", std::strerror(errno)));
+  }
+}
+
+ScopedTmpfs::~ScopedTmpfs() {
+  if (status_.ok()) ::umount2(path_.c_str(), MNT_DETACH);
 }
 
 }  // namespace kiln::testing

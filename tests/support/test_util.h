@@ -43,6 +43,33 @@ void ExpectMatchesGolden(const std::string& actual, const std::string& relative)
 kiln::v1::SubmitBuildRequest OneFileFlakeSubmission(const std::string& flake, const std::vector<std::string>& attrs,
                                                     const std::string& system = "x86_64-linux");
 
+// What `outputHash = lib.fakeHash` declares.
+inline constexpr char kFakeSha256Sri[] = "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+// The SRI SHA-256 of `content`: what a flat FOD writing exactly it declares.
+std::string Sha256SriOf(const std::string& content);
+
+// A flake whose default package is one derivation named `name` that runs
+// `script` with /bin/sh (it must write $out); `script` lands inside a Nix
+// string, so it quotes `"` as `\"`.
+std::string ShellFlake(const std::string& name, const std::string& script);
+
+// A tmpfs of `size` (e.g. "20m") mounted at `path` (which must exist) for
+// this object's lifetime: a small disk for a daemon to fill. Unmounted lazily
+// (MNT_DETACH), as the daemon may still hold files on it. Needs root.
+class ScopedTmpfs {
+ public:
+  ScopedTmpfs(std::string path, const std::string& size);
+  ~ScopedTmpfs();
+  ScopedTmpfs(const ScopedTmpfs&) = delete;
+  ScopedTmpfs& operator=(const ScopedTmpfs&) = delete;
+  const absl::Status& status() const { return status_; }
+
+ private:
+  std::string path_;
+  absl::Status status_;
+};
+
 MATCHER_P(StatusIs, code, "") { return arg.code() == code; }
 MATCHER_P(StatusOrIs, code, "") { return arg.status().code() == code; }
 // A status with `code` whose message contains `text`.
