@@ -30,6 +30,7 @@
 #include "worker/image_publisher.h"
 #include "worker/nix_build_executor.h"
 #include "worker/nix_system_info.h"
+#include "worker/source_cache.h"
 #include "worker/worker_agent.h"
 
 ABSL_FLAG(std::string, coordinator, "127.0.0.1:7600", "Coordinator gRPC address");
@@ -136,6 +137,7 @@ int main(int argc, char** argv) {
   if (const int stopped = kiln::ProcessSupervisor::StopLeftovers(process_ledger_dir, absl::Seconds(10)); stopped > 0) {
     kiln::LogWarning("worker", "stopped ", stopped, " Nix process(es) left running by a previous run of this worker");
   }
+  kiln::SweepSourceCacheLeftovers(options.work_dir);
   options.max_jobs = absl::GetFlag(FLAGS_max_jobs);
   if (options.max_jobs < 1) return Fail("--max-jobs must be at least 1");
   const absl::StatusOr<int> gzip_level = kiln::ParseGzipLevel(absl::GetFlag(FLAGS_push_gzip_level));

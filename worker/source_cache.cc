@@ -142,12 +142,12 @@ void SourceCache::Trim() {
           " bytes kept");
 }
 
-void SourceCache::SweepTemporaryFiles() {
+void SweepSourceCacheLeftovers(const std::string& work_dir) {
   // Left by a worker killed mid-write (or by one from before temporary files
   // were removed on failure): never read, and they may be what fills the disk.
   std::error_code ec;
   uint64_t removed = 0, bytes = 0;
-  for (fs::recursive_directory_iterator it(fs::path(work_dir_) / "cas", ec), end; !ec && it != end;
+  for (fs::recursive_directory_iterator it(fs::path(work_dir) / "cas", ec), end; !ec && it != end;
        it.increment(ec)) {
     const std::string name = it->path().filename().string();
     if (!it->is_regular_file(ec) || !(IsAtomicWriteLeftover(name) || absl::EndsWith(name, ".tmp"))) continue;

@@ -11,6 +11,11 @@
 
 namespace kiln {
 
+// Removes from WORK_DIR/cas the temporary files of writes that never
+// finished (a worker killed mid-write): at start, with the other clean-up of
+// what a previous run left, before the worker says it is ready.
+void SweepSourceCacheLeftovers(const std::string& work_dir);
+
 class SourceCache {
  public:
   // `cas`: the coordinator's CAS, where missing blobs come from; it must
@@ -25,10 +30,6 @@ class SourceCache {
   // (RESOURCE_EXHAUSTED: "no space left on the worker's work directory").
   // Thread-safe: jobs check out concurrently.
   absl::Status CheckOut(const kiln::v1::Assignment& assignment, const std::string& dest);
-
-  // Removes the temporary files of writes that never finished (a worker
-  // killed mid-write): at start, before any job.
-  void SweepTemporaryFiles();
 
  private:
   // Deletes the least recently used blobs past `max_bytes_`.

@@ -143,10 +143,7 @@ WorkerAgent::WorkerAgent(WorkerOptions options, BuildExecutor* executor, WorkerM
 
 WorkerAgent::~WorkerAgent() { Stop(); }
 
-void WorkerAgent::Start() {
-  sources_.SweepTemporaryFiles();
-  loop_ = std::thread([this] { RunLoop(); });
-}
+void WorkerAgent::Start() { loop_ = std::thread([this] { RunLoop(); }); }
 
 void WorkerAgent::Stop() {
   {
