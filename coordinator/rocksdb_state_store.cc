@@ -1,5 +1,7 @@
 #include "coordinator/rocksdb_state_store.h"
 
+#include <cstdarg>
+#include <cstdio>
 #include <filesystem>
 #include <map>
 
@@ -13,10 +15,33 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/clock.h"
+#include "common/log.h"
 #include "coordinator/rocks_status.h"
 
 namespace kiln {
 namespace {
+
+// RocksDB's informational log, sent to Kiln's (stderr, the journal) instead
+// of a LOG file in the state directory: on a full disk a failed write to
+// that file leaves its writer in an error state, and RocksDB's next message
+// (DB::Resume() writes one first thing) then fails an assertion, which
+// Debian's RocksDB keeps: the coordinator aborted when space came back.
+// Warnings and errors only: the rest is RocksDB's own bookkeeping.
+class RocksDbLogToKilnLog final : public rocksdb::Logger {
+ public:
+  RocksDbLogToKilnLog() : rocksdb::Logger(rocksdb::InfoLogLevel::WARN_LEVEL) {}
+  void Logv(const char* format, va_list ap) override { Logv(rocksdb::InfoLogLevel::INFO_LEVEL, format, ap); }
+  void Logv(const rocksdb::InfoLogLevel level, const char* format, va_list ap) override {
+    if (level < GetInfoLogLevel()) return;
+    char text[1024];
+    std::vsnprintf(text, sizeof text, format, ap);
+    if (level >= rocksdb::InfoLogLevel::ERROR_LEVEL) {
+      LogError("rocksdb", text);
+    } else {
+      LogWarning("rocksdb", text);
+    }
+  }
+};
 
 constexpr char kNextJobSeq[] = "meta/next_job_seq";
 constexpr char kNextBuildsetSeq[] = "meta/next_buildset_seq";
@@ -37,7 +62,7 @@ absl::StatusOr<std::unique_ptr<RocksDbStateStore>> RocksDbStateStore::Open(const
   db_options.create_if_missing = true;
   db_options.create_missing_column_families = true;
   db_options.max_background_jobs = 2;
-  db_options.keep_log_file_num = 5;
+  db_options.info_log = std::make_shared<RocksDbLogToKilnLog>();
 
   rocksdb::ColumnFamilyOptions jobs_options;
   jobs_options.OptimizeForPointLookup(64);

@@ -4,7 +4,6 @@
 // stored, and once space is freed it takes work again by itself (RocksDB
 // resumes after a no-space error), without a restart.
 #include <gtest/gtest.h>
-#include <sys/mount.h>
 #include <sys/statvfs.h>
 
 #include <nlohmann/json.hpp>
@@ -29,15 +28,8 @@ using testing::WriteFileOrDie;
 
 // A flake with a 30 KiB file of its own: each submission stores ~30 KiB.
 void WriteFlake(const std::string& dir, int n) {
-  WriteFileOrDie(dir + "/flake.nix", absl::StrCat(R"({
-  outputs = { self }: {
-    packages.x86_64-linux.default = derivation {
-      name = "disk-full"; system = "x86_64-linux"; builder = "/bin/sh";
-      args = [ "-c" "echo )",
-                                                  n, "-", absl::ToUnixNanos(absl::Now()), R"( > $out" ];
-    };
-  };
-})"));
+  const std::string marker = absl::StrCat(n, "-", absl::ToUnixNanos(absl::Now()));
+  WriteFileOrDie(dir + "/flake.nix", testing::ShellFlake("disk-full", absl::StrCat("echo ", marker, " > $out")));
   std::string data(30 << 10, '\0');
   std::mt19937_64 random(static_cast<uint64_t>(n));
   for (char& c : data) c = static_cast<char>(random());
@@ -54,11 +46,8 @@ TEST(CoordinatorDiskE2eTest, AFullStateDiskRefusesNewWorkAnnouncesNothingUnstore
   LocalFarm farm(/*workers=*/1);
   const std::string state = farm.dir().Sub("coordinator");
   fs::create_directories(state);
-  ASSERT_EQ(::mount("tmpfs", state.c_str(), "tmpfs", 0, "size=30m"), 0) << std::strerror(errno);
-  struct Unmount {
-    std::string path;
-    ~Unmount() { ::umount2(path.c_str(), MNT_DETACH); }
-  } unmount{state};
+  testing::ScopedTmpfs small_disk(state, "30m");
+  ASSERT_TRUE(small_disk.status().ok()) << small_disk.status();
   ASSERT_TRUE(farm.Start().ok());
   const std::string readyz = absl::StrCat("http://", farm.coordinator_metrics(), "/readyz");
   ASSERT_EQ(HttpStatus(readyz), 200);
@@ -73,11 +62,12 @@ TEST(CoordinatorDiskE2eTest, AFullStateDiskRefusesNewWorkAnnouncesNothingUnstore
     for (uint64_t written = 0; written + (2 << 20) <= free_bytes; written += block.size()) filler.write(block.data(), block.size());
   }
 
-  // Submissions until one is refused (bounded: 1 MiB holds fewer than 60).
+  // Submissions until one is refused (bounded: the 1–2 MiB left hold fewer
+  // than 150 of ~30 KiB).
   testing::TempDir src;
   std::vector<std::string> accepted;
   CommandResult refused;
-  for (int i = 0; i < 60 && refused.exit.exit_code <= 0; ++i) {
+  for (int i = 0; i < 150 && refused.exit.exit_code <= 0; ++i) {
     const std::string dir = src.Sub(absl::StrCat("s", i));
     WriteFlake(dir, i);
     auto r = farm.Kiln({"build", dir, "--detach", "--json"});
@@ -90,7 +80,7 @@ TEST(CoordinatorDiskE2eTest, AFullStateDiskRefusesNewWorkAnnouncesNothingUnstore
     ASSERT_TRUE(j.is_array() && j.size() == 1) << r->stdout_data;
     accepted.push_back(j[0].value("jobId", ""));
   }
-  ASSERT_GT(refused.exit.exit_code, 0) << "60 submissions fitted in 1 MiB";
+  ASSERT_GT(refused.exit.exit_code, 0) << "150 submissions fitted in 2 MiB";
   EXPECT_EQ(refused.exit.exit_code, 4) << refused.stderr_data;
   EXPECT_TRUE(absl::StrContains(refused.stderr_data, "the coordinator is out of disk space")) << refused.stderr_data;
   EXPECT_FALSE(absl::StrContains(refused.stderr_data, "cannot reach")) << refused.stderr_data;
