@@ -7,7 +7,6 @@
 
 #include "absl/algorithm/container.h"
 #include "absl/strings/match.h"
-#include "google/protobuf/io/coded_stream.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -87,41 +86,6 @@ void CountPush(CoordinatorMetrics& metrics, const kiln::v1::PushResult& push) {
   for (const kiln::v1::PushedBlob& layer : push.layers()) count(layer);
 }
 
-// A job's event history is one string: per event, its serialized size as a
-// varint, then the serialized JobEvent.
-void AppendStoredEvent(std::string& history, const JobEvent& event) {
-  const size_t size = event.ByteSizeLong();
-  uint8_t prefix[5];  // A varint of 32 bits takes at most 5 bytes.
-  uint8_t* end = google::protobuf::io::CodedOutputStream::WriteVarint32ToArray(static_cast<uint32_t>(size), prefix);
-  history.append(reinterpret_cast<const char*>(prefix), static_cast<size_t>(end - prefix));
-  history.resize(history.size() + size);
-  event.SerializeWithCachedSizesToArray(reinterpret_cast<uint8_t*>(history.data()) + (history.size() - size));
-}
-
-template <typename Fn>
-void ForEachStoredEvent(const std::string& history, Fn fn) {
-  google::protobuf::io::CodedInputStream in(reinterpret_cast<const uint8_t*>(history.data()),
-                                            static_cast<int>(history.size()));
-  JobEvent event;
-  uint32_t size = 0;
-  while (in.ReadVarint32(&size)) {
-    const auto limit = in.PushLimit(static_cast<int>(size));
-    event.Clear();
-    // Written by AppendStoredEvent in this process.
-    KILN_CHECK(event.ParseFromCodedStream(&in) && in.ConsumedEntireMessage());
-    in.PopLimit(limit);
-    fn(event);
-  }
-}
-
-// The log lines of a job's event history, in order.
-void AppendStoredLogLines(const std::string& history, google::protobuf::RepeatedPtrField<kiln::v1::LogLine>& out) {
-  ForEachStoredEvent(history, [&](JobEvent& e) {
-    if (!e.has_log()) return;
-    for (kiln::v1::LogLine& line : *e.mutable_log()->mutable_lines()) *out.Add() = std::move(line);
-  });
-}
-
 }  // namespace
 
 BuildCoordinator::BuildCoordinator(StateStore* store, CoordinatorMetrics* metrics, const Clock* clock,
@@ -133,8 +97,12 @@ BuildCoordinator::BuildCoordinator(StateStore* store, CoordinatorMetrics* metric
       options_(std::move(options)),
       started_(clock_->Now()),
       // Distinct per start: the start time in nanoseconds (never 0, which
-      // a watcher that saw no event sends).
-      incarnation_(static_cast<uint64_t>(absl::ToUnixNanos(absl::Now()))) {
+      // a watcher that saw no event sends). The wall clock, not the
+      // injected one: it must differ between two runs of a test too.
+      journal_(clock_, static_cast<uint64_t>(absl::ToUnixNanos(absl::Now())),
+               JobJournalOptions{.log_bytes_per_job = options_.log_bytes_per_job,
+                                 .finished_jobs_with_logs = options_.finished_jobs_with_logs,
+                                 .log_retention_bytes = options_.log_retention_bytes}) {
   metrics_->state_writable.Set(1);
 }
 
@@ -255,11 +223,11 @@ void BuildCoordinator::Admit(JobEntry& job, const JobRecord& record) {
     job.leader = it->second;
     leader.followers.push_back(id);
     event.mutable_queued()->set_reason(FollowingReason(job.leader));
-    Emit(job, std::move(event));
+    Emit(id, job, std::move(event));
     return;
   }
   scheduler_.Enqueue(id, RequirementsOf(record.spec()), PlacementOf(record));
-  Emit(job, std::move(event));
+  Emit(id, job, std::move(event));
 }
 
 absl::Status BuildCoordinator::Recover() {
@@ -278,7 +246,6 @@ absl::Status BuildCoordinator::Recover() {
   // One record parsed at a time into the same message (no allocation once
   // warm); the entry keeps the serialized form.
   JobRecord record;
-  std::vector<std::pair<int64_t, std::string>> logs_by_finish;  // (finished_at seconds, job id)
   absl::Status loaded = store_->ForEachPackedJob([&](absl::string_view bytes) {
     if (!record.ParseFromArray(bytes.data(), static_cast<int>(bytes.size()))) {
       return absl::DataLossError("unreadable job record");
@@ -292,15 +259,15 @@ absl::Status BuildCoordinator::Recover() {
     if (!IsTerminal(state) && !record.token().empty()) ++active_by_token_[record.token()];
     if (IsTerminal(state)) {
       if (record.stored_log_bytes() > 0) {
-        stored_log_bytes_ += static_cast<uint64_t>(record.stored_log_bytes());
-        logs_by_finish.emplace_back(record.finished_at().seconds(), id);
+        journal_.RecoverStoredLog(id, record.finished_at().seconds(),
+                                  static_cast<uint64_t>(record.stored_log_bytes()));
       }
       JobEvent event;
       auto* finished = event.mutable_finished();
       finished->set_state(state);
       *finished->mutable_result() = record.result();
       finished->set_worker(record.worker());
-      Emit(job, std::move(event));
+      Emit(id, job, std::move(event));
     } else if (state == kiln::v1::JOB_STATE_QUEUED) {
       Admit(job, record);
       ++queued;
@@ -313,16 +280,14 @@ absl::Status BuildCoordinator::Recover() {
       JobEvent event;
       event.mutable_assigned()->set_worker(record.worker());
       event.mutable_assigned()->set_attempt(record.attempt());
-      Emit(job, std::move(event));
+      Emit(id, job, std::move(event));
       ++held;
     }
     return absl::OkStatus();
   });
   if (!loaded.ok()) return loaded;
-  std::stable_sort(logs_by_finish.begin(), logs_by_finish.end(),
-                   [](const auto& a, const auto& b) { return a.first < b.first; });
-  for (auto& [finished, id] : logs_by_finish) stored_logs_.push_back(std::move(id));
-  metrics_->stored_log_bytes.Set(static_cast<double>(stored_log_bytes_));
+  journal_.SortRecovered();
+  metrics_->stored_log_bytes.Set(static_cast<double>(journal_.stored_log_bytes()));
   LogInfo(kComponent, "recovered ", jobs_.size(), " jobs (", queued, " queued, ", held,
           " held for their workers to reconnect)");
   UpdateGauges();
@@ -568,7 +533,7 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(const kil
       *finished->mutable_result() = job.parsed->result();
       finished->set_worker(job.parsed->worker());
       *finished->mutable_queue_time() = ToProtoDuration(absl::ZeroDuration());
-      Emit(job, std::move(event));
+      Emit(id, job, std::move(event));
       continue;
     }
     if (!token.empty()) ++active_by_token_[token];
@@ -585,27 +550,15 @@ absl::Status BuildCoordinator::Watch(const std::string& job_id, uint64_t from_se
   Flush();  // The replay below shows only stored states.
   auto it = jobs_.find(job_id);
   if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job ", job_id));
-  if (incarnation != incarnation_) from_sequence = 0;  // Sequences restarted with this process.
   JobEntry& job = it->second;
-  ForEachStoredEvent(job.history, [&](JobEvent& event) {
-    if (event.sequence() < from_sequence) return;
-    event.set_job_id(job_id);
-    event.set_incarnation(incarnation_);
-    watcher->OnEvent(event);
-  });
-  if (IsTerminal(Rec(job).state())) {
-    watcher->Close(absl::OkStatus());
-  } else {
-    job.watchers.push_back(std::move(watcher));
-  }
+  journal_.Watch(job_id, job.journal, from_sequence, incarnation, std::move(watcher), IsTerminal(Rec(job).state()));
   return absl::OkStatus();
 }
 
 void BuildCoordinator::Unwatch(const std::string& job_id, const JobWatcher* watcher) {
   auto it = jobs_.find(job_id);
   if (it == jobs_.end()) return;
-  auto& w = it->second.watchers;
-  w.erase(std::remove_if(w.begin(), w.end(), [&](const auto& p) { return p.get() == watcher; }), w.end());
+  journal_.Unwatch(it->second.journal, watcher);
 }
 
 absl::StatusOr<JobState> BuildCoordinator::Cancel(const std::string& job_id) {
@@ -685,8 +638,8 @@ absl::Status BuildCoordinator::GetJobLog(const std::string& job_id, bool have_st
   // only jobs still running (or one finishing between the caller's read of
   // the store and this call).
   if (have_stored) return absl::OkStatus();
-  AppendStoredLogLines(it->second.history, *out->mutable_lines());
-  out->set_dropped_lines(it->second.dropped_log_lines);
+  journal_.AppendLogLines(it->second.journal, *out->mutable_lines());
+  out->set_dropped_lines(journal_.dropped_log_lines(it->second.journal));
   return absl::OkStatus();
 }
 
@@ -830,7 +783,7 @@ void BuildCoordinator::OnWorkerMessage(const std::shared_ptr<WorkerSession>& ses
       Persist(*job);
       JobEvent event;
       event.mutable_started()->set_worker(worker.name);
-      Emit(*job, std::move(event));
+      Emit(message.started().job_id(), *job, std::move(event));
       break;
     }
     case kiln::v1::WorkerMessage::kLog: {
@@ -838,7 +791,7 @@ void BuildCoordinator::OnWorkerMessage(const std::shared_ptr<WorkerSession>& ses
       if (job == nullptr || message.log().lines().empty()) break;
       JobEvent event;
       *event.mutable_log()->mutable_lines() = message.log().lines();
-      Emit(*job, std::move(event));
+      Emit(message.log().job_id(), *job, std::move(event));
       break;
     }
     case kiln::v1::WorkerMessage::kFinished:
@@ -998,8 +951,7 @@ void BuildCoordinator::Flush() {
   if (!pending_jobs_.empty()) {
     StateWrite write;
     for (const auto& [key, entry] : pending_results_) write.cached_results.emplace_back(key, &entry);
-    write.logs.swap(pending_logs_);
-    write.deleted_logs.swap(pending_log_deletes_);
+    journal_.TakeLogWrites(write.logs, write.deleted_logs);
     write.packed_jobs.reserve(pending_jobs_.size());
     for (JobEntry* job : pending_jobs_) {
       job->dirty = false;
@@ -1010,8 +962,7 @@ void BuildCoordinator::Flush() {
       // Kept to be written again once the store resumes; until then nobody
       // hears of these changes, so a restart loses nothing anyone was told.
       for (JobEntry* job : pending_jobs_) job->dirty = true;
-      pending_logs_.swap(write.logs);
-      pending_log_deletes_.swap(write.deleted_logs);
+      journal_.ReturnLogWrites(write.logs, write.deleted_logs);
       MarkUnwritable(s);
       flushing_ = false;
       return;
@@ -1028,15 +979,7 @@ void BuildCoordinator::Flush() {
   }
   touched_.clear();
   // Stored: now the world may hear of it.
-  std::vector<PendingWatcherCall> calls;
-  calls.swap(pending_watcher_calls_);
-  for (PendingWatcherCall& call : calls) {
-    if (call.event.has_value()) {
-      call.watcher->OnEvent(*call.event);
-    } else {
-      call.watcher->Close(call.status);
-    }
-  }
+  journal_.Release();
   std::vector<const WorkerSession*> targets;
   targets.swap(workers_with_outbox_);
   for (const WorkerSession* session : targets) {
@@ -1321,10 +1264,8 @@ void BuildCoordinator::WorkerGone(const WorkerSession* session) {
 
 void BuildCoordinator::CloseAll() {
   Flush();
-  for (auto& [_, job] : jobs_) {
-    for (auto& w : job.watchers) w->Close(absl::UnavailableError("the coordinator is shutting down"));
-    job.watchers.clear();
-  }
+  const absl::Status shutting_down = absl::UnavailableError("the coordinator is shutting down");
+  for (auto& [_, job] : jobs_) journal_.CloseWatchers(job.journal, shutting_down);
   for (auto& [_, worker] : sessions_) {
     worker.session->Close(absl::UnavailableError("the coordinator is shutting down"));
   }
@@ -1365,7 +1306,7 @@ void BuildCoordinator::Dispatch() {
     JobEvent event;
     event.mutable_assigned()->set_worker(a.worker);
     event.mutable_assigned()->set_attempt(Rec(job).attempt());
-    Emit(job, std::move(event));
+    Emit(a.job, job, std::move(event));
     auto by_name = session_by_name_.find(a.worker);
     KILN_CHECK(by_name != session_by_name_.end());  // The scheduler knows only registered workers.
     OutboxAssign(sessions_.at(by_name->second), std::move(*message.mutable_assign()));
@@ -1462,7 +1403,7 @@ void BuildCoordinator::Requeue(JobEntry& job, absl::string_view reason_label, co
   JobEvent event;
   event.mutable_queued()->set_attempt(Rec(job).attempt());
   event.mutable_queued()->set_reason(reason);
-  Emit(job, std::move(event));
+  Emit(id, job, std::move(event));
 }
 
 void BuildCoordinator::Finish(JobEntry& job, JobState state, BuildResult result) {
@@ -1541,76 +1482,29 @@ void BuildCoordinator::FinishOne(JobEntry& job, JobState state, BuildResult resu
   finished->set_worker(Rec(job).worker());
   *finished->mutable_queue_time() =
       ToProtoDuration(FromProtoTime(Rec(job).finished_at()) - FromProtoTime(Rec(job).submitted_at()));
-  Emit(job, std::move(event));
-  for (auto& w : job.watchers) pending_watcher_calls_.push_back({std::move(w), std::nullopt, absl::OkStatus()});
-  job.watchers.clear();
+  Emit(Rec(job).job_id(), job, std::move(event));
+  journal_.Finished(job.journal);
   LogInfo(ForJob(Rec(job).job_id()), kComponent, "(", Rec(job).spec().display_name(), ") ", ResultLabel(state),
           Rec(job).worker().empty() ? "" : " on ", Rec(job).worker());
-
-  // Keep full logs only for the most recently finished jobs.
-  finished_with_logs_.push_back(Rec(job).job_id());
-  if (finished_with_logs_.size() > options_.finished_jobs_with_logs) {
-    auto old = jobs_.find(finished_with_logs_.front());
-    finished_with_logs_.pop_front();
-    if (old != jobs_.end() && old->second.log_bytes > 0) {
-      std::string kept;
-      ForEachStoredEvent(old->second.history, [&](JobEvent& e) {
-        if (!e.has_log()) AppendStoredEvent(kept, e);
-      });
-      old->second.history = std::move(kept);
-      old->second.log_bytes = 0;
-    }
-  }
 }
 
 void BuildCoordinator::StoreLog(JobEntry& job) {
-  kiln::state::v1::StoredLog log;
-  AppendStoredLogLines(job.history, *log.mutable_lines());
-  log.set_dropped_lines(job.dropped_log_lines);
-  if (log.lines().empty() && log.dropped_lines() == 0) return;
-  std::string bytes = EncodeStoredLog(log);
-  const std::string& id = Rec(job).job_id();
-  Rec(job).set_stored_log_bytes(static_cast<int64_t>(bytes.size()));
-  stored_log_bytes_ += bytes.size();
-  stored_logs_.push_back(id);
-  pending_logs_.emplace_back(id, std::move(bytes));
-  // Oldest first; the newest log stays even alone over the limit.
-  while (stored_log_bytes_ > options_.log_retention_bytes && stored_logs_.size() > 1) {
-    auto old = jobs_.find(stored_logs_.front());
-    stored_logs_.pop_front();
+  JobJournal::StoredLog stored = journal_.StoreLog(Rec(job).job_id(), job.journal);
+  if (stored.bytes > 0) Rec(job).set_stored_log_bytes(stored.bytes);
+  for (const std::string& id : stored.expired) {
+    auto old = jobs_.find(id);
     if (old == jobs_.end()) continue;
     JobRecord& r = Rec(old->second);
-    stored_log_bytes_ -= std::min<uint64_t>(stored_log_bytes_, static_cast<uint64_t>(r.stored_log_bytes()));
     r.set_stored_log_bytes(0);
     r.set_log_expired(true);
     Persist(old->second);
-    pending_log_deletes_.push_back(r.job_id());
     metrics_->logs_expired.Increment();
   }
-  metrics_->stored_log_bytes.Set(static_cast<double>(stored_log_bytes_));
+  metrics_->stored_log_bytes.Set(static_cast<double>(journal_.stored_log_bytes()));
 }
 
-void BuildCoordinator::Emit(JobEntry& job, JobEvent event) {
-  event.set_sequence(job.next_sequence++);
-  *event.mutable_time() = ToProtoTime(clock_->Now());
-  if (!job.watchers.empty()) {
-    // Live watchers hear of it once the state it reports is stored (Flush).
-    JobEvent live = event;
-    live.set_job_id(Rec(job).job_id());
-    live.set_incarnation(incarnation_);
-    for (auto& w : job.watchers) pending_watcher_calls_.push_back({w, live, absl::OkStatus()});
-  }
-  const size_t before = job.history.size();
-  AppendStoredEvent(job.history, event);
-  if (event.has_log()) {
-    const size_t bytes = job.history.size() - before;
-    if (job.log_bytes + bytes > options_.log_bytes_per_job) {
-      job.history.resize(before);  // Live watchers only.
-      job.dropped_log_lines += static_cast<uint32_t>(event.log().lines_size());
-      return;
-    }
-    job.log_bytes += static_cast<uint32_t>(bytes);
-  }
+void BuildCoordinator::Emit(const std::string& id, JobEntry& job, JobEvent event) {
+  journal_.Append(id, job.journal, std::move(event));
 }
 
 JobRecord& BuildCoordinator::Rec(JobEntry& job) {

@@ -29,6 +29,7 @@
 #include "common/source_tree.h"
 #include "coordinator/cas_store.h"
 #include "coordinator/coordinator_metrics.h"
+#include "coordinator/job_journal.h"
 #include "coordinator/scheduler.h"
 #include "coordinator/state_store.h"
 #include "kiln/state/v1/records.pb.h"
@@ -47,17 +48,6 @@ class WorkerSession {
   // queue is full (the stream is then closed and the worker reconnects).
   virtual bool Send(kiln::v1::CoordinatorMessage message) = 0;
   // Ends the stream with `status`. Idempotent.
-  virtual void Close(absl::Status status) = 0;
-};
-
-// Someone watching one job's events.
-class JobWatcher {
- public:
-  virtual ~JobWatcher() = default;
-  // Never blocks. A slow watcher may drop log events (it says how many); it
-  // never drops the others.
-  virtual void OnEvent(const kiln::v1::JobEvent& event) = 0;
-  // No more events: after the terminal one, or on shutdown.
   virtual void Close(absl::Status status) = 0;
 };
 
@@ -199,14 +189,8 @@ class BuildCoordinator {
     std::unique_ptr<kiln::state::v1::JobRecord> parsed;
     bool dirty = false;    // In pending_jobs_: changed since the last write.
     bool touched = false;  // In touched_: parsed since the last flush.
-    // The events so far, each a length-prefixed serialized JobEvent without
-    // job_id and incarnation (added on replay): ~30 bytes, not ~160.
-    std::string history;
-    uint32_t log_bytes = 0;
-    uint32_t dropped_log_lines = 0;  // Past log_bytes_per_job: not kept.
-    uint32_t next_sequence = 1;
     absl::Time queued_at;
-    std::vector<std::shared_ptr<JobWatcher>> watchers;
+    JobJournal::Entry journal;  // Its events, watchers and log: journal_'s.
     // Deduplication: a job identical to one in flight does not run; it
     // follows that job (its leader) and ends with the leader's result.
     std::string leader;
@@ -222,13 +206,6 @@ class BuildCoordinator {
     // acknowledgements join the last one when they can (see Outbox*).
     std::vector<kiln::v1::CoordinatorMessage> outbox;
   };
-  // Something for a watcher, released after the state write it reports.
-  struct PendingWatcherCall {
-    std::shared_ptr<JobWatcher> watcher;
-    std::optional<kiln::v1::JobEvent> event;  // Unset: Close(status).
-    absl::Status status;
-  };
-
   // The session of a registered worker (an invariant: every name in
   // session_by_name_ has an entry in sessions_). Never inserts, so callers'
   // references into sessions_ stay valid.
@@ -282,7 +259,8 @@ class BuildCoordinator {
   // followers the lead).
   void Finish(JobEntry& job, kiln::v1::JobState state, kiln::v1::BuildResult result);
   void FinishOne(JobEntry& job, kiln::v1::JobState state, kiln::v1::BuildResult result);
-  void Emit(JobEntry& job, kiln::v1::JobEvent event);
+  // Records an event of job `id` in the journal.
+  void Emit(const std::string& id, JobEntry& job, kiln::v1::JobEvent event);
   // The job's record, parsed on first use (until the next Flush, which
   // keeps only the serialized form of queued and finished jobs).
   kiln::state::v1::JobRecord& Rec(JobEntry& job);
@@ -290,8 +268,8 @@ class BuildCoordinator {
   static const kiln::state::v1::JobRecord& View(const JobEntry& job, kiln::state::v1::JobRecord& scratch);
   // Marks the job's record for the pending write (see Flush).
   void Persist(JobEntry& job);
-  // Compresses a finished job's log for the store and applies the
-  // retention limit (before the job's record is persisted).
+  // Hands a finished job's log to the journal for the store, and marks the
+  // records of older logs the retention limit removes.
   void StoreLog(JobEntry& job);
   // After the capability grace window: fails the queued jobs that no known
   // worker could ever build (as Submit refuses them from then on).
@@ -329,19 +307,12 @@ class BuildCoordinator {
   std::vector<JobEntry*> touched_;
   // Successful results for the result cache, stored by the next Flush.
   std::vector<std::pair<std::string, kiln::state::v1::CachedResult>> pending_results_;
-  // Finished jobs' logs to store with the next write, and logs to delete.
-  std::vector<std::pair<std::string, std::string>> pending_logs_;
-  std::vector<std::string> pending_log_deletes_;
-  // Jobs with a stored log, oldest finished first, and their total size.
-  std::deque<std::string> stored_logs_;
-  uint64_t stored_log_bytes_ = 0;
-  std::vector<PendingWatcherCall> pending_watcher_calls_;
   std::vector<const WorkerSession*> workers_with_outbox_;
   absl::Time gauges_updated_ = absl::InfinitePast();
   bool gauges_dirty_ = false;
-  const uint64_t incarnation_;
 
   Scheduler scheduler_;
+  JobJournal journal_;
   // A node map: records stay put while a pending write points at them.
   absl::node_hash_map<std::string, JobEntry> jobs_;
   absl::flat_hash_map<const WorkerSession*, WorkerEntry> sessions_;
@@ -362,7 +333,6 @@ class BuildCoordinator {
   absl::flat_hash_set<std::pair<int, std::string>> queued_series_;
   // Job ids of each buildset, in submission order.
   absl::flat_hash_map<std::string, std::vector<std::string>> buildsets_;
-  std::deque<std::string> finished_with_logs_;
   uint64_t next_job_seq_ = 1;
   uint64_t next_buildset_seq_ = 1;
 };
