@@ -102,7 +102,14 @@ BuildCoordinator::BuildCoordinator(StateStore* store, CoordinatorMetrics* metric
       journal_(clock_, static_cast<uint64_t>(absl::ToUnixNanos(absl::Now())),
                JobJournalOptions{.log_bytes_per_job = options_.log_bytes_per_job,
                                  .finished_jobs_with_logs = options_.finished_jobs_with_logs,
-                                 .log_retention_bytes = options_.log_retention_bytes}) {
+                                 .log_retention_bytes = options_.log_retention_bytes}),
+      registry_(clock_, WorkerRegistryOptions{.heartbeat_interval = options_.heartbeat_interval,
+                                              .lease = options_.lease,
+                                              .max_worker_jobs = options_.max_worker_jobs,
+                                              .min_store_free_bytes = options_.min_store_free_bytes,
+                                              .min_work_dir_free_bytes = options_.min_work_dir_free_bytes,
+                                              .max_memory_used_fraction = options_.max_memory_used_fraction,
+                                              .max_load_per_slot = options_.max_load_per_slot}) {
   metrics_->state_writable.Set(1);
 }
 
@@ -276,7 +283,7 @@ absl::Status BuildCoordinator::Recover() {
       // for that worker's return, for one lease.
       scheduler_.Reattach(id, record.worker());
       in_flight_.try_emplace(DedupHash(record.spec()), id);
-      lease_until_.try_emplace(record.worker(), clock_->Now() + options_.lease);
+      registry_.Hold(record.worker());
       JobEvent event;
       event.mutable_assigned()->set_worker(record.worker());
       event.mutable_assigned()->set_attempt(record.attempt());
@@ -571,13 +578,12 @@ absl::StatusOr<JobState> BuildCoordinator::Cancel(const std::string& job_id) {
     scheduler_.Dequeue(job_id);
   } else {
     // The slot stays taken until the worker confirms the build is gone.
-    auto s = session_by_name_.find(Rec(job).worker());
-    if (s != session_by_name_.end()) {
+    if (WorkerEntry* worker = registry_.ByName(Rec(job).worker()); worker != nullptr) {
       kiln::v1::CoordinatorMessage message;
       message.mutable_cancel()->set_job_id(job_id);
       message.mutable_cancel()->set_attempt(Rec(job).attempt());
       message.mutable_cancel()->set_reason("cancelled by request");
-      OutboxSend(sessions_.at(s->second), std::move(message));
+      registry_.Send(*worker, std::move(message));
     }
   }
   BuildResult result;
@@ -718,16 +724,16 @@ kiln::v1::ListWorkersResponse BuildCoordinator::ListWorkers() const {
     info->set_max_jobs(static_cast<uint32_t>(std::max(0, w.caps.max_jobs)));
     info->set_speed_factor(w.caps.speed_factor);
     for (const auto& j : w.jobs) info->add_running_jobs(j);
-    if (auto s = session_by_name_.find(w.name); s != session_by_name_.end()) {
-      const WorkerEntry& entry = sessions_.at(s->second);
+    if (const WorkerEntry* worker = registry_.ByName(w.name); worker != nullptr) {
+      const WorkerEntry& entry = *worker;
       *info->mutable_last_seen() = ToProtoTime(entry.last_seen);
       info->set_load_average(entry.last_heartbeat.load_average());
       info->set_memory_used_fraction(entry.last_heartbeat.memory_used_fraction());
       info->set_store_free_bytes(entry.last_heartbeat.store_free_bytes());
       info->set_work_dir_free_bytes(entry.last_heartbeat.work_dir_free_bytes());
     }
-    if (auto l = lease_until_.find(w.name); l != lease_until_.end()) {
-      *info->mutable_lease_until() = ToProtoTime(l->second);
+    if (std::optional<absl::Time> until = registry_.lease_until(w.name); until.has_value()) {
+      *info->mutable_lease_until() = ToProtoTime(*until);
     }
     info->set_over_limit(w.over_limit);
   }
@@ -736,11 +742,7 @@ kiln::v1::ListWorkersResponse BuildCoordinator::ListWorkers() const {
 
 absl::StatusOr<kiln::v1::WorkerInfo> BuildCoordinator::DrainWorker(const std::string& name, bool undo) {
   if (!scheduler_.SetDraining(name, !undo)) return absl::NotFoundError(absl::StrCat("no worker named '", name, "'"));
-  if (undo) {
-    drained_.erase(name);
-  } else {
-    drained_.insert(name);
-  }
+  registry_.SetDrained(name, !undo);
   LogInfo(ForWorker(name), kComponent, undo ? "drain lifted" : "draining (no new jobs)");
   UpdateGauges();
   EndOfCall();
@@ -753,23 +755,14 @@ absl::StatusOr<kiln::v1::WorkerInfo> BuildCoordinator::DrainWorker(const std::st
 
 void BuildCoordinator::OnWorkerMessage(const std::shared_ptr<WorkerSession>& session,
                                        const kiln::v1::WorkerMessage& message) {
-  auto [it, inserted] = sessions_.try_emplace(session.get());
-  WorkerEntry& worker = it->second;
-  if (inserted) worker.session = session;
-  worker.last_seen = clock_->Now();
+  WorkerEntry& worker = registry_.Seen(session);
   if (worker.name.empty() && !message.has_register_()) {
     session->Close(absl::FailedPreconditionError("the first message on a worker stream must be Register"));
-    sessions_.erase(it);
+    registry_.Gone(session.get());
     return;
   }
   switch (message.kind_case()) {
     case kiln::v1::WorkerMessage::kRegister:
-      if (!worker.name.empty()) {
-        session->Close(absl::FailedPreconditionError("worker registered twice on one stream"));
-        WorkerGone(session.get());
-        EndOfCall();
-        return;
-      }
       HandleRegister(worker, message.register_());
       break;
     case kiln::v1::WorkerMessage::kHeartbeat:
@@ -802,9 +795,9 @@ void BuildCoordinator::OnWorkerMessage(const std::shared_ptr<WorkerSession>& ses
   }
   if (!message.results().empty()) {
     // `worker` is still valid: only Register (above) can drop the entry.
-    auto still = sessions_.find(session.get());
-    if (still != sessions_.end() && !still->second.name.empty()) {
-      for (const auto& finished : message.results()) HandleFinished(still->second, finished);
+    WorkerEntry* still = registry_.Find(session.get());
+    if (still != nullptr && !still->name.empty()) {
+      for (const auto& finished : message.results()) HandleFinished(*still, finished);
     }
   }
   UpdateGauges();
@@ -812,95 +805,29 @@ void BuildCoordinator::OnWorkerMessage(const std::shared_ptr<WorkerSession>& ses
 }
 
 void BuildCoordinator::HandleRegister(WorkerEntry& worker, const kiln::v1::Register& reg) {
-  absl::Status invalid;
-  if (reg.name().empty() || reg.name().size() > 128) {
-    invalid = absl::InvalidArgumentError("worker name must have 1 to 128 characters");
-  } else if (reg.systems().empty()) {
-    invalid = absl::InvalidArgumentError("worker offers no system");
-  } else if (reg.max_jobs() < 1 || reg.max_jobs() > options_.max_worker_jobs) {
-    invalid = absl::InvalidArgumentError(absl::StrCat("max_jobs must be 1 to ", options_.max_worker_jobs));
-  }
-  if (!invalid.ok()) {
-    worker.session->Close(invalid);
-    WorkerGone(worker.session.get());
+  const WorkerRegistry::Admission admission = registry_.CheckRegister(worker, reg);
+  if (!admission.refused.ok()) {
+    if (absl::IsAlreadyExists(admission.refused)) {
+      LogWarning(ForWorker(reg.name()), kComponent, "refused a second worker with the name of a connected one");
+    }
+    std::shared_ptr<WorkerSession> session = worker.session;  // `worker` goes with WorkerGone.
+    session->Close(admission.refused);
+    WorkerGone(session.get());
     return;
   }
-  if (auto old = session_by_name_.find(reg.name()); old != session_by_name_.end()) {
-    const WorkerSession* old_session = old->second;
-    const WorkerEntry& existing = sessions_.at(old_session);
-    // A reconnect can arrive before the old stream is noticed as dead: the
-    // same process (its instance id), or a stream silent for two heartbeat
-    // intervals, is replaced. Another process under a live worker's name is
-    // refused: two workers taking turns would each lose the other's jobs.
-    const bool same_process = !reg.instance_id().empty() && reg.instance_id() == existing.instance_id;
-    const absl::Duration silent = clock_->Now() - existing.last_seen;
-    if (!same_process && silent < 2 * options_.heartbeat_interval) {
-      LogWarning(ForWorker(reg.name()), kComponent, "refused a second worker with the name of a connected one");
-      worker.session->Close(absl::AlreadyExistsError(absl::StrFormat(
-          "a worker named '%s' is connected already (another process; its last message came %ds ago): give each "
-          "worker a --name of its own",
-          reg.name(), absl::ToInt64Seconds(silent))));
-      WorkerGone(worker.session.get());
-      return;
-    }
-    SessionOf(old_session).Close(absl::AbortedError("replaced by a newer connection of the same worker"));
-    WorkerGone(old_session);
+  if (admission.replaces != nullptr) {
+    registry_.Find(admission.replaces)->session->Close(
+        absl::AbortedError("replaced by a newer connection of the same worker"));
+    WorkerGone(admission.replaces);
   }
-  worker.name = reg.name();
-  worker.instance_id = reg.instance_id();
-  session_by_name_[worker.name] = worker.session.get();
-  lease_until_.erase(worker.name);
-  WorkerCapabilities caps;
-  caps.systems.insert(reg.systems().begin(), reg.systems().end());
-  caps.supported_features.insert(reg.supported_features().begin(), reg.supported_features().end());
-  caps.mandatory_features.insert(reg.mandatory_features().begin(), reg.mandatory_features().end());
-  caps.labels.insert(reg.labels().begin(), reg.labels().end());
-  caps.max_jobs = static_cast<int>(reg.max_jobs());
-  caps.speed_factor = reg.speed_factor() > 0 ? reg.speed_factor() : 1.0;
-  scheduler_.AddWorker(worker.name, std::move(caps));
-  if (drained_.contains(worker.name)) scheduler_.SetDraining(worker.name, true);
+  registry_.Bind(worker, reg);
+  scheduler_.AddWorker(worker.name, WorkerRegistry::CapabilitiesOf(reg));
+  if (registry_.drained(worker.name)) scheduler_.SetDraining(worker.name, true);
   if (reg.has_initial_load()) HandleHeartbeat(worker, reg.initial_load());
-
-  kiln::v1::CoordinatorMessage reply;
-  reply.mutable_registered()->set_worker_id(worker.name);
-  *reply.mutable_registered()->mutable_heartbeat_interval() = ToProtoDuration(options_.heartbeat_interval);
-  *reply.mutable_registered()->mutable_lease() = ToProtoDuration(options_.lease);
-  OutboxSend(worker, std::move(reply));
+  registry_.Send(worker, registry_.Registered(worker));
   Reconcile(worker, reg);
   LogInfo(ForWorker(worker.name), kComponent, "registered: ", reg.max_jobs(), " slot(s), systems ",
           absl::StrJoin(reg.systems(), ","));
-}
-
-void BuildCoordinator::OutboxSend(WorkerEntry& worker, kiln::v1::CoordinatorMessage message) {
-  if (worker.outbox.empty()) workers_with_outbox_.push_back(worker.session.get());
-  worker.outbox.push_back(std::move(message));
-}
-
-void BuildCoordinator::OutboxAssign(WorkerEntry& worker, kiln::v1::Assignment assignment) {
-  // The first assignment of a message goes in `assign`, so a message with
-  // one is what older workers expect; more join it in `assignments`.
-  if (!worker.outbox.empty()) {
-    kiln::v1::CoordinatorMessage& last = worker.outbox.back();
-    if (last.kind_case() == kiln::v1::CoordinatorMessage::kAssign) {
-      *last.add_assignments() = std::move(assignment);
-      return;
-    }
-    if (last.kind_case() == kiln::v1::CoordinatorMessage::KIND_NOT_SET) {
-      *last.mutable_assign() = std::move(assignment);
-      return;
-    }
-  }
-  kiln::v1::CoordinatorMessage message;
-  *message.mutable_assign() = std::move(assignment);
-  OutboxSend(worker, std::move(message));
-}
-
-void BuildCoordinator::OutboxAck(WorkerEntry& worker, const std::string& job_id, uint32_t attempt) {
-  // Acknowledgements ride on whatever goes to the worker next.
-  if (worker.outbox.empty()) OutboxSend(worker, kiln::v1::CoordinatorMessage());
-  kiln::v1::ResultAck* ack = worker.outbox.back().add_acks();
-  ack->set_job_id(job_id);
-  ack->set_attempt(attempt);
 }
 
 bool BuildCoordinator::EnsureWritable() {
@@ -980,41 +907,13 @@ void BuildCoordinator::Flush() {
   touched_.clear();
   // Stored: now the world may hear of it.
   journal_.Release();
-  std::vector<const WorkerSession*> targets;
-  targets.swap(workers_with_outbox_);
-  for (const WorkerSession* session : targets) {
-    auto it = sessions_.find(session);
-    if (it == sessions_.end()) continue;  // Gone meanwhile.
-    // A full or closed stream means the worker is going away; WorkerGone
-    // then holds or requeues its jobs.
-    for (auto& message : it->second.outbox) it->second.session->Send(std::move(message));
-    it->second.outbox.clear();
-  }
+  registry_.DeliverOutboxes();
   flushing_ = false;
 }
 
 void BuildCoordinator::HandleHeartbeat(WorkerEntry& worker, const kiln::v1::Heartbeat& heartbeat) {
-  worker.last_heartbeat = heartbeat;
-  worker.last_heartbeat.clear_running();
-  std::string over;
-  const auto gib = [](int64_t bytes) { return absl::StrFormat("%.1f GiB", static_cast<double>(bytes) / (1 << 30)); };
-  const int slots = std::max(1, static_cast<int>(scheduler_.CapabilitiesOf(worker.name).max_jobs));
-  if (options_.min_store_free_bytes > 0 && heartbeat.store_free_bytes() > 0 &&
-      heartbeat.store_free_bytes() < options_.min_store_free_bytes) {
-    over = absl::StrCat(gib(heartbeat.store_free_bytes()), " free on its Nix store, below ",
-                        gib(options_.min_store_free_bytes));
-  } else if (options_.min_work_dir_free_bytes > 0 && heartbeat.work_dir_free_bytes() > 0 &&
-             heartbeat.work_dir_free_bytes() < options_.min_work_dir_free_bytes) {
-    over = absl::StrCat(gib(heartbeat.work_dir_free_bytes()), " free on its work directory, below ",
-                        gib(options_.min_work_dir_free_bytes));
-  } else if (options_.max_memory_used_fraction > 0 &&
-             heartbeat.memory_used_fraction() > options_.max_memory_used_fraction) {
-    over = absl::StrFormat("memory %.0f%% used, above %.0f%%", heartbeat.memory_used_fraction() * 100,
-                           options_.max_memory_used_fraction * 100);
-  } else if (options_.max_load_per_slot > 0 && heartbeat.load_average() / slots > options_.max_load_per_slot) {
-    over = absl::StrFormat("load %.1f on %d slot(s), above %.1f per slot", heartbeat.load_average(), slots,
-                           options_.max_load_per_slot);
-  }
+  const std::string over =
+      registry_.Heartbeat(worker, heartbeat, scheduler_.CapabilitiesOf(worker.name).max_jobs);
   const std::string before = scheduler_.OverLimitOf(worker.name);
   if (over != before) {
     if (over.empty()) {
@@ -1049,12 +948,12 @@ void BuildCoordinator::Reconcile(WorkerEntry& worker, const kiln::v1::Register& 
     cancel.mutable_cancel()->set_job_id(id);
     cancel.mutable_cancel()->set_attempt(attempt);
     cancel.mutable_cancel()->set_reason("the job is no longer this worker's attempt");
-    OutboxSend(worker, std::move(cancel));
+    registry_.Send(worker, std::move(cancel));
   }
 }
 
 void BuildCoordinator::ExpireLease(const std::string& worker, const std::string& why) {
-  lease_until_.erase(worker);
+  registry_.EndLease(worker);
   const std::vector<std::string> lost = scheduler_.RemoveWorker(worker);
   LogInfo(ForWorker(worker), kComponent, why, "; requeueing ", lost.size(), " job(s)");
   for (const std::string& id : lost) {
@@ -1150,37 +1049,19 @@ void BuildCoordinator::FailWhatNoKnownWorkerCanBuild() {
 }
 
 void BuildCoordinator::CheckLeases() {
-  const absl::Time now = clock_->Now();
   // A stream that stays open but carries nothing (a dead peer behind a
   // half-open connection) ends here; its lease then runs from last_seen.
-  std::vector<const WorkerSession*> silent;
-  for (const auto& [session, worker] : sessions_) {
-    if (!worker.name.empty() && now - worker.last_seen >= options_.lease) silent.push_back(session);
-  }
+  const std::vector<const WorkerSession*> silent = registry_.Silent();
   for (const WorkerSession* session : silent) {
-    auto it = sessions_.find(session);
-    if (it == sessions_.end()) continue;
-    it->second.session->Close(absl::DeadlineExceededError("no message from the worker within the lease"));
+    WorkerEntry* worker = registry_.Find(session);
+    if (worker == nullptr) continue;
+    worker->session->Close(absl::DeadlineExceededError("no message from the worker within the lease"));
     WorkerGone(session);  // Its lease ran from last_seen: it expires there and then.
   }
-  std::vector<std::string> expired;
-  for (const auto& [name, until] : lease_until_) {
-    if (now >= until) expired.push_back(name);
-  }
-  std::sort(expired.begin(), expired.end());
-  for (const std::string& name : expired) ExpireLease(name, LeaseExpiredReason());
+  const std::vector<std::string> expired = registry_.ExpiredLeases();
+  for (const std::string& name : expired) ExpireLease(name, registry_.LeaseExpiredReason());
   // Flush (by the caller) also places jobs whose retry back-off ended.
   if (!silent.empty() || !expired.empty() || gauges_dirty_) UpdateGauges(/*force=*/true);
-}
-
-WorkerSession& BuildCoordinator::SessionOf(const WorkerSession* session) {
-  auto it = sessions_.find(session);
-  KILN_CHECK(it != sessions_.end());
-  return *it->second.session;
-}
-
-std::string BuildCoordinator::LeaseExpiredReason() const {
-  return absl::StrCat("did not come back within the lease (", absl::FormatDuration(options_.lease), ")");
 }
 
 BuildCoordinator::JobEntry* BuildCoordinator::FindAttempt(const WorkerEntry& worker,
@@ -1199,7 +1080,7 @@ BuildCoordinator::JobEntry* BuildCoordinator::FindAttempt(const WorkerEntry& wor
 void BuildCoordinator::HandleFinished(WorkerEntry& worker, const kiln::v1::JobFinished& finished) {
   // Stored below or ignored as stale: either way the worker may forget it.
   // The acknowledgement goes with the next message to the worker.
-  OutboxAck(worker, finished.job_id(), finished.attempt());
+  registry_.Ack(worker, finished.job_id(), finished.attempt());
   auto it = jobs_.find(finished.job_id());
   if (it == jobs_.end()) return;
   JobEntry& job = it->second;
@@ -1240,35 +1121,23 @@ void BuildCoordinator::OnWorkerGone(const WorkerSession* session) {
 }
 
 void BuildCoordinator::WorkerGone(const WorkerSession* session) {
-  auto it = sessions_.find(session);
-  if (it == sessions_.end()) return;
-  const std::string name = it->second.name;
-  const absl::Time last_seen = it->second.last_seen;
-  sessions_.erase(it);
-  if (name.empty()) return;
-  auto by_name = session_by_name_.find(name);
-  if (by_name == session_by_name_.end() || by_name->second != session) return;
-  session_by_name_.erase(by_name);
+  std::optional<WorkerRegistry::Departure> departed = registry_.Gone(session);
+  if (!departed.has_value()) return;
   // Hold its jobs: a worker that comes back within the lease keeps them.
-  scheduler_.SetOnline(name, false);
-  const absl::Time until = last_seen + options_.lease;
-  lease_until_[name] = until;
-  LogInfo(kComponent, "worker ", name, " disconnected; holding its ", scheduler_.JobsOf(name).size(),
-          " job(s) until ", absl::FormatTime(until));
+  scheduler_.SetOnline(departed->name, false);
+  LogInfo(kComponent, "worker ", departed->name, " disconnected; holding its ",
+          scheduler_.JobsOf(departed->name).size(), " job(s) until ", absl::FormatTime(departed->lease_until));
   // A lease already over (zero, or a silent worker's) expires at once. Not
   // through CheckLeases: that may be our caller, looping over sessions.
-  const bool expired = clock_->Now() >= until;
-  if (expired) ExpireLease(name, LeaseExpiredReason());
-  UpdateGauges(/*force=*/expired);
+  if (departed->lease_over) ExpireLease(departed->name, registry_.LeaseExpiredReason());
+  UpdateGauges(/*force=*/departed->lease_over);
 }
 
 void BuildCoordinator::CloseAll() {
   Flush();
   const absl::Status shutting_down = absl::UnavailableError("the coordinator is shutting down");
   for (auto& [_, job] : jobs_) journal_.CloseWatchers(job.journal, shutting_down);
-  for (auto& [_, worker] : sessions_) {
-    worker.session->Close(absl::UnavailableError("the coordinator is shutting down"));
-  }
+  registry_.CloseAll(shutting_down);
 }
 
 void BuildCoordinator::Dispatch() {
@@ -1307,9 +1176,9 @@ void BuildCoordinator::Dispatch() {
     event.mutable_assigned()->set_worker(a.worker);
     event.mutable_assigned()->set_attempt(Rec(job).attempt());
     Emit(a.job, job, std::move(event));
-    auto by_name = session_by_name_.find(a.worker);
-    KILN_CHECK(by_name != session_by_name_.end());  // The scheduler knows only registered workers.
-    OutboxAssign(sessions_.at(by_name->second), std::move(*message.mutable_assign()));
+    WorkerEntry* worker = registry_.ByName(a.worker);
+    KILN_CHECK(worker != nullptr);  // The scheduler places only on connected workers.
+    registry_.Assign(*worker, std::move(*message.mutable_assign()));
   }
 }
 

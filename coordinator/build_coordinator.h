@@ -30,6 +30,7 @@
 #include "coordinator/cas_store.h"
 #include "coordinator/coordinator_metrics.h"
 #include "coordinator/job_journal.h"
+#include "coordinator/worker_registry.h"
 #include "coordinator/scheduler.h"
 #include "coordinator/state_store.h"
 #include "kiln/state/v1/records.pb.h"
@@ -39,17 +40,6 @@
 #include "kiln/v1/workers.pb.h"
 
 namespace kiln {
-
-// The coordinator's end of one worker's stream.
-class WorkerSession {
- public:
-  virtual ~WorkerSession() = default;
-  // Queues a message for the worker; false when the stream is closing or its
-  // queue is full (the stream is then closed and the worker reconnects).
-  virtual bool Send(kiln::v1::CoordinatorMessage message) = 0;
-  // Ends the stream with `status`. Idempotent.
-  virtual void Close(absl::Status status) = 0;
-};
 
 struct BuildCoordinatorOptions {
   uint32_t max_attempts = 3;            // Before a requeued job fails.
@@ -196,21 +186,7 @@ class BuildCoordinator {
     std::string leader;
     std::vector<std::string> followers;
   };
-  struct WorkerEntry {
-    std::shared_ptr<WorkerSession> session;
-    std::string name;  // Empty until registered.
-    std::string instance_id;  // Its process's, from Register (may be empty).
-    absl::Time last_seen;
-    kiln::v1::Heartbeat last_heartbeat;
-    // Messages waiting for the next Flush, in order. Assignments and result
-    // acknowledgements join the last one when they can (see Outbox*).
-    std::vector<kiln::v1::CoordinatorMessage> outbox;
-  };
-  // The session of a registered worker (an invariant: every name in
-  // session_by_name_ has an entry in sessions_). Never inserts, so callers'
-  // references into sessions_ stay valid.
-  WorkerSession& SessionOf(const WorkerSession* session);
-  std::string LeaseExpiredReason() const;
+  using WorkerEntry = WorkerRegistry::Worker;
 
   // OnWorkerGone and Tick without the flush, for use inside other calls.
   void WorkerGone(const WorkerSession* session);
@@ -224,10 +200,6 @@ class BuildCoordinator {
   void HandleHeartbeat(WorkerEntry& worker, const kiln::v1::Heartbeat& heartbeat);
   JobEntry* FindAttempt(const WorkerEntry& worker, const std::string& job_id, uint32_t attempt);
   void HandleFinished(WorkerEntry& worker, const kiln::v1::JobFinished& finished);
-  // Queues messages for a worker until the next Flush.
-  void OutboxSend(WorkerEntry& worker, kiln::v1::CoordinatorMessage message);
-  void OutboxAssign(WorkerEntry& worker, kiln::v1::Assignment assignment);
-  void OutboxAck(WorkerEntry& worker, const std::string& job_id, uint32_t attempt);
   // Flushes unless batched (the end of every public entry point).
   void EndOfCall() {
     if (!batched_) Flush();
@@ -313,13 +285,9 @@ class BuildCoordinator {
 
   Scheduler scheduler_;
   JobJournal journal_;
+  WorkerRegistry registry_;
   // A node map: records stay put while a pending write points at them.
   absl::node_hash_map<std::string, JobEntry> jobs_;
-  absl::flat_hash_map<const WorkerSession*, WorkerEntry> sessions_;
-  absl::flat_hash_map<std::string, const WorkerSession*> session_by_name_;
-  // Workers whose stream is gone but whose jobs are held, until when.
-  absl::flat_hash_map<std::string, absl::Time> lease_until_;
-  absl::flat_hash_set<std::string> drained_;
   // Blobs of recently assigned source trees, by root hash (see AttachSource).
   static constexpr size_t kCachedTrees = 64;
   static constexpr size_t kCachedTreeBytes = size_t{256} << 20;
