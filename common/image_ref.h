@@ -57,4 +57,9 @@ struct ImagePattern {
 
 absl::StatusOr<ImagePattern> ParseImagePattern(absl::string_view text);
 
+// Whether a push pattern (--push-allow, push:PATTERN scopes) covers
+// REPOSITORY:TAG: a pattern with a tag part matches the tagged name, one
+// without matches the repository (fnmatch globs).
+bool PushPatternMatches(const std::string& pattern, const std::string& repository, const std::string& tag);
+
 }  // namespace kiln

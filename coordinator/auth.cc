@@ -44,14 +44,6 @@ bool TokenAllows(const TokenGrant& grant, Scope scope) {
 
 }  // namespace
 
-bool PushPatternMatches(const std::string& pattern, const std::string& repository, const std::string& tag) {
-  // On the parsed components only: a reference that does not parse (say,
-  // with a '..' component a registry would normalise away) matches nothing.
-  absl::StatusOr<ImagePattern> parsed_pattern = ParseImagePattern(pattern);
-  absl::StatusOr<ImageRef> ref = ParseImageRef(absl::StrCat(repository, ":", tag));
-  return parsed_pattern.ok() && ref.ok() && ref->digest.empty() && parsed_pattern->Matches(*ref);
-}
-
 absl::Status Authorizer::Refuse(absl::Status status, const char* reason) const {
   if (metrics_ != nullptr) metrics_->AuthRefusals(reason).Increment();
   return status;

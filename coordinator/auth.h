@@ -82,9 +82,4 @@ inline absl::Status AuthorizePush(const Authorizer* auth, const Caller& caller, 
   return auth == nullptr ? absl::OkStatus() : auth->CheckPush(caller, push);
 }
 
-// Whether a push pattern (--push-allow, push:PATTERN scopes) covers
-// REPOSITORY:TAG: a pattern with a tag part matches the tagged name, one
-// without matches the repository (fnmatch globs).
-bool PushPatternMatches(const std::string& pattern, const std::string& repository, const std::string& tag);
-
 }  // namespace kiln

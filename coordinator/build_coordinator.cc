@@ -23,7 +23,6 @@
 #include "common/log.h"
 #include "coordinator/job_log.h"
 #include "coordinator/rocks_status.h"
-#include "coordinator/auth.h"
 
 namespace kiln {
 
@@ -34,40 +33,7 @@ using kiln::v1::JobState;
 
 namespace {
 
-// A push target is well formed and allowed by the coordinator's patterns.
-absl::Status CheckPushTarget(const kiln::v1::PushTarget& push, const std::vector<std::string>& allow) {
-  if (absl::Status s = ParsePushRepository(push.repository()).status(); !s.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("push target ", s.message()));
-  }
-  if (push.tags().empty()) return absl::InvalidArgumentError(absl::StrCat("push target ", push.repository(), " has no tag"));
-  if (push.tags_size() > 16) return absl::InvalidArgumentError("more than 16 tags in one push");
-  for (const std::string& tag : push.tags()) {
-    if (absl::Status s = ValidateImageTag(tag); !s.ok()) {
-      return absl::InvalidArgumentError(absl::StrCat("push target ", push.repository(), ": tag ", s.message()));
-    }
-    const bool allowed = absl::c_any_of(
-        allow, [&](const std::string& pattern) { return PushPatternMatches(pattern, push.repository(), tag); });
-    if (!allowed) {
-      return absl::PermissionDeniedError(absl::StrCat(
-          "push target ", push.repository(), ":", tag, " is not allowed by this coordinator",
-          allow.empty() ? " (it allows no pushes: see kiln-coordinator --push-allow)"
-                        : absl::StrCat(" (allowed: ", absl::StrJoin(allow, ", "), ")")));
-    }
-  }
-  return absl::OkStatus();
-}
-
 constexpr absl::string_view kComponent = "coordinator";
-
-absl::Status ValidateSubdir(absl::string_view subdir) {
-  if (absl::StartsWith(subdir, "/")) {
-    return absl::InvalidArgumentError(absl::StrCat("flake_subdir '", subdir, "' must be relative"));
-  }
-  for (absl::string_view part : absl::StrSplit(subdir, '/')) {
-    if (part == "..") return absl::InvalidArgumentError(absl::StrCat("flake_subdir '", subdir, "' leaves the source tree"));
-  }
-  return absl::OkStatus();
-}
 
 absl::string_view ResultLabel(JobState state) {
   switch (state) {
@@ -89,7 +55,7 @@ void CountPush(CoordinatorMetrics& metrics, const kiln::v1::PushResult& push) {
 }  // namespace
 
 BuildCoordinator::BuildCoordinator(StateStore* store, CoordinatorMetrics* metrics, const Clock* clock,
-                                   BuildCoordinatorOptions options, CasStore* cas)
+                                   BuildCoordinatorOptions options, BlobStore* cas)
     : store_(store),
       cas_(cas),
       metrics_(metrics),
@@ -103,6 +69,13 @@ BuildCoordinator::BuildCoordinator(StateStore* store, CoordinatorMetrics* metric
                JobJournalOptions{.log_bytes_per_job = options_.log_bytes_per_job,
                                  .finished_jobs_with_logs = options_.finished_jobs_with_logs,
                                  .log_retention_bytes = options_.log_retention_bytes}),
+      validator_(SubmissionLimits{.max_source_bytes = options_.max_source_bytes,
+                                  .max_tree_bytes = options_.max_tree_bytes,
+                                  .max_targets = options_.max_targets,
+                                  .max_active_jobs_per_token = options_.max_active_jobs_per_token,
+                                  .priority_names = options_.priority_names,
+                                  .push_allow = options_.push_allow},
+                 cas),
       registry_(clock_, WorkerRegistryOptions{.heartbeat_interval = options_.heartbeat_interval,
                                               .lease = options_.lease,
                                               .max_worker_jobs = options_.max_worker_jobs,
@@ -126,13 +99,6 @@ JobRequirements BuildCoordinator::RequirementsOf(const kiln::v1::JobSpec& spec) 
   req.pinned_labels.insert(spec.requirements().pinned_labels().begin(),
                            spec.requirements().pinned_labels().end());
   return req;
-}
-
-kiln::v1::Priority BuildCoordinator::PriorityOf(const std::string& name) const {
-  for (size_t i = 0; i < options_.priority_names.size() && i < kPriorityClasses; ++i) {
-    if (options_.priority_names[i] == name) return static_cast<kiln::v1::Priority>(i + 1);
-  }
-  return kiln::v1::PRIORITY_UNSPECIFIED;
 }
 
 JobPlacement BuildCoordinator::PlacementOf(const JobRecord& record) {
@@ -307,117 +273,26 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(const kil
     metrics_->submissions_rejected.Increment();
     return status;
   };
-  if (request.targets().empty()) return reject(absl::InvalidArgumentError("no build targets"));
-  if (!EnsureWritable()) return reject(OutOfSpace());
-  if (static_cast<size_t>(request.targets_size()) > options_.max_targets) {
-    return reject(absl::InvalidArgumentError(absl::StrCat(
-        request.targets_size(), " targets in one submission; the limit is ", options_.max_targets)));
-  }
-  if (!token.empty() && options_.max_active_jobs_per_token > 0) {
-    auto active = active_by_token_.find(token);
-    const uint64_t now_active = active == active_by_token_.end() ? 0 : active->second;
-    if (now_active + static_cast<uint64_t>(request.targets_size()) > options_.max_active_jobs_per_token) {
-      return reject(absl::ResourceExhaustedError(absl::StrCat(
-          "token '", token, "' has ", now_active, " job(s) queued or running; ", request.targets_size(),
-          " more would pass its quota of ", options_.max_active_jobs_per_token,
-          " (kiln-coordinator --token-max-active-jobs)")));
-    }
-  }
-  if (!request.source_archive().empty()) {
-    return reject(absl::InvalidArgumentError(
-        "source archives are no longer accepted; upgrade the kiln CLI (it sends source trees)"));
-  }
-  // Index the uploaded blobs, each checked against its digest.
-  uint64_t uploaded = 0;
-  absl::flat_hash_map<std::string, const std::string*> uploads;
-  for (const auto& blob : request.blobs()) {
-    uploaded += blob.data().size();
-    if (uploaded > options_.max_source_bytes) {
-      return reject(absl::ResourceExhaustedError(absl::StrCat("the submission's source is larger than ",
-                                                              options_.max_source_bytes >> 20, " MiB")));
-    }
-    if (absl::Status s = VerifyBlob(blob.digest(), blob.data()); !s.ok()) {
-      return reject(absl::InvalidArgumentError(absl::StrCat("uploaded source blob: ", s.message())));
-    }
-    uploads.try_emplace(blob.digest().hash(), &blob.data());
-  }
-  const BlobLookup lookup = [&uploads](const std::string& hash) -> const std::string* {
-    auto it = uploads.find(hash);
-    return it == uploads.end() ? nullptr : it->second;
-  };
+  // (An empty request is refused for what it is, even while out of space.)
+  if (!request.targets().empty() && !EnsureWritable()) return reject(OutOfSpace());
+  // Once workers have had time to reconnect after a start, targets none of
+  // them could ever build are refused rather than queued forever.
+  const bool grace_over = clock_->Now() - started_ >= options_.capability_grace;
+  auto active = active_by_token_.find(token);
+  absl::StatusOr<CheckedSubmission> checked =
+      validator_.Check(request, token, active == active_by_token_.end() ? 0 : active->second,
+                       grace_over ? &scheduler_ : nullptr);
+  if (!checked.ok()) return reject(checked.status());
+  const BlobLookup lookup = checked->Lookup();
+  const auto& uploads = checked->uploads;
   const SourceTreeLimits limits{.max_total_bytes = options_.max_source_bytes};
   StateWrite write;
-  absl::flat_hash_set<std::string> stored, checked_roots;
-  // Trees sent inline, checked: (root, every blob hash), for the CAS.
-  std::vector<std::pair<kiln::v1::Digest, std::vector<std::string>>> inline_trees;
-  for (const auto& target : request.targets()) {
-    const auto& spec = target.spec();
-    if (spec.source().has_archive()) {
-      return reject(absl::InvalidArgumentError(
-          "source archives are no longer accepted; upgrade the kiln CLI (it sends source trees)"));
-    }
-    if (!spec.source().has_tree_root()) return reject(absl::InvalidArgumentError("target has no source tree"));
-    // Every blob the tree needs must be here; the tree itself must be sound.
-    // Targets of one buildset usually share a tree: check each tree once.
-    const kiln::v1::Digest& root = spec.source().tree_root();
-    if (!uploads.contains(root.hash()) && checked_roots.insert(root.hash()).second) {
-      // Uploaded to the CAS beforehand: a stored directory stands for its
-      // whole tree, and its summary says whether the tree is acceptable.
-      absl::StatusOr<kiln::state::v1::BlobMeta> meta =
-          cas_ != nullptr ? cas_->Meta(root.hash()) : absl::NotFoundError("no CAS");
-      if (!meta.ok() || !meta->is_directory() || meta->size_bytes() != root.size_bytes()) {
-        return reject(absl::NotFoundError(absl::StrCat(spec.display_name(), ": source tree ", root.hash(),
-                                                       " is neither uploaded nor sent with the submission")));
-      }
-      TreeSummary summary{.bytes = static_cast<uint64_t>(meta->tree_bytes()),
-                          .entries = static_cast<uint64_t>(meta->tree_entries()),
-                          .depth = meta->tree_depth(),
-                          .link_escape = meta->link_escape()};
-      SourceTreeLimits tree_limits;
-      tree_limits.max_total_bytes = options_.max_tree_bytes;
-      if (absl::Status s = CheckTreeSummary(summary, tree_limits); !s.ok()) {
-        return reject(absl::Status(s.code(), absl::StrCat(spec.display_name(), ": ", s.message())));
-      }
-    } else if (checked_roots.insert(root.hash()).second) {
-      absl::StatusOr<std::vector<std::string>> needed = ListTreeBlobs(spec.source().tree_root(), lookup, limits);
-      if (!needed.ok()) {
-        return reject(absl::Status(needed.status().code(),
-                                   absl::StrCat(spec.display_name(), ": ", needed.status().message())));
-      }
-      if (cas_ != nullptr) {
-        inline_trees.push_back({root, *std::move(needed)});
-      } else {
-        for (const std::string& hash : *needed) {
-          if (stored.insert(hash).second) write.blobs.emplace_back(hash, *uploads.at(hash));
-        }
-      }
-    }
-    if (absl::Status s = ValidateSubdir(spec.source().flake_subdir()); !s.ok()) return reject(s);
-    if (absl::Status s = ValidateAttrPath(spec.attr()); !s.ok()) return reject(s);
-    if (spec.requirements().system().empty()) {
-      return reject(absl::InvalidArgumentError("target has no system (e.g. x86_64-linux)"));
-    }
-    if (!spec.priority_class().empty() && PriorityOf(spec.priority_class()) == kiln::v1::PRIORITY_UNSPECIFIED) {
-      return reject(absl::InvalidArgumentError(absl::StrCat("unknown priority class '", spec.priority_class(),
-                                                            "'; this coordinator has: ",
-                                                            absl::StrJoin(options_.priority_names, ", "))));
-    }
-    // Once workers have had time to reconnect after a start, refuse what
-    // none of them could ever build rather than queue it forever.
-    if (clock_->Now() - started_ >= options_.capability_grace && scheduler_.has_known_workers()) {
-      if (std::string unmet = scheduler_.UnmetByKnownWorkers(RequirementsOf(spec)); !unmet.empty()) {
-        return reject(absl::FailedPreconditionError(absl::StrCat(spec.display_name(), ": ", unmet)));
-      }
-    }
-    if (spec.has_push()) {
-      if (absl::Status s = CheckPushTarget(spec.push(), options_.push_allow); !s.ok()) return reject(s);
-    }
-  }
+  write.blobs = std::move(checked->blobs);
 
   // Inline trees go into the CAS like uploaded ones (files, then directories
   // children first), so the next submission of the same tree need not send
   // it. Content-addressed: stored before the jobs, harmless if they fail.
-  for (const auto& [root, hashes] : inline_trees) {
+  for (const auto& [root, hashes] : checked->inline_trees) {
     absl::StatusOr<std::vector<std::pair<std::string, std::string>>> dirs =
         CollectTreeDirectories(root, lookup, limits);
     if (!dirs.ok()) return reject(dirs.status());
@@ -463,7 +338,7 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(const kil
     r.set_buildset_id(buildset_id);
     *r.mutable_spec() = request.targets(i).spec();
     if (!r.spec().priority_class().empty()) {
-      r.mutable_spec()->set_priority(PriorityOf(r.spec().priority_class()));
+      r.mutable_spec()->set_priority(validator_.PriorityOf(r.spec().priority_class()));
     }
     if (r.spec().priority() == kiln::v1::PRIORITY_UNSPECIFIED) {
       r.mutable_spec()->set_priority(kiln::v1::PRIORITY_CI);

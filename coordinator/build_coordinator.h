@@ -27,9 +27,10 @@
 #include "absl/time/time.h"
 #include "common/clock.h"
 #include "common/source_tree.h"
-#include "coordinator/cas_store.h"
+#include "coordinator/blob_store.h"
 #include "coordinator/coordinator_metrics.h"
 #include "coordinator/job_journal.h"
+#include "coordinator/submission_validator.h"
 #include "coordinator/worker_registry.h"
 #include "coordinator/scheduler.h"
 #include "coordinator/state_store.h"
@@ -97,7 +98,7 @@ class BuildCoordinator {
   // `cas` (may be null: no uploaded trees) holds trees uploaded before a
   // submission; it must outlive the coordinator.
   BuildCoordinator(StateStore* store, CoordinatorMetrics* metrics, const Clock* clock,
-                   BuildCoordinatorOptions options, CasStore* cas = nullptr);
+                   BuildCoordinatorOptions options, BlobStore* cas = nullptr);
 
   // Loads the stored jobs: finished ones keep their result, queued ones are
   // queued again, ones that were assigned or running are held for their
@@ -257,12 +258,10 @@ class BuildCoordinator {
   void UpdateGauges(bool force = false);
   static JobRequirements RequirementsOf(const kiln::v1::JobSpec& spec);
   static JobPlacement PlacementOf(const kiln::state::v1::JobRecord& record);
-  // The wire priority of a class name; UNSPECIFIED for an unknown one.
-  kiln::v1::Priority PriorityOf(const std::string& name) const;
   static bool IsTerminal(kiln::v1::JobState state);
 
   StateStore* const store_;
-  CasStore* const cas_;
+  BlobStore* const cas_;
   CoordinatorMetrics* const metrics_;
   const Clock* const clock_;
   const BuildCoordinatorOptions options_;
@@ -285,6 +284,7 @@ class BuildCoordinator {
 
   Scheduler scheduler_;
   JobJournal journal_;
+  const SubmissionValidator validator_;
   WorkerRegistry registry_;
   // A node map: records stay put while a pending write points at them.
   absl::node_hash_map<std::string, JobEntry> jobs_;

@@ -40,13 +40,14 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "common/digest.h"
+#include "coordinator/blob_store.h"
 #include "common/source_tree.h"
 #include "kiln/state/v1/records.pb.h"
 #include "kiln/v1/types.pb.h"
 
 namespace kiln {
 
-class CasStore {
+class CasStore final : public BlobStore {
  public:
   static constexpr size_t kChunkBytes = size_t{1} << 20;   // Reads hand out at most this.
   static constexpr size_t kFileThreshold = size_t{64} << 10;  // Larger blobs are files.
@@ -71,14 +72,14 @@ class CasStore {
 
   // NotFound when absent. Blobs stored before the CAS existed (inline
   // submissions) have no meta: they are reported as plain blobs.
-  absl::StatusOr<kiln::state::v1::BlobMeta> Meta(const std::string& hash) const;
+  absl::StatusOr<kiln::state::v1::BlobMeta> Meta(const std::string& hash) const override;
   bool HasFile(const kiln::v1::Digest& digest) const;
-  bool HasDirectory(const kiln::v1::Digest& digest) const;
+  bool HasDirectory(const kiln::v1::Digest& digest) const override;
 
   // Calls `fn` with the blob's bytes, chunk by chunk, in order.
   absl::Status Read(const std::string& hash, absl::FunctionRef<absl::Status(absl::string_view)> fn) const;
   // The whole blob (directories and small files).
-  absl::StatusOr<std::string> ReadAll(const std::string& hash) const;
+  absl::StatusOr<std::string> ReadAll(const std::string& hash) const override;
 
   // One blob being uploaded: Append its bytes in order, then Finish, which
   // checks the digest (and, for a directory, its children) and makes it
@@ -115,10 +116,10 @@ class CasStore {
   // Stores a whole blob (verifying it), e.g. from an inline submission;
   // `*stored` (if given) says whether it was new.
   absl::Status Put(const kiln::v1::Digest& digest, absl::string_view data, bool is_directory,
-                   bool* stored = nullptr);
+                   bool* stored = nullptr) override;
 
   // Bytes of every stored blob (kept as blobs come and go; summed at start).
-  uint64_t total_bytes() const { return total_bytes_.load(); }
+  uint64_t total_bytes() const override { return total_bytes_.load(); }
 
   // Garbage collection, in the caller's policy: `keep` is every blob still
   // needed (the trees of queued and running jobs). Deletes blobs not kept
@@ -127,7 +128,7 @@ class CasStore {
   // kept (whatever its age), so a stored directory still stands for its
   // whole tree. Uploads wait while it deletes. Returns bytes freed.
   absl::StatusOr<uint64_t> CollectGarbage(const absl::flat_hash_set<std::string>& keep, int64_t older_than_unix,
-                                          uint64_t target_bytes);
+                                          uint64_t target_bytes) override;
 
  private:
   // The summary of a directory whose children are all present; an error

@@ -110,7 +110,9 @@ TEST(ImagePatternTest, RefusesPatternsThatCanMatchNothingSensible) {
                           "rg.example.eu/x y", "rg_x/y"}) {
     auto p = ParseImagePattern(bad);
     EXPECT_FALSE(p.ok()) << bad;
-    if (!p.ok()) EXPECT_TRUE(absl::StrContains(p.status().message(), "REGISTRY/REPOSITORY")) << p.status();
+    if (!p.ok()) {
+      EXPECT_TRUE(absl::StrContains(p.status().message(), "REGISTRY/REPOSITORY")) << p.status();
+    }
   }
 }
 

@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include "common/image_ref.h"
 #include "coordinator/auth.h"
 #include "coordinator/rocksdb_state_store.h"
 #include "tests/support/test_util.h"
