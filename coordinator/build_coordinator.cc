@@ -1,28 +1,18 @@
 #include "coordinator/build_coordinator.h"
 
 #include <algorithm>
-#include <map>
 #include <set>
 #include <utility>
 
-#include "absl/algorithm/container.h"
-#include "absl/strings/match.h"
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include "absl/strings/str_split.h"
 #include "common/check.h"
-#include "absl/cleanup/cleanup.h"
-#include "absl/container/flat_hash_set.h"
-#include "absl/container/node_hash_map.h"
-#include "common/digest.h"
-#include "common/image_ref.h"
-#include "common/source_tree.h"
 #include "common/grpc_util.h"
-#include "common/installable.h"
 #include "common/log.h"
-#include "coordinator/job_log.h"
 #include "coordinator/rocks_status.h"
+#include "coordinator/scheduling_inputs.h"
 
 namespace kiln {
 
@@ -69,6 +59,13 @@ BuildCoordinator::BuildCoordinator(StateStore* store, CoordinatorMetrics* metric
                JobJournalOptions{.log_bytes_per_job = options_.log_bytes_per_job,
                                  .finished_jobs_with_logs = options_.finished_jobs_with_logs,
                                  .log_retention_bytes = options_.log_retention_bytes}),
+      registry_(clock_, WorkerRegistryOptions{.heartbeat_interval = options_.heartbeat_interval,
+                                              .lease = options_.lease,
+                                              .max_worker_jobs = options_.max_worker_jobs,
+                                              .min_store_free_bytes = options_.min_store_free_bytes,
+                                              .min_work_dir_free_bytes = options_.min_work_dir_free_bytes,
+                                              .max_memory_used_fraction = options_.max_memory_used_fraction,
+                                              .max_load_per_slot = options_.max_load_per_slot}),
       validator_(SubmissionLimits{.max_source_bytes = options_.max_source_bytes,
                                   .max_tree_bytes = options_.max_tree_bytes,
                                   .max_targets = options_.max_targets,
@@ -76,61 +73,11 @@ BuildCoordinator::BuildCoordinator(StateStore* store, CoordinatorMetrics* metric
                                   .priority_names = options_.priority_names,
                                   .push_allow = options_.push_allow},
                  cas),
-      registry_(clock_, WorkerRegistryOptions{.heartbeat_interval = options_.heartbeat_interval,
-                                              .lease = options_.lease,
-                                              .max_worker_jobs = options_.max_worker_jobs,
-                                              .min_store_free_bytes = options_.min_store_free_bytes,
-                                              .min_work_dir_free_bytes = options_.min_work_dir_free_bytes,
-                                              .max_memory_used_fraction = options_.max_memory_used_fraction,
-                                              .max_load_per_slot = options_.max_load_per_slot}) {
+      sources_(store, cas,
+               SourceReaderLimits{.max_source_bytes = options_.max_source_bytes,
+                                  .max_tree_bytes = options_.max_tree_bytes,
+                                  .inline_source_bytes = options_.inline_source_bytes}) {
   metrics_->state_writable.Set(1);
-}
-
-bool BuildCoordinator::IsTerminal(JobState state) {
-  return state == kiln::v1::JOB_STATE_SUCCEEDED || state == kiln::v1::JOB_STATE_FAILED ||
-         state == kiln::v1::JOB_STATE_CANCELLED;
-}
-
-JobRequirements BuildCoordinator::RequirementsOf(const kiln::v1::JobSpec& spec) {
-  JobRequirements req;
-  req.system = spec.requirements().system();
-  req.required_features.insert(spec.requirements().required_features().begin(),
-                               spec.requirements().required_features().end());
-  req.pinned_labels.insert(spec.requirements().pinned_labels().begin(),
-                           spec.requirements().pinned_labels().end());
-  return req;
-}
-
-JobPlacement BuildCoordinator::PlacementOf(const JobRecord& record) {
-  JobPlacement placement;
-  switch (record.spec().priority()) {
-    case kiln::v1::PRIORITY_INTERACTIVE: placement.priority_class = 0; break;
-    case kiln::v1::PRIORITY_BATCH: placement.priority_class = 2; break;
-    default: placement.priority_class = 1; break;
-  }
-  placement.buildset = record.buildset_id();
-  const auto& spec = record.spec();
-  placement.locality_key = !spec.locality_key().empty()
-                               ? spec.locality_key()
-                               : absl::StrCat(spec.source().tree_root().hash(), "/", spec.source().flake_subdir(),
-                                              "#", spec.attr());
-  return placement;
-}
-
-std::optional<kiln::v1::Digest> BuildCoordinator::FlakeSubtree(const kiln::v1::SourceRef& source,
-                                                               const BlobLookup& inline_blobs) const {
-  // node_hash_map: the lookup hands out pointers that must survive inserts.
-  absl::node_hash_map<std::string, std::string> read;
-  const BlobLookup lookup = [&](const std::string& hash) -> const std::string* {
-    if (const std::string* data = inline_blobs(hash)) return data;
-    absl::StatusOr<std::string> blob = cas_ != nullptr ? cas_->ReadAll(hash) : store_->GetBlob(hash);
-    if (!blob.ok()) return nullptr;
-    return &read.emplace(hash, *std::move(blob)).first->second;
-  };
-  // Absent or unreadable: no key (the worker will say there is no flake there).
-  absl::StatusOr<kiln::v1::Digest> subtree = FindSubtree(source.tree_root(), source.flake_subdir(), lookup);
-  if (!subtree.ok()) return std::nullopt;
-  return *std::move(subtree);
 }
 
 bool BuildCoordinator::OutputsInCas(const BuildResult& result) const {
@@ -141,95 +88,36 @@ bool BuildCoordinator::OutputsInCas(const BuildResult& result) const {
   return true;
 }
 
-std::string BuildCoordinator::ResultKey(const kiln::v1::Digest& flake_subtree, const kiln::v1::JobSpec& spec) {
-  // What determines the output: the flake's own files (its flake.lock
-  // included), the attribute and the system; and where the image goes.
-  std::string key = absl::StrCat("kiln-result-v1\x1f", flake_subtree.hash(), "\x1f", spec.attr(), "\x1f",
-                                 spec.requirements().system());
-  if (spec.has_push()) {
-    absl::StrAppend(&key, "\x1f", spec.push().repository(), "\x1f", absl::StrJoin(spec.push().tags(), ","), "\x1f",
-                    static_cast<int>(spec.push().manifest_format()));
-  }
-  return Sha256Hex(key);
-}
-
-uint64_t BuildCoordinator::DedupHash(const kiln::v1::JobSpec& spec) {
-  return absl::Hash<std::string>{}(DedupKey(spec));
-}
-
-std::string BuildCoordinator::FollowingReason(const std::string& leader) {
-  return absl::StrCat("identical to job ", leader, ", already in flight: it will share that job's result");
-}
-
-std::string BuildCoordinator::DedupKey(const kiln::v1::JobSpec& spec) {
-  std::vector<std::string> features(spec.requirements().required_features().begin(),
-                                    spec.requirements().required_features().end());
-  std::sort(features.begin(), features.end());
-  std::map<std::string, std::string> labels(spec.requirements().pinned_labels().begin(),
-                                            spec.requirements().pinned_labels().end());
-  std::string key = absl::StrCat(spec.source().tree_root().hash(), "\x1f", spec.source().flake_subdir(), "\x1f",
-                                 spec.attr(), "\x1f", spec.requirements().system(), "\x1f",
-                                 absl::StrJoin(features, ","), "\x1f");
-  for (const auto& [k, v] : labels) absl::StrAppend(&key, k, "=", v, ",");
-  if (spec.has_fod_task()) {
-    absl::StrAppend(&key, "\x1f", "fod", static_cast<int>(spec.fod_task().mode()), ":",
-                    absl::StrJoin(spec.fod_task().drv_paths(), ","));
-  }
-  if (spec.has_push()) {
-    absl::StrAppend(&key, "\x1f", spec.push().repository(), "\x1f", absl::StrJoin(spec.push().tags(), ","), "\x1f",
-                    static_cast<int>(spec.push().manifest_format()));
-  }
-  return key;
-}
-
-void BuildCoordinator::Admit(JobEntry& job, const JobRecord& record) {
-  const std::string& id = record.job_id();
+void BuildCoordinator::Admit(const std::string& id, Job& job, const JobRecord& record) {
   JobEvent event;
   event.mutable_queued()->set_attempt(record.attempt());
-  // In flight by hash of the key (a million keys would cost ~100 MB as
-  // strings); a hit is confirmed against the leader's own key.
-  const std::string key = DedupKey(record.spec());
-  auto [it, fresh] = in_flight_.try_emplace(absl::Hash<std::string>{}(key), id);
-  JobRecord scratch;
-  if (!fresh && it->second != id && DedupKey(View(jobs_.at(it->second), scratch).spec()) == key) {
-    JobEntry& leader = jobs_.at(it->second);
-    job.leader = it->second;
-    leader.followers.push_back(id);
-    event.mutable_queued()->set_reason(FollowingReason(job.leader));
-    Emit(id, job, std::move(event));
-    return;
+  const WorkGraph::Admitted admitted = graph_.Admit(id, record);
+  if (!admitted.shares_with.empty()) {
+    event.mutable_queued()->set_reason(WorkGraph::SharingReason(admitted.shares_with));
+  } else {
+    scheduler_.Enqueue(id, RequirementsOf(record.spec()), PlacementOf(record));
   }
-  scheduler_.Enqueue(id, RequirementsOf(record.spec()), PlacementOf(record));
   Emit(id, job, std::move(event));
 }
 
 absl::Status BuildCoordinator::Recover() {
   absl::StatusOr<StoredCounters> counters = store_->LoadCounters();
-  if (!counters.ok()) return counters.status();
-  next_job_seq_ = counters->next_job_seq;
-  next_buildset_seq_ = counters->next_buildset_seq;
+  if (!counters.ok()) return absl::Status(counters.status().code(), absl::StrCat("load counters: ", counters.status().message()));
+  graph_.SetCounters(counters->next_job_seq, counters->next_buildset_seq);
   size_t queued = 0, held = 0;
-  // Sized once (ids are dense: the counter bounds the number of jobs):
-  // growing maps of a million entries step by step costs rehashing and page
-  // faults on every doubling.
-  const size_t expected = static_cast<size_t>(next_job_seq_ - 1);
-  jobs_.reserve(expected);
-  in_flight_.reserve(expected);
+  const size_t expected = static_cast<size_t>(counters->next_job_seq - 1);
+  graph_.Reserve(expected);
   scheduler_.Reserve(expected);
   // One record parsed at a time into the same message (no allocation once
-  // warm); the entry keeps the serialized form.
+  // warm); the graph keeps the serialized form.
   JobRecord record;
   absl::Status loaded = store_->ForEachPackedJob([&](absl::string_view bytes) {
     if (!record.ParseFromArray(bytes.data(), static_cast<int>(bytes.size()))) {
       return absl::DataLossError("unreadable job record");
     }
     const std::string& id = record.job_id();
-    buildsets_[record.buildset_id()].push_back(id);
-    JobEntry& job = jobs_[id];
-    job.packed.assign(bytes.data(), bytes.size());
-    job.queued_at = clock_->Now();
+    Job& job = graph_.Load(bytes, record, clock_->Now());
     const JobState state = record.state();
-    if (!IsTerminal(state) && !record.token().empty()) ++active_by_token_[record.token()];
     if (IsTerminal(state)) {
       if (record.stored_log_bytes() > 0) {
         journal_.RecoverStoredLog(id, record.finished_at().seconds(),
@@ -242,13 +130,13 @@ absl::Status BuildCoordinator::Recover() {
       finished->set_worker(record.worker());
       Emit(id, job, std::move(event));
     } else if (state == kiln::v1::JOB_STATE_QUEUED) {
-      Admit(job, record);
+      Admit(id, job, record);
       ++queued;
     } else {
       // It was on a worker whose stream died with the old process: hold it
       // for that worker's return, for one lease.
       scheduler_.Reattach(id, record.worker());
-      in_flight_.try_emplace(DedupHash(record.spec()), id);
+      graph_.HoldItem(id, record);
       registry_.Hold(record.worker());
       JobEvent event;
       event.mutable_assigned()->set_worker(record.worker());
@@ -258,44 +146,25 @@ absl::Status BuildCoordinator::Recover() {
     }
     return absl::OkStatus();
   });
-  if (!loaded.ok()) return loaded;
+  if (!loaded.ok()) return absl::Status(loaded.code(), absl::StrCat("load jobs: ", loaded.message()));
   journal_.SortRecovered();
   metrics_->stored_log_bytes.Set(static_cast<double>(journal_.stored_log_bytes()));
-  LogInfo(kComponent, "recovered ", jobs_.size(), " jobs (", queued, " queued, ", held,
+  LogInfo(kComponent, "recovered ", graph_.size(), " jobs (", queued, " queued, ", held,
           " held for their workers to reconnect)");
   UpdateGauges();
   return absl::OkStatus();
 }
 
-absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(const kiln::v1::SubmitBuildRequest& request,
-                                                                       const std::string& token) {
-  auto reject = [&](absl::Status status) {
-    metrics_->submissions_rejected.Increment();
-    return status;
-  };
-  // (An empty request is refused for what it is, even while out of space.)
-  if (!request.targets().empty() && !EnsureWritable()) return reject(OutOfSpace());
-  // Once workers have had time to reconnect after a start, targets none of
-  // them could ever build are refused rather than queued forever.
-  const bool grace_over = clock_->Now() - started_ >= options_.capability_grace;
-  auto active = active_by_token_.find(token);
-  absl::StatusOr<CheckedSubmission> checked =
-      validator_.Check(request, token, active == active_by_token_.end() ? 0 : active->second,
-                       grace_over ? &scheduler_ : nullptr);
-  if (!checked.ok()) return reject(checked.status());
-  const BlobLookup lookup = checked->Lookup();
-  const auto& uploads = checked->uploads;
-  const SourceTreeLimits limits{.max_total_bytes = options_.max_source_bytes};
-  StateWrite write;
-  write.blobs = std::move(checked->blobs);
-
+absl::Status BuildCoordinator::StoreInlineTrees(const CheckedSubmission& checked) {
   // Inline trees go into the CAS like uploaded ones (files, then directories
   // children first), so the next submission of the same tree need not send
   // it. Content-addressed: stored before the jobs, harmless if they fail.
-  for (const auto& [root, hashes] : checked->inline_trees) {
+  const BlobLookup lookup = checked.Lookup();
+  const SourceTreeLimits limits{.max_total_bytes = options_.max_source_bytes};
+  for (const auto& [root, hashes] : checked.inline_trees) {
     absl::StatusOr<std::vector<std::pair<std::string, std::string>>> dirs =
         CollectTreeDirectories(root, lookup, limits);
-    if (!dirs.ok()) return reject(dirs.status());
+    if (!dirs.ok()) return dirs.status();
     absl::flat_hash_set<std::string> dir_hashes;
     for (const auto& [hash, _] : *dirs) dir_hashes.insert(hash);
     absl::Status s;
@@ -313,74 +182,99 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(const kil
       }
     };
     for (const std::string& hash : hashes) {
-      if (s.ok() && !dir_hashes.contains(hash)) put(hash, *uploads.at(hash), false);
+      if (s.ok() && !dir_hashes.contains(hash)) put(hash, *checked.uploads.at(hash), false);
     }
     for (auto it = dirs->rbegin(); s.ok() && it != dirs->rend(); ++it) put(it->first, it->second, true);
     if (IsDiskFull(s)) {
       MarkUnwritable(s);
-      return reject(OutOfSpace());
+      return OutOfSpace();
     }
     if (!s.ok()) {
       metrics_->state_write_errors.Increment();
-      return reject(absl::UnavailableError(absl::StrCat("the coordinator could not store the source: ", s.message())));
+      return absl::UnavailableError(absl::StrCat("the coordinator could not store the source: ", s.message()));
     }
   }
+  return absl::OkStatus();
+}
+
+std::unique_ptr<JobRecord> BuildCoordinator::NewRecord(const kiln::v1::SubmitBuildRequest& request, int i,
+                                                       const std::string& token, const BlobLookup& lookup,
+                                                       absl::Time now) {
+  auto owned = std::make_unique<JobRecord>();
+  JobRecord& r = *owned;
+  r.set_job_id(graph_.NextJobId(static_cast<size_t>(i)));
+  r.set_buildset_id(graph_.NextBuildsetId());
+  *r.mutable_spec() = request.targets(i).spec();
+  if (!r.spec().priority_class().empty()) {
+    r.mutable_spec()->set_priority(validator_.PriorityOf(r.spec().priority_class()));
+  }
+  if (r.spec().priority() == kiln::v1::PRIORITY_UNSPECIFIED) r.mutable_spec()->set_priority(kiln::v1::PRIORITY_CI);
+  if (!r.spec().has_timeout() && options_.default_timeout > absl::ZeroDuration()) {
+    *r.mutable_spec()->mutable_timeout() = ToProtoDuration(options_.default_timeout);
+  }
+  r.set_state(kiln::v1::JOB_STATE_QUEUED);
+  *r.mutable_submitted_at() = ToProtoTime(now);
+  r.set_submitter(token.empty() ? request.submitter() : absl::StrCat(request.submitter(), " (token ", token, ")"));
+  r.set_token(token);
+  // The result cache: an identical target built before ends here, as
+  // succeeded, with that build's result. A push is never answered from the
+  // cache: its tags may have moved since (a revert must push again). The
+  // worker finds the output in its store and the registry has every blob,
+  // so it costs a few requests.
+  const bool ordinary_build = r.spec().fod_task().mode() == kiln::v1::FodTask::MODE_BUILD && !r.spec().has_push();
+  std::optional<kiln::v1::Digest> subtree = sources_.FlakeSubtree(r.spec().source(), lookup);
+  if (!subtree.has_value() || !ordinary_build) return owned;
+  if (r.spec().rebuild()) {
+    metrics_->ResultCacheLookups("bypassed").Increment();
+    return owned;
+  }
+  absl::StatusOr<kiln::state::v1::CachedResult> hit = store_->GetCachedResult(WorkGraph::ResultKey(*subtree, r.spec()));
+  // (A result without its outputs in the CAS cannot serve --out-link.)
+  if (!hit.ok() || (r.spec().fetch_outputs() && !OutputsInCas(hit->result()))) {
+    metrics_->ResultCacheLookups("miss").Increment();
+    return owned;
+  }
+  metrics_->ResultCacheLookups("hit").Increment();
+  r.set_state(kiln::v1::JOB_STATE_SUCCEEDED);
+  *r.mutable_result() = hit->result();
+  r.mutable_result()->set_cached(true);
+  r.mutable_result()->set_cached_from_job(hit->job_id());
+  r.set_worker(hit->worker());
+  *r.mutable_finished_at() = ToProtoTime(now);
+  return owned;
+}
+
+absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(const kiln::v1::SubmitBuildRequest& request,
+                                                                       const std::string& token) {
+  auto reject = [&](absl::Status status) {
+    metrics_->submissions_rejected.Increment();
+    return status;
+  };
+  // (An empty request is refused for what it is, even while out of space.)
+  if (!request.targets().empty() && !EnsureWritable()) return reject(OutOfSpace());
+  // Once workers have had time to reconnect after a start, targets none of
+  // them could ever build are refused rather than queued forever.
+  const bool grace_over = clock_->Now() - started_ >= options_.capability_grace;
+  absl::StatusOr<CheckedSubmission> checked =
+      validator_.Check(request, token, graph_.ActiveOf(token), grace_over ? &scheduler_ : nullptr);
+  if (!checked.ok()) return reject(checked.status());
+  if (absl::Status s = StoreInlineTrees(*checked); !s.ok()) return reject(s);
 
   // Build every record, store them in one batch, and only then make them live.
   const absl::Time now = clock_->Now();
-  const std::string buildset_id = absl::StrCat("b", next_buildset_seq_);
+  const BlobLookup lookup = checked->Lookup();
   std::vector<std::pair<std::unique_ptr<JobRecord>, std::string>> records;  // Parsed, serialized.
   records.reserve(request.targets_size());
   for (int i = 0; i < request.targets_size(); ++i) {
-    auto owned = std::make_unique<JobRecord>();
-    JobRecord& r = *owned;
-    r.set_job_id(absl::StrCat(next_job_seq_ + static_cast<uint64_t>(i)));
-    r.set_buildset_id(buildset_id);
-    *r.mutable_spec() = request.targets(i).spec();
-    if (!r.spec().priority_class().empty()) {
-      r.mutable_spec()->set_priority(validator_.PriorityOf(r.spec().priority_class()));
-    }
-    if (r.spec().priority() == kiln::v1::PRIORITY_UNSPECIFIED) {
-      r.mutable_spec()->set_priority(kiln::v1::PRIORITY_CI);
-    }
-    if (!r.spec().has_timeout() && options_.default_timeout > absl::ZeroDuration()) {
-      *r.mutable_spec()->mutable_timeout() = ToProtoDuration(options_.default_timeout);
-    }
-    r.set_state(kiln::v1::JOB_STATE_QUEUED);
-    *r.mutable_submitted_at() = ToProtoTime(now);
-    r.set_submitter(token.empty() ? request.submitter() : absl::StrCat(request.submitter(), " (token ", token, ")"));
-    r.set_token(token);
-    // The result cache: an identical target built before ends here, as
-    // succeeded, with that build's result.
-    // A push is never answered from the cache: its tags may have moved since
-    // (a revert must push again). The worker finds the output in its store
-    // and the registry has every blob, so it costs a few requests.
-    const bool ordinary_build = r.spec().fod_task().mode() == kiln::v1::FodTask::MODE_BUILD && !r.spec().has_push();
-    if (std::optional<kiln::v1::Digest> subtree = FlakeSubtree(r.spec().source(), lookup);
-        subtree.has_value() && ordinary_build) {
-      if (r.spec().rebuild()) {
-        metrics_->ResultCacheLookups("bypassed").Increment();
-      } else if (absl::StatusOr<kiln::state::v1::CachedResult> hit =
-                     store_->GetCachedResult(ResultKey(*subtree, r.spec()));
-                 hit.ok() && (!r.spec().fetch_outputs() || OutputsInCas(hit->result()))) {
-        // (A result without its outputs in the CAS cannot serve --out-link.)
-        metrics_->ResultCacheLookups("hit").Increment();
-        r.set_state(kiln::v1::JOB_STATE_SUCCEEDED);
-        *r.mutable_result() = hit->result();
-        r.mutable_result()->set_cached(true);
-        r.mutable_result()->set_cached_from_job(hit->job_id());
-        r.set_worker(hit->worker());
-        *r.mutable_finished_at() = ToProtoTime(now);
-      } else {
-        metrics_->ResultCacheLookups("miss").Increment();
-      }
-    }
-    std::string bytes = r.SerializeAsString();
-    records.emplace_back(std::move(owned), std::move(bytes));
+    std::unique_ptr<JobRecord> r = NewRecord(request, i, token, lookup, now);
+    std::string bytes = r->SerializeAsString();
+    records.emplace_back(std::move(r), std::move(bytes));
   }
+  StateWrite write;
+  write.blobs = std::move(checked->blobs);
   for (const auto& [r, bytes] : records) write.packed_jobs.emplace_back(&r->job_id(), &bytes);
-  write.next_job_seq = next_job_seq_ + records.size();
-  write.next_buildset_seq = next_buildset_seq_ + 1;
+  write.next_job_seq = graph_.next_job_seq() + records.size();
+  write.next_buildset_seq = graph_.next_buildset_seq() + 1;
   if (absl::Status s = store_->Commit(write); !s.ok()) {
     if (IsDiskFull(s)) {
       MarkUnwritable(s);
@@ -390,36 +284,30 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(const kil
     LogError(kComponent, "cannot store submission: ", s.ToString());
     return reject(absl::UnavailableError(absl::StrCat("the coordinator could not store the build: ", s.message())));
   }
-  next_job_seq_ = write.next_job_seq;
-  next_buildset_seq_ = write.next_buildset_seq;
+  const std::string buildset_id = graph_.NextBuildsetId();
+  graph_.Accept(records.size());
 
   kiln::v1::SubmitBuildResponse response;
   response.set_buildset_id(buildset_id);
   for (auto& [r, bytes] : records) {
     const std::string id = r->job_id();
     response.add_job_ids(id);
-    buildsets_[buildset_id].push_back(id);
-    JobEntry& job = jobs_[id];
-    job.parsed = std::move(r);
-    job.packed = std::move(bytes);
-    job.touched = true;
-    touched_.push_back(&job);
-    job.queued_at = now;
+    Job& job = graph_.Add(std::move(r), std::move(bytes), now);
     metrics_->jobs_submitted.Increment();
-    if (job.parsed->state() == kiln::v1::JOB_STATE_SUCCEEDED) {
+    const JobRecord& rec = *job.parsed;
+    if (rec.state() == kiln::v1::JOB_STATE_SUCCEEDED) {
       // From the result cache: finished already, nothing to run.
       metrics_->JobsFinished("succeeded").Increment();
       JobEvent event;
       auto* finished = event.mutable_finished();
       finished->set_state(kiln::v1::JOB_STATE_SUCCEEDED);
-      *finished->mutable_result() = job.parsed->result();
-      finished->set_worker(job.parsed->worker());
+      *finished->mutable_result() = rec.result();
+      finished->set_worker(rec.worker());
       *finished->mutable_queue_time() = ToProtoDuration(absl::ZeroDuration());
       Emit(id, job, std::move(event));
       continue;
     }
-    if (!token.empty()) ++active_by_token_[token];
-    Admit(job, *job.parsed);
+    Admit(id, job, rec);
   }
   LogInfo(kComponent, "buildset ", buildset_id, ": accepted ", records.size(), " job(s) from '",
           request.submitter(), "'");
@@ -430,36 +318,32 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(const kil
 absl::Status BuildCoordinator::Watch(const std::string& job_id, uint64_t from_sequence, uint64_t incarnation,
                                      std::shared_ptr<JobWatcher> watcher) {
   Flush();  // The replay below shows only stored states.
-  auto it = jobs_.find(job_id);
-  if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job ", job_id));
-  JobEntry& job = it->second;
-  journal_.Watch(job_id, job.journal, from_sequence, incarnation, std::move(watcher), IsTerminal(Rec(job).state()));
+  Job* job = graph_.Find(job_id);
+  if (job == nullptr) return absl::NotFoundError(absl::StrCat("no job ", job_id));
+  journal_.Watch(job_id, job->journal, from_sequence, incarnation, std::move(watcher),
+                 IsTerminal(graph_.Rec(*job).state()));
   return absl::OkStatus();
 }
 
 void BuildCoordinator::Unwatch(const std::string& job_id, const JobWatcher* watcher) {
-  auto it = jobs_.find(job_id);
-  if (it == jobs_.end()) return;
-  journal_.Unwatch(it->second.journal, watcher);
+  if (Job* job = graph_.Find(job_id); job != nullptr) journal_.Unwatch(job->journal, watcher);
 }
 
 absl::StatusOr<JobState> BuildCoordinator::Cancel(const std::string& job_id) {
-  auto it = jobs_.find(job_id);
-  if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job ", job_id));
-  JobEntry& job = it->second;
-  const JobState state = Rec(job).state();
+  Job* found = graph_.Find(job_id);
+  if (found == nullptr) return absl::NotFoundError(absl::StrCat("no job ", job_id));
+  Job& job = *found;
+  const JobState state = graph_.Rec(job).state();
   if (IsTerminal(state)) return state;
   if (state == kiln::v1::JOB_STATE_QUEUED) {
     scheduler_.Dequeue(job_id);
-  } else {
+  } else if (WorkerEntry* worker = registry_.ByName(graph_.Rec(job).worker()); worker != nullptr) {
     // The slot stays taken until the worker confirms the build is gone.
-    if (WorkerEntry* worker = registry_.ByName(Rec(job).worker()); worker != nullptr) {
-      kiln::v1::CoordinatorMessage message;
-      message.mutable_cancel()->set_job_id(job_id);
-      message.mutable_cancel()->set_attempt(Rec(job).attempt());
-      message.mutable_cancel()->set_reason("cancelled by request");
-      registry_.Send(*worker, std::move(message));
-    }
+    kiln::v1::CoordinatorMessage message;
+    message.mutable_cancel()->set_job_id(job_id);
+    message.mutable_cancel()->set_attempt(graph_.Rec(job).attempt());
+    message.mutable_cancel()->set_reason("cancelled by request");
+    registry_.Send(*worker, std::move(message));
   }
   BuildResult result;
   result.set_code(kiln::v1::RESULT_CODE_CANCELLED);
@@ -471,11 +355,11 @@ absl::StatusOr<JobState> BuildCoordinator::Cancel(const std::string& job_id) {
 }
 
 absl::StatusOr<kiln::v1::Job> BuildCoordinator::GetJob(const std::string& job_id) const {
-  auto it = jobs_.find(job_id);
-  if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job ", job_id));
+  const Job* found = graph_.Find(job_id);
+  if (found == nullptr) return absl::NotFoundError(absl::StrCat("no job ", job_id));
   JobRecord scratch;
-  const JobRecord& r = View(it->second, scratch);
-  const std::string& leader = it->second.leader;
+  const JobRecord& r = WorkGraph::View(*found, scratch);
+  const std::string runner = graph_.RunnerOf(job_id, r);
   kiln::v1::Job job;
   job.set_job_id(r.job_id());
   job.set_buildset_id(r.buildset_id());
@@ -486,25 +370,26 @@ absl::StatusOr<kiln::v1::Job> BuildCoordinator::GetJob(const std::string& job_id
   *job.mutable_result() = r.result();
   *job.mutable_submitted_at() = r.submitted_at();
   *job.mutable_finished_at() = r.finished_at();
-  job.set_waiting_reason(leader.empty() ? scheduler_.WaitingReason(job_id, clock_->Now()) : FollowingReason(leader));
+  job.set_waiting_reason(runner.empty() ? scheduler_.WaitingReason(job_id, clock_->Now())
+                                        : WorkGraph::SharingReason(runner));
   return job;
 }
 
 absl::StatusOr<kiln::v1::Buildset> BuildCoordinator::GetBuildset(const std::string& buildset_id) const {
-  auto it = buildsets_.find(buildset_id);
-  if (it == buildsets_.end()) return absl::NotFoundError(absl::StrCat("no buildset ", buildset_id));
+  const std::vector<std::string>* jobs = graph_.BuildsetJobs(buildset_id);
+  if (jobs == nullptr) return absl::NotFoundError(absl::StrCat("no buildset ", buildset_id));
   kiln::v1::Buildset out;
   out.set_buildset_id(buildset_id);
-  for (const std::string& id : it->second) *out.add_jobs() = *GetJob(id);
+  for (const std::string& id : *jobs) *out.add_jobs() = *GetJob(id);
   return out;
 }
 
 absl::Status BuildCoordinator::GetJobLog(const std::string& job_id, bool have_stored,
                                          kiln::v1::GetJobLogResponse* out) const {
-  auto it = jobs_.find(job_id);
-  if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job ", job_id));
+  const Job* job = graph_.Find(job_id);
+  if (job == nullptr) return absl::NotFoundError(absl::StrCat("no job ", job_id));
   JobRecord scratch;
-  const JobRecord& r = View(it->second, scratch);
+  const JobRecord& r = WorkGraph::View(*job, scratch);
   out->set_state(r.state());
   out->set_expired(r.log_expired());
   // A job that built nothing itself points to the job whose build it shared.
@@ -512,73 +397,27 @@ absl::Status BuildCoordinator::GetJobLog(const std::string& job_id, bool have_st
     out->set_log_job_id(r.log_job_id());
   } else if (r.result().cached()) {
     out->set_log_job_id(r.result().cached_from_job());
-  } else if (!it->second.leader.empty()) {
-    out->set_log_job_id(it->second.leader);
+  } else if (std::string runner = graph_.RunnerOf(job_id, r); !runner.empty()) {
+    out->set_log_job_id(runner);
   }
   // A finished job's log comes from the store; the copy in memory serves
   // only jobs still running (or one finishing between the caller's read of
   // the store and this call).
   if (have_stored) return absl::OkStatus();
-  journal_.AppendLogLines(it->second.journal, *out->mutable_lines());
-  out->set_dropped_lines(journal_.dropped_log_lines(it->second.journal));
+  journal_.AppendLogLines(job->journal, *out->mutable_lines());
+  out->set_dropped_lines(journal_.dropped_log_lines(job->journal));
   return absl::OkStatus();
 }
 
 kiln::v1::ListBuildsetsResponse BuildCoordinator::ListBuildsets(size_t limit) const {
-  // Ids are "b" and a sequence number: the newest have the largest.
-  std::vector<std::pair<uint64_t, const std::string*>> ids;
-  ids.reserve(buildsets_.size());
-  for (const auto& [id, jobs] : buildsets_) {
-    uint64_t n = 0;
-    if (!absl::SimpleAtoi(absl::string_view(id).substr(1), &n)) continue;
-    ids.emplace_back(n, &id);
-  }
-  const size_t take = std::min(limit, ids.size());
-  std::partial_sort(ids.begin(), ids.begin() + static_cast<ptrdiff_t>(take), ids.end(),
-                    [](const auto& a, const auto& b) { return a.first > b.first; });
-  kiln::v1::ListBuildsetsResponse out;
-  JobRecord scratch;
-  for (size_t i = 0; i < take; ++i) {
-    const std::string& id = *ids[i].second;
-    kiln::v1::BuildsetSummary* summary = out.add_buildsets();
-    summary->set_buildset_id(id);
-    google::protobuf::Timestamp finished;
-    bool all_finished = true;
-    for (const std::string& job_id : buildsets_.at(id)) {
-      auto it = jobs_.find(job_id);
-      if (it == jobs_.end()) continue;
-      const JobRecord& r = View(it->second, scratch);
-      if (summary->targets() == 0) {
-        summary->set_submitter(r.submitter());
-        *summary->mutable_submitted_at() = r.submitted_at();
-      }
-      summary->set_targets(summary->targets() + 1);
-      if (summary->installables_size() < 16) summary->add_installables(r.spec().display_name());
-      switch (r.state()) {
-        case kiln::v1::JOB_STATE_SUCCEEDED:
-          summary->set_succeeded(summary->succeeded() + 1);
-          if (r.result().cached()) summary->set_cached(summary->cached() + 1);
-          break;
-        case kiln::v1::JOB_STATE_FAILED: summary->set_failed(summary->failed() + 1); break;
-        case kiln::v1::JOB_STATE_CANCELLED: summary->set_cancelled(summary->cancelled() + 1); break;
-        default:
-          summary->set_unfinished(summary->unfinished() + 1);
-          all_finished = false;
-          break;
-      }
-      if (IsTerminal(r.state()) && FromProtoTime(r.finished_at()) > FromProtoTime(finished)) {
-        finished = r.finished_at();
-      }
-    }
-    if (all_finished && summary->targets() > 0) *summary->mutable_finished_at() = finished;
-  }
-  return out;
+  return graph_.ListBuildsets(limit);
 }
 
 absl::StatusOr<kiln::v1::Buildset> BuildCoordinator::CancelBuildset(const std::string& buildset_id) {
-  auto it = buildsets_.find(buildset_id);
-  if (it == buildsets_.end()) return absl::NotFoundError(absl::StrCat("no buildset ", buildset_id));
-  for (const std::string& id : it->second) {
+  const std::vector<std::string>* jobs = graph_.BuildsetJobs(buildset_id);
+  if (jobs == nullptr) return absl::NotFoundError(absl::StrCat("no buildset ", buildset_id));
+  const std::vector<std::string> ids = *jobs;
+  for (const std::string& id : ids) {
     if (absl::StatusOr<JobState> s = Cancel(id); !s.ok()) return s.status();
   }
   return GetBuildset(buildset_id);
@@ -644,18 +483,16 @@ void BuildCoordinator::OnWorkerMessage(const std::shared_ptr<WorkerSession>& ses
       HandleHeartbeat(worker, message.heartbeat());  // It also renewed the lease (last_seen, above).
       break;
     case kiln::v1::WorkerMessage::kStarted: {
-      JobEntry* job = FindAttempt(worker, message.started().job_id(), message.started().attempt());
-      if (job == nullptr || Rec(*job).state() != kiln::v1::JOB_STATE_ASSIGNED) break;
-      Rec(*job).set_state(kiln::v1::JOB_STATE_RUNNING);
-      *Rec(*job).mutable_started_at() = ToProtoTime(clock_->Now());
-      Persist(*job);
+      Job* job = graph_.FindAttempt(worker.name, message.started().job_id(), message.started().attempt());
+      if (job == nullptr || graph_.Rec(*job).state() != kiln::v1::JOB_STATE_ASSIGNED) break;
+      graph_.MarkStarted(*job, clock_->Now());
       JobEvent event;
       event.mutable_started()->set_worker(worker.name);
       Emit(message.started().job_id(), *job, std::move(event));
       break;
     }
     case kiln::v1::WorkerMessage::kLog: {
-      JobEntry* job = FindAttempt(worker, message.log().job_id(), message.log().attempt());
+      Job* job = graph_.FindAttempt(worker.name, message.log().job_id(), message.log().attempt());
       if (job == nullptr || message.log().lines().empty()) break;
       JobEvent event;
       *event.mutable_log()->mutable_lines() = message.log().lines();
@@ -750,36 +587,22 @@ void BuildCoordinator::Flush() {
   if (!EnsureWritable()) return;
   flushing_ = true;
   Dispatch();  // Every slot freed since the last flush, in one round.
-  if (!pending_jobs_.empty()) {
+  if (graph_.has_writes()) {
     StateWrite write;
-    for (const auto& [key, entry] : pending_results_) write.cached_results.emplace_back(key, &entry);
+    graph_.TakeWrites(write.packed_jobs, write.cached_results);
     journal_.TakeLogWrites(write.logs, write.deleted_logs);
-    write.packed_jobs.reserve(pending_jobs_.size());
-    for (JobEntry* job : pending_jobs_) {
-      job->dirty = false;
-      job->parsed->SerializeToString(&job->packed);
-      write.packed_jobs.emplace_back(&job->parsed->job_id(), &job->packed);
-    }
     if (absl::Status s = store_->Commit(write); !s.ok()) {
       // Kept to be written again once the store resumes; until then nobody
       // hears of these changes, so a restart loses nothing anyone was told.
-      for (JobEntry* job : pending_jobs_) job->dirty = true;
+      graph_.WriteFailed();
       journal_.ReturnLogWrites(write.logs, write.deleted_logs);
       MarkUnwritable(s);
       flushing_ = false;
       return;
     }
-    pending_jobs_.clear();
-    pending_results_.clear();
+    graph_.Committed();
   }
-  // Queued and finished jobs keep only their serialized record: most jobs
-  // are in one of those states, and a parsed record costs ~5 times more.
-  for (JobEntry* job : touched_) {
-    job->touched = false;
-    const JobState state = job->parsed->state();
-    if (state == kiln::v1::JOB_STATE_QUEUED || IsTerminal(state)) job->parsed.reset();
-  }
-  touched_.clear();
+  graph_.DropParsed();
   // Stored: now the world may hear of it.
   journal_.Release();
   registry_.DeliverOutboxes();
@@ -805,9 +628,9 @@ void BuildCoordinator::Reconcile(WorkerEntry& worker, const kiln::v1::Register& 
   for (const auto& r : reg.running()) reported[r.job_id()] = r.attempt();
   size_t kept = 0;
   for (const std::string& id : scheduler_.JobsOf(worker.name)) {
-    JobEntry& job = jobs_.at(id);
+    Job& job = *graph_.Find(id);
     auto it = reported.find(id);
-    if (it != reported.end() && it->second == Rec(job).attempt()) {
+    if (it != reported.end() && it->second == graph_.Rec(job).attempt()) {
       reported.erase(it);  // Still running there (or its result is on the way): keep it.
       ++kept;
       continue;
@@ -832,9 +655,9 @@ void BuildCoordinator::ExpireLease(const std::string& worker, const std::string&
   const std::vector<std::string> lost = scheduler_.RemoveWorker(worker);
   LogInfo(ForWorker(worker), kComponent, why, "; requeueing ", lost.size(), " job(s)");
   for (const std::string& id : lost) {
-    auto job = jobs_.find(id);
-    if (job != jobs_.end() && !IsTerminal(Rec(job->second).state())) {
-      Requeue(job->second, "lease_expired", absl::StrCat("worker ", worker, " ", why));
+    Job* job = graph_.Find(id);
+    if (job != nullptr && !IsTerminal(graph_.Rec(*job).state())) {
+      Requeue(*job, "lease_expired", absl::StrCat("worker ", worker, " ", why));
     }
   }
 }
@@ -846,8 +669,9 @@ absl::StatusOr<uint64_t> BuildCoordinator::CollectGarbage() {
   absl::flat_hash_set<std::string> roots, keep;
   JobRecord scratch;
   scheduler_.ForEachLiveJob([&](const std::string& id) {
-    auto it = jobs_.find(id);
-    if (it != jobs_.end()) roots.insert(View(it->second, scratch).spec().source().tree_root().SerializeAsString());
+    if (const Job* job = graph_.Find(id); job != nullptr) {
+      roots.insert(WorkGraph::View(*job, scratch).spec().source().tree_root().SerializeAsString());
+    }
   });
   absl::flat_hash_map<std::string, std::string> read;
   const BlobLookup lookup = [&](const std::string& hash) -> const std::string* {
@@ -910,16 +734,16 @@ void BuildCoordinator::FailWhatNoKnownWorkerCanBuild() {
   std::vector<std::string> queued;
   scheduler_.ForEachLiveJob([&](const std::string& id) { queued.push_back(id); });
   for (const std::string& id : queued) {
-    auto it = jobs_.find(id);
-    if (it == jobs_.end() || Rec(it->second).state() != kiln::v1::JOB_STATE_QUEUED) continue;
-    const std::string unmet = scheduler_.UnmetByKnownWorkers(RequirementsOf(Rec(it->second).spec()));
+    Job* job = graph_.Find(id);
+    if (job == nullptr || graph_.Rec(*job).state() != kiln::v1::JOB_STATE_QUEUED) continue;
+    const std::string unmet = scheduler_.UnmetByKnownWorkers(RequirementsOf(graph_.Rec(*job).spec()));
     if (unmet.empty()) continue;
     scheduler_.Dequeue(id);
     BuildResult result;
     result.set_code(kiln::v1::RESULT_CODE_BUILD_FAILED);
-    result.set_error_message(absl::StrCat(Rec(it->second).spec().display_name(), ": ", unmet));
+    result.set_error_message(absl::StrCat(graph_.Rec(*job).spec().display_name(), ": ", unmet));
     LogWarning(ForJob(id), kComponent, "fails: ", result.error_message());
-    Finish(it->second, kiln::v1::JOB_STATE_FAILED, std::move(result));
+    Finish(*job, kiln::v1::JOB_STATE_FAILED, std::move(result));
   }
 }
 
@@ -939,39 +763,26 @@ void BuildCoordinator::CheckLeases() {
   if (!silent.empty() || !expired.empty() || gauges_dirty_) UpdateGauges(/*force=*/true);
 }
 
-BuildCoordinator::JobEntry* BuildCoordinator::FindAttempt(const WorkerEntry& worker,
-                                                          const std::string& job_id, uint32_t attempt) {
-  auto it = jobs_.find(job_id);
-  if (it == jobs_.end()) return nullptr;
-  JobEntry& job = it->second;
-  // Fencing: only the current attempt on the worker it was given to counts.
-  if (Rec(job).worker() != worker.name || Rec(job).attempt() != attempt ||
-      IsTerminal(Rec(job).state())) {
-    return nullptr;
-  }
-  return &job;
-}
-
 void BuildCoordinator::HandleFinished(WorkerEntry& worker, const kiln::v1::JobFinished& finished) {
   // Stored below or ignored as stale: either way the worker may forget it.
   // The acknowledgement goes with the next message to the worker.
   registry_.Ack(worker, finished.job_id(), finished.attempt());
-  auto it = jobs_.find(finished.job_id());
-  if (it == jobs_.end()) return;
-  JobEntry& job = it->second;
-  if (Rec(job).worker() != worker.name || Rec(job).attempt() != finished.attempt()) {
+  Job* found = graph_.Find(finished.job_id());
+  if (found == nullptr) return;
+  Job& job = *found;
+  const JobRecord& r = graph_.Rec(job);
+  if (r.worker() != worker.name || r.attempt() != finished.attempt()) {
     LogFields about = ForJob(finished.job_id(), finished.attempt());
     about.worker = worker.name;
     LogDebug(about, kComponent, "ignoring a stale result");
     return;
   }
   scheduler_.Release(finished.job_id(), worker.name);
-  if (IsTerminal(Rec(job).state())) return;  // Cancelled meanwhile.
+  if (IsTerminal(r.state())) return;  // Cancelled meanwhile.
 
   const BuildResult& result = finished.result();
-  if (Rec(job).has_started_at()) {
-    metrics_->build_duration.Observe(
-        absl::ToDoubleSeconds(clock_->Now() - FromProtoTime(Rec(job).started_at())));
+  if (r.has_started_at()) {
+    metrics_->build_duration.Observe(absl::ToDoubleSeconds(clock_->Now() - FromProtoTime(r.started_at())));
   }
   switch (result.code()) {
     case kiln::v1::RESULT_CODE_SUCCEEDED:
@@ -1011,34 +822,30 @@ void BuildCoordinator::WorkerGone(const WorkerSession* session) {
 void BuildCoordinator::CloseAll() {
   Flush();
   const absl::Status shutting_down = absl::UnavailableError("the coordinator is shutting down");
-  for (auto& [_, job] : jobs_) journal_.CloseWatchers(job.journal, shutting_down);
+  graph_.ForEachJob([&](const std::string&, Job& job) { journal_.CloseWatchers(job.journal, shutting_down); });
   registry_.CloseAll(shutting_down);
 }
 
 void BuildCoordinator::Dispatch() {
-  const absl::Time round_start = absl::Now();
+  const absl::Time round_start = absl::Now();  // The round's own cost, for its histogram.
   std::vector<Assignment> assignments = scheduler_.Assign(clock_->Now());
   if (assignments.empty()) return;
   auto observe = absl::MakeCleanup(
       [&] { metrics_->dispatch_duration.Observe(absl::ToDoubleSeconds(absl::Now() - round_start)); });
   const absl::Time now = clock_->Now();
   for (const Assignment& a : assignments) {
-    JobEntry& job = jobs_.at(a.job);
-    JobRecord& r = Rec(job);
-    r.set_state(kiln::v1::JOB_STATE_ASSIGNED);
-    r.set_attempt(r.attempt() + 1);
-    r.set_worker(a.worker);
-    Persist(job);  // Announced after the flush's write.
+    Job& job = *graph_.Find(a.job);
+    graph_.MarkAssigned(job, a.worker);  // Announced after the flush's write.
     metrics_->queue_wait.Observe(absl::ToDoubleSeconds(now - job.queued_at));
   }
   for (const Assignment& a : assignments) {
-    JobEntry& job = jobs_.at(a.job);
-    kiln::v1::CoordinatorMessage message;
-    auto* assign = message.mutable_assign();
-    assign->set_job_id(a.job);
-    assign->set_attempt(Rec(job).attempt());
-    *assign->mutable_spec() = Rec(job).spec();
-    if (absl::Status s = AttachSource(Rec(job).spec(), *assign); !s.ok()) {
+    Job& job = *graph_.Find(a.job);
+    const JobRecord& r = graph_.Rec(job);
+    kiln::v1::Assignment assign;
+    assign.set_job_id(a.job);
+    assign.set_attempt(r.attempt());
+    *assign.mutable_spec() = r.spec();
+    if (absl::Status s = sources_.Attach(r.spec(), assign); !s.ok()) {
       LogError(ForJob(a.job), kComponent, "source unavailable: ", s.ToString());
       scheduler_.Release(a.job, a.worker);
       BuildResult result;
@@ -1049,233 +856,106 @@ void BuildCoordinator::Dispatch() {
     }
     JobEvent event;
     event.mutable_assigned()->set_worker(a.worker);
-    event.mutable_assigned()->set_attempt(Rec(job).attempt());
+    event.mutable_assigned()->set_attempt(r.attempt());
     Emit(a.job, job, std::move(event));
     WorkerEntry* worker = registry_.ByName(a.worker);
     KILN_CHECK(worker != nullptr);  // The scheduler places only on connected workers.
-    registry_.Assign(*worker, std::move(*message.mutable_assign()));
+    registry_.Assign(*worker, std::move(assign));
   }
 }
 
-absl::Status BuildCoordinator::AttachSource(const kiln::v1::JobSpec& spec, kiln::v1::Assignment& assign) {
-  const std::string& root = spec.source().tree_root().hash();
-  auto cached = tree_blobs_.find(root);
-  if (cached == tree_blobs_.end()) {
-    // node_hash_map: the lookup hands out pointers that must survive inserts.
-    absl::node_hash_map<std::string, std::string> fetched;
-    absl::Status read_error;
-    const BlobLookup lookup = [&](const std::string& hash) -> const std::string* {
-      if (auto it = fetched.find(hash); it != fetched.end()) return &it->second;
-      absl::StatusOr<std::string> blob = cas_ != nullptr ? cas_->ReadAll(hash) : store_->GetBlob(hash);
-      if (!blob.ok()) {
-        if (!absl::IsNotFound(blob.status())) read_error = blob.status();
-        return nullptr;
-      }
-      return &fetched.emplace(hash, *std::move(blob)).first->second;
-    };
-    // A large uploaded tree: its directories only; the worker fetches the
-    // files its cache lacks from the CAS.
-    absl::StatusOr<kiln::state::v1::BlobMeta> meta =
-        cas_ != nullptr ? cas_->Meta(root) : absl::NotFoundError("no CAS");
-    const bool directories_only =
-        meta.ok() && meta->is_directory() && static_cast<uint64_t>(meta->tree_bytes()) > options_.inline_source_bytes;
-    absl::StatusOr<std::vector<std::string>> hashes;
-    if (directories_only) {
-      SourceTreeLimits limits;
-      limits.max_total_bytes = options_.max_tree_bytes;
-      absl::StatusOr<std::vector<std::pair<std::string, std::string>>> dirs =
-          CollectTreeDirectories(spec.source().tree_root(), lookup, limits);
-      if (dirs.ok()) {
-        hashes.emplace();
-        for (const auto& [hash, _] : *dirs) hashes->push_back(hash);
-      } else {
-        hashes = dirs.status();
-      }
-    } else {
-      hashes = ListTreeBlobs(spec.source().tree_root(), lookup,
-                             {.max_total_bytes = std::max<uint64_t>(options_.max_source_bytes,
-                                                                    options_.inline_source_bytes)});
-    }
-    if (!read_error.ok()) return read_error;
-    if (!hashes.ok()) return hashes.status();
-    auto blobs = std::make_shared<std::vector<kiln::v1::Blob>>();
-    size_t bytes = 0;
-    for (const std::string& hash : *hashes) {
-      std::string& data = fetched.at(hash);
-      kiln::v1::Blob& blob = blobs->emplace_back();
-      blob.mutable_digest()->set_hash(hash);
-      blob.mutable_digest()->set_size_bytes(static_cast<int64_t>(data.size()));
-      bytes += data.size();
-      blob.set_data(std::move(data));
-    }
-    // The jobs of a buildset share a tree: keep the recent trees' blobs
-    // rather than read and walk them again for every assignment. Bounded.
-    if (tree_blobs_.size() >= kCachedTrees || tree_blob_bytes_ + bytes > kCachedTreeBytes) {
-      tree_blobs_.clear();
-      tree_blob_bytes_ = 0;
-    }
-    tree_blob_bytes_ += bytes;
-    cached = tree_blobs_.emplace(root, std::move(blobs)).first;
-  }
-  for (const kiln::v1::Blob& blob : *cached->second) *assign.add_blobs() = blob;
-  return absl::OkStatus();
-}
-
-void BuildCoordinator::Requeue(JobEntry& job, absl::string_view reason_label, const std::string& reason,
-                               bool backoff) {
-  const std::string id = Rec(job).job_id();
-  if (Rec(job).attempt() >= options_.max_attempts) {
+void BuildCoordinator::Requeue(Job& job, absl::string_view reason_label, const std::string& reason, bool backoff) {
+  const std::string id = graph_.Rec(job).job_id();
+  std::optional<absl::Time> not_before =
+      graph_.Requeue(job, reason, options_.max_attempts, backoff ? options_.retry_backoff : absl::ZeroDuration(),
+                     clock_->Now());
+  if (!not_before.has_value()) {
     BuildResult result;
     result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
-    result.set_error_message(absl::StrCat("gave up after ", Rec(job).attempt(), " attempts; last: ", reason));
+    result.set_error_message(absl::StrCat("gave up after ", graph_.Rec(job).attempt(), " attempts; last: ", reason));
     Finish(job, kiln::v1::JOB_STATE_FAILED, std::move(result));
     return;
   }
-  Rec(job).set_state(kiln::v1::JOB_STATE_QUEUED);
-  Rec(job).set_requeue_reason(reason);
-  Rec(job).clear_started_at();
-  Persist(job);
-  job.queued_at = clock_->Now();
-  JobPlacement placement = PlacementOf(Rec(job));
-  if (backoff && options_.retry_backoff > absl::ZeroDuration()) {
-    const int doublings = static_cast<int>(std::min<uint32_t>(Rec(job).attempt(), 7)) - 1;
-    placement.not_before =
-        clock_->Now() + std::min(options_.retry_backoff * (1 << std::max(0, doublings)), absl::Minutes(5));
-  }
-  scheduler_.Enqueue(id, RequirementsOf(Rec(job).spec()), std::move(placement), /*front=*/true);
+  JobPlacement placement = PlacementOf(graph_.Rec(job));
+  placement.not_before = *not_before;
+  scheduler_.Enqueue(id, RequirementsOf(graph_.Rec(job).spec()), std::move(placement), /*front=*/true);
   metrics_->Requeues(reason_label).Increment();
   JobEvent event;
-  event.mutable_queued()->set_attempt(Rec(job).attempt());
+  event.mutable_queued()->set_attempt(graph_.Rec(job).attempt());
   event.mutable_queued()->set_reason(reason);
   Emit(id, job, std::move(event));
 }
 
-void BuildCoordinator::Finish(JobEntry& job, JobState state, BuildResult result) {
-  const std::string id = Rec(job).job_id();
-  if (!job.leader.empty()) {
-    // A follower ends on its own only when cancelled: it stops following.
-    auto& others = jobs_.at(job.leader).followers;
-    others.erase(std::remove(others.begin(), others.end(), id), others.end());
-    job.leader.clear();
-  } else if (auto f = in_flight_.find(DedupHash(Rec(job).spec())); f != in_flight_.end() && f->second == id) {
-    in_flight_.erase(f);
-  }
-  std::vector<std::string> followers = std::move(job.followers);
-  job.followers.clear();
-  // Once per push that ran, not per job that followed it.
+void BuildCoordinator::Finish(Job& job, JobState state, BuildResult result) {
+  const std::string id = graph_.Rec(job).job_id();
+  const std::vector<std::string> waiting = graph_.Leave(id, graph_.Rec(job)).waiting;
+  // Once per push that ran, not per job that shared it.
   if (result.has_push()) CountPush(*metrics_, result.push());
   FinishOne(job, state, std::move(result));
-  if (followers.empty()) return;
-  const JobRecord& done = Rec(jobs_.at(id));
+  if (waiting.empty()) return;
   if (state == kiln::v1::JOB_STATE_CANCELLED) {
-    // Someone else still wants this build: the first follower leads now.
-    for (const std::string& f : followers) {
-      JobEntry& next = jobs_.at(f);
-      next.leader.clear();
-      Admit(next, Rec(next));
+    // Someone else still wants this build: the first waiting job runs it now.
+    for (const std::string& w : waiting) {
+      Job& next = *graph_.Find(w);
+      Admit(w, next, graph_.Rec(next));
     }
     return;
   }
-  for (const std::string& f : followers) {
-    JobEntry& follower = jobs_.at(f);
-    follower.leader.clear();
-    Rec(follower).set_worker(done.worker());
-    Rec(follower).set_attempt(done.attempt());
-    Rec(follower).set_log_job_id(id);
-    FinishOne(follower, state, done.result());
+  const JobRecord& done = graph_.Rec(job);
+  for (const std::string& w : waiting) {
+    Job& sharer = *graph_.Find(w);
+    JobRecord& r = graph_.Rec(sharer);
+    r.set_worker(done.worker());
+    r.set_attempt(done.attempt());
+    r.set_log_job_id(id);
+    FinishOne(sharer, state, done.result());
   }
 }
 
-void BuildCoordinator::FinishOne(JobEntry& job, JobState state, BuildResult result) {
-  if (const std::string& token = Rec(job).token(); !token.empty() && !IsTerminal(Rec(job).state())) {
-    if (auto it = active_by_token_.find(token); it != active_by_token_.end() && --it->second == 0) {
-      active_by_token_.erase(it);
-    }
-  }
-  Rec(job).set_state(state);
-  *Rec(job).mutable_result() = std::move(result);
-  *Rec(job).mutable_finished_at() = ToProtoTime(clock_->Now());
+void BuildCoordinator::FinishOne(Job& job, JobState state, BuildResult result) {
+  graph_.End(job, state, std::move(result), clock_->Now());
   StoreLog(job);
-  Persist(job);
-  const JobRecord& done = Rec(job);
+  const JobRecord& done = graph_.Rec(job);
   // For the result cache, stored with the job's final state. The key is
   // computed again rather than kept in every queued job (66 bytes each).
-  const BlobLookup none = [](const std::string&) -> const std::string* { return nullptr; };
-  std::optional<kiln::v1::Digest> subtree;
   if (state == kiln::v1::JOB_STATE_SUCCEEDED && !done.result().cached() &&
       done.spec().fod_task().mode() == kiln::v1::FodTask::MODE_BUILD) {
-    subtree = FlakeSubtree(done.spec().source(), none);
-  }
-  if (subtree.has_value()) {
-    const std::string key = ResultKey(*subtree, done.spec());
-    kiln::state::v1::CachedResult entry;
-    *entry.mutable_result() = done.result();
-    entry.set_job_id(done.job_id());
-    entry.set_worker(done.worker());
-    *entry.mutable_finished_at() = done.finished_at();
-    // Followers of the job have the same key: one entry is enough.
-    if (pending_results_.empty() || pending_results_.back().first != key) {
-      pending_results_.emplace_back(key, std::move(entry));
+    const BlobLookup none = [](const std::string&) -> const std::string* { return nullptr; };
+    if (std::optional<kiln::v1::Digest> subtree = sources_.FlakeSubtree(done.spec().source(), none)) {
+      graph_.CacheResult(WorkGraph::ResultKey(*subtree, done.spec()), done);
     }
   }
   metrics_->JobsFinished(ResultLabel(state)).Increment();
   JobEvent event;
   auto* finished = event.mutable_finished();
   finished->set_state(state);
-  *finished->mutable_result() = Rec(job).result();
-  finished->set_worker(Rec(job).worker());
+  *finished->mutable_result() = done.result();
+  finished->set_worker(done.worker());
   *finished->mutable_queue_time() =
-      ToProtoDuration(FromProtoTime(Rec(job).finished_at()) - FromProtoTime(Rec(job).submitted_at()));
-  Emit(Rec(job).job_id(), job, std::move(event));
+      ToProtoDuration(FromProtoTime(done.finished_at()) - FromProtoTime(done.submitted_at()));
+  Emit(done.job_id(), job, std::move(event));
   journal_.Finished(job.journal);
-  LogInfo(ForJob(Rec(job).job_id()), kComponent, "(", Rec(job).spec().display_name(), ") ", ResultLabel(state),
-          Rec(job).worker().empty() ? "" : " on ", Rec(job).worker());
+  LogInfo(ForJob(done.job_id()), kComponent, "(", done.spec().display_name(), ") ", ResultLabel(state),
+          done.worker().empty() ? "" : " on ", done.worker());
 }
 
-void BuildCoordinator::StoreLog(JobEntry& job) {
-  JobJournal::StoredLog stored = journal_.StoreLog(Rec(job).job_id(), job.journal);
-  if (stored.bytes > 0) Rec(job).set_stored_log_bytes(stored.bytes);
+void BuildCoordinator::StoreLog(Job& job) {
+  JobJournal::StoredLog stored = journal_.StoreLog(graph_.Rec(job).job_id(), job.journal);
+  if (stored.bytes > 0) graph_.Rec(job).set_stored_log_bytes(stored.bytes);
   for (const std::string& id : stored.expired) {
-    auto old = jobs_.find(id);
-    if (old == jobs_.end()) continue;
-    JobRecord& r = Rec(old->second);
+    Job* old = graph_.Find(id);
+    if (old == nullptr) continue;
+    JobRecord& r = graph_.Rec(*old);
     r.set_stored_log_bytes(0);
     r.set_log_expired(true);
-    Persist(old->second);
+    graph_.Persist(*old);
     metrics_->logs_expired.Increment();
   }
   metrics_->stored_log_bytes.Set(static_cast<double>(journal_.stored_log_bytes()));
 }
 
-void BuildCoordinator::Emit(const std::string& id, JobEntry& job, JobEvent event) {
+void BuildCoordinator::Emit(const std::string& id, Job& job, JobEvent event) {
   journal_.Append(id, job.journal, std::move(event));
-}
-
-JobRecord& BuildCoordinator::Rec(JobEntry& job) {
-  if (!job.parsed) {
-    job.parsed = std::make_unique<JobRecord>();
-    // The bytes were produced by this process or read back from the store
-    // (which parsed them once at recovery): they parse.
-    KILN_CHECK(job.parsed->ParseFromString(job.packed));
-  }
-  if (!job.touched) {
-    job.touched = true;
-    touched_.push_back(&job);
-  }
-  return *job.parsed;
-}
-
-const JobRecord& BuildCoordinator::View(const JobEntry& job, JobRecord& scratch) {
-  if (job.parsed) return *job.parsed;
-  KILN_CHECK(scratch.ParseFromString(job.packed));
-  return scratch;
-}
-
-void BuildCoordinator::Persist(JobEntry& job) {
-  KILN_CHECK(job.parsed != nullptr);  // Changed through Rec().
-  if (job.dirty) return;
-  job.dirty = true;
-  pending_jobs_.push_back(&job);
 }
 
 void BuildCoordinator::UpdateGauges(bool force) {

@@ -1,10 +1,19 @@
-// BuildCoordinator: the coordinator's state machine.
+// BuildCoordinator: the coordinator's orchestrator.
 //
-// It owns the job table, the connected workers and the Scheduler, persists
-// every job state change through the StateStore before announcing it, and
-// relays events to watchers. It talks to streams only through two small
-// interfaces (WorkerSession, JobWatcher) whose methods never block, so it can
-// be driven by gRPC reactors in production and by plain objects in tests.
+// It owns no job, worker or event state itself. It asks the owners for
+// decisions and applies them:
+// - WorkGraph: the jobs and the units of work they share (dedup, the result
+//   cache's keys, retries);
+// - WorkerRegistry: the workers' streams, registration, leases, drains,
+//   admission limits and outboxes;
+// - JobJournal: events, watchers, logs and their retention;
+// - Scheduler: which queued item runs on which worker;
+// - SubmissionValidator and SourceReader: checks and source trees.
+// Every state change is group-committed through the StateStore before the
+// events and worker messages announcing it go out. It talks to streams only
+// through two small interfaces (WorkerSession, JobWatcher) whose methods
+// never block, so gRPC reactors drive it in production and plain objects in
+// tests.
 //
 // Threading: not thread-safe. Every method runs on one thread — in the
 // daemon, the coordinator's SerialExecutor (strand); gRPC reactions post to
@@ -19,9 +28,7 @@
 #include <string>
 #include <vector>
 
-#include "absl/container/flat_hash_map.h"
-#include "absl/container/node_hash_map.h"
-#include "absl/functional/any_invocable.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -30,12 +37,13 @@
 #include "coordinator/blob_store.h"
 #include "coordinator/coordinator_metrics.h"
 #include "coordinator/job_journal.h"
-#include "coordinator/submission_validator.h"
-#include "coordinator/worker_registry.h"
 #include "coordinator/scheduler.h"
+#include "coordinator/source_reader.h"
 #include "coordinator/state_store.h"
+#include "coordinator/submission_validator.h"
+#include "coordinator/work_graph.h"
+#include "coordinator/worker_registry.h"
 #include "kiln/state/v1/records.pb.h"
-#include "absl/container/flat_hash_set.h"
 #include "kiln/v1/builds.pb.h"
 #include "kiln/v1/farm.pb.h"
 #include "kiln/v1/workers.pb.h"
@@ -172,21 +180,7 @@ class BuildCoordinator {
   const Scheduler& scheduler() const { return scheduler_; }
 
  private:
-  // A job in memory. A million queued jobs must fit in about a GiB, so the
-  // record is kept serialized (~150 bytes) and parsed (~770 bytes) only
-  // while the job is being worked on: see Rec() and Flush().
-  struct JobEntry {
-    std::string packed;  // The serialized record, as last stored.
-    std::unique_ptr<kiln::state::v1::JobRecord> parsed;
-    bool dirty = false;    // In pending_jobs_: changed since the last write.
-    bool touched = false;  // In touched_: parsed since the last flush.
-    absl::Time queued_at;
-    JobJournal::Entry journal;  // Its events, watchers and log: journal_'s.
-    // Deduplication: a job identical to one in flight does not run; it
-    // follows that job (its leader) and ends with the leader's result.
-    std::string leader;
-    std::vector<std::string> followers;
-  };
+  using Job = WorkGraph::Job;
   using WorkerEntry = WorkerRegistry::Worker;
 
   // OnWorkerGone and Tick without the flush, for use inside other calls.
@@ -199,51 +193,38 @@ class BuildCoordinator {
   void ExpireLease(const std::string& worker, const std::string& why);
   // Applies the admission limits to a worker's heartbeat.
   void HandleHeartbeat(WorkerEntry& worker, const kiln::v1::Heartbeat& heartbeat);
-  JobEntry* FindAttempt(const WorkerEntry& worker, const std::string& job_id, uint32_t attempt);
   void HandleFinished(WorkerEntry& worker, const kiln::v1::JobFinished& finished);
   // Flushes unless batched (the end of every public entry point).
   void EndOfCall() {
     if (!batched_) Flush();
   }
+  // Stores the trees sent inline with a submission in the CAS.
+  absl::Status StoreInlineTrees(const CheckedSubmission& checked);
+  // The record of target `i` of a submission, finished already when the
+  // result cache has it.
+  std::unique_ptr<kiln::state::v1::JobRecord> NewRecord(const kiln::v1::SubmitBuildRequest& request, int i,
+                                                       const std::string& token, const BlobLookup& lookup,
+                                                       absl::Time now);
 
-  // Queues a job that is not running: it follows an identical job in
-  // flight, or it leads and goes into the scheduler.
-  void Admit(JobEntry& job, const kiln::state::v1::JobRecord& record);
-  // Same source tree and flake, attribute, system, features and push target.
-  static std::string DedupKey(const kiln::v1::JobSpec& spec);
-  static uint64_t DedupHash(const kiln::v1::JobSpec& spec);  // The in_flight_ key.
-  // The digest of the flake's directory within its source (the root when
-  // flake_subdir is empty); nullopt when it cannot be read or is absent.
-  std::optional<kiln::v1::Digest> FlakeSubtree(const kiln::v1::SourceRef& source, const BlobLookup& inline_blobs) const;
+  // Queues a job that is not running: it shares an identical job's item in
+  // flight, or it runs its own and goes into the scheduler.
+  void Admit(const std::string& id, Job& job, const kiln::state::v1::JobRecord& record);
   // Whether every output of `result` is a tree stored in the CAS.
   bool OutputsInCas(const kiln::v1::BuildResult& result) const;
-  // The result cache's key of a target whose flake directory is `flake_subtree`.
-  static std::string ResultKey(const kiln::v1::Digest& flake_subtree, const kiln::v1::JobSpec& spec);
-  // A follower's waiting reason.
-  static std::string FollowingReason(const std::string& leader);
 
   void Dispatch();
-  // Puts every blob of the job's source tree into the assignment.
-  absl::Status AttachSource(const kiln::v1::JobSpec& spec, kiln::v1::Assignment& assign);
   // Back to the front of the queue; `backoff` (infrastructure errors)
   // delays its next placement by retry_backoff * 2^(attempt-1).
-  void Requeue(JobEntry& job, absl::string_view reason_label, const std::string& reason, bool backoff = false);
-  // Ends a job and its followers (or, if it was cancelled, hands its
-  // followers the lead).
-  void Finish(JobEntry& job, kiln::v1::JobState state, kiln::v1::BuildResult result);
-  void FinishOne(JobEntry& job, kiln::v1::JobState state, kiln::v1::BuildResult result);
+  void Requeue(Job& job, absl::string_view reason_label, const std::string& reason, bool backoff = false);
+  // Ends a job and the jobs sharing its item (or, if it was cancelled,
+  // admits them again: one of them runs the item now).
+  void Finish(Job& job, kiln::v1::JobState state, kiln::v1::BuildResult result);
+  void FinishOne(Job& job, kiln::v1::JobState state, kiln::v1::BuildResult result);
   // Records an event of job `id` in the journal.
-  void Emit(const std::string& id, JobEntry& job, kiln::v1::JobEvent event);
-  // The job's record, parsed on first use (until the next Flush, which
-  // keeps only the serialized form of queued and finished jobs).
-  kiln::state::v1::JobRecord& Rec(JobEntry& job);
-  // Read-only: the parsed record if there is one, else parsed into `scratch`.
-  static const kiln::state::v1::JobRecord& View(const JobEntry& job, kiln::state::v1::JobRecord& scratch);
-  // Marks the job's record for the pending write (see Flush).
-  void Persist(JobEntry& job);
+  void Emit(const std::string& id, Job& job, kiln::v1::JobEvent event);
   // Hands a finished job's log to the journal for the store, and marks the
   // records of older logs the retention limit removes.
-  void StoreLog(JobEntry& job);
+  void StoreLog(Job& job);
   // After the capability grace window: fails the queued jobs that no known
   // worker could ever build (as Submit refuses them from then on).
   void FailWhatNoKnownWorkerCanBuild();
@@ -256,9 +237,6 @@ class BuildCoordinator {
   absl::Status OutOfSpace() const;
   // Refreshes the gauges, at most every 100 ms unless forced (Tick flushes).
   void UpdateGauges(bool force = false);
-  static JobRequirements RequirementsOf(const kiln::v1::JobSpec& spec);
-  static JobPlacement PlacementOf(const kiln::state::v1::JobRecord& record);
-  static bool IsTerminal(kiln::v1::JobState state);
 
   StateStore* const store_;
   BlobStore* const cas_;
@@ -273,36 +251,18 @@ class BuildCoordinator {
   bool grace_checked_ = false;  // FailWhatNoKnownWorkerCanBuild has run.
   std::string state_error_;  // Why the last write failed.
   absl::Time next_resume_ = absl::InfinitePast();
-  // Entries point into jobs_ (a node map: stable).
-  std::vector<JobEntry*> pending_jobs_;
-  std::vector<JobEntry*> touched_;
-  // Successful results for the result cache, stored by the next Flush.
-  std::vector<std::pair<std::string, kiln::state::v1::CachedResult>> pending_results_;
-  std::vector<const WorkerSession*> workers_with_outbox_;
   absl::Time gauges_updated_ = absl::InfinitePast();
   bool gauges_dirty_ = false;
-
-  Scheduler scheduler_;
-  JobJournal journal_;
-  const SubmissionValidator validator_;
-  WorkerRegistry registry_;
-  // A node map: records stay put while a pending write points at them.
-  absl::node_hash_map<std::string, JobEntry> jobs_;
-  // Blobs of recently assigned source trees, by root hash (see AttachSource).
-  static constexpr size_t kCachedTrees = 64;
-  static constexpr size_t kCachedTreeBytes = size_t{256} << 20;
-  absl::flat_hash_map<std::string, std::shared_ptr<const std::vector<kiln::v1::Blob>>> tree_blobs_;
-  size_t tree_blob_bytes_ = 0;
-  // Hash of DedupKey -> the job in flight for it (queued or running).
-  absl::flat_hash_map<uint64_t, std::string> in_flight_;
-  // Queued and running jobs by the token that submitted them.
-  absl::flat_hash_map<std::string, uint64_t> active_by_token_;
   // (priority class, system label) of every kiln_jobs_queued series set.
   absl::flat_hash_set<std::pair<int, std::string>> queued_series_;
-  // Job ids of each buildset, in submission order.
-  absl::flat_hash_map<std::string, std::vector<std::string>> buildsets_;
-  uint64_t next_job_seq_ = 1;
-  uint64_t next_buildset_seq_ = 1;
+
+  // The owners the coordinator asks for decisions.
+  WorkGraph graph_;
+  Scheduler scheduler_;
+  JobJournal journal_;
+  WorkerRegistry registry_;
+  const SubmissionValidator validator_;
+  SourceReader sources_;
 };
 
 }  // namespace kiln

@@ -9,6 +9,7 @@
 #include "common/digest.h"
 #include "common/image_ref.h"
 #include "common/installable.h"
+#include "coordinator/scheduling_inputs.h"
 
 namespace kiln {
 namespace {
@@ -44,15 +45,6 @@ absl::Status ValidateSubdir(absl::string_view subdir) {
     if (part == "..") return absl::InvalidArgumentError(absl::StrCat("flake_subdir '", subdir, "' leaves the source tree"));
   }
   return absl::OkStatus();
-}
-
-JobRequirements RequirementsOf(const kiln::v1::JobSpec& spec) {
-  JobRequirements req;
-  req.system = spec.requirements().system();
-  req.required_features.insert(spec.requirements().required_features().begin(),
-                               spec.requirements().required_features().end());
-  req.pinned_labels.insert(spec.requirements().pinned_labels().begin(), spec.requirements().pinned_labels().end());
-  return req;
 }
 
 absl::Status NoArchives() {
