@@ -32,8 +32,9 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   std::filesystem::permissions(options.state_dir, std::filesystem::perms::owner_all, ec);
 
   auto server = std::unique_ptr<CoordinatorServer>(new CoordinatorServer());
+  const Clock* const clock = options.clock != nullptr ? options.clock : RealClock::Get();
   auto store = RocksDbStateStore::Open((std::filesystem::path(options.state_dir) / "rocksdb").string(),
-                                       options.sync_writes, options.max_blob_bytes);
+                                       options.sync_writes, options.max_blob_bytes, clock);
   if (!store.ok()) return store.status();
   server->store_ = *std::move(store);
 
@@ -42,7 +43,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   server->strand_ = std::make_unique<SerialExecutor>("kiln-strand");
   server->sender_ = std::make_unique<SerialExecutor>("kiln-sender");
   server->core_ = std::make_unique<BuildCoordinator>(server->store_.get(), server->coordinator_metrics_.get(),
-                                                     RealClock::Get(), options.core, server->store_->cas());
+                                                     clock, options.core, server->store_->cas());
   if (absl::Status s = server->core_->Recover(); !s.ok()) return s;
   // Group commit: one state write, one scheduling round and one message per
   // worker for each batch of events the strand runs.

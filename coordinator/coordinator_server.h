@@ -22,6 +22,7 @@
 #include "coordinator/fod_service.h"
 #include "coordinator/grpc_services.h"
 #include "coordinator/rocksdb_state_store.h"
+#include "common/clock.h"
 #include "coordinator/server_metrics.h"
 
 namespace kiln {
@@ -40,6 +41,8 @@ struct CoordinatorOptions {
   TlsFiles tls;
   // Every client call needs a token (always so with TLS).
   bool require_tokens = false;
+  // Time for the job logic and the FOD cache; null: the wall clock.
+  const Clock* clock = nullptr;
 };
 
 class CoordinatorServer {

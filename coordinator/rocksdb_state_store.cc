@@ -57,7 +57,7 @@ std::string RocksDbStateStore::JobKey(const std::string& job_id) {
 }
 
 absl::StatusOr<std::unique_ptr<RocksDbStateStore>> RocksDbStateStore::Open(const std::string& dir, bool sync,
-                                                                           uint64_t max_blob_bytes) {
+                                                                           uint64_t max_blob_bytes, const Clock* clock) {
   rocksdb::DBOptions db_options;
   db_options.create_if_missing = true;
   db_options.create_missing_column_families = true;
@@ -102,7 +102,7 @@ absl::StatusOr<std::unique_ptr<RocksDbStateStore>> RocksDbStateStore::Open(const
   store->cas_ = std::make_unique<CasStore>(db, store->handles_[kBlobs], store->handles_[kBlobMeta], store->cas_dir_,
                                            max_blob_bytes, sync);
   store->fod_cache_ = std::make_unique<FodCache>(db, store->handles_[kFod], store->handles_[kFodNames],
-                                                 RealClock::Get(), sync);
+                                                 clock != nullptr ? clock : RealClock::Get(), sync);
   absl::StatusOr<std::unique_ptr<TokenStore>> tokens = TokenStore::Open(db, store->handles_[kTokens], sync);
   if (!tokens.ok()) return tokens.status();
   store->tokens_ = *std::move(tokens);

@@ -21,6 +21,7 @@
 
 #include "coordinator/cas_store.h"
 #include "coordinator/fod_cache.h"
+#include "common/clock.h"
 #include "coordinator/state_store.h"
 #include "coordinator/token_store.h"
 
@@ -28,8 +29,10 @@ namespace kiln {
 
 class RocksDbStateStore final : public StateStore {
  public:
+  // `clock` (null: the wall clock) times the FOD cache's entries.
   static absl::StatusOr<std::unique_ptr<RocksDbStateStore>> Open(const std::string& dir, bool sync,
-                                                                 uint64_t max_blob_bytes = uint64_t{4} << 30);
+                                                                 uint64_t max_blob_bytes = uint64_t{4} << 30,
+                                                                 const Clock* clock = nullptr);
   ~RocksDbStateStore() override;
 
   absl::Status Commit(const StateWrite& write) override;

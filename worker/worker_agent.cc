@@ -137,6 +137,8 @@ WorkerAgent::WorkerAgent(WorkerOptions options, BuildExecutor* executor, WorkerM
       stub_(kiln::v1::WorkerService::NewStub(channel_)),
       cas_(kiln::v1::CasService::NewStub(channel_)),
       sources_(options_.work_dir, options_.blob_cache_bytes, cas_.get()),
+      clock_(options_.clock != nullptr ? options_.clock : RealClock::Get()),
+      reconnect_(clock_, options_.min_backoff, options_.max_backoff, options_.jitter_seed),
       strand_(std::make_unique<SerialExecutor>("worker")) {
   metrics_->slots.Set(options_.max_jobs);
 }
@@ -209,9 +211,7 @@ WorkerMessage WorkerAgent::MakeRegister() {
 }
 
 void WorkerAgent::RunLoop() {
-  absl::Duration backoff = options_.min_backoff;
   bool first = true;
-  absl::Time away_since = absl::InfiniteFuture();  // When the last registered stream ended.
   for (;;) {
     if (!first) metrics_->reconnects.Increment();
     first = false;
@@ -222,8 +222,7 @@ void WorkerAgent::RunLoop() {
         absl::MutexLock lock(&mu_);
         lease = lease_;
       }
-      if (absl::Now() - away_since > lease) {
-        away_since = absl::InfiniteFuture();
+      if (reconnect_.LeaseLapsed(lease)) {
         strand_->Post([this, lease] {
           CancelAllBuilds(absl::StrCat("the coordinator was unreachable for longer than its lease (",
                                        absl::FormatDuration(lease), ") and has requeued them"));
@@ -246,7 +245,7 @@ void WorkerAgent::RunLoop() {
       stream_ = stream;
     }
 
-    absl::Time next_heartbeat = absl::Now();
+    absl::Time next_heartbeat = clock_->Now();
     bool was_registered = false;
     for (;;) {
       bool done, stopping, registered;
@@ -274,8 +273,8 @@ void WorkerAgent::RunLoop() {
         FlushLogs();
         CheckDeadlines();
       });
-      if (registered && absl::Now() >= next_heartbeat) {
-        next_heartbeat = absl::Now() + heartbeat_interval;
+      if (registered && clock_->Now() >= next_heartbeat) {
+        next_heartbeat = clock_->Now() + heartbeat_interval;
         strand_->Post([this] { SendHeartbeat(); });
       }
     }
@@ -288,14 +287,9 @@ void WorkerAgent::RunLoop() {
     }
     metrics_->coordinator_connected.Set(0);
     if (stopping) break;  // Stop() cancels the builds.
-    if (was_registered) away_since = absl::Now();
-
-    if (was_registered) backoff = options_.min_backoff;
-    // Full jitter: spreads a fleet's reconnects after a coordinator restart.
-    const absl::Duration wait = absl::Milliseconds(
-        absl::Uniform<double>(bitgen_, absl::ToDoubleMilliseconds(backoff) / 2, absl::ToDoubleMilliseconds(backoff)));
+    if (was_registered) reconnect_.Lost();
+    const absl::Duration wait = reconnect_.NextWait(was_registered);
     LogInfo(kComponent, "not connected to ", options_.coordinator, "; retrying in ", absl::FormatDuration(wait));
-    backoff = std::min(options_.max_backoff, backoff * 2);
     absl::MutexLock lock(&mu_);
     mu_.AwaitWithTimeout(absl::Condition(&stopping_), wait);
     if (stopping_) break;
@@ -408,7 +402,7 @@ void WorkerAgent::StartJob(const kiln::v1::Assignment& assignment) {
     RunningJob& job = jobs_[job_id];
     job.attempt = attempt;
     job.dir = dir.string();
-    job.started = absl::Now();
+    job.started = clock_->Now();
     job.fetch_outputs = assignment.spec().fetch_outputs();
     if (assignment.spec().has_timeout() && assignment.spec().timeout().seconds() > 0) {
       job.timeout = FromProtoDuration(assignment.spec().timeout());
@@ -516,7 +510,7 @@ void WorkerAgent::FinishJob(const std::string& job_id, uint32_t attempt, kiln::v
     }
   }
   metrics_->builds_running.Decrement();
-  metrics_->build_duration.Observe(absl::ToDoubleSeconds(absl::Now() - job.started));
+  metrics_->build_duration.Observe(absl::ToDoubleSeconds(clock_->Now() - job.started));
   absl::string_view label = "failed";
   switch (result.code()) {
     case kiln::v1::RESULT_CODE_SUCCEEDED: label = "succeeded"; break;
@@ -580,7 +574,7 @@ void WorkerAgent::CheckDeadlines() {
   std::vector<std::pair<std::string, uint32_t>> late;
   {
     absl::MutexLock lock(&mu_);
-    const absl::Time now = absl::Now();
+    const absl::Time now = clock_->Now();
     for (auto& [id, job] : jobs_) {
       if (job.timed_out || now < job.deadline) continue;
       job.timed_out = true;

@@ -28,10 +28,12 @@
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/clock.h"
 #include "common/serial_executor.h"
 #include "kiln/v1/cas.grpc.pb.h"
 #include "kiln/v1/workers.grpc.pb.h"
 #include "worker/build_executor.h"
+#include "worker/reconnect_policy.h"
 #include "worker/source_cache.h"
 #include "worker/worker_metrics.h"
 
@@ -61,6 +63,10 @@ struct WorkerOptions {
   // A client token of scope `worker`, sent on every call (a coordinator with
   // --require-tokens and no TLS wants one); empty: none.
   std::string token;
+  // Time for leases, heartbeats and deadlines (null: the wall clock), and
+  // the seed of the reconnect jitter (0: random).
+  const Clock* clock = nullptr;
+  uint64_t jitter_seed = 0;
 };
 
 class WorkerAgent {
@@ -131,7 +137,8 @@ class WorkerAgent {
   std::unique_ptr<kiln::v1::WorkerService::Stub> stub_;
   std::unique_ptr<kiln::v1::CasService::Stub> cas_;
   SourceCache sources_;  // Uses cas_.
-  absl::BitGen bitgen_;  // Backoff jitter; used by the loop thread only.
+  const Clock* const clock_;
+  ReconnectPolicy reconnect_;  // Used by the loop thread only.
   // Random per process (Register.instance_id): tells the coordinator a
   // reconnect of this process from another process using the same name.
   const std::string instance_id_ = absl::StrFormat("%016x%016x", absl::Uniform<uint64_t>(absl::BitGen()),

@@ -97,7 +97,9 @@ TEST(RocksDbStateStoreTest, AFullDiskFailsWritesWithoutCrashingAndKeepsWhatWasCo
     // RocksDB 7.8 cannot resume after its write-ahead log failed (it says
     // why); the point here is that asking returns instead of aborting.
     absl::Status resumed = (*store)->Resume();
-    if (!resumed.ok()) EXPECT_FALSE(resumed.message().empty());
+    if (!resumed.ok()) {
+      EXPECT_FALSE(resumed.message().empty());
+    }
   }
   EXPECT_FALSE(std::filesystem::exists(disk + "/state/LOG"));
   auto reopened = RocksDbStateStore::Open(disk + "/state", /*sync=*/true);

@@ -5,6 +5,8 @@
 // with what it refused. An attribute shaped like an option or a shell
 // command is refused before any worker sees it.
 #include <gtest/gtest.h>
+
+#include "absl/time/clock.h"
 #include <sys/types.h>
 
 #include <filesystem>
@@ -150,7 +152,14 @@ TEST(LimitsE2eTest, AnAttributeThatCouldBeAnOptionOrShellIsRefusedBeforeAnyWorke
     EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << "'" << attr << "'";
     EXPECT_TRUE(response.job_ids().empty());
   }
-  const std::string log = testing::ReadFileOrDie(farm.LogOf("worker-1"));
+  // The worker registers on its own schedule (its ready file comes first):
+  // wait for it, bounded, so that "never ran Nix" means something.
+  std::string log;
+  for (int i = 0; i < 100; ++i) {
+    log = testing::ReadFileOrDie(farm.LogOf("worker-1"));
+    if (absl::StrContains(log, "registered with")) break;
+    absl::SleepFor(absl::Milliseconds(100));
+  }
   EXPECT_FALSE(absl::StrContains(log, "--option")) << log;
   EXPECT_FALSE(absl::StrContains(log, "rm -rf")) << log;
   EXPECT_TRUE(absl::StrContains(log, "registered with")) << log;
