@@ -28,6 +28,7 @@
 #include "worker/fod_oracle.h"
 #include "push/layer_gzip.h"
 #include "worker/image_publisher.h"
+#include "worker/publishing_executor.h"
 #include "worker/nix_build_executor.h"
 #include "worker/nix_system_info.h"
 #include "worker/source_cache.h"
@@ -229,11 +230,12 @@ int main(int argc, char** argv) {
   push_options.gzip_level = *gzip_level;
   push_options.parallel = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   kiln::RegistryPublisher publisher(push_options, &metrics);
-  nix.publisher = &publisher;
 
-  // The executor outlives the agent: the agent's Stop() waits for the builds
-  // it cancels to report back through it.
-  kiln::NixBuildExecutor executor(nix);
+  // The executor stack, innermost first: Nix, then image publishing. It
+  // outlives the agent: the agent's Stop() waits for the builds it cancels
+  // to report back through it.
+  kiln::NixBuildExecutor nix_executor(nix);
+  kiln::PublishingExecutor executor(&nix_executor, &publisher);
   kiln::WorkerAgent agent(options, &executor, &metrics);
   kiln::LogInfo("worker", options.name, ": ", options.max_jobs, " slot(s), ", nix.cores,
                 " core(s) per derivation, metrics on http://",

@@ -378,22 +378,6 @@ void NixBuildExecutor::ComputeFods(Run& run, const std::vector<ClosureFod>& fods
   if (!all) result.set_error_message(errors.empty() ? "a fixed-output derivation failed to build" : absl::StrJoin(errors, "\n"));
 }
 
-void NixBuildExecutor::Publish(Run& run, kiln::v1::BuildResult& result) {
-  const auto fail = [&](absl::string_view why) {
-    result.set_code(kiln::v1::RESULT_CODE_PUSH_FAILED);
-    result.set_error_message(absl::StrCat("built, but not pushed: ", why));
-    Line(run, result.error_message());
-  };
-  if (options_.publisher == nullptr) return fail("this worker has no registry configuration");
-  auto out = result.outputs().find("out");
-  if (out == result.outputs().end()) return fail("the build has no output named 'out' to push");
-  absl::StatusOr<kiln::v1::PushResult> pushed =
-      options_.publisher->Publish(run.request.spec.push(), out->second, [&](absl::string_view line) { Line(run, line); });
-  if (!pushed.ok()) return fail(pushed.status().message());
-  result.set_pushed_manifest_digest(pushed->manifest_digest());
-  *result.mutable_push() = *std::move(pushed);
-}
-
 void NixBuildExecutor::Execute(const std::shared_ptr<Run>& run) {
   kiln::v1::BuildResult result;
   if (options_.fods == nullptr && run->request.spec.fod_task().mode() != kiln::v1::FodTask::MODE_BUILD) {
@@ -440,7 +424,6 @@ void NixBuildExecutor::Execute(const std::shared_ptr<Run>& run) {
       std::filesystem::remove_all(dir, ec);
     }
   }
-  if (result.code() == kiln::v1::RESULT_CODE_SUCCEEDED && run->request.spec.has_push()) Publish(*run, result);
   bool cancelled;
   {
     absl::MutexLock lock(&mu_);

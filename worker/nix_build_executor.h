@@ -36,7 +36,6 @@
 #include "common/subprocess.h"
 #include "worker/build_executor.h"
 #include "worker/fod_oracle.h"
-#include "worker/image_publisher.h"
 
 namespace kiln {
 
@@ -56,9 +55,6 @@ struct NixOptions {
   FodOracle* fods = nullptr;
   // Where the named pipes of step 5 are made.
   std::string scratch_dir = "/tmp";
-  // Pushes the images of jobs that name a push target; nullptr: such jobs
-  // fail after their build (RESULT_CODE_PUSH_FAILED).
-  ImagePublisher* publisher = nullptr;
   // Where the running Nix processes are listed (see ProcessSupervisor), so
   // that a worker started after a crash stops what the last one left
   // running; empty: not listed.
@@ -139,8 +135,6 @@ class NixBuildExecutor final : public BuildExecutor {
                                             absl::string_view source, kiln::v1::BuildResult& result);
   // Reports what Nix found out about FODs to the cache.
   void Record(Run& run, const std::vector<kiln::v1::FodOutcome>& outcomes);
-  // After a successful build of a job with a push target.
-  void Publish(Run& run, kiln::v1::BuildResult& result);
 
   const NixOptions options_;
   ProcessSupervisor supervisor_;
