@@ -186,7 +186,7 @@ absl::Status BuildCoordinator::StoreInlineTrees(const CheckedSubmission& checked
     }
     for (auto it = dirs->rbegin(); s.ok() && it != dirs->rend(); ++it) put(it->first, it->second, true);
     if (IsDiskFull(s)) {
-      MarkUnwritable(s);
+      StopWrites(s);
       return OutOfSpace();
     }
     if (!s.ok()) {
@@ -277,7 +277,7 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(const kil
   write.next_buildset_seq = graph_.next_buildset_seq() + 1;
   if (absl::Status s = store_->Commit(write); !s.ok()) {
     if (IsDiskFull(s)) {
-      MarkUnwritable(s);
+      StopWrites(s);
       return reject(OutOfSpace());
     }
     metrics_->state_write_errors.Increment();

@@ -77,7 +77,11 @@ struct BuildCoordinatorOptions {
   // new job until it is back under. 0 disables a limit.
   int64_t min_store_free_bytes = int64_t{1} << 30;
   int64_t min_work_dir_free_bytes = int64_t{512} << 20;  // Its source cache and checkouts.
-  // After a write failed for lack of space, writes resume once the state
+  // Writes stop while the state directory has less than this free, before
+  // the disk is full: RocksDB cannot resume in the running process after a
+  // write of its own log failed for lack of space. 0: no reserve.
+  uint64_t min_free_bytes = uint64_t{8} << 20;
+  // After writes stopped for lack of space, they resume once the state
   // directory has this much free (and the store resumes).
   uint64_t resume_min_free_bytes = uint64_t{16} << 20;
   double max_memory_used_fraction = 0.95;
@@ -231,8 +235,9 @@ class BuildCoordinator {
   // Whether the store takes writes: true if it did, or resumes now (tried at
   // most once a second).
   bool EnsureWritable();
-  // Notes a failed write: nothing more is announced until writes resume.
-  void MarkUnwritable(const absl::Status& why);
+  // Nothing more is announced until writes resume: after a failed write, or
+  // (`write_failed` false) at the free-space reserve.
+  void StopWrites(const absl::Status& why, bool write_failed = true);
   // The refusal for new work while the store takes no writes.
   absl::Status OutOfSpace() const;
   // Refreshes the gauges, at most every 100 ms unless forced (Tick flushes).

@@ -28,7 +28,18 @@ constexpr absl::string_view kComponent = "coordinator";
 }  // namespace
 
 bool BuildCoordinator::EnsureWritable() {
-  if (state_writable_.load()) return true;
+  if (state_writable_.load()) {
+    // Stop at the reserve, so RocksDB's own log never meets a full disk (it
+    // could not resume from that without a restart).
+    if (options_.min_free_bytes == 0) return true;
+    const uint64_t free_bytes = store_->FreeBytes();
+    if (free_bytes >= options_.min_free_bytes) return true;
+    StopWrites(absl::ResourceExhaustedError(absl::StrFormat(
+                   "%d MiB free on its state directory, below the reserve of %d MiB", free_bytes >> 20,
+                   options_.min_free_bytes >> 20)),
+               /*write_failed=*/false);
+    return false;
+  }
   const absl::Time now = clock_->Now();
   if (now < next_resume_) return false;
   next_resume_ = now + absl::Seconds(1);
@@ -48,12 +59,12 @@ bool BuildCoordinator::EnsureWritable() {
   return true;
 }
 
-void BuildCoordinator::MarkUnwritable(const absl::Status& why) {
-  metrics_->state_write_errors.Increment();
+void BuildCoordinator::StopWrites(const absl::Status& why, bool write_failed) {
+  if (write_failed) metrics_->state_write_errors.Increment();
   state_error_ = std::string(why.message());
   if (state_writable_.exchange(false)) {
-    LogError(kComponent, "state write failed; taking no new work and announcing nothing until writes resume: ",
-             why.ToString());
+    LogError(kComponent, write_failed ? "state write failed" : "state writes stopped",
+             "; taking no new work and announcing nothing until writes resume: ", why.ToString());
   }
   metrics_->state_writable.Set(0);
   next_resume_ = clock_->Now() + absl::Seconds(1);
@@ -81,7 +92,7 @@ void BuildCoordinator::Flush() {
       // hears of these changes, so a restart loses nothing anyone was told.
       graph_.WriteFailed();
       journal_.ReturnLogWrites(write.logs, write.deleted_logs);
-      MarkUnwritable(s);
+      StopWrites(s);
       flushing_ = false;
       return;
     }

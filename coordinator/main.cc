@@ -41,6 +41,9 @@ ABSL_FLAG(int64_t, worker_min_store_free_mb, 1024,
 ABSL_FLAG(int64_t, worker_min_work_dir_free_mb, 512,
           "A worker with less free space on its work directory's disk (source cache, checkouts) takes no new job "
           "(0: no limit)");
+ABSL_FLAG(int64_t, state_min_free_mb, 8,
+          "Below this much free space on the state directory's disk the coordinator stops writing and takes no "
+          "new work, before the disk is full; it resumes at twice this (0: no reserve)");
 ABSL_FLAG(double, worker_max_memory_fraction, 0.95,
           "A worker using more of its memory takes no new job (0: no limit)");
 ABSL_FLAG(double, worker_max_load_per_slot, 0,
@@ -145,6 +148,12 @@ int main(int argc, char** argv) {
   options.core.min_store_free_bytes = absl::GetFlag(FLAGS_worker_min_store_free_mb) << 20;
   options.core.min_work_dir_free_bytes = absl::GetFlag(FLAGS_worker_min_work_dir_free_mb) << 20;
   options.core.max_memory_used_fraction = absl::GetFlag(FLAGS_worker_max_memory_fraction);
+  if (absl::GetFlag(FLAGS_state_min_free_mb) < 0) {
+    std::fprintf(stderr, "kiln-coordinator: --state-min-free-mb must be 0 or more\n");
+    return 2;
+  }
+  options.core.min_free_bytes = static_cast<uint64_t>(absl::GetFlag(FLAGS_state_min_free_mb)) << 20;
+  options.core.resume_min_free_bytes = std::max<uint64_t>(uint64_t{16} << 20, 2 * options.core.min_free_bytes);
   options.core.max_load_per_slot = absl::GetFlag(FLAGS_worker_max_load_per_slot);
   auto server = kiln::CoordinatorServer::Start(options);
   if (!server.ok()) {

@@ -82,7 +82,7 @@ class FullDiskStore final : public StateStore {
     return real_->Commit(write);
   }
   absl::Status Resume() override { return real_->Resume(); }
-  uint64_t FreeBytes() const override { return full ? 0 : uint64_t{1} << 30; }
+  uint64_t FreeBytes() const override { return full ? 0 : free_bytes; }
   absl::StatusOr<std::string> GetBlob(const std::string& h) override { return real_->GetBlob(h); }
   absl::StatusOr<std::string> GetLog(const std::string& id) override { return real_->GetLog(id); }
   absl::Status ForEachPackedJob(absl::FunctionRef<absl::Status(absl::string_view)> fn) override {
@@ -93,6 +93,7 @@ class FullDiskStore final : public StateStore {
     return real_->GetCachedResult(key);
   }
   bool full = false;
+  uint64_t free_bytes = uint64_t{1} << 30;  // While not full.
 
  private:
   StateStore* real_;
@@ -255,6 +256,38 @@ TEST_F(BuildCoordinatorTest, WhileStateWritesFailNothingIsAnnouncedAndWorkResume
   // Stored: a coordinator opened on the store sees it.
   Open();
   EXPECT_EQ(State(id), kiln::v1::JOB_STATE_SUCCEEDED);
+}
+
+// RocksDB cannot resume, in the running process, after a write of its own
+// log failed for lack of space. So the coordinator stops writing before the
+// disk is full: below the reserve it takes no new work and holds its state
+// changes (writes still succeed), and resumes once space is back.
+TEST_F(BuildCoordinatorTest, WritesStopAtTheReserveBeforeTheDiskIsFull) {
+  FullDiskStore disk(store_.get());
+  core_ = std::make_unique<BuildCoordinator>(&disk, &metrics_, &clock_, options_, store_->cas());
+  ASSERT_TRUE(core_->Recover().ok());
+  const std::string id = SubmitOne();
+  auto watcher = std::make_shared<FakeWatcher>();
+  ASSERT_TRUE(core_->Watch(id, 0, 0, watcher).ok());
+  auto w = Connect("w1", 1);
+  auto assignments = w->Assignments();
+  ASSERT_EQ(assignments.size(), 1u);
+
+  disk.free_bytes = options_.min_free_bytes - 1;
+  EXPECT_THAT(core_->Submit(Request()).status(),
+              StatusIs(absl::StatusCode::kResourceExhausted, "below the reserve"));
+  EXPECT_FALSE(core_->state_writable());
+  Report(w, assignments[0], kiln::v1::RESULT_CODE_SUCCEEDED);
+  for (const auto& e : watcher->events) EXPECT_FALSE(e.has_finished()) << "not stored, so not announced";
+  EXPECT_EQ(w->Acks(), 0);
+
+  disk.free_bytes = options_.resume_min_free_bytes;
+  clock_.Advance(absl::Seconds(2));
+  core_->Tick();
+  EXPECT_TRUE(core_->state_writable());
+  ASSERT_TRUE(watcher->closed);
+  EXPECT_TRUE(watcher->events.back().has_finished());
+  EXPECT_TRUE(core_->Submit(Request()).ok());
 }
 
 TEST_F(BuildCoordinatorTest, ATokensJobsCountAgainstItsQuotaUntilTheyEndAndAcrossARestart) {
