@@ -15,6 +15,7 @@
 #include "absl/strings/str_split.h"
 #include "common/nix_hash.h"
 #include "common/source_tree.h"
+#include "common/status_macros.h"
 
 namespace kiln {
 namespace fs = std::filesystem;
@@ -57,7 +58,7 @@ absl::StatusOr<std::vector<NixFile>> ReadNixFiles(const std::string& dir) {
     if (!absl::EndsWith(name, ".nix") || !it->is_regular_file(ec)) continue;
     if (files.size() >= kMaxNixFiles) return absl::ResourceExhaustedError(absl::StrCat("more than ", kMaxNixFiles, " .nix files under ", dir));
     std::string text;
-    if (absl::Status s = ReadWholeFile(it->path().string(), text); !s.ok()) return s;
+    RETURN_IF_ERROR(ReadWholeFile(it->path().string(), text));
     NixFile f;
     f.rel = fs::relative(it->path(), dir).string();
     f.lines = absl::StrSplit(text, '\n');
@@ -237,7 +238,7 @@ absl::Status ApplyHashEdits(const std::string& flake_dir, const HashEditPlan& pl
   for (const auto& [rel, edits] : by_file) {
     const std::string path = (fs::path(flake_dir) / rel).string();
     std::string text;
-    if (absl::Status s = ReadWholeFile(path, text); !s.ok()) return s;
+    RETURN_IF_ERROR(ReadWholeFile(path, text));
     std::vector<std::string> lines = absl::StrSplit(text, '\n');
     for (const HashEdit* e : edits) {
       if (e->line < 1 || static_cast<size_t>(e->line) > lines.size() || lines[e->line - 1] != e->before) {

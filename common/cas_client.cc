@@ -12,6 +12,7 @@
 #include "absl/time/clock.h"
 #include "common/digest.h"
 #include "common/grpc_util.h"
+#include "common/status_macros.h"
 
 namespace kiln {
 namespace {
@@ -143,7 +144,7 @@ absl::Status UploadTree(kiln::v1::CasService::Stub& stub, const SourceTree& tree
   std::vector<Digest> missing_files, level, upload_dirs;
   {
     std::vector<Digest> ignore_files;
-    if (absl::Status s = FindMissing(stub, {}, {tree.root}, ignore_files, level, stats); !s.ok()) return s;
+    RETURN_IF_ERROR(FindMissing(stub, {}, {tree.root}, ignore_files, level, stats));
   }
   absl::flat_hash_set<std::string> seen_files, seen_dirs{tree.root.hash()};
   while (!level.empty()) {
@@ -160,7 +161,7 @@ absl::Status UploadTree(kiln::v1::CasService::Stub& stub, const SourceTree& tree
       }
     }
     std::vector<Digest> next;
-    if (absl::Status s = FindMissing(stub, files, dirs, missing_files, next, stats); !s.ok()) return s;
+    RETURN_IF_ERROR(FindMissing(stub, files, dirs, missing_files, next, stats));
     level = std::move(next);
   }
   if (missing_files.empty() && upload_dirs.empty()) return absl::OkStatus();
@@ -223,7 +224,7 @@ absl::Status DownloadTree(kiln::v1::CasService::Stub& stub, const Digest& root, 
 absl::StatusOr<bool> HasDirectory(kiln::v1::CasService::Stub& stub, const Digest& root) {
   UploadStats stats;
   std::vector<Digest> missing_files, missing_dirs;
-  if (absl::Status s = FindMissing(stub, {}, {root}, missing_files, missing_dirs, &stats); !s.ok()) return s;
+  RETURN_IF_ERROR(FindMissing(stub, {}, {root}, missing_files, missing_dirs, &stats));
   return missing_dirs.empty();
 }
 

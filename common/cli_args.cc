@@ -9,6 +9,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_format.h"
 #include "common/source_tree.h"
+#include "common/status_macros.h"
 
 namespace kiln {
 
@@ -84,7 +85,7 @@ absl::StatusOr<std::string> ReadPrivateTokenFile(const std::string& path) {
                      "): a token file must be private; chmod 600 ", path));
   }
   std::string text;
-  if (absl::Status s = ReadWholeFile(path, text); !s.ok()) return s;
+  RETURN_IF_ERROR(ReadWholeFile(path, text));
   return std::string(absl::StripAsciiWhitespace(text));
 }
 
@@ -96,8 +97,8 @@ absl::StatusOr<std::map<std::string, std::string>> ParseLabels(const std::vector
       return absl::InvalidArgumentError(absl::StrCat("a label is KEY=VALUE, got '", TerminalSafe(item, false), "'"));
     }
     const std::string key = item.substr(0, eq), value = item.substr(eq + 1);
-    if (absl::Status s = CheckPrintableName("label key", key, 128); !s.ok()) return s;
-    if (absl::Status s = CheckPrintableName(absl::StrCat("label '", key, "' value"), value, 256); !s.ok()) return s;
+    RETURN_IF_ERROR(CheckPrintableName("label key", key, 128));
+    RETURN_IF_ERROR(CheckPrintableName(absl::StrCat("label '", key, "' value"), value, 256));
     if (!labels.emplace(key, value).second) {
       return absl::InvalidArgumentError(
           absl::StrCat("label '", key, "' is given twice; a label has one value"));

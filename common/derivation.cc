@@ -11,6 +11,7 @@
 #include "absl/strings/str_replace.h"
 #include "common/digest.h"
 #include "common/source_tree.h"
+#include "common/status_macros.h"
 
 namespace kiln {
 namespace {
@@ -213,7 +214,7 @@ absl::StatusOr<std::vector<ClosureFod>> FixedOutputsOfClosure(const std::string&
     const std::string path = std::move(pending.front());
     pending.pop_front();
     std::string text;
-    if (absl::Status s = ReadWholeFile(path, text); !s.ok()) return s;
+    RETURN_IF_ERROR(ReadWholeFile(path, text));
     absl::StatusOr<Derivation> drv = ParseDerivation(text);
     if (!drv.ok()) return absl::InvalidArgumentError(absl::StrCat(path, ": ", drv.status().message()));
     if (std::optional<FixedOutput> fod = GetFixedOutput(*drv)) fods.push_back({path, *std::move(fod), drv->input_srcs});

@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "common/status_macros.h"
 
 namespace kiln {
 namespace {
@@ -163,7 +164,7 @@ absl::StatusOr<ImageRef> ParsePushReference(absl::string_view text, const std::v
   tags->clear();
   if (!ref->tag.empty()) tags->push_back(ref->tag);
   for (const std::string& tag : more_tags) {
-    if (absl::Status s = ValidateImageTag(tag); !s.ok()) return s;
+    RETURN_IF_ERROR(ValidateImageTag(tag));
     tags->push_back(tag);
   }
   return ref;

@@ -5,6 +5,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "common/status_macros.h"
 
 namespace kiln {
 
@@ -37,7 +38,7 @@ absl::StatusOr<Installable> ParseInstallable(absl::string_view text) {
   }
   absl::ConsumePrefix(&path, "path:");
   out.flake_dir = std::string(path);
-  if (absl::Status s = ValidateAttrPath(out.attr); !s.ok()) return s;
+  RETURN_IF_ERROR(ValidateAttrPath(out.attr));
   return out;
 }
 

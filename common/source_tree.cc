@@ -19,6 +19,7 @@
 #include "absl/strings/str_split.h"
 #include "common/digest.h"
 #include "common/subprocess.h"
+#include "common/status_macros.h"
 
 namespace kiln {
 namespace fs = std::filesystem;
@@ -73,7 +74,7 @@ absl::StatusOr<Directory> ParseDirectory(const Digest& digest, const BlobLookup&
   if (data == nullptr) {
     return absl::NotFoundError(absl::StrCat("source tree directory '", where, "' (", digest.hash(), ") is missing"));
   }
-  if (absl::Status s = VerifyBlob(digest, *data); !s.ok()) return s;
+  RETURN_IF_ERROR(VerifyBlob(digest, *data));
   Directory dir;
   if (!dir.ParseFromString(*data)) {
     return absl::InvalidArgumentError(absl::StrCat("source tree directory '", where, "' does not parse"));
@@ -94,7 +95,7 @@ absl::Status ValidateDirectory(const Directory& dir, const std::string& where, s
   names.reserve(entries);
   auto check_sorted = [&](const auto& list) -> absl::Status {
     for (int i = 0; i < list.size(); ++i) {
-      if (absl::Status s = ValidateName(list[i].name(), where); !s.ok()) return s;
+      RETURN_IF_ERROR(ValidateName(list[i].name(), where));
       if (i > 0 && !(list[i - 1].name() < list[i].name())) {
         return absl::InvalidArgumentError(
             absl::StrCat("source directory '", where, "' is not sorted or repeats '", list[i].name(), "'"));
@@ -103,9 +104,9 @@ absl::Status ValidateDirectory(const Directory& dir, const std::string& where, s
     }
     return absl::OkStatus();
   };
-  if (absl::Status s = check_sorted(dir.files()); !s.ok()) return s;
-  if (absl::Status s = check_sorted(dir.directories()); !s.ok()) return s;
-  if (absl::Status s = check_sorted(dir.symlinks()); !s.ok()) return s;
+  RETURN_IF_ERROR(check_sorted(dir.files()));
+  RETURN_IF_ERROR(check_sorted(dir.directories()));
+  RETURN_IF_ERROR(check_sorted(dir.symlinks()));
   std::sort(names.begin(), names.end());
   if (std::adjacent_find(names.begin(), names.end()) != names.end()) {
     return absl::InvalidArgumentError(absl::StrCat("source directory '", where, "' names an entry twice"));
@@ -113,7 +114,7 @@ absl::Status ValidateDirectory(const Directory& dir, const std::string& where, s
   for (const auto& link : dir.symlinks()) {
     if (!check_links) break;
     const std::string path = where.empty() ? link.name() : absl::StrCat(where, "/", link.name());
-    if (absl::Status s = ValidateLinkTarget(path, link.target(), depth); !s.ok()) return s;
+    RETURN_IF_ERROR(ValidateLinkTarget(path, link.target(), depth));
   }
   return absl::OkStatus();
 }
@@ -151,7 +152,7 @@ absl::Status Walk(const Digest& root, const BlobLookup& lookup, const SourceTree
     if (bytes > limits.max_total_bytes) {
       return TooLarge(limits);
     }
-    if (absl::Status s = on_dir(p.path, *dir); !s.ok()) return s;
+    RETURN_IF_ERROR(on_dir(p.path, *dir));
     for (int i = dir->directories_size() - 1; i >= 0; --i) {
       const auto& child = dir->directories(i);
       stack.push_back({child.digest(), p.path.empty() ? child.name() : absl::StrCat(p.path, "/", child.name()),
@@ -219,7 +220,7 @@ struct Builder {
   }
 
   absl::Status Add(std::string data, Digest* digest_out) {
-    if (absl::Status s = Count(data.size()); !s.ok()) return s;
+    RETURN_IF_ERROR(Count(data.size()));
     *digest_out = DigestOf(data);
     tree.blobs.try_emplace(digest_out->hash(), std::move(data));
     return absl::OkStatus();
@@ -228,7 +229,7 @@ struct Builder {
   absl::Status AddFile(const fs::path& full, const struct stat& st, Digest* digest_out) {
     if (options.keep_file_data) {
       std::string data;
-      if (absl::Status s = ReadWholeFile(full.string(), data); !s.ok()) return s;
+      RETURN_IF_ERROR(ReadWholeFile(full.string(), data));
       return Add(std::move(data), digest_out);
     }
 #ifdef __APPLE__
@@ -252,7 +253,7 @@ struct Builder {
                                     static_cast<uint64_t>(st.st_ino), *digest_out);
       }
     }
-    if (absl::Status s = Count(static_cast<uint64_t>(digest_out->size_bytes())); !s.ok()) return s;
+    RETURN_IF_ERROR(Count(static_cast<uint64_t>(digest_out->size_bytes())));
     tree.file_paths.try_emplace(digest_out->hash(), full.string());
     return absl::OkStatus();
   }
@@ -298,7 +299,7 @@ struct Builder {
         auto* node = message.add_files();
         node->set_name(name);
         node->set_is_executable((st.st_mode & 0111) != 0);
-        if (absl::Status s = AddFile(full, st, node->mutable_digest()); !s.ok()) return s;
+        RETURN_IF_ERROR(AddFile(full, st, node->mutable_digest()));
         ++tree.file_count;
       } else {
         continue;  // Sockets, fifos, devices: not source.
@@ -312,7 +313,7 @@ struct Builder {
                                                        " in one directory)"));
     }
     Digest digest;
-    if (absl::Status s = Add(SerializeDirectory(message), &digest); !s.ok()) return s;
+    RETURN_IF_ERROR(Add(SerializeDirectory(message), &digest));
     return digest;
   }
 };
@@ -542,7 +543,7 @@ absl::StatusOr<Directory> ParseCanonicalDirectory(absl::string_view data, const 
   if (SerializeDirectory(dir) != data) {
     return absl::InvalidArgumentError("directory blob is not in canonical form");
   }
-  if (absl::Status s = ValidateDirectory(dir, "", 0, limits, /*check_links=*/false); !s.ok()) return s;
+  RETURN_IF_ERROR(ValidateDirectory(dir, "", 0, limits, /*check_links=*/false));
   return dir;
 }
 
@@ -581,7 +582,7 @@ absl::Status MaterializeTree(const Digest& root, const BlobLookup& lookup, const
         return absl::InvalidArgumentError(absl::StrCat("source file '", path, path.empty() ? "" : "/", file.name(),
                                                        "': ", s.message()));
       }
-      if (absl::Status s = WriteFile(here / file.name(), *data, file.is_executable()); !s.ok()) return s;
+      RETURN_IF_ERROR(WriteFile(here / file.name(), *data, file.is_executable()));
     }
     for (const auto& link : dir.symlinks()) {
       fs::create_symlink(link.target(), here / link.name(), ec);

@@ -23,6 +23,7 @@
 #include "absl/time/clock.h"
 #include "common/source_tree.h"
 #include "absl/strings/str_join.h"
+#include "common/status_macros.h"
 
 extern char** environ;
 
@@ -95,10 +96,10 @@ absl::StatusOr<Spawned> SpawnWithPipes(const ProcessSpec& spec, bool want_stdin)
     }
   });
   if (want_stdin) {
-    if (absl::Status s = MakePipe(in); !s.ok()) return s;
+    RETURN_IF_ERROR(MakePipe(in));
   }
-  if (absl::Status s = MakePipe(out); !s.ok()) return s;
-  if (absl::Status s = MakePipe(err); !s.ok()) return s;
+  RETURN_IF_ERROR(MakePipe(out));
+  RETURN_IF_ERROR(MakePipe(err));
 
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);

@@ -1,5 +1,7 @@
 #include "common/tls.h"
 
+#include "common/status_macros.h"
+
 #include <openssl/pem.h>
 #include <openssl/x509.h>
 
@@ -31,17 +33,14 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(c
         "--tls-cert, --tls-key and --tls-ca go together: the coordinator needs its certificate, its key and the "
         "farm's CA (to verify workers)");
   }
-  absl::StatusOr<std::string> cert = ReadPem(files.cert, "--tls-cert");
-  if (!cert.ok()) return cert.status();
-  absl::StatusOr<std::string> key = ReadPem(files.key, "--tls-key");
-  if (!key.ok()) return key.status();
-  absl::StatusOr<std::string> ca = ReadPem(files.ca, "--tls-ca");
-  if (!ca.ok()) return ca.status();
+  ASSIGN_OR_RETURN(std::string cert, ReadPem(files.cert, "--tls-cert"));
+  ASSIGN_OR_RETURN(std::string key, ReadPem(files.key, "--tls-key"));
+  ASSIGN_OR_RETURN(std::string ca, ReadPem(files.ca, "--tls-ca"));
   // Request, and verify when shown: workers must show one (checked per
   // stream), the CLI authenticates with a token instead.
   grpc::SslServerCredentialsOptions options(GRPC_SSL_REQUEST_CLIENT_CERTIFICATE_AND_VERIFY);
-  options.pem_root_certs = *ca;
-  options.pem_key_cert_pairs.push_back({*key, *cert});
+  options.pem_root_certs = ca;
+  options.pem_key_cert_pairs.push_back({key, cert});
   return grpc::SslServerCredentials(options);
 }
 
@@ -54,16 +53,10 @@ absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeChannelCredentials
     return absl::InvalidArgumentError("--tls-cert and --tls-key go together");
   }
   grpc::SslCredentialsOptions options;
-  absl::StatusOr<std::string> ca = ReadPem(files.ca, "--tls-ca");
-  if (!ca.ok()) return ca.status();
-  options.pem_root_certs = *ca;
+  ASSIGN_OR_RETURN(options.pem_root_certs, ReadPem(files.ca, "--tls-ca"));
   if (!files.cert.empty()) {
-    absl::StatusOr<std::string> cert = ReadPem(files.cert, "--tls-cert");
-    if (!cert.ok()) return cert.status();
-    absl::StatusOr<std::string> key = ReadPem(files.key, "--tls-key");
-    if (!key.ok()) return key.status();
-    options.pem_cert_chain = *cert;
-    options.pem_private_key = *key;
+    ASSIGN_OR_RETURN(options.pem_cert_chain, ReadPem(files.cert, "--tls-cert"));
+    ASSIGN_OR_RETURN(options.pem_private_key, ReadPem(files.key, "--tls-key"));
   }
   return grpc::SslCredentials(options);
 }
@@ -82,9 +75,8 @@ absl::Status CheckPlaintextAllowed(const std::string& role, const std::vector<st
 }
 
 absl::StatusOr<std::string> CertificateCommonName(const std::string& pem_path) {
-  absl::StatusOr<std::string> pem = ReadPem(pem_path, "--tls-cert");
-  if (!pem.ok()) return pem.status();
-  BIO* bio = BIO_new_mem_buf(pem->data(), static_cast<int>(pem->size()));
+  ASSIGN_OR_RETURN(const std::string pem, ReadPem(pem_path, "--tls-cert"));
+  BIO* bio = BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size()));
   X509* cert = PEM_read_bio_X509(bio, nullptr, nullptr, nullptr);
   BIO_free(bio);
   if (cert == nullptr)

@@ -11,6 +11,7 @@
 #include "common/check.h"
 #include "common/grpc_util.h"
 #include "common/log.h"
+#include "common/status_macros.h"
 #include "coordinator/rocks_status.h"
 #include "coordinator/scheduling_inputs.h"
 
@@ -101,17 +102,16 @@ void BuildCoordinator::Admit(const std::string& id, Job& job, const JobRecord& r
 }
 
 absl::Status BuildCoordinator::Recover() {
-  absl::StatusOr<StoredCounters> counters = store_->LoadCounters();
-  if (!counters.ok()) return absl::Status(counters.status().code(), absl::StrCat("load counters: ", counters.status().message()));
-  graph_.SetCounters(counters->next_job_seq, counters->next_buildset_seq);
+  ASSIGN_OR_RETURN(const StoredCounters counters, store_->LoadCounters(), "load the id counters");
+  graph_.SetCounters(counters.next_job_seq, counters.next_buildset_seq);
   size_t queued = 0, held = 0;
-  const size_t expected = static_cast<size_t>(counters->next_job_seq - 1);
+  const size_t expected = static_cast<size_t>(counters.next_job_seq - 1);
   graph_.Reserve(expected);
   scheduler_.Reserve(expected);
   // One record parsed at a time into the same message (no allocation once
   // warm); the graph keeps the serialized form.
   JobRecord record;
-  absl::Status loaded = store_->ForEachPackedJob([&](absl::string_view bytes) {
+  RETURN_IF_ERROR_CONTEXT(store_->ForEachPackedJob([&](absl::string_view bytes) {
     if (!record.ParseFromArray(bytes.data(), static_cast<int>(bytes.size()))) {
       return absl::DataLossError("unreadable job record");
     }
@@ -145,8 +145,7 @@ absl::Status BuildCoordinator::Recover() {
       ++held;
     }
     return absl::OkStatus();
-  });
-  if (!loaded.ok()) return absl::Status(loaded.code(), absl::StrCat("load jobs: ", loaded.message()));
+  }), "load the stored jobs");
   journal_.SortRecovered();
   metrics_->stored_log_bytes.Set(static_cast<double>(journal_.stored_log_bytes()));
   LogInfo(kComponent, "recovered ", graph_.size(), " jobs (", queued, " queued, ", held,

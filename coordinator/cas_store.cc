@@ -20,6 +20,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "coordinator/rocks_status.h"
+#include "common/status_macros.h"
 
 namespace kiln {
 namespace {
@@ -164,7 +165,7 @@ absl::StatusOr<CasStore::CopyStats> CasStore::CopyFilesTo(const std::string& des
                                                           absl::FunctionRef<absl::Status()> checkpoint) {
   namespace fs = std::filesystem;
   absl::ReaderMutexLock gc_lock(&gc_mu_);
-  if (absl::Status s = checkpoint(); !s.ok()) return s;
+  RETURN_IF_ERROR(checkpoint());
   CopyStats stats;
   const fs::path from(files_dir_);
   std::error_code ec;
@@ -241,11 +242,11 @@ absl::StatusOr<uint64_t> CasStore::CollectGarbage(const absl::flat_hash_set<std:
   };
   for (const Candidate& c : old_blobs) {
     if (total_bytes_.load() <= target_bytes) break;
-    if (absl::Status s = remove(c); !s.ok()) return s;
+    RETURN_IF_ERROR(remove(c));
   }
   if (!deleted.empty()) {
     for (const Candidate& c : directories) {
-      if (absl::Status s = remove(c); !s.ok()) return s;
+      RETURN_IF_ERROR(remove(c));
     }
   }
   return freed;
@@ -485,7 +486,7 @@ absl::Status CasStore::Put(const Digest& digest, absl::string_view data, bool is
   absl::StatusOr<std::unique_ptr<Upload>> upload = StartUpload(digest, is_directory);
   if (!upload.ok()) return upload.status();
   for (size_t at = 0; at < data.size(); at += kChunkBytes) {
-    if (absl::Status s = (*upload)->Append(data.substr(at, kChunkBytes)); !s.ok()) return s;
+    RETURN_IF_ERROR((*upload)->Append(data.substr(at, kChunkBytes)));
   }
   absl::Status s = (*upload)->Finish();
   if (stored != nullptr) *stored = s.ok() && !(*upload)->already_present();

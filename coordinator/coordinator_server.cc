@@ -12,6 +12,7 @@
 #include "common/grpc_util.h"
 #include "common/log.h"
 #include "common/net.h"
+#include "common/status_macros.h"
 
 namespace kiln {
 
@@ -20,7 +21,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   absl::StatusOr<HostPort> listen = ParseHostPort(options.listen);
   if (!listen.ok()) return listen.status();
   if (!options.tls.enabled()) {
-    if (absl::Status s = CheckPlaintextAllowed("kiln-coordinator", {options.listen}); !s.ok()) return s;
+    RETURN_IF_ERROR(CheckPlaintextAllowed("kiln-coordinator", {options.listen}));
   }
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = MakeServerCredentials(options.tls);
   if (!credentials.ok()) return credentials.status();
@@ -42,9 +43,10 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   server->coordinator_metrics_ = std::make_unique<CoordinatorMetrics>(registry);
   server->strand_ = std::make_unique<SerialExecutor>("kiln-strand");
   server->sender_ = std::make_unique<SerialExecutor>("kiln-sender");
+  server->reader_ = std::make_unique<SerialExecutor>("kiln-reader");
   server->core_ = std::make_unique<BuildCoordinator>(server->store_.get(), server->coordinator_metrics_.get(),
                                                      clock, options.core, server->store_->cas());
-  if (absl::Status s = server->core_->Recover(); !s.ok()) return s;
+  RETURN_IF_ERROR(server->core_->Recover());
   // Group commit: one state write, one scheduling round and one message per
   // worker for each batch of events the strand runs.
   server->core_->set_batched(true);
@@ -71,7 +73,8 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   const Authorizer* auth = server->auth_.get();
   server->admin_service_ = std::make_unique<AdminServiceImpl>(server->store_->tokens(), auth, server->store_.get());
   server->build_service_ =
-      std::make_unique<BuildServiceImpl>(server->core_.get(), server->strand_.get(), auth, server->store_.get());
+      std::make_unique<BuildServiceImpl>(server->core_.get(), server->strand_.get(), auth, server->store_.get(),
+                                         server->reader_.get());
   server->worker_service_ = std::make_unique<WorkerServiceImpl>(server->core_.get(), server->strand_.get(),
                                                                 server->sender_.get(), auth);
   server->farm_service_ = std::make_unique<FarmServiceImpl>(server->core_.get(), server->strand_.get(), auth);
@@ -129,7 +132,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
 
   if (!options.ready_file.empty()) {
     nlohmann::json ready = {{"grpc", server->grpc_address_}, {"metrics", server->metrics_->address()}};
-    if (absl::Status s = WriteFileAtomically(options.ready_file, ready.dump() + "\n"); !s.ok()) return s;
+    RETURN_IF_ERROR(WriteFileAtomically(options.ready_file, ready.dump() + "\n"));
   }
   server->serving_.store(true);
   LogInfo("coordinator", "serving gRPC", options.tls.enabled() ? " (mutual TLS for workers)" : " (plaintext)", " on ",
@@ -161,6 +164,7 @@ void CoordinatorServer::Shutdown() {
     stop_ticker_.Notify();
     ticker_.join();
   }
+  reader_.reset();  // Its reads post to the strand: first.
   strand_.reset();  // Runs what the last reactions posted.
   sender_.reset();
 }

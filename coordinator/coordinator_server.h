@@ -69,6 +69,7 @@ class CoordinatorServer {
   std::unique_ptr<MetricsHttpServer> metrics_;
   std::unique_ptr<SerialExecutor> strand_;
   std::unique_ptr<SerialExecutor> sender_;  // Starts writes to workers.
+  std::unique_ptr<SerialExecutor> reader_;  // Reads stored logs (GetJobLog).
   std::unique_ptr<BuildCoordinator> core_;
   std::unique_ptr<Authorizer> auth_;
   std::unique_ptr<AdminServiceImpl> admin_service_;

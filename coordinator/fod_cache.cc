@@ -11,6 +11,7 @@
 #include "common/grpc_util.h"
 #include "common/nix_hash.h"
 #include "coordinator/rocks_status.h"
+#include "common/status_macros.h"
 
 namespace kiln {
 
@@ -93,7 +94,7 @@ absl::StatusOr<std::vector<FodVerdict>> FodCache::Check(const std::vector<kiln::
     v.set_kind(FodVerdict::KIND_UNKNOWN);
   }
   if (hits.Count() > 0) {
-    if (absl::Status s = Write(hits); !s.ok()) return s;
+    RETURN_IF_ERROR(Write(hits));
   }
   return verdicts;
 }
@@ -108,7 +109,7 @@ absl::StatusOr<std::vector<std::string>> FodCache::Record(const std::vector<kiln
   absl::flat_hash_map<std::string, FodEntry> touched;
   for (const kiln::v1::FodOutcome& outcome : outcomes) {
     const kiln::v1::FodRef& fod = outcome.fod();
-    if (absl::Status s = CheckKeyAndHash(fod.key(), outcome.got()); !s.ok()) return s;
+    RETURN_IF_ERROR(CheckKeyAndHash(fod.key(), outcome.got()));
     if (absl::StatusOr<NixHash> got = ParseNixHash(outcome.got()); got.ok() && got->IsFake()) {
       return absl::InvalidArgumentError(absl::StrCat("a build cannot produce the fake hash ", outcome.got()));
     }
@@ -143,7 +144,7 @@ absl::StatusOr<std::vector<std::string>> FodCache::Record(const std::vector<kiln
     batch.Put(names_, NameKey(fod.name(), outcome.got()), fod.key());
   }
   for (const auto& [key, entry] : touched) batch.Put(entries_, key, entry.SerializeAsString());
-  if (absl::Status s = Write(batch); !s.ok()) return s;
+  RETURN_IF_ERROR(Write(batch));
   return nondeterministic;
 }
 
@@ -194,7 +195,7 @@ absl::StatusOr<uint32_t> FodCache::Forget(const std::vector<std::string>& key_pr
       }
     }
   }
-  if (absl::Status s = Write(batch); !s.ok()) return s;
+  RETURN_IF_ERROR(Write(batch));
   return static_cast<uint32_t>(doomed.size());
 }
 
@@ -234,7 +235,7 @@ absl::StatusOr<kiln::v1::ImportFodsResponse> FodCache::Import(const std::vector<
     batch.Put(names_, NameKey(incoming.name(), incoming.hash()), incoming.key());
   }
   for (const auto& [key, entry] : touched) batch.Put(entries_, key, entry.SerializeAsString());
-  if (absl::Status s = Write(batch); !s.ok()) return s;
+  RETURN_IF_ERROR(Write(batch));
   return response;
 }
 

@@ -9,6 +9,7 @@
 #include "common/log.h"
 #include "common/outbound_queue.h"
 #include "coordinator/job_log.h"
+#include "coordinator/worker_stream_session.h"
 
 namespace kiln {
 namespace {
@@ -19,9 +20,6 @@ using kiln::v1::WorkerMessage;
 
 // Events a watcher may lag behind by before log lines are dropped for it.
 constexpr size_t kWatchQueueCapacity = 2048;
-// Messages to a worker are few (assignments, cancels); a full queue means the
-// worker stopped reading.
-constexpr size_t kWorkerQueueCapacity = 4096;
 
 // Runs `fn` on the strand, then finishes the unary reactor with its status
 // once what `fn` changed is stored (the core batches its writes).
@@ -113,36 +111,6 @@ class WatchReactor final : public grpc::ServerWriteReactor<JobEvent> {
   std::shared_ptr<WatchSink> sink_;
 };
 
-// The WorkerSession half of a worker's stream.
-class WorkerStreamSession final : public WorkerSession, public std::enable_shared_from_this<WorkerStreamSession> {
- public:
-  WorkerStreamSession(grpc::ServerBidiReactor<WorkerMessage, CoordinatorMessage>* reactor, SerialExecutor* sender)
-      : sender_(sender),
-        queue_(kWorkerQueueCapacity, WriteHooks<CoordinatorMessage>(reactor)) {}
-
-  // Hands the message to the sender thread: starting a gRPC write runs the
-  // transport's write path on the calling thread (serialisation, often the
-  // socket write too), which would otherwise be the strand's. Order is kept:
-  // one sender thread, in posting order.
-  bool Send(CoordinatorMessage message) override {
-    sender_->Post([self = shared_from_this(), m = std::move(message)]() mutable {
-      auto result = self->queue_.Push(std::move(m));
-      if (result == OutboundQueue<CoordinatorMessage>::PushResult::kFull) {
-        self->queue_.Finish(
-            grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "worker is not reading its stream"));
-      }
-    });
-    return true;
-  }
-  void Close(absl::Status status) override { queue_.Finish(ToGrpcStatus(status)); }
-
-  OutboundQueue<CoordinatorMessage>& queue() { return queue_; }
-
- private:
-  SerialExecutor* const sender_;
-  OutboundQueue<CoordinatorMessage> queue_;
-};
-
 class WorkerStreamReactor final : public grpc::ServerBidiReactor<WorkerMessage, CoordinatorMessage> {
  public:
   // `certificate_name`: the name in the worker's verified certificate, which
@@ -151,7 +119,7 @@ class WorkerStreamReactor final : public grpc::ServerBidiReactor<WorkerMessage, 
                       std::string certificate_name)
       : core_(core),
         strand_(strand),
-        session_(std::make_shared<WorkerStreamSession>(this, sender)),
+        session_(std::make_shared<WorkerStreamSession>(WriteHooks<CoordinatorMessage>(this), sender)),
         certificate_name_(std::move(certificate_name)) {
     HandOff(this);
     StartRead(&incoming_);
@@ -302,24 +270,45 @@ grpc::ServerUnaryReactor* BuildServiceImpl::GetJobLog(grpc::CallbackServerContex
                                                       kiln::v1::GetJobLogResponse* response) {
   absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kRead);
   if (!caller.ok()) return FinishAtOnce(context, caller.status());
-  // A finished job's log is read from the store here, on the gRPC thread:
-  // a point read and a decompression stay off the strand.
-  bool have_stored = false;
-  if (store_ != nullptr) {
-    absl::StatusOr<std::string> bytes = store_->GetLog(request->job_id());
-    if (bytes.ok()) {
-      absl::StatusOr<kiln::state::v1::StoredLog> log = DecodeStoredLog(*bytes);
-      if (!log.ok()) return FinishAtOnce(context, log.status());
-      response->mutable_lines()->Swap(log->mutable_lines());
-      response->set_dropped_lines(log->dropped_lines());
-      have_stored = true;
-    } else if (!absl::IsNotFound(bytes.status())) {
-      return FinishAtOnce(context, bytes.status());
+  // A finished job's log is read from the store on the reader thread: a
+  // point read and a decompression stay off the strand, and off gRPC's own
+  // reaction threads, which must not block.
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  auto read = [reactor, core = core_, strand = strand_, store = store_, request, response]() mutable {
+    bool have_stored = false;
+    if (store != nullptr) {
+      absl::StatusOr<std::string> bytes = store->GetLog(request->job_id());
+      absl::Status failed;
+      if (bytes.ok()) {
+        absl::StatusOr<kiln::state::v1::StoredLog> log = DecodeStoredLog(*bytes);
+        if (log.ok()) {
+          response->mutable_lines()->Swap(log->mutable_lines());
+          response->set_dropped_lines(log->dropped_lines());
+          have_stored = true;
+        } else {
+          failed = log.status();
+        }
+      } else if (!absl::IsNotFound(bytes.status())) {
+        failed = bytes.status();
+      }
+      if (!failed.ok()) {
+        reactor->Finish(ToGrpcStatus(absl::Status(
+            failed.code(), absl::StrCat("read the stored log of job ", request->job_id(), ": ", failed.message()))));
+        return;
+      }
     }
+    strand->Post([reactor, core, request, response, have_stored] {
+      absl::Status status = core->GetJobLog(request->job_id(), have_stored, response);
+      core->Flush();
+      reactor->Finish(ToGrpcStatus(status));
+    });
+  };
+  if (reader_ != nullptr) {
+    reader_->Post(std::move(read));
+  } else {
+    read();
   }
-  return UnaryOnStrand(context, core_, strand_, [core = core_, request, response, have_stored] {
-    return core->GetJobLog(request->job_id(), have_stored, response);
-  });
+  return reactor;
 }
 
 grpc::ServerUnaryReactor* BuildServiceImpl::ListBuildsets(grpc::CallbackServerContext* context,

@@ -19,10 +19,11 @@ class BuildServiceImpl final : public kiln::v1::BuildService::CallbackService {
  public:
   // `core`, `strand` and `auth` must outlive the server; `auth` null: no
   // checks (in-process tests).
-  // `store` (may be null: no stored logs) serves finished jobs' logs.
+  // `store` (may be null: no stored logs) serves finished jobs' logs, read
+  // on `reader` (null: on the calling thread, for in-process tests).
   BuildServiceImpl(BuildCoordinator* core, SerialExecutor* strand, const Authorizer* auth = nullptr,
-                   StateStore* store = nullptr)
-      : core_(core), strand_(strand), auth_(auth), store_(store) {}
+                   StateStore* store = nullptr, SerialExecutor* reader = nullptr)
+      : core_(core), strand_(strand), auth_(auth), store_(store), reader_(reader) {}
 
   grpc::ServerUnaryReactor* SubmitBuild(grpc::CallbackServerContext* context,
                                         const kiln::v1::SubmitBuildRequest* request,
@@ -51,6 +52,7 @@ class BuildServiceImpl final : public kiln::v1::BuildService::CallbackService {
   SerialExecutor* const strand_;
   const Authorizer* const auth_;
   StateStore* const store_;
+  SerialExecutor* const reader_;
 };
 
 class WorkerServiceImpl final : public kiln::v1::WorkerService::CallbackService {

@@ -10,6 +10,7 @@
 #include "common/image_ref.h"
 #include "common/installable.h"
 #include "coordinator/scheduling_inputs.h"
+#include "common/status_macros.h"
 
 namespace kiln {
 namespace {
@@ -143,14 +144,14 @@ absl::StatusOr<CheckedSubmission> SubmissionValidator::Check(const kiln::v1::Sub
         }
       }
     }
-    if (absl::Status s = CheckTarget(spec, workers); !s.ok()) return s;
+    RETURN_IF_ERROR(CheckTarget(spec, workers));
   }
   return out;
 }
 
 absl::Status SubmissionValidator::CheckTarget(const kiln::v1::JobSpec& spec, const Scheduler* workers) const {
-  if (absl::Status s = ValidateSubdir(spec.source().flake_subdir()); !s.ok()) return s;
-  if (absl::Status s = ValidateAttrPath(spec.attr()); !s.ok()) return s;
+  RETURN_IF_ERROR(ValidateSubdir(spec.source().flake_subdir()));
+  RETURN_IF_ERROR(ValidateAttrPath(spec.attr()));
   if (spec.requirements().system().empty()) {
     return absl::InvalidArgumentError("target has no system (e.g. x86_64-linux)");
   }

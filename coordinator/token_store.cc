@@ -15,6 +15,7 @@
 #include "common/grpc_util.h"
 #include "common/image_ref.h"
 #include "coordinator/rocks_status.h"
+#include "common/status_macros.h"
 
 namespace kiln {
 namespace {
@@ -94,7 +95,7 @@ absl::StatusOr<kiln::v1::CreateTokenResponse> TokenStore::Create(const std::stri
   if (!ValidName(name)) {
     return absl::InvalidArgumentError("a token's name has 1 to 64 letters, digits, '-', '_' or '.'");
   }
-  if (absl::Status s = ValidateTokenScopes(scopes); !s.ok()) return s;
+  RETURN_IF_ERROR(ValidateTokenScopes(scopes));
   const std::string id_bytes = RandomBytes(kIdHexLength / 2);
   const std::string salt = RandomBytes(16);
   const std::string secret_bytes = RandomBytes(32);
@@ -141,7 +142,7 @@ absl::StatusOr<kiln::v1::TokenInfo> TokenStore::Revoke(const std::string& name) 
     if (it->second.name() != name) continue;
     rocksdb::WriteOptions options;
     options.sync = sync_;
-    if (absl::Status s = FromRocks(db_->Delete(options, family_, it->first), "token delete"); !s.ok()) return s;
+    RETURN_IF_ERROR(FromRocks(db_->Delete(options, family_, it->first), "token delete"));
     kiln::v1::TokenInfo info = Info(it->second);
     by_id_.erase(it);
     return info;

@@ -11,6 +11,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "common/status_macros.h"
 
 namespace kiln {
 namespace {
@@ -134,7 +135,7 @@ absl::StatusOr<DockerArchive> ReadMembers(archive* a, const std::string& what, c
         return s;
       }
     }
-    if (absl::Status s = layers->done(name); !s.ok()) return s;
+    RETURN_IF_ERROR(layers->done(name));
   }
   if (r != ARCHIVE_EOF) return Broken(what, a);
   return DockerArchiveFromJson(json_files, what);
@@ -183,9 +184,9 @@ absl::Status StreamLayers(const std::string& path, const DockerArchive& image,
       const la_ssize_t n = archive_read_data(a->get(), buffer.data(), buffer.size());
       if (n < 0) return Broken(path, a->get());
       if (n == 0) break;
-      if (absl::Status s = chunk(index, absl::string_view(buffer.data(), static_cast<size_t>(n))); !s.ok()) return s;
+      RETURN_IF_ERROR(chunk(index, absl::string_view(buffer.data(), static_cast<size_t>(n))));
     }
-    if (absl::Status s = done(index); !s.ok()) return s;
+    RETURN_IF_ERROR(done(index));
   }
   if (!index_of.empty() && r != ARCHIVE_EOF) return Broken(path, a->get());
   if (!index_of.empty()) {

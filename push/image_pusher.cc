@@ -29,6 +29,7 @@
 #include "common/subprocess.h"
 #include "push/docker_archive.h"
 #include "push/layer_gzip.h"
+#include "common/status_macros.h"
 
 namespace kiln {
 namespace {
@@ -224,11 +225,11 @@ absl::Status CompressInParallel(const std::string& archive, const DockerArchive&
         return s.ok() ? gz->Write(data) : s;
       },
       [&](size_t i) -> absl::Status {
-        if (absl::Status s = open_for(i); !s.ok()) return s;  // An empty layer has had no chunk.
+        RETURN_IF_ERROR(open_for(i));  // An empty layer has had no chunk.
         absl::StatusOr<PushedBlob> blob = Pushed(gz->Finish());
         gz.reset();
         if (!blob.ok()) return blob.status();
-        if (absl::Status s = bytes->Close(); !s.ok()) return s;
+        RETURN_IF_ERROR(bytes->Close());
         absl::MutexLock lock(&mu);
         ready.push_back(Compressed{i, *std::move(blob), std::move(bytes)});
         // Bound the compressed layers waiting; stop reading once a sender failed.
@@ -306,7 +307,7 @@ absl::Status FinishImage(const DockerArchive& image, const ImageRef& ref, const 
   report.config.skipped = *has_config;
   if (!*has_config) {
     BlobSource source{.file = "", .data = image.config, .size = image.config.size()};
-    if (absl::Status s = client.UploadBlob(repo, report.config.digest, source); !s.ok()) return s;
+    RETURN_IF_ERROR(client.UploadBlob(repo, report.config.digest, source));
     report.bytes_uploaded += image.config.size();
   }
   return PutTags(ManifestBody(report, options), ref, tags, client, options, report);
@@ -369,7 +370,7 @@ absl::StatusOr<PushReport> PushDockerArchive(const std::string& archive, const I
         report.layers[i].skipped = true;
         if (options.on_layer) options.on_layer(i + 1, 0);
       }
-      if (absl::Status s = PutTags(body, ref, tags, client, options, report, current); !s.ok()) return s;
+      RETURN_IF_ERROR(PutTags(body, ref, tags, client, options, report, current));
       return report;
     }
   }
@@ -393,7 +394,7 @@ absl::StatusOr<PushReport> PushDockerArchive(const std::string& archive, const I
     return absl::OkStatus();
   };
   if (threads <= 1) {
-    if (absl::Status s = check(client, 0); !s.ok()) return s;
+    RETURN_IF_ERROR(check(client, 0));
   } else {
     std::vector<absl::Status> results(threads);
     std::vector<std::thread> pool;
@@ -454,7 +455,7 @@ absl::StatusOr<PushReport> PushDockerArchive(const std::string& archive, const I
       BlobSource source{.file = held == nullptr ? file_of(i) : "",
                         .data = held == nullptr ? "" : std::move(*held),
                         .size = blob.size};
-      if (absl::Status s = via.UploadBlob(repo, blob.digest, source); !s.ok()) return s;
+      RETURN_IF_ERROR(via.UploadBlob(repo, blob.digest, source));
       *uploaded += blob.size;
     }
     std::error_code ignored;
@@ -471,7 +472,7 @@ absl::StatusOr<PushReport> PushDockerArchive(const std::string& archive, const I
       auto& gz = open[i];
       if (!gz) {
         gz = std::make_unique<LayerGzip>();
-        if (absl::Status s = gz->Open(file_of(i), options.gzip_level); !s.ok()) return s;
+        RETURN_IF_ERROR(gz->Open(file_of(i), options.gzip_level));
       }
       return gz.get();
     };
@@ -502,7 +503,7 @@ absl::StatusOr<PushReport> PushDockerArchive(const std::string& archive, const I
   }
   if (options.cache != nullptr) options.cache->Save().IgnoreError();
 
-  if (absl::Status s = FinishImage(*image, ref, tags, client, options, report); !s.ok()) return s;
+  RETURN_IF_ERROR(FinishImage(*image, ref, tags, client, options, report));
   return report;
 }
 
@@ -558,7 +559,7 @@ absl::StatusOr<PushReport> PushImageStream(int fd, const std::string& what, cons
         absl::StatusOr<PushedBlob> blob = Pushed((*l)->gz.Finish());
         if (!blob.ok()) return blob.status();
         if ((*l)->stream) {
-          if (absl::Status f = (*l)->stream->Finish(blob->digest); !f.ok()) return f;
+          RETURN_IF_ERROR((*l)->stream->Finish(blob->digest));
           report.bytes_uploaded += blob->size;
         } else {
           absl::StatusOr<bool> has = client.HasBlob(repo, blob->digest);
@@ -572,7 +573,7 @@ absl::StatusOr<PushReport> PushImageStream(int fd, const std::string& what, cons
           }
           if (!blob->skipped) {
             BlobSource source{.file = "", .data = (*l)->held, .size = (*l)->held.size()};
-            if (absl::Status u = client.UploadBlob(repo, blob->digest, source); !u.ok()) return u;
+            RETURN_IF_ERROR(client.UploadBlob(repo, blob->digest, source));
             report.bytes_uploaded += blob->size;
           }
         }
@@ -592,7 +593,7 @@ absl::StatusOr<PushReport> PushImageStream(int fd, const std::string& what, cons
     }
   }
   if (options.cache != nullptr) options.cache->Save().IgnoreError();
-  if (absl::Status s = FinishImage(*image, ref, tags, client, options, report); !s.ok()) return s;
+  RETURN_IF_ERROR(FinishImage(*image, ref, tags, client, options, report));
   return report;
 }
 
@@ -612,7 +613,7 @@ absl::StatusOr<PushReport> PushImage(const std::string& output, const ImageRef& 
 
   // A streamLayeredImage script: run it (no shell), read its stdout.
   int out[2];
-  if (absl::Status s = MakePipe(out); !s.ok()) return s;
+  RETURN_IF_ERROR(MakePipe(out));
   const std::string err_path = absl::StrCat(options.scratch_dir, "/kiln-stream-", ::getpid(), "-", out[0], ".err");
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);

@@ -11,6 +11,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 
 namespace kiln {
 namespace {
@@ -250,7 +251,7 @@ absl::Status LayerGzip::Write(absl::string_view data) {
     pending_.append(data.data(), n);
     data.remove_prefix(n);
     if (pending_.size() == kMemberBytes) {
-      if (absl::Status s = EndMember(); !s.ok()) return s;
+      RETURN_IF_ERROR(EndMember());
     }
   }
   return absl::OkStatus();
@@ -259,10 +260,10 @@ absl::Status LayerGzip::Write(absl::string_view data) {
 absl::StatusOr<CompressedLayer> LayerGzip::Finish() {
   // An empty layer is still one (empty) member: a valid gzip stream.
   if (!pending_.empty() || !any_member_) {
-    if (absl::Status s = EndMember(); !s.ok()) return s;
+    RETURN_IF_ERROR(EndMember());
   }
   while (!in_flight_.empty()) {
-    if (absl::Status s = EmitOldest(); !s.ok()) return s;
+    RETURN_IF_ERROR(EmitOldest());
   }
   Close();
   return CompressedLayer{absl::StrCat("sha256:", hash_.FinishHex()), size_};
@@ -290,7 +291,7 @@ absl::Status LayerGzip::EndMember() {
   in_flight_.push_back(m);
   pool_->Submit(std::move(m));
   while (in_flight_.size() > max_in_flight_) {
-    if (absl::Status s = EmitOldest(); !s.ok()) return s;
+    RETURN_IF_ERROR(EmitOldest());
   }
   return absl::OkStatus();
 }
@@ -307,7 +308,7 @@ absl::Status LayerGzip::EmitOldest() {
 
 absl::Status LayerGzip::Emit(absl::string_view piece) {
   if (sink_) {
-    if (absl::Status s = sink_(piece); !s.ok()) return s;
+    RETURN_IF_ERROR(sink_(piece));
   } else if (std::fwrite(piece.data(), 1, piece.size(), out_) != piece.size()) {
     return absl::InternalError(absl::StrCat("cannot write ", path_));
   }

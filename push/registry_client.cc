@@ -24,6 +24,7 @@
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "common/json_fields.h"
+#include "common/status_macros.h"
 
 namespace kiln {
 namespace {
@@ -515,13 +516,13 @@ class HttpBlobStream final : public BlobStream {
   absl::Status Append(absl::string_view data) override {
     pending_.append(data.data(), data.size());
     while (pending_.size() >= impl_->options.chunk_bytes) {
-      if (absl::Status s = Send(impl_->options.chunk_bytes); !s.ok()) return s;
+      RETURN_IF_ERROR(Send(impl_->options.chunk_bytes));
     }
     return absl::OkStatus();
   }
   absl::Status Finish(const std::string& digest) override {
     if (!pending_.empty()) {
-      if (absl::Status s = Send(pending_.size()); !s.ok()) return s;
+      RETURN_IF_ERROR(Send(pending_.size()));
     }
     Request put{
         .method = "PUT",

@@ -8,6 +8,7 @@
 #include "common/image_ref.h"
 #include "push/credentials.h"
 #include "push/registry_client.h"
+#include "common/status_macros.h"
 
 namespace kiln {
 
@@ -49,7 +50,7 @@ absl::StatusOr<kiln::v1::PushResult> RegistryPublisher::Push(const kiln::v1::Pus
   absl::StatusOr<ImageRef> ref = ParsePushRepository(push.repository());
   if (!ref.ok()) return ref.status();
   for (const std::string& tag : push.tags()) {
-    if (absl::Status s = ValidateImageTag(tag); !s.ok()) return s;
+    RETURN_IF_ERROR(ValidateImageTag(tag));
   }
   RegistryOptions registry;
   registry.plain_http = options_.insecure_registries.contains(ref->registry);

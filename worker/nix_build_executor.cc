@@ -29,6 +29,7 @@
 #include "common/installable.h"
 #include "worker/fod_outcomes.h"
 #include "worker/nix_store_validity.h"
+#include "common/status_macros.h"
 
 namespace kiln {
 
@@ -136,7 +137,7 @@ std::vector<std::string> NixBuildExecutor::BuildArgv(const BuildRequest& request
 
 absl::StatusOr<BuildExecutor::BuildId> NixBuildExecutor::Start(const BuildRequest& request,
                                                                LineCallback on_line, DoneCallback on_done) {
-  if (absl::Status s = ValidateAttrPath(request.attr); !s.ok()) return s;
+  RETURN_IF_ERROR(ValidateAttrPath(request.attr));
   if (request.flake_dir.empty() || request.flake_dir[0] != '/') {
     return absl::InvalidArgumentError("flake directory must be absolute");
   }

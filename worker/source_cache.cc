@@ -15,6 +15,7 @@
 #include "common/log.h"
 #include "common/net.h"
 #include "common/source_tree.h"
+#include "common/status_macros.h"
 
 namespace kiln {
 
@@ -81,7 +82,7 @@ absl::Status SourceCache::CheckOut(const kiln::v1::Assignment& assignment, const
       const fs::path path = cached_path(d.hash());
       std::error_code ec;
       fs::create_directories(path.parent_path(), ec);
-      if (absl::Status s = WriteFileAtomically(path.string(), data); !s.ok()) return s;
+      RETURN_IF_ERROR(WriteFileAtomically(path.string(), data));
       bytes += data.size();
       return absl::OkStatus();
     });

@@ -23,6 +23,7 @@
 #include "common/net.h"
 #include "common/outbound_queue.h"
 #include "common/source_tree.h"
+#include "common/status_macros.h"
 
 namespace kiln {
 namespace fs = std::filesystem;
@@ -374,7 +375,7 @@ absl::Status WorkerAgent::UploadOutputs(kiln::v1::BuildResult& result) {
       node->set_target(fs::read_symlink(path, ec).string());
     } else {
       std::string data;
-      if (absl::Status s = ReadWholeFile(path, data); !s.ok()) return s;
+      RETURN_IF_ERROR(ReadWholeFile(path, data));
       auto* node = wrapper.add_files();
       node->set_name("out");
       node->set_is_executable((st.st_mode & 0111) != 0);
@@ -385,7 +386,7 @@ absl::Status WorkerAgent::UploadOutputs(kiln::v1::BuildResult& result) {
     tree.root = DigestOf(wrapper_blob);
     tree.blobs.emplace(tree.root.hash(), wrapper_blob);
     UploadStats stats;
-    if (absl::Status s = UploadTree(*cas_, tree, &stats); !s.ok()) return s;
+    RETURN_IF_ERROR(UploadTree(*cas_, tree, &stats));
     (*result.mutable_output_trees())[name] = tree.root;
     LogInfo(kComponent, "output ", name, ": sent ", stats.blobs_sent, " blob(s), ", stats.bytes_sent, " bytes");
   }
