@@ -149,6 +149,9 @@ class BuildCoordinator {
   // A message from a worker's stream; the first one must be Register.
   void OnWorkerMessage(const std::shared_ptr<WorkerSession>& session,
                        const kiln::v1::WorkerMessage& message);
+  // Log lines from a worker's SendLogs call; lines of attempts that are not
+  // `worker`'s current ones are ignored.
+  void OnWorkerLogs(const std::string& worker, const kiln::v1::LogBatch& batch);
   // The stream ended. Idempotent. The worker's jobs are held for its lease.
   void OnWorkerGone(const WorkerSession* session);
 

@@ -119,6 +119,17 @@ void BuildCoordinator::OnWorkerMessage(const std::shared_ptr<WorkerSession>& ses
   EndOfCall();
 }
 
+void BuildCoordinator::OnWorkerLogs(const std::string& worker, const kiln::v1::LogBatch& batch) {
+  for (const kiln::v1::JobLog& log : batch.logs()) {
+    Job* job = graph_.FindAttempt(worker, log.job_id(), log.attempt());
+    if (job == nullptr || log.lines().empty()) continue;
+    JobEvent event;
+    *event.mutable_log()->mutable_lines() = log.lines();
+    Emit(log.job_id(), *job, std::move(event));
+  }
+  EndOfCall();
+}
+
 void BuildCoordinator::HandleRegister(WorkerEntry& worker, const kiln::v1::Register& reg) {
   const WorkerRegistry::Admission admission = registry_.CheckRegister(worker, reg);
   if (!admission.refused.ok()) {

@@ -354,4 +354,17 @@ grpc::ServerBidiReactor<WorkerMessage, CoordinatorMessage>* WorkerServiceImpl::C
   return new WorkerStreamReactor(core_, strand_, sender_, caller->worker);
 }
 
+grpc::ServerUnaryReactor* WorkerServiceImpl::SendLogs(grpc::CallbackServerContext* context,
+                                                      const kiln::v1::LogBatch* request,
+                                                      kiln::v1::LogBatchAck* response) {
+  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kWorker);
+  if (!caller.ok()) return FinishAtOnce(context, caller.status());
+  // A certificate's name, as on Connect; else the name the worker gives.
+  std::string worker = caller->worker.empty() ? request->worker() : caller->worker;
+  return UnaryOnStrand(context, core_, strand_, [core = core_, request, worker = std::move(worker)] {
+    core->OnWorkerLogs(worker, *request);
+    return absl::OkStatus();
+  });
+}
+
 }  // namespace kiln

@@ -66,6 +66,8 @@ class WorkerServiceImpl final : public kiln::v1::WorkerService::CallbackService 
 
   grpc::ServerBidiReactor<kiln::v1::WorkerMessage, kiln::v1::CoordinatorMessage>* Connect(
       grpc::CallbackServerContext* context) override;
+  grpc::ServerUnaryReactor* SendLogs(grpc::CallbackServerContext* context, const kiln::v1::LogBatch* request,
+                                     kiln::v1::LogBatchAck* response) override;
 
  private:
   BuildCoordinator* const core_;

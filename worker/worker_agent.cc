@@ -36,7 +36,6 @@ constexpr absl::string_view kComponent = "worker";
 // Log batches beyond this many queued messages are dropped (and counted)
 // rather than let a chatty build grow memory without bound.
 constexpr size_t kStreamQueueCapacity = 4096;
-constexpr size_t kMaxLinesPerBatch = 512;
 constexpr absl::Duration kDeadlineGrace = absl::Seconds(5);
 // 1 - MemAvailable/MemTotal from /proc/meminfo; nullopt where it is absent.
 std::optional<double> MemoryUsedFraction() {
@@ -180,6 +179,11 @@ void WorkerAgent::Stop() {
     while (!mu_.AwaitWithTimeout(absl::Condition(all_ended, this), absl::Seconds(10))) {
       LogWarning(kComponent, "stopping: waiting for ", builds_in_executor_, " build(s) to end");
     }
+    // A log call's callback posts to the strand: it goes first. No call
+    // starts any more (FlushLogs sees stopping_).
+    if (log_call_context_ != nullptr) log_call_context_->TryCancel();
+    mu_.Await(absl::Condition(
+        +[](WorkerAgent* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(a->mu_) { return a->log_calls_outstanding_ == 0; }, this));
   }
   strand_.reset();
 }
@@ -451,6 +455,12 @@ void WorkerAgent::StartJob(const kiln::v1::Assignment& assignment) {
       absl::MutexLock lock(&mu_);
       auto it = jobs_.find(job_id);
       if (it == jobs_.end() || it->second.attempt != attempt) return;
+      // Bounded while a log call is in flight: past the cap, lines of a
+      // chatty build are dropped (and counted) rather than held.
+      if (it->second.pending_lines.size() >= kMaxPendingLines) {
+        metrics_->log_lines_dropped.Increment();
+        return;
+      }
       it->second.pending_lines.push_back(std::move(line));
       flush_now = it->second.pending_lines.size() == kMaxLinesPerBatch;
     }
@@ -532,30 +542,18 @@ void WorkerAgent::FinishJob(const std::string& job_id, uint32_t attempt, kiln::v
     absl::MutexLock lock(&mu_);
     unacked_[job_id] = UnackedResult{.attempt = attempt, .message = finished};
   }
-  Send(std::move(finished), /*droppable=*/false);
+  // Its last lines, if a log call was in flight, go with the next one.
+  const bool lines_pending = !job.pending_lines.empty();
+  if (lines_pending) {
+    kiln::v1::JobLog& last = final_logs_.emplace_back();
+    last.set_job_id(job_id);
+    last.set_attempt(attempt);
+    for (auto& line : job.pending_lines) *last.add_lines() = std::move(line);
+  }
+  SendResult(std::move(finished), lines_pending);
   // Nix copied the source into its store; the unpacked tree is not needed.
   std::error_code ec;
   fs::remove_all(job.dir, ec);
-}
-
-void WorkerAgent::FlushLogs() {
-  std::vector<WorkerMessage> batches;
-  {
-    absl::MutexLock lock(&mu_);
-    for (auto& [id, job] : jobs_) {
-      if (job.pending_lines.empty()) continue;
-      WorkerMessage m;
-      m.mutable_log()->set_job_id(id);
-      m.mutable_log()->set_attempt(job.attempt);
-      for (auto& line : job.pending_lines) *m.mutable_log()->add_lines() = std::move(line);
-      job.pending_lines.clear();
-      batches.push_back(std::move(m));
-    }
-  }
-  for (auto& m : batches) {
-    const size_t lines = static_cast<size_t>(m.log().lines_size());
-    if (!Send(std::move(m), /*droppable=*/true)) metrics_->log_lines_dropped.Increment(static_cast<double>(lines));
-  }
 }
 
 void WorkerAgent::CancelBuild(const std::string& job_id, uint32_t attempt) {

@@ -112,7 +112,14 @@ class WorkerAgent {
   void HandleMessage(kiln::v1::CoordinatorMessage message);
   void StartJob(const kiln::v1::Assignment& assignment);
   void FinishJob(const std::string& job_id, uint32_t attempt, kiln::v1::BuildResult result);
+  // Log lines leave on SendLogs calls, apart from the control stream (see
+  // worker_agent_logs.cc): one call in flight; a result goes only after the
+  // lines before it were taken.
   void FlushLogs();
+  void FlushLogsOnControlStream();
+  void OnLogsSent(uint64_t generation, const grpc::Status& status, size_t lines);
+  // Sends a result now, or once the log call carrying its last lines ends.
+  void SendResult(kiln::v1::WorkerMessage finished, bool lines_pending);
   void CheckDeadlines();
   void CancelAllBuilds(const std::string& reason);
   void CancelBuild(const std::string& job_id, uint32_t attempt);
@@ -162,6 +169,23 @@ class WorkerAgent {
     kiln::v1::WorkerMessage message;
   };
   absl::flat_hash_map<std::string, UnackedResult> unacked_ ABSL_GUARDED_BY(mu_);
+
+  // Log shipping; on the strand.
+  static constexpr size_t kMaxLinesPerBatch = 512;   // A job's lines that start a flush at once.
+  static constexpr size_t kMaxPendingLines = 16384;  // A job's lines held while a call is in flight.
+  static constexpr size_t kMaxLogBatchBytes = size_t{2} << 20;  // One call's lines, about.
+  struct LogCall;
+  bool logs_on_control_stream_ = false;  // The coordinator has no SendLogs.
+  bool log_call_in_flight_ = false;
+  uint64_t log_generation_ = 0;  // Of the last call started.
+  // Last lines of finished jobs, for the next call.
+  std::vector<kiln::v1::JobLog> final_logs_;
+  // Results waiting for the call of a generation to end.
+  std::vector<std::pair<uint64_t, kiln::v1::WorkerMessage>> deferred_results_;
+  // Log calls whose callback has not finished (it posts to the strand), and
+  // the context of the one in flight (to cancel it on Stop).
+  int log_calls_outstanding_ ABSL_GUARDED_BY(mu_) = 0;
+  grpc::ClientContext* log_call_context_ ABSL_GUARDED_BY(mu_) = nullptr;
 
   std::unique_ptr<SerialExecutor> strand_;
   std::thread loop_;
