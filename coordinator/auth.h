@@ -20,7 +20,7 @@
 
 #include "absl/status/statusor.h"
 #include "coordinator/coordinator_metrics.h"
-#include "coordinator/token_store.h"
+#include "coordinator/token_verifier.h"
 #include "kiln/v1/types.pb.h"
 
 namespace kiln {
@@ -44,7 +44,7 @@ class Authorizer {
  public:
   // `metrics` may be null (tests).
   // `workers_need_certificate`: the coordinator serves TLS.
-  Authorizer(const TokenStore* tokens, bool require_tokens, bool workers_need_certificate, CoordinatorMetrics* metrics)
+  Authorizer(const TokenVerifier* tokens, bool require_tokens, bool workers_need_certificate, CoordinatorMetrics* metrics)
       : tokens_(tokens),
         require_tokens_(require_tokens),
         workers_need_certificate_(workers_need_certificate),
@@ -64,7 +64,7 @@ class Authorizer {
  private:
   absl::Status Refuse(absl::Status status, const char* reason) const;
 
-  const TokenStore* const tokens_;
+  const TokenVerifier* const tokens_;
   const bool require_tokens_;
   const bool workers_need_certificate_;
   CoordinatorMetrics* const metrics_;

@@ -23,35 +23,36 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "common/clock.h"
+#include "coordinator/fod_hash_store.h"
 #include "kiln/v1/fod.pb.h"
 
 namespace kiln {
 
-class FodCache {
+class FodCache final : public FodHashStore {
  public:
   FodCache(rocksdb::DB* db, rocksdb::ColumnFamilyHandle* entries, rocksdb::ColumnFamilyHandle* names,
            const Clock* clock, bool sync);
 
   // One verdict per FOD, in order; a hit counts on its entry.
-  absl::StatusOr<std::vector<kiln::v1::FodVerdict>> Check(const std::vector<kiln::v1::FodRef>& fods)
+  absl::StatusOr<std::vector<kiln::v1::FodVerdict>> Check(const std::vector<kiln::v1::FodRef>& fods) override
       ABSL_LOCKS_EXCLUDED(mu_);
 
   // Stores outcomes: a new key gets an entry; a known key whose hash differs
   // is marked nondeterministic (its keys are returned).
   absl::StatusOr<std::vector<std::string>> Record(const std::vector<kiln::v1::FodOutcome>& outcomes,
-                                                  const std::string& job_id, const std::string& worker)
+                                                  const std::string& job_id, const std::string& worker) override
       ABSL_LOCKS_EXCLUDED(mu_);
 
   // Entries by name and/or key prefix, in key order.
   absl::StatusOr<std::vector<kiln::v1::FodEntry>> List(const std::string& name, const std::string& key_prefix,
-                                                       uint32_t limit) const;
-  absl::StatusOr<uint32_t> Forget(const std::vector<std::string>& key_prefixes, const std::string& name)
+                                                       uint32_t limit) const override;
+  absl::StatusOr<uint32_t> Forget(const std::vector<std::string>& key_prefixes, const std::string& name) override
       ABSL_LOCKS_EXCLUDED(mu_);
-  absl::StatusOr<kiln::v1::ImportFodsResponse> Import(const std::vector<kiln::v1::FodEntry>& entries)
+  absl::StatusOr<kiln::v1::ImportFodsResponse> Import(const std::vector<kiln::v1::FodEntry>& entries) override
       ABSL_LOCKS_EXCLUDED(mu_);
 
   // Entries stored, as RocksDB estimates it (no scan).
-  uint64_t size() const;
+  uint64_t size() const override;
 
  private:
   absl::StatusOr<bool> Get(const std::string& key, kiln::v1::FodEntry* entry) const;

@@ -7,7 +7,7 @@
 
 #include "coordinator/auth.h"
 #include "coordinator/coordinator_metrics.h"
-#include "coordinator/fod_cache.h"
+#include "coordinator/fod_hash_store.h"
 #include "kiln/v1/fod.grpc.pb.h"
 
 namespace kiln {
@@ -17,7 +17,7 @@ class FodServiceImpl final : public kiln::v1::FodService::Service {
   // Bounds what one request may carry.
   static constexpr size_t kMaxFodsPerRequest = 100000;
 
-  FodServiceImpl(FodCache* cache, CoordinatorMetrics* metrics, const Authorizer* auth = nullptr)
+  FodServiceImpl(FodHashStore* cache, CoordinatorMetrics* metrics, const Authorizer* auth = nullptr)
       : cache_(cache), metrics_(metrics), auth_(auth) {}
 
   grpc::Status CheckFods(grpc::ServerContext* context, const kiln::v1::CheckFodsRequest* request,
@@ -32,7 +32,7 @@ class FodServiceImpl final : public kiln::v1::FodService::Service {
                           kiln::v1::ImportFodsResponse* response) override;
 
  private:
-  FodCache* const cache_;
+  FodHashStore* const cache_;
   CoordinatorMetrics* const metrics_;
   const Authorizer* const auth_;
 };

@@ -18,22 +18,16 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "coordinator/token_verifier.h"
 #include "kiln/state/v1/records.pb.h"
 #include "kiln/v1/admin.pb.h"
 
 namespace kiln {
 
-// What a presented token may do.
-struct TokenGrant {
-  std::string name;
-  std::string id;
-  std::vector<std::string> scopes;
-};
-
 // "submit", "read", "admin" or "push:PATTERN"; an error names the bad one.
 absl::Status ValidateTokenScopes(const std::vector<std::string>& scopes);
 
-class TokenStore {
+class TokenStore final : public TokenVerifier {
  public:
   // Loads every record; `db` and `family` outlive the store.
   static absl::StatusOr<std::unique_ptr<TokenStore>> Open(rocksdb::DB* db, rocksdb::ColumnFamilyHandle* family,
@@ -48,7 +42,7 @@ class TokenStore {
   absl::StatusOr<kiln::v1::TokenInfo> Revoke(const std::string& name) ABSL_LOCKS_EXCLUDED(mu_);
   // The grant of a presented token; UNAUTHENTICATED for anything else (the
   // error never repeats the token).
-  absl::StatusOr<TokenGrant> Verify(absl::string_view token) const ABSL_LOCKS_EXCLUDED(mu_);
+  absl::StatusOr<TokenGrant> Verify(absl::string_view token) const override ABSL_LOCKS_EXCLUDED(mu_);
   size_t size() const ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
