@@ -24,8 +24,6 @@ using kiln::v1::JobState;
 
 namespace {
 
-constexpr absl::string_view kComponent = "coordinator";
-
 absl::string_view ResultLabel(JobState state) {
   switch (state) {
     case kiln::v1::JOB_STATE_SUCCEEDED: return "succeeded";

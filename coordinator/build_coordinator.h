@@ -31,6 +31,7 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "common/clock.h"
 #include "common/source_tree.h"
@@ -187,6 +188,8 @@ class BuildCoordinator {
   const Scheduler& scheduler() const { return scheduler_; }
 
  private:
+  // The log lines' component (one name for the class's three .cc files).
+  static constexpr absl::string_view kComponent = "coordinator";
   using Job = WorkGraph::Job;
   using WorkerEntry = WorkerRegistry::Worker;
 

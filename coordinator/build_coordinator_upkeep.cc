@@ -23,10 +23,6 @@ using kiln::v1::BuildResult;
 using kiln::v1::JobEvent;
 using kiln::v1::JobState;
 
-namespace {
-constexpr absl::string_view kComponent = "coordinator";
-}  // namespace
-
 bool BuildCoordinator::EnsureWritable() {
   if (state_writable_.load()) {
     // Stop at the reserve, so RocksDB's own log never meets a full disk (it

@@ -22,10 +22,6 @@ using kiln::v1::BuildResult;
 using kiln::v1::JobEvent;
 using kiln::v1::JobState;
 
-namespace {
-constexpr absl::string_view kComponent = "coordinator";
-}  // namespace
-
 kiln::v1::ListWorkersResponse BuildCoordinator::ListWorkers() const {
   kiln::v1::ListWorkersResponse out;
   for (const Scheduler::WorkerView& w : scheduler_.Workers()) {

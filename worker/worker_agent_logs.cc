@@ -19,10 +19,6 @@ namespace kiln {
 
 using kiln::v1::WorkerMessage;
 
-namespace {
-constexpr absl::string_view kComponent = "worker";
-}  // namespace
-
 struct WorkerAgent::LogCall {
   grpc::ClientContext context;
   kiln::v1::LogBatch request;
@@ -92,7 +88,7 @@ void WorkerAgent::OnLogsSent(uint64_t generation, const grpc::Status& status, si
   if (generation == log_generation_) log_call_in_flight_ = false;
   if (!status.ok()) {
     if (status.error_code() == grpc::StatusCode::UNIMPLEMENTED && !logs_on_control_stream_) {
-      LogInfo(kComponent, "the coordinator has no log call; sending log lines on the control stream");
+      LogInfo("worker", "the coordinator has no log call; sending log lines on the control stream");
       logs_on_control_stream_ = true;
     }
     metrics_->log_lines_dropped.Increment(static_cast<double>(lines));
