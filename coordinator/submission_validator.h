@@ -30,7 +30,7 @@ struct SubmissionLimits {
   // Priority class names, most urgent first (wire values 1, 2, 3).
   std::vector<std::string> priority_names = {"interactive", "ci", "batch"};
   // Allowed push targets (see BuildCoordinatorOptions::push_allow).
-  std::vector<std::string> push_allow;
+  std::vector<std::string> push_allow = {};
 };
 
 // A submission that passed: its inline blobs by hash, and what to store.

@@ -151,7 +151,7 @@ class WorkGraph {
   // The jobs sharing one unit of work; the runner carries its attempts.
   struct WorkItem {
     std::string runner;
-    std::vector<std::string> waiting;
+    std::vector<std::string> waiting = {};
   };
   static uint64_t ItemHash(const kiln::v1::JobSpec& spec);
 
