@@ -76,8 +76,7 @@ struct Counters {
 
 class FakeWorker final : public grpc::ClientBidiReactor<WorkerMessage, CoordinatorMessage> {
  public:
-  FakeWorker(kiln::v1::WorkerService::Stub* stub, std::string name, int slots, Timeline* timeline,
-             Counters* counters)
+  FakeWorker(kiln::v1::WorkerService::Stub* stub, std::string name, int slots, Timeline* timeline, Counters* counters)
       : timeline_(timeline),
         counters_(counters),
         queue_(1 << 20, {.start_write = [this](const WorkerMessage* m) { StartWrite(m); },
@@ -103,9 +102,7 @@ class FakeWorker final : public grpc::ClientBidiReactor<WorkerMessage, Coordinat
       return;
     }
     switch (incoming_.kind_case()) {
-      case CoordinatorMessage::kRegistered:
-        counters_->registered.fetch_add(1);
-        break;
+      case CoordinatorMessage::kRegistered: counters_->registered.fetch_add(1); break;
       case CoordinatorMessage::kAssign: {
         // The fake executor: every build succeeds at once; the results of
         // one message's assignments go back in one message.
@@ -117,11 +114,8 @@ class FakeWorker final : public grpc::ClientBidiReactor<WorkerMessage, Coordinat
         counters_->assignments.fetch_add(1 + incoming_.assignments_size(), std::memory_order_relaxed);
         break;
       }
-      case CoordinatorMessage::kResultAck:
-        counters_->acked.fetch_add(1, std::memory_order_relaxed);
-        break;
-      default:
-        break;
+      case CoordinatorMessage::kResultAck: counters_->acked.fetch_add(1, std::memory_order_relaxed); break;
+      default: break;
     }
     if (!incoming_.acks().empty()) counters_->acked.fetch_add(incoming_.acks_size(), std::memory_order_relaxed);
     incoming_.Clear();
@@ -211,8 +205,8 @@ int Run() {
     grpc::ChannelArguments args;
     args.SetInt("kiln.bench.channel", c);
     args.SetMaxReceiveMessageSize(kMaxGrpcMessageBytes);
-    worker_stubs.push_back(kiln::v1::WorkerService::NewStub(
-        grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args)));
+    worker_stubs.push_back(
+        kiln::v1::WorkerService::NewStub(grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args)));
   }
 
   Timeline timeline(static_cast<size_t>(jobs));
@@ -221,9 +215,8 @@ int Run() {
   std::atomic<int>& registered = counters.registered;
   std::vector<std::unique_ptr<FakeWorker>> fleet;
   for (int w = 0; w < workers; ++w) {
-    fleet.push_back(std::make_unique<FakeWorker>(worker_stubs[w % worker_stubs.size()].get(),
-                                                 absl::StrCat("bench-", w), absl::GetFlag(FLAGS_slots), &timeline,
-                                                 &counters));
+    fleet.push_back(std::make_unique<FakeWorker>(worker_stubs[w % worker_stubs.size()].get(), absl::StrCat("bench-", w),
+                                                 absl::GetFlag(FLAGS_slots), &timeline, &counters));
   }
   // Every way out of here ends the streams first: a reactor must not be
   // destroyed while its call is live.
@@ -258,22 +251,21 @@ int Run() {
     };
     std::vector<std::unique_ptr<Call>> calls;
     absl::Mutex mu;
-    int answered = 0;  // Guarded by mu.
+    int answered = 0;   // Guarded by mu.
     std::string error;  // Guarded by mu: the first failure.
     for (size_t i = 0; i < requests.size() && absl::Now() < give_up; ++i) {
       const int64_t due = start + static_cast<int64_t>(1e9 * static_cast<double>(i) / rate);
       if (const int64_t wait = due - NowNanos(); wait > 0) absl::SleepFor(absl::Nanoseconds(wait));
       Call* call = calls.emplace_back(std::make_unique<Call>()).get();
       call->sent = NowNanos();
-      build_stub->async()->SubmitBuild(&call->context, &requests[i], &call->response,
-                                       [&, call](grpc::Status status) {
-                                         for (const auto& id : call->response.job_ids()) {
-                                           timeline.Mark(timeline.submitted, id, call->sent);
-                                         }
-                                         absl::MutexLock lock(&mu);
-                                         if (!status.ok() && error.empty()) error = status.error_message();
-                                         ++answered;
-                                       });
+      build_stub->async()->SubmitBuild(&call->context, &requests[i], &call->response, [&, call](grpc::Status status) {
+        for (const auto& id : call->response.job_ids()) {
+          timeline.Mark(timeline.submitted, id, call->sent);
+        }
+        absl::MutexLock lock(&mu);
+        if (!status.ok() && error.empty()) error = status.error_message();
+        ++answered;
+      });
       submitted += requests[i].targets_size();
     }
     // Every callback has run before `calls` goes (bounded: the calls'

@@ -75,8 +75,7 @@ class Floor {
   };
   // Hands queued jobs to free slots; one message per worker touched, which
   // also carries `acks` for the worker in `acks_for` (-1: none).
-  void Dispatch(int acks_for, std::vector<std::pair<std::string, uint32_t>> acks)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void Dispatch(int acks_for, std::vector<std::pair<std::string, uint32_t>> acks) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   int TakeFreeWorker() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ListFree(int index) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 

@@ -27,9 +27,12 @@ std::string Fit(absl::string_view text, size_t columns) {
   for (size_t i = 0; i < text.size() && used < columns;) {
     const unsigned char c = static_cast<unsigned char>(text[i]);
     size_t len = 1;
-    if (c >= 0xF0) len = 4;
-    else if (c >= 0xE0) len = 3;
-    else if (c >= 0xC0) len = 2;
+    if (c >= 0xF0)
+      len = 4;
+    else if (c >= 0xE0)
+      len = 3;
+    else if (c >= 0xC0)
+      len = 2;
     if (c < 0x20 || c == 0x7F) {
       out.push_back(' ');
     } else {
@@ -78,8 +81,7 @@ class PlainView final : public BuildView {
         Write(text);
         break;
       }
-      default:
-        break;
+      default: break;
     }
   }
 
@@ -127,18 +129,23 @@ class JsonEventView final : public BuildView {
     const std::string& installable = installables_[index];
     switch (event.kind_case()) {
       case JobEvent::kQueued:
-        Emit({{"event", "queued"}, {"installable", installable}, {"jobId", job},
-              {"attempt", event.queued().attempt()}, {"reason", event.queued().reason()}},
+        Emit({{"event", "queued"},
+              {"installable", installable},
+              {"jobId", job},
+              {"attempt", event.queued().attempt()},
+              {"reason", event.queued().reason()}},
              time);
         break;
       case JobEvent::kAssigned:
-        Emit({{"event", "assigned"}, {"installable", installable}, {"jobId", job},
-              {"worker", event.assigned().worker()}, {"attempt", event.assigned().attempt()}},
+        Emit({{"event", "assigned"},
+              {"installable", installable},
+              {"jobId", job},
+              {"worker", event.assigned().worker()},
+              {"attempt", event.assigned().attempt()}},
              time);
         break;
       case JobEvent::kStarted:
-        Emit({{"event", "started"}, {"installable", installable}, {"jobId", job},
-              {"worker", event.started().worker()}},
+        Emit({{"event", "started"}, {"installable", installable}, {"jobId", job}, {"worker", event.started().worker()}},
              time);
         break;
       case JobEvent::kLog:
@@ -154,16 +161,19 @@ class JsonEventView final : public BuildView {
       case JobEvent::kFinished: {
         const auto& f = event.finished();
         nlohmann::ordered_json j = {
-            {"event", "finished"}, {"installable", installable}, {"jobId", job},
-            {"status", f.result().cached() ? "cached" : JobStateName(f.state())}, {"worker", f.worker()},
+            {"event", "finished"},
+            {"installable", installable},
+            {"jobId", job},
+            {"status", f.result().cached() ? "cached" : JobStateName(f.state())},
+            {"worker", f.worker()},
             {"durationSeconds", absl::ToDoubleSeconds(FromProtoDuration(f.result().build_duration()))}};
         if (!f.result().error_message().empty()) j["error"] = f.result().error_message();
-        if (!f.result().pushed_manifest_digest().empty()) j["pushedManifestDigest"] = f.result().pushed_manifest_digest();
+        if (!f.result().pushed_manifest_digest().empty())
+          j["pushedManifestDigest"] = f.result().pushed_manifest_digest();
         Emit(std::move(j), time);
         break;
       }
-      case JobEvent::KIND_NOT_SET:
-        break;
+      case JobEvent::KIND_NOT_SET: break;
     }
   }
 
@@ -365,13 +375,12 @@ std::vector<std::string> StatusBoard::Event(size_t index, const JobEvent& event,
                                    ? ""
                                    : absl::StrFormat(", %.1fs", absl::ToDoubleSeconds(duration));
       const std::string text = absl::StrCat(t.installable, " (job ", t.job_id, where, took, ")");
-      permanent.push_back(absl::StrCat(Colored(t.state, absl::StrFormat("%-10s", t.state)), " ",
-                                       Fit(TerminalSafe(text, /*multiline=*/false),
-                                           static_cast<size_t>(std::max(options_.width - 12, 10)))));
+      permanent.push_back(absl::StrCat(
+          Colored(t.state, absl::StrFormat("%-10s", t.state)), " ",
+          Fit(TerminalSafe(text, /*multiline=*/false), static_cast<size_t>(std::max(options_.width - 12, 10)))));
       break;
     }
-    case JobEvent::KIND_NOT_SET:
-      break;
+    case JobEvent::KIND_NOT_SET: break;
   }
   return permanent;
 }
@@ -379,11 +388,16 @@ std::vector<std::string> StatusBoard::Event(size_t index, const JobEvent& event,
 std::string StatusBoard::Colored(const std::string& state, const std::string& text) const {
   if (!options_.color) return text;
   const char* code = "0";
-  if (state == "succeeded" || state == "cached") code = "32";
-  else if (state == "failed") code = "31";
-  else if (state == "cancelled") code = "35";
-  else if (state == "queued" || state == "submitted" || state == "submitting") code = "33";
-  else if (state == "building" || state == "starting") code = "36";
+  if (state == "succeeded" || state == "cached")
+    code = "32";
+  else if (state == "failed")
+    code = "31";
+  else if (state == "cancelled")
+    code = "35";
+  else if (state == "queued" || state == "submitted" || state == "submitting")
+    code = "33";
+  else if (state == "building" || state == "starting")
+    code = "36";
   return absl::StrCat("\x1b[", code, "m", text, "\x1b[0m");
 }
 

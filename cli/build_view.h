@@ -57,8 +57,8 @@ struct ViewOptions {
   bool quiet = false;             // No build log lines.
   bool print_build_logs = false;  // -L: the full log on a terminal too.
   bool color = false;
-  int width = 80;                 // Terminal columns.
-  int max_status_lines = 10;      // More unfinished targets: a summary line.
+  int width = 80;             // Terminal columns.
+  int max_status_lines = 10;  // More unfinished targets: a summary line.
 };
 
 std::unique_ptr<BuildView> MakePlainView(std::vector<std::string> installables, ViewOptions options, FILE* out);
@@ -86,7 +86,7 @@ class StatusBoard {
     std::string installable;
     std::string job_id;
     std::string state = "submitting";
-    std::string detail;    // Queue reason, "reconnecting", ….
+    std::string detail;  // Queue reason, "reconnecting", ….
     std::string worker;
     std::string last_line;
     absl::Time since = absl::InfinitePast();  // Start of the current state.

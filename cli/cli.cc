@@ -69,10 +69,8 @@ int ExitCodeFor(const absl::Status& status) {
     case absl::StatusCode::kResourceExhausted:
     case absl::StatusCode::kFailedPrecondition:
     case absl::StatusCode::kPermissionDenied:
-    case absl::StatusCode::kUnauthenticated:
-      return kExitUsage;
-    default:
-      return kExitUnavailable;
+    case absl::StatusCode::kUnauthenticated: return kExitUsage;
+    default: return kExitUnavailable;
   }
 }
 
@@ -130,9 +128,9 @@ kiln::v1::FarmService::Stub& Farm(const CliOptions& options) {
 // named, with how to point the CLI at another one.
 absl::Status FromCoordinator(const grpc::Status& status, const CliOptions& options) {
   if (status.error_code() == grpc::StatusCode::UNAVAILABLE) {
-    return absl::UnavailableError(absl::StrCat("cannot reach the Kiln coordinator at ", options.coordinator,
-                                               " (set it with --coordinator or KILN_COORDINATOR): ",
-                                               status.error_message()));
+    return absl::UnavailableError(
+        absl::StrCat("cannot reach the Kiln coordinator at ", options.coordinator,
+                     " (set it with --coordinator or KILN_COORDINATOR): ", status.error_message()));
   }
   return FromGrpcStatus(status);
 }
@@ -211,9 +209,11 @@ absl::StatusOr<std::vector<std::string>> SubmitOnce(BuildService::Stub& stub, co
     for (const Target& t : targets) {
       const fs::path flake = (t.dir / "flake.nix").lexically_relative(root);
       if ((*tracked)->contains(flake.string()) || !fs::exists(t.dir / "flake.nix")) continue;
-      return absl::FailedPreconditionError(absl::StrCat(
-          "'", (t.dir / "flake.nix").string(), "' is not tracked by Git: in a Git repository a flake is its tracked "
-          "files only (as for Nix). Run: git -C '", root.string(), "' add '", flake.string(), "'"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("'", (t.dir / "flake.nix").string(),
+                       "' is not tracked by Git: in a Git repository a flake is its tracked "
+                       "files only (as for Nix). Run: git -C '",
+                       root.string(), "' add '", flake.string(), "'"));
     }
   }
   const std::string cache_path = DigestCachePath();
@@ -221,11 +221,10 @@ absl::StatusOr<std::vector<std::string>> SubmitOnce(BuildService::Stub& stub, co
   if (!cache_path.empty()) cache.emplace(cache_path);
   SourceTreeLimits limits;
   limits.max_total_bytes = uint64_t{4} << 30;  // The coordinator applies its own limit.
-  absl::StatusOr<SourceTree> tree =
-      BuildSourceTree(root.string(), limits,
-                      {.keep_file_data = false,
-                       .digest_cache = cache ? &*cache : nullptr,
-                       .only = tracked->has_value() ? &**tracked : nullptr});
+  absl::StatusOr<SourceTree> tree = BuildSourceTree(root.string(), limits,
+                                                    {.keep_file_data = false,
+                                                     .digest_cache = cache ? &*cache : nullptr,
+                                                     .only = tracked->has_value() ? &**tracked : nullptr});
   if (!tree.ok()) return tree.status();
   if (cache) cache->Save().IgnoreError();  // A cache: failing to keep it costs only time.
   // Only what the coordinator lacks crosses the wire. A small tree it lacks
@@ -303,10 +302,10 @@ absl::StatusOr<std::vector<std::string>> SubmitOnce(BuildService::Stub& stub, co
   }
   request.set_submitter(Submitter());
   if (view != nullptr && !options.quiet && uploaded.blobs_sent > 0) {
-    view->Message(absl::StrFormat(
-        "kiln: %s: uploaded %d blob(s), %s", root.string(), uploaded.blobs_sent,
-        uploaded.bytes_sent >= (1 << 20) ? absl::StrFormat("%.1f MiB", uploaded.bytes_sent / 1048576.0)
-                                         : absl::StrCat(uploaded.bytes_sent, " bytes")));
+    view->Message(absl::StrFormat("kiln: %s: uploaded %d blob(s), %s", root.string(), uploaded.blobs_sent,
+                                  uploaded.bytes_sent >= (1 << 20)
+                                      ? absl::StrFormat("%.1f MiB", uploaded.bytes_sent / 1048576.0)
+                                      : absl::StrCat(uploaded.bytes_sent, " bytes")));
   }
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
@@ -610,8 +609,10 @@ absl::StatusOr<std::vector<std::string>> TargetsFromFile(const std::string& file
   for (const nlohmann::json& t : list) {
     if (!t.is_object() || !t.contains("flake") || !t["flake"].is_string() ||
         (t.contains("attr") && !t["attr"].is_string())) {
-      return absl::InvalidArgumentError(absl::StrCat(file, ": each target needs \"flake\" (a directory) and may "
-                                                     "have \"attr\" (default \"default\"): ", t.dump()));
+      return absl::InvalidArgumentError(absl::StrCat(file,
+                                                     ": each target needs \"flake\" (a directory) and may "
+                                                     "have \"attr\" (default \"default\"): ",
+                                                     t.dump()));
     }
     const std::string attr = t.contains("attr") ? t["attr"].get<std::string>() : "default";
     out.push_back(absl::StrCat((base / t["flake"].get<std::string>()).lexically_normal().string(), "#", attr));
@@ -792,11 +793,14 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& g
       const auto& p = result.push();
       nlohmann::json layers = nlohmann::json::array();
       for (const auto& l : p.layers()) {
-        layers.push_back({{"digest", l.digest()}, {"size", l.size()}, {"skipped", l.skipped()}, {"mounted", l.mounted()}});
+        layers.push_back(
+            {{"digest", l.digest()}, {"size", l.size()}, {"skipped", l.skipped()}, {"mounted", l.mounted()}});
       }
-      entry["pushed"] = {{"image", p.image()},     {"manifestDigest", p.manifest_digest()},
+      entry["pushed"] = {{"image", p.image()},
+                         {"manifestDigest", p.manifest_digest()},
                          {"tags", std::vector<std::string>(p.tags().begin(), p.tags().end())},
-                         {"size", p.manifest_size() + p.config().size()}, {"layers", layers},
+                         {"size", p.manifest_size() + p.config().size()},
+                         {"layers", layers},
                          {"bytesUploaded", p.bytes_uploaded()}};
       for (const auto& l : p.layers()) entry["pushed"]["size"] = entry["pushed"]["size"].get<int64_t>() + l.size();
       if (!options.json) say(absl::StrCat("kiln: ", job.installable, ": pushed ", p.image()));
@@ -811,8 +815,11 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& g
     } else {
       entry["error"] = result.error_message();
       for (const kiln::v1::HashMismatch& m : result.hash_mismatches()) {
-        nlohmann::json mj = {{"name", m.name()},         {"drvPath", m.drv_path()}, {"specified", m.specified()},
-                             {"got", m.got()},           {"source", m.source()}};
+        nlohmann::json mj = {{"name", m.name()},
+                             {"drvPath", m.drv_path()},
+                             {"specified", m.specified()},
+                             {"got", m.got()},
+                             {"source", m.source()}};
         if (!m.computed_by_job().empty()) mj["computedByJob"] = m.computed_by_job();
         if (!m.computed_by_worker().empty()) mj["computedByWorker"] = m.computed_by_worker();
         entry["hashMismatches"].push_back(std::move(mj));
@@ -906,17 +913,16 @@ const char* WorkerStateName(kiln::v1::WorkerState state) {
 }
 
 nlohmann::json WorkerJson(const kiln::v1::WorkerInfo& w) {
-  nlohmann::json out = {{"name", w.name()},
-                        {"state", WorkerStateName(w.state())},
-                        {"maxJobs", w.max_jobs()},
-                        {"runningJobs", std::vector<std::string>(w.running_jobs().begin(), w.running_jobs().end())},
-                        {"systems", std::vector<std::string>(w.systems().begin(), w.systems().end())},
-                        {"supportedFeatures",
-                         std::vector<std::string>(w.supported_features().begin(), w.supported_features().end())},
-                        {"mandatoryFeatures",
-                         std::vector<std::string>(w.mandatory_features().begin(), w.mandatory_features().end())},
-                        {"labels", std::map<std::string, std::string>(w.labels().begin(), w.labels().end())},
-                        {"speedFactor", w.speed_factor()}};
+  nlohmann::json out = {
+      {"name", w.name()},
+      {"state", WorkerStateName(w.state())},
+      {"maxJobs", w.max_jobs()},
+      {"runningJobs", std::vector<std::string>(w.running_jobs().begin(), w.running_jobs().end())},
+      {"systems", std::vector<std::string>(w.systems().begin(), w.systems().end())},
+      {"supportedFeatures", std::vector<std::string>(w.supported_features().begin(), w.supported_features().end())},
+      {"mandatoryFeatures", std::vector<std::string>(w.mandatory_features().begin(), w.mandatory_features().end())},
+      {"labels", std::map<std::string, std::string>(w.labels().begin(), w.labels().end())},
+      {"speedFactor", w.speed_factor()}};
   out["loadAverage"] = w.load_average();
   out["memoryUsedFraction"] = w.memory_used_fraction();
   out["storeFreeBytes"] = w.store_free_bytes();
@@ -971,8 +977,8 @@ int ShowJobLog(const CliOptions& options, const std::string& job_id, bool follow
   kiln::v1::GetJobLogRequest request;
   request.set_job_id(job_id);
   kiln::v1::GetJobLogResponse response;
-  absl::Status s =
-      UnaryCall(options, [&](grpc::ClientContext& c) { return Coordinator(options).GetJobLog(&c, request, &response); });
+  absl::Status s = UnaryCall(
+      options, [&](grpc::ClientContext& c) { return Coordinator(options).GetJobLog(&c, request, &response); });
   if (!s.ok()) return ReportError(s);
   // A job that shared another's build (an identical job in flight, or a
   // cached result) has that job's log. Hops are bounded: a cached result of
@@ -1037,7 +1043,8 @@ int RunHistoryCommand(const CliOptions& options, int limit) {
   if (!s.ok()) return ReportError(s);
   const absl::Time now = absl::Now();
   auto result_text = [](const kiln::v1::BuildsetSummary& b) {
-    if (b.unfinished() > 0) return absl::StrFormat("running (%d of %d done)", b.targets() - b.unfinished(), b.targets());
+    if (b.unfinished() > 0)
+      return absl::StrFormat("running (%d of %d done)", b.targets() - b.unfinished(), b.targets());
     if (b.succeeded() == b.targets()) {
       return b.cached() > 0 ? absl::StrFormat("succeeded (%d cached)", b.cached()) : std::string("succeeded");
     }
@@ -1064,7 +1071,9 @@ int RunHistoryCommand(const CliOptions& options, int limit) {
           {"cancelled", b.cancelled()},
           {"unfinished", b.unfinished()},
           {"cached", b.cached()},
-          {"status", b.unfinished() > 0 ? "running" : b.succeeded() == b.targets() ? "succeeded" : "failed"},
+          {"status", b.unfinished() > 0             ? "running"
+                     : b.succeeded() == b.targets() ? "succeeded"
+                                                    : "failed"},
           {"durationSeconds", seconds(b)},
           {"installables", std::vector<std::string>(b.installables().begin(), b.installables().end())}};
       if (b.has_finished_at()) {
@@ -1100,8 +1109,8 @@ int RunCancelCommand(const CliOptions& options, const std::string& id) {
   kiln::v1::CancelJobRequest request;
   request.set_job_id(id);
   kiln::v1::CancelJobResponse response;
-  absl::Status s =
-      UnaryCall(options, [&](grpc::ClientContext& c) { return Coordinator(options).CancelJob(&c, request, &response); });
+  absl::Status s = UnaryCall(
+      options, [&](grpc::ClientContext& c) { return Coordinator(options).CancelJob(&c, request, &response); });
   if (!s.ok()) return ReportError(s);
   Out(absl::StrCat("job ", id, ": ", JobStateName(response.state())));
   return kExitOk;
@@ -1181,7 +1190,7 @@ kiln::v1::FodService::Stub& Fods(const CliOptions& options) {
 // Runs one FOD task job per target and returns each job's final result, in
 // order (the jobs run in parallel on the farm).
 absl::StatusOr<std::vector<kiln::v1::BuildResult>> RunFodJobs(const CliOptions& options,
-                                                             const std::vector<Target>& targets) {
+                                                              const std::vector<Target>& targets) {
   UploadStats uploaded;
   CliOptions quiet_options = options;
   quiet_options.quiet = true;
@@ -1202,8 +1211,8 @@ absl::StatusOr<std::vector<kiln::v1::BuildResult>> RunFodJobs(const CliOptions& 
 }
 
 nlohmann::json FodJson(const kiln::v1::FodReport& r, const std::string& status) {
-  nlohmann::json j = {{"name", r.name()},       {"drvPath", r.drv_path()}, {"declared", r.declared()},
-                      {"status", status},       {"key", r.key()},          {"wholeSource", r.whole_source()}};
+  nlohmann::json j = {{"name", r.name()}, {"drvPath", r.drv_path()}, {"declared", r.declared()},
+                      {"status", status}, {"key", r.key()},          {"wholeSource", r.whole_source()}};
   if (!r.correct().empty()) j["correct"] = r.correct();
   if (!r.source().empty()) j["source"] = r.source();
   if (!r.computed_by_job().empty()) j["computedByJob"] = r.computed_by_job();
@@ -1301,9 +1310,9 @@ int RunFodHashCommand(const CliOptions& options, const std::vector<std::string>&
       std::string line = absl::StrFormat("%-28s %-11s", r.name(), status);
       if (status == "fake" || status == "stale") {
         absl::StrAppend(&line, " ", r.declared(), " -> ", r.correct(),
-                        r.source() == "cache" ? absl::StrCat("  (cached: job ", r.computed_by_job(), " on ",
-                                                             r.computed_by_worker(), ")")
-                                              : absl::StrCat("  (computed: job ", r.computed_by_job(), ")"));
+                        r.source() == "cache"
+                            ? absl::StrCat("  (cached: job ", r.computed_by_job(), " on ", r.computed_by_worker(), ")")
+                            : absl::StrCat("  (computed: job ", r.computed_by_job(), ")"));
       } else if (status == "right") {
         absl::StrAppend(&line, " ", r.declared(), r.source() == "computed" ? "  (computed)" : "  (cached)");
       } else if (status == "failed") {
@@ -1316,7 +1325,8 @@ int RunFodHashCommand(const CliOptions& options, const std::vector<std::string>&
       Out(line);
     }
     if (r.whole_source() && !options.quiet) {
-      Err(absl::StrFormat("kiln: note: FOD '%s' takes the whole flake source as an input: every edit of the flake "
+      Err(
+          absl::StrFormat("kiln: note: FOD '%s' takes the whole flake source as an input: every edit of the flake "
                           "changes its inputs, so its hash is recomputed each time; give it only the files it "
                           "needs (e.g. the lockfile)",
                           r.name()));
@@ -1380,14 +1390,15 @@ int RunFodCommand(const CliOptions& options, const std::vector<std::string>& arg
                     e.nondeterministic() ? "  NONDETERMINISTIC" : "");
       } else {
         constexpr char kTime[] = "%Y-%m-%d %H:%M:%S UTC";
-        std::printf("key:           %s\nname:          %s\nhash:          %s\nalgo/mode:     %s/%s\n"
-                    "computed:      %s by job %s on %s\nlast verified: %s\nhits:          %llu\n"
-                    "build time:    %.3f s\ndrv:           %s\n",
-                    e.key().c_str(), e.name().c_str(), e.hash().c_str(), e.algo().c_str(), e.mode().c_str(),
-                    absl::FormatTime(kTime, FromProtoTime(e.first_computed()), absl::UTCTimeZone()).c_str(),
-                    e.computed_by_job().c_str(), e.computed_by_worker().c_str(),
-                    absl::FormatTime(kTime, FromProtoTime(e.last_verified()), absl::UTCTimeZone()).c_str(),
-                    static_cast<unsigned long long>(e.hit_count()), e.build_seconds(), e.drv_path().c_str());
+        std::printf(
+            "key:           %s\nname:          %s\nhash:          %s\nalgo/mode:     %s/%s\n"
+            "computed:      %s by job %s on %s\nlast verified: %s\nhits:          %llu\n"
+            "build time:    %.3f s\ndrv:           %s\n",
+            e.key().c_str(), e.name().c_str(), e.hash().c_str(), e.algo().c_str(), e.mode().c_str(),
+            absl::FormatTime(kTime, FromProtoTime(e.first_computed()), absl::UTCTimeZone()).c_str(),
+            e.computed_by_job().c_str(), e.computed_by_worker().c_str(),
+            absl::FormatTime(kTime, FromProtoTime(e.last_verified()), absl::UTCTimeZone()).c_str(),
+            static_cast<unsigned long long>(e.hit_count()), e.build_seconds(), e.drv_path().c_str());
         if (e.nondeterministic()) std::printf("NONDETERMINISTIC: another build gave %s\n", e.other_hash().c_str());
       }
     }

@@ -41,18 +41,18 @@ struct CliOptions {
   std::string token;  // Sent with every call when set (see LoadClientToken).
   bool json = false;
   std::string system = "x86_64-linux";
-  bool quiet = false;       // No build log, only the result.
-  bool print_build_logs = false;  // -L: the full log under the terminal view too.
+  bool quiet = false;                    // No build log, only the result.
+  bool print_build_logs = false;         // -L: the full log under the terminal view too.
   std::string priority = "interactive";  // A class name the coordinator knows.
-  int64_t timeout_seconds = 0;          // Whole job; 0: the coordinator's default.
-  int64_t max_silent_time_seconds = 0;  // Without log output; 0: no limit.
+  int64_t timeout_seconds = 0;           // Whole job; 0: the coordinator's default.
+  int64_t max_silent_time_seconds = 0;   // Without log output; 0: no limit.
   int watch_retry_seconds = 120;
-  bool detach = false;  // build: submit, print the job ids, do not wait.
-  bool rebuild = false;  // build: bypass the coordinator's result cache.
-  bool all_flakes = false;        // build: every flake.nix of the repository.
-  std::string attr = "default";   // build --all-flakes: the attribute of each.
-  std::string targets_file;       // build --file: a kiln.json listing targets.
-  std::string out_link;           // build -o: download the outputs here.
+  bool detach = false;           // build: submit, print the job ids, do not wait.
+  bool rebuild = false;          // build: bypass the coordinator's result cache.
+  bool all_flakes = false;       // build: every flake.nix of the repository.
+  std::string attr = "default";  // build --all-flakes: the attribute of each.
+  std::string targets_file;      // build --file: a kiln.json listing targets.
+  std::string out_link;          // build -o: download the outputs here.
   // build --push REGISTRY/REPOSITORY[:TAG] and --tag: the worker pushes the image.
   std::string push;
   std::vector<std::string> tags;

@@ -56,7 +56,8 @@ absl::StatusOr<std::vector<NixFile>> ReadNixFiles(const std::string& dir) {
       continue;
     }
     if (!absl::EndsWith(name, ".nix") || !it->is_regular_file(ec)) continue;
-    if (files.size() >= kMaxNixFiles) return absl::ResourceExhaustedError(absl::StrCat("more than ", kMaxNixFiles, " .nix files under ", dir));
+    if (files.size() >= kMaxNixFiles)
+      return absl::ResourceExhaustedError(absl::StrCat("more than ", kMaxNixFiles, " .nix files under ", dir));
     std::string text;
     RETURN_IF_ERROR(ReadWholeFile(it->path().string(), text));
     NixFile f;
@@ -73,7 +74,8 @@ std::vector<std::string> Spellings(const std::string& sri) {
   absl::StatusOr<NixHash> h = ParseNixHash(sri);
   if (!h.ok()) return {sri};
   const std::string algo(HashAlgoName(h->algo));
-  return {h->Sri(), h->Base32(), h->Base16(), absl::StrCat(algo, ":", h->Base32()), absl::StrCat(algo, ":", h->Base16())};
+  return {h->Sri(), h->Base32(), h->Base16(), absl::StrCat(algo, ":", h->Base32()),
+          absl::StrCat(algo, ":", h->Base16())};
 }
 
 // Occurrences of any of `literals` as a whole hash token.

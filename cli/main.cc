@@ -171,8 +171,8 @@ int main(int argc, char** argv) {
   options.quiet = absl::GetFlag(FLAGS_quiet);
   options.print_build_logs = absl::GetFlag(FLAGS_print_build_logs);
   options.timeout_seconds = absl::ToInt64Seconds(absl::GetFlag(FLAGS_timeout));
-  options.watch_retry_seconds = static_cast<int>(
-      std::max<int64_t>(1, absl::ToInt64Seconds(absl::GetFlag(FLAGS_reconnect_timeout))));
+  options.watch_retry_seconds =
+      static_cast<int>(std::max<int64_t>(1, absl::ToInt64Seconds(absl::GetFlag(FLAGS_reconnect_timeout))));
   options.max_silent_time_seconds = absl::ToInt64Seconds(absl::GetFlag(FLAGS_max_silent_time));
   options.priority = absl::GetFlag(FLAGS_priority);
   options.detach = absl::GetFlag(FLAGS_detach);

@@ -79,7 +79,8 @@ int main(int argc, char** argv) {
   if (password != nullptr && *password) {
     options.credentials = {user != nullptr && *user ? user : "nologin", password};
   } else {
-    const std::string auth_file = absl::GetFlag(FLAGS_authfile).empty() ? DefaultAuthFile() : absl::GetFlag(FLAGS_authfile);
+    const std::string auth_file =
+        absl::GetFlag(FLAGS_authfile).empty() ? DefaultAuthFile() : absl::GetFlag(FLAGS_authfile);
     if (!auth_file.empty()) {
       absl::StatusOr<kiln::RegistryCredentials> creds = kiln::LoadDockerCredentials(auth_file, ref->registry);
       if (!creds.ok()) return Fail(std::string(creds.status().message()), 2);
@@ -91,16 +92,17 @@ int main(int argc, char** argv) {
   const std::string cache_dir = kiln::UserCacheDir();
   kiln::LayerCache cache(cache_dir.empty() ? "" : cache_dir + "/layers-v1.json");
   const char* tmp = std::getenv("TMPDIR");
-  kiln::PushOptions push{.gzip_level = *gzip_level,
-                         .scratch_dir = tmp != nullptr && *tmp ? tmp : "/tmp",
-                         .cache = &cache,
-                         .oci_manifest = absl::GetFlag(FLAGS_oci),
-                         .parallel = absl::GetFlag(FLAGS_parallel) > 0
-                                         ? absl::GetFlag(FLAGS_parallel)
-                                         : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())),
-                         .make_client = [&] { return std::make_unique<kiln::HttpRegistryClient>(ref->registry, options); },
-                         .stream_hold_bytes = 8 << 20,
-                         .on_layer = nullptr};
+  kiln::PushOptions push{
+      .gzip_level = *gzip_level,
+      .scratch_dir = tmp != nullptr && *tmp ? tmp : "/tmp",
+      .cache = &cache,
+      .oci_manifest = absl::GetFlag(FLAGS_oci),
+      .parallel = absl::GetFlag(FLAGS_parallel) > 0
+                      ? absl::GetFlag(FLAGS_parallel)
+                      : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())),
+      .make_client = [&] { return std::make_unique<kiln::HttpRegistryClient>(ref->registry, options); },
+      .stream_hold_bytes = 8 << 20,
+      .on_layer = nullptr};
   // On a terminal, one line of progress rewritten in place four times a
   // second: layers in the registry, bytes sent, current rate.
   const bool terminal = ::isatty(STDERR_FILENO) == 1 && !absl::GetFlag(FLAGS_json);
@@ -144,9 +146,12 @@ int main(int argc, char** argv) {
     for (const auto& l : report->layers) {
       layers.push_back({{"digest", l.digest}, {"size", l.size}, {"skipped", l.skipped}, {"mounted", l.mounted}});
     }
-    std::printf("%s\n", nlohmann::json{{"image", image}, {"manifestDigest", report->manifest_digest},
-                                       {"tags", report->tags}, {"layers", layers},
-                                       {"bytesUploaded", report->bytes_uploaded}, {"seconds", seconds}}
+    std::printf("%s\n", nlohmann::json{{"image", image},
+                                       {"manifestDigest", report->manifest_digest},
+                                       {"tags", report->tags},
+                                       {"layers", layers},
+                                       {"bytesUploaded", report->bytes_uploaded},
+                                       {"seconds", seconds}}
                             .dump()
                             .c_str());
   } else {

@@ -45,8 +45,8 @@ absl::Status FindMissing(kiln::v1::CasService::Stub& stub, const std::vector<Dig
     SetDeadline(context, absl::Minutes(2));
     kiln::v1::FindMissingBlobsResponse response;
     if (grpc::Status s = stub.FindMissingBlobs(&context, request, &response); !s.ok()) {
-      return absl::Status(FromGrpcStatus(s).code(), absl::StrCat("asking the coordinator which blobs it lacks: ",
-                                                                 s.error_message()));
+      return absl::Status(FromGrpcStatus(s).code(),
+                          absl::StrCat("asking the coordinator which blobs it lacks: ", s.error_message()));
     }
     ++stats->round_trips;
     stats->digests_asked += static_cast<uint64_t>(request.files_size() + request.directories_size());
@@ -65,8 +65,8 @@ struct BlobToSend {
 // One WriteBlobs call carrying `blobs` in order. File bytes are read from
 // the tree's paths; a file that changed since it was hashed is refused by
 // the coordinator (its digest no longer matches).
-absl::Status WriteStream(kiln::v1::CasService::Stub& stub, const std::vector<BlobToSend>& blobs,
-                         const SourceTree& tree, UploadStats* stats, absl::Duration timeout) {
+absl::Status WriteStream(kiln::v1::CasService::Stub& stub, const std::vector<BlobToSend>& blobs, const SourceTree& tree,
+                         UploadStats* stats, absl::Duration timeout) {
   if (blobs.empty()) return absl::OkStatus();
   grpc::ClientContext context;
   SetDeadline(context, timeout);
@@ -229,8 +229,7 @@ absl::StatusOr<bool> HasDirectory(kiln::v1::CasService::Stub& stub, const Digest
 }
 
 absl::Status FetchBlobs(kiln::v1::CasService::Stub& stub, const std::vector<Digest>& digests,
-                        absl::FunctionRef<absl::Status(const Digest&, std::string&&)> on_blob,
-                        absl::Duration timeout) {
+                        absl::FunctionRef<absl::Status(const Digest&, std::string&&)> on_blob, absl::Duration timeout) {
   if (digests.empty()) return absl::OkStatus();
   kiln::v1::ReadBlobsRequest request;
   for (const Digest& d : digests) *request.add_digests() = d;

@@ -15,9 +15,9 @@ namespace kiln {
 
 struct UploadStats {
   uint64_t blobs_sent = 0;
-  uint64_t bytes_sent = 0;      // Blob bytes (not framing).
-  uint64_t round_trips = 0;     // FindMissingBlobs calls.
-  uint64_t digests_asked = 0;   // Digests sent in those calls.
+  uint64_t bytes_sent = 0;     // Blob bytes (not framing).
+  uint64_t round_trips = 0;    // FindMissingBlobs calls.
+  uint64_t digests_asked = 0;  // Digests sent in those calls.
 };
 
 // Makes the coordinator hold `tree`. Asks for the root directory first and

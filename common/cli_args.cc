@@ -70,8 +70,8 @@ absl::Status CheckPrintableName(absl::string_view what, absl::string_view value,
         absl::StrCat(what, " is ", value.size(), " bytes long; at most ", max_bytes, " are allowed"));
   }
   if (std::any_of(value.begin(), value.end(), IsControlChar)) {
-    return absl::InvalidArgumentError(absl::StrCat(what, " '", TerminalSafe(value, false),
-                                                   "' has a control character; names are printable text"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " '", TerminalSafe(value, false), "' has a control character; names are printable text"));
   }
   return absl::OkStatus();
 }
@@ -80,9 +80,9 @@ absl::StatusOr<std::string> ReadPrivateTokenFile(const std::string& path) {
   struct stat st {};
   if (::stat(path.c_str(), &st) != 0) return absl::NotFoundError(absl::StrCat("no token file ", path));
   if ((st.st_mode & 077) != 0) {
-    return absl::PermissionDeniedError(
-        absl::StrCat(path, " may be read by others (mode ", absl::StrFormat("%04o", st.st_mode & 07777),
-                     "): a token file must be private; chmod 600 ", path));
+    return absl::PermissionDeniedError(absl::StrCat(path, " may be read by others (mode ",
+                                                    absl::StrFormat("%04o", st.st_mode & 07777),
+                                                    "): a token file must be private; chmod 600 ", path));
   }
   std::string text;
   RETURN_IF_ERROR(ReadWholeFile(path, text));
@@ -100,8 +100,7 @@ absl::StatusOr<std::map<std::string, std::string>> ParseLabels(const std::vector
     RETURN_IF_ERROR(CheckPrintableName("label key", key, 128));
     RETURN_IF_ERROR(CheckPrintableName(absl::StrCat("label '", key, "' value"), value, 256));
     if (!labels.emplace(key, value).second) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("label '", key, "' is given twice; a label has one value"));
+      return absl::InvalidArgumentError(absl::StrCat("label '", key, "' is given twice; a label has one value"));
     }
   }
   return labels;

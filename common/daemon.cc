@@ -26,7 +26,8 @@ int AwaitTerminationSignal(const sigset_t& signals) {
 absl::Status ApplyLogLevel(absl::string_view level) {
   LogLevel parsed;
   if (!ParseLogLevel(level, &parsed)) {
-    return absl::InvalidArgumentError(absl::StrCat("bad --log-level '", level, "': want debug, info, warning or error"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("bad --log-level '", level, "': want debug, info, warning or error"));
   }
   SetMinLogLevel(parsed);
   return absl::OkStatus();

@@ -221,8 +221,8 @@ absl::StatusOr<std::vector<ClosureFod>> FixedOutputsOfClosure(const std::string&
     for (const auto& [input, outputs] : drv->input_drvs) {
       if (!seen.insert(input).second) continue;
       if (seen.size() > max_derivations) {
-        return absl::ResourceExhaustedError(absl::StrCat("the closure of ", top_drv, " has more than ",
-                                                         max_derivations, " derivations"));
+        return absl::ResourceExhaustedError(
+            absl::StrCat("the closure of ", top_drv, " has more than ", max_derivations, " derivations"));
       }
       pending.push_back(input);
     }

@@ -37,10 +37,10 @@ absl::StatusOr<Derivation> ParseDerivation(absl::string_view aterm);
 
 // What a fixed-output derivation declares, with the key of what it computes.
 struct FixedOutput {
-  std::string name;          // The derivation's name ("node-modules").
-  std::string output_path;   // Depends on the declared hash.
-  std::string mode;          // "flat", "recursive" or "text".
-  NixHash declared;          // All zeros for `lib.fakeHash` and "".
+  std::string name;         // The derivation's name ("node-modules").
+  std::string output_path;  // Depends on the declared hash.
+  std::string mode;         // "flat", "recursive" or "text".
+  NixHash declared;         // All zeros for `lib.fakeHash` and "".
   // Hex SHA-256 of everything that determines the output and nothing that
   // depends on the declared hash: system, builder, args and env with every
   // output path blanked and outputHash removed, the hash algorithm and mode,
@@ -64,7 +64,7 @@ struct ClosureFod {
 // from the local store, and returns the FODs among them (`top_drv` included),
 // in the order met. More than `max_derivations` files is an error.
 absl::StatusOr<std::vector<ClosureFod>> FixedOutputsOfClosure(const std::string& top_drv,
-                                                             size_t max_derivations = 200000);
+                                                              size_t max_derivations = 200000);
 
 // "/nix/store/<32 chars>-name[.drv]" -> "name".
 std::string StorePathName(absl::string_view path);

@@ -18,11 +18,11 @@
 namespace kiln {
 
 struct HashMismatch {
-  std::string path;        // The .drv, or the output path for Nix ≤ 2.3.
+  std::string path;  // The .drv, or the output path for Nix ≤ 2.3.
   bool path_is_drv = false;
-  std::string specified;   // SRI
-  std::string got;         // SRI
-  std::string url;         // Lix's "likely URL", when given.
+  std::string specified;  // SRI
+  std::string got;        // SRI
+  std::string url;        // Lix's "likely URL", when given.
 };
 
 // Every mismatch in `text`, in order (`--keep-going` reports several).

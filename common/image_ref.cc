@@ -57,7 +57,8 @@ bool IsDomainComponent(absl::string_view c) {
 // brackets; a port of 1–5 digits.
 bool IsRegistry(absl::string_view r) {
   absl::string_view host = r;
-  if (const size_t colon = r.rfind(':'); colon != absl::string_view::npos && r.find(']', colon) == absl::string_view::npos) {
+  if (const size_t colon = r.rfind(':');
+      colon != absl::string_view::npos && r.find(']', colon) == absl::string_view::npos) {
     const absl::string_view port = r.substr(colon + 1);
     if (port.empty() || port.size() > 5 || !absl::c_all_of(port, absl::ascii_isdigit)) return false;
     host = r.substr(0, colon);
@@ -103,12 +104,13 @@ std::string ImageRef::ToString() const {
 }
 
 absl::Status ValidateImageTag(absl::string_view tag) {
-  const bool ok = !tag.empty() && tag.size() <= kMaxTagLength &&
-                  (absl::ascii_isalnum(tag[0]) || tag[0] == '_') &&
-                  absl::c_all_of(tag, [](char c) { return absl::ascii_isalnum(c) || c == '_' || c == '.' || c == '-'; });
+  const bool ok =
+      !tag.empty() && tag.size() <= kMaxTagLength && (absl::ascii_isalnum(tag[0]) || tag[0] == '_') &&
+      absl::c_all_of(tag, [](char c) { return absl::ascii_isalnum(c) || c == '_' || c == '.' || c == '-'; });
   if (ok) return absl::OkStatus();
-  return Refuse(tag, "not a tag: a tag starts with a letter, digit or '_' and goes on with letters, digits, '.', "
-                     "'_' or '-', at most 128 characters");
+  return Refuse(tag,
+                "not a tag: a tag starts with a letter, digit or '_' and goes on with letters, digits, '.', "
+                "'_' or '-', at most 128 characters");
 }
 
 absl::StatusOr<ImageRef> ParseImageRef(absl::string_view text) {
@@ -145,8 +147,8 @@ absl::StatusOr<ImageRef> ParseImageRef(absl::string_view text) {
       return Refuse(text, absl::StrCat("an empty path component ('/' at an end or two in a row): ", kComponentRule));
     }
     if (!IsPathComponent(component)) {
-      return Refuse(text, absl::StrCat("path component '", absl::CHexEscape(component), "' is not allowed: ",
-                                       kComponentRule));
+      return Refuse(
+          text, absl::StrCat("path component '", absl::CHexEscape(component), "' is not allowed: ", kComponentRule));
     }
   }
   ref.repository = std::string(rest);
@@ -179,9 +181,9 @@ absl::StatusOr<ImageRef> ParsePushRepository(absl::string_view repository) {
 
 absl::StatusOr<ImagePattern> ParseImagePattern(absl::string_view text) {
   const auto refuse = [&](absl::string_view why) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "push pattern '", absl::CHexEscape(text.substr(0, 300)), "': ", why,
-        " (REGISTRY/REPOSITORY[:TAG], globs within a part, e.g. rg.fr-par.scw.cloud/team/*:testing)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("push pattern '", absl::CHexEscape(text.substr(0, 300)), "': ", why,
+                     " (REGISTRY/REPOSITORY[:TAG], globs within a part, e.g. rg.fr-par.scw.cloud/team/*:testing)"));
   };
   const size_t slash = text.find('/');
   if (slash == absl::string_view::npos || slash == 0) return refuse("names no registry");

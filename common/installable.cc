@@ -18,9 +18,9 @@ absl::Status ValidateAttrPath(absl::string_view attr) {
       ok = ok && (absl::ascii_isalnum(c) || c == '_' || c == '-' || c == '\'');
     }
     if (!ok) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "invalid attribute path '", attr,
-          "': each dot-separated part must be a Nix identifier (letters, digits, _ - ')"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("invalid attribute path '", attr,
+                       "': each dot-separated part must be a Nix identifier (letters, digits, _ - ')"));
     }
   }
   return absl::OkStatus();
@@ -33,8 +33,8 @@ absl::StatusOr<Installable> ParseInstallable(absl::string_view text) {
   out.attr = hash == absl::string_view::npos ? "default" : std::string(text.substr(hash + 1));
   if (path.empty()) path = ".";
   if (path.find(':') != absl::string_view::npos && !absl::StartsWith(path, "path:")) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "'", text, "': only local flake directories can be built remotely (PATH#ATTR)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("'", text, "': only local flake directories can be built remotely (PATH#ATTR)"));
   }
   absl::ConsumePrefix(&path, "path:");
   out.flake_dir = std::string(path);

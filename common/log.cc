@@ -25,11 +25,16 @@ void SetLogFormat(LogFormat format) { log_format = static_cast<int>(format); }
 bool LogEnabled(LogLevel level) { return static_cast<int>(level) >= min_level.load(std::memory_order_relaxed); }
 
 bool ParseLogLevel(absl::string_view text, LogLevel* level) {
-  if (text == "debug") *level = LogLevel::kDebug;
-  else if (text == "info") *level = LogLevel::kInfo;
-  else if (text == "warning" || text == "warn") *level = LogLevel::kWarning;
-  else if (text == "error") *level = LogLevel::kError;
-  else return false;
+  if (text == "debug")
+    *level = LogLevel::kDebug;
+  else if (text == "info")
+    *level = LogLevel::kInfo;
+  else if (text == "warning" || text == "warn")
+    *level = LogLevel::kWarning;
+  else if (text == "error")
+    *level = LogLevel::kError;
+  else
+    return false;
   return true;
 }
 
@@ -62,9 +67,8 @@ std::string FormatLogLine(LogFormat format, absl::string_view time, LogLevel lev
 void LogLine(LogLevel level, absl::string_view component, const LogFields& fields, absl::string_view message) {
   if (static_cast<int>(level) < min_level) return;
   const std::string time = FormatTimestamp(absl::Now());
-  std::string line =
-      FormatLogLine(static_cast<LogFormat>(log_format.load(std::memory_order_relaxed)), time, level, component,
-                    fields, message);
+  std::string line = FormatLogLine(static_cast<LogFormat>(log_format.load(std::memory_order_relaxed)), time, level,
+                                   component, fields, message);
   line.push_back('\n');
   (void)!::write(STDERR_FILENO, line.data(), line.size());
 }

@@ -28,8 +28,8 @@ void Respond(mg_connection* conn, int status, const char* content_type, const st
   mg_response_header_add(conn, "Cache-Control", "no-store", -1);
   mg_response_header_send(conn);
   const mg_request_info* request = mg_get_request_info(conn);
-  const bool head = request != nullptr && request->request_method != nullptr &&
-                    std::string_view(request->request_method) == "HEAD";
+  const bool head =
+      request != nullptr && request->request_method != nullptr && std::string_view(request->request_method) == "HEAD";
   if (!head && !body.empty()) mg_write(conn, body.data(), body.size());
 }
 
@@ -50,8 +50,7 @@ absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
   server->readiness_ = std::move(readiness);
 
   // Two threads: a scrape and a probe never wait for each other.
-  const char* options[] = {"listening_ports", address.c_str(), "num_threads", "2", "enable_keep_alive", "yes",
-                           nullptr};
+  const char* options[] = {"listening_ports", address.c_str(), "num_threads", "2", "enable_keep_alive", "yes", nullptr};
   mg_callbacks callbacks = {};
   mg_init_data init = {};
   init.callbacks = &callbacks;

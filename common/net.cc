@@ -88,9 +88,7 @@ bool IsLoopbackHost(absl::string_view host) {
   return all_loopback;
 }
 
-bool IsAtomicWriteLeftover(absl::string_view file_name) {
-  return absl::StrContains(file_name, kAtomicWriteSuffix);
-}
+bool IsAtomicWriteLeftover(absl::string_view file_name) { return absl::StrContains(file_name, kAtomicWriteSuffix); }
 
 absl::Status WriteFileAtomically(const std::string& path, absl::string_view contents) {
   // A name of its own per write: two writers of one path (two jobs fetching
@@ -99,8 +97,8 @@ absl::Status WriteFileAtomically(const std::string& path, absl::string_view cont
   const std::string tmp = absl::StrCat(path, kAtomicWriteSuffix, ::getpid(), ".", counter.fetch_add(1));
   const auto fail = [&](absl::string_view what, int error) {
     ::unlink(tmp.c_str());  // Whatever was written of it goes too.
-    const absl::StatusCode code = error == ENOSPC || error == EDQUOT ? absl::StatusCode::kResourceExhausted
-                                                                      : absl::StatusCode::kInternal;
+    const absl::StatusCode code =
+        error == ENOSPC || error == EDQUOT ? absl::StatusCode::kResourceExhausted : absl::StatusCode::kInternal;
     return absl::Status(code, absl::StrCat("cannot ", what, " ", path, ": ", std::strerror(error)));
   };
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);

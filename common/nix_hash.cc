@@ -28,8 +28,8 @@ absl::StatusOr<std::string> DecodeDigits(absl::string_view digits, HashAlgo algo
     }
     return bytes;
   }
-  return absl::InvalidArgumentError(absl::StrCat("'", digits, "' has the wrong length for a ", HashAlgoName(algo),
-                                                 " hash"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("'", digits, "' has the wrong length for a ", HashAlgoName(algo), " hash"));
 }
 
 }  // namespace
@@ -121,7 +121,8 @@ absl::StatusOr<NixHash> ParseNixHash(absl::string_view text, std::optional<HashA
   bool sri = false;
   if (size_t sep = text.find_first_of(":-"); sep != absl::string_view::npos) {
     absl::StatusOr<HashAlgo> named = ParseHashAlgo(text.substr(0, sep));
-    if (!named.ok()) return absl::InvalidArgumentError(absl::StrCat("'", text, "' is not a hash: ", named.status().message()));
+    if (!named.ok())
+      return absl::InvalidArgumentError(absl::StrCat("'", text, "' is not a hash: ", named.status().message()));
     if (algo && *algo != *named) {
       return absl::InvalidArgumentError(absl::StrCat("'", text, "' is not a ", HashAlgoName(*algo), " hash"));
     }

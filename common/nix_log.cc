@@ -104,8 +104,8 @@ std::optional<NixLogEvent> NixLogParser::ParseLine(absl::string_view line) {
   if (action == "start") {
     uint64_t id = JsonInt<uint64_t>(j, "id", 0);
     int type = JsonInt<int>(j, "type", 0);
-    if (type == kActivityBuild && j.contains("fields") && j["fields"].is_array() &&
-        !j["fields"].empty() && j["fields"][0].is_string()) {
+    if (type == kActivityBuild && j.contains("fields") && j["fields"].is_array() && !j["fields"].empty() &&
+        j["fields"][0].is_string()) {
       const std::string drv = j["fields"][0].get<std::string>();
       activity_derivation_[id] = DerivationShortName(drv);
       build_index_[id] = builds_.size();

@@ -29,9 +29,7 @@ void SerialExecutor::SetAfterBatch(absl::AnyInvocable<void()> fn) {
   after_batch_ = std::move(fn);
 }
 
-bool SerialExecutor::IsCurrent() const {
-  return std::this_thread::get_id() == thread_.get_id();
-}
+bool SerialExecutor::IsCurrent() const { return std::this_thread::get_id() == thread_.get_id(); }
 
 size_t SerialExecutor::Pending() const {
   absl::MutexLock lock(&mu_);
@@ -49,9 +47,8 @@ void SerialExecutor::Run() {
     {
       absl::MutexLock lock(&mu_);
       mu_.Await(absl::Condition(
-          +[](SerialExecutor* self) ABSL_EXCLUSIVE_LOCKS_REQUIRED(self->mu_) {
-            return self->stopping_ || !self->queue_.empty();
-          },
+          +[](SerialExecutor* self)
+               ABSL_EXCLUSIVE_LOCKS_REQUIRED(self->mu_) { return self->stopping_ || !self->queue_.empty(); },
           this));
       if (queue_.empty()) return;  // Stopping and drained.
       batch.swap(queue_);

@@ -42,8 +42,8 @@ absl::Status TooLarge(const SourceTreeLimits& limits) {
 absl::Status ValidateName(absl::string_view name, absl::string_view where) {
   if (name.empty() || name == "." || name == ".." || name.find('/') != absl::string_view::npos ||
       name.find('\0') != absl::string_view::npos) {
-    return absl::InvalidArgumentError(absl::StrCat("source tree entry '", name, "' in '", where,
-                                                   "' is not a plain file name"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("source tree entry '", name, "' in '", where, "' is not a plain file name"));
   }
   return absl::OkStatus();
 }
@@ -155,8 +155,8 @@ absl::Status Walk(const Digest& root, const BlobLookup& lookup, const SourceTree
     RETURN_IF_ERROR(on_dir(p.path, *dir));
     for (int i = dir->directories_size() - 1; i >= 0; --i) {
       const auto& child = dir->directories(i);
-      stack.push_back({child.digest(), p.path.empty() ? child.name() : absl::StrCat(p.path, "/", child.name()),
-                       p.depth + 1});
+      stack.push_back(
+          {child.digest(), p.path.empty() ? child.name() : absl::StrCat(p.path, "/", child.name()), p.depth + 1});
     }
   }
   return absl::OkStatus();
@@ -172,8 +172,9 @@ Digest MakeDigest(std::string hash, size_t size) {
 // Calls `fn` with the file's bytes in order, through one reused buffer per
 // thread (a fresh zeroed buffer per file cost more than hashing small files).
 // `before(fd)` runs once the file is open, before its first read.
-absl::Status ReadFileChunks(const std::string& path, absl::FunctionRef<void(absl::string_view)> fn,
-                            absl::FunctionRef<void(int fd)> before = [](int) {}) {
+absl::Status ReadFileChunks(
+    const std::string& path, absl::FunctionRef<void(absl::string_view)> fn,
+    absl::FunctionRef<void(int fd)> before = [](int) {}) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return absl::NotFoundError(absl::StrCat("cannot read ", path, ": ", std::strerror(errno)));
   before(fd);
@@ -403,8 +404,7 @@ DigestCache::DigestCache(std::string file) : file_(std::move(file)) {
 
 const Digest* DigestCache::Lookup(const std::string& path, uint64_t size, int64_t mtime_ns, uint64_t inode) const {
   auto it = entries_.find(path);
-  if (it == entries_.end() || it->second.size != size || it->second.mtime_ns != mtime_ns ||
-      it->second.inode != inode) {
+  if (it == entries_.end() || it->second.size != size || it->second.mtime_ns != mtime_ns || it->second.inode != inode) {
     return nullptr;
   }
   ++hits_;
@@ -451,11 +451,9 @@ absl::StatusOr<std::optional<absl::flat_hash_set<std::string>>> GitTrackedFiles(
     if (p == p.root_path()) break;
   }
   if (!in_repo) return std::nullopt;
-  absl::StatusOr<CommandResult> run =
-      RunCommand({.argv = {"git", "-c", "core.quotepath=off", "ls-files", "-z", "--cached"}, .extra_env = {},
-                  .cwd = dir},
-                 "",
-                 absl::Seconds(60));
+  absl::StatusOr<CommandResult> run = RunCommand(
+      {.argv = {"git", "-c", "core.quotepath=off", "ls-files", "-z", "--cached"}, .extra_env = {}, .cwd = dir}, "",
+      absl::Seconds(60));
   if (!run.ok() || !run->exit.Success()) return std::nullopt;  // No git: the whole directory, as for a path.
   absl::flat_hash_set<std::string> files;
   for (absl::string_view path : absl::StrSplit(run->stdout_data, '\0', absl::SkipEmpty())) {
@@ -575,12 +573,12 @@ absl::Status MaterializeTree(const Digest& root, const BlobLookup& lookup, const
     for (const auto& file : dir.files()) {
       const std::string* data = lookup(file.digest().hash());
       if (data == nullptr) {
-        return absl::NotFoundError(absl::StrCat("source file '", path, path.empty() ? "" : "/", file.name(),
-                                                "' is missing"));
+        return absl::NotFoundError(
+            absl::StrCat("source file '", path, path.empty() ? "" : "/", file.name(), "' is missing"));
       }
       if (absl::Status s = VerifyBlob(file.digest(), *data); !s.ok()) {
-        return absl::InvalidArgumentError(absl::StrCat("source file '", path, path.empty() ? "" : "/", file.name(),
-                                                       "': ", s.message()));
+        return absl::InvalidArgumentError(
+            absl::StrCat("source file '", path, path.empty() ? "" : "/", file.name(), "': ", s.message()));
       }
       RETURN_IF_ERROR(WriteFile(here / file.name(), *data, file.is_executable()));
     }

@@ -144,7 +144,7 @@ int32_t LinkEscape(absl::string_view target);
 // Parses a directory blob and checks it alone: it parses, is canonical (the
 // bytes are exactly its serialization), names are plain, sorted and unique.
 absl::StatusOr<kiln::v1::Directory> ParseCanonicalDirectory(absl::string_view data,
-                                                           const SourceTreeLimits& limits = {});
+                                                            const SourceTreeLimits& limits = {});
 
 // Whether a whole tree, summarised, is within `limits` and keeps its links
 // inside; the error names what is not.

@@ -48,7 +48,7 @@ absl::Status WithContext(const absl::Status& status, const Context&... context) 
 #define ASSIGN_OR_RETURN(lhs, expr, ...) \
   KILN_ASSIGN_OR_RETURN_IMPL(KILN_STATUS_MACROS_CONCAT(kiln_statusor_macro_, __LINE__), lhs, expr, ##__VA_ARGS__)
 
-#define KILN_ASSIGN_OR_RETURN_IMPL(tmp, lhs, expr, ...)                     \
-  auto tmp = (expr);                                                        \
+#define KILN_ASSIGN_OR_RETURN_IMPL(tmp, lhs, expr, ...)                   \
+  auto tmp = (expr);                                                      \
   if (!tmp.ok()) return ::kiln::WithContext(tmp.status(), ##__VA_ARGS__); \
   lhs = *std::move(tmp)

@@ -103,8 +103,7 @@ absl::StatusOr<Spawned> SpawnWithPipes(const ProcessSpec& spec, bool want_stdin)
 
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);
-  auto destroy_actions =
-      absl::MakeCleanup([&] { posix_spawn_file_actions_destroy(&actions); });
+  auto destroy_actions = absl::MakeCleanup([&] { posix_spawn_file_actions_destroy(&actions); });
   if (want_stdin) {
     posix_spawn_file_actions_adddup2(&actions, in[0], STDIN_FILENO);
   } else {
@@ -126,8 +125,7 @@ absl::StatusOr<Spawned> SpawnWithPipes(const ProcessSpec& spec, bool want_stdin)
   posix_spawnattr_setsigdefault(&attr, &all);
   posix_spawnattr_setsigmask(&attr, &none);
   posix_spawnattr_setpgroup(&attr, 0);
-  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGDEF |
-                                      POSIX_SPAWN_SETSIGMASK);
+  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK);
 
   std::vector<std::string> argv = spec.argv;
   std::vector<std::string> env = BuildEnv(spec.extra_env);
@@ -136,8 +134,7 @@ absl::StatusOr<Spawned> SpawnWithPipes(const ProcessSpec& spec, bool want_stdin)
   pid_t pid = -1;
   int rc = ::posix_spawnp(&pid, c_argv[0], &actions, &attr, c_argv.data(), c_env.data());
   if (rc != 0) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("cannot run '", spec.argv[0], "': ", std::strerror(rc)));
+    return absl::FailedPreconditionError(absl::StrCat("cannot run '", spec.argv[0], "': ", std::strerror(rc)));
   }
   Spawned s;
   s.pid = pid;
@@ -173,9 +170,8 @@ std::string ExitInfo::ToString() const {
   return absl::StrCat("exit code ", exit_code);
 }
 
-absl::StatusOr<CommandResult> RunCommand(const ProcessSpec& spec,
-                                         absl::string_view stdin_data,
-                                         absl::Duration timeout, size_t max_output) {
+absl::StatusOr<CommandResult> RunCommand(const ProcessSpec& spec, absl::string_view stdin_data, absl::Duration timeout,
+                                         size_t max_output) {
   absl::StatusOr<Spawned> spawned = SpawnWithPipes(spec, /*want_stdin=*/true);
   if (!spawned.ok()) return spawned.status();
   Spawned s = *spawned;
@@ -193,9 +189,18 @@ absl::StatusOr<CommandResult> RunCommand(const ProcessSpec& spec,
     pollfd fds[3];
     int n = 0;
     int idx_in = -1, idx_out = -1, idx_err = -1;
-    if (s.stdin_fd >= 0) { idx_in = n; fds[n++] = {s.stdin_fd, POLLOUT, 0}; }
-    if (s.stdout_fd >= 0) { idx_out = n; fds[n++] = {s.stdout_fd, POLLIN, 0}; }
-    if (s.stderr_fd >= 0) { idx_err = n; fds[n++] = {s.stderr_fd, POLLIN, 0}; }
+    if (s.stdin_fd >= 0) {
+      idx_in = n;
+      fds[n++] = {s.stdin_fd, POLLOUT, 0};
+    }
+    if (s.stdout_fd >= 0) {
+      idx_out = n;
+      fds[n++] = {s.stdout_fd, POLLIN, 0};
+    }
+    if (s.stderr_fd >= 0) {
+      idx_err = n;
+      fds[n++] = {s.stderr_fd, POLLIN, 0};
+    }
     absl::Duration left = deadline - absl::Now();
     if (left <= absl::ZeroDuration()) {
       timed_out = true;
@@ -229,12 +234,11 @@ absl::StatusOr<CommandResult> RunCommand(const ProcessSpec& spec,
   CloseFd(s.stdout_fd);
   CloseFd(s.stderr_fd);
   int status = 0;
-  while (::waitpid(s.pid, &status, 0) < 0 && errno == EINTR) {
-  }
+  while (::waitpid(s.pid, &status, 0) < 0 && errno == EINTR) {}
   result.exit = DecodeWaitStatus(status);
   if (timed_out) {
-    return absl::DeadlineExceededError(absl::StrCat(
-        "'", spec.argv[0], "' did not finish within ", absl::FormatDuration(timeout)));
+    return absl::DeadlineExceededError(
+        absl::StrCat("'", spec.argv[0], "' did not finish within ", absl::FormatDuration(timeout)));
   }
   return result;
 }
@@ -270,8 +274,8 @@ std::string ProcessStartTime(pid_t pid) {
   // The command name (field 2) is in parentheses and may hold anything.
   const size_t close = stat.rfind(')');
   if (close == std::string::npos) return "";
-  std::vector<absl::string_view> fields = absl::StrSplit(absl::string_view(stat).substr(close + 1), ' ',
-                                                         absl::SkipEmpty());
+  std::vector<absl::string_view> fields =
+      absl::StrSplit(absl::string_view(stat).substr(close + 1), ' ', absl::SkipEmpty());
   // Fields from 3 on; the start time is the 22nd.
   if (fields.size() < 20) return "";
   return std::string(fields[19]);
@@ -294,8 +298,7 @@ int ProcessSupervisor::StopLeftovers(const std::string& ledger_dir, absl::Durati
     // A recorded start time that is empty (the child was gone before it was
     // read) matches nothing; /proc is read once per entry.
     if (absl::SimpleAtoi(entry.path().filename().string(), &pid) && pid > 1 &&
-        ReadWholeFile(entry.path().string(), started).ok() &&
-        !absl::StripAsciiWhitespace(started).empty() &&
+        ReadWholeFile(entry.path().string(), started).ok() && !absl::StripAsciiWhitespace(started).empty() &&
         ProcessStartTime(pid) == absl::StripAsciiWhitespace(started)) {
       ::kill(-pid, SIGTERM);
       stopping.push_back(pid);
@@ -340,8 +343,8 @@ void ProcessSupervisor::Wake() {
   (void)!::write(wake_fds_[1], &c, 1);
 }
 
-absl::StatusOr<ProcessSupervisor::ProcessId> ProcessSupervisor::Spawn(
-    const ProcessSpec& spec, LineCallback on_line, ExitCallback on_exit) {
+absl::StatusOr<ProcessSupervisor::ProcessId> ProcessSupervisor::Spawn(const ProcessSpec& spec, LineCallback on_line,
+                                                                      ExitCallback on_exit) {
   absl::StatusOr<Spawned> spawned = SpawnWithPipes(spec, /*want_stdin=*/false);
   if (!spawned.ok()) return spawned.status();
   auto child = std::make_shared<Child>();
@@ -422,8 +425,14 @@ void ProcessSupervisor::Loop() {
     fds.push_back({wake_fds_[0], POLLIN, 0});
     owners.push_back({nullptr, false});
     for (auto& [_, c] : live) {
-      if (c->stdout_fd >= 0) { fds.push_back({c->stdout_fd, POLLIN, 0}); owners.push_back({c.get(), false}); }
-      if (c->stderr_fd >= 0) { fds.push_back({c->stderr_fd, POLLIN, 0}); owners.push_back({c.get(), true}); }
+      if (c->stdout_fd >= 0) {
+        fds.push_back({c->stdout_fd, POLLIN, 0});
+        owners.push_back({c.get(), false});
+      }
+      if (c->stderr_fd >= 0) {
+        fds.push_back({c->stderr_fd, POLLIN, 0});
+        owners.push_back({c.get(), true});
+      }
     }
     // Without a pidfd, a child whose streams closed is about to exit: look
     // again soon. The 100 ms otherwise bounds how late an exit is noticed
@@ -441,8 +450,7 @@ void ProcessSupervisor::Loop() {
     int rc = ::poll(fds.data(), fds.size(), exiting ? 1 : 100);
     if (rc < 0 && errno != EINTR) continue;
     if (fds[0].revents) {
-      while (::read(wake_fds_[0], buf, sizeof buf) > 0) {
-      }
+      while (::read(wake_fds_[0], buf, sizeof buf) > 0) {}
     }
     for (size_t i = 1; i < fds.size(); ++i) {
       if (!fds[i].revents) continue;
@@ -496,8 +504,7 @@ void ProcessSupervisor::Loop() {
           absl::MutexLock lock(&mu_);
           ::kill(-c->pid, SIGKILL);
           int status = 0;
-          while (::waitpid(c->pid, &status, 0) < 0 && errno == EINTR) {
-          }
+          while (::waitpid(c->pid, &status, 0) < 0 && errno == EINTR) {}
           c->exited = true;
           c->exit = DecodeWaitStatus(status);
           CloseFd(c->pid_fd);

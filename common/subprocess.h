@@ -52,10 +52,8 @@ struct CommandResult {
 // Runs `spec` to completion, feeding it `stdin_data`. Output beyond
 // `max_output` bytes per stream is discarded. After `timeout` the process group
 // is killed and DeadlineExceeded is returned.
-absl::StatusOr<CommandResult> RunCommand(const ProcessSpec& spec,
-                                         absl::string_view stdin_data = "",
-                                         absl::Duration timeout = absl::Minutes(10),
-                                         size_t max_output = 64 << 20);
+absl::StatusOr<CommandResult> RunCommand(const ProcessSpec& spec, absl::string_view stdin_data = "",
+                                         absl::Duration timeout = absl::Minutes(10), size_t max_output = 64 << 20);
 
 class ProcessSupervisor {
  public:
@@ -64,8 +62,7 @@ class ProcessSupervisor {
   using LineCallback = absl::AnyInvocable<void(absl::string_view line)>;
   // Called once on the supervisor thread after the child exited and both its
   // streams closed. `stdout_data` is capped at `kMaxStdout`.
-  using ExitCallback =
-      absl::AnyInvocable<void(ExitInfo exit, std::string stdout_data) &&>;
+  using ExitCallback = absl::AnyInvocable<void(ExitInfo exit, std::string stdout_data) &&>;
 
   static constexpr size_t kMaxLineBytes = 64 << 10;
   static constexpr size_t kMaxStdout = 16 << 20;
@@ -88,8 +85,8 @@ class ProcessSupervisor {
   ProcessSupervisor& operator=(const ProcessSupervisor&) = delete;
 
   // Thread-safe. Callbacks must not block; they may call Kill().
-  absl::StatusOr<ProcessId> Spawn(const ProcessSpec& spec, LineCallback on_line,
-                                  ExitCallback on_exit) ABSL_LOCKS_EXCLUDED(mu_);
+  absl::StatusOr<ProcessId> Spawn(const ProcessSpec& spec, LineCallback on_line, ExitCallback on_exit)
+      ABSL_LOCKS_EXCLUDED(mu_);
 
   // Sends SIGKILL to the child's process group. Unknown ids are ignored.
   void Kill(ProcessId id) ABSL_LOCKS_EXCLUDED(mu_);

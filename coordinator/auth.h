@@ -44,7 +44,8 @@ class Authorizer {
  public:
   // `metrics` may be null (tests).
   // `workers_need_certificate`: the coordinator serves TLS.
-  Authorizer(const TokenVerifier* tokens, bool require_tokens, bool workers_need_certificate, CoordinatorMetrics* metrics)
+  Authorizer(const TokenVerifier* tokens, bool require_tokens, bool workers_need_certificate,
+             CoordinatorMetrics* metrics)
       : tokens_(tokens),
         require_tokens_(require_tokens),
         workers_need_certificate_(workers_need_certificate),

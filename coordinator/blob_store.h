@@ -34,8 +34,8 @@ class BlobStore {
   virtual uint64_t total_bytes() const = 0;
   // Deletes blobs not in `keep` stored before `older_than_unix`, oldest
   // first, down to `target_bytes`; the bytes freed.
-  virtual absl::StatusOr<uint64_t> CollectGarbage(const absl::flat_hash_set<std::string>& keep,
-                                                  int64_t older_than_unix, uint64_t target_bytes) = 0;
+  virtual absl::StatusOr<uint64_t> CollectGarbage(const absl::flat_hash_set<std::string>& keep, int64_t older_than_unix,
+                                                  uint64_t target_bytes) = 0;
 };
 
 }  // namespace kiln

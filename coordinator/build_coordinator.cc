@@ -118,8 +118,7 @@ absl::Status BuildCoordinator::Recover() {
     const JobState state = record.state();
     if (IsTerminal(state)) {
       if (record.stored_log_bytes() > 0) {
-        journal_.RecoverStoredLog(id, record.finished_at().seconds(),
-                                  static_cast<uint64_t>(record.stored_log_bytes()));
+        journal_.RecoverStoredLog(id, record.finished_at().seconds(), static_cast<uint64_t>(record.stored_log_bytes()));
       }
       JobEvent event;
       auto* finished = event.mutable_finished();
@@ -143,7 +142,8 @@ absl::Status BuildCoordinator::Recover() {
       ++held;
     }
     return absl::OkStatus();
-  }), "load the stored jobs");
+  }),
+                          "load the stored jobs");
   journal_.SortRecovered();
   metrics_->stored_log_bytes.Set(static_cast<double>(journal_.stored_log_bytes()));
   LogInfo(kComponent, "recovered ", graph_.size(), " jobs (", queued, " queued, ", held,
@@ -306,8 +306,8 @@ absl::StatusOr<kiln::v1::SubmitBuildResponse> BuildCoordinator::Submit(const kil
     }
     Admit(id, job, rec);
   }
-  LogInfo(kComponent, "buildset ", buildset_id, ": accepted ", records.size(), " job(s) from '",
-          request.submitter(), "'");
+  LogInfo(kComponent, "buildset ", buildset_id, ": accepted ", records.size(), " job(s) from '", request.submitter(),
+          "'");
   EndOfCall();
   return response;
 }
@@ -424,8 +424,8 @@ void BuildCoordinator::Dispatch() {
   const absl::Time round_start = absl::Now();  // The round's own cost, for its histogram.
   std::vector<Assignment> assignments = scheduler_.Assign(clock_->Now());
   if (assignments.empty()) return;
-  auto observe = absl::MakeCleanup(
-      [&] { metrics_->dispatch_duration.Observe(absl::ToDoubleSeconds(absl::Now() - round_start)); });
+  auto observe =
+      absl::MakeCleanup([&] { metrics_->dispatch_duration.Observe(absl::ToDoubleSeconds(absl::Now() - round_start)); });
   const absl::Time now = clock_->Now();
   for (const Assignment& a : assignments) {
     Job& job = *graph_.Find(a.job);
@@ -460,9 +460,8 @@ void BuildCoordinator::Dispatch() {
 
 void BuildCoordinator::Requeue(Job& job, absl::string_view reason_label, const std::string& reason, bool backoff) {
   const std::string id = graph_.Rec(job).job_id();
-  std::optional<absl::Time> not_before =
-      graph_.Requeue(job, reason, options_.max_attempts, backoff ? options_.retry_backoff : absl::ZeroDuration(),
-                     clock_->Now());
+  std::optional<absl::Time> not_before = graph_.Requeue(
+      job, reason, options_.max_attempts, backoff ? options_.retry_backoff : absl::ZeroDuration(), clock_->Now());
   if (!not_before.has_value()) {
     BuildResult result;
     result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);

@@ -52,19 +52,19 @@
 namespace kiln {
 
 struct BuildCoordinatorOptions {
-  uint32_t max_attempts = 3;            // Before a requeued job fails.
-  size_t max_source_bytes = 64 << 20;   // All blobs sent inline with one submission.
+  uint32_t max_attempts = 3;           // Before a requeued job fails.
+  size_t max_source_bytes = 64 << 20;  // All blobs sent inline with one submission.
   // A source tree uploaded to the CAS beforehand (any size up to this).
   uint64_t max_tree_bytes = uint64_t{4} << 30;
   // Trees up to this size travel inline with each assignment; a larger one
   // sends its directories only and the worker fetches the files it lacks.
   uint64_t inline_source_bytes = 1 << 20;
-  size_t max_targets = 1000;            // Per submission.
+  size_t max_targets = 1000;  // Per submission.
   // Jobs one client token may have queued or running at once (0: no limit).
   uint64_t max_active_jobs_per_token = 0;
-  uint32_t max_worker_jobs = 1024;      // Sanity bound on a worker's slots.
-  size_t log_bytes_per_job = 8 << 20;   // Kept in memory for late watchers.
-  size_t finished_jobs_with_logs = 256; // Older finished jobs keep no log in memory.
+  uint32_t max_worker_jobs = 1024;       // Sanity bound on a worker's slots.
+  size_t log_bytes_per_job = 8 << 20;    // Kept in memory for late watchers.
+  size_t finished_jobs_with_logs = 256;  // Older finished jobs keep no log in memory.
   // Compressed logs of finished jobs kept in the store, oldest removed first.
   uint64_t log_retention_bytes = uint64_t{1} << 30;
   absl::Duration heartbeat_interval = absl::Seconds(10);
@@ -110,8 +110,8 @@ class BuildCoordinator {
  public:
   // `cas` (may be null: no uploaded trees) holds trees uploaded before a
   // submission; it must outlive the coordinator.
-  BuildCoordinator(StateStore* store, CoordinatorMetrics* metrics, const Clock* clock,
-                   BuildCoordinatorOptions options, BlobStore* cas = nullptr);
+  BuildCoordinator(StateStore* store, CoordinatorMetrics* metrics, const Clock* clock, BuildCoordinatorOptions options,
+                   BlobStore* cas = nullptr);
 
   // Loads the stored jobs: finished ones keep their result, queued ones are
   // queued again, ones that were assigned or running are held for their
@@ -148,8 +148,7 @@ class BuildCoordinator {
   absl::StatusOr<kiln::v1::WorkerInfo> DrainWorker(const std::string& name, bool undo);
 
   // A message from a worker's stream; the first one must be Register.
-  void OnWorkerMessage(const std::shared_ptr<WorkerSession>& session,
-                       const kiln::v1::WorkerMessage& message);
+  void OnWorkerMessage(const std::shared_ptr<WorkerSession>& session, const kiln::v1::WorkerMessage& message);
   // Log lines from a worker's SendLogs call; lines of attempts that are not
   // `worker`'s current ones are ignored.
   void OnWorkerLogs(const std::string& worker, const kiln::v1::LogBatch& batch);
@@ -213,8 +212,8 @@ class BuildCoordinator {
   // The record of target `i` of a submission, finished already when the
   // result cache has it.
   std::unique_ptr<kiln::state::v1::JobRecord> NewRecord(const kiln::v1::SubmitBuildRequest& request, int i,
-                                                       const std::string& token, const BlobLookup& lookup,
-                                                       absl::Time now);
+                                                        const std::string& token, const BlobLookup& lookup,
+                                                        absl::Time now);
 
   // Queues a job that is not running: it shares an identical job's item in
   // flight, or it runs its own and goes into the scheduler.
@@ -260,7 +259,7 @@ class BuildCoordinator {
   bool flushing_ = false;
   std::atomic<bool> state_writable_{true};
   bool grace_checked_ = false;  // FailWhatNoKnownWorkerCanBuild has run.
-  std::string state_error_;  // Why the last write failed.
+  std::string state_error_;     // Why the last write failed.
   absl::Time next_resume_ = absl::InfinitePast();
   absl::Time gauges_updated_ = absl::InfinitePast();
   bool gauges_dirty_ = false;

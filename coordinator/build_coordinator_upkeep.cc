@@ -30,10 +30,10 @@ bool BuildCoordinator::EnsureWritable() {
     if (options_.min_free_bytes == 0) return true;
     const uint64_t free_bytes = store_->FreeBytes();
     if (free_bytes >= options_.min_free_bytes) return true;
-    StopWrites(absl::ResourceExhaustedError(absl::StrFormat(
-                   "%d MiB free on its state directory, below the reserve of %d MiB", free_bytes >> 20,
-                   options_.min_free_bytes >> 20)),
-               /*write_failed=*/false);
+    StopWrites(
+        absl::ResourceExhaustedError(absl::StrFormat("%d MiB free on its state directory, below the reserve of %d MiB",
+                                                     free_bytes >> 20, options_.min_free_bytes >> 20)),
+        /*write_failed=*/false);
     return false;
   }
   const absl::Time now = clock_->Now();
@@ -67,9 +67,9 @@ void BuildCoordinator::StopWrites(const absl::Status& why, bool write_failed) {
 }
 
 absl::Status BuildCoordinator::OutOfSpace() const {
-  return absl::ResourceExhaustedError(absl::StrCat(
-      kCoordinatorOutOfSpace, ": it cannot store new work (", state_error_,
-      "); it takes submissions again by itself once space is freed on its state directory"));
+  return absl::ResourceExhaustedError(
+      absl::StrCat(kCoordinatorOutOfSpace, ": it cannot store new work (", state_error_,
+                   "); it takes submissions again by itself once space is freed on its state directory"));
 }
 
 void BuildCoordinator::Flush() {
@@ -144,8 +144,8 @@ absl::StatusOr<uint64_t> BuildCoordinator::CollectGarbage() {
   if (freed.ok()) {
     metrics_->cas_gc_runs.Increment();
     metrics_->cas_gc_freed_bytes.Increment(static_cast<double>(*freed));
-    LogInfo(kComponent, "CAS garbage collection: freed ", *freed, " bytes, ", cas_->total_bytes(),
-            " bytes stored, ", keep.size(), " blob(s) of ", roots.size(), " live tree(s) kept");
+    LogInfo(kComponent, "CAS garbage collection: freed ", *freed, " bytes, ", cas_->total_bytes(), " bytes stored, ",
+            keep.size(), " blob(s) of ", roots.size(), " live tree(s) kept");
   } else {
     LogError(kComponent, "CAS garbage collection failed: ", freed.status().ToString());
   }

@@ -27,7 +27,7 @@ kiln::v1::ListWorkersResponse BuildCoordinator::ListWorkers() const {
   for (const Scheduler::WorkerView& w : scheduler_.Workers()) {
     kiln::v1::WorkerInfo* info = out.add_workers();
     info->set_name(w.name);
-    info->set_state(!w.online   ? kiln::v1::WORKER_STATE_DISCONNECTED
+    info->set_state(!w.online    ? kiln::v1::WORKER_STATE_DISCONNECTED
                     : w.draining ? kiln::v1::WORKER_STATE_DRAINING
                                  : kiln::v1::WORKER_STATE_CONNECTED);
     for (const auto& x : w.caps.systems) info->add_systems(x);
@@ -75,9 +75,7 @@ void BuildCoordinator::OnWorkerMessage(const std::shared_ptr<WorkerSession>& ses
     return;
   }
   switch (message.kind_case()) {
-    case kiln::v1::WorkerMessage::kRegister:
-      HandleRegister(worker, message.register_());
-      break;
+    case kiln::v1::WorkerMessage::kRegister: HandleRegister(worker, message.register_()); break;
     case kiln::v1::WorkerMessage::kHeartbeat:
       HandleHeartbeat(worker, message.heartbeat());  // It also renewed the lease (last_seen, above).
       break;
@@ -98,11 +96,8 @@ void BuildCoordinator::OnWorkerMessage(const std::shared_ptr<WorkerSession>& ses
       Emit(message.log().job_id(), *job, std::move(event));
       break;
     }
-    case kiln::v1::WorkerMessage::kFinished:
-      HandleFinished(worker, message.finished());
-      break;
-    case kiln::v1::WorkerMessage::KIND_NOT_SET:
-      break;
+    case kiln::v1::WorkerMessage::kFinished: HandleFinished(worker, message.finished()); break;
+    case kiln::v1::WorkerMessage::KIND_NOT_SET: break;
   }
   if (!message.results().empty()) {
     // `worker` is still valid: only Register (above) can drop the entry.
@@ -138,8 +133,8 @@ void BuildCoordinator::HandleRegister(WorkerEntry& worker, const kiln::v1::Regis
     return;
   }
   if (admission.replaces != nullptr) {
-    registry_.Find(admission.replaces)->session->Close(
-        absl::AbortedError("replaced by a newer connection of the same worker"));
+    registry_.Find(admission.replaces)
+        ->session->Close(absl::AbortedError("replaced by a newer connection of the same worker"));
     WorkerGone(admission.replaces);
   }
   registry_.Bind(worker, reg);
@@ -153,8 +148,7 @@ void BuildCoordinator::HandleRegister(WorkerEntry& worker, const kiln::v1::Regis
 }
 
 void BuildCoordinator::HandleHeartbeat(WorkerEntry& worker, const kiln::v1::Heartbeat& heartbeat) {
-  const std::string over =
-      registry_.Heartbeat(worker, heartbeat, scheduler_.CapabilitiesOf(worker.name).max_jobs);
+  const std::string over = registry_.Heartbeat(worker, heartbeat, scheduler_.CapabilitiesOf(worker.name).max_jobs);
   const std::string before = scheduler_.OverLimitOf(worker.name);
   if (over != before) {
     if (over.empty()) {
@@ -227,19 +221,13 @@ void BuildCoordinator::HandleFinished(WorkerEntry& worker, const kiln::v1::JobFi
     metrics_->build_duration.Observe(absl::ToDoubleSeconds(clock_->Now() - FromProtoTime(r.started_at())));
   }
   switch (result.code()) {
-    case kiln::v1::RESULT_CODE_SUCCEEDED:
-      Finish(job, kiln::v1::JOB_STATE_SUCCEEDED, result);
-      break;
-    case kiln::v1::RESULT_CODE_CANCELLED:
-      Finish(job, kiln::v1::JOB_STATE_CANCELLED, result);
-      break;
+    case kiln::v1::RESULT_CODE_SUCCEEDED: Finish(job, kiln::v1::JOB_STATE_SUCCEEDED, result); break;
+    case kiln::v1::RESULT_CODE_CANCELLED: Finish(job, kiln::v1::JOB_STATE_CANCELLED, result); break;
     case kiln::v1::RESULT_CODE_INFRA_ERROR:
       Requeue(job, "infra_error", absl::StrCat("worker ", worker.name, " could not run it: ", result.error_message()),
               /*backoff=*/true);
       break;
-    default:
-      Finish(job, kiln::v1::JOB_STATE_FAILED, result);
-      break;
+    default: Finish(job, kiln::v1::JOB_STATE_FAILED, result); break;
   }
 }
 

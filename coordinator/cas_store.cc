@@ -28,14 +28,17 @@ namespace {
 using kiln::state::v1::BlobMeta;
 using kiln::v1::Digest;
 
-
 std::string Short(const std::string& hash) { return hash.substr(0, 12); }
 
 }  // namespace
 
 CasStore::CasStore(rocksdb::DB* db, rocksdb::ColumnFamilyHandle* blobs, rocksdb::ColumnFamilyHandle* meta,
                    std::string files_dir, uint64_t max_blob_bytes, bool sync)
-    : db_(db), blobs_(blobs), meta_(meta), files_dir_(std::move(files_dir)), max_blob_bytes_(max_blob_bytes),
+    : db_(db),
+      blobs_(blobs),
+      meta_(meta),
+      files_dir_(std::move(files_dir)),
+      max_blob_bytes_(max_blob_bytes),
       sync_(sync) {
   namespace fs = std::filesystem;
   std::error_code ec;
@@ -127,8 +130,7 @@ void CasStore::ReleasePackRange(uint64_t pack, uint64_t offset, uint64_t size) {
     // Gives the space back now; a file system without hole punching gets
     // it back when the whole pack goes.
     if (const int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC); fd >= 0) {
-      ::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
-                  static_cast<off_t>(size));
+      ::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset), static_cast<off_t>(size));
       ::close(fd);
     }
   }
@@ -144,14 +146,14 @@ absl::Status CasStore::ReadFromPack(const std::string& hash, const BlobMeta& met
                                     absl::FunctionRef<absl::Status(absl::string_view)> fn) const {
   const int fd = ::open(PackPath(meta.pack()).c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
-    return absl::DataLossError(absl::StrCat("blob ", hash, " is missing its pack ", meta.pack(), ": ",
-                                            std::strerror(errno)));
+    return absl::DataLossError(
+        absl::StrCat("blob ", hash, " is missing its pack ", meta.pack(), ": ", std::strerror(errno)));
   }
   std::string buffer(static_cast<size_t>(meta.size_bytes()), '\0');
   size_t done = 0;
   while (done < buffer.size()) {
-    const ssize_t n = ::pread(fd, buffer.data() + done, buffer.size() - done,
-                              static_cast<off_t>(meta.pack_offset() + done));
+    const ssize_t n =
+        ::pread(fd, buffer.data() + done, buffer.size() - done, static_cast<off_t>(meta.pack_offset() + done));
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) break;
     done += static_cast<size_t>(n);
@@ -201,8 +203,8 @@ absl::StatusOr<CasStore::CopyStats> CasStore::CopyFilesTo(const std::string& des
   return stats;
 }
 
-absl::StatusOr<uint64_t> CasStore::CollectGarbage(const absl::flat_hash_set<std::string>& keep,
-                                                  int64_t older_than_unix, uint64_t target_bytes) {
+absl::StatusOr<uint64_t> CasStore::CollectGarbage(const absl::flat_hash_set<std::string>& keep, int64_t older_than_unix,
+                                                  uint64_t target_bytes) {
   absl::MutexLock lock(&gc_mu_);
   struct Candidate {
     int64_t stored;
@@ -353,8 +355,8 @@ absl::Status CasStore::Upload::Append(absl::string_view data) {
   if (finished_) return absl::FailedPreconditionError("blob already finished");
   received_ += data.size();
   if (received_ > static_cast<uint64_t>(digest_.size_bytes())) {
-    return absl::InvalidArgumentError(absl::StrCat("blob ", Short(digest_.hash()), " is longer than its digest's ",
-                                                   digest_.size_bytes(), " bytes"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("blob ", Short(digest_.hash()), " is longer than its digest's ", digest_.size_bytes(), " bytes"));
   }
   hasher_.Update(data);
   if (!to_file_) {
@@ -392,14 +394,14 @@ absl::Status CasStore::Upload::Finish() {
   absl::ReaderMutexLock gc_lock(&store_->gc_mu_);
   if (received_ != static_cast<uint64_t>(digest_.size_bytes())) {
     Discard();
-    return absl::InvalidArgumentError(absl::StrCat("blob ", Short(digest_.hash()), " ended after ", received_,
-                                                   " of ", digest_.size_bytes(), " bytes"));
+    return absl::InvalidArgumentError(absl::StrCat("blob ", Short(digest_.hash()), " ended after ", received_, " of ",
+                                                   digest_.size_bytes(), " bytes"));
   }
   const std::string got = hasher_.FinishHex();
   if (got != digest_.hash()) {
     Discard();
-    return absl::InvalidArgumentError(absl::StrCat("blob does not match its digest ", digest_.hash(), " (got ", got,
-                                                   "); nothing was stored"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("blob does not match its digest ", digest_.hash(), " (got ", got, "); nothing was stored"));
   }
   BlobMeta meta;
   meta.set_size_bytes(digest_.size_bytes());

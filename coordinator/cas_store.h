@@ -49,10 +49,10 @@ namespace kiln {
 
 class CasStore final : public BlobStore {
  public:
-  static constexpr size_t kChunkBytes = size_t{1} << 20;   // Reads hand out at most this.
+  static constexpr size_t kChunkBytes = size_t{1} << 20;      // Reads hand out at most this.
   static constexpr size_t kFileThreshold = size_t{64} << 10;  // Larger blobs are files.
-  static constexpr size_t kPackThreshold = kFileThreshold;      // Smaller files go to packs.
-  static constexpr uint64_t kPackBytes = uint64_t{64} << 20;   // A pack is closed past this.
+  static constexpr size_t kPackThreshold = kFileThreshold;    // Smaller files go to packs.
+  static constexpr uint64_t kPackBytes = uint64_t{64} << 20;  // A pack is closed past this.
 
   // `files_dir` holds the large blobs; `sync`: fsync a blob's file before
   // its meta is written (as --sync-writes does for state).

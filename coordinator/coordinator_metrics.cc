@@ -14,8 +14,8 @@ prometheus::Counter& MakeCounter(prometheus::Registry& r, const std::string& nam
 
 // Build and wait times run from seconds to hours.
 const prometheus::Histogram::BucketBoundaries& DurationBuckets() {
-  static const auto* b = new prometheus::Histogram::BucketBoundaries{
-      0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200};
+  static const auto* b = new prometheus::Histogram::BucketBoundaries{0.05, 0.1, 0.25, 0.5, 1,   2.5,  5,    10,
+                                                                     30,   60,  120,  300, 600, 1800, 3600, 7200};
   return *b;
 }
 
@@ -25,18 +25,18 @@ CoordinatorMetrics::CoordinatorMetrics(std::shared_ptr<prometheus::Registry> reg
     : jobs_running(MakeGauge(*registry, "kiln_jobs_running", "Jobs assigned to a worker and not finished.")),
       slots(MakeGauge(*registry, "kiln_farm_slots", "Build slots offered by connected workers.")),
       slots_used(MakeGauge(*registry, "kiln_farm_slots_used", "Build slots of connected workers in use.")),
-      dispatch_duration(prometheus::BuildHistogram()
-                            .Name("kiln_dispatch_duration_seconds")
-                            .Help("Time of one scheduling round: decide, store, send the assignments.")
-                            .Register(*registry)
-                            .Add({}, prometheus::Histogram::BucketBoundaries{0.00001, 0.00005, 0.0001, 0.00025,
-                                                                              0.0005, 0.001, 0.0025, 0.005, 0.01,
-                                                                              0.05, 0.1, 0.5, 1})),
+      dispatch_duration(
+          prometheus::BuildHistogram()
+              .Name("kiln_dispatch_duration_seconds")
+              .Help("Time of one scheduling round: decide, store, send the assignments.")
+              .Register(*registry)
+              .Add({}, prometheus::Histogram::BucketBoundaries{0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025,
+                                                               0.005, 0.01, 0.05, 0.1, 0.5, 1})),
       jobs_submitted(MakeCounter(*registry, "kiln_jobs_submitted_total", "Jobs accepted.")),
       submissions_rejected(MakeCounter(*registry, "kiln_submissions_rejected_total",
                                        "Build submissions refused (invalid input or storage error).")),
-      state_write_errors(MakeCounter(*registry, "kiln_state_write_errors_total",
-                                     "Failed writes to the coordinator's state store.")),
+      state_write_errors(
+          MakeCounter(*registry, "kiln_state_write_errors_total", "Failed writes to the coordinator's state store.")),
       state_writable(MakeGauge(*registry, "kiln_state_writable",
                                "1 while the state store takes writes; 0 after a write failed (a full disk) until "
                                "it resumes: no new work is taken meanwhile.")),
@@ -58,13 +58,14 @@ CoordinatorMetrics::CoordinatorMetrics(std::shared_ptr<prometheus::Registry> reg
       cas_rejected_blobs(MakeCounter(*registry, "kiln_cas_rejected_blobs_total",
                                      "Uploaded blobs refused (wrong digest, missing children, limits).")),
       cas_gc_runs(MakeCounter(*registry, "kiln_cas_gc_runs_total", "CAS garbage collections.")),
-      cas_gc_freed_bytes(MakeCounter(*registry, "kiln_cas_gc_freed_bytes_total",
-                                     "Blob bytes deleted by CAS garbage collection.")),
+      cas_gc_freed_bytes(
+          MakeCounter(*registry, "kiln_cas_gc_freed_bytes_total", "Blob bytes deleted by CAS garbage collection.")),
       cas_stored_bytes(MakeGauge(*registry, "kiln_cas_stored_bytes", "Bytes of all blobs in the CAS.")),
       fod_builds_avoided(MakeCounter(*registry, "kiln_fod_builds_avoided_total",
                                      "FOD builds not run: the cache knew their declared hash was wrong.")),
-      fod_build_seconds_saved(MakeCounter(*registry, "kiln_fod_build_seconds_saved_total",
-                                          "Estimated build time of the FOD builds avoided (their recorded durations).")),
+      fod_build_seconds_saved(
+          MakeCounter(*registry, "kiln_fod_build_seconds_saved_total",
+                      "Estimated build time of the FOD builds avoided (their recorded durations).")),
       fod_recorded(MakeCounter(*registry, "kiln_fod_outcomes_recorded_total",
                                "FOD build outcomes (verified or mismatched hashes) reported by workers.")),
       fod_entries(MakeGauge(*registry, "kiln_fod_cache_entries", "FOD keys in the hash cache (RocksDB's estimate).")),

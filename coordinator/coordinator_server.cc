@@ -44,8 +44,8 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   server->strand_ = std::make_unique<SerialExecutor>("kiln-strand");
   server->sender_ = std::make_unique<SerialExecutor>("kiln-sender");
   server->reader_ = std::make_unique<SerialExecutor>("kiln-reader");
-  server->core_ = std::make_unique<BuildCoordinator>(server->store_.get(), server->coordinator_metrics_.get(),
-                                                     clock, options.core, server->store_->cas());
+  server->core_ = std::make_unique<BuildCoordinator>(server->store_.get(), server->coordinator_metrics_.get(), clock,
+                                                     options.core, server->store_->cas());
   RETURN_IF_ERROR(server->core_->Recover());
   // Group commit: one state write, one scheduling round and one message per
   // worker for each batch of events the strand runs.
@@ -72,11 +72,10 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
                                                server->coordinator_metrics_.get());
   const Authorizer* auth = server->auth_.get();
   server->admin_service_ = std::make_unique<AdminServiceImpl>(server->store_->tokens(), auth, server->store_.get());
-  server->build_service_ =
-      std::make_unique<BuildServiceImpl>(server->core_.get(), server->strand_.get(), auth, server->store_.get(),
-                                         server->reader_.get());
-  server->worker_service_ = std::make_unique<WorkerServiceImpl>(server->core_.get(), server->strand_.get(),
-                                                                server->sender_.get(), auth);
+  server->build_service_ = std::make_unique<BuildServiceImpl>(server->core_.get(), server->strand_.get(), auth,
+                                                              server->store_.get(), server->reader_.get());
+  server->worker_service_ =
+      std::make_unique<WorkerServiceImpl>(server->core_.get(), server->strand_.get(), server->sender_.get(), auth);
   server->farm_service_ = std::make_unique<FarmServiceImpl>(server->core_.get(), server->strand_.get(), auth);
   server->cas_service_ = std::make_unique<CasServiceImpl>(server->store_->cas(), server->coordinator_metrics_.get(),
                                                           CasServiceLimits{}, auth);
@@ -136,8 +135,8 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   }
   server->serving_.store(true);
   LogInfo("coordinator", "serving gRPC", options.tls.enabled() ? " (mutual TLS for workers)" : " (plaintext)", " on ",
-          server->grpc_address_, ", metrics on http://",
-          server->metrics_->address(), "/metrics, state in ", options.state_dir);
+          server->grpc_address_, ", metrics on http://", server->metrics_->address(), "/metrics, state in ",
+          options.state_dir);
   return server;
 }
 

@@ -67,7 +67,7 @@ absl::StatusOr<std::vector<FodVerdict>> FodCache::Check(const std::vector<kiln::
     absl::StatusOr<bool> found = Get(fod.key(), &entry);
     if (!found.ok()) return found.status();
     if (*found) {
-      v.set_kind(entry.nondeterministic()   ? FodVerdict::KIND_NONDETERMINISTIC
+      v.set_kind(entry.nondeterministic()         ? FodVerdict::KIND_NONDETERMINISTIC
                  : entry.hash() == fod.declared() ? FodVerdict::KIND_RIGHT
                                                   : FodVerdict::KIND_WRONG);
       entry.set_hit_count(entry.hit_count() + 1);

@@ -84,10 +84,10 @@ class WatchReactor final : public grpc::ServerWriteReactor<JobEvent> {
  public:
   WatchReactor(BuildCoordinator* core, SerialExecutor* strand, const kiln::v1::WatchJobRequest& request)
       : core_(core), strand_(strand), job_id_(request.job_id()), sink_(std::make_shared<WatchSink>(this)) {
-    strand_->Post([core, sink = sink_, id = job_id_, from = request.from_sequence(),
-                   incarnation = request.incarnation()] {
-      if (absl::Status s = core->Watch(id, from, incarnation, sink); !s.ok()) sink->Close(s);
-    });
+    strand_->Post(
+        [core, sink = sink_, id = job_id_, from = request.from_sequence(), incarnation = request.incarnation()] {
+          if (absl::Status s = core->Watch(id, from, incarnation, sink); !s.ok()) sink->Close(s);
+        });
     HandOff(this);  // To gRPC, which calls the reactions.
   }
   void OnWriteDone(bool ok) override {
@@ -133,8 +133,7 @@ class WorkerStreamReactor final : public grpc::ServerBidiReactor<WorkerMessage, 
       strand_->Post([core = core_, s = session_] { core->OnWorkerGone(s.get()); });
       return;
     }
-    if (incoming_.has_register_() && !certificate_name_.empty() &&
-        incoming_.register_().name() != certificate_name_) {
+    if (incoming_.has_register_() && !certificate_name_.empty() && incoming_.register_().name() != certificate_name_) {
       if (!incoming_.register_().name().empty()) {
         LogWarning("coordinator", "a worker registering as '", incoming_.register_().name(),
                    "' holds the certificate of '", certificate_name_, "': known by the certificate's name");
@@ -240,9 +239,8 @@ grpc::ServerUnaryReactor* BuildServiceImpl::GetJob(grpc::CallbackServerContext* 
                                                    const kiln::v1::GetJobRequest* request, kiln::v1::Job* response) {
   absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kRead);
   if (!caller.ok()) return FinishAtOnce(context, caller.status());
-  return UnaryOnStrand(context, core_, strand_, [core = core_, request, response] {
-    return Into(core->GetJob(request->job_id()), response);
-  });
+  return UnaryOnStrand(context, core_, strand_,
+                       [core = core_, request, response] { return Into(core->GetJob(request->job_id()), response); });
 }
 
 grpc::ServerUnaryReactor* BuildServiceImpl::GetBuildset(grpc::CallbackServerContext* context,

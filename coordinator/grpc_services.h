@@ -30,11 +30,10 @@ class BuildServiceImpl final : public kiln::v1::BuildService::CallbackService {
                                         kiln::v1::SubmitBuildResponse* response) override;
   grpc::ServerWriteReactor<kiln::v1::JobEvent>* WatchJob(grpc::CallbackServerContext* context,
                                                          const kiln::v1::WatchJobRequest* request) override;
-  grpc::ServerUnaryReactor* CancelJob(grpc::CallbackServerContext* context,
-                                      const kiln::v1::CancelJobRequest* request,
+  grpc::ServerUnaryReactor* CancelJob(grpc::CallbackServerContext* context, const kiln::v1::CancelJobRequest* request,
                                       kiln::v1::CancelJobResponse* response) override;
-  grpc::ServerUnaryReactor* GetJob(grpc::CallbackServerContext* context,
-                                   const kiln::v1::GetJobRequest* request, kiln::v1::Job* response) override;
+  grpc::ServerUnaryReactor* GetJob(grpc::CallbackServerContext* context, const kiln::v1::GetJobRequest* request,
+                                   kiln::v1::Job* response) override;
   grpc::ServerUnaryReactor* GetBuildset(grpc::CallbackServerContext* context,
                                         const kiln::v1::GetBuildsetRequest* request,
                                         kiln::v1::Buildset* response) override;

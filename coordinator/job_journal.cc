@@ -87,8 +87,7 @@ void JobJournal::Unwatch(Entry& entry, const JobWatcher* watcher) {
   w.erase(std::remove_if(w.begin(), w.end(), [&](const auto& p) { return p.get() == watcher; }), w.end());
 }
 
-void JobJournal::AppendLogLines(const Entry& entry,
-                                google::protobuf::RepeatedPtrField<kiln::v1::LogLine>& out) const {
+void JobJournal::AppendLogLines(const Entry& entry, google::protobuf::RepeatedPtrField<kiln::v1::LogLine>& out) const {
   ForEachStoredEvent(entry.history, [&](JobEvent& e) {
     if (!e.has_log()) return;
     for (kiln::v1::LogLine& line : *e.mutable_log()->mutable_lines()) *out.Add() = std::move(line);
@@ -156,8 +155,7 @@ void JobJournal::TakeLogWrites(std::vector<std::pair<std::string, std::string>>&
 void JobJournal::ReturnLogWrites(std::vector<std::pair<std::string, std::string>>& logs,
                                  std::vector<std::string>& deletes) {
   // Anything added since goes after what was taken.
-  logs.insert(logs.end(), std::make_move_iterator(pending_logs_.begin()),
-              std::make_move_iterator(pending_logs_.end()));
+  logs.insert(logs.end(), std::make_move_iterator(pending_logs_.begin()), std::make_move_iterator(pending_logs_.end()));
   deletes.insert(deletes.end(), pending_log_deletes_.begin(), pending_log_deletes_.end());
   pending_logs_ = std::move(logs);
   pending_log_deletes_ = std::move(deletes);

@@ -48,8 +48,8 @@ std::string EncodeStoredLog(const kiln::state::v1::StoredLog& log) {
   AppendVarint(out, plain.size());
   const size_t header = out.size();
   out.resize(header + libdeflate_zlib_compress_bound(compressor.get(), plain.size()));
-  const size_t n = libdeflate_zlib_compress(compressor.get(), plain.data(), plain.size(), out.data() + header,
-                                            out.size() - header);
+  const size_t n =
+      libdeflate_zlib_compress(compressor.get(), plain.data(), plain.size(), out.data() + header, out.size() - header);
   out.resize(header + n);
   return out;
 }
@@ -62,8 +62,8 @@ absl::StatusOr<kiln::state::v1::StoredLog> DecodeStoredLog(absl::string_view byt
   std::string plain(size, '\0');
   std::unique_ptr<libdeflate_decompressor, DecompressorDeleter> decompressor(libdeflate_alloc_decompressor());
   size_t actual = 0;
-  if (libdeflate_zlib_decompress(decompressor.get(), bytes.data(), bytes.size(), plain.data(), plain.size(),
-                                 &actual) != LIBDEFLATE_SUCCESS ||
+  if (libdeflate_zlib_decompress(decompressor.get(), bytes.data(), bytes.size(), plain.data(), plain.size(), &actual) !=
+          LIBDEFLATE_SUCCESS ||
       actual != size) {
     return absl::DataLossError("stored log: corrupt");
   }

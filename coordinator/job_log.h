@@ -15,6 +15,6 @@ std::string EncodeStoredLog(const kiln::state::v1::StoredLog& log);
 // DataLoss on anything EncodeStoredLog did not produce (or a larger log than
 // `max_bytes` uncompressed).
 absl::StatusOr<kiln::state::v1::StoredLog> DecodeStoredLog(absl::string_view bytes,
-                                                          size_t max_bytes = size_t{256} << 20);
+                                                           size_t max_bytes = size_t{256} << 20);
 
 }  // namespace kiln

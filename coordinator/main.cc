@@ -44,8 +44,7 @@ ABSL_FLAG(int64_t, worker_min_work_dir_free_mb, 512,
 ABSL_FLAG(int64_t, state_min_free_mb, 8,
           "Below this much free space on the state directory's disk the coordinator stops writing and takes no "
           "new work, before the disk is full; it resumes at twice this (0: no reserve)");
-ABSL_FLAG(double, worker_max_memory_fraction, 0.95,
-          "A worker using more of its memory takes no new job (0: no limit)");
+ABSL_FLAG(double, worker_max_memory_fraction, 0.95, "A worker using more of its memory takes no new job (0: no limit)");
 ABSL_FLAG(double, worker_max_load_per_slot, 0,
           "A worker whose load average per build slot is higher takes no new job (0: no limit)");
 ABSL_FLAG(std::vector<std::string>, push_allow, {},
@@ -55,8 +54,7 @@ ABSL_FLAG(std::vector<std::string>, priority_names, std::vector<std::string>({"i
           "Names of the three priority classes, most urgent first (what kiln build --priority takes)");
 ABSL_FLAG(absl::Duration, retry_backoff, absl::Seconds(5),
           "Wait before retrying a job after an infrastructure error (doubled per attempt, at most 5 min)");
-ABSL_FLAG(absl::Duration, default_timeout, absl::ZeroDuration(),
-          "Timeout of a build that sets none (0: no limit)");
+ABSL_FLAG(absl::Duration, default_timeout, absl::ZeroDuration(), "Timeout of a build that sets none (0: no limit)");
 ABSL_FLAG(std::string, log_level, "info", "debug, info, warning or error");
 ABSL_FLAG(std::string, log_format, "text", "text, or json: one JSON object per line");
 ABSL_FLAG(int64_t, log_retention_kb, 1 << 20,
@@ -104,8 +102,8 @@ int main(int argc, char** argv) {
   // (a debug aid: a few % of CPU under load). The tests keep it on.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   const sigset_t signals = kiln::BlockTerminationSignals();
-  for (absl::Status s : {kiln::ApplyLogLevel(absl::GetFlag(FLAGS_log_level)),
-                         kiln::ApplyLogFormat(absl::GetFlag(FLAGS_log_format))}) {
+  for (absl::Status s :
+       {kiln::ApplyLogLevel(absl::GetFlag(FLAGS_log_level)), kiln::ApplyLogFormat(absl::GetFlag(FLAGS_log_format))}) {
     if (!s.ok()) {
       std::fprintf(stderr, "kiln-coordinator: %s\n", std::string(s.message()).c_str());
       return 2;

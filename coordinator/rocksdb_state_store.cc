@@ -45,8 +45,17 @@ class RocksDbLogToKilnLog final : public rocksdb::Logger {
 
 constexpr char kNextJobSeq[] = "meta/next_job_seq";
 constexpr char kNextBuildsetSeq[] = "meta/next_buildset_seq";
-enum Family { kDefault = 0, kJobs = 1, kBlobs = 2, kBlobMeta = 3, kResults = 4, kFod = 5, kFodNames = 6, kTokens = 7,
-              kLogs = 8 };
+enum Family {
+  kDefault = 0,
+  kJobs = 1,
+  kBlobs = 2,
+  kBlobMeta = 3,
+  kResults = 4,
+  kFod = 5,
+  kFodNames = 6,
+  kTokens = 7,
+  kLogs = 8
+};
 
 }  // namespace
 
@@ -57,7 +66,8 @@ std::string RocksDbStateStore::JobKey(const std::string& job_id) {
 }
 
 absl::StatusOr<std::unique_ptr<RocksDbStateStore>> RocksDbStateStore::Open(const std::string& dir, bool sync,
-                                                                           uint64_t max_blob_bytes, const Clock* clock) {
+                                                                           uint64_t max_blob_bytes,
+                                                                           const Clock* clock) {
   rocksdb::DBOptions db_options;
   db_options.create_if_missing = true;
   db_options.create_missing_column_families = true;
@@ -113,7 +123,8 @@ absl::StatusOr<RocksDbStateStore::BackupStats> RocksDbStateStore::Backup(const s
   namespace fs = std::filesystem;
   const fs::path dest(destination);
   std::error_code ec;
-  if (!dest.is_absolute()) return absl::InvalidArgumentError(absl::StrCat("backup: '", destination, "' is not absolute"));
+  if (!dest.is_absolute())
+    return absl::InvalidArgumentError(absl::StrCat("backup: '", destination, "' is not absolute"));
   if (fs::exists(dest, ec)) {
     return absl::AlreadyExistsError(absl::StrCat("backup: ", destination, " exists already; name a new directory"));
   }
@@ -257,8 +268,8 @@ absl::StatusOr<kiln::state::v1::CachedResult> RocksDbStateStore::GetCachedResult
 
 absl::StatusOr<StoredCounters> RocksDbStateStore::LoadCounters() {
   StoredCounters counters;
-  for (auto [key, field] : {std::pair{kNextJobSeq, &counters.next_job_seq},
-                            std::pair{kNextBuildsetSeq, &counters.next_buildset_seq}}) {
+  for (auto [key, field] :
+       {std::pair{kNextJobSeq, &counters.next_job_seq}, std::pair{kNextBuildsetSeq, &counters.next_buildset_seq}}) {
     std::string value;
     rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), handles_[kDefault], key, &value);
     if (s.IsNotFound()) continue;

@@ -45,8 +45,16 @@ uint64_t Mix(uint64_t x) {
 
 std::string RequirementKey(const JobRequirements& r) {
   std::string key = r.system;
-  for (const auto& f : r.required_features) absl::StrAppend(&key, "\x1f" "f", f);
-  for (const auto& [k, v] : r.pinned_labels) absl::StrAppend(&key, "\x1f" "l", k, "=", v);
+  for (const auto& f : r.required_features)
+    absl::StrAppend(&key,
+                    "\x1f"
+                    "f",
+                    f);
+  for (const auto& [k, v] : r.pinned_labels)
+    absl::StrAppend(&key,
+                    "\x1f"
+                    "l",
+                    k, "=", v);
   return key;
 }
 
@@ -216,14 +224,14 @@ void Scheduler::Enqueue(const std::string& job, JobRequirements req, JobPlacemen
     set->second.key = std::move(key);
   }
   ++set->second.jobs;
-  QueuedJob q{.reqs = &set->second,
-              .buildset = placement.buildset,
-              .locality_point = HashRing::KeyPoint(placement.locality_key),
-              .seq = next_seq_++,
-              .not_before_ns =
-                  placement.not_before == absl::InfinitePast() ? 0 : absl::ToUnixNanos(placement.not_before),
-              .priority_class = static_cast<int8_t>(cls_index),
-              .has_locality = !placement.locality_key.empty()};
+  QueuedJob q{
+      .reqs = &set->second,
+      .buildset = placement.buildset,
+      .locality_point = HashRing::KeyPoint(placement.locality_key),
+      .seq = next_seq_++,
+      .not_before_ns = placement.not_before == absl::InfinitePast() ? 0 : absl::ToUnixNanos(placement.not_before),
+      .priority_class = static_cast<int8_t>(cls_index),
+      .has_locality = !placement.locality_key.empty()};
   PriorityClass& cls = classes_[cls_index];
   // A buildset is in the rotation exactly while it has a queue here; one that
   // becomes active takes its turn after those already waiting.
@@ -370,9 +378,9 @@ std::string Scheduler::WaitingReason(const std::string& job, absl::Time now) con
   auto q = queued_.find(job);
   if (q == queued_.end()) return "";
   if (q->second.not_before_ns > 0 && absl::FromUnixNanos(q->second.not_before_ns) > now) {
-    return absl::StrCat("retry back-off until ",
-                        absl::FormatTime("%Y-%m-%dT%H:%M:%SZ", absl::FromUnixNanos(q->second.not_before_ns),
-                                         absl::UTCTimeZone()));
+    return absl::StrCat(
+        "retry back-off until ",
+        absl::FormatTime("%Y-%m-%dT%H:%M:%SZ", absl::FromUnixNanos(q->second.not_before_ns), absl::UTCTimeZone()));
   }
   const JobRequirements& req = q->second.reqs->req;
   size_t capable = 0, draining = 0;

@@ -63,8 +63,8 @@ struct JobRequirements {
 
 // Where a job sits in the queue and where it would rather run.
 struct JobPlacement {
-  int priority_class = 1;  // 0 is the most urgent; see kPriorityClasses.
-  std::string buildset;    // Fair sharing is between buildsets.
+  int priority_class = 1;    // 0 is the most urgent; see kPriorityClasses.
+  std::string buildset;      // Fair sharing is between buildsets.
   std::string locality_key;  // Same key, same preferred worker.
   // Not placed before this time (a retry's back-off); InfinitePast: at once.
   absl::Time not_before = absl::InfinitePast();
@@ -220,7 +220,7 @@ class Scheduler {
     std::string over_limit;  // Why it takes nothing new (load, memory, disk); empty: fine.
     int free() const {
       return draining || !online || !over_limit.empty() ? 0
-                                                         : std::max(0, caps.max_jobs - static_cast<int>(jobs.size()));
+                                                        : std::max(0, caps.max_jobs - static_cast<int>(jobs.size()));
     }
   };
   // A requirement set shared by the queued jobs that have it (many jobs,
@@ -270,7 +270,7 @@ class Scheduler {
     free_slots_ += w.free();
   }
 
-  std::map<std::string, WorkerState> workers_;  // Ordered: deterministic ties.
+  std::map<std::string, WorkerState> workers_;       // Ordered: deterministic ties.
   std::map<std::string, WorkerCapabilities> known_;  // Every worker ever registered.
   std::array<PriorityClass, kPriorityClasses> classes_;
   absl::flat_hash_map<std::string, QueuedJob> queued_;

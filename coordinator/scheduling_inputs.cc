@@ -23,10 +23,9 @@ JobPlacement PlacementOf(const kiln::state::v1::JobRecord& record) {
   placement.buildset = record.buildset_id();
   const auto& spec = record.spec();
   // Rebuilds of the same flake target land where its store is warm.
-  placement.locality_key = !spec.locality_key().empty()
-                               ? spec.locality_key()
-                               : absl::StrCat(spec.source().tree_root().hash(), "/", spec.source().flake_subdir(),
-                                              "#", spec.attr());
+  placement.locality_key = !spec.locality_key().empty() ? spec.locality_key()
+                                                        : absl::StrCat(spec.source().tree_root().hash(), "/",
+                                                                       spec.source().flake_subdir(), "#", spec.attr());
   return placement;
 }
 

@@ -43,14 +43,14 @@ const char* CodeName(grpc::StatusCode code) {
 std::pair<std::string, std::string> MethodLabels(const char* full_method) {
   const absl::string_view path = full_method == nullptr ? "" : full_method;
   const size_t slash = path.rfind('/');
-  if (path.size() < 4 || path[0] != '/' || slash == 0 || slash == absl::string_view::npos) return {"unknown", "unknown"};
+  if (path.size() < 4 || path[0] != '/' || slash == 0 || slash == absl::string_view::npos)
+    return {"unknown", "unknown"};
   std::string service(path.substr(1, slash - 1));
   std::string method(path.substr(slash + 1));
   // The health service's messages are not in the generated pool.
   const bool health = service == "grpc.health.v1.Health" && (method == "Check" || method == "Watch");
-  if (!health &&
-      google::protobuf::DescriptorPool::generated_pool()->FindMethodByName(absl::StrCat(service, ".", method)) ==
-          nullptr) {
+  if (!health && google::protobuf::DescriptorPool::generated_pool()->FindMethodByName(
+                     absl::StrCat(service, ".", method)) == nullptr) {
     return {"unknown", "unknown"};
   }
   return {std::move(service), std::move(method)};
@@ -115,8 +115,7 @@ GrpcServerMetrics::GrpcServerMetrics(prometheus::Registry& registry)
                     .Help("Time from an RPC's start to its status; for streams, the stream's lifetime.")
                     .Register(registry)) {}
 
-grpc::experimental::Interceptor* GrpcServerMetrics::CreateServerInterceptor(
-    grpc::experimental::ServerRpcInfo* info) {
+grpc::experimental::Interceptor* GrpcServerMetrics::CreateServerInterceptor(grpc::experimental::ServerRpcInfo* info) {
   return new MetricsInterceptor(this, info->method());
 }
 
@@ -144,8 +143,10 @@ std::vector<prometheus::MetricFamily> StateStoreCollector::Collect() const {
                        d(s.pending_compaction_bytes)));
   out.push_back(Family("kiln_rocksdb_running_compactions", "Compactions running now.", MetricType::Gauge,
                        d(s.running_compactions)));
-  out.push_back(Family("kiln_rocksdb_writes_stopped", "1 while RocksDB stops writes (too many L0 files, memtables "
-                       "or pending compaction bytes).", MetricType::Gauge, s.writes_stopped ? 1 : 0));
+  out.push_back(Family("kiln_rocksdb_writes_stopped",
+                       "1 while RocksDB stops writes (too many L0 files, memtables "
+                       "or pending compaction bytes).",
+                       MetricType::Gauge, s.writes_stopped ? 1 : 0));
   out.push_back(Family("kiln_rocksdb_delayed_write_rate_bytes",
                        "Write rate RocksDB throttles to while slowing writes down; 0 when not throttled.",
                        MetricType::Gauge, d(s.delayed_write_rate)));

@@ -46,8 +46,7 @@ absl::Status SourceReader::Attach(const kiln::v1::JobSpec& spec, kiln::v1::Assig
     };
     // A large uploaded tree: its directories only; the worker fetches the
     // files its cache lacks from the CAS.
-    absl::StatusOr<kiln::state::v1::BlobMeta> meta =
-        cas_ != nullptr ? cas_->Meta(root) : absl::NotFoundError("no CAS");
+    absl::StatusOr<kiln::state::v1::BlobMeta> meta = cas_ != nullptr ? cas_->Meta(root) : absl::NotFoundError("no CAS");
     const bool directories_only =
         meta.ok() && meta->is_directory() && static_cast<uint64_t>(meta->tree_bytes()) > limits_.inline_source_bytes;
     absl::StatusOr<std::vector<std::string>> hashes;
@@ -63,9 +62,9 @@ absl::Status SourceReader::Attach(const kiln::v1::JobSpec& spec, kiln::v1::Assig
         hashes = dirs.status();
       }
     } else {
-      hashes = ListTreeBlobs(
-          spec.source().tree_root(), lookup,
-          {.max_total_bytes = std::max<uint64_t>(limits_.max_source_bytes, limits_.inline_source_bytes)});
+      hashes =
+          ListTreeBlobs(spec.source().tree_root(), lookup,
+                        {.max_total_bytes = std::max<uint64_t>(limits_.max_source_bytes, limits_.inline_source_bytes)});
     }
     if (!read_error.ok()) return read_error;
     if (!hashes.ok()) return hashes.status();

@@ -23,7 +23,7 @@
 namespace kiln {
 
 struct SourceReaderLimits {
-  size_t max_source_bytes = 64 << 20;  // A tree sent inline.
+  size_t max_source_bytes = 64 << 20;           // A tree sent inline.
   uint64_t max_tree_bytes = uint64_t{4} << 30;  // A tree uploaded beforehand.
   // Trees up to this size travel inline with each assignment; a larger one
   // sends its directories only and the worker fetches the files it lacks.
@@ -42,8 +42,7 @@ class SourceReader {
   // The digest of the flake's directory within its source (the root when
   // flake_subdir is empty), looking in `inline_blobs` first; nullopt when it
   // cannot be read or is absent.
-  std::optional<kiln::v1::Digest> FlakeSubtree(const kiln::v1::SourceRef& source,
-                                               const BlobLookup& inline_blobs) const;
+  std::optional<kiln::v1::Digest> FlakeSubtree(const kiln::v1::SourceRef& source, const BlobLookup& inline_blobs) const;
 
  private:
   absl::StatusOr<std::string> Read(const std::string& hash) const;

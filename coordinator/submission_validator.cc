@@ -20,7 +20,8 @@ absl::Status CheckPushTarget(const kiln::v1::PushTarget& push, const std::vector
   if (absl::Status s = ParsePushRepository(push.repository()).status(); !s.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("push target ", s.message()));
   }
-  if (push.tags().empty()) return absl::InvalidArgumentError(absl::StrCat("push target ", push.repository(), " has no tag"));
+  if (push.tags().empty())
+    return absl::InvalidArgumentError(absl::StrCat("push target ", push.repository(), " has no tag"));
   if (push.tags_size() > 16) return absl::InvalidArgumentError("more than 16 tags in one push");
   for (const std::string& tag : push.tags()) {
     if (absl::Status s = ValidateImageTag(tag); !s.ok()) {
@@ -29,10 +30,10 @@ absl::Status CheckPushTarget(const kiln::v1::PushTarget& push, const std::vector
     const bool allowed = absl::c_any_of(
         allow, [&](const std::string& pattern) { return PushPatternMatches(pattern, push.repository(), tag); });
     if (!allowed) {
-      return absl::PermissionDeniedError(absl::StrCat(
-          "push target ", push.repository(), ":", tag, " is not allowed by this coordinator",
-          allow.empty() ? " (it allows no pushes: see kiln-coordinator --push-allow)"
-                        : absl::StrCat(" (allowed: ", absl::StrJoin(allow, ", "), ")")));
+      return absl::PermissionDeniedError(
+          absl::StrCat("push target ", push.repository(), ":", tag, " is not allowed by this coordinator",
+                       allow.empty() ? " (it allows no pushes: see kiln-coordinator --push-allow)"
+                                     : absl::StrCat(" (allowed: ", absl::StrJoin(allow, ", "), ")")));
     }
   }
   return absl::OkStatus();
@@ -43,7 +44,8 @@ absl::Status ValidateSubdir(absl::string_view subdir) {
     return absl::InvalidArgumentError(absl::StrCat("flake_subdir '", subdir, "' must be relative"));
   }
   for (absl::string_view part : absl::StrSplit(subdir, '/')) {
-    if (part == "..") return absl::InvalidArgumentError(absl::StrCat("flake_subdir '", subdir, "' leaves the source tree"));
+    if (part == "..")
+      return absl::InvalidArgumentError(absl::StrCat("flake_subdir '", subdir, "' leaves the source tree"));
   }
   return absl::OkStatus();
 }
@@ -82,10 +84,10 @@ absl::StatusOr<CheckedSubmission> SubmissionValidator::Check(const kiln::v1::Sub
   }
   if (!token.empty() && limits_.max_active_jobs_per_token > 0 &&
       token_active + static_cast<uint64_t>(request.targets_size()) > limits_.max_active_jobs_per_token) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "token '", token, "' has ", token_active, " job(s) queued or running; ", request.targets_size(),
-        " more would pass its quota of ", limits_.max_active_jobs_per_token,
-        " (kiln-coordinator --token-max-active-jobs)"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("token '", token, "' has ", token_active, " job(s) queued or running; ", request.targets_size(),
+                     " more would pass its quota of ", limits_.max_active_jobs_per_token,
+                     " (kiln-coordinator --token-max-active-jobs)"));
   }
   if (!request.source_archive().empty()) return NoArchives();
   CheckedSubmission out;
@@ -133,8 +135,7 @@ absl::StatusOr<CheckedSubmission> SubmissionValidator::Check(const kiln::v1::Sub
     } else if (checked_roots.insert(root.hash()).second) {
       absl::StatusOr<std::vector<std::string>> needed = ListTreeBlobs(root, lookup, limits);
       if (!needed.ok()) {
-        return absl::Status(needed.status().code(),
-                            absl::StrCat(spec.display_name(), ": ", needed.status().message()));
+        return absl::Status(needed.status().code(), absl::StrCat(spec.display_name(), ": ", needed.status().message()));
       }
       if (cas_ != nullptr) {
         out.inline_trees.push_back({root, *std::move(needed)});
@@ -156,9 +157,9 @@ absl::Status SubmissionValidator::CheckTarget(const kiln::v1::JobSpec& spec, con
     return absl::InvalidArgumentError("target has no system (e.g. x86_64-linux)");
   }
   if (!spec.priority_class().empty() && PriorityOf(spec.priority_class()) == kiln::v1::PRIORITY_UNSPECIFIED) {
-    return absl::InvalidArgumentError(absl::StrCat("unknown priority class '", spec.priority_class(),
-                                                   "'; this coordinator has: ",
-                                                   absl::StrJoin(limits_.priority_names, ", ")));
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown priority class '", spec.priority_class(),
+                     "'; this coordinator has: ", absl::StrJoin(limits_.priority_names, ", ")));
   }
   // Refuse what no worker could ever build rather than queue it forever.
   if (workers != nullptr && workers->has_known_workers()) {

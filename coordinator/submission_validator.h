@@ -23,7 +23,7 @@
 namespace kiln {
 
 struct SubmissionLimits {
-  size_t max_source_bytes = 64 << 20;  // All blobs sent inline with one submission.
+  size_t max_source_bytes = 64 << 20;           // All blobs sent inline with one submission.
   uint64_t max_tree_bytes = uint64_t{4} << 30;  // A tree uploaded beforehand.
   size_t max_targets = 1000;
   uint64_t max_active_jobs_per_token = 0;  // 0: no quota.

@@ -35,10 +35,9 @@ nlohmann::json ToJson(const kiln::v1::TokenInfo& info) {
 // Runs a call on the running coordinator's admin socket or, when nobody
 // answers there, on the state directory opened here (RocksDB's lock
 // refuses that while a coordinator holds the state).
-grpc::Status CallAdmin(
-    const std::string& state_dir,
-    const std::function<grpc::Status(kiln::v1::AdminService::Stub&, grpc::ClientContext*)>& remote,
-    const std::function<grpc::Status(AdminServiceImpl&, grpc::ServerContext*)>& direct) {
+grpc::Status CallAdmin(const std::string& state_dir,
+                       const std::function<grpc::Status(kiln::v1::AdminService::Stub&, grpc::ClientContext*)>& remote,
+                       const std::function<grpc::Status(AdminServiceImpl&, grpc::ServerContext*)>& direct) {
   const std::string socket = (std::filesystem::path(state_dir) / "admin.sock").string();
   struct stat st {};
   if (::stat(socket.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) {

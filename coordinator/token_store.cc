@@ -57,10 +57,10 @@ absl::Status ValidateTokenScopes(const std::vector<std::string>& scopes) {
       }
       continue;
     }
-    return absl::InvalidArgumentError(
-        absl::StrCat("unknown scope '", scope,
-                     "': scopes are submit, read, admin, worker and push:REGISTRY/REPOSITORY[:TAG] (globs allowed, e.g. "
-                     "push:rg.fr-par.scw.cloud/team/*:testing)"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "unknown scope '", scope,
+        "': scopes are submit, read, admin, worker and push:REGISTRY/REPOSITORY[:TAG] (globs allowed, e.g. "
+        "push:rg.fr-par.scw.cloud/team/*:testing)"));
   }
   return absl::OkStatus();
 }

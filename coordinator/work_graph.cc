@@ -27,9 +27,9 @@ std::string WorkGraph::ItemKey(const kiln::v1::JobSpec& spec) {
   std::sort(features.begin(), features.end());
   std::map<std::string, std::string> labels(spec.requirements().pinned_labels().begin(),
                                             spec.requirements().pinned_labels().end());
-  std::string key = absl::StrCat(spec.source().tree_root().hash(), "\x1f", spec.source().flake_subdir(), "\x1f",
-                                 spec.attr(), "\x1f", spec.requirements().system(), "\x1f",
-                                 absl::StrJoin(features, ","), "\x1f");
+  std::string key =
+      absl::StrCat(spec.source().tree_root().hash(), "\x1f", spec.source().flake_subdir(), "\x1f", spec.attr(), "\x1f",
+                   spec.requirements().system(), "\x1f", absl::StrJoin(features, ","), "\x1f");
   for (const auto& [k, v] : labels) absl::StrAppend(&key, k, "=", v, ",");
   if (spec.has_fod_task()) {
     absl::StrAppend(&key, "\x1f", "fod", static_cast<int>(spec.fod_task().mode()), ":",
@@ -302,9 +302,8 @@ kiln::v1::ListBuildsetsResponse WorkGraph::ListBuildsets(size_t limit) const {
   return out;
 }
 
-void WorkGraph::TakeWrites(
-    std::vector<std::pair<const std::string*, const std::string*>>& packed_jobs,
-    std::vector<std::pair<std::string, const kiln::state::v1::CachedResult*>>& cached_results) {
+void WorkGraph::TakeWrites(std::vector<std::pair<const std::string*, const std::string*>>& packed_jobs,
+                           std::vector<std::pair<std::string, const kiln::state::v1::CachedResult*>>& cached_results) {
   for (const auto& [key, entry] : pending_results_) cached_results.emplace_back(key, &entry);
   packed_jobs.reserve(packed_jobs.size() + pending_jobs_.size());
   for (Job* job : pending_jobs_) {

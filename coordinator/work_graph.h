@@ -115,8 +115,8 @@ class WorkGraph {
   // Back to the queue; nullopt when it has had `max_attempts` already (the
   // caller fails it). Else when it may run again: at once, or after
   // `backoff` * 2^(attempt-1) (at most 5 minutes) for an infrastructure error.
-  std::optional<absl::Time> Requeue(Job& job, const std::string& reason, uint32_t max_attempts,
-                                    absl::Duration backoff, absl::Time now);
+  std::optional<absl::Time> Requeue(Job& job, const std::string& reason, uint32_t max_attempts, absl::Duration backoff,
+                                    absl::Time now);
   // Ends the job: its state, result and time; its token's quota frees.
   void End(Job& job, kiln::v1::JobState state, kiln::v1::BuildResult result, absl::Time now);
   // A successful result for the cache, stored with the next write.

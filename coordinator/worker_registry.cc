@@ -8,8 +8,7 @@
 
 namespace kiln {
 
-WorkerRegistry::WorkerRegistry(const Clock* clock, WorkerRegistryOptions options)
-    : clock_(clock), options_(options) {}
+WorkerRegistry::WorkerRegistry(const Clock* clock, WorkerRegistryOptions options) : clock_(clock), options_(options) {}
 
 WorkerRegistry::Worker& WorkerRegistry::Seen(const std::shared_ptr<WorkerSession>& session) {
   auto [it, inserted] = sessions_.try_emplace(session.get());

@@ -64,14 +64,14 @@ class WorkerRegistry {
 
   // What Register decided.
   struct Admission {
-    absl::Status refused;                  // Not OK: close the new stream with it.
+    absl::Status refused;                     // Not OK: close the new stream with it.
     const WorkerSession* replaces = nullptr;  // An older stream of the same worker, to end first.
   };
 
   // A registered worker's stream ended.
   struct Departure {
     std::string name;
-    absl::Time lease_until;  // Its jobs are held until then.
+    absl::Time lease_until;   // Its jobs are held until then.
     bool lease_over = false;  // Already (a zero lease, or a silent worker's).
   };
 

@@ -21,7 +21,7 @@ struct DockerArchiveLayer {
 };
 
 struct DockerArchive {
-  std::string config;       // The config JSON, as stored.
+  std::string config;  // The config JSON, as stored.
   std::string config_path;
   std::vector<DockerArchiveLayer> layers;  // Bottom layer first.
   std::vector<std::string> repo_tags;

@@ -57,9 +57,8 @@ LayerCache::LayerCache(std::string path) : path_(std::move(path)) {
   absl::MutexLock lock(&mu_);
   for (auto it = j.begin(); it != j.end(); ++it) {
     if (it.value().is_object()) {
-      entries_[it.key()] =
-          Entry{JsonString(it.value(), "digest"), JsonInt<uint64_t>(it.value(), "size", 0),
-                JsonString(it.value(), "seen_in")};
+      entries_[it.key()] = Entry{JsonString(it.value(), "digest"), JsonInt<uint64_t>(it.value(), "size", 0),
+                                 JsonString(it.value(), "seen_in")};
     }
   }
 }
@@ -633,8 +632,7 @@ absl::StatusOr<PushReport> PushImage(const std::string& output, const ImageRef& 
   ::close(out[0]);
   if (!report.ok()) ::kill(pid, SIGKILL);  // It may be blocked writing to the closed pipe.
   int status = 0;
-  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-  }
+  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
   std::string err;
   ReadWholeFile(err_path, err).IgnoreError();
   ::unlink(err_path.c_str());

@@ -191,7 +191,8 @@ void GzipMemberPool::Submit(std::shared_ptr<GzipMember> member) {
 
 void GzipMemberPool::Wait(const GzipMember& member) {
   absl::MutexLock lock(&mu_);
-  mu_.Await(absl::Condition(+[](const GzipMember* m) { return m->done; }, &member));
+  mu_.Await(absl::Condition(
+      +[](const GzipMember* m) { return m->done; }, &member));
 }
 
 void GzipMemberPool::Run(int level) {

@@ -341,8 +341,8 @@ struct HttpRegistryClient::Impl {
         wait = wait * std::uniform_real_distribution<double>(0.5, 1.5)(rng);
         if (options.on_retry) {
           options.on_retry(absl::StrFormat("registry %s: %s failed (%s); retrying in %.1fs (attempt %d of %d)",
-                                           registry, r.what, last.message(), absl::ToDoubleSeconds(wait),
-                                           attempt + 1, options.max_attempts));
+                                           registry, r.what, last.message(), absl::ToDoubleSeconds(wait), attempt + 1,
+                                           options.max_attempts));
         }
         absl::SleepFor(wait);
       }

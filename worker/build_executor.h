@@ -34,8 +34,7 @@ class BuildExecutor {
   virtual ~BuildExecutor() = default;
 
   // Starts a build. On error nothing was started and no callback follows.
-  virtual absl::StatusOr<BuildId> Start(const BuildRequest& request, LineCallback on_line,
-                                        DoneCallback on_done) = 0;
+  virtual absl::StatusOr<BuildId> Start(const BuildRequest& request, LineCallback on_line, DoneCallback on_done) = 0;
 
   // Stops a build and everything it spawned; its result then says
   // RESULT_CODE_CANCELLED. Unknown or finished ids are ignored.

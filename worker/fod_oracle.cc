@@ -28,8 +28,8 @@ absl::StatusOr<std::vector<kiln::v1::FodVerdict>> GrpcFodOracle::Check(const std
   grpc::Status s = stub_->CheckFods(&context, request, &response);
   if (!s.ok()) return FromGrpcStatus(s);
   if (response.verdicts_size() != request.fods_size()) {
-    return absl::InternalError(absl::StrCat("FOD cache answered ", response.verdicts_size(), " verdicts for ",
-                                            request.fods_size(), " FODs"));
+    return absl::InternalError(
+        absl::StrCat("FOD cache answered ", response.verdicts_size(), " verdicts for ", request.fods_size(), " FODs"));
   }
   return std::vector<kiln::v1::FodVerdict>(response.verdicts().begin(), response.verdicts().end());
 }

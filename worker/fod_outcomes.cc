@@ -31,8 +31,7 @@ std::string FixLine(const kiln::v1::HashMismatch& m) {
 
 std::string DescribeMismatch(const kiln::v1::HashMismatch& m, absl::string_view computed_at) {
   std::string text = absl::StrCat("hash mismatch in fixed-output derivation '", m.drv_path(), "':\n",
-                                  "  specified: ", m.specified(), "\n",
-                                  "  got:       ", m.got(), "\n");
+                                  "  specified: ", m.specified(), "\n", "  got:       ", m.got(), "\n");
   if (m.source() == "cache") {
     absl::StrAppend(&text, "  (from Kiln's FOD cache: computed by job ", m.computed_by_job(), " on ",
                     m.computed_by_worker(), computed_at.empty() ? "" : ", ", computed_at,
@@ -55,7 +54,6 @@ kiln::v1::FodRef RefOf(const ClosureFod& c) {
   ref.set_mode(c.fod.mode);
   return ref;
 }
-
 
 std::vector<kiln::v1::FodOutcome> HarvestFods(const ClosureIndex& index, const NixLogParser& parser,
                                               absl::string_view source, const ValidPathsQuery& valid,

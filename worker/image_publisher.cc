@@ -42,8 +42,8 @@ absl::StatusOr<kiln::v1::PushResult> RegistryPublisher::Publish(const kiln::v1::
 }
 
 absl::StatusOr<kiln::v1::PushResult> RegistryPublisher::Push(const kiln::v1::PushTarget& push,
-                                                                const std::string& output,
-                                                                absl::FunctionRef<void(absl::string_view)> log) {
+                                                             const std::string& output,
+                                                             absl::FunctionRef<void(absl::string_view)> log) {
   const absl::Time start = absl::Now();
   // Checked by the coordinator already; checked again here, as these are
   // what the registry's URLs are made of.
@@ -71,9 +71,10 @@ absl::StatusOr<kiln::v1::PushResult> RegistryPublisher::Push(const kiln::v1::Pus
                       .oci_manifest = push.manifest_format() == kiln::v1::MANIFEST_FORMAT_OCI,
                       .parallel = options_.parallel,
                       .make_client = [&] { return std::make_unique<HttpRegistryClient>(ref->registry, registry); },
-                      .stream_hold_bytes = 8 << 20, .on_layer = nullptr};
-  absl::StatusOr<PushReport> report = PushImage(
-      output, *ref, std::vector<std::string>(push.tags().begin(), push.tags().end()), client, options);
+                      .stream_hold_bytes = 8 << 20,
+                      .on_layer = nullptr};
+  absl::StatusOr<PushReport> report =
+      PushImage(output, *ref, std::vector<std::string>(push.tags().begin(), push.tags().end()), client, options);
   if (!report.ok()) return report.status();
 
   kiln::v1::PushResult result;

@@ -25,11 +25,11 @@ class ImagePublisher {
 };
 
 struct RegistryPublisherOptions {
-  std::string auth_file;                     // docker-style config.json; empty: anonymous
+  std::string auth_file;                      // docker-style config.json; empty: anonymous
   std::set<std::string> insecure_registries;  // host:port spoken to over plain HTTP
-  std::string ca_file;                       // Empty: the system's CA bundle.
+  std::string ca_file;                        // Empty: the system's CA bundle.
   std::string scratch_dir;
-  std::string layer_cache_file;              // diff_id -> compressed digest
+  std::string layer_cache_file;  // diff_id -> compressed digest
   int gzip_level = kDefaultGzipLevel;
   int parallel = 2;  // Threads compressing a layer's members, and threads sending layers.
 };

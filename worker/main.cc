@@ -108,7 +108,8 @@ int main(int argc, char** argv) {
   // (a debug aid: a few % of CPU under load). The tests keep it on.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   const sigset_t signals = kiln::BlockTerminationSignals();
-  if (absl::Status s = kiln::ApplyLogLevel(absl::GetFlag(FLAGS_log_level)); !s.ok()) return Fail(std::string(s.message()));
+  if (absl::Status s = kiln::ApplyLogLevel(absl::GetFlag(FLAGS_log_level)); !s.ok())
+    return Fail(std::string(s.message()));
   if (absl::Status s = kiln::ApplyLogFormat(absl::GetFlag(FLAGS_log_format)); !s.ok()) {
     return Fail(std::string(s.message()));
   }
@@ -160,8 +161,9 @@ int main(int argc, char** argv) {
   // Mutual TLS with the coordinator, or plaintext on loopback only.
   const kiln::TlsFiles tls{absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key), absl::GetFlag(FLAGS_tls_ca)};
   if (tls.enabled() && (tls.cert.empty() || tls.key.empty())) {
-    return Fail("--tls-cert and --tls-key are needed with --tls-ca: the coordinator accepts only workers that show a "
-                "certificate of the farm");
+    return Fail(
+        "--tls-cert and --tls-key are needed with --tls-ca: the coordinator accepts only workers that show a "
+        "certificate of the farm");
   }
   if (!tls.enabled()) {
     if (auto s = kiln::CheckPlaintextAllowed("kiln-worker", {options.coordinator}); !s.ok()) {
@@ -194,9 +196,8 @@ int main(int argc, char** argv) {
   nix.options = SplitPairs(absl::GetFlag(FLAGS_nix_option));
   nix.max_jobs = options.max_jobs;
   if (absl::GetFlag(FLAGS_cores) < 0) return Fail("--cores must be 0 (the default share) or more");
-  nix.cores = absl::GetFlag(FLAGS_cores) > 0
-                  ? absl::GetFlag(FLAGS_cores)
-                  : kiln::DefaultCoresPerDerivation(UsableCpus(), options.max_jobs);
+  nix.cores = absl::GetFlag(FLAGS_cores) > 0 ? absl::GetFlag(FLAGS_cores)
+                                             : kiln::DefaultCoresPerDerivation(UsableCpus(), options.max_jobs);
 
   auto registry = std::make_shared<prometheus::Registry>();
   kiln::WorkerMetrics metrics(registry);
@@ -238,8 +239,8 @@ int main(int argc, char** argv) {
   kiln::PublishingExecutor executor(&nix_executor, &publisher);
   kiln::WorkerAgent agent(options, &executor, &metrics);
   kiln::LogInfo("worker", options.name, ": ", options.max_jobs, " slot(s), ", nix.cores,
-                " core(s) per derivation, metrics on http://",
-                (*metrics_server)->address(), "/metrics, coordinator ", options.coordinator);
+                " core(s) per derivation, metrics on http://", (*metrics_server)->address(), "/metrics, coordinator ",
+                options.coordinator);
   agent.Start();
   const int sig = kiln::AwaitTerminationSignal(signals);
   kiln::LogInfo("worker", "signal ", sig, ": shutting down");

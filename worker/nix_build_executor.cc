@@ -56,7 +56,7 @@ struct NixBuildExecutor::Run {
   absl::Time started;
   // Both guarded by the executor's mu_.
   bool cancelled = false;
-  int slots = 0;  // Its grant of derivation slots; 0 until its first build.
+  int slots = 0;                                        // Its grant of derivation slots; 0 until its first build.
   std::vector<ProcessSupervisor::ProcessId> processes;  // Running now.
 };
 
@@ -108,8 +108,8 @@ int NixBuildExecutor::SlotsOf(Run& run) {
 
 std::vector<std::string> NixBuildExecutor::NixArgv(absl::string_view command, int max_jobs) const {
   std::vector<std::string> argv = {
-      options_.nix_binary, std::string(command), "--extra-experimental-features", "nix-command flakes",
-      "--log-format", "internal-json",
+      options_.nix_binary,  std::string(command), "--extra-experimental-features",
+      "nix-command flakes", "--log-format",       "internal-json",
   };
   // Before the operator's `--option`s, which may override them.
   if (max_jobs > 0) argv.insert(argv.end(), {"--max-jobs", absl::StrCat(max_jobs)});
@@ -135,8 +135,8 @@ std::vector<std::string> NixBuildExecutor::BuildArgv(const BuildRequest& request
   return argv;
 }
 
-absl::StatusOr<BuildExecutor::BuildId> NixBuildExecutor::Start(const BuildRequest& request,
-                                                               LineCallback on_line, DoneCallback on_done) {
+absl::StatusOr<BuildExecutor::BuildId> NixBuildExecutor::Start(const BuildRequest& request, LineCallback on_line,
+                                                               DoneCallback on_done) {
   RETURN_IF_ERROR(ValidateAttrPath(request.attr));
   if (request.flake_dir.empty() || request.flake_dir[0] != '/') {
     return absl::InvalidArgumentError("flake directory must be absolute");
@@ -262,7 +262,7 @@ void SetFailure(const ExitInfo& exit, const NixLogParser& parser, const std::str
   // Nix enforces --timeout and --max-silent-time per derivation and says
   // "timed out after N seconds [of silence]".
   result.set_code(absl::StrContains(message, "timed out after") ? kiln::v1::RESULT_CODE_TIMED_OUT
-                                                                  : kiln::v1::RESULT_CODE_BUILD_FAILED);
+                                                                : kiln::v1::RESULT_CODE_BUILD_FAILED);
   result.set_error_message(std::move(message));
 }
 
@@ -376,7 +376,9 @@ void NixBuildExecutor::ComputeFods(Run& run, const std::vector<ClosureFod>& fods
     all = all && !r->correct().empty();
   }
   result.set_code(all ? kiln::v1::RESULT_CODE_SUCCEEDED : kiln::v1::RESULT_CODE_BUILD_FAILED);
-  if (!all) result.set_error_message(errors.empty() ? "a fixed-output derivation failed to build" : absl::StrJoin(errors, "\n"));
+  if (!all)
+    result.set_error_message(errors.empty() ? "a fixed-output derivation failed to build"
+                                            : absl::StrJoin(errors, "\n"));
 }
 
 void NixBuildExecutor::Execute(const std::shared_ptr<Run>& run) {
@@ -399,8 +401,8 @@ void NixBuildExecutor::Execute(const std::shared_ptr<Run>& run) {
     std::string dir = (std::filesystem::path(options_.scratch_dir) / "kiln-build-XXXXXX").string();
     if (::mkdtemp(dir.data()) == nullptr) {
       result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
-      result.set_error_message(absl::StrCat("cannot make a directory in ", options_.scratch_dir, ": ",
-                                            std::strerror(errno)));
+      result.set_error_message(
+          absl::StrCat("cannot make a directory in ", options_.scratch_dir, ": ", std::strerror(errno)));
     } else {
       const std::string fifo = dir + "/drv.nix";
       NixRun build;
@@ -464,8 +466,8 @@ void NixBuildExecutor::BuildWithFodChecks(Run& run, NixRun& build, const std::st
   });
   if (!absl::StartsWith(drv, "/") || !absl::EndsWith(drv, ".drv") || !plain_path) {
     result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
-    result.set_error_message(absl::StrCat("nix path-info --derivation printed no derivation: '",
-                                          eval.stdout_data.substr(0, 200), "'"));
+    result.set_error_message(
+        absl::StrCat("nix path-info --derivation printed no derivation: '", eval.stdout_data.substr(0, 200), "'"));
     return;
   }
 
@@ -489,12 +491,9 @@ void NixBuildExecutor::BuildWithFodChecks(Run& run, NixRun& build, const std::st
   }
   const ClosureIndex index(fods);
   switch (run.request.spec.fod_task().mode()) {
-    case kiln::v1::FodTask::MODE_SCAN:
-      return ReportFods(fods, verdicts, result);
-    case kiln::v1::FodTask::MODE_COMPUTE:
-      return ComputeFods(run, fods, index, result);
-    default:
-      break;
+    case kiln::v1::FodTask::MODE_SCAN: return ReportFods(fods, verdicts, result);
+    case kiln::v1::FodTask::MODE_COMPUTE: return ComputeFods(run, fods, index, result);
+    default: break;
   }
 
   // 3. Hashes the cache knows to be wrong: fail now, build nothing.
@@ -540,11 +539,11 @@ void NixBuildExecutor::BuildWithFodChecks(Run& run, NixRun& build, const std::st
     }
   }
   if (!verdicts.empty()) {
-    Line(run, absl::StrCat(verdicts.size(), " fixed-output derivation(s) checked against the FOD cache: ",
-                           counts[FodVerdict::KIND_RIGHT], " right, ", counts[FodVerdict::KIND_WRONG], " wrong, ",
-                           counts[FodVerdict::KIND_SUSPECT_STALE], " suspect, ",
-                           counts[FodVerdict::KIND_NONDETERMINISTIC], " nondeterministic, ",
-                           counts[FodVerdict::KIND_UNKNOWN], " unknown"));
+    Line(run,
+         absl::StrCat(verdicts.size(), " fixed-output derivation(s) checked against the FOD cache: ",
+                      counts[FodVerdict::KIND_RIGHT], " right, ", counts[FodVerdict::KIND_WRONG], " wrong, ",
+                      counts[FodVerdict::KIND_SUSPECT_STALE], " suspect, ", counts[FodVerdict::KIND_NONDETERMINISTIC],
+                      " nondeterministic, ", counts[FodVerdict::KIND_UNKNOWN], " unknown"));
   }
   if (!messages.empty()) {
     for (const auto& m : result.hash_mismatches()) {

@@ -79,8 +79,8 @@ class NixBuildExecutor final : public BuildExecutor {
   // Cancels what still runs and waits for every build's thread to end.
   ~NixBuildExecutor() override;
 
-  absl::StatusOr<BuildId> Start(const BuildRequest& request, LineCallback on_line,
-                                DoneCallback on_done) override ABSL_LOCKS_EXCLUDED(mu_);
+  absl::StatusOr<BuildId> Start(const BuildRequest& request, LineCallback on_line, DoneCallback on_done) override
+      ABSL_LOCKS_EXCLUDED(mu_);
   void Cancel(BuildId id) override ABSL_LOCKS_EXCLUDED(mu_);
 
   // The argv of the single-step build (exposed for tests: no shell, the

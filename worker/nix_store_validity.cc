@@ -17,7 +17,7 @@ std::string NixStoreBinaryBeside(const std::string& nix_binary) {
 }
 
 absl::StatusOr<absl::flat_hash_set<std::string>> ValidPathsFromInvalidList(const std::vector<std::string>& asked,
-                                                                         absl::string_view printed) {
+                                                                           absl::string_view printed) {
   absl::flat_hash_set<std::string> valid(asked.begin(), asked.end());
   for (absl::string_view line : absl::StrSplit(printed, '\n', absl::SkipWhitespace())) {
     line = absl::StripAsciiWhitespace(line);
@@ -25,8 +25,8 @@ absl::StatusOr<absl::flat_hash_set<std::string>> ValidPathsFromInvalidList(const
     if (it != valid.end()) {
       valid.erase(it);
     } else if (std::find(asked.begin(), asked.end(), line) == asked.end()) {
-      return absl::InternalError(absl::StrCat("nix-store --check-validity named a path it was not asked about: '",
-                                              line.substr(0, 200), "'"));
+      return absl::InternalError(
+          absl::StrCat("nix-store --check-validity named a path it was not asked about: '", line.substr(0, 200), "'"));
     }
   }
   return valid;
@@ -49,8 +49,8 @@ absl::StatusOr<absl::flat_hash_set<std::string>> QueryValidPaths(
   }
   if (!ran->exit.Success()) {
     std::string why(absl::StripAsciiWhitespace(ran->stderr_data.substr(0, 2000)));
-    return absl::FailedPreconditionError(absl::StrCat("nix-store --check-validity failed (", ran->exit.ToString(),
-                                                      "): ", why));
+    return absl::FailedPreconditionError(
+        absl::StrCat("nix-store --check-validity failed (", ran->exit.ToString(), "): ", why));
   }
   return ValidPathsFromInvalidList(paths, ran->stdout_data);
 }

@@ -25,7 +25,7 @@ std::string NixStoreBinaryBeside(const std::string& nix_binary);
 // paths, one per line. Every one must be one of `asked`; the rest of `asked`
 // are the valid ones, which are returned.
 absl::StatusOr<absl::flat_hash_set<std::string>> ValidPathsFromInvalidList(const std::vector<std::string>& asked,
-                                                                         absl::string_view printed);
+                                                                           absl::string_view printed);
 
 // The valid paths among `paths`, in one call of `nix_store_binary`
 // (`--option NAME VALUE` for each of `options`). No call for no paths.

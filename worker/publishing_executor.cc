@@ -17,8 +17,8 @@ absl::StatusOr<BuildExecutor::BuildId> PublishingExecutor::Start(const BuildRequ
   auto state = std::make_shared<Pushing>();
   absl::StatusOr<BuildId> started = inner_->Start(
       request, [lines](kiln::v1::LogLine line) { (*lines)(std::move(line)); },
-      [this, lines, state, push = request.spec.push(), done = std::move(on_done)](
-          kiln::v1::BuildResult result) mutable {
+      [this, lines, state, push = request.spec.push(),
+       done = std::move(on_done)](kiln::v1::BuildResult result) mutable {
         if (result.code() == kiln::v1::RESULT_CODE_SUCCEEDED) {
           const absl::Time start = absl::Now();
           Publish(push, result, *lines);

@@ -69,9 +69,9 @@ absl::Status SourceCache::CheckOut(const kiln::v1::Assignment& assignment, const
   std::error_code space_ec;
   const fs::space_info space = fs::space(work_dir_, space_ec);
   const auto no_space = [&](uint64_t free_bytes) {
-    return absl::ResourceExhaustedError(absl::StrFormat(
-        "no space left on the worker's work directory (%d MiB free, %d MiB needed)", free_bytes >> 20,
-        (needed + (1 << 20) - 1) >> 20));
+    return absl::ResourceExhaustedError(
+        absl::StrFormat("no space left on the worker's work directory (%d MiB free, %d MiB needed)", free_bytes >> 20,
+                        (needed + (1 << 20) - 1) >> 20));
   };
   if (!space_ec && space.available < needed) return no_space(space.available);
   if (!missing.empty()) {
@@ -122,8 +122,7 @@ void SourceCache::Trim() {
   std::vector<Cached> files;
   uintmax_t total = 0;
   std::error_code ec;
-  for (fs::recursive_directory_iterator it(fs::path(work_dir_) / "cas", ec), end; !ec && it != end;
-       it.increment(ec)) {
+  for (fs::recursive_directory_iterator it(fs::path(work_dir_) / "cas", ec), end; !ec && it != end; it.increment(ec)) {
     if (!it->is_regular_file(ec)) continue;
     Cached c{.used = it->last_write_time(ec), .size = it->file_size(ec), .path = it->path()};
     total += c.size;
@@ -148,8 +147,7 @@ void SweepSourceCacheLeftovers(const std::string& work_dir) {
   // were removed on failure): never read, and they may be what fills the disk.
   std::error_code ec;
   uint64_t removed = 0, bytes = 0;
-  for (fs::recursive_directory_iterator it(fs::path(work_dir) / "cas", ec), end; !ec && it != end;
-       it.increment(ec)) {
+  for (fs::recursive_directory_iterator it(fs::path(work_dir) / "cas", ec), end; !ec && it != end; it.increment(ec)) {
     const std::string name = it->path().filename().string();
     if (!it->is_regular_file(ec) || !(IsAtomicWriteLeftover(name) || absl::EndsWith(name, ".tmp"))) continue;
     const uintmax_t size = it->file_size(ec);

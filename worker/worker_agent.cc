@@ -145,7 +145,9 @@ WorkerAgent::WorkerAgent(WorkerOptions options, BuildExecutor* executor, WorkerM
 
 WorkerAgent::~WorkerAgent() { Stop(); }
 
-void WorkerAgent::Start() { loop_ = std::thread([this] { RunLoop(); }); }
+void WorkerAgent::Start() {
+  loop_ = std::thread([this] { RunLoop(); });
+}
 
 void WorkerAgent::Stop() {
   {
@@ -173,9 +175,8 @@ void WorkerAgent::Stop() {
   // the rest).
   {
     absl::MutexLock lock(&mu_);
-    const auto all_ended = +[](WorkerAgent* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(a->mu_) {
-      return a->builds_in_executor_ == 0;
-    };
+    const auto all_ended =
+        +[](WorkerAgent* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(a->mu_) { return a->builds_in_executor_ == 0; };
     while (!mu_.AwaitWithTimeout(absl::Condition(all_ended, this), absl::Seconds(10))) {
       LogWarning(kComponent, "stopping: waiting for ", builds_in_executor_, " build(s) to end");
     }
@@ -257,12 +258,11 @@ void WorkerAgent::RunLoop() {
       absl::Duration heartbeat_interval;
       {
         absl::MutexLock lock(&mu_);
-        mu_.AwaitWithTimeout(absl::Condition(
-                                 +[](WorkerAgent* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(a->mu_) {
-                                   return a->stream_done_ || a->stopping_;
-                                 },
-                                 this),
-                             options_.log_flush_interval);
+        mu_.AwaitWithTimeout(
+            absl::Condition(
+                +[](WorkerAgent* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(a->mu_) { return a->stream_done_ || a->stopping_; },
+                this),
+            options_.log_flush_interval);
         done = stream_done_;
         stopping = stopping_;
         registered = registered_;
@@ -339,16 +339,13 @@ void WorkerAgent::HandleMessage(CoordinatorMessage message) {
     case CoordinatorMessage::kResultAck:
       ForgetResult(message.result_ack().job_id(), message.result_ack().attempt());
       break;
-    case CoordinatorMessage::kAssign:
-      StartJob(message.assign());
-      break;
+    case CoordinatorMessage::kAssign: StartJob(message.assign()); break;
     case CoordinatorMessage::kCancel:
       LogInfo(ForJob(message.cancel().job_id()), kComponent, "cancel (", message.cancel().reason(), ")");
       ForgetResult(message.cancel().job_id(), message.cancel().attempt());  // Not wanted any more.
       CancelBuild(message.cancel().job_id(), message.cancel().attempt());
       break;
-    case CoordinatorMessage::KIND_NOT_SET:
-      break;
+    case CoordinatorMessage::KIND_NOT_SET: break;
   }
   for (const auto& assignment : message.assignments()) StartJob(assignment);
 }
@@ -428,7 +425,8 @@ void WorkerAgent::StartJob(const kiln::v1::Assignment& assignment) {
   std::error_code ec;
   fs::remove_all(dir, ec);
   fs::create_directories(dir / "src", ec);
-  if (ec) return fail(kiln::v1::RESULT_CODE_INFRA_ERROR, absl::StrCat("cannot create ", dir.string(), ": ", ec.message()));
+  if (ec)
+    return fail(kiln::v1::RESULT_CODE_INFRA_ERROR, absl::StrCat("cannot create ", dir.string(), ": ", ec.message()));
   if (absl::Status s = sources_.CheckOut(assignment, (dir / "src").string()); !s.ok()) {
     fs::remove_all(dir, ec);  // What was checked out of it.
     return fail(kiln::v1::RESULT_CODE_INFRA_ERROR, absl::StrCat("cannot check out the source: ", s.message()));

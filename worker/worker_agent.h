@@ -148,8 +148,8 @@ class WorkerAgent {
   ReconnectPolicy reconnect_;  // Used by the loop thread only.
   // Random per process (Register.instance_id): tells the coordinator a
   // reconnect of this process from another process using the same name.
-  const std::string instance_id_ = absl::StrFormat("%016x%016x", absl::Uniform<uint64_t>(absl::BitGen()),
-                                                    absl::Uniform<uint64_t>(absl::BitGen()));
+  const std::string instance_id_ =
+      absl::StrFormat("%016x%016x", absl::Uniform<uint64_t>(absl::BitGen()), absl::Uniform<uint64_t>(absl::BitGen()));
 
   absl::Mutex mu_;
   std::shared_ptr<Stream> stream_ ABSL_GUARDED_BY(mu_);
@@ -171,8 +171,8 @@ class WorkerAgent {
   absl::flat_hash_map<std::string, UnackedResult> unacked_ ABSL_GUARDED_BY(mu_);
 
   // Log shipping; on the strand.
-  static constexpr size_t kMaxLinesPerBatch = 512;   // A job's lines that start a flush at once.
-  static constexpr size_t kMaxPendingLines = 16384;  // A job's lines held while a call is in flight.
+  static constexpr size_t kMaxLinesPerBatch = 512;              // A job's lines that start a flush at once.
+  static constexpr size_t kMaxPendingLines = 16384;             // A job's lines held while a call is in flight.
   static constexpr size_t kMaxLogBatchBytes = size_t{2} << 20;  // One call's lines, about.
   struct LogCall;
   bool logs_on_control_stream_ = false;  // The coordinator has no SendLogs.

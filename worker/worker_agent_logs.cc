@@ -71,17 +71,17 @@ void WorkerAgent::FlushLogs() {
   log_call_in_flight_ = true;
   call->context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
   LogCall* raw = call.release();
-  stub_->async()->SendLogs(&raw->context, &raw->request, &raw->response,
-                           [this, raw, generation, lines](grpc::Status status) {
-                             strand_->Post([this, generation, lines, status] { OnLogsSent(generation, status, lines); });
-                             {
-                               // Last touch of the agent: Stop() may now take the strand down.
-                               absl::MutexLock lock(&mu_);
-                               if (log_call_context_ == &raw->context) log_call_context_ = nullptr;
-                               --log_calls_outstanding_;
-                             }
-                             delete raw;
-                           });
+  stub_->async()->SendLogs(
+      &raw->context, &raw->request, &raw->response, [this, raw, generation, lines](grpc::Status status) {
+        strand_->Post([this, generation, lines, status] { OnLogsSent(generation, status, lines); });
+        {
+          // Last touch of the agent: Stop() may now take the strand down.
+          absl::MutexLock lock(&mu_);
+          if (log_call_context_ == &raw->context) log_call_context_ = nullptr;
+          --log_calls_outstanding_;
+        }
+        delete raw;
+      });
 }
 
 void WorkerAgent::OnLogsSent(uint64_t generation, const grpc::Status& status, size_t lines) {

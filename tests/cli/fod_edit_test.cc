@@ -42,9 +42,8 @@ TEST(FodEditTest, SeveralFakesAreMatchedByTheirNamesOrLeftToAPerson) {
                  "  };\n"
                  "  c = fetch { name = \"mystery\"; hash = lib.fakeHash; };\n"
                  "}\n");
-  auto plan = PlanHashEdits(dir.path(),
-                            {{"node-modules", kFake, kRight}, {"go-modules-1.2", kFake, kOther}, {"other", kFake, kRight}},
-                            {});
+  auto plan = PlanHashEdits(
+      dir.path(), {{"node-modules", kFake, kRight}, {"go-modules-1.2", kFake, kOther}, {"other", kFake, kRight}}, {});
   ASSERT_TRUE(plan.ok()) << plan.status();
   ASSERT_EQ(plan->edits.size(), 2u);
   EXPECT_EQ(plan->edits[0].line, 2);
@@ -58,8 +57,9 @@ TEST(FodEditTest, SeveralFakesAreMatchedByTheirNamesOrLeftToAPerson) {
 TEST(FodEditTest, AStaleLiteralIsReplacedInAnySpellingUnlessAnotherFodSharesIt) {
   testing::TempDir dir;
   // The stale hash written in Nix's base32 with its algorithm.
-  WriteFileOrDie(dir.Sub("nix/deps.nix"),
-                 "{ outputHashAlgo = \"sha256\"; outputHash = \"1krzj6ldhwcn7ksmq6fgq22qgrxnkpw9qg5gamdpp8k17apqwxxi\"; }\n");
+  WriteFileOrDie(
+      dir.Sub("nix/deps.nix"),
+      "{ outputHashAlgo = \"sha256\"; outputHash = \"1krzj6ldhwcn7ksmq6fgq22qgrxnkpw9qg5gamdpp8k17apqwxxi\"; }\n");
   WriteFileOrDie(dir.Sub("flake.nix"), "{ }\n");
   auto plan = PlanHashEdits(dir.path(), {{"deps", kRight, kOther}}, {});
   ASSERT_TRUE(plan.ok()) << plan.status();

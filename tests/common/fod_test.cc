@@ -20,7 +20,8 @@ constexpr absl::string_view kRight = "sha256-sXeOrzphontbVa88nPidtueHhcDPGVz1PJZ
 constexpr absl::string_view kFake = "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
 
 FixedOutput Fod(absl::string_view file) {
-  const std::string text = testing::ReadFileOrDie(testing::SourcePath(absl::StrCat("tests/common/testdata/drv/", file)));
+  const std::string text =
+      testing::ReadFileOrDie(testing::SourcePath(absl::StrCat("tests/common/testdata/drv/", file)));
   absl::StatusOr<Derivation> drv = ParseDerivation(text);
   EXPECT_TRUE(drv.ok()) << file << ": " << drv.status();
   std::optional<FixedOutput> fod = drv.ok() ? GetFixedOutput(*drv) : std::nullopt;
@@ -41,14 +42,15 @@ TEST(NixHashTest, EverySpellingGivesTheSameSri) {
     EXPECT_EQ(h->Base16(), "b1778eaf3a61a27b5b55af3c9cf89db6e78785c0cf195cf53c9671d8a8913fcf");
     EXPECT_FALSE(h->IsFake());
   }
-  absl::StatusOr<NixHash> bare = ParseNixHash("1krzj6ldhwcn7ksmq6fgq22qgrxnkpw9qg5gamdpp8k17apqwxxi", HashAlgo::kSha256);
+  absl::StatusOr<NixHash> bare =
+      ParseNixHash("1krzj6ldhwcn7ksmq6fgq22qgrxnkpw9qg5gamdpp8k17apqwxxi", HashAlgo::kSha256);
   ASSERT_TRUE(bare.ok());
   EXPECT_EQ(bare->Sri(), kRight);
   EXPECT_TRUE(ParseNixHash(kFake)->IsFake());
 }
 
 TEST(NixHashTest, BadSpellingsAreRefusedWithAReason) {
-  EXPECT_FALSE(ParseNixHash("1krzj6ldhwcn7ksmq6fgq22qgrxnkpw9qg5gamdpp8k17apqwxxi").ok());  // No algorithm.
+  EXPECT_FALSE(ParseNixHash("1krzj6ldhwcn7ksmq6fgq22qgrxnkpw9qg5gamdpp8k17apqwxxi").ok());         // No algorithm.
   EXPECT_FALSE(ParseNixHash("sha256:1krzj6ldhwcn7ksmq6fgq22qgrxnkpw9qg5gamdpp8k17apqwxxe").ok());  // 'e'
   EXPECT_FALSE(ParseNixHash("sha256-abc=").ok());
   EXPECT_FALSE(ParseNixHash("blake3-sXeOrzphontbVa88nPidtueHhcDPGVz1PJZx2KiRP88=").ok());

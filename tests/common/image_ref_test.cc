@@ -16,8 +16,8 @@ TEST(ImageRefTest, ParsesWhatRegistriesAccept) {
   EXPECT_EQ(ref->repository, "sanmarcsoft/web-api");
   EXPECT_EQ(ref->tag, "testing");
   EXPECT_EQ(ref->Components(), (std::vector<std::string>{"sanmarcsoft", "web-api"}));
-  for (const char* ok : {"127.0.0.1:5000/kiln/a", "localhost:5000/a.b/c__d/e---f:v1.2_x",
-                         "[::1]:5000/app:_tag", "rg.example.eu/a@sha256:"
+  for (const char* ok : {"127.0.0.1:5000/kiln/a", "localhost:5000/a.b/c__d/e---f:v1.2_x", "[::1]:5000/app:_tag",
+                         "rg.example.eu/a@sha256:"
                          "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
                          "Registry.Example/a:T"}) {
     auto parsed = ParseImageRef(ok);
@@ -106,8 +106,8 @@ TEST(ImagePatternTest, MatchesOnTheParsedParts) {
 }
 
 TEST(ImagePatternTest, RefusesPatternsThatCanMatchNothingSensible) {
-  for (const char* bad : {"/team/*", "rg.example.eu//x", "rg.example.eu/x:", "rg.example.eu/X/y",
-                          "rg.example.eu/x y", "rg_x/y"}) {
+  for (const char* bad :
+       {"/team/*", "rg.example.eu//x", "rg.example.eu/x:", "rg.example.eu/X/y", "rg.example.eu/x y", "rg_x/y"}) {
     auto p = ParseImagePattern(bad);
     EXPECT_FALSE(p.ok()) << bad;
     if (!p.ok()) {

@@ -175,10 +175,11 @@ TEST(SerialExecutorTest, RunsInOrderOnItsThread) {
   std::vector<int> seen;
   {
     SerialExecutor ex("test");
-    for (int i = 0; i < 100; ++i) ex.Post([&seen, i, &ex] {
-      EXPECT_TRUE(ex.IsCurrent());
-      seen.push_back(i);
-    });
+    for (int i = 0; i < 100; ++i)
+      ex.Post([&seen, i, &ex] {
+        EXPECT_TRUE(ex.IsCurrent());
+        seen.push_back(i);
+      });
   }  // Destructor drains.
   ASSERT_EQ(seen.size(), 100u);
   for (int i = 0; i < 100; ++i) EXPECT_EQ(seen[i], i);
@@ -194,10 +195,11 @@ struct FakeStream {
 TEST(OutboundQueueTest, OneWriteInFlightBoundedAndFinishAfterDrain) {
   FakeStream s;
   OutboundQueue<int> q(2, {.start_write = [&](const int* m) { s.started.push_back(*m); },
-                           .finish = [&](grpc::Status st) {
-                             ++s.finishes;
-                             s.status = st;
-                           }});
+                           .finish =
+                               [&](grpc::Status st) {
+                                 ++s.finishes;
+                                 s.status = st;
+                               }});
   using R = OutboundQueue<int>::PushResult;
   EXPECT_EQ(q.Push(1), R::kQueued);
   EXPECT_EQ(q.Push(2), R::kQueued);
@@ -221,10 +223,11 @@ TEST(OutboundQueueTest, OneWriteInFlightBoundedAndFinishAfterDrain) {
 TEST(OutboundQueueTest, BrokenStreamFinishesWithoutMoreWrites) {
   FakeStream s;
   OutboundQueue<int> q(8, {.start_write = [&](const int* m) { s.started.push_back(*m); },
-                           .finish = [&](grpc::Status st) {
-                             ++s.finishes;
-                             s.status = st;
-                           }});
+                           .finish =
+                               [&](grpc::Status st) {
+                                 ++s.finishes;
+                                 s.status = st;
+                               }});
   q.Push(1);
   q.Push(2);
   q.OnWriteDone(false);

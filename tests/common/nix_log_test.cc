@@ -18,7 +18,8 @@ std::string Render(const NixLogEvent& e) {
 // Real stderr of Nix 2.8 for a failing build, parsed; the rendering is a
 // golden file so any change in what users see is reviewed.
 TEST(NixLogParserTest, FailingBuildMatchesGolden) {
-  const std::string input = testing::ReadFileOrDie(testing::SourcePath("tests/common/testdata/nix_build_failure.internal-json"));
+  const std::string input =
+      testing::ReadFileOrDie(testing::SourcePath("tests/common/testdata/nix_build_failure.internal-json"));
   NixLogParser parser;
   std::string rendered;
   for (absl::string_view line : absl::StrSplit(input, '\n', absl::SkipEmpty())) {
@@ -26,13 +27,15 @@ TEST(NixLogParserTest, FailingBuildMatchesGolden) {
   }
   testing::ExpectMatchesGolden(rendered, "tests/common/testdata/nix_build_failure.golden");
   ASSERT_EQ(parser.errors().size(), 1u);
-  EXPECT_EQ(parser.errors()[0],
-            "error: builder for '/nix/store/ljbcr4lpqks7ywlghvicricx88pfnkby-golden-sample.drv' failed with exit code 3");
+  EXPECT_EQ(
+      parser.errors()[0],
+      "error: builder for '/nix/store/ljbcr4lpqks7ywlghvicricx88pfnkby-golden-sample.drv' failed with exit code 3");
 }
 
 TEST(NixLogParserTest, BuildOutputIsTaggedWithDerivationAndUncoloured) {
   NixLogParser parser;
-  ASSERT_TRUE(parser.ParseLine(R"(@nix {"action":"start","fields":["/nix/store/abc-hello-1.0.drv","",1,1],"id":7,"level":3,"text":"building","type":105})"));
+  ASSERT_TRUE(parser.ParseLine(
+      R"(@nix {"action":"start","fields":["/nix/store/abc-hello-1.0.drv","",1,1],"id":7,"level":3,"text":"building","type":105})"));
   auto line = parser.ParseLine(R"(@nix {"action":"result","fields":["\u001b[1mbold\u001b[0m"],"id":7,"type":101})");
   ASSERT_TRUE(line);
   EXPECT_EQ(line->kind, NixLogEvent::Kind::kBuildOutput);

@@ -57,15 +57,16 @@ TEST(ProcessSupervisorTest, StreamsLinesAndReportsExit) {
   absl::Notification done;
   ExitInfo exit;
   std::string out;
-  auto id = supervisor.Spawn({.argv = {"/bin/sh", "-c", "echo one >&2; printf 'two\\nthree' >&2; echo result; exit 2"},
-                              .extra_env = {"KILN_TEST=1"},
-                              .cwd = "/"},
-                             [&](absl::string_view l) { lines.emplace_back(l); },
-                             [&](ExitInfo e, std::string o) {
-                               exit = e;
-                               out = std::move(o);
-                               done.Notify();
-                             });
+  auto id = supervisor.Spawn(
+      {.argv = {"/bin/sh", "-c", "echo one >&2; printf 'two\\nthree' >&2; echo result; exit 2"},
+       .extra_env = {"KILN_TEST=1"},
+       .cwd = "/"},
+      [&](absl::string_view l) { lines.emplace_back(l); },
+      [&](ExitInfo e, std::string o) {
+        exit = e;
+        out = std::move(o);
+        done.Notify();
+      });
   ASSERT_TRUE(id.ok());
   ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(30)));
   EXPECT_EQ(lines, (std::vector<std::string>{"one", "two", "three"}));
@@ -77,9 +78,9 @@ TEST(ProcessSupervisorTest, KillEndsTheWholeTree) {
   ProcessSupervisor supervisor;
   Ending end;
   // The grandchild holds stderr open; only a group kill lets the exit through.
-  auto id = supervisor.Spawn({.argv = {"/bin/sh", "-c", "sleep 60 & sleep 60"}, .extra_env = {}, .cwd = ""},
-                             [](absl::string_view) {},
-                             end.Callback());
+  auto id = supervisor.Spawn(
+      {.argv = {"/bin/sh", "-c", "sleep 60 & sleep 60"}, .extra_env = {}, .cwd = ""}, [](absl::string_view) {},
+      end.Callback());
   ASSERT_TRUE(id.ok());
   supervisor.Kill(*id);
   ASSERT_TRUE(end.done.WaitForNotificationWithTimeout(absl::Seconds(30)));
@@ -92,16 +93,17 @@ TEST(ProcessSupervisorTest, TerminateEscalatesAndReportsWhetherTheChildWasLive) 
   absl::Notification ready, done;
   ExitInfo exit;
   // Ignores SIGTERM: only the SIGKILL after the grace period ends it.
-  auto id = supervisor.Spawn({.argv = {"/bin/sh", "-c", "trap '' TERM; echo ready >&2; while :; do /bin/sleep 1; done"},
-                              .extra_env = {},
-                              .cwd = ""},
-                             [&](absl::string_view line) {
-                               if (line == "ready") ready.Notify();
-                             },
-                             [&](ExitInfo e, std::string) {
-                               exit = e;
-                               done.Notify();
-                             });
+  auto id = supervisor.Spawn(
+      {.argv = {"/bin/sh", "-c", "trap '' TERM; echo ready >&2; while :; do /bin/sleep 1; done"},
+       .extra_env = {},
+       .cwd = ""},
+      [&](absl::string_view line) {
+        if (line == "ready") ready.Notify();
+      },
+      [&](ExitInfo e, std::string) {
+        exit = e;
+        done.Notify();
+      });
   ASSERT_TRUE(id.ok());
   ASSERT_TRUE(ready.WaitForNotificationWithTimeout(absl::Seconds(30)));  // The trap is set.
   EXPECT_TRUE(supervisor.Terminate(*id, absl::Milliseconds(300)));
@@ -114,9 +116,9 @@ TEST(ProcessSupervisorTest, LeftoverChildrenDoNotHoldTheResult) {
   ProcessSupervisor supervisor;
   Ending end;
   // The leader exits at once; its background child would keep the pipe open.
-  auto id = supervisor.Spawn({.argv = {"/bin/sh", "-c", "sleep 60 & exit 0"}, .extra_env = {}, .cwd = ""},
-                             [](absl::string_view) {},
-                             end.Callback());
+  auto id = supervisor.Spawn(
+      {.argv = {"/bin/sh", "-c", "sleep 60 & exit 0"}, .extra_env = {}, .cwd = ""}, [](absl::string_view) {},
+      end.Callback());
   ASSERT_TRUE(id.ok());
   ASSERT_TRUE(end.done.WaitForNotificationWithTimeout(absl::Seconds(30)));
   EXPECT_EQ(end.exit.exit_code, 0);
@@ -128,9 +130,9 @@ TEST(ProcessSupervisorTest, ALedgerLetsTheNextRunStopWhatACrashedOneLeftRunning)
   const std::string ledger = dir.Sub("ledger"), leftovers = dir.Sub("leftovers");
   ProcessSupervisor supervisor(ledger);
   Ending end;
-  auto id = supervisor.Spawn({.argv = {"/bin/sh", "-c", "sleep 60 & sleep 60"}, .extra_env = {}, .cwd = ""},
-                             [](absl::string_view) {},
-                             end.Callback());
+  auto id = supervisor.Spawn(
+      {.argv = {"/bin/sh", "-c", "sleep 60 & sleep 60"}, .extra_env = {}, .cwd = ""}, [](absl::string_view) {},
+      end.Callback());
   ASSERT_TRUE(id.ok());
   std::vector<fs::path> entries;
   for (const auto& e : fs::directory_iterator(ledger)) entries.push_back(e.path());
@@ -143,8 +145,9 @@ TEST(ProcessSupervisorTest, ALedgerLetsTheNextRunStopWhatACrashedOneLeftRunning)
   fs::copy_file(entries[0], fs::path(leftovers) / entries[0].filename());
   ProcessSupervisor bystanders(dir.Sub("bystander-ledger"));
   absl::Notification bystander_done;
-  auto bystander = bystanders.Spawn({.argv = {"sleep", "60"}, .extra_env = {}, .cwd = ""}, [](absl::string_view) {},
-                                    [&](ExitInfo, std::string) { bystander_done.Notify(); });
+  auto bystander = bystanders.Spawn(
+      {.argv = {"sleep", "60"}, .extra_env = {}, .cwd = ""}, [](absl::string_view) {},
+      [&](ExitInfo, std::string) { bystander_done.Notify(); });
   ASSERT_TRUE(bystander.ok());
   for (const auto& e : fs::directory_iterator(dir.Sub("bystander-ledger"))) {
     std::ofstream reused(fs::path(leftovers) / e.path().filename());

@@ -274,8 +274,7 @@ TEST_F(BuildCoordinatorTest, WritesStopAtTheReserveBeforeTheDiskIsFull) {
   ASSERT_EQ(assignments.size(), 1u);
 
   disk.free_bytes = options_.min_free_bytes - 1;
-  EXPECT_THAT(core_->Submit(Request()).status(),
-              StatusIs(absl::StatusCode::kResourceExhausted, "below the reserve"));
+  EXPECT_THAT(core_->Submit(Request()).status(), StatusIs(absl::StatusCode::kResourceExhausted, "below the reserve"));
   EXPECT_FALSE(core_->state_writable());
   Report(w, assignments[0], kiln::v1::RESULT_CODE_SUCCEEDED);
   for (const auto& e : watcher->events) EXPECT_FALSE(e.has_finished()) << "not stored, so not announced";

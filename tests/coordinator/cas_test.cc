@@ -108,12 +108,14 @@ TEST_F(CasTest, LargeBlobsAreFilesReadBackInChunks) {
   EXPECT_TRUE(meta->in_file());
   size_t pieces = 0;
   std::string back;
-  ASSERT_TRUE(cas().Read(DigestOf(big).hash(), [&](absl::string_view chunk) {
-                       ++pieces;
-                       EXPECT_LE(chunk.size(), CasStore::kChunkBytes);
-                       back.append(chunk.data(), chunk.size());
-                       return absl::OkStatus();
-                     })
+  ASSERT_TRUE(cas()
+                  .Read(DigestOf(big).hash(),
+                        [&](absl::string_view chunk) {
+                          ++pieces;
+                          EXPECT_LE(chunk.size(), CasStore::kChunkBytes);
+                          back.append(chunk.data(), chunk.size());
+                          return absl::OkStatus();
+                        })
                   .ok());
   EXPECT_EQ(pieces, 4u);
   EXPECT_EQ(back, big);
@@ -331,8 +333,8 @@ TEST_F(CasServiceTest, ATamperedUploadIsRejectedAndNothingIsStored) {
   EXPECT_EQ(metrics_.cas_rejected_blobs.Value(), 1);
 
   // A blob that is not there cannot be read.
-  EXPECT_TRUE(absl::IsNotFound(
-      FetchBlobs(*stub_, {digest}, [](const Digest&, std::string&&) { return absl::OkStatus(); })));
+  EXPECT_TRUE(
+      absl::IsNotFound(FetchBlobs(*stub_, {digest}, [](const Digest&, std::string&&) { return absl::OkStatus(); })));
 }
 
 }  // namespace

@@ -120,9 +120,10 @@ TEST_F(FodCacheTest, BadReportsAreRefusedAndStoreNothing) {
 }
 
 TEST_F(FodCacheTest, ListForgetImportAndReopen) {
-  ASSERT_TRUE(cache().Record({Outcome(Ref("a", "dep-a", kFake), kRight), Outcome(Ref("b", "dep-b", kFake), kOther)},
-                             "1", "w1")
-                  .ok());
+  ASSERT_TRUE(
+      cache()
+          .Record({Outcome(Ref("a", "dep-a", kFake), kRight), Outcome(Ref("b", "dep-b", kFake), kOther)}, "1", "w1")
+          .ok());
   auto all = cache().List("", "", 0);
   ASSERT_TRUE(all.ok());
   ASSERT_EQ(all->size(), 2u);

@@ -82,8 +82,7 @@ TEST(RocksDbStateStoreTest, AFullDiskFailsWritesWithoutCrashingAndKeepsWhatWasCo
     {
       std::ofstream filler(disk + "/filler", std::ios::binary);
       const std::string block(64 << 10, 'x');
-      while (filler.write(block.data(), block.size())) {
-      }
+      while (filler.write(block.data(), block.size())) {}
     }
     absl::Status failed;
     for (int i = 0; i < 64 && failed.ok(); ++i) {  // Bounded: 8 MiB holds fewer.

@@ -110,8 +110,8 @@ TEST(SchedulerTest, DequeueAndDuplicateEnqueue) {
 }
 
 JobPlacement In(std::string buildset, int priority_class = 1, std::string locality = "") {
-  return JobPlacement{.priority_class = priority_class, .buildset = std::move(buildset),
-                      .locality_key = std::move(locality)};
+  return JobPlacement{
+      .priority_class = priority_class, .buildset = std::move(buildset), .locality_key = std::move(locality)};
 }
 
 TEST(SchedulerTest, MoreUrgentClassesGoFirst) {

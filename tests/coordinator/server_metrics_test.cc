@@ -33,18 +33,21 @@ TEST(GrpcServerMetricsTest, LabelsKnownMethodsAndFoldsEverythingElse) {
   metrics.Record("garbage", grpc::StatusCode::UNIMPLEMENTED, 0.001);
   metrics.Record(nullptr, grpc::StatusCode::UNIMPLEMENTED, 0.001);
   const std::string text = Serialize(registry);
-  EXPECT_TRUE(absl::StrContains(text, "kiln_grpc_server_handled_total{grpc_code=\"OK\",grpc_method=\"SubmitBuild\","
-                                      "grpc_service=\"kiln.v1.BuildService\"} 1"))
+  EXPECT_TRUE(absl::StrContains(text,
+                                "kiln_grpc_server_handled_total{grpc_code=\"OK\",grpc_method=\"SubmitBuild\","
+                                "grpc_service=\"kiln.v1.BuildService\"} 1"))
       << text;
   EXPECT_TRUE(absl::StrContains(text, "grpc_code=\"PermissionDenied\",grpc_method=\"SubmitBuild\"")) << text;
   EXPECT_TRUE(absl::StrContains(text, "grpc_method=\"Check\",grpc_service=\"grpc.health.v1.Health\"")) << text;
-  EXPECT_TRUE(absl::StrContains(text, "kiln_grpc_server_handled_total{grpc_code=\"Unimplemented\","
-                                      "grpc_method=\"unknown\",grpc_service=\"unknown\"} 4"))
+  EXPECT_TRUE(absl::StrContains(text,
+                                "kiln_grpc_server_handled_total{grpc_code=\"Unimplemented\","
+                                "grpc_method=\"unknown\",grpc_service=\"unknown\"} 4"))
       << text;
   EXPECT_FALSE(absl::StrContains(text, "Minted")) << text;
   EXPECT_FALSE(absl::StrContains(text, "evil")) << text;
   EXPECT_TRUE(absl::StrContains(
-      text, "kiln_grpc_server_handling_seconds_count{grpc_method=\"SubmitBuild\",grpc_service=\"kiln.v1.BuildService\"} 2"))
+      text,
+      "kiln_grpc_server_handling_seconds_count{grpc_method=\"SubmitBuild\",grpc_service=\"kiln.v1.BuildService\"} 2"))
       << text;
 }
 

@@ -32,8 +32,7 @@ class FakeBlobStore final : public BlobStore {
     if (it == blobs.end()) return absl::NotFoundError(hash);
     return it->second;
   }
-  absl::Status Put(const kiln::v1::Digest& digest, absl::string_view data, bool is_directory,
-                   bool* stored) override {
+  absl::Status Put(const kiln::v1::Digest& digest, absl::string_view data, bool is_directory, bool* stored) override {
     blobs[digest.hash()] = std::string(data);
     meta[digest.hash()].set_is_directory(is_directory);
     meta[digest.hash()].set_size_bytes(static_cast<int64_t>(data.size()));

@@ -46,8 +46,7 @@ TEST_F(WorkGraphTest, IdenticalJobsShareOneItemAndTheRunnerEndsIt) {
   EXPECT_EQ(graph_.Admit("4", Rec("4")).shares_with, "1");
   EXPECT_EQ(graph_.RunnerOf("2", Rec("2")), "1");
   EXPECT_EQ(graph_.RunnerOf("1", Rec("1")), "") << "the runner shares with nobody";
-  EXPECT_EQ(WorkGraph::SharingReason("1"),
-            "identical to job 1, already in flight: it will share that job's result");
+  EXPECT_EQ(WorkGraph::SharingReason("1"), "identical to job 1, already in flight: it will share that job's result");
 
   // A sharing job cancelled on its own stops waiting; the item goes on.
   EXPECT_TRUE(graph_.Leave("4", Rec("4")).waiting.empty());
@@ -73,8 +72,7 @@ TEST_F(WorkGraphTest, RetriesBackOffDoublingUpToFiveMinutesAndStopAtTheAttemptLi
   graph_.MarkAssigned(job, "w");
   EXPECT_EQ(graph_.Rec(job).attempt(), 1u);
   EXPECT_EQ(graph_.Rec(job).state(), kiln::v1::JOB_STATE_ASSIGNED);
-  EXPECT_EQ(graph_.Requeue(job, "lost", 10, absl::ZeroDuration(), now), absl::InfinitePast())
-      << "no back-off: at once";
+  EXPECT_EQ(graph_.Requeue(job, "lost", 10, absl::ZeroDuration(), now), absl::InfinitePast()) << "no back-off: at once";
   EXPECT_EQ(graph_.Rec(job).state(), kiln::v1::JOB_STATE_QUEUED);
   EXPECT_EQ(graph_.Rec(job).requeue_reason(), "lost");
   EXPECT_EQ(graph_.Requeue(job, "x", 10, absl::Seconds(5), now), now + absl::Seconds(5));

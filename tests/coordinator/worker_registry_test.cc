@@ -39,9 +39,9 @@ kiln::v1::Register Reg(const std::string& name, const std::string& instance = ""
 
 struct Fixture {
   testing::FakeClock clock;
-  WorkerRegistry registry{&clock, WorkerRegistryOptions{.heartbeat_interval = absl::Seconds(10),
-                                                         .lease = absl::Seconds(60),
-                                                         .max_worker_jobs = 8}};
+  WorkerRegistry registry{
+      &clock,
+      WorkerRegistryOptions{.heartbeat_interval = absl::Seconds(10), .lease = absl::Seconds(60), .max_worker_jobs = 8}};
   // Registers a new stream under `name`; the admission it got.
   WorkerRegistry::Admission Connect(const std::shared_ptr<FakeSession>& session, const kiln::v1::Register& reg) {
     WorkerRegistry::Worker& w = registry.Seen(session);

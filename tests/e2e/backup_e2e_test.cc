@@ -64,11 +64,11 @@ TEST(BackupE2eTest, AFreshCoordinatorStartsFromTheBackupWithJobsLogsAndFodHashes
   // While the coordinator runs: through its admin socket.
   const std::string state = farm.dir().Sub("coordinator");
   const std::string copy = work.Sub("backup");
-  auto backup = RunCommand({.argv = {testing::BinPath("kiln-coordinator"), "backup", "--state-dir=" + state, copy,
-                                     "--json"},
-                            .extra_env = {},
-                            .cwd = ""},
-                           "", absl::Seconds(60));
+  auto backup =
+      RunCommand({.argv = {testing::BinPath("kiln-coordinator"), "backup", "--state-dir=" + state, copy, "--json"},
+                  .extra_env = {},
+                  .cwd = ""},
+                 "", absl::Seconds(60));
   ASSERT_TRUE(backup.ok());
   ASSERT_EQ(backup->exit.exit_code, 0) << backup->stderr_data;
   auto answer = nlohmann::json::parse(backup->stdout_data);
@@ -84,11 +84,11 @@ TEST(BackupE2eTest, AFreshCoordinatorStartsFromTheBackupWithJobsLogsAndFodHashes
   ASSERT_TRUE(again.ok());
   EXPECT_EQ(again->exit.exit_code, 1);
   EXPECT_THAT(again->stderr_data, ::testing::HasSubstr("exists already"));
-  auto nothing = RunCommand({.argv = {testing::BinPath("kiln-coordinator"), "backup",
-                                      "--state-dir=" + work.Sub("no-state"), work.Sub("b2")},
-                             .extra_env = {},
-                             .cwd = ""},
-                            "", absl::Seconds(60));
+  auto nothing = RunCommand(
+      {.argv = {testing::BinPath("kiln-coordinator"), "backup", "--state-dir=" + work.Sub("no-state"), work.Sub("b2")},
+       .extra_env = {},
+       .cwd = ""},
+      "", absl::Seconds(60));
   ASSERT_TRUE(nothing.ok());
   EXPECT_EQ(nothing->exit.exit_code, 1);
   EXPECT_THAT(nothing->stderr_data, ::testing::HasSubstr("no coordinator state in"));
@@ -96,10 +96,10 @@ TEST(BackupE2eTest, AFreshCoordinatorStartsFromTheBackupWithJobsLogsAndFodHashes
   // The original goes away; a new coordinator on the copy answers as it did.
   farm.KillCoordinator(SIGTERM);
   const std::string ready = work.Sub("restored.ready");
-  auto restored = testing::Daemon::Start({testing::BinPath("kiln-coordinator"), "--listen=127.0.0.1:0",
-                                          "--metrics-listen=127.0.0.1:0", "--state-dir=" + copy,
-                                          "--ready-file=" + ready},
-                                         work.Sub("restored.log"), {});
+  auto restored =
+      testing::Daemon::Start({testing::BinPath("kiln-coordinator"), "--listen=127.0.0.1:0",
+                              "--metrics-listen=127.0.0.1:0", "--state-dir=" + copy, "--ready-file=" + ready},
+                             work.Sub("restored.log"), {});
   ASSERT_TRUE(restored.ok()) << restored.status();
   std::string address;
   for (const absl::Time give_up = absl::Now() + absl::Seconds(30); absl::Now() < give_up && address.empty();) {

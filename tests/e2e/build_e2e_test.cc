@@ -141,7 +141,8 @@ TEST_F(BuildE2eTest, TimeoutsStopTheBuildAndSaySo) {
 }
 
 TEST_F(BuildE2eTest, EvaluationErrorsComeBackFromNix) {
-  WriteFileOrDie(work_.Sub("eval/flake.nix"), "{ outputs = { self }: { packages.x86_64-linux.default = throw \"kiln-eval-boom\"; }; }");
+  WriteFileOrDie(work_.Sub("eval/flake.nix"),
+                 "{ outputs = { self }: { packages.x86_64-linux.default = throw \"kiln-eval-boom\"; }; }");
   auto r = farm_->Kiln({"build", work_.Sub("eval")});
   ASSERT_TRUE(r.ok());
   EXPECT_EQ(r->exit.exit_code, 1);
@@ -203,7 +204,8 @@ TEST_F(BuildE2eTest, ACoordinatorGoneForGoodLeavesTheBuildsetIdToFollowUp) {
   outputs = { self }: {
     packages.x86_64-linux.default = derivation {
       name = "gone"; system = "x86_64-linux"; builder = "/bin/sh";
-      args = [ "-c" "echo )", Nonce(), R"(; /bin/sleep 30; echo done > $out" ];
+      args = [ "-c" "echo )",
+                                                           Nonce(), R"(; /bin/sleep 30; echo done > $out" ];
     };
   };
 })"));
@@ -219,8 +221,9 @@ TEST_F(BuildE2eTest, ACoordinatorGoneForGoodLeavesTheBuildsetIdToFollowUp) {
 TEST_F(BuildE2eTest, CancelKillsTheWholeBuildTree) {
   const std::string marker = absl::StrCat("kiln-cancel-marker-", Nonce());
   // The builder starts a background sleeper: only a process-group kill ends it.
-  WriteFileOrDie(work_.Sub("slow/flake.nix"),
-                 TrivialFlake("slow", absl::StrCat("/bin/sh -c '/bin/sleep 300; : ", marker, "' & echo started; wait")));
+  WriteFileOrDie(
+      work_.Sub("slow/flake.nix"),
+      TrivialFlake("slow", absl::StrCat("/bin/sh -c '/bin/sleep 300; : ", marker, "' & echo started; wait")));
   testing::BackgroundBuild build(*farm_, {work_.Sub("slow")});
   ASSERT_TRUE(build.spawn_status().ok()) << build.spawn_status();
   // Wait (bounded) until the sleeper runs.
@@ -365,9 +368,8 @@ TEST(SourceTransportE2eTest, WorkersFetchMissingFilesAndAnUnchangedTargetIsCache
     grpc::Status status = writer->Finish();
     EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
   }
-  EXPECT_TRUE(absl::IsNotFound(FetchBlobs(*cas, {DigestOf(real)}, [](const kiln::v1::Digest&, std::string&&) {
-    return absl::OkStatus();
-  })));
+  EXPECT_TRUE(absl::IsNotFound(
+      FetchBlobs(*cas, {DigestOf(real)}, [](const kiln::v1::Digest&, std::string&&) { return absl::OkStatus(); })));
   const auto metrics = testing::ScrapeMetrics(farm.coordinator_metrics());
   ASSERT_TRUE(metrics.ok());
   EXPECT_TRUE(absl::StrContains(*metrics, "kiln_cas_uploaded_blobs_total 4")) << *metrics;
@@ -390,8 +392,9 @@ TEST(MonorepoE2eTest, AllFlakesIsOneBuildsetAndOnlyAChangedServiceBuildsAgain) {
   }
   WriteFileOrDie(repo.Sub("README.md"), "a monorepo\n");
   for (std::vector<std::string> args : std::vector<std::vector<std::string>>{
-           {"git", "init", "-q"}, {"git", "add", "."}, {"git", "-c", "user.name=t", "-c", "user.email=t@t", "commit",
-                                                         "-qm", "init"}}) {
+           {"git", "init", "-q"},
+           {"git", "add", "."},
+           {"git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"}}) {
     auto r = RunCommand({.argv = args, .extra_env = {}, .cwd = repo.path()});
     ASSERT_TRUE(r.ok() && r->exit.Success()) << (r.ok() ? r->stderr_data : r.status().ToString());
   }
@@ -443,8 +446,9 @@ TEST(MonorepoE2eTest, AllFlakesIsOneBuildsetAndOnlyAChangedServiceBuildsAgain) {
   j = nlohmann::json::parse(fourth.stdout_data);
   for (const auto& e : j) EXPECT_EQ(e["status"], "cached") << e.dump();
   // A target list in a file: the same buildset machinery.
-  WriteFileOrDie(repo.Sub("kiln.json"),
-                 R"({"targets": [{"flake": "services/assets"}, {"flake": "services/hello-api", "attr": "oci-image"}]})");
+  WriteFileOrDie(
+      repo.Sub("kiln.json"),
+      R"({"targets": [{"flake": "services/assets"}, {"flake": "services/hello-api", "attr": "oci-image"}]})");
   auto listed = farm.Kiln({"build", "--file", repo.Sub("kiln.json"), "--json"});
   ASSERT_TRUE(listed.ok());
   ASSERT_EQ(listed->exit.exit_code, 0) << listed->stderr_data;
@@ -458,7 +462,8 @@ TEST(MonorepoE2eTest, AllFlakesIsOneBuildsetAndOnlyAChangedServiceBuildsAgain) {
   ASSERT_TRUE(untracked.ok());
   EXPECT_EQ(untracked->exit.exit_code, 2) << untracked->stderr_data;
   EXPECT_TRUE(absl::StrContains(untracked->stderr_data, "is not tracked by Git")) << untracked->stderr_data;
-  EXPECT_TRUE(absl::StrContains(untracked->stderr_data, "Run: git -C '" + repo.Sub("services/new") + "' add 'flake.nix'"))
+  EXPECT_TRUE(
+      absl::StrContains(untracked->stderr_data, "Run: git -C '" + repo.Sub("services/new") + "' add 'flake.nix'"))
       << untracked->stderr_data;
 }
 
@@ -470,9 +475,9 @@ TEST_F(BuildE2eTest, OutLinkDownloadsTheSameTreeAsALocalNixBuild) {
   WriteFileOrDie(work_.Sub("tree/flake.nix"),
                  // No PATH in a raw derivation (and no sandbox here): tools by path.
                  TrivialFlake("tree-output", "/bin/mkdir -p $out/bin $out/share; echo " + nonce +
-                                                  " > $out/share/data; printf '#!/bin/sh\\necho hi\\n' > $out/bin/run;"
-                                                  " /bin/chmod +x $out/bin/run; /bin/ln -s share/data $out/rel;"
-                                                  " /bin/ln -s /bin/sh $out/abs"));
+                                                 " > $out/share/data; printf '#!/bin/sh\\necho hi\\n' > $out/bin/run;"
+                                                 " /bin/chmod +x $out/bin/run; /bin/ln -s share/data $out/rel;"
+                                                 " /bin/ln -s /bin/sh $out/abs"));
   auto r = farm_->Kiln({"build", work_.Sub("tree"), "-o", work_.Sub("result"), "--json"});
   ASSERT_TRUE(r.ok()) << r.status();
   ASSERT_EQ(r->exit.exit_code, 0) << r->stderr_data;
@@ -485,9 +490,8 @@ TEST_F(BuildE2eTest, OutLinkDownloadsTheSameTreeAsALocalNixBuild) {
                            .cwd = ""});
   ASSERT_TRUE(local.ok() && local->exit.Success()) << (local.ok() ? local->stderr_data : "");
   EXPECT_EQ(nlohmann::json::parse(local->stdout_data)[0]["outputs"]["out"], store_path);
-  auto diff = RunCommand({.argv = {"diff", "-r", "--no-dereference", store_path, work_.Sub("result")},
-                          .extra_env = {},
-                          .cwd = ""});
+  auto diff = RunCommand(
+      {.argv = {"diff", "-r", "--no-dereference", store_path, work_.Sub("result")}, .extra_env = {}, .cwd = ""});
   ASSERT_TRUE(diff.ok());
   EXPECT_TRUE(diff->exit.Success()) << diff->stdout_data << diff->stderr_data;
   EXPECT_EQ(fs::read_symlink(work_.Sub("result/abs")).string(), "/bin/sh");

@@ -56,11 +56,12 @@ TEST(CiExampleE2eTest, BuildsTheMonorepoPushesImagesAndFailsLoudly) {
   ASSERT_EQ(ok.exit.exit_code, 0) << ok.stdout_data << ok.stderr_data;
   auto built = nlohmann::json::parse(ReadFileOrDie(repo + "/kiln-build.json"));
   ASSERT_EQ(built.size(), 3u) << built.dump();
-  for (const auto& target : built) EXPECT_THAT(target["status"].get<std::string>(), ::testing::AnyOf("succeeded", "cached"));
+  for (const auto& target : built)
+    EXPECT_THAT(target["status"].get<std::string>(), ::testing::AnyOf("succeeded", "cached"));
   // Every event line of the build is JSON, one buildset's worth.
   int events = 0;
-  for (absl::string_view line : absl::StrSplit(ReadFileOrDie(repo + "/kiln-build.events.jsonl"), '\n',
-                                               absl::SkipEmpty())) {
+  for (absl::string_view line :
+       absl::StrSplit(ReadFileOrDie(repo + "/kiln-build.events.jsonl"), '\n', absl::SkipEmpty())) {
     EXPECT_TRUE(nlohmann::json::parse(line, nullptr, false).is_object()) << line;
     ++events;
   }
@@ -70,12 +71,12 @@ TEST(CiExampleE2eTest, BuildsTheMonorepoPushesImagesAndFailsLoudly) {
   const std::string digest = pushed[0]["pushed"]["manifestDigest"];
   EXPECT_THAT(ok.stdout_data, ::testing::HasSubstr(absl::StrCat("pushed  ", reg, "/kiln/hello-api@", digest)));
   for (const char* tag : {"testing", "abc1234"}) {
-    auto inspect = RunCommand({.argv = {"skopeo", "inspect", "--tls-verify=false", "--creds",
-                                        absl::StrCat(kUser, ":", kPassword),
-                                        absl::StrCat("docker://", reg, "/kiln/hello-api:", tag)},
-                               .extra_env = {},
-                               .cwd = ""},
-                              "", absl::Minutes(1));
+    auto inspect =
+        RunCommand({.argv = {"skopeo", "inspect", "--tls-verify=false", "--creds", absl::StrCat(kUser, ":", kPassword),
+                             absl::StrCat("docker://", reg, "/kiln/hello-api:", tag)},
+                    .extra_env = {},
+                    .cwd = ""},
+                   "", absl::Minutes(1));
     ASSERT_TRUE(inspect.ok() && inspect->exit.Success()) << (inspect.ok() ? inspect->stderr_data : "");
     EXPECT_EQ(nlohmann::json::parse(inspect->stdout_data).value("Digest", ""), digest) << tag;
   }

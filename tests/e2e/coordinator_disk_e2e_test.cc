@@ -40,7 +40,8 @@ void WriteFlake(const std::string& dir, int n) {
 }
 
 int HttpStatus(const std::string& url) {
-  auto r = RunCommand({.argv = {"curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", url}, .extra_env = {}, .cwd = ""});
+  auto r =
+      RunCommand({.argv = {"curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", url}, .extra_env = {}, .cwd = ""});
   int code = 0;
   return r.ok() && absl::SimpleAtoi(r->stdout_data, &code) ? code : 0;
 }
@@ -62,7 +63,8 @@ TEST(CoordinatorDiskE2eTest, AFullStateDiskRefusesNewWorkAnnouncesNothingUnstore
   {
     std::ofstream filler(state + "/filler", std::ios::binary);
     const std::string block(1 << 20, 'x');
-    for (uint64_t written = 0; written + (10 << 20) <= free_bytes; written += block.size()) filler.write(block.data(), block.size());
+    for (uint64_t written = 0; written + (10 << 20) <= free_bytes; written += block.size())
+      filler.write(block.data(), block.size());
   }
 
   // Submissions until one is refused (bounded: the 2–3 MiB above the reserve

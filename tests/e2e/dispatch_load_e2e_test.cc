@@ -27,8 +27,13 @@ TEST(DispatchLoadE2eTest, EveryJobCompletesOnceUnderConcurrentLoad) {
   ASSERT_TRUE(farm.Start().ok());
   constexpr int kJobs = 3000;
   ProcessSpec spec;
-  spec.argv = {testing::BinPath("kiln-dispatch-bench"), "--coordinator=" + farm.coordinator_address(),
-               "--mode=throughput", "--workers=50", "--slots=2", absl::StrCat("--jobs=", kJobs), "--batch=250",
+  spec.argv = {testing::BinPath("kiln-dispatch-bench"),
+               "--coordinator=" + farm.coordinator_address(),
+               "--mode=throughput",
+               "--workers=50",
+               "--slots=2",
+               absl::StrCat("--jobs=", kJobs),
+               "--batch=250",
                "--max_time=120s"};
   auto run = RunCommand(spec, "", absl::Minutes(3));
   ASSERT_TRUE(run.ok()) << run.status();
@@ -56,8 +61,13 @@ TEST(DispatchLoadE2eTest, LatencyModeKeepsItsScheduleAndCompletesEveryJob) {
   ASSERT_TRUE(farm.Start().ok());
   constexpr int kJobs = 600;
   ProcessSpec spec;
-  spec.argv = {testing::BinPath("kiln-dispatch-bench"), "--coordinator=" + farm.coordinator_address(),
-               "--mode=latency", "--workers=20", "--slots=2", absl::StrCat("--jobs=", kJobs), "--rate=1000",
+  spec.argv = {testing::BinPath("kiln-dispatch-bench"),
+               "--coordinator=" + farm.coordinator_address(),
+               "--mode=latency",
+               "--workers=20",
+               "--slots=2",
+               absl::StrCat("--jobs=", kJobs),
+               "--rate=1000",
                "--max_time=60s"};
   auto run = RunCommand(spec, "", absl::Minutes(2));
   ASSERT_TRUE(run.ok()) << run.status();
@@ -88,8 +98,14 @@ TEST(DispatchLoadE2eTest, TheFloorStandInCompletesEveryJobInBothPlacements) {
     const std::string address = (*serving)["grpc"];
     constexpr int kJobs = 2000;
     ProcessSpec spec;
-    spec.argv = {testing::BinPath("kiln-dispatch-bench"), "--coordinator=" + address, "--mode=throughput",
-                 "--workers=50", "--slots=4", absl::StrCat("--jobs=", kJobs), "--batch=20", "--max_time=120s"};
+    spec.argv = {testing::BinPath("kiln-dispatch-bench"),
+                 "--coordinator=" + address,
+                 "--mode=throughput",
+                 "--workers=50",
+                 "--slots=4",
+                 absl::StrCat("--jobs=", kJobs),
+                 "--batch=20",
+                 "--max_time=120s"};
     auto run = RunCommand(spec, "", absl::Minutes(3));
     ASSERT_TRUE(run.ok()) << run.status();
     ASSERT_EQ(run->exit.exit_code, 0) << run->stdout_data << run->stderr_data;

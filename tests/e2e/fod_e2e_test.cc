@@ -369,8 +369,7 @@ TEST_F(FodE2eTest, TheCacheIsListedExportedForgottenAndImported) {
 
   auto imported = farm_->Kiln({"fod", "import", work_.Sub("fods.jsonl")});
   ASSERT_TRUE(imported.ok());
-  EXPECT_TRUE(absl::StrContains(imported->stdout_data, "imported 1")) << imported->stdout_data
-                                                                       << imported->stderr_data;
+  EXPECT_TRUE(absl::StrContains(imported->stdout_data, "imported 1")) << imported->stdout_data << imported->stderr_data;
   EXPECT_EQ(Mismatch(Run("a")).value("source", ""), "cache");
 }
 

@@ -49,10 +49,10 @@ TEST(HistoryE2eTest, StoredLogsEqualTheLiveLogAndHistoryListsBuildsets) {
   const std::string nonce = absl::StrCat(absl::ToUnixNanos(absl::Now()));
 
   // A: 600 lines of little-repeating text.
-  WriteFileOrDie(work.Sub("a/flake.nix"),
-                 Flake(absl::StrCat("i=0; while [ $i -lt 600 ]; do i=$((i+1)); echo line $i ",
-                                    "$(( (i*7919 + i*i*104729) % 1000003 )) $(( (i*i*i) % 999983 )) ", nonce,
-                                    "; done")));
+  WriteFileOrDie(
+      work.Sub("a/flake.nix"),
+      Flake(absl::StrCat("i=0; while [ $i -lt 600 ]; do i=$((i+1)); echo line $i ",
+                         "$(( (i*7919 + i*i*104729) % 1000003 )) $(( (i*i*i) % 999983 )) ", nonce, "; done")));
   auto a = farm.Kiln({"build", work.Sub("a"), "--json"});
   ASSERT_TRUE(a.ok()) << a.status();
   ASSERT_EQ(a->exit.exit_code, 0) << a->stderr_data;

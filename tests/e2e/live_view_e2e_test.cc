@@ -49,8 +49,8 @@ class Tmux {
 
   // Runs `command` in the window through sh; the window stays open after.
   void Start(const std::string& command) {
-    auto r = Run({"new-session", "-d", "-s", "t", "-x", "120", "-y", "30",
-                  absl::StrCat(command, "; echo EXIT=$?; sleep 600")});
+    auto r = Run(
+        {"new-session", "-d", "-s", "t", "-x", "120", "-y", "30", absl::StrCat(command, "; echo EXIT=$?; sleep 600")});
     ASSERT_TRUE(r.ok() && r->exit.Success()) << (r.ok() ? r->stderr_data : r.status().ToString());
   }
   std::string Capture() {

@@ -45,8 +45,8 @@ TEST(LogFloodE2eTest, ACancelReachesItsBuildWhileAnotherFloodsItsLog) {
   // ~200-byte lines, as fast as the shell writes them, for up to a few
   // minutes (it is cancelled at the end).
   WriteFileOrDie(work.Sub("flood/flake.nix"),
-                 Flake("flood", absl::StrCat("i=0; while [ $i -lt 5000000 ]; do echo flood ", nonce,
-                                             " line $i ", std::string(160, 'x'), "; i=$((i+1)); done")));
+                 Flake("flood", absl::StrCat("i=0; while [ $i -lt 5000000 ]; do echo flood ", nonce, " line $i ",
+                                             std::string(160, 'x'), "; i=$((i+1)); done")));
   const std::string marker = absl::StrCat("kiln-flood-sleeper-", nonce);
   WriteFileOrDie(work.Sub("sleeper/flake.nix"),
                  Flake("sleeper", absl::StrCat("/bin/sh -c '/bin/sleep 300; : ", marker, "' & echo started; wait")));

@@ -81,8 +81,8 @@ class ObservabilityE2eTest : public ::testing::Test {
     // One real build, so the job, worker and RPC series have values.
     testing::TempDir work;
     std::string flake = ReadFileOrDie(testing::SourcePath("examples/services/greeter/flake.nix"));
-    flake = absl::StrReplaceAll(flake, {{"writing greeter", absl::StrCat("writing greeter ", absl::ToUnixNanos(
-                                                                                                 absl::Now()))}});
+    flake = absl::StrReplaceAll(
+        flake, {{"writing greeter", absl::StrCat("writing greeter ", absl::ToUnixNanos(absl::Now()))}});
     WriteFileOrDie(work.Sub("greeter/flake.nix"), flake);
     auto r = farm_->Kiln({"build", work.Sub("greeter"), "--json"});
     ASSERT_TRUE(r.ok()) << r.status();
@@ -115,8 +115,8 @@ std::map<std::string, std::string> ObservabilityE2eTest::families_;
 
 TEST_F(ObservabilityE2eTest, ScrapesPassPromtoolLint) {
   for (const std::string* scrape : {&coordinator_scrape_, &worker_scrape_}) {
-    auto r = RunCommand({.argv = {"promtool", "check", "metrics"}, .extra_env = {}, .cwd = ""}, *scrape,
-                        absl::Seconds(30));
+    auto r =
+        RunCommand({.argv = {"promtool", "check", "metrics"}, .extra_env = {}, .cwd = ""}, *scrape, absl::Seconds(30));
     ASSERT_TRUE(r.ok()) << r.status();
     EXPECT_TRUE(r->exit.Success()) << r->stdout_data << r->stderr_data;
     EXPECT_EQ(r->stdout_data + r->stderr_data, "");
@@ -187,8 +187,7 @@ TEST_F(ObservabilityE2eTest, LogsAreOneJsonObjectPerLineWithJobFields) {
     for (absl::string_view line : absl::StrSplit(log, '\n', absl::SkipEmpty())) {
       nlohmann::json j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
       ASSERT_TRUE(j.is_object()) << daemon << ": not JSON: " << line;
-      EXPECT_TRUE(j["time"].is_string() && j["level"].is_string() && j["component"].is_string() &&
-                  j["msg"].is_string())
+      EXPECT_TRUE(j["time"].is_string() && j["level"].is_string() && j["component"].is_string() && j["msg"].is_string())
           << line;
       if (j.contains("job") && j["job"] == job_id_) about_the_job = true;
       ++lines;

@@ -40,11 +40,11 @@ TEST(PushE2eTest, AWorkerPushesTheImageItBuiltAndOnlyWhatTheRegistryLacks) {
   LocalFarm farm(/*workers=*/0);
   farm.SetCoordinatorFlags({"--push-allow=127.0.0.1:*/kiln/*"});
   ASSERT_TRUE(farm.Start().ok());
-  farm.SetWorkerFlags({"--labels=creds=good", "--registry-auth-file=" + dir.Sub("good.json"),
-                       "--insecure-registries=" + reg});
+  farm.SetWorkerFlags(
+      {"--labels=creds=good", "--registry-auth-file=" + dir.Sub("good.json"), "--insecure-registries=" + reg});
   ASSERT_TRUE(farm.AddWorker().ok());
-  farm.SetWorkerFlags({"--labels=creds=bad", "--registry-auth-file=" + dir.Sub("bad.json"),
-                       "--insecure-registries=" + reg});
+  farm.SetWorkerFlags(
+      {"--labels=creds=bad", "--registry-auth-file=" + dir.Sub("bad.json"), "--insecure-registries=" + reg});
   ASSERT_TRUE(farm.AddWorker().ok());
 
   const std::string image = testing::SourcePath("examples/services/hello-api") + "#oci-image";
@@ -63,7 +63,11 @@ TEST(PushE2eTest, AWorkerPushesTheImageItBuiltAndOnlyWhatTheRegistryLacks) {
   // What skopeo sees under both tags.
   for (const char* tag : {"testing", "v1"}) {
     ProcessSpec inspect;
-    inspect.argv = {"skopeo", "inspect", "--tls-verify=false", "--creds", absl::StrCat(kUser, ":", kPassword),
+    inspect.argv = {"skopeo",
+                    "inspect",
+                    "--tls-verify=false",
+                    "--creds",
+                    absl::StrCat(kUser, ":", kPassword),
                     absl::StrCat("docker://", reg, "/kiln/hello-api:", tag)};
     auto r = RunCommand(inspect, "", absl::Minutes(1));
     ASSERT_TRUE(r.ok() && r->exit.Success()) << (r.ok() ? r->stderr_data : "");
@@ -83,8 +87,8 @@ TEST(PushE2eTest, AWorkerPushesTheImageItBuiltAndOnlyWhatTheRegistryLacks) {
   // archive to stdout; the worker pushes what it writes as it comes, and the
   // registry gets the same image.
   const std::string stream = testing::SourcePath("examples/services/hello-api") + "#oci-stream";
-  auto streamed = farm.Kiln({"build", stream, "--json", "--push=" + absl::StrCat(reg, "/kiln/hello-stream:testing"),
-                             "--label=creds=good"});
+  auto streamed = farm.Kiln(
+      {"build", stream, "--json", "--push=" + absl::StrCat(reg, "/kiln/hello-stream:testing"), "--label=creds=good"});
   ASSERT_TRUE(streamed.ok());
   ASSERT_EQ(streamed->exit.exit_code, 0) << streamed->stderr_data;
   auto js = nlohmann::json::parse(streamed->stdout_data);
@@ -94,8 +98,12 @@ TEST(PushE2eTest, AWorkerPushesTheImageItBuiltAndOnlyWhatTheRegistryLacks) {
   // `kiln push` from a laptop: the same pusher, the built archive, its own
   // credentials (here from the environment), into another repository.
   ProcessSpec push;
-  push.argv = {testing::BinPath("kiln"), "push", j[0]["outputs"].value("out", ""),
-               absl::StrCat(reg, "/kiln/from-laptop:dev"), "--insecure", "--json"};
+  push.argv = {testing::BinPath("kiln"),
+               "push",
+               j[0]["outputs"].value("out", ""),
+               absl::StrCat(reg, "/kiln/from-laptop:dev"),
+               "--insecure",
+               "--json"};
   push.extra_env = {absl::StrCat("KILN_REGISTRY_USER=", kUser), absl::StrCat("KILN_REGISTRY_PASSWORD=", kPassword),
                     "KILN_CACHE_DIR=" + dir.Sub("cli-cache")};
   auto pushed_cli = RunCommand(push, "", absl::Minutes(2));
@@ -109,15 +117,24 @@ TEST(PushE2eTest, AWorkerPushesTheImageItBuiltAndOnlyWhatTheRegistryLacks) {
   // --gzip-level=fast: igzip's layers, another manifest of the same image
   // (skopeo reads it); a level that does not exist is refused up front.
   ProcessSpec fast = push;
-  fast.argv = {testing::BinPath("kiln"), "push", j[0]["outputs"].value("out", ""),
-               absl::StrCat(reg, "/kiln/from-laptop-fast:dev"), "--insecure", "--json", "--gzip-level=fast"};
+  fast.argv = {testing::BinPath("kiln"),
+               "push",
+               j[0]["outputs"].value("out", ""),
+               absl::StrCat(reg, "/kiln/from-laptop-fast:dev"),
+               "--insecure",
+               "--json",
+               "--gzip-level=fast"};
   auto pushed_fast = RunCommand(fast, "", absl::Minutes(2));
   ASSERT_TRUE(pushed_fast.ok());
   ASSERT_EQ(pushed_fast->exit.exit_code, 0) << pushed_fast->stderr_data;
   const std::string fast_digest = nlohmann::json::parse(pushed_fast->stdout_data).value("manifestDigest", "");
   EXPECT_NE(fast_digest, digest);
   ProcessSpec inspect_fast;
-  inspect_fast.argv = {"skopeo", "inspect", "--tls-verify=false", "--creds", absl::StrCat(kUser, ":", kPassword),
+  inspect_fast.argv = {"skopeo",
+                       "inspect",
+                       "--tls-verify=false",
+                       "--creds",
+                       absl::StrCat(kUser, ":", kPassword),
                        absl::StrCat("docker://", reg, "/kiln/from-laptop-fast:dev")};
   auto inspected = RunCommand(inspect_fast, "", absl::Minutes(1));
   ASSERT_TRUE(inspected.ok() && inspected->exit.Success()) << (inspected.ok() ? inspected->stderr_data : "");
@@ -133,8 +150,8 @@ TEST(PushE2eTest, AWorkerPushesTheImageItBuiltAndOnlyWhatTheRegistryLacks) {
   farm.SetWorkerFlags({"--labels=creds=fast", "--registry-auth-file=" + dir.Sub("good.json"),
                        "--insecure-registries=" + reg, "--push-gzip-level=fast"});
   ASSERT_TRUE(farm.AddWorker().ok());
-  auto by_fast_worker = farm.Kiln({"build", image, "--json", "--push=" + absl::StrCat(reg, "/kiln/hello-fast:testing"),
-                                   "--label=creds=fast"});
+  auto by_fast_worker = farm.Kiln(
+      {"build", image, "--json", "--push=" + absl::StrCat(reg, "/kiln/hello-fast:testing"), "--label=creds=fast"});
   ASSERT_TRUE(by_fast_worker.ok());
   ASSERT_EQ(by_fast_worker->exit.exit_code, 0) << by_fast_worker->stderr_data;
   EXPECT_EQ(nlohmann::json::parse(by_fast_worker->stdout_data)[0]["pushed"].value("manifestDigest", ""), fast_digest)
@@ -179,10 +196,10 @@ TEST(PushE2eTest, AWorkerPushesTheImageItBuiltAndOnlyWhatTheRegistryLacks) {
   EXPECT_TRUE(absl::StrContains(*bad, "kiln_worker_push_failures_total{code=\"unauthorized\"} 1")) << *bad;
 
   std::string everything = first->stdout_data + first->stderr_data + again->stdout_data + again->stderr_data +
-                           streamed->stdout_data + streamed->stderr_data +
-                           pushed_cli->stdout_data + pushed_cli->stderr_data + tty->stdout_data +
-                           denied->stdout_data + denied->stderr_data + ReadFileOrDie(farm.LogOf("coordinator")) +
-                           ReadFileOrDie(farm.LogOf("worker-1")) + ReadFileOrDie(farm.LogOf("worker-2"));
+                           streamed->stdout_data + streamed->stderr_data + pushed_cli->stdout_data +
+                           pushed_cli->stderr_data + tty->stdout_data + denied->stdout_data + denied->stderr_data +
+                           ReadFileOrDie(farm.LogOf("coordinator")) + ReadFileOrDie(farm.LogOf("worker-1")) +
+                           ReadFileOrDie(farm.LogOf("worker-2"));
   auto metrics = testing::ScrapeMetrics(farm.coordinator_metrics());
   if (metrics.ok()) everything += *metrics;
   everything += *good + *bad;

@@ -24,7 +24,8 @@ TEST(RestartE2eTest, QueuedJobSurvivesCoordinatorKillAndRestart) {
   outputs = { self }: {
     packages.x86_64-linux.default = derivation {
       name = "survivor"; system = "x86_64-linux"; builder = "/bin/sh";
-      args = [ "-c" "echo )", marker, R"( > $out" ];
+      args = [ "-c" "echo )",
+                                                                  marker, R"( > $out" ];
     };
   };
 })"));

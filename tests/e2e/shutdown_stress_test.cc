@@ -40,9 +40,9 @@ int EnvInt(const char* name, int fallback) {
 // Four kinds of build: one writing log lines for a long time, one sleeping
 // (to be cancelled), and quick ones that finish before or during the stop.
 void WriteFlake(const std::string& dir, int iteration) {
-  const std::string mk = absl::StrCat(
-      "    mk = name: script: derivation { name = \"${name}-", iteration,
-      "\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" script ]; };\n");
+  const std::string mk =
+      absl::StrCat("    mk = name: script: derivation { name = \"${name}-", iteration,
+                   "\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" script ]; };\n");
   testing::WriteFileOrDie(
       dir + "/flake.nix",
       absl::StrCat("{\n  outputs = { self }: let\n", mk,
@@ -70,7 +70,7 @@ Scenario ScenarioOf(int iteration) {
   // Seeded by the iteration alone: the same N is the same scenario.
   std::seed_seq seed = {iteration, 28};
   absl::InsecureBitGen gen(seed);
-  static const absl::Duration kDelays[] = {absl::ZeroDuration(),   absl::Milliseconds(30),  absl::Milliseconds(150),
+  static const absl::Duration kDelays[] = {absl::ZeroDuration(),    absl::Milliseconds(30),  absl::Milliseconds(150),
                                            absl::Milliseconds(400), absl::Milliseconds(900), absl::Milliseconds(1800)};
   Scenario s;
   s.delay = kDelays[iteration % 6];
@@ -114,9 +114,12 @@ TEST(ShutdownStressTest, EveryDaemonExitsCleanlyOnSigtermUnderLoad) {
     // Clients watching: the chatty build's log followed live, and a build
     // of a target already in flight (a follower of its job).
     ProcessSupervisor clients;
-    for (const std::vector<std::string>& args :
-         {std::vector<std::string>{"log", "-f", ids[0]}, std::vector<std::string>{"build", "--quiet", flake + "#quick2"}}) {
-      ASSERT_TRUE(clients.Spawn(farm.KilnSpec(args), [](absl::string_view) {}, [](ExitInfo, std::string) {}).ok());
+    for (const std::vector<std::string>& args : {std::vector<std::string>{"log", "-f", ids[0]},
+                                                 std::vector<std::string>{"build", "--quiet", flake + "#quick2"}}) {
+      ASSERT_TRUE(clients
+                      .Spawn(
+                          farm.KilnSpec(args), [](absl::string_view) {}, [](ExitInfo, std::string) {})
+                      .ok());
     }
     absl::SleepFor(scenario.delay);
     if (scenario.cancel_first) {

@@ -177,11 +177,10 @@ TEST_F(TokenE2eTest, EveryCallNeedsATokenWithTheRightScope) {
   EXPECT_TRUE(absl::StrContains(*metrics, "kiln_auth_refusals_total{reason=\"no_credentials\"}")) << *metrics;
   EXPECT_FALSE(absl::StrContains(*metrics, "kiln_auth_refusals_total{reason=\"scope\"} 0")) << *metrics;
   EXPECT_FALSE(absl::StrContains(*metrics, "kiln_auth_refusals_total{reason=\"bad_token\"} 0")) << *metrics;
-  const std::string everything = *metrics + testing::ReadFileOrDie(farm.LogOf("coordinator")) +
-                                 testing::ReadFileOrDie(farm.LogOf("worker-1")) +
-                                 testing::ReadFileOrDie(farm.LogOf("worker-2")) + none.stderr_data +
-                                 read_only.stderr_data + production.stderr_data + after.stderr_data +
-                                 built.stdout_data + built.stderr_data + listed.stdout_data;
+  const std::string everything =
+      *metrics + testing::ReadFileOrDie(farm.LogOf("coordinator")) + testing::ReadFileOrDie(farm.LogOf("worker-1")) +
+      testing::ReadFileOrDie(farm.LogOf("worker-2")) + none.stderr_data + read_only.stderr_data +
+      production.stderr_data + after.stderr_data + built.stdout_data + built.stderr_data + listed.stdout_data;
   for (const std::string& token : {ci, reader, worker_token}) {
     // kiln_<16 hex digits of id>_<secret>: the secret is web-safe base64 and
     // may itself hold '_', so it is cut at its fixed offset, not at the last '_'

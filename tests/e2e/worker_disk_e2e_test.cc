@@ -94,7 +94,8 @@ TEST(WorkerDiskE2eTest, ASourceThatDoesNotFitFailsWithAReasonAndTheWorkerGoesOn)
   farm.KillWorker(0, SIGKILL);
   const std::string shard = work_dir + "/cas/ab";
   fs::create_directories(shard);
-  WriteFileOrDie(shard + "/ab" + std::string(62, '0') + std::string(kAtomicWriteSuffix) + "123.0", std::string(4 << 20, 'x'));
+  WriteFileOrDie(shard + "/ab" + std::string(62, '0') + std::string(kAtomicWriteSuffix) + "123.0",
+                 std::string(4 << 20, 'x'));
   WriteFileOrDie(shard + "/ab" + std::string(62, '1') + ".tmp", "from an older worker");
   WriteFileOrDie(shard + "/ab" + std::string(62, '2'), "a cached blob");
   ASSERT_EQ(Leftovers(work_dir).size(), 2u);

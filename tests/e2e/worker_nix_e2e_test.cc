@@ -182,7 +182,8 @@ TEST_F(WorkerNixE2eTest, FodHashSaysWhyAFodFailedInOneLine) {
     if (absl::StartsWith(line, "error: FOD")) errors.emplace_back(line);
   }
   ASSERT_EQ(errors.size(), 1u) << found->stderr_data;
-  EXPECT_TRUE(absl::StartsWith(errors[0], absl::StrCat("error: FOD '", name_, "' could not be computed: builder for '")))
+  EXPECT_TRUE(
+      absl::StartsWith(errors[0], absl::StrCat("error: FOD '", name_, "' could not be computed: builder for '")))
       << errors[0];
   EXPECT_TRUE(absl::StrContains(errors[0], "failed with exit code 7")) << errors[0];
   EXPECT_FALSE(absl::StrContains(errors[0], "error: error:")) << errors[0];
@@ -240,7 +241,8 @@ TEST_F(WorkerNixE2eTest, OneTargetBuildsItsIndependentDerivationsAtOnceWithTheWo
   // ended (one at a time, each would end before the other starts).
   std::vector<std::string> lines = absl::StrSplit(built.printed, '\n');
   auto at = [&](const std::string& prefix) {
-    auto it = std::find_if(lines.begin(), lines.end(), [&](const std::string& l) { return absl::StartsWith(l, prefix); });
+    auto it =
+        std::find_if(lines.begin(), lines.end(), [&](const std::string& l) { return absl::StartsWith(l, prefix); });
     EXPECT_NE(it, lines.end()) << prefix << " missing in:\n" << built.printed;
     return it - lines.begin();
   };

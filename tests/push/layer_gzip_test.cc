@@ -20,7 +20,8 @@ namespace {
 // and deflated members, with a short member at the end.
 std::string MixedLayer(uint64_t seed, size_t text_bytes, size_t noise_bytes) {
   std::string out;
-  for (uint64_t i = 0; out.size() < text_bytes; ++i) absl::StrAppend(&out, "line ", (i + seed) * 2654435761u % 1000003, "\n");
+  for (uint64_t i = 0; out.size() < text_bytes; ++i)
+    absl::StrAppend(&out, "line ", (i + seed) * 2654435761u % 1000003, "\n");
   uint64_t x = 88172645463325252u ^ seed;  // xorshift64
   for (size_t i = 0; i < noise_bytes; ++i) {
     x ^= x << 13;
@@ -132,8 +133,7 @@ TEST(LayerGzipTest, LevelsAreOneToNineOrFast) {
     absl::StatusOr<int> level = ParseGzipLevel(bad);
     ASSERT_FALSE(level.ok()) << bad;
     EXPECT_EQ(level.status().code(), absl::StatusCode::kInvalidArgument);
-    EXPECT_NE(level.status().message().find(absl::StrCat("\"", bad, "\"")), absl::string_view::npos)
-        << level.status();
+    EXPECT_NE(level.status().message().find(absl::StrCat("\"", bad, "\"")), absl::string_view::npos) << level.status();
   }
   EXPECT_EQ(GzipLevelName(kFastGzip), "fast");
   EXPECT_EQ(GzipLevelName(4), "4");

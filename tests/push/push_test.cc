@@ -353,9 +353,9 @@ TEST_F(PushTest, ALayerOfSeveralGzipMembersDeflatedOrStoredPullsBackToItsDiffId)
   PushOptions pooled = Plain();
   pooled.parallel = 3;
   pooled.make_client = [&] { return std::make_unique<HttpRegistryClient>(registry_->address(), Options()); };
-  auto again = PushDockerArchive(dir_.Sub("big.tar"),
-                                 *ParseImageRef(absl::StrCat(registry_->address(), "/", repo, "-pooled:t")), {},
-                                 client, pooled);
+  auto again =
+      PushDockerArchive(dir_.Sub("big.tar"), *ParseImageRef(absl::StrCat(registry_->address(), "/", repo, "-pooled:t")),
+                        {}, client, pooled);
   ASSERT_TRUE(again.ok()) << again.status();
   EXPECT_EQ(again->layers[0].digest, report->layers[0].digest);
   EXPECT_FALSE(again->layers[0].skipped);  // Another repository: sent, not found.
@@ -389,9 +389,8 @@ TEST_F(PushTest, ALayerOfSeveralGzipMembersDeflatedOrStoredPullsBackToItsDiffId)
   // the registry verified, and which pulls and inflates back to it.
   PushOptions fast = pooled;
   fast.gzip_level = kFastGzip;
-  auto quick = PushDockerArchive(dir_.Sub("big.tar"),
-                                 *ParseImageRef(absl::StrCat(registry_->address(), "/", repo, "-fast:t")), {}, client,
-                                 fast);
+  auto quick = PushDockerArchive(
+      dir_.Sub("big.tar"), *ParseImageRef(absl::StrCat(registry_->address(), "/", repo, "-fast:t")), {}, client, fast);
   ASSERT_TRUE(quick.ok()) << quick.status();
   EXPECT_NE(quick->layers[0].digest, report->layers[0].digest);
   EXPECT_LT(quick->layers[0].size, text.size() / 2 + noise.size());

@@ -49,8 +49,7 @@ std::vector<std::string> NixTestEnv() {
   return {"NIX_CONFIG=substituters =\nexperimental-features = nix-command flakes\nsandbox = false"};
 }
 
-absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const std::vector<std::string>& argv,
-                                                      const std::string& log_path,
+absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const std::vector<std::string>& argv, const std::string& log_path,
                                                       const std::vector<std::string>& extra_env) {
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);
@@ -161,7 +160,8 @@ std::string TailOf(const std::string& path, size_t lines) {
 
 void LocalFarm::Note(const std::string& name, const absl::StatusOr<ExitInfo>& ended) {
   if (ended.ok() && ended->Success()) return;
-  incidents_.push_back(absl::StrCat(name, ": ", ended.ok() ? ended->ToString() : std::string(ended.status().message())));
+  incidents_.push_back(
+      absl::StrCat(name, ": ", ended.ok() ? ended->ToString() : std::string(ended.status().message())));
 }
 
 void LocalFarm::KillDaemon(const std::string& name, Daemon& daemon, int signal) {
@@ -174,7 +174,8 @@ void LocalFarm::StopAll() {
   // Workers first, so none is left reconnecting to a stopped coordinator.
   // A worker stopping cancels its builds: Nix gets 10 s to stop them.
   for (size_t i = 0; i < worker_daemons_.size(); ++i) {
-    if (worker_daemons_[i] && !worker_daemons_[i]->exit()) KillDaemon(absl::StrCat("worker-", i + 1), *worker_daemons_[i], SIGTERM);
+    if (worker_daemons_[i] && !worker_daemons_[i]->exit())
+      KillDaemon(absl::StrCat("worker-", i + 1), *worker_daemons_[i], SIGTERM);
   }
   if (coordinator_ && !coordinator_->exit()) KillDaemon("coordinator", *coordinator_, SIGTERM);
   worker_daemons_.clear();
@@ -188,7 +189,8 @@ void LocalFarm::StopAll() {
   } else if (const ::testing::TestSuite* suite = unit.current_test_suite(); suite != nullptr) {
     label = suite->name();
   }
-  const std::string kept = absl::StrCat(KeptLogsRoot(), "/", label, "-", ::getpid(), "-", absl::ToUnixMillis(absl::Now()));
+  const std::string kept =
+      absl::StrCat(KeptLogsRoot(), "/", label, "-", ::getpid(), "-", absl::ToUnixMillis(absl::Now()));
   std::error_code ec;
   fs::create_directories(kept, ec);
   for (const auto& entry : fs::directory_iterator(dir_.path(), ec)) {
@@ -222,8 +224,14 @@ std::vector<std::string> PrivateStoreNixEnv() {
 // initialised first (two Nix processes creating it at once collide); the
 // command replaces the shell (same pid).
 std::vector<std::string> InPrivateStore(const std::string& nix_dir, const std::vector<std::string>& argv) {
-  std::vector<std::string> wrapped = {"/usr/bin/unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
-                                      "mount --bind \"$0\" /nix && nix-store --init && exec \"$@\"", nix_dir};
+  std::vector<std::string> wrapped = {"/usr/bin/unshare",
+                                      "--mount",
+                                      "--propagation",
+                                      "private",
+                                      "/bin/sh",
+                                      "-c",
+                                      "mount --bind \"$0\" /nix && nix-store --init && exec \"$@\"",
+                                      nix_dir};
   wrapped.insert(wrapped.end(), argv.begin(), argv.end());
   return wrapped;
 }
@@ -247,8 +255,8 @@ ProcessSpec LocalFarm::OnWorkerMachine(size_t index, const std::vector<std::stri
 absl::Status LocalFarm::StartCoordinator(const std::string& listen) {
   std::error_code ec;
   fs::remove(dir_.Sub("coordinator.ready"), ec);
-  std::vector<std::string> argv = {BinPath("kiln-coordinator"), "--listen=" + listen,
-                                   "--metrics-listen=127.0.0.1:0", "--state-dir=" + dir_.Sub("coordinator"),
+  std::vector<std::string> argv = {BinPath("kiln-coordinator"), "--listen=" + listen, "--metrics-listen=127.0.0.1:0",
+                                   "--state-dir=" + dir_.Sub("coordinator"),
                                    "--ready-file=" + dir_.Sub("coordinator.ready")};
   argv.insert(argv.end(), coordinator_flags_.begin(), coordinator_flags_.end());
   auto coordinator = Daemon::Start(argv, LogOf("coordinator"), {});
@@ -273,10 +281,10 @@ absl::StatusOr<std::unique_ptr<Daemon>> LocalFarm::StartWorker(size_t index, std
   const std::string name = absl::StrCat("worker-", index + 1);
   std::error_code ec;
   std::filesystem::remove(dir_.Sub(name + ".ready"), ec);
-  std::vector<std::string> argv = {BinPath("kiln-worker"), "--coordinator=" + coordinator_address_, "--name=" + name,
-                                   "--work-dir=" + dir_.Sub(name), absl::StrCat("--max-jobs=", max_jobs_),
-                                   "--metrics-listen=127.0.0.1:0", "--nix-option=substituters=",
-                                   "--ready-file=" + dir_.Sub(name + ".ready")};
+  std::vector<std::string> argv = {
+      BinPath("kiln-worker"),         "--coordinator=" + coordinator_address_,    "--name=" + name,
+      "--work-dir=" + dir_.Sub(name), absl::StrCat("--max-jobs=", max_jobs_),     "--metrics-listen=127.0.0.1:0",
+      "--nix-option=substituters=",   "--ready-file=" + dir_.Sub(name + ".ready")};
   argv.insert(argv.end(), worker_flags_.begin(), worker_flags_.end());
   std::vector<std::string> env = NixTestEnv();
   if (private_stores_) {
@@ -375,8 +383,9 @@ std::string BackgroundBuild::stderr_data() {
 }
 
 absl::StatusOr<std::string> ScrapeMetrics(const std::string& address) {
-  auto r = RunCommand({.argv = {"curl", "-sSf", absl::StrCat("http://", address, "/metrics")}, .extra_env = {}, .cwd = ""},
-                      "", absl::Seconds(30));
+  auto r =
+      RunCommand({.argv = {"curl", "-sSf", absl::StrCat("http://", address, "/metrics")}, .extra_env = {}, .cwd = ""},
+                 "", absl::Seconds(30));
   if (!r.ok()) return r.status();
   if (!r->exit.Success()) return absl::UnavailableError(absl::StrCat("curl failed: ", r->stderr_data));
   return r->stdout_data;

@@ -174,8 +174,8 @@ class BackgroundBuild {
   std::string job_id_ ABSL_GUARDED_BY(mu_);
   std::string stderr_ ABSL_GUARDED_BY(mu_);
   absl::Notification done_;
-  ExitInfo exit_;        // Written before done_ is notified.
-  std::string stdout_;   // Likewise.
+  ExitInfo exit_;       // Written before done_ is notified.
+  std::string stdout_;  // Likewise.
   absl::Status spawn_status_;
   ProcessSupervisor supervisor_;  // Last: its thread stops before the rest goes.
 };

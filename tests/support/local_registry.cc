@@ -42,9 +42,9 @@ absl::StatusOr<std::unique_ptr<LocalRegistry>> LocalRegistry::Start(const Option
   absl::StatusOr<int> port = FreeLoopbackPort();
   if (!port.ok()) return port.status();
   registry->address_ = absl::StrCat("127.0.0.1:", *port);
-  std::string config = absl::StrCat("version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: ",
-                                    registry->dir_.Sub("data"), "\n  delete:\n    enabled: true\nhttp:\n  addr: ",
-                                    registry->address_, "\n");
+  std::string config = absl::StrCat(
+      "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: ", registry->dir_.Sub("data"),
+      "\n  delete:\n    enabled: true\nhttp:\n  addr: ", registry->address_, "\n");
   if (!options.username.empty()) {
     // The registry accepts bcrypt hashes only; the lowest cost keeps every
     // request of the tests fast (the registry checks each one).
@@ -60,9 +60,9 @@ absl::StatusOr<std::unique_ptr<LocalRegistry>> LocalRegistry::Start(const Option
                     "\n");
   }
   if (options.token) {
-    absl::StrAppend(&config, "auth:\n  token:\n    realm: ", options.token->realm, "\n    service: ",
-                    options.token->service, "\n    issuer: ", options.token->issuer, "\n    rootcertbundle: ",
-                    options.token->root_bundle, "\n");
+    absl::StrAppend(&config, "auth:\n  token:\n    realm: ", options.token->realm,
+                    "\n    service: ", options.token->service, "\n    issuer: ", options.token->issuer,
+                    "\n    rootcertbundle: ", options.token->root_bundle, "\n");
   }
   if (options.tls) {
     // A CA and a server certificate for 127.0.0.1, with the openssl CLI.
@@ -100,7 +100,8 @@ absl::StatusOr<std::unique_ptr<LocalRegistry>> LocalRegistry::Start(const Option
 }
 
 absl::Status LocalRegistry::Run() {
-  auto daemon = Daemon::Start({"/usr/bin/docker-registry", "serve", dir_.Sub("config.yml")}, dir_.Sub("registry.log"), {});
+  auto daemon =
+      Daemon::Start({"/usr/bin/docker-registry", "serve", dir_.Sub("config.yml")}, dir_.Sub("registry.log"), {});
   if (!daemon.ok()) return daemon.status();
   daemon_ = *std::move(daemon);
   // Ready when /v2/ answers (200, or 401 behind auth).

@@ -31,8 +31,7 @@ class FakeBuildExecutor final : public BuildExecutor {
  public:
   explicit FakeBuildExecutor(bool hold) : hold_(hold) {}
 
-  absl::StatusOr<BuildId> Start(const BuildRequest& request, LineCallback on_line,
-                                DoneCallback on_done) override {
+  absl::StatusOr<BuildId> Start(const BuildRequest& request, LineCallback on_line, DoneCallback on_done) override {
     std::string flake;
     if (absl::Status s = ReadWholeFile(request.flake_dir + "/flake.nix", flake); !s.ok()) return s;
     BuildId id;
@@ -221,7 +220,7 @@ TEST_F(WorkerAgentTest, TwoWorkersRunABuildsetAndEveryJobReportsItsLogAndResult)
     EXPECT_EQ(w.finished.state(), kiln::v1::JOB_STATE_SUCCEEDED) << ids[i];
     EXPECT_EQ(w.finished.result().outputs().at("out"), absl::StrCat("/nix/store/fake-pkg", i));
     EXPECT_EQ(w.lines, (std::vector<std::string>{absl::StrCat("building pkg", i, " step 0"),
-                                                  absl::StrCat("building pkg", i, " step 1")}));
+                                                 absl::StrCat("building pkg", i, " step 1")}));
     EXPECT_EQ(w.assigned_attempts, std::vector<uint32_t>{1});
     workers.insert(w.finished.worker());
   }
