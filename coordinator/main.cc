@@ -2,12 +2,10 @@
 #include <algorithm>
 #include <cstdio>
 
-#include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/cli_args.h"
+#include "common/command_line.h"
 #include "common/crash_handler.h"
 #include "common/daemon.h"
 #include "common/image_ref.h"
@@ -15,95 +13,167 @@
 #include "coordinator/coordinator_server.h"
 #include "coordinator/token_command.h"
 
-ABSL_FLAG(std::string, listen, "127.0.0.1:7600", "gRPC address (host:port; port 0 picks a free one)");
-ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9600", "Prometheus /metrics address");
-ABSL_FLAG(std::string, tls_cert, "", "The coordinator's certificate (PEM), from deploy/pki/kiln-pki coordinator");
-ABSL_FLAG(std::string, tls_key, "", "Its private key (PEM)");
-ABSL_FLAG(std::string, tls_ca, "", "The farm's CA (PEM): workers must show a certificate that chains to it");
-ABSL_FLAG(std::string, name, "", "token create: the token's name (e.g. ci-monorepo)");
-ABSL_FLAG(std::vector<std::string>, scope, {},
-          "token create: scopes, comma-separated: submit, read, admin, push:REGISTRY/REPOSITORY[:TAG] (globs)");
-ABSL_FLAG(bool, json, false, "token create|list: JSON on stdout");
-ABSL_FLAG(uint64_t, token_max_active_jobs, 10000,
-          "Jobs one client token may have queued or running at once (0: no limit)");
-ABSL_FLAG(bool, require_tokens, false,
-          "Every client call needs a token, also on loopback without TLS (always so with TLS)");
-ABSL_FLAG(std::string, state_dir, "", "Directory for the coordinator's RocksDB state (required)");
-ABSL_FLAG(std::string, ready_file, "", "Write the bound addresses here as JSON once serving");
-ABSL_FLAG(bool, sync_writes, false, "fsync every state change (survives power loss, slower)");
-ABSL_FLAG(uint32_t, max_attempts, 3, "Attempts before a job that keeps losing its worker fails");
-ABSL_FLAG(absl::Duration, capability_grace, absl::Seconds(60),
-          "After a start, how long workers have to reconnect before a job no known worker could build is refused");
-ABSL_FLAG(absl::Duration, lease, absl::Seconds(60),
-          "How long a disconnected or silent worker's jobs are held for it before they are requeued");
-ABSL_FLAG(int64_t, worker_min_store_free_mb, 1024,
-          "A worker with less free space on its Nix store's disk takes no new job (0: no limit)");
-ABSL_FLAG(int64_t, worker_min_work_dir_free_mb, 512,
-          "A worker with less free space on its work directory's disk (source cache, checkouts) takes no new job "
-          "(0: no limit)");
-ABSL_FLAG(int64_t, state_min_free_mb, 8,
-          "Below this much free space on the state directory's disk the coordinator stops writing and takes no "
-          "new work, before the disk is full; it resumes at twice this (0: no reserve)");
-ABSL_FLAG(double, worker_max_memory_fraction, 0.95, "A worker using more of its memory takes no new job (0: no limit)");
-ABSL_FLAG(double, worker_max_load_per_slot, 0,
-          "A worker whose load average per build slot is higher takes no new job (0: no limit)");
-ABSL_FLAG(std::vector<std::string>, push_allow, {},
-          "Image push targets jobs may name: glob patterns over REGISTRY/REPOSITORY[:TAG], comma-separated "
-          "(e.g. rg.fr-par.scw.cloud/sanmarcsoft/*); none by default");
-ABSL_FLAG(std::vector<std::string>, priority_names, std::vector<std::string>({"interactive", "ci", "batch"}),
-          "Names of the three priority classes, most urgent first (what kiln build --priority takes)");
-ABSL_FLAG(absl::Duration, retry_backoff, absl::Seconds(5),
-          "Wait before retrying a job after an infrastructure error (doubled per attempt, at most 5 min)");
-ABSL_FLAG(absl::Duration, default_timeout, absl::ZeroDuration(), "Timeout of a build that sets none (0: no limit)");
-ABSL_FLAG(std::string, log_level, "info", "debug, info, warning or error");
-ABSL_FLAG(std::string, log_format, "text", "text, or json: one JSON object per line");
-ABSL_FLAG(int64_t, log_retention_kb, 1 << 20,
-          "Compressed build logs kept for `kiln log`, in KiB; the oldest finished jobs' logs go first");
-ABSL_FLAG(int64_t, cas_max_gb, 100,
-          "CAS size above which blobs no queued or running job needs are deleted, oldest first (0: never)");
-ABSL_FLAG(absl::Duration, cas_gc_grace, absl::Hours(1), "Blobs stored more recently than this are never collected");
-ABSL_FLAG(int64_t, max_tree_mb, 4096, "Largest source tree a submission may name, in MiB (all its files)");
-ABSL_FLAG(int64_t, max_blob_mb, 4096, "Largest single blob the CAS accepts, in MiB");
-ABSL_FLAG(int64_t, inline_source_kb, 1024,
-          "Source trees up to this size (KiB) travel inside each assignment; larger ones send their directories "
-          "and workers fetch the files their cache lacks (0: always fetch)");
+namespace {
+
+// The command line, parsed by CLI11 (common/command_line.h).
+struct Flags {
+  std::string listen = "127.0.0.1:7600";
+  std::string metrics_listen = "127.0.0.1:9600";
+  std::string tls_cert = "";
+  std::string tls_key = "";
+  std::string tls_ca = "";
+  uint64_t token_max_active_jobs = 10000;
+  bool require_tokens = false;
+  std::string state_dir = "";
+  std::string ready_file = "";
+  bool sync_writes = false;
+  uint32_t max_attempts = 3;
+  absl::Duration capability_grace = absl::Seconds(60);
+  absl::Duration lease = absl::Seconds(60);
+  int64_t worker_min_store_free_mb = 1024;
+  int64_t worker_min_work_dir_free_mb = 512;
+  int64_t state_min_free_mb = 8;
+  double worker_max_memory_fraction = 0.95;
+  double worker_max_load_per_slot = 0;
+  std::vector<std::string> push_allow = {};
+  std::vector<std::string> priority_names = {"interactive", "ci", "batch"};
+  absl::Duration retry_backoff = absl::Seconds(5);
+  absl::Duration default_timeout = absl::ZeroDuration();
+  std::string log_level = "info";
+  std::string log_format = "text";
+  int64_t log_retention_kb = 1 << 20;
+  int64_t cas_max_gb = 100;
+  absl::Duration cas_gc_grace = absl::Hours(1);
+  int64_t max_tree_mb = 4096;
+  int64_t max_blob_mb = 4096;
+  int64_t inline_source_kb = 1024;
+};
+
+void AddOptions(CLI::App& app, Flags& flags) {
+  app.add_option("--listen", flags.listen, "gRPC address (host:port; port 0 picks a free one)")->capture_default_str();
+  app.add_option("--metrics-listen", flags.metrics_listen, "Prometheus /metrics address")->capture_default_str();
+  app.add_option("--tls-cert", flags.tls_cert,
+                 "The coordinator's certificate (PEM), from deploy/pki/kiln-pki coordinator")
+      ->capture_default_str();
+  app.add_option("--tls-key", flags.tls_key, "Its private key (PEM)")->capture_default_str();
+  app.add_option("--tls-ca", flags.tls_ca, "The farm's CA (PEM): workers must show a certificate that chains to it")
+      ->capture_default_str();
+  app.add_option("--token-max-active-jobs", flags.token_max_active_jobs,
+                 "Jobs one client token may have queued or running at once (0: no limit)")
+      ->capture_default_str();
+  app.add_flag("--require-tokens", flags.require_tokens,
+               "Every client call needs a token, also on loopback without TLS (always so with TLS)");
+  app.add_option("--state-dir", flags.state_dir, "Directory for the coordinator's RocksDB state (required)")
+      ->capture_default_str();
+  app.add_option("--ready-file", flags.ready_file, "Write the bound addresses here as JSON once serving")
+      ->capture_default_str();
+  app.add_flag("--sync-writes", flags.sync_writes, "fsync every state change (survives power loss, slower)");
+  app.add_option("--max-attempts", flags.max_attempts, "Attempts before a job that keeps losing its worker fails")
+      ->capture_default_str();
+  kiln::AddDurationOption(
+      app, "--capability-grace", &flags.capability_grace,
+      "After a start, how long workers have to reconnect before a job no known worker could build is refused");
+  kiln::AddDurationOption(app, "--lease", &flags.lease,
+                          "How long a disconnected or silent worker's jobs are held for it before they are requeued");
+  app.add_option("--worker-min-store-free-mb", flags.worker_min_store_free_mb,
+                 "A worker with less free space on its Nix store's disk takes no new job (0: no limit)")
+      ->capture_default_str();
+  app.add_option(
+         "--worker-min-work-dir-free-mb", flags.worker_min_work_dir_free_mb,
+         "A worker with less free space on its work directory's disk (source cache, checkouts) takes no new job "
+         "(0: no limit)")
+      ->capture_default_str();
+  app.add_option("--state-min-free-mb", flags.state_min_free_mb,
+                 "Below this much free space on the state directory's disk the coordinator stops writing and takes no "
+                 "new work, before the disk is full; it resumes at twice this (0: no reserve)")
+      ->capture_default_str();
+  app.add_option("--worker-max-memory-fraction", flags.worker_max_memory_fraction,
+                 "A worker using more of its memory takes no new job (0: no limit)")
+      ->capture_default_str();
+  app.add_option("--worker-max-load-per-slot", flags.worker_max_load_per_slot,
+                 "A worker whose load average per build slot is higher takes no new job (0: no limit)")
+      ->capture_default_str();
+  kiln::AddListOption(app, "--push-allow", &flags.push_allow,
+                      "Image push targets jobs may name: glob patterns over REGISTRY/REPOSITORY[:TAG], comma-separated "
+                      "(e.g. rg.fr-par.scw.cloud/sanmarcsoft/*); none by default");
+  kiln::AddListOption(app, "--priority-names", &flags.priority_names,
+                      "Names of the three priority classes, most urgent first (what kiln build --priority takes)");
+  kiln::AddDurationOption(
+      app, "--retry-backoff", &flags.retry_backoff,
+      "Wait before retrying a job after an infrastructure error (doubled per attempt, at most 5 min)");
+  kiln::AddDurationOption(app, "--default-timeout", &flags.default_timeout,
+                          "Timeout of a build that sets none (0: no limit)");
+  app.add_option("--log-level", flags.log_level, "debug, info, warning or error")->capture_default_str();
+  app.add_option("--log-format", flags.log_format, "text, or json: one JSON object per line")->capture_default_str();
+  app.add_option("--log-retention-kb", flags.log_retention_kb,
+                 "Compressed build logs kept for `kiln log`, in KiB; the oldest finished jobs' logs go first")
+      ->capture_default_str();
+  app.add_option("--cas-max-gb", flags.cas_max_gb,
+                 "CAS size above which blobs no queued or running job needs are deleted, oldest first (0: never)")
+      ->capture_default_str();
+  kiln::AddDurationOption(app, "--cas-gc-grace", &flags.cas_gc_grace,
+                          "Blobs stored more recently than this are never collected");
+  app.add_option("--max-tree-mb", flags.max_tree_mb,
+                 "Largest source tree a submission may name, in MiB (all its files)")
+      ->capture_default_str();
+  app.add_option("--max-blob-mb", flags.max_blob_mb, "Largest single blob the CAS accepts, in MiB")
+      ->capture_default_str();
+  app.add_option("--inline-source-kb", flags.inline_source_kb,
+                 "Source trees up to this size (KiB) travel inside each assignment; larger ones send their directories "
+                 "and workers fetch the files their cache lacks (0: always fetch)")
+      ->capture_default_str();
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   kiln::InstallCrashHandler(argv[0]);
-  absl::SetProgramUsageMessage(
+  CLI::App app(
       "Kiln coordinator: accepts Nix builds, schedules them on workers, keeps state in RocksDB.\n"
       "  kiln-coordinator --listen=127.0.0.1:7600 --metrics-listen=127.0.0.1:9600 --state-dir=DIR\n"
       "  kiln-coordinator token create --state-dir=DIR --name=NAME --scope=submit,push:REGISTRY/NS/*:testing\n"
       "  kiln-coordinator token list|revoke NAME --state-dir=DIR\n"
-      "  kiln-coordinator backup --state-dir=DIR DESTINATION   (restore: --state-dir=DESTINATION)");
-  kiln::DashedFlagArgs dashed(argc, argv);
-  std::vector<char*> positional = absl::ParseCommandLine(dashed.argc(), dashed.argv());
-  if (positional.size() >= 2 && std::string(positional[1]) == "token") {
-    kiln::TokenCommand command;
-    command.action = positional.size() >= 3 ? positional[2] : "";
-    command.state_dir = absl::GetFlag(FLAGS_state_dir);
-    command.name = command.action == "revoke" && positional.size() >= 4 ? positional[3] : absl::GetFlag(FLAGS_name);
-    command.scopes = absl::GetFlag(FLAGS_scope);
-    command.json = absl::GetFlag(FLAGS_json);
-    return kiln::RunTokenCommand(command);
+      "  kiln-coordinator backup --state-dir=DIR DESTINATION   (restore: --state-dir=DESTINATION)",
+      "kiln-coordinator");
+  kiln::UseKilnConventions(app);
+  Flags flags;
+  AddOptions(app, flags);
+  kiln::AddConfigFileOption(app);
+  // The commands: the daemon's --state-dir (and --config) reach them.
+  kiln::TokenCommand token;
+  std::string destination;
+  CLI::App* token_app = app.add_subcommand("token", "Client tokens: create, list, revoke")->require_subcommand(1);
+  token_app->fallthrough();
+  CLI::App* create = token_app->add_subcommand("create", "A new token; its secret is printed once");
+  create->fallthrough();
+  create->add_option("--name", token.name, "The token's name (e.g. ci-monorepo)")->required();
+  kiln::AddListOption(*create, "--scope", &token.scopes,
+                      "Scopes, comma-separated: submit, read, admin, worker, push:REGISTRY/REPOSITORY[:TAG] (globs)")
+      ->required();
+  create->add_flag("--json", token.json, "JSON on stdout");
+  CLI::App* list = token_app->add_subcommand("list", "Every token, without secrets");
+  list->fallthrough();
+  list->add_flag("--json", token.json, "JSON on stdout");
+  CLI::App* revoke = token_app->add_subcommand("revoke", "Delete a token: it stops working at once");
+  revoke->fallthrough();
+  revoke->add_option("NAME", token.name, "The token's name")->required();
+  bool backup_json = false;
+  CLI::App* backup = app.add_subcommand("backup", "A consistent copy of the state, while serving");
+  backup->fallthrough();
+  backup->add_option("DESTINATION", destination, "A directory that does not exist yet")->required();
+  backup->add_flag("--json", backup_json, "JSON on stdout");
+  if (std::optional<int> exit = kiln::ParseCommandLine(app, argc, argv)) return *exit;
+  if (token_app->parsed()) {
+    token.action = create->parsed() ? "create" : list->parsed() ? "list" : "revoke";
+    token.state_dir = flags.state_dir;
+    return kiln::RunTokenCommand(token);
   }
-  if (positional.size() >= 2 && std::string(positional[1]) == "backup") {
-    if (positional.size() != 3) {
-      std::fprintf(stderr, "kiln-coordinator: usage: kiln-coordinator backup --state-dir=DIR DESTINATION\n");
-      return 2;
-    }
-    return kiln::RunBackupCommand(absl::GetFlag(FLAGS_state_dir), positional[2], absl::GetFlag(FLAGS_json));
-  }
-  if (positional.size() > 1) {
-    std::fprintf(stderr, "kiln-coordinator: unexpected argument '%s' (commands: token, backup)\n", positional[1]);
-    return 2;
-  }
+  if (backup->parsed()) return kiln::RunBackupCommand(flags.state_dir, destination, backup_json);
   // Debian's Abseil checks every Mutex acquisition for lock-order cycles
   // (a debug aid: a few % of CPU under load). The tests keep it on.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   const sigset_t signals = kiln::BlockTerminationSignals();
-  for (absl::Status s :
-       {kiln::ApplyLogLevel(absl::GetFlag(FLAGS_log_level)), kiln::ApplyLogFormat(absl::GetFlag(FLAGS_log_format))}) {
+  for (absl::Status s : {kiln::ApplyLogLevel(flags.log_level), kiln::ApplyLogFormat(flags.log_format)}) {
     if (!s.ok()) {
       std::fprintf(stderr, "kiln-coordinator: %s\n", std::string(s.message()).c_str());
       return 2;
@@ -111,28 +181,27 @@ int main(int argc, char** argv) {
   }
 
   kiln::CoordinatorOptions options;
-  options.listen = absl::GetFlag(FLAGS_listen);
-  options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
-  options.state_dir = absl::GetFlag(FLAGS_state_dir);
-  options.tls = {absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key), absl::GetFlag(FLAGS_tls_ca)};
-  options.require_tokens = absl::GetFlag(FLAGS_require_tokens);
-  options.core.max_active_jobs_per_token = absl::GetFlag(FLAGS_token_max_active_jobs);
-  options.ready_file = absl::GetFlag(FLAGS_ready_file);
-  options.sync_writes = absl::GetFlag(FLAGS_sync_writes);
-  options.core.max_attempts = absl::GetFlag(FLAGS_max_attempts);
-  options.core.max_tree_bytes = static_cast<uint64_t>(absl::GetFlag(FLAGS_max_tree_mb)) << 20;
-  options.core.cas_max_bytes = static_cast<uint64_t>(absl::GetFlag(FLAGS_cas_max_gb)) << 30;
-  options.core.cas_gc_grace = absl::GetFlag(FLAGS_cas_gc_grace);
-  options.core.inline_source_bytes = static_cast<uint64_t>(absl::GetFlag(FLAGS_inline_source_kb)) << 10;
-  options.max_blob_bytes = static_cast<uint64_t>(absl::GetFlag(FLAGS_max_blob_mb)) << 20;
-  options.core.capability_grace = absl::GetFlag(FLAGS_capability_grace);
-  options.core.lease = absl::GetFlag(FLAGS_lease);
-  options.core.log_retention_bytes = static_cast<uint64_t>(std::max<int64_t>(0, absl::GetFlag(FLAGS_log_retention_kb)))
-                                     << 10;
-  options.core.default_timeout = absl::GetFlag(FLAGS_default_timeout);
-  options.core.retry_backoff = absl::GetFlag(FLAGS_retry_backoff);
-  options.core.priority_names = absl::GetFlag(FLAGS_priority_names);
-  options.core.push_allow = absl::GetFlag(FLAGS_push_allow);
+  options.listen = flags.listen;
+  options.metrics_listen = flags.metrics_listen;
+  options.state_dir = flags.state_dir;
+  options.tls = {flags.tls_cert, flags.tls_key, flags.tls_ca};
+  options.require_tokens = flags.require_tokens;
+  options.core.max_active_jobs_per_token = flags.token_max_active_jobs;
+  options.ready_file = flags.ready_file;
+  options.sync_writes = flags.sync_writes;
+  options.core.max_attempts = flags.max_attempts;
+  options.core.max_tree_bytes = static_cast<uint64_t>(flags.max_tree_mb) << 20;
+  options.core.cas_max_bytes = static_cast<uint64_t>(flags.cas_max_gb) << 30;
+  options.core.cas_gc_grace = flags.cas_gc_grace;
+  options.core.inline_source_bytes = static_cast<uint64_t>(flags.inline_source_kb) << 10;
+  options.max_blob_bytes = static_cast<uint64_t>(flags.max_blob_mb) << 20;
+  options.core.capability_grace = flags.capability_grace;
+  options.core.lease = flags.lease;
+  options.core.log_retention_bytes = static_cast<uint64_t>(std::max<int64_t>(0, flags.log_retention_kb)) << 10;
+  options.core.default_timeout = flags.default_timeout;
+  options.core.retry_backoff = flags.retry_backoff;
+  options.core.priority_names = flags.priority_names;
+  options.core.push_allow = flags.push_allow;
   for (const std::string& pattern : options.core.push_allow) {
     if (absl::StatusOr<kiln::ImagePattern> p = kiln::ParseImagePattern(pattern); !p.ok()) {
       std::fprintf(stderr, "kiln-coordinator: --push-allow: %s\n", std::string(p.status().message()).c_str());
@@ -143,16 +212,16 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "kiln-coordinator: --priority-names wants three names, most urgent first\n");
     return 2;
   }
-  options.core.min_store_free_bytes = absl::GetFlag(FLAGS_worker_min_store_free_mb) << 20;
-  options.core.min_work_dir_free_bytes = absl::GetFlag(FLAGS_worker_min_work_dir_free_mb) << 20;
-  options.core.max_memory_used_fraction = absl::GetFlag(FLAGS_worker_max_memory_fraction);
-  if (absl::GetFlag(FLAGS_state_min_free_mb) < 0) {
+  options.core.min_store_free_bytes = flags.worker_min_store_free_mb << 20;
+  options.core.min_work_dir_free_bytes = flags.worker_min_work_dir_free_mb << 20;
+  options.core.max_memory_used_fraction = flags.worker_max_memory_fraction;
+  if (flags.state_min_free_mb < 0) {
     std::fprintf(stderr, "kiln-coordinator: --state-min-free-mb must be 0 or more\n");
     return 2;
   }
-  options.core.min_free_bytes = static_cast<uint64_t>(absl::GetFlag(FLAGS_state_min_free_mb)) << 20;
+  options.core.min_free_bytes = static_cast<uint64_t>(flags.state_min_free_mb) << 20;
   options.core.resume_min_free_bytes = std::max<uint64_t>(uint64_t{16} << 20, 2 * options.core.min_free_bytes);
-  options.core.max_load_per_slot = absl::GetFlag(FLAGS_worker_max_load_per_slot);
+  options.core.max_load_per_slot = flags.worker_max_load_per_slot;
   auto server = kiln::CoordinatorServer::Start(options);
   if (!server.ok()) {
     std::fprintf(stderr, "kiln-coordinator: %s\n", server.status().ToString().c_str());

@@ -1,7 +1,7 @@
 # Kiln built with nixpkgs' toolchain and libraries. `cliOnly` builds the
 # client alone (`kiln`, `kiln-push`): what a laptop needs, also on
 # aarch64-darwin, without RocksDB, the metrics server or Nix itself.
-{ lib, stdenv, cmake, ninja, pkg-config, protobuf, grpc, abseil-cpp, openssl, nlohmann_json, curl, libarchive
+{ lib, stdenv, cmake, ninja, pkg-config, protobuf, grpc, abseil-cpp, openssl, nlohmann_json, cli11, curl, libarchive
 , libdeflate, isa-l, rocksdb, prometheus-cpp, civetweb, jemalloc, cliOnly ? false }:
 
 let
@@ -21,7 +21,7 @@ stdenv.mkDerivation {
       in !(type == "directory" && lib.elem base [ "build" "build-san" ".git" "result" ]);
   };
   nativeBuildInputs = [ cmake ninja pkg-config protobuf grpc ];
-  buildInputs = [ grpc protobuf abseil-cpp openssl nlohmann_json curl libarchive libdeflate ]
+  buildInputs = [ grpc protobuf abseil-cpp openssl nlohmann_json cli11 curl libarchive libdeflate ]
     ++ lib.optional withIsal isa-l
     ++ lib.optionals (!cliOnly) [ rocksdb prometheus-cpp civetweb jemalloc ];
   cmakeFlags = [

@@ -12,6 +12,7 @@ KILN_PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev librocksdb-dev libssl-dev prometheus-cpp-dev libcivetweb-dev
   libgtest-dev libgmock-dev libcurl4-openssl-dev libarchive-dev libdeflate-dev libisal-dev nlohmann-json3-dev libjemalloc-dev
+  libcli11-dev
   nix-bin nix-setup-systemd docker-registry skopeo prometheus tmux jq systemd
 )
 

@@ -10,13 +10,11 @@
 
 #include <nlohmann/json.hpp>
 
-#include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "common/cli_args.h"
+#include "common/command_line.h"
 #include "common/crash_handler.h"
 #include "common/daemon.h"
 #include "common/grpc_util.h"
@@ -34,42 +32,92 @@
 #include "worker/source_cache.h"
 #include "worker/worker_agent.h"
 
-ABSL_FLAG(std::string, coordinator, "127.0.0.1:7600", "Coordinator gRPC address");
-ABSL_FLAG(std::string, name, "",
-          "Worker name (default: the host name; with --tls-cert, the coordinator knows it by the certificate's)");
-ABSL_FLAG(std::string, tls_cert, "", "This worker's certificate (PEM), from deploy/pki/kiln-pki worker");
-ABSL_FLAG(std::string, token_file, "",
-          "A file holding a client token of scope 'worker' (kiln-coordinator token create --scope=worker), for a "
-          "coordinator that requires tokens without TLS");
-ABSL_FLAG(std::string, tls_key, "", "Its private key (PEM)");
-ABSL_FLAG(std::string, tls_ca, "", "The farm's CA (PEM): the coordinator's certificate must chain to it");
-ABSL_FLAG(std::string, work_dir, "", "Directory for unpacked sources (required)");
-ABSL_FLAG(int, max_jobs, 1,
-          "Slots: builds run at once, and derivations built at once by all of them together (a build alone "
-          "may use every slot)");
-ABSL_FLAG(int, cores, 0,
-          "Cores each derivation is given (Nix's --cores, NIX_BUILD_CORES); 0: the CPUs divided by --max-jobs");
-ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9601", "Prometheus /metrics address (port 0: any free)");
-ABSL_FLAG(std::vector<std::string>, systems, {}, "Systems built (default: what the local Nix reports)");
-ABSL_FLAG(std::vector<std::string>, features, {}, "Supported features (default: the local Nix's system-features)");
-ABSL_FLAG(std::vector<std::string>, mandatory_features, {}, "Features a job must ask for to run here");
-ABSL_FLAG(std::string, registry_auth_file, "",
-          "Registry credentials for image pushes: a docker-style config.json (auths); none: anonymous pushes");
-ABSL_FLAG(std::vector<std::string>, insecure_registries, {},
-          "Registries (host:port) spoken to over plain HTTP, for local tests only");
-ABSL_FLAG(std::string, registry_ca, "", "CA bundle for registries (default: the system's)");
-ABSL_FLAG(std::string, push_gzip_level, absl::StrCat(kiln::kDefaultGzipLevel),
-          "gzip level of pushed layers: 1 fastest … 9 smallest (the default makes layers no larger than skopeo's), "
-          "or fast: ISA-L's igzip, 4-5x faster for layers 2-11% larger (a registry on a fast link)");
-ABSL_FLAG(std::vector<std::string>, labels, {}, "Labels as key=value, e.g. pool=orbstack,region=fr-par");
-ABSL_FLAG(std::vector<std::string>, nix_option, {},
-          "Nix settings for every build as name=value (e.g. substituters= for offline builds)");
-ABSL_FLAG(std::string, nix, "nix", "The nix binary");
-ABSL_FLAG(std::string, ready_file, "", "Write the bound metrics address here as JSON once started");
-ABSL_FLAG(std::string, log_level, "info", "debug, info, warning or error");
-ABSL_FLAG(std::string, log_format, "text", "text, or json: one JSON object per line");
-ABSL_FLAG(int64_t, blob_cache_mb, 10240,
-          "Source blobs kept in WORK_DIR/cas between builds, in MiB; least recently used go first (0: none)");
+namespace {
+
+// The command line, parsed by CLI11 (common/command_line.h).
+struct Flags {
+  std::string coordinator = "127.0.0.1:7600";
+  std::string name = "";
+  std::string tls_cert = "";
+  std::string token_file = "";
+  std::string tls_key = "";
+  std::string tls_ca = "";
+  std::string work_dir = "";
+  int max_jobs = 1;
+  int cores = 0;
+  std::string metrics_listen = "127.0.0.1:9601";
+  std::vector<std::string> systems = {};
+  std::vector<std::string> features = {};
+  std::vector<std::string> mandatory_features = {};
+  std::string registry_auth_file = "";
+  std::vector<std::string> insecure_registries = {};
+  std::string registry_ca = "";
+  std::string push_gzip_level = absl::StrCat(kiln::kDefaultGzipLevel);
+  std::vector<std::string> labels = {};
+  std::vector<std::string> nix_option = {};
+  std::string nix = "nix";
+  std::string ready_file = "";
+  std::string log_level = "info";
+  std::string log_format = "text";
+  int64_t blob_cache_mb = 10240;
+};
+
+void AddOptions(CLI::App& app, Flags& flags) {
+  app.add_option("--coordinator", flags.coordinator, "Coordinator gRPC address")->capture_default_str();
+  app.add_option("--name", flags.name,
+                 "Worker name (default: the host name; with --tls-cert, the coordinator knows it by the certificate's)")
+      ->capture_default_str();
+  app.add_option("--tls-cert", flags.tls_cert, "This worker's certificate (PEM), from deploy/pki/kiln-pki worker")
+      ->capture_default_str();
+  app.add_option(
+         "--token-file", flags.token_file,
+         "A file holding a client token of scope 'worker' (kiln-coordinator token create --scope=worker), for a "
+         "coordinator that requires tokens without TLS")
+      ->capture_default_str();
+  app.add_option("--tls-key", flags.tls_key, "Its private key (PEM)")->capture_default_str();
+  app.add_option("--tls-ca", flags.tls_ca, "The farm's CA (PEM): the coordinator's certificate must chain to it")
+      ->capture_default_str();
+  app.add_option("--work-dir", flags.work_dir, "Directory for unpacked sources (required)")->capture_default_str();
+  app.add_option("--max-jobs", flags.max_jobs,
+                 "Slots: builds run at once, and derivations built at once by all of them together (a build alone "
+                 "may use every slot)")
+      ->capture_default_str();
+  app.add_option("--cores", flags.cores,
+                 "Cores each derivation is given (Nix's --cores, NIX_BUILD_CORES); 0: the CPUs divided by --max-jobs")
+      ->capture_default_str();
+  app.add_option("--metrics-listen", flags.metrics_listen, "Prometheus /metrics address (port 0: any free)")
+      ->capture_default_str();
+  kiln::AddListOption(app, "--systems", &flags.systems, "Systems built (default: what the local Nix reports)");
+  kiln::AddListOption(app, "--features", &flags.features,
+                      "Supported features (default: the local Nix's system-features)");
+  kiln::AddListOption(app, "--mandatory-features", &flags.mandatory_features,
+                      "Features a job must ask for to run here");
+  app.add_option("--registry-auth-file", flags.registry_auth_file,
+                 "Registry credentials for image pushes: a docker-style config.json (auths); none: anonymous pushes")
+      ->capture_default_str();
+  kiln::AddListOption(app, "--insecure-registries", &flags.insecure_registries,
+                      "Registries (host:port) spoken to over plain HTTP, for local tests only");
+  app.add_option("--registry-ca", flags.registry_ca, "CA bundle for registries (default: the system's)")
+      ->capture_default_str();
+  app.add_option(
+         "--push-gzip-level", flags.push_gzip_level,
+         "gzip level of pushed layers: 1 fastest … 9 smallest (the default makes layers no larger than skopeo's), "
+         "or fast: ISA-L's igzip, 4-5x faster for layers 2-11% larger (a registry on a fast link)")
+      ->capture_default_str();
+  kiln::AddListOption(app, "--labels", &flags.labels, "Labels as key=value, e.g. pool=orbstack,region=fr-par");
+  kiln::AddListOption(app, "--nix-option", &flags.nix_option,
+                      "Nix settings for every build as name=value (e.g. substituters= for offline builds)");
+  app.add_option("--nix", flags.nix, "The nix binary")->capture_default_str();
+  app.add_option("--ready-file", flags.ready_file, "Write the bound metrics address here as JSON once started")
+      ->capture_default_str();
+  app.add_option("--log-level", flags.log_level, "debug, info, warning or error")->capture_default_str();
+  app.add_option("--log-format", flags.log_format, "text, or json: one JSON object per line")->capture_default_str();
+  app.add_option("--blob-cache-mb", flags.blob_cache_mb,
+                 "Source blobs kept in WORK_DIR/cas between builds, in MiB; least recently used go first (0: none)")
+      ->capture_default_str();
+}
+
+}  // namespace
 
 namespace {
 
@@ -99,24 +147,27 @@ int Fail(const std::string& message) {
 
 int main(int argc, char** argv) {
   kiln::InstallCrashHandler(argv[0]);
-  absl::SetProgramUsageMessage(
+  CLI::App app(
       "Kiln worker: runs Nix builds for a coordinator.\n"
-      "  kiln-worker --coordinator=127.0.0.1:7600 --name=NAME --work-dir=DIR --max-jobs=N --metrics-listen=ADDR");
-  kiln::DashedFlagArgs dashed(argc, argv);
-  absl::ParseCommandLine(dashed.argc(), dashed.argv());
+      "  kiln-worker --coordinator=127.0.0.1:7600 --name=NAME --work-dir=DIR --max-jobs=N --metrics-listen=ADDR",
+      "kiln-worker");
+  kiln::UseKilnConventions(app);
+  Flags flags;
+  AddOptions(app, flags);
+  kiln::AddConfigFileOption(app);
+  if (std::optional<int> exit = kiln::ParseCommandLine(app, argc, argv)) return *exit;
   // Debian's Abseil checks every Mutex acquisition for lock-order cycles
   // (a debug aid: a few % of CPU under load). The tests keep it on.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   const sigset_t signals = kiln::BlockTerminationSignals();
-  if (absl::Status s = kiln::ApplyLogLevel(absl::GetFlag(FLAGS_log_level)); !s.ok())
-    return Fail(std::string(s.message()));
-  if (absl::Status s = kiln::ApplyLogFormat(absl::GetFlag(FLAGS_log_format)); !s.ok()) {
+  if (absl::Status s = kiln::ApplyLogLevel(flags.log_level); !s.ok()) return Fail(std::string(s.message()));
+  if (absl::Status s = kiln::ApplyLogFormat(flags.log_format); !s.ok()) {
     return Fail(std::string(s.message()));
   }
 
   kiln::WorkerOptions options;
-  options.coordinator = absl::GetFlag(FLAGS_coordinator);
-  options.name = absl::GetFlag(FLAGS_name);
+  options.coordinator = flags.coordinator;
+  options.name = flags.name;
   if (options.name.empty()) {
     char host[256] = {0};
     gethostname(host, sizeof host - 1);
@@ -125,7 +176,7 @@ int main(int argc, char** argv) {
   if (absl::Status s = kiln::CheckPrintableName("--name", options.name, 128); !s.ok()) {
     return Fail(std::string(s.message()));
   }
-  options.work_dir = absl::GetFlag(FLAGS_work_dir);
+  options.work_dir = flags.work_dir;
   if (options.work_dir.empty()) return Fail("--work-dir is required");
   std::error_code ec;
   std::filesystem::create_directories(options.work_dir, ec);
@@ -140,26 +191,26 @@ int main(int argc, char** argv) {
     kiln::LogWarning("worker", "stopped ", stopped, " Nix process(es) left running by a previous run of this worker");
   }
   kiln::SweepSourceCacheLeftovers(options.work_dir);
-  options.max_jobs = absl::GetFlag(FLAGS_max_jobs);
+  options.max_jobs = flags.max_jobs;
   if (options.max_jobs < 1) return Fail("--max-jobs must be at least 1");
-  const absl::StatusOr<int> gzip_level = kiln::ParseGzipLevel(absl::GetFlag(FLAGS_push_gzip_level));
+  const absl::StatusOr<int> gzip_level = kiln::ParseGzipLevel(flags.push_gzip_level);
   if (!gzip_level.ok()) return Fail("--push-gzip-level: " + std::string(gzip_level.status().message()));
-  options.systems = absl::GetFlag(FLAGS_systems);
-  options.supported_features = absl::GetFlag(FLAGS_features);
-  options.mandatory_features = absl::GetFlag(FLAGS_mandatory_features);
-  absl::StatusOr<std::map<std::string, std::string>> labels = kiln::ParseLabels(absl::GetFlag(FLAGS_labels));
+  options.systems = flags.systems;
+  options.supported_features = flags.features;
+  options.mandatory_features = flags.mandatory_features;
+  absl::StatusOr<std::map<std::string, std::string>> labels = kiln::ParseLabels(flags.labels);
   if (!labels.ok()) return Fail(absl::StrCat("--labels: ", labels.status().message()));
   options.labels = *std::move(labels);
-  options.blob_cache_bytes = static_cast<uint64_t>(std::max<int64_t>(0, absl::GetFlag(FLAGS_blob_cache_mb))) << 20;
+  options.blob_cache_bytes = static_cast<uint64_t>(std::max<int64_t>(0, flags.blob_cache_mb)) << 20;
   if (options.systems.empty() || options.supported_features.empty()) {
-    auto info = kiln::QueryNixSystemInfo(absl::GetFlag(FLAGS_nix));
+    auto info = kiln::QueryNixSystemInfo(flags.nix);
     if (!info.ok()) return Fail(std::string(info.status().message()));
     if (options.systems.empty()) options.systems = info->systems;
     if (options.supported_features.empty()) options.supported_features = info->features;
   }
 
   // Mutual TLS with the coordinator, or plaintext on loopback only.
-  const kiln::TlsFiles tls{absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key), absl::GetFlag(FLAGS_tls_ca)};
+  const kiln::TlsFiles tls{flags.tls_cert, flags.tls_key, flags.tls_ca};
   if (tls.enabled() && (tls.cert.empty() || tls.key.empty())) {
     return Fail(
         "--tls-cert and --tls-key are needed with --tls-ca: the coordinator accepts only workers that show a "
@@ -174,8 +225,8 @@ int main(int argc, char** argv) {
     // The coordinator knows this worker by its certificate's name.
     absl::StatusOr<std::string> cert_name = kiln::CertificateCommonName(tls.cert);
     if (!cert_name.ok()) return Fail(std::string(cert_name.status().message()));
-    if (!absl::GetFlag(FLAGS_name).empty() && absl::GetFlag(FLAGS_name) != *cert_name) {
-      return Fail("--name=" + absl::GetFlag(FLAGS_name) + " but the certificate is for '" + *cert_name +
+    if (!flags.name.empty() && flags.name != *cert_name) {
+      return Fail("--name=" + flags.name + " but the certificate is for '" + *cert_name +
                   "': a worker is known by its certificate's name");
     }
     options.name = *cert_name;
@@ -183,7 +234,7 @@ int main(int argc, char** argv) {
   auto credentials = kiln::MakeChannelCredentials(tls);
   if (!credentials.ok()) return Fail(std::string(credentials.status().message()));
   options.credentials = *credentials;
-  if (const std::string path = absl::GetFlag(FLAGS_token_file); !path.empty()) {
+  if (const std::string path = flags.token_file; !path.empty()) {
     // A file, never the command line: argv is visible to every user.
     absl::StatusOr<std::string> token = kiln::ReadPrivateTokenFile(path);
     if (!token.ok()) return Fail(absl::StrCat("--token-file: ", token.status().message()));
@@ -192,12 +243,11 @@ int main(int argc, char** argv) {
   }
 
   kiln::NixOptions nix;
-  nix.nix_binary = absl::GetFlag(FLAGS_nix);
-  nix.options = SplitPairs(absl::GetFlag(FLAGS_nix_option));
+  nix.nix_binary = flags.nix;
+  nix.options = SplitPairs(flags.nix_option);
   nix.max_jobs = options.max_jobs;
-  if (absl::GetFlag(FLAGS_cores) < 0) return Fail("--cores must be 0 (the default share) or more");
-  nix.cores = absl::GetFlag(FLAGS_cores) > 0 ? absl::GetFlag(FLAGS_cores)
-                                             : kiln::DefaultCoresPerDerivation(UsableCpus(), options.max_jobs);
+  if (flags.cores < 0) return Fail("--cores must be 0 (the default share) or more");
+  nix.cores = flags.cores > 0 ? flags.cores : kiln::DefaultCoresPerDerivation(UsableCpus(), options.max_jobs);
 
   auto registry = std::make_shared<prometheus::Registry>();
   kiln::WorkerMetrics metrics(registry);
@@ -206,11 +256,11 @@ int main(int argc, char** argv) {
     if (metrics.coordinator_connected.Value() < 1) return absl::UnavailableError("not connected to the coordinator");
     return absl::OkStatus();
   };
-  auto metrics_server = kiln::MetricsHttpServer::Start(absl::GetFlag(FLAGS_metrics_listen), {registry}, readiness);
+  auto metrics_server = kiln::MetricsHttpServer::Start(flags.metrics_listen, {registry}, readiness);
   if (!metrics_server.ok()) return Fail(std::string(metrics_server.status().message()));
-  if (!absl::GetFlag(FLAGS_ready_file).empty()) {
+  if (!flags.ready_file.empty()) {
     nlohmann::json ready = {{"metrics", (*metrics_server)->address()}, {"name", options.name}};
-    if (auto s = kiln::WriteFileAtomically(absl::GetFlag(FLAGS_ready_file), ready.dump() + "\n"); !s.ok()) {
+    if (auto s = kiln::WriteFileAtomically(flags.ready_file, ready.dump() + "\n"); !s.ok()) {
       return Fail(std::string(s.message()));
     }
   }
@@ -223,9 +273,9 @@ int main(int argc, char** argv) {
   nix.scratch_dir = options.work_dir;
   nix.process_ledger_dir = process_ledger_dir;
   kiln::RegistryPublisherOptions push_options;
-  push_options.auth_file = absl::GetFlag(FLAGS_registry_auth_file);
-  for (const std::string& r : absl::GetFlag(FLAGS_insecure_registries)) push_options.insecure_registries.insert(r);
-  push_options.ca_file = absl::GetFlag(FLAGS_registry_ca);
+  push_options.auth_file = flags.registry_auth_file;
+  for (const std::string& r : flags.insecure_registries) push_options.insecure_registries.insert(r);
+  push_options.ca_file = flags.registry_ca;
   push_options.scratch_dir = options.work_dir;
   push_options.layer_cache_file = options.work_dir + "/layer-cache.json";
   push_options.gzip_level = *gzip_level;

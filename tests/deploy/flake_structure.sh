@@ -48,7 +48,7 @@ expect '"workerUser":"kiln-worker"'
 # Every flag the modules pass is one the daemons take.
 if [[ -n "$bin" ]]; then
   for daemon in kiln-coordinator kiln-worker; do
-    known=$({ "$bin/$daemon" --helpfull 2>&1 || true; } | grep -oE -- '--[a-z_]+' | tr _ - | sort -u)
+    known=$({ "$bin/$daemon" --help 2>&1 || true; } | grep -oE -- '--[a-z][a-z-]*' | sort -u)
     key=$([[ $daemon == kiln-coordinator ]] && echo coordinatorExec || echo workerExec)
     used=$(grep -oE "\"$key\":\"[^\"]*\"" <<< "$units" | grep -oE -- "'--[a-z-]+" | tr -d "'" | sort -u)
     for flag in $used; do

@@ -24,7 +24,7 @@ echo "both units verify cleanly"
 for env in "$src"/deploy/systemd/*.env "$src"/deploy/examples/*.env; do
   daemon=kiln-worker
   [[ $(basename "$env") == coordinator* ]] && daemon=kiln-coordinator
-  known=$({ "$bin/$daemon" --helpfull 2>&1 || true; } | grep -oE -- '--[a-z_]+' | tr _ - | sort -u)
+  known=$({ "$bin/$daemon" --help 2>&1 || true; } | grep -oE -- '--[a-z][a-z-]*' | sort -u)
   flags=$(grep -E '^KILN_FLAGS=' "$env" | grep -oE -- '--[a-z-]+' || true)
   for flag in $flags; do
     grep -qx -- "$flag" <<< "$known" || { echo "$env: $daemon takes no $flag"; exit 1; }

@@ -1,0 +1,56 @@
+// Command lines of the three binaries on CLI11: one set of conventions.
+//
+// - Options are spelled with dashes (--metrics-listen), as documented; the
+//   underscore spellings earlier releases accepted (--metrics_listen) still
+//   parse, as the same option.
+// - Durations take units ("90s", "10m", "1h30m"; "0" for none) and are
+//   checked as they are parsed; sizes are whole numbers in the unit their
+//   name says (--blob-cache-mb).
+// - Daemons read a config file with --config=FILE: `name = value` lines
+//   (TOML or INI), names as on the command line without the dashes;
+//   the command line wins over the file.
+// - Exit codes are the same everywhere (kExit*).
+#pragma once
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+#include "absl/time/time.h"
+
+namespace kiln {
+
+inline constexpr int kExitSuccess = 0;
+inline constexpr int kExitFailure = 1;        // The work failed (a build, a daemon that could not start).
+inline constexpr int kExitBadUsage = 2;       // A bad command line or input.
+inline constexpr int kExitNoCoordinator = 3;  // The coordinator could not be reached.
+inline constexpr int kExitOutOfSpace = 4;     // The coordinator is out of disk space (kiln).
+inline constexpr int kExitInterrupted = 130;  // SIGINT or SIGTERM.
+
+// Kiln's conventions for an app, before its options are added: an option
+// given twice takes its last value (as with the flags library used before;
+// list options add up instead).
+void UseKilnConventions(CLI::App& app);
+
+// `argv` with option names spelled with dashes ("--a_b=c" becomes
+// "--a-b=c"); values, positional arguments and everything after "--" stay.
+std::vector<std::string> DashedOptionNames(int argc, char** argv);
+
+// Parses `argv` into `app`. Returns nullopt to go on; otherwise the exit
+// code: 0 after --help (printed on stdout), kExitBadUsage after printing
+// "PROGRAM: what is wrong (see PROGRAM --help)" on stderr.
+std::optional<int> ParseCommandLine(CLI::App& app, int argc, char** argv);
+
+// A duration option: "30s", "10m", "1h30m", "0"; refused without a unit.
+CLI::Option* AddDurationOption(CLI::App& app, const std::string& name, absl::Duration* value, const std::string& help);
+
+// A comma-separated list option (also repeatable): --labels=a=b,c=d.
+CLI::Option* AddListOption(CLI::App& app, const std::string& name, std::vector<std::string>* value,
+                           const std::string& help);
+
+// --config=FILE, read before the command line is applied.
+void AddConfigFileOption(CLI::App& app);
+
+}  // namespace kiln
