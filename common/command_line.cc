@@ -9,9 +9,7 @@
 
 namespace kiln {
 
-void UseKilnConventions(CLI::App& app) {
-  app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
-}
+void UseKilnConventions(CLI::App& app) { app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast); }
 
 std::vector<std::string> DashedOptionNames(int argc, char** argv) {
   std::vector<std::string> out;
