@@ -17,22 +17,13 @@
 #include "absl/status/statusor.h"
 #include <vector>
 
+#include "common/exit_codes.h"
+
 namespace grpc {
 class ChannelCredentials;
 }  // namespace grpc
 
 namespace kiln {
-
-inline constexpr int kExitOk = 0;
-inline constexpr int kExitBuildFailed = 1;
-inline constexpr int kExitUsage = 2;
-inline constexpr int kExitUnavailable = 3;
-// The coordinator is out of disk space and takes no new work until an
-// operator frees some (it resumes by itself): retrying at once will not help.
-inline constexpr int kExitCoordinatorOutOfSpace = 4;
-// The user (Ctrl-C) or CI (SIGTERM) interrupted `kiln build` and its builds
-// were cancelled: 128 + SIGINT, as shells report an interrupted command.
-inline constexpr int kExitInterrupted = 130;
 
 struct CliOptions {
   std::string coordinator;  // host:port

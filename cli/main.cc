@@ -9,53 +9,14 @@
 #include <string>
 #include <vector>
 
-#include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
 #include "absl/time/time.h"
 #include "common/cli_args.h"
+#include "common/command_line.h"
 #include "common/crash_handler.h"
 #include "common/image_ref.h"
 #include "common/tls.h"
 #include "cli/cli.h"
-
-ABSL_FLAG(std::string, coordinator, "", "Coordinator address (default: $KILN_COORDINATOR or 127.0.0.1:7600)");
-ABSL_FLAG(std::string, tls_ca, "",
-          "The farm's CA (PEM) to verify the coordinator by (default: $KILN_TLS_CA; none: plaintext, loopback only)");
-ABSL_FLAG(std::string, tls_cert, "", "A client certificate (PEM) to show the coordinator (optional)");
-ABSL_FLAG(std::string, tls_key, "", "Its private key (PEM)");
-ABSL_FLAG(bool, json, false, "Print machine-readable JSON on stdout");
-ABSL_FLAG(std::string, system, "x86_64-linux", "System to build for");
-ABSL_FLAG(bool, quiet, false, "Do not show build logs");
-ABSL_FLAG(bool, print_build_logs, false,
-          "build: on a terminal, show the full build logs above the status lines (-L; elsewhere they always are)");
-ABSL_FLAG(absl::Duration, timeout, absl::ZeroDuration(),
-          "Fail a build that runs longer than this, e.g. 30m (default: the coordinator's)");
-ABSL_FLAG(absl::Duration, reconnect_timeout, absl::Minutes(2),
-          "build, log -f: how long to keep reconnecting to a coordinator that went away before giving up (exit 3)");
-ABSL_FLAG(absl::Duration, max_silent_time, absl::ZeroDuration(),
-          "Fail a build that prints nothing for this long, e.g. 10m (default: no limit)");
-ABSL_FLAG(bool, all_flakes, false,
-          "build: every flake.nix in the current git work tree (or directory), as one buildset");
-ABSL_FLAG(std::string, attr, "default", "build --all-flakes: the attribute to build of each flake");
-ABSL_FLAG(std::string, file, "",
-          "build: a JSON file listing targets: {\"targets\": [{\"flake\": \"services/a\", \"attr\": \"oci-image\"}]}");
-ABSL_FLAG(std::string, out_link, "",
-          "build: download the output here (-o PATH; more targets or outputs add -N / -OUTPUT, as nix build does)");
-ABSL_FLAG(bool, rebuild, false, "build: build again even when an identical target's result is cached");
-ABSL_FLAG(bool, detach, false, "build: submit, print the job ids and exit without waiting for the builds");
-ABSL_FLAG(std::vector<std::string>, label, {},
-          "build: only workers with these labels may take the builds (KEY=VALUE, comma-separated)");
-ABSL_FLAG(std::string, push, "",
-          "build: push the built image to REGISTRY/REPOSITORY[:TAG] (from the worker, straight to the registry)");
-ABSL_FLAG(std::vector<std::string>, tag, {}, "build --push: more tags (comma-separated), e.g. testing,$GIT_SHA");
-ABSL_FLAG(std::string, manifest_format, "docker", "build --push: docker (v2 schema 2, as skopeo pushes) or oci");
-ABSL_FLAG(bool, follow, false, "log: keep printing the log of a running job until it ends (-f)");
-ABSL_FLAG(int32_t, limit, 20, "history: how many buildsets to list, newest first");
-ABSL_FLAG(bool, write, false, "fod-hash: edit the flake's .nix files where the replacement is unambiguous");
-ABSL_FLAG(std::string, name, "", "fod list|export|forget: only FODs of this derivation name");
-ABSL_FLAG(std::string, priority, "interactive",
-          "Priority class of the builds, by the coordinator's names (default names: interactive, ci, batch)");
+#include "cli/completion.h"
 
 namespace {
 constexpr char kUsage[] =
@@ -126,30 +87,109 @@ int main(int argc, char** argv) {
     return kiln::kExitUnavailable;
   }
   kiln::InstallCrashHandler(argv[0]);
-  absl::SetProgramUsageMessage(kUsage);
-  // `-o PATH`, as nix build spells --out-link.
-  std::vector<std::string> expanded(argv, argv + argc);
-  for (std::string& a : expanded) {
-    if (a == "-o") a = "--out-link";
-    if (a == "-L") a = "--print-build-logs";
-    if (a == "-f") a = "--follow";
-  }
-  std::vector<char*> expanded_argv;
-  for (std::string& a : expanded) expanded_argv.push_back(a.data());
-  argc = static_cast<int>(expanded_argv.size());
-  argv = expanded_argv.data();
-  kiln::DashedFlagArgs dashed(argc, argv);
-  std::vector<char*> positional = absl::ParseCommandLine(dashed.argc(), dashed.argv());
-  std::vector<std::string> args(positional.begin() + 1, positional.end());
+  // Options per command: a flag of another command is refused, by name.
+  CLI::App app(kUsage, "kiln");
+  kiln::UseKilnConventions(app);
+  app.require_subcommand(1);
+  std::string coordinator, tls_ca, tls_cert, tls_key;
+  app.add_option("--coordinator", coordinator, "Coordinator address (default: $KILN_COORDINATOR or 127.0.0.1:7600)");
+  app.add_option("--tls-ca", tls_ca,
+                 "The farm's CA (PEM) to verify the coordinator by (default: $KILN_TLS_CA; none: plaintext, loopback "
+                 "only)");
+  app.add_option("--tls-cert", tls_cert, "A client certificate (PEM) to show the coordinator (optional)");
+  app.add_option("--tls-key", tls_key, "Its private key (PEM)");
 
   kiln::CliOptions options;
-  options.coordinator = absl::GetFlag(FLAGS_coordinator);
+  std::vector<std::string> args;  // The command's positional arguments.
+  absl::Duration timeout = absl::ZeroDuration(), reconnect_timeout = absl::Minutes(2),
+                 max_silent_time = absl::ZeroDuration();
+  std::vector<std::string> labels;
+  std::string manifest_format = "docker";
+  bool follow = false, write = false;
+  int limit = 20;
+  std::string fod_name;
+  const auto add_command = [&](const std::string& name, const std::string& help) {
+    CLI::App* c = app.add_subcommand(name, help);
+    c->fallthrough();  // The coordinator's options may come after the command too.
+    c->add_flag("--json", options.json, "Print machine-readable JSON on stdout");
+    return c;
+  };
+  CLI::App* build = add_command("build", "Build flakes on the farm: PATH#ATTR..., --all-flakes or --file");
+  build->add_option("INSTALLABLE", args, "PATH#ATTR (PATH: a flake directory; ATTR: default if left out)");
+  build->add_option("--system", options.system, "System to build for")->capture_default_str();
+  build->add_flag("--quiet", options.quiet, "Do not show build logs");
+  build->add_flag("-L,--print-build-logs", options.print_build_logs,
+                  "On a terminal, show the full build logs above the status lines (elsewhere they always are)");
+  kiln::AddDurationOption(*build, "--timeout", &timeout,
+                          "Fail a build that runs longer than this, e.g. 30m (default: the coordinator's)");
+  kiln::AddDurationOption(*build, "--reconnect-timeout", &reconnect_timeout,
+                          "How long to keep reconnecting to a coordinator that went away before giving up (exit 3)");
+  kiln::AddDurationOption(*build, "--max-silent-time", &max_silent_time,
+                          "Fail a build that prints nothing for this long, e.g. 10m (default: no limit)");
+  build->add_flag("--all-flakes", options.all_flakes,
+                  "Every flake.nix in the current git work tree (or directory), as one buildset");
+  build->add_option("--attr", options.attr, "With --all-flakes: the attribute to build of each flake")
+      ->capture_default_str();
+  build->add_option("--file", options.targets_file,
+                    "A JSON file listing targets: {\"targets\": [{\"flake\": \"services/a\", \"attr\": "
+                    "\"oci-image\"}]}");
+  build->add_option("-o,--out-link", options.out_link,
+                    "Download the output here (more targets or outputs add -N / -OUTPUT, as nix build does)");
+  build->add_flag("--rebuild", options.rebuild, "Build again even when an identical target's result is cached");
+  build->add_flag("--detach", options.detach, "Submit, print the job ids and exit without waiting for the builds");
+  kiln::AddListOption(*build, "--label", &labels,
+                      "Only workers with these labels may take the builds (KEY=VALUE, comma-separated)");
+  build->add_option("--push", options.push,
+                    "Push the built image to REGISTRY/REPOSITORY[:TAG] (from the worker, straight to the registry)");
+  kiln::AddListOption(*build, "--tag", &options.tags,
+                      "With --push: more tags (comma-separated), e.g. testing,$GIT_SHA");
+  build->add_option("--manifest-format", manifest_format, "With --push: docker (v2 schema 2, as skopeo pushes) or oci")
+      ->check(CLI::IsMember({"docker", "oci"}))
+      ->capture_default_str();
+  build
+      ->add_option("--priority", options.priority,
+                   "Priority class of the builds, by the coordinator's names (default names: interactive, ci, batch)")
+      ->capture_default_str();
+  CLI::App* status = add_command("status", "A job's or a buildset's state");
+  status->add_option("ID", args, "JOB or BUILDSET (b…)")->required()->expected(1);
+  CLI::App* cancel = add_command("cancel", "Cancel a job or every job of a buildset");
+  cancel->add_option("ID", args, "JOB or BUILDSET (b…)")->required()->expected(1);
+  CLI::App* log = add_command("log", "A job's build log");
+  log->add_option("JOB", args, "The job")->required()->expected(1);
+  log->add_flag("-f,--follow", follow, "Keep printing the log of a running job until it ends");
+  kiln::AddDurationOption(*log, "--reconnect-timeout", &reconnect_timeout,
+                          "With -f: how long to keep reconnecting to a coordinator that went away (exit 3)");
+  CLI::App* history = add_command("history", "The most recent buildsets, newest first");
+  history->add_option("--limit", limit, "How many buildsets to list")->capture_default_str();
+  CLI::App* workers = add_command("workers", "The farm's workers; drain|undrain NAME");
+  workers->add_option("ARGS", args, "drain NAME | undrain NAME");
+  CLI::App* fod_hash = add_command("fod-hash", "The right hashes of a flake's fixed-output derivations");
+  fod_hash->add_option("INSTALLABLE", args, "PATH#ATTR")->required();
+  fod_hash->add_flag("--write", write, "Edit the flake's .nix files where the replacement is unambiguous");
+  fod_hash->add_flag("--quiet", options.quiet, "Do not show build logs");
+  CLI::App* fod =
+      add_command("fod", "The FOD cache: list|export [--name=NAME] | show KEY | forget KEY...|--name | import");
+  fod->add_option("ARGS", args, "list | export | show KEY | forget KEY... | import FILE")->required();
+  fod->add_option("--name", fod_name, "list|export|forget: only FODs of this derivation name");
+  std::string shell;
+  CLI::App* completion = app.add_subcommand("completion", "Print a shell completion script: bash, zsh or fish");
+  completion->add_option("SHELL", shell, "bash, zsh or fish")
+      ->required()
+      ->check(CLI::IsMember({"bash", "zsh", "fish"}));
+  if (std::optional<int> exit = kiln::ParseCommandLine(app, argc, argv)) return *exit;
+  if (completion->parsed()) {
+    std::fputs(kiln::CompletionScript(app, shell).c_str(), stdout);
+    return kiln::kExitOk;
+  }
+  const std::string command_name = app.get_subcommands().front()->get_name();
+
+  options.coordinator = coordinator;
   if (options.coordinator.empty()) {
     const char* env = std::getenv("KILN_COORDINATOR");
     options.coordinator = env && *env ? env : "127.0.0.1:7600";
   }
   {
-    kiln::TlsFiles tls{absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key), absl::GetFlag(FLAGS_tls_ca)};
+    kiln::TlsFiles tls{tls_cert, tls_key, tls_ca};
     if (const char* env = std::getenv("KILN_TLS_CA"); tls.ca.empty() && env != nullptr && *env) tls.ca = env;
     absl::Status usable = tls.enabled() ? absl::OkStatus() : kiln::CheckPlaintextAllowed("kiln", {options.coordinator});
     absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
@@ -166,28 +206,10 @@ int main(int argc, char** argv) {
     }
     options.token = *std::move(token);
   }
-  options.json = absl::GetFlag(FLAGS_json);
-  options.system = absl::GetFlag(FLAGS_system);
-  options.quiet = absl::GetFlag(FLAGS_quiet);
-  options.print_build_logs = absl::GetFlag(FLAGS_print_build_logs);
-  options.timeout_seconds = absl::ToInt64Seconds(absl::GetFlag(FLAGS_timeout));
-  options.watch_retry_seconds =
-      static_cast<int>(std::max<int64_t>(1, absl::ToInt64Seconds(absl::GetFlag(FLAGS_reconnect_timeout))));
-  options.max_silent_time_seconds = absl::ToInt64Seconds(absl::GetFlag(FLAGS_max_silent_time));
-  options.priority = absl::GetFlag(FLAGS_priority);
-  options.detach = absl::GetFlag(FLAGS_detach);
-  options.rebuild = absl::GetFlag(FLAGS_rebuild);
-  options.all_flakes = absl::GetFlag(FLAGS_all_flakes);
-  options.attr = absl::GetFlag(FLAGS_attr);
-  options.targets_file = absl::GetFlag(FLAGS_file);
-  options.out_link = absl::GetFlag(FLAGS_out_link);
-  options.push = absl::GetFlag(FLAGS_push);
-  options.tags = absl::GetFlag(FLAGS_tag);
-  if (absl::GetFlag(FLAGS_manifest_format) != "docker" && absl::GetFlag(FLAGS_manifest_format) != "oci") {
-    std::fprintf(stderr, "error: --manifest-format is docker or oci\n");
-    return kiln::kExitUsage;
-  }
-  options.oci_manifest = absl::GetFlag(FLAGS_manifest_format) == "oci";
+  options.timeout_seconds = absl::ToInt64Seconds(timeout);
+  options.watch_retry_seconds = static_cast<int>(std::max<int64_t>(1, absl::ToInt64Seconds(reconnect_timeout)));
+  options.max_silent_time_seconds = absl::ToInt64Seconds(max_silent_time);
+  options.oci_manifest = manifest_format == "oci";
   if (!options.tags.empty() && options.push.empty()) {
     std::fprintf(stderr, "error: --tag needs --push\n");
     return kiln::kExitUsage;
@@ -201,19 +223,14 @@ int main(int argc, char** argv) {
       return kiln::kExitUsage;
     }
   }
-  absl::StatusOr<std::map<std::string, std::string>> labels = kiln::ParseLabels(absl::GetFlag(FLAGS_label));
-  if (!labels.ok()) {
-    std::fprintf(stderr, "error: --label: %s\n", std::string(labels.status().message()).c_str());
+  absl::StatusOr<std::map<std::string, std::string>> parsed_labels = kiln::ParseLabels(labels);
+  if (!parsed_labels.ok()) {
+    std::fprintf(stderr, "error: --label: %s\n", std::string(parsed_labels.status().message()).c_str());
     return kiln::kExitUsage;
   }
-  options.labels = *std::move(labels);
+  options.labels = *std::move(parsed_labels);
 
-  if (args.empty()) {
-    std::fprintf(stderr, "%s\n", kUsage);
-    return kiln::kExitUsage;
-  }
-  const std::string command = args[0];
-  args.erase(args.begin());
+  const std::string& command = command_name;
   // Ids and worker names are short printable text: anything else is refused
   // here, with a message, rather than echoed or sent (a huge one would not
   // even fit in a request's headers).
@@ -230,15 +247,15 @@ int main(int argc, char** argv) {
   if (command == "build") {
     code = kiln::RunBuildCommand(options, args);
   } else if (command == "fod-hash") {
-    code = kiln::RunFodHashCommand(options, args, absl::GetFlag(FLAGS_write));
+    code = kiln::RunFodHashCommand(options, args, write);
   } else if (command == "fod") {
-    code = kiln::RunFodCommand(options, args, absl::GetFlag(FLAGS_name));
+    code = kiln::RunFodCommand(options, args, fod_name);
   } else if (command == "workers") {
     code = kiln::RunWorkersCommand(options, args);
   } else if (command == "log" && args.size() == 1) {
-    code = kiln::RunLogCommand(options, args[0], absl::GetFlag(FLAGS_follow));
+    code = kiln::RunLogCommand(options, args[0], follow);
   } else if (command == "history" && args.empty()) {
-    code = kiln::RunHistoryCommand(options, absl::GetFlag(FLAGS_limit));
+    code = kiln::RunHistoryCommand(options, limit);
   } else if ((command == "status" || command == "cancel") && args.size() == 1) {
     code = command == "status" ? kiln::RunStatusCommand(options, args[0]) : kiln::RunCancelCommand(options, args[0]);
   } else {

@@ -36,14 +36,14 @@ std::optional<int> ParseCommandLine(CLI::App& app, int argc, char** argv) {
     app.parse(std::move(reversed));
   } catch (const CLI::CallForHelp&) {
     std::printf("%s", app.help().c_str());
-    return kExitSuccess;
+    return kExitOk;
   } catch (const CLI::CallForAllHelp&) {
     std::printf("%s", app.help("", CLI::AppFormatMode::All).c_str());
-    return kExitSuccess;
+    return kExitOk;
   } catch (const CLI::ParseError& e) {
     const std::string name = app.get_name();
     std::fprintf(stderr, "%s: %s (see %s --help)\n", name.c_str(), e.what(), name.c_str());
-    return kExitBadUsage;
+    return kExitUsage;
   }
   return std::nullopt;
 }

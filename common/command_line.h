@@ -9,7 +9,7 @@
 // - Daemons read a config file with --config=FILE: `name = value` lines
 //   (TOML or INI), names as on the command line without the dashes;
 //   the command line wins over the file.
-// - Exit codes are the same everywhere (kExit*).
+// - Exit codes are the same everywhere (common/exit_codes.h).
 #pragma once
 
 #include <optional>
@@ -19,15 +19,9 @@
 #include <CLI/CLI.hpp>
 
 #include "absl/time/time.h"
+#include "common/exit_codes.h"
 
 namespace kiln {
-
-inline constexpr int kExitSuccess = 0;
-inline constexpr int kExitFailure = 1;        // The work failed (a build, a daemon that could not start).
-inline constexpr int kExitBadUsage = 2;       // A bad command line or input.
-inline constexpr int kExitNoCoordinator = 3;  // The coordinator could not be reached.
-inline constexpr int kExitOutOfSpace = 4;     // The coordinator is out of disk space (kiln).
-inline constexpr int kExitInterrupted = 130;  // SIGINT or SIGTERM.
 
 // Kiln's conventions for an app, before its options are added: an option
 // given twice takes its last value (as with the flags library used before;
@@ -39,7 +33,7 @@ void UseKilnConventions(CLI::App& app);
 std::vector<std::string> DashedOptionNames(int argc, char** argv);
 
 // Parses `argv` into `app`. Returns nullopt to go on; otherwise the exit
-// code: 0 after --help (printed on stdout), kExitBadUsage after printing
+// code: 0 after --help (printed on stdout), kExitUsage after printing
 // "PROGRAM: what is wrong (see PROGRAM --help)" on stderr.
 std::optional<int> ParseCommandLine(CLI::App& app, int argc, char** argv);
 

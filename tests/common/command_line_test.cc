@@ -60,16 +60,16 @@ TEST(CommandLine, DurationsNeedUnitsAndListsSplitOnCommas) {
   EXPECT_EQ(zero.lease, absl::ZeroDuration());
   EXPECT_TRUE(zero.labels.empty());
   Parsed bad;
-  EXPECT_EQ(Parse({"--lease=10"}, bad), kExitBadUsage);
-  EXPECT_EQ(Parse({"--lease=-5s"}, bad), kExitBadUsage);
+  EXPECT_EQ(Parse({"--lease=10"}, bad), kExitUsage);
+  EXPECT_EQ(Parse({"--lease=-5s"}, bad), kExitUsage);
 }
 
 TEST(CommandLine, UnknownOptionsAndBadValuesAreBadUsageAndHelpIsSuccess) {
   Parsed p;
-  EXPECT_EQ(Parse({"--bogus=1"}, p), kExitBadUsage);
-  EXPECT_EQ(Parse({"--max-jobs=many"}, p), kExitBadUsage);
-  EXPECT_EQ(Parse({"stray"}, p), kExitBadUsage);
-  EXPECT_EQ(Parse({"--help"}, p), kExitSuccess);
+  EXPECT_EQ(Parse({"--bogus=1"}, p), kExitUsage);
+  EXPECT_EQ(Parse({"--max-jobs=many"}, p), kExitUsage);
+  EXPECT_EQ(Parse({"stray"}, p), kExitUsage);
+  EXPECT_EQ(Parse({"--help"}, p), kExitOk);
 }
 
 TEST(CommandLine, AConfigFileSetsOptionsTheCommandLineOverridesAndTyposAreRefused) {
@@ -83,9 +83,9 @@ TEST(CommandLine, AConfigFileSetsOptionsTheCommandLineOverridesAndTyposAreRefuse
   EXPECT_EQ(p.lease, absl::Minutes(2));
   testing::WriteFileOrDie(file, "max-jbos = 8\n");
   Parsed typo;
-  EXPECT_EQ(Parse({"--config=" + file}, typo), kExitBadUsage);
+  EXPECT_EQ(Parse({"--config=" + file}, typo), kExitUsage);
   Parsed missing;
-  EXPECT_EQ(Parse({"--config=" + dir.Sub("absent.toml")}, missing), kExitBadUsage);
+  EXPECT_EQ(Parse({"--config=" + dir.Sub("absent.toml")}, missing), kExitUsage);
 }
 
 }  // namespace
