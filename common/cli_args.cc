@@ -13,7 +13,8 @@
 
 namespace kiln {
 
-DashedFlagArgs::DashedFlagArgs(int argc, char** argv) {
+std::vector<std::string> RespellOptionNames(int argc, char** argv, char from, char to) {
+  std::vector<std::string> out;
   bool rest_positional = false;
   for (int i = 0; i < argc; ++i) {
     std::string arg = argv[i];
@@ -21,11 +22,15 @@ DashedFlagArgs::DashedFlagArgs(int argc, char** argv) {
     if (!rest_positional && i > 0 && arg.size() > 2 && arg[0] == '-' && arg[1] == '-') {
       const size_t end = arg.find('=');
       for (size_t j = 2; j < arg.size() && j < end; ++j) {
-        if (arg[j] == '-') arg[j] = '_';
+        if (arg[j] == from) arg[j] = to;
       }
     }
-    storage_.push_back(std::move(arg));
+    out.push_back(std::move(arg));
   }
+  return out;
+}
+
+DashedFlagArgs::DashedFlagArgs(int argc, char** argv) : storage_(RespellOptionNames(argc, argv, '-', '_')) {
   for (auto& s : storage_) pointers_.push_back(s.data());
   pointers_.push_back(nullptr);
 }

@@ -14,6 +14,11 @@
 
 namespace kiln {
 
+// `argv` with `from` replaced by `to` in option names ("--a-b=c" to
+// "--a_b=c" or back); values, positional arguments and everything after "--"
+// stay as they are.
+std::vector<std::string> RespellOptionNames(int argc, char** argv, char from, char to);
+
 class DashedFlagArgs {
  public:
   DashedFlagArgs(int argc, char** argv);

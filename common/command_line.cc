@@ -6,27 +6,13 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "common/cli_args.h"
 
 namespace kiln {
 
 void UseKilnConventions(CLI::App& app) { app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast); }
 
-std::vector<std::string> DashedOptionNames(int argc, char** argv) {
-  std::vector<std::string> out;
-  bool rest_positional = false;
-  for (int i = 0; i < argc; ++i) {
-    std::string arg = argv[i];
-    if (arg == "--") rest_positional = true;
-    if (!rest_positional && i > 0 && arg.size() > 2 && arg[0] == '-' && arg[1] == '-') {
-      const size_t end = arg.find('=');
-      for (size_t j = 2; j < arg.size() && j < end; ++j) {
-        if (arg[j] == '_') arg[j] = '-';
-      }
-    }
-    out.push_back(std::move(arg));
-  }
-  return out;
-}
+std::vector<std::string> DashedOptionNames(int argc, char** argv) { return RespellOptionNames(argc, argv, '_', '-'); }
 
 std::optional<int> ParseCommandLine(CLI::App& app, int argc, char** argv) {
   std::vector<std::string> args = DashedOptionNames(argc, argv);

@@ -9,7 +9,6 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_replace.h"
 #include "absl/time/clock.h"
 #include "tests/support/local_farm.h"
 #include "tests/support/test_util.h"
@@ -19,18 +18,6 @@ namespace {
 
 using testing::LocalFarm;
 using testing::WriteFileOrDie;
-
-std::string Flake(const std::string& name, const std::string& script) {
-  return absl::StrReplaceAll(R"({
-  outputs = { self }: {
-    packages.x86_64-linux.default = derivation {
-      name = "NAME"; system = "x86_64-linux"; builder = "/bin/sh";
-      args = [ "-c" "SCRIPT" ];
-    };
-  };
-})",
-                             {{"NAME", name}, {"SCRIPT", script}});
-}
 
 bool Running(const std::string& marker) {
   auto p = RunCommand({.argv = {"pgrep", "-f", marker}, .extra_env = {}, .cwd = ""});
@@ -45,11 +32,12 @@ TEST(LogFloodE2eTest, ACancelReachesItsBuildWhileAnotherFloodsItsLog) {
   // ~200-byte lines, as fast as the shell writes them, for up to a few
   // minutes (it is cancelled at the end).
   WriteFileOrDie(work.Sub("flood/flake.nix"),
-                 Flake("flood", absl::StrCat("i=0; while [ $i -lt 5000000 ]; do echo flood ", nonce, " line $i ",
-                                             std::string(160, 'x'), "; i=$((i+1)); done")));
+                 testing::ShellFlake("flood", absl::StrCat("i=0; while [ $i -lt 5000000 ]; do echo flood ", nonce,
+                                                           " line $i ", std::string(160, 'x'), "; i=$((i+1)); done")));
   const std::string marker = absl::StrCat("kiln-flood-sleeper-", nonce);
-  WriteFileOrDie(work.Sub("sleeper/flake.nix"),
-                 Flake("sleeper", absl::StrCat("/bin/sh -c '/bin/sleep 300; : ", marker, "' & echo started; wait")));
+  WriteFileOrDie(
+      work.Sub("sleeper/flake.nix"),
+      testing::ShellFlake("sleeper", absl::StrCat("/bin/sh -c '/bin/sleep 300; : ", marker, "' & echo started; wait")));
 
   auto flood = farm.Kiln({"build", work.Sub("flood"), "--detach", "--json"});
   ASSERT_TRUE(flood.ok());
