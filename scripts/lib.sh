@@ -52,9 +52,13 @@ ensure_nix_config() {
 build_kiln() {
   log "building Kiln (CMake + Ninja, $KILN_BUILD)"
   # -g1: line tables and function names (profiles, backtraces) without
-  # variables' debug info, which was a fifth of the compile time.
+  # variables' debug info, which was a fifth of the compile time. A unity
+  # build (8 sources per unit) takes a third less again; the sanitizer build
+  # (scripts/sanitize) compiles every source on its own, so a missing
+  # include still fails CI.
   cmake -S "$KILN_ROOT" -B "$KILN_BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-    -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O2 -g1 -DNDEBUG" >/dev/null
+    -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O2 -g1 -DNDEBUG" \
+    -DCMAKE_UNITY_BUILD=ON -DCMAKE_UNITY_BUILD_BATCH_SIZE=8 >/dev/null
   ninja -C "$KILN_BUILD" -j "$(nproc)" | grep -v '^\[' || true
   [[ -x "$KILN_BUILD/bin/kiln" ]] || { echo "error: build failed" >&2; exit 1; }
 }
