@@ -17,9 +17,11 @@
 #include "absl/cleanup/cleanup.h"
 #include "absl/status/status.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "common/source_tree.h"
 #include "absl/strings/str_join.h"
@@ -305,6 +307,31 @@ int ProcessSupervisor::StopLeftovers(const std::string& ledger_dir, absl::Durati
     }
     std::filesystem::remove(entry.path(), ec);
   }
+  return TerminateGroups(stopping, grace);
+}
+
+int ProcessSupervisor::StopProcessesIn(const std::string& dir, const std::string& program, absl::Duration grace) {
+  const std::string prefix = absl::StrCat(absl::StripSuffix(dir, "/"), "/");
+  std::error_code ec;
+  std::vector<pid_t> stopping;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc", ec)) {
+    int pid = 0;
+    if (!absl::SimpleAtoi(entry.path().filename().string(), &pid) || pid <= 1 || pid == ::getpid()) continue;
+    std::error_code link_ec;
+    const std::string cwd = std::filesystem::read_symlink(entry.path() / "cwd", link_ec).string();
+    // Group leaders only (each child is one): their groups go with them.
+    if (link_ec || !absl::StartsWith(cwd, prefix) || ::getpgid(pid) != pid) continue;
+    std::string cmdline;
+    if (!ReadWholeFile((entry.path() / "cmdline").string(), cmdline).ok()) continue;
+    const std::string argv0 = cmdline.substr(0, cmdline.find('\0'));
+    if (std::filesystem::path(argv0).filename() != std::filesystem::path(program).filename()) continue;
+    ::kill(-pid, SIGTERM);
+    stopping.push_back(pid);
+  }
+  return TerminateGroups(stopping, grace);
+}
+
+int ProcessSupervisor::TerminateGroups(const std::vector<pid_t>& stopping, absl::Duration grace) {
   // No longer our children: watch for them to go, then make sure.
   const absl::Time deadline = absl::Now() + grace;
   while (absl::Now() < deadline) {

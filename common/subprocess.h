@@ -80,6 +80,10 @@ class ProcessSupervisor {
   // those still there after `grace`. Empties the ledger. Returns how many it
   // stopped. Linux only (elsewhere: 0).
   static int StopLeftovers(const std::string& ledger_dir, absl::Duration grace);
+  // Stops, likewise, the process groups whose leader runs `program` (by base
+  // name) in a directory inside `dir`: children a process was killed while
+  // starting, before it could list them in its ledger. Linux only.
+  static int StopProcessesIn(const std::string& dir, const std::string& program, absl::Duration grace);
 
   ProcessSupervisor(const ProcessSupervisor&) = delete;
   ProcessSupervisor& operator=(const ProcessSupervisor&) = delete;
@@ -100,6 +104,9 @@ class ProcessSupervisor {
   size_t Running() const ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
+  // SIGKILL for the groups of `stopping` whose leader outlives `grace`.
+  static int TerminateGroups(const std::vector<pid_t>& stopping, absl::Duration grace);
+
   struct Child;
   void Loop();
   void Wake();

@@ -55,12 +55,12 @@ kiln::v1::FodRef RefOf(const ClosureFod& c) {
   return ref;
 }
 
-std::vector<kiln::v1::FodOutcome> HarvestFods(const ClosureIndex& index, const NixLogParser& parser,
+std::vector<kiln::v1::FodOutcome> HarvestFods(const ClosureIndex& index, const NixRunReport& nix,
                                               absl::string_view source, const ValidPathsQuery& valid,
                                               kiln::v1::BuildResult& result, std::string* note) {
   std::vector<kiln::v1::FodOutcome> outcomes;
   absl::flat_hash_set<std::string> mismatched;
-  for (const HashMismatch& m : ParseHashMismatches(absl::StrJoin(parser.errors(), "\n"))) {
+  for (const HashMismatch& m : ParseHashMismatches(absl::StrJoin(nix.errors, "\n"))) {
     const ClosureFod* fod = index.Find(m.path);
     if (fod == nullptr) continue;
     mismatched.insert(fod->drv_path);
@@ -76,18 +76,18 @@ std::vector<kiln::v1::FodOutcome> HarvestFods(const ClosureIndex& index, const N
   }
   // The FODs whose build ended without a mismatch: verified if Nix now holds
   // their output (one that failed otherwise may have left a directory there).
-  std::vector<std::pair<const ClosureFod*, absl::Duration>> ended;
+  std::vector<std::pair<const ClosureFod*, double>> ended;
   std::vector<std::string> outputs;
-  for (const NixBuildActivity& b : parser.builds()) {
+  for (const NixRunReport::Built& b : nix.built) {
     const ClosureFod* fod = index.Find(b.drv_path);
-    if (fod == nullptr || !b.stopped) continue;
+    if (fod == nullptr) continue;
     if (mismatched.contains(fod->drv_path)) {
       for (auto& o : outcomes) {
-        if (o.fod().drv_path() == fod->drv_path) o.set_build_seconds(absl::ToDoubleSeconds(b.duration));
+        if (o.fod().drv_path() == fod->drv_path) o.set_build_seconds(b.seconds);
       }
       continue;
     }
-    ended.emplace_back(fod, b.duration);
+    ended.emplace_back(fod, b.seconds);
     outputs.push_back(fod->fod.output_path);
   }
   if (ended.empty()) return outcomes;
@@ -96,12 +96,12 @@ std::vector<kiln::v1::FodOutcome> HarvestFods(const ClosureIndex& index, const N
     if (note != nullptr) *note = absl::StrCat("FOD hashes not recorded: ", held.status().message());
     return outcomes;
   }
-  for (const auto& [fod, duration] : ended) {
+  for (const auto& [fod, seconds] : ended) {
     if (!held->contains(fod->fod.output_path)) continue;  // Failed for another reason.
     kiln::v1::FodOutcome& o = outcomes.emplace_back();
     *o.mutable_fod() = RefOf(*fod);
     o.set_got(fod->fod.declared.Sri());
-    o.set_build_seconds(absl::ToDoubleSeconds(duration));
+    o.set_build_seconds(seconds);
   }
   return outcomes;
 }

@@ -12,9 +12,9 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "common/derivation.h"
-#include "common/nix_log.h"
 #include "kiln/v1/fod.pb.h"
 #include "kiln/v1/types.pb.h"
+#include "worker/build_executor.h"
 
 namespace kiln {
 
@@ -48,7 +48,7 @@ kiln::v1::FodRef RefOf(const ClosureFod& c);
 // each one it built without one whose output Nix now holds (`valid`, asked
 // once). When `valid` fails, only the mismatches are returned and `note`
 // says why.
-std::vector<kiln::v1::FodOutcome> HarvestFods(const ClosureIndex& index, const NixLogParser& parser,
+std::vector<kiln::v1::FodOutcome> HarvestFods(const ClosureIndex& index, const NixRunReport& nix,
                                               absl::string_view source, const ValidPathsQuery& valid,
                                               kiln::v1::BuildResult& result, std::string* note);
 

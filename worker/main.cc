@@ -23,11 +23,13 @@
 #include "common/net.h"
 #include "common/subprocess.h"
 #include "common/tls.h"
+#include "worker/fod_checking_executor.h"
 #include "worker/fod_oracle.h"
 #include "push/layer_gzip.h"
 #include "worker/image_publisher.h"
-#include "worker/publishing_executor.h"
+#include "worker/local_store.h"
 #include "worker/nix_build_executor.h"
+#include "worker/publishing_executor.h"
 #include "worker/nix_system_info.h"
 #include "worker/source_cache.h"
 #include "worker/worker_agent.h"
@@ -187,7 +189,12 @@ int main(int argc, char** argv) {
   // outputs, and one waiting for its derivation on a named pipe would wait
   // forever: stop them before anything else.
   const std::string process_ledger_dir = options.work_dir + "/processes";
-  if (const int stopped = kiln::ProcessSupervisor::StopLeftovers(process_ledger_dir, absl::Seconds(10)); stopped > 0) {
+  // And any Nix a crash caught between starting it and listing it: it works
+  // in a build's directory.
+  if (const int stopped =
+          kiln::ProcessSupervisor::StopLeftovers(process_ledger_dir, absl::Seconds(10)) +
+          kiln::ProcessSupervisor::StopProcessesIn(options.work_dir + "/builds", flags.nix, absl::Seconds(10));
+      stopped > 0) {
     kiln::LogWarning("worker", "stopped ", stopped, " Nix process(es) left running by a previous run of this worker");
   }
   kiln::SweepSourceCacheLeftovers(options.work_dir);
@@ -269,7 +276,7 @@ int main(int argc, char** argv) {
   // FOD cache, and what builds find is recorded there.
   kiln::GrpcFodOracle fod_oracle(kiln::MakeChannel(options.coordinator, options.credentials, options.token),
                                  options.name);
-  nix.fods = &fod_oracle;
+  kiln::NixLocalStore local_store(nix.nix_binary, nix.options);
   nix.scratch_dir = options.work_dir;
   nix.process_ledger_dir = process_ledger_dir;
   kiln::RegistryPublisherOptions push_options;
@@ -282,11 +289,12 @@ int main(int argc, char** argv) {
   push_options.parallel = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   kiln::RegistryPublisher publisher(push_options, &metrics);
 
-  // The executor stack, innermost first: Nix, then image publishing. It
-  // outlives the agent: the agent's Stop() waits for the builds it cancels
-  // to report back through it.
+  // The executor stack, innermost first: Nix, FOD checks, image publishing.
+  // It outlives the agent: the agent's Stop() waits for the builds it
+  // cancels to report back through it.
   kiln::NixBuildExecutor nix_executor(nix);
-  kiln::PublishingExecutor executor(&nix_executor, &publisher);
+  kiln::FodCheckingExecutor fod_checking(&nix_executor, &fod_oracle, &local_store);
+  kiln::PublishingExecutor executor(&fod_checking, &publisher);
   kiln::WorkerAgent agent(options, &executor, &metrics);
   kiln::LogInfo("worker", options.name, ": ", options.max_jobs, " slot(s), ", nix.cores,
                 " core(s) per derivation, metrics on http://", (*metrics_server)->address(), "/metrics, coordinator ",

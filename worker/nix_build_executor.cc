@@ -23,28 +23,17 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
-#include "common/derivation.h"
 #include "common/grpc_util.h"
-#include "common/hash_mismatch.h"
 #include "common/installable.h"
-#include "worker/fod_outcomes.h"
-#include "worker/nix_store_validity.h"
 #include "common/status_macros.h"
 
 namespace kiln {
-
-using kiln::v1::FodVerdict;
-
 namespace {
 
 // How many of the last output lines explain a failure when Nix printed no
 // error message of its own (e.g. it was killed).
 constexpr size_t kTailLines = 20;
 constexpr absl::Duration kCancelGrace = absl::Seconds(10);
-
-std::string FormatTime(const google::protobuf::Timestamp& t) {
-  return absl::FormatTime("%Y-%m-%d %H:%M UTC", FromProtoTime(t), absl::UTCTimeZone());
-}
 
 }  // namespace
 
@@ -54,39 +43,26 @@ struct NixBuildExecutor::Run {
   LineCallback on_line;
   DoneCallback on_done;
   absl::Time started;
-  // Both guarded by the executor's mu_.
+  // All three guarded by the executor's mu_.
   bool cancelled = false;
-  int slots = 0;                                        // Its grant of derivation slots; 0 until its first build.
+  int slots = 0;                                        // Its share of derivation slots; 0 until its first build.
+  bool granted = false;                                 // `slots` were granted to it (not shared with another build).
   std::vector<ProcessSupervisor::ProcessId> processes;  // Running now.
+
+  // Whether it takes derivation slots of its own (evaluations take none).
+  bool NeedsSlots() const { return request.step != BuildRequest::Step::kEvaluate && request.share_slots_of == 0; }
 };
 
 NixBuildExecutor::~NixBuildExecutor() {
-  {
-    absl::MutexLock lock(&mu_);
-    for (auto& [id, run] : runs_) {
-      run->cancelled = true;
-      for (ProcessSupervisor::ProcessId p : run->processes) supervisor_.Terminate(p, kCancelGrace);
-    }
-    mu_.Await(absl::Condition(
-        +[](absl::flat_hash_map<BuildId, std::shared_ptr<Run>>* runs) { return runs->empty(); }, &runs_));
+  absl::MutexLock lock(&mu_);
+  for (auto& [id, run] : runs_) {
+    run->cancelled = true;
+    if (run->request.hand_over != nullptr) run->request.hand_over->Withdraw();
+    for (ProcessSupervisor::ProcessId p : run->processes) supervisor_.Terminate(p, kCancelGrace);
   }
-  // Every build's thread has done its work; let them return before the
-  // state they were using goes.
-  JoinEndedThreads();
-}
-
-void NixBuildExecutor::JoinEndedThreads() {
-  std::vector<std::thread> ended;
-  {
-    absl::MutexLock lock(&mu_);
-    for (BuildId id : ended_) {
-      auto it = threads_.find(id);
-      ended.push_back(std::move(it->second));
-      threads_.erase(it);
-    }
-    ended_.clear();
-  }
-  for (std::thread& t : ended) t.join();
+  mu_.Await(absl::Condition(
+      +[](absl::flat_hash_map<BuildId, std::shared_ptr<Run>>* runs) { return runs->empty(); }, &runs_));
+  // What remains of each build's thread returns at once; threads_ joins them.
 }
 
 int NixMaxJobsGrant(int max_jobs, int granted, int waiting) {
@@ -97,12 +73,17 @@ int DefaultCoresPerDerivation(int cpus, int max_jobs) { return std::max(1, cpus 
 
 int NixBuildExecutor::SlotsOf(Run& run) {
   absl::MutexLock lock(&mu_);
-  if (run.slots == 0) {
-    const int waiting = static_cast<int>(
-        std::count_if(runs_.begin(), runs_.end(), [](const auto& entry) { return entry.second->slots == 0; }));
-    run.slots = NixMaxJobsGrant(options_.max_jobs, granted_slots_, waiting);
-    granted_slots_ += run.slots;
+  if (run.slots > 0) return run.slots;
+  if (run.request.share_slots_of != 0) {
+    auto owner = runs_.find(run.request.share_slots_of);
+    if (owner != runs_.end() && owner->second->slots > 0) return run.slots = owner->second->slots;
   }
+  const int waiting = static_cast<int>(std::count_if(runs_.begin(), runs_.end(), [](const auto& entry) {
+    return entry.second->slots == 0 && entry.second->NeedsSlots();
+  }));
+  run.slots = NixMaxJobsGrant(options_.max_jobs, granted_slots_, std::max(1, waiting));
+  run.granted = true;
+  granted_slots_ += run.slots;
   return run.slots;
 }
 
@@ -123,6 +104,7 @@ std::vector<std::string> NixBuildExecutor::NixArgv(absl::string_view command, in
 std::vector<std::string> NixBuildExecutor::BuildArgv(const BuildRequest& request, int max_jobs) const {
   std::vector<std::string> argv = NixArgv("build", max_jobs);
   argv.insert(argv.end(), {"--json", "--no-link"});
+  if (request.keep_going) argv.push_back("--keep-going");
   if (request.spec.has_timeout() && request.spec.timeout().seconds() > 0) {
     argv.insert(argv.end(), {"--timeout", absl::StrCat(request.spec.timeout().seconds())});
   }
@@ -137,7 +119,16 @@ std::vector<std::string> NixBuildExecutor::BuildArgv(const BuildRequest& request
 
 absl::StatusOr<BuildExecutor::BuildId> NixBuildExecutor::Start(const BuildRequest& request, LineCallback on_line,
                                                                DoneCallback on_done) {
-  RETURN_IF_ERROR(ValidateAttrPath(request.attr));
+  if (request.step == BuildRequest::Step::kDerivations) {
+    if (request.drv_paths.empty()) return absl::InvalidArgumentError("no derivations to build");
+    for (const std::string& drv : request.drv_paths) {
+      if (!absl::StartsWith(drv, "/") || !absl::EndsWith(drv, ".drv")) {
+        return absl::InvalidArgumentError(absl::StrCat("not a derivation: '", drv, "'"));
+      }
+    }
+  } else {
+    RETURN_IF_ERROR(ValidateAttrPath(request.attr));
+  }
   if (request.flake_dir.empty() || request.flake_dir[0] != '/') {
     return absl::InvalidArgumentError("flake directory must be absolute");
   }
@@ -146,15 +137,15 @@ absl::StatusOr<BuildExecutor::BuildId> NixBuildExecutor::Start(const BuildReques
   run->on_line = std::move(on_line);
   run->on_done = std::move(on_done);
   run->started = absl::Now();
-  JoinEndedThreads();
-  absl::MutexLock lock(&mu_);
-  run->id = next_id_++;
-  runs_[run->id] = run;
-  // A thread per build: its steps wait on Nix and on the coordinator in
-  // turn. Joined once it has ended (by a later Start or the destructor), so
-  // none runs on after the executor.
-  threads_.emplace(run->id, std::thread([this, run] { Execute(run); }));
-  return run->id;
+  BuildId id;
+  {
+    absl::MutexLock lock(&mu_);
+    id = run->id = next_id_++;
+    runs_[id] = run;
+  }
+  // A thread per build: it waits on Nix (and on a hand-over) in turn.
+  threads_.Start(id, [this, run] { Execute(run); });
+  return id;
 }
 
 void NixBuildExecutor::Cancel(BuildId id) {
@@ -164,38 +155,8 @@ void NixBuildExecutor::Cancel(BuildId id) {
   auto it = runs_.find(id);
   if (it == runs_.end()) return;
   it->second->cancelled = true;
+  if (it->second->request.hand_over != nullptr) it->second->request.hand_over->Withdraw();
   for (ProcessSupervisor::ProcessId p : it->second->processes) supervisor_.Terminate(p, kCancelGrace);
-}
-
-void NixBuildExecutor::Record(Run& run, const std::vector<kiln::v1::FodOutcome>& outcomes) {
-  if (outcomes.empty()) return;
-  // The cache learns less; the build's own result stands.
-  if (absl::Status s = options_.fods->Record(outcomes, run.request.job_id); !s.ok()) {
-    Line(run, absl::StrCat("could not record FOD results: ", s.message()));
-  }
-}
-
-absl::StatusOr<absl::flat_hash_set<std::string>> NixBuildExecutor::ValidPaths(
-    const std::vector<std::string>& paths) const {
-  return QueryValidPaths(NixStoreBinaryBeside(options_.nix_binary), options_.options, paths);
-}
-
-std::vector<kiln::v1::FodOutcome> NixBuildExecutor::Harvest(Run& run, const ClosureIndex& index,
-                                                            const NixLogParser& parser, absl::string_view source,
-                                                            kiln::v1::BuildResult& result) {
-  std::string note;
-  std::vector<kiln::v1::FodOutcome> outcomes = HarvestFods(
-      index, parser, source, [this](const std::vector<std::string>& paths) { return ValidPaths(paths); }, result,
-      &note);
-  if (!note.empty()) Line(run, note);
-  return outcomes;
-}
-
-void NixBuildExecutor::Line(Run& run, absl::string_view text) {
-  kiln::v1::LogLine line;
-  line.set_text(absl::StrCat("kiln: ", text));
-  *line.mutable_time() = ToProtoTime(absl::Now());
-  run.on_line(std::move(line));
 }
 
 bool NixBuildExecutor::StartNix(Run& run, const std::vector<std::string>& argv, NixRun& out) {
@@ -313,118 +274,127 @@ absl::Status NixBuildExecutor::HandOver(const std::string& fifo, NixRun& build, 
   return HandOverText(fifo, build.exited, text);
 }
 
-void NixBuildExecutor::ComputeFods(Run& run, const std::vector<ClosureFod>& fods, const ClosureIndex& index,
-                                   kiln::v1::BuildResult& result) {
-  // The FODs asked for; those whose output is here are rebuilt (Nix would
-  // otherwise trust them), the others built.
-  std::vector<const ClosureFod*> targets;
-  std::vector<std::string> held, missing;
-  for (const std::string& drv : run.request.spec.fod_task().drv_paths()) {
-    const ClosureFod* fod = index.Find(drv);
-    if (fod == nullptr || fod->drv_path != drv) {
-      result.set_code(kiln::v1::RESULT_CODE_BUILD_FAILED);
-      result.set_error_message(absl::StrCat(drv, " is not a fixed-output derivation of this closure"));
-      return;
-    }
-    targets.push_back(fod);
+absl::StatusOr<std::string> NixBuildExecutor::DerivationPrinted(absl::string_view printed) {
+  std::vector<absl::string_view> lines = absl::StrSplit(printed, '\n', absl::SkipWhitespace());
+  const std::string drv = lines.empty() ? "" : std::string(absl::StripAsciiWhitespace(lines.back()));
+  const bool plain_path = std::all_of(drv.begin(), drv.end(), [](char c) {
+    return absl::ascii_isalnum(c) || (c != '\0' && std::strchr("/+._?=-", c) != nullptr);
+  });
+  if (!absl::StartsWith(drv, "/") || !absl::EndsWith(drv, ".drv") || !plain_path) {
+    return absl::InternalError(
+        absl::StrCat("nix path-info --derivation printed no derivation: '", printed.substr(0, 200), "'"));
   }
-  // Nix decides what is here: a directory a failed or interrupted build left
-  // at the output path is not (`--rebuild` would refuse it; a build replaces
-  // it).
-  std::vector<std::string> outputs;
-  for (const ClosureFod* fod : targets) outputs.push_back(fod->fod.output_path);
-  absl::StatusOr<absl::flat_hash_set<std::string>> valid = ValidPaths(outputs);
-  if (!valid.ok()) {
-    result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
-    result.set_error_message(std::string(valid.status().message()));
-    return;
-  }
-  for (const ClosureFod* fod : targets) {
-    (valid->contains(fod->fod.output_path) ? held : missing).push_back(fod->drv_path);
-  }
-  std::vector<kiln::v1::FodOutcome> outcomes;
-  kiln::v1::BuildResult found;
-  std::vector<std::string> errors;
-  for (const auto* group : {&held, &missing}) {
-    if (group->empty()) continue;
-    NixRun nix;
-    std::vector<std::string> argv = NixArgv("build", SlotsOf(run));
-    argv.insert(argv.end(), {"--keep-going", "--no-link"});
-    if (group == &held) argv.push_back("--rebuild");
-    argv.insert(argv.end(), group->begin(), group->end());
-    Line(run, absl::StrCat(group == &held ? "rebuilding " : "building ", group->size(),
-                           " fixed-output derivation(s) to compute their hashes"));
-    RunNix(run, argv, nix);
-    if (nix.cancelled) return;
-    std::vector<kiln::v1::FodOutcome> got = Harvest(run, index, nix.parser, "build", found);
-    outcomes.insert(outcomes.end(), got.begin(), got.end());
-    for (const std::string& e : nix.parser.errors()) {
-      if (ParseHashMismatches(e).empty()) errors.push_back(e);
-    }
-  }
-  Record(run, outcomes);
-  bool all = true;
-  for (const ClosureFod* fod : targets) {
-    kiln::v1::FodReport* r = result.add_fod_reports();
-    *r = ReportOf(*fod);
-    for (const auto& o : outcomes) {
-      if (o.fod().drv_path() == fod->drv_path) r->set_correct(o.got());
-    }
-    r->set_verdict(r->correct().empty() ? "failed" : "computed");
-    r->set_source("computed");
-    r->set_computed_by_job(run.request.job_id);
-    all = all && !r->correct().empty();
-  }
-  result.set_code(all ? kiln::v1::RESULT_CODE_SUCCEEDED : kiln::v1::RESULT_CODE_BUILD_FAILED);
-  if (!all)
-    result.set_error_message(errors.empty() ? "a fixed-output derivation failed to build"
-                                            : absl::StrJoin(errors, "\n"));
+  return drv;
 }
 
-void NixBuildExecutor::Execute(const std::shared_ptr<Run>& run) {
-  kiln::v1::BuildResult result;
-  if (options_.fods == nullptr && run->request.spec.fod_task().mode() != kiln::v1::FodTask::MODE_BUILD) {
+void NixBuildExecutor::Evaluate(Run& run, kiln::v1::BuildResult& result) {
+  NixRun eval;
+  std::vector<std::string> argv = NixArgv("path-info");
+  argv.push_back("--derivation");
+  argv.push_back(absl::StrCat("path:", run.request.flake_dir, "#", run.request.attr));
+  RunNix(run, argv, eval);
+  if (eval.cancelled) return;
+  if (!eval.exit.Success()) return SetFailure(eval.exit, eval.parser, eval.tail_text, result);
+  absl::StatusOr<std::string> drv = DerivationPrinted(eval.stdout_data);
+  if (!drv.ok()) {
     result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
-    result.set_error_message("this worker has no FOD cache to work with");
-  } else if (options_.fods == nullptr) {
-    NixRun build;
-    RunNix(*run, BuildArgv(run->request, SlotsOf(*run)), build);
-    if (!build.cancelled) {
+    result.set_error_message(std::string(drv.status().message()));
+    return;
+  }
+  result.set_code(kiln::v1::RESULT_CODE_SUCCEEDED);
+  result.set_drv_path(*drv);
+}
+
+void NixBuildExecutor::BuildHandedOver(Run& run, NixRun& build, kiln::v1::BuildResult& result) {
+  std::string dir = (std::filesystem::path(options_.scratch_dir) / "kiln-build-XXXXXX").string();
+  if (::mkdtemp(dir.data()) == nullptr) {
+    result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
+    result.set_error_message(
+        absl::StrCat("cannot make a directory in ", options_.scratch_dir, ": ", std::strerror(errno)));
+    return;
+  }
+  const std::string fifo = dir + "/drv.nix";
+  if (::mkfifo(fifo.c_str(), 0600) != 0) {
+    result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
+    result.set_error_message(absl::StrCat("cannot make ", fifo, ": ", std::strerror(errno)));
+  } else {
+    // The installable's place takes the pipe: Nix builds what it reads there.
+    std::vector<std::string> argv = BuildArgv(run.request, SlotsOf(run));
+    argv.back() = "--file";
+    argv.push_back(fifo);
+    build.forward_lines.store(false);  // Nothing to show until handed over.
+    StartNix(run, argv, build);
+    const std::optional<std::string> drv = run.request.hand_over->Await();
+    absl::Status handed = absl::CancelledError("no derivation was handed over");
+    if (drv.has_value()) {
+      handed = DerivationPrinted(*drv).status();
+      if (handed.ok()) handed = HandOver(fifo, build, absl::StrCat("import ", *drv, "\n"));
+    }
+    if (!handed.ok() && build.started && !build.exited.HasBeenNotified() && !build.forward_lines.load()) {
+      supervisor_.Kill(build.id);  // Still waiting on the pipe.
+    }
+    WaitNix(run, build);
+    if (build.cancelled) {
+      // Execute says so.
+    } else if (handed.ok()) {
       if (build.exit.Success()) {
         SetBuilt(build.stdout_data, result);
       } else {
         SetFailure(build.exit, build.parser, build.tail_text, result);
       }
-    }
-  } else {
-    // Step 5's process starts now and waits on a named pipe (see the header).
-    std::string dir = (std::filesystem::path(options_.scratch_dir) / "kiln-build-XXXXXX").string();
-    if (::mkdtemp(dir.data()) == nullptr) {
-      result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
-      result.set_error_message(
-          absl::StrCat("cannot make a directory in ", options_.scratch_dir, ": ", std::strerror(errno)));
+    } else if (absl::IsCancelled(handed)) {
+      result.set_code(kiln::v1::RESULT_CODE_CANCELLED);
+      result.set_error_message(std::string(handed.message()));
+    } else if (!build.exit.Success()) {
+      SetFailure(build.exit, build.parser, build.tail_text, result);  // Why it ended before it was handed over.
     } else {
-      const std::string fifo = dir + "/drv.nix";
-      NixRun build;
-      if (::mkfifo(fifo.c_str(), 0600) != 0) {
-        result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
-        result.set_error_message(absl::StrCat("cannot make ", fifo, ": ", std::strerror(errno)));
+      result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
+      result.set_error_message(std::string(handed.message()));
+    }
+  }
+  std::error_code ec;
+  std::filesystem::remove_all(dir, ec);
+}
+
+void NixBuildExecutor::Execute(const std::shared_ptr<Run>& run) {
+  kiln::v1::BuildResult result;
+  NixRun nix;  // The run whose messages the report gives.
+  const BuildRequest& request = run->request;
+  switch (request.step) {
+    case BuildRequest::Step::kEvaluate: Evaluate(*run, result); break;
+    case BuildRequest::Step::kDerivations: {
+      std::vector<std::string> argv = NixArgv("build", SlotsOf(*run));
+      argv.push_back("--no-link");
+      if (request.keep_going) argv.push_back("--keep-going");
+      if (request.rebuild) argv.push_back("--rebuild");
+      argv.insert(argv.end(), request.drv_paths.begin(), request.drv_paths.end());
+      RunNix(*run, argv, nix);
+      if (nix.cancelled) break;
+      if (nix.exit.Success()) {
+        result.set_code(kiln::v1::RESULT_CODE_SUCCEEDED);
       } else {
-        std::vector<std::string> argv = BuildArgv(run->request, SlotsOf(*run));
-        argv.back() = "--keep-going";
-        argv.insert(argv.end(), {"--file", fifo});
-        build.forward_lines.store(false);  // Nothing to show until handed over.
-        // FOD tasks build no .drv of their own: no process to wait for one.
-        if (run->request.spec.fod_task().mode() == kiln::v1::FodTask::MODE_BUILD) StartNix(*run, argv, build);
-        BuildWithFodChecks(*run, build, fifo, result);
-        if (build.started && !build.exited.HasBeenNotified() && build.forward_lines.load() == false) {
-          // Never handed a derivation: it is still waiting on the pipe.
-          supervisor_.Kill(build.id);
-        }
-        WaitNix(*run, build);
+        SetFailure(nix.exit, nix.parser, nix.tail_text, result);
       }
-      std::error_code ec;
-      std::filesystem::remove_all(dir, ec);
+      break;
+    }
+    case BuildRequest::Step::kFlakeAttr:
+      if (request.hand_over != nullptr) {
+        BuildHandedOver(*run, nix, result);
+        break;
+      }
+      RunNix(*run, BuildArgv(request, SlotsOf(*run)), nix);
+      if (nix.cancelled) break;
+      if (nix.exit.Success()) {
+        SetBuilt(nix.stdout_data, result);
+      } else {
+        SetFailure(nix.exit, nix.parser, nix.tail_text, result);
+      }
+      break;
+  }
+  if (request.report != nullptr) {
+    request.report->errors = nix.parser.errors();
+    for (const NixBuildActivity& b : nix.parser.builds()) {
+      if (b.stopped) request.report->built.push_back({b.drv_path, absl::ToDoubleSeconds(b.duration)});
     }
   }
   bool cancelled;
@@ -440,170 +410,8 @@ void NixBuildExecutor::Execute(const std::shared_ptr<Run>& run) {
   *result.mutable_build_duration() = ToProtoDuration(absl::Now() - run->started);
   std::move(run->on_done)(std::move(result));
   absl::MutexLock lock(&mu_);
-  granted_slots_ -= run->slots;
+  if (run->granted) granted_slots_ -= run->slots;
   runs_.erase(run->id);
-  ended_.push_back(run->id);
-}
-
-void NixBuildExecutor::BuildWithFodChecks(Run& run, NixRun& build, const std::string& fifo,
-                                          kiln::v1::BuildResult& result) {
-  FodOracle* const oracle = options_.fods;
-  const std::string& job_id = run.request.job_id;
-
-  // 1. Evaluate once: the .drv, and with it the closure's .drv files.
-  NixRun eval;
-  std::vector<std::string> eval_argv = NixArgv("path-info");
-  eval_argv.push_back("--derivation");
-  eval_argv.push_back(absl::StrCat("path:", run.request.flake_dir, "#", run.request.attr));
-  RunNix(run, eval_argv, eval);
-  if (eval.cancelled) return;
-  if (!eval.exit.Success()) return SetFailure(eval.exit, eval.parser, eval.tail_text, result);
-  std::vector<absl::string_view> printed = absl::StrSplit(eval.stdout_data, '\n', absl::SkipWhitespace());
-  const std::string drv = printed.empty() ? "" : std::string(absl::StripAsciiWhitespace(printed.back()));
-  // It becomes part of a Nix expression (`import DRV`): a store path only.
-  const bool plain_path = std::all_of(drv.begin(), drv.end(), [](char c) {
-    return absl::ascii_isalnum(c) || (c != '\0' && std::strchr("/+._?=-", c) != nullptr);
-  });
-  if (!absl::StartsWith(drv, "/") || !absl::EndsWith(drv, ".drv") || !plain_path) {
-    result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
-    result.set_error_message(
-        absl::StrCat("nix path-info --derivation printed no derivation: '", eval.stdout_data.substr(0, 200), "'"));
-    return;
-  }
-
-  // 2. The closure's FODs, looked up in one call. Kiln's own trouble here
-  // (an unreadable .drv, the cache unreachable) never stops a build.
-  std::vector<ClosureFod> fods;
-  if (absl::StatusOr<std::vector<ClosureFod>> found = FixedOutputsOfClosure(drv); found.ok()) {
-    fods = *std::move(found);
-  } else {
-    Line(run, absl::StrCat("FOD checks skipped: ", found.status().message()));
-  }
-  std::vector<FodVerdict> verdicts;
-  if (!fods.empty()) {
-    std::vector<kiln::v1::FodRef> refs;
-    for (const ClosureFod& f : fods) refs.push_back(RefOf(f));
-    if (absl::StatusOr<std::vector<FodVerdict>> v = oracle->Check(refs, job_id); v.ok()) {
-      verdicts = *std::move(v);
-    } else {
-      Line(run, absl::StrCat("FOD cache unavailable (", v.status().message(), "); building without FOD checks"));
-    }
-  }
-  const ClosureIndex index(fods);
-  switch (run.request.spec.fod_task().mode()) {
-    case kiln::v1::FodTask::MODE_SCAN: return ReportFods(fods, verdicts, result);
-    case kiln::v1::FodTask::MODE_COMPUTE: return ComputeFods(run, fods, index, result);
-    default: break;
-  }
-
-  // 3. Hashes the cache knows to be wrong: fail now, build nothing.
-  std::vector<size_t> suspects;
-  size_t counts[5] = {0, 0, 0, 0, 0};
-  std::vector<std::string> messages;
-  for (size_t i = 0; i < verdicts.size(); ++i) {
-    const FodVerdict& v = verdicts[i];
-    ++counts[std::min<size_t>(static_cast<size_t>(v.kind()), 4)];
-    if (v.kind() == FodVerdict::KIND_WRONG) {
-      kiln::v1::HashMismatch* m = result.add_hash_mismatches();
-      m->set_drv_path(fods[i].drv_path);
-      m->set_name(fods[i].fod.name);
-      m->set_specified(fods[i].fod.declared.Sri());
-      m->set_got(v.entry().hash());
-      m->set_source("cache");
-      m->set_computed_by_job(v.entry().computed_by_job());
-      m->set_computed_by_worker(v.entry().computed_by_worker());
-      messages.push_back(DescribeMismatch(*m, FormatTime(v.entry().first_computed())));
-    } else if (v.kind() == FodVerdict::KIND_SUSPECT_STALE) {
-      suspects.push_back(i);
-    }
-  }
-  // Only a suspect whose output Nix holds needs a check of its own: the
-  // build below computes and checks the others (and replaces what a failed
-  // build may have left at their paths).
-  if (!suspects.empty()) {
-    std::vector<std::string> outputs;
-    for (size_t i : suspects) outputs.push_back(fods[i].fod.output_path);
-    absl::StatusOr<absl::flat_hash_set<std::string>> valid = ValidPaths(outputs);
-    if (!valid.ok()) {
-      result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
-      result.set_error_message(std::string(valid.status().message()));
-      return;
-    }
-    std::erase_if(suspects, [&](size_t i) { return !valid->contains(fods[i].fod.output_path); });
-  }
-  for (const ClosureFod& f : fods) {
-    if (TakesWholeFlakeSource(f)) {
-      Line(run, absl::StrCat("note: FOD '", f.fod.name, "' takes the whole flake source as an input: every edit of ",
-                             "the flake changes its inputs and needs its hash computed again; give it only the ",
-                             "files it needs (e.g. the lockfile)"));
-    }
-  }
-  if (!verdicts.empty()) {
-    Line(run,
-         absl::StrCat(verdicts.size(), " fixed-output derivation(s) checked against the FOD cache: ",
-                      counts[FodVerdict::KIND_RIGHT], " right, ", counts[FodVerdict::KIND_WRONG], " wrong, ",
-                      counts[FodVerdict::KIND_SUSPECT_STALE], " suspect, ", counts[FodVerdict::KIND_NONDETERMINISTIC],
-                      " nondeterministic, ", counts[FodVerdict::KIND_UNKNOWN], " unknown"));
-  }
-  if (!messages.empty()) {
-    for (const auto& m : result.hash_mismatches()) {
-      Line(run, absl::StrCat("FOD '", m.name(), "' declares ", m.specified(), "; its inputs produce ", m.got(),
-                             " (known from the FOD cache: not built)"));
-    }
-    result.set_code(kiln::v1::RESULT_CODE_BUILD_FAILED);
-    result.set_error_message(absl::StrJoin(messages, "\n"));
-    return;
-  }
-
-  // 4. Suspected stale hashes whose output is here: rebuild to verify.
-  if (!suspects.empty()) {
-    NixRun check;
-    std::vector<std::string> argv = NixArgv("build", SlotsOf(run));
-    argv.insert(argv.end(), {"--rebuild", "--keep-going", "--no-link"});
-    for (size_t i : suspects) {
-      Line(run, absl::StrCat("verifying '", fods[i].fod.name, "': its hash ", fods[i].fod.declared.Sri(),
-                             " was computed for other inputs (job ", verdicts[i].stale_source().computed_by_job(),
-                             "); rebuilding the output held here"));
-      argv.push_back(fods[i].drv_path);
-    }
-    RunNix(run, argv, check);
-    if (check.cancelled) return;
-    std::vector<kiln::v1::FodOutcome> outcomes = Harvest(run, index, check.parser, "check", result);
-    Record(run, outcomes);
-    if (result.hash_mismatches_size() > 0) {
-      for (const auto& m : result.hash_mismatches()) messages.push_back(DescribeMismatch(m, ""));
-      result.set_code(kiln::v1::RESULT_CODE_BUILD_FAILED);
-      result.set_error_message(absl::StrJoin(messages, "\n"));
-      return;
-    }
-    if (!check.exit.Success()) return SetFailure(check.exit, check.parser, check.tail_text, result);
-  }
-
-  // 5. The build itself, of the .drv evaluated above: hand it to the
-  // waiting `nix build`.
-  if (absl::Status s = HandOver(fifo, build, absl::StrCat("import ", drv, "\n")); !s.ok()) {
-    WaitNix(run, build);
-    if (build.cancelled) return;
-    if (!build.exit.Success()) return SetFailure(build.exit, build.parser, build.tail_text, result);
-    result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
-    result.set_error_message(std::string(s.message()));
-    return;
-  }
-  WaitNix(run, build);
-  if (build.cancelled) return;
-  kiln::v1::BuildResult harvested;
-  std::vector<kiln::v1::FodOutcome> outcomes = Harvest(run, index, build.parser, "build", harvested);
-  if (build.exit.Success()) {
-    SetBuilt(build.stdout_data, result);
-  } else {
-    SetFailure(build.exit, build.parser, build.tail_text, result);
-  }
-  // 6. What the build taught the cache.
-  Record(run, outcomes);
-  for (const auto& m : harvested.hash_mismatches()) {
-    *result.add_hash_mismatches() = m;
-    absl::StrAppend(result.mutable_error_message(), "\n", FixLine(m));
-  }
 }
 
 }  // namespace kiln

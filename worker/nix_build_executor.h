@@ -1,22 +1,15 @@
-// NixBuildExecutor: BuildExecutor that runs real Nix as child process groups
-// (never through a shell), turns its internal-json log into lines and its
-// --json output into the result.
+// NixBuildExecutor: the innermost BuildExecutor, and the only one that runs
+// Nix. Nix runs as child process groups (never through a shell); its
+// internal-json log becomes lines and its --json output the result.
 //
-// With a FodOracle (the fleet's FOD hash cache) a build goes in steps:
-//   1. nix path-info --derivation path:DIR#ATTR     evaluate once
-//   2. read the closure's .drv files; look up every FOD in one call
-//   3. a FOD the cache knows to be declared wrong (fake or stale hash) fails
-//      the build at once, naming the right hash; nothing is built
-//   4. a FOD suspected stale (its hash was computed for older inputs) whose
-//      output this worker held is rebuilt (`nix build --rebuild`) to verify
-//   5. the build of the evaluated .drv, with --keep-going
-//   6. every FOD built, and every hash mismatch Nix reported, is recorded
-// Nix takes ~20 ms to start (it loads ~60 shared libraries). So that steps 1
-// and 5 do not pay it one after the other, step 5's `nix build -f FIFO` is
-// started with step 1 and waits on a named pipe until it is handed
-// `import /nix/store/….drv` (Nix's own way to turn a .drv into a value), or
-// is stopped when the build ends earlier.
-// Without an oracle, a build is the single `nix build path:DIR#ATTR`.
+// Besides the job's `nix build path:DIR#ATTR` it runs the steps the layers
+// above ask for (BuildRequest::step): an evaluation (`nix path-info
+// --derivation`), a build of given .drv files (`--rebuild` to check held
+// outputs), and a build whose derivation is handed over later: Nix takes
+// ~20 ms to start (it loads ~60 shared libraries), so that build's
+// `nix build --file FIFO` starts at once and waits on a named pipe until it
+// is handed `import /nix/store/….drv` (Nix's own way to turn a .drv into a
+// value), or is stopped when the hand-over is withdrawn.
 #pragma once
 
 #include <atomic>
@@ -35,11 +28,9 @@
 #include "common/nix_log.h"
 #include "common/subprocess.h"
 #include "worker/build_executor.h"
-#include "worker/fod_oracle.h"
+#include "worker/build_threads.h"
 
 namespace kiln {
-
-class ClosureIndex;  // The FODs of one closure, by path.
 
 struct NixOptions {
   std::string nix_binary = "nix";
@@ -51,9 +42,7 @@ struct NixOptions {
   int cores = 0;
   // Passed as `--option NAME VALUE` to every build, e.g. {"substituters", ""}.
   std::vector<std::pair<std::string, std::string>> options;
-  // The FOD hash cache; nullptr: builds run without FOD checks.
-  FodOracle* fods = nullptr;
-  // Where the named pipes of step 5 are made.
+  // Where the named pipes of handed-over builds are made.
   std::string scratch_dir = "/tmp";
   // Where the running Nix processes are listed (see ProcessSupervisor), so
   // that a worker started after a crash stops what the last one left
@@ -79,6 +68,10 @@ class NixBuildExecutor final : public BuildExecutor {
   // Cancels what still runs and waits for every build's thread to end.
   ~NixBuildExecutor() override;
 
+  // The first path `nix path-info --derivation` printed, when it is a plain
+  // .drv store path (it becomes part of a Nix expression: `import DRV`).
+  static absl::StatusOr<std::string> DerivationPrinted(absl::string_view printed);
+
   absl::StatusOr<BuildId> Start(const BuildRequest& request, LineCallback on_line, DoneCallback on_done) override
       ABSL_LOCKS_EXCLUDED(mu_);
   void Cancel(BuildId id) override ABSL_LOCKS_EXCLUDED(mu_);
@@ -102,12 +95,13 @@ class NixBuildExecutor final : public BuildExecutor {
     ProcessSupervisor::ProcessId id = 0;
     absl::Notification exited;
     std::deque<std::string> tail;
-    std::atomic<bool> forward_lines{true};  // Step 5's: only once handed over.
+    std::atomic<bool> forward_lines{true};  // A handed-over build's: only once handed over.
   };
 
   // `max_jobs` > 0: a command that builds, given `--max-jobs` and `--cores`.
   std::vector<std::string> NixArgv(absl::string_view command, int max_jobs = 0) const;
-  // The build's share of the derivation slots, granted on its first call.
+  // The build's share of the derivation slots, granted on its first call
+  // (or the share of the build it runs for, BuildRequest::share_slots_of).
   int SlotsOf(Run& run) ABSL_LOCKS_EXCLUDED(mu_);
   // Starts one Nix command for `run`, its log going to the build's lines;
   // false (with `out` saying why) when it did not start.
@@ -116,25 +110,12 @@ class NixBuildExecutor final : public BuildExecutor {
   void WaitNix(Run& run, NixRun& out) ABSL_LOCKS_EXCLUDED(mu_);
   void RunNix(Run& run, const std::vector<std::string>& argv, NixRun& out) ABSL_LOCKS_EXCLUDED(mu_);
   void Execute(const std::shared_ptr<Run>& run) ABSL_LOCKS_EXCLUDED(mu_);
-  // Joins the threads of builds that have ended.
-  void JoinEndedThreads() ABSL_LOCKS_EXCLUDED(mu_);
-  // Steps 1–6 above; `build` is step 5's process, started already and
-  // waiting on the named pipe `fifo`.
-  void BuildWithFodChecks(Run& run, NixRun& build, const std::string& fifo, kiln::v1::BuildResult& result);
-  // FodTask::MODE_COMPUTE: builds the FODs asked for and reports their hashes.
-  void ComputeFods(Run& run, const std::vector<ClosureFod>& fods, const ClosureIndex& index,
-                   kiln::v1::BuildResult& result);
-  // Gives step 5's process its input.
+  // BuildRequest::Step::kEvaluate.
+  void Evaluate(Run& run, kiln::v1::BuildResult& result);
+  // kFlakeAttr with a hand-over; the last Nix run goes in `build`.
+  void BuildHandedOver(Run& run, NixRun& build, kiln::v1::BuildResult& result);
+  // Gives a waiting build its input.
   absl::Status HandOver(const std::string& fifo, NixRun& build, absl::string_view text);
-  void Line(Run& run, absl::string_view text);
-  // The valid store paths among `paths`, asked of Nix in one call.
-  absl::StatusOr<absl::flat_hash_set<std::string>> ValidPaths(const std::vector<std::string>& paths) const;
-  // HarvestFods with ValidPaths; says on the build's log when it could not
-  // tell which outputs are valid.
-  std::vector<kiln::v1::FodOutcome> Harvest(Run& run, const ClosureIndex& index, const NixLogParser& parser,
-                                            absl::string_view source, kiln::v1::BuildResult& result);
-  // Reports what Nix found out about FODs to the cache.
-  void Record(Run& run, const std::vector<kiln::v1::FodOutcome>& outcomes);
 
   const NixOptions options_;
   ProcessSupervisor supervisor_;
@@ -142,10 +123,8 @@ class NixBuildExecutor final : public BuildExecutor {
   BuildId next_id_ ABSL_GUARDED_BY(mu_) = 1;
   int granted_slots_ ABSL_GUARDED_BY(mu_) = 0;  // Sum of the running builds' grants.
   absl::flat_hash_map<BuildId, std::shared_ptr<Run>> runs_ ABSL_GUARDED_BY(mu_);
-  // Each build's thread, until joined; the builds whose thread has done
-  // its work and is about to return.
-  absl::flat_hash_map<BuildId, std::thread> threads_ ABSL_GUARDED_BY(mu_);
-  std::vector<BuildId> ended_ ABSL_GUARDED_BY(mu_);
+  // Last: destroyed first, so no build's thread outlives what it uses.
+  BuildThreads threads_;
 };
 
 }  // namespace kiln

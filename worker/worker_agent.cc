@@ -33,9 +33,6 @@ using kiln::v1::WorkerMessage;
 
 namespace {
 constexpr absl::string_view kComponent = "worker";
-// Log batches beyond this many queued messages are dropped (and counted)
-// rather than let a chatty build grow memory without bound.
-constexpr size_t kStreamQueueCapacity = 4096;
 constexpr absl::Duration kDeadlineGrace = absl::Seconds(5);
 // 1 - MemAvailable/MemTotal from /proc/meminfo; nullopt where it is absent.
 std::optional<double> MemoryUsedFraction() {
@@ -54,89 +51,23 @@ std::optional<double> MemoryUsedFraction() {
 
 }  // namespace
 
-// One connection to the coordinator. Owned by a shared_ptr that it holds on
-// itself until OnDone, so gRPC never calls into a destroyed reactor.
-class WorkerAgent::Stream final : public grpc::ClientBidiReactor<WorkerMessage, CoordinatorMessage> {
- public:
-  static std::shared_ptr<Stream> Create(WorkerAgent* agent) {
-    auto s = std::shared_ptr<Stream>(new Stream(agent));
-    s->self_ = s;
-    return s;
-  }
-
-  void Begin(WorkerMessage first) {
-    agent_->stub_->async()->Connect(&context_, this);
-    // Writes come from the agent's strand, outside reactions: hold the call
-    // open until the queue is finished.
-    AddHold();
-    HandOff(this);
-    queue_.Push(std::move(first), /*force=*/true);
-    StartRead(&incoming_);
-    StartCall();
-  }
-
-  OutboundQueue<WorkerMessage>::PushResult Send(WorkerMessage message, bool droppable) {
-    return queue_.Push(std::move(message), /*force=*/!droppable);
-  }
-
-  void Cancel() { context_.TryCancel(); }
-
-  void OnReadDone(bool ok) override {
-    Reaction r(this);
-    if (!ok) {
-      queue_.Finish(grpc::Status::OK);
-      return;
-    }
-    agent_->strand_->Post([agent = agent_, m = std::move(incoming_)]() mutable { agent->HandleMessage(std::move(m)); });
-    incoming_.Clear();
-    HandOff(this);
-    StartRead(&incoming_);
-  }
-  void OnWriteDone(bool ok) override {
-    Reaction r(this);
-    queue_.OnWriteDone(ok);
-  }
-  void OnDone(const grpc::Status& status) override {
-    TakeOver(this);
-    // The connection loop holds the stream until it sees it done, so this
-    // is never the last reference: the stream (its ClientContext and call)
-    // is destroyed on the loop's thread, which Stop() joins, and not here on
-    // gRPC's thread, where it could outlive the agent and its channel.
-    WorkerAgent* const agent = agent_;
-    self_.reset();
-    agent->OnStreamDone(status);  // Last: `this` may be gone once it returns.
-  }
-
- private:
-  explicit Stream(WorkerAgent* agent)
-      : agent_(agent),
-        queue_(kStreamQueueCapacity, {.start_write =
-                                          [this](const WorkerMessage* m) {
-                                            HandOff(this);
-                                            StartWrite(m);
-                                          },
-                                      .finish =
-                                          [this](grpc::Status) {
-                                            HandOff(this);
-                                            StartWritesDone();
-                                            RemoveHold();
-                                          }}) {}
-
-  WorkerAgent* const agent_;
-  grpc::ClientContext context_;
-  OutboundQueue<WorkerMessage> queue_;
-  CoordinatorMessage incoming_;
-  std::shared_ptr<Stream> self_;
-};
-
 WorkerAgent::WorkerAgent(WorkerOptions options, BuildExecutor* executor, WorkerMetrics* metrics)
+    : WorkerAgent(
+          options,
+          std::make_unique<GrpcCoordinatorLink>(MakeChannel(options.coordinator, options.credentials, options.token)),
+          nullptr, executor, metrics) {}
+
+WorkerAgent::WorkerAgent(WorkerOptions options, CoordinatorLink* link, BuildExecutor* executor, WorkerMetrics* metrics)
+    : WorkerAgent(std::move(options), nullptr, link, executor, metrics) {}
+
+WorkerAgent::WorkerAgent(WorkerOptions options, std::unique_ptr<CoordinatorLink> own_link, CoordinatorLink* link,
+                         BuildExecutor* executor, WorkerMetrics* metrics)
     : options_(std::move(options)),
+      own_link_(std::move(own_link)),
+      link_(own_link_ != nullptr ? own_link_.get() : link),
       executor_(executor),
       metrics_(metrics),
-      channel_(MakeChannel(options_.coordinator, options_.credentials, options_.token)),
-      stub_(kiln::v1::WorkerService::NewStub(channel_)),
-      cas_(kiln::v1::CasService::NewStub(channel_)),
-      sources_(options_.work_dir, options_.blob_cache_bytes, cas_.get()),
+      sources_(options_.work_dir, options_.blob_cache_bytes, link_->cas()),
       clock_(options_.clock != nullptr ? options_.clock : RealClock::Get()),
       reconnect_(clock_, options_.min_backoff, options_.max_backoff, options_.jitter_seed),
       strand_(std::make_unique<SerialExecutor>("worker")) {
@@ -182,7 +113,7 @@ void WorkerAgent::Stop() {
     }
     // A log call's callback posts to the strand: it goes first. No call
     // starts any more (FlushLogs sees stopping_).
-    if (log_call_context_ != nullptr) log_call_context_->TryCancel();
+    if (log_call_ != nullptr) log_call_->Cancel();
     mu_.Await(absl::Condition(
         +[](WorkerAgent* a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(a->mu_) { return a->log_calls_outstanding_ == 0; }, this));
   }
@@ -235,16 +166,21 @@ void WorkerAgent::RunLoop() {
         });
       }
     }
-    std::shared_ptr<Stream> stream;
     {
       absl::MutexLock lock(&mu_);
       if (stopping_) break;
-      stream = Stream::Create(this);
       stream_done_ = false;
     }
-    stream->Begin(MakeRegister());
+    ControlStreamHandlers handlers;
+    handlers.on_message = [this](CoordinatorMessage m) {
+      strand_->Post([this, m = std::move(m)]() mutable { HandleMessage(std::move(m)); });
+    };
+    handlers.on_done = [this](absl::Status status) { OnStreamDone(status); };
+    // This loop holds the stream until it has seen it end: it is destroyed
+    // here, on a thread Stop() joins.
+    std::shared_ptr<ControlStream> stream = link_->Connect(MakeRegister(), std::move(handlers));
     {
-      // Published only once Begin bound the call: the strand's sends
+      // Published only once the call is bound: the strand's sends
       // (FlushLogs, heartbeats) start writes on it, and before the bind the
       // reactor has no call to write on (ASan caught one doing so).
       absl::MutexLock lock(&mu_);
@@ -286,6 +222,9 @@ void WorkerAgent::RunLoop() {
     bool stopping;
     {
       absl::MutexLock lock(&mu_);
+      // Registered since the last tick counts too: a stream that broke just
+      // after registering leaves builds for the lease rule.
+      was_registered |= registered_;
       stream_.reset();
       registered_ = false;
       stopping = stopping_;
@@ -301,23 +240,20 @@ void WorkerAgent::RunLoop() {
   }
 }
 
-void WorkerAgent::OnStreamDone(const grpc::Status& status) {
-  if (!status.ok()) {
-    LogWarning(kComponent, "stream to the coordinator ended: ", status.error_message(), " (code ",
-               static_cast<int>(status.error_code()), ")");
-  }
+void WorkerAgent::OnStreamDone(const absl::Status& status) {
+  if (!status.ok()) LogWarning(kComponent, "stream to the coordinator ended: ", status.ToString());
   absl::MutexLock lock(&mu_);
   stream_done_ = true;
 }
 
 bool WorkerAgent::Send(WorkerMessage message, bool droppable) {
-  std::shared_ptr<Stream> stream;
+  std::shared_ptr<ControlStream> stream;
   {
     absl::MutexLock lock(&mu_);
     stream = stream_;
   }
   if (!stream) return false;
-  return stream->Send(std::move(message), droppable) == OutboundQueue<WorkerMessage>::PushResult::kQueued;
+  return stream->Send(std::move(message), droppable);
 }
 
 void WorkerAgent::HandleMessage(CoordinatorMessage message) {
@@ -387,7 +323,8 @@ absl::Status WorkerAgent::UploadOutputs(kiln::v1::BuildResult& result) {
     tree.root = DigestOf(wrapper_blob);
     tree.blobs.emplace(tree.root.hash(), wrapper_blob);
     UploadStats stats;
-    RETURN_IF_ERROR(UploadTree(*cas_, tree, &stats));
+    if (link_->cas() == nullptr) return absl::FailedPreconditionError("no CAS to upload outputs to");
+    RETURN_IF_ERROR(UploadTree(*link_->cas(), tree, &stats));
     (*result.mutable_output_trees())[name] = tree.root;
     LogInfo(kComponent, "output ", name, ": sent ", stats.blobs_sent, " blob(s), ", stats.bytes_sent, " bytes");
   }

@@ -30,9 +30,9 @@
 #include "absl/time/time.h"
 #include "common/clock.h"
 #include "common/serial_executor.h"
-#include "kiln/v1/cas.grpc.pb.h"
-#include "kiln/v1/workers.grpc.pb.h"
+#include "kiln/v1/workers.pb.h"
 #include "worker/build_executor.h"
+#include "worker/coordinator_link.h"
 #include "worker/reconnect_policy.h"
 #include "worker/source_cache.h"
 #include "worker/worker_metrics.h"
@@ -71,8 +71,11 @@ struct WorkerOptions {
 
 class WorkerAgent {
  public:
-  // `executor` and `metrics` must outlive the agent.
+  // Talks to `options.coordinator` over gRPC. `executor` and `metrics` must
+  // outlive the agent.
   WorkerAgent(WorkerOptions options, BuildExecutor* executor, WorkerMetrics* metrics);
+  // Talks through `link` (which must outlive the agent; tests pass a fake).
+  WorkerAgent(WorkerOptions options, CoordinatorLink* link, BuildExecutor* executor, WorkerMetrics* metrics);
   ~WorkerAgent();
 
   WorkerAgent(const WorkerAgent&) = delete;
@@ -88,7 +91,9 @@ class WorkerAgent {
   void Stop() ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
-  class Stream;
+  WorkerAgent(WorkerOptions options, std::unique_ptr<CoordinatorLink> own_link, CoordinatorLink* link,
+              BuildExecutor* executor, WorkerMetrics* metrics);
+
   struct RunningJob {
     uint32_t attempt = 0;
     BuildExecutor::BuildId build_id = 0;
@@ -106,7 +111,7 @@ class WorkerAgent {
   };
 
   void RunLoop();
-  void OnStreamDone(const grpc::Status& status) ABSL_LOCKS_EXCLUDED(mu_);
+  void OnStreamDone(const absl::Status& status) ABSL_LOCKS_EXCLUDED(mu_);
 
   // On the strand.
   void HandleMessage(kiln::v1::CoordinatorMessage message);
@@ -117,7 +122,7 @@ class WorkerAgent {
   // lines before it were taken.
   void FlushLogs();
   void FlushLogsOnControlStream();
-  void OnLogsSent(uint64_t generation, const grpc::Status& status, size_t lines);
+  void OnLogsSent(uint64_t generation, const absl::Status& status, size_t lines);
   // Sends a result now, or once the log call carrying its last lines ends.
   void SendResult(kiln::v1::WorkerMessage finished, bool lines_pending);
   void CheckDeadlines();
@@ -138,12 +143,11 @@ class WorkerAgent {
   kiln::v1::WorkerMessage MakeRegister() ABSL_LOCKS_EXCLUDED(mu_);
 
   const WorkerOptions options_;
+  std::unique_ptr<CoordinatorLink> own_link_;  // The gRPC one, unless given a link.
+  CoordinatorLink* const link_;
   BuildExecutor* const executor_;
   WorkerMetrics* const metrics_;
-  std::shared_ptr<grpc::Channel> channel_;
-  std::unique_ptr<kiln::v1::WorkerService::Stub> stub_;
-  std::unique_ptr<kiln::v1::CasService::Stub> cas_;
-  SourceCache sources_;  // Uses cas_.
+  SourceCache sources_;  // Uses the link's CAS.
   const Clock* const clock_;
   ReconnectPolicy reconnect_;  // Used by the loop thread only.
   // Random per process (Register.instance_id): tells the coordinator a
@@ -152,7 +156,7 @@ class WorkerAgent {
       absl::StrFormat("%016x%016x", absl::Uniform<uint64_t>(absl::BitGen()), absl::Uniform<uint64_t>(absl::BitGen()));
 
   absl::Mutex mu_;
-  std::shared_ptr<Stream> stream_ ABSL_GUARDED_BY(mu_);
+  std::shared_ptr<ControlStream> stream_ ABSL_GUARDED_BY(mu_);
   bool stream_done_ ABSL_GUARDED_BY(mu_) = false;
   bool registered_ ABSL_GUARDED_BY(mu_) = false;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
@@ -174,8 +178,7 @@ class WorkerAgent {
   static constexpr size_t kMaxLinesPerBatch = 512;              // A job's lines that start a flush at once.
   static constexpr size_t kMaxPendingLines = 16384;             // A job's lines held while a call is in flight.
   static constexpr size_t kMaxLogBatchBytes = size_t{2} << 20;  // One call's lines, about.
-  struct LogCall;
-  bool logs_on_control_stream_ = false;  // The coordinator has no SendLogs.
+  bool logs_on_control_stream_ = false;                         // The coordinator has no SendLogs.
   bool log_call_in_flight_ = false;
   uint64_t log_generation_ = 0;  // Of the last call started.
   // Last lines of finished jobs, for the next call.
@@ -183,9 +186,9 @@ class WorkerAgent {
   // Results waiting for the call of a generation to end.
   std::vector<std::pair<uint64_t, kiln::v1::WorkerMessage>> deferred_results_;
   // Log calls whose callback has not finished (it posts to the strand), and
-  // the context of the one in flight (to cancel it on Stop).
+  // the one in flight (to cancel it on Stop).
   int log_calls_outstanding_ ABSL_GUARDED_BY(mu_) = 0;
-  grpc::ClientContext* log_call_context_ ABSL_GUARDED_BY(mu_) = nullptr;
+  std::shared_ptr<PendingCall> log_call_ ABSL_GUARDED_BY(mu_);
 
   std::unique_ptr<SerialExecutor> strand_;
   std::thread loop_;

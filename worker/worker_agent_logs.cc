@@ -19,17 +19,11 @@ namespace kiln {
 
 using kiln::v1::WorkerMessage;
 
-struct WorkerAgent::LogCall {
-  grpc::ClientContext context;
-  kiln::v1::LogBatch request;
-  kiln::v1::LogBatchAck response;
-};
-
 void WorkerAgent::FlushLogs() {
   if (logs_on_control_stream_) return FlushLogsOnControlStream();
   if (log_call_in_flight_) return;  // OnLogsSent flushes again.
-  auto call = std::make_unique<LogCall>();
-  kiln::v1::LogBatch& batch = call->request;
+  kiln::v1::LogBatch batch;
+  bool send = true;
   batch.set_worker(options_.name);
   size_t lines = 0, bytes = 0;
   // Finished jobs' last lines first: nothing of theirs is newer.
@@ -55,39 +49,39 @@ void WorkerAgent::FlushLogs() {
       job.pending_lines.erase(job.pending_lines.begin(), job.pending_lines.begin() + static_cast<ptrdiff_t>(taken));
     }
     if (batch.logs().empty()) {
-      call.reset();  // Nothing to send.
+      send = false;  // Nothing to send.
     } else if (stopping_) {
       // The stream is closing: nobody would read these.
       metrics_->log_lines_dropped.Increment(static_cast<double>(lines));
-      call.reset();
+      send = false;
     } else {
       ++log_calls_outstanding_;
-      log_call_context_ = &call->context;
     }
   }
   // Nothing went: results waiting on earlier calls may go.
-  if (call == nullptr) return OnLogsSent(++log_generation_, grpc::Status::OK, 0);
+  if (!send) return OnLogsSent(++log_generation_, absl::OkStatus(), 0);
   const uint64_t generation = ++log_generation_;
   log_call_in_flight_ = true;
-  call->context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
-  LogCall* raw = call.release();
-  stub_->async()->SendLogs(
-      &raw->context, &raw->request, &raw->response, [this, raw, generation, lines](grpc::Status status) {
+  // Held while it runs, to cancel it on Stop. Its callback may run before
+  // SendLogs returns (`finished` says so): then there is nothing to hold.
+  auto finished = std::make_shared<bool>(false);
+  std::shared_ptr<PendingCall> pending =
+      link_->SendLogs(std::move(batch), [this, generation, lines, finished](absl::Status status) {
         strand_->Post([this, generation, lines, status] { OnLogsSent(generation, status, lines); });
-        {
-          // Last touch of the agent: Stop() may now take the strand down.
-          absl::MutexLock lock(&mu_);
-          if (log_call_context_ == &raw->context) log_call_context_ = nullptr;
-          --log_calls_outstanding_;
-        }
-        delete raw;
+        // Last touch of the agent: Stop() may now take the strand down.
+        absl::MutexLock lock(&mu_);
+        *finished = true;
+        log_call_.reset();
+        --log_calls_outstanding_;
       });
+  absl::MutexLock lock(&mu_);
+  if (!*finished) log_call_ = std::move(pending);
 }
 
-void WorkerAgent::OnLogsSent(uint64_t generation, const grpc::Status& status, size_t lines) {
+void WorkerAgent::OnLogsSent(uint64_t generation, const absl::Status& status, size_t lines) {
   if (generation == log_generation_) log_call_in_flight_ = false;
   if (!status.ok()) {
-    if (status.error_code() == grpc::StatusCode::UNIMPLEMENTED && !logs_on_control_stream_) {
+    if (absl::IsUnimplemented(status) && !logs_on_control_stream_) {
       LogInfo("worker", "the coordinator has no log call; sending log lines on the control stream");
       logs_on_control_stream_ = true;
     }

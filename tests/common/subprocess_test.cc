@@ -167,5 +167,36 @@ TEST(ProcessSupervisorTest, ALedgerLetsTheNextRunStopWhatACrashedOneLeftRunning)
   EXPECT_EQ(bystanders.Running(), 1u);
 }
 
+TEST(ProcessSupervisorTest, TheProgramsAnUnlistedCrashLeftInItsDirectoryAreStoppedToo) {
+  namespace fs = std::filesystem;
+  testing::TempDir dir;
+  fs::create_directories(dir.Sub("builds/1-1"));
+  fs::create_directories(dir.Sub("elsewhere"));
+  // No ledger: as if the run died between starting them and listing them.
+  ProcessSupervisor supervisor;
+  Ending inside, other_program, outside;
+  auto spawn = [&](const std::string& program, const std::string& cwd, Ending& end) {
+    ASSERT_TRUE(
+        supervisor
+            .Spawn(
+                {.argv = {program, "60"}, .extra_env = {}, .cwd = cwd}, [](absl::string_view) {}, end.Callback())
+            .ok());
+  };
+  spawn("sleep", dir.Sub("builds/1-1"), inside);
+  spawn("/bin/sleep", dir.Sub("elsewhere"), outside);
+  // Same directory, another program (an operator's shell there is not Nix).
+  ASSERT_TRUE(supervisor
+                  .Spawn(
+                      {.argv = {"/bin/sh", "-c", "sleep 60"}, .extra_env = {}, .cwd = dir.Sub("builds")},
+                      [](absl::string_view) {}, other_program.Callback())
+                  .ok());
+  // (posix_spawn returns once the child has exec'd, in its directory.)
+  EXPECT_EQ(ProcessSupervisor::StopProcessesIn(dir.Sub("builds"), "/usr/bin/sleep", absl::Seconds(10)), 1);
+  ASSERT_TRUE(inside.done.WaitForNotificationWithTimeout(absl::Seconds(30)));
+  EXPECT_EQ(inside.exit.signal, SIGTERM);
+  EXPECT_FALSE(outside.done.HasBeenNotified());
+  EXPECT_FALSE(other_program.done.HasBeenNotified());
+}
+
 }  // namespace
 }  // namespace kiln

@@ -7,6 +7,7 @@
 
 #include "common/source_tree.h"
 #include "coordinator/rocksdb_state_store.h"
+#include "tests/support/coordinator_fakes.h"
 #include "tests/support/fake_clock.h"
 #include "tests/support/test_util.h"
 
@@ -17,60 +18,6 @@ using kiln::v1::CoordinatorMessage;
 using kiln::v1::JobEvent;
 using kiln::v1::WorkerMessage;
 using testing::StatusIs;
-
-// Records what the coordinator sends to one worker.
-class FakeWorkerSession final : public WorkerSession {
- public:
-  bool Send(CoordinatorMessage message) override {
-    if (closed) return false;
-    sent.push_back(std::move(message));
-    return true;
-  }
-  void Close(absl::Status status) override {
-    closed = true;
-    close_status = status;
-  }
-  // Messages of one kind, e.g. Sent(&CoordinatorMessage::has_cancel).
-  std::vector<CoordinatorMessage> Sent(bool (CoordinatorMessage::*has)() const) const {
-    std::vector<CoordinatorMessage> out;
-    for (const auto& m : sent) {
-      if ((m.*has)()) out.push_back(m);
-    }
-    return out;
-  }
-  // Results acknowledged to this worker (acks ride on other messages).
-  int Acks() const {
-    int n = 0;
-    for (const auto& m : sent) n += m.acks_size();
-    return n;
-  }
-  // One message per assignment (a message may carry several).
-  std::vector<CoordinatorMessage> Assignments() const {
-    std::vector<CoordinatorMessage> out;
-    for (const auto& m : sent) {
-      if (!m.has_assign()) continue;
-      out.push_back(m);  // With what rides on it (acknowledgements).
-      out.back().clear_assignments();
-      for (const auto& more : m.assignments()) out.emplace_back().mutable_assign()->CopyFrom(more);
-    }
-    return out;
-  }
-  std::vector<CoordinatorMessage> sent;
-  bool closed = false;
-  absl::Status close_status;
-};
-
-class FakeWatcher final : public JobWatcher {
- public:
-  void OnEvent(const JobEvent& event) override { events.push_back(event); }
-  void Close(absl::Status status) override {
-    closed = true;
-    close_status = status;
-  }
-  std::vector<JobEvent> events;
-  bool closed = false;
-  absl::Status close_status;
-};
 
 // A fake at the StateStore seam: the real store, except that while `full`
 // every write fails as on a full disk and it reports no free space.
@@ -137,9 +84,9 @@ class BuildCoordinatorTest : public ::testing::Test {
 
   // Registers a worker; `held` lists the (job, attempt) it still has from an
   // earlier connection.
-  std::shared_ptr<FakeWorkerSession> Connect(const std::string& name, int slots,
-                                             std::vector<std::pair<std::string, uint32_t>> held = {}) {
-    auto session = std::make_shared<FakeWorkerSession>();
+  std::shared_ptr<testing::FakeWorkerSession> Connect(const std::string& name, int slots,
+                                                      std::vector<std::pair<std::string, uint32_t>> held = {}) {
+    auto session = std::make_shared<testing::FakeWorkerSession>();
     WorkerMessage reg;
     reg.mutable_register_()->set_name(name);
     reg.mutable_register_()->add_systems("x86_64-linux");
@@ -153,13 +100,13 @@ class BuildCoordinatorTest : public ::testing::Test {
     return session;
   }
 
-  void Heartbeat(const std::shared_ptr<FakeWorkerSession>& session) {
+  void Heartbeat(const std::shared_ptr<testing::FakeWorkerSession>& session) {
     WorkerMessage heartbeat;
     heartbeat.mutable_heartbeat();
     core_->OnWorkerMessage(session, heartbeat);
   }
 
-  void Report(const std::shared_ptr<FakeWorkerSession>& session, const CoordinatorMessage& assignment,
+  void Report(const std::shared_ptr<testing::FakeWorkerSession>& session, const CoordinatorMessage& assignment,
               kiln::v1::ResultCode code) {
     WorkerMessage finished;
     finished.mutable_finished()->set_job_id(assignment.assign().job_id());
@@ -185,7 +132,7 @@ TEST_F(BuildCoordinatorTest, AssignsToARegisteredWorkerWithTheSourceAndReportsTh
   EXPECT_EQ(State(id), kiln::v1::JOB_STATE_QUEUED);
   EXPECT_EQ(core_->GetJob(id)->waiting_reason(), "no worker is connected");
 
-  auto watcher = std::make_shared<FakeWatcher>();
+  auto watcher = std::make_shared<testing::FakeJobWatcher>();
   ASSERT_TRUE(core_->Watch(id, 0, 0, watcher).ok());
   ASSERT_EQ(watcher->events.size(), 1u);  // Replayed: queued.
   EXPECT_TRUE(watcher->events[0].has_queued());
@@ -227,7 +174,7 @@ TEST_F(BuildCoordinatorTest, WhileStateWritesFailNothingIsAnnouncedAndWorkResume
   core_ = std::make_unique<BuildCoordinator>(&disk, &metrics_, &clock_, options_, store_->cas());
   ASSERT_TRUE(core_->Recover().ok());
   const std::string id = SubmitOne();
-  auto watcher = std::make_shared<FakeWatcher>();
+  auto watcher = std::make_shared<testing::FakeJobWatcher>();
   ASSERT_TRUE(core_->Watch(id, 0, 0, watcher).ok());
   auto w = Connect("w1", 1);
   auto assignments = w->Assignments();
@@ -267,7 +214,7 @@ TEST_F(BuildCoordinatorTest, WritesStopAtTheReserveBeforeTheDiskIsFull) {
   core_ = std::make_unique<BuildCoordinator>(&disk, &metrics_, &clock_, options_, store_->cas());
   ASSERT_TRUE(core_->Recover().ok());
   const std::string id = SubmitOne();
-  auto watcher = std::make_shared<FakeWatcher>();
+  auto watcher = std::make_shared<testing::FakeJobWatcher>();
   ASSERT_TRUE(core_->Watch(id, 0, 0, watcher).ok());
   auto w = Connect("w1", 1);
   auto assignments = w->Assignments();
@@ -394,7 +341,7 @@ TEST_F(BuildCoordinatorTest, RefusesWhatNoKnownWorkerCouldBuildOnceTheGraceWindo
 
 TEST_F(BuildCoordinatorTest, ASecondWorkerUnderAConnectedWorkersNameIsRefused) {
   const auto connect = [&](const std::string& instance) {
-    auto session = std::make_shared<FakeWorkerSession>();
+    auto session = std::make_shared<testing::FakeWorkerSession>();
     WorkerMessage reg;
     reg.mutable_register_()->set_name("w");
     reg.mutable_register_()->set_instance_id(instance);
@@ -513,7 +460,7 @@ TEST_F(BuildCoordinatorTest, ASilentWorkerIsCutOffAfterTheLease) {
 TEST_F(BuildCoordinatorTest, SeveralSilentWorkersAreCutOffInOneTick) {
   std::vector<std::string> ids;
   for (int i = 0; i < 3; ++i) ids.push_back(SubmitOne());
-  std::vector<std::shared_ptr<FakeWorkerSession>> workers;
+  std::vector<std::shared_ptr<testing::FakeWorkerSession>> workers;
   for (const char* name : {"a", "b", "c"}) workers.push_back(Connect(name, 1));
   for (const auto& w : workers) ASSERT_EQ(w->Assignments().size(), 1u);
   clock_.Advance(options_.lease + absl::Seconds(1));
@@ -609,18 +556,18 @@ TEST_F(BuildCoordinatorTest, RecoveryKeepsResultsAndHoldsWhatWasRunningForOneLea
 
 TEST_F(BuildCoordinatorTest, AWatcherFromBeforeARestartIsReplayedEverything) {
   const std::string id = SubmitOne();
-  auto before = std::make_shared<FakeWatcher>();
+  auto before = std::make_shared<testing::FakeJobWatcher>();
   ASSERT_TRUE(core_->Watch(id, 0, 0, before).ok());
   ASSERT_FALSE(before->events.empty());
   const uint64_t old_incarnation = before->events.back().incarnation();
   const uint64_t resume_from = before->events.back().sequence() + 1;
   // Same process: resuming skips what was seen.
-  auto same = std::make_shared<FakeWatcher>();
+  auto same = std::make_shared<testing::FakeJobWatcher>();
   ASSERT_TRUE(core_->Watch(id, resume_from, old_incarnation, same).ok());
   EXPECT_TRUE(same->events.empty());
 
   Open();
-  auto after = std::make_shared<FakeWatcher>();
+  auto after = std::make_shared<testing::FakeJobWatcher>();
   ASSERT_TRUE(core_->Watch(id, resume_from, old_incarnation, after).ok());
   ASSERT_FALSE(after->events.empty());
   EXPECT_NE(after->events[0].incarnation(), old_incarnation);
@@ -711,7 +658,7 @@ TEST_F(BuildCoordinatorTest, IdenticalJobsInFlightRunOnceAndShareTheResult) {
   ASSERT_TRUE(different.ok());
   EXPECT_EQ(core_->GetJob(follower)->waiting_reason(),
             absl::StrCat("identical to job ", leader, ", already in flight: it will share that job's result"));
-  auto watcher = std::make_shared<FakeWatcher>();
+  auto watcher = std::make_shared<testing::FakeJobWatcher>();
   ASSERT_TRUE(core_->Watch(follower, 0, 0, watcher).ok());
 
   auto w = Connect("w", 4);
@@ -808,14 +755,14 @@ TEST_F(BuildCoordinatorTest, AfterARestartAReturningWorkerReattachesItsJob) {
 }
 
 TEST_F(BuildCoordinatorTest, WorkerProtocolViolationsCloseTheStream) {
-  auto session = std::make_shared<FakeWorkerSession>();
+  auto session = std::make_shared<testing::FakeWorkerSession>();
   WorkerMessage heartbeat;
   heartbeat.mutable_heartbeat();
   core_->OnWorkerMessage(session, heartbeat);
   EXPECT_TRUE(session->closed);
   EXPECT_EQ(session->close_status.code(), absl::StatusCode::kFailedPrecondition);
 
-  auto no_slots = std::make_shared<FakeWorkerSession>();
+  auto no_slots = std::make_shared<testing::FakeWorkerSession>();
   WorkerMessage reg;
   reg.mutable_register_()->set_name("w");
   reg.mutable_register_()->add_systems("x86_64-linux");
@@ -836,7 +783,7 @@ TEST_F(BuildCoordinatorTest, BatchedCallsShareOneWriteAndAreAnnouncedOnlyAfterIt
   core_->set_batched(true);
   auto response = core_->Submit(Request(4));
   ASSERT_TRUE(response.ok()) << response.status();
-  auto watcher = std::make_shared<FakeWatcher>();
+  auto watcher = std::make_shared<testing::FakeJobWatcher>();
   ASSERT_TRUE(core_->Watch(response->job_ids(0), 0, 0, watcher).ok());
   auto w = Connect("w", 4);
   // Nothing leaves before the flush: not the registration reply, not an
@@ -890,7 +837,7 @@ TEST_F(BuildCoordinatorTest, LateWatchersReplayLogsOfRecentJobsOnlyAndWithinTheC
   auto w = Connect("w", 2);
   const auto assignments = w->Assignments();
   ASSERT_EQ(assignments.size(), 2u);
-  auto live = std::make_shared<FakeWatcher>();
+  auto live = std::make_shared<testing::FakeJobWatcher>();
   ASSERT_TRUE(core_->Watch(first, 0, 0, live).ok());
   // Twenty log messages of ~40 bytes: more than the 400-byte cap.
   for (const auto& a : assignments) {
@@ -908,7 +855,7 @@ TEST_F(BuildCoordinatorTest, LateWatchersReplayLogsOfRecentJobsOnlyAndWithinTheC
     return n;
   };
   const auto replay = [&](const std::string& id) {
-    auto late = std::make_shared<FakeWatcher>();
+    auto late = std::make_shared<testing::FakeJobWatcher>();
     EXPECT_TRUE(core_->Watch(id, 0, 0, late).ok());
     return late->events;
   };
@@ -1038,7 +985,7 @@ TEST_F(BuildCoordinatorTest, TheResultCacheAnswersUnchangedTargetsAndOnlyThose) 
   ASSERT_EQ(w->Assignments().size(), 1u);
   EXPECT_EQ(w->Assignments()[0].assign().job_id(), second->job_ids(1));
   // A watcher of the cached job gets its end at once.
-  auto watcher = std::make_shared<FakeWatcher>();
+  auto watcher = std::make_shared<testing::FakeJobWatcher>();
   ASSERT_TRUE(core_->Watch(second->job_ids(0), 0, 0, watcher).ok());
   EXPECT_TRUE(watcher->closed);
   ASSERT_FALSE(watcher->events.empty());

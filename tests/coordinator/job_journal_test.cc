@@ -5,24 +5,13 @@
 #include <gtest/gtest.h>
 
 #include "coordinator/job_log.h"
+#include "tests/support/coordinator_fakes.h"
 #include "tests/support/fake_clock.h"
 
 namespace kiln {
 namespace {
 
 using kiln::v1::JobEvent;
-
-class RecordingWatcher final : public JobWatcher {
- public:
-  void OnEvent(const JobEvent& event) override { events.push_back(event); }
-  void Close(absl::Status status) override {
-    closed = true;
-    close_status = status;
-  }
-  std::vector<JobEvent> events;
-  bool closed = false;
-  absl::Status close_status;
-};
 
 JobEvent LogEvent(const std::string& text) {
   JobEvent e;
@@ -42,7 +31,7 @@ TEST(JobJournal, LiveEventsWaitForReleaseAndCarryIdTimeAndSequence) {
   testing::FakeClock clock;
   JobJournal journal(&clock, kIncarnation, {});
   JobJournal::Entry entry;
-  auto watcher = std::make_shared<RecordingWatcher>();
+  auto watcher = std::make_shared<testing::FakeJobWatcher>();
   journal.Watch("1", entry, 0, 0, watcher, /*finished=*/false);
   journal.Append("1", entry, Queued());
   clock.Advance(absl::Seconds(3));
@@ -67,11 +56,11 @@ TEST(JobJournal, ReplayResumesFromASequenceOnlyInTheSameIncarnation) {
   JobJournal journal(&clock, kIncarnation, {});
   JobJournal::Entry entry;
   for (int i = 0; i < 4; ++i) journal.Append("9", entry, LogEvent(absl::StrCat("line ", i)));
-  auto same = std::make_shared<RecordingWatcher>();
+  auto same = std::make_shared<testing::FakeJobWatcher>();
   journal.Watch("9", entry, 3, kIncarnation, same, false);
   ASSERT_EQ(same->events.size(), 2u);
   EXPECT_EQ(same->events[0].sequence(), 3u);
-  auto earlier = std::make_shared<RecordingWatcher>();
+  auto earlier = std::make_shared<testing::FakeJobWatcher>();
   journal.Watch("9", entry, 3, kIncarnation - 1, earlier, /*finished=*/true);
   EXPECT_EQ(earlier->events.size(), 4u) << "another process's sequence means nothing here";
   EXPECT_TRUE(earlier->closed);
@@ -85,7 +74,7 @@ TEST(JobJournal, LogPastTheBudgetReachesLiveWatchersOnlyAndIsCounted) {
   testing::FakeClock clock;
   JobJournal journal(&clock, kIncarnation, {.log_bytes_per_job = 64});
   JobJournal::Entry entry;
-  auto watcher = std::make_shared<RecordingWatcher>();
+  auto watcher = std::make_shared<testing::FakeJobWatcher>();
   journal.Watch("1", entry, 0, kIncarnation, watcher, false);
   for (int i = 0; i < 10; ++i) journal.Append("1", entry, LogEvent(std::string(20, 'a' + i)));
   journal.Release();
@@ -164,7 +153,7 @@ TEST(JobJournal, OnlyTheMostRecentlyFinishedJobsKeepTheirLogInMemory) {
   journal.AppendLogLines(entries[2], newest);
   EXPECT_EQ(oldest.size(), 0);
   EXPECT_EQ(newest.size(), 1);
-  auto late = std::make_shared<RecordingWatcher>();
+  auto late = std::make_shared<testing::FakeJobWatcher>();
   journal.Watch("0", entries[0], 0, kIncarnation, late, true);
   ASSERT_EQ(late->events.size(), 1u) << "its other events stay";
   EXPECT_TRUE(late->events[0].has_queued());
@@ -174,7 +163,7 @@ TEST(JobJournal, CloseWatchersClosesNowWithTheStatus) {
   testing::FakeClock clock;
   JobJournal journal(&clock, kIncarnation, {});
   JobJournal::Entry entry;
-  auto watcher = std::make_shared<RecordingWatcher>();
+  auto watcher = std::make_shared<testing::FakeJobWatcher>();
   journal.Watch("1", entry, 0, kIncarnation, watcher, false);
   journal.CloseWatchers(entry, absl::UnavailableError("shutting down"));
   EXPECT_TRUE(watcher->closed);

@@ -4,29 +4,13 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/support/coordinator_fakes.h"
 #include "tests/support/fake_clock.h"
 
 namespace kiln {
 namespace {
 
 using kiln::v1::CoordinatorMessage;
-
-// A fake at the WorkerSession seam: records what would go on the stream.
-class FakeSession final : public WorkerSession {
- public:
-  bool Send(CoordinatorMessage message) override {
-    if (closed) return false;
-    sent.push_back(std::move(message));
-    return true;
-  }
-  void Close(absl::Status status) override {
-    closed = true;
-    close_status = status;
-  }
-  std::vector<CoordinatorMessage> sent;
-  bool closed = false;
-  absl::Status close_status;
-};
 
 kiln::v1::Register Reg(const std::string& name, const std::string& instance = "", uint32_t slots = 2) {
   kiln::v1::Register reg;
@@ -43,7 +27,8 @@ struct Fixture {
       &clock,
       WorkerRegistryOptions{.heartbeat_interval = absl::Seconds(10), .lease = absl::Seconds(60), .max_worker_jobs = 8}};
   // Registers a new stream under `name`; the admission it got.
-  WorkerRegistry::Admission Connect(const std::shared_ptr<FakeSession>& session, const kiln::v1::Register& reg) {
+  WorkerRegistry::Admission Connect(const std::shared_ptr<testing::FakeWorkerSession>& session,
+                                    const kiln::v1::Register& reg) {
     WorkerRegistry::Worker& w = registry.Seen(session);
     WorkerRegistry::Admission a = registry.CheckRegister(w, reg);
     if (a.refused.ok()) {
@@ -56,7 +41,7 @@ struct Fixture {
 
 TEST(WorkerRegistry, RefusesMalformedRegistrations) {
   Fixture f;
-  auto s = std::make_shared<FakeSession>();
+  auto s = std::make_shared<testing::FakeWorkerSession>();
   EXPECT_EQ(f.Connect(s, Reg("")).refused.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(f.Connect(s, Reg("w", "", 9)).refused.code(), absl::StatusCode::kInvalidArgument);
   kiln::v1::Register no_system = Reg("w");
@@ -69,15 +54,15 @@ TEST(WorkerRegistry, RefusesMalformedRegistrations) {
 
 TEST(WorkerRegistry, AnotherProcessUnderALiveNameIsRefusedTheSameProcessReplacesItsStream) {
   Fixture f;
-  auto first = std::make_shared<FakeSession>();
+  auto first = std::make_shared<testing::FakeWorkerSession>();
   ASSERT_TRUE(f.Connect(first, Reg("w", "process-a")).refused.ok());
   f.clock.Advance(absl::Seconds(5));
-  auto intruder = std::make_shared<FakeSession>();
+  auto intruder = std::make_shared<testing::FakeWorkerSession>();
   WorkerRegistry::Admission refused = f.Connect(intruder, Reg("w", "process-b"));
   EXPECT_EQ(refused.refused.code(), absl::StatusCode::kAlreadyExists);
   EXPECT_NE(refused.refused.message().find("--name"), std::string::npos) << refused.refused;
   f.registry.Gone(intruder.get());
-  auto again = std::make_shared<FakeSession>();
+  auto again = std::make_shared<testing::FakeWorkerSession>();
   WorkerRegistry::Admission replaced = f.Connect(again, Reg("w", "process-a"));
   ASSERT_TRUE(replaced.refused.ok());
   EXPECT_EQ(replaced.replaces, first.get());
@@ -86,10 +71,10 @@ TEST(WorkerRegistry, AnotherProcessUnderALiveNameIsRefusedTheSameProcessReplaces
 
 TEST(WorkerRegistry, AStreamSilentForTwoHeartbeatsIsReplacedByAnyProcess) {
   Fixture f;
-  auto first = std::make_shared<FakeSession>();
+  auto first = std::make_shared<testing::FakeWorkerSession>();
   ASSERT_TRUE(f.Connect(first, Reg("w", "process-a")).refused.ok());
   f.clock.Advance(absl::Seconds(20));
-  auto other = std::make_shared<FakeSession>();
+  auto other = std::make_shared<testing::FakeWorkerSession>();
   WorkerRegistry::Admission a = f.Connect(other, Reg("w", "process-b"));
   ASSERT_TRUE(a.refused.ok()) << a.refused;
   EXPECT_EQ(a.replaces, first.get());
@@ -97,7 +82,7 @@ TEST(WorkerRegistry, AStreamSilentForTwoHeartbeatsIsReplacedByAnyProcess) {
 
 TEST(WorkerRegistry, ADepartedWorkerIsHeldForOneLeaseFromItsLastMessage) {
   Fixture f;
-  auto s = std::make_shared<FakeSession>();
+  auto s = std::make_shared<testing::FakeWorkerSession>();
   ASSERT_TRUE(f.Connect(s, Reg("w")).refused.ok());
   f.clock.Advance(absl::Seconds(10));
   f.registry.Seen(s);  // A heartbeat.
@@ -114,7 +99,7 @@ TEST(WorkerRegistry, ADepartedWorkerIsHeldForOneLeaseFromItsLastMessage) {
   f.clock.Advance(absl::Seconds(1));
   EXPECT_EQ(f.registry.ExpiredLeases(), std::vector<std::string>{"w"});
   // Coming back ends the lease.
-  auto back = std::make_shared<FakeSession>();
+  auto back = std::make_shared<testing::FakeWorkerSession>();
   ASSERT_TRUE(f.Connect(back, Reg("w")).refused.ok());
   EXPECT_TRUE(f.registry.ExpiredLeases().empty());
   EXPECT_FALSE(f.registry.lease_until("w").has_value());
@@ -122,7 +107,7 @@ TEST(WorkerRegistry, ADepartedWorkerIsHeldForOneLeaseFromItsLastMessage) {
 
 TEST(WorkerRegistry, SilentStreamsAreNamedAndTheirLeaseIsAlreadyOver) {
   Fixture f;
-  auto quiet = std::make_shared<FakeSession>(), chatty = std::make_shared<FakeSession>();
+  auto quiet = std::make_shared<testing::FakeWorkerSession>(), chatty = std::make_shared<testing::FakeWorkerSession>();
   ASSERT_TRUE(f.Connect(quiet, Reg("quiet")).refused.ok());
   ASSERT_TRUE(f.Connect(chatty, Reg("chatty")).refused.ok());
   f.clock.Advance(absl::Seconds(59));
@@ -137,11 +122,11 @@ TEST(WorkerRegistry, SilentStreamsAreNamedAndTheirLeaseIsAlreadyOver) {
 
 TEST(WorkerRegistry, AReplacedStreamEndingIsNoDeparture) {
   Fixture f;
-  auto old_stream = std::make_shared<FakeSession>();
+  auto old_stream = std::make_shared<testing::FakeWorkerSession>();
   ASSERT_TRUE(f.Connect(old_stream, Reg("w", "p")).refused.ok());
   // The same process reconnects before its old stream is noticed as dead;
   // the old one's end then must not take the new one's name away.
-  auto new_stream = std::make_shared<FakeSession>();
+  auto new_stream = std::make_shared<testing::FakeWorkerSession>();
   WorkerRegistry::Worker& w = f.registry.Seen(new_stream);
   WorkerRegistry::Admission a = f.registry.CheckRegister(w, Reg("w", "p"));
   ASSERT_EQ(a.replaces, old_stream.get());
@@ -156,7 +141,7 @@ TEST(WorkerRegistry, AdmissionLimitsNameTheFirstLimitPassed) {
                                    .min_work_dir_free_bytes = int64_t{512} << 20,
                                    .max_memory_used_fraction = 0.9,
                                    .max_load_per_slot = 2});
-  auto s = std::make_shared<FakeSession>();
+  auto s = std::make_shared<testing::FakeWorkerSession>();
   WorkerRegistry::Worker& w = registry.Seen(s);
   kiln::v1::Heartbeat hb;
   hb.set_store_free_bytes(int64_t{4} << 30);
@@ -178,7 +163,7 @@ TEST(WorkerRegistry, AdmissionLimitsNameTheFirstLimitPassed) {
 
 TEST(WorkerRegistry, TheOutboxWaitsForDeliveryAndPacksAssignmentsAndAcks) {
   Fixture f;
-  auto s = std::make_shared<FakeSession>();
+  auto s = std::make_shared<testing::FakeWorkerSession>();
   ASSERT_TRUE(f.Connect(s, Reg("w")).refused.ok());
   WorkerRegistry::Worker& w = *f.registry.ByName("w");
   f.registry.Ack(w, "1", 1);
@@ -207,7 +192,7 @@ TEST(WorkerRegistry, TheOutboxWaitsForDeliveryAndPacksAssignmentsAndAcks) {
 
 TEST(WorkerRegistry, DrainOutlivesTheStream) {
   Fixture f;
-  auto s = std::make_shared<FakeSession>();
+  auto s = std::make_shared<testing::FakeWorkerSession>();
   ASSERT_TRUE(f.Connect(s, Reg("w")).refused.ok());
   f.registry.SetDrained("w", true);
   f.registry.Gone(s.get());
