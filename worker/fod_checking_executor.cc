@@ -37,6 +37,12 @@ struct FodCheckingExecutor::Job {
   DoneCallback on_done;
   absl::Time started;
   std::shared_ptr<DerivationHandOver> hand_over;  // The job's build's (FOD tasks have none).
+  // Lines come from this layer and from each step's Nix: one at a time.
+  absl::Mutex line_mu;
+  void Emit(kiln::v1::LogLine line) ABSL_LOCKS_EXCLUDED(line_mu) {
+    absl::MutexLock lock(&line_mu);
+    on_line(std::move(line));
+  }
   // Both guarded by the executor's mu_.
   bool cancelled = false;
   std::vector<BuildId> running;  // The inner executor's steps running now.
@@ -107,7 +113,7 @@ void FodCheckingExecutor::StartStep(Job& job, BuildRequest request, Step& step) 
   }
   request.report = step.report;
   absl::StatusOr<BuildId> id = inner_->Start(
-      request, [&job](kiln::v1::LogLine line) { job.on_line(std::move(line)); },
+      request, [&job](kiln::v1::LogLine line) { job.Emit(std::move(line)); },
       [&step](kiln::v1::BuildResult result) mutable {
         step.result = std::move(result);
         step.done.Notify();
@@ -144,7 +150,7 @@ void FodCheckingExecutor::Line(Job& job, absl::string_view text) {
   kiln::v1::LogLine line;
   line.set_text(absl::StrCat("kiln: ", text));
   *line.mutable_time() = ToProtoTime(absl::Now());
-  job.on_line(std::move(line));
+  job.Emit(std::move(line));
 }
 
 void FodCheckingExecutor::Record(Job& job, const std::vector<kiln::v1::FodOutcome>& outcomes) {

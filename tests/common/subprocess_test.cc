@@ -173,8 +173,9 @@ TEST(ProcessSupervisorTest, TheProgramsAnUnlistedCrashLeftInItsDirectoryAreStopp
   fs::create_directories(dir.Sub("builds/1-1"));
   fs::create_directories(dir.Sub("elsewhere"));
   // No ledger: as if the run died between starting them and listing them.
-  ProcessSupervisor supervisor;
+  // (The endings outlive the supervisor, which ends the others at its end.)
   Ending inside, other_program, outside;
+  ProcessSupervisor supervisor;
   auto spawn = [&](const std::string& program, const std::string& cwd, Ending& end) {
     ASSERT_TRUE(
         supervisor

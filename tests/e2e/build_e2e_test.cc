@@ -71,8 +71,10 @@ TEST_F(BuildE2eTest, BuildsExampleFlakeAndPrintsTheOutputPath) {
   EXPECT_TRUE(absl::StrContains(r->stderr_data, "greeter> writing greeter " + nonce)) << r->stderr_data;
   const std::string path(absl::StripTrailingAsciiWhitespace(r->stdout_data));
   ASSERT_TRUE(absl::StartsWith(path, "/nix/store/")) << r->stdout_data;
-  EXPECT_EQ(ReadFileOrDie(path), "#!/bin/sh\necho \"hello from greeter\"\n");
-  auto run = RunCommand({.argv = {path}, .extra_env = {}, .cwd = ""});
+  // In the store of the worker that built it (each has its own).
+  size_t worker = 0;
+  EXPECT_EQ(ReadFileOrDie(farm_->HostPathOf(path, &worker)), "#!/bin/sh\necho \"hello from greeter\"\n");
+  auto run = RunCommand(farm_->OnWorkerMachine(worker, {path}));
   ASSERT_TRUE(run.ok());
   EXPECT_EQ(run->stdout_data, "hello from greeter\n");
 }

@@ -76,8 +76,10 @@ bool WaitForSubmitted(const testing::LocalFarm& farm, int jobs) {
   return false;
 }
 
-// Checks the CLI's JSON: every job once, succeeded, with its own output.
-void ExpectEveryJobOnce(const testing::BackgroundBuild& cli, const std::string& marker) {
+// Checks the CLI's JSON: every job once, succeeded, with its own output (in
+// the store of the worker that built it).
+void ExpectEveryJobOnce(const testing::LocalFarm& farm, const testing::BackgroundBuild& cli,
+                        const std::string& marker) {
   ASSERT_EQ(cli.exit().exit_code, 0) << cli.stdout_data();
   nlohmann::json results = nlohmann::json::parse(cli.stdout_data());
   ASSERT_EQ(results.size(), static_cast<size_t>(kJobs));
@@ -87,7 +89,7 @@ void ExpectEveryJobOnce(const testing::BackgroundBuild& cli, const std::string& 
     EXPECT_EQ(r["status"], "succeeded") << r.dump();
     ids.insert(r["jobId"].get<std::string>());
     const std::string out = r["outputs"]["out"];
-    EXPECT_EQ(testing::ReadFileOrDie(out), absl::StrCat(marker, "-", i + 1, "\n")) << r.dump();
+    EXPECT_EQ(testing::ReadFileOrDie(farm.HostPathOf(out)), absl::StrCat(marker, "-", i + 1, "\n")) << r.dump();
   }
   EXPECT_EQ(ids.size(), static_cast<size_t>(kJobs));
 }
@@ -152,7 +154,7 @@ TEST(FailoverE2eTest, JobsOfAKilledWorkerRunElsewhereAfterTheLease) {
 
   farm.KillWorker(0, SIGKILL);
   ASSERT_TRUE(cli.WaitDone(absl::Seconds(240))) << "the buildset never finished";
-  ExpectEveryJobOnce(cli, marker);
+  ExpectEveryJobOnce(farm, cli, marker);
 
   // What ran on worker-1 ran again elsewhere, as a second attempt.
   nlohmann::json results = nlohmann::json::parse(cli.stdout_data());
@@ -181,7 +183,7 @@ TEST(FailoverE2eTest, WorkersKeepBuildingThroughACoordinatorKillAndReattach) {
   farm.KillCoordinator(SIGKILL);
   ASSERT_TRUE(farm.RestartCoordinator().ok());
   ASSERT_TRUE(cli.WaitDone(absl::Seconds(240))) << "the buildset never finished";
-  ExpectEveryJobOnce(cli, marker);
+  ExpectEveryJobOnce(farm, cli, marker);
   // The builds running at the kill were re-attached, not run again: every
   // job finished on its first attempt.
   nlohmann::json results = nlohmann::json::parse(cli.stdout_data());

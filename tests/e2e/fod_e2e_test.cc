@@ -1,8 +1,8 @@
 // The FOD hash cache end to end: a real coordinator, two real workers
 // (labelled so a job can be sent to either), real Nix. The FOD under test
 // copies a lockfile (and an env var) to $out, so its right hash is computed
-// here independently of Kiln. Workers share this machine's /nix/store: a
-// worker "holding the old output" is any of them once it was built.
+// here independently of Kiln. Each worker has a Nix store of its own: the
+// one "holding the old output" is the one that built it.
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 #include <signal.h>
@@ -51,6 +51,7 @@ class FodE2eTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     farm_ = new LocalFarm(/*workers=*/0, /*max_jobs_per_worker=*/2);
+    farm_->UsePrivateStores();  // Two workers, each its own machine.
     absl::Status started = farm_->Start();
     ASSERT_TRUE(started.ok()) << started;
     farm_->SetWorkerFlags({"--labels=node=a"});
@@ -155,27 +156,26 @@ TEST_F(FodE2eTest, ALockfileChangeWithAnUnchangedHashIsCaughtWhereNixWouldReuseT
   Build built = Run("a");
   ASSERT_EQ(built.exit_code, 0) << built.printed;  // Verified and held in the store.
 
-  // The lockfile changes, the hash does not: Nix alone reuses the old output
-  // (its path depends only on name and hash) and succeeds.
+  // The lockfile changes, the hash does not: Nix alone, on the machine that
+  // built it, reuses the old output (its path depends only on name and
+  // hash) and succeeds.
   Write(Sha256SriOf(v1 + "one\n"), v2);
-  ProcessSpec plain_nix;
-  plain_nix.argv = {"nix", "build", "--no-link", "path:" + work_.Sub("svc")};
-  plain_nix.extra_env = testing::NixTestEnv();
-  auto nix = RunCommand(plain_nix);
+  auto nix = RunCommand(farm_->OnWorkerMachine(0, {"nix", "build", "--no-link", "path:" + work_.Sub("svc")}));
   ASSERT_TRUE(nix.ok());
   EXPECT_EQ(nix->exit.exit_code, 0) << nix->stderr_data;
   EXPECT_FALSE(absl::StrContains(nix->stderr_data, "fetching")) << nix->stderr_data;
 
-  // Kiln rebuilds the suspect output and fails with the new hash.
-  Build stale = Run("b");
+  // Kiln, there, rebuilds the suspect output and fails with the new hash.
+  Build stale = Run("a");
   EXPECT_EQ(stale.exit_code, 1) << stale.printed;
   nlohmann::json m = Mismatch(stale);
   EXPECT_EQ(m.value("source", ""), "check") << stale.entry.dump();
   EXPECT_EQ(m.value("got", ""), Sha256SriOf(v2 + "one\n"));
   EXPECT_TRUE(absl::StrContains(stale.printed, "was computed for other inputs")) << stale.printed;
 
-  // From now on the new inputs' hash is known: caught without building.
-  Build again = Run("a");
+  // From now on the new inputs' hash is known: caught without building,
+  // on the other machine too.
+  Build again = Run("b");
   EXPECT_EQ(Mismatch(again).value("source", ""), "cache") << again.printed;
   EXPECT_FALSE(absl::StrContains(again.printed, "fetching " + name_)) << again.printed;
 }

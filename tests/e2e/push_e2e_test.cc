@@ -38,6 +38,7 @@ TEST(PushE2eTest, AWorkerPushesTheImageItBuiltAndOnlyWhatTheRegistryLacks) {
   WriteFileOrDie(dir.Sub("bad.json"), AuthFile(reg, kWrongPassword));
 
   LocalFarm farm(/*workers=*/0);
+  farm.UsePrivateStores();  // Three workers, each its own machine.
   farm.SetCoordinatorFlags({"--push-allow=127.0.0.1:*/kiln/*"});
   ASSERT_TRUE(farm.Start().ok());
   farm.SetWorkerFlags(

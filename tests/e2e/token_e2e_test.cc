@@ -54,6 +54,7 @@ class TokenE2eTest : public ::testing::Test {
 
 TEST_F(TokenE2eTest, EveryCallNeedsATokenWithTheRightScope) {
   LocalFarm farm(/*workers=*/0);
+  farm.UsePrivateStores();  // Two workers, each its own machine.
   farm.SetCoordinatorFlags({"--require-tokens", "--push-allow=127.0.0.1:*/kiln/*", "--token-max-active-jobs=2"});
   ASSERT_TRUE(farm.Start().ok());
   state_dir_ = farm.dir().Sub("coordinator");

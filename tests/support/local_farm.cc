@@ -10,6 +10,7 @@
 #include <deque>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <regex>
 
 #include <gtest/gtest.h>
@@ -128,7 +129,8 @@ absl::StatusOr<nlohmann::json> WaitForReadyFile(const std::string& path, const s
   return absl::DeadlineExceededError(absl::StrCat("no ready file ", path, "; log:\n", text));
 }
 
-LocalFarm::LocalFarm(int workers, int max_jobs_per_worker) : workers_(workers), max_jobs_(max_jobs_per_worker) {}
+LocalFarm::LocalFarm(int workers, int max_jobs_per_worker)
+    : workers_(workers), max_jobs_(max_jobs_per_worker), private_stores_(workers > 1) {}
 
 LocalFarm::~LocalFarm() {
   StopAll();
@@ -180,7 +182,9 @@ void LocalFarm::StopAll() {
   if (coordinator_ && !coordinator_->exit()) KillDaemon("coordinator", *coordinator_, SIGTERM);
   worker_daemons_.clear();
   coordinator_.reset();
-  if (incidents_.empty()) return;
+  // A failed test keeps the logs too: the daemons' side of what it saw.
+  const bool failed = ::testing::Test::HasFailure();
+  if (incidents_.empty() && !failed) return;
   // Keep every log of the farm; the temporary directory goes with the farm.
   const ::testing::UnitTest& unit = *::testing::UnitTest::GetInstance();
   std::string label = "farm";
@@ -195,6 +199,10 @@ void LocalFarm::StopAll() {
   fs::create_directories(kept, ec);
   for (const auto& entry : fs::directory_iterator(dir_.path(), ec)) {
     if (entry.path().extension() == ".log") fs::copy_file(entry.path(), fs::path(kept) / entry.path().filename(), ec);
+  }
+  if (incidents_.empty()) {
+    std::cerr << "the test failed; every log of its farm is kept in " << kept << "\n";
+    return;
   }
   std::string message = "daemons of the farm did not end cleanly:\n";
   for (const std::string& incident : incidents_) {
@@ -237,6 +245,20 @@ std::vector<std::string> InPrivateStore(const std::string& nix_dir, const std::v
 }
 
 }  // namespace
+
+std::string LocalFarm::HostPathOf(const std::string& store_path, size_t* worker) const {
+  if (worker != nullptr) *worker = 0;
+  if (!private_stores_ || !absl::StartsWith(store_path, "/nix/")) return store_path;
+  for (size_t i = 0; i < worker_daemons_.size(); ++i) {
+    const std::string path = StoreDirOf(i) + store_path.substr(std::string("/nix").size());
+    std::error_code ec;
+    if (fs::symlink_status(path, ec).type() != fs::file_type::not_found && !ec) {
+      if (worker != nullptr) *worker = i;
+      return path;
+    }
+  }
+  return store_path;  // Nowhere: reading it fails, saying so.
+}
 
 ProcessSpec LocalFarm::OnWorkerMachine(size_t index, const std::vector<std::string>& argv) const {
   ProcessSpec spec;
@@ -302,6 +324,12 @@ absl::StatusOr<std::unique_ptr<Daemon>> LocalFarm::StartWorker(size_t index, std
 }
 
 absl::Status LocalFarm::AddWorker() {
+  if (!worker_daemons_.empty() && !private_stores_) {
+    // Workers sharing this machine's store would see each other's outputs,
+    // which no two real machines do.
+    return absl::FailedPreconditionError(
+        "a farm of more than one worker gives each its own Nix store: call UsePrivateStores() before Start()");
+  }
   std::string metrics;
   auto worker = StartWorker(worker_daemons_.size(), &metrics);
   if (!worker.ok()) return worker.status();

@@ -75,15 +75,21 @@ class LocalFarm {
   explicit LocalFarm(int workers, int max_jobs_per_worker = 2);
   ~LocalFarm();
 
-  // Each worker started from now on gets a Nix store of its own, as on real
-  // machines: it runs in a mount namespace of its own with StoreDirOf(i)
-  // bind-mounted at /nix (and Nix's build users off, which private stores
-  // cannot share). Call before Start().
+  // Each worker gets a Nix store of its own, as on real machines: it runs in
+  // a mount namespace of its own with StoreDirOf(i) bind-mounted at /nix
+  // (and Nix's build users off, which private stores cannot share). The
+  // default for a farm of more than one worker; a farm of one that adds
+  // more later must call this before Start() (AddWorker refuses a second
+  // worker on the host's store).
   void UsePrivateStores() { private_stores_ = true; }
   bool private_stores() const { return private_stores_; }
   // The host's directory holding worker `index`'s /nix (its store is the
   // "store" directory in it).
   std::string StoreDirOf(size_t index) const;
+  // Where `store_path` (/nix/store/…) is on this host: in the store of the
+  // first worker that holds it, with private stores; itself otherwise.
+  // Also that worker's index in `*worker` (0 without private stores).
+  std::string HostPathOf(const std::string& store_path, size_t* worker = nullptr) const;
   // `argv` run as on worker `index`'s machine: in its own store (a mount
   // namespace like the worker's), with the tests' Nix environment. What a
   // user of that machine would do by hand, e.g. a plain `nix build`.
