@@ -81,6 +81,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
                                                           CasServiceLimits{}, auth);
   server->fod_service_ =
       std::make_unique<FodServiceImpl>(server->store_->fod_cache(), server->coordinator_metrics_.get(), auth);
+  server->farm_store_service_ = std::make_unique<FarmStoreServiceImpl>(server->store_->farm_store(), auth);
   server->coordinator_metrics_->fod_entries.Set(static_cast<double>(server->store_->fod_cache()->size()));
   // Standard gRPC tooling: the health-checking service (load balancers,
   // grpc_health_probe) and server reflection (grpcurl, grpc_cli).
@@ -112,6 +113,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   builder.RegisterService(server->farm_service_.get());
   builder.RegisterService(server->cas_service_.get());
   builder.RegisterService(server->fod_service_.get());
+  builder.RegisterService(server->farm_store_service_.get());
   builder.RegisterService(server->admin_service_.get());
   server->server_ = builder.BuildAndStart();
   if (!server->server_ || port == 0) {
@@ -129,8 +131,17 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
     }
   });
 
+  if (!options.cache_listen.empty()) {
+    ASSIGN_OR_RETURN(SigningKey key, LoadOrCreateCacheKey(options.state_dir));
+    const std::string public_key = key.PublicKeyText();
+    ASSIGN_OR_RETURN(server->cache_,
+                     BinaryCacheServer::Start(options.cache_listen, server->store_->farm_store(), std::move(key)));
+    LogInfo("coordinator", "farm store served as a Nix binary cache on http://", server->cache_->address(),
+            " (trusted-public-keys = ", public_key, ")");
+  }
   if (!options.ready_file.empty()) {
     nlohmann::json ready = {{"grpc", server->grpc_address_}, {"metrics", server->metrics_->address()}};
+    if (server->cache_ != nullptr) ready["cache"] = server->cache_->address();
     RETURN_IF_ERROR(WriteFileAtomically(options.ready_file, ready.dump() + "\n"));
   }
   server->serving_.store(true);

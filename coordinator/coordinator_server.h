@@ -16,9 +16,11 @@
 #include "common/tls.h"
 #include "coordinator/admin_service.h"
 #include "coordinator/auth.h"
+#include "coordinator/binary_cache_server.h"
 #include "coordinator/build_coordinator.h"
 #include "coordinator/cas_service.h"
 #include "coordinator/coordinator_metrics.h"
+#include "coordinator/farm_store_service.h"
 #include "coordinator/fod_service.h"
 #include "coordinator/grpc_services.h"
 #include "coordinator/rocksdb_state_store.h"
@@ -43,6 +45,9 @@ struct CoordinatorOptions {
   bool require_tokens = false;
   // Time for the job logic and the FOD cache; null: the wall clock.
   const Clock* clock = nullptr;
+  // Where the farm store is served as a Nix binary cache (loopback only);
+  // empty: not served.
+  std::string cache_listen;
 };
 
 class CoordinatorServer {
@@ -58,6 +63,8 @@ class CoordinatorServer {
   // long for a Unix socket.
   const std::string& admin_address() const { return admin_address_; }
   const std::string& metrics_address() const { return metrics_->address(); }
+  // The binary cache's host:port; "" when not served.
+  std::string cache_address() const { return cache_ != nullptr ? cache_->address() : ""; }
 
  private:
   CoordinatorServer() = default;
@@ -67,6 +74,7 @@ class CoordinatorServer {
   std::unique_ptr<RocksDbStateStore> store_;
   std::unique_ptr<CoordinatorMetrics> coordinator_metrics_;
   std::unique_ptr<MetricsHttpServer> metrics_;
+  std::unique_ptr<BinaryCacheServer> cache_;
   std::unique_ptr<SerialExecutor> strand_;
   std::unique_ptr<SerialExecutor> sender_;  // Starts writes to workers.
   std::unique_ptr<SerialExecutor> reader_;  // Reads stored logs (GetJobLog).
@@ -78,6 +86,7 @@ class CoordinatorServer {
   std::unique_ptr<CasServiceImpl> cas_service_;
   std::unique_ptr<FodServiceImpl> fod_service_;
   std::unique_ptr<FarmServiceImpl> farm_service_;
+  std::unique_ptr<FarmStoreServiceImpl> farm_store_service_;
   std::unique_ptr<grpc::Server> server_;
   std::string grpc_address_;
   std::string admin_address_;

@@ -11,6 +11,8 @@
 #include "common/image_ref.h"
 #include "common/log.h"
 #include "coordinator/coordinator_server.h"
+#include "common/exit_codes.h"
+#include "coordinator/binary_cache_server.h"
 #include "coordinator/token_command.h"
 
 namespace {
@@ -19,6 +21,7 @@ namespace {
 struct Flags {
   std::string listen = "127.0.0.1:7600";
   std::string metrics_listen = "127.0.0.1:9600";
+  std::string cache_listen = "";
   std::string tls_cert = "";
   std::string tls_key = "";
   std::string tls_ca = "";
@@ -52,6 +55,9 @@ struct Flags {
 void AddOptions(CLI::App& app, Flags& flags) {
   app.add_option("--listen", flags.listen, "gRPC address (host:port; port 0 picks a free one)")->capture_default_str();
   app.add_option("--metrics-listen", flags.metrics_listen, "Prometheus /metrics address")->capture_default_str();
+  app.add_option("--cache-listen", flags.cache_listen,
+                 "Serve the farm store as a Nix binary cache here (loopback host:port); empty: not served")
+      ->capture_default_str();
   app.add_option("--tls-cert", flags.tls_cert,
                  "The coordinator's certificate (PEM), from deploy/pki/kiln-pki coordinator")
       ->capture_default_str();
@@ -162,7 +168,34 @@ int main(int argc, char** argv) {
   backup->fallthrough();
   backup->add_option("DESTINATION", destination, "A directory that does not exist yet")->required();
   backup->add_flag("--json", backup_json, "JSON on stdout");
+  CLI::App* cache_app =
+      app.add_subcommand("cache", "The farm store's signing key: key create, public-key")->require_subcommand(1);
+  cache_app->fallthrough();
+  std::string key_name = "kiln-farm-1";
+  CLI::App* key_app = cache_app->add_subcommand("key", "The signing key")->require_subcommand(1);
+  key_app->fallthrough();
+  CLI::App* key_create = key_app->add_subcommand("create", "A new signing key, replacing the old one");
+  key_create->fallthrough();
+  key_create->add_option("--name", key_name, "The key's name, as Nix shows it (e.g. kiln-farm-2)")
+      ->capture_default_str();
+  CLI::App* public_key = cache_app->add_subcommand("public-key", "Print the trusted-public-keys entry");
+  public_key->fallthrough();
   if (std::optional<int> exit = kiln::ParseCommandLine(app, argc, argv)) return *exit;
+  if (cache_app->parsed()) {
+    if (flags.state_dir.empty()) {
+      std::fprintf(stderr, "kiln-coordinator: --state-dir is required\n");
+      return kiln::kExitUsage;
+    }
+    // Printed: only the public half, ever.
+    absl::StatusOr<kiln::SigningKey> key = key_create->parsed() ? kiln::CreateCacheKey(flags.state_dir, key_name)
+                                                                : kiln::LoadOrCreateCacheKey(flags.state_dir, key_name);
+    if (!key.ok()) {
+      std::fprintf(stderr, "kiln-coordinator: %s\n", std::string(key.status().message()).c_str());
+      return kiln::kExitBuildFailed;
+    }
+    std::printf("%s\n", key->PublicKeyText().c_str());
+    return kiln::kExitOk;
+  }
   if (token_app->parsed()) {
     token.action = create->parsed() ? "create" : list->parsed() ? "list" : "revoke";
     token.state_dir = flags.state_dir;
@@ -183,6 +216,7 @@ int main(int argc, char** argv) {
   kiln::CoordinatorOptions options;
   options.listen = flags.listen;
   options.metrics_listen = flags.metrics_listen;
+  options.cache_listen = flags.cache_listen;
   options.state_dir = flags.state_dir;
   options.tls = {flags.tls_cert, flags.tls_key, flags.tls_ca};
   options.require_tokens = flags.require_tokens;

@@ -12,6 +12,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/clock.h"
@@ -54,7 +55,8 @@ enum Family {
   kFod = 5,
   kFodNames = 6,
   kTokens = 7,
-  kLogs = 8
+  kLogs = 8,
+  kNars = 9
 };
 
 }  // namespace
@@ -100,7 +102,8 @@ absl::StatusOr<std::unique_ptr<RocksDbStateStore>> RocksDbStateStore::Open(const
       {"fod", results_options},
       {"fod_names", results_options},
       {"tokens", rocksdb::ColumnFamilyOptions()},
-      {"logs", blob_options},  // Compressed already (see job_log.h).
+      {"logs", blob_options},     // Compressed already (see job_log.h).
+      {"nars", results_options},  // The farm store's narinfos, looked up one by one.
   };
   auto store = std::unique_ptr<RocksDbStateStore>(new RocksDbStateStore());
   store->sync_ = sync;
@@ -116,6 +119,11 @@ absl::StatusOr<std::unique_ptr<RocksDbStateStore>> RocksDbStateStore::Open(const
   absl::StatusOr<std::unique_ptr<TokenStore>> tokens = TokenStore::Open(db, store->handles_[kTokens], sync);
   if (!tokens.ok()) return tokens.status();
   store->tokens_ = *std::move(tokens);
+  store->nar_dir_ = (std::filesystem::path(dir) / "nar").string();
+  absl::StatusOr<std::unique_ptr<LocalFarmStore>> farm_store =
+      LocalFarmStore::Open(db, store->handles_[kNars], store->nar_dir_, sync);
+  if (!farm_store.ok()) return farm_store.status();
+  store->farm_store_ = *std::move(farm_store);
   return store;
 }
 
@@ -149,6 +157,20 @@ absl::StatusOr<RocksDbStateStore::BackupStats> RocksDbStateStore::Backup(const s
                           return absl::OkStatus();
                         });
   if (!copied.ok()) return copied.status();
+  // 3. The farm store's NARs: immutable files, each in place before any
+  // record names it, so every one the checkpoint names is there now.
+  const fs::path nar_copy = checkpoint_dir / fs::path(nar_dir_).filename();
+  fs::create_directories(nar_copy, ec);
+  for (const auto& entry : fs::directory_iterator(nar_dir_, ec)) {
+    if (absl::StartsWith(entry.path().filename().string(), ".")) continue;  // Uploads under way.
+    const fs::path to = nar_copy / entry.path().filename();
+    std::error_code link_ec;
+    fs::create_hard_link(entry.path(), to, link_ec);
+    if (link_ec) fs::copy_file(entry.path(), to, link_ec);
+    if (link_ec)
+      return absl::InternalError(absl::StrCat("backup: cannot copy ", entry.path().string(), ": ", link_ec.message()));
+    ++stats.nar_files;
+  }
   for (const auto& entry : fs::directory_iterator(checkpoint_dir, ec)) {
     if (entry.path().extension() == ".sst") stats.sst_bytes += entry.file_size(ec);
   }

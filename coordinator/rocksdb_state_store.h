@@ -9,6 +9,7 @@
 //   results  result key (sha256 hex) -> CachedResult
 //   fod, fod_names  the FOD hash cache (FodCache)
 //   tokens   token id -> StoredToken (TokenStore)
+//   nars     store path hash part -> narinfo text (LocalFarmStore; NARs in nar/)
 // The write-ahead log is on; `sync` makes every commit wait for fsync
 // (survives power loss, not only a process crash).
 #pragma once
@@ -23,6 +24,7 @@
 #include "coordinator/fod_cache.h"
 #include "common/clock.h"
 #include "coordinator/state_store.h"
+#include "coordinator/farm_store.h"
 #include "coordinator/token_store.h"
 
 namespace kiln {
@@ -52,6 +54,8 @@ class RocksDbStateStore final : public StateStore {
   FodCache* fod_cache() { return fod_cache_.get(); }
   // Client tokens in the same database.
   TokenStore* tokens() { return tokens_.get(); }
+  // The farm store: records in the same database, NARs beside it.
+  LocalFarmStore* farm_store() { return farm_store_.get(); }
 
   // What the database holds and whether writes are being held back, summed
   // over column families, read from RocksDB's properties (for /metrics).
@@ -78,6 +82,7 @@ class RocksDbStateStore final : public StateStore {
   // Safe while the coordinator runs.
   struct BackupStats {
     uint64_t cas_files = 0;
+    uint64_t nar_files = 0;
     uint64_t sst_bytes = 0;
     bool hard_linked = true;
   };
@@ -90,13 +95,15 @@ class RocksDbStateStore final : public StateStore {
   RocksDbStateStore() = default;
 
   std::unique_ptr<rocksdb::DB> db_;
-  // default, jobs, blobs, blob_meta, results, fod, fod_names, tokens, logs
+  // default, jobs, blobs, blob_meta, results, fod, fod_names, tokens, logs, nars
   std::vector<rocksdb::ColumnFamilyHandle*> handles_;
   bool sync_ = false;
   std::string cas_dir_;
   std::unique_ptr<CasStore> cas_;
   std::unique_ptr<FodCache> fod_cache_;
   std::unique_ptr<TokenStore> tokens_;
+  std::string nar_dir_;
+  std::unique_ptr<LocalFarmStore> farm_store_;
 };
 
 }  // namespace kiln

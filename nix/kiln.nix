@@ -2,7 +2,7 @@
 # client alone (`kiln`, `kiln-push`): what a laptop needs, also on
 # aarch64-darwin, without RocksDB, the metrics server or Nix itself.
 { lib, stdenv, cmake, ninja, pkg-config, protobuf, grpc, abseil-cpp, openssl, nlohmann_json, cli11, curl, libarchive
-, libdeflate, isa-l, rocksdb, prometheus-cpp, civetweb, jemalloc, cliOnly ? false }:
+, libdeflate, zstd, isa-l, rocksdb, prometheus-cpp, civetweb, jemalloc, cliOnly ? false }:
 
 let
   # ISA-L (gzip level "fast") is Linux's: nixpkgs marks it broken on
@@ -21,7 +21,7 @@ stdenv.mkDerivation {
       in !(type == "directory" && lib.elem base [ "build" "build-san" ".git" "result" ]);
   };
   nativeBuildInputs = [ cmake ninja pkg-config protobuf grpc ];
-  buildInputs = [ grpc protobuf abseil-cpp openssl nlohmann_json cli11 curl libarchive libdeflate ]
+  buildInputs = [ grpc protobuf abseil-cpp openssl nlohmann_json cli11 curl libarchive libdeflate zstd ]
     ++ lib.optional withIsal isa-l
     ++ lib.optionals (!cliOnly) [ rocksdb prometheus-cpp civetweb jemalloc ];
   cmakeFlags = [

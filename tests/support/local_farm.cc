@@ -260,17 +260,20 @@ std::string LocalFarm::HostPathOf(const std::string& store_path, size_t* worker)
   return store_path;  // Nowhere: reading it fails, saying so.
 }
 
-ProcessSpec LocalFarm::OnWorkerMachine(size_t index, const std::vector<std::string>& argv) const {
-  ProcessSpec spec;
-  if (!private_stores_) {
-    spec.argv = argv;
-    spec.extra_env = NixTestEnv();
-    return spec;
-  }
+ProcessSpec OnPrivateStore(const std::string& nix_dir, const std::vector<std::string>& argv) {
   std::error_code ec;
-  fs::create_directories(StoreDirOf(index), ec);
-  spec.argv = InPrivateStore(StoreDirOf(index), argv);
+  fs::create_directories(nix_dir, ec);
+  ProcessSpec spec;
+  spec.argv = InPrivateStore(nix_dir, argv);
   spec.extra_env = PrivateStoreNixEnv();
+  return spec;
+}
+
+ProcessSpec LocalFarm::OnWorkerMachine(size_t index, const std::vector<std::string>& argv) const {
+  if (private_stores_) return OnPrivateStore(StoreDirOf(index), argv);
+  ProcessSpec spec;
+  spec.argv = argv;
+  spec.extra_env = NixTestEnv();
   return spec;
 }
 
@@ -288,6 +291,7 @@ absl::Status LocalFarm::StartCoordinator(const std::string& listen) {
   if (!ready.ok()) return ready.status();
   coordinator_address_ = (*ready)["grpc"];
   coordinator_metrics_ = (*ready)["metrics"];
+  cache_address_ = ready->value("cache", "");
   return absl::OkStatus();
 }
 

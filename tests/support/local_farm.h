@@ -60,6 +60,11 @@ JsonBuildOutput ReadJsonBuild(const CommandResult& result);
 // Environment for Nix in tests: offline, flakes on.
 std::vector<std::string> NixTestEnv();
 
+// `argv` as on a machine whose Nix store is `nix_dir` (bind-mounted at /nix
+// in a mount namespace of its own, initialised first), with the tests' Nix
+// environment and no build users: a client or builder with a store of its own.
+ProcessSpec OnPrivateStore(const std::string& nix_dir, const std::vector<std::string>& argv);
+
 // Where the logs of daemons that died badly are copied to:
 // $KILN_KEPT_LOGS_DIR, else $TMPDIR/kiln-kept-logs, else /tmp/kiln-kept-logs.
 std::string KeptLogsRoot();
@@ -101,6 +106,8 @@ class LocalFarm {
 
   const std::string& coordinator_address() const { return coordinator_address_; }
   const std::string& coordinator_metrics() const { return coordinator_metrics_; }
+  // The farm store's binary cache (host:port), with --cache-listen; else "".
+  const std::string& cache_address() const { return cache_address_; }
   const std::vector<std::string>& worker_metrics() const { return worker_metrics_; }
   std::string LogOf(const std::string& daemon) const { return dir_.Sub(daemon + ".log"); }
   const TempDir& dir() const { return dir_; }
@@ -154,6 +161,7 @@ class LocalFarm {
   std::unique_ptr<Daemon> coordinator_;
   std::vector<std::unique_ptr<Daemon>> worker_daemons_;
   std::string coordinator_address_;
+  std::string cache_address_;
   std::string coordinator_metrics_;
   std::vector<std::string> worker_metrics_;
 };

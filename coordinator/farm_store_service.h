@@ -1,0 +1,31 @@
+// FarmStoreService: how workers fill the farm store (see proto store.proto),
+// on gRPC's synchronous API (a thread per upload; nothing touches the
+// strand). Callers need the `worker` scope.
+#pragma once
+
+#include <grpcpp/grpcpp.h>
+
+#include "coordinator/auth.h"
+#include "coordinator/farm_store.h"
+#include "kiln/v1/store.grpc.pb.h"
+
+namespace kiln {
+
+class FarmStoreServiceImpl final : public kiln::v1::FarmStoreService::Service {
+ public:
+  static constexpr size_t kMaxPathsPerQuery = 100000;
+  static constexpr size_t kMaxChunkBytes = size_t{1} << 20;
+
+  FarmStoreServiceImpl(FarmStore* store, const Authorizer* auth) : store_(store), auth_(auth) {}
+
+  grpc::Status QueryMissing(grpc::ServerContext* context, const kiln::v1::QueryMissingRequest* request,
+                            kiln::v1::QueryMissingResponse* response) override;
+  grpc::Status AddPath(grpc::ServerContext* context, grpc::ServerReader<kiln::v1::AddPathChunk>* reader,
+                       kiln::v1::AddPathResponse* response) override;
+
+ private:
+  FarmStore* const store_;
+  const Authorizer* const auth_;
+};
+
+}  // namespace kiln
