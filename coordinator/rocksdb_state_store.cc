@@ -171,6 +171,15 @@ absl::StatusOr<RocksDbStateStore::BackupStats> RocksDbStateStore::Backup(const s
       return absl::InternalError(absl::StrCat("backup: cannot copy ", entry.path().string(), ": ", link_ec.message()));
     ++stats.nar_files;
   }
+  // 4. The farm's signing key (STATE/cache-key.secret), so that clients
+  // trusting it keep trusting a restored coordinator. Owner-only, as there.
+  const fs::path key = fs::path(cas_dir_).parent_path().parent_path() / "cache-key.secret";
+  if (fs::exists(key, ec)) {
+    std::error_code copy_ec;
+    fs::copy_file(key, dest / key.filename(), copy_ec);
+    fs::permissions(dest / key.filename(), fs::perms::owner_read | fs::perms::owner_write, copy_ec);
+    if (copy_ec) return absl::InternalError(absl::StrCat("backup: cannot copy the signing key: ", copy_ec.message()));
+  }
   for (const auto& entry : fs::directory_iterator(checkpoint_dir, ec)) {
     if (entry.path().extension() == ".sst") stats.sst_bytes += entry.file_size(ec);
   }

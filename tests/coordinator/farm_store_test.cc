@@ -16,6 +16,7 @@
 #include "absl/strings/escaping.h"
 #include "common/digest.h"
 #include "common/nix_hash.h"
+#include "coordinator/binary_cache_server.h"
 #include "coordinator/rocksdb_state_store.h"
 #include "tests/support/nar_builder.h"
 #include "tests/support/test_util.h"
@@ -162,6 +163,28 @@ TEST_F(FarmStoreTest, SignedNarInfosVerifyAndASecondKeyReplacesOnlyItsOwnSignatu
   EXPECT_TRUE(VerifySignature(signed_info->Fingerprint(), signed_info->sigs[0], {key->PublicKeyText()}));
   absl::StatusOr<NarInfo> again = SignNarInfo(*signed_info, *key);
   EXPECT_EQ(again->sigs.size(), 1u);
+}
+
+TEST_F(FarmStoreTest, ABackupHoldsTheNarsAndTheSigningKey) {
+  const std::string nar = testing::NarArchive(testing::NarFile("x"));
+  ASSERT_TRUE(AddFromMemory(store(), Announce(kA, nar), nar).ok());
+  absl::StatusOr<SigningKey> key = LoadOrCreateCacheKey(dir_.path());
+  ASSERT_TRUE(key.ok()) << key.status();
+  absl::StatusOr<RocksDbStateStore::BackupStats> backup = state_->Backup(dir_.Sub("backup"));
+  ASSERT_TRUE(backup.ok()) << backup.status();
+  EXPECT_EQ(backup->nar_files, 1u);
+  EXPECT_EQ(testing::ReadFileOrDie(dir_.Sub("backup/cache-key.secret")),
+            testing::ReadFileOrDie(dir_.Sub("cache-key.secret")));
+  EXPECT_EQ(fs::status(dir_.Sub("backup/cache-key.secret")).permissions() & fs::perms::all,
+            fs::perms::owner_read | fs::perms::owner_write);
+  // The backup is a state directory: opened, it serves the same path.
+  state_.reset();
+  auto restored = RocksDbStateStore::Open(dir_.Sub("backup/rocksdb"), /*sync=*/false);
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  absl::StatusOr<NarInfo> info = (*restored)->farm_store()->Get("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa");
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_TRUE((*restored)->farm_store()->NarFile(info->url.substr(4)).ok());
+  EXPECT_EQ(LoadOrCreateCacheKey(dir_.Sub("backup"))->PublicKeyText(), key->PublicKeyText());
 }
 
 }  // namespace
