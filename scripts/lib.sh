@@ -53,9 +53,9 @@ build_kiln() {
   log "building Kiln (CMake + Ninja, $KILN_BUILD)"
   # -g1: line tables and function names (profiles, backtraces) without
   # variables' debug info, which was a fifth of the compile time. A unity
-  # build (8 sources per unit) takes a third less again; the sanitizer build
-  # (scripts/sanitize) compiles every source on its own, so a missing
-  # include still fails CI.
+  # build (8 sources per unit) takes a sixth to a third less again (5m15
+  # against 6m15 for this tree on 2 cores). CI's three trees are all unity
+  # builds; a missing include shows in a plain CMake build (the default).
   cmake -S "$KILN_ROOT" -B "$KILN_BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
     -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O2 -g1 -DNDEBUG" \
     -DCMAKE_UNITY_BUILD=ON -DCMAKE_UNITY_BUILD_BATCH_SIZE=8 >/dev/null
