@@ -22,6 +22,8 @@
 source "$(dirname "$0")/../scripts/lib.sh"
 ensure_deps >&2
 build_kiln >&2
+# The glibc-malloc coordinator is not in the default build.
+ninja -C "$KILN_BUILD" kiln-coordinator-glibc 2>/dev/null | grep -v '^\[' >&2 || true
 
 workers=${BENCH_WORKERS:-1000}
 jobs=${BENCH_JOBS:-100000}
