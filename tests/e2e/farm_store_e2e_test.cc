@@ -6,6 +6,7 @@
 // tampered with on the coordinator's disk, are refused by Nix itself.
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
+#include <signal.h>
 
 #include <nlohmann/json.hpp>
 
@@ -170,6 +171,52 @@ TEST_F(FarmStoreE2eTest, ANarTamperedWithOnTheFarmsDiskIsRefusedByTheClient) {
   // disk, unregistered).
   EXPECT_FALSE(RunOrFail(testing::OnPrivateStore(work_.Sub("client-nix"), {"nix-store", "--check-validity", paths_[0]}))
                    .exit.Success());
+}
+
+TEST_F(FarmStoreE2eTest, ACoordinatorKilledMidUploadShowsNoPathAndTakesTheNextUpload) {
+  // Half of a NAR sent, then `kill -9`.
+  CommandResult info = RunOrFail(testing::OnPrivateStore(builder_store_, {"nix", "path-info", "--json", paths_[0]}));
+  const nlohmann::json j = nlohmann::json::parse(info.stdout_data)[0];
+  const std::string nar =
+      RunOrFail(testing::OnPrivateStore(builder_store_, {"nix-store", "--dump", paths_[0]})).stdout_data;
+  {
+    grpc::ClientContext context;
+    kiln::v1::AddPathResponse response;
+    auto writer = stub_->AddPath(&context, &response);
+    kiln::v1::AddPathChunk first;
+    first.mutable_info()->set_store_path(paths_[0]);
+    first.mutable_info()->set_nar_hash(j["narHash"].get<std::string>());
+    first.mutable_info()->set_nar_size(j["narSize"].get<uint64_t>());
+    first.set_nar(nar.substr(0, nar.size() / 2));
+    ASSERT_TRUE(writer->Write(first));
+    // The coordinator has taken the first half in (its upload file exists).
+    const fs::path nar_dir = fs::path(farm_.dir().Sub("coordinator")) / "rocksdb" / "nar";
+    bool started = false;
+    for (int i = 0; i < 200 && !started; ++i) {
+      std::error_code ec;
+      for (const auto& e : fs::directory_iterator(nar_dir, ec))
+        started |= absl::StartsWith(e.path().filename().string(), ".upload-");
+      if (!started) absl::SleepFor(absl::Milliseconds(10));
+    }
+    ASSERT_TRUE(started) << "the upload never began";
+    farm_.KillCoordinator(SIGKILL);
+    context.TryCancel();
+  }
+  ASSERT_TRUE(farm_.RestartCoordinator().ok());
+  stub_ = kiln::v1::FarmStoreService::NewStub(MakeChannel(farm_.coordinator_address()));
+  // Nothing of it is visible, nothing of it is left on disk.
+  grpc::ClientContext context;
+  kiln::v1::QueryMissingRequest query;
+  query.add_store_paths(paths_[0]);
+  kiln::v1::QueryMissingResponse missing;
+  ASSERT_TRUE(stub_->QueryMissing(&context, query, &missing).ok());
+  EXPECT_EQ(missing.missing_size(), 1);
+  const fs::path nar_dir = fs::path(farm_.dir().Sub("coordinator")) / "rocksdb" / "nar";
+  EXPECT_TRUE(fs::is_empty(nar_dir));
+  kiln::v1::AddPathResponse response;
+  grpc::Status again = Add(paths_[0], &response);
+  ASSERT_TRUE(again.ok()) << again.error_message();
+  EXPECT_FALSE(response.already_held());
 }
 
 }  // namespace
