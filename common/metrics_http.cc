@@ -20,12 +20,16 @@
 namespace kiln {
 namespace {
 
-void Respond(mg_connection* conn, int status, const char* content_type, const std::string& body) {
+constexpr char kPlainText[] = "text/plain; charset=utf-8";
+
+}  // namespace
+
+void RespondHttp(mg_connection* conn, int status, const char* content_type, const std::string& body, bool cacheable) {
   mg_response_header_start(conn, status);
   mg_response_header_add(conn, "Content-Type", content_type, -1);
   const std::string length = std::to_string(body.size());
   mg_response_header_add(conn, "Content-Length", length.c_str(), -1);
-  mg_response_header_add(conn, "Cache-Control", "no-store", -1);
+  if (!cacheable) mg_response_header_add(conn, "Cache-Control", "no-store", -1);
   mg_response_header_send(conn);
   const mg_request_info* request = mg_get_request_info(conn);
   const bool head =
@@ -33,24 +37,15 @@ void Respond(mg_connection* conn, int status, const char* content_type, const st
   if (!head && !body.empty()) mg_write(conn, body.data(), body.size());
 }
 
-constexpr char kPlainText[] = "text/plain; charset=utf-8";
-
-}  // namespace
-
-absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
-    const std::string& address, std::vector<std::shared_ptr<prometheus::Collectable>> collectables,
-    ReadinessCheck readiness) {
+absl::StatusOr<mg_context*> StartCivetweb(const std::string& address, int threads, absl::string_view what,
+                                          std::string* bound_address) {
   absl::StatusOr<HostPort> hp = ParseHostPort(address);
   if (!hp.ok()) return hp.status();
   static std::once_flag init_once;
   std::call_once(init_once, [] { mg_init_library(0); });
-
-  auto server = std::unique_ptr<MetricsHttpServer>(new MetricsHttpServer());
-  server->collectables_ = std::move(collectables);
-  server->readiness_ = std::move(readiness);
-
-  // Two threads: a scrape and a probe never wait for each other.
-  const char* options[] = {"listening_ports", address.c_str(), "num_threads", "2", "enable_keep_alive", "yes", nullptr};
+  const std::string thread_count = std::to_string(threads);
+  const char* options[] = {"listening_ports",   address.c_str(), "num_threads", thread_count.c_str(),
+                           "enable_keep_alive", "yes",           nullptr};
   mg_callbacks callbacks = {};
   mg_init_data init = {};
   init.callbacks = &callbacks;
@@ -61,20 +56,29 @@ absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
   error.code = &error_code;
   error.text = error_text;
   error.text_buffer_size = sizeof(error_text);
-  server->context_ = mg_start2(&init, &error);
-  if (server->context_ == nullptr) {
-    return absl::UnavailableError(absl::StrCat("cannot serve metrics on ", address, ": ", error_text));
+  mg_context* context = mg_start2(&init, &error);
+  if (context == nullptr) {
+    return absl::UnavailableError(absl::StrCat("cannot serve ", what, " on ", address, ": ", error_text));
   }
+  mg_server_port ports[4] = {};
+  const int count = mg_get_server_ports(context, 4, ports);
+  *bound_address = FormatHostPort(hp->host, count > 0 ? ports[0].port : hp->port);
+  return context;
+}
+
+absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
+    const std::string& address, std::vector<std::shared_ptr<prometheus::Collectable>> collectables,
+    ReadinessCheck readiness) {
+  auto server = std::unique_ptr<MetricsHttpServer>(new MetricsHttpServer());
+  server->collectables_ = std::move(collectables);
+  server->readiness_ = std::move(readiness);
+  // Two threads: a scrape and a probe never wait for each other.
+  absl::StatusOr<mg_context*> context = StartCivetweb(address, 2, "metrics", &server->bound_address_);
+  if (!context.ok()) return context.status();
+  server->context_ = *context;
   mg_set_request_handler(server->context_, "/metrics$", &MetricsHttpServer::HandleMetrics, server.get());
   mg_set_request_handler(server->context_, "/healthz$", &MetricsHttpServer::HandleHealthz, server.get());
   mg_set_request_handler(server->context_, "/readyz$", &MetricsHttpServer::HandleReadyz, server.get());
-
-  mg_server_port ports[4] = {};
-  const int count = mg_get_server_ports(server->context_, 4, ports);
-  const int port = count > 0 ? ports[0].port : hp->port;
-  server->bound_address_ = FormatHostPort(hp->host, port);
-  server->host_ = hp->host;
-  server->port_ = port;
   return server;
 }
 
@@ -99,25 +103,29 @@ void Knock(const std::string& host, int port) {
 
 }  // namespace
 
-MetricsHttpServer::~MetricsHttpServer() {
-  if (context_ == nullptr) return;
-  // mg_stop waits for handlers in flight, which use this object, and for
-  // civetweb's listening thread, which looks at its stop flag only between
-  // polls of up to 2 s. A connection ends such a poll, so knock until
+void StopCivetweb(mg_context* context, const std::string& bound_address) {
+  if (context == nullptr) return;
+  // mg_stop waits for handlers in flight, which use their server object, and
+  // for civetweb's listening thread, which looks at its stop flag only
+  // between polls of up to 2 s. A connection ends such a poll, so knock until
   // mg_stop returns: a daemon then stops in milliseconds, not seconds.
+  absl::StatusOr<HostPort> hp = ParseHostPort(bound_address);
   absl::Notification stopped;
   std::thread knocker([&] {
-    std::string host = host_;
+    if (!hp.ok()) return;
+    std::string host = hp->host;
     if (host.empty() || host == "0.0.0.0") host = "127.0.0.1";
     if (host == "::") host = "::1";
     for (int i = 0; i < 150 && !stopped.WaitForNotificationWithTimeout(absl::Milliseconds(20)); ++i) {
-      Knock(host, port_);
+      Knock(host, hp->port);
     }
   });
-  mg_stop(context_);
+  mg_stop(context);
   stopped.Notify();
   knocker.join();
 }
+
+MetricsHttpServer::~MetricsHttpServer() { StopCivetweb(context_, bound_address_); }
 
 int MetricsHttpServer::HandleMetrics(mg_connection* conn, void* self) {
   auto* server = static_cast<MetricsHttpServer*>(self);
@@ -128,13 +136,13 @@ int MetricsHttpServer::HandleMetrics(mg_connection* conn, void* self) {
   }
   const std::string body = prometheus::TextSerializer().Serialize(families);
   // The exposition format's content type, version 0.0.4.
-  Respond(conn, 200, "text/plain; version=0.0.4; charset=utf-8", body);
+  RespondHttp(conn, 200, "text/plain; version=0.0.4; charset=utf-8", body);
   return 200;
 }
 
 int MetricsHttpServer::HandleHealthz(mg_connection* conn, void*) {
   // Alive: the process answers. Whether it can work is /readyz's question.
-  Respond(conn, 200, kPlainText, "ok\n");
+  RespondHttp(conn, 200, kPlainText, "ok\n");
   return 200;
 }
 
@@ -142,10 +150,10 @@ int MetricsHttpServer::HandleReadyz(mg_connection* conn, void* self) {
   auto* server = static_cast<MetricsHttpServer*>(self);
   absl::Status ready = server->readiness_ ? server->readiness_() : absl::OkStatus();
   if (ready.ok()) {
-    Respond(conn, 200, kPlainText, "ready\n");
+    RespondHttp(conn, 200, kPlainText, "ready\n");
     return 200;
   }
-  Respond(conn, 503, kPlainText, absl::StrCat("not ready: ", ready.message(), "\n"));
+  RespondHttp(conn, 503, kPlainText, absl::StrCat("not ready: ", ready.message(), "\n"));
   return 503;
 }
 

@@ -13,11 +13,24 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 struct mg_context;
 struct mg_connection;
 
 namespace kiln {
+
+// The civetweb plumbing the daemons' HTTP listeners share (this one and the
+// coordinator's binary cache). StartCivetweb binds `address` with `threads`
+// handler threads (`what` names the listener in errors) and gives the
+// host:port bound; StopCivetweb stops it without waiting out civetweb's
+// poll of up to 2 s; RespondHttp answers a request whole (no body for HEAD;
+// `cacheable` false adds Cache-Control: no-store).
+absl::StatusOr<mg_context*> StartCivetweb(const std::string& address, int threads, absl::string_view what,
+                                          std::string* bound_address);
+void StopCivetweb(mg_context* context, const std::string& bound_address);
+void RespondHttp(mg_connection* conn, int status, const char* content_type, const std::string& body,
+                 bool cacheable = false);
 
 class MetricsHttpServer {
  public:
@@ -46,8 +59,6 @@ class MetricsHttpServer {
   ReadinessCheck readiness_;
   mg_context* context_ = nullptr;
   std::string bound_address_;
-  std::string host_;  // As given, without brackets.
-  int port_ = 0;
 };
 
 }  // namespace kiln

@@ -8,12 +8,12 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
-#include <mutex>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/strip.h"
+#include "common/metrics_http.h"
 #include "common/net.h"
 #include "common/status_macros.h"
 
@@ -21,19 +21,10 @@ namespace kiln {
 namespace {
 
 constexpr char kKeyFile[] = "cache-key.secret";
+// The cache's answers carry no Cache-Control: no-store (clients keep their own
+// narinfo cache); only the metrics listener says no-store.
+constexpr bool kCacheable = true;
 constexpr char kCacheInfo[] = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n";
-
-void Respond(mg_connection* conn, int status, const char* content_type, const std::string& body) {
-  mg_response_header_start(conn, status);
-  mg_response_header_add(conn, "Content-Type", content_type, -1);
-  const std::string length = std::to_string(body.size());
-  mg_response_header_add(conn, "Content-Length", length.c_str(), -1);
-  mg_response_header_send(conn);
-  const mg_request_info* request = mg_get_request_info(conn);
-  const bool head =
-      request != nullptr && request->request_method != nullptr && std::string_view(request->request_method) == "HEAD";
-  if (!head && !body.empty()) mg_write(conn, body.data(), body.size());
-}
 
 absl::Status WriteKeyFile(const std::string& path, const std::string& text) {
   // Created 0600 before a byte is written: the secret is never readable by
@@ -95,35 +86,14 @@ absl::StatusOr<std::unique_ptr<BinaryCacheServer>> BinaryCacheServer::Start(cons
     return absl::InvalidArgumentError(
         absl::StrCat("--cache-listen=", address, ": the binary cache serves loopback only (no TLS yet)"));
   }
-  static std::once_flag init_once;
-  std::call_once(init_once, [] { mg_init_library(0); });
   auto server = std::unique_ptr<BinaryCacheServer>(new BinaryCacheServer(store, std::move(key)));
   // Nix fetches narinfos and NARs in parallel (http-connections = 25).
-  const char* options[] = {"listening_ports", address.c_str(), "num_threads", "8", "enable_keep_alive", "yes", nullptr};
-  mg_callbacks callbacks = {};
-  mg_init_data init = {};
-  init.callbacks = &callbacks;
-  init.configuration_options = options;
-  char error_text[256] = {};
-  unsigned error_code = 0;
-  mg_error_data error = {};
-  error.code = &error_code;
-  error.text = error_text;
-  error.text_buffer_size = sizeof(error_text);
-  server->context_ = mg_start2(&init, &error);
-  if (server->context_ == nullptr) {
-    return absl::UnavailableError(absl::StrCat("cannot serve the binary cache on ", address, ": ", error_text));
-  }
+  ASSIGN_OR_RETURN(server->context_, StartCivetweb(address, 8, "the binary cache", &server->address_));
   mg_set_request_handler(server->context_, "/", &BinaryCacheServer::Handle, server.get());
-  mg_server_port ports[4] = {};
-  const int count = mg_get_server_ports(server->context_, 4, ports);
-  server->address_ = FormatHostPort(hp.host, count > 0 ? ports[0].port : hp.port);
   return server;
 }
 
-BinaryCacheServer::~BinaryCacheServer() {
-  if (context_ != nullptr) mg_stop(context_);
-}
+BinaryCacheServer::~BinaryCacheServer() { StopCivetweb(context_, address_); }
 
 int BinaryCacheServer::Handle(mg_connection* conn, void* self) {
   return static_cast<BinaryCacheServer*>(self)->Serve(conn);
@@ -134,38 +104,38 @@ int BinaryCacheServer::Serve(mg_connection* conn) {
   const std::string method = request->request_method != nullptr ? request->request_method : "";
   const std::string uri = request->local_uri != nullptr ? request->local_uri : "";
   if (method != "GET" && method != "HEAD") {
-    Respond(conn, 405, "text/plain", "only GET and HEAD\n");
+    RespondHttp(conn, 405, "text/plain", "only GET and HEAD\n", kCacheable);
     return 405;
   }
   if (uri == "/nix-cache-info") {
-    Respond(conn, 200, "text/x-nix-cache-info", kCacheInfo);
+    RespondHttp(conn, 200, "text/x-nix-cache-info", kCacheInfo, kCacheable);
     return 200;
   }
   if (absl::EndsWith(uri, ".narinfo") && uri.find('/', 1) == std::string::npos) {
     const std::string hash_part(absl::StripSuffix(absl::StripPrefix(uri, "/"), ".narinfo"));
     absl::StatusOr<NarInfo> info = store_->Get(hash_part);
     if (absl::IsNotFound(info.status())) {
-      Respond(conn, 404, "text/plain", "not in the farm store\n");
+      RespondHttp(conn, 404, "text/plain", "not in the farm store\n", kCacheable);
       return 404;
     }
     if (info.ok()) info = SignNarInfo(*std::move(info), key_);
     if (!info.ok()) {
-      Respond(conn, 500, "text/plain", std::string(info.status().message()) + "\n");
+      RespondHttp(conn, 500, "text/plain", std::string(info.status().message()) + "\n", kCacheable);
       return 500;
     }
-    Respond(conn, 200, "text/x-nix-narinfo", info->Render());
+    RespondHttp(conn, 200, "text/x-nix-narinfo", info->Render(), kCacheable);
     return 200;
   }
   if (absl::StartsWith(uri, "/nar/")) {
     absl::StatusOr<std::string> file = store_->NarFile(uri.substr(5));
     if (!file.ok()) {
-      Respond(conn, 404, "text/plain", "no such NAR\n");
+      RespondHttp(conn, 404, "text/plain", "no such NAR\n", kCacheable);
       return 404;
     }
     mg_send_mime_file(conn, file->c_str(), "application/x-nix-nar");
     return 200;
   }
-  Respond(conn, 404, "text/plain", "not found\n");
+  RespondHttp(conn, 404, "text/plain", "not found\n", kCacheable);
   return 404;
 }
 
