@@ -81,7 +81,10 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
                                                           CasServiceLimits{}, auth);
   server->fod_service_ =
       std::make_unique<FodServiceImpl>(server->store_->fod_cache(), server->coordinator_metrics_.get(), auth);
-  server->farm_store_service_ = std::make_unique<FarmStoreServiceImpl>(server->store_->farm_store(), auth);
+  // The farm's signing key, made at first start: workers are handed it for
+  // their Nix, and the binary cache signs with it.
+  ASSIGN_OR_RETURN(SigningKey cache_key, LoadOrCreateCacheKey(options.state_dir));
+  server->farm_store_service_ = std::make_unique<FarmStoreServiceImpl>(server->store_->farm_store(), cache_key, auth);
   server->coordinator_metrics_->fod_entries.Set(static_cast<double>(server->store_->fod_cache()->size()));
   // Standard gRPC tooling: the health-checking service (load balancers,
   // grpc_health_probe) and server reflection (grpcurl, grpc_cli).
@@ -132,10 +135,9 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   });
 
   if (!options.cache_listen.empty()) {
-    ASSIGN_OR_RETURN(SigningKey key, LoadOrCreateCacheKey(options.state_dir));
-    const std::string public_key = key.PublicKeyText();
+    const std::string public_key = cache_key.PublicKeyText();
     ASSIGN_OR_RETURN(server->cache_,
-                     BinaryCacheServer::Start(options.cache_listen, server->store_->farm_store(), std::move(key)));
+                     BinaryCacheServer::Start(options.cache_listen, server->store_->farm_store(), cache_key));
     LogInfo("coordinator", "farm store served as a Nix binary cache on http://", server->cache_->address(),
             " (trusted-public-keys = ", public_key, ")");
   }

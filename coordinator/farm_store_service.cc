@@ -1,6 +1,10 @@
 #include "coordinator/farm_store_service.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 
 #include "absl/strings/match.h"
@@ -86,6 +90,53 @@ grpc::Status FarmStoreServiceImpl::AddPath(grpc::ServerContext* context,
     return n;
   });
   return ToGrpcStatus(status);
+}
+
+grpc::Status FarmStoreServiceImpl::GetCacheInfo(grpc::ServerContext* context, const kiln::v1::GetCacheInfoRequest*,
+                                                kiln::v1::CacheInfo* response) {
+  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kWorker);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
+  response->set_public_key(key_.PublicKeyText());
+  return grpc::Status::OK;
+}
+
+grpc::Status FarmStoreServiceImpl::GetNarInfo(grpc::ServerContext* context, const kiln::v1::GetNarInfoRequest* request,
+                                              kiln::v1::GetNarInfoResponse* response) {
+  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kWorker);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
+  absl::StatusOr<NarInfo> info = store_->Get(request->hash_part());
+  if (info.ok()) info = SignNarInfo(*std::move(info), key_);
+  if (!info.ok()) return ToGrpcStatus(info.status());
+  response->set_narinfo(info->Render());
+  return grpc::Status::OK;
+}
+
+grpc::Status FarmStoreServiceImpl::GetNar(grpc::ServerContext* context, const kiln::v1::GetNarRequest* request,
+                                          grpc::ServerWriter<kiln::v1::NarChunk>* writer) {
+  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kWorker);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
+  absl::StatusOr<std::string> file = store_->NarFile(request->name());
+  if (!file.ok()) return ToGrpcStatus(file.status());
+  const int fd = ::open(file->c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    return grpc::Status(grpc::StatusCode::NOT_FOUND, absl::StrCat("no NAR ", request->name()));
+  }
+  struct Closer {
+    int fd;
+    ~Closer() { ::close(fd); }
+  } closer{fd};
+  kiln::v1::NarChunk chunk;
+  std::string& data = *chunk.mutable_data();
+  while (!context->IsCancelled()) {
+    data.resize(kMaxChunkBytes);
+    const ssize_t n = ::read(fd, data.data(), data.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return grpc::Status(grpc::StatusCode::INTERNAL, absl::StrCat("cannot read ", request->name()));
+    if (n == 0) return grpc::Status::OK;
+    data.resize(static_cast<size_t>(n));
+    if (!writer->Write(chunk)) return grpc::Status(grpc::StatusCode::CANCELLED, "the reader went away");
+  }
+  return grpc::Status(grpc::StatusCode::CANCELLED, "the reader went away");
 }
 
 }  // namespace kiln

@@ -1,4 +1,5 @@
 // FarmStoreService: how workers fill the farm store (see proto store.proto),
+// and how a worker's Nix reads it (through the worker's relay),
 // on gRPC's synchronous API (a thread per upload; nothing touches the
 // strand). Callers need the `worker` scope.
 #pragma once
@@ -6,6 +7,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "coordinator/auth.h"
+#include "common/narinfo.h"
 #include "coordinator/farm_store.h"
 #include "kiln/v1/store.grpc.pb.h"
 
@@ -16,15 +18,24 @@ class FarmStoreServiceImpl final : public kiln::v1::FarmStoreService::Service {
   static constexpr size_t kMaxPathsPerQuery = 100000;
   static constexpr size_t kMaxChunkBytes = size_t{1} << 20;
 
-  FarmStoreServiceImpl(FarmStore* store, const Authorizer* auth) : store_(store), auth_(auth) {}
+  // `key` signs the narinfos GetNarInfo returns.
+  FarmStoreServiceImpl(FarmStore* store, SigningKey key, const Authorizer* auth)
+      : store_(store), key_(std::move(key)), auth_(auth) {}
 
   grpc::Status QueryMissing(grpc::ServerContext* context, const kiln::v1::QueryMissingRequest* request,
                             kiln::v1::QueryMissingResponse* response) override;
   grpc::Status AddPath(grpc::ServerContext* context, grpc::ServerReader<kiln::v1::AddPathChunk>* reader,
                        kiln::v1::AddPathResponse* response) override;
+  grpc::Status GetCacheInfo(grpc::ServerContext* context, const kiln::v1::GetCacheInfoRequest* request,
+                            kiln::v1::CacheInfo* response) override;
+  grpc::Status GetNarInfo(grpc::ServerContext* context, const kiln::v1::GetNarInfoRequest* request,
+                          kiln::v1::GetNarInfoResponse* response) override;
+  grpc::Status GetNar(grpc::ServerContext* context, const kiln::v1::GetNarRequest* request,
+                      grpc::ServerWriter<kiln::v1::NarChunk>* writer) override;
 
  private:
   FarmStore* const store_;
+  const SigningKey key_;
   const Authorizer* const auth_;
 };
 

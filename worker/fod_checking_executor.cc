@@ -269,9 +269,12 @@ void FodCheckingExecutor::CheckAndBuild(Job& job, Step* build, kiln::v1::BuildRe
       suspects.push_back(i);
     }
   }
-  // Only a suspect whose output Nix holds needs a check of its own: the
-  // build computes and checks the others (and replaces what a failed build
-  // may have left at their paths).
+  // A suspect whose output Nix holds is rebuilt to check it. One it does
+  // not hold must not simply be fetched: a substituter (the farm store
+  // first) has the output of the old inputs under the same hash, and the
+  // job would use it unchecked. So it is realised first — built, which
+  // computes its hash, or substituted — and then rebuilt if substituted.
+  std::vector<size_t> absent_suspects;
   if (!suspects.empty()) {
     std::vector<std::string> outputs;
     for (size_t i : suspects) outputs.push_back(fods[i].fod.output_path);
@@ -280,6 +283,9 @@ void FodCheckingExecutor::CheckAndBuild(Job& job, Step* build, kiln::v1::BuildRe
       result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
       result.set_error_message(std::string(valid.status().message()));
       return;
+    }
+    for (size_t i : suspects) {
+      if (!valid->contains(fods[i].fod.output_path)) absent_suspects.push_back(i);
     }
     std::erase_if(suspects, [&](size_t i) { return !valid->contains(fods[i].fod.output_path); });
   }
@@ -307,8 +313,33 @@ void FodCheckingExecutor::CheckAndBuild(Job& job, Step* build, kiln::v1::BuildRe
     return;
   }
 
-  // 4. Suspected stale hashes whose output is here: rebuild to verify, on
-  // the slots of the job's build (which waits meanwhile).
+  // 4. Suspected stale hashes: those not here are realised, then those
+  // that came from a substituter, and those that were here, are rebuilt to
+  // verify; on the slots of the job's build (which waits meanwhile).
+  if (!absent_suspects.empty()) {
+    BuildRequest request = StepOf(job.request, BuildRequest::Step::kDerivations);
+    request.keep_going = true;
+    request.share_slots_of = build != nullptr ? build->inner_id : 0;
+    for (size_t i : absent_suspects) request.drv_paths.push_back(fods[i].drv_path);
+    NixRunReport nix;
+    kiln::v1::BuildResult realised = RunStep(job, std::move(request), &nix);
+    if (Cancelled(job)) return;
+    std::vector<kiln::v1::FodOutcome> outcomes = Harvest(job, index, nix, "build", result);
+    Record(job, outcomes);
+    if (result.hash_mismatches_size() > 0) {
+      for (const auto& m : result.hash_mismatches()) messages.push_back(DescribeMismatch(m, ""));
+      result.set_code(kiln::v1::RESULT_CODE_BUILD_FAILED);
+      result.set_error_message(absl::StrJoin(messages, "\n"));
+      return;
+    }
+    if (realised.code() != kiln::v1::RESULT_CODE_SUCCEEDED) return FailWith(realised, result);
+    // Built here: its hash was computed and checked. Substituted: check it.
+    absl::flat_hash_set<std::string> built;
+    for (const NixRunReport::Built& b : nix.built) built.insert(b.drv_path);
+    for (size_t i : absent_suspects) {
+      if (!built.contains(fods[i].drv_path)) suspects.push_back(i);
+    }
+  }
   if (!suspects.empty()) {
     BuildRequest request = StepOf(job.request, BuildRequest::Step::kDerivations);
     request.rebuild = true;

@@ -1,7 +1,7 @@
 // LocalStore: what the layers above Nix read of the worker's own Nix store.
 // The real one asks Nix (`nix-store --check-validity`) and reads .drv files;
-// tests substitute a fake. The farm store's uploads and fetches will be
-// further questions here.
+// tests substitute a fake. What the farm store's uploads read (path
+// infos, NARs) comes through here too.
 //
 // Thread-safe.
 #pragma once
@@ -13,6 +13,8 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/statusor.h"
 #include "common/derivation.h"
+#include "common/nar_dump.h"
+#include "kiln/v1/store.pb.h"
 
 namespace kiln {
 
@@ -23,7 +25,16 @@ class LocalStore {
   virtual absl::StatusOr<std::vector<ClosureFod>> FixedOutputsOfClosure(const std::string& drv) = 0;
   // The valid store paths among `paths` (see worker/nix_store_validity.h).
   virtual absl::StatusOr<absl::flat_hash_set<std::string>> ValidPaths(const std::vector<std::string>& paths) = 0;
+  // What the store records of every path in the closure of `roots` (valid
+  // paths; an invalid root is an error).
+  virtual absl::StatusOr<std::vector<kiln::v1::PathInfo>> ClosureInfos(const std::vector<std::string>& roots) = 0;
+  // The NAR of a valid path.
+  virtual absl::Status DumpNar(const std::string& path, NarSink sink) = 0;
 };
+
+// Reads `nix path-info --json` output (Nix 2.8: a JSON array of objects with
+// path, narHash, narSize, references, deriver, ca).
+absl::StatusOr<std::vector<kiln::v1::PathInfo>> ParsePathInfoJson(absl::string_view json);
 
 class NixLocalStore final : public LocalStore {
  public:
@@ -32,8 +43,13 @@ class NixLocalStore final : public LocalStore {
 
   absl::StatusOr<std::vector<ClosureFod>> FixedOutputsOfClosure(const std::string& drv) override;
   absl::StatusOr<absl::flat_hash_set<std::string>> ValidPaths(const std::vector<std::string>& paths) override;
+  // `nix path-info --json --recursive`, one process for the closure.
+  absl::StatusOr<std::vector<kiln::v1::PathInfo>> ClosureInfos(const std::vector<std::string>& roots) override;
+  // Written from the file system (common/nar_dump.h): no process per path.
+  absl::Status DumpNar(const std::string& path, NarSink sink) override;
 
  private:
+  const std::string nix_binary_;
   const std::string nix_store_binary_;
   const std::vector<std::pair<std::string, std::string>> options_;
 };

@@ -23,6 +23,9 @@
 #include "common/net.h"
 #include "common/subprocess.h"
 #include "common/tls.h"
+#include "worker/farm_cache_relay.h"
+#include "worker/farm_store_client.h"
+#include "worker/farm_uploading_executor.h"
 #include "worker/fod_checking_executor.h"
 #include "worker/fod_oracle.h"
 #include "push/layer_gzip.h"
@@ -62,6 +65,7 @@ struct Flags {
   std::string log_level = "info";
   std::string log_format = "text";
   int64_t blob_cache_mb = 10240;
+  bool farm_store = true;
 };
 
 void AddOptions(CLI::App& app, Flags& flags) {
@@ -116,6 +120,9 @@ void AddOptions(CLI::App& app, Flags& flags) {
   app.add_option("--log-format", flags.log_format, "text, or json: one JSON object per line")->capture_default_str();
   app.add_option("--blob-cache-mb", flags.blob_cache_mb,
                  "Source blobs kept in WORK_DIR/cas between builds, in MiB; least recently used go first (0: none)")
+      ->capture_default_str();
+  app.add_option("--farm-store", flags.farm_store,
+                 "Send what builds produce to the coordinator's farm store and substitute from it (false: neither)")
       ->capture_default_str();
 }
 
@@ -274,8 +281,19 @@ int main(int argc, char** argv) {
 
   // Every build's fixed-output derivations are checked against the fleet's
   // FOD cache, and what builds find is recorded there.
-  kiln::GrpcFodOracle fod_oracle(kiln::MakeChannel(options.coordinator, options.credentials, options.token),
-                                 options.name);
+  const std::shared_ptr<grpc::Channel> channel =
+      kiln::MakeChannel(options.coordinator, options.credentials, options.token);
+  kiln::GrpcFodOracle fod_oracle(channel, options.name);
+  // The farm store: builds substitute from it through a relay on 127.0.0.1
+  // (worker/farm_cache_relay.h) and send it what they build.
+  kiln::GrpcFarmStoreClient farm_store(channel);
+  std::unique_ptr<kiln::FarmCacheRelay> relay;
+  if (flags.farm_store) {
+    absl::StatusOr<std::unique_ptr<kiln::FarmCacheRelay>> started = kiln::FarmCacheRelay::Start(&farm_store);
+    if (!started.ok()) return Fail(std::string(started.status().message()));
+    relay = *std::move(started);
+    nix.adjust_options = [r = relay.get()](const kiln::NixOptionList& o) { return r->NixOptionsFor(o); };
+  }
   kiln::NixLocalStore local_store(nix.nix_binary, nix.options);
   nix.scratch_dir = options.work_dir;
   nix.process_ledger_dir = process_ledger_dir;
@@ -289,12 +307,15 @@ int main(int argc, char** argv) {
   push_options.parallel = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   kiln::RegistryPublisher publisher(push_options, &metrics);
 
-  // The executor stack, innermost first: Nix, FOD checks, image publishing.
+  // The executor stack, innermost first: Nix, FOD checks, the farm store
+  // upload, image publishing.
   // It outlives the agent: the agent's Stop() waits for the builds it
   // cancels to report back through it.
   kiln::NixBuildExecutor nix_executor(nix);
   kiln::FodCheckingExecutor fod_checking(&nix_executor, &fod_oracle, &local_store);
-  kiln::PublishingExecutor executor(&fod_checking, &publisher);
+  kiln::FarmUploadingExecutor uploading(&fod_checking, &local_store, &farm_store);
+  kiln::PublishingExecutor executor(flags.farm_store ? static_cast<kiln::BuildExecutor*>(&uploading) : &fod_checking,
+                                    &publisher);
   kiln::WorkerAgent agent(options, &executor, &metrics);
   kiln::LogInfo("worker", options.name, ": ", options.max_jobs, " slot(s), ", nix.cores,
                 " core(s) per derivation, metrics on http://", (*metrics_server)->address(), "/metrics, coordinator ",

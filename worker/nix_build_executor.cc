@@ -95,7 +95,8 @@ std::vector<std::string> NixBuildExecutor::NixArgv(absl::string_view command, in
   // Before the operator's `--option`s, which may override them.
   if (max_jobs > 0) argv.insert(argv.end(), {"--max-jobs", absl::StrCat(max_jobs)});
   if (max_jobs > 0 && options_.cores > 0) argv.insert(argv.end(), {"--cores", absl::StrCat(options_.cores)});
-  for (const auto& [name, value] : options_.options) {
+  for (const auto& [name, value] :
+       options_.adjust_options ? options_.adjust_options(options_.options) : options_.options) {
     argv.insert(argv.end(), {"--option", name, value});
   }
   return argv;

@@ -14,6 +14,7 @@
 
 #include <atomic>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -42,6 +43,12 @@ struct NixOptions {
   int cores = 0;
   // Passed as `--option NAME VALUE` to every build, e.g. {"substituters", ""}.
   std::vector<std::pair<std::string, std::string>> options;
+  // When set, what each Nix command is given instead of `options`, worked
+  // out from them as it starts (the farm store's relay adds itself as a
+  // substituter once it knows the farm's key). May block briefly.
+  std::function<std::vector<std::pair<std::string, std::string>>(
+      const std::vector<std::pair<std::string, std::string>>&)>
+      adjust_options;
   // Where the named pipes of handed-over builds are made.
   std::string scratch_dir = "/tmp";
   // Where the running Nix processes are listed (see ProcessSupervisor), so

@@ -16,6 +16,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
+#include "common/nar_dump.h"
 #include "common/narinfo.h"
 #include "common/nix_hash.h"
 #include "common/subprocess.h"
@@ -75,6 +76,59 @@ TEST(NarTest, ReadsWhatNixDumpsWithTheHashAndSizeNixRecords) {
   EXPECT_EQ(nar->directories, 3u);
   EXPECT_EQ(nar->symlinks, 1u);
   EXPECT_EQ(nar->content_bytes, 6u + 7u + 0u + 19u);
+}
+
+TEST(NarDumpTest, DumpsAStorePathByteForByteAsNixDoes) {
+  testing::TempDir dir;
+  const std::string path = AddTreeToStore(dir);
+  ASSERT_TRUE(absl::StartsWith(path, "/nix/store/")) << path;
+  absl::StatusOr<CommandResult> dump =
+      RunCommand({.argv = {"nix-store", "--dump", path}, .extra_env = NixEnv(), .cwd = ""});
+  ASSERT_TRUE(dump.ok() && dump->exit.Success());
+  std::string ours;
+  size_t pieces = 0;
+  ASSERT_TRUE(DumpPathAsNar(path, [&](absl::string_view bytes) {
+                ours.append(bytes.data(), bytes.size());
+                ++pieces;
+                return absl::OkStatus();
+              }).ok());
+  EXPECT_EQ(ours, dump->stdout_data);
+  EXPECT_GE(pieces, 1u);
+  // A single file and a symlink at the root, too.
+  for (const std::string sub : {"/a.txt", "/link"}) {
+    std::string mine;
+    ASSERT_TRUE(DumpPathAsNar(path + sub, [&](absl::string_view b) {
+                  mine.append(b.data(), b.size());
+                  return absl::OkStatus();
+                }).ok());
+    absl::StatusOr<CommandResult> theirs =
+        RunCommand({.argv = {"nix-store", "--dump", path + sub}, .extra_env = NixEnv(), .cwd = ""});
+    ASSERT_TRUE(theirs.ok());
+    EXPECT_EQ(mine, theirs->stdout_data) << sub;
+  }
+}
+
+TEST(NarDumpTest, LargeFilesStreamInPiecesAndTheSinksErrorStopsTheDump) {
+  testing::TempDir dir;
+  const std::string big = dir.Sub("big");
+  std::ofstream(big) << std::string(3 << 20, 'x');
+  std::string ours;
+  size_t pieces = 0;
+  ASSERT_TRUE(DumpPathAsNar(big, [&](absl::string_view b) {
+                ours.append(b.data(), b.size());
+                ++pieces;
+                return absl::OkStatus();
+              }).ok());
+  absl::StatusOr<NarSummary> read = ReadNar(ours);
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_EQ(read->content_bytes, 3u << 20);
+  EXPECT_GT(pieces, 3u);
+  int calls = 0;
+  absl::Status stopped = DumpPathAsNar(
+      big, [&](absl::string_view) { return ++calls == 2 ? absl::CancelledError("enough") : absl::OkStatus(); });
+  EXPECT_TRUE(absl::IsCancelled(stopped)) << stopped;
+  EXPECT_EQ(calls, 2);
+  EXPECT_FALSE(DumpPathAsNar(dir.Sub("absent"), [](absl::string_view) { return absl::OkStatus(); }).ok());
 }
 
 TEST(NarTest, WellFormedByHandIsAccepted) {

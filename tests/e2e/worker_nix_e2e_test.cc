@@ -206,8 +206,9 @@ TEST_F(WorkerNixE2eTest, ASuspectStaleFodWithALeftoverAtItsPathIsBuiltAndChecked
   WriteFileOrDie(OnHost(out), "left-pad@1.3");
   ASSERT_FALSE(ValidOnWorker(out));
 
-  // New inputs under the old hash: suspect. Nothing valid to rebuild, so the
-  // build itself computes the hash and fails with the right one.
+  // New inputs under the old hash: suspect. The farm store still has the
+  // old output under that hash, and the worker's Nix substitutes it; the
+  // substituted output is rebuilt, which fails with the right hash.
   WriteFileOrDie(work_.Sub("svc/lock.txt"), v2);
   Build stale = KilnBuild();
   EXPECT_EQ(stale.exit_code, 1) << stale.printed;
@@ -215,7 +216,7 @@ TEST_F(WorkerNixE2eTest, ASuspectStaleFodWithALeftoverAtItsPathIsBuiltAndChecked
   const auto& mismatches = stale.entry.value("hashMismatches", nlohmann::json::array());
   ASSERT_EQ(mismatches.size(), 1u) << stale.entry.dump() << stale.printed;
   EXPECT_EQ(mismatches[0].value("got", ""), Sha256SriOf(v2));
-  EXPECT_EQ(mismatches[0].value("source", ""), "build");
+  EXPECT_EQ(mismatches[0].value("source", ""), "check");
 }
 
 TEST_F(WorkerNixE2eTest, OneTargetBuildsItsIndependentDerivationsAtOnceWithTheWorkersCores) {

@@ -180,6 +180,11 @@ class FakeLocalStore final : public LocalStore {
     }
     return out;
   }
+  // The FOD layer uploads nothing.
+  absl::StatusOr<std::vector<kiln::v1::PathInfo>> ClosureInfos(const std::vector<std::string>&) override {
+    return absl::UnimplementedError("not used by the FOD layer");
+  }
+  absl::Status DumpNar(const std::string&, NarSink) override { return absl::UnimplementedError("not used"); }
   std::vector<ClosureFod> fods;
   absl::flat_hash_set<std::string> valid;
 };
@@ -304,10 +309,14 @@ TEST_F(FodCheckingExecutorTest, AHashTheCacheKnowsWrongFailsWithTheRightOneAndNo
 TEST_F(FodCheckingExecutorTest, ASuspectHeldHereIsRebuiltOnTheBuildsSlotsAndItsMismatchFailsTheJob) {
   const ClosureFod a = Fod("dep-a", kRightB), other = Fod("dep-c", kRightB);
   store_.fods = {a, other};
-  store_.valid = {a.fod.output_path};  // `other` is not here: the build itself will check it.
+  store_.valid = {a.fod.output_path};  // `other` is not here: realised first, and built here.
   FodVerdict suspect = Verdict(FodVerdict::KIND_SUSPECT_STALE);
   suspect.mutable_stale_source()->set_computed_by_job("3");
   oracle_.verdicts = {suspect, suspect};
+  FakeNix::Run realise;
+  realise.result.set_code(kiln::v1::RESULT_CODE_SUCCEEDED);
+  realise.report.built = {{other.drv_path, 1}};
+  nix_.derivation_runs.push_back(realise);
   FakeNix::Run check;
   check.result.set_code(kiln::v1::RESULT_CODE_BUILD_FAILED);
   check.report.errors = {MismatchError(a, kRightA)};
@@ -321,16 +330,50 @@ TEST_F(FodCheckingExecutorTest, ASuspectHeldHereIsRebuiltOnTheBuildsSlotsAndItsM
   EXPECT_EQ(out.result.hash_mismatches(0).source(), "check");
   EXPECT_EQ(out.result.hash_mismatches(0).got(), kRightA);
   const std::vector<FakeNix::Started> started = Started();
-  ASSERT_EQ(started.size(), 3u);
-  const BuildRequest& rebuild = started[2].request;
+  ASSERT_EQ(started.size(), 4u);
+  const BuildRequest& realised = started[2].request;
+  EXPECT_EQ(realised.step, BuildRequest::Step::kDerivations);
+  EXPECT_FALSE(realised.rebuild);
+  EXPECT_EQ(realised.drv_paths, std::vector<std::string>{other.drv_path});
+  const BuildRequest& rebuild = started[3].request;
   EXPECT_EQ(rebuild.step, BuildRequest::Step::kDerivations);
   EXPECT_TRUE(rebuild.rebuild);
-  EXPECT_EQ(rebuild.drv_paths, std::vector<std::string>{a.drv_path});
-  EXPECT_EQ(rebuild.share_slots_of, started[0].id);  // The waiting build's slots.
+  EXPECT_EQ(rebuild.drv_paths, std::vector<std::string>{a.drv_path});  // Not `other`: built here, so checked.
+  EXPECT_EQ(rebuild.share_slots_of, started[0].id);                    // The waiting build's slots.
   EXPECT_TRUE(HandedOver().empty());
   ASSERT_EQ(oracle_.recorded.size(), 1u);  // The cache learns the right hash.
   EXPECT_EQ(oracle_.recorded[0].got(), kRightA);
   EXPECT_TRUE(AnyLine(out, "verifying 'dep-a'"));
+}
+
+TEST_F(FodCheckingExecutorTest, ASuspectASubstituterHadIsRebuiltNotTrusted) {
+  // The farm store holds the output of the old inputs under the stale hash:
+  // realising the suspect substitutes it, so it is rebuilt to be checked.
+  const ClosureFod a = Fod("dep-a", kRightB);
+  store_.fods = {a};
+  FodVerdict suspect = Verdict(FodVerdict::KIND_SUSPECT_STALE);
+  suspect.mutable_stale_source()->set_computed_by_job("3");
+  oracle_.verdicts = {suspect};
+  FakeNix::Run substituted;
+  substituted.result.set_code(kiln::v1::RESULT_CODE_SUCCEEDED);  // Nothing built.
+  nix_.derivation_runs.push_back(substituted);
+  FakeNix::Run check;
+  check.result.set_code(kiln::v1::RESULT_CODE_BUILD_FAILED);
+  check.report.errors = {MismatchError(a, kRightA)};
+  check.report.built = {{a.drv_path, 2}};
+  nix_.derivation_runs.push_back(check);
+  Outcome out;
+  Run(Request(), out);
+
+  EXPECT_EQ(out.result.code(), kiln::v1::RESULT_CODE_BUILD_FAILED);
+  ASSERT_EQ(out.result.hash_mismatches_size(), 1);
+  EXPECT_EQ(out.result.hash_mismatches(0).got(), kRightA);
+  const std::vector<FakeNix::Started> started = Started();
+  ASSERT_EQ(started.size(), 4u);
+  EXPECT_FALSE(started[2].request.rebuild);
+  EXPECT_TRUE(started[3].request.rebuild);
+  EXPECT_EQ(started[3].request.drv_paths, std::vector<std::string>{a.drv_path});
+  EXPECT_TRUE(HandedOver().empty());
 }
 
 TEST_F(FodCheckingExecutorTest, ACancelDuringTheEvaluationStopsEveryStep) {

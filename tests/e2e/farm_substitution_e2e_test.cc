@@ -1,0 +1,92 @@
+// Workers on private Nix stores share what they build through the farm
+// store: worker A builds a derivation and sends it to the farm; worker B,
+// on a store of its own, builds something that needs it and substitutes it
+// from the farm (through its relay, checked by its Nix against the farm's
+// key) instead of building it again. The builder counts its runs in a file
+// outside every store.
+#include <csignal>
+
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "tests/support/local_farm.h"
+#include "tests/support/test_util.h"
+
+namespace kiln {
+namespace {
+
+size_t LinesIn(const std::string& file) {
+  std::ifstream in(file);
+  std::string line;
+  size_t n = 0;
+  while (std::getline(in, line)) ++n;
+  return n;
+}
+
+std::string ReadAll(const std::string& file) {
+  std::ifstream in(file);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+TEST(FarmSubstitutionE2eTest, BuiltOnWorkerAIsSubstitutedNotBuiltOnWorkerB) {
+  testing::LocalFarm farm(/*workers=*/1);
+  farm.UsePrivateStores();
+  ASSERT_TRUE(farm.Start().ok());
+  testing::TempDir work;
+  const std::string runs = work.Sub("base-runs");
+  // `top` needs `base`; base's builder counts its runs.
+  testing::WriteFileOrDie(work.Sub("svc/flake.nix"), absl::StrCat(R"({
+  outputs = { self }: rec {
+    packages.x86_64-linux.base = derivation {
+      name = "base"; system = "x86_64-linux"; builder = "/bin/sh";
+      args = [ "-c" "echo run >> )",
+                                                                  runs, R"(; echo base > $out" ];
+    };
+    packages.x86_64-linux.top = derivation {
+      name = "top"; system = "x86_64-linux"; builder = "/bin/sh";
+      base = packages.x86_64-linux.base;
+      args = [ "-c" "read line < $base; echo $line top > $out" ];
+    };
+  };
+})"));
+  absl::StatusOr<CommandResult> a = farm.Kiln({"build", "--json", work.Sub("svc") + "#base"});
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_EQ(a->exit.exit_code, 0) << a->stderr_data;
+  EXPECT_EQ(LinesIn(runs), 1u);
+  const nlohmann::json built_a = nlohmann::json::parse(a->stdout_data);
+  const std::string base = built_a[0]["outputs"]["out"].get<std::string>();
+  ASSERT_TRUE(absl::StartsWith(base, "/nix/store/")) << a->stdout_data;
+  EXPECT_TRUE(absl::StrContains(ReadAll(farm.LogOf("worker-1")) + a->stderr_data, "farm store: sent 1 of 1 path"))
+      << a->stderr_data;
+
+  // A leaves; B, a machine of its own with an empty store, builds top.
+  farm.KillWorker(0, SIGTERM);
+  ASSERT_TRUE(farm.AddWorker().ok());
+  absl::StatusOr<CommandResult> b = farm.Kiln({"build", "--json", work.Sub("svc") + "#top"});
+  ASSERT_TRUE(b.ok()) << b.status();
+  ASSERT_EQ(b->exit.exit_code, 0) << b->stderr_data;
+  const nlohmann::json built_b = nlohmann::json::parse(b->stdout_data);
+  EXPECT_EQ(built_b[0]["worker"], "worker-2") << b->stdout_data;
+  EXPECT_EQ(LinesIn(runs), 1u) << "base was built again on worker B";
+
+  // B's store has base, signed by the farm: substituted, not built.
+  absl::StatusOr<CommandResult> sigs =
+      RunCommand(farm.OnWorkerMachine(1, {"nix", "path-info", "--json", "--sigs", base}));
+  ASSERT_TRUE(sigs.ok() && sigs->exit.Success()) << (sigs.ok() ? sigs->stderr_data : sigs.status().ToString());
+  EXPECT_TRUE(absl::StrContains(sigs->stdout_data, "\"kiln-farm-1:")) << sigs->stdout_data;
+  const std::string top = built_b[0]["outputs"]["out"].get<std::string>();
+  std::ifstream top_file(farm.StoreDirOf(1) + "/store/" + std::filesystem::path(top).filename().string());
+  std::string line;
+  std::getline(top_file, line);
+  EXPECT_EQ(line, "base top");
+}
+
+}  // namespace
+}  // namespace kiln
