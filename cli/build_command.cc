@@ -30,6 +30,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
+#include "cli/farm_fetch.h"
 #include "common/cas_client.h"
 #include "common/cli_args.h"
 #include "common/clock.h"
@@ -40,6 +41,7 @@
 #include "common/nix_log.h"
 #include "common/source_tree.h"
 #include "cli/build_view.h"
+#include "cli/farm_fetch.h"
 #include "cli/fod_edit.h"
 #include "kiln/v1/fod.grpc.pb.h"
 #include <google/protobuf/util/json_util.h>
@@ -306,7 +308,11 @@ absl::StatusOr<std::vector<std::string>> TargetsFromFile(const std::string& file
   return out;
 }
 
-int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& given) {
+int RunBuildCommand(const CliOptions& given_options, const std::vector<std::string>& given) {
+  CliOptions options = given_options;
+  if (!options.out_link.empty() && options.out_link_mode == "auto") {
+    options.out_link_mode = LocalNixStoreUsable() ? "store" : "files";
+  }
   std::vector<std::string> installables = given;
   if (!options.targets_file.empty()) {
     absl::StatusOr<std::vector<std::string>> listed = TargetsFromFile(options.targets_file);
@@ -461,7 +467,38 @@ int RunBuildCommand(const CliOptions& options, const std::vector<std::string>& g
                                       result.cached() ? "cached" : JobStateName(finished->state()), job.installable,
                                       job.job_id, finished->worker().empty() ? "-" : finished->worker(),
                                       result.cached() ? "" : absl::StrFormat(", %.1fs", seconds)));
-    if (finished->state() == kiln::v1::JOB_STATE_SUCCEEDED && !options.out_link.empty()) {
+    if (finished->state() == kiln::v1::JOB_STATE_SUCCEEDED && !options.out_link.empty() &&
+        options.out_link_mode == "store") {
+      // Like nix build: result, result-1 … for more targets, -OUTPUT for more outputs.
+      std::vector<std::string> paths;
+      for (const auto& [name, path] : result.outputs()) paths.push_back(path);
+      GrpcFarmStoreClient farm(Channel(options));
+      absl::StatusOr<FarmFetchReport> fetched = FetchFromFarm(farm, paths, say);
+      if (!fetched.ok()) {
+        say(absl::StrCat("error: ", job.installable,
+                         ": cannot fetch the outputs from the farm store: ", fetched.status().message()));
+        exit_code = std::max(exit_code, kExitUnavailable);
+      } else {
+        if (fetched->fetched > 0 && !options.quiet && !options.json) {
+          say(absl::StrFormat("kiln: %s: fetched %d path(s), %.1f MiB, from the farm store", job.installable,
+                              fetched->fetched, static_cast<double>(fetched->nar_bytes) / (1 << 20)));
+        }
+        entry["fetchedPaths"] = fetched->fetched;
+        for (const auto& [name, path] : result.outputs()) {
+          std::string link = options.out_link;
+          if (index > 0) absl::StrAppend(&link, "-", index);
+          if (name != "out") absl::StrAppend(&link, "-", name);
+          if (absl::Status s = AddGcRootLink(path, link); !s.ok()) {
+            say(absl::StrCat("error: ", job.installable, ": cannot link output ", name, ": ", s.message()));
+            exit_code = std::max(exit_code, kExitUnavailable);
+          } else {
+            entry["outLinks"][name] = link;
+          }
+        }
+      }
+    }
+    if (finished->state() == kiln::v1::JOB_STATE_SUCCEEDED && !options.out_link.empty() &&
+        options.out_link_mode == "files") {
       // Like nix build: result, result-1 … for more targets, -OUTPUT for more outputs.
       for (const auto& [name, tree] : result.output_trees()) {
         std::string link = options.out_link;

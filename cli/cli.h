@@ -43,7 +43,11 @@ struct CliOptions {
   bool all_flakes = false;       // build: every flake.nix of the repository.
   std::string attr = "default";  // build --all-flakes: the attribute of each.
   std::string targets_file;      // build --file: a kiln.json listing targets.
-  std::string out_link;          // build -o: download the outputs here.
+  std::string out_link;          // build -o: the outputs here.
+  // build --out-link-mode: "store" (-o realises the outputs in the local
+  // Nix store from the farm store and links them, as nix build does),
+  // "files" (downloads their files), or "auto": store where there is one.
+  std::string out_link_mode = "auto";
   // build --push REGISTRY/REPOSITORY[:TAG] and --tag: the worker pushes the image.
   std::string push;
   std::vector<std::string> tags;
@@ -83,6 +87,10 @@ int RunCancelCommand(const CliOptions& options, const std::string& id);
 
 // `kiln workers`, `kiln workers drain NAME`, `kiln workers undrain NAME`.
 int RunWorkersCommand(const CliOptions& options, const std::vector<std::string>& args);
+
+// `kiln copy PATH...`: the paths' closures from the farm store into the
+// local Nix store (see cli/farm_fetch.h).
+int RunCopyCommand(const CliOptions& options, const std::vector<std::string>& paths);
 
 // `kiln fod-hash PATH#ATTR [--write]`: the right hash of every FOD of the
 // closure whose declared hash is fake or stale, from the FOD cache or

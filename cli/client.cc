@@ -236,7 +236,7 @@ absl::StatusOr<std::vector<std::string>> SubmitOnce(BuildService::Stub& stub, co
     spec->set_priority_class(options.priority);
     for (const auto& [k, v] : options.labels) (*spec->mutable_requirements()->mutable_pinned_labels())[k] = v;
     spec->set_rebuild(options.rebuild);
-    spec->set_fetch_outputs(!options.out_link.empty());
+    spec->set_fetch_outputs(!options.out_link.empty() && options.out_link_mode == "files");
     if (options.timeout_seconds > 0) spec->mutable_timeout()->set_seconds(options.timeout_seconds);
     if (options.max_silent_time_seconds > 0) {
       spec->mutable_max_silent_time()->set_seconds(options.max_silent_time_seconds);

@@ -23,6 +23,7 @@ constexpr char kUsage[] =
     "Kiln: build Nix flakes on a build farm.\n"
     "  kiln [--coordinator=ADDR] build PATH#ATTR... | --all-flakes [--attr=ATTR] | --file=kiln.json\n"
     "                                  [--json] [--quiet] [-L] [--detach] [--rebuild] [-o PATH] [--system=SYSTEM]\n"
+    "                                  [--out-link-mode=auto|store|files]\n"
     "                                  [--priority=interactive|ci|batch] [--timeout=30m] [--max-silent-time=10m]\n"
     "                                  [--reconnect-timeout=2m]\n"
     "                                  [--label=KEY=VALUE,...] [--push=REGISTRY/REPO[:TAG] [--tag=T,...]]\n"
@@ -33,6 +34,7 @@ constexpr char kUsage[] =
     "  kiln [--coordinator=ADDR] workers [--json]\n"
     "  kiln [--coordinator=ADDR] workers drain|undrain NAME\n"
     "  kiln [--coordinator=ADDR] fod-hash PATH#ATTR [--write] [--json]\n"
+    "  kiln [--coordinator=ADDR] copy /nix/store/PATH... [--json]\n"
     "  kiln push RESULT REGISTRY/REPO[:TAG] [--tag=T,...] [--authfile=F] [--json]\n"
     "  kiln [--coordinator=ADDR] fod list|export [--name=NAME] | show KEY | forget KEY...|--name=NAME | import FILE\n"
     "Exit codes: 0 success, 1 build failed, 2 bad usage or input, 3 coordinator unreachable,\n"
@@ -134,7 +136,14 @@ int main(int argc, char** argv) {
                     "A JSON file listing targets: {\"targets\": [{\"flake\": \"services/a\", \"attr\": "
                     "\"oci-image\"}]}");
   build->add_option("-o,--out-link", options.out_link,
-                    "Download the output here (more targets or outputs add -N / -OUTPUT, as nix build does)");
+                    "The output here: a GC-root symlink into the local Nix store, fetched from the farm store (more "
+                    "targets or outputs add -N / -OUTPUT, as nix build does)");
+  build
+      ->add_option("--out-link-mode", options.out_link_mode,
+                   "store: -o realises the outputs in the local Nix store; files: downloads their files (no Nix "
+                   "needed); auto: store when this machine has a Nix store")
+      ->check(CLI::IsMember({"auto", "store", "files"}))
+      ->capture_default_str();
   build->add_flag("--rebuild", options.rebuild, "Build again even when an identical target's result is cached");
   build->add_flag("--detach", options.detach, "Submit, print the job ids and exit without waiting for the builds");
   kiln::AddListOption(*build, "--label", &labels,
@@ -171,6 +180,9 @@ int main(int argc, char** argv) {
       add_command("fod", "The FOD cache: list|export [--name=NAME] | show KEY | forget KEY...|--name | import");
   fod->add_option("ARGS", args, "list | export | show KEY | forget KEY... | import FILE")->required();
   fod->add_option("--name", fod_name, "list|export|forget: only FODs of this derivation name");
+  CLI::App* copy =
+      add_command("copy", "Fetch store paths and their closures from the farm store into the local Nix store");
+  copy->add_option("PATH", args, "/nix/store/HASH-NAME")->required();
   std::string shell;
   CLI::App* completion = app.add_subcommand("completion", "Print a shell completion script: bash, zsh or fish");
   completion->add_option("SHELL", shell, "bash, zsh or fish")
@@ -252,6 +264,8 @@ int main(int argc, char** argv) {
     code = kiln::RunFodCommand(options, args, fod_name);
   } else if (command == "workers") {
     code = kiln::RunWorkersCommand(options, args);
+  } else if (command == "copy") {
+    code = kiln::RunCopyCommand(options, args);
   } else if (command == "log" && args.size() == 1) {
     code = kiln::RunLogCommand(options, args[0], follow);
   } else if (command == "history" && args.empty()) {

@@ -20,6 +20,7 @@ const char* ScopeName(Scope scope) {
     case Scope::kAdmin: return "admin";
     case Scope::kWorker: return "worker";
     case Scope::kBlobs: return "submit";
+    case Scope::kCacheRead: return "cache-read";
   }
   return "?";
 }
@@ -30,9 +31,13 @@ bool TokenAllows(const TokenGrant& grant, Scope scope) {
   };
   // A worker reads the sources and the FOD cache and writes results; that is
   // all its token allows, and no client scope makes one a worker.
-  if (has("worker") && (scope == Scope::kWorker || scope == Scope::kRead || scope == Scope::kBlobs)) return true;
+  if (has("worker") &&
+      (scope == Scope::kWorker || scope == Scope::kRead || scope == Scope::kBlobs || scope == Scope::kCacheRead)) {
+    return true;
+  }
   if (has("admin")) return scope != Scope::kWorker;
   switch (scope) {
+    case Scope::kCacheRead: return has("cache-read") || has("read") || has("submit");
     case Scope::kRead: return has("read") || has("submit");
     case Scope::kSubmit:
     case Scope::kBlobs: return has("submit");
@@ -78,7 +83,9 @@ absl::StatusOr<Caller> Authorizer::Check(const grpc::ServerContextBase& context,
   caller.worker = PeerCertificateName(context);
   if (!caller.worker.empty()) {
     caller.who = absl::StrCat("worker '", caller.worker, "'");
-    if (scope == Scope::kWorker || scope == Scope::kRead || scope == Scope::kBlobs) return caller;
+    if (scope == Scope::kWorker || scope == Scope::kRead || scope == Scope::kBlobs || scope == Scope::kCacheRead) {
+      return caller;
+    }
     return Refuse(absl::PermissionDeniedError(
                       absl::StrCat(caller.who, " may not do what needs the ", ScopeName(scope), " scope: use a token")),
                   "scope");

@@ -31,6 +31,9 @@ enum class Scope {
   kAdmin,   // Tokens, draining workers, editing the FOD cache.
   kWorker,  // A worker's own calls: its stream, FOD lookups and outcomes.
   kBlobs,   // CAS uploads: clients that submit, and workers (outputs).
+  // Reading the farm store (narinfos, NARs, its key): Nix clients of the
+  // binary cache, `kiln copy`, workers. Every client scope includes it.
+  kCacheRead,
 };
 
 struct Caller {

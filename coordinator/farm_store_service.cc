@@ -94,7 +94,7 @@ grpc::Status FarmStoreServiceImpl::AddPath(grpc::ServerContext* context,
 
 grpc::Status FarmStoreServiceImpl::GetCacheInfo(grpc::ServerContext* context, const kiln::v1::GetCacheInfoRequest*,
                                                 kiln::v1::CacheInfo* response) {
-  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kWorker);
+  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kCacheRead);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
   response->set_public_key(key_.PublicKeyText());
   return grpc::Status::OK;
@@ -102,7 +102,7 @@ grpc::Status FarmStoreServiceImpl::GetCacheInfo(grpc::ServerContext* context, co
 
 grpc::Status FarmStoreServiceImpl::GetNarInfo(grpc::ServerContext* context, const kiln::v1::GetNarInfoRequest* request,
                                               kiln::v1::GetNarInfoResponse* response) {
-  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kWorker);
+  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kCacheRead);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
   absl::StatusOr<NarInfo> info = store_->Get(request->hash_part());
   if (info.ok()) info = SignNarInfo(*std::move(info), key_);
@@ -113,7 +113,7 @@ grpc::Status FarmStoreServiceImpl::GetNarInfo(grpc::ServerContext* context, cons
 
 grpc::Status FarmStoreServiceImpl::GetNar(grpc::ServerContext* context, const kiln::v1::GetNarRequest* request,
                                           grpc::ServerWriter<kiln::v1::NarChunk>* writer) {
-  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kWorker);
+  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kCacheRead);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
   absl::StatusOr<std::string> file = store_->NarFile(request->name());
   if (!file.ok()) return ToGrpcStatus(file.status());

@@ -47,9 +47,11 @@ bool ValidName(const std::string& name) {
 
 absl::Status ValidateTokenScopes(const std::vector<std::string>& scopes) {
   if (scopes.empty())
-    return absl::InvalidArgumentError("a token needs at least one scope (submit, read, admin, push:…)");
+    return absl::InvalidArgumentError("a token needs at least one scope (submit, read, admin, cache-read, push:…)");
   for (const std::string& scope : scopes) {
-    if (scope == "submit" || scope == "read" || scope == "admin" || scope == "worker") continue;
+    if (scope == "submit" || scope == "read" || scope == "admin" || scope == "worker" || scope == "cache-read") {
+      continue;
+    }
     absl::string_view pattern = scope;
     if (absl::ConsumePrefix(&pattern, "push:")) {
       if (absl::StatusOr<ImagePattern> p = ParseImagePattern(pattern); !p.ok()) {
@@ -59,7 +61,7 @@ absl::Status ValidateTokenScopes(const std::vector<std::string>& scopes) {
     }
     return absl::InvalidArgumentError(absl::StrCat(
         "unknown scope '", scope,
-        "': scopes are submit, read, admin, worker and push:REGISTRY/REPOSITORY[:TAG] (globs allowed, e.g. "
+        "': scopes are submit, read, admin, worker, cache-read and push:REGISTRY/REPOSITORY[:TAG] (globs allowed, e.g. "
         "push:rg.fr-par.scw.cloud/team/*:testing)"));
   }
   return absl::OkStatus();

@@ -29,7 +29,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
-#include "worker/farm_store_client.h"
+#include "common/farm_store_client.h"
 
 struct mg_context;
 struct mg_connection;

@@ -21,7 +21,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "worker/after_build_executor.h"
-#include "worker/farm_store_client.h"
+#include "common/farm_store_client.h"
 #include "worker/local_store.h"
 
 namespace kiln {

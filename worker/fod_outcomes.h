@@ -30,7 +30,7 @@ class ClosureIndex {
   absl::flat_hash_map<std::string, size_t> by_path_;
 };
 
-// The valid store paths among those given (see worker/nix_store_validity.h).
+// The valid store paths among those given (see common/nix_store_validity.h).
 using ValidPathsQuery =
     std::function<absl::StatusOr<absl::flat_hash_set<std::string>>(const std::vector<std::string>&)>;
 

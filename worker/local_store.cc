@@ -5,7 +5,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/subprocess.h"
-#include "worker/nix_store_validity.h"
+#include "common/nix_store_validity.h"
 
 namespace kiln {
 

@@ -23,7 +23,7 @@ class LocalStore {
   virtual ~LocalStore() = default;
   // The fixed-output derivations of `drv`'s closure (see common/derivation.h).
   virtual absl::StatusOr<std::vector<ClosureFod>> FixedOutputsOfClosure(const std::string& drv) = 0;
-  // The valid store paths among `paths` (see worker/nix_store_validity.h).
+  // The valid store paths among `paths` (see common/nix_store_validity.h).
   virtual absl::StatusOr<absl::flat_hash_set<std::string>> ValidPaths(const std::vector<std::string>& paths) = 0;
   // What the store records of every path in the closure of `roots` (valid
   // paths; an invalid root is an error).

@@ -24,7 +24,7 @@
 #include "common/subprocess.h"
 #include "common/tls.h"
 #include "worker/farm_cache_relay.h"
-#include "worker/farm_store_client.h"
+#include "common/farm_store_client.h"
 #include "worker/farm_uploading_executor.h"
 #include "worker/fod_checking_executor.h"
 #include "worker/fod_oracle.h"

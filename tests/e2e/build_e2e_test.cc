@@ -469,9 +469,10 @@ TEST(MonorepoE2eTest, AllFlakesIsOneBuildsetAndOnlyAChangedServiceBuildsAgain) {
       << untracked->stderr_data;
 }
 
-// --out-link: the output comes back through the CAS, byte for byte what a
-// local `nix build` of the same flake produces (a directory with an
-// executable, a subdirectory and links, one of them absolute).
+// --out-link in files mode (a machine without Nix): the output comes back
+// through the CAS, byte for byte what a local `nix build` of the same flake
+// produces (a directory with an executable, a subdirectory and links, one
+// of them absolute).
 TEST_F(BuildE2eTest, OutLinkDownloadsTheSameTreeAsALocalNixBuild) {
   const std::string nonce = Nonce();
   WriteFileOrDie(work_.Sub("tree/flake.nix"),
@@ -480,7 +481,7 @@ TEST_F(BuildE2eTest, OutLinkDownloadsTheSameTreeAsALocalNixBuild) {
                                                  " > $out/share/data; printf '#!/bin/sh\\necho hi\\n' > $out/bin/run;"
                                                  " /bin/chmod +x $out/bin/run; /bin/ln -s share/data $out/rel;"
                                                  " /bin/ln -s /bin/sh $out/abs"));
-  auto r = farm_->Kiln({"build", work_.Sub("tree"), "-o", work_.Sub("result"), "--json"});
+  auto r = farm_->Kiln({"build", work_.Sub("tree"), "-o", work_.Sub("result"), "--out-link-mode=files", "--json"});
   ASSERT_TRUE(r.ok()) << r.status();
   ASSERT_EQ(r->exit.exit_code, 0) << r->stderr_data;
   nlohmann::json j = nlohmann::json::parse(r->stdout_data);
@@ -503,7 +504,7 @@ TEST_F(BuildE2eTest, OutLinkDownloadsTheSameTreeAsALocalNixBuild) {
 
   // Again: answered from the result cache, and downloaded again.
   fs::remove_all(work_.Sub("result"));
-  auto again = farm_->Kiln({"build", work_.Sub("tree"), "-o", work_.Sub("result"), "--json"});
+  auto again = farm_->Kiln({"build", work_.Sub("tree"), "-o", work_.Sub("result"), "--out-link-mode=files", "--json"});
   ASSERT_TRUE(again.ok());
   ASSERT_EQ(again->exit.exit_code, 0) << again->stderr_data;
   EXPECT_EQ(nlohmann::json::parse(again->stdout_data)[0]["status"], "cached");

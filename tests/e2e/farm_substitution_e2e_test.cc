@@ -41,7 +41,7 @@ TEST(FarmSubstitutionE2eTest, BuiltOnWorkerAIsSubstitutedNotBuiltOnWorkerB) {
   ASSERT_TRUE(farm.Start().ok());
   testing::TempDir work;
   const std::string runs = work.Sub("base-runs");
-  // `top` needs `base`; base's builder counts its runs.
+  // `top` needs and refers to `base`; base's builder counts its runs.
   testing::WriteFileOrDie(work.Sub("svc/flake.nix"), absl::StrCat(R"({
   outputs = { self }: rec {
     packages.x86_64-linux.base = derivation {
@@ -52,7 +52,7 @@ TEST(FarmSubstitutionE2eTest, BuiltOnWorkerAIsSubstitutedNotBuiltOnWorkerB) {
     packages.x86_64-linux.top = derivation {
       name = "top"; system = "x86_64-linux"; builder = "/bin/sh";
       base = packages.x86_64-linux.base;
-      args = [ "-c" "read line < $base; echo $line top > $out" ];
+      args = [ "-c" "read line < $base; { echo $line top; echo $base; } > $out" ];
     };
   };
 })"));
@@ -86,6 +86,52 @@ TEST(FarmSubstitutionE2eTest, BuiltOnWorkerAIsSubstitutedNotBuiltOnWorkerB) {
   std::string line;
   std::getline(top_file, line);
   EXPECT_EQ(line, "base top");
+
+  // A laptop with a store of its own: `kiln build -o` realises top from the
+  // farm store and links it as a GC root, as nix build -o does.
+  const std::string laptop = work.Sub("laptop-nix");
+  const auto on_laptop = [&](const std::vector<std::string>& argv) {
+    ProcessSpec spec = testing::OnPrivateStore(laptop, argv);
+    const ProcessSpec kiln = farm.KilnSpec({});
+    spec.extra_env.insert(spec.extra_env.end(), kiln.extra_env.begin(), kiln.extra_env.end());
+    absl::StatusOr<CommandResult> r = RunCommand(spec, "", absl::Minutes(2));
+    EXPECT_TRUE(r.ok()) << r.status();
+    return r.ok() ? *r : CommandResult{};
+  };
+  std::vector<std::string> build_o =
+      farm.KilnSpec({"build", "--json", work.Sub("svc") + "#top", "-o", work.Sub("result")}).argv;
+  CommandResult linked = on_laptop(build_o);
+  ASSERT_EQ(linked.exit.exit_code, 0) << linked.stderr_data;
+  const nlohmann::json built_o = nlohmann::json::parse(linked.stdout_data);
+  EXPECT_EQ(built_o[0]["outLinks"]["out"], work.Sub("result")) << linked.stdout_data;
+  EXPECT_EQ(built_o[0]["fetchedPaths"], 2) << linked.stdout_data;  // top and base.
+  EXPECT_EQ(std::filesystem::read_symlink(work.Sub("result")).string(), top);
+  CommandResult known = on_laptop({"nix", "path-info", "--json", "--sigs", top});
+  ASSERT_TRUE(known.exit.Success()) << known.stderr_data;
+  EXPECT_TRUE(absl::StrContains(known.stdout_data, "\"kiln-farm-1:")) << known.stdout_data;
+  CommandResult roots = on_laptop({"nix-store", "--gc", "--print-roots"});
+  EXPECT_TRUE(absl::StrContains(roots.stdout_data, work.Sub("result") + " -> " + top)) << roots.stdout_data;
+  EXPECT_EQ(LinesIn(runs), 1u);
+
+  // `kiln copy` into another empty store: the closure of what it names.
+  const std::string ci = work.Sub("ci-nix");
+  ProcessSpec copy = testing::OnPrivateStore(ci, farm.KilnSpec({"copy", "--json", top}).argv);
+  absl::StatusOr<CommandResult> copied = RunCommand(copy, "", absl::Minutes(2));
+  ASSERT_TRUE(copied.ok()) << copied.status();
+  ASSERT_EQ(copied->exit.exit_code, 0) << copied->stderr_data;
+  const nlohmann::json copy_json = nlohmann::json::parse(copied->stdout_data);
+  EXPECT_EQ(copy_json["fetched"], 2);
+  EXPECT_EQ(copy_json["closure"].size(), 2u);
+  absl::StatusOr<CommandResult> valid = RunCommand(testing::OnPrivateStore(ci, {"nix-store", "--verify-path", base}));
+  ASSERT_TRUE(valid.ok());
+  EXPECT_TRUE(valid->exit.Success()) << valid->stderr_data;
+  // A path the farm does not have: a clear error, nothing added.
+  ProcessSpec absent =
+      testing::OnPrivateStore(ci, farm.KilnSpec({"copy", "/nix/store/00000000000000000000000000000000-absent"}).argv);
+  absl::StatusOr<CommandResult> refused = RunCommand(absent, "", absl::Minutes(2));
+  ASSERT_TRUE(refused.ok());
+  EXPECT_EQ(refused->exit.exit_code, 1);
+  EXPECT_TRUE(absl::StrContains(refused->stderr_data, "is not in the farm store")) << refused->stderr_data;
 }
 
 }  // namespace

@@ -172,6 +172,26 @@ TEST_F(TokenE2eTest, EveryCallNeedsATokenWithTheRightScope) {
   for (const auto& t : list) names.insert(t.value("name", ""));
   EXPECT_EQ(names, (std::set<std::string>{"ci-monorepo", "fr-par-1"}));
 
+  // A `cache-read` token (a laptop's, a CI runner's) fetches from the farm
+  // store what the workers sent it, and can do nothing else.
+  const std::string cache_reader = Create("laptop-cache", "cache-read");
+  CommandResult cache_build = Kiln(farm, {"build", flake}, {"KILN_TOKEN=" + cache_reader});
+  EXPECT_NE(cache_build.exit.exit_code, 0);
+  EXPECT_TRUE(absl::StrContains(cache_build.stderr_data, "has no submit scope")) << cache_build.stderr_data;
+  const std::string out = nlohmann::json::parse(built.stdout_data)[0]["outputs"]["out"];
+  const auto copy = [&](const std::string& store, const std::vector<std::string>& env) {
+    ProcessSpec spec = testing::OnPrivateStore(farm.dir().Sub(store), farm.KilnSpec({"copy", out}).argv);
+    spec.extra_env.insert(spec.extra_env.end(), env.begin(), env.end());
+    absl::StatusOr<CommandResult> r = RunCommand(spec, "", absl::Minutes(2));
+    EXPECT_TRUE(r.ok()) << r.status();
+    return r.ok() ? *r : CommandResult{};
+  };
+  CommandResult fetched = copy("laptop-nix", {"KILN_TOKEN=" + cache_reader});
+  EXPECT_EQ(fetched.exit.exit_code, 0) << fetched.stderr_data;
+  CommandResult anonymous = copy("other-nix", {});
+  EXPECT_NE(anonymous.exit.exit_code, 0);
+  EXPECT_TRUE(absl::StrContains(anonymous.stderr_data, "requires a token")) << anonymous.stderr_data;
+
   // Refusals are counted by reason; no token appears in logs or metrics.
   auto metrics = testing::ScrapeMetrics(farm.coordinator_metrics());
   ASSERT_TRUE(metrics.ok());
@@ -181,8 +201,9 @@ TEST_F(TokenE2eTest, EveryCallNeedsATokenWithTheRightScope) {
   const std::string everything =
       *metrics + testing::ReadFileOrDie(farm.LogOf("coordinator")) + testing::ReadFileOrDie(farm.LogOf("worker-1")) +
       testing::ReadFileOrDie(farm.LogOf("worker-2")) + none.stderr_data + read_only.stderr_data +
-      production.stderr_data + after.stderr_data + built.stdout_data + built.stderr_data + listed.stdout_data;
-  for (const std::string& token : {ci, reader, worker_token}) {
+      production.stderr_data + after.stderr_data + built.stdout_data + built.stderr_data + listed.stdout_data +
+      fetched.stderr_data + cache_build.stderr_data;
+  for (const std::string& token : {ci, reader, worker_token, cache_reader}) {
     // kiln_<16 hex digits of id>_<secret>: the secret is web-safe base64 and
     // may itself hold '_', so it is cut at its fixed offset, not at the last '_'
     // (that could leave a two-letter tail, found by chance in any log).

@@ -1,7 +1,7 @@
 // Asking Nix which store paths are valid: the parsing of its answer, and
 // the real local Nix (a path it was given is valid, a name it never heard of
 // is not).
-#include "worker/nix_store_validity.h"
+#include "common/nix_store_validity.h"
 
 #include <gtest/gtest.h>
 

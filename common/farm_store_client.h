@@ -1,7 +1,7 @@
 // FarmStoreClient: the worker's side of the farm store (proto store.proto):
 // what it asks before an upload, the upload itself (its own streaming call,
 // apart from the control stream), and the reads its Nix makes through the
-// relay (worker/farm_cache_relay.h). GrpcFarmStoreClient is the real one;
+// relay (worker/farm_cache_relay.h) and `kiln copy`. GrpcFarmStoreClient is the real one;
 // tests use a fake over an in-memory store.
 //
 // Thread-safe.

@@ -1,4 +1,4 @@
-#include "worker/farm_store_client.h"
+#include "common/farm_store_client.h"
 
 #include <grpcpp/grpcpp.h>
 

@@ -1,4 +1,4 @@
-#include "worker/nix_store_validity.h"
+#include "common/nix_store_validity.h"
 
 #include <algorithm>
 
