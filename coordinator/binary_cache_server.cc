@@ -80,13 +80,14 @@ absl::StatusOr<SigningKey> LoadOrCreateCacheKey(const std::string& state_dir, co
 }
 
 absl::StatusOr<std::unique_ptr<BinaryCacheServer>> BinaryCacheServer::Start(const std::string& address,
-                                                                            FarmStore* store, SigningKey key) {
+                                                                            FarmStore* store, SigningKey key,
+                                                                            FarmStoreMetrics* metrics) {
   ASSIGN_OR_RETURN(HostPort hp, ParseHostPort(address));
   if (!IsLoopbackHost(hp.host)) {
     return absl::InvalidArgumentError(
         absl::StrCat("--cache-listen=", address, ": the binary cache serves loopback only (no TLS yet)"));
   }
-  auto server = std::unique_ptr<BinaryCacheServer>(new BinaryCacheServer(store, std::move(key)));
+  auto server = std::unique_ptr<BinaryCacheServer>(new BinaryCacheServer(store, std::move(key), metrics));
   // Nix fetches narinfos and NARs in parallel (http-connections = 25).
   ASSIGN_OR_RETURN(server->context_, StartCivetweb(address, 8, "the binary cache", &server->address_));
   mg_set_request_handler(server->context_, "/", &BinaryCacheServer::Handle, server.get());
@@ -114,6 +115,9 @@ int BinaryCacheServer::Serve(mg_connection* conn) {
   if (absl::EndsWith(uri, ".narinfo") && uri.find('/', 1) == std::string::npos) {
     const std::string hash_part(absl::StripSuffix(absl::StripPrefix(uri, "/"), ".narinfo"));
     absl::StatusOr<NarInfo> info = store_->Get(hash_part);
+    if (metrics_ != nullptr && (info.ok() || absl::IsNotFound(info.status()))) {
+      metrics_->NarInfoRequests("http", info.ok()).Increment();
+    }
     if (absl::IsNotFound(info.status())) {
       RespondHttp(conn, 404, "text/plain", "not in the farm store\n", kCacheable);
       return 404;
@@ -133,6 +137,10 @@ int BinaryCacheServer::Serve(mg_connection* conn) {
       return 404;
     }
     mg_send_mime_file(conn, file->c_str(), "application/x-nix-nar");
+    struct stat st;
+    if (metrics_ != nullptr && method == "GET" && ::stat(file->c_str(), &st) == 0) {
+      metrics_->ServedBytes("http").Increment(static_cast<double>(st.st_size));
+    }
     return 200;
   }
   RespondHttp(conn, 404, "text/plain", "not found\n", kCacheable);

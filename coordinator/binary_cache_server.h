@@ -17,6 +17,7 @@
 #include "absl/status/statusor.h"
 #include "common/narinfo.h"
 #include "coordinator/farm_store.h"
+#include "coordinator/farm_store_metrics.h"
 
 struct mg_context;
 struct mg_connection;
@@ -32,20 +33,23 @@ absl::StatusOr<SigningKey> CreateCacheKey(const std::string& state_dir, const st
 
 class BinaryCacheServer {
  public:
-  // `store` outlives the server. `address`: "127.0.0.1:0" and the like.
+  // `store` and `metrics` (may be null) outlive the server. `address`:
+  // "127.0.0.1:0" and the like.
   static absl::StatusOr<std::unique_ptr<BinaryCacheServer>> Start(const std::string& address, FarmStore* store,
-                                                                  SigningKey key);
+                                                                  SigningKey key, FarmStoreMetrics* metrics = nullptr);
   ~BinaryCacheServer();
 
   const std::string& address() const { return address_; }  // host:port bound.
 
  private:
-  BinaryCacheServer(FarmStore* store, SigningKey key) : store_(store), key_(std::move(key)) {}
+  BinaryCacheServer(FarmStore* store, SigningKey key, FarmStoreMetrics* metrics)
+      : store_(store), key_(std::move(key)), metrics_(metrics) {}
   static int Handle(mg_connection* conn, void* self);
   int Serve(mg_connection* conn);
 
   FarmStore* const store_;
   const SigningKey key_;
+  FarmStoreMetrics* const metrics_;
   mg_context* context_ = nullptr;
   std::string address_;
 };

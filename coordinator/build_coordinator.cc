@@ -410,6 +410,19 @@ kiln::v1::ListBuildsetsResponse BuildCoordinator::ListBuildsets(size_t limit) co
   return graph_.ListBuildsets(limit);
 }
 
+std::vector<std::string> BuildCoordinator::RecentOutputs(size_t buildsets) const {
+  std::vector<std::string> out;
+  const kiln::v1::ListBuildsetsResponse recent = graph_.ListBuildsets(buildsets);
+  for (const kiln::v1::BuildsetSummary& summary : recent.buildsets()) {
+    absl::StatusOr<kiln::v1::Buildset> set = GetBuildset(summary.buildset_id());
+    if (!set.ok()) continue;
+    for (const kiln::v1::Job& job : set->jobs()) {
+      for (const auto& [name, path] : job.result().outputs()) out.push_back(path);
+    }
+  }
+  return out;
+}
+
 absl::StatusOr<kiln::v1::Buildset> BuildCoordinator::CancelBuildset(const std::string& buildset_id) {
   const std::vector<std::string>* jobs = graph_.BuildsetJobs(buildset_id);
   if (jobs == nullptr) return absl::NotFoundError(absl::StrCat("no buildset ", buildset_id));

@@ -140,6 +140,9 @@ class BuildCoordinator {
   absl::Status GetJobLog(const std::string& job_id, bool have_stored, kiln::v1::GetJobLogResponse* out) const;
   // The `limit` most recent buildsets, newest first.
   kiln::v1::ListBuildsetsResponse ListBuildsets(size_t limit) const;
+  // The output paths of the succeeded jobs of the `buildsets` most recent
+  // buildsets (what the farm store's collection keeps).
+  std::vector<std::string> RecentOutputs(size_t buildsets) const;
   absl::StatusOr<kiln::v1::Buildset> CancelBuildset(const std::string& buildset_id);
 
   // Operators' view of the workers, and drain (kept across a worker's

@@ -84,7 +84,11 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   // The farm's signing key, made at first start: workers are handed it for
   // their Nix, and the binary cache signs with it.
   ASSIGN_OR_RETURN(SigningKey cache_key, LoadOrCreateCacheKey(options.state_dir));
-  server->farm_store_service_ = std::make_unique<FarmStoreServiceImpl>(server->store_->farm_store(), cache_key, auth);
+  server->farm_store_metrics_ = std::make_unique<FarmStoreMetrics>(*registry);
+  server->farm_store_metrics_->Update(server->store_->farm_store()->Stats());
+  server->farm_store_metrics_->limit_bytes.Set(static_cast<double>(options.cache_max_bytes));
+  server->farm_store_service_ = std::make_unique<FarmStoreServiceImpl>(server->store_->farm_store(), cache_key, auth,
+                                                                       server->farm_store_metrics_.get());
   server->coordinator_metrics_->fod_entries.Set(static_cast<double>(server->store_->fod_cache()->size()));
   // Standard gRPC tooling: the health-checking service (load balancers,
   // grpc_health_probe) and server reflection (grpcurl, grpc_cli).
@@ -134,10 +138,14 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
     }
   });
 
+  server->farm_gc_ = std::thread([s = server.get(), options] {
+    while (!s->stop_ticker_.WaitForNotificationWithTimeout(options.cache_gc_interval)) s->CollectFarmStore(options);
+  });
+
   if (!options.cache_listen.empty()) {
     const std::string public_key = cache_key.PublicKeyText();
-    ASSIGN_OR_RETURN(server->cache_,
-                     BinaryCacheServer::Start(options.cache_listen, server->store_->farm_store(), cache_key));
+    ASSIGN_OR_RETURN(server->cache_, BinaryCacheServer::Start(options.cache_listen, server->store_->farm_store(),
+                                                              cache_key, server->farm_store_metrics_.get()));
     LogInfo("coordinator", "farm store served as a Nix binary cache on http://", server->cache_->address(),
             " (trusted-public-keys = ", public_key, ")");
   }
@@ -172,13 +180,48 @@ void CoordinatorServer::Shutdown() {
     server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
     server_->Wait();
   }
-  if (ticker_.joinable()) {
-    stop_ticker_.Notify();
-    ticker_.join();
-  }
+  if (ticker_.joinable() || farm_gc_.joinable()) stop_ticker_.Notify();
+  if (ticker_.joinable()) ticker_.join();
+  if (farm_gc_.joinable()) farm_gc_.join();
   reader_.reset();  // Its reads post to the strand: first.
   strand_.reset();  // Runs what the last reactions posted.
   sender_.reset();
+}
+
+void CoordinatorServer::CollectFarmStore(const CoordinatorOptions& options) {
+  FarmStore* farm = store_->farm_store();
+  const FarmStoreStats stats = farm->Stats();
+  farm_store_metrics_->Update(stats);
+  if (options.cache_max_bytes == 0 || stats.file_bytes <= options.cache_max_bytes) return;
+  // The outputs of the most recent buildsets, read on the strand.
+  std::vector<std::string> pinned;
+  absl::Notification read;
+  strand_->Post([&] {
+    pinned = core_->RecentOutputs(static_cast<size_t>(std::max(0, options.cache_pin_buildsets)));
+    read.Notify();
+  });
+  read.WaitForNotification();
+  FarmGcPolicy policy;
+  policy.max_bytes = options.cache_max_bytes;
+  // Down to 90%: a store at its limit is not collected on every upload.
+  policy.target_bytes = options.cache_max_bytes / 10 * 9;
+  policy.pinned_roots = std::move(pinned);
+  absl::StatusOr<FarmGcReport> report = farm->CollectGarbage(policy);
+  if (!report.ok()) {
+    LogWarning("farm-store", "garbage collection failed: ", report.status().message());
+    return;
+  }
+  farm_store_metrics_->Update(farm->Stats());
+  if (report->paths_collected == 0) {
+    LogWarning("farm-store", "over its limit (", stats.file_bytes, " bytes) but every path is pinned or needed (",
+               report->paths_pinned, " pinned)");
+    return;
+  }
+  farm_store_metrics_->gc_runs.Increment();
+  farm_store_metrics_->gc_collected_paths.Increment(static_cast<double>(report->paths_collected));
+  farm_store_metrics_->gc_collected_bytes.Increment(static_cast<double>(report->bytes_collected));
+  LogInfo("farm-store", "collected ", report->paths_collected, " path(s), ", report->bytes_collected, " bytes; ",
+          report->paths_left, " path(s), ", report->bytes_left, " bytes left (", report->paths_pinned, " pinned)");
 }
 
 }  // namespace kiln

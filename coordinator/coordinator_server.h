@@ -48,6 +48,12 @@ struct CoordinatorOptions {
   // Where the farm store is served as a Nix binary cache (loopback only);
   // empty: not served.
   std::string cache_listen;
+  // The farm store's size limit (--cache-max-gb); 0: unbounded. Checked
+  // every `cache_gc_interval`; a collection keeps the outputs of the
+  // `cache_pin_buildsets` most recent buildsets with their closures.
+  uint64_t cache_max_bytes = 0;
+  int cache_pin_buildsets = 10;
+  absl::Duration cache_gc_interval = absl::Seconds(30);
 };
 
 class CoordinatorServer {
@@ -73,6 +79,7 @@ class CoordinatorServer {
   // no reaction posts to a dead strand.
   std::unique_ptr<RocksDbStateStore> store_;
   std::unique_ptr<CoordinatorMetrics> coordinator_metrics_;
+  std::unique_ptr<FarmStoreMetrics> farm_store_metrics_;
   std::unique_ptr<MetricsHttpServer> metrics_;
   std::unique_ptr<BinaryCacheServer> cache_;
   std::unique_ptr<SerialExecutor> strand_;
@@ -95,6 +102,11 @@ class CoordinatorServer {
   // Drives BuildCoordinator::Tick (leases) once a second, on the strand.
   absl::Notification stop_ticker_;
   std::thread ticker_;
+  // Keeps the farm store under its limit (off the strand: a collection
+  // reads every record).
+  std::thread farm_gc_;
+
+  void CollectFarmStore(const CoordinatorOptions& options);
 };
 
 }  // namespace kiln

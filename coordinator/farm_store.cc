@@ -1,6 +1,7 @@
 #include "coordinator/farm_store.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <zstd.h>
 
@@ -63,15 +64,58 @@ struct ZstdFree {
 
 absl::StatusOr<std::unique_ptr<LocalFarmStore>> LocalFarmStore::Open(rocksdb::DB* db,
                                                                      rocksdb::ColumnFamilyHandle* family,
-                                                                     std::string nar_dir, bool sync) {
+                                                                     std::string nar_dir, bool sync,
+                                                                     const Clock* clock) {
   std::error_code ec;
   fs::create_directories(nar_dir, ec);
   if (ec) return absl::InternalError(absl::StrCat("cannot create ", nar_dir, ": ", ec.message()));
-  // Uploads a crash interrupted: never visible, never finished.
-  for (const auto& entry : fs::directory_iterator(nar_dir, ec)) {
-    if (absl::StartsWith(entry.path().filename().string(), ".upload-")) fs::remove(entry.path(), ec);
+  auto store = std::unique_ptr<LocalFarmStore>(new LocalFarmStore(db, family, std::move(nar_dir), sync, clock));
+  RETURN_IF_ERROR(store->Load());
+  return store;
+}
+
+absl::Status LocalFarmStore::Load() {
+  FarmStoreStats stats;
+  absl::flat_hash_set<std::string> named;
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), family_));
+  for (it->SeekToFirst(); it->Valid(); it->Next()) {
+    absl::StatusOr<NarInfo> info = ParseNarInfo(absl::string_view(it->value().data(), it->value().size()));
+    if (!info.ok()) return WithContext(info.status(), "farm store record ", it->key().ToString());
+    ++stats.paths;
+    if (named.insert(BaseName(info->url)).second) stats.file_bytes += info->file_size;
   }
-  return std::unique_ptr<LocalFarmStore>(new LocalFarmStore(db, family, std::move(nar_dir), sync));
+  if (!it->status().ok()) return absl::InternalError(absl::StrCat("farm store read: ", it->status().ToString()));
+  // Uploads a crash interrupted (never visible, never finished), and files
+  // whose record a crash kept from being written or a collection removed.
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(nar_dir_, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (absl::StartsWith(name, ".upload-") || (absl::EndsWith(name, kNarSuffix) && !named.contains(name))) {
+      fs::remove(entry.path(), ec);
+    }
+  }
+  absl::MutexLock lock(&mu_);
+  stats_ = stats;
+  return absl::OkStatus();
+}
+
+FarmStoreStats LocalFarmStore::Stats() const {
+  absl::MutexLock lock(&mu_);
+  return stats_;
+}
+
+void LocalFarmStore::Touch(const std::string& hash_part, const NarInfo& info) {
+  const absl::Time now = clock_->Now();
+  {
+    absl::MutexLock lock(&mu_);
+    auto [it, inserted] = touched_.try_emplace(hash_part, absl::InfinitePast());
+    if (now - it->second < absl::Hours(1)) return;
+    it->second = now;
+  }
+  const std::string file = absl::StrCat(nar_dir_, "/", BaseName(info.url));
+  const timespec ts = absl::ToTimespec(now);
+  const timespec times[2] = {ts, ts};
+  ::utimensat(AT_FDCWD, file.c_str(), times, 0);  // Best effort: a missed bump only ages the path.
 }
 
 absl::StatusOr<bool> LocalFarmStore::Holds(const std::string& hash_part) {
@@ -100,7 +144,9 @@ absl::StatusOr<NarInfo> LocalFarmStore::Get(const std::string& hash_part) {
   rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), family_, hash_part, &value);
   if (s.IsNotFound()) return absl::NotFoundError(absl::StrCat(hash_part, " is not in the farm store"));
   if (!s.ok()) return absl::InternalError(absl::StrCat("farm store read: ", s.ToString()));
-  return ParseNarInfo(value);
+  ASSIGN_OR_RETURN(NarInfo info, ParseNarInfo(value));
+  Touch(hash_part, info);
+  return info;
 }
 
 absl::StatusOr<std::string> LocalFarmStore::NarFile(absl::string_view name) {
@@ -231,18 +277,43 @@ absl::Status LocalFarmStore::Add(const NarInfo& announced, NarSource nar) {
   stored.store_path = announced.store_path;
   stored.nar_hash = announced.nar_hash;
   stored.nar_size = announced.nar_size;
-  stored.references = announced.references;
+  // Narinfos name references by base name; a full path is taken too.
+  for (const std::string& ref : announced.references) stored.references.push_back(BaseName(ref));
   std::sort(stored.references.begin(), stored.references.end());
   stored.deriver = announced.deriver;
   stored.ca = announced.ca;
   absl::Status status = WriteBody(stored, nar);
+  absl::MutexLock lock(&mu_);
+  if (status.ok()) {
+    // Checked again with collections kept out: a reference collected since
+    // the first check, or the body's file (another path's too) collected
+    // since it was renamed into place, and this record would break the store.
+    for (const std::string& ref : stored.references) {
+      if (ref == self || !status.ok()) continue;
+      absl::StatusOr<std::string> ref_hash = StorePathHashPart(ref);
+      absl::StatusOr<bool> held = ref_hash.ok() ? Holds(*ref_hash) : ref_hash.status();
+      if (!held.ok())
+        status = held.status();
+      else if (!*held)
+        status = absl::FailedPreconditionError(absl::StrCat(ref, " was collected meanwhile: add it again"));
+    }
+    std::error_code ec;
+    if (status.ok() && !fs::exists(absl::StrCat(nar_dir_, "/", BaseName(stored.url)), ec)) {
+      status =
+          absl::AbortedError(absl::StrCat("the NAR of ", stored.store_path, " was collected meanwhile: send it again"));
+    }
+  }
   if (status.ok()) {
     rocksdb::WriteOptions options;
     options.sync = sync_;
     rocksdb::Status s = db_->Put(options, family_, hash_part, stored.Render());
     if (!s.ok()) status = absl::InternalError(absl::StrCat("farm store write: ", s.ToString()));
   }
-  absl::MutexLock lock(&mu_);
+  if (status.ok()) {
+    ++stats_.paths;
+    stats_.file_bytes += stored.file_size;
+    touched_[hash_part] = clock_->Now();
+  }
   adding_.erase(hash_part);
   return status;
 }

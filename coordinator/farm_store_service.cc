@@ -89,6 +89,22 @@ grpc::Status FarmStoreServiceImpl::AddPath(grpc::ServerContext* context,
     at += n;
     return n;
   });
+  if (metrics_ != nullptr) {
+    if (status.ok()) {
+      metrics_->uploaded_paths.Increment();
+      metrics_->uploaded_bytes.Increment(static_cast<double>(info.nar_size));
+      metrics_->Update(store_->Stats());
+    } else {
+      const absl::StatusCode code = status.code();
+      metrics_
+          ->UploadsRefused(code == absl::StatusCode::kDataLoss || code == absl::StatusCode::kInvalidArgument ||
+                                   code == absl::StatusCode::kResourceExhausted
+                               ? "bad_nar"
+                           : code == absl::StatusCode::kFailedPrecondition ? "missing_reference"
+                                                                           : "other")
+          .Increment();
+    }
+  }
   return ToGrpcStatus(status);
 }
 
@@ -105,6 +121,9 @@ grpc::Status FarmStoreServiceImpl::GetNarInfo(grpc::ServerContext* context, cons
   absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kCacheRead);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
   absl::StatusOr<NarInfo> info = store_->Get(request->hash_part());
+  if (metrics_ != nullptr && (info.ok() || absl::IsNotFound(info.status()))) {
+    metrics_->NarInfoRequests("worker", info.ok()).Increment();
+  }
   if (info.ok()) info = SignNarInfo(*std::move(info), key_);
   if (!info.ok()) return ToGrpcStatus(info.status());
   response->set_narinfo(info->Render());
@@ -134,6 +153,7 @@ grpc::Status FarmStoreServiceImpl::GetNar(grpc::ServerContext* context, const ki
     if (n < 0) return grpc::Status(grpc::StatusCode::INTERNAL, absl::StrCat("cannot read ", request->name()));
     if (n == 0) return grpc::Status::OK;
     data.resize(static_cast<size_t>(n));
+    if (metrics_ != nullptr) metrics_->ServedBytes("worker").Increment(static_cast<double>(n));
     if (!writer->Write(chunk)) return grpc::Status(grpc::StatusCode::CANCELLED, "the reader went away");
   }
   return grpc::Status(grpc::StatusCode::CANCELLED, "the reader went away");

@@ -9,6 +9,7 @@
 #include "coordinator/auth.h"
 #include "common/narinfo.h"
 #include "coordinator/farm_store.h"
+#include "coordinator/farm_store_metrics.h"
 #include "kiln/v1/store.grpc.pb.h"
 
 namespace kiln {
@@ -18,9 +19,9 @@ class FarmStoreServiceImpl final : public kiln::v1::FarmStoreService::Service {
   static constexpr size_t kMaxPathsPerQuery = 100000;
   static constexpr size_t kMaxChunkBytes = size_t{1} << 20;
 
-  // `key` signs the narinfos GetNarInfo returns.
-  FarmStoreServiceImpl(FarmStore* store, SigningKey key, const Authorizer* auth)
-      : store_(store), key_(std::move(key)), auth_(auth) {}
+  // `key` signs the narinfos GetNarInfo returns. `metrics` may be null.
+  FarmStoreServiceImpl(FarmStore* store, SigningKey key, const Authorizer* auth, FarmStoreMetrics* metrics = nullptr)
+      : store_(store), key_(std::move(key)), auth_(auth), metrics_(metrics) {}
 
   grpc::Status QueryMissing(grpc::ServerContext* context, const kiln::v1::QueryMissingRequest* request,
                             kiln::v1::QueryMissingResponse* response) override;
@@ -37,6 +38,7 @@ class FarmStoreServiceImpl final : public kiln::v1::FarmStoreService::Service {
   FarmStore* const store_;
   const SigningKey key_;
   const Authorizer* const auth_;
+  FarmStoreMetrics* const metrics_;
 };
 
 }  // namespace kiln

@@ -22,6 +22,9 @@ struct Flags {
   std::string listen = "127.0.0.1:7600";
   std::string metrics_listen = "127.0.0.1:9600";
   std::string cache_listen = "";
+  double cache_max_gb = 0;
+  int cache_pin_buildsets = 10;
+  absl::Duration cache_gc_interval = absl::Seconds(30);
   std::string tls_cert = "";
   std::string tls_key = "";
   std::string tls_ca = "";
@@ -58,6 +61,17 @@ void AddOptions(CLI::App& app, Flags& flags) {
   app.add_option("--cache-listen", flags.cache_listen,
                  "Serve the farm store as a Nix binary cache here (loopback host:port); empty: not served")
       ->capture_default_str();
+  app.add_option("--cache-max-gb", flags.cache_max_gb,
+                 "The farm store's size limit in GiB of compressed NARs: least recently used paths are collected "
+                 "beyond it (never one a kept path needs); 0: unbounded")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app.add_option("--cache-pin-buildsets", flags.cache_pin_buildsets,
+                 "The outputs of this many most recent buildsets, with their closures, are never collected")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  kiln::AddDurationOption(app, "--cache-gc-interval", &flags.cache_gc_interval,
+                          "How often the farm store's size is checked against --cache-max-gb");
   app.add_option("--tls-cert", flags.tls_cert,
                  "The coordinator's certificate (PEM), from deploy/pki/kiln-pki coordinator")
       ->capture_default_str();
@@ -217,6 +231,13 @@ int main(int argc, char** argv) {
   options.listen = flags.listen;
   options.metrics_listen = flags.metrics_listen;
   options.cache_listen = flags.cache_listen;
+  options.cache_max_bytes = static_cast<uint64_t>(flags.cache_max_gb * static_cast<double>(uint64_t{1} << 30));
+  options.cache_pin_buildsets = flags.cache_pin_buildsets;
+  if (flags.cache_gc_interval <= absl::ZeroDuration()) {
+    std::fprintf(stderr, "kiln-coordinator: --cache-gc-interval must be positive\n");
+    return 2;
+  }
+  options.cache_gc_interval = flags.cache_gc_interval;
   options.state_dir = flags.state_dir;
   options.tls = {flags.tls_cert, flags.tls_key, flags.tls_ca};
   options.require_tokens = flags.require_tokens;

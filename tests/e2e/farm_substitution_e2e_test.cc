@@ -16,6 +16,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
 #include "tests/support/local_farm.h"
 #include "tests/support/test_util.h"
 
@@ -132,6 +133,65 @@ TEST(FarmSubstitutionE2eTest, BuiltOnWorkerAIsSubstitutedNotBuiltOnWorkerB) {
   ASSERT_TRUE(refused.ok());
   EXPECT_EQ(refused->exit.exit_code, 1);
   EXPECT_TRUE(absl::StrContains(refused->stderr_data, "is not in the farm store")) << refused->stderr_data;
+}
+
+// Over --cache-max-gb the farm store collects what the most recent
+// buildsets do not need, least recently used first; the metrics say so.
+TEST(FarmSubstitutionE2eTest, TheFarmStoreStaysUnderItsLimitAndKeepsTheLatestBuildsets) {
+  testing::LocalFarm farm(/*workers=*/1);
+  farm.UsePrivateStores();
+  // About 100 bytes: room for one small output; each new buildset pushes
+  // the older ones out.
+  farm.SetCoordinatorFlags({"--cache-max-gb=0.0000001", "--cache-pin-buildsets=1", "--cache-gc-interval=100ms"});
+  ASSERT_TRUE(farm.Start().ok());
+  testing::TempDir work;
+  testing::WriteFileOrDie(work.Sub("svc/flake.nix"), R"({
+  outputs = { self }: {
+    packages.x86_64-linux.one = derivation {
+      name = "one"; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "echo one > $out" ];
+    };
+    packages.x86_64-linux.two = derivation {
+      name = "two"; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "echo two > $out" ];
+    };
+  };
+})");
+  std::string out[2];
+  const char* attrs[2] = {"one", "two"};
+  for (int i = 0; i < 2; ++i) {
+    absl::StatusOr<CommandResult> built = farm.Kiln({"build", "--json", work.Sub("svc") + "#" + attrs[i]});
+    ASSERT_TRUE(built.ok()) << built.status();
+    ASSERT_EQ(built->exit.exit_code, 0) << built->stderr_data;
+    out[i] = nlohmann::json::parse(built->stdout_data)[0]["outputs"]["out"].get<std::string>();
+  }
+  // `one` goes (its buildset is no longer the latest); `two` stays.
+  std::string metrics;
+  for (const absl::Time give_up = absl::Now() + absl::Seconds(30); absl::Now() < give_up;) {
+    absl::StatusOr<std::string> scraped = testing::ScrapeMetrics(farm.coordinator_metrics());
+    ASSERT_TRUE(scraped.ok());
+    metrics = *scraped;
+    if (absl::StrContains(metrics, "kiln_cache_gc_collected_paths_total 1")) break;
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  EXPECT_TRUE(absl::StrContains(metrics, "kiln_cache_gc_collected_paths_total 1")) << metrics;
+  EXPECT_TRUE(absl::StrContains(metrics, "kiln_cache_paths 1")) << metrics;
+  EXPECT_TRUE(absl::StrContains(metrics, "kiln_cache_uploaded_paths_total 2")) << metrics;
+  const auto copy = [&](const std::string& path) {
+    absl::StatusOr<CommandResult> r = RunCommand(
+        testing::OnPrivateStore(work.Sub("client-nix"), farm.KilnSpec({"copy", path}).argv), "", absl::Minutes(2));
+    EXPECT_TRUE(r.ok()) << r.status();
+    return r.ok() ? *r : CommandResult{};
+  };
+  CommandResult gone = copy(out[0]);
+  EXPECT_EQ(gone.exit.exit_code, 1) << gone.stderr_data;
+  EXPECT_TRUE(absl::StrContains(gone.stderr_data, "is not in the farm store")) << gone.stderr_data;
+  CommandResult kept = copy(out[1]);
+  EXPECT_EQ(kept.exit.exit_code, 0) << kept.stderr_data;
+  absl::StatusOr<std::string> after = testing::ScrapeMetrics(farm.coordinator_metrics());
+  ASSERT_TRUE(after.ok());
+  EXPECT_TRUE(absl::StrContains(*after, "kiln_cache_narinfo_requests_total{client=\"worker\",result=\"hit\"} 1"))
+      << *after;
+  EXPECT_TRUE(absl::StrContains(*after, "kiln_cache_narinfo_requests_total{client=\"worker\",result=\"miss\"}"))
+      << *after;
 }
 
 }  // namespace

@@ -1,0 +1,68 @@
+#include "coordinator/farm_store_metrics.h"
+
+#include <string>
+
+namespace kiln {
+namespace {
+
+prometheus::Gauge& MakeGauge(prometheus::Registry& r, const std::string& name, const std::string& help) {
+  return prometheus::BuildGauge().Name(name).Help(help).Register(r).Add({});
+}
+prometheus::Counter& MakeCounter(prometheus::Registry& r, const std::string& name, const std::string& help) {
+  return prometheus::BuildCounter().Name(name).Help(help).Register(r).Add({});
+}
+
+}  // namespace
+
+FarmStoreMetrics::FarmStoreMetrics(prometheus::Registry& registry)
+    : paths(MakeGauge(registry, "kiln_cache_paths", "Store paths in the farm store.")),
+      stored_bytes(MakeGauge(registry, "kiln_cache_stored_bytes", "Bytes of the farm store's compressed NARs.")),
+      limit_bytes(
+          MakeGauge(registry, "kiln_cache_limit_bytes", "The farm store's size limit (--cache-max-gb); 0: unbounded.")),
+      uploaded_paths(MakeCounter(registry, "kiln_cache_uploaded_paths_total", "Store paths workers added.")),
+      uploaded_bytes(MakeCounter(registry, "kiln_cache_uploaded_bytes_total",
+                                 "NAR bytes (uncompressed) of the store paths workers added.")),
+      gc_runs(MakeCounter(registry, "kiln_cache_gc_runs_total", "Farm store garbage collections that removed paths.")),
+      gc_collected_paths(MakeCounter(registry, "kiln_cache_gc_collected_paths_total",
+                                     "Store paths the farm store's garbage collection removed.")),
+      gc_collected_bytes(MakeCounter(registry, "kiln_cache_gc_collected_bytes_total",
+                                     "Compressed NAR bytes the farm store's garbage collection freed.")),
+      narinfo_family_(prometheus::BuildCounter()
+                          .Name("kiln_cache_narinfo_requests_total")
+                          .Help("Narinfo lookups by client kind (worker: over gRPC; http: the binary cache) and "
+                                "result (hit, miss).")
+                          .Register(registry)),
+      served_family_(prometheus::BuildCounter()
+                         .Name("kiln_cache_served_bytes_total")
+                         .Help("Compressed NAR bytes sent to readers, by client kind.")
+                         .Register(registry)),
+      refused_family_(prometheus::BuildCounter()
+                          .Name("kiln_cache_uploads_refused_total")
+                          .Help("Uploads the farm store refused, by reason (bad_nar, missing_reference, other).")
+                          .Register(registry)) {
+  for (const char* client : {"worker", "http"}) {
+    NarInfoRequests(client, true);
+    NarInfoRequests(client, false);
+    ServedBytes(client);
+  }
+  for (const char* reason : {"bad_nar", "missing_reference", "other"}) UploadsRefused(reason);
+}
+
+prometheus::Counter& FarmStoreMetrics::NarInfoRequests(absl::string_view client, bool hit) {
+  return narinfo_family_.Add({{"client", std::string(client)}, {"result", hit ? "hit" : "miss"}});
+}
+
+prometheus::Counter& FarmStoreMetrics::ServedBytes(absl::string_view client) {
+  return served_family_.Add({{"client", std::string(client)}});
+}
+
+prometheus::Counter& FarmStoreMetrics::UploadsRefused(absl::string_view reason) {
+  return refused_family_.Add({{"reason", std::string(reason)}});
+}
+
+void FarmStoreMetrics::Update(const FarmStoreStats& stats) {
+  paths.Set(static_cast<double>(stats.paths));
+  stored_bytes.Set(static_cast<double>(stats.file_bytes));
+}
+
+}  // namespace kiln
