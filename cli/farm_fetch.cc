@@ -3,7 +3,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <deque>
 #include <filesystem>
 #include <fstream>
 
@@ -18,6 +17,7 @@
 #include "cli/client.h"
 #include "common/exit_codes.h"
 #include "common/narinfo.h"
+#include "common/parallel_for.h"
 #include "common/nix_store_validity.h"
 #include "common/status_macros.h"
 #include "common/subprocess.h"
@@ -28,6 +28,8 @@ namespace {
 namespace fs = std::filesystem;
 
 constexpr size_t kMaxClosurePaths = 1 << 20;
+// Narinfos and NARs read at once: small transfers are latency-bound.
+constexpr int kParallel = 16;
 
 std::string Trimmed(const std::string& s, size_t max = 2000) {
   return std::string(absl::StripAsciiWhitespace(s.substr(0, max)));
@@ -78,35 +80,47 @@ absl::StatusOr<FarmFetchReport> FetchFromFarm(FarmStoreClient& farm, const std::
   ASSIGN_OR_RETURN(report.public_key, farm.PublicKey(), "asking the farm store for its key");
   const std::vector<std::string> keys = {report.public_key};
 
-  // 1. The closure, from the farm's narinfos, each signature checked.
+  // 1. The closure, from the farm's narinfos, each signature checked: level
+  // by level, each level's narinfos read at once.
   std::vector<NarInfo> infos;
   absl::flat_hash_set<std::string> seen;
-  std::deque<std::string> todo(paths.begin(), paths.end());
-  while (!todo.empty()) {
-    std::string path = std::move(todo.front());
-    todo.pop_front();
+  std::vector<std::string> level;
+  const auto enqueue = [&](std::string path) -> absl::Status {
     if (!absl::StartsWith(path, "/")) path = absl::StrCat("/nix/store/", path);
-    if (!seen.insert(path).second) continue;
+    if (!seen.insert(path).second) return absl::OkStatus();
     if (seen.size() > kMaxClosurePaths) return absl::ResourceExhaustedError("a closure of more than 1M paths");
-    ASSIGN_OR_RETURN(std::string hash_part, StorePathHashPart(path));
-    absl::StatusOr<std::string> text = farm.NarInfo(hash_part);
-    if (absl::IsNotFound(text.status())) {
-      return absl::NotFoundError(
-          absl::StrCat(path, " is not in the farm store (built by a worker with --farm-store=false, or collected)"));
+    level.push_back(std::move(path));
+    return absl::OkStatus();
+  };
+  for (const std::string& p : paths) RETURN_IF_ERROR(enqueue(p));
+  while (!level.empty()) {
+    std::vector<NarInfo> read(level.size());
+    RETURN_IF_ERROR(ParallelFor(level.size(), kParallel, [&](size_t i) -> absl::Status {
+      const std::string& path = level[i];
+      ASSIGN_OR_RETURN(std::string hash_part, StorePathHashPart(path));
+      absl::StatusOr<std::string> text = farm.NarInfo(hash_part);
+      if (absl::IsNotFound(text.status())) {
+        return absl::NotFoundError(
+            absl::StrCat(path, " is not in the farm store (built by a worker with --farm-store=false, or collected)"));
+      }
+      if (!text.ok()) return WithContext(text.status(), "reading the narinfo of ", path);
+      ASSIGN_OR_RETURN(read[i], ParseNarInfo(*text), "the farm's narinfo of ", path);
+      if (read[i].store_path != path) {
+        return absl::DataLossError(absl::StrCat("the farm answered for ", path, " with ", read[i].store_path));
+      }
+      bool signed_by_farm = false;
+      for (const std::string& sig : read[i].sigs) signed_by_farm |= VerifySignature(read[i].Fingerprint(), sig, keys);
+      if (!signed_by_farm) {
+        return absl::DataLossError(absl::StrCat("the farm's narinfo of ", path, " has no valid signature by ",
+                                                report.public_key.substr(0, report.public_key.find(':'))));
+      }
+      return absl::OkStatus();
+    }));
+    level.clear();
+    for (NarInfo& info : read) {
+      for (const std::string& r : info.references) RETURN_IF_ERROR(enqueue(r));
+      infos.push_back(std::move(info));
     }
-    if (!text.ok()) return WithContext(text.status(), "reading the narinfo of ", path);
-    ASSIGN_OR_RETURN(NarInfo info, ParseNarInfo(*text), "the farm's narinfo of ", path);
-    if (info.store_path != path) {
-      return absl::DataLossError(absl::StrCat("the farm answered for ", path, " with ", info.store_path));
-    }
-    bool signed_by_farm = false;
-    for (const std::string& sig : info.sigs) signed_by_farm |= VerifySignature(info.Fingerprint(), sig, keys);
-    if (!signed_by_farm) {
-      return absl::DataLossError(absl::StrCat("the farm's narinfo of ", path, " has no valid signature by ",
-                                              report.public_key.substr(0, report.public_key.find(':'))));
-    }
-    for (const std::string& r : info.references) todo.push_back(absl::StrCat("/nix/store/", r));
-    infos.push_back(std::move(info));
   }
   for (const NarInfo& info : infos) report.closure.push_back(info.store_path);
   std::sort(report.closure.begin(), report.closure.end());
@@ -124,15 +138,21 @@ absl::StatusOr<FarmFetchReport> FetchFromFarm(FarmStoreClient& farm, const std::
   std::error_code ec;
   fs::create_directories(dir.path / "nar", ec);
   RETURN_IF_ERROR(WriteFile(dir.path / "nix-cache-info", "StoreDir: /nix/store\n"));
-  std::vector<std::string> wanted;
+  std::vector<const NarInfo*> fetch;
   for (const NarInfo& info : infos) {
     ASSIGN_OR_RETURN(std::string hash_part, StorePathHashPart(info.store_path));
     RETURN_IF_ERROR(WriteFile(dir.path / absl::StrCat(hash_part, ".narinfo"), info.Render()));
     if (valid.contains(info.store_path)) continue;
-    wanted.push_back(info.store_path);
     if (!absl::StartsWith(info.url, "nar/") || info.url.find('/', 4) != std::string::npos || info.url.size() > 200) {
       return absl::DataLossError(absl::StrCat("the farm's narinfo of ", info.store_path, " names a NAR at ", info.url));
     }
+    fetch.push_back(&info);
+  }
+  std::vector<std::string> wanted;
+  for (const NarInfo* info : fetch) wanted.push_back(info->store_path);
+  absl::Mutex mu;
+  RETURN_IF_ERROR(ParallelFor(fetch.size(), kParallel, [&](size_t i) -> absl::Status {
+    const NarInfo& info = *fetch[i];
     std::ofstream nar(dir.path / info.url, std::ios::binary);
     absl::Status fetched = farm.FetchNar(info.url.substr(4), [&](absl::string_view bytes) -> absl::Status {
       nar.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
@@ -140,12 +160,14 @@ absl::StatusOr<FarmFetchReport> FetchFromFarm(FarmStoreClient& farm, const std::
     });
     nar.close();
     if (!fetched.ok()) return WithContext(fetched, "fetching ", info.store_path);
+    absl::MutexLock lock(&mu);
     ++report.fetched;
     report.nar_bytes += info.nar_size;
-    if (progress && (report.fetched % 100 == 0)) {
-      progress(absl::StrFormat("fetched %d path(s) from the farm store", report.fetched));
+    if (progress && report.fetched % 500 == 0) {
+      progress(absl::StrFormat("fetched %d of %d path(s) from the farm store", report.fetched, fetch.size()));
     }
-  }
+    return absl::OkStatus();
+  }));
 
   // 4. Nix adds them, checking hashes and signatures.
   std::vector<std::string> argv = {"nix",

@@ -24,6 +24,9 @@ constexpr char kKeyFile[] = "cache-key.secret";
 // The cache's answers carry no Cache-Control: no-store (clients keep their own
 // narinfo cache); only the metrics listener says no-store.
 constexpr bool kCacheable = true;
+// Civetweb gives each kept-alive connection a thread, and one Nix client
+// opens up to 25 (http-connections): room for a few clients at full speed.
+constexpr int kThreads = 64;
 constexpr char kCacheInfo[] = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n";
 
 absl::Status WriteKeyFile(const std::string& path, const std::string& text) {
@@ -89,7 +92,7 @@ absl::StatusOr<std::unique_ptr<BinaryCacheServer>> BinaryCacheServer::Start(cons
   }
   auto server = std::unique_ptr<BinaryCacheServer>(new BinaryCacheServer(store, std::move(key), metrics));
   // Nix fetches narinfos and NARs in parallel (http-connections = 25).
-  ASSIGN_OR_RETURN(server->context_, StartCivetweb(address, 8, "the binary cache", &server->address_));
+  ASSIGN_OR_RETURN(server->context_, StartCivetweb(address, kThreads, "the binary cache", &server->address_));
   mg_set_request_handler(server->context_, "/", &BinaryCacheServer::Handle, server.get());
   return server;
 }

@@ -5,28 +5,28 @@
 namespace kiln {
 namespace {
 
-prometheus::Gauge& MakeGauge(prometheus::Registry& r, const std::string& name, const std::string& help) {
+prometheus::Gauge& CacheGauge(prometheus::Registry& r, const std::string& name, const std::string& help) {
   return prometheus::BuildGauge().Name(name).Help(help).Register(r).Add({});
 }
-prometheus::Counter& MakeCounter(prometheus::Registry& r, const std::string& name, const std::string& help) {
+prometheus::Counter& CacheCounter(prometheus::Registry& r, const std::string& name, const std::string& help) {
   return prometheus::BuildCounter().Name(name).Help(help).Register(r).Add({});
 }
 
 }  // namespace
 
 FarmStoreMetrics::FarmStoreMetrics(prometheus::Registry& registry)
-    : paths(MakeGauge(registry, "kiln_cache_paths", "Store paths in the farm store.")),
-      stored_bytes(MakeGauge(registry, "kiln_cache_stored_bytes", "Bytes of the farm store's compressed NARs.")),
-      limit_bytes(
-          MakeGauge(registry, "kiln_cache_limit_bytes", "The farm store's size limit (--cache-max-gb); 0: unbounded.")),
-      uploaded_paths(MakeCounter(registry, "kiln_cache_uploaded_paths_total", "Store paths workers added.")),
-      uploaded_bytes(MakeCounter(registry, "kiln_cache_uploaded_bytes_total",
-                                 "NAR bytes (uncompressed) of the store paths workers added.")),
-      gc_runs(MakeCounter(registry, "kiln_cache_gc_runs_total", "Farm store garbage collections that removed paths.")),
-      gc_collected_paths(MakeCounter(registry, "kiln_cache_gc_collected_paths_total",
-                                     "Store paths the farm store's garbage collection removed.")),
-      gc_collected_bytes(MakeCounter(registry, "kiln_cache_gc_collected_bytes_total",
-                                     "Compressed NAR bytes the farm store's garbage collection freed.")),
+    : paths(CacheGauge(registry, "kiln_cache_paths", "Store paths in the farm store.")),
+      stored_bytes(CacheGauge(registry, "kiln_cache_stored_bytes", "Bytes of the farm store's compressed NARs.")),
+      limit_bytes(CacheGauge(registry, "kiln_cache_limit_bytes",
+                             "The farm store's size limit (--cache-max-gb); 0: unbounded.")),
+      uploaded_paths(CacheCounter(registry, "kiln_cache_uploaded_paths_total", "Store paths workers added.")),
+      uploaded_bytes(CacheCounter(registry, "kiln_cache_uploaded_bytes_total",
+                                  "NAR bytes (uncompressed) of the store paths workers added.")),
+      gc_runs(CacheCounter(registry, "kiln_cache_gc_runs_total", "Farm store garbage collections that removed paths.")),
+      gc_collected_paths(CacheCounter(registry, "kiln_cache_gc_collected_paths_total",
+                                      "Store paths the farm store's garbage collection removed.")),
+      gc_collected_bytes(CacheCounter(registry, "kiln_cache_gc_collected_bytes_total",
+                                      "Compressed NAR bytes the farm store's garbage collection freed.")),
       narinfo_family_(prometheus::BuildCounter()
                           .Name("kiln_cache_narinfo_requests_total")
                           .Help("Narinfo lookups by client kind (worker: over gRPC; http: the binary cache) and "

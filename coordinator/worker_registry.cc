@@ -57,7 +57,7 @@ WorkerRegistry::Admission WorkerRegistry::CheckRegister(const Worker& worker, co
   // refused: two workers taking turns would each lose the other's jobs.
   const bool same_process = !reg.instance_id().empty() && reg.instance_id() == existing->instance_id;
   const absl::Duration silent = clock_->Now() - existing->last_seen;
-  if (!same_process && silent < 2 * options_.heartbeat_interval) {
+  if (!same_process && silent < 2 * HeartbeatInterval()) {
     out.refused = absl::AlreadyExistsError(absl::StrFormat(
         "a worker named '%s' is connected already (another process; its last message came %ds ago): give each "
         "worker a --name of its own",
@@ -86,10 +86,17 @@ WorkerCapabilities WorkerRegistry::CapabilitiesOf(const kiln::v1::Register& reg)
   return caps;
 }
 
+absl::Duration WorkerRegistry::HeartbeatInterval() const {
+  // Three beats per lease at least: a worker whose builds print nothing
+  // must not look dead between two of them.
+  return options_.lease > absl::ZeroDuration() ? std::min(options_.heartbeat_interval, options_.lease / 3)
+                                               : options_.heartbeat_interval;
+}
+
 kiln::v1::CoordinatorMessage WorkerRegistry::Registered(const Worker& worker) const {
   kiln::v1::CoordinatorMessage reply;
   reply.mutable_registered()->set_worker_id(worker.name);
-  *reply.mutable_registered()->mutable_heartbeat_interval() = ToProtoDuration(options_.heartbeat_interval);
+  *reply.mutable_registered()->mutable_heartbeat_interval() = ToProtoDuration(HeartbeatInterval());
   *reply.mutable_registered()->mutable_lease() = ToProtoDuration(options_.lease);
   return reply;
 }

@@ -96,6 +96,9 @@ class WorkerRegistry {
   static WorkerCapabilities CapabilitiesOf(const kiln::v1::Register& reg);
   // The reply to an accepted Register.
   kiln::v1::CoordinatorMessage Registered(const Worker& worker) const;
+  // The interval workers are told to send heartbeats at: the configured
+  // one, or a third of the lease when that is shorter.
+  absl::Duration HeartbeatInterval() const;
 
   // Records a heartbeat; returns why the worker should take no new job ("":
   // within every limit). `slots`: its job slots, for the load limit.

@@ -15,8 +15,11 @@ namespace kiln {
 namespace {
 
 constexpr char kCacheInfo[] = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 10\n";
-// Nix fetches narinfos and NARs in parallel (http-connections = 25).
-constexpr int kThreads = 8;
+// Nix fetches narinfos and NARs over up to 25 connections at once
+// (http-connections), each kept alive, and civetweb gives a kept-alive
+// connection a thread of its own: with fewer threads the other connections
+// wait for one to time out idle (measured: 5x slower substitution with 8).
+constexpr int kThreads = 32;
 
 void Extend(NixOptionList& options, const std::string& name, const std::string& value, bool first) {
   for (auto& [n, v] : options) {
@@ -111,9 +114,11 @@ int FarmCacheRelay::Serve(mg_connection* conn) {
   if (absl::EndsWith(uri, ".narinfo")) {
     const std::string hash_part(absl::StripSuffix(absl::StripPrefix(uri, "/"), ".narinfo"));
     if (!HashPartShaped(hash_part)) return respond(404, "text/plain", "not a narinfo name\n");
+    const absl::Time start = absl::Now();
     absl::StatusOr<std::string> info = farm_->NarInfo(hash_part);
     {
       absl::MutexLock lock(&mu_);
+      counts_.narinfo_time += absl::Now() - start;
       ++(info.ok() ? counts_.narinfo_hits : absl::IsNotFound(info.status()) ? counts_.narinfo_misses : counts_.errors);
     }
     if (absl::IsNotFound(info.status())) return respond(404, "text/plain", "not in the farm store\n");
@@ -125,6 +130,7 @@ int FarmCacheRelay::Serve(mg_connection* conn) {
     if (method == "HEAD") return respond(200, "application/x-nix-nar", "");
     bool started = false;
     uint64_t bytes = 0;
+    const absl::Time start = absl::Now();
     absl::Status fetched = farm_->FetchNar(uri.substr(5), [&](absl::string_view data) -> absl::Status {
       if (!started) {
         mg_send_http_ok(conn, "application/x-nix-nar", -1);  // Chunked: the size is the farm's to know.
@@ -139,6 +145,7 @@ int FarmCacheRelay::Serve(mg_connection* conn) {
     });
     {
       absl::MutexLock lock(&mu_);
+      counts_.nar_time += absl::Now() - start;
       if (fetched.ok()) {
         ++counts_.nars;
         counts_.nar_bytes += bytes;

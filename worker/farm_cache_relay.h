@@ -62,6 +62,7 @@ class FarmCacheRelay {
   // Counts, for metrics and tests.
   struct Counts {
     uint64_t narinfo_hits = 0, narinfo_misses = 0, nars = 0, nar_bytes = 0, errors = 0;
+    absl::Duration narinfo_time, nar_time;  // Spent answering, summed over requests.
   };
   Counts counts() const ABSL_LOCKS_EXCLUDED(mu_);
 

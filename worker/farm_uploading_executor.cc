@@ -1,8 +1,6 @@
 #include "worker/farm_uploading_executor.h"
 
 #include <algorithm>
-#include <atomic>
-#include <thread>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
@@ -11,6 +9,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "common/log.h"
+#include "common/parallel_for.h"
 #include "common/status_macros.h"
 
 namespace kiln {
@@ -68,32 +67,16 @@ absl::Status UploadOnce(const std::vector<kiln::v1::PathInfo>& closure, LocalSto
     if (missing_set.contains(info.store_path())) missing.push_back(&info);
   }
   for (const std::vector<const kiln::v1::PathInfo*>& wave : Waves(missing)) {
-    std::atomic<size_t> next{0};
     absl::Mutex mu;
-    absl::Status first_error;
-    auto send = [&] {
-      for (size_t i = next++; i < wave.size(); i = next++) {
-        {
-          absl::MutexLock lock(&mu);
-          if (!first_error.ok()) return;
-        }
-        const kiln::v1::PathInfo& info = *wave[i];
-        absl::Status s = farm.AddPath(info, [&](NarSink sink) { return local.DumpNar(info.store_path(), sink); });
-        absl::MutexLock lock(&mu);
-        if (!s.ok()) {
-          if (first_error.ok()) first_error = WithContext(s, absl::StrCat("sending ", info.store_path()));
-          return;
-        }
-        ++report.paths_sent;
-        report.nar_bytes_sent += info.nar_size();
-      }
-    };
-    const size_t threads = std::min<size_t>(wave.size(), static_cast<size_t>(std::max(1, parallel)));
-    std::vector<std::thread> pool;
-    for (size_t t = 1; t < threads; ++t) pool.emplace_back(send);
-    send();
-    for (std::thread& t : pool) t.join();
-    RETURN_IF_ERROR(first_error);
+    RETURN_IF_ERROR(ParallelFor(wave.size(), parallel, [&](size_t i) -> absl::Status {
+      const kiln::v1::PathInfo& info = *wave[i];
+      RETURN_IF_ERROR_CONTEXT(farm.AddPath(info, [&](NarSink sink) { return local.DumpNar(info.store_path(), sink); }),
+                              "sending ", info.store_path());
+      absl::MutexLock lock(&mu);
+      ++report.paths_sent;
+      report.nar_bytes_sent += info.nar_size();
+      return absl::OkStatus();
+    }));
   }
   return absl::OkStatus();
 }
@@ -116,6 +99,16 @@ bool UploadRetryable(const absl::Status& status) {
 absl::StatusOr<FarmUploadReport> UploadClosure(const std::vector<std::string>& roots, LocalStore& local,
                                                FarmStoreClient& farm, const FarmUploadOptions& options) {
   FarmUploadReport report;
+  // The farm holds a path only with its whole closure: roots it holds need
+  // nothing more, and an unchanged closure costs one question, not a read
+  // of the closure from Nix.
+  if (absl::StatusOr<std::vector<std::string>> missing_roots = farm.Missing(roots);
+      missing_roots.ok() && missing_roots->empty()) {
+    report.attempts = 1;
+    return report;
+  } else if (absl::IsUnimplemented(missing_roots.status())) {
+    return missing_roots.status();
+  }
   ASSIGN_OR_RETURN(std::vector<kiln::v1::PathInfo> closure, local.ClosureInfos(roots), "reading the outputs' closure");
   report.closure_paths = closure.size();
   absl::Duration backoff = options.first_backoff;

@@ -1,7 +1,9 @@
 // Sending what a worker built to the farm store.
 //
 // UploadClosure sends the part of a closure the farm store lacks: it asks
-// by store path first (one call), then adds the missing paths references
+// for the roots first (held roots have their closures held: one call for an
+// unchanged closure), then by store path for the closure (one call), then
+// adds the missing paths references
 // first — the farm takes a path only once everything it references is
 // there — several at once where no path waits on another. A failed attempt
 // is retried from the question (paths already sent are not sent again).
@@ -33,7 +35,7 @@ struct FarmUploadOptions {
 };
 
 struct FarmUploadReport {
-  size_t closure_paths = 0;  // In the closure of the roots.
+  size_t closure_paths = 0;  // In the closure of the roots (0: the roots were held).
   size_t paths_sent = 0;
   uint64_t nar_bytes_sent = 0;
   int attempts = 0;

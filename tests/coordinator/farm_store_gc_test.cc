@@ -130,18 +130,7 @@ TEST(FarmGcPlanTest, NeverBreaksAClosureNorAPinAndTakesTheOldestFirst) {
   }
 }
 
-// What a client announces for `nar` at `path`.
-NarInfo Announce(const std::string& path, const std::string& nar, std::vector<std::string> refs = {}) {
-  NixHash h;
-  h.algo = HashAlgo::kSha256;
-  h.bytes = absl::HexStringToBytes(Sha256Hex(nar));
-  NarInfo info;
-  info.store_path = path;
-  info.nar_hash = absl::StrCat("sha256:", h.Base32());
-  info.nar_size = nar.size();
-  info.references = std::move(refs);
-  return info;
-}
+using testing::Announce;
 
 absl::Status Add(FarmStore& store, const NarInfo& info, const std::string& nar) {
   size_t at = 0;

@@ -29,18 +29,7 @@ namespace fs = std::filesystem;
 constexpr char kA[] = "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-a";
 constexpr char kB[] = "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-b";
 
-// What a client announces for `nar` at `path`.
-NarInfo Announce(const std::string& path, const std::string& nar, std::vector<std::string> refs = {}) {
-  NixHash h;
-  h.algo = HashAlgo::kSha256;
-  h.bytes = absl::HexStringToBytes(Sha256Hex(nar));
-  NarInfo info;
-  info.store_path = path;
-  info.nar_hash = absl::StrCat("sha256:", h.Base32());
-  info.nar_size = nar.size();
-  info.references = std::move(refs);
-  return info;
-}
+using testing::Announce;
 
 // `*read`, when given: how many bytes of the NAR the store read.
 absl::Status AddFromMemory(FarmStore& store, const NarInfo& info, const std::string& nar, size_t step = 7,

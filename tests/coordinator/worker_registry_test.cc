@@ -2,6 +2,8 @@
 // rules, leases, admission limits and the outbox.
 #include "coordinator/worker_registry.h"
 
+#include "common/grpc_util.h"
+
 #include <gtest/gtest.h>
 
 #include "tests/support/coordinator_fakes.h"
@@ -50,6 +52,26 @@ TEST(WorkerRegistry, RefusesMalformedRegistrations) {
   ASSERT_TRUE(f.Connect(s, Reg("w")).refused.ok());
   EXPECT_EQ(f.Connect(s, Reg("w")).refused.code(), absl::StatusCode::kFailedPrecondition)
       << "a second Register on one stream";
+}
+
+TEST(WorkerRegistry, WorkersAreToldToBeatOftenEnoughForTheLease) {
+  // A lease shorter than the heartbeat interval: an idle worker's stream,
+  // with builds that print nothing, would look dead between two beats.
+  testing::FakeClock clock;
+  WorkerRegistry short_lease{&clock,
+                             WorkerRegistryOptions{.heartbeat_interval = absl::Seconds(10), .lease = absl::Seconds(2)}};
+  auto s = std::make_shared<testing::FakeWorkerSession>();
+  WorkerRegistry::Worker& w = short_lease.Seen(s);
+  ASSERT_TRUE(short_lease.CheckRegister(w, Reg("w")).refused.ok());
+  short_lease.Bind(w, Reg("w"));
+  const kiln::v1::CoordinatorMessage reply = short_lease.Registered(w);
+  EXPECT_LE(FromProtoDuration(reply.registered().heartbeat_interval()), absl::Seconds(2) / 3);
+  // The usual settings stand.
+  Fixture f;
+  auto t = std::make_shared<testing::FakeWorkerSession>();
+  ASSERT_TRUE(f.Connect(t, Reg("v")).refused.ok());
+  WorkerRegistry::Worker& v = f.registry.Seen(t);
+  EXPECT_EQ(FromProtoDuration(f.registry.Registered(v).registered().heartbeat_interval()), absl::Seconds(10));
 }
 
 TEST(WorkerRegistry, AnotherProcessUnderALiveNameIsRefusedTheSameProcessReplacesItsStream) {

@@ -8,7 +8,12 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "common/digest.h"
+#include "common/narinfo.h"
+#include "common/nix_hash.h"
 
 namespace kiln::testing {
 
@@ -34,5 +39,18 @@ inline std::string NarDirectory(const std::vector<std::pair<std::string, std::st
   return out + NarString(")");
 }
 inline std::string NarArchive(const std::string& node) { return NarString("nix-archive-1") + node; }
+
+// What a client announces for `nar` at `path`: its size and hash.
+inline NarInfo Announce(const std::string& path, const std::string& nar, std::vector<std::string> refs = {}) {
+  NixHash h;
+  h.algo = HashAlgo::kSha256;
+  h.bytes = absl::HexStringToBytes(Sha256Hex(nar));
+  NarInfo info;
+  info.store_path = path;
+  info.nar_hash = absl::StrCat("sha256:", h.Base32());
+  info.nar_size = nar.size();
+  info.references = std::move(refs);
+  return info;
+}
 
 }  // namespace kiln::testing

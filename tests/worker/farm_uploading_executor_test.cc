@@ -177,17 +177,25 @@ TEST_F(FarmUploadTest, SendsOnlyWhatTheFarmLacksReferencesFirst) {
   EXPECT_EQ(order.back(), StorePath("app"));  // After lib and data, in whichever order.
   EXPECT_GT(sent->nar_bytes_sent, 0u);
 
-  // Again: the question alone, nothing sent.
+  // Again: one question (the root is held, so is its closure), nothing sent.
+  int asked = 0;
+  {
+    absl::MutexLock lock(&farm_.mu);
+    asked = farm_.missing_calls;
+  }
   sent = UploadClosure({StorePath("app")}, local_, farm_, Quick());
   ASSERT_TRUE(sent.ok()) << sent.status();
   EXPECT_EQ(sent->paths_sent, 0u);
+  EXPECT_EQ(sent->closure_paths, 0u);  // Not even read from the local store.
   EXPECT_EQ(Order().size(), 3u);
+  absl::MutexLock lock(&farm_.mu);
+  EXPECT_EQ(farm_.missing_calls, asked + 1);
 }
 
 TEST_F(FarmUploadTest, AnUnreachableFarmIsRetriedAndWhatWasSentIsNotSentAgain) {
   {
     absl::MutexLock lock(&farm_.mu);
-    farm_.fail_next = 2;
+    farm_.fail_next = 3;  // The roots' question, then two attempts.
     farm_.failure = absl::UnavailableError("connection refused");
   }
   absl::StatusOr<FarmUploadReport> sent = UploadClosure({StorePath("app"), StorePath("tool")}, local_, farm_, Quick());
@@ -199,7 +207,7 @@ TEST_F(FarmUploadTest, AnUnreachableFarmIsRetriedAndWhatWasSentIsNotSentAgain) {
 TEST_F(FarmUploadTest, ARefusalIsNotRetriedAndGivingUpSaysWhy) {
   {
     absl::MutexLock lock(&farm_.mu);
-    farm_.fail_next = 1;
+    farm_.fail_next = 2;  // The roots' question (then read whole), then the first attempt.
     farm_.failure = absl::DataLossError("NAR hash mismatch");
   }
   absl::StatusOr<FarmUploadReport> sent = UploadClosure({StorePath("tool")}, local_, farm_, Quick());
