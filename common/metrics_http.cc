@@ -42,6 +42,10 @@ absl::StatusOr<mg_context*> StartCivetweb(const std::string& address, int thread
   absl::StatusOr<HostPort> hp = ParseHostPort(address);
   if (!hp.ok()) return hp.status();
   static std::once_flag init_once;
+  // No TLS: Debian's civetweb 1.15 loads libssl at run time through a
+  // table of OpenSSL 1.1 functions, and with OpenSSL 3 it calls a null
+  // pointer on the first TLS connection (seen: SIGSEGV in a civetweb
+  // worker). Listeners stay plain HTTP on loopback.
   std::call_once(init_once, [] { mg_init_library(0); });
   const std::string thread_count = std::to_string(threads);
   // tcp_nodelay: a response is a header and a body written separately;
@@ -71,9 +75,9 @@ absl::StatusOr<mg_context*> StartCivetweb(const std::string& address, int thread
   if (context == nullptr) {
     return absl::UnavailableError(absl::StrCat("cannot serve ", what, " on ", address, ": ", error_text));
   }
-  mg_server_port ports[4] = {};
-  const int count = mg_get_server_ports(context, 4, ports);
-  *bound_address = FormatHostPort(hp->host, count > 0 ? ports[0].port : hp->port);
+  mg_server_port bound[4] = {};
+  const int count = mg_get_server_ports(context, 4, bound);
+  *bound_address = FormatHostPort(hp->host, count > 0 ? bound[0].port : hp->port);
   return context;
 }
 

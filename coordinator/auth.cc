@@ -68,17 +68,7 @@ absl::StatusOr<Caller> Authorizer::Check(const grpc::ServerContextBase& context,
     if (!absl::ConsumePrefix(&value, "Bearer ")) {
       return Refuse(absl::UnauthenticatedError("the authorization header is not 'Bearer TOKEN'"), "bad_token");
     }
-    absl::StatusOr<TokenGrant> grant = tokens_->Verify(absl::StripAsciiWhitespace(value));
-    if (!grant.ok()) return Refuse(grant.status(), "bad_token");
-    caller.who = absl::StrCat("token '", grant->name, "'");
-    caller.token = *std::move(grant);
-    if (!TokenAllows(*caller.token, scope)) {
-      return Refuse(
-          absl::PermissionDeniedError(absl::StrCat(caller.who, " has no ", ScopeName(scope),
-                                                   " scope (it has: ", absl::StrJoin(caller.token->scopes, ", "), ")")),
-          "scope");
-    }
-    return caller;
+    return CheckToken(absl::StripAsciiWhitespace(value), scope);
   }
   caller.worker = PeerCertificateName(context);
   if (!caller.worker.empty()) {
@@ -109,6 +99,20 @@ absl::StatusOr<Caller> Authorizer::Check(const grpc::ServerContextBase& context,
       absl::UnauthenticatedError("this coordinator requires a token: set KILN_TOKEN (an administrator makes one with "
                                  "'kiln-coordinator token create --name=NAME --scope=submit')"),
       "no_credentials");
+}
+
+absl::StatusOr<Caller> Authorizer::CheckToken(absl::string_view token, Scope scope) const {
+  Caller caller;
+  absl::StatusOr<TokenGrant> grant = tokens_->Verify(token);
+  if (!grant.ok()) return Refuse(grant.status(), "bad_token");
+  caller.who = absl::StrCat("token '", grant->name, "'");
+  caller.token = *std::move(grant);
+  if (!TokenAllows(*caller.token, scope)) {
+    return Refuse(absl::PermissionDeniedError(absl::StrCat(caller.who, " has no ", ScopeName(scope), " scope (it has: ",
+                                                           absl::StrJoin(caller.token->scopes, ", "), ")")),
+                  "scope");
+  }
+  return caller;
 }
 
 absl::Status Authorizer::CheckPush(const Caller& caller, const kiln::v1::PushTarget& push) const {

@@ -58,6 +58,9 @@ class Authorizer {
   // credentials) or PERMISSION_DENIED (not in its scopes) otherwise, with a
   // message that says which and what to do.
   absl::StatusOr<Caller> Check(const grpc::ServerContextBase& context, Scope scope) const;
+  // The same for a token given outside gRPC (the binary cache's HTTP Basic
+  // password).
+  absl::StatusOr<Caller> CheckToken(absl::string_view token, Scope scope) const;
 
   // Every tag of `push` against the caller's push:PATTERN scopes (callers
   // without a token: nothing to check).

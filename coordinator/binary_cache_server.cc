@@ -9,6 +9,8 @@
 #include <cstring>
 #include <filesystem>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -84,13 +86,16 @@ absl::StatusOr<SigningKey> LoadOrCreateCacheKey(const std::string& state_dir, co
 
 absl::StatusOr<std::unique_ptr<BinaryCacheServer>> BinaryCacheServer::Start(const std::string& address,
                                                                             FarmStore* store, SigningKey key,
-                                                                            FarmStoreMetrics* metrics) {
+                                                                            FarmStoreMetrics* metrics,
+                                                                            BinaryCacheAccess access) {
   ASSIGN_OR_RETURN(HostPort hp, ParseHostPort(address));
   if (!IsLoopbackHost(hp.host)) {
     return absl::InvalidArgumentError(
-        absl::StrCat("--cache-listen=", address, ": the binary cache serves loopback only (no TLS yet)"));
+        absl::StrCat("--cache-listen=", address,
+                     ": the binary cache serves loopback only; put a TLS-terminating proxy in front of it for "
+                     "other hosts (docs/OPERATIONS.md)"));
   }
-  auto server = std::unique_ptr<BinaryCacheServer>(new BinaryCacheServer(store, std::move(key), metrics));
+  auto server = std::unique_ptr<BinaryCacheServer>(new BinaryCacheServer(store, std::move(key), metrics, access.auth));
   // Nix fetches narinfos and NARs in parallel (http-connections = 25).
   ASSIGN_OR_RETURN(server->context_, StartCivetweb(address, kThreads, "the binary cache", &server->address_));
   mg_set_request_handler(server->context_, "/", &BinaryCacheServer::Handle, server.get());
@@ -103,7 +108,30 @@ int BinaryCacheServer::Handle(mg_connection* conn, void* self) {
   return static_cast<BinaryCacheServer*>(self)->Serve(conn);
 }
 
+bool BinaryCacheServer::Authorized(mg_connection* conn) {
+  if (auth_ == nullptr) return true;
+  absl::Status refused = absl::UnauthenticatedError("a token is needed: the HTTP Basic password (netrc-file)");
+  const char* header = mg_get_header(conn, "Authorization");
+  absl::string_view value = header != nullptr ? header : "";
+  std::string decoded;
+  if (absl::ConsumePrefix(&value, "Basic ") && value.size() < 4096 &&
+      absl::Base64Unescape(absl::StripAsciiWhitespace(value), &decoded)) {
+    const size_t colon = decoded.find(':');
+    const std::string token = colon == std::string::npos ? decoded : decoded.substr(colon + 1);
+    refused = auth_->CheckToken(token, Scope::kCacheRead).status();
+  }
+  if (refused.ok()) return true;
+  // The reason, not the token: nothing from the request is echoed.
+  const std::string body = absl::StrCat(refused.message(), "\n");
+  mg_printf(conn,
+            "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"kiln farm store\"\r\n"
+            "Content-Type: text/plain\r\nContent-Length: %zu\r\n\r\n%s",
+            body.size(), body.c_str());
+  return false;
+}
+
 int BinaryCacheServer::Serve(mg_connection* conn) {
+  if (!Authorized(conn)) return 401;
   const mg_request_info* request = mg_get_request_info(conn);
   const std::string method = request->request_method != nullptr ? request->request_method : "";
   const std::string uri = request->local_uri != nullptr ? request->local_uri : "";

@@ -144,10 +144,14 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
 
   if (!options.cache_listen.empty()) {
     const std::string public_key = cache_key.PublicKeyText();
-    ASSIGN_OR_RETURN(server->cache_, BinaryCacheServer::Start(options.cache_listen, server->store_->farm_store(),
-                                                              cache_key, server->farm_store_metrics_.get()));
+    BinaryCacheAccess access;
+    if (tls || options.require_tokens) access.auth = auth;
+    ASSIGN_OR_RETURN(server->cache_,
+                     BinaryCacheServer::Start(options.cache_listen, server->store_->farm_store(), cache_key,
+                                              server->farm_store_metrics_.get(), std::move(access)));
     LogInfo("coordinator", "farm store served as a Nix binary cache on http://", server->cache_->address(),
-            " (trusted-public-keys = ", public_key, ")");
+            tls || options.require_tokens ? " (a cache-read token needed)" : "", " (trusted-public-keys = ", public_key,
+            ")");
   }
   if (!options.ready_file.empty()) {
     nlohmann::json ready = {{"grpc", server->grpc_address_}, {"metrics", server->metrics_->address()}};

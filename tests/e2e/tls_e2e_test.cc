@@ -135,6 +135,92 @@ TEST(TlsE2eTest, OnlyWorkersWithTheFarmsCertificatesTakeJobsAndTheyAreKnownByThe
                                 "registering as 'worker-1' holds the certificate of 'worker-2'"));
 }
 
+// With TLS the binary cache (on loopback, behind a proxy for other hosts)
+// wants a token: a stock Nix client with a cache-read token in its netrc
+// file substitutes what a worker built over mutual TLS; without one, or
+// with a forged one, it cannot.
+TEST(TlsE2eTest, TheBinaryCacheWantsACacheReadTokenAsNixSendsIt) {
+  testing::TempDir dir;
+  const std::string pki = dir.Sub("pki");
+  Pki({"init", pki});
+  Pki({"coordinator", pki, "--ip", "127.0.0.1", "--dns", "localhost"});
+  Pki({"worker", pki, "worker-1"});
+  LocalFarm farm(/*workers=*/0);
+  farm.UsePrivateStores();
+  farm.SetCoordinatorFlags({"--tls-cert=" + pki + "/coordinator.crt", "--tls-key=" + pki + "/coordinator.key",
+                            "--tls-ca=" + pki + "/ca.crt", "--cache-listen=127.0.0.1:0"});
+  ASSERT_TRUE(farm.Start().ok());
+  const TlsFiles w1 = WorkerFiles(pki, pki, "worker-1");
+  farm.SetWorkerFlags({"--tls-cert=" + w1.cert, "--tls-key=" + w1.key, "--tls-ca=" + w1.ca});
+  ASSERT_TRUE(farm.AddWorker().ok());
+  const auto token = [&](const std::string& name, const std::string& scope) {
+    ProcessSpec create;
+    create.argv = {
+        testing::BinPath("kiln-coordinator"),          "token", "create", "--name=" + name, "--scope=" + scope,
+        "--state-dir=" + farm.dir().Sub("coordinator")};
+    auto made = RunCommand(create, "", absl::Minutes(1));
+    EXPECT_TRUE(made.ok() && made->exit.Success()) << (made.ok() ? made->stderr_data : "");
+    return made.ok() ? std::string(absl::StripAsciiWhitespace(made->stdout_data)) : std::string();
+  };
+  const std::string ci = token("ci", "submit"), laptop = token("laptop", "cache-read");
+  testing::WriteFileOrDie(dir.Sub("svc/flake.nix"), absl::StrCat(R"({
+  outputs = { self }: {
+    packages.x86_64-linux.default = derivation {
+      name = "tls-cache-)",
+                                                                 absl::ToUnixNanos(absl::Now()),
+                                                                 R"("; system = "x86_64-linux"; builder = "/bin/sh";
+      args = [ "-c" "echo over https > $out" ];
+    };
+  };
+})"));
+  ProcessSpec build = farm.KilnSpec({"--tls-ca=" + pki + "/ca.crt", "build", dir.Sub("svc"), "--json"});
+  build.extra_env.push_back("KILN_TOKEN=" + ci);
+  auto built = RunCommand(build, "", absl::Minutes(3));
+  ASSERT_TRUE(built.ok());
+  ASSERT_EQ(built->exit.exit_code, 0) << built->stderr_data;
+  const std::string out = nlohmann::json::parse(built->stdout_data)[0]["outputs"]["out"];
+
+  const std::string url = "http://" + farm.cache_address();
+  const auto curl = [&](const std::vector<std::string>& args) {
+    ProcessSpec spec;
+    spec.argv = {"curl", "-s", "-o", "/dev/null", "-w", "%{http_code}"};
+    spec.argv.insert(spec.argv.end(), args.begin(), args.end());
+    auto r = RunCommand(spec, "", absl::Seconds(30));
+    return r.ok() ? r->stdout_data : std::string("curl did not run");
+  };
+  EXPECT_EQ(curl({url + "/nix-cache-info"}), "401");
+  EXPECT_EQ(curl({"-u", "anyone:" + laptop, url + "/nix-cache-info"}), "200");
+  EXPECT_EQ(curl({"-u", "anyone:" + ci, url + "/nix-cache-info"}), "200");  // Any client scope reads.
+  EXPECT_EQ(curl({"-u", "anyone:kiln_0000000000000000_forged", url + "/nix-cache-info"}), "401");
+
+  // A stock Nix on a store of its own, the token in its netrc file.
+  ProcessSpec key;
+  key.argv = {testing::BinPath("kiln-coordinator"), "cache", "public-key",
+              "--state-dir=" + farm.dir().Sub("coordinator")};
+  auto public_key = RunCommand(key, "", absl::Minutes(1));
+  ASSERT_TRUE(public_key.ok() && public_key->exit.Success());
+  testing::WriteFileOrDie(dir.Sub("netrc"), "machine 127.0.0.1 login laptop password " + laptop + "\n");
+  const auto substitute = [&](const std::string& store, bool with_netrc) {
+    std::vector<std::string> argv = {
+        "nix-store", "--realise",           out,
+        "--option",  "substituters",        url,
+        "--option",  "trusted-public-keys", std::string(absl::StripAsciiWhitespace(public_key->stdout_data))};
+    if (with_netrc) argv.insert(argv.end(), {"--option", "netrc-file", dir.Sub("netrc")});
+    ProcessSpec spec = testing::OnPrivateStore(dir.Sub(store), argv);
+    auto r = RunCommand(spec, "", absl::Minutes(2));
+    EXPECT_TRUE(r.ok()) << r.status();
+    return r.ok() ? *r : CommandResult{};
+  };
+  CommandResult refused = substitute("anonymous-nix", false);
+  EXPECT_FALSE(refused.exit.Success()) << refused.stdout_data;
+  CommandResult fetched = substitute("laptop-nix", true);
+  EXPECT_TRUE(fetched.exit.Success()) << fetched.stderr_data;
+  EXPECT_EQ(absl::StripAsciiWhitespace(fetched.stdout_data), out);
+  // The token is in no log.
+  const std::string secret = laptop.substr(22);
+  EXPECT_FALSE(absl::StrContains(testing::ReadFileOrDie(farm.LogOf("coordinator")), secret));
+}
+
 TEST(TlsE2eTest, PlaintextIsRefusedOffLoopbackBeforeAnythingListensOrDials) {
   testing::TempDir dir;
   ProcessSpec coordinator;
