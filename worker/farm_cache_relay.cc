@@ -56,8 +56,8 @@ NixOptionList WithFarmSubstituter(NixOptionList options, const std::string& url,
   return options;
 }
 
-absl::StatusOr<std::unique_ptr<FarmCacheRelay>> FarmCacheRelay::Start(FarmStoreClient* farm) {
-  auto relay = std::unique_ptr<FarmCacheRelay>(new FarmCacheRelay(farm));
+absl::StatusOr<std::unique_ptr<FarmCacheRelay>> FarmCacheRelay::Start(FarmStoreClient* farm, WorkerMetrics* metrics) {
+  auto relay = std::unique_ptr<FarmCacheRelay>(new FarmCacheRelay(farm, metrics));
   ASSIGN_OR_RETURN(relay->context_, StartCivetweb("127.0.0.1:0", kThreads, "the farm store relay", &relay->address_));
   relay->url_ = absl::StrCat("http://", relay->address_);
   mg_set_request_handler(relay->context_, "/", &FarmCacheRelay::Handle, relay.get());
@@ -121,6 +121,9 @@ int FarmCacheRelay::Serve(mg_connection* conn) {
       counts_.narinfo_time += absl::Now() - start;
       ++(info.ok() ? counts_.narinfo_hits : absl::IsNotFound(info.status()) ? counts_.narinfo_misses : counts_.errors);
     }
+    if (metrics_ != nullptr) {
+      metrics_->FarmNarInfoRequests(info.ok() ? "hit" : absl::IsNotFound(info.status()) ? "miss" : "error").Increment();
+    }
     if (absl::IsNotFound(info.status())) return respond(404, "text/plain", "not in the farm store\n");
     // Not a 404: Nix must not take "the farm is unreachable" for "absent".
     if (!info.ok()) return respond(502, "text/plain", absl::StrCat("farm store: ", info.status().message(), "\n"));
@@ -149,6 +152,7 @@ int FarmCacheRelay::Serve(mg_connection* conn) {
       if (fetched.ok()) {
         ++counts_.nars;
         counts_.nar_bytes += bytes;
+        if (metrics_ != nullptr) metrics_->farm_substituted_bytes.Increment(static_cast<double>(bytes));
       } else {
         ++counts_.errors;
       }

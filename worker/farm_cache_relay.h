@@ -30,6 +30,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/farm_store_client.h"
+#include "worker/worker_metrics.h"
 
 struct mg_context;
 struct mg_connection;
@@ -45,8 +46,9 @@ NixOptionList WithFarmSubstituter(NixOptionList options, const std::string& url,
 
 class FarmCacheRelay {
  public:
-  // `farm` outlives the relay. Binds 127.0.0.1 on a free port.
-  static absl::StatusOr<std::unique_ptr<FarmCacheRelay>> Start(FarmStoreClient* farm);
+  // `farm` and `metrics` (may be null) outlive the relay. Binds 127.0.0.1
+  // on a free port.
+  static absl::StatusOr<std::unique_ptr<FarmCacheRelay>> Start(FarmStoreClient* farm, WorkerMetrics* metrics = nullptr);
   ~FarmCacheRelay();
 
   // "http://127.0.0.1:PORT".
@@ -67,11 +69,12 @@ class FarmCacheRelay {
   Counts counts() const ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
-  explicit FarmCacheRelay(FarmStoreClient* farm) : farm_(farm) {}
+  FarmCacheRelay(FarmStoreClient* farm, WorkerMetrics* metrics) : farm_(farm), metrics_(metrics) {}
   static int Handle(mg_connection* conn, void* self);
   int Serve(mg_connection* conn);
 
   FarmStoreClient* const farm_;
+  WorkerMetrics* const metrics_;
   mg_context* context_ = nullptr;
   std::string address_;
   std::string url_;

@@ -138,11 +138,16 @@ void FarmUploadingExecutor::AfterSuccess(const BuildRequest&, kiln::v1::BuildRes
     return;
   }
   if (!sent.ok()) {
+    if (metrics_ != nullptr) metrics_->farm_upload_failures.Increment();
     result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
     result.set_error_message(
         absl::StrCat("built, but the outputs could not be added to the farm store: ", sent.status().message()));
     say(result.error_message());
     return;
+  }
+  if (metrics_ != nullptr) {
+    metrics_->farm_uploaded_paths.Increment(static_cast<double>(sent->paths_sent));
+    metrics_->farm_uploaded_bytes.Increment(static_cast<double>(sent->nar_bytes_sent));
   }
   if (sent->paths_sent > 0) {
     say(absl::StrFormat("farm store: sent %d of %d path(s) of the outputs' closure (%.1f MiB) in %s", sent->paths_sent,

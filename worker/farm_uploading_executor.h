@@ -25,6 +25,7 @@
 #include "worker/after_build_executor.h"
 #include "common/farm_store_client.h"
 #include "worker/local_store.h"
+#include "worker/worker_metrics.h"
 
 namespace kiln {
 
@@ -51,9 +52,10 @@ bool UploadRetryable(const absl::Status& status);
 
 class FarmUploadingExecutor final : public AfterBuildExecutor {
  public:
-  // All must outlive this.
-  FarmUploadingExecutor(BuildExecutor* inner, LocalStore* local, FarmStoreClient* farm, FarmUploadOptions options = {})
-      : AfterBuildExecutor(inner), local_(local), farm_(farm), options_(options) {}
+  // All must outlive this; `metrics` may be null.
+  FarmUploadingExecutor(BuildExecutor* inner, LocalStore* local, FarmStoreClient* farm, FarmUploadOptions options = {},
+                        WorkerMetrics* metrics = nullptr)
+      : AfterBuildExecutor(inner), local_(local), farm_(farm), options_(options), metrics_(metrics) {}
 
  private:
   bool Applies(const BuildRequest& request) const override { return request.step == BuildRequest::Step::kFlakeAttr; }
@@ -63,6 +65,7 @@ class FarmUploadingExecutor final : public AfterBuildExecutor {
   LocalStore* const local_;
   FarmStoreClient* const farm_;
   const FarmUploadOptions options_;
+  WorkerMetrics* const metrics_;
 };
 
 }  // namespace kiln

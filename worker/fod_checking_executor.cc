@@ -316,23 +316,32 @@ void FodCheckingExecutor::CheckAndBuild(Job& job, Step* build, kiln::v1::BuildRe
   // 4. Suspected stale hashes: those not here are realised, then those
   // that came from a substituter, and those that were here, are rebuilt to
   // verify; on the slots of the job's build (which waits meanwhile).
-  if (!absent_suspects.empty()) {
+  // A step over suspects' derivations on the build's slots; false when the
+  // job ended there (cancelled, a mismatch found, the step failed).
+  const auto check_step = [&](const std::vector<size_t>& which, bool rebuild, const char* source, NixRunReport& nix) {
     BuildRequest request = StepOf(job.request, BuildRequest::Step::kDerivations);
+    request.rebuild = rebuild;
     request.keep_going = true;
     request.share_slots_of = build != nullptr ? build->inner_id : 0;
-    for (size_t i : absent_suspects) request.drv_paths.push_back(fods[i].drv_path);
-    NixRunReport nix;
-    kiln::v1::BuildResult realised = RunStep(job, std::move(request), &nix);
-    if (Cancelled(job)) return;
-    std::vector<kiln::v1::FodOutcome> outcomes = Harvest(job, index, nix, "build", result);
-    Record(job, outcomes);
+    for (size_t i : which) request.drv_paths.push_back(fods[i].drv_path);
+    kiln::v1::BuildResult step = RunStep(job, std::move(request), &nix);
+    if (Cancelled(job)) return false;
+    Record(job, Harvest(job, index, nix, source, result));
     if (result.hash_mismatches_size() > 0) {
       for (const auto& m : result.hash_mismatches()) messages.push_back(DescribeMismatch(m, ""));
       result.set_code(kiln::v1::RESULT_CODE_BUILD_FAILED);
       result.set_error_message(absl::StrJoin(messages, "\n"));
-      return;
+      return false;
     }
-    if (realised.code() != kiln::v1::RESULT_CODE_SUCCEEDED) return FailWith(realised, result);
+    if (step.code() != kiln::v1::RESULT_CODE_SUCCEEDED) {
+      FailWith(step, result);
+      return false;
+    }
+    return true;
+  };
+  if (!absent_suspects.empty()) {
+    NixRunReport nix;
+    if (!check_step(absent_suspects, /*rebuild=*/false, "build", nix)) return;
     // Built here: its hash was computed and checked. Substituted: check it.
     absl::flat_hash_set<std::string> built;
     for (const NixRunReport::Built& b : nix.built) built.insert(b.drv_path);
@@ -341,28 +350,13 @@ void FodCheckingExecutor::CheckAndBuild(Job& job, Step* build, kiln::v1::BuildRe
     }
   }
   if (!suspects.empty()) {
-    BuildRequest request = StepOf(job.request, BuildRequest::Step::kDerivations);
-    request.rebuild = true;
-    request.keep_going = true;
-    request.share_slots_of = build != nullptr ? build->inner_id : 0;
     for (size_t i : suspects) {
       Line(job, absl::StrCat("verifying '", fods[i].fod.name, "': its hash ", fods[i].fod.declared.Sri(),
                              " was computed for other inputs (job ", verdicts[i].stale_source().computed_by_job(),
                              "); rebuilding the output held here"));
-      request.drv_paths.push_back(fods[i].drv_path);
     }
     NixRunReport nix;
-    kiln::v1::BuildResult check = RunStep(job, std::move(request), &nix);
-    if (Cancelled(job)) return;
-    std::vector<kiln::v1::FodOutcome> outcomes = Harvest(job, index, nix, "check", result);
-    Record(job, outcomes);
-    if (result.hash_mismatches_size() > 0) {
-      for (const auto& m : result.hash_mismatches()) messages.push_back(DescribeMismatch(m, ""));
-      result.set_code(kiln::v1::RESULT_CODE_BUILD_FAILED);
-      result.set_error_message(absl::StrJoin(messages, "\n"));
-      return;
-    }
-    if (check.code() != kiln::v1::RESULT_CODE_SUCCEEDED) return FailWith(check, result);
+    if (!check_step(suspects, /*rebuild=*/true, "check", nix)) return;
   }
 
   // 5. The build itself, of the .drv evaluated above.

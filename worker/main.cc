@@ -289,7 +289,7 @@ int main(int argc, char** argv) {
   kiln::GrpcFarmStoreClient farm_store(channel);
   std::unique_ptr<kiln::FarmCacheRelay> relay;
   if (flags.farm_store) {
-    absl::StatusOr<std::unique_ptr<kiln::FarmCacheRelay>> started = kiln::FarmCacheRelay::Start(&farm_store);
+    absl::StatusOr<std::unique_ptr<kiln::FarmCacheRelay>> started = kiln::FarmCacheRelay::Start(&farm_store, &metrics);
     if (!started.ok()) return Fail(std::string(started.status().message()));
     relay = *std::move(started);
     nix.adjust_options = [r = relay.get()](const kiln::NixOptionList& o) { return r->NixOptionsFor(o); };
@@ -313,7 +313,7 @@ int main(int argc, char** argv) {
   // cancels to report back through it.
   kiln::NixBuildExecutor nix_executor(nix);
   kiln::FodCheckingExecutor fod_checking(&nix_executor, &fod_oracle, &local_store);
-  kiln::FarmUploadingExecutor uploading(&fod_checking, &local_store, &farm_store);
+  kiln::FarmUploadingExecutor uploading(&fod_checking, &local_store, &farm_store, kiln::FarmUploadOptions{}, &metrics);
   kiln::PublishingExecutor executor(flags.farm_store ? static_cast<kiln::BuildExecutor*>(&uploading) : &fod_checking,
                                     &publisher);
   kiln::WorkerAgent agent(options, &executor, &metrics);

@@ -56,6 +56,27 @@ WorkerMetrics::WorkerMetrics(std::shared_ptr<prometheus::Registry> registry)
                      .Help("Compressed blob bytes this worker uploaded to registries.")
                      .Register(*registry)
                      .Add({})),
+      farm_uploaded_paths(prometheus::BuildCounter()
+                              .Name("kiln_worker_farm_uploaded_paths_total")
+                              .Help("Store paths this worker sent to the farm store.")
+                              .Register(*registry)
+                              .Add({})),
+      farm_uploaded_bytes(prometheus::BuildCounter()
+                              .Name("kiln_worker_farm_uploaded_bytes_total")
+                              .Help("NAR bytes (uncompressed) this worker sent to the farm store.")
+                              .Register(*registry)
+                              .Add({})),
+      farm_upload_failures(prometheus::BuildCounter()
+                               .Name("kiln_worker_farm_upload_failures_total")
+                               .Help("Builds whose outputs could not be sent to the farm store after retries "
+                                     "(each reported as an infrastructure error).")
+                               .Register(*registry)
+                               .Add({})),
+      farm_substituted_bytes(prometheus::BuildCounter()
+                                 .Name("kiln_worker_farm_substituted_bytes_total")
+                                 .Help("Compressed NAR bytes this worker's Nix fetched from the farm store.")
+                                 .Register(*registry)
+                                 .Add({})),
       push_duration(prometheus::BuildHistogram()
                         .Name("kiln_worker_push_duration_seconds")
                         .Help("Wall time of image pushes (successful ones).")
@@ -74,7 +95,13 @@ WorkerMetrics::WorkerMetrics(std::shared_ptr<prometheus::Registry> registry)
       push_failures_family_(prometheus::BuildCounter()
                                 .Name("kiln_worker_push_failures_total")
                                 .Help("Image pushes that failed, by the kind of registry error.")
-                                .Register(*registry_)) {
+                                .Register(*registry_)),
+      farm_narinfo_family_(prometheus::BuildCounter()
+                               .Name("kiln_worker_farm_narinfo_requests_total")
+                               .Help("Narinfo lookups this worker's Nix made of the farm store, by result (hit, "
+                                     "miss, error).")
+                               .Register(*registry_)) {
+  for (auto r : {"hit", "miss", "error"}) FarmNarInfoRequests(r);
   for (auto r : {"succeeded", "failed", "cancelled", "infra_error", "timed_out"}) BuildsFinished(r);
   for (auto r : {"pushed", "skipped", "mounted"}) PushedBlobs(r);
   for (auto c : {"unauthorized", "denied", "not_found", "invalid", "unavailable", "other"}) PushFailures(c);
@@ -90,6 +117,10 @@ prometheus::Counter& WorkerMetrics::PushFailures(absl::string_view code) {
 
 prometheus::Counter& WorkerMetrics::BuildsFinished(absl::string_view result) {
   return finished_family_.Add({{"result", std::string(result)}});
+}
+
+prometheus::Counter& WorkerMetrics::FarmNarInfoRequests(absl::string_view result) {
+  return farm_narinfo_family_.Add({{"result", std::string(result)}});
 }
 
 }  // namespace kiln

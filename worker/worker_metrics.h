@@ -31,6 +31,14 @@ class WorkerMetrics {
   prometheus::Gauge& work_dir_free_bytes;
 
   prometheus::Counter& push_bytes;
+  // The farm store: what this worker sent it, and what its Nix read of it
+  // through the relay.
+  prometheus::Counter& farm_uploaded_paths;
+  prometheus::Counter& farm_uploaded_bytes;
+  prometheus::Counter& farm_upload_failures;
+  prometheus::Counter& farm_substituted_bytes;
+  // result: hit, miss, error (the farm unreachable).
+  prometheus::Counter& FarmNarInfoRequests(absl::string_view result);
   prometheus::Histogram& push_duration;
 
   // result: succeeded, failed, cancelled, infra_error.
@@ -46,6 +54,7 @@ class WorkerMetrics {
   prometheus::Family<prometheus::Counter>& finished_family_;
   prometheus::Family<prometheus::Counter>& blobs_family_;
   prometheus::Family<prometheus::Counter>& push_failures_family_;
+  prometheus::Family<prometheus::Counter>& farm_narinfo_family_;
 };
 
 }  // namespace kiln

@@ -78,47 +78,41 @@ TEST(NarTest, ReadsWhatNixDumpsWithTheHashAndSizeNixRecords) {
   EXPECT_EQ(nar->content_bytes, 6u + 7u + 0u + 19u);
 }
 
+// `nix-store --dump PATH`'s output.
+std::string NixDump(const std::string& path) {
+  absl::StatusOr<CommandResult> dump =
+      RunCommand({.argv = {"nix-store", "--dump", path}, .extra_env = NixEnv(), .cwd = ""});
+  EXPECT_TRUE(dump.ok() && dump->exit.Success()) << path;
+  return dump.ok() ? dump->stdout_data : "";
+}
+
+// DumpPathAsNar's output, and how many pieces it came in.
+std::string OurDump(const std::string& path, size_t* pieces = nullptr) {
+  std::string out;
+  absl::Status s = DumpPathAsNar(path, [&](absl::string_view bytes) {
+    out.append(bytes.data(), bytes.size());
+    if (pieces != nullptr) ++*pieces;
+    return absl::OkStatus();
+  });
+  EXPECT_TRUE(s.ok()) << s;
+  return out;
+}
+
 TEST(NarDumpTest, DumpsAStorePathByteForByteAsNixDoes) {
   testing::TempDir dir;
   const std::string path = AddTreeToStore(dir);
   ASSERT_TRUE(absl::StartsWith(path, "/nix/store/")) << path;
-  absl::StatusOr<CommandResult> dump =
-      RunCommand({.argv = {"nix-store", "--dump", path}, .extra_env = NixEnv(), .cwd = ""});
-  ASSERT_TRUE(dump.ok() && dump->exit.Success());
-  std::string ours;
-  size_t pieces = 0;
-  ASSERT_TRUE(DumpPathAsNar(path, [&](absl::string_view bytes) {
-                ours.append(bytes.data(), bytes.size());
-                ++pieces;
-                return absl::OkStatus();
-              }).ok());
-  EXPECT_EQ(ours, dump->stdout_data);
-  EXPECT_GE(pieces, 1u);
+  EXPECT_EQ(OurDump(path), NixDump(path));
   // A single file and a symlink at the root, too.
-  for (const std::string sub : {"/a.txt", "/link"}) {
-    std::string mine;
-    ASSERT_TRUE(DumpPathAsNar(path + sub, [&](absl::string_view b) {
-                  mine.append(b.data(), b.size());
-                  return absl::OkStatus();
-                }).ok());
-    absl::StatusOr<CommandResult> theirs =
-        RunCommand({.argv = {"nix-store", "--dump", path + sub}, .extra_env = NixEnv(), .cwd = ""});
-    ASSERT_TRUE(theirs.ok());
-    EXPECT_EQ(mine, theirs->stdout_data) << sub;
-  }
+  for (const std::string sub : {"/a.txt", "/link"}) EXPECT_EQ(OurDump(path + sub), NixDump(path + sub)) << sub;
 }
 
 TEST(NarDumpTest, LargeFilesStreamInPiecesAndTheSinksErrorStopsTheDump) {
   testing::TempDir dir;
   const std::string big = dir.Sub("big");
   std::ofstream(big) << std::string(3 << 20, 'x');
-  std::string ours;
   size_t pieces = 0;
-  ASSERT_TRUE(DumpPathAsNar(big, [&](absl::string_view b) {
-                ours.append(b.data(), b.size());
-                ++pieces;
-                return absl::OkStatus();
-              }).ok());
+  const std::string ours = OurDump(big, &pieces);
   absl::StatusOr<NarSummary> read = ReadNar(ours);
   ASSERT_TRUE(read.ok()) << read.status();
   EXPECT_EQ(read->content_bytes, 3u << 20);

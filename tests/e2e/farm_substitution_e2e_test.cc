@@ -76,6 +76,12 @@ TEST(FarmSubstitutionE2eTest, BuiltOnWorkerAIsSubstitutedNotBuiltOnWorkerB) {
   const nlohmann::json built_b = nlohmann::json::parse(b->stdout_data);
   EXPECT_EQ(built_b[0]["worker"], "worker-2") << b->stdout_data;
   EXPECT_EQ(LinesIn(runs), 1u) << "base was built again on worker B";
+  // B's metrics say it: base came from the farm, top went to it.
+  absl::StatusOr<std::string> b_metrics = testing::ScrapeMetrics(farm.worker_metrics().at(1));
+  ASSERT_TRUE(b_metrics.ok()) << b_metrics.status();
+  EXPECT_TRUE(absl::StrContains(*b_metrics, "kiln_worker_farm_narinfo_requests_total{result=\"hit\"} 1")) << *b_metrics;
+  EXPECT_FALSE(absl::StrContains(*b_metrics, "kiln_worker_farm_substituted_bytes_total 0\n")) << *b_metrics;
+  EXPECT_TRUE(absl::StrContains(*b_metrics, "kiln_worker_farm_uploaded_paths_total 1")) << *b_metrics;
 
   // B's store has base, signed by the farm: substituted, not built.
   absl::StatusOr<CommandResult> sigs =
