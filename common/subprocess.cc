@@ -79,16 +79,9 @@ std::vector<char*> CStrings(std::vector<std::string>& strings) {
   return out;
 }
 
-struct Spawned {
-  pid_t pid = -1;
-  int stdin_fd = -1;
-  int stdout_fd = -1;
-  int stderr_fd = -1;
-};
+}  // namespace
 
-// Spawns `spec` as the leader of a new process group, with pipes for its
-// standard streams. No shell is involved: argv goes to execvp as it is.
-absl::StatusOr<Spawned> SpawnWithPipes(const ProcessSpec& spec, bool want_stdin) {
+absl::StatusOr<Spawned> SpawnWithPipes(const ProcessSpec& spec, bool want_stdin, bool stderr_to_null) {
   if (spec.argv.empty()) return absl::InvalidArgumentError("empty argv");
   int in[2] = {-1, -1}, out[2] = {-1, -1}, err[2] = {-1, -1};
   auto close_all = absl::MakeCleanup([&] {
@@ -101,7 +94,7 @@ absl::StatusOr<Spawned> SpawnWithPipes(const ProcessSpec& spec, bool want_stdin)
     RETURN_IF_ERROR(MakePipe(in));
   }
   RETURN_IF_ERROR(MakePipe(out));
-  RETURN_IF_ERROR(MakePipe(err));
+  if (!stderr_to_null) RETURN_IF_ERROR(MakePipe(err));
 
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);
@@ -112,7 +105,11 @@ absl::StatusOr<Spawned> SpawnWithPipes(const ProcessSpec& spec, bool want_stdin)
     posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
   }
   posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
-  posix_spawn_file_actions_adddup2(&actions, err[1], STDERR_FILENO);
+  if (stderr_to_null) {
+    posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, "/dev/null", O_WRONLY, 0);
+  } else {
+    posix_spawn_file_actions_adddup2(&actions, err[1], STDERR_FILENO);
+  }
   if (!spec.cwd.empty()) {
     posix_spawn_file_actions_addchdir_np(&actions, spec.cwd.c_str());
   }
@@ -145,6 +142,8 @@ absl::StatusOr<Spawned> SpawnWithPipes(const ProcessSpec& spec, bool want_stdin)
   s.stderr_fd = std::exchange(err[0], -1);
   return s;
 }
+
+namespace {
 
 void SetNonBlocking(int fd) {
   if (fd >= 0) ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);

@@ -49,6 +49,18 @@ struct CommandResult {
   std::string stderr_data;
 };
 
+struct Spawned {
+  pid_t pid = -1;
+  int stdin_fd = -1;  // -1 unless asked for.
+  int stdout_fd = -1;
+  int stderr_fd = -1;  // -1 with stderr_to_null.
+};
+
+// Spawns `spec` as the leader of a new process group, with pipes for its
+// standard streams (close-on-exec, blocking). No shell is involved: argv
+// goes to execvp as it is. The caller owns the descriptors and the child.
+absl::StatusOr<Spawned> SpawnWithPipes(const ProcessSpec& spec, bool want_stdin, bool stderr_to_null = false);
+
 // Runs `spec` to completion, feeding it `stdin_data`. Output beyond
 // `max_output` bytes per stream is discarded. After `timeout` the process group
 // is killed and DeadlineExceeded is returned.

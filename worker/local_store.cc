@@ -44,7 +44,10 @@ absl::StatusOr<std::vector<kiln::v1::PathInfo>> ParsePathInfoJson(absl::string_v
 }
 
 NixLocalStore::NixLocalStore(const std::string& nix_binary, std::vector<std::pair<std::string, std::string>> options)
-    : nix_binary_(nix_binary), nix_store_binary_(NixStoreBinaryBeside(nix_binary)), options_(std::move(options)) {}
+    : nix_binary_(nix_binary),
+      nix_store_binary_(NixStoreBinaryBeside(nix_binary)),
+      serve_(std::make_unique<NixServeConnection>(nix_store_binary_, options)),
+      options_(std::move(options)) {}
 
 absl::StatusOr<std::vector<ClosureFod>> NixLocalStore::FixedOutputsOfClosure(const std::string& drv) {
   return ::kiln::FixedOutputsOfClosure(drv);
@@ -56,6 +59,9 @@ absl::StatusOr<absl::flat_hash_set<std::string>> NixLocalStore::ValidPaths(const
 
 absl::StatusOr<std::vector<kiln::v1::PathInfo>> NixLocalStore::ClosureInfos(const std::vector<std::string>& roots) {
   if (roots.empty()) return std::vector<kiln::v1::PathInfo>{};
+  if (absl::StatusOr<std::vector<kiln::v1::PathInfo>> served = serve_->ClosureInfos(roots); served.ok()) {
+    return served;
+  }
   ProcessSpec spec;
   spec.argv = {nix_binary_, "path-info", "--extra-experimental-features", "nix-command", "--json", "--recursive"};
   for (const auto& [name, value] : options_) spec.argv.insert(spec.argv.end(), {"--option", name, value});

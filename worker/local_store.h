@@ -6,6 +6,7 @@
 // Thread-safe.
 #pragma once
 
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -15,6 +16,7 @@
 #include "common/derivation.h"
 #include "common/nar_dump.h"
 #include "kiln/v1/store.pb.h"
+#include "worker/nix_serve_connection.h"
 
 namespace kiln {
 
@@ -43,7 +45,8 @@ class NixLocalStore final : public LocalStore {
 
   absl::StatusOr<std::vector<ClosureFod>> FixedOutputsOfClosure(const std::string& drv) override;
   absl::StatusOr<absl::flat_hash_set<std::string>> ValidPaths(const std::vector<std::string>& paths) override;
-  // `nix path-info --json --recursive`, one process for the closure.
+  // From a long-lived `nix-store --serve` (worker/nix_serve_connection.h);
+  // `nix path-info --json --recursive` if that fails.
   absl::StatusOr<std::vector<kiln::v1::PathInfo>> ClosureInfos(const std::vector<std::string>& roots) override;
   // Written from the file system (common/nar_dump.h): no process per path.
   absl::Status DumpNar(const std::string& path, NarSink sink) override;
@@ -51,6 +54,7 @@ class NixLocalStore final : public LocalStore {
  private:
   const std::string nix_binary_;
   const std::string nix_store_binary_;
+  const std::unique_ptr<NixServeConnection> serve_;
   const std::vector<std::pair<std::string, std::string>> options_;
 };
 
