@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/grpc_util.h"
+#include "common/status_macros.h"
 
 namespace kiln {
 namespace {
@@ -97,16 +98,45 @@ absl::StatusOr<std::string> GrpcFarmStoreClient::NarInfo(const std::string& hash
   return response.narinfo();
 }
 
+absl::StatusOr<std::string> FarmStoreClient::FetchNarOrUrl(const std::string& name, NarSink sink) {
+  RETURN_IF_ERROR(FetchNar(name, sink));
+  return std::string();
+}
+
+absl::StatusOr<bool> FarmStoreClient::TakesDirectUploads() { return false; }
+
+absl::StatusOr<kiln::v1::BeginUploadResponse> FarmStoreClient::BeginUpload(const kiln::v1::DirectUpload&) {
+  return absl::UnimplementedError("no direct uploads");
+}
+
+absl::Status FarmStoreClient::CommitUpload(const kiln::v1::DirectUpload&) {
+  return absl::UnimplementedError("no direct uploads");
+}
+
 absl::Status GrpcFarmStoreClient::FetchNar(const std::string& name, NarSink sink) {
+  return Fetch(name, sink, /*accept_redirect=*/false).status();
+}
+
+absl::StatusOr<std::string> GrpcFarmStoreClient::FetchNarOrUrl(const std::string& name, NarSink sink) {
+  return Fetch(name, sink, /*accept_redirect=*/true);
+}
+
+absl::StatusOr<std::string> GrpcFarmStoreClient::Fetch(const std::string& name, NarSink sink, bool accept_redirect) {
   grpc::ClientContext context;
   // Bounded, yet long enough for a large NAR at a slow pace.
   context.set_deadline(DeadlineIn(absl::Hours(1)));
   kiln::v1::GetNarRequest request;
   request.set_name(name);
+  request.set_accept_redirect(accept_redirect);
   std::unique_ptr<grpc::ClientReader<kiln::v1::NarChunk>> reader = stub_->GetNar(&context, request);
   kiln::v1::NarChunk chunk;
   absl::Status sunk = absl::OkStatus();
+  std::string url;
   while (reader->Read(&chunk)) {
+    if (!chunk.redirect_url().empty()) {
+      url = chunk.redirect_url();
+      continue;
+    }
     sunk = sink(chunk.data());
     if (!sunk.ok()) {
       context.TryCancel();
@@ -115,7 +145,33 @@ absl::Status GrpcFarmStoreClient::FetchNar(const std::string& name, NarSink sink
   }
   grpc::Status finished = reader->Finish();
   if (!sunk.ok()) return sunk;
-  return FromGrpcStatus(finished);
+  RETURN_IF_ERROR(FromGrpcStatus(finished));
+  return url;
+}
+
+absl::StatusOr<bool> GrpcFarmStoreClient::TakesDirectUploads() {
+  grpc::ClientContext context;
+  context.set_deadline(DeadlineIn(absl::Seconds(10)));
+  kiln::v1::CacheInfo info;
+  if (grpc::Status s = stub_->GetCacheInfo(&context, kiln::v1::GetCacheInfoRequest(), &info); !s.ok()) {
+    return FromGrpcStatus(s);
+  }
+  return info.direct_upload();
+}
+
+absl::StatusOr<kiln::v1::BeginUploadResponse> GrpcFarmStoreClient::BeginUpload(const kiln::v1::DirectUpload& upload) {
+  grpc::ClientContext context;
+  context.set_deadline(DeadlineIn(absl::Seconds(30)));
+  kiln::v1::BeginUploadResponse response;
+  if (grpc::Status s = stub_->BeginUpload(&context, upload, &response); !s.ok()) return FromGrpcStatus(s);
+  return response;
+}
+
+absl::Status GrpcFarmStoreClient::CommitUpload(const kiln::v1::DirectUpload& upload) {
+  grpc::ClientContext context;
+  context.set_deadline(DeadlineIn(absl::Seconds(60)));
+  kiln::v1::AddPathResponse response;
+  return FromGrpcStatus(stub_->CommitUpload(&context, upload, &response));
 }
 
 }  // namespace kiln

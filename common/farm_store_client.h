@@ -37,6 +37,17 @@ class FarmStoreClient {
   virtual absl::StatusOr<std::string> NarInfo(const std::string& hash_part) = 0;
   // The NAR file a narinfo's URL names (after "nar/"), into `sink`.
   virtual absl::Status FetchNar(const std::string& name, NarSink sink) = 0;
+  // The same, but where the farm keeps the NAR in object storage: a URL to
+  // fetch it from (presigned, short-lived), and nothing into `sink`. ""
+  // when the NAR went into `sink`.
+  virtual absl::StatusOr<std::string> FetchNarOrUrl(const std::string& name, NarSink sink);
+
+  // Uploads straight to object storage (see store.proto's BeginUpload):
+  // whether the farm store takes them, the URL to PUT a body to, and the
+  // path made valid once it is there. UNIMPLEMENTED unless the farm does.
+  virtual absl::StatusOr<bool> TakesDirectUploads();
+  virtual absl::StatusOr<kiln::v1::BeginUploadResponse> BeginUpload(const kiln::v1::DirectUpload& upload);
+  virtual absl::Status CommitUpload(const kiln::v1::DirectUpload& upload);
 };
 
 class GrpcFarmStoreClient final : public FarmStoreClient {
@@ -49,8 +60,14 @@ class GrpcFarmStoreClient final : public FarmStoreClient {
   absl::StatusOr<std::string> PublicKey() override;
   absl::StatusOr<std::string> NarInfo(const std::string& hash_part) override;
   absl::Status FetchNar(const std::string& name, NarSink sink) override;
+  absl::StatusOr<std::string> FetchNarOrUrl(const std::string& name, NarSink sink) override;
+  absl::StatusOr<bool> TakesDirectUploads() override;
+  absl::StatusOr<kiln::v1::BeginUploadResponse> BeginUpload(const kiln::v1::DirectUpload& upload) override;
+  absl::Status CommitUpload(const kiln::v1::DirectUpload& upload) override;
 
  private:
+  absl::StatusOr<std::string> Fetch(const std::string& name, NarSink sink, bool accept_redirect);
+
   std::unique_ptr<kiln::v1::FarmStoreService::Stub> stub_;
 };
 

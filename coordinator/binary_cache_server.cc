@@ -162,14 +162,22 @@ int BinaryCacheServer::Serve(mg_connection* conn) {
     return 200;
   }
   if (absl::StartsWith(uri, "/nar/")) {
-    absl::StatusOr<std::string> file = store_->NarFile(uri.substr(5));
-    if (!file.ok()) {
+    absl::StatusOr<NarLocation> location = store_->LocateNar(uri.substr(5));
+    if (!location.ok()) {
       RespondHttp(conn, 404, "text/plain", "no such NAR\n", kCacheable);
       return 404;
     }
-    mg_send_mime_file(conn, file->c_str(), "application/x-nix-nar");
+    if (!location->url.empty()) {
+      // In object storage: the reader fetches it there (a presigned URL,
+      // short-lived, so not cached).
+      mg_printf(conn, "HTTP/1.1 302 Found\r\nLocation: %s\r\nCache-Control: no-store\r\nContent-Length: 0\r\n\r\n",
+                location->url.c_str());
+      if (metrics_ != nullptr) metrics_->NarRedirects("http").Increment();
+      return 302;
+    }
+    mg_send_mime_file(conn, location->file.c_str(), "application/x-nix-nar");
     struct stat st;
-    if (metrics_ != nullptr && method == "GET" && ::stat(file->c_str(), &st) == 0) {
+    if (metrics_ != nullptr && method == "GET" && ::stat(location->file.c_str(), &st) == 0) {
       metrics_->ServedBytes("http").Increment(static_cast<double>(st.st_size));
     }
     return 200;

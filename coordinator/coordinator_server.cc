@@ -10,6 +10,7 @@
 #include "absl/synchronization/notification.h"
 #include "common/clock.h"
 #include "common/grpc_util.h"
+#include "common/http_request.h"
 #include "common/log.h"
 #include "common/net.h"
 #include "common/status_macros.h"
@@ -84,6 +85,16 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(cons
   // The farm's signing key, made at first start: workers are handed it for
   // their Nix, and the binary cache signs with it.
   ASSIGN_OR_RETURN(SigningKey cache_key, LoadOrCreateCacheKey(options.state_dir));
+  if (!options.cache_store.empty() && options.cache_store != "local") {
+    ASSIGN_OR_RETURN(S3Location location, ParseS3Uri(options.cache_store), "--cache-store");
+    if (options.cache_s3_credentials_file.empty()) {
+      return absl::InvalidArgumentError("--cache-store=s3://… needs --cache-s3-credentials-file");
+    }
+    ASSIGN_OR_RETURN(S3Credentials credentials, LoadS3Credentials(options.cache_s3_credentials_file));
+    RETURN_IF_ERROR(server->store_->UseObjectStorage(
+        std::make_unique<S3ObjectStore>(std::move(location), std::move(credentials)), cache_key));
+    LogInfo("farm-store", "NARs and signed narinfos in ", UrlWithoutQuery(options.cache_store));
+  }
   server->farm_store_metrics_ = std::make_unique<FarmStoreMetrics>(*registry);
   server->farm_store_metrics_->Update(server->store_->farm_store()->Stats());
   server->farm_store_metrics_->limit_bytes.Set(static_cast<double>(options.cache_max_bytes));

@@ -52,6 +52,11 @@ struct CoordinatorOptions {
   // every `cache_gc_interval`; a collection keeps the outputs of the
   // `cache_pin_buildsets` most recent buildsets with their closures.
   uint64_t cache_max_bytes = 0;
+  // Where the farm store keeps NARs: "local" (STATE/nar) or an S3 bucket
+  // (s3://BUCKET?endpoint=…&region=…), whose credentials are read from
+  // `cache_s3_credentials_file` (an AWS-style credentials file).
+  std::string cache_store = "local";
+  std::string cache_s3_credentials_file;
   int cache_pin_buildsets = 10;
   absl::Duration cache_gc_interval = absl::Seconds(30);
 };

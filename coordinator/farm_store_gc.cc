@@ -78,7 +78,7 @@ FarmGcPlan PlanFarmGc(const std::vector<FarmGcNode>& nodes, const absl::flat_has
   return plan;
 }
 
-absl::StatusOr<FarmGcReport> LocalFarmStore::CollectGarbage(const FarmGcPolicy& policy) {
+absl::StatusOr<FarmGcReport> IndexedFarmStore::CollectGarbage(const FarmGcPolicy& policy) {
   FarmGcReport report;
   {
     absl::MutexLock lock(&mu_);
@@ -90,44 +90,51 @@ absl::StatusOr<FarmGcReport> LocalFarmStore::CollectGarbage(const FarmGcPolicy& 
   for (const std::string& root : policy.pinned_roots) {
     if (absl::StatusOr<std::string> h = StorePathHashPart(root); h.ok()) pinned.insert(*h);
   }
-  // Uploads wait for their records meanwhile (their bodies go on): what is
-  // planned is what is carried out.
-  absl::MutexLock lock(&mu_);
-  std::vector<FarmGcNode> nodes;
-  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), family_));
-  for (it->SeekToFirst(); it->Valid(); it->Next()) {
-    ASSIGN_OR_RETURN(NarInfo info, ParseNarInfo(absl::string_view(it->value().data(), it->value().size())));
-    FarmGcNode& n = nodes.emplace_back();
-    n.hash_part = it->key().ToString();
-    for (const std::string& r : info.references) {
-      if (absl::StatusOr<std::string> h = StorePathHashPart(r); h.ok()) n.references.push_back(*h);
+  std::vector<NarInfo> collected;
+  FarmGcPlan plan;
+  {
+    // Uploads wait for their records meanwhile (their bodies go on): what
+    // is planned is what is carried out.
+    absl::MutexLock lock(&mu_);
+    std::vector<FarmGcNode> nodes;
+    absl::flat_hash_map<std::string, NarInfo> infos;
+    std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), family_));
+    for (it->SeekToFirst(); it->Valid(); it->Next()) {
+      ASSIGN_OR_RETURN(NarInfo info, ParseNarInfo(absl::string_view(it->value().data(), it->value().size())));
+      FarmGcNode& n = nodes.emplace_back();
+      n.hash_part = it->key().ToString();
+      for (const std::string& r : info.references) {
+        if (absl::StatusOr<std::string> h = StorePathHashPart(r); h.ok()) n.references.push_back(*h);
+      }
+      n.file = info.url.substr(info.url.rfind('/') + 1);
+      n.file_bytes = info.file_size;
+      n.last_used = LastUsed(n.hash_part, info);
+      infos.emplace(n.hash_part, std::move(info));
     }
-    n.file = info.url.substr(info.url.rfind('/') + 1);
-    n.file_bytes = info.file_size;
-    struct stat st;
-    n.last_used = ::stat(absl::StrCat(nar_dir_, "/", n.file).c_str(), &st) == 0 ? absl::TimeFromTimespec(st.st_mtim)
-                                                                                : absl::InfinitePast();
-    if (auto t = touched_.find(n.hash_part); t != touched_.end()) n.last_used = std::max(n.last_used, t->second);
+    if (!it->status().ok()) return absl::InternalError(absl::StrCat("farm store read: ", it->status().ToString()));
+    plan = PlanFarmGc(nodes, pinned, policy.max_bytes, std::min(policy.target_bytes, policy.max_bytes));
+    rocksdb::WriteBatch batch;
+    for (const std::string& h : plan.collect) {
+      batch.Delete(family_, h);
+      collected.push_back(std::move(infos[h]));
+    }
+    rocksdb::WriteOptions options;
+    options.sync = sync_;
+    if (rocksdb::Status s = db_->Write(options, &batch); !s.ok()) {
+      return absl::InternalError(absl::StrCat("farm store write: ", s.ToString()));
+    }
+    stats_.paths = nodes.size() - plan.collect.size();
+    stats_.file_bytes = plan.bytes_after;
+    report.paths_left = stats_.paths;
+    report.bytes_left = stats_.file_bytes;
+    // The records are gone: now the bodies (a crash here leaves bodies no
+    // record names, which the next start removes). Under the lock: an
+    // upload of the same bytes must not find the body about to go.
+    RemoveBodies(plan.files_freed, collected);
   }
-  if (!it->status().ok()) return absl::InternalError(absl::StrCat("farm store read: ", it->status().ToString()));
-  const FarmGcPlan plan = PlanFarmGc(nodes, pinned, policy.max_bytes, std::min(policy.target_bytes, policy.max_bytes));
-  rocksdb::WriteBatch batch;
-  for (const std::string& h : plan.collect) batch.Delete(family_, h);
-  rocksdb::WriteOptions options;
-  options.sync = sync_;
-  if (rocksdb::Status s = db_->Write(options, &batch); !s.ok()) {
-    return absl::InternalError(absl::StrCat("farm store write: ", s.ToString()));
-  }
-  // The records are gone: now the files (a crash here leaves files Load removes).
-  for (const std::string& f : plan.files_freed) ::unlink(absl::StrCat(nar_dir_, "/", f).c_str());
-  for (const std::string& h : plan.collect) touched_.erase(h);
   report.paths_collected = plan.collect.size();
   report.bytes_collected = plan.bytes_before - plan.bytes_after;
   report.paths_pinned = plan.pinned;
-  stats_.paths = nodes.size() - plan.collect.size();
-  stats_.file_bytes = plan.bytes_after;
-  report.paths_left = stats_.paths;
-  report.bytes_left = stats_.file_bytes;
   return report;
 }
 

@@ -22,6 +22,9 @@ FarmStoreMetrics::FarmStoreMetrics(prometheus::Registry& registry)
       uploaded_paths(CacheCounter(registry, "kiln_cache_uploaded_paths_total", "Store paths workers added.")),
       uploaded_bytes(CacheCounter(registry, "kiln_cache_uploaded_bytes_total",
                                   "NAR bytes (uncompressed) of the store paths workers added.")),
+      direct_uploads(CacheCounter(registry, "kiln_cache_direct_uploads_total",
+                                  "Store paths whose NAR a worker put straight into object storage (counted in "
+                                  "kiln_cache_uploaded_paths_total too).")),
       gc_runs(CacheCounter(registry, "kiln_cache_gc_runs_total", "Farm store garbage collections that removed paths.")),
       gc_collected_paths(CacheCounter(registry, "kiln_cache_gc_collected_paths_total",
                                       "Store paths the farm store's garbage collection removed.")),
@@ -39,11 +42,16 @@ FarmStoreMetrics::FarmStoreMetrics(prometheus::Registry& registry)
       refused_family_(prometheus::BuildCounter()
                           .Name("kiln_cache_uploads_refused_total")
                           .Help("Uploads the farm store refused, by reason (bad_nar, missing_reference, other).")
-                          .Register(registry)) {
+                          .Register(registry)),
+      redirect_family_(prometheus::BuildCounter()
+                           .Name("kiln_cache_nar_redirects_total")
+                           .Help("NAR reads sent to object storage with a presigned URL, by client kind.")
+                           .Register(registry)) {
   for (const char* client : {"worker", "http"}) {
     NarInfoRequests(client, true);
     NarInfoRequests(client, false);
     ServedBytes(client);
+    NarRedirects(client);
   }
   for (const char* reason : {"bad_nar", "missing_reference", "other"}) UploadsRefused(reason);
 }
@@ -54,6 +62,10 @@ prometheus::Counter& FarmStoreMetrics::NarInfoRequests(absl::string_view client,
 
 prometheus::Counter& FarmStoreMetrics::ServedBytes(absl::string_view client) {
   return served_family_.Add({{"client", std::string(client)}});
+}
+
+prometheus::Counter& FarmStoreMetrics::NarRedirects(absl::string_view client) {
+  return redirect_family_.Add({{"client", std::string(client)}});
 }
 
 prometheus::Counter& FarmStoreMetrics::UploadsRefused(absl::string_view reason) {

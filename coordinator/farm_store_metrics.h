@@ -25,6 +25,7 @@ class FarmStoreMetrics {
   prometheus::Gauge& limit_bytes;
   prometheus::Counter& uploaded_paths;
   prometheus::Counter& uploaded_bytes;
+  prometheus::Counter& direct_uploads;
   prometheus::Counter& gc_runs;
   prometheus::Counter& gc_collected_paths;
   prometheus::Counter& gc_collected_bytes;
@@ -33,6 +34,8 @@ class FarmStoreMetrics {
   prometheus::Counter& NarInfoRequests(absl::string_view client, bool hit);
   // client: worker, http.
   prometheus::Counter& ServedBytes(absl::string_view client);
+  // NAR reads sent to object storage (presigned URLs); client: worker, http.
+  prometheus::Counter& NarRedirects(absl::string_view client);
   // reason: bad_nar (malformed, or not the size and hash announced),
   // missing_reference, other.
   prometheus::Counter& UploadsRefused(absl::string_view reason);
@@ -44,6 +47,7 @@ class FarmStoreMetrics {
   prometheus::Family<prometheus::Counter>& narinfo_family_;
   prometheus::Family<prometheus::Counter>& served_family_;
   prometheus::Family<prometheus::Counter>& refused_family_;
+  prometheus::Family<prometheus::Counter>& redirect_family_;
 };
 
 }  // namespace kiln

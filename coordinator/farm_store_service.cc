@@ -1,8 +1,5 @@
 #include "coordinator/farm_store_service.h"
 
-#include <fcntl.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
@@ -10,6 +7,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/grpc_util.h"
+#include "common/nar_file.h"
 #include "common/nix_hash.h"
 
 namespace kiln {
@@ -89,22 +87,7 @@ grpc::Status FarmStoreServiceImpl::AddPath(grpc::ServerContext* context,
     at += n;
     return n;
   });
-  if (metrics_ != nullptr) {
-    if (status.ok()) {
-      metrics_->uploaded_paths.Increment();
-      metrics_->uploaded_bytes.Increment(static_cast<double>(info.nar_size));
-      metrics_->Update(store_->Stats());
-    } else {
-      const absl::StatusCode code = status.code();
-      metrics_
-          ->UploadsRefused(code == absl::StatusCode::kDataLoss || code == absl::StatusCode::kInvalidArgument ||
-                                   code == absl::StatusCode::kResourceExhausted
-                               ? "bad_nar"
-                           : code == absl::StatusCode::kFailedPrecondition ? "missing_reference"
-                                                                           : "other")
-          .Increment();
-    }
-  }
+  CountUpload(status, info.nar_size);
   return ToGrpcStatus(status);
 }
 
@@ -113,6 +96,7 @@ grpc::Status FarmStoreServiceImpl::GetCacheInfo(grpc::ServerContext* context, co
   absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kCacheRead);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
   response->set_public_key(key_.PublicKeyText());
+  response->set_direct_upload(store_->TakesDirectUploads());
   return grpc::Status::OK;
 }
 
@@ -134,29 +118,105 @@ grpc::Status FarmStoreServiceImpl::GetNar(grpc::ServerContext* context, const ki
                                           grpc::ServerWriter<kiln::v1::NarChunk>* writer) {
   absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kCacheRead);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
-  absl::StatusOr<std::string> file = store_->NarFile(request->name());
-  if (!file.ok()) return ToGrpcStatus(file.status());
-  const int fd = ::open(file->c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    return grpc::Status(grpc::StatusCode::NOT_FOUND, absl::StrCat("no NAR ", request->name()));
-  }
-  struct Closer {
-    int fd;
-    ~Closer() { ::close(fd); }
-  } closer{fd};
+  absl::StatusOr<NarLocation> location = store_->LocateNar(request->name());
+  if (!location.ok()) return ToGrpcStatus(location.status());
   kiln::v1::NarChunk chunk;
-  std::string& data = *chunk.mutable_data();
-  while (!context->IsCancelled()) {
-    data.resize(kMaxChunkBytes);
-    const ssize_t n = ::read(fd, data.data(), data.size());
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return grpc::Status(grpc::StatusCode::INTERNAL, absl::StrCat("cannot read ", request->name()));
-    if (n == 0) return grpc::Status::OK;
-    data.resize(static_cast<size_t>(n));
-    if (metrics_ != nullptr) metrics_->ServedBytes("worker").Increment(static_cast<double>(n));
-    if (!writer->Write(chunk)) return grpc::Status(grpc::StatusCode::CANCELLED, "the reader went away");
+  if (!location->url.empty() && request->accept_redirect()) {
+    chunk.set_redirect_url(location->url);
+    if (metrics_ != nullptr) metrics_->NarRedirects("worker").Increment();
+    writer->Write(chunk);
+    return grpc::Status::OK;
   }
-  return grpc::Status(grpc::StatusCode::CANCELLED, "the reader went away");
+  absl::Status status = store_->ReadNar(request->name(), [&](absl::string_view piece) -> absl::Status {
+    if (context->IsCancelled()) return absl::CancelledError("the reader went away");
+    while (!piece.empty()) {
+      const size_t n = std::min(piece.size(), kMaxChunkBytes);
+      chunk.set_data(piece.data(), n);
+      piece.remove_prefix(n);
+      if (metrics_ != nullptr) metrics_->ServedBytes("worker").Increment(static_cast<double>(n));
+      if (!writer->Write(chunk)) return absl::CancelledError("the reader went away");
+    }
+    return absl::OkStatus();
+  });
+  return ToGrpcStatus(status);
+}
+
+namespace {
+
+absl::StatusOr<NarInfo> DirectUploadInfo(const kiln::v1::DirectUpload& upload) {
+  const kiln::v1::PathInfo& announced = upload.info();
+  NarInfo info;
+  info.store_path = announced.store_path();
+  info.nar_hash = announced.nar_hash();
+  info.nar_size = announced.nar_size();
+  info.references.assign(announced.references().begin(), announced.references().end());
+  info.deriver = announced.deriver();
+  info.ca = announced.ca();
+  absl::StatusOr<NixHash> file_hash = ParseNixHash(upload.file_hash());
+  if (!file_hash.ok() || file_hash->algo != HashAlgo::kSha256) {
+    return absl::InvalidArgumentError("file_hash: a SHA-256 is needed");
+  }
+  info.file_hash = absl::StrCat("sha256:", file_hash->Base32());
+  info.file_size = upload.file_size();
+  info.url = absl::StrCat("nar/", file_hash->Base32(), kCompressedNarSuffix);
+  info.compression = "zstd";
+  return info;
+}
+
+}  // namespace
+
+grpc::Status FarmStoreServiceImpl::BeginUpload(grpc::ServerContext* context, const kiln::v1::DirectUpload* request,
+                                               kiln::v1::BeginUploadResponse* response) {
+  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kWorker);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
+  absl::StatusOr<NarInfo> info = DirectUploadInfo(*request);
+  if (!info.ok()) return ToGrpcStatus(info.status());
+  absl::StatusOr<std::vector<std::string>> missing = store_->Missing({info->store_path});
+  if (!missing.ok()) return ToGrpcStatus(missing.status());
+  if (missing->empty()) {
+    response->set_already_held(true);
+    return grpc::Status::OK;
+  }
+  absl::StatusOr<std::string> url = store_->DirectUploadUrl(*info);
+  if (!url.ok()) return ToGrpcStatus(url.status());
+  response->set_put_url(*std::move(url));
+  return grpc::Status::OK;
+}
+
+grpc::Status FarmStoreServiceImpl::CommitUpload(grpc::ServerContext* context, const kiln::v1::DirectUpload* request,
+                                                kiln::v1::AddPathResponse* response) {
+  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kWorker);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
+  absl::StatusOr<NarInfo> info = DirectUploadInfo(*request);
+  if (!info.ok()) return ToGrpcStatus(info.status());
+  absl::StatusOr<std::vector<std::string>> missing = store_->Missing({info->store_path});
+  if (!missing.ok()) return ToGrpcStatus(missing.status());
+  if (missing->empty()) {
+    response->set_already_held(true);
+    return grpc::Status::OK;
+  }
+  const absl::Status status = store_->CommitDirectUpload(*info);
+  CountUpload(status, info->nar_size);
+  if (status.ok() && metrics_ != nullptr) metrics_->direct_uploads.Increment();
+  return ToGrpcStatus(status);
+}
+
+void FarmStoreServiceImpl::CountUpload(const absl::Status& status, uint64_t nar_size) {
+  if (metrics_ == nullptr) return;
+  if (status.ok()) {
+    metrics_->uploaded_paths.Increment();
+    metrics_->uploaded_bytes.Increment(static_cast<double>(nar_size));
+    metrics_->Update(store_->Stats());
+    return;
+  }
+  const absl::StatusCode code = status.code();
+  metrics_
+      ->UploadsRefused(code == absl::StatusCode::kDataLoss || code == absl::StatusCode::kInvalidArgument ||
+                               code == absl::StatusCode::kResourceExhausted
+                           ? "bad_nar"
+                       : code == absl::StatusCode::kFailedPrecondition ? "missing_reference"
+                                                                       : "other")
+      .Increment();
 }
 
 }  // namespace kiln

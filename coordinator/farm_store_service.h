@@ -33,8 +33,15 @@ class FarmStoreServiceImpl final : public kiln::v1::FarmStoreService::Service {
                           kiln::v1::GetNarInfoResponse* response) override;
   grpc::Status GetNar(grpc::ServerContext* context, const kiln::v1::GetNarRequest* request,
                       grpc::ServerWriter<kiln::v1::NarChunk>* writer) override;
+  grpc::Status BeginUpload(grpc::ServerContext* context, const kiln::v1::DirectUpload* request,
+                           kiln::v1::BeginUploadResponse* response) override;
+  grpc::Status CommitUpload(grpc::ServerContext* context, const kiln::v1::DirectUpload* request,
+                            kiln::v1::AddPathResponse* response) override;
 
  private:
+  // The uploads counted, and refusals by reason.
+  void CountUpload(const absl::Status& status, uint64_t nar_size);
+
   FarmStore* const store_;
   const SigningKey key_;
   const Authorizer* const auth_;

@@ -24,6 +24,8 @@ struct Flags {
   std::string cache_listen = "";
   double cache_max_gb = 0;
   int cache_pin_buildsets = 10;
+  std::string cache_store = "local";
+  std::string cache_s3_credentials_file = "";
   absl::Duration cache_gc_interval = absl::Seconds(30);
   std::string tls_cert = "";
   std::string tls_key = "";
@@ -61,6 +63,12 @@ void AddOptions(CLI::App& app, Flags& flags) {
   app.add_option("--cache-listen", flags.cache_listen,
                  "Serve the farm store as a Nix binary cache here (loopback host:port); empty: not served")
       ->capture_default_str();
+  app.add_option("--cache-store", flags.cache_store,
+                 "Where the farm store keeps NARs: local (the state directory) or "
+                 "s3://BUCKET?endpoint=HOST[:PORT]&region=REGION[&scheme=http] (a bucket laid out as a binary cache)")
+      ->capture_default_str();
+  app.add_option("--cache-s3-credentials-file", flags.cache_s3_credentials_file,
+                 "The bucket's credentials: a file with aws_access_key_id = … and aws_secret_access_key = … lines");
   app.add_option("--cache-max-gb", flags.cache_max_gb,
                  "The farm store's size limit in GiB of compressed NARs: least recently used paths are collected "
                  "beyond it (never one a kept path needs); 0: unbounded")
@@ -233,6 +241,8 @@ int main(int argc, char** argv) {
   options.cache_listen = flags.cache_listen;
   options.cache_max_bytes = static_cast<uint64_t>(flags.cache_max_gb * static_cast<double>(uint64_t{1} << 30));
   options.cache_pin_buildsets = flags.cache_pin_buildsets;
+  options.cache_store = flags.cache_store;
+  options.cache_s3_credentials_file = flags.cache_s3_credentials_file;
   if (flags.cache_gc_interval <= absl::ZeroDuration()) {
     std::fprintf(stderr, "kiln-coordinator: --cache-gc-interval must be positive\n");
     return 2;

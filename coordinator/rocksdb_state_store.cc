@@ -56,7 +56,8 @@ enum Family {
   kFodNames = 6,
   kTokens = 7,
   kLogs = 8,
-  kNars = 9
+  kNars = 9,
+  kObjectNars = 10
 };
 
 }  // namespace
@@ -102,8 +103,9 @@ absl::StatusOr<std::unique_ptr<RocksDbStateStore>> RocksDbStateStore::Open(const
       {"fod", results_options},
       {"fod_names", results_options},
       {"tokens", rocksdb::ColumnFamilyOptions()},
-      {"logs", blob_options},     // Compressed already (see job_log.h).
-      {"nars", results_options},  // The farm store's narinfos, looked up one by one.
+      {"logs", blob_options},            // Compressed already (see job_log.h).
+      {"nars", results_options},         // The farm store's narinfos, looked up one by one.
+      {"object_nars", results_options},  // The same, of the object-storage farm store.
   };
   auto store = std::unique_ptr<RocksDbStateStore>(new RocksDbStateStore());
   store->sync_ = sync;
@@ -125,6 +127,15 @@ absl::StatusOr<std::unique_ptr<RocksDbStateStore>> RocksDbStateStore::Open(const
   if (!farm_store.ok()) return farm_store.status();
   store->farm_store_ = *std::move(farm_store);
   return store;
+}
+
+absl::Status RocksDbStateStore::UseObjectStorage(std::unique_ptr<ObjectStore> objects, SigningKey key) {
+  const std::string staging = (std::filesystem::path(nar_dir_).parent_path() / "nar-staging").string();
+  absl::StatusOr<std::unique_ptr<ObjectFarmStore>> farm =
+      ObjectFarmStore::Open(db_.get(), handles_[kObjectNars], std::move(objects), std::move(key), staging, sync_);
+  if (!farm.ok()) return farm.status();
+  farm_store_ = *std::move(farm);
+  return absl::OkStatus();
 }
 
 absl::StatusOr<RocksDbStateStore::BackupStats> RocksDbStateStore::Backup(const std::string& destination) {

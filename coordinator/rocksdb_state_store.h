@@ -10,6 +10,7 @@
 //   fod, fod_names  the FOD hash cache (FodCache)
 //   tokens   token id -> StoredToken (TokenStore)
 //   nars     store path hash part -> narinfo text (LocalFarmStore; NARs in nar/)
+//   object_nars  the same for ObjectFarmStore (NARs in the bucket)
 // The write-ahead log is on; `sync` makes every commit wait for fsync
 // (survives power loss, not only a process crash).
 #pragma once
@@ -25,6 +26,7 @@
 #include "common/clock.h"
 #include "coordinator/state_store.h"
 #include "coordinator/farm_store.h"
+#include "coordinator/object_farm_store.h"
 #include "coordinator/token_store.h"
 
 namespace kiln {
@@ -54,8 +56,12 @@ class RocksDbStateStore final : public StateStore {
   FodCache* fod_cache() { return fod_cache_.get(); }
   // Client tokens in the same database.
   TokenStore* tokens() { return tokens_.get(); }
-  // The farm store: records in the same database, NARs beside it.
-  LocalFarmStore* farm_store() { return farm_store_.get(); }
+  // The farm store: records in the same database, NARs beside it (or in
+  // a bucket after UseObjectStorage).
+  FarmStore* farm_store() { return farm_store_.get(); }
+  // The farm store's bodies and signed narinfos go to `objects` from now
+  // on (its index in its own column family); `key` signs the narinfos.
+  absl::Status UseObjectStorage(std::unique_ptr<ObjectStore> objects, SigningKey key);
 
   // What the database holds and whether writes are being held back, summed
   // over column families, read from RocksDB's properties (for /metrics).
@@ -103,7 +109,7 @@ class RocksDbStateStore final : public StateStore {
   std::unique_ptr<FodCache> fod_cache_;
   std::unique_ptr<TokenStore> tokens_;
   std::string nar_dir_;
-  std::unique_ptr<LocalFarmStore> farm_store_;
+  std::unique_ptr<FarmStore> farm_store_;
 };
 
 }  // namespace kiln

@@ -37,6 +37,19 @@ ensure_deps() {
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi
   ensure_nix_config
+  ensure_moto
+}
+
+# moto's standalone S3 server, the object-storage farm store's test peer
+# (tests/support/local_s3.h). The machine image has it (pyenv's Python);
+# else it comes from the Python registry.
+ensure_moto() {
+  if command -v moto_server >/dev/null || [[ -x /root/.pyenv/shims/moto_server ]]; then return 0; fi
+  log "installing moto (an S3-compatible server for the tests) with pip"
+  python3 -m pip install --quiet 'moto[server]' || {
+    echo "error: the object-storage tests need moto_server: pip install 'moto[server]'" >&2
+    exit 1
+  }
 }
 
 # Debian's Nix runs builds without a sandbox (nix-setup-systemd sets it);

@@ -134,7 +134,7 @@ int FarmCacheRelay::Serve(mg_connection* conn) {
     bool started = false;
     uint64_t bytes = 0;
     const absl::Time start = absl::Now();
-    absl::Status fetched = farm_->FetchNar(uri.substr(5), [&](absl::string_view data) -> absl::Status {
+    absl::StatusOr<std::string> url = farm_->FetchNarOrUrl(uri.substr(5), [&](absl::string_view data) -> absl::Status {
       if (!started) {
         mg_send_http_ok(conn, "application/x-nix-nar", -1);  // Chunked: the size is the farm's to know.
         started = true;
@@ -146,6 +146,14 @@ int FarmCacheRelay::Serve(mg_connection* conn) {
       bytes += data.size();
       return absl::OkStatus();
     });
+    const absl::Status fetched = url.status();
+    if (url.ok() && !url->empty() && !started) {
+      // In object storage: Nix fetches it there (and checks its NarHash).
+      mg_printf(conn, "HTTP/1.1 302 Found\r\nLocation: %s\r\nContent-Length: 0\r\n\r\n", url->c_str());
+      absl::MutexLock lock(&mu_);
+      ++counts_.nars;
+      return 302;
+    }
     {
       absl::MutexLock lock(&mu_);
       counts_.nar_time += absl::Now() - start;

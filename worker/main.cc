@@ -23,6 +23,7 @@
 #include "common/net.h"
 #include "common/subprocess.h"
 #include "common/tls.h"
+#include "worker/direct_upload_client.h"
 #include "worker/farm_cache_relay.h"
 #include "common/farm_store_client.h"
 #include "worker/farm_uploading_executor.h"
@@ -286,7 +287,10 @@ int main(int argc, char** argv) {
   kiln::GrpcFodOracle fod_oracle(channel, options.name);
   // The farm store: builds substitute from it through a relay on 127.0.0.1
   // (worker/farm_cache_relay.h) and send it what they build.
-  kiln::GrpcFarmStoreClient farm_store(channel);
+  kiln::GrpcFarmStoreClient farm_store_rpc(channel);
+  // Where the farm keeps NARs in object storage, the worker puts them there
+  // itself (presigned URLs), staged in WORK_DIR/farm-upload.
+  kiln::DirectUploadClient farm_store(&farm_store_rpc, options.work_dir + "/farm-upload");
   std::unique_ptr<kiln::FarmCacheRelay> relay;
   if (flags.farm_store) {
     absl::StatusOr<std::unique_ptr<kiln::FarmCacheRelay>> started = kiln::FarmCacheRelay::Start(&farm_store, &metrics);

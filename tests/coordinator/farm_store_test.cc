@@ -74,8 +74,9 @@ TEST_F(FarmStoreTest, AddsAPathAndServesItsNarInfoAndBody) {
   EXPECT_EQ(info->nar_size, nar.size());
   EXPECT_EQ(info->compression, "zstd");
   EXPECT_TRUE(absl::StartsWith(info->url, "nar/") && absl::EndsWith(info->url, ".nar.zst")) << info->url;
-  absl::StatusOr<std::string> file = store().NarFile(info->url.substr(4));
-  ASSERT_TRUE(file.ok()) << file.status();
+  absl::StatusOr<NarLocation> location = store().LocateNar(info->url.substr(4));
+  ASSERT_TRUE(location.ok()) << location.status();
+  const std::string* file = &location->file;
   EXPECT_EQ(fs::file_size(*file), info->file_size);
   EXPECT_EQ(absl::StrCat("sha256:",
                          [&] {
@@ -86,7 +87,7 @@ TEST_F(FarmStoreTest, AddsAPathAndServesItsNarInfoAndBody) {
             info->file_hash);
   EXPECT_TRUE(store().Missing({kA})->empty());
   EXPECT_EQ(*store().Missing({kA, kB}), std::vector<std::string>{kB});
-  EXPECT_TRUE(absl::IsNotFound(store().NarFile("../../etc/passwd").status()));
+  EXPECT_TRUE(absl::IsNotFound(store().LocateNar("../../etc/passwd").status()));
   EXPECT_TRUE(absl::IsNotFound(store().Get("../x").status()));
 }
 
@@ -172,7 +173,7 @@ TEST_F(FarmStoreTest, ABackupHoldsTheNarsAndTheSigningKey) {
   ASSERT_TRUE(restored.ok()) << restored.status();
   absl::StatusOr<NarInfo> info = (*restored)->farm_store()->Get("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa");
   ASSERT_TRUE(info.ok()) << info.status();
-  EXPECT_TRUE((*restored)->farm_store()->NarFile(info->url.substr(4)).ok());
+  EXPECT_TRUE((*restored)->farm_store()->LocateNar(info->url.substr(4)).ok());
   EXPECT_EQ(LoadOrCreateCacheKey(dir_.Sub("backup"))->PublicKeyText(), key->PublicKeyText());
 }
 
