@@ -70,6 +70,10 @@ std::string LocalityKey(const std::string& flake_dir, const std::string& attr);
 // array; flake directories relative to the file, attr "default" if absent.
 absl::StatusOr<std::vector<std::string>> TargetsFromFile(const std::string& file);
 
+// `kiln serve-nix`: Nix's serve protocol on stdin/stdout over the farm
+// store (see cli/serve_nix.h), as an SSH forced command.
+int RunServeNixCommand(const CliOptions& options);
+
 // `kiln status ID`: a job, or every job of a buildset (ids "b…").
 int RunStatusCommand(const CliOptions& options, const std::string& id);
 

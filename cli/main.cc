@@ -183,6 +183,14 @@ int main(int argc, char** argv) {
   CLI::App* copy =
       add_command("copy", "Fetch store paths and their closures from the farm store into the local Nix store");
   copy->add_option("PATH", args, "/nix/store/HASH-NAME")->required();
+  std::string token_file;
+  CLI::App* serve_nix = app.add_subcommand(
+      "serve-nix",
+      "Speak Nix's serve protocol (nix-store --serve) on stdin/stdout over the farm store: an SSH forced command");
+  serve_nix->fallthrough();
+  serve_nix->add_option("--token-file", token_file,
+                        "The token to show the coordinator (a file only its owner can read; default: $KILN_TOKEN or "
+                        "~/.config/kiln/token)");
   std::string shell;
   CLI::App* completion = app.add_subcommand("completion", "Print a shell completion script: bash, zsh or fish");
   completion->add_option("SHELL", shell, "bash, zsh or fish")
@@ -211,7 +219,8 @@ int main(int argc, char** argv) {
       return 2;
     }
     options.credentials = *credentials;
-    absl::StatusOr<std::string> token = kiln::LoadClientToken();
+    absl::StatusOr<std::string> token =
+        token_file.empty() ? kiln::LoadClientToken() : kiln::ReadPrivateTokenFile(token_file);
     if (!token.ok()) {
       std::fprintf(stderr, "error: %s\n", std::string(token.status().message()).c_str());
       return 2;
@@ -264,6 +273,8 @@ int main(int argc, char** argv) {
     code = kiln::RunFodCommand(options, args, fod_name);
   } else if (command == "workers") {
     code = kiln::RunWorkersCommand(options, args);
+  } else if (command == "serve-nix") {
+    code = kiln::RunServeNixCommand(options);
   } else if (command == "copy") {
     code = kiln::RunCopyCommand(options, args);
   } else if (command == "log" && args.size() == 1) {

@@ -24,7 +24,7 @@ std::string BaseName(const std::string& path) {
 grpc::Status FarmStoreServiceImpl::QueryMissing(grpc::ServerContext* context,
                                                 const kiln::v1::QueryMissingRequest* request,
                                                 kiln::v1::QueryMissingResponse* response) {
-  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kWorker);
+  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kCacheRead);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (static_cast<size_t>(request->store_paths_size()) > kMaxPathsPerQuery) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,

@@ -1,7 +1,8 @@
 // FarmStoreService: how workers fill the farm store (see proto store.proto),
 // and how a worker's Nix reads it (through the worker's relay),
 // on gRPC's synchronous API (a thread per upload; nothing touches the
-// strand). Callers need the `worker` scope.
+// strand). Uploads need the `worker` scope; reads (QueryMissing and the
+// Get* calls) `cache-read`, which every client scope includes.
 #pragma once
 
 #include <grpcpp/grpcpp.h>

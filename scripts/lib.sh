@@ -6,14 +6,14 @@ KILN_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 KILN_BUILD="${KILN_BUILD:-$KILN_ROOT/build}"
 
 # Everything from Debian bookworm: toolchain, libraries, and the real peers
-# the tests talk to (Nix, an OCI registry, skopeo, promtool).
+# the tests talk to (Nix, an OCI registry, skopeo, promtool, sshd).
 KILN_PACKAGES=(
   g++ cmake ninja-build pkg-config git ca-certificates curl procps tar gzip zstd clang libclang-rt-14-dev
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev librocksdb-dev libssl-dev prometheus-cpp-dev libcivetweb-dev libzstd-dev
   libgtest-dev libgmock-dev libcurl4-openssl-dev libarchive-dev libdeflate-dev libisal-dev nlohmann-json3-dev libjemalloc-dev
   libcli11-dev
-  nix-bin nix-setup-systemd docker-registry skopeo prometheus tmux jq systemd
+  nix-bin nix-setup-systemd docker-registry skopeo prometheus tmux jq systemd openssh-server openssh-client
 )
 
 log() { printf '\033[1m==>\033[0m %s %s\n' "$(date +%T)" "$*" >&2; }

@@ -10,37 +10,17 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "common/serve_protocol.h"
 #include "common/status_macros.h"
 #include "common/subprocess.h"
 
 namespace kiln {
 namespace {
 
-// The serve protocol (Nix's serve-protocol.hh): numbers are little-endian
-// u64s, strings a length and the bytes padded to 8.
-constexpr uint64_t kServeMagic1 = 0x390c9deb;
-constexpr uint64_t kServeMagic2 = 0x5452eecb;
 // 2.5: path infos carry narHash, ca and signatures (minor ≥ 4).
 constexpr uint64_t kClientVersion = (2 << 8) | 5;
-constexpr uint64_t kQueryPathInfos = 2;
-constexpr uint64_t kQueryClosure = 7;
 constexpr uint64_t kMaxString = 1 << 20;
 constexpr uint64_t kMaxSet = 1 << 22;
-
-void PutU64(std::string& out, uint64_t n) {
-  for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>((n >> (8 * i)) & 0xff));
-}
-
-void PutString(std::string& out, const std::string& s) {
-  PutU64(out, s.size());
-  out += s;
-  out.append((8 - s.size() % 8) % 8, '\0');
-}
-
-void PutStrings(std::string& out, const std::vector<std::string>& v) {
-  PutU64(out, v.size());
-  for (const std::string& s : v) PutString(out, s);
-}
 
 }  // namespace
 
@@ -69,9 +49,7 @@ absl::Status NixServeConnection::StartLocked() {
   pid_ = child.pid;
   to_child_ = child.stdin_fd;
   from_child_ = child.stdout_fd;
-  std::string hello;
-  PutU64(hello, kServeMagic1);
-  RETURN_IF_ERROR(Write(hello));
+  RETURN_IF_ERROR(Write(ServeWriter().U64(kServeMagic1).data()));
   const absl::Time deadline = absl::Now() + deadline_;
   ASSIGN_OR_RETURN(uint64_t magic, ReadU64(deadline));
   if (magic != kServeMagic2) return absl::DataLossError("nix-store --serve: not the serve protocol");
@@ -80,9 +58,7 @@ absl::Status NixServeConnection::StartLocked() {
     return absl::FailedPreconditionError(absl::StrCat("nix-store --serve speaks version ", version >> 8, ".",
                                                       version & 0xff, "; 2.4 or later is needed"));
   }
-  std::string mine;
-  PutU64(mine, kClientVersion);
-  return Write(mine);
+  return Write(ServeWriter().U64(kClientVersion).data());
 }
 
 absl::Status NixServeConnection::Write(const std::string& bytes) {
@@ -144,16 +120,12 @@ absl::StatusOr<std::vector<std::string>> NixServeConnection::ReadStrings(absl::T
 absl::StatusOr<std::vector<kiln::v1::PathInfo>> NixServeConnection::AskLocked(const std::vector<std::string>& roots) {
   if (pid_ < 0) RETURN_IF_ERROR(StartLocked());
   const absl::Time deadline = absl::Now() + deadline_;
-  std::string ask;
-  PutU64(ask, kQueryClosure);
-  PutU64(ask, 0);  // Not the outputs of derivations.
-  PutStrings(ask, roots);
-  RETURN_IF_ERROR(Write(ask));
+  // Not the outputs of derivations.
+  RETURN_IF_ERROR(
+      Write(ServeWriter().U64(static_cast<uint64_t>(ServeCommand::kQueryClosure)).U64(0).Strings(roots).data()));
   ASSIGN_OR_RETURN(std::vector<std::string> closure, ReadStrings(deadline));
-  ask.clear();
-  PutU64(ask, kQueryPathInfos);
-  PutStrings(ask, closure);
-  RETURN_IF_ERROR(Write(ask));
+  RETURN_IF_ERROR(
+      Write(ServeWriter().U64(static_cast<uint64_t>(ServeCommand::kQueryPathInfos)).Strings(closure).data()));
   std::vector<kiln::v1::PathInfo> infos;
   infos.reserve(closure.size());
   for (;;) {

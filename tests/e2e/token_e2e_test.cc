@@ -15,6 +15,7 @@
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "common/subprocess.h"
+#include "common/serve_protocol.h"
 #include "tests/support/local_farm.h"
 #include "tests/support/test_util.h"
 
@@ -188,6 +189,25 @@ TEST_F(TokenE2eTest, EveryCallNeedsATokenWithTheRightScope) {
   };
   CommandResult fetched = copy("laptop-nix", {"KILN_TOKEN=" + cache_reader});
   EXPECT_EQ(fetched.exit.exit_code, 0) << fetched.stderr_data;
+  // The SSH gateway with that token in a file: `kiln serve-nix` answers a
+  // Nix client's "which of these are valid" from the farm store.
+  const std::string gateway_token = farm.dir().Sub("gateway-token");
+  testing::WriteFileOrDie(gateway_token, cache_reader + "\n");
+  ASSERT_EQ(::chmod(gateway_token.c_str(), 0600), 0);
+  const std::string session = ServeWriter()
+                                  .U64(kServeMagic1)
+                                  .U64(kServeProtocolVersion)
+                                  .U64(static_cast<uint64_t>(ServeCommand::kQueryValidPaths))
+                                  .U64(0)
+                                  .U64(0)
+                                  .Strings({out})
+                                  .data();
+  absl::StatusOr<CommandResult> served =
+      RunCommand(farm.KilnSpec({"serve-nix", "--token-file=" + gateway_token}), session, absl::Minutes(1));
+  ASSERT_TRUE(served.ok()) << served.status();
+  EXPECT_EQ(served->exit.exit_code, 0) << served->stderr_data;
+  const std::string expected = ServeWriter().U64(kServeMagic2).U64(kServeProtocolVersion).Strings({out}).data();
+  EXPECT_EQ(served->stdout_data, expected) << served->stderr_data;
   CommandResult anonymous = copy("other-nix", {});
   EXPECT_NE(anonymous.exit.exit_code, 0);
   EXPECT_TRUE(absl::StrContains(anonymous.stderr_data, "requires a token")) << anonymous.stderr_data;

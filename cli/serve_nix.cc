@@ -1,0 +1,236 @@
+#include "cli/serve_nix.h"
+
+#include <signal.h>
+#include <unistd.h>
+#include <zstd.h>
+
+#include <cerrno>
+#include <cstdio>
+
+#include <memory>
+#include <vector>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
+#include "cli/cli.h"
+#include "cli/client.h"
+#include "common/exit_codes.h"
+#include "common/narinfo.h"
+#include "common/status_macros.h"
+
+namespace kiln {
+namespace {
+
+constexpr char kStoreDir[] = "/nix/store/";
+
+// A narinfo names references and the deriver by base name; the protocol by
+// full path.
+std::string FullPath(absl::string_view base) { return base.empty() ? std::string() : absl::StrCat(kStoreDir, base); }
+
+absl::Status CheckStorePath(const std::string& path) {
+  if (!absl::StartsWith(path, kStoreDir)) return absl::InvalidArgumentError(absl::StrCat("not a store path: ", path));
+  return StorePathHashPart(path).status();
+}
+
+// The farm's narinfo of `path`; NOT_FOUND when the farm lacks it.
+absl::StatusOr<NarInfo> InfoOf(FarmStoreClient& farm, const std::string& path) {
+  RETURN_IF_ERROR(CheckStorePath(path));
+  ASSIGN_OR_RETURN(std::string hash_part, StorePathHashPart(path));
+  ASSIGN_OR_RETURN(std::string text, farm.NarInfo(hash_part));
+  ASSIGN_OR_RETURN(NarInfo info, ParseNarInfo(text));
+  if (info.store_path != path) return absl::NotFoundError(absl::StrCat(path, " is not in the farm store"));
+  return info;
+}
+
+struct ZstdDFree {
+  void operator()(ZSTD_DCtx* d) const { ZSTD_freeDCtx(d); }
+};
+
+class Session {
+ public:
+  Session(ServeReader& in, absl::FunctionRef<absl::Status(absl::string_view)> out, FarmStoreClient& farm,
+          ServeSessionReport& report)
+      : in_(in), out_(out), farm_(farm), report_(report) {}
+
+  absl::Status Run() {
+    absl::StatusOr<uint64_t> magic = in_.U64();
+    if (absl::IsOutOfRange(magic.status())) return absl::OkStatus();  // Connected and left.
+    RETURN_IF_ERROR(magic.status());
+    if (*magic != kServeMagic1) return absl::InvalidArgumentError("not Nix's serve protocol (bad hello)");
+    RETURN_IF_ERROR(Send(ServeWriter().U64(kServeMagic2).U64(kServeProtocolVersion)));
+    ASSIGN_OR_RETURN(report_.client_version, in_.U64());
+    if (ServeMajor(report_.client_version) != 0x200) {
+      return absl::InvalidArgumentError(absl::StrCat("serve protocol version ", report_.client_version >> 8, ".",
+                                                     ServeMinor(report_.client_version), " is not 2.x"));
+    }
+    for (;;) {
+      absl::StatusOr<uint64_t> command = in_.U64();
+      if (absl::IsOutOfRange(command.status())) return absl::OkStatus();
+      RETURN_IF_ERROR(command.status());
+      ++report_.commands;
+      RETURN_IF_ERROR(Serve(static_cast<ServeCommand>(*command)));
+    }
+  }
+
+ private:
+  absl::Status Send(const ServeWriter& w) { return out_(w.data()); }
+
+  absl::StatusOr<std::vector<std::string>> StorePaths() {
+    ASSIGN_OR_RETURN(std::vector<std::string> paths, in_.Strings());
+    for (const std::string& p : paths) RETURN_IF_ERROR(CheckStorePath(p));
+    return paths;
+  }
+
+  absl::Status Serve(ServeCommand command) {
+    switch (command) {
+      case ServeCommand::kQueryValidPaths: return QueryValidPaths();
+      case ServeCommand::kQueryPathInfos: return QueryPathInfos();
+      case ServeCommand::kDumpStorePath: return DumpStorePath();
+      case ServeCommand::kQueryClosure: return QueryClosure();
+      case ServeCommand::kImportPaths:
+      case ServeCommand::kAddToStoreNar:
+        return absl::UnimplementedError("kiln serve-nix does not take paths into the farm store yet");
+      case ServeCommand::kBuildPaths:
+      case ServeCommand::kBuildDerivation:
+        return absl::UnimplementedError("kiln serve-nix does not build yet: use kiln build");
+      case ServeCommand::kExportPaths:
+        return absl::UnimplementedError("export-paths is obsolete (Nix uses dump-store-path)");
+    }
+    return absl::InvalidArgumentError(absl::StrCat("unknown serve command ", static_cast<uint64_t>(command)));
+  }
+
+  absl::Status QueryValidPaths() {
+    ASSIGN_OR_RETURN(uint64_t lock, in_.U64());
+    ASSIGN_OR_RETURN(uint64_t substitute, in_.U64());
+    (void)lock;        // Nothing the farm holds goes before its collection rules say.
+    (void)substitute;  // The farm store substitutes from nowhere else.
+    ASSIGN_OR_RETURN(std::vector<std::string> paths, StorePaths());
+    std::vector<std::string> valid;
+    if (!paths.empty()) {
+      ASSIGN_OR_RETURN(std::vector<std::string> missing, farm_.Missing(paths));
+      const absl::flat_hash_set<std::string> absent(missing.begin(), missing.end());
+      for (std::string& p : paths) {
+        if (!absent.contains(p)) valid.push_back(std::move(p));
+      }
+    }
+    return Send(ServeWriter().Strings(valid));
+  }
+
+  absl::Status QueryPathInfos() {
+    ASSIGN_OR_RETURN(std::vector<std::string> paths, StorePaths());
+    ServeWriter w;
+    for (const std::string& path : paths) {
+      absl::StatusOr<NarInfo> info = InfoOf(farm_, path);
+      if (absl::IsNotFound(info.status())) continue;  // Absent paths are left out.
+      RETURN_IF_ERROR(info.status());
+      std::vector<std::string> refs;
+      for (const std::string& r : info->references) refs.push_back(FullPath(r));
+      w.String(info->store_path).String(FullPath(info->deriver)).Strings(refs);
+      w.U64(info->nar_size).U64(info->nar_size);  // Download size, as nix-store --serve says: the NAR's.
+      if (ServeMinor(report_.client_version) >= 4) {
+        w.String(info->nar_hash).String(info->ca).Strings(info->sigs);
+      }
+    }
+    w.String("");
+    return Send(w);
+  }
+
+  // The NAR, decompressed from the farm's zstd file as it arrives.
+  absl::Status DumpStorePath() {
+    ASSIGN_OR_RETURN(std::string path, in_.String());
+    ASSIGN_OR_RETURN(NarInfo info, InfoOf(farm_, path));
+    if (info.compression != "zstd" || !absl::StartsWith(info.url, "nar/")) {
+      return absl::InternalError(absl::StrCat("the farm's NAR of ", path, " is not zstd"));
+    }
+    std::unique_ptr<ZSTD_DCtx, ZstdDFree> zstd(ZSTD_createDCtx());
+    std::string out(ZSTD_DStreamOutSize(), '\0');
+    uint64_t sent = 0;
+    size_t last = 1;
+    RETURN_IF_ERROR(farm_.FetchNar(info.url.substr(4), [&](absl::string_view piece) -> absl::Status {
+      ZSTD_inBuffer input{piece.data(), piece.size(), 0};
+      while (input.pos < input.size) {
+        ZSTD_outBuffer output{out.data(), out.size(), 0};
+        last = ZSTD_decompressStream(zstd.get(), &output, &input);
+        if (ZSTD_isError(last)) return absl::DataLossError(absl::StrCat("zstd: ", ZSTD_getErrorName(last)));
+        sent += output.pos;
+        if (sent > info.nar_size) return absl::DataLossError(absl::StrCat("the NAR of ", path, " is too long"));
+        RETURN_IF_ERROR(out_(absl::string_view(out.data(), output.pos)));
+      }
+      return absl::OkStatus();
+    }));
+    if (last != 0 || sent != info.nar_size) {
+      return absl::DataLossError(absl::StrCat("the NAR of ", path, " is ", sent, " bytes, not ", info.nar_size));
+    }
+    ++report_.nars_sent;
+    report_.nar_bytes_sent += sent;
+    return absl::OkStatus();
+  }
+
+  absl::Status QueryClosure() {
+    ASSIGN_OR_RETURN(uint64_t include_outputs, in_.U64());
+    (void)include_outputs;  // The farm store keeps outputs, not derivations' output lists.
+    ASSIGN_OR_RETURN(std::vector<std::string> todo, StorePaths());
+    absl::flat_hash_set<std::string> seen(todo.begin(), todo.end());
+    std::vector<std::string> closure;
+    while (!todo.empty()) {
+      const std::string path = std::move(todo.back());
+      todo.pop_back();
+      absl::StatusOr<NarInfo> info = InfoOf(farm_, path);
+      if (absl::IsNotFound(info.status())) continue;  // As Nix: only valid paths.
+      RETURN_IF_ERROR(info.status());
+      closure.push_back(path);
+      for (const std::string& r : info->references) {
+        std::string full = FullPath(r);
+        if (seen.insert(full).second) todo.push_back(std::move(full));
+      }
+    }
+    return Send(ServeWriter().Strings(closure));
+  }
+
+  ServeReader& in_;
+  absl::FunctionRef<absl::Status(absl::string_view)> out_;
+  FarmStoreClient& farm_;
+  ServeSessionReport& report_;
+};
+
+}  // namespace
+
+absl::Status RunServeSession(ServeReader& in, absl::FunctionRef<absl::Status(absl::string_view)> out,
+                             FarmStoreClient& farm, ServeSessionReport* report) {
+  ServeSessionReport local;
+  return Session(in, out, farm, report != nullptr ? *report : local).Run();
+}
+
+int RunServeNixCommand(const CliOptions& options) {
+  // stdout is the protocol: a reader that went away is an error, not a
+  // signal.
+  ::signal(SIGPIPE, SIG_IGN);
+  ServeReader in([](char* buf, size_t size) -> absl::StatusOr<size_t> {
+    for (;;) {
+      const ssize_t n = ::read(STDIN_FILENO, buf, size);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) return absl::UnavailableError("cannot read stdin");
+      return static_cast<size_t>(n);
+    }
+  });
+  const auto out = [](absl::string_view bytes) -> absl::Status {
+    while (!bytes.empty()) {
+      const ssize_t n = ::write(STDOUT_FILENO, bytes.data(), bytes.size());
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return absl::UnavailableError("the client went away");
+      bytes.remove_prefix(static_cast<size_t>(n));
+    }
+    return absl::OkStatus();
+  };
+  GrpcFarmStoreClient farm(Channel(options));
+  ServeSessionReport report;
+  const absl::Status status = RunServeSession(in, out, farm, &report);
+  if (status.ok()) return kExitOk;
+  // Nix shows the remote's stderr to its user.
+  std::fprintf(stderr, "kiln serve-nix: %s\n", std::string(status.message()).c_str());
+  return absl::IsUnavailable(status) ? kExitUnavailable : kExitBuildFailed;
+}
+
+}  // namespace kiln

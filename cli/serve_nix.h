@@ -1,0 +1,34 @@
+// `kiln serve-nix`: the server side of Nix's serve protocol (what
+// `nix-store --serve --write` speaks) over the farm store, on stdin/stdout,
+// so it runs as an SSH forced command on a gateway host and stock Nix talks
+// to the farm as to any `ssh://` store or remote builder.
+//
+// Served from the farm store (over the CLI's gRPC channel and token):
+// which paths are valid, their path infos (with the farm's signatures),
+// their NARs, and closures. Adding paths and building are not served yet:
+// such a request ends the session with an error saying so (Nix shows it).
+//
+// Everything read from the client is bounded (ServeReader's limits) and
+// checked; nothing it sends reaches the farm store unverified.
+#pragma once
+
+#include "absl/functional/function_ref.h"
+#include "absl/status/status.h"
+#include "common/farm_store_client.h"
+#include "common/serve_protocol.h"
+
+namespace kiln {
+
+struct ServeSessionReport {
+  uint64_t client_version = 0;
+  uint64_t commands = 0;
+  uint64_t nars_sent = 0, nar_bytes_sent = 0;
+};
+
+// One session: the handshake, then commands until the client closes its
+// end (OK) or sends what cannot be served (the error). `out` receives the
+// replies; each command's reply is complete when it returns.
+absl::Status RunServeSession(ServeReader& in, absl::FunctionRef<absl::Status(absl::string_view)> out,
+                             FarmStoreClient& farm, ServeSessionReport* report = nullptr);
+
+}  // namespace kiln

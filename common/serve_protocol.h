@@ -1,0 +1,82 @@
+// Nix's serve protocol — what `nix-store --serve` speaks on stdin/stdout
+// and what Nix's `ssh://` store and remote builders speak to it — as frames:
+// little-endian u64 numbers, and strings as a u64 length, the bytes and zero
+// padding to a multiple of 8. ServeReader reads them from a byte source,
+// bounded (a string's length, a list's size) and checked (the padding is
+// zero), so nothing a peer sends can make it allocate without limit;
+// ServeWriter builds them.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/functional/any_invocable.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace kiln {
+
+inline constexpr uint64_t kServeMagic1 = 0x390c9deb;  // Client's hello.
+inline constexpr uint64_t kServeMagic2 = 0x5452eecb;  // Server's answer.
+// Major 2, minor 7: what Nix 2.8's nix-store --serve speaks.
+inline constexpr uint64_t kServeProtocolVersion = 0x207;
+inline constexpr uint64_t ServeMinor(uint64_t version) { return version & 0xff; }
+inline constexpr uint64_t ServeMajor(uint64_t version) { return version & 0xff00; }
+
+enum class ServeCommand : uint64_t {
+  kQueryValidPaths = 1,
+  kQueryPathInfos = 2,
+  kDumpStorePath = 3,
+  kImportPaths = 4,
+  kExportPaths = 5,
+  kBuildPaths = 6,
+  kQueryClosure = 7,
+  kBuildDerivation = 8,
+  kAddToStoreNar = 9,
+};
+
+struct ServeLimits {
+  size_t max_string_bytes = size_t{1} << 20;  // A path, a hash, an environment value.
+  size_t max_list_items = size_t{1} << 20;    // Paths in one request.
+};
+
+class ServeReader {
+ public:
+  // Reads up to `size` bytes into `buf`; 0 at the end of the input.
+  using Source = absl::AnyInvocable<absl::StatusOr<size_t>(char* buf, size_t size)>;
+  explicit ServeReader(Source source, ServeLimits limits = {});
+
+  // OUT_OF_RANGE when the input ends before the number's first byte (the
+  // peer is done); DATA_LOSS when it ends inside it.
+  absl::StatusOr<uint64_t> U64();
+  absl::StatusOr<std::string> String();
+  absl::StatusOr<std::vector<std::string>> Strings();
+  // Exactly `n` bytes, unframed (a NAR's body).
+  absl::Status Raw(char* buf, size_t n);
+  // Up to `n` bytes, at least one (DATA_LOSS at the end of the input).
+  absl::StatusOr<size_t> Some(char* buf, size_t n);
+
+ private:
+  absl::Status Fill();
+
+  Source source_;
+  const ServeLimits limits_;
+  std::string buffer_;
+  size_t begin_ = 0, end_ = 0;
+};
+
+class ServeWriter {
+ public:
+  ServeWriter& U64(uint64_t v);
+  ServeWriter& String(absl::string_view s);
+  ServeWriter& Strings(const std::vector<std::string>& list);
+  ServeWriter& Raw(absl::string_view bytes);
+  const std::string& data() const { return data_; }
+  void Clear() { data_.clear(); }
+
+ private:
+  std::string data_;
+};
+
+}  // namespace kiln
