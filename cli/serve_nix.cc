@@ -89,9 +89,10 @@ class Session {
       case ServeCommand::kQueryPathInfos: return QueryPathInfos();
       case ServeCommand::kDumpStorePath: return DumpStorePath();
       case ServeCommand::kQueryClosure: return QueryClosure();
+      case ServeCommand::kAddToStoreNar: return AddToStoreNar();
       case ServeCommand::kImportPaths:
-      case ServeCommand::kAddToStoreNar:
-        return absl::UnimplementedError("kiln serve-nix does not take paths into the farm store yet");
+        return absl::UnimplementedError(
+            "import-paths (a Nix before 2.3) is not served: the gateway takes paths with add-to-store-nar");
       case ServeCommand::kBuildPaths:
       case ServeCommand::kBuildDerivation:
         return absl::UnimplementedError("kiln serve-nix does not build yet: use kiln build");
@@ -166,6 +167,53 @@ class Session {
     ++report_.nars_sent;
     report_.nar_bytes_sent += sent;
     return absl::OkStatus();
+  }
+
+  // A path the client has and the farm lacks: its info, then exactly
+  // narSize bytes of NAR, streamed to the farm store, which checks the
+  // NAR's structure, size and hash and that its references are there.
+  absl::Status AddToStoreNar() {
+    kiln::v1::PathInfo info;
+    ASSIGN_OR_RETURN(*info.mutable_store_path(), in_.String());
+    RETURN_IF_ERROR(CheckStorePath(info.store_path()));
+    ASSIGN_OR_RETURN(std::string deriver, in_.String());
+    if (!deriver.empty()) RETURN_IF_ERROR(CheckStorePath(deriver));
+    info.set_deriver(deriver);
+    ASSIGN_OR_RETURN(std::string nar_hash, in_.String());  // Base16, without the algorithm.
+    info.set_nar_hash(absl::StrCat("sha256:", nar_hash));
+    ASSIGN_OR_RETURN(std::vector<std::string> refs, StorePaths());
+    for (std::string& r : refs) info.add_references(std::move(r));
+    ASSIGN_OR_RETURN(uint64_t registration_time, in_.U64());
+    (void)registration_time;
+    ASSIGN_OR_RETURN(uint64_t nar_size, in_.U64());
+    ASSIGN_OR_RETURN(uint64_t ultimate, in_.U64());
+    (void)ultimate;  // The farm's signature is what clients trust.
+    ASSIGN_OR_RETURN(std::vector<std::string> sigs, in_.Strings());
+    (void)sigs;
+    ASSIGN_OR_RETURN(*info.mutable_ca(), in_.String());
+    if (nar_size == 0) return absl::InvalidArgumentError("add-to-store-nar without the NAR's size");
+    info.set_nar_size(nar_size);
+    uint64_t left = nar_size;
+    std::string buf(size_t{256} << 10, '\0');
+    const auto next = [&]() -> absl::StatusOr<absl::string_view> {
+      ASSIGN_OR_RETURN(size_t n, in_.Some(buf.data(), static_cast<size_t>(std::min<uint64_t>(left, buf.size()))));
+      left -= n;
+      return absl::string_view(buf.data(), n);
+    };
+    RETURN_IF_ERROR_CONTEXT(farm_.AddPath(info,
+                                          [&](NarSink sink) -> absl::Status {
+                                            while (left > 0) {
+                                              ASSIGN_OR_RETURN(absl::string_view piece, next());
+                                              RETURN_IF_ERROR(sink(piece));
+                                            }
+                                            return absl::OkStatus();
+                                          }),
+                            "adding ", info.store_path(), " to the farm store");
+    // The farm held it already and read none of it: the rest is the
+    // client's, still to be read past.
+    while (left > 0) RETURN_IF_ERROR(next().status());
+    ++report_.paths_added;
+    return Send(ServeWriter().U64(1));
   }
 
   absl::Status QueryClosure() {

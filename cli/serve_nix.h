@@ -5,8 +5,10 @@
 //
 // Served from the farm store (over the CLI's gRPC channel and token):
 // which paths are valid, their path infos (with the farm's signatures),
-// their NARs, and closures. Adding paths and building are not served yet:
-// such a request ends the session with an error saying so (Nix shows it).
+// their NARs, and closures; and paths a client adds (add-to-store-nar,
+// with a token of scope `cache-write`), checked by the farm store as any
+// upload. Building is not served yet: such a request ends the session
+// with an error saying so (Nix shows it).
 //
 // Everything read from the client is bounded (ServeReader's limits) and
 // checked; nothing it sends reaches the farm store unverified.
@@ -23,6 +25,7 @@ struct ServeSessionReport {
   uint64_t client_version = 0;
   uint64_t commands = 0;
   uint64_t nars_sent = 0, nar_bytes_sent = 0;
+  uint64_t paths_added = 0;
 };
 
 // One session: the handshake, then commands until the client closes its

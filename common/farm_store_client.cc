@@ -73,8 +73,10 @@ absl::Status GrpcFarmStoreClient::AddPath(const kiln::v1::PathInfo& info,
   }
   writer->WritesDone();
   grpc::Status finished = writer->Finish();
-  // The server's reason beats "the stream ended".
+  // The server's reason beats "the stream ended"; and a server that ended
+  // the stream with OK held the path already (it reads none of it).
   if (!finished.ok()) return FromGrpcStatus(finished);
+  if (stream_broke) return absl::OkStatus();
   return written;
 }
 

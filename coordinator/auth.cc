@@ -21,6 +21,7 @@ const char* ScopeName(Scope scope) {
     case Scope::kWorker: return "worker";
     case Scope::kBlobs: return "submit";
     case Scope::kCacheRead: return "cache-read";
+    case Scope::kCacheWrite: return "cache-write";
   }
   return "?";
 }
@@ -31,13 +32,14 @@ bool TokenAllows(const TokenGrant& grant, Scope scope) {
   };
   // A worker reads the sources and the FOD cache and writes results; that is
   // all its token allows, and no client scope makes one a worker.
-  if (has("worker") &&
-      (scope == Scope::kWorker || scope == Scope::kRead || scope == Scope::kBlobs || scope == Scope::kCacheRead)) {
+  if (has("worker") && (scope == Scope::kWorker || scope == Scope::kRead || scope == Scope::kBlobs ||
+                        scope == Scope::kCacheRead || scope == Scope::kCacheWrite)) {
     return true;
   }
   if (has("admin")) return scope != Scope::kWorker;
   switch (scope) {
-    case Scope::kCacheRead: return has("cache-read") || has("read") || has("submit");
+    case Scope::kCacheRead: return has("cache-read") || has("cache-write") || has("read") || has("submit");
+    case Scope::kCacheWrite: return has("cache-write");
     case Scope::kRead: return has("read") || has("submit");
     case Scope::kSubmit:
     case Scope::kBlobs: return has("submit");
@@ -73,7 +75,8 @@ absl::StatusOr<Caller> Authorizer::Check(const grpc::ServerContextBase& context,
   caller.worker = PeerCertificateName(context);
   if (!caller.worker.empty()) {
     caller.who = absl::StrCat("worker '", caller.worker, "'");
-    if (scope == Scope::kWorker || scope == Scope::kRead || scope == Scope::kBlobs || scope == Scope::kCacheRead) {
+    if (scope == Scope::kWorker || scope == Scope::kRead || scope == Scope::kBlobs || scope == Scope::kCacheRead ||
+        scope == Scope::kCacheWrite) {
       return caller;
     }
     return Refuse(absl::PermissionDeniedError(

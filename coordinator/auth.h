@@ -34,6 +34,11 @@ enum class Scope {
   // Reading the farm store (narinfos, NARs, its key): Nix clients of the
   // binary cache, `kiln copy`, workers. Every client scope includes it.
   kCacheRead,
+  // Adding store paths to the farm store: workers (what they build), and
+  // tokens with `cache-write` (an SSH gateway's, taking a Nix client's
+  // inputs). Like Nix's trusted-users: what such a caller adds, the farm
+  // serves under its signature. No other client scope includes it.
+  kCacheWrite,
 };
 
 struct Caller {

@@ -40,7 +40,7 @@ grpc::Status FarmStoreServiceImpl::QueryMissing(grpc::ServerContext* context,
 grpc::Status FarmStoreServiceImpl::AddPath(grpc::ServerContext* context,
                                            grpc::ServerReader<kiln::v1::AddPathChunk>* reader,
                                            kiln::v1::AddPathResponse* response) {
-  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kWorker);
+  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kCacheWrite);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
   kiln::v1::AddPathChunk chunk;
   if (!reader->Read(&chunk) || !chunk.has_info()) {

@@ -1,8 +1,9 @@
 // FarmStoreService: how workers fill the farm store (see proto store.proto),
 // and how a worker's Nix reads it (through the worker's relay),
 // on gRPC's synchronous API (a thread per upload; nothing touches the
-// strand). Uploads need the `worker` scope; reads (QueryMissing and the
-// Get* calls) `cache-read`, which every client scope includes.
+// strand). AddPath needs `cache-write` (workers have it; a token only when
+// given it); direct uploads `worker`; reads (QueryMissing and the Get*
+// calls) `cache-read`, which every client scope includes.
 #pragma once
 
 #include <grpcpp/grpcpp.h>

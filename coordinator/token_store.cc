@@ -47,9 +47,11 @@ bool ValidName(const std::string& name) {
 
 absl::Status ValidateTokenScopes(const std::vector<std::string>& scopes) {
   if (scopes.empty())
-    return absl::InvalidArgumentError("a token needs at least one scope (submit, read, admin, cache-read, push:…)");
+    return absl::InvalidArgumentError(
+        "a token needs at least one scope (submit, read, admin, cache-read, cache-write, push:…)");
   for (const std::string& scope : scopes) {
-    if (scope == "submit" || scope == "read" || scope == "admin" || scope == "worker" || scope == "cache-read") {
+    if (scope == "submit" || scope == "read" || scope == "admin" || scope == "worker" || scope == "cache-read" ||
+        scope == "cache-write") {
       continue;
     }
     absl::string_view pattern = scope;
@@ -61,7 +63,8 @@ absl::Status ValidateTokenScopes(const std::vector<std::string>& scopes) {
     }
     return absl::InvalidArgumentError(absl::StrCat(
         "unknown scope '", scope,
-        "': scopes are submit, read, admin, worker, cache-read and push:REGISTRY/REPOSITORY[:TAG] (globs allowed, e.g. "
+        "': scopes are submit, read, admin, worker, cache-read, cache-write and push:REGISTRY/REPOSITORY[:TAG] (globs "
+        "allowed, e.g. "
         "push:rg.fr-par.scw.cloud/team/*:testing)"));
   }
   return absl::OkStatus();

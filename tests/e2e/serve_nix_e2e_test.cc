@@ -2,7 +2,9 @@
 // a store of its own as the client (ssh://root@127.0.0.1): what the farm
 // built is valid there, its path infos carry the farm's signatures, and
 // `nix copy --from` fetches a closure (Nix checks every NAR hash and
-// signature). What the gateway does not do yet is refused with its reason.
+// signature); paths a client adds go into the farm store. What the gateway
+// does not do yet (builds) is refused with its reason.
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -102,19 +104,50 @@ TEST_F(ServeNixE2eTest, StockNixReadsTheFarmStoreThroughTheGateway) {
   EXPECT_TRUE(absl::StrContains(distrusted.stderr_data, "signature")) << distrusted.stderr_data;
 }
 
+TEST_F(ServeNixE2eTest, StockNixAddsItsPathsToTheFarmStoreThroughTheGateway) {
+  // A laptop's own build: an output referring to a source it added.
+  testing::WriteFileOrDie(work_.Sub("local/local.txt"), "a laptop's source\n");
+  testing::WriteFileOrDie(work_.Sub("local/default.nix"), R"(derivation {
+  name = "laptop-built"; system = "x86_64-linux"; builder = "/bin/sh";
+  src = ./local.txt;
+  args = [ "-c" "{ cat $src; echo $src; } > $out" ];
+})");
+  CommandResult built = OnLaptop("uploader-nix", {"nix-build", "--no-out-link", work_.Sub("local/default.nix")});
+  ASSERT_TRUE(built.exit.Success()) << built.stderr_data;
+  const std::string local(absl::StripAsciiWhitespace(built.stdout_data));
+  CommandResult sent = OnLaptop("uploader-nix", {"nix", "copy", "--to", sshd_->StoreUri(), local});
+  ASSERT_TRUE(sent.exit.Success()) << sent.stderr_data << sshd_->LogText();
+  // Now the farm's: valid through the gateway, and fetched by another
+  // machine with `kiln copy`, closure and farm signature included.
+  CommandResult valid = OnLaptop("probe-nix", {"nix", "path-info", "--recursive", "--store", sshd_->StoreUri(), local});
+  ASSERT_TRUE(valid.exit.Success()) << valid.stderr_data;
+  EXPECT_EQ(std::count(valid.stdout_data.begin(), valid.stdout_data.end(), '\n'), 2) << valid.stdout_data;
+  ProcessSpec copy = testing::OnPrivateStore(work_.Sub("ci-nix"), farm_.KilnSpec({"copy", "--json", local}).argv);
+  absl::StatusOr<CommandResult> copied = RunCommand(copy, "", absl::Minutes(2));
+  ASSERT_TRUE(copied.ok()) << copied.status();
+  ASSERT_EQ(copied->exit.exit_code, 0) << copied->stderr_data;
+  EXPECT_EQ(nlohmann::json::parse(copied->stdout_data)["fetched"], 2);
+  // Sent again: the gateway says the farm has it, nothing travels.
+  CommandResult again = OnLaptop("uploader-nix", {"nix", "copy", "-v", "--to", sshd_->StoreUri(), local});
+  ASSERT_TRUE(again.exit.Success()) << again.stderr_data;
+  EXPECT_FALSE(absl::StrContains(again.stderr_data, "copying path")) << again.stderr_data;
+}
+
 TEST_F(ServeNixE2eTest, WhatTheGatewayDoesNotDoIsRefusedWithItsReason) {
   CommandResult absent = OnLaptop("probe-nix", {"nix", "path-info", "--store", sshd_->StoreUri(),
                                                 "/nix/store/00000000000000000000000000000000-absent"});
   EXPECT_FALSE(absent.exit.Success());
   EXPECT_TRUE(absl::StrContains(absent.stderr_data, "is not valid")) << absent.stderr_data;
-  // Uploads are not taken (yet): Nix shows the gateway's reason.
-  testing::WriteFileOrDie(work_.Sub("local.txt"), "a local file\n");
-  CommandResult added = OnLaptop("uploader-nix", {"nix-store", "--add", work_.Sub("local.txt")});
-  ASSERT_TRUE(added.exit.Success()) << added.stderr_data;
-  const std::string local(absl::StripAsciiWhitespace(added.stdout_data));
-  CommandResult upload = OnLaptop("uploader-nix", {"nix", "copy", "--to", sshd_->StoreUri(), local});
-  EXPECT_FALSE(upload.exit.Success());
-  EXPECT_TRUE(absl::StrContains(upload.stderr_data, "does not take paths into the farm store")) << upload.stderr_data;
+  // Builds are not served (yet): Nix shows the gateway's reason.
+  testing::WriteFileOrDie(work_.Sub("remote/default.nix"), R"(derivation {
+  name = "for-the-farm"; system = "x86_64-linux"; builder = "/bin/sh";
+  args = [ "-c" "echo built remotely > $out" ];
+})");
+  CommandResult remote =
+      OnLaptop("builder-nix", {"nix-build", "--no-out-link", "--max-jobs", "0", "--option", "builders",
+                               sshd_->StoreUri() + " x86_64-linux", work_.Sub("remote/default.nix")});
+  EXPECT_FALSE(remote.exit.Success());
+  EXPECT_TRUE(absl::StrContains(remote.stderr_data, "does not build yet")) << remote.stderr_data;
 }
 
 }  // namespace

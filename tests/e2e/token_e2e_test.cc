@@ -15,8 +15,10 @@
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "common/subprocess.h"
+#include "common/digest.h"
 #include "common/serve_protocol.h"
 #include "tests/support/local_farm.h"
+#include "tests/support/nar_builder.h"
 #include "tests/support/test_util.h"
 
 namespace kiln {
@@ -208,6 +210,36 @@ TEST_F(TokenE2eTest, EveryCallNeedsATokenWithTheRightScope) {
   EXPECT_EQ(served->exit.exit_code, 0) << served->stderr_data;
   const std::string expected = ServeWriter().U64(kServeMagic2).U64(kServeProtocolVersion).Strings({out}).data();
   EXPECT_EQ(served->stdout_data, expected) << served->stderr_data;
+  // Adding paths through the gateway takes a `cache-write` token: with a
+  // cache-read one the farm refuses, with a cache-write one it takes the
+  // path (and checks it as any upload).
+  const std::string nar = testing::NarArchive(testing::NarFile("added through the gateway\n"));
+  const std::string add = ServeWriter()
+                              .U64(kServeMagic1)
+                              .U64(kServeProtocolVersion)
+                              .U64(static_cast<uint64_t>(ServeCommand::kAddToStoreNar))
+                              .String("/nix/store/cccccccccccccccccccccccccccccccc-gateway-added")
+                              .String("")
+                              .String(Sha256Hex(nar))
+                              .Strings({})
+                              .U64(0)
+                              .U64(nar.size())
+                              .U64(0)
+                              .Strings({})
+                              .String("")
+                              .Raw(nar)
+                              .data();
+  absl::StatusOr<CommandResult> refused_add =
+      RunCommand(farm.KilnSpec({"serve-nix", "--token-file=" + gateway_token}), add, absl::Minutes(1));
+  ASSERT_TRUE(refused_add.ok());
+  EXPECT_EQ(refused_add->exit.exit_code, 1);
+  EXPECT_TRUE(absl::StrContains(refused_add->stderr_data, "has no cache-write scope")) << refused_add->stderr_data;
+  testing::WriteFileOrDie(gateway_token, Create("gateway", "cache-write") + "\n");
+  absl::StatusOr<CommandResult> taken =
+      RunCommand(farm.KilnSpec({"serve-nix", "--token-file=" + gateway_token}), add, absl::Minutes(1));
+  ASSERT_TRUE(taken.ok());
+  EXPECT_EQ(taken->exit.exit_code, 0) << taken->stderr_data;
+  EXPECT_TRUE(absl::EndsWith(taken->stdout_data, ServeWriter().U64(1).data()));
   CommandResult anonymous = copy("other-nix", {});
   EXPECT_NE(anonymous.exit.exit_code, 0);
   EXPECT_TRUE(absl::StrContains(anonymous.stderr_data, "requires a token")) << anonymous.stderr_data;
