@@ -1,0 +1,172 @@
+// The serve-nix session over an in-memory farm store (a fake, named so):
+// bad input on the protocol stream — a truncated frame, an absurd length, a
+// path outside the store, an unknown version or command — ends the session
+// with an error and changes nothing in the farm; a path the farm already
+// holds is read past, so the next command is understood.
+#include "cli/serve_nix.h"
+
+#include <gtest/gtest.h>
+#include <zstd.h>
+
+#include <cstring>
+#include <map>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "common/digest.h"
+#include "common/narinfo.h"
+#include "common/status_macros.h"
+#include "tests/support/nar_builder.h"
+
+namespace kiln {
+namespace {
+
+constexpr char kHeld[] = "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-held";
+constexpr char kNew[] = "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-new";
+
+class FakeServeFarm final : public FarmStoreClient {
+ public:
+  absl::StatusOr<std::vector<std::string>> Missing(const std::vector<std::string>& paths) override {
+    ++questions;
+    std::vector<std::string> missing;
+    for (const std::string& p : paths) {
+      if (p != kHeld) missing.push_back(p);
+    }
+    return missing;
+  }
+  absl::Status AddPath(const kiln::v1::PathInfo& info, absl::FunctionRef<absl::Status(NarSink)> write_nar) override {
+    if (info.store_path() == kHeld) return absl::OkStatus();  // Held: reads none of it, as the farm does.
+    std::string nar;
+    RETURN_IF_ERROR(write_nar([&](absl::string_view b) {
+      nar.append(b.data(), b.size());
+      return absl::OkStatus();
+    }));
+    added[info.store_path()] = nar;
+    return absl::OkStatus();
+  }
+  absl::StatusOr<std::string> PublicKey() override { return "k:AAAA"; }
+  absl::StatusOr<std::string> NarInfo(const std::string& hash_part) override {
+    if (hash_part != "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa") return absl::NotFoundError("absent");
+    kiln::NarInfo info;
+    info.store_path = kHeld;
+    info.url = "nar/x.nar.zst";
+    info.compression = "zstd";
+    info.nar_hash = "sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s";
+    info.nar_size = claimed_nar_size;
+    return info.Render();
+  }
+  absl::Status FetchNar(const std::string&, NarSink sink) override {
+    std::string z(ZSTD_compressBound(nar.size()), '\0');
+    z.resize(ZSTD_compress(z.data(), z.size(), nar.data(), nar.size(), 1));
+    return sink(z);
+  }
+
+  std::string nar = "the held path's NAR";
+  uint64_t claimed_nar_size = 19;
+  int questions = 0;
+  std::map<std::string, std::string> added;
+};
+
+struct Outcome {
+  absl::Status status;
+  std::string out;
+};
+
+ServeWriter Hello() { return std::move(ServeWriter().U64(kServeMagic1).U64(kServeProtocolVersion)); }
+
+Outcome RunSession(FakeServeFarm& farm, const std::string& input) {
+  size_t at = 0;
+  ServeReader in(
+      [&](char* buf, size_t size) -> absl::StatusOr<size_t> {
+        const size_t n = std::min(size, input.size() - at);
+        std::memcpy(buf, input.data() + at, n);
+        at += n;
+        return n;
+      },
+      ServeLimits{.max_string_bytes = 4096, .max_list_items = 16});
+  Outcome o;
+  o.status = RunServeSession(
+      in,
+      [&](absl::string_view b) {
+        o.out.append(b.data(), b.size());
+        return absl::OkStatus();
+      },
+      farm);
+  return o;
+}
+
+ServeWriter& AddToStoreNar(ServeWriter& w, const std::string& path, const std::string& nar) {
+  return w.U64(static_cast<uint64_t>(ServeCommand::kAddToStoreNar))
+      .String(path)
+      .String("")
+      .String(Sha256Hex(nar))
+      .Strings({})
+      .U64(0)
+      .U64(nar.size())
+      .U64(0)
+      .Strings({})
+      .String("")
+      .Raw(nar);
+}
+
+TEST(ServeNixSessionTest, AnswersValidPathsAndAddsWhatTheClientSends) {
+  FakeServeFarm farm;
+  const std::string nar = testing::NarArchive(testing::NarFile("new\n"));
+  ServeWriter w = Hello();
+  w.U64(static_cast<uint64_t>(ServeCommand::kQueryValidPaths)).U64(0).U64(0).Strings({kHeld, kNew});
+  AddToStoreNar(w, kHeld, nar);  // Held: read past, not added.
+  AddToStoreNar(w, kNew, nar);
+  w.U64(static_cast<uint64_t>(ServeCommand::kDumpStorePath)).String(kHeld);
+  const Outcome o = RunSession(farm, w.data());
+  ASSERT_TRUE(o.status.ok()) << o.status;
+  const std::string expected =
+      ServeWriter().U64(kServeMagic2).U64(kServeProtocolVersion).Strings({kHeld}).U64(1).U64(1).Raw(farm.nar).data();
+  EXPECT_EQ(o.out, expected);
+  ASSERT_EQ(farm.added.size(), 1u);
+  EXPECT_EQ(farm.added[kNew], nar);
+}
+
+TEST(ServeNixSessionTest, BadInputEndsTheSessionAndChangesNothing) {
+  const std::string nar = testing::NarArchive(testing::NarFile("x"));
+  struct Case {
+    const char* what;
+    std::string input;
+    absl::StatusCode code;
+    const char* says;
+  };
+  ServeWriter truncated = Hello();
+  AddToStoreNar(truncated, kNew, nar);
+  const std::string cut = truncated.data().substr(0, truncated.data().size() - 5);
+  ServeWriter outside = Hello();
+  AddToStoreNar(outside, "/etc/passwd", nar);
+  const std::vector<Case> cases = {
+      {"not the protocol", ServeWriter().U64(12345).data(), absl::StatusCode::kInvalidArgument, "bad hello"},
+      {"an unknown major version", ServeWriter().U64(kServeMagic1).U64(0x307).data(),
+       absl::StatusCode::kInvalidArgument, "version 3.7"},
+      {"an unknown command", Hello().U64(99).data(), absl::StatusCode::kInvalidArgument, "unknown serve command 99"},
+      {"a truncated NAR", cut, absl::StatusCode::kDataLoss, "ended"},
+      {"an absurd length", Hello().U64(1).U64(0).U64(0).U64(uint64_t{1} << 50).data(),
+       absl::StatusCode::kResourceExhausted, "items"},
+      {"a path outside the store", outside.data(), absl::StatusCode::kInvalidArgument, "not a store path"},
+      {"a relative path", Hello().U64(1).U64(0).U64(0).Strings({"nix/store/x"}).data(),
+       absl::StatusCode::kInvalidArgument, "not a store path"},
+      {"a build (not served yet)", Hello().U64(static_cast<uint64_t>(ServeCommand::kBuildDerivation)).data(),
+       absl::StatusCode::kUnimplemented, "does not build yet"},
+  };
+  for (const Case& c : cases) {
+    FakeServeFarm farm;
+    const Outcome o = RunSession(farm, c.input);
+    EXPECT_EQ(o.status.code(), c.code) << c.what << ": " << o.status;
+    EXPECT_TRUE(absl::StrContains(o.status.message(), c.says)) << c.what << ": " << o.status;
+    EXPECT_TRUE(farm.added.empty()) << c.what;
+  }
+  // The farm's NAR longer than its narinfo says: refused, not passed on whole.
+  FakeServeFarm lying;
+  lying.claimed_nar_size = 5;
+  const Outcome o =
+      RunSession(lying, Hello().U64(static_cast<uint64_t>(ServeCommand::kDumpStorePath)).String(kHeld).data());
+  EXPECT_TRUE(absl::IsDataLoss(o.status)) << o.status;
+}
+
+}  // namespace
+}  // namespace kiln
