@@ -112,4 +112,105 @@ ServeWriter& ServeWriter::Raw(absl::string_view bytes) {
   return *this;
 }
 
+absl::StatusOr<ServeDerivation> ReadServeDerivation(ServeReader& in) {
+  ServeDerivation drv;
+  ASSIGN_OR_RETURN(uint64_t outputs, in.U64());
+  if (outputs == 0 || outputs > 256) {
+    return absl::InvalidArgumentError(absl::StrCat("a derivation with ", outputs, " outputs"));
+  }
+  for (uint64_t i = 0; i < outputs; ++i) {
+    ServeDerivationOutput& o = drv.outputs.emplace_back();
+    ASSIGN_OR_RETURN(o.name, in.String());
+    ASSIGN_OR_RETURN(o.path, in.String());
+    ASSIGN_OR_RETURN(o.hash_algo, in.String());
+    ASSIGN_OR_RETURN(o.hash, in.String());
+  }
+  ASSIGN_OR_RETURN(drv.input_srcs, in.Strings());
+  ASSIGN_OR_RETURN(drv.platform, in.String());
+  ASSIGN_OR_RETURN(drv.builder, in.String());
+  ASSIGN_OR_RETURN(drv.args, in.Strings());
+  ASSIGN_OR_RETURN(uint64_t env, in.U64());
+  if (env > (uint64_t{1} << 16))
+    return absl::ResourceExhaustedError(absl::StrCat("a derivation with ", env, " variables"));
+  for (uint64_t i = 0; i < env; ++i) {
+    ASSIGN_OR_RETURN(std::string key, in.String());
+    ASSIGN_OR_RETURN(std::string value, in.String());
+    drv.env.emplace_back(std::move(key), std::move(value));
+  }
+  return drv;
+}
+
+void WriteServeDerivation(ServeWriter& out, const ServeDerivation& drv) {
+  out.U64(drv.outputs.size());
+  for (const ServeDerivationOutput& o : drv.outputs)
+    out.String(o.name).String(o.path).String(o.hash_algo).String(o.hash);
+  out.Strings(drv.input_srcs).String(drv.platform).String(drv.builder).Strings(drv.args);
+  out.U64(drv.env.size());
+  for (const auto& [key, value] : drv.env) out.String(key).String(value);
+}
+
+absl::StatusOr<ServeBuildOptions> ReadServeBuildOptions(ServeReader& in, uint64_t version) {
+  ServeBuildOptions o;
+  ASSIGN_OR_RETURN(o.max_silent_time, in.U64());
+  ASSIGN_OR_RETURN(o.build_timeout, in.U64());
+  if (ServeMinor(version) >= 2) {
+    ASSIGN_OR_RETURN(o.max_log_size, in.U64());
+  }
+  if (ServeMinor(version) >= 3) {
+    ASSIGN_OR_RETURN(o.build_repeat, in.U64());
+    ASSIGN_OR_RETURN(uint64_t enforce, in.U64());
+    o.enforce_determinism = enforce != 0;
+  }
+  if (ServeMinor(version) >= 7) {
+    ASSIGN_OR_RETURN(uint64_t keep, in.U64());
+    o.keep_failed = keep != 0;
+  }
+  return o;
+}
+
+void WriteServeBuildOptions(ServeWriter& out, const ServeBuildOptions& o, uint64_t version) {
+  out.U64(o.max_silent_time).U64(o.build_timeout);
+  if (ServeMinor(version) >= 2) out.U64(o.max_log_size);
+  if (ServeMinor(version) >= 3) out.U64(o.build_repeat).U64(o.enforce_determinism ? 1 : 0);
+  if (ServeMinor(version) >= 7) out.U64(o.keep_failed ? 1 : 0);
+}
+
+absl::StatusOr<ServeBuildResult> ReadServeBuildResult(ServeReader& in, uint64_t version) {
+  ServeBuildResult r;
+  ASSIGN_OR_RETURN(uint64_t status, in.U64());
+  if (status > static_cast<uint64_t>(ServeBuildStatus::kNoSubstituters)) {
+    return absl::InvalidArgumentError(absl::StrCat("unknown build status ", status));
+  }
+  r.status = static_cast<ServeBuildStatus>(status);
+  ASSIGN_OR_RETURN(r.error_msg, in.String());
+  if (ServeMinor(version) >= 3) {
+    ASSIGN_OR_RETURN(r.times_built, in.U64());
+    ASSIGN_OR_RETURN(uint64_t nondeterministic, in.U64());
+    r.non_deterministic = nondeterministic != 0;
+    ASSIGN_OR_RETURN(r.start_time, in.U64());
+    ASSIGN_OR_RETURN(r.stop_time, in.U64());
+  }
+  if (ServeMinor(version) >= 6) {
+    ASSIGN_OR_RETURN(uint64_t n, in.U64());
+    if (n > 256) return absl::ResourceExhaustedError(absl::StrCat(n, " built outputs"));
+    for (uint64_t i = 0; i < n; ++i) {
+      ASSIGN_OR_RETURN(std::string id, in.String());
+      ASSIGN_OR_RETURN(std::string realisation, in.String());
+      r.built_outputs.emplace_back(std::move(id), std::move(realisation));
+    }
+  }
+  return r;
+}
+
+void WriteServeBuildResult(ServeWriter& out, const ServeBuildResult& r, uint64_t version) {
+  out.U64(static_cast<uint64_t>(r.status)).String(r.error_msg);
+  if (ServeMinor(version) >= 3) {
+    out.U64(r.times_built).U64(r.non_deterministic ? 1 : 0).U64(r.start_time).U64(r.stop_time);
+  }
+  if (ServeMinor(version) >= 6) {
+    out.U64(r.built_outputs.size());
+    for (const auto& [id, realisation] : r.built_outputs) out.String(id).String(realisation);
+  }
+}
+
 }  // namespace kiln

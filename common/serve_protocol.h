@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/functional/any_invocable.h"
@@ -78,5 +79,73 @@ class ServeWriter {
  private:
   std::string data_;
 };
+
+// A derivation as build-derivation carries it (Nix's BasicDerivation: the
+// input derivations already replaced by their outputs among the sources).
+struct ServeDerivationOutput {
+  std::string name;       // "out"
+  std::string path;       // Empty for floating content-addressed outputs.
+  std::string hash_algo;  // Fixed outputs: "r:sha256" (recursive) or "sha256"; else empty.
+  std::string hash;       // Fixed outputs: base16; else empty.
+};
+
+struct ServeDerivation {
+  std::vector<ServeDerivationOutput> outputs;  // In name order, as Nix sends them.
+  std::vector<std::string> input_srcs;
+  std::string platform;
+  std::string builder;
+  std::vector<std::string> args;
+  std::vector<std::pair<std::string, std::string>> env;  // In key order.
+};
+
+absl::StatusOr<ServeDerivation> ReadServeDerivation(ServeReader& in);
+void WriteServeDerivation(ServeWriter& out, const ServeDerivation& drv);
+
+// The limits a client sends after a build request, per the protocol
+// version both ends speak (the lower of theirs).
+struct ServeBuildOptions {
+  uint64_t max_silent_time = 0;  // Seconds; 0: none.
+  uint64_t build_timeout = 0;    // Seconds; 0: none.
+  uint64_t max_log_size = 0;     // Bytes; 0: none (minor >= 2).
+  uint64_t build_repeat = 0;     // Minor >= 3.
+  bool enforce_determinism = false;
+  bool keep_failed = false;  // Minor >= 7.
+};
+
+absl::StatusOr<ServeBuildOptions> ReadServeBuildOptions(ServeReader& in, uint64_t version);
+void WriteServeBuildOptions(ServeWriter& out, const ServeBuildOptions& options, uint64_t version);
+
+// Nix's BuildResult::Status.
+enum class ServeBuildStatus : uint64_t {
+  kBuilt = 0,
+  kSubstituted = 1,
+  kAlreadyValid = 2,
+  kPermanentFailure = 3,
+  kInputRejected = 4,
+  kOutputRejected = 5,
+  kTransientFailure = 6,
+  kCachedFailure = 7,
+  kTimedOut = 8,
+  kMiscFailure = 9,
+  kDependencyFailed = 10,
+  kLogLimitExceeded = 11,
+  kNotDeterministic = 12,
+  kResolvesToAlreadyValid = 13,
+  kNoSubstituters = 14,
+};
+
+struct ServeBuildResult {
+  ServeBuildStatus status = ServeBuildStatus::kMiscFailure;
+  std::string error_msg;
+  uint64_t times_built = 0;  // Minor >= 3, with the next three.
+  bool non_deterministic = false;
+  uint64_t start_time = 0, stop_time = 0;  // Unix seconds.
+  // Minor >= 6: content-addressed outputs' realisations (DrvOutput id, its
+  // JSON); empty for input-addressed derivations.
+  std::vector<std::pair<std::string, std::string>> built_outputs;
+};
+
+absl::StatusOr<ServeBuildResult> ReadServeBuildResult(ServeReader& in, uint64_t version);
+void WriteServeBuildResult(ServeWriter& out, const ServeBuildResult& result, uint64_t version);
 
 }  // namespace kiln

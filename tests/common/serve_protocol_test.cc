@@ -11,9 +11,10 @@
 namespace kiln {
 namespace {
 
-ServeReader ReaderOver(const std::string& bytes, size_t* at, ServeLimits limits = {}) {
+// The reader keeps its own copy: callers pass temporaries.
+ServeReader ReaderOver(std::string bytes, size_t* at, ServeLimits limits = {}) {
   return ServeReader(
-      [&bytes, at](char* buf, size_t size) -> absl::StatusOr<size_t> {
+      [bytes = std::move(bytes), at](char* buf, size_t size) -> absl::StatusOr<size_t> {
         // One byte at a time: every read crosses the buffer's edges.
         const size_t n = std::min<size_t>({size, 1, bytes.size() - *at});
         std::memcpy(buf, bytes.data() + *at, n);

@@ -2,7 +2,8 @@
 // Nix client sends the gateway over SSH — against an in-memory farm store
 // (a fake, named so) holding two paths. The session must end with OK or an
 // error, never crash, hang or allocate without bound; every NAR it sends
-// is a whole one the farm holds.
+// is a whole one the farm holds. The same bytes also go through the
+// build-derivation decoders (derivation, build options, build result).
 #include <zstd.h>
 
 #include <cstddef>
@@ -90,5 +91,40 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   Check(report.nar_bytes_sent == report.nars_sent * farm->nar_.size());
   // Replies stay proportional to the requests: at most a few KiB each.
   Check(out_bytes <= 16 + report.commands * (64 * 2048 + 4096));
+
+  // The build-derivation decoders on the same bytes: what decodes encodes
+  // back to bytes that decode the same.
+  size_t at2 = 0;
+  kiln::ServeReader in2(
+      [&](char* buf, size_t want) -> absl::StatusOr<size_t> {
+        const size_t n = std::min(want, size - at2);
+        std::memcpy(buf, data + at2, n);
+        at2 += n;
+        return n;
+      },
+      kiln::ServeLimits{.max_string_bytes = 4096, .max_list_items = 64});
+  auto drv = kiln::ReadServeDerivation(in2);
+  auto options = kiln::ReadServeBuildOptions(in2, kiln::kServeProtocolVersion);
+  auto result = kiln::ReadServeBuildResult(in2, kiln::kServeProtocolVersion);
+  if (drv.ok() && options.ok() && result.ok()) {
+    kiln::ServeWriter w;
+    kiln::WriteServeDerivation(w, *drv);
+    kiln::WriteServeBuildOptions(w, *options, kiln::kServeProtocolVersion);
+    kiln::WriteServeBuildResult(w, *result, kiln::kServeProtocolVersion);
+    const std::string bytes = w.data();
+    size_t at3 = 0;
+    kiln::ServeReader in3([&](char* buf, size_t want) -> absl::StatusOr<size_t> {
+      const size_t n = std::min(want, bytes.size() - at3);
+      std::memcpy(buf, bytes.data() + at3, n);
+      at3 += n;
+      return n;
+    });
+    auto drv2 = kiln::ReadServeDerivation(in3);
+    Check(drv2.ok() && drv2->env == drv->env && drv2->args == drv->args && drv2->input_srcs == drv->input_srcs);
+    auto options2 = kiln::ReadServeBuildOptions(in3, kiln::kServeProtocolVersion);
+    Check(options2.ok() && options2->max_log_size == options->max_log_size);
+    auto result2 = kiln::ReadServeBuildResult(in3, kiln::kServeProtocolVersion);
+    Check(result2.ok() && result2->error_msg == result->error_msg && result2->built_outputs == result->built_outputs);
+  }
   return 0;
 }
