@@ -2,6 +2,8 @@
 
 #include <cstring>
 
+#include <nlohmann/json.hpp>
+
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 
@@ -173,6 +175,18 @@ void WriteServeBuildOptions(ServeWriter& out, const ServeBuildOptions& o, uint64
   if (ServeMinor(version) >= 2) out.U64(o.max_log_size);
   if (ServeMinor(version) >= 3) out.U64(o.build_repeat).U64(o.enforce_determinism ? 1 : 0);
   if (ServeMinor(version) >= 7) out.U64(o.keep_failed ? 1 : 0);
+}
+
+std::vector<std::pair<std::string, std::string>> ServeBuiltOutputs(
+    const std::vector<std::pair<std::string, std::string>>& outputs) {
+  std::vector<std::pair<std::string, std::string>> built;
+  for (const auto& [name, path] : outputs) {
+    const std::string id = absl::StrCat("sha256:", std::string(64, '0'), "!", name);
+    const size_t slash = path.rfind('/');
+    nlohmann::json realisation = {{"id", id}, {"outPath", slash == std::string::npos ? path : path.substr(slash + 1)}};
+    built.emplace_back(id, realisation.dump());
+  }
+  return built;
 }
 
 absl::StatusOr<ServeBuildResult> ReadServeBuildResult(ServeReader& in, uint64_t version) {

@@ -145,6 +145,13 @@ struct ServeBuildResult {
   std::vector<std::pair<std::string, std::string>> built_outputs;
 };
 
+// built_outputs for a build result, as servers since Nix 2.6 write them and
+// clients of 2.6 to today read them: per output, the id
+// "sha256:<64 zeros>!NAME" (newer clients read only the output's name from
+// it) and a realisation {"id": …, "outPath": "HASH-NAME"}.
+std::vector<std::pair<std::string, std::string>> ServeBuiltOutputs(
+    const std::vector<std::pair<std::string, std::string>>& outputs);  // Name -> store path.
+
 absl::StatusOr<ServeBuildResult> ReadServeBuildResult(ServeReader& in, uint64_t version);
 void WriteServeBuildResult(ServeWriter& out, const ServeBuildResult& result, uint64_t version);
 

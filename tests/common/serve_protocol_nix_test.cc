@@ -93,6 +93,12 @@ TEST(ServeProtocolNixTest, ARealNixBuildsWhatWeSendAndWeReadItsResult) {
   EXPECT_EQ(r.times_built, 1u);
   EXPECT_LE(r.start_time, r.stop_time);
   EXPECT_GT(r.start_time, 1700000000u);
+  // What Nix 2.8 itself says of the built output: the form
+  // ServeBuiltOutputs writes for the gateway (id ending "!out", the path).
+  ASSERT_EQ(r.built_outputs.size(), 1u);
+  EXPECT_TRUE(absl::EndsWith(r.built_outputs[0].first, "!out")) << r.built_outputs[0].first;
+  EXPECT_TRUE(absl::StrContains(r.built_outputs[0].second, drv.outputs[0].path.substr(11)))
+      << r.built_outputs[0].second;
   std::ifstream built(dir.Sub("remote-nix/store/") + drv.outputs[0].path.substr(11));
   std::string line;
   std::getline(built, line);

@@ -63,5 +63,53 @@ TEST(ServeProtocolTest, RefusesWhatAPeerMayNotSend) {
   EXPECT_TRUE(absl::IsDataLoss(half_number.U64().status()));
 }
 
+// Transcripts of the build encodings per protocol version, written from
+// Nix's sources (2.8's nix-store --serve and legacy-ssh-store, and today's
+// serve-protocol.cc): what each minor version adds, in order.
+TEST(ServeProtocolTest, BuildEncodingsByVersionAsNixLaysThemOut) {
+  const ServeBuildOptions o{.max_silent_time = 1,
+                            .build_timeout = 2,
+                            .max_log_size = 3,
+                            .build_repeat = 4,
+                            .enforce_determinism = true,
+                            .keep_failed = true};
+  const auto options_at = [&](uint64_t version) {
+    ServeWriter w;
+    WriteServeBuildOptions(w, o, version);
+    return w.data();
+  };
+  EXPECT_EQ(options_at(0x201), ServeWriter().U64(1).U64(2).data());
+  EXPECT_EQ(options_at(0x202), ServeWriter().U64(1).U64(2).U64(3).data());
+  EXPECT_EQ(options_at(0x203), ServeWriter().U64(1).U64(2).U64(3).U64(4).U64(1).data());
+  EXPECT_EQ(options_at(0x207), ServeWriter().U64(1).U64(2).U64(3).U64(4).U64(1).U64(1).data());
+
+  ServeBuildResult r;
+  r.status = ServeBuildStatus::kBuilt;
+  r.times_built = 1;
+  r.start_time = 10;
+  r.stop_time = 12;
+  r.built_outputs = ServeBuiltOutputs({{"out", "/nix/store/mjd1qxbld5xcd5xjpbgq9af4nd8abl13-top"}});
+  const auto result_at = [&](uint64_t version) {
+    ServeWriter w;
+    WriteServeBuildResult(w, r, version);
+    return w.data();
+  };
+  EXPECT_EQ(result_at(0x202), ServeWriter().U64(0).String("").data());
+  EXPECT_EQ(result_at(0x203), ServeWriter().U64(0).String("").U64(1).U64(0).U64(10).U64(12).data());
+  const std::string id = "sha256:" + std::string(64, '0') + "!out";
+  EXPECT_EQ(result_at(0x206), ServeWriter()
+                                  .U64(0)
+                                  .String("")
+                                  .U64(1)
+                                  .U64(0)
+                                  .U64(10)
+                                  .U64(12)
+                                  .U64(1)
+                                  .String(id)
+                                  .String(R"({"id":")" + id + R"(","outPath":"mjd1qxbld5xcd5xjpbgq9af4nd8abl13-top"})")
+                                  .data());
+  EXPECT_EQ(result_at(0x207), result_at(0x206)) << "2.7 changed the build options only";
+}
+
 }  // namespace
 }  // namespace kiln
