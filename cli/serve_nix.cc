@@ -16,6 +16,7 @@
 #include "absl/strings/strip.h"
 #include "cli/cli.h"
 #include "cli/client.h"
+#include "cli/farm_derivation_builder.h"
 #include "common/exit_codes.h"
 #include "common/narinfo.h"
 #include "common/status_macros.h"
@@ -51,8 +52,8 @@ struct ZstdDFree {
 class Session {
  public:
   Session(ServeReader& in, absl::FunctionRef<absl::Status(absl::string_view)> out, FarmStoreClient& farm,
-          ServeSessionReport& report)
-      : in_(in), out_(out), farm_(farm), report_(report) {}
+          ServeSessionReport& report, DerivationBuilder* builder)
+      : in_(in), out_(out), farm_(farm), report_(report), builder_(builder) {}
 
   absl::Status Run() {
     absl::StatusOr<uint64_t> magic = in_.U64();
@@ -93,9 +94,10 @@ class Session {
       case ServeCommand::kImportPaths:
         return absl::UnimplementedError(
             "import-paths (a Nix before 2.3) is not served: the gateway takes paths with add-to-store-nar");
+      case ServeCommand::kBuildDerivation: return BuildDerivation();
       case ServeCommand::kBuildPaths:
-      case ServeCommand::kBuildDerivation:
-        return absl::UnimplementedError("kiln serve-nix does not build yet: use kiln build");
+        return absl::UnimplementedError(
+            "build-paths is not served: Nix's remote builders send build-derivation (builders = ssh://…)");
       case ServeCommand::kExportPaths:
         return absl::UnimplementedError("export-paths is obsolete (Nix uses dump-store-path)");
     }
@@ -216,6 +218,31 @@ class Session {
     return Send(ServeWriter().U64(1));
   }
 
+  // One derivation, built on the farm; the reply is Nix's result in the
+  // client's dialect.
+  absl::Status BuildDerivation() {
+    ASSIGN_OR_RETURN(std::string drv_path, in_.String());
+    RETURN_IF_ERROR(CheckStorePath(drv_path));
+    ASSIGN_OR_RETURN(ServeDerivation drv, ReadServeDerivation(in_));
+    const uint64_t version = std::min(report_.client_version, kServeProtocolVersion);
+    ASSIGN_OR_RETURN(ServeBuildOptions options, ReadServeBuildOptions(in_, version));
+    if (builder_ == nullptr) return absl::UnimplementedError("kiln serve-nix does not build here");
+    for (const std::string& p : drv.input_srcs) RETURN_IF_ERROR(CheckStorePath(p));
+    absl::StatusOr<ServeBuildResult> result = builder_->Build(drv_path, drv, options, [](absl::string_view line) {
+      std::fprintf(stderr, "%.*s\n", static_cast<int>(line.size()), line.data());
+    });
+    if (!result.ok()) {
+      ServeBuildResult failed;
+      failed.status = ServeBuildStatus::kMiscFailure;
+      failed.error_msg = absl::StrCat("kiln: ", result.status().message());
+      result = failed;
+    }
+    ++report_.derivations_built;
+    ServeWriter w;
+    WriteServeBuildResult(w, *result, version);
+    return Send(w);
+  }
+
   absl::Status QueryClosure() {
     ASSIGN_OR_RETURN(uint64_t include_outputs, in_.U64());
     (void)include_outputs;  // The farm store keeps outputs, not derivations' output lists.
@@ -241,14 +268,15 @@ class Session {
   absl::FunctionRef<absl::Status(absl::string_view)> out_;
   FarmStoreClient& farm_;
   ServeSessionReport& report_;
+  DerivationBuilder* const builder_;
 };
 
 }  // namespace
 
 absl::Status RunServeSession(ServeReader& in, absl::FunctionRef<absl::Status(absl::string_view)> out,
-                             FarmStoreClient& farm, ServeSessionReport* report) {
+                             FarmStoreClient& farm, ServeSessionReport* report, DerivationBuilder* builder) {
   ServeSessionReport local;
-  return Session(in, out, farm, report != nullptr ? *report : local).Run();
+  return Session(in, out, farm, report != nullptr ? *report : local, builder).Run();
 }
 
 int RunServeNixCommand(const CliOptions& options) {
@@ -272,9 +300,11 @@ int RunServeNixCommand(const CliOptions& options) {
     }
     return absl::OkStatus();
   };
-  GrpcFarmStoreClient farm(Channel(options));
+  const std::shared_ptr<grpc::Channel> channel = Channel(options);
+  GrpcFarmStoreClient farm(channel);
+  FarmDerivationBuilder builder(channel, farm, options);
   ServeSessionReport report;
-  const absl::Status status = RunServeSession(in, out, farm, &report);
+  const absl::Status status = RunServeSession(in, out, farm, &report, &builder);
   if (status.ok()) return kExitOk;
   // Nix shows the remote's stderr to its user.
   std::fprintf(stderr, "kiln serve-nix: %s\n", std::string(status.message()).c_str());

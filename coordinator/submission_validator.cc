@@ -1,5 +1,11 @@
 #include "coordinator/submission_validator.h"
 
+#include <cstring>
+
+#include "common/narinfo.h"
+#include "common/serve_protocol.h"
+#include "common/status_macros.h"
+
 #include "absl/algorithm/container.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/match.h"
@@ -167,7 +173,43 @@ absl::Status SubmissionValidator::CheckTarget(const kiln::v1::JobSpec& spec, con
       return absl::FailedPreconditionError(absl::StrCat(spec.display_name(), ": ", unmet));
     }
   }
+  if (spec.has_derivation()) RETURN_IF_ERROR(CheckDerivationTask(spec));
   if (spec.has_push()) return CheckPushTarget(spec.push(), limits_.push_allow);
+  return absl::OkStatus();
+}
+
+absl::Status CheckDerivationTask(const kiln::v1::JobSpec& spec) {
+  const kiln::v1::DerivationTask& task = spec.derivation();
+  if (!absl::StartsWith(task.drv_path(), "/nix/store/") || !absl::EndsWith(task.drv_path(), ".drv") ||
+      !StorePathHashPart(task.drv_path()).ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("not a derivation's store path: ", task.drv_path()));
+  }
+  if (spec.has_push() || spec.has_fod_task() || spec.fetch_outputs()) {
+    return absl::InvalidArgumentError("a derivation job pushes nothing and has no FOD task or output download");
+  }
+  const std::string& bytes = task.basic_derivation();
+  size_t at = 0;
+  ServeReader reader([&](char* buf, size_t size) -> absl::StatusOr<size_t> {
+    const size_t n = std::min(size, bytes.size() - at);
+    std::memcpy(buf, bytes.data() + at, n);
+    at += n;
+    return n;
+  });
+  absl::StatusOr<ServeDerivation> drv = ReadServeDerivation(reader);
+  if (!drv.ok()) return WithContext(drv.status(), absl::StrCat("the derivation ", task.drv_path()));
+  if (at != bytes.size())
+    return absl::InvalidArgumentError(absl::StrCat("the derivation ", task.drv_path(), " has trailing bytes"));
+  if (drv->platform != spec.requirements().system()) {
+    return absl::InvalidArgumentError(absl::StrCat("the derivation ", task.drv_path(), " is for ", drv->platform,
+                                                   ", the job for ", spec.requirements().system()));
+  }
+  for (const ServeDerivationOutput& o : drv->outputs) {
+    if (o.path.empty() || !absl::StartsWith(o.path, "/nix/store/")) {
+      return absl::InvalidArgumentError(absl::StrCat("the derivation ", task.drv_path(), "'s output ", o.name,
+                                                     " has no store path (content-addressed derivations are not "
+                                                     "built through the gateway)"));
+    }
+  }
   return absl::OkStatus();
 }
 

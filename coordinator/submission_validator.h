@@ -67,4 +67,9 @@ class SubmissionValidator {
   const BlobStore* const cas_;
 };
 
+// A derivation job's task (JobSpec.derivation): a derivation's store path,
+// the derivation it carries decodes whole, is for the job's system, and has
+// its output paths (input-addressed or fixed-output).
+absl::Status CheckDerivationTask(const kiln::v1::JobSpec& spec);
+
 }  // namespace kiln

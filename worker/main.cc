@@ -25,6 +25,7 @@
 #include "common/tls.h"
 #include "worker/direct_upload_client.h"
 #include "worker/farm_cache_relay.h"
+#include "worker/served_derivation_executor.h"
 #include "common/farm_store_client.h"
 #include "worker/farm_uploading_executor.h"
 #include "worker/fod_checking_executor.h"
@@ -317,8 +318,17 @@ int main(int argc, char** argv) {
   // cancels to report back through it.
   kiln::NixBuildExecutor nix_executor(nix);
   kiln::FodCheckingExecutor fod_checking(&nix_executor, &fod_oracle, &local_store);
-  kiln::FarmUploadingExecutor uploading(&fod_checking, &local_store, &farm_store, kiln::FarmUploadOptions{}, &metrics);
-  kiln::PublishingExecutor executor(flags.farm_store ? static_cast<kiln::BuildExecutor*>(&uploading) : &fod_checking,
+  // Derivation jobs (a Nix client's, through `kiln serve-nix`) are built
+  // here, by the worker's own nix-store --serve, not by the FOD layer.
+  kiln::ServedDerivationExecutor served(&fod_checking, [&nix] {
+    kiln::ServedDerivationNix n;
+    const size_t slash = nix.nix_binary.rfind('/');
+    n.nix_store = slash == std::string::npos ? "nix-store" : nix.nix_binary.substr(0, slash + 1) + "nix-store";
+    n.options = nix.adjust_options ? nix.adjust_options(nix.options) : nix.options;
+    return n;
+  });
+  kiln::FarmUploadingExecutor uploading(&served, &local_store, &farm_store, kiln::FarmUploadOptions{}, &metrics);
+  kiln::PublishingExecutor executor(flags.farm_store ? static_cast<kiln::BuildExecutor*>(&uploading) : &served,
                                     &publisher);
   kiln::WorkerAgent agent(options, &executor, &metrics);
   kiln::LogInfo("worker", options.name, ": ", options.max_jobs, " slot(s), ", nix.cores,

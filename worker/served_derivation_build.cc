@@ -56,6 +56,7 @@ absl::StatusOr<ServeBuildResult> BuildServedDerivation(const ServedDerivationNix
     }
   }
   ASSIGN_OR_RETURN(Spawned child, SpawnWithPipes(NixStore(nix, {"--serve", "--write"}), /*want_stdin=*/true));
+  if (nix.on_started) nix.on_started(child.pid);
   // The log, on its own thread: the child writes it while the result is
   // awaited on stdout.
   std::thread stderr_reader([fd = child.stderr_fd, &log_line] {

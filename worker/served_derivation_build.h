@@ -11,6 +11,9 @@
 // build log) is passed on line by line as it comes.
 #pragma once
 
+#include <sys/types.h>
+
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -26,6 +29,9 @@ struct ServedDerivationNix {
   std::string nix_store = "nix-store";
   // `--option NAME VALUE` for both the realisation and the build.
   std::vector<std::pair<std::string, std::string>> options;
+  // Told the build's process (a group leader) as it starts, so that a
+  // cancel can stop it; may be unset.
+  std::function<void(pid_t)> on_started;
 };
 
 // Nix's result. An input that cannot be realised is a MiscFailure saying

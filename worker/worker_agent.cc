@@ -369,7 +369,8 @@ void WorkerAgent::StartJob(const kiln::v1::Assignment& assignment) {
     return fail(kiln::v1::RESULT_CODE_INFRA_ERROR, absl::StrCat("cannot check out the source: ", s.message()));
   }
   const fs::path flake_dir = dir / "src";  // CheckOut wrote the flake's directory there.
-  if (!fs::exists(flake_dir / "flake.nix")) {
+  // A derivation job (JobSpec.derivation) has an empty tree: no flake.
+  if (!assignment.spec().has_derivation() && !fs::exists(flake_dir / "flake.nix")) {
     return fail(kiln::v1::RESULT_CODE_BUILD_FAILED,
                 absl::StrCat("error: no flake.nix in '", assignment.spec().source().flake_subdir(), "'"));
   }

@@ -150,8 +150,10 @@ TEST(ServeNixSessionTest, BadInputEndsTheSessionAndChangesNothing) {
       {"a path outside the store", outside.data(), absl::StatusCode::kInvalidArgument, "not a store path"},
       {"a relative path", Hello().U64(1).U64(0).U64(0).Strings({"nix/store/x"}).data(),
        absl::StatusCode::kInvalidArgument, "not a store path"},
-      {"a build (not served yet)", Hello().U64(static_cast<uint64_t>(ServeCommand::kBuildDerivation)).data(),
-       absl::StatusCode::kUnimplemented, "does not build yet"},
+      {"a build request cut short", Hello().U64(static_cast<uint64_t>(ServeCommand::kBuildDerivation)).data(),
+       absl::StatusCode::kDataLoss, "ended"},
+      {"build-paths", Hello().U64(static_cast<uint64_t>(ServeCommand::kBuildPaths)).data(),
+       absl::StatusCode::kUnimplemented, "build-derivation"},
   };
   for (const Case& c : cases) {
     FakeServeFarm farm;

@@ -2,8 +2,8 @@
 // a store of its own as the client (ssh://root@127.0.0.1): what the farm
 // built is valid there, its path infos carry the farm's signatures, and
 // `nix copy --from` fetches a closure (Nix checks every NAR hash and
-// signature); paths a client adds go into the farm store. What the gateway
-// does not do yet (builds) is refused with its reason.
+// signature); paths a client adds go into the farm store; and `nix-build`
+// with the gateway as its remote builder builds every derivation on the farm.
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
@@ -25,6 +25,8 @@ namespace {
 class ServeNixE2eTest : public ::testing::Test {
  protected:
   void SetUp() override {
+    // Two machines, each with a store of its own (and no build users).
+    farm_.UsePrivateStores();
     ASSERT_TRUE(farm_.Start().ok());
     testing::WriteFileOrDie(work_.Sub("svc/flake.nix"), R"({
   outputs = { self }: rec {
@@ -65,7 +67,7 @@ class ServeNixE2eTest : public ::testing::Test {
     return r.ok() ? *r : CommandResult{};
   }
 
-  testing::LocalFarm farm_{/*workers=*/1};
+  testing::LocalFarm farm_{/*workers=*/2};
   testing::TempDir work_;
   std::string top_, public_key_;
   std::unique_ptr<testing::LocalSshd> sshd_;
@@ -133,21 +135,70 @@ TEST_F(ServeNixE2eTest, StockNixAddsItsPathsToTheFarmStoreThroughTheGateway) {
   EXPECT_FALSE(absl::StrContains(again.stderr_data, "copying path")) << again.stderr_data;
 }
 
-TEST_F(ServeNixE2eTest, WhatTheGatewayDoesNotDoIsRefusedWithItsReason) {
+// Nix's remote building with the gateway as the builder: nothing builds on
+// the laptop (-j0); every derivation is a farm job, its inputs sent to or
+// substituted from the farm store, its outputs fetched back.
+TEST_F(ServeNixE2eTest, NixBuildOffloadsEveryDerivationToTheFarm) {
+  const std::string runs = work_.Sub("runs");
+  testing::WriteFileOrDie(
+      work_.Sub("graph/default.nix"),
+      absl::StrCat(R"(let
+  step = name: deps: derivation {
+    inherit name; system = "x86_64-linux"; builder = "/bin/sh";
+    inherit deps;
+    args = [ "-c" "echo ${name} >> )",
+                   runs, R"(; { echo ${name}; for d in $deps; do read line < $d; echo $line; done; } > $out" ];
+  };
+  base = step "base" [ ];
+  left = step "left" [ base ];
+  right = step "right" [ base ];
+in step "top" [ left right ])"));
+  CommandResult built =
+      OnLaptop("builder-nix", {"nix-build", "--no-out-link", "-j0", "--option", "builders",
+                               sshd_->StoreUri() + " x86_64-linux - 4 1", work_.Sub("graph/default.nix")});
+  ASSERT_TRUE(built.exit.Success()) << built.stderr_data << sshd_->LogText();
+  const std::string top(absl::StripAsciiWhitespace(built.stdout_data));
+  std::ifstream top_file(work_.Sub("builder-nix/store/") + std::filesystem::path(top).filename().string());
+  std::vector<std::string> lines;
+  for (std::string line; std::getline(top_file, line);) lines.push_back(line);
+  EXPECT_EQ(lines, (std::vector<std::string>{"top", "left", "right"}));
+  // Each derivation ran once, on the farm (the laptop builds nothing with
+  // -j0), and the build log came back through the gateway.
+  EXPECT_EQ(testing::ReadFileOrDie(runs).size(), std::string("base\nleft\nright\ntop\n").size())
+      << testing::ReadFileOrDie(runs);
+  EXPECT_TRUE(absl::StrContains(built.stderr_data, "kiln: building")) << built.stderr_data;
+  // The farm recorded them as jobs.
+  absl::StatusOr<CommandResult> history = farm_.Kiln({"history", "--json"});
+  ASSERT_TRUE(history.ok());
+  EXPECT_TRUE(absl::StrContains(history->stdout_data, "-top.drv")) << history->stdout_data;
+
+  // A second laptop with an empty store: everything comes from the farm,
+  // nothing is built again.
+  CommandResult again = OnLaptop("second-nix", {"nix-build", "--no-out-link", "-j0", "--option", "builders",
+                                                sshd_->StoreUri() + " x86_64-linux - 4 1", "--option", "substituters",
+                                                "", work_.Sub("graph/default.nix")});
+  ASSERT_TRUE(again.exit.Success()) << again.stderr_data;
+  EXPECT_EQ(absl::StripAsciiWhitespace(again.stdout_data), top);
+  EXPECT_EQ(testing::ReadFileOrDie(runs).size(), std::string("base\nleft\nright\ntop\n").size())
+      << "built again: " << testing::ReadFileOrDie(runs);
+
+  // A failing derivation: Nix's message reaches the client.
+  testing::WriteFileOrDie(work_.Sub("fails/default.nix"), R"(derivation {
+  name = "fails-on-the-farm"; system = "x86_64-linux"; builder = "/bin/sh";
+  args = [ "-c" "echo about to fail; exit 7" ];
+})");
+  CommandResult failed =
+      OnLaptop("builder-nix", {"nix-build", "--no-out-link", "-j0", "--option", "builders",
+                               sshd_->StoreUri() + " x86_64-linux - 4 1", work_.Sub("fails/default.nix")});
+  EXPECT_FALSE(failed.exit.Success());
+  EXPECT_TRUE(absl::StrContains(failed.stderr_data, "exit code 7")) << failed.stderr_data;
+}
+
+TEST_F(ServeNixE2eTest, APathTheFarmLacksIsNotValid) {
   CommandResult absent = OnLaptop("probe-nix", {"nix", "path-info", "--store", sshd_->StoreUri(),
                                                 "/nix/store/00000000000000000000000000000000-absent"});
   EXPECT_FALSE(absent.exit.Success());
   EXPECT_TRUE(absl::StrContains(absent.stderr_data, "is not valid")) << absent.stderr_data;
-  // Builds are not served (yet): Nix shows the gateway's reason.
-  testing::WriteFileOrDie(work_.Sub("remote/default.nix"), R"(derivation {
-  name = "for-the-farm"; system = "x86_64-linux"; builder = "/bin/sh";
-  args = [ "-c" "echo built remotely > $out" ];
-})");
-  CommandResult remote =
-      OnLaptop("builder-nix", {"nix-build", "--no-out-link", "--max-jobs", "0", "--option", "builders",
-                               sshd_->StoreUri() + " x86_64-linux", work_.Sub("remote/default.nix")});
-  EXPECT_FALSE(remote.exit.Success());
-  EXPECT_TRUE(absl::StrContains(remote.stderr_data, "does not build yet")) << remote.stderr_data;
 }
 
 }  // namespace

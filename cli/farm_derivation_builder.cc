@@ -1,0 +1,154 @@
+#include "cli/farm_derivation_builder.h"
+
+#include <grpcpp/grpcpp.h>
+
+#include <chrono>
+#include <optional>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "cli/client.h"
+#include "common/digest.h"
+#include "common/grpc_util.h"
+#include "common/narinfo.h"
+#include "common/status_macros.h"
+
+namespace kiln {
+namespace {
+
+// The empty source tree a derivation job carries: an empty Directory.
+kiln::v1::Digest EmptyTree() {
+  kiln::v1::Digest d;
+  d.set_hash(Sha256Hex(""));
+  d.set_size_bytes(0);
+  return d;
+}
+
+}  // namespace
+
+kiln::v1::JobSpec DerivationJobSpec(const std::string& drv_path, const ServeDerivation& drv,
+                                    const ServeBuildOptions& options, const std::string& priority_class) {
+  kiln::v1::JobSpec spec;
+  *spec.mutable_source()->mutable_tree_root() = EmptyTree();
+  const absl::StatusOr<std::string> hash_part = StorePathHashPart(drv_path);
+  // One attribute per derivation: jobs of one derivation share their work
+  // and result, jobs of two never do.
+  spec.set_attr(absl::StrCat("kiln-drv-", hash_part.ok() ? *hash_part : "invalid"));
+  spec.mutable_requirements()->set_system(drv.platform);
+  for (const auto& [key, value] : drv.env) {
+    if (key != "requiredSystemFeatures") continue;
+    for (absl::string_view f : absl::StrSplit(value, ' ', absl::SkipEmpty())) {
+      spec.mutable_requirements()->add_required_features(std::string(f));
+    }
+  }
+  spec.set_priority_class(priority_class);
+  if (options.build_timeout > 0) spec.mutable_timeout()->set_seconds(static_cast<int64_t>(options.build_timeout));
+  if (options.max_silent_time > 0) {
+    spec.mutable_max_silent_time()->set_seconds(static_cast<int64_t>(options.max_silent_time));
+  }
+  spec.set_display_name(drv_path);
+  spec.set_locality_key(spec.attr());
+  kiln::v1::DerivationTask& task = *spec.mutable_derivation();
+  task.set_drv_path(drv_path);
+  ServeWriter w;
+  WriteServeDerivation(w, drv);
+  task.set_basic_derivation(w.data());
+  task.set_max_log_size(options.max_log_size);
+  return spec;
+}
+
+FarmDerivationBuilder::FarmDerivationBuilder(std::shared_ptr<grpc::Channel> channel, FarmStoreClient& farm,
+                                             CliOptions options)
+    : stub_(kiln::v1::BuildService::NewStub(std::move(channel))), farm_(farm), options_(std::move(options)) {}
+
+absl::StatusOr<ServeBuildResult> FarmDerivationBuilder::Build(const std::string& drv_path, const ServeDerivation& drv,
+                                                              const ServeBuildOptions& options,
+                                                              absl::FunctionRef<void(absl::string_view line)> log) {
+  ServeBuildResult result;
+  result.start_time = static_cast<uint64_t>(absl::ToUnixSeconds(absl::Now()));
+  if (!drv.input_srcs.empty()) {
+    ASSIGN_OR_RETURN(std::vector<std::string> missing, farm_.Missing(drv.input_srcs));
+    if (!missing.empty()) {
+      result.status = ServeBuildStatus::kMiscFailure;
+      result.error_msg = absl::StrCat("the farm store lacks inputs of ", drv_path, ": ", absl::StrJoin(missing, ", "));
+      result.stop_time = result.start_time;
+      return result;
+    }
+  }
+  kiln::v1::SubmitBuildRequest submit;
+  *submit.add_targets()->mutable_spec() = DerivationJobSpec(drv_path, drv, options, options_.priority);
+  submit.set_submitter(absl::StrCat(Submitter(), " (kiln serve-nix)"));
+  kiln::v1::Blob& empty = *submit.add_blobs();
+  *empty.mutable_digest() = EmptyTree();
+  kiln::v1::SubmitBuildResponse submitted;
+  RETURN_IF_ERROR(
+      UnaryCall(options_, [&](grpc::ClientContext& c) { return stub_->SubmitBuild(&c, submit, &submitted); }));
+  if (submitted.job_ids_size() != 1) return absl::InternalError("the coordinator answered with no job");
+  const std::string job_id = submitted.job_ids(0);
+  log(absl::StrCat("kiln: ", drv_path, " is job ", job_id));
+  // Follow the job to its end; a broken stream (a coordinator restart) is
+  // resumed from the last event seen, for a bounded time.
+  uint64_t next_sequence = 0, incarnation = 0;
+  std::optional<kiln::v1::JobEvent::Finished> finished;
+  const absl::Duration give_up_after = absl::Minutes(2);
+  absl::Time lost_since = absl::InfiniteFuture();
+  while (!finished) {
+    grpc::ClientContext context;
+    kiln::v1::WatchJobRequest request;
+    request.set_job_id(job_id);
+    request.set_from_sequence(next_sequence);
+    request.set_incarnation(incarnation);
+    auto reader = stub_->WatchJob(&context, request);
+    kiln::v1::JobEvent event;
+    while (reader->Read(&event)) {
+      next_sequence = event.sequence() + 1;
+      incarnation = event.incarnation();
+      lost_since = absl::InfiniteFuture();
+      if (event.has_log()) {
+        for (const kiln::v1::LogLine& line : event.log().lines()) log(line.text());
+      } else if (event.has_started()) {
+        log(absl::StrCat("kiln: building ", drv_path, " on ", event.started().worker()));
+      } else if (event.has_finished()) {
+        finished = event.finished();
+      }
+    }
+    const absl::Status s = FromGrpcStatus(reader->Finish());
+    if (finished) break;
+    if (!s.ok() && !absl::IsUnavailable(s)) return s;
+    if (lost_since == absl::InfiniteFuture()) lost_since = absl::Now();
+    if (absl::Now() - lost_since > give_up_after) {
+      return absl::UnavailableError(absl::StrCat("lost the coordinator while job ", job_id, " ran"));
+    }
+    absl::SleepFor(absl::Milliseconds(500));
+  }
+  result.stop_time = static_cast<uint64_t>(absl::ToUnixSeconds(absl::Now()));
+  const kiln::v1::BuildResult& built = finished->result();
+  switch (built.code()) {
+    case kiln::v1::RESULT_CODE_SUCCEEDED: {
+      result.status = ServeBuildStatus::kBuilt;
+      result.times_built = built.cached() ? 0 : 1;
+      std::vector<std::pair<std::string, std::string>> outputs;
+      for (const ServeDerivationOutput& o : drv.outputs) outputs.emplace_back(o.name, o.path);
+      result.built_outputs = ServeBuiltOutputs(outputs);
+      break;
+    }
+    case kiln::v1::RESULT_CODE_TIMED_OUT:
+      result.status = ServeBuildStatus::kTimedOut;
+      result.error_msg = built.error_message();
+      break;
+    case kiln::v1::RESULT_CODE_CANCELLED:
+      result.status = ServeBuildStatus::kMiscFailure;
+      result.error_msg = absl::StrCat("job ", job_id, " was cancelled");
+      break;
+    default:
+      result.status = ServeBuildStatus::kPermanentFailure;
+      result.error_msg =
+          built.error_message().empty() ? absl::StrCat("job ", job_id, " failed") : built.error_message();
+  }
+  return result;
+}
+
+}  // namespace kiln

@@ -1,0 +1,44 @@
+// FarmDerivationBuilder: the gateway's DerivationBuilder. A derivation a
+// Nix client sends becomes one farm job (JobSpec.derivation): scheduled
+// like any job (its system, its requiredSystemFeatures, the interactive
+// class), built on a worker by that worker's own nix-store --serve with its
+// inputs substituted from the farm store, its outputs uploaded there, and
+// its log streamed back to the client as it comes.
+//
+// The inputs must be in the farm store first (Nix sends them with
+// add-to-store-nar before it asks for a build); a build whose inputs the
+// farm lacks fails at once, saying which.
+#pragma once
+
+#include <memory>
+
+#include "cli/cli.h"
+#include "cli/serve_nix.h"
+#include "kiln/v1/builds.grpc.pb.h"
+
+namespace grpc {
+class Channel;
+}  // namespace grpc
+
+namespace kiln {
+
+class FarmDerivationBuilder final : public DerivationBuilder {
+ public:
+  // `farm` outlives this.
+  FarmDerivationBuilder(std::shared_ptr<grpc::Channel> channel, FarmStoreClient& farm, CliOptions options);
+
+  absl::StatusOr<ServeBuildResult> Build(const std::string& drv_path, const ServeDerivation& drv,
+                                         const ServeBuildOptions& options,
+                                         absl::FunctionRef<void(absl::string_view line)> log) override;
+
+ private:
+  std::unique_ptr<kiln::v1::BuildService::Stub> stub_;
+  FarmStoreClient& farm_;
+  const CliOptions options_;
+};
+
+// The job a derivation becomes (exposed for tests).
+kiln::v1::JobSpec DerivationJobSpec(const std::string& drv_path, const ServeDerivation& drv,
+                                    const ServeBuildOptions& options, const std::string& priority_class);
+
+}  // namespace kiln

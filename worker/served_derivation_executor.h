@@ -1,0 +1,52 @@
+// ServedDerivationExecutor: the worker's decorator for derivation jobs
+// (JobSpec.derivation: one derivation a Nix client sent through `kiln
+// serve-nix`). It builds them itself with BuildServedDerivation — inputs
+// from the farm store, Nix's build-derivation on the worker's own
+// `nix-store --serve --write` — and passes every other request on. Placed
+// above the FOD layer (a derivation job is one derivation, checked by the
+// gateway) and below the farm-store upload, which sends its outputs.
+//
+// Thread-safe. A build runs on a thread of its own; the destructor cancels
+// the builds and waits for their threads.
+#pragma once
+
+#include <atomic>
+#include <functional>
+#include <thread>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/synchronization/mutex.h"
+#include "worker/build_executor.h"
+#include "worker/served_derivation_build.h"
+
+namespace kiln {
+
+class ServedDerivationExecutor final : public BuildExecutor {
+ public:
+  // `nix` gives the Nix to build with as each build starts (the farm
+  // store's relay first among its substituters).
+  ServedDerivationExecutor(BuildExecutor* inner, std::function<ServedDerivationNix()> nix)
+      : inner_(inner), nix_(std::move(nix)) {}
+  ~ServedDerivationExecutor() override;
+
+  absl::StatusOr<BuildId> Start(const BuildRequest& request, LineCallback on_line, DoneCallback on_done) override;
+  void Cancel(BuildId id) override;
+
+ private:
+  // Ids of builds run here: apart from the inner executor's.
+  static constexpr BuildId kOwnIds = BuildId{1} << 62;
+  struct Running {
+    pid_t pid = -1;
+    bool cancelled = false;
+  };
+
+  BuildExecutor* const inner_;
+  const std::function<ServedDerivationNix()> nix_;
+  absl::Mutex mu_;
+  BuildId next_ ABSL_GUARDED_BY(mu_) = kOwnIds;
+  absl::flat_hash_map<BuildId, Running> running_ ABSL_GUARDED_BY(mu_);
+  int active_ ABSL_GUARDED_BY(mu_) = 0;  // Build threads not yet done.
+};
+
+}  // namespace kiln
