@@ -1,6 +1,10 @@
 #include "cli/farm_derivation_builder.h"
 
 #include <grpcpp/grpcpp.h>
+#include <poll.h>
+
+#include <atomic>
+#include <thread>
 
 #include <chrono>
 #include <optional>
@@ -9,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "cli/client.h"
 #include "common/digest.h"
@@ -61,8 +66,11 @@ kiln::v1::JobSpec DerivationJobSpec(const std::string& drv_path, const ServeDeri
 }
 
 FarmDerivationBuilder::FarmDerivationBuilder(std::shared_ptr<grpc::Channel> channel, FarmStoreClient& farm,
-                                             CliOptions options)
-    : stub_(kiln::v1::BuildService::NewStub(std::move(channel))), farm_(farm), options_(std::move(options)) {}
+                                             CliOptions options, int hangup_fd)
+    : stub_(kiln::v1::BuildService::NewStub(std::move(channel))),
+      farm_(farm),
+      options_(std::move(options)),
+      hangup_fd_(hangup_fd) {}
 
 absl::StatusOr<ServeBuildResult> FarmDerivationBuilder::Build(const std::string& drv_path, const ServeDerivation& drv,
                                                               const ServeBuildOptions& options,
@@ -89,6 +97,37 @@ absl::StatusOr<ServeBuildResult> FarmDerivationBuilder::Build(const std::string&
   if (submitted.job_ids_size() != 1) return absl::InternalError("the coordinator answered with no job");
   const std::string job_id = submitted.job_ids(0);
   log(absl::StrCat("kiln: ", drv_path, " is job ", job_id));
+  // The client waits with nothing to say: its end of stdin closing means it
+  // left. Its job is then cancelled, and the watch below ends.
+  std::atomic<bool> done{false}, hung_up{false};
+  absl::Mutex watch_mu;
+  grpc::ClientContext* watching = nullptr;
+  std::thread hangup_watch;
+  if (hangup_fd_ >= 0) {
+    hangup_watch = std::thread([&] {
+      while (!done.load()) {
+        pollfd p{hangup_fd_, POLLRDHUP, 0};
+        if (::poll(&p, 1, 200) > 0 && (p.revents & (POLLHUP | POLLRDHUP | POLLERR)) != 0) {
+          hung_up = true;
+          kiln::v1::CancelJobRequest cancel;
+          cancel.set_job_id(job_id);
+          kiln::v1::CancelJobResponse cancelled;
+          (void)UnaryCall(options_, [&](grpc::ClientContext& c) { return stub_->CancelJob(&c, cancel, &cancelled); });
+          absl::MutexLock lock(&watch_mu);
+          if (watching != nullptr) watching->TryCancel();
+          return;
+        }
+      }
+    });
+  }
+  struct StopWatch {
+    std::atomic<bool>& done;
+    std::thread& thread;
+    ~StopWatch() {
+      done = true;
+      if (thread.joinable()) thread.join();
+    }
+  } stop_watch{done, hangup_watch};
   // Follow the job to its end; a broken stream (a coordinator restart) is
   // resumed from the last event seen, for a bounded time.
   uint64_t next_sequence = 0, incarnation = 0;
@@ -101,6 +140,11 @@ absl::StatusOr<ServeBuildResult> FarmDerivationBuilder::Build(const std::string&
     request.set_job_id(job_id);
     request.set_from_sequence(next_sequence);
     request.set_incarnation(incarnation);
+    {
+      absl::MutexLock lock(&watch_mu);
+      watching = &context;
+    }
+    if (hung_up) return absl::CancelledError("the client went away");
     auto reader = stub_->WatchJob(&context, request);
     kiln::v1::JobEvent event;
     while (reader->Read(&event)) {
@@ -116,7 +160,12 @@ absl::StatusOr<ServeBuildResult> FarmDerivationBuilder::Build(const std::string&
       }
     }
     const absl::Status s = FromGrpcStatus(reader->Finish());
+    {
+      absl::MutexLock lock(&watch_mu);
+      watching = nullptr;
+    }
     if (finished) break;
+    if (hung_up) return absl::CancelledError(absl::StrCat("the client went away: job ", job_id, " cancelled"));
     if (!s.ok() && !absl::IsUnavailable(s)) return s;
     if (lost_since == absl::InfiniteFuture()) lost_since = absl::Now();
     if (absl::Now() - lost_since > give_up_after) {

@@ -5,6 +5,9 @@
 // inputs substituted from the farm store, its outputs uploaded there, and
 // its log streamed back to the client as it comes.
 //
+// A client that hangs up while its job runs has the job cancelled (outputs
+// already built stay in the farm store).
+//
 // The inputs must be in the farm store first (Nix sends them with
 // add-to-store-nar before it asks for a build); a build whose inputs the
 // farm lacks fails at once, saying which.
@@ -24,8 +27,11 @@ namespace kiln {
 
 class FarmDerivationBuilder final : public DerivationBuilder {
  public:
-  // `farm` outlives this.
-  FarmDerivationBuilder(std::shared_ptr<grpc::Channel> channel, FarmStoreClient& farm, CliOptions options);
+  // `farm` outlives this. While a job runs, `hangup_fd` (the session's
+  // stdin; -1: none) is watched: the client hanging up (Ctrl-C, a dropped
+  // SSH connection) cancels the job.
+  FarmDerivationBuilder(std::shared_ptr<grpc::Channel> channel, FarmStoreClient& farm, CliOptions options,
+                        int hangup_fd = -1);
 
   absl::StatusOr<ServeBuildResult> Build(const std::string& drv_path, const ServeDerivation& drv,
                                          const ServeBuildOptions& options,
@@ -35,6 +41,7 @@ class FarmDerivationBuilder final : public DerivationBuilder {
   std::unique_ptr<kiln::v1::BuildService::Stub> stub_;
   FarmStoreClient& farm_;
   const CliOptions options_;
+  const int hangup_fd_;
 };
 
 // The job a derivation becomes (exposed for tests).

@@ -302,7 +302,7 @@ int RunServeNixCommand(const CliOptions& options) {
   };
   const std::shared_ptr<grpc::Channel> channel = Channel(options);
   GrpcFarmStoreClient farm(channel);
-  FarmDerivationBuilder builder(channel, farm, options);
+  FarmDerivationBuilder builder(channel, farm, options, STDIN_FILENO);
   ServeSessionReport report;
   const absl::Status status = RunServeSession(in, out, farm, &report, &builder);
   if (status.ok()) return kExitOk;

@@ -4,6 +4,10 @@
 // `nix copy --from` fetches a closure (Nix checks every NAR hash and
 // signature); paths a client adds go into the farm store; and `nix-build`
 // with the gateway as its remote builder builds every derivation on the farm.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
@@ -15,6 +19,8 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "absl/time/clock.h"
+#include "common/subprocess.h"
 #include "tests/support/local_farm.h"
 #include "tests/support/local_sshd.h"
 #include "tests/support/test_util.h"
@@ -192,6 +198,43 @@ in step "top" [ left right ])"));
                                sshd_->StoreUri() + " x86_64-linux - 4 1", work_.Sub("fails/default.nix")});
   EXPECT_FALSE(failed.exit.Success());
   EXPECT_TRUE(absl::StrContains(failed.stderr_data, "exit code 7")) << failed.stderr_data;
+}
+
+// Ctrl-C on the laptop (its nix-build and ssh killed): the gateway sees
+// the session's stdin close and cancels the farm job it started.
+TEST_F(ServeNixE2eTest, AClientThatHangsUpHasItsFarmJobCancelled) {
+  testing::WriteFileOrDie(work_.Sub("slow/default.nix"), R"(derivation {
+  name = "sleeper"; system = "x86_64-linux"; builder = "/bin/sh";
+  args = [ "-c" "echo sleeping; /bin/sleep 120; echo done > $out" ];
+})");
+  ProcessSpec spec = testing::OnPrivateStore(
+      work_.Sub("impatient-nix"), {"nix-build", "--no-out-link", "-j0", "--option", "builders",
+                                   sshd_->StoreUri() + " x86_64-linux - 4 1", work_.Sub("slow/default.nix")});
+  spec.extra_env.push_back("NIX_SSHOPTS=" + sshd_->NixSshOpts());
+  absl::StatusOr<Spawned> client = SpawnWithPipes(spec, /*want_stdin=*/false, /*stderr_to_null=*/true);
+  ASSERT_TRUE(client.ok()) << client.status();
+  // The sleeper's buildset, as `kiln history` shows it.
+  const auto sleeper = [&]() -> nlohmann::json {
+    absl::StatusOr<CommandResult> h = farm_.Kiln({"history", "--json"});
+    if (!h.ok() || !h->exit.Success()) return nullptr;
+    for (const nlohmann::json& b : nlohmann::json::parse(h->stdout_data)) {
+      for (const nlohmann::json& i : b["installables"]) {
+        if (absl::StrContains(i.get<std::string>(), "-sleeper.drv")) return b;
+      }
+    }
+    return nullptr;
+  };
+  nlohmann::json b;
+  for (int i = 0; i < 300 && (b = sleeper()).is_null(); ++i) absl::SleepFor(absl::Milliseconds(100));
+  ASSERT_FALSE(b.is_null()) << "the job never reached the farm";
+  EXPECT_EQ(b["unfinished"], 1) << b.dump();
+  absl::SleepFor(absl::Seconds(1));  // Running on a worker by now.
+  ::kill(-client->pid, SIGKILL);     // The laptop's nix-build and ssh, at once.
+  int wstatus = 0;
+  ::waitpid(client->pid, &wstatus, 0);
+  ::close(client->stdout_fd);
+  for (int i = 0; i < 200 && (b = sleeper())["cancelled"] != 1; ++i) absl::SleepFor(absl::Milliseconds(100));
+  EXPECT_EQ(b["cancelled"], 1) << "the farm job outlived its client: " << b.dump();
 }
 
 TEST_F(ServeNixE2eTest, APathTheFarmLacksIsNotValid) {
