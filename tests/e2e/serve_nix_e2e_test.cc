@@ -31,8 +31,10 @@ namespace {
 class ServeNixE2eTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    // Two machines, each with a store of its own (and no build users).
+    // Two machines, each with a store of its own (and no build users); a
+    // killed worker's jobs go elsewhere after a short lease.
     farm_.UsePrivateStores();
+    farm_.SetCoordinatorFlags({"--lease=2s"});
     ASSERT_TRUE(farm_.Start().ok());
     testing::WriteFileOrDie(work_.Sub("svc/flake.nix"), R"({
   outputs = { self }: rec {
@@ -235,6 +237,67 @@ TEST_F(ServeNixE2eTest, AClientThatHangsUpHasItsFarmJobCancelled) {
   ::close(client->stdout_fd);
   for (int i = 0; i < 200 && (b = sleeper())["cancelled"] != 1; ++i) absl::SleepFor(absl::Milliseconds(100));
   EXPECT_EQ(b["cancelled"], 1) << "the farm job outlived its client: " << b.dump();
+}
+
+// The client's limits hold: a build silent for longer than its
+// max-silent-time fails, with Nix's reason.
+TEST_F(ServeNixE2eTest, TheClientsMaxSilentTimeHolds) {
+  testing::WriteFileOrDie(work_.Sub("silent/default.nix"), R"(derivation {
+  name = "silent"; system = "x86_64-linux"; builder = "/bin/sh";
+  args = [ "-c" "/bin/sleep 30; echo late > $out" ];
+})");
+  const absl::Time start = absl::Now();
+  CommandResult r =
+      OnLaptop("silent-nix", {"nix-build", "--no-out-link", "-j0", "--option", "max-silent-time", "2", "--option",
+                              "builders", sshd_->StoreUri() + " x86_64-linux - 4 1", work_.Sub("silent/default.nix")});
+  EXPECT_FALSE(r.exit.Success());
+  EXPECT_TRUE(absl::StrContains(r.stderr_data, "silence")) << r.stderr_data;
+  EXPECT_LT(absl::Now() - start, absl::Seconds(25)) << "the build was not stopped";
+}
+
+// A worker killed mid-derivation: the job runs again on the other worker
+// and the client gets one result, the right one.
+TEST_F(ServeNixE2eTest, AWorkerKilledMidDerivationIsRetriedElsewhere) {
+  const std::string marker = absl::StrCat("once-", absl::ToUnixNanos(absl::Now()));
+  testing::WriteFileOrDie(work_.Sub("slow/default.nix"), absl::StrCat(R"(derivation {
+  name = "slow-on-a-worker"; system = "x86_64-linux"; builder = "/bin/sh";
+  args = [ "-c" "echo started; /bin/sleep 4; echo )",
+                                                                      marker, R"( > $out" ];
+})"));
+  ProcessSpec spec = testing::OnPrivateStore(
+      work_.Sub("patient-nix"), {"nix-build", "--no-out-link", "-j0", "--option", "builders",
+                                 sshd_->StoreUri() + " x86_64-linux - 4 1", work_.Sub("slow/default.nix")});
+  spec.extra_env.push_back("NIX_SSHOPTS=" + sshd_->NixSshOpts());
+  absl::StatusOr<Spawned> client = SpawnWithPipes(spec, /*want_stdin=*/false, /*stderr_to_null=*/true);
+  ASSERT_TRUE(client.ok()) << client.status();
+  // Which worker runs it.
+  std::string worker;
+  for (int i = 0; i < 300 && worker.empty(); ++i) {
+    absl::StatusOr<CommandResult> h = farm_.Kiln({"history", "--json"});
+    if (h.ok() && h->exit.Success()) {
+      for (const nlohmann::json& b : nlohmann::json::parse(h->stdout_data)) {
+        if (!absl::StrContains(b.dump(), "-slow-on-a-worker.drv")) continue;
+        absl::StatusOr<CommandResult> st = farm_.Kiln({"status", "--json", b["buildsetId"].get<std::string>()});
+        if (!st.ok() || !st->exit.Success()) continue;
+        const nlohmann::json status = nlohmann::json::parse(st->stdout_data);
+        const nlohmann::json& job = status["jobs"][0];
+        if (job.value("status", "") == "running") worker = job.value("worker", "");
+      }
+    }
+    if (worker.empty()) absl::SleepFor(absl::Milliseconds(100));
+  }
+  ASSERT_FALSE(worker.empty()) << "the job never ran";
+  farm_.KillWorker(worker == "worker-1" ? 0 : 1, SIGKILL);
+  int wstatus = 0;
+  for (int i = 0; i < 1200 && ::waitpid(client->pid, &wstatus, WNOHANG) == 0; ++i)
+    absl::SleepFor(absl::Milliseconds(100));
+  ::close(client->stdout_fd);
+  ASSERT_TRUE(WIFEXITED(wstatus)) << "nix-build did not finish";
+  EXPECT_EQ(WEXITSTATUS(wstatus), 0);
+  CommandResult line = OnLaptop("patient-nix", {"/bin/sh", "-c",
+                                                "read l < $(nix-build --no-out-link -j0 --option builders '' " +
+                                                    work_.Sub("slow/default.nix") + ") && echo $l"});
+  EXPECT_EQ(absl::StripAsciiWhitespace(line.stdout_data), marker) << line.stderr_data;
 }
 
 TEST_F(ServeNixE2eTest, APathTheFarmLacksIsNotValid) {
