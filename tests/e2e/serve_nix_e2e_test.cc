@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <set>
 #include <fstream>
 #include <string>
 
@@ -204,6 +205,60 @@ in step "top" [ left right ])"));
 
 // Ctrl-C on the laptop (its nix-build and ssh killed): the gateway sees
 // the session's stdin close and cancels the farm job it started.
+// A wider graph — 20 derivations in three levels with fan-in — spreads over
+// both workers, and the result is what a local build gives.
+TEST_F(ServeNixE2eTest, AGraphOfTwentyDerivationsSpreadsOverTheWorkers) {
+  testing::WriteFileOrDie(work_.Sub("wide/default.nix"), R"(let
+  step = name: deps: derivation {
+    inherit name deps; system = "x86_64-linux"; builder = "/bin/sh";
+    args = [ "-c" "{ echo ${name}; for d in $deps; do read line < $d; echo $line; done; } > $out" ];
+  };
+  leaves = map (i: step "leaf-${toString i}" [ ]) [ 1 2 3 4 5 6 ];
+  pick = l: i: builtins.elemAt l (i - (i / builtins.length l) * builtins.length l);
+  middle = map (i: step "mid-${toString i}" [ (pick leaves i) (pick leaves (i + 1)) (pick leaves (i + 3)) ])
+    [ 0 1 2 3 4 5 6 7 ];
+  upper = map (i: step "up-${toString i}" [ (pick middle i) (pick middle (i + 4)) ]) [ 0 1 2 3 4 ];
+in step "wide-top" upper)");
+  const std::vector<std::string> build = {"nix-build",
+                                          "--no-out-link",
+                                          "-j0",
+                                          "--option",
+                                          "builders",
+                                          sshd_->StoreUri() + " x86_64-linux - 4 1",
+                                          work_.Sub("wide/default.nix")};
+  CommandResult remote = OnLaptop("wide-nix", build);
+  ASSERT_TRUE(remote.exit.Success()) << remote.stderr_data;
+  // The same graph built locally, in a store of its own: the same output.
+  std::vector<std::string> local = build;
+  local[2] = "-j4";
+  local[5] = "";
+  CommandResult here = OnLaptop("local-nix", local);
+  ASSERT_TRUE(here.exit.Success()) << here.stderr_data;
+  EXPECT_EQ(remote.stdout_data, here.stdout_data);
+  EXPECT_EQ(testing::ReadFileOrDie(work_.Sub("wide-nix/store/") +
+                                   std::string(absl::StripAsciiWhitespace(remote.stdout_data)).substr(11)),
+            testing::ReadFileOrDie(work_.Sub("local-nix/store/") +
+                                   std::string(absl::StripAsciiWhitespace(here.stdout_data)).substr(11)));
+  // Twenty jobs, on both workers.
+  absl::StatusOr<CommandResult> h = farm_.Kiln({"history", "--json", "--limit=100"});
+  ASSERT_TRUE(h.ok() && h->exit.Success());
+  std::set<std::string> workers;
+  int jobs = 0;
+  for (const nlohmann::json& b : nlohmann::json::parse(h->stdout_data)) {
+    const std::string installable = b["installables"].empty() ? "" : b["installables"][0].get<std::string>();
+    if (!absl::StrContains(installable, "-leaf-") && !absl::StrContains(installable, "-mid-") &&
+        !absl::StrContains(installable, "-up-") && !absl::StrContains(installable, "-wide-top")) {
+      continue;
+    }
+    ++jobs;
+    absl::StatusOr<CommandResult> st = farm_.Kiln({"status", "--json", b["buildsetId"].get<std::string>()});
+    ASSERT_TRUE(st.ok() && st->exit.Success());
+    workers.insert(nlohmann::json::parse(st->stdout_data)["jobs"][0].value("worker", ""));
+  }
+  EXPECT_EQ(jobs, 20);
+  EXPECT_EQ(workers, (std::set<std::string>{"worker-1", "worker-2"}));
+}
+
 TEST_F(ServeNixE2eTest, AClientThatHangsUpHasItsFarmJobCancelled) {
   testing::WriteFileOrDie(work_.Sub("slow/default.nix"), R"(derivation {
   name = "sleeper"; system = "x86_64-linux"; builder = "/bin/sh";
