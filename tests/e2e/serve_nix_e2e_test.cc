@@ -355,6 +355,45 @@ TEST_F(ServeNixE2eTest, AWorkerKilledMidDerivationIsRetriedElsewhere) {
   EXPECT_EQ(absl::StripAsciiWhitespace(line.stdout_data), marker) << line.stderr_data;
 }
 
+// The coordinator killed (-9) and started again mid-derivation: the job
+// survives as any job does, the gateway's watch resumes, and the client
+// gets its result.
+TEST_F(ServeNixE2eTest, TheCoordinatorRestartingMidDerivationIsSurvived) {
+  const std::string marker = absl::StrCat("survived-", absl::ToUnixNanos(absl::Now()));
+  testing::WriteFileOrDie(work_.Sub("restart/default.nix"), absl::StrCat(R"(derivation {
+  name = "outlives-a-coordinator"; system = "x86_64-linux"; builder = "/bin/sh";
+  args = [ "-c" "echo started; /bin/sleep 3; echo )",
+                                                                         marker, R"( > $out" ];
+})"));
+  ProcessSpec spec = testing::OnPrivateStore(
+      work_.Sub("restart-nix"), {"nix-build", "--no-out-link", "-j0", "--option", "builders",
+                                 sshd_->StoreUri() + " x86_64-linux - 4 1", work_.Sub("restart/default.nix")});
+  spec.extra_env.push_back("NIX_SSHOPTS=" + sshd_->NixSshOpts());
+  absl::StatusOr<Spawned> client = SpawnWithPipes(spec, /*want_stdin=*/false, /*stderr_to_null=*/true);
+  ASSERT_TRUE(client.ok()) << client.status();
+  bool running = false;
+  for (int i = 0; i < 300 && !running; ++i) {
+    absl::StatusOr<CommandResult> h = farm_.Kiln({"history", "--json"});
+    running = h.ok() && absl::StrContains(h->stdout_data, "-outlives-a-coordinator.drv") &&
+              absl::StrContains(h->stdout_data, "\"running\"");
+    if (!running) absl::SleepFor(absl::Milliseconds(100));
+  }
+  ASSERT_TRUE(running) << "the job never ran";
+  farm_.KillCoordinator(SIGKILL);
+  ASSERT_TRUE(farm_.RestartCoordinator().ok());
+  int wstatus = 0;
+  for (int i = 0; i < 1200 && ::waitpid(client->pid, &wstatus, WNOHANG) == 0; ++i) {
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  ::close(client->stdout_fd);
+  ASSERT_TRUE(WIFEXITED(wstatus)) << "nix-build did not finish";
+  EXPECT_EQ(WEXITSTATUS(wstatus), 0);
+  CommandResult line = OnLaptop("restart-nix", {"/bin/sh", "-c",
+                                                "read l < $(nix-build --no-out-link -j0 --option builders '' " +
+                                                    work_.Sub("restart/default.nix") + ") && echo $l"});
+  EXPECT_EQ(absl::StripAsciiWhitespace(line.stdout_data), marker) << line.stderr_data;
+}
+
 TEST_F(ServeNixE2eTest, APathTheFarmLacksIsNotValid) {
   CommandResult absent = OnLaptop("probe-nix", {"nix", "path-info", "--store", sshd_->StoreUri(),
                                                 "/nix/store/00000000000000000000000000000000-absent"});
