@@ -76,6 +76,35 @@ class ServeNixE2eTest : public ::testing::Test {
     return r.ok() ? *r : CommandResult{};
   }
 
+  // `nix-build -j0 FILE` with the gateway as its builder, on a laptop's
+  // store, running in the background.
+  Spawned StartBuild(const std::string& store, const std::string& file) {
+    ProcessSpec spec = testing::OnPrivateStore(
+        work_.Sub(store),
+        {"nix-build", "--no-out-link", "-j0", "--option", "builders", sshd_->StoreUri() + " x86_64-linux - 4 1", file});
+    spec.extra_env.push_back("NIX_SSHOPTS=" + sshd_->NixSshOpts());
+    absl::StatusOr<Spawned> client = SpawnWithPipes(spec, /*want_stdin=*/false, /*stderr_to_null=*/true);
+    EXPECT_TRUE(client.ok()) << client.status();
+    return client.ok() ? *client : Spawned{};
+  }
+  // Waits (two minutes at most) for it; its exit code, -1 if it did not
+  // exit.
+  static int WaitBuild(const Spawned& client) {
+    int wstatus = 0;
+    for (int i = 0; i < 1200 && ::waitpid(client.pid, &wstatus, WNOHANG) == 0; ++i) {
+      absl::SleepFor(absl::Milliseconds(100));
+    }
+    ::close(client.stdout_fd);
+    return WIFEXITED(wstatus) ? WEXITSTATUS(wstatus) : -1;
+  }
+  // The first line of FILE's output, already in the laptop's store.
+  std::string FirstLineOfOutput(const std::string& store, const std::string& file) {
+    CommandResult line = OnLaptop(
+        store,
+        {"/bin/sh", "-c", "read l < $(nix-build --no-out-link -j0 --option builders '' " + file + ") && echo $l"});
+    return std::string(absl::StripAsciiWhitespace(line.stdout_data));
+  }
+
   testing::LocalFarm farm_{/*workers=*/2};
   testing::TempDir work_;
   std::string top_, public_key_;
@@ -264,12 +293,8 @@ TEST_F(ServeNixE2eTest, AClientThatHangsUpHasItsFarmJobCancelled) {
   name = "sleeper"; system = "x86_64-linux"; builder = "/bin/sh";
   args = [ "-c" "echo sleeping; /bin/sleep 120; echo done > $out" ];
 })");
-  ProcessSpec spec = testing::OnPrivateStore(
-      work_.Sub("impatient-nix"), {"nix-build", "--no-out-link", "-j0", "--option", "builders",
-                                   sshd_->StoreUri() + " x86_64-linux - 4 1", work_.Sub("slow/default.nix")});
-  spec.extra_env.push_back("NIX_SSHOPTS=" + sshd_->NixSshOpts());
-  absl::StatusOr<Spawned> client = SpawnWithPipes(spec, /*want_stdin=*/false, /*stderr_to_null=*/true);
-  ASSERT_TRUE(client.ok()) << client.status();
+  const Spawned client = StartBuild("impatient-nix", work_.Sub("slow/default.nix"));
+  ASSERT_GT(client.pid, 0);
   // The sleeper's buildset, as `kiln history` shows it.
   const auto sleeper = [&]() -> nlohmann::json {
     absl::StatusOr<CommandResult> h = farm_.Kiln({"history", "--json"});
@@ -286,10 +311,8 @@ TEST_F(ServeNixE2eTest, AClientThatHangsUpHasItsFarmJobCancelled) {
   ASSERT_FALSE(b.is_null()) << "the job never reached the farm";
   EXPECT_EQ(b["unfinished"], 1) << b.dump();
   absl::SleepFor(absl::Seconds(1));  // Running on a worker by now.
-  ::kill(-client->pid, SIGKILL);     // The laptop's nix-build and ssh, at once.
-  int wstatus = 0;
-  ::waitpid(client->pid, &wstatus, 0);
-  ::close(client->stdout_fd);
+  ::kill(-client.pid, SIGKILL);      // The laptop's nix-build and ssh, at once.
+  WaitBuild(client);
   for (int i = 0; i < 200 && (b = sleeper())["cancelled"] != 1; ++i) absl::SleepFor(absl::Milliseconds(100));
   EXPECT_EQ(b["cancelled"], 1) << "the farm job outlived its client: " << b.dump();
 }
@@ -319,12 +342,8 @@ TEST_F(ServeNixE2eTest, AWorkerKilledMidDerivationIsRetriedElsewhere) {
   args = [ "-c" "echo started; /bin/sleep 4; echo )",
                                                                       marker, R"( > $out" ];
 })"));
-  ProcessSpec spec = testing::OnPrivateStore(
-      work_.Sub("patient-nix"), {"nix-build", "--no-out-link", "-j0", "--option", "builders",
-                                 sshd_->StoreUri() + " x86_64-linux - 4 1", work_.Sub("slow/default.nix")});
-  spec.extra_env.push_back("NIX_SSHOPTS=" + sshd_->NixSshOpts());
-  absl::StatusOr<Spawned> client = SpawnWithPipes(spec, /*want_stdin=*/false, /*stderr_to_null=*/true);
-  ASSERT_TRUE(client.ok()) << client.status();
+  const Spawned client = StartBuild("patient-nix", work_.Sub("slow/default.nix"));
+  ASSERT_GT(client.pid, 0);
   // Which worker runs it.
   std::string worker;
   for (int i = 0; i < 300 && worker.empty(); ++i) {
@@ -343,16 +362,8 @@ TEST_F(ServeNixE2eTest, AWorkerKilledMidDerivationIsRetriedElsewhere) {
   }
   ASSERT_FALSE(worker.empty()) << "the job never ran";
   farm_.KillWorker(worker == "worker-1" ? 0 : 1, SIGKILL);
-  int wstatus = 0;
-  for (int i = 0; i < 1200 && ::waitpid(client->pid, &wstatus, WNOHANG) == 0; ++i)
-    absl::SleepFor(absl::Milliseconds(100));
-  ::close(client->stdout_fd);
-  ASSERT_TRUE(WIFEXITED(wstatus)) << "nix-build did not finish";
-  EXPECT_EQ(WEXITSTATUS(wstatus), 0);
-  CommandResult line = OnLaptop("patient-nix", {"/bin/sh", "-c",
-                                                "read l < $(nix-build --no-out-link -j0 --option builders '' " +
-                                                    work_.Sub("slow/default.nix") + ") && echo $l"});
-  EXPECT_EQ(absl::StripAsciiWhitespace(line.stdout_data), marker) << line.stderr_data;
+  EXPECT_EQ(WaitBuild(client), 0);
+  EXPECT_EQ(FirstLineOfOutput("patient-nix", work_.Sub("slow/default.nix")), marker);
 }
 
 // The coordinator killed (-9) and started again mid-derivation: the job
@@ -365,12 +376,8 @@ TEST_F(ServeNixE2eTest, TheCoordinatorRestartingMidDerivationIsSurvived) {
   args = [ "-c" "echo started; /bin/sleep 3; echo )",
                                                                          marker, R"( > $out" ];
 })"));
-  ProcessSpec spec = testing::OnPrivateStore(
-      work_.Sub("restart-nix"), {"nix-build", "--no-out-link", "-j0", "--option", "builders",
-                                 sshd_->StoreUri() + " x86_64-linux - 4 1", work_.Sub("restart/default.nix")});
-  spec.extra_env.push_back("NIX_SSHOPTS=" + sshd_->NixSshOpts());
-  absl::StatusOr<Spawned> client = SpawnWithPipes(spec, /*want_stdin=*/false, /*stderr_to_null=*/true);
-  ASSERT_TRUE(client.ok()) << client.status();
+  const Spawned client = StartBuild("restart-nix", work_.Sub("restart/default.nix"));
+  ASSERT_GT(client.pid, 0);
   bool running = false;
   for (int i = 0; i < 300 && !running; ++i) {
     absl::StatusOr<CommandResult> h = farm_.Kiln({"history", "--json"});
@@ -381,17 +388,8 @@ TEST_F(ServeNixE2eTest, TheCoordinatorRestartingMidDerivationIsSurvived) {
   ASSERT_TRUE(running) << "the job never ran";
   farm_.KillCoordinator(SIGKILL);
   ASSERT_TRUE(farm_.RestartCoordinator().ok());
-  int wstatus = 0;
-  for (int i = 0; i < 1200 && ::waitpid(client->pid, &wstatus, WNOHANG) == 0; ++i) {
-    absl::SleepFor(absl::Milliseconds(100));
-  }
-  ::close(client->stdout_fd);
-  ASSERT_TRUE(WIFEXITED(wstatus)) << "nix-build did not finish";
-  EXPECT_EQ(WEXITSTATUS(wstatus), 0);
-  CommandResult line = OnLaptop("restart-nix", {"/bin/sh", "-c",
-                                                "read l < $(nix-build --no-out-link -j0 --option builders '' " +
-                                                    work_.Sub("restart/default.nix") + ") && echo $l"});
-  EXPECT_EQ(absl::StripAsciiWhitespace(line.stdout_data), marker) << line.stderr_data;
+  EXPECT_EQ(WaitBuild(client), 0);
+  EXPECT_EQ(FirstLineOfOutput("restart-nix", work_.Sub("restart/default.nix")), marker);
 }
 
 TEST_F(ServeNixE2eTest, APathTheFarmLacksIsNotValid) {
