@@ -188,6 +188,10 @@ int main(int argc, char** argv) {
       "serve-nix",
       "Speak Nix's serve protocol (nix-store --serve) on stdin/stdout over the farm store: an SSH forced command");
   serve_nix->fallthrough();
+  serve_nix
+      ->add_option("--priority", options.priority,
+                   "Priority class of the derivations clients send (the coordinator's names: interactive, ci, batch)")
+      ->capture_default_str();
   serve_nix->add_option("--token-file", token_file,
                         "The token to show the coordinator (a file only its owner can read; default: $KILN_TOKEN or "
                         "~/.config/kiln/token)");

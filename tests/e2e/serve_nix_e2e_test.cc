@@ -32,7 +32,7 @@ namespace {
 class ServeNixE2eTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    // Two machines, each with a store of its own (and no build users); a
+    // Three machines, each with a store of its own (and no build users); a
     // killed worker's jobs go elsewhere after a short lease.
     farm_.UsePrivateStores();
     farm_.SetCoordinatorFlags({"--lease=2s"});
@@ -105,7 +105,7 @@ class ServeNixE2eTest : public ::testing::Test {
     return std::string(absl::StripAsciiWhitespace(line.stdout_data));
   }
 
-  testing::LocalFarm farm_{/*workers=*/2};
+  testing::LocalFarm farm_{/*workers=*/3};
   testing::TempDir work_;
   std::string top_, public_key_;
   std::unique_ptr<testing::LocalSshd> sshd_;
@@ -235,7 +235,7 @@ in step "top" [ left right ])"));
 // Ctrl-C on the laptop (its nix-build and ssh killed): the gateway sees
 // the session's stdin close and cancels the farm job it started.
 // A wider graph — 20 derivations in three levels with fan-in — spreads over
-// both workers, and the result is what a local build gives.
+// the workers, and the result is what a local build gives.
 TEST_F(ServeNixE2eTest, AGraphOfTwentyDerivationsSpreadsOverTheWorkers) {
   testing::WriteFileOrDie(work_.Sub("wide/default.nix"), R"(let
   step = name: deps: derivation {
@@ -268,7 +268,7 @@ in step "wide-top" upper)");
                                    std::string(absl::StripAsciiWhitespace(remote.stdout_data)).substr(11)),
             testing::ReadFileOrDie(work_.Sub("local-nix/store/") +
                                    std::string(absl::StripAsciiWhitespace(here.stdout_data)).substr(11)));
-  // Twenty jobs, on both workers.
+  // Twenty jobs, on more than one worker.
   absl::StatusOr<CommandResult> h = farm_.Kiln({"history", "--json", "--limit=100"});
   ASSERT_TRUE(h.ok() && h->exit.Success());
   std::set<std::string> workers;
@@ -285,7 +285,7 @@ in step "wide-top" upper)");
     workers.insert(nlohmann::json::parse(st->stdout_data)["jobs"][0].value("worker", ""));
   }
   EXPECT_EQ(jobs, 20);
-  EXPECT_EQ(workers, (std::set<std::string>{"worker-1", "worker-2"}));
+  EXPECT_GE(workers.size(), 2u) << "all on one worker";
 }
 
 TEST_F(ServeNixE2eTest, AClientThatHangsUpHasItsFarmJobCancelled) {
@@ -333,8 +333,8 @@ TEST_F(ServeNixE2eTest, TheClientsMaxSilentTimeHolds) {
   EXPECT_LT(absl::Now() - start, absl::Seconds(25)) << "the build was not stopped";
 }
 
-// A worker killed mid-derivation: the job runs again on the other worker
-// and the client gets one result, the right one.
+// A worker killed mid-derivation: the job runs again on another worker and
+// the client gets one result, the right one.
 TEST_F(ServeNixE2eTest, AWorkerKilledMidDerivationIsRetriedElsewhere) {
   const std::string marker = absl::StrCat("once-", absl::ToUnixNanos(absl::Now()));
   testing::WriteFileOrDie(work_.Sub("slow/default.nix"), absl::StrCat(R"(derivation {
@@ -361,7 +361,7 @@ TEST_F(ServeNixE2eTest, AWorkerKilledMidDerivationIsRetriedElsewhere) {
     if (worker.empty()) absl::SleepFor(absl::Milliseconds(100));
   }
   ASSERT_FALSE(worker.empty()) << "the job never ran";
-  farm_.KillWorker(worker == "worker-1" ? 0 : 1, SIGKILL);
+  farm_.KillWorker(std::stoul(worker.substr(worker.rfind('-') + 1)) - 1, SIGKILL);
   EXPECT_EQ(WaitBuild(client), 0);
   EXPECT_EQ(FirstLineOfOutput("patient-nix", work_.Sub("slow/default.nix")), marker);
 }
