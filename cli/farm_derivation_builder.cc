@@ -39,8 +39,8 @@ kiln::v1::JobSpec DerivationJobSpec(const std::string& drv_path, const ServeDeri
   kiln::v1::JobSpec spec;
   *spec.mutable_source()->mutable_tree_root() = EmptyTree();
   const absl::StatusOr<std::string> hash_part = StorePathHashPart(drv_path);
-  // One attribute per derivation: jobs of one derivation share their work
-  // and result, jobs of two never do.
+  // One attribute per derivation: jobs of one derivation in flight share
+  // their work, jobs of two never do.
   spec.set_attr(absl::StrCat("kiln-drv-", hash_part.ok() ? *hash_part : "invalid"));
   spec.mutable_requirements()->set_system(drv.platform);
   for (const auto& [key, value] : drv.env) {
@@ -86,8 +86,24 @@ absl::StatusOr<ServeBuildResult> FarmDerivationBuilder::Build(const std::string&
       return result;
     }
   }
+  // Outputs the farm holds already (another client's build, a worker's):
+  // built, with no job. Otherwise a job that builds even if the result
+  // cache remembers one — its outputs may have been collected since.
+  std::vector<std::string> outputs;
+  for (const ServeDerivationOutput& o : drv.outputs) outputs.push_back(o.path);
+  ASSIGN_OR_RETURN(std::vector<std::string> absent, farm_.Missing(outputs));
+  if (absent.empty()) {
+    log(absl::StrCat("kiln: the farm store has the outputs of ", drv_path));
+    result.status = ServeBuildStatus::kAlreadyValid;
+    result.stop_time = result.start_time;
+    std::vector<std::pair<std::string, std::string>> named;
+    for (const ServeDerivationOutput& o : drv.outputs) named.emplace_back(o.name, o.path);
+    result.built_outputs = ServeBuiltOutputs(named);
+    return result;
+  }
   kiln::v1::SubmitBuildRequest submit;
   *submit.add_targets()->mutable_spec() = DerivationJobSpec(drv_path, drv, options, options_.priority);
+  submit.mutable_targets(0)->mutable_spec()->set_rebuild(true);
   submit.set_submitter(absl::StrCat(Submitter(), " (kiln serve-nix)"));
   kiln::v1::Blob& empty = *submit.add_blobs();
   *empty.mutable_digest() = EmptyTree();

@@ -211,7 +211,9 @@ in step "top" [ left right ])"));
   EXPECT_TRUE(absl::StrContains(history->stdout_data, "-top.drv")) << history->stdout_data;
 
   // A second laptop with an empty store: everything comes from the farm,
-  // nothing is built again.
+  // nothing is built again — not even a job: the gateway finds the outputs
+  // in the farm store.
+  const size_t buildsets_before = nlohmann::json::parse(history->stdout_data).size();
   CommandResult again = OnLaptop("second-nix", {"nix-build", "--no-out-link", "-j0", "--option", "builders",
                                                 sshd_->StoreUri() + " x86_64-linux - 4 1", "--option", "substituters",
                                                 "", work_.Sub("graph/default.nix")});
@@ -219,6 +221,10 @@ in step "top" [ left right ])"));
   EXPECT_EQ(absl::StripAsciiWhitespace(again.stdout_data), top);
   EXPECT_EQ(testing::ReadFileOrDie(runs).size(), std::string("base\nleft\nright\ntop\n").size())
       << "built again: " << testing::ReadFileOrDie(runs);
+  absl::StatusOr<CommandResult> history_after = farm_.Kiln({"history", "--json"});
+  ASSERT_TRUE(history_after.ok());
+  EXPECT_EQ(nlohmann::json::parse(history_after->stdout_data).size(), buildsets_before);
+  EXPECT_TRUE(absl::StrContains(again.stderr_data, "the farm store has the outputs")) << again.stderr_data;
 
   // A failing derivation: Nix's message reaches the client.
   testing::WriteFileOrDie(work_.Sub("fails/default.nix"), R"(derivation {
