@@ -142,6 +142,20 @@ absl::StatusOr<ServeDerivation> ReadServeDerivation(ServeReader& in) {
   return drv;
 }
 
+absl::StatusOr<ServeDerivation> DecodeServeDerivation(absl::string_view bytes) {
+  size_t at = 0;
+  ServeReader reader([&](char* buf, size_t size) -> absl::StatusOr<size_t> {
+    const size_t n = std::min(size, bytes.size() - at);
+    std::memcpy(buf, bytes.data() + at, n);
+    at += n;
+    return n;
+  });
+  ASSIGN_OR_RETURN(ServeDerivation drv, ReadServeDerivation(reader));
+  // The reader buffers: what it holds unread is past the derivation too.
+  if (!absl::IsOutOfRange(reader.U64().status())) return absl::InvalidArgumentError("trailing bytes");
+  return drv;
+}
+
 void WriteServeDerivation(ServeWriter& out, const ServeDerivation& drv) {
   out.U64(drv.outputs.size());
   for (const ServeDerivationOutput& o : drv.outputs)

@@ -99,6 +99,9 @@ struct ServeDerivation {
 };
 
 absl::StatusOr<ServeDerivation> ReadServeDerivation(ServeReader& in);
+// A derivation held whole in `bytes` (a job's DerivationTask): trailing
+// bytes are an error.
+absl::StatusOr<ServeDerivation> DecodeServeDerivation(absl::string_view bytes);
 void WriteServeDerivation(ServeWriter& out, const ServeDerivation& drv);
 
 // The limits a client sends after a build request, per the protocol

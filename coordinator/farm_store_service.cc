@@ -9,6 +9,7 @@
 #include "common/grpc_util.h"
 #include "common/nar_file.h"
 #include "common/nix_hash.h"
+#include "common/status_macros.h"
 
 namespace kiln {
 namespace {
@@ -165,19 +166,24 @@ absl::StatusOr<NarInfo> DirectUploadInfo(const kiln::v1::DirectUpload& upload) {
 
 }  // namespace
 
+absl::StatusOr<std::optional<NarInfo>> FarmStoreServiceImpl::DirectUploadOf(grpc::ServerContext& context,
+                                                                            const kiln::v1::DirectUpload& upload) {
+  RETURN_IF_ERROR(Authorize(auth_, context, Scope::kWorker).status());
+  ASSIGN_OR_RETURN(NarInfo info, DirectUploadInfo(upload));
+  ASSIGN_OR_RETURN(std::vector<std::string> missing, store_->Missing({info.store_path}));
+  if (missing.empty()) return std::nullopt;
+  return info;
+}
+
 grpc::Status FarmStoreServiceImpl::BeginUpload(grpc::ServerContext* context, const kiln::v1::DirectUpload* request,
                                                kiln::v1::BeginUploadResponse* response) {
-  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kWorker);
-  if (!caller.ok()) return ToGrpcStatus(caller.status());
-  absl::StatusOr<NarInfo> info = DirectUploadInfo(*request);
+  absl::StatusOr<std::optional<NarInfo>> info = DirectUploadOf(*context, *request);
   if (!info.ok()) return ToGrpcStatus(info.status());
-  absl::StatusOr<std::vector<std::string>> missing = store_->Missing({info->store_path});
-  if (!missing.ok()) return ToGrpcStatus(missing.status());
-  if (missing->empty()) {
+  if (!info->has_value()) {
     response->set_already_held(true);
     return grpc::Status::OK;
   }
-  absl::StatusOr<std::string> url = store_->DirectUploadUrl(*info);
+  absl::StatusOr<std::string> url = store_->DirectUploadUrl(**info);
   if (!url.ok()) return ToGrpcStatus(url.status());
   response->set_put_url(*std::move(url));
   return grpc::Status::OK;
@@ -185,18 +191,14 @@ grpc::Status FarmStoreServiceImpl::BeginUpload(grpc::ServerContext* context, con
 
 grpc::Status FarmStoreServiceImpl::CommitUpload(grpc::ServerContext* context, const kiln::v1::DirectUpload* request,
                                                 kiln::v1::AddPathResponse* response) {
-  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kWorker);
-  if (!caller.ok()) return ToGrpcStatus(caller.status());
-  absl::StatusOr<NarInfo> info = DirectUploadInfo(*request);
+  absl::StatusOr<std::optional<NarInfo>> info = DirectUploadOf(*context, *request);
   if (!info.ok()) return ToGrpcStatus(info.status());
-  absl::StatusOr<std::vector<std::string>> missing = store_->Missing({info->store_path});
-  if (!missing.ok()) return ToGrpcStatus(missing.status());
-  if (missing->empty()) {
+  if (!info->has_value()) {
     response->set_already_held(true);
     return grpc::Status::OK;
   }
-  const absl::Status status = store_->CommitDirectUpload(*info);
-  CountUpload(status, info->nar_size);
+  const absl::Status status = store_->CommitDirectUpload(**info);
+  CountUpload(status, (*info)->nar_size);
   if (status.ok() && metrics_ != nullptr) metrics_->direct_uploads.Increment();
   return ToGrpcStatus(status);
 }

@@ -8,6 +8,8 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <optional>
+
 #include "coordinator/auth.h"
 #include "common/narinfo.h"
 #include "coordinator/farm_store.h"
@@ -41,6 +43,10 @@ class FarmStoreServiceImpl final : public kiln::v1::FarmStoreService::Service {
                             kiln::v1::AddPathResponse* response) override;
 
  private:
+  // A direct upload's caller checked and its narinfo made; nullopt when the
+  // store holds the path already.
+  absl::StatusOr<std::optional<NarInfo>> DirectUploadOf(grpc::ServerContext& context,
+                                                        const kiln::v1::DirectUpload& upload);
   // The uploads counted, and refusals by reason.
   void CountUpload(const absl::Status& status, uint64_t nar_size);
 

@@ -1,7 +1,5 @@
 #include "coordinator/submission_validator.h"
 
-#include <cstring>
-
 #include "common/narinfo.h"
 #include "common/serve_protocol.h"
 #include "common/status_macros.h"
@@ -187,18 +185,8 @@ absl::Status CheckDerivationTask(const kiln::v1::JobSpec& spec) {
   if (spec.has_push() || spec.has_fod_task() || spec.fetch_outputs()) {
     return absl::InvalidArgumentError("a derivation job pushes nothing and has no FOD task or output download");
   }
-  const std::string& bytes = task.basic_derivation();
-  size_t at = 0;
-  ServeReader reader([&](char* buf, size_t size) -> absl::StatusOr<size_t> {
-    const size_t n = std::min(size, bytes.size() - at);
-    std::memcpy(buf, bytes.data() + at, n);
-    at += n;
-    return n;
-  });
-  absl::StatusOr<ServeDerivation> drv = ReadServeDerivation(reader);
+  absl::StatusOr<ServeDerivation> drv = DecodeServeDerivation(task.basic_derivation());
   if (!drv.ok()) return WithContext(drv.status(), absl::StrCat("the derivation ", task.drv_path()));
-  if (at != bytes.size())
-    return absl::InvalidArgumentError(absl::StrCat("the derivation ", task.drv_path(), " has trailing bytes"));
   if (drv->platform != spec.requirements().system()) {
     return absl::InvalidArgumentError(absl::StrCat("the derivation ", task.drv_path(), " is for ", drv->platform,
                                                    ", the job for ", spec.requirements().system()));

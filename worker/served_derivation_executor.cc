@@ -2,8 +2,6 @@
 
 #include <signal.h>
 
-#include <cstring>
-
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
@@ -36,15 +34,7 @@ absl::StatusOr<BuildExecutor::BuildId> ServedDerivationExecutor::Start(const Bui
                                                                        LineCallback on_line, DoneCallback on_done) {
   if (!request.spec.has_derivation()) return inner_->Start(request, std::move(on_line), std::move(on_done));
   const kiln::v1::DerivationTask task = request.spec.derivation();
-  size_t at = 0;
-  const std::string& bytes = task.basic_derivation();
-  ServeReader reader([&](char* buf, size_t size) -> absl::StatusOr<size_t> {
-    const size_t n = std::min(size, bytes.size() - at);
-    std::memcpy(buf, bytes.data() + at, n);
-    at += n;
-    return n;
-  });
-  absl::StatusOr<ServeDerivation> drv = ReadServeDerivation(reader);
+  absl::StatusOr<ServeDerivation> drv = DecodeServeDerivation(task.basic_derivation());
   if (!drv.ok()) return drv.status();
   ServeBuildOptions options;
   options.max_silent_time = static_cast<uint64_t>(std::max<int64_t>(0, request.spec.max_silent_time().seconds()));

@@ -19,6 +19,7 @@
 #include "common/serve_protocol.h"
 #include "common/subprocess.h"
 #include "tests/support/local_farm.h"
+#include "tests/support/serve_derivation_json.h"
 #include "tests/support/test_util.h"
 
 namespace kiln {
@@ -35,16 +36,7 @@ std::pair<std::string, ServeDerivation> Instantiate(const testing::TempDir& dir,
       RunCommand(testing::OnPrivateStore(dir.Sub("client-nix"), {"nix", "show-derivation", drv_path}));
   EXPECT_TRUE(shown.ok() && shown->exit.Success());
   const nlohmann::json j = nlohmann::json::parse(shown->stdout_data)[drv_path];
-  ServeDerivation d;
-  for (const auto& [name, out] : j["outputs"].items()) {
-    d.outputs.push_back({.name = name, .path = out.value("path", ""), .hash_algo = "", .hash = ""});
-  }
-  for (const auto& src : j["inputSrcs"]) d.input_srcs.push_back(src);
-  d.platform = j["system"];
-  d.builder = j["builder"];
-  for (const auto& a : j["args"]) d.args.push_back(a);
-  for (const auto& [k, v] : j["env"].items()) d.env.emplace_back(k, v);
-  return {drv_path, d};
+  return {drv_path, testing::ServeDerivationFromJson(j)};
 }
 
 ServeBuildResult BuildOnRemote(const testing::TempDir& dir, const std::string& drv_path, const ServeDerivation& d) {

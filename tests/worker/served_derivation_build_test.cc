@@ -20,6 +20,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
 #include "tests/support/local_farm.h"
+#include "tests/support/serve_derivation_json.h"
 #include "tests/support/test_util.h"
 
 namespace kiln {
@@ -42,16 +43,7 @@ class ServedDerivationBuildTest : public ::testing::Test {
     const std::string drv(
         absl::StripAsciiWhitespace(OnClient({"nix-instantiate", dir_.Sub("src/default.nix")}).stdout_data));
     const nlohmann::json j = nlohmann::json::parse(OnClient({"nix", "show-derivation", drv}).stdout_data)[drv];
-    ServeDerivation d;
-    for (const auto& [name, out] : j["outputs"].items()) {
-      d.outputs.push_back({.name = name, .path = out.value("path", ""), .hash_algo = "", .hash = ""});
-    }
-    for (const auto& src : j["inputSrcs"]) d.input_srcs.push_back(src);
-    d.platform = j["system"];
-    d.builder = j["builder"];
-    for (const auto& a : j["args"]) d.args.push_back(a);
-    for (const auto& [k, v] : j["env"].items()) d.env.emplace_back(k, v);
-    return {drv, d};
+    return {drv, testing::ServeDerivationFromJson(j)};
   }
   // The worker's Nix: a `nix-store` that runs as on the worker's machine
   // (a mount namespace with the worker's own /nix), no build users.
