@@ -18,6 +18,7 @@
 #include "cli/client.h"
 #include "common/digest.h"
 #include "common/grpc_util.h"
+#include "common/hash_mismatch.h"
 #include "common/narinfo.h"
 #include "common/status_macros.h"
 
@@ -67,14 +68,63 @@ kiln::v1::JobSpec DerivationJobSpec(const std::string& drv_path, const ServeDeri
 
 FarmDerivationBuilder::FarmDerivationBuilder(std::shared_ptr<grpc::Channel> channel, FarmStoreClient& farm,
                                              CliOptions options, int hangup_fd)
-    : stub_(kiln::v1::BuildService::NewStub(std::move(channel))),
+    : stub_(kiln::v1::BuildService::NewStub(channel)),
+      fods_(kiln::v1::FodService::NewStub(channel)),
       farm_(farm),
       options_(std::move(options)),
       hangup_fd_(hangup_fd) {}
 
+std::optional<ServeBuildResult> FarmDerivationBuilder::FailFastFod(
+    const std::string& drv_path, const ServeDerivation& drv, absl::FunctionRef<void(absl::string_view line)> log) {
+  const std::optional<FixedOutput> fod = GetFixedOutput(ToDerivation(drv));
+  if (!fod.has_value() || fod->key.empty()) return std::nullopt;
+  kiln::v1::CheckFodsRequest request;
+  kiln::v1::FodRef& ref = *request.add_fods();
+  ref.set_key(fod->key);
+  ref.set_name(fod->name);
+  ref.set_declared(fod->declared.Sri());
+  ref.set_drv_path(drv_path);
+  ref.set_algo(std::string(HashAlgoName(fod->declared.algo)));
+  ref.set_mode(fod->mode);
+  kiln::v1::CheckFodsResponse response;
+  if (absl::Status s =
+          UnaryCall(options_, [&](grpc::ClientContext& c) { return fods_->CheckFods(&c, request, &response); });
+      !s.ok() || response.verdicts_size() != 1) {
+    // The build goes on; the worker's Nix checks the hash as it builds.
+    log(absl::StrCat("kiln: FOD cache unavailable (", s.message(), "); building ", drv_path, " without the check"));
+    return std::nullopt;
+  }
+  const kiln::v1::FodVerdict& verdict = response.verdicts(0);
+  if (verdict.kind() == kiln::v1::FodVerdict::KIND_SUSPECT_STALE) {
+    log(absl::StrCat("kiln: warning: FOD '", fod->name, "' declares ", fod->declared.Sri(),
+                     ", which was computed for other inputs (job ", verdict.stale_source().computed_by_job(),
+                     "); it is built, and its hash checked by Nix only if the output is not already valid; ",
+                     "`kiln fod-hash` verifies it"));
+  }
+  if (verdict.kind() != kiln::v1::FodVerdict::KIND_WRONG) return std::nullopt;
+  kiln::v1::HashMismatch m;
+  m.set_drv_path(drv_path);
+  m.set_name(fod->name);
+  m.set_specified(fod->declared.Sri());
+  m.set_got(verdict.entry().hash());
+  m.set_source("cache");
+  m.set_computed_by_job(verdict.entry().computed_by_job());
+  m.set_computed_by_worker(verdict.entry().computed_by_worker());
+  log(absl::StrCat("kiln: FOD '", m.name(), "' declares ", m.specified(), "; its inputs produce ", m.got(),
+                   " (known from the FOD cache: not built)"));
+  ServeBuildResult failed;
+  // What Nix answers when a built output's hash is not the declared one.
+  failed.status = ServeBuildStatus::kOutputRejected;
+  failed.error_msg = DescribeMismatch(
+      m, absl::FormatTime("%Y-%m-%d %H:%M UTC", FromProtoTime(verdict.entry().first_computed()), absl::UTCTimeZone()));
+  failed.start_time = failed.stop_time = static_cast<uint64_t>(absl::ToUnixSeconds(absl::Now()));
+  return failed;
+}
+
 absl::StatusOr<ServeBuildResult> FarmDerivationBuilder::Build(const std::string& drv_path, const ServeDerivation& drv,
                                                               const ServeBuildOptions& options,
                                                               absl::FunctionRef<void(absl::string_view line)> log) {
+  if (std::optional<ServeBuildResult> wrong = FailFastFod(drv_path, drv, log)) return *std::move(wrong);
   ServeBuildResult result;
   result.start_time = static_cast<uint64_t>(absl::ToUnixSeconds(absl::Now()));
   if (!drv.input_srcs.empty()) {

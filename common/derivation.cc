@@ -175,8 +175,11 @@ std::optional<FixedOutput> GetFixedOutput(const Derivation& drv) {
   // The output path is derived from the declared hash: wherever it appears
   // (in $out, in a script that mentions it) it stands in as a placeholder.
   const auto blank = [&](absl::string_view s) { return absl::StrReplaceAll(s, {{out.path, "<out>"}}); };
+  if (!drv.input_drvs.empty()) return fod;  // No key: its inputs are not paths yet.
   Sha256 h;
-  AddField(h, "kiln-fod-key-v1");
+  // v2: over resolved inputs (v1 hashed the input .drv paths, which a
+  // remote builder's request does not carry).
+  AddField(h, "kiln-fod-key-v2");
   AddField(h, drv.system);
   AddField(h, blank(drv.builder));
   AddField(h, absl::StrCat(drv.args.size()));
@@ -193,21 +196,37 @@ std::optional<FixedOutput> GetFixedOutput(const Derivation& drv) {
   AddField(h, fod.mode);
   std::vector<std::string> srcs = drv.input_srcs;
   std::sort(srcs.begin(), srcs.end());
+  srcs.erase(std::unique(srcs.begin(), srcs.end()), srcs.end());
   for (const std::string& src : srcs) AddField(h, src);
-  AddField(h, "|");
-  for (const auto& [path, outputs] : drv.input_drvs) {
-    AddField(h, path);
-    std::vector<std::string> sorted = outputs;
-    std::sort(sorted.begin(), sorted.end());
-    for (const std::string& o : sorted) AddField(h, o);
-    AddField(h, ";");
-  }
   fod.key = h.FinishHex();
   return fod;
 }
 
+absl::StatusOr<Derivation> ResolveInputs(const Derivation& drv, const OutputPaths& known) {
+  Derivation resolved = drv;
+  resolved.input_drvs.clear();
+  for (const auto& [input, names] : drv.input_drvs) {
+    auto outputs = known.find(input);
+    if (outputs == known.end()) return absl::NotFoundError(absl::StrCat("input derivation ", input, " is unknown"));
+    for (const std::string& name : names) {
+      auto out = outputs->second.find(name);
+      if (out == outputs->second.end() || out->second.empty()) {
+        return absl::NotFoundError(absl::StrCat("input derivation ", input, " has no output path for '", name, "'"));
+      }
+      resolved.input_srcs.push_back(out->second);
+    }
+  }
+  std::sort(resolved.input_srcs.begin(), resolved.input_srcs.end());
+  resolved.input_srcs.erase(std::unique(resolved.input_srcs.begin(), resolved.input_srcs.end()),
+                            resolved.input_srcs.end());
+  return resolved;
+}
+
 absl::StatusOr<std::vector<ClosureFod>> FixedOutputsOfClosure(const std::string& top_drv, size_t max_derivations) {
-  std::vector<ClosureFod> fods;
+  // The FODs met, unresolved (few), and every derivation's output paths
+  // (small), to resolve them once the walk is done.
+  std::vector<std::pair<std::string, Derivation>> found;
+  OutputPaths outputs_of;
   absl::flat_hash_set<std::string> seen = {top_drv};
   std::deque<std::string> pending = {top_drv};
   while (!pending.empty()) {
@@ -217,7 +236,8 @@ absl::StatusOr<std::vector<ClosureFod>> FixedOutputsOfClosure(const std::string&
     RETURN_IF_ERROR(ReadWholeFile(path, text));
     absl::StatusOr<Derivation> drv = ParseDerivation(text);
     if (!drv.ok()) return absl::InvalidArgumentError(absl::StrCat(path, ": ", drv.status().message()));
-    if (std::optional<FixedOutput> fod = GetFixedOutput(*drv)) fods.push_back({path, *std::move(fod), drv->input_srcs});
+    for (const auto& [name, out] : drv->outputs) outputs_of[path][name] = out.path;
+    if (GetFixedOutput(*drv).has_value()) found.emplace_back(path, *drv);
     for (const auto& [input, outputs] : drv->input_drvs) {
       if (!seen.insert(input).second) continue;
       if (seen.size() > max_derivations) {
@@ -226,6 +246,15 @@ absl::StatusOr<std::vector<ClosureFod>> FixedOutputsOfClosure(const std::string&
       }
       pending.push_back(input);
     }
+  }
+  std::vector<ClosureFod> fods;
+  for (const auto& [path, drv] : found) {
+    // One whose inputs have no paths yet (floating content-addressed) has
+    // no key: it is built unchecked.
+    absl::StatusOr<Derivation> resolved = ResolveInputs(drv, outputs_of);
+    if (!resolved.ok()) continue;
+    if (std::optional<FixedOutput> fod = GetFixedOutput(*resolved))
+      fods.push_back({path, *std::move(fod), drv.input_srcs});
   }
   return fods;
 }

@@ -44,14 +44,27 @@ struct FixedOutput {
   // Hex SHA-256 of everything that determines the output and nothing that
   // depends on the declared hash: system, builder, args and env with every
   // output path blanked and outputHash removed, the hash algorithm and mode,
-  // the input sources and the input derivations with their outputs. A fake,
-  // a stale and the right hash for the same inputs share a key.
+  // and the input paths — the sources and the outputs used of the input
+  // derivations, i.e. of the resolved derivation (ResolveInputs). A fake, a
+  // stale and the right hash for the same inputs share a key; and the key
+  // of a .drv read from a store equals that of the same derivation as a
+  // remote builder receives it (already resolved). Empty when `drv` is not
+  // resolved.
   std::string key;
 };
 
 // The fixed output of `drv`, or nothing when it is not a FOD (content
 // addressed floating outputs and input-addressed derivations are not).
 std::optional<FixedOutput> GetFixedOutput(const Derivation& drv);
+
+// Output paths of derivations, by .drv path and output name.
+using OutputPaths = std::map<std::string, std::map<std::string, std::string>>;
+
+// `drv` as Nix's BasicDerivation (what build-derivation carries): every
+// input derivation replaced by the paths of the outputs it is used for,
+// among the input sources. An input derivation or output not in `known`, or
+// without a path (a floating content-addressed output), is an error.
+absl::StatusOr<Derivation> ResolveInputs(const Derivation& drv, const OutputPaths& known);
 
 // A FOD met while walking a closure.
 struct ClosureFod {

@@ -1,6 +1,7 @@
 #include "common/hash_mismatch.h"
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/match.h"
 #include "absl/strings/strip.h"
 #include "absl/strings/str_split.h"
@@ -61,6 +62,25 @@ std::vector<HashMismatch> ParseHashMismatches(absl::string_view text) {
     found.push_back(std::move(m));
   }
   return found;
+}
+
+std::string FixLine(const kiln::v1::HashMismatch& m) {
+  return absl::StrCat("  fix: in the FOD '", m.name(), "', set outputHash = \"", m.got(), "\";");
+}
+
+std::string DescribeMismatch(const kiln::v1::HashMismatch& m, absl::string_view computed_at) {
+  std::string text = absl::StrCat("hash mismatch in fixed-output derivation '", m.drv_path(), "':\n",
+                                  "  specified: ", m.specified(), "\n", "  got:       ", m.got(), "\n");
+  if (m.source() == "cache") {
+    absl::StrAppend(&text, "  (from Kiln's FOD cache: computed by job ", m.computed_by_job(), " on ",
+                    m.computed_by_worker(), computed_at.empty() ? "" : ", ", computed_at,
+                    "; this FOD was not built)\n");
+  } else if (m.source() == "check") {
+    absl::StrAppend(&text, "  (stale: the declared hash was computed for other inputs of '", m.name(),
+                    "'; rebuilding the output this worker held gave the hash above)\n");
+  }
+  absl::StrAppend(&text, FixLine(m));
+  return text;
 }
 
 }  // namespace kiln

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "absl/strings/string_view.h"
+#include "kiln/v1/types.pb.h"
 
 namespace kiln {
 
@@ -28,5 +29,13 @@ struct HashMismatch {
 // Every mismatch in `text`, in order (`--keep-going` reports several).
 // Mismatches whose hashes cannot be read are skipped.
 std::vector<HashMismatch> ParseHashMismatches(absl::string_view text);
+
+// The line that tells a person what to write.
+std::string FixLine(const kiln::v1::HashMismatch& m);
+
+// One mismatch as a person acts on it: Nix's own layout (so what reads
+// `specified:`/`got:` keeps working), then where the right hash came from
+// (`computed_at`: when the FOD cache learnt it; may be empty).
+std::string DescribeMismatch(const kiln::v1::HashMismatch& m, absl::string_view computed_at);
 
 }  // namespace kiln

@@ -156,6 +156,17 @@ absl::StatusOr<ServeDerivation> DecodeServeDerivation(absl::string_view bytes) {
   return drv;
 }
 
+Derivation ToDerivation(const ServeDerivation& drv) {
+  Derivation d;
+  for (const ServeDerivationOutput& o : drv.outputs) d.outputs[o.name] = {o.path, o.hash_algo, o.hash};
+  d.input_srcs = drv.input_srcs;
+  d.system = drv.platform;
+  d.builder = drv.builder;
+  d.args = drv.args;
+  for (const auto& [key, value] : drv.env) d.env[key] = value;
+  return d;
+}
+
 void WriteServeDerivation(ServeWriter& out, const ServeDerivation& drv) {
   out.U64(drv.outputs.size());
   for (const ServeDerivationOutput& o : drv.outputs)

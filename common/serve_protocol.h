@@ -15,6 +15,7 @@
 #include "absl/functional/any_invocable.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "common/derivation.h"
 
 namespace kiln {
 
@@ -103,6 +104,9 @@ absl::StatusOr<ServeDerivation> ReadServeDerivation(ServeReader& in);
 // bytes are an error.
 absl::StatusOr<ServeDerivation> DecodeServeDerivation(absl::string_view bytes);
 void WriteServeDerivation(ServeWriter& out, const ServeDerivation& drv);
+// The same derivation as a .drv file would hold it, resolved (no input
+// derivations): what GetFixedOutput takes.
+Derivation ToDerivation(const ServeDerivation& drv);
 
 // The limits a client sends after a build request, per the protocol
 // version both ends speak (the lower of theirs).

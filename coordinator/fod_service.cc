@@ -22,7 +22,7 @@ grpc::Status TooMany(size_t n) {
 
 grpc::Status FodServiceImpl::CheckFods(grpc::ServerContext* context, const kiln::v1::CheckFodsRequest* request,
                                        kiln::v1::CheckFodsResponse* response) {
-  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kWorker);
+  absl::StatusOr<Caller> caller = Authorize(auth_, *context, Scope::kRead);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (static_cast<size_t>(request->fods_size()) > kMaxFodsPerRequest) return TooMany(request->fods_size());
   absl::StatusOr<std::vector<FodVerdict>> verdicts =

@@ -25,25 +25,6 @@ const ClosureFod* ClosureIndex::Find(const std::string& path) const {
   return it == by_path_.end() ? nullptr : &fods_[it->second];
 }
 
-std::string FixLine(const kiln::v1::HashMismatch& m) {
-  return absl::StrCat("  fix: in the FOD '", m.name(), "', set outputHash = \"", m.got(), "\";");
-}
-
-std::string DescribeMismatch(const kiln::v1::HashMismatch& m, absl::string_view computed_at) {
-  std::string text = absl::StrCat("hash mismatch in fixed-output derivation '", m.drv_path(), "':\n",
-                                  "  specified: ", m.specified(), "\n", "  got:       ", m.got(), "\n");
-  if (m.source() == "cache") {
-    absl::StrAppend(&text, "  (from Kiln's FOD cache: computed by job ", m.computed_by_job(), " on ",
-                    m.computed_by_worker(), computed_at.empty() ? "" : ", ", computed_at,
-                    "; this FOD was not built)\n");
-  } else if (m.source() == "check") {
-    absl::StrAppend(&text, "  (stale: the declared hash was computed for other inputs of '", m.name(),
-                    "'; rebuilding the output this worker held gave the hash above)\n");
-  }
-  absl::StrAppend(&text, FixLine(m));
-  return text;
-}
-
 kiln::v1::FodRef RefOf(const ClosureFod& c) {
   kiln::v1::FodRef ref;
   ref.set_key(c.fod.key);

@@ -12,6 +12,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "common/derivation.h"
+#include "common/hash_mismatch.h"
 #include "kiln/v1/fod.pb.h"
 #include "kiln/v1/types.pb.h"
 #include "worker/build_executor.h"
@@ -33,13 +34,6 @@ class ClosureIndex {
 // The valid store paths among those given (see common/nix_store_validity.h).
 using ValidPathsQuery =
     std::function<absl::StatusOr<absl::flat_hash_set<std::string>>(const std::vector<std::string>&)>;
-
-// The line that tells a person what to write.
-std::string FixLine(const kiln::v1::HashMismatch& m);
-
-// One mismatch as a person acts on it: Nix's own layout (so what reads
-// `specified:`/`got:` keeps working), then where the right hash came from.
-std::string DescribeMismatch(const kiln::v1::HashMismatch& m, absl::string_view computed_at);
 
 kiln::v1::FodRef RefOf(const ClosureFod& c);
 

@@ -320,13 +320,16 @@ int main(int argc, char** argv) {
   kiln::FodCheckingExecutor fod_checking(&nix_executor, &fod_oracle, &local_store);
   // Derivation jobs (a Nix client's, through `kiln serve-nix`) are built
   // here, by the worker's own nix-store --serve, not by the FOD layer.
-  kiln::ServedDerivationExecutor served(&fod_checking, [&nix] {
-    kiln::ServedDerivationNix n;
-    const size_t slash = nix.nix_binary.rfind('/');
-    n.nix_store = slash == std::string::npos ? "nix-store" : nix.nix_binary.substr(0, slash + 1) + "nix-store";
-    n.options = nix.adjust_options ? nix.adjust_options(nix.options) : nix.options;
-    return n;
-  });
+  kiln::ServedDerivationExecutor served(
+      &fod_checking,
+      [&nix] {
+        kiln::ServedDerivationNix n;
+        const size_t slash = nix.nix_binary.rfind('/');
+        n.nix_store = slash == std::string::npos ? "nix-store" : nix.nix_binary.substr(0, slash + 1) + "nix-store";
+        n.options = nix.adjust_options ? nix.adjust_options(nix.options) : nix.options;
+        return n;
+      },
+      &fod_oracle);
   kiln::FarmUploadingExecutor uploading(&served, &local_store, &farm_store, kiln::FarmUploadOptions{}, &metrics);
   kiln::PublishingExecutor executor(flags.farm_store ? static_cast<kiln::BuildExecutor*>(&uploading) : &served,
                                     &publisher);

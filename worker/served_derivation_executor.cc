@@ -2,10 +2,14 @@
 
 #include <signal.h>
 
+#include <optional>
+
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
+#include "common/hash_mismatch.h"
+#include "worker/fod_outcomes.h"
 #include "google/protobuf/util/time_util.h"
 
 namespace kiln {
@@ -16,6 +20,37 @@ std::string ShortName(absl::string_view drv_path) {
   absl::string_view base = drv_path.substr(drv_path.rfind('/') + 1);
   base = absl::StripSuffix(base, ".drv");
   return std::string(base.size() > 33 ? base.substr(33) : base);
+}
+
+// What the build of a fixed-output derivation says about its hash: the
+// declared one verified (built), or the one Nix got (a mismatch, also added
+// to `result` with the line that says the fix). Nothing for other
+// derivations and other failures.
+std::optional<kiln::v1::FodOutcome> FodOutcomeOf(const std::string& drv_path, const ServeDerivation& drv,
+                                                 const ServeBuildResult& built, absl::Duration took,
+                                                 kiln::v1::BuildResult& result) {
+  std::optional<FixedOutput> fod = GetFixedOutput(ToDerivation(drv));
+  if (!fod.has_value() || fod->key.empty()) return std::nullopt;
+  const ClosureFod closure_fod{drv_path, *fod, drv.input_srcs};
+  kiln::v1::FodOutcome outcome;
+  *outcome.mutable_fod() = RefOf(closure_fod);
+  outcome.set_build_seconds(absl::ToDoubleSeconds(took));
+  if (built.status == ServeBuildStatus::kBuilt) {
+    outcome.set_got(fod->declared.Sri());
+    return outcome;
+  }
+  for (const HashMismatch& m : ParseHashMismatches(built.error_msg)) {
+    if (m.path != drv_path && m.path != fod->output_path) continue;
+    outcome.set_got(m.got);
+    kiln::v1::HashMismatch& reported = *result.add_hash_mismatches();
+    reported.set_drv_path(drv_path);
+    reported.set_name(fod->name);
+    reported.set_specified(m.specified);
+    reported.set_got(m.got);
+    reported.set_source("build");
+    return outcome;
+  }
+  return std::nullopt;
 }
 
 }  // namespace
@@ -54,7 +89,7 @@ absl::StatusOr<BuildExecutor::BuildId> ServedDerivationExecutor::Start(const Bui
     run.pid = pid;
     if (run.cancelled) ::kill(-pid, SIGKILL);
   };
-  std::thread thread([this, id, task, drv = *std::move(drv), options, nix = std::move(nix),
+  std::thread thread([this, id, task, job_id = request.job_id, drv = *std::move(drv), options, nix = std::move(nix),
                       on_line = std::move(on_line), on_done = std::move(on_done)]() mutable {
     const std::string name = ShortName(task.drv_path());
     const absl::Time start = absl::Now();
@@ -90,6 +125,16 @@ absl::StatusOr<BuildExecutor::BuildId> ServedDerivationExecutor::Start(const Bui
       result.set_code(built->status == ServeBuildStatus::kTimedOut ? kiln::v1::RESULT_CODE_TIMED_OUT
                                                                    : kiln::v1::RESULT_CODE_BUILD_FAILED);
       result.set_error_message(built->error_msg);
+    }
+    if (built.ok() && !cancelled && fods_ != nullptr) {
+      if (std::optional<kiln::v1::FodOutcome> outcome =
+              FodOutcomeOf(task.drv_path(), drv, *built, absl::Now() - start, result)) {
+        for (const kiln::v1::HashMismatch& m : result.hash_mismatches()) {
+          absl::StrAppend(result.mutable_error_message(), "\n", FixLine(m));
+        }
+        // The cache learns less; the build's result stands.
+        (void)fods_->Record({*outcome}, job_id);
+      }
     }
     std::move(on_done)(std::move(result));
     absl::MutexLock lock(&mu_);

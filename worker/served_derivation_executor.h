@@ -4,7 +4,9 @@
 // from the farm store, Nix's build-derivation on the worker's own
 // `nix-store --serve --write` — and passes every other request on. Placed
 // above the FOD layer (a derivation job is one derivation, checked by the
-// gateway) and below the farm-store upload, which sends its outputs.
+// gateway) and below the farm-store upload, which sends its outputs. What a
+// fixed-output derivation's build finds — its declared hash right, or the
+// hash Nix got — goes to the FOD cache, as for any job.
 //
 // Thread-safe. A build runs on a thread of its own; the destructor cancels
 // the builds and waits for their threads.
@@ -18,6 +20,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/synchronization/mutex.h"
 #include "worker/build_executor.h"
+#include "worker/fod_oracle.h"
 #include "worker/served_derivation_build.h"
 
 namespace kiln {
@@ -25,9 +28,10 @@ namespace kiln {
 class ServedDerivationExecutor final : public BuildExecutor {
  public:
   // `nix` gives the Nix to build with as each build starts (the farm
-  // store's relay first among its substituters).
-  ServedDerivationExecutor(BuildExecutor* inner, std::function<ServedDerivationNix()> nix)
-      : inner_(inner), nix_(std::move(nix)) {}
+  // store's relay first among its substituters). `fods` (may be null: no
+  // recording) outlives this.
+  ServedDerivationExecutor(BuildExecutor* inner, std::function<ServedDerivationNix()> nix, FodOracle* fods = nullptr)
+      : inner_(inner), nix_(std::move(nix)), fods_(fods) {}
   ~ServedDerivationExecutor() override;
 
   absl::StatusOr<BuildId> Start(const BuildRequest& request, LineCallback on_line, DoneCallback on_done) override;
@@ -43,6 +47,7 @@ class ServedDerivationExecutor final : public BuildExecutor {
 
   BuildExecutor* const inner_;
   const std::function<ServedDerivationNix()> nix_;
+  FodOracle* const fods_;
   absl::Mutex mu_;
   BuildId next_ ABSL_GUARDED_BY(mu_) = kOwnIds;
   absl::flat_hash_map<BuildId, Running> running_ ABSL_GUARDED_BY(mu_);

@@ -135,7 +135,22 @@ TEST(FodKeyTest, AnyInputChangeGivesANewKey) {
   EXPECT_NE(key_of(d), base);
   d = original;
   d.input_drvs["/nix/store/00000000000000000000000000000000-bun.drv"] = {"out"};
-  EXPECT_NE(key_of(d), base);
+  EXPECT_EQ(key_of(d), "") << "an input derivation is not a path yet: no key before it is resolved";
+  const OutputPaths bun = {{"/nix/store/00000000000000000000000000000000-bun.drv",
+                            {{"out", "/nix/store/22222222222222222222222222222222-bun"}}}};
+  absl::StatusOr<Derivation> resolved = ResolveInputs(d, bun);
+  ASSERT_TRUE(resolved.ok()) << resolved.status();
+  EXPECT_TRUE(resolved->input_drvs.empty());
+  EXPECT_NE(key_of(*resolved), base);
+  // The same derivation as a remote builder receives it: the output among
+  // the sources. One key for both, so the gateway and `kiln build` share it.
+  Derivation basic = original;
+  basic.input_srcs.push_back("/nix/store/22222222222222222222222222222222-bun");
+  EXPECT_EQ(key_of(basic), key_of(*resolved));
+  Derivation other = d;
+  other.input_drvs.begin()->second = {"dev"};
+  EXPECT_TRUE(absl::IsNotFound(ResolveInputs(other, bun).status())) << "an output the input does not have";
+  EXPECT_TRUE(absl::IsNotFound(ResolveInputs(d, {}).status()));
   d = original;
   d.outputs["out"].hash_algo = "sha512";
   d.outputs["out"].hash = std::string(128, '0');

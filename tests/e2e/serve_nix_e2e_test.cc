@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <set>
 #include <fstream>
+#include <regex>
 #include <string>
 
 #include <gtest/gtest.h>
@@ -103,6 +104,22 @@ class ServeNixE2eTest : public ::testing::Test {
         store,
         {"/bin/sh", "-c", "read l < $(nix-build --no-out-link -j0 --option builders '' " + file + ") && echo $l"});
     return std::string(absl::StripAsciiWhitespace(line.stdout_data));
+  }
+
+  // Buildsets in the farm's history whose installable names `drv_name`.
+  int BuildsetsFor(const std::string& drv_name) {
+    absl::StatusOr<CommandResult> h = farm_.Kiln({"history", "--json", "--limit=100"});
+    EXPECT_TRUE(h.ok() && h->exit.Success());
+    if (!h.ok() || !h->exit.Success()) return -1;
+    int n = 0;
+    for (const nlohmann::json& b : nlohmann::json::parse(h->stdout_data)) {
+      for (const nlohmann::json& i : b["installables"]) n += absl::StrContains(i.get<std::string>(), drv_name);
+    }
+    return n;
+  }
+  CommandResult BuildOnFarm(const std::string& store, const std::string& file) {
+    return OnLaptop(store, {"nix-build", "--no-out-link", "-j0", "--option", "builders",
+                            sshd_->StoreUri() + " x86_64-linux - 4 1", file});
   }
 
   testing::LocalFarm farm_{/*workers=*/3};
@@ -396,6 +413,73 @@ TEST_F(ServeNixE2eTest, TheCoordinatorRestartingMidDerivationIsSurvived) {
   ASSERT_TRUE(farm_.RestartCoordinator().ok());
   EXPECT_EQ(WaitBuild(client), 0);
   EXPECT_EQ(FirstLineOfOutput("restart-nix", work_.Sub("restart/default.nix")), marker);
+}
+
+// The hash Nix (or the gateway) says a FOD's output really has.
+std::string GotHash(const std::string& text) {
+  std::smatch m;
+  return std::regex_search(text, m, std::regex(R"(got:\s+(sha256-[A-Za-z0-9+/=]+))")) ? m[1].str() : "";
+}
+
+constexpr char kFakeHash[] = "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+// A fixed-output derivation with a fake hash, sent by plain nix-build: the
+// first build fails on a worker with Nix's mismatch, which the FOD cache
+// learns; the next fails at once with the right hash and `kiln build`'s
+// message, with no job; with the right hash it builds. And a FOD whose hash
+// `kiln build` computed (from the .drv files, its input derivation
+// resolved) is known to the gateway too: one key for both.
+TEST_F(ServeNixE2eTest, AFakeHashedFodFailsFastWithTheRightHash) {
+  const auto fod_file = [&](const std::string& dir, const std::string& name, const std::string& hash) {
+    const std::string file = work_.Sub(dir + "/default.nix");
+    testing::WriteFileOrDie(file, absl::StrCat(R"(let
+  lock = derivation {
+    name = "lockfile"; system = "x86_64-linux"; builder = "/bin/sh";
+    args = [ "-c" "echo pinned-deps-v1 > $out" ];
+  };
+in derivation {
+  name = ")",
+                                               name, R"("; system = "x86_64-linux"; builder = "/bin/sh"; inherit lock;
+  args = [ "-c" "read l < $lock; echo vendored $l > $out" ];
+  outputHashMode = "flat"; outputHashAlgo = "sha256"; outputHash = ")",
+                                               hash, R"(";
+})"));
+    return file;
+  };
+  // 1. Learnt through the gateway.
+  CommandResult first = BuildOnFarm("fod-nix", fod_file("fod", "gateway-deps", kFakeHash));
+  ASSERT_FALSE(first.exit.Success());
+  const std::string right = GotHash(first.stderr_data);
+  ASSERT_FALSE(right.empty()) << first.stderr_data;
+  EXPECT_TRUE(absl::StrContains(first.stderr_data, "hash mismatch in fixed-output derivation")) << first.stderr_data;
+  EXPECT_EQ(BuildsetsFor("-gateway-deps.drv"), 1);
+  CommandResult again = BuildOnFarm("fod-nix", fod_file("fod", "gateway-deps", kFakeHash));
+  ASSERT_FALSE(again.exit.Success());
+  EXPECT_EQ(GotHash(again.stderr_data), right) << again.stderr_data;
+  EXPECT_TRUE(absl::StrContains(again.stderr_data, "from Kiln's FOD cache")) << again.stderr_data;
+  EXPECT_TRUE(absl::StrContains(again.stderr_data,
+                                absl::StrCat("fix: in the FOD 'gateway-deps', set outputHash = \"", right, "\";")))
+      << again.stderr_data;
+  EXPECT_EQ(BuildsetsFor("-gateway-deps.drv"), 1) << "failed fast, yet a job ran";
+  // The right hash builds (and verifies the cache's entry).
+  CommandResult fixed = BuildOnFarm("fod-nix", fod_file("fod", "gateway-deps", right));
+  ASSERT_TRUE(fixed.exit.Success()) << fixed.stderr_data;
+  EXPECT_EQ(FirstLineOfOutput("fod-nix", work_.Sub("fod/default.nix")), "vendored pinned-deps-v1");
+
+  // 2. Learnt by `kiln build` of a flake holding the same derivation.
+  const std::string flake_fod = fod_file("fodsvc", "flake-deps", kFakeHash);
+  testing::WriteFileOrDie(work_.Sub("fodsvc/flake.nix"),
+                          R"({ outputs = { self }: { packages.x86_64-linux.default = import ./default.nix; }; })");
+  absl::StatusOr<CommandResult> kiln_build = farm_.Kiln({"build", work_.Sub("fodsvc")});
+  ASSERT_TRUE(kiln_build.ok());
+  ASSERT_NE(kiln_build->exit.exit_code, 0);
+  const std::string flake_right = GotHash(kiln_build->stdout_data + kiln_build->stderr_data);
+  ASSERT_FALSE(flake_right.empty()) << kiln_build->stdout_data << kiln_build->stderr_data;
+  CommandResult via_gateway = BuildOnFarm("fod-nix", flake_fod);
+  ASSERT_FALSE(via_gateway.exit.Success());
+  EXPECT_EQ(GotHash(via_gateway.stderr_data), flake_right) << via_gateway.stderr_data;
+  EXPECT_TRUE(absl::StrContains(via_gateway.stderr_data, "from Kiln's FOD cache")) << via_gateway.stderr_data;
+  EXPECT_EQ(BuildsetsFor("-flake-deps.drv"), 0) << "the gateway did not know the hash kiln build computed";
 }
 
 TEST_F(ServeNixE2eTest, APathTheFarmLacksIsNotValid) {
