@@ -74,7 +74,7 @@ struct Outcome {
 
 ServeWriter Hello() { return std::move(ServeWriter().U64(kServeMagic1).U64(kServeProtocolVersion)); }
 
-Outcome RunSession(FakeServeFarm& farm, const std::string& input) {
+Outcome RunSession(FakeServeFarm& farm, const std::string& input, DerivationBuilder* builder = nullptr) {
   size_t at = 0;
   ServeReader in(
       [&](char* buf, size_t size) -> absl::StatusOr<size_t> {
@@ -91,7 +91,7 @@ Outcome RunSession(FakeServeFarm& farm, const std::string& input) {
         o.out.append(b.data(), b.size());
         return absl::OkStatus();
       },
-      farm);
+      farm, nullptr, builder);
   return o;
 }
 
@@ -124,6 +124,91 @@ TEST(ServeNixSessionTest, AnswersValidPathsAndAddsWhatTheClientSends) {
   EXPECT_EQ(o.out, expected);
   ASSERT_EQ(farm.added.size(), 1u);
   EXPECT_EQ(farm.added[kNew], nar);
+}
+
+// A builder that builds nothing (a fake): it remembers the request and
+// answers "built" with fixed times.
+class FakeBuilder final : public DerivationBuilder {
+ public:
+  absl::StatusOr<ServeBuildResult> Build(const std::string& drv_path, const ServeDerivation& drv,
+                                         const ServeBuildOptions& options,
+                                         absl::FunctionRef<void(absl::string_view)>) override {
+    asked = drv_path;
+    got = drv;
+    limits = options;
+    ServeBuildResult r;
+    r.status = ServeBuildStatus::kBuilt;
+    r.times_built = 1;
+    r.start_time = 100;
+    r.stop_time = 102;
+    r.built_outputs = ServeBuiltOutputs({{"out", drv.outputs[0].path}});
+    return r;
+  }
+  std::string asked;
+  ServeDerivation got;
+  ServeBuildOptions limits;
+};
+
+// Whole sessions as each client holds them, byte for byte, written out
+// field by field from the clients' sources (not with the writers under
+// test): Nix 2.3 (serve protocol 2.5), Nix 2.18 (2.7), Nix 2.36 (2.8:
+// it speaks the lower of the two versions, so 2.7 here, where the build
+// result's outputs are still the "sha256:<zeros>!NAME" map of JSON
+// realisations; its 2.8 form — output name to path and signatures — is
+// never sent), and Lix (2.7; it encodes with the server's version, not the
+// lower, the same here). Each asks for a path's info and builds one
+// derivation.
+TEST(ServeNixSessionTest, SessionsOfNewerAndOlderClientsAsTheirSourcesLayThemOut) {
+  constexpr char kDrv[] = "/nix/store/cccccccccccccccccccccccccccccccc-top.drv";
+  constexpr char kOut[] = "/nix/store/dddddddddddddddddddddddddddddddd-top";
+  struct Client {
+    const char* who;
+    uint64_t version;  // What its hello says.
+  };
+  for (const Client& client :
+       {Client{"Nix 2.3", 0x205}, Client{"Nix 2.18", 0x207}, Client{"Nix 2.36", 0x208}, Client{"Lix 2.96", 0x207}}) {
+    const uint64_t minor = std::min<uint64_t>(client.version, 0x207) & 0xff;
+    ServeWriter in;
+    in.U64(0x390c9deb).U64(client.version);
+    in.U64(2).U64(1).String(kHeld);  // query-path-infos
+    in.U64(8).String(kDrv);          // build-derivation: the BasicDerivation…
+    in.U64(1).String("out").String(kOut).String("").String("");
+    in.U64(1).String(kHeld).String("x86_64-linux").String("/bin/sh");
+    in.U64(2).String("-c").String("echo > $out");
+    in.U64(2).String("name").String("top").String("out").String(kOut);
+    in.U64(7).U64(3600);        // …then max-silent-time, timeout,
+    in.U64(4096);               // max log size (2.2),
+    in.U64(0).U64(0);           // repeats and determinism (2.3),
+    if (minor >= 7) in.U64(1);  // keep-failed (2.7).
+
+    ServeWriter want;
+    want.U64(0x5452eecb).U64(0x207);
+    want.String(kHeld).String("").U64(0).U64(19).U64(19);  // deriver, references, download and NAR size
+    if (minor >= 4) {
+      want.String("sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s").String("").U64(0);
+    }
+    want.String("");
+    want.U64(0).String("");                // Built, no error
+    want.U64(1).U64(0).U64(100).U64(102);  // times built, non-deterministic, start, stop (2.3)
+    if (minor >= 6) {
+      const std::string id = "sha256:0000000000000000000000000000000000000000000000000000000000000000!out";
+      want.U64(1).String(id).String(
+          absl::StrCat(R"({"id":")", id, R"(","outPath":"dddddddddddddddddddddddddddddddd-top"})"));
+    }
+
+    FakeServeFarm farm;
+    FakeBuilder builder;
+    const Outcome o = RunSession(farm, in.data(), &builder);
+    ASSERT_TRUE(o.status.ok()) << client.who << ": " << o.status;
+    EXPECT_EQ(o.out, want.data()) << client.who;
+    EXPECT_EQ(builder.asked, kDrv) << client.who;
+    EXPECT_EQ(builder.got.outputs.size(), 1u) << client.who;
+    EXPECT_EQ(builder.got.input_srcs, std::vector<std::string>{kHeld}) << client.who;
+    EXPECT_EQ(builder.limits.max_silent_time, 7u) << client.who;
+    EXPECT_EQ(builder.limits.build_timeout, 3600u) << client.who;
+    EXPECT_EQ(builder.limits.max_log_size, 4096u) << client.who;
+    EXPECT_EQ(builder.limits.keep_failed, minor >= 7) << client.who;
+  }
 }
 
 TEST(ServeNixSessionTest, BadInputEndsTheSessionAndChangesNothing) {
