@@ -2,7 +2,6 @@
 
 #include <signal.h>
 #include <unistd.h>
-#include <zstd.h>
 
 #include <cerrno>
 #include <cstdio>
@@ -11,43 +10,22 @@
 #include <vector>
 
 #include "absl/container/flat_hash_set.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
 #include "cli/cli.h"
 #include "cli/client.h"
 #include "cli/farm_derivation_builder.h"
+#include "cli/serve_build_paths.h"
+#include "cli/serve_farm_reads.h"
+#include "common/nar.h"
 #include "common/exit_codes.h"
 #include "common/narinfo.h"
 #include "common/status_macros.h"
 
 namespace kiln {
 namespace {
-
-constexpr char kStoreDir[] = "/nix/store/";
-
-// A narinfo names references and the deriver by base name; the protocol by
-// full path.
-std::string FullPath(absl::string_view base) { return base.empty() ? std::string() : absl::StrCat(kStoreDir, base); }
-
-absl::Status CheckStorePath(const std::string& path) {
-  if (!absl::StartsWith(path, kStoreDir)) return absl::InvalidArgumentError(absl::StrCat("not a store path: ", path));
-  return StorePathHashPart(path).status();
-}
-
-// The farm's narinfo of `path`; NOT_FOUND when the farm lacks it.
-absl::StatusOr<NarInfo> InfoOf(FarmStoreClient& farm, const std::string& path) {
-  RETURN_IF_ERROR(CheckStorePath(path));
-  ASSIGN_OR_RETURN(std::string hash_part, StorePathHashPart(path));
-  ASSIGN_OR_RETURN(std::string text, farm.NarInfo(hash_part));
-  ASSIGN_OR_RETURN(NarInfo info, ParseNarInfo(text));
-  if (info.store_path != path) return absl::NotFoundError(absl::StrCat(path, " is not in the farm store"));
-  return info;
-}
-
-struct ZstdDFree {
-  void operator()(ZSTD_DCtx* d) const { ZSTD_freeDCtx(d); }
-};
 
 class Session {
  public:
@@ -91,13 +69,9 @@ class Session {
       case ServeCommand::kDumpStorePath: return DumpStorePath();
       case ServeCommand::kQueryClosure: return QueryClosure();
       case ServeCommand::kAddToStoreNar: return AddToStoreNar();
-      case ServeCommand::kImportPaths:
-        return absl::UnimplementedError(
-            "import-paths (a Nix before 2.3) is not served: the gateway takes paths with add-to-store-nar");
+      case ServeCommand::kImportPaths: return ImportPaths();
       case ServeCommand::kBuildDerivation: return BuildDerivation();
-      case ServeCommand::kBuildPaths:
-        return absl::UnimplementedError(
-            "build-paths is not served: Nix's remote builders send build-derivation (builders = ssh://…)");
+      case ServeCommand::kBuildPaths: return BuildPaths();
       case ServeCommand::kExportPaths:
         return absl::UnimplementedError("export-paths is obsolete (Nix uses dump-store-path)");
     }
@@ -125,12 +99,12 @@ class Session {
     ASSIGN_OR_RETURN(std::vector<std::string> paths, StorePaths());
     ServeWriter w;
     for (const std::string& path : paths) {
-      absl::StatusOr<NarInfo> info = InfoOf(farm_, path);
+      absl::StatusOr<NarInfo> info = FarmPathInfo(farm_, path);
       if (absl::IsNotFound(info.status())) continue;  // Absent paths are left out.
       RETURN_IF_ERROR(info.status());
       std::vector<std::string> refs;
-      for (const std::string& r : info->references) refs.push_back(FullPath(r));
-      w.String(info->store_path).String(FullPath(info->deriver)).Strings(refs);
+      for (const std::string& r : info->references) refs.push_back(FullStorePath(r));
+      w.String(info->store_path).String(FullStorePath(info->deriver)).Strings(refs);
       w.U64(info->nar_size).U64(info->nar_size);  // Download size, as nix-store --serve says: the NAR's.
       if (ServeMinor(report_.client_version) >= 4) {
         w.String(info->nar_hash).String(info->ca).Strings(info->sigs);
@@ -143,31 +117,10 @@ class Session {
   // The NAR, decompressed from the farm's zstd file as it arrives.
   absl::Status DumpStorePath() {
     ASSIGN_OR_RETURN(std::string path, in_.String());
-    ASSIGN_OR_RETURN(NarInfo info, InfoOf(farm_, path));
-    if (info.compression != "zstd" || !absl::StartsWith(info.url, "nar/")) {
-      return absl::InternalError(absl::StrCat("the farm's NAR of ", path, " is not zstd"));
-    }
-    std::unique_ptr<ZSTD_DCtx, ZstdDFree> zstd(ZSTD_createDCtx());
-    std::string out(ZSTD_DStreamOutSize(), '\0');
-    uint64_t sent = 0;
-    size_t last = 1;
-    RETURN_IF_ERROR(farm_.FetchNar(info.url.substr(4), [&](absl::string_view piece) -> absl::Status {
-      ZSTD_inBuffer input{piece.data(), piece.size(), 0};
-      while (input.pos < input.size) {
-        ZSTD_outBuffer output{out.data(), out.size(), 0};
-        last = ZSTD_decompressStream(zstd.get(), &output, &input);
-        if (ZSTD_isError(last)) return absl::DataLossError(absl::StrCat("zstd: ", ZSTD_getErrorName(last)));
-        sent += output.pos;
-        if (sent > info.nar_size) return absl::DataLossError(absl::StrCat("the NAR of ", path, " is too long"));
-        RETURN_IF_ERROR(out_(absl::string_view(out.data(), output.pos)));
-      }
-      return absl::OkStatus();
-    }));
-    if (last != 0 || sent != info.nar_size) {
-      return absl::DataLossError(absl::StrCat("the NAR of ", path, " is ", sent, " bytes, not ", info.nar_size));
-    }
+    ASSIGN_OR_RETURN(NarInfo info, FarmPathInfo(farm_, path));
+    RETURN_IF_ERROR(StreamFarmNar(farm_, info, out_));
     ++report_.nars_sent;
-    report_.nar_bytes_sent += sent;
+    report_.nar_bytes_sent += info.nar_size;
     return absl::OkStatus();
   }
 
@@ -243,6 +196,99 @@ class Session {
     return Send(w);
   }
 
+  // Paths in `nix-store --export`'s format, as old clients send them: per
+  // path a 1, its NAR (no length ahead: it ends where the archive does),
+  // the export magic, the path, references, deriver and a legacy signature
+  // flag; a 0 after the last. Every path is read and checked — the NAR's
+  // structure, the fields — before any is added (spooled to a temporary
+  // file meanwhile), so a bad stream adds nothing; then each is added as
+  // add-to-store-nar adds it, in the order sent (references first).
+  absl::Status ImportPaths() {
+    struct Spooled {
+      kiln::v1::PathInfo info;
+      long offset = 0;
+    };
+    std::unique_ptr<std::FILE, int (*)(std::FILE*)> spool(std::tmpfile(), &std::fclose);
+    if (spool == nullptr) return absl::InternalError("import-paths: no temporary file to spool the NARs to");
+    std::vector<Spooled> paths;
+    for (;;) {
+      ASSIGN_OR_RETURN(uint64_t more, in_.U64());
+      if (more == 0) break;
+      if (more != 1) return absl::InvalidArgumentError("import-paths: not the format of nix-store --export");
+      if (paths.size() >= ServeLimits{}.max_list_items) {
+        return absl::ResourceExhaustedError("import-paths: too many paths in one request");
+      }
+      Spooled p;
+      p.offset = std::ftell(spool.get());
+      ASSIGN_OR_RETURN(NarSummary nar, ReadNarPrefix([&](char* buf, size_t size) -> absl::StatusOr<size_t> {
+                         ASSIGN_OR_RETURN(size_t n, in_.Some(buf, size));
+                         if (std::fwrite(buf, 1, n, spool.get()) != n)
+                           return absl::InternalError("import-paths: spool write failed");
+                         return n;
+                       }));
+      ASSIGN_OR_RETURN(uint64_t magic, in_.U64());
+      if (magic != kServeExportMagic) return absl::InvalidArgumentError("import-paths: no export magic after a NAR");
+      ASSIGN_OR_RETURN(*p.info.mutable_store_path(), in_.String());
+      RETURN_IF_ERROR(CheckStorePath(p.info.store_path()));
+      ASSIGN_OR_RETURN(std::vector<std::string> refs, StorePaths());
+      for (std::string& r : refs) p.info.add_references(std::move(r));
+      ASSIGN_OR_RETURN(*p.info.mutable_deriver(), in_.String());
+      if (!p.info.deriver().empty()) RETURN_IF_ERROR(CheckStorePath(p.info.deriver()));
+      ASSIGN_OR_RETURN(uint64_t signed_flag, in_.U64());
+      if (signed_flag == 1) {
+        RETURN_IF_ERROR(in_.String().status());  // Nix's own imports ignore it too.
+      } else if (signed_flag != 0) {
+        return absl::InvalidArgumentError("import-paths: a bad signature flag");
+      }
+      p.info.set_nar_hash(absl::StrCat("sha256:", absl::BytesToHexString(nar.sha256)));
+      p.info.set_nar_size(nar.nar_bytes);
+      paths.push_back(std::move(p));
+    }
+    std::string buf(size_t{256} << 10, '\0');
+    for (const Spooled& p : paths) {
+      if (std::fseek(spool.get(), p.offset, SEEK_SET) != 0) return absl::InternalError("import-paths: spool seek");
+      uint64_t left = p.info.nar_size();
+      RETURN_IF_ERROR_CONTEXT(farm_.AddPath(p.info,
+                                            [&](NarSink sink) -> absl::Status {
+                                              while (left > 0) {
+                                                const size_t n = std::fread(
+                                                    buf.data(), 1, std::min<uint64_t>(left, buf.size()), spool.get());
+                                                if (n == 0) return absl::InternalError("import-paths: spool read");
+                                                left -= n;
+                                                RETURN_IF_ERROR(sink(absl::string_view(buf.data(), n)));
+                                              }
+                                              return absl::OkStatus();
+                                            }),
+                              "adding ", p.info.store_path(), " to the farm store");
+      ++report_.paths_added;
+    }
+    return Send(ServeWriter().U64(1));
+  }
+
+  // Derivations to build in the farm store itself (the client's store is
+  // the farm: `nix-store --realise --store ssh://…`): see
+  // cli/serve_build_paths.h. The answer is 0, or Nix's failure status and
+  // message.
+  absl::Status BuildPaths() {
+    ASSIGN_OR_RETURN(std::vector<std::string> wanted, in_.Strings());
+    const uint64_t version = std::min(report_.client_version, kServeProtocolVersion);
+    ASSIGN_OR_RETURN(ServeBuildOptions options, ReadServeBuildOptions(in_, version));
+    if (builder_ == nullptr) return absl::UnimplementedError("kiln serve-nix does not build here");
+    absl::StatusOr<ServeBuildResult> result = BuildPathsOnFarm(
+        farm_, *builder_, wanted, options,
+        [](absl::string_view line) { std::fprintf(stderr, "%.*s\n", static_cast<int>(line.size()), line.data()); });
+    if (!result.ok()) {
+      ServeBuildResult failed;
+      failed.status = ServeBuildStatus::kMiscFailure;
+      failed.error_msg = absl::StrCat("kiln: ", result.status().message());
+      result = failed;
+    }
+    ++report_.derivations_built;
+    const bool ok = result->status == ServeBuildStatus::kBuilt || result->status == ServeBuildStatus::kAlreadyValid;
+    if (ok) return Send(ServeWriter().U64(0));
+    return Send(ServeWriter().U64(static_cast<uint64_t>(result->status)).String(result->error_msg));
+  }
+
   absl::Status QueryClosure() {
     ASSIGN_OR_RETURN(uint64_t include_outputs, in_.U64());
     (void)include_outputs;  // The farm store keeps outputs, not derivations' output lists.
@@ -252,12 +298,12 @@ class Session {
     while (!todo.empty()) {
       const std::string path = std::move(todo.back());
       todo.pop_back();
-      absl::StatusOr<NarInfo> info = InfoOf(farm_, path);
+      absl::StatusOr<NarInfo> info = FarmPathInfo(farm_, path);
       if (absl::IsNotFound(info.status())) continue;  // As Nix: only valid paths.
       RETURN_IF_ERROR(info.status());
       closure.push_back(path);
       for (const std::string& r : info->references) {
-        std::string full = FullPath(r);
+        std::string full = FullStorePath(r);
         if (seen.insert(full).second) todo.push_back(std::move(full));
       }
     }

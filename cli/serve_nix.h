@@ -6,9 +6,12 @@
 // Served from the farm store (over the CLI's gRPC channel and token):
 // which paths are valid, their path infos (with the farm's signatures),
 // their NARs, and closures; and paths a client adds (add-to-store-nar,
-// with a token of scope `cache-write`), checked by the farm store as any
+// with a token of scope `cache-write`, or import-paths in `nix-store
+// --export`'s format from old clients), checked by the farm store as any
 // upload; and derivations to build (build-derivation, what Nix's remote
-// builders are sent), each a farm job whose log is the session's stderr.
+// builders are sent), each a farm job whose log is the session's stderr,
+// and derivations of the farm store to build there with their closures
+// (build-paths, cli/serve_build_paths.h).
 //
 // Everything read from the client is bounded (ServeReader's limits) and
 // checked; nothing it sends reaches the farm store unverified.

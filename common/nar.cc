@@ -17,14 +17,24 @@ constexpr size_t kMaxTokenBytes = 64;  // "nix-archive-1", "executable", … are
 
 class NarParser {
  public:
-  NarParser(NarSource source, const NarLimits& limits) : source_(source), limits_(limits), buffer_(kBufferBytes) {}
+  // `prefix`: the archive starts a stream that goes on after it; no byte
+  // past its end is read. `root_file`: where the contents of a root that is
+  // a regular file go (at most `max_root_file` bytes).
+  NarParser(NarSource source, const NarLimits& limits, bool prefix = false, std::string* root_file = nullptr,
+            uint64_t max_root_file = 0)
+      : source_(source),
+        limits_(limits),
+        prefix_(prefix),
+        root_file_(root_file),
+        max_root_file_(max_root_file),
+        buffer_(kBufferBytes) {}
 
   absl::StatusOr<NarSummary> Parse() {
     RETURN_IF_ERROR(Expect("nix-archive-1", "/", "not a NAR (no nix-archive-1 header)"));
     RETURN_IF_ERROR(Node("/", 0));
     // Exactly one archive: nothing may follow it.
-    RETURN_IF_ERROR(Fill());
-    if (begin_ < end_) return Malformed("/", "bytes after the end of the archive");
+    if (!prefix_) RETURN_IF_ERROR(Fill(kBufferBytes));
+    if (!prefix_ && begin_ < end_) return Malformed("/", "bytes after the end of the archive");
     summary_.nar_bytes = consumed_;
     summary_.sha256 = absl::HexStringToBytes(hash_.FinishHex());
     return summary_;
@@ -35,11 +45,13 @@ class NarParser {
     return absl::DataLossError(absl::StrCat("malformed NAR at ", path, ": ", what));
   }
 
-  // Makes bytes available in the buffer; none at the end of the source.
-  absl::Status Fill() {
+  // Makes bytes available in the buffer (up to `want` of them when the
+  // archive is a stream's prefix); none at the end of the source.
+  absl::Status Fill(uint64_t want) {
     if (begin_ < end_) return absl::OkStatus();
     begin_ = end_ = 0;
-    ASSIGN_OR_RETURN(size_t n, source_(buffer_.data(), buffer_.size()));
+    const size_t ask = prefix_ ? static_cast<size_t>(std::min<uint64_t>(want, buffer_.size())) : buffer_.size();
+    ASSIGN_OR_RETURN(size_t n, source_(buffer_.data(), ask));
     end_ = std::min(n, buffer_.size());
     return absl::OkStatus();
   }
@@ -51,7 +63,7 @@ class NarParser {
           absl::StrCat("NAR larger than the limit of ", limits_.max_nar_bytes, " bytes (at ", path, ")"));
     }
     while (n > 0) {
-      RETURN_IF_ERROR(Fill());
+      RETURN_IF_ERROR(Fill(n));
       if (begin_ == end_) return Malformed(path, "truncated");
       const size_t step = static_cast<size_t>(std::min<uint64_t>(n, end_ - begin_));
       const absl::string_view piece(buffer_.data() + begin_, step);
@@ -124,7 +136,12 @@ class NarParser {
       if (tag != "contents")
         return Malformed(path, absl::StrCat("expected 'contents', got '", absl::CHexEscape(tag), "'"));
       ASSIGN_OR_RETURN(uint64_t length, U64(path));
-      RETURN_IF_ERROR(Take(length, nullptr, path));
+      std::string* keep = depth == 0 ? root_file_ : nullptr;
+      if (keep != nullptr && length > max_root_file_) {
+        return absl::ResourceExhaustedError(
+            absl::StrCat("a file of ", length, " bytes (at most ", max_root_file_, " are read)"));
+      }
+      RETURN_IF_ERROR(Take(length, keep, path));
       RETURN_IF_ERROR(Padding(length, path));
       ++summary_.regular_files;
       summary_.content_bytes += length;
@@ -172,6 +189,9 @@ class NarParser {
 
   NarSource source_;
   const NarLimits& limits_;
+  const bool prefix_;
+  std::string* const root_file_;
+  const uint64_t max_root_file_;
   std::vector<char> buffer_;
   size_t begin_ = 0, end_ = 0;
   uint64_t consumed_ = 0;
@@ -186,16 +206,38 @@ absl::StatusOr<NarSummary> ReadNar(NarSource source, const NarLimits& limits) {
   return NarParser(source, limits).Parse();
 }
 
+absl::StatusOr<NarSummary> ReadNarPrefix(NarSource source, const NarLimits& limits) {
+  return NarParser(source, limits, /*prefix=*/true).Parse();
+}
+
+namespace {
+
+// A source over bytes held in memory.
+auto MemorySource(absl::string_view bytes, size_t& at) {
+  return [bytes, &at](char* buf, size_t size) -> absl::StatusOr<size_t> {
+    const size_t n = std::min(size, bytes.size() - at);
+    std::memcpy(buf, bytes.data() + at, n);
+    at += n;
+    return n;
+  };
+}
+
+}  // namespace
+
 absl::StatusOr<NarSummary> ReadNar(absl::string_view nar, const NarLimits& limits) {
   size_t at = 0;
-  return ReadNar(
-      [&](char* buf, size_t size) -> absl::StatusOr<size_t> {
-        const size_t n = std::min(size, nar.size() - at);
-        std::memcpy(buf, nar.data() + at, n);
-        at += n;
-        return n;
-      },
-      limits);
+  return ReadNar(MemorySource(nar, at), limits);
+}
+
+absl::StatusOr<std::string> RegularFileOfNar(absl::string_view nar, uint64_t max_bytes) {
+  size_t at = 0;
+  std::string contents;
+  ASSIGN_OR_RETURN(NarSummary summary,
+                   NarParser(MemorySource(nar, at), NarLimits{}, /*prefix=*/false, &contents, max_bytes).Parse());
+  if (summary.directories != 0 || summary.symlinks != 0 || summary.regular_files != 1) {
+    return absl::InvalidArgumentError("the NAR's root is not a regular file");
+  }
+  return contents;
 }
 
 }  // namespace kiln

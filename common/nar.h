@@ -52,5 +52,12 @@ using NarSource = absl::FunctionRef<absl::StatusOr<size_t>(char* buf, size_t siz
 absl::StatusOr<NarSummary> ReadNar(NarSource source, const NarLimits& limits = {});
 // The same for a NAR held in memory.
 absl::StatusOr<NarSummary> ReadNar(absl::string_view nar, const NarLimits& limits = {});
+// Reads exactly one NAR from the start of `source`, a stream that goes on
+// after it (Nix's export format, one NAR after another): no byte past the
+// archive's end is read.
+absl::StatusOr<NarSummary> ReadNarPrefix(NarSource source, const NarLimits& limits = {});
+// The contents of a NAR whose root is one regular file (a .drv), checked as
+// ReadNar checks; a file over `max_bytes` is RESOURCE_EXHAUSTED.
+absl::StatusOr<std::string> RegularFileOfNar(absl::string_view nar, uint64_t max_bytes);
 
 }  // namespace kiln

@@ -167,6 +167,17 @@ Derivation ToDerivation(const ServeDerivation& drv) {
   return d;
 }
 
+ServeDerivation ToServeDerivation(const Derivation& resolved) {
+  ServeDerivation d;
+  for (const auto& [name, o] : resolved.outputs) d.outputs.push_back({name, o.path, o.hash_algo, o.hash});
+  d.input_srcs = resolved.input_srcs;
+  d.platform = resolved.system;
+  d.builder = resolved.builder;
+  d.args = resolved.args;
+  d.env.assign(resolved.env.begin(), resolved.env.end());
+  return d;
+}
+
 void WriteServeDerivation(ServeWriter& out, const ServeDerivation& drv) {
   out.U64(drv.outputs.size());
   for (const ServeDerivationOutput& o : drv.outputs)

@@ -21,6 +21,8 @@ namespace kiln {
 
 inline constexpr uint64_t kServeMagic1 = 0x390c9deb;  // Client's hello.
 inline constexpr uint64_t kServeMagic2 = 0x5452eecb;  // Server's answer.
+// After each NAR in `nix-store --export`'s format (import-paths).
+inline constexpr uint64_t kServeExportMagic = 0x4558494e;
 // Major 2, minor 7: what Nix 2.8's nix-store --serve speaks.
 inline constexpr uint64_t kServeProtocolVersion = 0x207;
 inline constexpr uint64_t ServeMinor(uint64_t version) { return version & 0xff; }
@@ -107,6 +109,8 @@ void WriteServeDerivation(ServeWriter& out, const ServeDerivation& drv);
 // The same derivation as a .drv file would hold it, resolved (no input
 // derivations): what GetFixedOutput takes.
 Derivation ToDerivation(const ServeDerivation& drv);
+// A resolved derivation (ResolveInputs) as build-derivation carries it.
+ServeDerivation ToServeDerivation(const Derivation& resolved);
 
 // The limits a client sends after a build request, per the protocol
 // version both ends speak (the lower of theirs).

@@ -42,6 +42,7 @@ class FakeServeFarm final : public FarmStoreClient {
       return absl::OkStatus();
     }));
     added[info.store_path()] = nar;
+    infos[info.store_path()] = info;
     return absl::OkStatus();
   }
   absl::StatusOr<std::string> PublicKey() override { return "k:AAAA"; }
@@ -65,6 +66,16 @@ class FakeServeFarm final : public FarmStoreClient {
   uint64_t claimed_nar_size = 19;
   int questions = 0;
   std::map<std::string, std::string> added;
+  std::map<std::string, kiln::v1::PathInfo> infos;
+};
+
+// A builder never asked (a fake): plain paths need no build.
+class FakeBuilderForPaths final : public DerivationBuilder {
+ public:
+  absl::StatusOr<ServeBuildResult> Build(const std::string&, const ServeDerivation&, const ServeBuildOptions&,
+                                         absl::FunctionRef<void(absl::string_view)>) override {
+    return absl::InternalError("not expected");
+  }
 };
 
 struct Outcome {
@@ -107,6 +118,64 @@ ServeWriter& AddToStoreNar(ServeWriter& w, const std::string& path, const std::s
       .Strings({})
       .String("")
       .Raw(nar);
+}
+
+constexpr char kOther[] = "/nix/store/ffffffffffffffffffffffffffffffff-other";
+
+// A session that imports `paths` (path, NAR) in nix-store --export's
+// format, each referring to the one before.
+std::string ImportPaths(const std::vector<std::pair<std::string, std::string>>& paths) {
+  ServeWriter w = Hello();
+  w.U64(static_cast<uint64_t>(ServeCommand::kImportPaths));
+  std::string previous;
+  for (const auto& [path, nar] : paths) {
+    w.U64(1).Raw(nar).U64(0x4558494e).String(path);
+    w.Strings(previous.empty() ? std::vector<std::string>{} : std::vector<std::string>{previous});
+    w.String("").U64(0);
+    previous = path;
+  }
+  w.U64(0);
+  return w.data();
+}
+
+TEST(ServeNixSessionTest, ImportsPathsInNixStoreExportsFormat) {
+  FakeServeFarm farm;
+  const std::string first = testing::NarArchive(testing::NarFile("first\n"));
+  const std::string second = testing::NarArchive(testing::NarDirectory({{"f", testing::NarFile("second")}}));
+  const Outcome o = RunSession(farm, ImportPaths({{kNew, first}, {kOther, second}}) +
+                                         ServeWriter()
+                                             .U64(static_cast<uint64_t>(ServeCommand::kQueryValidPaths))
+                                             .U64(0)
+                                             .U64(0)
+                                             .Strings({kHeld})
+                                             .data());
+  ASSERT_TRUE(o.status.ok()) << o.status;
+  EXPECT_EQ(o.out, ServeWriter().U64(kServeMagic2).U64(kServeProtocolVersion).U64(1).Strings({kHeld}).data())
+      << "the stream after the import was not read where it starts";
+  ASSERT_EQ(farm.added.size(), 2u);
+  EXPECT_EQ(farm.added[kNew], first);
+  EXPECT_EQ(farm.added[kOther], second);
+  EXPECT_EQ(farm.infos[kOther].nar_hash(), "sha256:" + Sha256Hex(second));
+  EXPECT_EQ(farm.infos[kOther].nar_size(), second.size());
+  EXPECT_EQ(farm.infos[kOther].references(0), kNew);
+}
+
+// build-paths of paths that are no derivations: valid ones answer 0, a
+// missing one Nix's failure status and a message.
+TEST(ServeNixSessionTest, BuildPathsOfPlainPathsAnswersAsNixDoes) {
+  FakeServeFarm farm;
+  FakeBuilderForPaths builder;
+  ServeWriter w = Hello();
+  w.U64(static_cast<uint64_t>(ServeCommand::kBuildPaths)).Strings({kHeld});
+  WriteServeBuildOptions(w, {}, kServeProtocolVersion);
+  w.U64(static_cast<uint64_t>(ServeCommand::kBuildPaths)).Strings({kHeld, kNew});
+  WriteServeBuildOptions(w, {}, kServeProtocolVersion);
+  const Outcome o = RunSession(farm, w.data(), &builder);
+  ASSERT_TRUE(o.status.ok()) << o.status;
+  const std::string head = ServeWriter().U64(kServeMagic2).U64(kServeProtocolVersion).U64(0).U64(9).data();
+  ASSERT_GT(o.out.size(), head.size());
+  EXPECT_EQ(o.out.substr(0, head.size()), head);
+  EXPECT_TRUE(absl::StrContains(o.out, "is not valid in the farm store")) << o.out;
 }
 
 TEST(ServeNixSessionTest, AnswersValidPathsAndAddsWhatTheClientSends) {
@@ -237,8 +306,15 @@ TEST(ServeNixSessionTest, BadInputEndsTheSessionAndChangesNothing) {
        absl::StatusCode::kInvalidArgument, "not a store path"},
       {"a build request cut short", Hello().U64(static_cast<uint64_t>(ServeCommand::kBuildDerivation)).data(),
        absl::StatusCode::kDataLoss, "ended"},
-      {"build-paths", Hello().U64(static_cast<uint64_t>(ServeCommand::kBuildPaths)).data(),
-       absl::StatusCode::kUnimplemented, "build-derivation"},
+      {"a build-paths request cut short", Hello().U64(static_cast<uint64_t>(ServeCommand::kBuildPaths)).data(),
+       absl::StatusCode::kDataLoss, "ended"},
+      {"import-paths, a bad NAR after a good one", ImportPaths({{kNew, nar}, {kOther, "not a NAR at all, no"}}),
+       absl::StatusCode::kDataLoss, "malformed NAR"},
+      {"import-paths, no magic after the NAR", Hello().U64(4).U64(1).Raw(nar).U64(0x1234).data(),
+       absl::StatusCode::kInvalidArgument, "export magic"},
+      {"import-paths, a path outside the store", ImportPaths({{"/tmp/evil", nar}}), absl::StatusCode::kInvalidArgument,
+       "not a store path"},
+      {"import-paths cut short", ImportPaths({{kNew, nar}}).substr(0, 100), absl::StatusCode::kDataLoss, ""},
   };
   for (const Case& c : cases) {
     FakeServeFarm farm;

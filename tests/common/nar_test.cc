@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <cstring>
 #include <fstream>
 
 #include "absl/strings/ascii.h"
@@ -16,6 +17,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
+#include "common/digest.h"
 #include "common/nar_dump.h"
 #include "common/narinfo.h"
 #include "common/nix_hash.h"
@@ -162,6 +164,42 @@ TEST(NarTest, MalformedArchivesAreRefusedSayingWhereAndWhy) {
     ASSERT_FALSE(read.ok()) << "accepted; expected: " << c.says;
     EXPECT_TRUE(absl::StrContains(read.status().message(), c.says)) << read.status();
   }
+}
+
+// A NAR at the head of a stream (Nix's export format): read to its last
+// byte and not one byte further, however the source hands bytes out.
+TEST(NarTest, APrefixIsReadToItsEndAndNoFurther) {
+  const std::string nar = NarArchive(NarDirectory({{"a", NarFile(std::string(100000, 'x'))}, {"b", NarFile("y")}}));
+  const std::string stream = nar + "AFTER THE ARCHIVE";
+  size_t at = 0;
+  absl::StatusOr<NarSummary> read = ReadNarPrefix([&](char* buf, size_t size) -> absl::StatusOr<size_t> {
+    const size_t n = std::min(size, stream.size() - at);
+    std::memcpy(buf, stream.data() + at, n);
+    at += n;
+    return n;
+  });
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_EQ(read->nar_bytes, nar.size());
+  EXPECT_EQ(at, nar.size()) << "read past the archive";
+  EXPECT_EQ(read->sha256, absl::HexStringToBytes(Sha256Hex(nar)));
+  at = 0;
+  const std::string cut = nar.substr(0, nar.size() - 8);
+  EXPECT_TRUE(absl::IsDataLoss(ReadNarPrefix([&](char* buf, size_t size) -> absl::StatusOr<size_t> {
+                                 const size_t n = std::min(size, cut.size() - at);
+                                 std::memcpy(buf, cut.data() + at, n);
+                                 at += n;
+                                 return n;
+                               }).status()));
+}
+
+TEST(NarTest, TheFileOfAOneFileNarIsItsContents) {
+  absl::StatusOr<std::string> drv = RegularFileOfNar(NarArchive(NarFile("Derive([])")), 1024);
+  ASSERT_TRUE(drv.ok()) << drv.status();
+  EXPECT_EQ(*drv, "Derive([])");
+  EXPECT_TRUE(absl::IsResourceExhausted(RegularFileOfNar(NarArchive(NarFile(std::string(2000, 'x'))), 1024).status()));
+  EXPECT_TRUE(
+      absl::IsInvalidArgument(RegularFileOfNar(NarArchive(NarDirectory({{"a", NarFile("x")}})), 1024).status()));
+  EXPECT_FALSE(RegularFileOfNar(NarArchive(NarFile("x")) + "trailing", 1024).ok());
 }
 
 TEST(NarTest, LimitsBoundSizeEntriesAndDepth) {

@@ -1,0 +1,37 @@
+// What the gateway (`kiln serve-nix`) reads from the farm store, shared by
+// its commands: store paths as the protocol names them, a path's narinfo,
+// and a path's NAR as Nix's serve protocol hands it out (uncompressed).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "common/farm_store_client.h"
+#include "common/narinfo.h"
+
+namespace kiln {
+
+inline constexpr char kServeStoreDir[] = "/nix/store/";
+
+// A full store path (the protocol's form): INVALID_ARGUMENT otherwise.
+absl::Status CheckStorePath(const std::string& path);
+
+// A narinfo names references and the deriver by base name; the protocol by
+// full path ("" stays "").
+std::string FullStorePath(absl::string_view base);
+
+// The farm's narinfo of `path`; NOT_FOUND when the farm lacks it.
+absl::StatusOr<NarInfo> FarmPathInfo(FarmStoreClient& farm, const std::string& path);
+
+// The NAR of `info`'s path, decompressed from the farm's zstd file as it
+// arrives, to `out`; DATA_LOSS unless it is exactly the narinfo's NarSize.
+absl::Status StreamFarmNar(FarmStoreClient& farm, const NarInfo& info, NarSink out);
+
+// The NAR of `path` held whole in memory; RESOURCE_EXHAUSTED over
+// `max_bytes` (for small paths: .drv files).
+absl::StatusOr<std::string> SmallFarmNar(FarmStoreClient& farm, const std::string& path, uint64_t max_bytes);
+
+}  // namespace kiln
