@@ -8,7 +8,8 @@
 #        slot each;
 #   (ii) against `kiln serve-nix` behind the same sshd, in front of a farm of
 #        K workers on private stores, one slot each;
-# with K = BENCH_GATEWAY_MACHINES (4). Also one trivial derivation's round
+# with K = BENCH_GATEWAY_MACHINES (4); the gateway advertised with 2K slots
+# (the recommendation), and again with K. Also one trivial derivation's round
 # trip (ii) vs (i). Each side builds fresh derivations (a nonce) into an
 # empty client store. Headline: gateway_makespan_ratio_vs_nix_builders.
 source "$(dirname "$0")/../scripts/lib.sh"
@@ -101,17 +102,35 @@ client() {
 
 stock=""
 for ((m = 1; m <= machines; m++)); do stock+="ssh://m$m x86_64-linux - 1 1;"; done
-gateway="ssh://kiln x86_64-linux - $machines 1"
+# The gateway's maxJobs: the farm's slots and as many again, as
+# docs/OPERATIONS.md recommends. A derivation handed over while every worker
+# is busy waits in the coordinator's queue and starts the moment a slot
+# frees; one the client holds back (all the machine's slots taken) is
+# retried only after Nix's poll interval, 5 s. The same graph with maxJobs
+# equal to the farm's slots is measured too.
+gateway="ssh://kiln x86_64-linux - $((machines * 2)) 1"
+gateway_equal="ssh://kiln x86_64-linux - $machines 1"
 
 count=$(nix-instantiate "$work/graph.nix" --argstr nonce count-$$ 2>/dev/null | wc -l)
 log "graph: $count top-level outputs, 40 derivations; $machines machines" >&2
 nonce=$$-$(now_ns)
 nix_ms=$(client "$work/c-nix" "$stock" "$work/graph.nix" "nix-$nonce")
 kiln_ms=$(client "$work/c-kiln" "$gateway" "$work/graph.nix" "kiln-$nonce")
+# Where Kiln's time went, from the coordinator's histograms (sums over
+# every label set): per job, the wait for a worker and the time on it
+# (inputs realised, built, outputs uploaded).
+metrics=$(curl -fsS "http://$(json_field "$work/farm/coordinator.ready" metrics)/metrics")
+mean_ms() {
+  awk -v n="$1" '{split($1, a, "{")} a[1] == n "_sum" {s += $2} a[1] == n "_count" {c += $2}
+    END {if (c > 0) printf "%.0f", s / c * 1000; else print 0}' <<<"$metrics"
+}
+kiln_queue_wait_ms=$(mean_ms kiln_job_queue_wait_seconds)
+kiln_job_ms=$(mean_ms kiln_build_duration_seconds)
+kiln_equal_ms=$(client "$work/c-kiln-equal" "$gateway_equal" "$work/graph.nix" "kiln-equal-$nonce")
 nix_trivial_ms=$(client "$work/t-nix" "ssh://m1 x86_64-linux - 1 1" "$work/trivial.nix" "nix-$nonce")
 kiln_trivial_ms=$(client "$work/t-kiln" "$gateway" "$work/trivial.nix" "kiln-$nonce")
 # Both sides built the whole graph (with -j0, nothing was built locally).
-for side in nix kiln; do
+for side in nix kiln kiln-equal; do
   n=$(wc -l <"$work/c-$side.out")
   ((n == 4)) || { echo "error: the $side side built $n top-level outputs, not 4" >&2; exit 1; }
 done
@@ -121,6 +140,10 @@ echo "gateway_machines=$machines"
 echo "gateway_derivations=40"
 echo "gateway_nix_builders_makespan_ms=$nix_ms"
 echo "gateway_kiln_makespan_ms=$kiln_ms"
+echo "gateway_kiln_max_jobs_equal_to_slots_makespan_ms=$kiln_equal_ms"
+echo "gateway_makespan_ratio_max_jobs_equal_to_slots=$(ratio "$kiln_equal_ms" "$nix_ms")"
+echo "gateway_kiln_mean_queue_wait_ms=$kiln_queue_wait_ms"
+echo "gateway_kiln_mean_job_on_worker_ms=$kiln_job_ms"
 echo "gateway_nix_builders_trivial_ms=$nix_trivial_ms"
 echo "gateway_kiln_trivial_ms=$kiln_trivial_ms"
 echo "gateway_trivial_ratio_vs_nix_builders=$(ratio "$kiln_trivial_ms" "$nix_trivial_ms")"

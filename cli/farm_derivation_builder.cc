@@ -2,6 +2,9 @@
 
 #include <grpcpp/grpcpp.h>
 #include <poll.h>
+#include <unistd.h>
+
+#include <cerrno>
 
 #include <atomic>
 #include <thread>
@@ -9,6 +12,7 @@
 #include <chrono>
 #include <optional>
 
+#include "absl/functional/any_invocable.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -32,6 +36,45 @@ kiln::v1::Digest EmptyTree() {
   d.set_size_bytes(0);
   return d;
 }
+
+// Watches `fd` (the session's stdin: a client waiting for its build has
+// nothing to say) on a thread of its own: its hang-up calls `on_hangup`,
+// once. The destructor wakes the thread through a pipe and joins it, so a
+// finished build's answer never waits for the watch (a poll timeout here
+// once cost every derivation up to 200 ms).
+class HangupWatch {
+ public:
+  HangupWatch(int fd, absl::AnyInvocable<void()> on_hangup) : on_hangup_(std::move(on_hangup)) {
+    if (fd < 0 || ::pipe(wake_) != 0) return;
+    thread_ = std::thread([this, fd] {
+      pollfd p[2] = {{fd, POLLRDHUP, 0}, {wake_[0], POLLIN, 0}};
+      for (;;) {
+        const int n = ::poll(p, 2, -1);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 || (p[1].revents & (POLLIN | POLLHUP | POLLERR)) != 0) return;  // Stopped.
+        if ((p[0].revents & (POLLHUP | POLLRDHUP | POLLERR | POLLNVAL)) != 0) {
+          hung_up_ = true;
+          on_hangup_();
+          return;
+        }
+      }
+    });
+  }
+  ~HangupWatch() {
+    if (thread_.joinable()) {
+      ::close(wake_[1]);  // Wakes the poll.
+      thread_.join();
+      ::close(wake_[0]);
+    }
+  }
+  bool hung_up() const { return hung_up_.load(); }
+
+ private:
+  absl::AnyInvocable<void()> on_hangup_;
+  int wake_[2] = {-1, -1};
+  std::atomic<bool> hung_up_{false};
+  std::thread thread_;
+};
 
 }  // namespace
 
@@ -165,35 +208,16 @@ absl::StatusOr<ServeBuildResult> FarmDerivationBuilder::Build(const std::string&
   log(absl::StrCat("kiln: ", drv_path, " is job ", job_id));
   // The client waits with nothing to say: its end of stdin closing means it
   // left. Its job is then cancelled, and the watch below ends.
-  std::atomic<bool> done{false}, hung_up{false};
   absl::Mutex watch_mu;
   grpc::ClientContext* watching = nullptr;
-  std::thread hangup_watch;
-  if (hangup_fd_ >= 0) {
-    hangup_watch = std::thread([&] {
-      while (!done.load()) {
-        pollfd p{hangup_fd_, POLLRDHUP, 0};
-        if (::poll(&p, 1, 200) > 0 && (p.revents & (POLLHUP | POLLRDHUP | POLLERR)) != 0) {
-          hung_up = true;
-          kiln::v1::CancelJobRequest cancel;
-          cancel.set_job_id(job_id);
-          kiln::v1::CancelJobResponse cancelled;
-          (void)UnaryCall(options_, [&](grpc::ClientContext& c) { return stub_->CancelJob(&c, cancel, &cancelled); });
-          absl::MutexLock lock(&watch_mu);
-          if (watching != nullptr) watching->TryCancel();
-          return;
-        }
-      }
-    });
-  }
-  struct StopWatch {
-    std::atomic<bool>& done;
-    std::thread& thread;
-    ~StopWatch() {
-      done = true;
-      if (thread.joinable()) thread.join();
-    }
-  } stop_watch{done, hangup_watch};
+  const HangupWatch hangup(hangup_fd_, [&] {
+    kiln::v1::CancelJobRequest cancel;
+    cancel.set_job_id(job_id);
+    kiln::v1::CancelJobResponse cancelled;
+    (void)UnaryCall(options_, [&](grpc::ClientContext& c) { return stub_->CancelJob(&c, cancel, &cancelled); });
+    absl::MutexLock lock(&watch_mu);
+    if (watching != nullptr) watching->TryCancel();
+  });
   // Follow the job to its end; a broken stream (a coordinator restart) is
   // resumed from the last event seen, for a bounded time.
   uint64_t next_sequence = 0, incarnation = 0;
@@ -210,7 +234,7 @@ absl::StatusOr<ServeBuildResult> FarmDerivationBuilder::Build(const std::string&
       absl::MutexLock lock(&watch_mu);
       watching = &context;
     }
-    if (hung_up) return absl::CancelledError("the client went away");
+    if (hangup.hung_up()) return absl::CancelledError("the client went away");
     auto reader = stub_->WatchJob(&context, request);
     kiln::v1::JobEvent event;
     while (reader->Read(&event)) {
@@ -231,7 +255,7 @@ absl::StatusOr<ServeBuildResult> FarmDerivationBuilder::Build(const std::string&
       watching = nullptr;
     }
     if (finished) break;
-    if (hung_up) return absl::CancelledError(absl::StrCat("the client went away: job ", job_id, " cancelled"));
+    if (hangup.hung_up()) return absl::CancelledError(absl::StrCat("the client went away: job ", job_id, " cancelled"));
     if (!s.ok() && !absl::IsUnavailable(s)) return s;
     if (lost_since == absl::InfiniteFuture()) lost_since = absl::Now();
     if (absl::Now() - lost_since > give_up_after) {
