@@ -162,7 +162,9 @@ start_farm() {
             'mount --bind "$0" /nix && nix-store --init && exec "$@"' "$dir/worker-$i-nix")
       worker_nix_config+=$'\nbuild-users-group ='
     fi
-    NIX_CONFIG=$worker_nix_config "${wrap[@]}" "$KILN_BUILD/bin/kiln-worker" --coordinator="$KILN_COORDINATOR" \
+    # Its own cache directory too (what binary caches answered, by URL).
+    XDG_CACHE_HOME="$dir/worker-$i-cache" NIX_CONFIG=$worker_nix_config "${wrap[@]}" \
+      "$KILN_BUILD/bin/kiln-worker" --coordinator="$KILN_COORDINATOR" \
       --name="worker-$i" --work-dir="$dir/worker-$i" --max-jobs="${KILN_FARM_MAX_JOBS:-2}" \
       --metrics-listen="127.0.0.1:$port" \
       --nix-option=substituters= --ready-file="$dir/worker-$i.ready" ${KILN_FARM_WORKER_FLAGS:-} \

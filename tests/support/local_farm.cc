@@ -220,11 +220,16 @@ namespace {
 // Nix's environment inside a private store: separate stores keep separate
 // build-user locks, so with build users two of them would take the same
 // nixbld user and kill each other's builds.
-std::vector<std::string> PrivateStoreNixEnv() {
+// The machine's own cache directory too: Nix keeps what binary caches
+// answered (negative narinfo lookups for an hour) under $XDG_CACHE_HOME,
+// keyed by the cache's URL, and tests reuse loopback ports — a machine must
+// not see another's (or an earlier test's) answers.
+std::vector<std::string> PrivateStoreNixEnv(const std::string& nix_dir) {
   std::vector<std::string> env = NixTestEnv();
   for (std::string& e : env) {
     if (absl::StartsWith(e, "NIX_CONFIG=")) e += "\nbuild-users-group =";
   }
+  env.push_back(absl::StrCat("XDG_CACHE_HOME=", nix_dir, "/.cache"));
   return env;
 }
 
@@ -265,7 +270,7 @@ ProcessSpec OnPrivateStore(const std::string& nix_dir, const std::vector<std::st
   fs::create_directories(nix_dir, ec);
   ProcessSpec spec;
   spec.argv = InPrivateStore(nix_dir, argv);
-  spec.extra_env = PrivateStoreNixEnv();
+  spec.extra_env = PrivateStoreNixEnv(nix_dir);
   return spec;
 }
 
@@ -313,11 +318,12 @@ absl::StatusOr<std::unique_ptr<Daemon>> LocalFarm::StartWorker(size_t index, std
       "--nix-option=substituters=",   "--ready-file=" + dir_.Sub(name + ".ready")};
   argv.insert(argv.end(), worker_flags_.begin(), worker_flags_.end());
   std::vector<std::string> env = NixTestEnv();
+  env.push_back("XDG_CACHE_HOME=" + dir_.Sub(name + "-cache"));  // See PrivateStoreNixEnv.
   if (private_stores_) {
     const std::string nix_dir = StoreDirOf(index);
     fs::create_directories(nix_dir, ec);
     argv = InPrivateStore(nix_dir, argv);
-    env = PrivateStoreNixEnv();
+    env = PrivateStoreNixEnv(nix_dir);
   }
   auto worker = Daemon::Start(argv, LogOf(name), env);
   if (!worker.ok()) return worker.status();
