@@ -18,6 +18,7 @@
 #include "cli/client.h"
 #include "cli/farm_derivation_builder.h"
 #include "cli/serve_build_paths.h"
+#include "cli/serve_daemon.h"
 #include "cli/serve_farm_reads.h"
 #include "common/nar.h"
 #include "common/exit_codes.h"
@@ -37,6 +38,9 @@ class Session {
     absl::StatusOr<uint64_t> magic = in_.U64();
     if (absl::IsOutOfRange(magic.status())) return absl::OkStatus();  // Connected and left.
     RETURN_IF_ERROR(magic.status());
+    // ssh-ng:// clients (`nix-daemon --stdio`'s protocol) through the same
+    // forced command.
+    if (*magic == kDaemonMagic1) return RunDaemonSession(in_, out_, farm_, report_, builder_);
     if (*magic != kServeMagic1) return absl::InvalidArgumentError("not Nix's serve protocol (bad hello)");
     RETURN_IF_ERROR(Send(ServeWriter().U64(kServeMagic2).U64(kServeProtocolVersion)));
     ASSIGN_OR_RETURN(report_.client_version, in_.U64());

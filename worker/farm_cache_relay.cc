@@ -10,6 +10,7 @@
 #include "common/log.h"
 #include "common/metrics_http.h"
 #include "common/status_macros.h"
+#include "common/subprocess.h"
 
 namespace kiln {
 namespace {
@@ -65,6 +66,19 @@ absl::StatusOr<std::unique_ptr<FarmCacheRelay>> FarmCacheRelay::Start(FarmStoreC
 }
 
 FarmCacheRelay::~FarmCacheRelay() { StopCivetweb(context_, address_); }
+
+void FarmCacheRelay::PrimeNixCache(const std::string& nix_store, const NixOptionList& options) {
+  const NixOptionList with_relay = NixOptionsFor(options);
+  if (with_relay == options) return;
+  ProcessSpec spec;
+  spec.argv = {nix_store};
+  for (const auto& [name, value] : with_relay) spec.argv.insert(spec.argv.end(), {"--option", name, value});
+  spec.argv.insert(spec.argv.end(), {"--realise", "/nix/store/00000000000000000000000000000000-kiln-relay-probe"});
+  // It fails (no one has that path); what counts is that it opened the cache.
+  if (absl::StatusOr<CommandResult> r = RunCommand(spec, "", absl::Seconds(30)); !r.ok()) {
+    LogWarning("farm-relay", "could not run ", nix_store, " to open the farm store's cache: ", r.status().message());
+  }
+}
 
 NixOptionList FarmCacheRelay::NixOptionsFor(const NixOptionList& options) {
   std::string key;

@@ -61,6 +61,16 @@ class FarmCacheRelay {
   // until known, and every 10 minutes after (a rotated key).
   NixOptionList NixOptionsFor(const NixOptionList& options) ABSL_LOCKS_EXCLUDED(mu_);
 
+  // Nix 2.8 records a binary cache in its narinfo cache
+  // ($XDG_CACHE_HOME/nix/binary-cache-v6.sqlite) the first time it opens
+  // it, with an "insert or replace" that gives the cache a new id: two Nix
+  // processes opening a new cache at once race, and the loser's narinfo
+  // insert fails ("constraint failed"), failing its substitution — two jobs
+  // starting together on a fresh worker. So one Nix opens it alone, before
+  // any build: `nix_store` asked for a path no one has, through the relay.
+  // Best effort (no key yet: nothing to open).
+  void PrimeNixCache(const std::string& nix_store, const NixOptionList& options) ABSL_LOCKS_EXCLUDED(mu_);
+
   // Counts, for metrics and tests.
   struct Counts {
     uint64_t narinfo_hits = 0, narinfo_misses = 0, nars = 0, nar_bytes = 0, errors = 0;

@@ -25,6 +25,7 @@
 #include "common/tls.h"
 #include "worker/direct_upload_client.h"
 #include "worker/farm_cache_relay.h"
+#include "common/nix_store_validity.h"
 #include "worker/served_derivation_executor.h"
 #include "common/farm_store_client.h"
 #include "worker/farm_uploading_executor.h"
@@ -299,6 +300,7 @@ int main(int argc, char** argv) {
     relay = *std::move(started);
     nix.adjust_options = [r = relay.get()](const kiln::NixOptionList& o) { return r->NixOptionsFor(o); };
   }
+  if (relay != nullptr) relay->PrimeNixCache(kiln::NixStoreBinaryBeside(nix.nix_binary), nix.options);
   kiln::NixLocalStore local_store(nix.nix_binary, nix.options);
   nix.scratch_dir = options.work_dir;
   nix.process_ledger_dir = process_ledger_dir;

@@ -467,7 +467,15 @@ void WorkerAgent::FinishJob(const std::string& job_id, uint32_t attempt, kiln::v
     default: break;
   }
   metrics_->BuildsFinished(label).Increment();
-  LogInfo(ForJob(job_id, attempt), kComponent, label);
+  if (result.code() == kiln::v1::RESULT_CODE_SUCCEEDED || result.error_message().empty()) {
+    LogInfo(ForJob(job_id, attempt), kComponent, label);
+  } else {
+    // Why, in the worker's own log too (its first line): the job's log may
+    // be gone when someone reads this one.
+    const std::string& e = result.error_message();
+    LogInfo(ForJob(job_id, attempt), kComponent, label, ": ",
+            absl::string_view(e).substr(0, std::min(e.find('\n'), size_t{300})));
+  }
 
   WorkerMessage finished;
   finished.mutable_finished()->set_job_id(job_id);

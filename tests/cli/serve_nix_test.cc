@@ -14,6 +14,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/digest.h"
+#include "common/nix_hash.h"
 #include "common/narinfo.h"
 #include "common/status_macros.h"
 #include "tests/support/nar_builder.h"
@@ -277,6 +278,122 @@ TEST(ServeNixSessionTest, SessionsOfNewerAndOlderClientsAsTheirSourcesLayThemOut
     EXPECT_EQ(builder.limits.build_timeout, 3600u) << client.who;
     EXPECT_EQ(builder.limits.max_log_size, 4096u) << client.who;
     EXPECT_EQ(builder.limits.keep_failed, minor >= 7) << client.who;
+  }
+}
+
+// The daemon protocol (ssh-ng://) through the same session: a Nix 2.8
+// client's session (protocol 1.34) byte for byte as its sources
+// (remote-store.cc, daemon.cc) lay it out, written field by field.
+TEST(ServeNixSessionTest, ADaemonProtocolSessionAsNix28LaysItOut) {
+  constexpr char kDrv[] = "/nix/store/cccccccccccccccccccccccccccccccc-top.drv";
+  constexpr char kOut[] = "/nix/store/dddddddddddddddddddddddddddddddd-top";
+  const std::string nar = testing::NarArchive(testing::NarFile("uploaded\n"));
+  ServeWriter in;
+  in.U64(0x6e697863).U64(0x122).U64(0).U64(0);  // Hello, version, no CPU pinning, no reserved space.
+  in.U64(19);                                   // set-options: twelve numbers (max-silent-time the sixth)…
+  for (uint64_t v : {0, 0, 0, 0, 1, 7, 1, 0, 0, 0, 0, 1}) in.U64(v);
+  in.U64(1).String("timeout").String("3600");  // …and the overrides.
+  in.U64(31).Strings({kHeld, kNew}).U64(0);    // query-valid-paths, no substitution
+  in.U64(26).String(kHeld);                    // query-path-info
+  // add-multiple-to-store: repair, don't-check-sigs, then frames holding
+  // the count, the info (with path) and the NAR — cut across two frames.
+  ServeWriter upload;
+  upload.U64(1).String(kNew).String("").String(Sha256Hex(nar)).Strings({}).U64(0).U64(nar.size()).U64(0);
+  upload.Strings({}).String("").Raw(nar);
+  const std::string& u = upload.data();
+  in.U64(44).U64(0).U64(1);
+  in.U64(10).Raw(u.substr(0, 10)).U64(u.size() - 10).Raw(u.substr(10)).U64(0);
+  in.U64(36).String(kDrv);  // build-derivation: the BasicDerivation, the build mode.
+  in.U64(1).String("out").String(kOut).String("").String("");
+  in.U64(1).String(kHeld).String("x86_64-linux").String("/bin/sh");
+  in.U64(2).String("-c").String("echo > $out");
+  in.U64(1).String("name").String("top");
+  in.U64(0);
+  in.U64(38).String(kHeld);  // nar-from-path
+
+  constexpr uint64_t kLast = 0x616c7473;
+  ServeWriter want;
+  want.U64(0x6478696f).U64(0x122).String("2.8.0 (kiln serve-nix)").U64(kLast);
+  want.U64(kLast);
+  want.U64(kLast).Strings({kHeld});
+  want.U64(kLast).U64(1).String("").String(
+      ParseNixHash("sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s")->Base16());
+  want.Strings({}).U64(0).U64(19).U64(0).Strings({}).String("");
+  want.U64(kLast);
+  const std::string id = "sha256:0000000000000000000000000000000000000000000000000000000000000000!out";
+  want.U64(kLast).U64(0).String("").U64(1).U64(0).U64(100).U64(102);
+  want.U64(1).String(id).String(
+      absl::StrCat(R"({"id":")", id, R"(","outPath":"dddddddddddddddddddddddddddddddd-top"})"));
+  want.U64(kLast);
+
+  FakeServeFarm farm;
+  FakeBuilder builder;
+  const Outcome o = RunSession(farm, in.data(), &builder);
+  ASSERT_TRUE(o.status.ok()) << o.status;
+  EXPECT_EQ(o.out, want.data() + farm.nar);
+  ASSERT_EQ(farm.added.size(), 1u);
+  EXPECT_EQ(farm.added[kNew], nar);
+  EXPECT_EQ(farm.infos[kNew].nar_hash(), "sha256:" + Sha256Hex(nar));
+  EXPECT_EQ(builder.asked, kDrv);
+  EXPECT_EQ(builder.limits.max_silent_time, 7u);
+  EXPECT_EQ(builder.limits.build_timeout, 3600u);
+}
+
+TEST(ServeNixSessionTest, BadDaemonProtocolInputIsToldToTheClientAndChangesNothing) {
+  const std::string nar = testing::NarArchive(testing::NarFile("x"));
+  const auto hello = [] { return std::move(ServeWriter().U64(0x6e697863).U64(0x122).U64(0).U64(0)); };
+  ServeWriter upload;
+  upload.U64(1).String(kNew).String("").String(Sha256Hex(nar)).Strings({}).U64(0).U64(nar.size()).U64(0);
+  upload.Strings({}).String("").Raw(nar);
+  struct Case {
+    const char* what;
+    std::string input;
+    absl::StatusCode code;
+    const char* says;
+  };
+  const std::vector<Case> cases = {
+      {"an unknown major version", ServeWriter().U64(0x6e697863).U64(0x222).data(), absl::StatusCode::kInvalidArgument,
+       "version 2.34 is not 1.x"},
+      {"a client before 1.32", ServeWriter().U64(0x6e697863).U64(0x115).U64(0).U64(0).data(),
+       absl::StatusCode::kFailedPrecondition, "use ssh://"},
+      {"an unknown operation", hello().U64(77).data(), absl::StatusCode::kUnimplemented, "operation 77"},
+      {"an absurd frame", hello().U64(44).U64(0).U64(0).U64(uint64_t{1} << 40).data(),
+       absl::StatusCode::kResourceExhausted, "a frame of"},
+      {"frames cut short",
+       hello().U64(44).U64(0).U64(0).U64(upload.data().size()).Raw(upload.data().substr(0, 40)).data(),
+       absl::StatusCode::kDataLoss, ""},
+      {"no frame after the last",
+       hello()
+           .U64(44)
+           .U64(0)
+           .U64(0)
+           .U64(upload.data().size() - 8)
+           .Raw(upload.data().substr(0, upload.data().size() - 8))
+           .data(),
+       absl::StatusCode::kDataLoss, "ended inside a framed stream"},
+      {"a NAR shorter than its size",
+       hello()
+           .U64(44)
+           .U64(0)
+           .U64(0)
+           .U64(upload.data().size() - 8)
+           .Raw(upload.data().substr(0, upload.data().size() - 8))
+           .U64(0)
+           .data(),
+       absl::StatusCode::kDataLoss, ""},
+      {"a path outside the store", hello().U64(26).String("/etc/passwd").data(), absl::StatusCode::kInvalidArgument,
+       "not a store path"},
+  };
+  for (const Case& c : cases) {
+    FakeServeFarm farm;
+    const Outcome o = RunSession(farm, c.input);
+    EXPECT_EQ(o.status.code(), c.code) << c.what << ": " << o.status;
+    EXPECT_TRUE(absl::StrContains(o.status.message(), c.says)) << c.what << ": " << o.status;
+    EXPECT_TRUE(farm.added.empty()) << c.what;
+    if (c.code != absl::StatusCode::kInvalidArgument || absl::StrContains(c.what, "outside")) {
+      // The daemon's error message, for the client to show.
+      EXPECT_TRUE(absl::StrContains(o.out, ServeWriter().U64(0x63787470).String("Error").data())) << c.what;
+    }
   }
 }
 

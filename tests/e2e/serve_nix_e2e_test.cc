@@ -591,6 +591,41 @@ in derivation { name = "exp-top"; system = "x86_64-linux"; builder = "/bin/sh"; 
             nlohmann::json::parse(local_info.stdout_data)[0]["narHash"]);
 }
 
+// ssh-ng:// — the daemon protocol, which many configure instead — through
+// the same forced command: nix-build offloads a graph whose leaf takes a
+// source file the farm lacks (uploaded with add-multiple-to-store), and
+// the farm store reads as an ssh-ng store.
+TEST_F(ServeNixE2eTest, SshNgBuildersAndStoresUseTheSameGateway) {
+  const std::string marker = absl::StrCat("ng-", absl::ToUnixNanos(absl::Now()));
+  testing::WriteFileOrDie(work_.Sub("ng/input.txt"), marker + "\n");
+  testing::WriteFileOrDie(work_.Sub("ng/default.nix"), R"(let
+  step = name: deps: derivation {
+    inherit name deps; system = "x86_64-linux"; builder = "/bin/sh"; src = ./input.txt;
+    args = [ "-c" "{ read l < $src; echo ${name} $l; for d in $deps; do read l < $d; echo $l; done; } > $out" ];
+  };
+in step "ng-top" [ (step "ng-a" [ ]) (step "ng-b" [ ]) ])");
+  const std::string ng = "ssh-ng://root@127.0.0.1";
+  CommandResult built = OnLaptop("ng-nix", {"nix-build", "--no-out-link", "-j0", "--option", "builders",
+                                            ng + " x86_64-linux - 4 1", work_.Sub("ng/default.nix")});
+  ASSERT_TRUE(built.exit.Success()) << built.stderr_data << sshd_->LogText();
+  const std::string top(absl::StripAsciiWhitespace(built.stdout_data));
+  EXPECT_EQ(testing::ReadFileOrDie(work_.Sub("ng-nix/store/") + top.substr(11)),
+            absl::StrCat("ng-top ", marker, "\nng-a ", marker, "\nng-b ", marker, "\n"));
+  EXPECT_EQ(BuildsetsFor("-ng-top.drv") + BuildsetsFor("-ng-a.drv") + BuildsetsFor("-ng-b.drv"), 3);
+  EXPECT_TRUE(absl::StrContains(built.stderr_data, "kiln: building")) << built.stderr_data;
+
+  // The farm store as an ssh-ng store: path infos with the farm's
+  // signatures, and a closure copied with them checked.
+  CommandResult info = OnLaptop("probe-nix", {"nix", "path-info", "--json", "--sigs", "--store", ng, top});
+  ASSERT_TRUE(info.exit.Success()) << info.stderr_data;
+  EXPECT_TRUE(absl::StrContains(info.stdout_data, "kiln-farm-1:")) << info.stdout_data;
+  CommandResult copied =
+      OnLaptop("ng-copy-nix", {"nix", "copy", "--from", ng, "--option", "trusted-public-keys", public_key_, top});
+  ASSERT_TRUE(copied.exit.Success()) << copied.stderr_data;
+  EXPECT_EQ(testing::ReadFileOrDie(work_.Sub("ng-copy-nix/store/") + top.substr(11)),
+            testing::ReadFileOrDie(work_.Sub("ng-nix/store/") + top.substr(11)));
+}
+
 TEST_F(ServeNixE2eTest, APathTheFarmLacksIsNotValid) {
   CommandResult absent = OnLaptop("probe-nix", {"nix", "path-info", "--store", sshd_->StoreUri(),
                                                 "/nix/store/00000000000000000000000000000000-absent"});
