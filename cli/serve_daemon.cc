@@ -276,25 +276,8 @@ class DaemonSession {
     return info;
   }
 
-  // `info`'s NAR, its next nar_size bytes of `in`, into the farm store.
   absl::Status AddPath(const kiln::v1::PathInfo& info, ServeReader& in) {
-    uint64_t left = info.nar_size();
-    std::string buf(size_t{256} << 10, '\0');
-    const auto next = [&]() -> absl::StatusOr<absl::string_view> {
-      ASSIGN_OR_RETURN(size_t n, in.Some(buf.data(), static_cast<size_t>(std::min<uint64_t>(left, buf.size()))));
-      left -= n;
-      return absl::string_view(buf.data(), n);
-    };
-    RETURN_IF_ERROR_CONTEXT(farm_.AddPath(info,
-                                          [&](NarSink sink) -> absl::Status {
-                                            while (left > 0) {
-                                              ASSIGN_OR_RETURN(absl::string_view piece, next());
-                                              RETURN_IF_ERROR(sink(piece));
-                                            }
-                                            return absl::OkStatus();
-                                          }),
-                            "adding ", info.store_path(), " to the farm store");
-    while (left > 0) RETURN_IF_ERROR(next().status());  // Held already: read past.
+    RETURN_IF_ERROR(AddFarmPathFrom(farm_, info, in));
     ++report_.paths_added;
     return absl::OkStatus();
   }

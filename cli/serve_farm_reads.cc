@@ -2,6 +2,7 @@
 
 #include <zstd.h>
 
+#include <algorithm>
 #include <memory>
 
 #include "absl/strings/match.h"
@@ -63,6 +64,29 @@ absl::Status StreamFarmNar(FarmStoreClient& farm, const NarInfo& info, NarSink o
     return absl::DataLossError(
         absl::StrCat("the NAR of ", info.store_path, " is ", sent, " bytes, not ", info.nar_size));
   }
+  return absl::OkStatus();
+}
+
+absl::Status AddFarmPathFrom(FarmStoreClient& farm, const kiln::v1::PathInfo& info, ServeReader& in) {
+  uint64_t left = info.nar_size();
+  std::string buf(size_t{256} << 10, '\0');
+  const auto next = [&]() -> absl::StatusOr<absl::string_view> {
+    ASSIGN_OR_RETURN(size_t n, in.Some(buf.data(), static_cast<size_t>(std::min<uint64_t>(left, buf.size()))));
+    left -= n;
+    return absl::string_view(buf.data(), n);
+  };
+  RETURN_IF_ERROR_CONTEXT(farm.AddPath(info,
+                                       [&](NarSink sink) -> absl::Status {
+                                         while (left > 0) {
+                                           ASSIGN_OR_RETURN(absl::string_view piece, next());
+                                           RETURN_IF_ERROR(sink(piece));
+                                         }
+                                         return absl::OkStatus();
+                                       }),
+                          "adding ", info.store_path(), " to the farm store");
+  // The farm held it already and read none of it: the rest is the
+  // client's, still to be read past.
+  while (left > 0) RETURN_IF_ERROR(next().status());
   return absl::OkStatus();
 }
 

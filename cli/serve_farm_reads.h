@@ -1,6 +1,7 @@
-// What the gateway (`kiln serve-nix`) reads from the farm store, shared by
-// its commands: store paths as the protocol names them, a path's narinfo,
-// and a path's NAR as Nix's serve protocol hands it out (uncompressed).
+// What the gateway (`kiln serve-nix`) reads from and adds to the farm store,
+// shared by its commands and both protocols: store paths as the protocols
+// name them, a path's narinfo, a path's NAR as they hand it out
+// (uncompressed), and a NAR a client sends.
 #pragma once
 
 #include <cstdint>
@@ -11,6 +12,7 @@
 #include "absl/strings/string_view.h"
 #include "common/farm_store_client.h"
 #include "common/narinfo.h"
+#include "common/serve_protocol.h"
 
 namespace kiln {
 
@@ -29,6 +31,10 @@ absl::StatusOr<NarInfo> FarmPathInfo(FarmStoreClient& farm, const std::string& p
 // The NAR of `info`'s path, decompressed from the farm's zstd file as it
 // arrives, to `out`; DATA_LOSS unless it is exactly the narinfo's NarSize.
 absl::Status StreamFarmNar(FarmStoreClient& farm, const NarInfo& info, NarSink out);
+
+// `info`'s NAR — the next nar_size bytes of `in` — into the farm store,
+// which checks it as any upload; a path the farm holds already is read past.
+absl::Status AddFarmPathFrom(FarmStoreClient& farm, const kiln::v1::PathInfo& info, ServeReader& in);
 
 // The NAR of `path` held whole in memory; RESOURCE_EXHAUSTED over
 // `max_bytes` (for small paths: .drv files).

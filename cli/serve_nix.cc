@@ -152,25 +152,7 @@ class Session {
     ASSIGN_OR_RETURN(*info.mutable_ca(), in_.String());
     if (nar_size == 0) return absl::InvalidArgumentError("add-to-store-nar without the NAR's size");
     info.set_nar_size(nar_size);
-    uint64_t left = nar_size;
-    std::string buf(size_t{256} << 10, '\0');
-    const auto next = [&]() -> absl::StatusOr<absl::string_view> {
-      ASSIGN_OR_RETURN(size_t n, in_.Some(buf.data(), static_cast<size_t>(std::min<uint64_t>(left, buf.size()))));
-      left -= n;
-      return absl::string_view(buf.data(), n);
-    };
-    RETURN_IF_ERROR_CONTEXT(farm_.AddPath(info,
-                                          [&](NarSink sink) -> absl::Status {
-                                            while (left > 0) {
-                                              ASSIGN_OR_RETURN(absl::string_view piece, next());
-                                              RETURN_IF_ERROR(sink(piece));
-                                            }
-                                            return absl::OkStatus();
-                                          }),
-                            "adding ", info.store_path(), " to the farm store");
-    // The farm held it already and read none of it: the rest is the
-    // client's, still to be read past.
-    while (left > 0) RETURN_IF_ERROR(next().status());
+    RETURN_IF_ERROR(AddFarmPathFrom(farm_, info, in_));
     ++report_.paths_added;
     return Send(ServeWriter().U64(1));
   }
