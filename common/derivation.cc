@@ -3,12 +3,15 @@
 #include <algorithm>
 #include <deque>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
+#include "absl/functional/function_ref.h"
 
 #include "absl/strings/match.h"
 #include "absl/strings/strip.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
+#include "absl/strings/str_split.h"
 #include "common/digest.h"
 #include "common/source_tree.h"
 #include "common/status_macros.h"
@@ -222,11 +225,12 @@ absl::StatusOr<Derivation> ResolveInputs(const Derivation& drv, const OutputPath
   return resolved;
 }
 
-absl::StatusOr<std::vector<ClosureFod>> FixedOutputsOfClosure(const std::string& top_drv, size_t max_derivations) {
-  // The FODs met, unresolved (few), and every derivation's output paths
-  // (small), to resolve them once the walk is done.
-  std::vector<std::pair<std::string, Derivation>> found;
-  OutputPaths outputs_of;
+namespace {
+
+// Reads `top_drv` and every .drv it depends on, breadth first, each once;
+// `visit` sees each parsed.
+absl::Status WalkClosure(const std::string& top_drv, size_t max_derivations,
+                         absl::FunctionRef<void(const std::string& path, Derivation& drv)> visit) {
   absl::flat_hash_set<std::string> seen = {top_drv};
   std::deque<std::string> pending = {top_drv};
   while (!pending.empty()) {
@@ -236,8 +240,6 @@ absl::StatusOr<std::vector<ClosureFod>> FixedOutputsOfClosure(const std::string&
     RETURN_IF_ERROR(ReadWholeFile(path, text));
     absl::StatusOr<Derivation> drv = ParseDerivation(text);
     if (!drv.ok()) return absl::InvalidArgumentError(absl::StrCat(path, ": ", drv.status().message()));
-    for (const auto& [name, out] : drv->outputs) outputs_of[path][name] = out.path;
-    if (GetFixedOutput(*drv).has_value()) found.emplace_back(path, *drv);
     for (const auto& [input, outputs] : drv->input_drvs) {
       if (!seen.insert(input).second) continue;
       if (seen.size() > max_derivations) {
@@ -246,17 +248,87 @@ absl::StatusOr<std::vector<ClosureFod>> FixedOutputsOfClosure(const std::string&
       }
       pending.push_back(input);
     }
+    visit(path, *drv);
   }
+  return absl::OkStatus();
+}
+
+// The FODs among `found`, keyed once resolved against every derivation's
+// output paths. One whose inputs have no paths yet (floating
+// content-addressed) has no key: it is built unchecked.
+std::vector<ClosureFod> KeyedFods(const std::vector<std::pair<std::string, Derivation>>& found,
+                                  const OutputPaths& outputs_of) {
   std::vector<ClosureFod> fods;
   for (const auto& [path, drv] : found) {
-    // One whose inputs have no paths yet (floating content-addressed) has
-    // no key: it is built unchecked.
     absl::StatusOr<Derivation> resolved = ResolveInputs(drv, outputs_of);
     if (!resolved.ok()) continue;
-    if (std::optional<FixedOutput> fod = GetFixedOutput(*resolved))
+    if (std::optional<FixedOutput> fod = GetFixedOutput(*resolved)) {
       fods.push_back({path, *std::move(fod), drv.input_srcs});
+    }
   }
   return fods;
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<ClosureFod>> FixedOutputsOfClosure(const std::string& top_drv, size_t max_derivations) {
+  // The FODs met, unresolved (few), and every derivation's output paths
+  // (small), to resolve them once the walk is done.
+  std::vector<std::pair<std::string, Derivation>> found;
+  OutputPaths outputs_of;
+  RETURN_IF_ERROR(WalkClosure(top_drv, max_derivations, [&](const std::string& path, Derivation& drv) {
+    for (const auto& [name, out] : drv.outputs) outputs_of[path][name] = out.path;
+    if (GetFixedOutput(drv).has_value()) found.emplace_back(path, std::move(drv));
+  }));
+  return KeyedFods(found, outputs_of);
+}
+
+absl::StatusOr<DerivationClosure> ReadDerivationClosure(const std::string& top_drv, size_t max_derivations) {
+  std::vector<std::pair<std::string, Derivation>> found;
+  OutputPaths outputs_of;
+  std::vector<ClosureNode> met;
+  RETURN_IF_ERROR(WalkClosure(top_drv, max_derivations, [&](const std::string& path, Derivation& drv) {
+    ClosureNode& node = met.emplace_back();
+    node.drv_path = path;
+    node.name = StorePathName(path);
+    node.system = drv.system;
+    for (const auto& [input, outputs] : drv.input_drvs) node.input_drvs.push_back(input);
+    for (const auto& [name, out] : drv.outputs) node.outputs[name] = outputs_of[path][name] = out.path;
+    const auto env = [&](const char* key) -> const std::string* {
+      auto it = drv.env.find(key);
+      return it == drv.env.end() ? nullptr : &it->second;
+    };
+    if (const std::string* f = env("requiredSystemFeatures")) {
+      node.required_features = absl::StrSplit(*f, ' ', absl::SkipEmpty());
+    }
+    // Nix writes a false attribute as "" and a true one as "1".
+    if (const std::string* p = env("preferLocalBuild")) node.prefer_local_build = *p == "1";
+    if (const std::string* a = env("allowSubstitutes")) node.allow_substitutes = *a == "1";
+    if (GetFixedOutput(drv).has_value()) found.emplace_back(path, std::move(drv));
+  }));
+  // Inputs before what needs them (Kahn's order over the walk's).
+  absl::flat_hash_map<std::string, size_t> index, waiting;
+  absl::flat_hash_map<std::string, std::vector<size_t>> needed_by;
+  for (size_t i = 0; i < met.size(); ++i) index[met[i].drv_path] = i;
+  std::deque<size_t> ready;
+  for (size_t i = met.size(); i-- > 0;) {
+    waiting[met[i].drv_path] = met[i].input_drvs.size();
+    for (const std::string& in : met[i].input_drvs) needed_by[in].push_back(i);
+    if (met[i].input_drvs.empty()) ready.push_back(i);
+  }
+  DerivationClosure closure;
+  closure.nodes.reserve(met.size());
+  while (!ready.empty()) {
+    const size_t i = ready.front();
+    ready.pop_front();
+    for (size_t d : needed_by[met[i].drv_path]) {
+      if (--waiting[met[d].drv_path] == 0) ready.push_back(d);
+    }
+    closure.nodes.push_back(std::move(met[i]));
+  }
+  if (closure.nodes.size() != met.size()) return absl::InvalidArgumentError("the derivation graph has a cycle");
+  closure.fods = KeyedFods(found, outputs_of);
+  return closure;
 }
 
 std::string StorePathName(absl::string_view path) {

@@ -79,6 +79,29 @@ struct ClosureFod {
 absl::StatusOr<std::vector<ClosureFod>> FixedOutputsOfClosure(const std::string& top_drv,
                                                               size_t max_derivations = 200000);
 
+// One derivation of a closure, with what scheduling it as a step needs.
+struct ClosureNode {
+  std::string drv_path;
+  std::string name;  // Of the .drv path ("hello-2.12").
+  std::string system;
+  std::vector<std::string> input_drvs;         // .drv paths, sorted.
+  std::map<std::string, std::string> outputs;  // Name -> path ("" for floating content-addressed).
+  std::vector<std::string> required_features;  // requiredSystemFeatures.
+  bool prefer_local_build = false;
+  bool allow_substitutes = true;
+};
+
+// A target's derivation closure: every derivation, inputs before the
+// derivations that need them, and its FODs as FixedOutputsOfClosure finds
+// them (one walk for both). Derivations with structured attributes
+// (`__json`) are read as their ATerm has them: features and flags set
+// inside the JSON are not seen.
+struct DerivationClosure {
+  std::vector<ClosureNode> nodes;
+  std::vector<ClosureFod> fods;
+};
+absl::StatusOr<DerivationClosure> ReadDerivationClosure(const std::string& top_drv, size_t max_derivations = 200000);
+
 // "/nix/store/<32 chars>-name[.drv]" -> "name".
 std::string StorePathName(absl::string_view path);
 

@@ -4,13 +4,20 @@
 // and variations of its inputs); the mismatch texts are one per known form.
 #include <gtest/gtest.h>
 
+#include <map>
+#include <set>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "common/derivation.h"
 #include "common/hash_mismatch.h"
 #include "common/nix_hash.h"
 #include "common/nix_log.h"
+#include "common/subprocess.h"
+#include "tests/support/local_farm.h"
 #include "tests/support/test_util.h"
 
 namespace kiln {
@@ -161,6 +168,93 @@ TEST(FodKeyTest, AnyInputChangeGivesANewKey) {
   d.env["out"] = d.outputs["out"].path;
   d.env["outputHash"] = "";
   EXPECT_EQ(key_of(d), base);
+}
+
+// A derivation in ATerm form, for a closure written by hand.
+std::string Aterm(const std::string& out, const std::vector<std::string>& input_drvs,
+                  const std::vector<std::pair<std::string, std::string>>& env, const std::string& hash = "") {
+  std::string drvs;
+  for (const std::string& d : input_drvs) absl::StrAppend(&drvs, drvs.empty() ? "" : ",", "(\"", d, "\",[\"out\"])");
+  std::string e;
+  for (const auto& [k, v] : env) absl::StrAppend(&e, e.empty() ? "" : ",", "(\"", k, "\",\"", v, "\")");
+  return absl::StrCat("Derive([(\"out\",\"", out, "\",\"", hash.empty() ? "" : "sha256", "\",\"", hash, "\")],[", drvs,
+                      "],[],\"x86_64-linux\",\"/bin/sh\",[],[", e, "])");
+}
+
+// The closure as scheduling needs it: every derivation once, inputs before
+// what needs them, features and flags from the environment, FODs keyed.
+TEST(DerivationClosureTest, EveryDerivationOnceInputsFirstWithItsFlags) {
+  testing::TempDir dir;
+  const auto drv = [&](const std::string& name) { return dir.Sub(name + ".drv"); };
+  const auto out = [](const std::string& c) { return "/nix/store/" + std::string(32, c[0]) + "-" + c; };
+  testing::WriteFileOrDie(drv("d"), Aterm(out("d"), {}, {{"name", "d"}}));
+  testing::WriteFileOrDie(drv("b"),
+                          Aterm(out("b"), {drv("d")}, {{"name", "b"}, {"requiredSystemFeatures", "kvm big-parallel"}}));
+  testing::WriteFileOrDie(drv("c"), Aterm(out("c"), {drv("d")}, {{"name", "c"}, {"outputHash", ""}},
+                                          std::string(64, '0')));  // A FOD (a fake hash) taking d.
+  testing::WriteFileOrDie(drv("a"), Aterm(out("a"), {drv("b"), drv("c")},
+                                          {{"name", "a"}, {"preferLocalBuild", "1"}, {"allowSubstitutes", ""}}));
+  absl::StatusOr<DerivationClosure> closure = ReadDerivationClosure(drv("a"));
+  ASSERT_TRUE(closure.ok()) << closure.status();
+  ASSERT_EQ(closure->nodes.size(), 4u);
+  std::map<std::string, size_t> at;
+  for (size_t i = 0; i < closure->nodes.size(); ++i) at[closure->nodes[i].drv_path] = i;
+  EXPECT_LT(at[drv("d")], at[drv("b")]);
+  EXPECT_LT(at[drv("d")], at[drv("c")]);
+  EXPECT_LT(at[drv("b")], at[drv("a")]);
+  EXPECT_LT(at[drv("c")], at[drv("a")]);
+  const ClosureNode& a = closure->nodes[at[drv("a")]];
+  EXPECT_EQ(a.input_drvs, (std::vector<std::string>{drv("b"), drv("c")}));
+  EXPECT_EQ(a.outputs.at("out"), out("a"));
+  EXPECT_EQ(a.system, "x86_64-linux");
+  EXPECT_TRUE(a.prefer_local_build);
+  EXPECT_FALSE(a.allow_substitutes);
+  const ClosureNode& b = closure->nodes[at[drv("b")]];
+  EXPECT_EQ(b.required_features, (std::vector<std::string>{"kvm", "big-parallel"}));
+  EXPECT_FALSE(b.prefer_local_build);
+  EXPECT_TRUE(b.allow_substitutes);
+  ASSERT_EQ(closure->fods.size(), 1u);
+  EXPECT_EQ(closure->fods[0].drv_path, drv("c"));
+  EXPECT_EQ(closure->fods[0].fod.key.size(), 64u) << "keyed over d's output path";
+  // The same FODs as the FOD layer's own walk.
+  absl::StatusOr<std::vector<ClosureFod>> fods = FixedOutputsOfClosure(drv("a"));
+  ASSERT_TRUE(fods.ok());
+  ASSERT_EQ(fods->size(), 1u);
+  EXPECT_EQ((*fods)[0].fod.key, closure->fods[0].fod.key);
+  EXPECT_TRUE(absl::IsResourceExhausted(ReadDerivationClosure(drv("a"), 3).status()));
+}
+
+// Against Nix 2.8: the closure of a graph it instantiated holds exactly the
+// .drv files `nix-store --query --requisites` names.
+TEST(DerivationClosureTest, MatchesWhatNixQueriesOfARealClosure) {
+  testing::TempDir dir;
+  testing::WriteFileOrDie(dir.Sub("graph.nix"), absl::StrCat(R"(let
+  step = name: deps: derivation {
+    inherit name deps; system = "x86_64-linux"; builder = "/bin/sh";
+    args = [ "-c" "echo ${name} > $out" ]; nonce = ")",
+                                                             dir.path(), R"(";
+  };
+  base = step "closure-base" [ ];
+in step "closure-top" [ (step "closure-left" [ base ]) (step "closure-right" [ base ]) ])"));
+  absl::StatusOr<CommandResult> drv =
+      RunCommand({.argv = {"nix-instantiate", dir.Sub("graph.nix")}, .extra_env = testing::NixTestEnv(), .cwd = ""});
+  ASSERT_TRUE(drv.ok() && drv->exit.Success()) << (drv.ok() ? drv->stderr_data : drv.status().ToString());
+  const std::string top(absl::StripAsciiWhitespace(drv->stdout_data));
+  absl::StatusOr<CommandResult> q = RunCommand(
+      {.argv = {"nix-store", "--query", "--requisites", top}, .extra_env = testing::NixTestEnv(), .cwd = ""});
+  ASSERT_TRUE(q.ok() && q->exit.Success());
+  std::set<std::string> nix_drvs;
+  for (absl::string_view line : absl::StrSplit(q->stdout_data, '\n', absl::SkipEmpty())) {
+    if (absl::EndsWith(line, ".drv")) nix_drvs.insert(std::string(line));
+  }
+  absl::StatusOr<DerivationClosure> closure = ReadDerivationClosure(top);
+  ASSERT_TRUE(closure.ok()) << closure.status();
+  std::set<std::string> ours;
+  for (const ClosureNode& n : closure->nodes) ours.insert(n.drv_path);
+  EXPECT_EQ(ours, nix_drvs);
+  EXPECT_EQ(closure->nodes.back().drv_path, top);
+  EXPECT_EQ(closure->nodes.back().name, "closure-top");
+  EXPECT_EQ(closure->nodes.front().name, "closure-base");
 }
 
 std::string Render(const std::vector<HashMismatch>& found) {
