@@ -12,6 +12,7 @@
 #include <chrono>
 #include <optional>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/functional/any_invocable.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -122,13 +123,7 @@ std::optional<ServeBuildResult> FarmDerivationBuilder::FailFastFod(
   const std::optional<FixedOutput> fod = GetFixedOutput(ToDerivation(drv));
   if (!fod.has_value() || fod->key.empty()) return std::nullopt;
   kiln::v1::CheckFodsRequest request;
-  kiln::v1::FodRef& ref = *request.add_fods();
-  ref.set_key(fod->key);
-  ref.set_name(fod->name);
-  ref.set_declared(fod->declared.Sri());
-  ref.set_drv_path(drv_path);
-  ref.set_algo(std::string(HashAlgoName(fod->declared.algo)));
-  ref.set_mode(fod->mode);
+  *request.add_fods() = RefOf(ClosureFod{drv_path, *fod, drv.input_srcs});
   kiln::v1::CheckFodsResponse response;
   if (absl::Status s =
           UnaryCall(options_, [&](grpc::ClientContext& c) { return fods_->CheckFods(&c, request, &response); });
@@ -170,28 +165,32 @@ absl::StatusOr<ServeBuildResult> FarmDerivationBuilder::Build(const std::string&
   if (std::optional<ServeBuildResult> wrong = FailFastFod(drv_path, drv, log)) return *std::move(wrong);
   ServeBuildResult result;
   result.start_time = static_cast<uint64_t>(absl::ToUnixSeconds(absl::Now()));
-  if (!drv.input_srcs.empty()) {
-    ASSIGN_OR_RETURN(std::vector<std::string> missing, farm_.Missing(drv.input_srcs));
-    if (!missing.empty()) {
-      result.status = ServeBuildStatus::kMiscFailure;
-      result.error_msg = absl::StrCat("the farm store lacks inputs of ", drv_path, ": ", absl::StrJoin(missing, ", "));
-      result.stop_time = result.start_time;
-      return result;
-    }
+  // One question for the inputs and the outputs.
+  std::vector<std::string> asked = drv.input_srcs;
+  for (const ServeDerivationOutput& o : drv.outputs) asked.push_back(o.path);
+  ASSIGN_OR_RETURN(const std::vector<std::string> absent, farm_.Missing(asked));
+  const absl::flat_hash_set<std::string> inputs(drv.input_srcs.begin(), drv.input_srcs.end());
+  std::vector<std::string> missing_inputs;
+  for (const std::string& p : absent) {
+    if (inputs.contains(p)) missing_inputs.push_back(p);
   }
+  if (!missing_inputs.empty()) {
+    result.status = ServeBuildStatus::kMiscFailure;
+    result.error_msg =
+        absl::StrCat("the farm store lacks inputs of ", drv_path, ": ", absl::StrJoin(missing_inputs, ", "));
+    result.stop_time = result.start_time;
+    return result;
+  }
+  std::vector<std::pair<std::string, std::string>> named_outputs;
+  for (const ServeDerivationOutput& o : drv.outputs) named_outputs.emplace_back(o.name, o.path);
   // Outputs the farm holds already (another client's build, a worker's):
   // built, with no job. Otherwise a job that builds even if the result
   // cache remembers one — its outputs may have been collected since.
-  std::vector<std::string> outputs;
-  for (const ServeDerivationOutput& o : drv.outputs) outputs.push_back(o.path);
-  ASSIGN_OR_RETURN(std::vector<std::string> absent, farm_.Missing(outputs));
   if (absent.empty()) {
     log(absl::StrCat("kiln: the farm store has the outputs of ", drv_path));
     result.status = ServeBuildStatus::kAlreadyValid;
     result.stop_time = result.start_time;
-    std::vector<std::pair<std::string, std::string>> named;
-    for (const ServeDerivationOutput& o : drv.outputs) named.emplace_back(o.name, o.path);
-    result.built_outputs = ServeBuiltOutputs(named);
+    result.built_outputs = ServeBuiltOutputs(named_outputs);
     return result;
   }
   kiln::v1::SubmitBuildRequest submit;
@@ -269,9 +268,7 @@ absl::StatusOr<ServeBuildResult> FarmDerivationBuilder::Build(const std::string&
     case kiln::v1::RESULT_CODE_SUCCEEDED: {
       result.status = ServeBuildStatus::kBuilt;
       result.times_built = built.cached() ? 0 : 1;
-      std::vector<std::pair<std::string, std::string>> outputs;
-      for (const ServeDerivationOutput& o : drv.outputs) outputs.emplace_back(o.name, o.path);
-      result.built_outputs = ServeBuiltOutputs(outputs);
+      result.built_outputs = ServeBuiltOutputs(named_outputs);
       break;
     }
     case kiln::v1::RESULT_CODE_TIMED_OUT:

@@ -1,6 +1,5 @@
 #include "cli/serve_build_paths.h"
 
-#include <deque>
 #include <map>
 #include <optional>
 #include <thread>
@@ -20,10 +19,6 @@
 namespace kiln {
 namespace {
 
-bool Succeeded(ServeBuildStatus s) {
-  return s == ServeBuildStatus::kBuilt || s == ServeBuildStatus::kSubstituted || s == ServeBuildStatus::kAlreadyValid;
-}
-
 // The closure of .drv files, read from the farm store.
 struct Graph {
   std::map<std::string, Derivation> drvs;  // By .drv path.
@@ -33,31 +28,18 @@ struct Graph {
 absl::StatusOr<Graph> ReadClosure(FarmStoreClient& farm, const std::vector<std::string>& tops,
                                   const BuildPathsLimits& limits) {
   Graph graph;
-  std::deque<std::string> pending(tops.begin(), tops.end());
-  absl::flat_hash_set<std::string> seen(tops.begin(), tops.end());
-  while (!pending.empty()) {
-    const std::string path = std::move(pending.front());
-    pending.pop_front();
+  const auto read = [&](const std::string& path) -> absl::StatusOr<std::string> {
     absl::StatusOr<std::string> nar = SmallFarmNar(farm, path, limits.max_drv_bytes);
     if (absl::IsNotFound(nar.status())) {
       return absl::NotFoundError(absl::StrCat("the farm store lacks ", path, " (copy the derivation there first)"));
     }
     RETURN_IF_ERROR(nar.status());
-    ASSIGN_OR_RETURN(std::string text, RegularFileOfNar(*nar, limits.max_drv_bytes));
-    absl::StatusOr<Derivation> drv = ParseDerivation(text);
-    if (!drv.ok()) return absl::InvalidArgumentError(absl::StrCat(path, ": ", drv.status().message()));
-    for (const auto& [name, out] : drv->outputs) graph.outputs[path][name] = out.path;
-    for (const auto& [input, names] : drv->input_drvs) {
-      RETURN_IF_ERROR(CheckStorePath(input));
-      if (!seen.insert(input).second) continue;
-      if (seen.size() > limits.max_derivations) {
-        return absl::ResourceExhaustedError(
-            absl::StrCat("more than ", limits.max_derivations, " derivations in the closure of ", path));
-      }
-      pending.push_back(input);
-    }
-    graph.drvs.emplace(path, *std::move(drv));
-  }
+    return RegularFileOfNar(*nar, limits.max_drv_bytes);
+  };
+  RETURN_IF_ERROR(WalkDerivations(tops, limits.max_derivations, read, [&](const std::string& path, Derivation& drv) {
+    for (const auto& [name, out] : drv.outputs) graph.outputs[path][name] = out.path;
+    graph.drvs.emplace(path, std::move(drv));
+  }));
   return graph;
 }
 
@@ -143,7 +125,7 @@ absl::StatusOr<ServeBuildResult> BuildPathsOnFarm(FarmStoreClient& farm, Derivat
           });
       if (!r.ok()) {
         failed.emplace(ServeBuildStatus::kMiscFailure, absl::StrCat("kiln: ", r.status().message()));
-      } else if (!Succeeded(r->status)) {
+      } else if (!ServeBuildSucceeded(r->status)) {
         failed.emplace(r->status, absl::StrCat("build of '", drv_path, "' failed: ", r->error_msg));
       }
     }

@@ -65,13 +65,20 @@ class FramedSource {
     left_ -= n;
     return n;
   }
-  bool ended() const { return ended_; }
 
  private:
   ServeReader& in_;
   uint64_t left_ = 0;
   bool ended_ = false;
 };
+
+// OK when `framed` has ended (its closing frame read); nothing may follow
+// `what`.
+absl::Status AtEnd(ServeReader& framed, absl::string_view what) {
+  const absl::Status end = framed.U64().status();
+  if (end.ok()) return absl::InvalidArgumentError(absl::StrCat("bytes after ", what));
+  return absl::IsOutOfRange(end) ? absl::OkStatus() : end;
+}
 
 class DaemonSession {
  public:
@@ -128,11 +135,6 @@ class DaemonSession {
     ASSIGN_OR_RETURN(std::string path, in_.String());
     RETURN_IF_ERROR(CheckStorePath(path));
     return path;
-  }
-  static absl::StatusOr<std::vector<std::string>> StorePaths(ServeReader& in) {
-    ASSIGN_OR_RETURN(std::vector<std::string> paths, in.Strings());
-    for (const std::string& p : paths) RETURN_IF_ERROR(CheckStorePath(p));
-    return paths;
   }
 
   absl::Status Serve(DaemonOp op) {
@@ -195,7 +197,7 @@ class DaemonSession {
   }
 
   absl::Status QueryValidPaths() {
-    ASSIGN_OR_RETURN(std::vector<std::string> paths, StorePaths(in_));
+    ASSIGN_OR_RETURN(std::vector<std::string> paths, ReadStorePaths(in_));
     if (minor_ >= 27) RETURN_IF_ERROR(in_.U64().status());  // Substitute: the farm substitutes from nowhere.
     std::vector<std::string> valid;
     if (!paths.empty()) {
@@ -264,7 +266,7 @@ class DaemonSession {
     ASSIGN_OR_RETURN(std::string nar_hash, in.String());
     ASSIGN_OR_RETURN(NixHash parsed, ParseNixHash(nar_hash, HashAlgo::kSha256));
     info.set_nar_hash(absl::StrCat("sha256:", parsed.Base16()));
-    ASSIGN_OR_RETURN(std::vector<std::string> refs, StorePaths(in));
+    ASSIGN_OR_RETURN(std::vector<std::string> refs, ReadStorePaths(in));
     for (std::string& r : refs) info.add_references(std::move(r));
     RETURN_IF_ERROR(in.U64().status());  // Registration time.
     ASSIGN_OR_RETURN(uint64_t nar_size, in.U64());
@@ -289,9 +291,7 @@ class DaemonSession {
     FramedSource frames(in_);
     ServeReader framed([&frames](char* buf, size_t size) { return frames.Read(buf, size); });
     RETURN_IF_ERROR(AddPath(info, framed));
-    const absl::Status end = framed.U64().status();
-    if (end.ok()) return absl::InvalidArgumentError("bytes after the NAR");
-    if (!absl::IsOutOfRange(end)) return end;
+    RETURN_IF_ERROR(AtEnd(framed, "the NAR"));
     return Send(ServeWriter().U64(kStderrLast));
   }
 
@@ -306,9 +306,7 @@ class DaemonSession {
       ASSIGN_OR_RETURN(kiln::v1::PathInfo info, ReadPathInfo(framed));
       RETURN_IF_ERROR(AddPath(info, framed));
     }
-    const absl::Status end = framed.U64().status();
-    if (end.ok()) return absl::InvalidArgumentError("bytes after the last NAR");
-    if (!absl::IsOutOfRange(end)) return end;
+    RETURN_IF_ERROR(AtEnd(framed, "the last NAR"));
     return Send(ServeWriter().U64(kStderrLast));
   }
 
@@ -328,7 +326,7 @@ class DaemonSession {
                        }
                      }));
     RETURN_IF_ERROR(log_sent);
-    const bool ok = result.status == ServeBuildStatus::kBuilt || result.status == ServeBuildStatus::kAlreadyValid;
+    const bool ok = ServeBuildSucceeded(result.status);
     if (!ok && !with_results) return absl::AbortedError(result.error_msg);
     ServeWriter w;
     w.U64(kStderrLast);
@@ -350,25 +348,20 @@ class DaemonSession {
     if (builder_ == nullptr) return absl::UnimplementedError("kiln serve-nix does not build here");
     for (const std::string& p : drv.input_srcs) RETURN_IF_ERROR(CheckStorePath(p));
     absl::Status log_sent;
-    absl::StatusOr<ServeBuildResult> result = builder_->Build(drv_path, drv, options_, [&](absl::string_view line) {
-      if (log_sent.ok()) log_sent = Send(ServeWriter().U64(kStderrNext).String(absl::StrCat(line, "\n")));
-    });
+    const ServeBuildResult result =
+        ResultForClient(builder_->Build(drv_path, drv, options_, [&](absl::string_view line) {
+          if (log_sent.ok()) log_sent = Send(ServeWriter().U64(kStderrNext).String(absl::StrCat(line, "\n")));
+        }));
     RETURN_IF_ERROR(log_sent);
-    if (!result.ok()) {
-      ServeBuildResult failed;
-      failed.status = ServeBuildStatus::kMiscFailure;
-      failed.error_msg = absl::StrCat("kiln: ", result.status().message());
-      result = failed;
-    }
     ++report_.derivations_built;
     ServeWriter w;
-    w.U64(kStderrLast).U64(static_cast<uint64_t>(result->status)).String(result->error_msg);
+    w.U64(kStderrLast).U64(static_cast<uint64_t>(result.status)).String(result.error_msg);
     if (minor_ >= 29) {
-      w.U64(result->times_built).U64(result->non_deterministic ? 1 : 0).U64(result->start_time).U64(result->stop_time);
+      w.U64(result.times_built).U64(result.non_deterministic ? 1 : 0).U64(result.start_time).U64(result.stop_time);
     }
     if (minor_ >= 28) {
-      w.U64(result->built_outputs.size());
-      for (const auto& [id, realisation] : result->built_outputs) w.String(id).String(realisation);
+      w.U64(result.built_outputs.size());
+      for (const auto& [id, realisation] : result.built_outputs) w.String(id).String(realisation);
     }
     return Send(w);
   }

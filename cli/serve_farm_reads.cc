@@ -25,6 +25,12 @@ absl::Status CheckStorePath(const std::string& path) {
   return StorePathHashPart(path).status();
 }
 
+absl::StatusOr<std::vector<std::string>> ReadStorePaths(ServeReader& in) {
+  ASSIGN_OR_RETURN(std::vector<std::string> paths, in.Strings());
+  for (const std::string& p : paths) RETURN_IF_ERROR(CheckStorePath(p));
+  return paths;
+}
+
 std::string FullStorePath(absl::string_view base) {
   return base.empty() ? std::string() : absl::StrCat(kServeStoreDir, base);
 }

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -20,6 +21,10 @@ inline constexpr char kServeStoreDir[] = "/nix/store/";
 
 // A full store path (the protocol's form): INVALID_ARGUMENT otherwise.
 absl::Status CheckStorePath(const std::string& path);
+
+// A list of full store paths from `in`; INVALID_ARGUMENT at the first that
+// is not one.
+absl::StatusOr<std::vector<std::string>> ReadStorePaths(ServeReader& in);
 
 // A narinfo names references and the deriver by base name; the protocol by
 // full path ("" stays "").

@@ -28,6 +28,9 @@
 namespace kiln {
 namespace {
 
+// A build's log line, to the session's stderr: Nix shows it as the log.
+void LogToStderr(absl::string_view line) { std::fprintf(stderr, "%.*s\n", static_cast<int>(line.size()), line.data()); }
+
 class Session {
  public:
   Session(ServeReader& in, absl::FunctionRef<absl::Status(absl::string_view)> out, FarmStoreClient& farm,
@@ -60,11 +63,7 @@ class Session {
  private:
   absl::Status Send(const ServeWriter& w) { return out_(w.data()); }
 
-  absl::StatusOr<std::vector<std::string>> StorePaths() {
-    ASSIGN_OR_RETURN(std::vector<std::string> paths, in_.Strings());
-    for (const std::string& p : paths) RETURN_IF_ERROR(CheckStorePath(p));
-    return paths;
-  }
+  absl::StatusOr<std::vector<std::string>> StorePaths() { return ReadStorePaths(in_); }
 
   absl::Status Serve(ServeCommand command) {
     switch (command) {
@@ -167,18 +166,10 @@ class Session {
     ASSIGN_OR_RETURN(ServeBuildOptions options, ReadServeBuildOptions(in_, version));
     if (builder_ == nullptr) return absl::UnimplementedError("kiln serve-nix does not build here");
     for (const std::string& p : drv.input_srcs) RETURN_IF_ERROR(CheckStorePath(p));
-    absl::StatusOr<ServeBuildResult> result = builder_->Build(drv_path, drv, options, [](absl::string_view line) {
-      std::fprintf(stderr, "%.*s\n", static_cast<int>(line.size()), line.data());
-    });
-    if (!result.ok()) {
-      ServeBuildResult failed;
-      failed.status = ServeBuildStatus::kMiscFailure;
-      failed.error_msg = absl::StrCat("kiln: ", result.status().message());
-      result = failed;
-    }
+    const ServeBuildResult result = ResultForClient(builder_->Build(drv_path, drv, options, &LogToStderr));
     ++report_.derivations_built;
     ServeWriter w;
-    WriteServeBuildResult(w, *result, version);
+    WriteServeBuildResult(w, result, version);
     return Send(w);
   }
 
@@ -260,19 +251,10 @@ class Session {
     const uint64_t version = std::min(report_.client_version, kServeProtocolVersion);
     ASSIGN_OR_RETURN(ServeBuildOptions options, ReadServeBuildOptions(in_, version));
     if (builder_ == nullptr) return absl::UnimplementedError("kiln serve-nix does not build here");
-    absl::StatusOr<ServeBuildResult> result = BuildPathsOnFarm(
-        farm_, *builder_, wanted, options,
-        [](absl::string_view line) { std::fprintf(stderr, "%.*s\n", static_cast<int>(line.size()), line.data()); });
-    if (!result.ok()) {
-      ServeBuildResult failed;
-      failed.status = ServeBuildStatus::kMiscFailure;
-      failed.error_msg = absl::StrCat("kiln: ", result.status().message());
-      result = failed;
-    }
+    const ServeBuildResult result = ResultForClient(BuildPathsOnFarm(farm_, *builder_, wanted, options, &LogToStderr));
     ++report_.derivations_built;
-    const bool ok = result->status == ServeBuildStatus::kBuilt || result->status == ServeBuildStatus::kAlreadyValid;
-    if (ok) return Send(ServeWriter().U64(0));
-    return Send(ServeWriter().U64(static_cast<uint64_t>(result->status)).String(result->error_msg));
+    if (ServeBuildSucceeded(result.status)) return Send(ServeWriter().U64(0));
+    return Send(ServeWriter().U64(static_cast<uint64_t>(result.status)).String(result.error_msg));
   }
 
   absl::Status QueryClosure() {
@@ -304,6 +286,14 @@ class Session {
 };
 
 }  // namespace
+
+ServeBuildResult ResultForClient(absl::StatusOr<ServeBuildResult> built) {
+  if (built.ok()) return *std::move(built);
+  ServeBuildResult failed;
+  failed.status = ServeBuildStatus::kMiscFailure;
+  failed.error_msg = absl::StrCat("kiln: ", built.status().message());
+  return failed;
+}
 
 absl::Status RunServeSession(ServeReader& in, absl::FunctionRef<absl::Status(absl::string_view)> out,
                              FarmStoreClient& farm, ServeSessionReport* report, DerivationBuilder* builder) {

@@ -37,6 +37,11 @@ class DerivationBuilder {
                                                  absl::FunctionRef<void(absl::string_view line)> log) = 0;
 };
 
+// What the client is told of a build: `built`, or the gateway's own error
+// (the farm unreachable, a graph that cannot be read) as a MiscFailure
+// saying "kiln: …".
+ServeBuildResult ResultForClient(absl::StatusOr<ServeBuildResult> built);
+
 struct ServeSessionReport {
   uint64_t client_version = 0;
   uint64_t commands = 0;

@@ -225,32 +225,36 @@ absl::StatusOr<Derivation> ResolveInputs(const Derivation& drv, const OutputPath
   return resolved;
 }
 
-namespace {
-
-// Reads `top_drv` and every .drv it depends on, breadth first, each once;
-// `visit` sees each parsed.
-absl::Status WalkClosure(const std::string& top_drv, size_t max_derivations,
-                         absl::FunctionRef<void(const std::string& path, Derivation& drv)> visit) {
-  absl::flat_hash_set<std::string> seen = {top_drv};
-  std::deque<std::string> pending = {top_drv};
+absl::Status WalkDerivations(const std::vector<std::string>& tops, size_t max_derivations, DerivationSource read,
+                             absl::FunctionRef<void(const std::string& path, Derivation& drv)> visit) {
+  absl::flat_hash_set<std::string> seen(tops.begin(), tops.end());
+  std::deque<std::string> pending(tops.begin(), tops.end());
   while (!pending.empty()) {
     const std::string path = std::move(pending.front());
     pending.pop_front();
-    std::string text;
-    RETURN_IF_ERROR(ReadWholeFile(path, text));
+    ASSIGN_OR_RETURN(std::string text, read(path));
     absl::StatusOr<Derivation> drv = ParseDerivation(text);
     if (!drv.ok()) return absl::InvalidArgumentError(absl::StrCat(path, ": ", drv.status().message()));
     for (const auto& [input, outputs] : drv->input_drvs) {
       if (!seen.insert(input).second) continue;
       if (seen.size() > max_derivations) {
         return absl::ResourceExhaustedError(
-            absl::StrCat("the closure of ", top_drv, " has more than ", max_derivations, " derivations"));
+            absl::StrCat("the closure of ", tops.front(), " has more than ", max_derivations, " derivations"));
       }
       pending.push_back(input);
     }
     visit(path, *drv);
   }
   return absl::OkStatus();
+}
+
+namespace {
+
+// A .drv file of the local store.
+absl::StatusOr<std::string> ReadLocalDerivation(const std::string& path) {
+  std::string text;
+  RETURN_IF_ERROR(ReadWholeFile(path, text));
+  return text;
 }
 
 // The FODs among `found`, keyed once resolved against every derivation's
@@ -276,10 +280,11 @@ absl::StatusOr<std::vector<ClosureFod>> FixedOutputsOfClosure(const std::string&
   // (small), to resolve them once the walk is done.
   std::vector<std::pair<std::string, Derivation>> found;
   OutputPaths outputs_of;
-  RETURN_IF_ERROR(WalkClosure(top_drv, max_derivations, [&](const std::string& path, Derivation& drv) {
-    for (const auto& [name, out] : drv.outputs) outputs_of[path][name] = out.path;
-    if (GetFixedOutput(drv).has_value()) found.emplace_back(path, std::move(drv));
-  }));
+  RETURN_IF_ERROR(
+      WalkDerivations({top_drv}, max_derivations, ReadLocalDerivation, [&](const std::string& path, Derivation& drv) {
+        for (const auto& [name, out] : drv.outputs) outputs_of[path][name] = out.path;
+        if (GetFixedOutput(drv).has_value()) found.emplace_back(path, std::move(drv));
+      }));
   return KeyedFods(found, outputs_of);
 }
 
@@ -287,25 +292,26 @@ absl::StatusOr<DerivationClosure> ReadDerivationClosure(const std::string& top_d
   std::vector<std::pair<std::string, Derivation>> found;
   OutputPaths outputs_of;
   std::vector<ClosureNode> met;
-  RETURN_IF_ERROR(WalkClosure(top_drv, max_derivations, [&](const std::string& path, Derivation& drv) {
-    ClosureNode& node = met.emplace_back();
-    node.drv_path = path;
-    node.name = StorePathName(path);
-    node.system = drv.system;
-    for (const auto& [input, outputs] : drv.input_drvs) node.input_drvs.push_back(input);
-    for (const auto& [name, out] : drv.outputs) node.outputs[name] = outputs_of[path][name] = out.path;
-    const auto env = [&](const char* key) -> const std::string* {
-      auto it = drv.env.find(key);
-      return it == drv.env.end() ? nullptr : &it->second;
-    };
-    if (const std::string* f = env("requiredSystemFeatures")) {
-      node.required_features = absl::StrSplit(*f, ' ', absl::SkipEmpty());
-    }
-    // Nix writes a false attribute as "" and a true one as "1".
-    if (const std::string* p = env("preferLocalBuild")) node.prefer_local_build = *p == "1";
-    if (const std::string* a = env("allowSubstitutes")) node.allow_substitutes = *a == "1";
-    if (GetFixedOutput(drv).has_value()) found.emplace_back(path, std::move(drv));
-  }));
+  RETURN_IF_ERROR(
+      WalkDerivations({top_drv}, max_derivations, ReadLocalDerivation, [&](const std::string& path, Derivation& drv) {
+        ClosureNode& node = met.emplace_back();
+        node.drv_path = path;
+        node.name = StorePathName(path);
+        node.system = drv.system;
+        for (const auto& [input, outputs] : drv.input_drvs) node.input_drvs.push_back(input);
+        for (const auto& [name, out] : drv.outputs) node.outputs[name] = outputs_of[path][name] = out.path;
+        const auto env = [&](const char* key) -> const std::string* {
+          auto it = drv.env.find(key);
+          return it == drv.env.end() ? nullptr : &it->second;
+        };
+        if (const std::string* f = env("requiredSystemFeatures")) {
+          node.required_features = absl::StrSplit(*f, ' ', absl::SkipEmpty());
+        }
+        // Nix writes a false attribute as "" and a true one as "1".
+        if (const std::string* p = env("preferLocalBuild")) node.prefer_local_build = *p == "1";
+        if (const std::string* a = env("allowSubstitutes")) node.allow_substitutes = *a == "1";
+        if (GetFixedOutput(drv).has_value()) found.emplace_back(path, std::move(drv));
+      }));
   // Inputs before what needs them (Kahn's order over the walk's).
   absl::flat_hash_map<std::string, size_t> index, waiting;
   absl::flat_hash_map<std::string, std::vector<size_t>> needed_by;

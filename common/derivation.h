@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "common/nix_hash.h"
@@ -72,6 +73,16 @@ struct ClosureFod {
   FixedOutput fod;
   std::vector<std::string> input_srcs;
 };
+
+// The text of a .drv file, from wherever it is kept (the local store, the
+// farm store).
+using DerivationSource = absl::FunctionRef<absl::StatusOr<std::string>(const std::string& drv_path)>;
+
+// Reads `tops` and every .drv they depend on, breadth first, each once,
+// through `read`; `visit` gets each parsed (after its inputs are queued).
+// More than `max_derivations` is RESOURCE_EXHAUSTED.
+absl::Status WalkDerivations(const std::vector<std::string>& tops, size_t max_derivations, DerivationSource read,
+                             absl::FunctionRef<void(const std::string& path, Derivation& drv)> visit);
 
 // Reads the .drv file `top_drv` and every .drv it depends on, transitively,
 // from the local store, and returns the FODs among them (`top_drv` included),

@@ -83,4 +83,15 @@ std::string DescribeMismatch(const kiln::v1::HashMismatch& m, absl::string_view 
   return text;
 }
 
+kiln::v1::FodRef RefOf(const ClosureFod& c) {
+  kiln::v1::FodRef ref;
+  ref.set_key(c.fod.key);
+  ref.set_name(c.fod.name);
+  ref.set_declared(c.fod.declared.Sri());
+  ref.set_drv_path(c.drv_path);
+  ref.set_algo(std::string(HashAlgoName(c.fod.declared.algo)));
+  ref.set_mode(c.fod.mode);
+  return ref;
+}
+
 }  // namespace kiln

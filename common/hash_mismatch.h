@@ -14,6 +14,8 @@
 #include <vector>
 
 #include "absl/strings/string_view.h"
+#include "common/derivation.h"
+#include "kiln/v1/fod.pb.h"
 #include "kiln/v1/types.pb.h"
 
 namespace kiln {
@@ -37,5 +39,10 @@ std::string FixLine(const kiln::v1::HashMismatch& m);
 // `specified:`/`got:` keeps working), then where the right hash came from
 // (`computed_at`: when the FOD cache learnt it; may be empty).
 std::string DescribeMismatch(const kiln::v1::HashMismatch& m, absl::string_view computed_at);
+
+// How a FOD is named to the FOD cache (its key, name, declared hash, .drv,
+// algorithm and mode): by workers for a flake's closure and by the gateway
+// for a derivation a client sends.
+kiln::v1::FodRef RefOf(const ClosureFod& c);
 
 }  // namespace kiln

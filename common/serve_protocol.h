@@ -145,6 +145,11 @@ enum class ServeBuildStatus : uint64_t {
   kNoSubstituters = 14,
 };
 
+// Nix's "the outputs are there": built, substituted or already valid.
+inline bool ServeBuildSucceeded(ServeBuildStatus s) {
+  return s == ServeBuildStatus::kBuilt || s == ServeBuildStatus::kSubstituted || s == ServeBuildStatus::kAlreadyValid;
+}
+
 struct ServeBuildResult {
   ServeBuildStatus status = ServeBuildStatus::kMiscFailure;
   std::string error_msg;

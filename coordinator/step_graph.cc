@@ -4,6 +4,7 @@
 #include <deque>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 
 namespace kiln {
 
@@ -155,32 +156,31 @@ std::vector<std::string> StepGraph::Runnable(size_t limit) const {
   return out;
 }
 
-absl::Status StepGraph::Started(const std::string& drv) {
+absl::StatusOr<StepGraph::Step*> StepGraph::StepIn(const std::string& drv, StepState state) {
   auto it = steps_.find(drv);
-  if (it == steps_.end() || it->second->state != StepState::kRunnable) {
-    return absl::FailedPreconditionError(absl::StrCat(drv, " is not runnable"));
+  if (it == steps_.end() || it->second->state != state) {
+    return absl::FailedPreconditionError(absl::StrCat(drv, " is not ", StepStateName(state)));
   }
-  runnable_.erase(KeyOf(*it->second));
-  it->second->state = StepState::kRunning;
+  return it->second.get();
+}
+
+absl::Status StepGraph::Started(const std::string& drv) {
+  ASSIGN_OR_RETURN(Step * s, StepIn(drv, StepState::kRunnable));
+  runnable_.erase(KeyOf(*s));
+  s->state = StepState::kRunning;
   return absl::OkStatus();
 }
 
 absl::Status StepGraph::Requeue(const std::string& drv) {
-  auto it = steps_.find(drv);
-  if (it == steps_.end() || it->second->state != StepState::kRunning) {
-    return absl::FailedPreconditionError(absl::StrCat(drv, " is not running"));
-  }
+  ASSIGN_OR_RETURN(Step * s, StepIn(drv, StepState::kRunning));
   StepEffects ignored;
-  MakeRunnable(*it->second, ignored);
+  MakeRunnable(*s, ignored);
   return absl::OkStatus();
 }
 
 absl::StatusOr<StepEffects> StepGraph::Succeeded(const std::string& drv) {
-  auto it = steps_.find(drv);
-  if (it == steps_.end() || it->second->state != StepState::kRunning) {
-    return absl::FailedPreconditionError(absl::StrCat(drv, " is not running"));
-  }
-  Step& s = *it->second;
+  ASSIGN_OR_RETURN(Step * running, StepIn(drv, StepState::kRunning));
+  Step& s = *running;
   s.state = StepState::kDone;
   StepEffects effects;
   for (Step* d : s.dependents) {
@@ -199,11 +199,8 @@ absl::StatusOr<StepEffects> StepGraph::Succeeded(const std::string& drv) {
 }
 
 absl::StatusOr<StepEffects> StepGraph::Failed(const std::string& drv, const std::string& message) {
-  auto it = steps_.find(drv);
-  if (it == steps_.end() || it->second->state != StepState::kRunning) {
-    return absl::FailedPreconditionError(absl::StrCat(drv, " is not running"));
-  }
-  Step& s = *it->second;
+  ASSIGN_OR_RETURN(Step * running, StepIn(drv, StepState::kRunning));
+  Step& s = *running;
   s.state = StepState::kFailed;
   StepEffects effects;
   std::vector<std::string> failed(s.jobs.begin(), s.jobs.end());

@@ -142,6 +142,8 @@ class StepGraph {
   using Key = std::tuple<int, int64_t, uint64_t>;
   static Key KeyOf(const Step& s) { return {s.priority_class, -s.rank_ns, s.seq}; }
 
+  // The step `drv`, when it is in `state`; FAILED_PRECONDITION otherwise.
+  absl::StatusOr<Step*> StepIn(const std::string& drv, StepState state);
   void MakeRunnable(Step& s, StepEffects& effects);
   void SetOrder(Step& s, int priority_class, int64_t rank_ns);
   // Job `job` leaves every step of its closure; steps no job needs any

@@ -25,17 +25,6 @@ const ClosureFod* ClosureIndex::Find(const std::string& path) const {
   return it == by_path_.end() ? nullptr : &fods_[it->second];
 }
 
-kiln::v1::FodRef RefOf(const ClosureFod& c) {
-  kiln::v1::FodRef ref;
-  ref.set_key(c.fod.key);
-  ref.set_name(c.fod.name);
-  ref.set_declared(c.fod.declared.Sri());
-  ref.set_drv_path(c.drv_path);
-  ref.set_algo(std::string(HashAlgoName(c.fod.declared.algo)));
-  ref.set_mode(c.fod.mode);
-  return ref;
-}
-
 std::vector<kiln::v1::FodOutcome> HarvestFods(const ClosureIndex& index, const NixRunReport& nix,
                                               absl::string_view source, const ValidPathsQuery& valid,
                                               kiln::v1::BuildResult& result, std::string* note) {

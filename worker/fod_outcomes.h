@@ -35,8 +35,6 @@ class ClosureIndex {
 using ValidPathsQuery =
     std::function<absl::StatusOr<absl::flat_hash_set<std::string>>(const std::vector<std::string>&)>;
 
-kiln::v1::FodRef RefOf(const ClosureFod& c);
-
 // What a finished Nix run says about the closure's FODs: a mismatch for each
 // one Nix reported (added to `result`, with `source`), and an outcome for
 // each one it built without one whose output Nix now holds (`valid`, asked

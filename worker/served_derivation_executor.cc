@@ -117,8 +117,7 @@ absl::StatusOr<BuildExecutor::BuildId> ServedDerivationExecutor::Start(const Bui
     } else if (!built.ok()) {
       result.set_code(kiln::v1::RESULT_CODE_INFRA_ERROR);
       result.set_error_message(std::string(built.status().message()));
-    } else if (built->status == ServeBuildStatus::kBuilt || built->status == ServeBuildStatus::kSubstituted ||
-               built->status == ServeBuildStatus::kAlreadyValid) {
+    } else if (ServeBuildSucceeded(built->status)) {
       result.set_code(kiln::v1::RESULT_CODE_SUCCEEDED);
       for (const ServeDerivationOutput& o : drv.outputs) (*result.mutable_outputs())[o.name] = o.path;
     } else {

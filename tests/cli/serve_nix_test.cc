@@ -281,6 +281,15 @@ TEST(ServeNixSessionTest, SessionsOfNewerAndOlderClientsAsTheirSourcesLayThemOut
   }
 }
 
+// What add-multiple-to-store's frames carry for one path, kNew: the count,
+// its info (with the path) as the daemon protocol lays it out, its NAR.
+std::string DaemonUpload(const std::string& nar) {
+  ServeWriter upload;
+  upload.U64(1).String(kNew).String("").String(Sha256Hex(nar)).Strings({}).U64(0).U64(nar.size()).U64(0);
+  upload.Strings({}).String("").Raw(nar);
+  return upload.data();
+}
+
 // The daemon protocol (ssh-ng://) through the same session: a Nix 2.8
 // client's session (protocol 1.34) byte for byte as its sources
 // (remote-store.cc, daemon.cc) lay it out, written field by field.
@@ -296,11 +305,8 @@ TEST(ServeNixSessionTest, ADaemonProtocolSessionAsNix28LaysItOut) {
   in.U64(31).Strings({kHeld, kNew}).U64(0);    // query-valid-paths, no substitution
   in.U64(26).String(kHeld);                    // query-path-info
   // add-multiple-to-store: repair, don't-check-sigs, then frames holding
-  // the count, the info (with path) and the NAR — cut across two frames.
-  ServeWriter upload;
-  upload.U64(1).String(kNew).String("").String(Sha256Hex(nar)).Strings({}).U64(0).U64(nar.size()).U64(0);
-  upload.Strings({}).String("").Raw(nar);
-  const std::string& u = upload.data();
+  // the upload — cut across two frames.
+  const std::string u = DaemonUpload(nar);
   in.U64(44).U64(0).U64(1);
   in.U64(10).Raw(u.substr(0, 10)).U64(u.size() - 10).Raw(u.substr(10)).U64(0);
   in.U64(36).String(kDrv);  // build-derivation: the BasicDerivation, the build mode.
@@ -342,9 +348,11 @@ TEST(ServeNixSessionTest, ADaemonProtocolSessionAsNix28LaysItOut) {
 TEST(ServeNixSessionTest, BadDaemonProtocolInputIsToldToTheClientAndChangesNothing) {
   const std::string nar = testing::NarArchive(testing::NarFile("x"));
   const auto hello = [] { return std::move(ServeWriter().U64(0x6e697863).U64(0x122).U64(0).U64(0)); };
-  ServeWriter upload;
-  upload.U64(1).String(kNew).String("").String(Sha256Hex(nar)).Strings({}).U64(0).U64(nar.size()).U64(0);
-  upload.Strings({}).String("").Raw(nar);
+  const std::string upload = DaemonUpload(nar);
+  // An add-multiple-to-store whose one frame holds all but the NAR's last 8
+  // bytes.
+  const ServeWriter short_upload =
+      hello().U64(44).U64(0).U64(0).U64(upload.size() - 8).Raw(upload.substr(0, upload.size() - 8));
   struct Case {
     const char* what;
     std::string input;
@@ -359,28 +367,10 @@ TEST(ServeNixSessionTest, BadDaemonProtocolInputIsToldToTheClientAndChangesNothi
       {"an unknown operation", hello().U64(77).data(), absl::StatusCode::kUnimplemented, "operation 77"},
       {"an absurd frame", hello().U64(44).U64(0).U64(0).U64(uint64_t{1} << 40).data(),
        absl::StatusCode::kResourceExhausted, "a frame of"},
-      {"frames cut short",
-       hello().U64(44).U64(0).U64(0).U64(upload.data().size()).Raw(upload.data().substr(0, 40)).data(),
+      {"frames cut short", hello().U64(44).U64(0).U64(0).U64(upload.size()).Raw(upload.substr(0, 40)).data(),
        absl::StatusCode::kDataLoss, ""},
-      {"no frame after the last",
-       hello()
-           .U64(44)
-           .U64(0)
-           .U64(0)
-           .U64(upload.data().size() - 8)
-           .Raw(upload.data().substr(0, upload.data().size() - 8))
-           .data(),
-       absl::StatusCode::kDataLoss, "ended inside a framed stream"},
-      {"a NAR shorter than its size",
-       hello()
-           .U64(44)
-           .U64(0)
-           .U64(0)
-           .U64(upload.data().size() - 8)
-           .Raw(upload.data().substr(0, upload.data().size() - 8))
-           .U64(0)
-           .data(),
-       absl::StatusCode::kDataLoss, ""},
+      {"no frame after the last", short_upload.data(), absl::StatusCode::kDataLoss, "ended inside a framed stream"},
+      {"a NAR shorter than its size", ServeWriter(short_upload).U64(0).data(), absl::StatusCode::kDataLoss, ""},
       {"a path outside the store", hello().U64(26).String("/etc/passwd").data(), absl::StatusCode::kInvalidArgument,
        "not a store path"},
   };
